@@ -1,0 +1,2 @@
+//! Writ example programs live in `src/bin/`.
+#![forbid(unsafe_code)]

@@ -1,0 +1,786 @@
+//! The trust domain's certificate authority and JWT signer, with SPIRE-style rotation.
+//!
+//! The X.509 CA is self-signed (EC P-256) by default, or an intermediate signed by an
+//! upstream CA loaded from PEM files. JWT-SVIDs are signed with separate P-256 keys.
+//! Both rotate the same way:
+//!
+//! - at half of the active authority's lifetime the next one is *prepared* and published
+//!   in the bundle, so relying parties learn it before it is used;
+//! - at five sixths it is *activated* and the previous one becomes *old*;
+//! - an old authority stays in the bundle until its own expiry, and since every SVID is
+//!   capped to expire no later than its signer, nothing it signed outlives it.
+//!
+//! State survives restarts: slot metadata lives in the store's key journal and private
+//! keys in a [`KeyManager`]. Time comes from a [`Clock`]; call
+//! [`CertificateAuthority::rotate`] periodically (the server does it every few seconds).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+};
+use rustls_pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, watch};
+
+use crate::bundle::{Bundle, Jwk};
+use crate::clock::{SharedClock, from_unix_seconds};
+use crate::key_manager::{KeyError, PrivateKey, SharedKeyManager};
+use crate::spiffe_id::{SpiffeId, TrustDomain};
+use crate::store::{BundleRecord, JournalRecord, SharedStore, StoreError};
+use crate::svid::jwt::{self, MAX_AUDIENCES};
+use crate::svid::x509::X509Svid;
+
+/// How far back an SVID's notBefore is set, to absorb clock skew.
+pub const BACKDATE: Duration = Duration::from_secs(10);
+
+/// What went wrong in the CA.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaError {
+    /// A key could not be generated, stored or loaded.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The journal or bundle could not be read or written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Building or signing a certificate failed.
+    #[error("certificate: {0}")]
+    Certificate(String),
+    /// Signing a JWT failed.
+    #[error(transparent)]
+    Jwt(#[from] jwt::JwtSvidError),
+    /// The requested SPIFFE ID is not in this CA's trust domain.
+    #[error("{id} is not in trust domain {trust_domain}")]
+    ForeignTrustDomain {
+        /// The ID.
+        id: String,
+        /// This CA's trust domain.
+        trust_domain: String,
+    },
+    /// The request is malformed (no audience, bad public key, ...).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// No usable authority (the CA has not been initialised, or everything expired).
+    #[error("no active {0} authority")]
+    NoActiveAuthority(&'static str),
+    /// The upstream CA files are unusable.
+    #[error("upstream CA: {0}")]
+    Upstream(String),
+}
+
+fn cert_err(e: rcgen::Error) -> CaError {
+    CaError::Certificate(e.to_string())
+}
+
+/// An upstream CA that signs Writ's intermediate CAs.
+#[derive(Debug, Clone)]
+pub struct UpstreamAuthority {
+    /// The upstream signing certificate first, then its issuers up to the root (DER).
+    chain: Vec<Vec<u8>>,
+    key: PrivateKey,
+    not_after: i64,
+}
+
+impl UpstreamAuthority {
+    /// Loads the upstream CA certificate chain (PEM, signing certificate first) and its
+    /// private key (PEM).
+    ///
+    /// # Errors
+    /// [`CaError::Upstream`] if a file is unreadable or the key does not match.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+        let chain = crate::svid::x509::chain_from_pem(cert_pem)
+            .map_err(|e| CaError::Upstream(e.to_string()))?;
+        let first = chain
+            .first()
+            .ok_or_else(|| CaError::Upstream("certificate file holds no certificate".into()))?;
+        let key = PrivateKey::from_pem(key_pem).map_err(|e| CaError::Upstream(e.to_string()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(first)
+            .map_err(|e| CaError::Upstream(e.to_string()))?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(CaError::Upstream(
+                "private key does not match the certificate".into(),
+            ));
+        }
+        if !cert.is_ca() {
+            return Err(CaError::Upstream("certificate is not a CA".into()));
+        }
+        Ok(Self {
+            not_after: cert.validity().not_after.timestamp(),
+            chain,
+            key,
+        })
+    }
+
+    /// Loads the upstream CA from PEM files.
+    ///
+    /// # Errors
+    /// [`CaError::Upstream`] if a file is unreadable or unusable.
+    pub fn from_pem_files(cert: &std::path::Path, key: &std::path::Path) -> Result<Self, CaError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).map_err(|e| CaError::Upstream(format!("{}: {e}", p.display())))
+        };
+        Self::from_pem(&read(cert)?, &zeroize::Zeroizing::new(read(key)?))
+    }
+
+    fn root(&self) -> Option<&Vec<u8>> {
+        self.chain.last()
+    }
+}
+
+/// How the CA behaves.
+#[derive(Debug, Clone)]
+pub struct CaConfig {
+    /// The trust domain the CA serves.
+    pub trust_domain: TrustDomain,
+    /// Lifetime of each X.509 CA.
+    pub ca_ttl: Duration,
+    /// Lifetime of each JWT signing key.
+    pub jwt_key_ttl: Duration,
+    /// X509-SVID lifetime when none is asked for.
+    pub default_x509_svid_ttl: Duration,
+    /// JWT-SVID lifetime when none is asked for.
+    pub default_jwt_svid_ttl: Duration,
+    /// `spiffe_refresh_hint` published in the bundle.
+    pub refresh_hint: Option<Duration>,
+    /// Sign intermediates with this CA instead of self-signing.
+    pub upstream: Option<UpstreamAuthority>,
+}
+
+impl CaConfig {
+    /// Defaults: CA and JWT keys live 24 hours, X509-SVIDs 1 hour, JWT-SVIDs 5 minutes.
+    pub fn new(trust_domain: TrustDomain) -> Self {
+        Self {
+            trust_domain,
+            ca_ttl: Duration::from_secs(24 * 3600),
+            jwt_key_ttl: Duration::from_secs(24 * 3600),
+            default_x509_svid_ttl: Duration::from_secs(3600),
+            default_jwt_svid_ttl: Duration::from_secs(300),
+            refresh_hint: Some(Duration::from_secs(300)),
+            upstream: None,
+        }
+    }
+}
+
+/// Life stage of an authority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotState {
+    /// Published in the bundle, not yet signing.
+    Prepared,
+    /// Signing.
+    Active,
+    /// Retired, still published until it expires.
+    Old,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum SlotKind {
+    X509,
+    Jwt,
+}
+
+impl SlotKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            SlotKind::X509 => "x509",
+            SlotKind::Jwt => "jwt",
+        }
+    }
+}
+
+/// The journal form of a slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct SlotRecord {
+    id: String,
+    kind: SlotKind,
+    state: SlotState,
+    not_before: i64,
+    not_after: i64,
+    /// X.509 only: the CA certificate, then upstream intermediates (not the root), base64.
+    #[serde(default)]
+    chain: Vec<String>,
+}
+
+/// A loaded slot: its record and its key, plus the rcgen issuer for X.509 slots.
+struct Slot {
+    record: SlotRecord,
+    key: PrivateKey,
+    chain: Vec<Vec<u8>>,
+    issuer: Option<Issuer<'static, rcgen::KeyPair>>,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot").field("record", &self.record).finish_non_exhaustive()
+    }
+}
+
+impl Slot {
+    fn load(record: SlotRecord, key: PrivateKey) -> Result<Self, CaError> {
+        let chain = record
+            .chain
+            .iter()
+            .map(|c| STANDARD.decode(c))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CaError::Certificate(format!("journal certificate: {e}")))?;
+        let issuer = match (record.kind, chain.first()) {
+            (SlotKind::X509, Some(cert)) => Some(
+                Issuer::from_ca_cert_der(&CertificateDer::from(cert.as_slice()), key.to_rcgen()?)
+                    .map_err(cert_err)?,
+            ),
+            (SlotKind::X509, None) => {
+                return Err(CaError::Certificate("journal slot has no certificate".into()));
+            }
+            (SlotKind::Jwt, _) => None,
+        };
+        Ok(Self {
+            record,
+            key,
+            chain,
+            issuer,
+        })
+    }
+
+    fn key_id(&self) -> String {
+        key_id(&self.record.id)
+    }
+
+    fn jwk(&self) -> Option<Jwk> {
+        self.key.ec_p256_xy().map(|(x, y)| Jwk::ec_p256(x, y))
+    }
+
+    /// Whether `now` is at or past `num/den` of the lifetime.
+    fn past_fraction(&self, now: i64, num: i64, den: i64) -> bool {
+        let life = self.record.not_after - self.record.not_before;
+        now >= self.record.not_before + life * num / den
+    }
+}
+
+fn key_id(slot_id: &str) -> String {
+    format!("slot-{slot_id}")
+}
+
+#[derive(Debug)]
+struct CaState {
+    slots: Vec<Arc<Slot>>,
+    bundle: Arc<Bundle>,
+}
+
+impl CaState {
+    fn active(&self, kind: SlotKind) -> Option<&Arc<Slot>> {
+        self.slots
+            .iter()
+            .find(|s| s.record.kind == kind && s.record.state == SlotState::Active)
+    }
+}
+
+/// The certificate authority of one trust domain.
+#[derive(Debug)]
+pub struct CertificateAuthority {
+    config: CaConfig,
+    clock: SharedClock,
+    keys: SharedKeyManager,
+    store: SharedStore,
+    state: ArcSwap<CaState>,
+    rotation: Mutex<()>,
+    bundle_tx: watch::Sender<Arc<Bundle>>,
+}
+
+impl CertificateAuthority {
+    /// Loads the CA's state from the journal and key manager, then rotates once (which
+    /// creates the first authorities on a fresh store).
+    ///
+    /// # Errors
+    /// [`CaError`] if the journal, keys or store cannot be read or written.
+    pub async fn load(
+        config: CaConfig,
+        clock: SharedClock,
+        keys: SharedKeyManager,
+        store: SharedStore,
+    ) -> Result<Self, CaError> {
+        let td_id = config.trust_domain.id_string();
+        let mut bundle = Bundle::new(config.trust_domain.clone());
+        if let Some(stored) = store.fetch_bundle(&td_id).await? {
+            if let Ok(b) = Bundle::from_json(config.trust_domain.clone(), &stored.document) {
+                bundle = b;
+            }
+        }
+        let mut slots = Vec::new();
+        for rec in store.list_journal().await? {
+            let record: SlotRecord = match serde_json::from_str(&rec.payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(slot = %rec.id, error = %e, "skipping unreadable CA journal record");
+                    continue;
+                }
+            };
+            match keys.get(&key_id(&record.id)) {
+                Ok(key) => slots.push(Arc::new(Slot::load(record, key)?)),
+                Err(KeyError::NotFound(_)) => {
+                    tracing::warn!(slot = %record.id, "CA key missing from key manager; dropping slot");
+                    store.delete_journal(&rec.id).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let bundle = Arc::new(bundle);
+        let (bundle_tx, _) = watch::channel(bundle.clone());
+        let ca = Self {
+            config,
+            clock,
+            keys,
+            store,
+            state: ArcSwap::from_pointee(CaState { slots, bundle }),
+            rotation: Mutex::new(()),
+            bundle_tx,
+        };
+        ca.rotate().await?;
+        Ok(ca)
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.config.trust_domain
+    }
+
+    /// The CA configuration.
+    pub fn config(&self) -> &CaConfig {
+        &self.config
+    }
+
+    /// The current trust bundle.
+    pub fn bundle(&self) -> Arc<Bundle> {
+        self.state.load().bundle.clone()
+    }
+
+    /// A receiver that sees every new bundle.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Bundle>> {
+        self.bundle_tx.subscribe()
+    }
+
+    /// Advances the rotation state machine to the clock's current time: prepares,
+    /// activates and retires authorities, and publishes a new bundle when it changes.
+    /// Returns whether anything changed.
+    ///
+    /// # Errors
+    /// [`CaError`] if a key or journal write fails; the previous state stays in force.
+    pub async fn rotate(&self) -> Result<bool, CaError> {
+        let _guard = self.rotation.lock().await;
+        let now = self.clock.unix_seconds();
+        let current = self.state.load_full();
+        let mut slots: Vec<Arc<Slot>> = Vec::new();
+        let mut changed = false;
+
+        // Drop authorities whose lifetime is over: nothing they signed is still valid.
+        for slot in &current.slots {
+            if slot.record.not_after <= now {
+                self.store.delete_journal(&slot.record.id).await?;
+                self.keys.delete(&slot.key_id())?;
+                changed = true;
+            } else {
+                slots.push(slot.clone());
+            }
+        }
+        for kind in [SlotKind::X509, SlotKind::Jwt] {
+            changed |= self.rotate_kind(kind, now, &mut slots).await?;
+        }
+        let bundle = self.build_bundle(&slots, &current.bundle);
+        let bundle_changed = !bundle.same_content(&current.bundle);
+        let bundle = if bundle_changed {
+            let mut b = bundle;
+            b.set_sequence(current.bundle.sequence().saturating_add(1));
+            self.store
+                .put_bundle(&BundleRecord {
+                    trust_domain_id: self.config.trust_domain.id_string(),
+                    document: b.to_json(),
+                    sequence: b.sequence(),
+                })
+                .await?;
+            Arc::new(b)
+        } else {
+            current.bundle.clone()
+        };
+        if changed || bundle_changed {
+            self.state.store(Arc::new(CaState {
+                slots,
+                bundle: bundle.clone(),
+            }));
+        }
+        if bundle_changed {
+            tracing::info!(sequence = bundle.sequence(), "trust bundle updated");
+            self.bundle_tx.send_replace(bundle);
+        }
+        Ok(changed || bundle_changed)
+    }
+
+    async fn rotate_kind(
+        &self,
+        kind: SlotKind,
+        now: i64,
+        slots: &mut Vec<Arc<Slot>>,
+    ) -> Result<bool, CaError> {
+        let find = |slots: &[Arc<Slot>], state| {
+            slots
+                .iter()
+                .position(|s| s.record.kind == kind && s.record.state == state)
+        };
+        let mut changed = false;
+        let prepared = find(slots, SlotState::Prepared);
+        match find(slots, SlotState::Active) {
+            None => {
+                // First start, or everything lapsed while the server was down.
+                match prepared {
+                    Some(i) => self.set_state(slots, i, SlotState::Active).await?,
+                    None => {
+                        let slot = self.new_slot(kind, SlotState::Active, now).await?;
+                        slots.push(slot);
+                    }
+                }
+                changed = true;
+            }
+            Some(active) => {
+                let active_slot = slots.get(active).cloned();
+                if let Some(a) = active_slot {
+                    if prepared.is_none() && a.past_fraction(now, 1, 2) {
+                        let slot = self.new_slot(kind, SlotState::Prepared, now).await?;
+                        tracing::info!(kind = kind.as_str(), slot = %slot.record.id, "prepared next authority");
+                        slots.push(slot);
+                        changed = true;
+                    }
+                    if let Some(p) = find(slots, SlotState::Prepared)
+                        && a.past_fraction(now, 5, 6)
+                    {
+                        self.set_state(slots, active, SlotState::Old).await?;
+                        self.set_state(slots, p, SlotState::Active).await?;
+                        tracing::info!(kind = kind.as_str(), "activated next authority");
+                        changed = true;
+                    }
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    async fn set_state(
+        &self,
+        slots: &mut [Arc<Slot>],
+        index: usize,
+        state: SlotState,
+    ) -> Result<(), CaError> {
+        let Some(slot) = slots.get_mut(index) else {
+            return Ok(());
+        };
+        let mut record = slot.record.clone();
+        record.state = state;
+        self.persist(&record).await?;
+        *slot = Arc::new(Slot::load(record, slot.key.clone())?);
+        Ok(())
+    }
+
+    async fn persist(&self, record: &SlotRecord) -> Result<(), CaError> {
+        let payload = serde_json::to_string(record)
+            .map_err(|e| CaError::Certificate(format!("journal encode: {e}")))?;
+        self.store
+            .put_journal(&JournalRecord {
+                id: record.id.clone(),
+                kind: record.kind.as_str().into(),
+                payload,
+                updated_at: self.clock.unix_seconds(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn new_slot(
+        &self,
+        kind: SlotKind,
+        state: SlotState,
+        now: i64,
+    ) -> Result<Arc<Slot>, CaError> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let key = self.keys.generate(&key_id(&id))?;
+        let not_before = now - secs(BACKDATE);
+        let (ttl, cap) = match kind {
+            SlotKind::X509 => (
+                self.config.ca_ttl,
+                self.config.upstream.as_ref().map(|u| u.not_after),
+            ),
+            SlotKind::Jwt => (self.config.jwt_key_ttl, None),
+        };
+        let mut not_after = now + secs(ttl);
+        if let Some(cap) = cap {
+            not_after = not_after.min(cap);
+        }
+        if not_after <= now {
+            return Err(CaError::Upstream("upstream CA has expired".into()));
+        }
+        let chain = match kind {
+            SlotKind::X509 => self.ca_certificate(&id, &key, not_before, not_after)?,
+            SlotKind::Jwt => Vec::new(),
+        };
+        let record = SlotRecord {
+            id,
+            kind,
+            state,
+            not_before,
+            not_after,
+            chain: chain.iter().map(|c| STANDARD.encode(c)).collect(),
+        };
+        self.persist(&record).await?;
+        Ok(Arc::new(Slot::load(record, key)?))
+    }
+
+    /// The CA certificate for a new X.509 slot, then the upstream intermediates.
+    fn ca_certificate(
+        &self,
+        id: &str,
+        key: &PrivateKey,
+        not_before: i64,
+        not_after: i64,
+    ) -> Result<Vec<Vec<u8>>, CaError> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Writ");
+        dn.push(DnType::CommonName, format!("Writ CA {}", id.get(..8).unwrap_or(id)));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.subject_alt_names = vec![SanType::URI(
+            self.config
+                .trust_domain
+                .id_string()
+                .try_into()
+                .map_err(cert_err)?,
+        )];
+        params.serial_number = Some(random_serial());
+        params.not_before = from_unix_seconds(not_before).into();
+        params.not_after = from_unix_seconds(not_after).into();
+        params.use_authority_key_identifier_extension = true;
+        let keypair = key.to_rcgen()?;
+        match &self.config.upstream {
+            None => Ok(vec![params.self_signed(&keypair).map_err(cert_err)?.der().to_vec()]),
+            Some(up) => {
+                let signer = up.chain.first().ok_or_else(|| CaError::Upstream("empty chain".into()))?;
+                let issuer = Issuer::from_ca_cert_der(
+                    &CertificateDer::from(signer.as_slice()),
+                    up.key.to_rcgen()?,
+                )
+                .map_err(cert_err)?;
+                let cert = params.signed_by(&keypair, &issuer).map_err(cert_err)?;
+                let mut chain = vec![cert.der().to_vec()];
+                // Upstream intermediates (everything but the root, which is in the bundle).
+                let n = up.chain.len().saturating_sub(1);
+                chain.extend(up.chain.iter().take(n).cloned());
+                Ok(chain)
+            }
+        }
+    }
+
+    fn build_bundle(&self, slots: &[Arc<Slot>], previous: &Bundle) -> Bundle {
+        let mut bundle = Bundle::new(self.config.trust_domain.clone());
+        let mut ordered: Vec<&Arc<Slot>> = slots.iter().collect();
+        ordered.sort_by_key(|s| (s.record.not_before, s.record.id.clone()));
+        match &self.config.upstream {
+            Some(up) => {
+                if let Some(root) = up.root() {
+                    bundle.add_x509_authority(root.clone());
+                }
+            }
+            None => {
+                for slot in ordered.iter().filter(|s| s.record.kind == SlotKind::X509) {
+                    if let Some(cert) = slot.chain.first() {
+                        bundle.add_x509_authority(cert.clone());
+                    }
+                }
+            }
+        }
+        for slot in ordered.iter().filter(|s| s.record.kind == SlotKind::Jwt) {
+            if let Some(jwk) = slot.jwk() {
+                bundle.put_jwt_authority(slot.record.id.clone(), jwk);
+            }
+        }
+        bundle.set_refresh_hint(self.config.refresh_hint.map(|d| d.as_secs()));
+        bundle.set_sequence(previous.sequence());
+        bundle
+    }
+
+    fn check_trust_domain(&self, id: &SpiffeId) -> Result<(), CaError> {
+        if id.trust_domain_str() != self.config.trust_domain.as_str() {
+            return Err(CaError::ForeignTrustDomain {
+                id: id.to_string(),
+                trust_domain: self.config.trust_domain.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Signs an X509-SVID for `spiffe_id` over the public key in `spki_der`
+    /// (a DER SubjectPublicKeyInfo). The lifetime is `ttl` (or the default), capped so
+    /// that the SVID does not outlive the signing CA.
+    ///
+    /// # Errors
+    /// [`CaError`] if the ID is foreign, the key is unusable or signing fails.
+    pub fn sign_x509_svid(
+        &self,
+        spiffe_id: &SpiffeId,
+        spki_der: &[u8],
+        ttl: Option<Duration>,
+        dns_names: &[String],
+    ) -> Result<X509Svid, CaError> {
+        let public_key = rcgen::SubjectPublicKeyInfo::from_der(spki_der)
+            .map_err(|e| CaError::InvalidRequest(format!("public key: {e}")))?;
+        self.sign_leaf(spiffe_id, &public_key, ttl, dns_names)
+    }
+
+    /// Generates a key pair and signs an X509-SVID for it (`writ x509 mint`).
+    ///
+    /// # Errors
+    /// [`CaError`] as for [`Self::sign_x509_svid`].
+    pub fn mint_x509_svid(
+        &self,
+        spiffe_id: &SpiffeId,
+        ttl: Option<Duration>,
+        dns_names: &[String],
+    ) -> Result<X509Svid, CaError> {
+        let key = PrivateKey::generate()?;
+        let mut svid = self.sign_leaf(spiffe_id, &key.to_rcgen()?, ttl, dns_names)?;
+        svid.private_key = Some(key);
+        Ok(svid)
+    }
+
+    fn sign_leaf(
+        &self,
+        spiffe_id: &SpiffeId,
+        public_key: &impl PublicKeyData,
+        ttl: Option<Duration>,
+        dns_names: &[String],
+    ) -> Result<X509Svid, CaError> {
+        self.check_trust_domain(spiffe_id)?;
+        if let Some(bad) = dns_names.iter().find(|n| !crate::entry::is_dns_name(n)) {
+            return Err(CaError::InvalidRequest(format!("invalid DNS name {bad:?}")));
+        }
+        let state = self.state.load();
+        let slot = state
+            .active(SlotKind::X509)
+            .ok_or(CaError::NoActiveAuthority("X.509"))?;
+        let issuer = slot
+            .issuer
+            .as_ref()
+            .ok_or(CaError::NoActiveAuthority("X.509"))?;
+        let now = self.clock.unix_seconds();
+        let ttl = ttl.unwrap_or(self.config.default_x509_svid_ttl);
+        let not_after = (now + secs(ttl)).min(slot.record.not_after);
+        if not_after <= now {
+            return Err(CaError::NoActiveAuthority("X.509"));
+        }
+
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Writ");
+        if let Some(first) = dns_names.first() {
+            dn.push(DnType::CommonName, first.clone());
+        }
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let mut sans = vec![SanType::URI(
+            spiffe_id.as_str().try_into().map_err(cert_err)?,
+        )];
+        for name in dns_names {
+            sans.push(SanType::DnsName(name.as_str().try_into().map_err(cert_err)?));
+        }
+        params.subject_alt_names = sans;
+        params.serial_number = Some(random_serial());
+        params.not_before = from_unix_seconds(now - secs(BACKDATE)).into();
+        params.not_after = from_unix_seconds(not_after).into();
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(public_key, issuer).map_err(cert_err)?;
+        let mut cert_chain = vec![cert.der().to_vec()];
+        if self.config.upstream.is_some() {
+            cert_chain.extend(slot.chain.iter().cloned());
+        }
+        Ok(X509Svid {
+            spiffe_id: spiffe_id.clone(),
+            cert_chain,
+            private_key: None,
+            expires_at: from_unix_seconds(not_after),
+        })
+    }
+
+    /// Signs a JWT-SVID for `spiffe_id` and `audience`, valid for `ttl` (or the default),
+    /// capped to the signing key's lifetime. Returns the token and its expiry.
+    ///
+    /// # Errors
+    /// [`CaError`] if the ID is foreign, the audience list is empty or too long, or
+    /// signing fails.
+    pub fn sign_jwt_svid(
+        &self,
+        spiffe_id: &SpiffeId,
+        audience: &[String],
+        ttl: Option<Duration>,
+    ) -> Result<(String, SystemTime), CaError> {
+        self.check_trust_domain(spiffe_id)?;
+        if audience.is_empty() || audience.len() > MAX_AUDIENCES {
+            return Err(CaError::InvalidRequest(format!(
+                "between 1 and {MAX_AUDIENCES} audiences are required"
+            )));
+        }
+        if audience.iter().any(|a| a.is_empty() || a.len() > 256) {
+            return Err(CaError::InvalidRequest(
+                "an audience must be 1 to 256 bytes".into(),
+            ));
+        }
+        let state = self.state.load();
+        let slot = state
+            .active(SlotKind::Jwt)
+            .ok_or(CaError::NoActiveAuthority("JWT"))?;
+        let now = self.clock.unix_seconds();
+        let ttl = ttl.unwrap_or(self.config.default_jwt_svid_ttl);
+        let exp = (now + secs(ttl)).min(slot.record.not_after);
+        let token = jwt::sign(&slot.key, &slot.record.id, spiffe_id, audience, now, exp)?;
+        Ok((token, from_unix_seconds(exp)))
+    }
+
+    /// The states of all authorities, for operators: `(kind, id, state, not_after)`.
+    pub fn authorities(&self) -> Vec<(String, String, SlotState, SystemTime)> {
+        self.state
+            .load()
+            .slots
+            .iter()
+            .map(|s| {
+                (
+                    s.record.kind.as_str().to_owned(),
+                    s.record.id.clone(),
+                    s.record.state,
+                    from_unix_seconds(s.record.not_after),
+                )
+            })
+            .collect()
+    }
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 4)
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    // Positive and without a leading zero byte.
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    SerialNumber::from_slice(&bytes)
+}

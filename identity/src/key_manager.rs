@@ -1,0 +1,355 @@
+//! Key managers: where the CA's and JWT signer's private keys live.
+//!
+//! [`DiskKeyManager`] keeps each key as a PKCS#8 DER file, mode 0600, in a 0700 directory
+//! under the data dir, written atomically (temp file + rename), so keys persist across
+//! restarts. [`MemoryKeyManager`] keeps them in memory only (keys die with the process,
+//! as SPIRE's `memory` key manager).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use zeroize::Zeroizing;
+
+/// What went wrong with a key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// Key generation or parsing failed in the crypto library.
+    #[error("key crypto failed: {0}")]
+    Crypto(String),
+    /// No key with that id.
+    #[error("key {0:?} not found")]
+    NotFound(String),
+    /// A key id with characters other than `[A-Za-z0-9_-]`.
+    #[error("invalid key id {0:?}")]
+    InvalidId(String),
+    /// Reading or writing a key file failed.
+    #[error("key file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// An EC P-256 private key (PKCS#8 DER), zeroized on drop, never printed.
+#[derive(Clone)]
+pub struct PrivateKey {
+    pkcs8: Zeroizing<Vec<u8>>,
+    public_key_raw: Vec<u8>,
+}
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PrivateKey")
+            .field("public_key_sha256", &hex::encode(sha256(&self.public_key_raw)))
+            .finish_non_exhaustive()
+    }
+}
+
+impl PrivateKey {
+    /// Generates a fresh P-256 key.
+    ///
+    /// # Errors
+    /// [`KeyError::Crypto`] if the system random source fails.
+    pub fn generate() -> Result<Self, KeyError> {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| KeyError::Crypto(e.to_string()))?;
+        Ok(Self {
+            pkcs8: Zeroizing::new(kp.serialize_der()),
+            public_key_raw: kp.public_key_raw().to_vec(),
+        })
+    }
+
+    /// Loads a PKCS#8 DER key (EC P-256/P-384, RSA or Ed25519).
+    ///
+    /// # Errors
+    /// [`KeyError::Crypto`] if the bytes are not a supported PKCS#8 key.
+    pub fn from_pkcs8_der(der: &[u8]) -> Result<Self, KeyError> {
+        let kp = rcgen::KeyPair::try_from(der).map_err(|e| KeyError::Crypto(e.to_string()))?;
+        Ok(Self {
+            pkcs8: Zeroizing::new(der.to_vec()),
+            public_key_raw: kp.public_key_raw().to_vec(),
+        })
+    }
+
+    /// Loads a PEM `PRIVATE KEY` (PKCS#8), `EC PRIVATE KEY` or `RSA PRIVATE KEY` block.
+    ///
+    /// # Errors
+    /// [`KeyError::Crypto`] if no supported key is found.
+    pub fn from_pem(pem_text: &str) -> Result<Self, KeyError> {
+        let kp = rcgen::KeyPair::from_pem(pem_text).map_err(|e| KeyError::Crypto(e.to_string()))?;
+        Ok(Self {
+            pkcs8: Zeroizing::new(kp.serialize_der()),
+            public_key_raw: kp.public_key_raw().to_vec(),
+        })
+    }
+
+    /// The PKCS#8 DER bytes. Handle with care.
+    pub fn pkcs8_der(&self) -> &[u8] {
+        &self.pkcs8
+    }
+
+    /// The key as PEM (`PRIVATE KEY`). Handle with care.
+    pub fn to_pem(&self) -> Zeroizing<String> {
+        Zeroizing::new(pem::encode(&pem::Pem::new("PRIVATE KEY", self.pkcs8.to_vec())))
+    }
+
+    /// The raw public key (an uncompressed EC point for EC keys).
+    pub fn public_key_raw(&self) -> &[u8] {
+        &self.public_key_raw
+    }
+
+    /// The key as an rcgen signing key.
+    ///
+    /// # Errors
+    /// [`KeyError::Crypto`] if the stored bytes no longer parse.
+    pub fn to_rcgen(&self) -> Result<rcgen::KeyPair, KeyError> {
+        rcgen::KeyPair::try_from(self.pkcs8.as_slice()).map_err(|e| KeyError::Crypto(e.to_string()))
+    }
+
+    /// The uncompressed EC point split into `(x, y)`, for P-256 keys.
+    pub fn ec_p256_xy(&self) -> Option<(&[u8], &[u8])> {
+        match self.public_key_raw.split_first() {
+            Some((0x04, xy)) if xy.len() == 64 => Some(xy.split_at(32)),
+            _ => None,
+        }
+    }
+}
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
+/// Stores private keys by id.
+pub trait KeyManager: Send + Sync + fmt::Debug {
+    /// Generates and stores a new key under `id`, replacing any key with that id.
+    ///
+    /// # Errors
+    /// [`KeyError`] if generation or storage fails.
+    fn generate(&self, id: &str) -> Result<PrivateKey, KeyError>;
+    /// Stores a given key under `id`.
+    ///
+    /// # Errors
+    /// [`KeyError`] if storage fails.
+    fn put(&self, id: &str, key: &PrivateKey) -> Result<(), KeyError>;
+    /// The key stored under `id`.
+    ///
+    /// # Errors
+    /// [`KeyError::NotFound`] if there is none, or a read error.
+    fn get(&self, id: &str) -> Result<PrivateKey, KeyError>;
+    /// Forgets the key under `id` (no error if absent).
+    ///
+    /// # Errors
+    /// [`KeyError::Io`] if the file cannot be removed.
+    fn delete(&self, id: &str) -> Result<(), KeyError>;
+}
+
+/// A shared key manager handle.
+pub type SharedKeyManager = Arc<dyn KeyManager>;
+
+fn check_id(id: &str) -> Result<(), KeyError> {
+    if id.is_empty()
+        || id.len() > 128
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(KeyError::InvalidId(id.chars().take(64).collect()));
+    }
+    Ok(())
+}
+
+/// Keys in memory only.
+#[derive(Debug, Default)]
+pub struct MemoryKeyManager {
+    keys: Mutex<HashMap<String, PrivateKey>>,
+}
+
+impl MemoryKeyManager {
+    /// An empty key manager.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn keys(&self) -> std::sync::MutexGuard<'_, HashMap<String, PrivateKey>> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl KeyManager for MemoryKeyManager {
+    fn generate(&self, id: &str) -> Result<PrivateKey, KeyError> {
+        let key = PrivateKey::generate()?;
+        self.put(id, &key)?;
+        Ok(key)
+    }
+
+    fn put(&self, id: &str, key: &PrivateKey) -> Result<(), KeyError> {
+        check_id(id)?;
+        self.keys().insert(id.to_owned(), key.clone());
+        Ok(())
+    }
+
+    fn get(&self, id: &str) -> Result<PrivateKey, KeyError> {
+        self.keys()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| KeyError::NotFound(id.to_owned()))
+    }
+
+    fn delete(&self, id: &str) -> Result<(), KeyError> {
+        self.keys().remove(id);
+        Ok(())
+    }
+}
+
+/// Keys as 0600 PKCS#8 files in a 0700 directory.
+#[derive(Debug)]
+pub struct DiskKeyManager {
+    dir: PathBuf,
+}
+
+impl DiskKeyManager {
+    /// Opens (creating if needed, mode 0700) the key directory.
+    ///
+    /// # Errors
+    /// [`KeyError::Io`] if the directory cannot be created or secured.
+    pub fn open(dir: &Path) -> Result<Self, KeyError> {
+        let io = |source| KeyError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        set_mode(dir, 0o700).map_err(io)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn path(&self, id: &str) -> Result<PathBuf, KeyError> {
+        check_id(id)?;
+        Ok(self.dir.join(format!("{id}.p8")))
+    }
+}
+
+impl KeyManager for DiskKeyManager {
+    fn generate(&self, id: &str) -> Result<PrivateKey, KeyError> {
+        let key = PrivateKey::generate()?;
+        self.put(id, &key)?;
+        Ok(key)
+    }
+
+    fn put(&self, id: &str, key: &PrivateKey) -> Result<(), KeyError> {
+        let path = self.path(id)?;
+        write_secret_file(&path, key.pkcs8_der())
+    }
+
+    fn get(&self, id: &str) -> Result<PrivateKey, KeyError> {
+        let path = self.path(id)?;
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => Zeroizing::new(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(KeyError::NotFound(id.to_owned()));
+            }
+            Err(source) => return Err(KeyError::Io { path, source }),
+        };
+        PrivateKey::from_pkcs8_der(&bytes)
+    }
+
+    fn delete(&self, id: &str) -> Result<(), KeyError> {
+        let path = self.path(id)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(KeyError::Io { path, source }),
+        }
+    }
+}
+
+/// Writes `data` to `path` atomically with mode 0600 (temp file in the same directory,
+/// fsync, rename).
+///
+/// # Errors
+/// [`KeyError::Io`] on any file-system failure.
+pub fn write_secret_file(path: &Path, data: &[u8]) -> Result<(), KeyError> {
+    let io = |source| KeyError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&tmp).map_err(io)?;
+    file.write_all(data).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    set_mode(&tmp, 0o600).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Sets Unix permission bits (no-op elsewhere).
+///
+/// # Errors
+/// The OS error.
+pub fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, mode);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn disk_keys_persist_with_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        let km = DiskKeyManager::open(&keys).unwrap();
+        let k = km.generate("x509-ca-1").unwrap();
+        let mode = std::fs::metadata(keys.join("x509-ca-1.p8")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(&keys).unwrap().permissions().mode() & 0o777, 0o700);
+        let again = DiskKeyManager::open(&keys).unwrap().get("x509-ca-1").unwrap();
+        assert_eq!(again.pkcs8_der(), k.pkcs8_der());
+        assert!(matches!(km.get("missing"), Err(KeyError::NotFound(_))));
+        assert!(matches!(km.get("../etc/passwd"), Err(KeyError::InvalidId(_))));
+    }
+
+    #[test]
+    fn debug_never_shows_key_bytes() {
+        let k = PrivateKey::generate().unwrap();
+        let shown = format!("{k:?}");
+        assert!(shown.contains("public_key_sha256"));
+        assert!(!shown.contains(&hex::encode(k.pkcs8_der())));
+    }
+
+    #[test]
+    fn memory_manager_round_trips() {
+        let km = MemoryKeyManager::new();
+        let k = km.generate("a").unwrap();
+        assert_eq!(km.get("a").unwrap().pkcs8_der(), k.pkcs8_der());
+        km.delete("a").unwrap();
+        assert!(km.get("a").is_err());
+        assert!(k.ec_p256_xy().is_some());
+    }
+}

@@ -1,0 +1,204 @@
+//! The registration store: entries, attested agents, join tokens, bundles and the CA key
+//! journal, behind one [`Store`] trait with two implementations that pass one test suite:
+//! [`sqlite::SqliteStore`] (the embedded default) and [`postgres::PostgresStore`] (state
+//! shared by many servers).
+//!
+//! Finding the entries that match a workload uses an index on `(type, value)` of the
+//! selectors table: the lookup touches only rows that share a selector with the workload,
+//! never every entry.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), writ_identity::store::StoreError> {
+//! use writ_identity::store::{Store, sqlite::SqliteStore};
+//! let store = SqliteStore::open(std::path::Path::new("/var/lib/writ/datastore.sqlite3")).await?;
+//! let selectors = vec!["unix:uid:1000".parse().unwrap()];
+//! let entries = store.find_entries_by_selectors(&selectors).await?;
+//! # Ok(()) }
+//! ```
+
+use std::sync::Arc;
+
+use crate::entry::RegistrationEntry;
+use crate::selector::Selector;
+use crate::spiffe_id::SpiffeId;
+
+pub mod postgres;
+mod schema;
+pub mod sqlite;
+#[cfg(any(test, feature = "test-util"))]
+pub mod suite;
+
+/// What went wrong in the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// No record with that key.
+    #[error("{kind} not found")]
+    NotFound {
+        /// What was looked up.
+        kind: &'static str,
+    },
+    /// A record with the same identity already exists.
+    #[error("{kind} already exists")]
+    AlreadyExists {
+        /// What was created.
+        kind: &'static str,
+    },
+    /// An update lost a race with another writer (its revision was stale).
+    #[error("{kind} was changed concurrently (revision conflict)")]
+    Conflict {
+        /// What was updated.
+        kind: &'static str,
+    },
+    /// A stored row could not be decoded (corruption or a newer schema).
+    #[error("stored {kind} is corrupt: {detail}")]
+    Corrupt {
+        /// What was read.
+        kind: &'static str,
+        /// Why.
+        detail: String,
+    },
+    /// A join token exists but is past its expiry.
+    #[error("join token has expired")]
+    TokenExpired,
+    /// The request was malformed (too many selectors, bad filter).
+    #[error("invalid store request: {0}")]
+    Invalid(String),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A schema migration failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// A node that proved its identity to the server.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AttestedAgent {
+    /// The agent's SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// The attestation method (`join_token`, ...).
+    pub attestation_type: String,
+    /// Serial number of the agent's current SVID (hex).
+    pub cert_serial: String,
+    /// Unix seconds when the agent's current SVID expires.
+    pub cert_expires_at: i64,
+    /// Selectors that describe the node.
+    pub selectors: Vec<Selector>,
+    /// A banned agent may never attest again.
+    pub banned: bool,
+    /// Unix seconds at first attestation.
+    pub created_at: i64,
+}
+
+/// A stored join token. The token itself is never stored, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinTokenRecord {
+    /// Lowercase hex SHA-256 of the token text.
+    pub token_hash: String,
+    /// Unix seconds after which it is refused.
+    pub expires_at: i64,
+    /// Selectors given to the agent that uses it (may be empty).
+    pub selectors: Vec<Selector>,
+}
+
+/// A trust bundle as stored: the SPIFFE bundle JSON document for one trust domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleRecord {
+    /// `spiffe://<trust domain>`.
+    pub trust_domain_id: String,
+    /// SPIFFE bundle JSON.
+    pub document: String,
+    /// The bundle's `spiffe_sequence`.
+    pub sequence: u64,
+}
+
+/// One record of the CA key journal: a CA certificate or JWT key slot with its state,
+/// as JSON the CA manager owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalRecord {
+    /// Slot id (unique).
+    pub id: String,
+    /// `x509` or `jwt`.
+    pub kind: String,
+    /// The slot, as JSON.
+    pub payload: String,
+    /// Unix seconds of the last write.
+    pub updated_at: i64,
+}
+
+/// Narrows [`Store::list_entries`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EntryFilter {
+    /// Only entries with this SPIFFE ID.
+    pub spiffe_id: Option<SpiffeId>,
+    /// Only entries with this parent.
+    pub parent_id: Option<SpiffeId>,
+}
+
+/// The registration store. Every implementation passes [`suite`].
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Stores a validated entry. Its `revision` becomes 1. An entry with the same
+    /// SPIFFE ID, parent and selectors as an existing one is refused with
+    /// [`StoreError::AlreadyExists`], and so is a reused id.
+    async fn create_entry(&self, entry: &RegistrationEntry) -> Result<RegistrationEntry, StoreError>;
+    /// Stores many validated entries in one transaction (all or none), as
+    /// [`Store::create_entry`] would one by one. For imports and benchmarks.
+    async fn create_entries(&self, entries: &[RegistrationEntry]) -> Result<(), StoreError>;
+    /// The entry with this id.
+    async fn fetch_entry(&self, id: &str) -> Result<Option<RegistrationEntry>, StoreError>;
+    /// Replaces an entry if `entry.revision` is the stored revision; the stored revision
+    /// is bumped. A stale revision gives [`StoreError::Conflict`].
+    async fn update_entry(&self, entry: &RegistrationEntry) -> Result<RegistrationEntry, StoreError>;
+    /// Removes an entry and returns it.
+    async fn delete_entry(&self, id: &str) -> Result<RegistrationEntry, StoreError>;
+    /// Entries matching the filter, ordered by id.
+    async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<RegistrationEntry>, StoreError>;
+    /// Entries all of whose selectors are among `selectors` (at most
+    /// [`crate::selector::MAX_SELECTORS`]), ordered by id. Uses the selector index.
+    async fn find_entries_by_selectors(
+        &self,
+        selectors: &[Selector],
+    ) -> Result<Vec<RegistrationEntry>, StoreError>;
+    /// How many entries are stored.
+    async fn count_entries(&self) -> Result<u64, StoreError>;
+
+    /// Records a newly attested agent (refuses a duplicate SPIFFE ID).
+    async fn create_agent(&self, agent: &AttestedAgent) -> Result<(), StoreError>;
+    /// The agent with this SPIFFE ID.
+    async fn fetch_agent(&self, id: &SpiffeId) -> Result<Option<AttestedAgent>, StoreError>;
+    /// Replaces an agent's record.
+    async fn update_agent(&self, agent: &AttestedAgent) -> Result<(), StoreError>;
+    /// Removes an agent record.
+    async fn delete_agent(&self, id: &SpiffeId) -> Result<(), StoreError>;
+    /// All agents, ordered by SPIFFE ID.
+    async fn list_agents(&self) -> Result<Vec<AttestedAgent>, StoreError>;
+
+    /// Stores a join token (by hash).
+    async fn create_join_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError>;
+    /// Atomically removes and returns the token with this hash. Succeeds at most once per
+    /// token; an expired token is removed and refused with [`StoreError::TokenExpired`].
+    async fn consume_join_token(&self, token_hash: &str, now: i64) -> Result<JoinTokenRecord, StoreError>;
+    /// Removes tokens expired at `now`; returns how many.
+    async fn prune_join_tokens(&self, now: i64) -> Result<u64, StoreError>;
+
+    /// Stores or replaces a trust bundle.
+    async fn put_bundle(&self, bundle: &BundleRecord) -> Result<(), StoreError>;
+    /// The bundle for `spiffe://<td>`.
+    async fn fetch_bundle(&self, trust_domain_id: &str) -> Result<Option<BundleRecord>, StoreError>;
+    /// All bundles, ordered by trust domain.
+    async fn list_bundles(&self) -> Result<Vec<BundleRecord>, StoreError>;
+    /// Removes a bundle.
+    async fn delete_bundle(&self, trust_domain_id: &str) -> Result<(), StoreError>;
+
+    /// Stores or replaces a journal record.
+    async fn put_journal(&self, record: &JournalRecord) -> Result<(), StoreError>;
+    /// All journal records, ordered by id.
+    async fn list_journal(&self) -> Result<Vec<JournalRecord>, StoreError>;
+    /// Removes a journal record.
+    async fn delete_journal(&self, id: &str) -> Result<(), StoreError>;
+}
+
+/// A shared store handle.
+pub type SharedStore = Arc<dyn Store>;

@@ -1,0 +1,280 @@
+//! JWT-SVIDs per the SPIFFE JWT-SVID standard.
+//!
+//! Header: `alg` (ES256 by default), `kid`, `typ: JWT`. Claims: `sub` (the SPIFFE ID),
+//! `aud` (one or more audiences), `exp`, `iat`. [`validate`] refuses `alg: none`, any
+//! HMAC algorithm, a missing `kid`, an unknown key, a missing or wrong audience, an
+//! expired token and a `sub` that is not a SPIFFE ID. Time comes from the caller, so
+//! expiry follows the injected [`crate::clock::Clock`].
+//!
+//! ```no_run
+//! use writ_identity::bundle::BundleSet;
+//! use writ_identity::svid::jwt;
+//! # fn demo(token: &str, bundles: BundleSet) -> Result<(), jwt::JwtSvidError> {
+//! let svid = jwt::validate(token, &["tool-server"], &bundles, std::time::SystemTime::now())?;
+//! println!("caller is {}", svid.spiffe_id);
+//! # Ok(()) }
+//! ```
+
+use std::time::SystemTime;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::bundle::{BundleSet, Jwk};
+use crate::clock::unix_seconds;
+use crate::key_manager::PrivateKey;
+use crate::spiffe_id::{SpiffeId, SpiffeIdError};
+
+/// Largest token accepted, in bytes.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Most audiences one JWT-SVID may name.
+pub const MAX_AUDIENCES: usize = 32;
+
+/// Algorithms a JWT-SVID may be signed with (the JWT-SVID standard's RS, ES and PS
+/// families). `none` and HS* can never appear here.
+pub const ALLOWED_ALGORITHMS: &[Algorithm] = &[
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+];
+
+/// Why a JWT-SVID was refused (or could not be made).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum JwtSvidError {
+    /// The token is larger than allowed.
+    #[error("token is larger than {max} bytes")]
+    TooLarge {
+        /// The limit.
+        max: usize,
+    },
+    /// The token is not a well-formed JWS (or uses an algorithm this library does not
+    /// know, such as `none`).
+    #[error("token is malformed: {0}")]
+    Malformed(String),
+    /// The algorithm is not allowed for JWT-SVIDs.
+    #[error("algorithm {0} is not allowed for JWT-SVIDs")]
+    Algorithm(String),
+    /// The header has a `typ` other than `JWT` or `JOSE`.
+    #[error("header typ {0:?} is not JWT or JOSE")]
+    Type(String),
+    /// The header has no `kid`.
+    #[error("token header has no kid")]
+    MissingKid,
+    /// No bundle for the token's trust domain.
+    #[error("no bundle for trust domain {0}")]
+    NoBundle(String),
+    /// The bundle has no key with the token's `kid`.
+    #[error("no JWT authority with key id {0:?}")]
+    UnknownKey(String),
+    /// The signature does not verify.
+    #[error("signature does not verify: {0}")]
+    Signature(String),
+    /// A required claim is missing or has the wrong type.
+    #[error("claim {0} is missing or malformed")]
+    Claim(&'static str),
+    /// `sub` is not a SPIFFE ID.
+    #[error("sub is not a SPIFFE ID: {0}")]
+    Subject(#[from] SpiffeIdError),
+    /// None of the token's audiences is one the validator expects.
+    #[error("audience does not match")]
+    Audience,
+    /// The token has expired.
+    #[error("token has expired")]
+    Expired,
+    /// Signing failed.
+    #[error("signing failed: {0}")]
+    Sign(String),
+}
+
+/// `aud`: one string or an array of strings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    /// A single audience.
+    One(String),
+    /// Several audiences.
+    Many(Vec<String>),
+}
+
+impl Audience {
+    /// The audiences as a list.
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            Audience::One(a) => vec![a.clone()],
+            Audience::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// The registered claims of a JWT-SVID.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JwtSvidClaims {
+    /// The SPIFFE ID.
+    pub sub: String,
+    /// Audiences.
+    pub aud: Audience,
+    /// Expiry, Unix seconds.
+    pub exp: i64,
+    /// Issued at, Unix seconds.
+    #[serde(default)]
+    pub iat: i64,
+}
+
+/// A validated JWT-SVID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtSvid {
+    /// The subject.
+    pub spiffe_id: SpiffeId,
+    /// All audiences the token names.
+    pub audience: Vec<String>,
+    /// Expiry, Unix seconds.
+    pub expires_at: i64,
+    /// Issued at, Unix seconds.
+    pub issued_at: i64,
+    /// The key id that signed it.
+    pub kid: String,
+}
+
+/// Signs a JWT-SVID with an EC P-256 key (ES256).
+///
+/// # Errors
+/// [`JwtSvidError::Sign`] if the key cannot sign.
+pub fn sign(
+    key: &PrivateKey,
+    kid: &str,
+    spiffe_id: &SpiffeId,
+    audience: &[String],
+    issued_at: i64,
+    expires_at: i64,
+) -> Result<String, JwtSvidError> {
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some(kid.to_owned());
+    header.typ = Some("JWT".into());
+    let aud = match audience {
+        [one] => Audience::One(one.clone()),
+        many => Audience::Many(many.to_vec()),
+    };
+    let claims = JwtSvidClaims {
+        sub: spiffe_id.to_string(),
+        aud,
+        exp: expires_at,
+        iat: issued_at,
+    };
+    jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ec_der(key.pkcs8_der()))
+        .map_err(|e| JwtSvidError::Sign(e.to_string()))
+}
+
+/// The decoding key for a bundle JWK.
+///
+/// # Errors
+/// [`JwtSvidError::Signature`] if the JWK does not describe a usable key.
+pub fn decoding_key(jwk: &Jwk) -> Result<DecodingKey, JwtSvidError> {
+    let bad = |e: jsonwebtoken::errors::Error| JwtSvidError::Signature(e.to_string());
+    let missing = || JwtSvidError::Signature("incomplete JWK".into());
+    match jwk.kty.as_str() {
+        "EC" => DecodingKey::from_ec_components(
+            jwk.x.as_deref().ok_or_else(missing)?,
+            jwk.y.as_deref().ok_or_else(missing)?,
+        )
+        .map_err(bad),
+        "RSA" => DecodingKey::from_rsa_components(
+            jwk.n.as_deref().ok_or_else(missing)?,
+            jwk.e.as_deref().ok_or_else(missing)?,
+        )
+        .map_err(bad),
+        "OKP" => DecodingKey::from_ed_components(jwk.x.as_deref().ok_or_else(missing)?).map_err(bad),
+        _ => Err(JwtSvidError::Signature("unsupported key type".into())),
+    }
+}
+
+/// Validates a JWT-SVID against the bundle of the trust domain named in its `sub`,
+/// requiring at least one of `expected_audiences` in its `aud`, at time `now`.
+///
+/// # Errors
+/// [`JwtSvidError`] for the first problem found.
+pub fn validate(
+    token: &str,
+    expected_audiences: &[&str],
+    bundles: &BundleSet,
+    now: SystemTime,
+) -> Result<JwtSvid, JwtSvidError> {
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(JwtSvidError::TooLarge {
+            max: MAX_TOKEN_BYTES,
+        });
+    }
+    let header =
+        jsonwebtoken::decode_header(token).map_err(|e| JwtSvidError::Malformed(e.to_string()))?;
+    if !ALLOWED_ALGORITHMS.contains(&header.alg) {
+        return Err(JwtSvidError::Algorithm(format!("{:?}", header.alg)));
+    }
+    if let Some(typ) = header.typ.as_deref()
+        && typ != "JWT"
+        && typ != "JOSE"
+    {
+        return Err(JwtSvidError::Type(typ.chars().take(32).collect()));
+    }
+    let kid = header.kid.ok_or(JwtSvidError::MissingKid)?;
+    // The trust domain is read from the (not yet trusted) sub to pick the bundle; the
+    // signature check below then binds it.
+    let unverified: serde_json::Value = jsonwebtoken::dangerous::insecure_decode_claims(token)
+        .map_err(|e| JwtSvidError::Malformed(e.to_string()))?;
+    let sub = unverified
+        .get("sub")
+        .and_then(serde_json::Value::as_str)
+        .ok_or(JwtSvidError::Claim("sub"))?;
+    let spiffe_id = SpiffeId::new(sub)?;
+    let td = spiffe_id.trust_domain();
+    let bundle = bundles
+        .get(&td)
+        .ok_or_else(|| JwtSvidError::NoBundle(td.to_string()))?;
+    let jwk = bundle
+        .jwt_authority(&kid)
+        .ok_or_else(|| JwtSvidError::UnknownKey(kid.chars().take(64).collect()))?;
+    let key = decoding_key(jwk)?;
+
+    let mut validation = Validation::new(header.alg);
+    // exp and aud are checked below against the injected clock and the caller's list.
+    validation.validate_exp = false;
+    validation.validate_aud = false;
+    validation.required_spec_claims.clear();
+    let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
+        .map_err(|e| JwtSvidError::Signature(e.to_string()))?;
+    let claims = data.claims;
+    let expires_at = claims
+        .get("exp")
+        .and_then(serde_json::Value::as_i64)
+        .ok_or(JwtSvidError::Claim("exp"))?;
+    let issued_at = match claims.get("iat") {
+        None => 0,
+        Some(v) => v.as_i64().ok_or(JwtSvidError::Claim("iat"))?,
+    };
+    let audience: Audience = claims
+        .get("aud")
+        .cloned()
+        .and_then(|v| serde_json::from_value(v).ok())
+        .ok_or(JwtSvidError::Claim("aud"))?;
+    let audience = audience.to_vec();
+    if audience.is_empty() || audience.len() > MAX_AUDIENCES {
+        return Err(JwtSvidError::Claim("aud"));
+    }
+    if !audience.iter().any(|a| expected_audiences.contains(&a.as_str())) {
+        return Err(JwtSvidError::Audience);
+    }
+    if expires_at <= unix_seconds(now) {
+        return Err(JwtSvidError::Expired);
+    }
+    Ok(JwtSvid {
+        spiffe_id,
+        audience,
+        expires_at,
+        issued_at,
+        kid,
+    })
+}

@@ -1,0 +1,5 @@
+//! SVIDs: the X509-SVID and JWT-SVID documents that carry a SPIFFE ID, and their
+//! validators (public API: the SDK and the transaction token service reuse them).
+
+pub mod jwt;
+pub mod x509;
