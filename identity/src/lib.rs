@@ -24,6 +24,16 @@ pub mod clock;
 pub mod entry;
 pub mod key_manager;
 pub mod selector;
+pub mod server;
 pub mod spiffe_id;
 pub mod store;
 pub mod svid;
+
+/// Generated gRPC code for the protos under `specs/proto`.
+pub mod proto {
+    /// `writ.admin.v1`: the identity server's admin API.
+    #[allow(missing_docs, clippy::all, clippy::pedantic)]
+    pub mod admin {
+        tonic::include_proto!("writ.admin.v1");
+    }
+}

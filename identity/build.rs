@@ -1,0 +1,17 @@
+//! Compiles the protos under `specs/proto` with the vendored `protoc` (no protoc is
+//! needed on the machine; `PROTOC` overrides it).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = match std::env::var_os("PROTOC") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => protoc_bin_vendored::protoc_bin_path()?,
+    };
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc);
+    let protos = ["../specs/proto/writ/admin/v1/admin.proto"];
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    tonic_prost_build::configure().compile_with_config(config, &protos, &["../specs/proto"])?;
+    Ok(())
+}

@@ -1,0 +1,390 @@
+//! The admin gRPC service (`writ.admin.v1.Admin`) and its client over the admin socket.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Request, Response, Status};
+
+use super::ServerState;
+use crate::ca::CaError;
+use crate::entry::{EntryError, RegistrationEntry};
+use crate::proto::admin as pb;
+use crate::selector::{Selector, SelectorError};
+use crate::spiffe_id::{SpiffeId, TrustDomain};
+use crate::store::{EntryFilter, JoinTokenRecord, StoreError};
+
+pub use pb::admin_client::AdminClient;
+pub use pb::admin_server::AdminServer;
+
+/// Longest join token lifetime a caller may ask for.
+pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Why an admin request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// A field of the request is malformed.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// Which field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The entry is not acceptable.
+    #[error(transparent)]
+    Entry(#[from] EntryError),
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The CA refused or failed.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+}
+
+fn invalid(field: &'static str, reason: impl ToString) -> AdminError {
+    AdminError::Invalid {
+        field,
+        reason: reason.to_string(),
+    }
+}
+
+/// The one place admin errors become gRPC statuses. Clients get the code and a safe
+/// message; internal failures are logged and reported without detail.
+impl From<AdminError> for Status {
+    fn from(e: AdminError) -> Status {
+        match &e {
+            AdminError::Invalid { .. } | AdminError::Entry(_) => Status::invalid_argument(e.to_string()),
+            AdminError::Store(StoreError::NotFound { .. }) => Status::not_found(e.to_string()),
+            AdminError::Store(StoreError::AlreadyExists { .. }) => {
+                Status::already_exists(e.to_string())
+            }
+            AdminError::Store(StoreError::Conflict { .. }) => Status::aborted(e.to_string()),
+            AdminError::Store(StoreError::Invalid(_)) => Status::invalid_argument(e.to_string()),
+            AdminError::Ca(CaError::ForeignTrustDomain { .. } | CaError::InvalidRequest(_)) => {
+                Status::invalid_argument(e.to_string())
+            }
+            _ => {
+                tracing::error!(error = %e, "admin request failed");
+                Status::internal("internal error; see the server log")
+            }
+        }
+    }
+}
+
+/// Converts a wire entry into a validated [`RegistrationEntry`] for `trust_domain`.
+///
+/// # Errors
+/// [`AdminError`] naming the first malformed field.
+pub fn entry_from_proto(p: pb::Entry, trust_domain: &TrustDomain) -> Result<RegistrationEntry, AdminError> {
+    let spiffe_id = SpiffeId::new(&p.spiffe_id).map_err(|e| invalid("spiffe_id", e))?;
+    let parent_id = SpiffeId::new(&p.parent_id).map_err(|e| invalid("parent_id", e))?;
+    if p.selectors.len() > crate::selector::MAX_SELECTORS {
+        return Err(EntryError::Selector(SelectorError::TooMany {
+            max: crate::selector::MAX_SELECTORS,
+        })
+        .into());
+    }
+    let selectors = p
+        .selectors
+        .iter()
+        .map(|s| s.parse::<Selector>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(EntryError::from)?;
+    let federates_with = p
+        .federates_with
+        .iter()
+        .map(|t| TrustDomain::new(t))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid("federates_with", e))?;
+    let mut entry = RegistrationEntry::new(spiffe_id, parent_id, selectors);
+    if !p.id.is_empty() {
+        entry.id = p.id;
+    }
+    entry.x509_svid_ttl = p.x509_svid_ttl;
+    entry.jwt_svid_ttl = p.jwt_svid_ttl;
+    entry.dns_names = p.dns_names;
+    entry.federates_with = federates_with;
+    entry.admin = p.admin;
+    entry.downstream = p.downstream;
+    entry.expires_at = p.expires_at;
+    entry.hint = p.hint;
+    entry.revision = p.revision;
+    entry.created_at = p.created_at;
+    entry.spawn_max_ttl = p.spawn_max_ttl;
+    entry.spawn_max_depth = p.spawn_max_depth;
+    entry.validate(trust_domain)?;
+    Ok(entry)
+}
+
+/// Converts a stored entry to its wire form.
+pub fn entry_to_proto(e: &RegistrationEntry) -> pb::Entry {
+    pb::Entry {
+        id: e.id.clone(),
+        spiffe_id: e.spiffe_id.to_string(),
+        parent_id: e.parent_id.to_string(),
+        selectors: e.selectors.iter().map(ToString::to_string).collect(),
+        x509_svid_ttl: e.x509_svid_ttl,
+        jwt_svid_ttl: e.jwt_svid_ttl,
+        dns_names: e.dns_names.clone(),
+        federates_with: e.federates_with.iter().map(ToString::to_string).collect(),
+        admin: e.admin,
+        downstream: e.downstream,
+        expires_at: e.expires_at,
+        hint: e.hint.clone(),
+        revision: e.revision,
+        created_at: e.created_at,
+        spawn_max_ttl: e.spawn_max_ttl,
+        spawn_max_depth: e.spawn_max_depth,
+    }
+}
+
+fn ttl(secs: u64) -> Option<Duration> {
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+/// The admin service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    state: Arc<ServerState>,
+}
+
+impl AdminService {
+    /// The service over a running server's state.
+    pub fn new(state: Arc<ServerState>) -> Self {
+        Self { state }
+    }
+
+    fn td(&self) -> &TrustDomain {
+        &self.state.config.trust_domain
+    }
+}
+
+fn entry_id(id: &str) -> Result<&str, AdminError> {
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        return Err(invalid("id", "entry ids are 1-64 letters, digits or '-'"));
+    }
+    Ok(id)
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn create_entry(
+        &self,
+        request: Request<pb::CreateEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
+        let p = request.into_inner().entry.ok_or_else(|| invalid("entry", "missing"))?;
+        let mut entry = entry_from_proto(p, self.td())?;
+        entry_id(&entry.id)?;
+        entry.created_at = self.state.clock.unix_seconds();
+        let stored = self.state.store.create_entry(&entry).await.map_err(AdminError::from)?;
+        tracing::info!(id = %stored.id, spiffe_id = %stored.spiffe_id, "entry created");
+        Ok(Response::new(entry_to_proto(&stored)))
+    }
+
+    async fn update_entry(
+        &self,
+        request: Request<pb::UpdateEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
+        let p = request.into_inner().entry.ok_or_else(|| invalid("entry", "missing"))?;
+        entry_id(&p.id)?;
+        let mut entry = entry_from_proto(p, self.td())?;
+        let existing = self
+            .state
+            .store
+            .fetch_entry(&entry.id)
+            .await
+            .map_err(AdminError::from)?
+            .ok_or(AdminError::Store(StoreError::NotFound { kind: "entry" }))?;
+        entry.created_at = existing.created_at;
+        let stored = self.state.store.update_entry(&entry).await.map_err(AdminError::from)?;
+        tracing::info!(id = %stored.id, revision = stored.revision, "entry updated");
+        Ok(Response::new(entry_to_proto(&stored)))
+    }
+
+    async fn get_entry(
+        &self,
+        request: Request<pb::GetEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
+        let id = request.into_inner().id;
+        let entry = self
+            .state
+            .store
+            .fetch_entry(entry_id(&id)?)
+            .await
+            .map_err(AdminError::from)?
+            .ok_or(AdminError::Store(StoreError::NotFound { kind: "entry" }))?;
+        Ok(Response::new(entry_to_proto(&entry)))
+    }
+
+    async fn list_entries(
+        &self,
+        request: Request<pb::ListEntriesRequest>,
+    ) -> Result<Response<pb::ListEntriesResponse>, Status> {
+        let r = request.into_inner();
+        let opt_id = |field, s: &str| -> Result<Option<SpiffeId>, AdminError> {
+            if s.is_empty() {
+                Ok(None)
+            } else {
+                SpiffeId::new(s).map(Some).map_err(|e| invalid(field, e))
+            }
+        };
+        let filter = EntryFilter {
+            spiffe_id: opt_id("spiffe_id", &r.spiffe_id)?,
+            parent_id: opt_id("parent_id", &r.parent_id)?,
+        };
+        let entries = if r.selectors.is_empty() {
+            self.state.store.list_entries(&filter).await
+        } else {
+            let selectors = r
+                .selectors
+                .iter()
+                .map(|s| s.parse::<Selector>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid("selectors", e))?;
+            self.state
+                .store
+                .find_entries_by_selectors(&selectors)
+                .await
+                .map(|found| {
+                    found
+                        .into_iter()
+                        .filter(|e| filter.spiffe_id.as_ref().is_none_or(|id| &e.spiffe_id == id))
+                        .filter(|e| filter.parent_id.as_ref().is_none_or(|id| &e.parent_id == id))
+                        .collect()
+                })
+        }
+        .map_err(AdminError::from)?;
+        Ok(Response::new(pb::ListEntriesResponse {
+            entries: entries.iter().map(entry_to_proto).collect(),
+        }))
+    }
+
+    async fn delete_entry(
+        &self,
+        request: Request<pb::DeleteEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
+        let id = request.into_inner().id;
+        let entry = self
+            .state
+            .store
+            .delete_entry(entry_id(&id)?)
+            .await
+            .map_err(AdminError::from)?;
+        tracing::info!(id = %entry.id, "entry deleted");
+        Ok(Response::new(entry_to_proto(&entry)))
+    }
+
+    async fn generate_join_token(
+        &self,
+        request: Request<pb::GenerateJoinTokenRequest>,
+    ) -> Result<Response<pb::JoinToken>, Status> {
+        let r = request.into_inner();
+        let ttl = ttl(r.ttl).unwrap_or(self.state.config.join_token_ttl);
+        if ttl > MAX_JOIN_TOKEN_TTL {
+            return Err(invalid("ttl", format!("at most {}s", MAX_JOIN_TOKEN_TTL.as_secs())).into());
+        }
+        let token = uuid::Uuid::new_v4().to_string();
+        let expires_at = self.state.clock.unix_seconds() + i64::try_from(ttl.as_secs()).unwrap_or(0);
+        self.state
+            .store
+            .create_join_token(&JoinTokenRecord {
+                token_hash: hex::encode(crate::key_manager::sha256(token.as_bytes())),
+                expires_at,
+                selectors: Vec::new(),
+            })
+            .await
+            .map_err(AdminError::from)?;
+        Ok(Response::new(pb::JoinToken { token, expires_at }))
+    }
+
+    async fn get_bundle(
+        &self,
+        _request: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<pb::Bundle>, Status> {
+        let bundle = self.state.ca.bundle();
+        Ok(Response::new(pb::Bundle {
+            trust_domain: bundle.trust_domain().to_string(),
+            spiffe: bundle.to_json(),
+            pem: bundle.to_pem(),
+            sequence: bundle.sequence(),
+        }))
+    }
+
+    async fn mint_x509_svid(
+        &self,
+        request: Request<pb::MintX509SvidRequest>,
+    ) -> Result<Response<pb::MintX509SvidResponse>, Status> {
+        let r = request.into_inner();
+        let id = SpiffeId::new(&r.spiffe_id).map_err(|e| invalid("spiffe_id", e))?;
+        let svid = self
+            .state
+            .ca
+            .mint_x509_svid(&id, ttl(r.ttl), &r.dns_names)
+            .map_err(AdminError::from)?;
+        let private_key = svid
+            .private_key
+            .as_ref()
+            .map(|k| k.pkcs8_der().to_vec())
+            .unwrap_or_default();
+        tracing::info!(spiffe_id = %id, "minted X509-SVID");
+        Ok(Response::new(pb::MintX509SvidResponse {
+            cert_chain: svid.cert_chain,
+            private_key,
+            bundle: self.state.ca.bundle().x509_authorities().to_vec(),
+            expires_at: crate::clock::unix_seconds(svid.expires_at),
+        }))
+    }
+
+    async fn mint_jwt_svid(
+        &self,
+        request: Request<pb::MintJwtSvidRequest>,
+    ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
+        let r = request.into_inner();
+        let id = SpiffeId::new(&r.spiffe_id).map_err(|e| invalid("spiffe_id", e))?;
+        let (token, expires_at) = self
+            .state
+            .ca
+            .sign_jwt_svid(&id, &r.audience, ttl(r.ttl))
+            .map_err(AdminError::from)?;
+        tracing::info!(spiffe_id = %id, token_sha256 = %hex::encode(crate::key_manager::sha256(token.as_bytes())), "minted JWT-SVID");
+        Ok(Response::new(pb::MintJwtSvidResponse {
+            token,
+            expires_at: crate::clock::unix_seconds(expires_at),
+        }))
+    }
+
+    async fn health(
+        &self,
+        _request: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        let entries = self.state.store.count_entries().await.map_err(AdminError::from)?;
+        Ok(Response::new(pb::HealthResponse {
+            trust_domain: self.td().to_string(),
+            entries,
+            bundle_sequence: self.state.ca.bundle().sequence(),
+        }))
+    }
+}
+
+/// Connects an admin client to the server's Unix socket.
+///
+/// # Errors
+/// The transport error if the socket cannot be reached.
+pub async fn connect(socket: &Path) -> Result<AdminClient<Channel>, tonic::transport::Error> {
+    let path: PathBuf = socket.to_path_buf();
+    let channel = Endpoint::from_static("http://writ-server.invalid")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await?;
+    Ok(AdminClient::new(channel))
+}

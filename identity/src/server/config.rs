@@ -1,0 +1,347 @@
+//! `server.toml`: the raw [`FileConfig`] (strings, as written) and the validated
+//! [`ServerConfig`] it becomes through `TryFrom`, the way SPIRE turns its HCL into
+//! `server.Config`.
+//!
+//! ```
+//! use writ_identity::server::config::{FileConfig, ServerConfig};
+//! let file: FileConfig = toml::from_str(r#"
+//!     trust_domain = "example.org"
+//!     data_dir = "/var/lib/writ/server"
+//!     [ca]
+//!     ttl = "24h"
+//! "#).unwrap();
+//! let config = ServerConfig::try_from(file).unwrap();
+//! assert_eq!(config.ca.ca_ttl.as_secs(), 86_400);
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::ca::{CaConfig, UpstreamAuthority};
+use crate::spiffe_id::TrustDomain;
+
+/// Default admin socket.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/writ/server.sock";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/writ/server";
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown keys.
+    #[error("invalid configuration: {0}")]
+    Toml(#[from] toml::de::Error),
+    /// A value is out of range or malformed.
+    #[error("{key}: {reason}")]
+    Value {
+        /// The key.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn value(key: &'static str, reason: impl ToString) -> ConfigError {
+    ConfigError::Value {
+        key,
+        reason: reason.to_string(),
+    }
+}
+
+/// `server.toml` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Trust domain name (default `example.org`).
+    pub trust_domain: Option<String>,
+    /// Where the SQLite store and keys live.
+    pub data_dir: Option<PathBuf>,
+    /// Admin API Unix socket path.
+    pub admin_socket: Option<PathBuf>,
+    /// CA settings.
+    #[serde(default)]
+    pub ca: FileCa,
+    /// SVID defaults.
+    #[serde(default)]
+    pub svid: FileSvid,
+    /// Store settings.
+    #[serde(default)]
+    pub datastore: FileDatastore,
+    /// Key manager settings.
+    #[serde(default)]
+    pub key_manager: FileKeyManager,
+    /// Join token settings.
+    #[serde(default)]
+    pub join_token: FileJoinToken,
+}
+
+/// `[ca]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCa {
+    /// Lifetime of each X.509 CA (`24h`).
+    pub ttl: Option<String>,
+    /// Lifetime of each JWT signing key (`24h`).
+    pub jwt_key_ttl: Option<String>,
+    /// Key type; only `ec-p256` today.
+    pub key_type: Option<String>,
+    /// `spiffe_refresh_hint` (`5m`).
+    pub refresh_hint: Option<String>,
+    /// Upstream CA certificate chain (PEM, signing certificate first).
+    pub upstream_cert_file: Option<PathBuf>,
+    /// Upstream CA private key (PEM).
+    pub upstream_key_file: Option<PathBuf>,
+}
+
+/// `[svid]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSvid {
+    /// Default X509-SVID lifetime (`1h`).
+    pub default_x509_ttl: Option<String>,
+    /// Default JWT-SVID lifetime (`5m`).
+    pub default_jwt_ttl: Option<String>,
+}
+
+/// `[datastore]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDatastore {
+    /// `sqlite` (default) or `postgres`.
+    pub backend: Option<String>,
+    /// SQLite: file path (default `<data_dir>/datastore.sqlite3`); PostgreSQL: URL.
+    pub connection: Option<String>,
+}
+
+/// `[key_manager]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileKeyManager {
+    /// `disk` (default, keys under `<data_dir>/keys`, 0600) or `memory`.
+    pub kind: Option<String>,
+}
+
+/// `[join_token]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileJoinToken {
+    /// Default lifetime of generated join tokens (`10m`).
+    pub default_ttl: Option<String>,
+}
+
+/// Where the registration store lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Datastore {
+    /// An embedded SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database shared by several servers.
+    Postgres(String),
+}
+
+/// Where CA keys live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyManagerKind {
+    /// 0600 files under `<data_dir>/keys`.
+    Disk,
+    /// Memory only (keys are lost at exit).
+    Memory,
+}
+
+/// The validated server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Admin socket path.
+    pub admin_socket: PathBuf,
+    /// Store.
+    pub datastore: Datastore,
+    /// Key manager.
+    pub key_manager: KeyManagerKind,
+    /// CA settings.
+    pub ca: CaConfig,
+    /// Default join token lifetime.
+    pub join_token_ttl: Duration,
+}
+
+impl ServerConfig {
+    /// Reads and validates a `server.toml`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file or key at fault.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::try_from(toml::from_str::<FileConfig>(&text)?)
+    }
+
+    /// Defaults for a trust domain and data dir (SQLite, disk keys).
+    ///
+    /// # Errors
+    /// Never for valid inputs; kept fallible for symmetry with the file path.
+    pub fn with_defaults(trust_domain: TrustDomain, data_dir: &Path) -> Result<Self, ConfigError> {
+        Self::try_from(FileConfig {
+            trust_domain: Some(trust_domain.to_string()),
+            data_dir: Some(data_dir.to_path_buf()),
+            ..FileConfig::default()
+        })
+    }
+}
+
+/// Parses `5m`, `1h30m`, `90s` or a bare number of seconds.
+///
+/// # Errors
+/// A message saying what was expected.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration like 90s, 5m or 1h ({e})"))
+}
+
+fn duration(key: &'static str, v: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    let d = match v {
+        None => default,
+        Some(s) => parse_duration(s).map_err(|e| value(key, e))?,
+    };
+    if d < Duration::from_secs(1) {
+        return Err(value(key, "must be at least 1s"));
+    }
+    Ok(d)
+}
+
+impl TryFrom<FileConfig> for ServerConfig {
+    type Error = ConfigError;
+
+    fn try_from(file: FileConfig) -> Result<Self, ConfigError> {
+        let trust_domain = TrustDomain::new(file.trust_domain.as_deref().unwrap_or("example.org"))
+            .map_err(|e| value("trust_domain", e))?;
+        let data_dir = file.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let admin_socket = file
+            .admin_socket
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
+
+        let mut ca = CaConfig::new(trust_domain.clone());
+        ca.ca_ttl = duration("ca.ttl", file.ca.ttl.as_deref(), ca.ca_ttl)?;
+        ca.jwt_key_ttl = duration("ca.jwt_key_ttl", file.ca.jwt_key_ttl.as_deref(), ca.jwt_key_ttl)?;
+        ca.refresh_hint = Some(duration(
+            "ca.refresh_hint",
+            file.ca.refresh_hint.as_deref(),
+            Duration::from_secs(300),
+        )?);
+        match file.ca.key_type.as_deref() {
+            None | Some("ec-p256") => {}
+            Some(other) => return Err(value("ca.key_type", format!("{other:?} is not supported (ec-p256)"))),
+        }
+        ca.default_x509_svid_ttl = duration(
+            "svid.default_x509_ttl",
+            file.svid.default_x509_ttl.as_deref(),
+            ca.default_x509_svid_ttl,
+        )?;
+        ca.default_jwt_svid_ttl = duration(
+            "svid.default_jwt_ttl",
+            file.svid.default_jwt_ttl.as_deref(),
+            ca.default_jwt_svid_ttl,
+        )?;
+        ca.upstream = match (file.ca.upstream_cert_file, file.ca.upstream_key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(
+                UpstreamAuthority::from_pem_files(&cert, &key)
+                    .map_err(|e| value("ca.upstream_cert_file", e))?,
+            ),
+            _ => {
+                return Err(value(
+                    "ca.upstream_cert_file",
+                    "upstream_cert_file and upstream_key_file go together",
+                ));
+            }
+        };
+
+        let datastore = match file.datastore.backend.as_deref() {
+            None | Some("sqlite") => Datastore::Sqlite(
+                file.datastore
+                    .connection
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| data_dir.join("datastore.sqlite3")),
+            ),
+            Some("postgres") => Datastore::Postgres(
+                file.datastore
+                    .connection
+                    .ok_or_else(|| value("datastore.connection", "a PostgreSQL URL is required"))?,
+            ),
+            Some(other) => {
+                return Err(value(
+                    "datastore.backend",
+                    format!("{other:?} is not sqlite or postgres"),
+                ));
+            }
+        };
+        let key_manager = match file.key_manager.kind.as_deref() {
+            None | Some("disk") => KeyManagerKind::Disk,
+            Some("memory") => KeyManagerKind::Memory,
+            Some(other) => {
+                return Err(value(
+                    "key_manager.kind",
+                    format!("{other:?} is not disk or memory"),
+                ));
+            }
+        };
+        let join_token_ttl = duration(
+            "join_token.default_ttl",
+            file.join_token.default_ttl.as_deref(),
+            Duration::from_secs(600),
+        )?;
+        Ok(Self {
+            trust_domain,
+            data_dir,
+            admin_socket,
+            datastore,
+            key_manager,
+            ca,
+            join_token_ttl,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_errors() {
+        let c = ServerConfig::try_from(FileConfig::default()).unwrap();
+        assert_eq!(c.trust_domain.as_str(), "example.org");
+        assert_eq!(c.datastore, Datastore::Sqlite(PathBuf::from(DEFAULT_DATA_DIR).join("datastore.sqlite3")));
+        assert!(toml::from_str::<FileConfig>("nonsense = 1").is_err(), "unknown keys are refused");
+        let bad: FileConfig = toml::from_str("[ca]\nttl = \"soon\"").unwrap();
+        assert!(ServerConfig::try_from(bad).unwrap_err().to_string().starts_with("ca.ttl"));
+        let bad: FileConfig = toml::from_str("[datastore]\nbackend = \"postgres\"").unwrap();
+        assert!(ServerConfig::try_from(bad).is_err());
+        let bad: FileConfig = toml::from_str("trust_domain = \"Bad TD\"").unwrap();
+        assert!(ServerConfig::try_from(bad).is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert!(parse_duration("-1").is_err());
+    }
+}

@@ -1,0 +1,180 @@
+//! The identity server: the trust domain's CA, registration store and admin API.
+//!
+//! [`ServerState::open`] opens the store and key manager named by a [`ServerConfig`] and
+//! loads the CA; [`serve`] runs the admin API on the admin Unix socket (mode 0600, as
+//! spire-server's) and rotates the CA until shut down.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use writ_identity::{clock::SystemClock, server::{self, config::ServerConfig}};
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = ServerConfig::from_file(std::path::Path::new("server.toml"))?;
+//! let state = server::ServerState::open(config, Arc::new(SystemClock)).await?;
+//! server::serve(state, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod admin;
+pub mod config;
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::ca::{CaError, CertificateAuthority};
+use crate::clock::SharedClock;
+use crate::key_manager::{DiskKeyManager, KeyError, MemoryKeyManager, SharedKeyManager, set_mode};
+use crate::store::postgres::PostgresStore;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{SharedStore, StoreError};
+use config::{Datastore, KeyManagerKind, ServerConfig};
+
+/// How often the CA rotation state machine runs.
+pub const ROTATION_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The store could not be opened.
+    #[error("datastore: {0}")]
+    Store(#[from] StoreError),
+    /// The key manager could not be opened.
+    #[error("key manager: {0}")]
+    Key(#[from] KeyError),
+    /// The CA could not be loaded.
+    #[error("CA: {0}")]
+    Ca(#[from] CaError),
+    /// The admin socket could not be created.
+    #[error("admin socket {path}: {source}")]
+    Socket {
+        /// The socket path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("admin API: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Everything a running server holds.
+#[derive(Debug)]
+pub struct ServerState {
+    /// The validated configuration.
+    pub config: ServerConfig,
+    /// The registration store.
+    pub store: SharedStore,
+    /// The CA.
+    pub ca: Arc<CertificateAuthority>,
+    /// The clock.
+    pub clock: SharedClock,
+}
+
+impl ServerState {
+    /// Opens the store and key manager and loads (or, on first start, creates) the CA.
+    ///
+    /// # Errors
+    /// [`ServerError`] naming the part that failed.
+    pub async fn open(config: ServerConfig, clock: SharedClock) -> Result<Arc<Self>, ServerError> {
+        let store: SharedStore = match &config.datastore {
+            Datastore::Sqlite(path) => Arc::new(SqliteStore::open(path).await?),
+            Datastore::Postgres(url) => Arc::new(PostgresStore::connect(url).await?),
+        };
+        let keys: SharedKeyManager = match config.key_manager {
+            KeyManagerKind::Disk => Arc::new(DiskKeyManager::open(&config.data_dir.join("keys"))?),
+            KeyManagerKind::Memory => Arc::new(MemoryKeyManager::new()),
+        };
+        Self::with_parts(config, clock, store, keys).await
+    }
+
+    /// Builds the state from an already opened store and key manager.
+    ///
+    /// # Errors
+    /// [`ServerError::Ca`] if the CA cannot be loaded.
+    pub async fn with_parts(
+        config: ServerConfig,
+        clock: SharedClock,
+        store: SharedStore,
+        keys: SharedKeyManager,
+    ) -> Result<Arc<Self>, ServerError> {
+        let ca = CertificateAuthority::load(config.ca.clone(), clock.clone(), keys, store.clone()).await?;
+        Ok(Arc::new(Self {
+            config,
+            store,
+            ca: Arc::new(ca),
+            clock,
+        }))
+    }
+}
+
+/// Binds a Unix socket at `path` with permission bits `mode`, replacing a stale socket
+/// file and creating the parent directory (0755) if needed.
+///
+/// # Errors
+/// The I/O error, with the path.
+pub fn bind_unix_socket(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, ServerError> {
+    let err = |source| ServerError::Socket {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir).map_err(err)?;
+        set_mode(dir, 0o755).map_err(err)?;
+    }
+    if path.exists() {
+        // A socket nobody answers on is stale; a live one means another server runs.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another process is serving on this socket",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
+    set_mode(path, mode).map_err(err)?;
+    Ok(listener)
+}
+
+/// Serves the admin API on the configured socket (mode 0600) and rotates the CA every
+/// [`ROTATION_INTERVAL`] until `shutdown` completes; then removes the socket.
+///
+/// # Errors
+/// [`ServerError`] if the socket cannot be bound or the server fails.
+pub async fn serve(
+    state: Arc<ServerState>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let socket = state.config.admin_socket.clone();
+    let listener = bind_unix_socket(&socket, 0o600)?;
+    let rotation = tokio::spawn(rotation_loop(state.ca.clone()));
+    tracing::info!(
+        trust_domain = %state.config.trust_domain,
+        admin_socket = %socket.display(),
+        "identity server ready"
+    );
+    let result = tonic::transport::Server::builder()
+        .add_service(admin::AdminServer::new(admin::AdminService::new(state.clone())))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await;
+    rotation.abort();
+    let _ = std::fs::remove_file(&socket);
+    result?;
+    Ok(())
+}
+
+async fn rotation_loop(ca: Arc<CertificateAuthority>) {
+    let mut tick = tokio::time::interval(ROTATION_INTERVAL);
+    loop {
+        tick.tick().await;
+        if let Err(e) = ca.rotate().await {
+            tracing::error!(error = %e, "CA rotation failed; will retry");
+        }
+    }
+}

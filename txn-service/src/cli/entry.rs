@@ -1,0 +1,359 @@
+//! `writ entry create|list|show|update|delete`.
+
+use std::process::ExitCode;
+
+use writ_identity::proto::admin as pb;
+
+use super::{ServerSocket, parse_ttl, status};
+
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct EntryFields {
+    /// The SPIFFE ID issued to matching workloads.
+    #[arg(long)]
+    spiffe_id: Option<String>,
+    /// The agent (or entry) the workload runs under.
+    #[arg(long)]
+    parent_id: Option<String>,
+    /// A `type:value` selector; repeat for several (all must match).
+    #[arg(long = "selector")]
+    selectors: Vec<String>,
+    /// X509-SVID lifetime (e.g. 1h; default: the server's).
+    #[arg(long, value_parser = parse_ttl)]
+    x509_svid_ttl: Option<u64>,
+    /// JWT-SVID lifetime (e.g. 5m; default: the server's).
+    #[arg(long, value_parser = parse_ttl)]
+    jwt_svid_ttl: Option<u64>,
+    /// A DNS SAN for the X509-SVID; repeat for several.
+    #[arg(long = "dns-name")]
+    dns_names: Vec<String>,
+    /// A trust domain whose bundle the workload also gets; repeat for several.
+    #[arg(long = "federates-with")]
+    federates_with: Vec<String>,
+    /// Grant the workload access to the admin API.
+    #[arg(long)]
+    admin: Option<bool>,
+    /// Mark the workload as a downstream CA.
+    #[arg(long)]
+    downstream: Option<bool>,
+    /// Unix seconds after which the entry no longer applies.
+    #[arg(long)]
+    entry_expiry: Option<i64>,
+    /// A hint passed to the workload with its SVID.
+    #[arg(long)]
+    hint: Option<String>,
+    /// Longest lifetime of a sub-agent SVID this workload may spawn (e.g. 5m); unset
+    /// forbids spawning.
+    #[arg(long, value_parser = parse_ttl)]
+    spawn_max_ttl: Option<u64>,
+    /// Deepest chain of sub-agents under this workload.
+    #[arg(long)]
+    spawn_max_depth: Option<u32>,
+}
+
+impl EntryFields {
+    /// Applies the flags that were given to `entry`.
+    fn apply(self, entry: &mut pb::Entry) {
+        if let Some(v) = self.spiffe_id {
+            entry.spiffe_id = v;
+        }
+        if let Some(v) = self.parent_id {
+            entry.parent_id = v;
+        }
+        if !self.selectors.is_empty() {
+            entry.selectors = self.selectors;
+        }
+        if let Some(v) = self.x509_svid_ttl {
+            entry.x509_svid_ttl = v;
+        }
+        if let Some(v) = self.jwt_svid_ttl {
+            entry.jwt_svid_ttl = v;
+        }
+        if !self.dns_names.is_empty() {
+            entry.dns_names = self.dns_names;
+        }
+        if !self.federates_with.is_empty() {
+            entry.federates_with = self.federates_with;
+        }
+        if let Some(v) = self.admin {
+            entry.admin = v;
+        }
+        if let Some(v) = self.downstream {
+            entry.downstream = v;
+        }
+        if self.entry_expiry.is_some() {
+            entry.expires_at = self.entry_expiry;
+        }
+        if let Some(v) = self.hint {
+            entry.hint = v;
+        }
+        if self.spawn_max_ttl.is_some() {
+            entry.spawn_max_ttl = self.spawn_max_ttl;
+        }
+        if self.spawn_max_depth.is_some() {
+            entry.spawn_max_depth = self.spawn_max_depth;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, clap::ValueEnum)]
+pub(crate) enum Output {
+    /// Aligned text, as spire-server prints.
+    #[default]
+    Pretty,
+    /// One JSON document.
+    Json,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum EntryCommand {
+    /// Create a registration entry.
+    Create {
+        #[command(flatten)]
+        server: ServerSocket,
+        /// Use this entry id instead of a generated one.
+        #[arg(long)]
+        entry_id: Option<String>,
+        #[command(flatten)]
+        fields: EntryFields,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// List entries, optionally filtered.
+    List {
+        #[command(flatten)]
+        server: ServerSocket,
+        /// Only entries with this SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Only entries with this parent.
+        #[arg(long)]
+        parent_id: Option<String>,
+        /// Only entries whose selectors are all among these; repeat for several.
+        #[arg(long = "selector")]
+        selectors: Vec<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show one entry.
+    Show {
+        #[command(flatten)]
+        server: ServerSocket,
+        /// The entry id.
+        #[arg(long)]
+        entry_id: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Change an entry: the flags given replace those fields.
+    Update {
+        #[command(flatten)]
+        server: ServerSocket,
+        /// The entry id.
+        #[arg(long)]
+        entry_id: String,
+        #[command(flatten)]
+        fields: EntryFields,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Delete an entry.
+    Delete {
+        #[command(flatten)]
+        server: ServerSocket,
+        /// The entry id.
+        #[arg(long)]
+        entry_id: String,
+    },
+}
+
+pub(crate) async fn run(cmd: EntryCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        EntryCommand::Create {
+            server,
+            entry_id,
+            fields,
+            output,
+        } => {
+            let mut entry = pb::Entry {
+                id: entry_id.unwrap_or_default(),
+                ..pb::Entry::default()
+            };
+            if fields.spiffe_id.is_none() {
+                anyhow::bail!("--spiffe-id is required");
+            }
+            if fields.parent_id.is_none() {
+                anyhow::bail!("--parent-id is required");
+            }
+            if fields.selectors.is_empty() {
+                anyhow::bail!("at least one --selector is required");
+            }
+            fields.apply(&mut entry);
+            let created = server
+                .connect()
+                .await?
+                .create_entry(pb::CreateEntryRequest { entry: Some(entry) })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_entries(&[created], output);
+        }
+        EntryCommand::List {
+            server,
+            spiffe_id,
+            parent_id,
+            selectors,
+            output,
+        } => {
+            let entries = server
+                .connect()
+                .await?
+                .list_entries(pb::ListEntriesRequest {
+                    spiffe_id: spiffe_id.unwrap_or_default(),
+                    parent_id: parent_id.unwrap_or_default(),
+                    selectors,
+                })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .entries;
+            if matches!(output, Output::Pretty) {
+                println!("Found {} entr{}", entries.len(), if entries.len() == 1 { "y" } else { "ies" });
+            }
+            print_entries(&entries, output);
+        }
+        EntryCommand::Show {
+            server,
+            entry_id,
+            output,
+        } => {
+            let entry = server
+                .connect()
+                .await?
+                .get_entry(pb::GetEntryRequest { id: entry_id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_entries(&[entry], output);
+        }
+        EntryCommand::Update {
+            server,
+            entry_id,
+            fields,
+            output,
+        } => {
+            let mut client = server.connect().await?;
+            let mut entry = client
+                .get_entry(pb::GetEntryRequest { id: entry_id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            fields.apply(&mut entry);
+            let updated = client
+                .update_entry(pb::UpdateEntryRequest { entry: Some(entry) })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_entries(&[updated], output);
+        }
+        EntryCommand::Delete { server, entry_id } => {
+            let deleted = server
+                .connect()
+                .await?
+                .delete_entry(pb::DeleteEntryRequest { id: entry_id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("Deleted entry {}", deleted.id);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_entries(entries: &[pb::Entry], output: Output) {
+    match output {
+        Output::Json => {
+            let list: Vec<serde_json::Value> = entries.iter().map(entry_json).collect();
+            let doc = if let [one] = list.as_slice() {
+                one.clone()
+            } else {
+                serde_json::Value::Array(list)
+            };
+            println!("{doc:#}");
+        }
+        Output::Pretty => {
+            for e in entries {
+                println!();
+                print_entry(e);
+            }
+        }
+    }
+}
+
+fn ttl_text(secs: u64) -> String {
+    if secs == 0 {
+        "default".into()
+    } else {
+        format!("{secs}s")
+    }
+}
+
+fn print_entry(e: &pb::Entry) {
+    println!("Entry ID         : {}", e.id);
+    println!("SPIFFE ID        : {}", e.spiffe_id);
+    println!("Parent ID        : {}", e.parent_id);
+    println!("Revision         : {}", e.revision);
+    println!("X509-SVID TTL    : {}", ttl_text(e.x509_svid_ttl));
+    println!("JWT-SVID TTL     : {}", ttl_text(e.jwt_svid_ttl));
+    for s in &e.selectors {
+        println!("Selector         : {s}");
+    }
+    for d in &e.dns_names {
+        println!("DNS name         : {d}");
+    }
+    for f in &e.federates_with {
+        println!("FederatesWith    : {f}");
+    }
+    if let Some(t) = e.expires_at {
+        println!("Entry Expiry     : {t}");
+    }
+    if e.admin {
+        println!("Admin            : true");
+    }
+    if e.downstream {
+        println!("Downstream       : true");
+    }
+    if !e.hint.is_empty() {
+        println!("Hint             : {}", e.hint);
+    }
+    if let Some(t) = e.spawn_max_ttl {
+        println!("Spawn max TTL    : {t}s");
+    }
+    if let Some(d) = e.spawn_max_depth {
+        println!("Spawn max depth  : {d}");
+    }
+}
+
+fn entry_json(e: &pb::Entry) -> serde_json::Value {
+    serde_json::json!({
+        "id": e.id,
+        "spiffe_id": e.spiffe_id,
+        "parent_id": e.parent_id,
+        "selectors": e.selectors,
+        "x509_svid_ttl": e.x509_svid_ttl,
+        "jwt_svid_ttl": e.jwt_svid_ttl,
+        "dns_names": e.dns_names,
+        "federates_with": e.federates_with,
+        "admin": e.admin,
+        "downstream": e.downstream,
+        "expires_at": e.expires_at,
+        "hint": e.hint,
+        "revision": e.revision,
+        "created_at": e.created_at,
+        "spawn_max_ttl": e.spawn_max_ttl,
+        "spawn_max_depth": e.spawn_max_depth,
+    })
+}

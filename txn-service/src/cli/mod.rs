@@ -1,0 +1,146 @@
+//! The `writ` command line. Verbs follow what SPIRE users already type, in kebab-case
+//! flags: `writ server run`, `writ entry create|list|show|update|delete`,
+//! `writ token generate`, `writ bundle show`, `writ x509 mint`, `writ jwt mint`,
+//! `writ healthcheck`.
+
+mod bundle;
+mod entry;
+mod server;
+mod svid;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use writ_identity::server::admin::{self, AdminClient};
+use writ_identity::server::config::DEFAULT_ADMIN_SOCKET;
+
+/// Writ: attested workload identity and transaction tokens for AI agents.
+#[derive(Debug, Parser)]
+#[command(name = "writ", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the identity server.
+    #[command(subcommand)]
+    Server(server::ServerCommand),
+    /// Manage registration entries.
+    #[command(subcommand)]
+    Entry(entry::EntryCommand),
+    /// Node attestation join tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The trust bundle.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
+    /// Mint X509-SVIDs from the server.
+    #[command(subcommand)]
+    X509(svid::X509Command),
+    /// Mint JWT-SVIDs from the server.
+    #[command(subcommand)]
+    Jwt(svid::JwtCommand),
+    /// Check that the server answers.
+    Healthcheck {
+        #[command(flatten)]
+        server: ServerSocket,
+        /// Print nothing on success.
+        #[arg(long)]
+        shallow: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Generate a single-use join token for `writ agent run --join-token`.
+    Generate {
+        #[command(flatten)]
+        server: ServerSocket,
+        /// Lifetime, e.g. 10m (default: the server's, 10m).
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<u64>,
+    },
+}
+
+/// The admin socket flag every server command takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerSocket {
+    /// Path of the server's admin socket.
+    #[arg(long = "server-socket", env = "WRIT_SERVER_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+    path: PathBuf,
+}
+
+impl ServerSocket {
+    async fn connect(&self) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
+        admin::connect(&self.path)
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.path.display()))
+    }
+}
+
+/// Parses a TTL flag (`90`, `90s`, `5m`, `1h`) into seconds.
+fn parse_ttl(text: &str) -> Result<u64, String> {
+    let d = writ_identity::server::config::parse_duration(text)?;
+    if d.as_secs() == 0 {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d.as_secs())
+}
+
+/// Turns a gRPC status into a one-line error.
+fn status(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", e.message())
+}
+
+/// Runs a parsed command line.
+///
+/// # Errors
+/// Whatever the command failed with, for `main` to print on one line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // One crypto backend, installed explicitly as a guard against a second one.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Server(cmd) => server::run(cmd).await,
+            Command::Entry(cmd) => entry::run(cmd).await,
+            Command::Bundle(cmd) => bundle::run(cmd).await,
+            Command::X509(cmd) => svid::run_x509(cmd).await,
+            Command::Jwt(cmd) => svid::run_jwt(cmd).await,
+            Command::Token(TokenCommand::Generate { server, ttl }) => {
+                let mut client = server.connect().await?;
+                let token = client
+                    .generate_join_token(writ_identity::proto::admin::GenerateJoinTokenRequest {
+                        ttl: ttl.unwrap_or(0),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                println!("Token: {}", token.token);
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Healthcheck { server, shallow } => {
+                let mut client = server.connect().await?;
+                let health = client
+                    .health(writ_identity::proto::admin::HealthRequest {})
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                if !shallow {
+                    println!(
+                        "Server is healthy (trust domain {}, {} entries, bundle sequence {}).",
+                        health.trust_domain, health.entries, health.bundle_sequence
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    })
+}

@@ -1,0 +1,100 @@
+//! `writ server run`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use writ_identity::clock::SystemClock;
+use writ_identity::server::config::{FileConfig, ServerConfig};
+use writ_identity::server::{self, ServerState};
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum ServerCommand {
+    /// Run the identity server (CA, registration store, admin API) until Ctrl-C.
+    Run {
+        /// Path to server.toml (defaults apply to everything it leaves out).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Overrides `data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Overrides `trust_domain`.
+        #[arg(long)]
+        trust_domain: Option<String>,
+        /// Overrides `admin_socket`.
+        #[arg(long = "server-socket", env = "WRIT_SERVER_SOCKET")]
+        admin_socket: Option<PathBuf>,
+        /// Log filter (`info`, `debug`, `writ_identity=debug`, ...).
+        #[arg(long, env = "WRIT_LOG", default_value = "info")]
+        log_level: String,
+    },
+}
+
+pub(crate) async fn run(cmd: ServerCommand) -> anyhow::Result<ExitCode> {
+    let ServerCommand::Run {
+        config,
+        data_dir,
+        trust_domain,
+        admin_socket,
+        log_level,
+    } = cmd;
+    init_logging(&log_level);
+    let mut file = match &config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            toml::from_str::<FileConfig>(&text).with_context(|| format!("{}", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    if data_dir.is_some() {
+        file.data_dir = data_dir;
+    }
+    if trust_domain.is_some() {
+        file.trust_domain = trust_domain;
+    }
+    if admin_socket.is_some() {
+        file.admin_socket = admin_socket;
+    }
+    let config = ServerConfig::try_from(file)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let state = ServerState::open(config, Arc::new(SystemClock)).await?;
+    eprintln!(
+        "writ server: trust domain {}, admin socket {}, data dir {}",
+        state.config.trust_domain,
+        state.config.admin_socket.display(),
+        state.config.data_dir.display()
+    );
+    server::serve(state, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,132 @@
+//! `writ x509 mint` and `writ jwt mint`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use writ_identity::key_manager::{set_mode, write_secret_file};
+use writ_identity::proto::admin as pb;
+
+use super::{ServerSocket, parse_ttl, status};
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum X509Command {
+    /// Mint an X509-SVID (the server generates the key).
+    Mint {
+        #[command(flatten)]
+        server: ServerSocket,
+        /// The SPIFFE ID to put in the SVID.
+        #[arg(long)]
+        spiffe_id: String,
+        /// Lifetime (e.g. 1h; default: the server's).
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<u64>,
+        /// A DNS SAN; repeat for several.
+        #[arg(long = "dns-name")]
+        dns_names: Vec<String>,
+        /// Write svid.pem, key.pem (0600) and bundle.pem into this directory instead of
+        /// printing them.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum JwtCommand {
+    /// Mint a JWT-SVID.
+    Mint {
+        #[command(flatten)]
+        server: ServerSocket,
+        /// The SPIFFE ID (the token's `sub`).
+        #[arg(long)]
+        spiffe_id: String,
+        /// An audience; repeat for several.
+        #[arg(long = "audience", required = true)]
+        audience: Vec<String>,
+        /// Lifetime (e.g. 5m; default: the server's).
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<u64>,
+    },
+}
+
+fn pem_blocks(tag: &str, ders: &[Vec<u8>]) -> String {
+    ders.iter()
+        .map(|d| pem::encode(&pem::Pem::new(tag, d.clone())))
+        .collect()
+}
+
+pub(crate) async fn run_x509(cmd: X509Command) -> anyhow::Result<ExitCode> {
+    let X509Command::Mint {
+        server,
+        spiffe_id,
+        ttl,
+        dns_names,
+        write,
+    } = cmd;
+    let minted = server
+        .connect()
+        .await?
+        .mint_x509_svid(pb::MintX509SvidRequest {
+            spiffe_id,
+            ttl: ttl.unwrap_or(0),
+            dns_names,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let svid = pem_blocks("CERTIFICATE", &minted.cert_chain);
+    let bundle = pem_blocks("CERTIFICATE", &minted.bundle);
+    let key = zeroize::Zeroizing::new(pem::encode(&pem::Pem::new(
+        "PRIVATE KEY",
+        minted.private_key,
+    )));
+    match write {
+        Some(dir) => {
+            write_files(&dir, &svid, &key, &bundle)?;
+            println!("X509-SVID written to {}", dir.join("svid.pem").display());
+            println!("Private key written to {}", dir.join("key.pem").display());
+            println!("Root CAs written to {}", dir.join("bundle.pem").display());
+        }
+        None => {
+            println!("X509-SVID:\n{svid}");
+            println!("Private key:\n{}", key.as_str());
+            println!("Root CAs:\n{bundle}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_files(dir: &Path, svid: &str, key: &str, bundle: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let public = |name: &str, text: &str| -> anyhow::Result<()> {
+        let path = dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        set_mode(&path, 0o644).with_context(|| format!("cannot chmod {}", path.display()))
+    };
+    public("svid.pem", svid)?;
+    public("bundle.pem", bundle)?;
+    write_secret_file(&dir.join("key.pem"), key.as_bytes())?;
+    Ok(())
+}
+
+pub(crate) async fn run_jwt(cmd: JwtCommand) -> anyhow::Result<ExitCode> {
+    let JwtCommand::Mint {
+        server,
+        spiffe_id,
+        audience,
+        ttl,
+    } = cmd;
+    let minted = server
+        .connect()
+        .await?
+        .mint_jwt_svid(pb::MintJwtSvidRequest {
+            spiffe_id,
+            audience,
+            ttl: ttl.unwrap_or(0),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    println!("{}", minted.token);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,5 @@
+//! The Writ transaction token service (arriving in a later release) and the `writ`
+//! command-line tool that starts and administers every part of Writ.
+#![forbid(unsafe_code)]
+
+pub mod cli;

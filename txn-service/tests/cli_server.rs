@@ -1,0 +1,336 @@
+//! `writ server run` and its CLI, end to end, as a user would drive them: real processes,
+//! a real SQLite store on disk, OpenSSL, the Rust `spiffe` crate and josekit as
+//! independent checkers.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const WRIT: &str = env!("CARGO_BIN_EXE_writ");
+
+/// A `writ server run` child process on a temp data dir, killed on drop.
+struct Server {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let child = Self::spawn(dir.path());
+        let server = Self { child, dir };
+        server.wait_ready();
+        server
+    }
+
+    fn spawn(dir: &Path) -> Child {
+        Command::new(WRIT)
+            .args(["server", "run", "--data-dir"])
+            .arg(dir.join("data"))
+            .arg("--server-socket")
+            .arg(dir.join("server.sock"))
+            .env_remove("WRIT_SERVER_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("server.sock")
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.socket().exists() && self.writ(&["healthcheck", "--shallow"]).status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("server did not become ready");
+    }
+
+    fn restart(&mut self) {
+        // SIGTERM, as systemd would send, then start again on the same data dir.
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+        self.child = Self::spawn(self.dir.path());
+        self.wait_ready();
+    }
+
+    fn writ(&self, args: &[&str]) -> Output {
+        Command::new(WRIT)
+            .args(args)
+            .env("WRIT_SERVER_SOCKET", self.socket())
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.writ(args);
+        assert!(
+            out.status.success(),
+            "writ {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs a command that must fail; returns its one-line stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.writ(args);
+        assert!(!out.status.success(), "writ {args:?} should have failed");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.trim_end().lines().count(), 1, "one-line reason, got {err:?}");
+        assert!(err.starts_with("error: "), "got {err:?}");
+        err
+    }
+
+    fn entry_count(&self) -> usize {
+        let list: serde_json::Value = serde_json::from_str(&self.ok(&["entry", "list", "--output", "json"])).unwrap();
+        match list {
+            serde_json::Value::Array(a) => a.len(),
+            serde_json::Value::Object(_) => 1,
+            _ => panic!("unexpected list output"),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn openssl(args: &[&str]) -> String {
+    let out = Command::new("openssl").args(args).output().expect("openssl is installed");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn minted_x509_svid_passes_openssl() {
+    let server = Server::start();
+    let out = server.dir.path().join("svid");
+    server.ok(&[
+        "x509", "mint", "--spiffe-id", "spiffe://example.org/agents/planner", "--write", out.to_str().unwrap(),
+    ]);
+    let (svid, bundle, key) = (out.join("svid.pem"), out.join("bundle.pem"), out.join("key.pem"));
+    let verify = openssl(&["verify", "-CAfile", bundle.to_str().unwrap(), svid.to_str().unwrap()]);
+    assert!(verify.trim_end().ends_with(": OK"), "{verify}");
+
+    let text = openssl(&["x509", "-in", svid.to_str().unwrap(), "-noout", "-text"]);
+    assert_eq!(text.matches("URI:").count(), 1, "exactly one URI SAN:\n{text}");
+    assert!(text.contains("URI:spiffe://example.org/agents/planner"));
+    assert!(text.contains("CA:FALSE"));
+    assert!(text.contains("X509v3 Key Usage: critical"));
+    let ku = text.split("X509v3 Key Usage: critical").nth(1).unwrap().lines().nth(1).unwrap();
+    assert_eq!(ku.trim(), "Digital Signature");
+    assert!(text.contains("TLS Web Server Authentication, TLS Web Client Authentication"));
+
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    // The key matches the certificate.
+    let cert_pub = openssl(&["x509", "-in", svid.to_str().unwrap(), "-noout", "-pubkey"]);
+    let key_pub = openssl(&["pkey", "-in", key.to_str().unwrap(), "-pubout"]);
+    assert_eq!(cert_pub, key_pub);
+}
+
+#[test]
+fn rust_spiffe_and_josekit_accept_minted_svids() {
+    let server = Server::start();
+    let out = server.dir.path().join("svid");
+    server.ok(&["x509", "mint", "--spiffe-id", "spiffe://example.org/w", "--write", out.to_str().unwrap()]);
+    let chain: Vec<u8> = pem::parse_many(std::fs::read(out.join("svid.pem")).unwrap())
+        .unwrap()
+        .into_iter()
+        .flat_map(|p| p.into_contents())
+        .collect();
+    let key = pem::parse(std::fs::read(out.join("key.pem")).unwrap()).unwrap().into_contents();
+    let svid = spiffe::X509Svid::parse_from_der(&chain, &key).expect("rust-spiffe accepts the X509-SVID");
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/w");
+
+    let token = server.ok(&["jwt", "mint", "--spiffe-id", "spiffe://example.org/w", "--audience", "tool-server"]);
+    let token = token.trim();
+    let bundle: serde_json::Value = serde_json::from_str(&server.ok(&["bundle", "show", "--format", "spiffe"])).unwrap();
+    // The JWT part of the SPIFFE bundle, as a JWKS.
+    let jwt_keys: Vec<serde_json::Value> = bundle["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["use"] == "jwt-svid")
+        .cloned()
+        .collect();
+    assert!(!jwt_keys.is_empty());
+    let jwks = serde_json::json!({ "keys": jwt_keys }).to_string();
+    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    let mut set = spiffe::JwtBundleSet::new();
+    set.add_bundle(spiffe::JwtBundle::from_jwt_authorities(td, jwks.as_bytes()).unwrap());
+    let jwt = spiffe::JwtSvid::parse_and_validate(token, &set, &["tool-server"]).expect("rust-spiffe validates");
+    assert_eq!(jwt.spiffe_id().to_string(), "spiffe://example.org/w");
+    assert!(spiffe::JwtSvid::parse_and_validate(token, &set, &["someone-else"]).is_err());
+
+    // josekit (OpenSSL) verifies the signature on its own.
+    let jwk_value = &jwt_keys[0];
+    let mut jwk_map = jwk_value.as_object().unwrap().clone();
+    jwk_map.remove("use");
+    let jwk = josekit::jwk::Jwk::from_map(jwk_map).unwrap();
+    let verifier = josekit::jws::ES256.verifier_from_jwk(&jwk).unwrap();
+    let (payload, header) = josekit::jwt::decode_with_verifier(token, &verifier).expect("josekit verifies");
+    assert_eq!(header.token_type(), Some("JWT"));
+    assert_eq!(payload.subject(), Some("spiffe://example.org/w"));
+    assert!(header.key_id().is_some());
+}
+
+#[test]
+fn entries_ca_and_jwt_keys_survive_restart() {
+    let mut server = Server::start();
+    let created: serde_json::Value = serde_json::from_str(&server.ok(&[
+        "entry", "create", "--spiffe-id", "spiffe://example.org/agents/planner", "--parent-id",
+        "spiffe://example.org/writ/agent/dev", "--selector", "unix:uid:1000", "--selector", "unix:user:alice",
+        "--x509-svid-ttl", "10m", "--spawn-max-ttl", "5m", "--spawn-max-depth", "2", "--output", "json",
+    ]))
+    .unwrap();
+    let entry_id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(created["revision"], 1);
+    assert_eq!(created["x509_svid_ttl"], 600);
+    let bundle = server.ok(&["bundle", "show", "--format", "spiffe"]);
+    let token = server.ok(&["jwt", "mint", "--spiffe-id", "spiffe://example.org/w", "--audience", "a"]);
+
+    server.restart();
+
+    let shown: serde_json::Value =
+        serde_json::from_str(&server.ok(&["entry", "show", "--entry-id", &entry_id, "--output", "json"])).unwrap();
+    assert_eq!(shown, created);
+    assert_eq!(server.ok(&["bundle", "show", "--format", "spiffe"]), bundle, "same CA and JWT keys");
+    let td = TrustDomainBundle::from_json(&bundle);
+    td.validate_jwt(token.trim(), "a");
+
+    // update bumps the revision and keeps what was not given.
+    let updated: serde_json::Value = serde_json::from_str(&server.ok(&[
+        "entry", "update", "--entry-id", &entry_id, "--hint", "planner", "--output", "json",
+    ]))
+    .unwrap();
+    assert_eq!(updated["revision"], 2);
+    assert_eq!(updated["hint"], "planner");
+    assert_eq!(updated["selectors"], created["selectors"]);
+    server.ok(&["entry", "delete", "--entry-id", &entry_id]);
+    assert_eq!(server.entry_count(), 0);
+}
+
+/// Validation of a JWT-SVID with Writ's own validator, from the printed bundle.
+struct TrustDomainBundle(writ_identity::bundle::BundleSet);
+
+impl TrustDomainBundle {
+    fn from_json(json: &str) -> Self {
+        let td = writ_identity::spiffe_id::TrustDomain::new("example.org").unwrap();
+        Self(writ_identity::bundle::BundleSet::of(
+            writ_identity::bundle::Bundle::from_json(td, json).unwrap(),
+        ))
+    }
+
+    fn validate_jwt(&self, token: &str, aud: &str) {
+        writ_identity::svid::jwt::validate(token, &[aud], &self.0, std::time::SystemTime::now()).unwrap();
+    }
+}
+
+#[test]
+fn bad_input_gives_one_line_and_stores_nothing() {
+    let server = Server::start();
+    let base = [
+        "entry", "create", "--spiffe-id", "spiffe://example.org/w", "--parent-id", "spiffe://example.org/agent",
+        "--selector", "unix:uid:1",
+    ];
+    server.ok(&base);
+    assert_eq!(server.entry_count(), 1);
+
+    let err = server.fails(&base);
+    assert!(err.contains("already exists"), "{err}");
+    let bad_cases: &[(&[&str], &str)] = &[
+        (&["--spiffe-id", "spiffe://Example.org/w"], "trust domain"),
+        (&["--spiffe-id", "spiffe://example.org/a/../b"], "dot segments"),
+        (&["--spiffe-id", "https://example.org/w"], "scheme"),
+        (&["--spiffe-id", "spiffe://other.org/w"], "not in trust domain"),
+        (&["--parent-id", "spiffe://example.org/"], "trailing slash"),
+        (&["--selector", "nocolon"], "type:value"),
+        (&["--selector", "unix:"], "value is empty"),
+        (&["--x509-svid-ttl", "soon"], "duration"),
+        (&["--x509-svid-ttl", "9999h"], "at most"),
+        (&["--dns-name", "bad_name!"], "DNS"),
+        (&["--spawn-max-depth", "0"], "spawn_max_depth"),
+    ];
+    for (change, expect) in bad_cases {
+        let mut args: Vec<&str> = vec![
+            "entry", "create", "--spiffe-id", "spiffe://example.org/x", "--parent-id", "spiffe://example.org/agent",
+            "--selector", "unix:uid:2",
+        ];
+        // Replace the flag's value if present, else add it.
+        let (flag, value) = (change[0], change[1]);
+        if let Some(i) = args.iter().position(|a| *a == flag) {
+            args[i + 1] = value;
+        } else {
+            args.extend_from_slice(change);
+        }
+        let err = server.fails(&args);
+        assert!(err.contains(expect), "for {change:?} expected {expect:?} in {err:?}");
+    }
+    assert_eq!(server.entry_count(), 1, "nothing stored by any failed command");
+
+    let err = server.fails(&["x509", "mint", "--spiffe-id", "not-an-id"]);
+    assert!(err.contains("scheme"), "{err}");
+    let err = server.fails(&["jwt", "mint", "--spiffe-id", "spiffe://example.org/w", "--audience", ""]);
+    assert!(err.contains("audience"), "{err}");
+    let err = server.fails(&["entry", "show", "--entry-id", "no-such-entry"]);
+    assert!(err.contains("not found"), "{err}");
+    let err = server.fails(&["entry", "show", "--entry-id", "../../etc"]);
+    assert!(err.contains("id"), "{err}");
+}
+
+#[test]
+fn every_command_has_help_and_unreachable_server_is_one_line() {
+    for cmd in [
+        vec!["--help"],
+        vec!["server", "run", "--help"],
+        vec!["entry", "create", "--help"],
+        vec!["entry", "list", "--help"],
+        vec!["entry", "show", "--help"],
+        vec!["entry", "update", "--help"],
+        vec!["entry", "delete", "--help"],
+        vec!["token", "generate", "--help"],
+        vec!["bundle", "show", "--help"],
+        vec!["x509", "mint", "--help"],
+        vec!["jwt", "mint", "--help"],
+        vec!["healthcheck", "--help"],
+    ] {
+        let out = Command::new(WRIT).args(&cmd).output().unwrap();
+        assert!(out.status.success(), "{cmd:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage:"), "{cmd:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(WRIT)
+        .args(["healthcheck", "--server-socket"])
+        .arg(dir.path().join("nothing.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.starts_with("error: cannot reach the server"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1);
+}
+
+#[test]
+fn join_tokens_are_generated_and_stored_hashed() {
+    let server = Server::start();
+    let out = server.ok(&["token", "generate", "--ttl", "5m"]);
+    let token = out.trim().strip_prefix("Token: ").unwrap();
+    assert_eq!(token.len(), 36);
+    // The token text is nowhere in the database file.
+    let db = std::fs::read(server.dir.path().join("data/datastore.sqlite3")).unwrap();
+    let wal = std::fs::read(server.dir.path().join("data/datastore.sqlite3-wal")).unwrap_or_default();
+    let needle = token.as_bytes();
+    assert!(!db.windows(needle.len()).any(|w| w == needle));
+    assert!(!wal.windows(needle.len()).any(|w| w == needle));
+    server.fails(&["token", "generate", "--ttl", "9999h"]);
+}
