@@ -2,6 +2,14 @@
 //! --bench identity`): X509-SVID issuance (key generation + signing), X509-SVID signing
 //! of a given public key, JWT-SVID signing and validation, X509-SVID validation.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code: a failed setup step should abort the test loudly"
+)]
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,7 +52,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             CaConfig::new(td.clone()),
             Arc::new(SystemClock),
             Arc::new(MemoryKeyManager::new()),
-            Arc::new(SqliteStore::open_in_memory().await?),
+            Arc::new(SqliteStore::open_in_memory().await.map_err(|e| e.to_string())?),
         )
         .await
         .map_err(|e| e.to_string())

@@ -3,7 +3,8 @@
 //! `spiffe_refresh_hint`) and as PEM.
 //!
 //! Rules (SPIFFE Trust Domain and Bundle standard):
-//! - `use: x509-svid` keys carry exactly one certificate in `x5c` and no `kid`;
+//! - `use: x509-svid` keys carry exactly one certificate in `x5c` and are written without
+//!   a `kid` (a `kid` on input is ignored, as go-spiffe does);
 //! - `use: jwt-svid` keys carry a `kid`;
 //! - keys with an unknown `use` or `kty` are ignored, not errors;
 //! - a document with a duplicate JSON member name anywhere is refused.
@@ -239,11 +240,20 @@ impl Bundle {
     }
 
     /// Adds an X.509 authority (DER); bumps the sequence unless it was already present.
-    pub fn add_x509_authority(&mut self, der: Vec<u8>) {
+    ///
+    /// # Errors
+    /// [`BundleError::Certificate`] if `der` is not one X.509 certificate; the bundle is
+    /// left unchanged, so whatever the mutators build, the codec reads back.
+    pub fn add_x509_authority(&mut self, der: Vec<u8>) -> Result<(), BundleError> {
+        check_certificate(&der).map_err(|detail| BundleError::Certificate {
+            index: self.x509_authorities.len(),
+            detail,
+        })?;
         if !self.x509_authorities.contains(&der) {
             self.x509_authorities.push(der);
             self.bump();
         }
+        Ok(())
     }
 
     /// Removes an X.509 authority; bumps the sequence if it was present.
@@ -256,11 +266,25 @@ impl Bundle {
     }
 
     /// Adds or replaces a JWT authority; bumps the sequence if anything changed.
-    pub fn put_jwt_authority(&mut self, kid: String, key: Jwk) {
+    ///
+    /// # Errors
+    /// [`BundleError::MissingKid`] for an empty key id, [`BundleError::Jwk`] for a key
+    /// that is not a supported public key; the bundle is left unchanged.
+    pub fn put_jwt_authority(&mut self, kid: String, key: Jwk) -> Result<(), BundleError> {
+        if kid.is_empty() {
+            return Err(BundleError::MissingKid {
+                index: self.jwt_authorities.len(),
+            });
+        }
+        key.check().map_err(|detail| BundleError::Jwk {
+            kid: kid.clone(),
+            detail,
+        })?;
         if self.jwt_authorities.get(&kid) != Some(&key) {
             self.jwt_authorities.insert(kid, key);
             self.bump();
         }
+        Ok(())
     }
 
     /// Removes a JWT authority; bumps the sequence if it was present.
@@ -431,9 +455,12 @@ impl Bundle {
                     block.tag()
                 )));
             }
-            check_certificate(block.contents())
-                .map_err(|detail| BundleError::Certificate { index, detail })?;
-            bundle.add_x509_authority(block.into_contents());
+            bundle
+                .add_x509_authority(block.into_contents())
+                .map_err(|e| match e {
+                    BundleError::Certificate { detail, .. } => BundleError::Certificate { index, detail },
+                    other => other,
+                })?;
         }
         Ok(bundle)
     }
@@ -487,7 +514,7 @@ impl BundleSet {
 
 fn check_certificate(der: &[u8]) -> Result<(), String> {
     match x509_parser::parse_x509_certificate(der) {
-        Ok((rest, _)) if rest.is_empty() => Ok(()),
+        Ok(([], _)) => Ok(()),
         Ok(_) => Err("trailing bytes after certificate".into()),
         Err(e) => Err(e.to_string()),
     }
@@ -652,9 +679,9 @@ mod tests {
     fn mutations_bump_sequence() {
         let mut b = Bundle::new(td());
         let jwk = Jwk::ec_p256(&[1; 32], &[2; 32]);
-        b.put_jwt_authority("k".into(), jwk.clone());
+        b.put_jwt_authority("k".into(), jwk.clone()).unwrap();
         assert_eq!(b.sequence(), 1);
-        b.put_jwt_authority("k".into(), jwk);
+        b.put_jwt_authority("k".into(), jwk).unwrap();
         assert_eq!(b.sequence(), 1, "no change, no bump");
         b.remove_jwt_authority("k");
         assert_eq!(b.sequence(), 2);

@@ -308,8 +308,10 @@ impl CertificateAuthority {
         let td_id = config.trust_domain.id_string();
         let mut bundle = Bundle::new(config.trust_domain.clone());
         if let Some(stored) = store.fetch_bundle(&td_id).await? {
-            if let Ok(b) = Bundle::from_json(config.trust_domain.clone(), &stored.document) {
-                bundle = b;
+            // Only the sequence is carried over; the content is rebuilt from the journal.
+            match Bundle::from_json(config.trust_domain.clone(), &stored.document) {
+                Ok(b) => bundle = b,
+                Err(e) => tracing::warn!(error = %e, "stored bundle is unreadable; rebuilding it"),
             }
         }
         let mut slots = Vec::new();
@@ -594,25 +596,33 @@ impl CertificateAuthority {
         match &self.config.upstream {
             Some(up) => {
                 if let Some(root) = up.root() {
-                    bundle.add_x509_authority(root.clone());
+                    self.add_authority(&mut bundle, root.clone());
                 }
             }
             None => {
                 for slot in ordered.iter().filter(|s| s.record.kind == SlotKind::X509) {
                     if let Some(cert) = slot.chain.first() {
-                        bundle.add_x509_authority(cert.clone());
+                        self.add_authority(&mut bundle, cert.clone());
                     }
                 }
             }
         }
         for slot in ordered.iter().filter(|s| s.record.kind == SlotKind::Jwt) {
             if let Some(jwk) = slot.jwk() {
-                bundle.put_jwt_authority(slot.record.id.clone(), jwk);
+                if let Err(e) = bundle.put_jwt_authority(slot.record.id.clone(), jwk) {
+                    tracing::error!(slot = %slot.record.id, error = %e, "JWT key left out of the bundle");
+                }
             }
         }
         bundle.set_refresh_hint(self.config.refresh_hint.map(|d| d.as_secs()));
         bundle.set_sequence(previous.sequence());
         bundle
+    }
+
+    fn add_authority(&self, bundle: &mut Bundle, der: Vec<u8>) {
+        if let Err(e) = bundle.add_x509_authority(der) {
+            tracing::error!(error = %e, "CA certificate left out of the bundle");
+        }
     }
 
     fn check_trust_domain(&self, id: &SpiffeId) -> Result<(), CaError> {

@@ -2,6 +2,14 @@
 //! a real SQLite store on disk, OpenSSL, the Rust `spiffe` crate and josekit as
 //! independent checkers.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code: a failed setup step should abort the test loudly"
+)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -339,6 +339,16 @@ mod tests {
     }
 
     #[test]
+    fn example_config_loads_through_the_real_loader() {
+        let text = include_str!("../../../examples/config/server.toml");
+        let c = ServerConfig::try_from(toml::from_str::<FileConfig>(text).unwrap()).unwrap();
+        assert_eq!(c.trust_domain.as_str(), "example.org");
+        assert_eq!(c.ca.ca_ttl, Duration::from_secs(86_400));
+        assert_eq!(c.key_manager, KeyManagerKind::Disk);
+        assert_eq!(c.join_token_ttl, Duration::from_secs(600));
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
