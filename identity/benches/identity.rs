@@ -45,14 +45,20 @@ fn measure(name: &str, mut op: impl FnMut()) {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let td = TrustDomain::new("example.org")?;
     let ca = rt.block_on(async {
         CertificateAuthority::load(
             CaConfig::new(td.clone()),
             Arc::new(SystemClock),
             Arc::new(MemoryKeyManager::new()),
-            Arc::new(SqliteStore::open_in_memory().await.map_err(|e| e.to_string())?),
+            Arc::new(
+                SqliteStore::open_in_memory()
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ),
         )
         .await
         .map_err(|e| e.to_string())
@@ -79,7 +85,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let (token, _) = ca.sign_jwt_svid(&id, &aud, None)?;
     measure("JWT-SVID validate (ES256)", || {
-        black_box(jwt::validate(&token, &["tool-server"], &bundles, std::time::SystemTime::now()).ok());
+        black_box(
+            jwt::validate(
+                &token,
+                &["tool-server"],
+                &bundles,
+                std::time::SystemTime::now(),
+            )
+            .ok(),
+        );
     });
     Ok(())
 }

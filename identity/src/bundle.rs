@@ -151,7 +151,11 @@ impl Jwk {
         };
         match (self.kty.as_str(), self.crv.as_deref()) {
             ("EC", Some("P-256")) | ("EC", Some("P-384")) => {
-                let want = if self.crv.as_deref() == Some("P-256") { 32 } else { 48 };
+                let want = if self.crv.as_deref() == Some("P-256") {
+                    32
+                } else {
+                    48
+                };
                 if b64(&self.x, "x")?.len() != want || b64(&self.y, "y")?.len() != want {
                     return Err("wrong coordinate length".into());
                 }
@@ -359,7 +363,10 @@ impl Bundle {
         };
         let refresh_hint = match doc.get("spiffe_refresh_hint") {
             None => None,
-            Some(v) => Some(v.as_u64().ok_or(BundleError::Member("spiffe_refresh_hint"))?),
+            Some(v) => Some(
+                v.as_u64()
+                    .ok_or(BundleError::Member("spiffe_refresh_hint"))?,
+            ),
         };
         let mut bundle = Bundle {
             trust_domain,
@@ -383,7 +390,8 @@ impl Bundle {
                         index,
                         detail: "x5c is not base64".into(),
                     })?;
-                    check_certificate(&der).map_err(|detail| BundleError::Certificate { index, detail })?;
+                    check_certificate(&der)
+                        .map_err(|detail| BundleError::Certificate { index, detail })?;
                     if !bundle.x509_authorities.contains(&der) {
                         bundle.x509_authorities.push(der);
                     }
@@ -399,12 +407,13 @@ impl Bundle {
                         .filter(|k| !k.is_empty())
                         .ok_or(BundleError::MissingKid { index })?
                         .to_owned();
-                    let jwk: Jwk = serde_json::from_value(Value::Object(key.clone())).map_err(|e| {
-                        BundleError::Jwk {
-                            kid: kid.clone(),
-                            detail: e.to_string(),
-                        }
-                    })?;
+                    let jwk: Jwk =
+                        serde_json::from_value(Value::Object(key.clone())).map_err(|e| {
+                            BundleError::Jwk {
+                                kid: kid.clone(),
+                                detail: e.to_string(),
+                            }
+                        })?;
                     jwk.check().map_err(|detail| BundleError::Jwk {
                         kid: kid.clone(),
                         detail,
@@ -458,7 +467,9 @@ impl Bundle {
             bundle
                 .add_x509_authority(block.into_contents())
                 .map_err(|e| match e {
-                    BundleError::Certificate { detail, .. } => BundleError::Certificate { index, detail },
+                    BundleError::Certificate { detail, .. } => {
+                        BundleError::Certificate { index, detail }
+                    }
                     other => other,
                 })?;
         }
@@ -503,7 +514,10 @@ impl BundleSet {
 
     /// The bundle of the trust domain named `name`.
     pub fn get_by_name(&self, name: &str) -> Option<&Bundle> {
-        self.bundles.iter().find(|(td, _)| td.as_str() == name).map(|(_, b)| b)
+        self.bundles
+            .iter()
+            .find(|(td, _)| td.as_str() == name)
+            .map(|(_, b)| b)
     }
 
     /// All bundles.
@@ -547,8 +561,14 @@ fn public_jwk_of_certificate(der: &[u8]) -> Option<Map<String, Value>> {
         }
         PublicKey::RSA(rsa) => {
             m.insert("kty".into(), json!("RSA"));
-            m.insert("n".into(), json!(URL_SAFE_NO_PAD.encode(strip_zeros(rsa.modulus))));
-            m.insert("e".into(), json!(URL_SAFE_NO_PAD.encode(strip_zeros(rsa.exponent))));
+            m.insert(
+                "n".into(),
+                json!(URL_SAFE_NO_PAD.encode(strip_zeros(rsa.modulus))),
+            );
+            m.insert(
+                "e".into(),
+                json!(URL_SAFE_NO_PAD.encode(strip_zeros(rsa.exponent))),
+            );
         }
         _ => return None,
     }
@@ -692,8 +712,14 @@ mod tests {
     #[test]
     fn pem_rejects_non_certificates() {
         let text = pem::encode(&pem::Pem::new("PRIVATE KEY", vec![1, 2, 3]));
-        assert!(matches!(Bundle::from_pem(td(), &text), Err(BundleError::Pem(_))));
-        assert!(matches!(Bundle::from_pem(td(), ""), Err(BundleError::Pem(_))));
+        assert!(matches!(
+            Bundle::from_pem(td(), &text),
+            Err(BundleError::Pem(_))
+        ));
+        assert!(matches!(
+            Bundle::from_pem(td(), ""),
+            Err(BundleError::Pem(_))
+        ));
         let junk = pem::encode(&pem::Pem::new("CERTIFICATE", vec![1, 2, 3]));
         assert!(matches!(
             Bundle::from_pem(td(), &junk),

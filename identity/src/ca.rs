@@ -11,7 +11,7 @@
 //!   capped to expire no later than its signer, nothing it signed outlives it.
 //!
 //! State survives restarts: slot metadata lives in the store's key journal and private
-//! keys in a [`KeyManager`]. Time comes from a [`Clock`]; call
+//! keys in a [`crate::key_manager::KeyManager`]. Time comes from a [`crate::clock::Clock`]; call
 //! [`CertificateAuthority::rotate`] periodically (the server does it every few seconds).
 
 use std::sync::Arc;
@@ -123,7 +123,8 @@ impl UpstreamAuthority {
     /// [`CaError::Upstream`] if a file is unreadable or unusable.
     pub fn from_pem_files(cert: &std::path::Path, key: &std::path::Path) -> Result<Self, CaError> {
         let read = |p: &std::path::Path| {
-            std::fs::read_to_string(p).map_err(|e| CaError::Upstream(format!("{}: {e}", p.display())))
+            std::fs::read_to_string(p)
+                .map_err(|e| CaError::Upstream(format!("{}: {e}", p.display())))
         };
         Self::from_pem(&read(cert)?, &zeroize::Zeroizing::new(read(key)?))
     }
@@ -218,7 +219,9 @@ struct Slot {
 
 impl std::fmt::Debug for Slot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Slot").field("record", &self.record).finish_non_exhaustive()
+        f.debug_struct("Slot")
+            .field("record", &self.record)
+            .finish_non_exhaustive()
     }
 }
 
@@ -236,7 +239,9 @@ impl Slot {
                     .map_err(cert_err)?,
             ),
             (SlotKind::X509, None) => {
-                return Err(CaError::Certificate("journal slot has no certificate".into()));
+                return Err(CaError::Certificate(
+                    "journal slot has no certificate".into(),
+                ));
             }
             (SlotKind::Jwt, _) => None,
         };
@@ -550,7 +555,10 @@ impl CertificateAuthority {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Writ");
-        dn.push(DnType::CommonName, format!("Writ CA {}", id.get(..8).unwrap_or(id)));
+        dn.push(
+            DnType::CommonName,
+            format!("Writ CA {}", id.get(..8).unwrap_or(id)),
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         params.key_usages = vec![
@@ -571,9 +579,18 @@ impl CertificateAuthority {
         params.use_authority_key_identifier_extension = true;
         let keypair = key.to_rcgen()?;
         match &self.config.upstream {
-            None => Ok(vec![params.self_signed(&keypair).map_err(cert_err)?.der().to_vec()]),
+            None => Ok(vec![
+                params
+                    .self_signed(&keypair)
+                    .map_err(cert_err)?
+                    .der()
+                    .to_vec(),
+            ]),
             Some(up) => {
-                let signer = up.chain.first().ok_or_else(|| CaError::Upstream("empty chain".into()))?;
+                let signer = up
+                    .chain
+                    .first()
+                    .ok_or_else(|| CaError::Upstream("empty chain".into()))?;
                 let issuer = Issuer::from_ca_cert_der(
                     &CertificateDer::from(signer.as_slice()),
                     up.key.to_rcgen()?,
@@ -608,10 +625,10 @@ impl CertificateAuthority {
             }
         }
         for slot in ordered.iter().filter(|s| s.record.kind == SlotKind::Jwt) {
-            if let Some(jwk) = slot.jwk() {
-                if let Err(e) = bundle.put_jwt_authority(slot.record.id.clone(), jwk) {
-                    tracing::error!(slot = %slot.record.id, error = %e, "JWT key left out of the bundle");
-                }
+            if let Some(jwk) = slot.jwk()
+                && let Err(e) = bundle.put_jwt_authority(slot.record.id.clone(), jwk)
+            {
+                tracing::error!(slot = %slot.record.id, error = %e, "JWT key left out of the bundle");
             }
         }
         bundle.set_refresh_hint(self.config.refresh_hint.map(|d| d.as_secs()));
@@ -712,7 +729,9 @@ impl CertificateAuthority {
             spiffe_id.as_str().try_into().map_err(cert_err)?,
         )];
         for name in dns_names {
-            sans.push(SanType::DnsName(name.as_str().try_into().map_err(cert_err)?));
+            sans.push(SanType::DnsName(
+                name.as_str().try_into().map_err(cert_err)?,
+            ));
         }
         params.subject_alt_names = sans;
         params.serial_number = Some(random_serial());

@@ -212,9 +212,7 @@ pub fn is_dns_name(name: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         })
 }
 
@@ -243,18 +241,27 @@ mod tests {
 
         let mut e = entry();
         e.x509_svid_ttl = MAX_SVID_TTL.as_secs() + 1;
-        assert!(matches!(e.validate(&td), Err(EntryError::TtlTooLong { .. })));
+        assert!(matches!(
+            e.validate(&td),
+            Err(EntryError::TtlTooLong { .. })
+        ));
 
         let mut e = entry();
         e.dns_names = vec!["bad_name".into()];
         assert!(matches!(e.validate(&td), Err(EntryError::DnsName(_))));
 
         let other = TrustDomain::new("other.org").unwrap();
-        assert!(matches!(entry().validate(&other), Err(EntryError::ForeignTrustDomain { .. })));
+        assert!(matches!(
+            entry().validate(&other),
+            Err(EntryError::ForeignTrustDomain { .. })
+        ));
 
         let mut e = entry();
         e.spawn_max_depth = Some(0);
-        assert!(matches!(e.validate(&td), Err(EntryError::SpawnDepth { .. })));
+        assert!(matches!(
+            e.validate(&td),
+            Err(EntryError::SpawnDepth { .. })
+        ));
     }
 
     #[test]

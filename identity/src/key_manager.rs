@@ -46,7 +46,10 @@ pub struct PrivateKey {
 impl fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PrivateKey")
-            .field("public_key_sha256", &hex::encode(sha256(&self.public_key_raw)))
+            .field(
+                "public_key_sha256",
+                &hex::encode(sha256(&self.public_key_raw)),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -96,7 +99,10 @@ impl PrivateKey {
 
     /// The key as PEM (`PRIVATE KEY`). Handle with care.
     pub fn to_pem(&self) -> Zeroizing<String> {
-        Zeroizing::new(pem::encode(&pem::Pem::new("PRIVATE KEY", self.pkcs8.to_vec())))
+        Zeroizing::new(pem::encode(&pem::Pem::new(
+            "PRIVATE KEY",
+            self.pkcs8.to_vec(),
+        )))
     }
 
     /// The raw public key (an uncompressed EC point for EC keys).
@@ -326,13 +332,25 @@ mod tests {
         let keys = dir.path().join("keys");
         let km = DiskKeyManager::open(&keys).unwrap();
         let k = km.generate("x509-ca-1").unwrap();
-        let mode = std::fs::metadata(keys.join("x509-ca-1.p8")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(keys.join("x509-ca-1.p8"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert_eq!(std::fs::metadata(&keys).unwrap().permissions().mode() & 0o777, 0o700);
-        let again = DiskKeyManager::open(&keys).unwrap().get("x509-ca-1").unwrap();
+        assert_eq!(
+            std::fs::metadata(&keys).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let again = DiskKeyManager::open(&keys)
+            .unwrap()
+            .get("x509-ca-1")
+            .unwrap();
         assert_eq!(again.pkcs8_der(), k.pkcs8_der());
         assert!(matches!(km.get("missing"), Err(KeyError::NotFound(_))));
-        assert!(matches!(km.get("../etc/passwd"), Err(KeyError::InvalidId(_))));
+        assert!(matches!(
+            km.get("../etc/passwd"),
+            Err(KeyError::InvalidId(_))
+        ));
     }
 
     #[test]

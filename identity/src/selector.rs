@@ -162,11 +162,20 @@ mod tests {
     fn parses_and_round_trips() {
         let s: Selector = "unix:uid:1000".parse().unwrap();
         assert_eq!(s.to_string(), "unix:uid:1000");
-        assert_eq!("nocolon".parse::<Selector>(), Err(SelectorError::MissingSeparator("nocolon".into())));
+        assert_eq!(
+            "nocolon".parse::<Selector>(),
+            Err(SelectorError::MissingSeparator("nocolon".into()))
+        );
         assert_eq!(":x".parse::<Selector>(), Err(SelectorError::EmptyType));
         assert_eq!("unix:".parse::<Selector>(), Err(SelectorError::EmptyValue));
-        assert_eq!("Unix:x".parse::<Selector>(), Err(SelectorError::BadTypeChar { found: 'U' }));
-        assert_eq!("unix:a\nb".parse::<Selector>(), Err(SelectorError::ControlChar));
+        assert_eq!(
+            "Unix:x".parse::<Selector>(),
+            Err(SelectorError::BadTypeChar { found: 'U' })
+        );
+        assert_eq!(
+            "unix:a\nb".parse::<Selector>(),
+            Err(SelectorError::ControlChar)
+        );
     }
 
     #[test]
@@ -174,7 +183,12 @@ mod tests {
         let a: Selector = "a:1".parse().unwrap();
         let out = normalize(vec![a.clone(), a.clone()]).unwrap();
         assert_eq!(out, vec![a]);
-        let many = (0..=MAX_SELECTORS).map(|i| Selector::new("t", &i.to_string()).unwrap()).collect();
-        assert_eq!(normalize(many), Err(SelectorError::TooMany { max: MAX_SELECTORS }));
+        let many = (0..=MAX_SELECTORS)
+            .map(|i| Selector::new("t", &i.to_string()).unwrap())
+            .collect();
+        assert_eq!(
+            normalize(many),
+            Err(SelectorError::TooMany { max: MAX_SELECTORS })
+        );
     }
 }

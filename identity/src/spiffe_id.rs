@@ -243,8 +243,7 @@ impl SpiffeId {
         }
         let (mine, theirs) = (self.path(), other.path());
         mine == theirs
-            || (mine.starts_with(theirs)
-                && mine.as_bytes().get(theirs.len()) == Some(&b'/'))
+            || (mine.starts_with(theirs) && mine.as_bytes().get(theirs.len()) == Some(&b'/'))
     }
 
     /// This ID with one more path segment appended.

@@ -94,7 +94,8 @@ fn rich_bundle() -> Bundle {
     let f = fixture();
     let mut b = f.bundle.clone();
     b.add_x509_authority(f.other_cert.clone()).unwrap();
-    b.put_jwt_authority("other".into(), f.other_jwk.clone()).unwrap();
+    b.put_jwt_authority("other".into(), f.other_jwk.clone())
+        .unwrap();
     b.put_jwt_authority(
         "rsa-1".into(),
         Jwk {
@@ -254,11 +255,14 @@ fn every_change_bumps_the_sequence() {
     check(&b, true, "remove x509");
     b.remove_x509_authority(&f.other_cert);
     check(&b, false, "remove an absent x509");
-    b.put_jwt_authority("k2".into(), f.other_jwk.clone()).unwrap();
+    b.put_jwt_authority("k2".into(), f.other_jwk.clone())
+        .unwrap();
     check(&b, true, "put jwt");
-    b.put_jwt_authority("k2".into(), f.other_jwk.clone()).unwrap();
+    b.put_jwt_authority("k2".into(), f.other_jwk.clone())
+        .unwrap();
     check(&b, false, "put the same jwt again");
-    b.put_jwt_authority("k2".into(), Jwk::ec_p256(&[9; 32], &[9; 32])).unwrap();
+    b.put_jwt_authority("k2".into(), Jwk::ec_p256(&[9; 32], &[9; 32]))
+        .unwrap();
     check(&b, true, "replace jwt");
     b.remove_jwt_authority("k2");
     check(&b, true, "remove jwt");
@@ -724,7 +728,8 @@ fn model(entries: &[Entry], sequence: u64, hint: Option<u64>) -> Result<Bundle, 
                 if b.jwt_authority(kid).is_some() {
                     return Err(BundleError::DuplicateKid(kid.clone()));
                 }
-                b.put_jwt_authority(kid.clone(), Jwk::ec_p256(&[1; 32], &[2; 32])).unwrap();
+                b.put_jwt_authority(kid.clone(), Jwk::ec_p256(&[1; 32], &[2; 32]))
+                    .unwrap();
             }
             Entry::Ignored(_) => {}
             Entry::X5cCount => return Err(BundleError::X5cCount { index }),

@@ -36,7 +36,11 @@ fn start() -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(1_800_000_000)
 }
 
-async fn ca_with(clock: &ManualClock, keys: Arc<dyn KeyManager>, store: Arc<dyn Store>) -> CertificateAuthority {
+async fn ca_with(
+    clock: &ManualClock,
+    keys: Arc<dyn KeyManager>,
+    store: Arc<dyn Store>,
+) -> CertificateAuthority {
     CertificateAuthority::load(CaConfig::new(td()), Arc::new(clock.clone()), keys, store)
         .await
         .unwrap()
@@ -60,9 +64,17 @@ async fn x509_svid_follows_the_standard_profile() {
     let clock = ManualClock::new(start());
     let ca = memory_ca(&clock).await;
     let svid = ca
-        .mint_x509_svid(&id("/agents/planner"), None, &["planner.example.org".into()])
+        .mint_x509_svid(
+            &id("/agents/planner"),
+            None,
+            &["planner.example.org".into()],
+        )
         .unwrap();
-    assert_eq!(svid.cert_chain.len(), 1, "self-signed CA: the chain is the leaf alone");
+    assert_eq!(
+        svid.cert_chain.len(),
+        1,
+        "self-signed CA: the chain is the leaf alone"
+    );
     let (_, cert) = x509_parser::parse_x509_certificate(&svid.cert_chain[0]).unwrap();
 
     let uris: Vec<_> = cert
@@ -79,7 +91,10 @@ async fn x509_svid_follows_the_standard_profile() {
         .collect();
     assert_eq!(uris, vec!["spiffe://example.org/agents/planner"]);
 
-    let bc = cert.basic_constraints().unwrap().expect("explicit basicConstraints");
+    let bc = cert
+        .basic_constraints()
+        .unwrap()
+        .expect("explicit basicConstraints");
     assert!(!bc.value.ca);
     let ku = cert
         .extensions()
@@ -96,7 +111,10 @@ async fn x509_svid_follows_the_standard_profile() {
         unix_seconds(start()) - 10,
         "NotBefore is backdated 10 s"
     );
-    assert_eq!(cert.validity().not_after.timestamp(), unix_seconds(start() + HOUR));
+    assert_eq!(
+        cert.validity().not_after.timestamp(),
+        unix_seconds(start() + HOUR)
+    );
 
     let ok = x509::validate(&svid.cert_chain, &bundles(&ca), clock.now()).unwrap();
     assert_eq!(ok.spiffe_id, id("/agents/planner"));
@@ -113,7 +131,9 @@ async fn validator_refuses_foreign_expired_and_non_svid_chains() {
         Err(x509::X509SvidError::Chain(_))
     ));
 
-    let svid = ca.mint_x509_svid(&id("/w"), Some(Duration::from_secs(60)), &[]).unwrap();
+    let svid = ca
+        .mint_x509_svid(&id("/w"), Some(Duration::from_secs(60)), &[])
+        .unwrap();
     clock.advance(Duration::from_secs(61));
     assert!(matches!(
         x509::validate(&svid.cert_chain, &bundles(&ca), clock.now()),
@@ -152,7 +172,11 @@ async fn svid_ttl_is_capped_by_the_signing_ca() {
         .3;
     assert_eq!(svid.expires_at, ca_expiry);
     let (_, exp) = ca
-        .sign_jwt_svid(&id("/w"), &["a".into()], Some(Duration::from_secs(30 * 24 * 3600)))
+        .sign_jwt_svid(
+            &id("/w"),
+            &["a".into()],
+            Some(Duration::from_secs(30 * 24 * 3600)),
+        )
         .unwrap();
     assert!(exp <= clock.now() + 24 * HOUR);
 }
@@ -179,12 +203,18 @@ async fn rotation_prepares_activates_and_retires_like_spire() {
     clock.advance(19 * HOUR);
     ca.rotate().await.unwrap();
     // Past half-life: the next CA is prepared and published, not yet used.
-    assert_eq!(states(&ca, "x509"), vec![SlotState::Active, SlotState::Prepared]);
+    assert_eq!(
+        states(&ca, "x509"),
+        vec![SlotState::Active, SlotState::Prepared]
+    );
     assert_eq!(ca.bundle().x509_authorities().len(), 2);
     assert!(ca.bundle().sequence() > seq0);
     let old_svid = ca.mint_x509_svid(&id("/w"), Some(10 * HOUR), &[]).unwrap();
     assert_eq!(old_svid.expires_at, start() + 24 * HOUR);
-    let old_jwt = ca.sign_jwt_svid(&id("/w"), &["aud".into()], Some(10 * HOUR)).unwrap().0;
+    let old_jwt = ca
+        .sign_jwt_svid(&id("/w"), &["aud".into()], Some(10 * HOUR))
+        .unwrap()
+        .0;
 
     // Past five sixths (20 h): the prepared CA becomes active, the first one old.
     clock.advance(HOUR + Duration::from_secs(1));
@@ -192,8 +222,16 @@ async fn rotation_prepares_activates_and_retires_like_spire() {
     assert_eq!(states(&ca, "x509"), vec![SlotState::Active, SlotState::Old]);
     let new_svid = ca.mint_x509_svid(&id("/w"), Some(10 * HOUR), &[]).unwrap();
     assert_ne!(
-        x509_parser::parse_x509_certificate(&new_svid.cert_chain[0]).unwrap().1.issuer().to_string(),
-        x509_parser::parse_x509_certificate(&old_svid.cert_chain[0]).unwrap().1.issuer().to_string(),
+        x509_parser::parse_x509_certificate(&new_svid.cert_chain[0])
+            .unwrap()
+            .1
+            .issuer()
+            .to_string(),
+        x509_parser::parse_x509_certificate(&old_svid.cert_chain[0])
+            .unwrap()
+            .1
+            .issuer()
+            .to_string(),
         "new SVIDs come from the new CA"
     );
     // Both the earlier SVID and JWT-SVID still validate against the current bundle.
@@ -230,14 +268,22 @@ async fn state_survives_restart_with_disk_keys_and_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(start());
     let open = || async {
-        let keys: Arc<dyn KeyManager> = Arc::new(DiskKeyManager::open(&dir.path().join("keys")).unwrap());
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("db.sqlite3")).await.unwrap());
+        let keys: Arc<dyn KeyManager> =
+            Arc::new(DiskKeyManager::open(&dir.path().join("keys")).unwrap());
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&dir.path().join("db.sqlite3"))
+                .await
+                .unwrap(),
+        );
         ca_with(&clock, keys, store).await
     };
     let first = open().await;
     let bundle = first.bundle();
     let svid = first.mint_x509_svid(&id("/w"), None, &[]).unwrap();
-    let token = first.sign_jwt_svid(&id("/w"), &["aud".into()], None).unwrap().0;
+    let token = first
+        .sign_jwt_svid(&id("/w"), &["aud".into()], None)
+        .unwrap()
+        .0;
     drop(first);
 
     let second = open().await;
@@ -246,7 +292,12 @@ async fn state_survives_restart_with_disk_keys_and_sqlite() {
     jwt::validate(&token, &["aud"], &bundles(&second), clock.now()).unwrap();
     // And it keeps signing with the same CA.
     let again = second.mint_x509_svid(&id("/w"), None, &[]).unwrap();
-    x509::validate(&again.cert_chain, &BundleSet::of((*bundle).clone()), clock.now()).unwrap();
+    x509::validate(
+        &again.cert_chain,
+        &BundleSet::of((*bundle).clone()),
+        clock.now(),
+    )
+    .unwrap();
 }
 
 #[tokio::test]
@@ -255,7 +306,10 @@ async fn upstream_ca_signs_intermediates() {
     let root_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
     params.not_before = (start() - HOUR).into();
     params.not_after = (start() + 10 * HOUR).into();
     let root = params.self_signed(&root_key).unwrap();
@@ -272,10 +326,18 @@ async fn upstream_ca_signs_intermediates() {
     )
     .await
     .unwrap();
-    assert_eq!(ca.bundle().x509_authorities(), &[root.der().to_vec()], "bundle holds the upstream root");
+    assert_eq!(
+        ca.bundle().x509_authorities(),
+        &[root.der().to_vec()],
+        "bundle holds the upstream root"
+    );
     let svid = ca.mint_x509_svid(&id("/w"), Some(24 * HOUR), &[]).unwrap();
     assert_eq!(svid.cert_chain.len(), 2, "leaf, then Writ's intermediate");
-    assert_eq!(svid.expires_at, start() + 10 * HOUR, "capped by the upstream CA's expiry");
+    assert_eq!(
+        svid.expires_at,
+        start() + 10 * HOUR,
+        "capped by the upstream CA's expiry"
+    );
     x509::validate(&svid.cert_chain, &bundles(&ca), clock.now()).unwrap();
 
     // A key that does not match the certificate is refused.

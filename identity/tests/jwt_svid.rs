@@ -132,7 +132,9 @@ fn own_key_token(
     let token = jwt::sign(&key, kid, &planner(), &aud(audience), iat, exp).unwrap();
     let (x, y) = key.ec_p256_xy().unwrap();
     let mut bundle = Bundle::new(TrustDomain::new("example.org").unwrap());
-    bundle.put_jwt_authority(kid.to_owned(), Jwk::ec_p256(x, y)).unwrap();
+    bundle
+        .put_jwt_authority(kid.to_owned(), Jwk::ec_p256(x, y))
+        .unwrap();
     (token, BundleSet::of(bundle), key)
 }
 
@@ -606,7 +608,9 @@ fn empty_audience_claim_is_refused() {
     let token = jwt::sign(&key, "k1", &planner(), &[], 0, i64::MAX).unwrap();
     let (x, y) = key.ec_p256_xy().unwrap();
     let mut bundle = Bundle::new(TrustDomain::new("example.org").unwrap());
-    bundle.put_jwt_authority("k1".into(), Jwk::ec_p256(x, y)).unwrap();
+    bundle
+        .put_jwt_authority("k1".into(), Jwk::ec_p256(x, y))
+        .unwrap();
     assert_eq!(
         jwt::validate(&token, &["aud"], &BundleSet::of(bundle), start_time()).unwrap_err(),
         JwtSvidError::Claim("aud")

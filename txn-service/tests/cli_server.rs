@@ -61,7 +61,9 @@ impl Server {
 
     fn restart(&mut self) {
         // SIGTERM, as systemd would send, then start again on the same data dir.
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
         let _ = self.child.wait();
         self.child = Self::spawn(self.dir.path());
         self.wait_ready();
@@ -90,13 +92,18 @@ impl Server {
         let out = self.writ(args);
         assert!(!out.status.success(), "writ {args:?} should have failed");
         let err = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(err.trim_end().lines().count(), 1, "one-line reason, got {err:?}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "one-line reason, got {err:?}"
+        );
         assert!(err.starts_with("error: "), "got {err:?}");
         err
     }
 
     fn entry_count(&self) -> usize {
-        let list: serde_json::Value = serde_json::from_str(&self.ok(&["entry", "list", "--output", "json"])).unwrap();
+        let list: serde_json::Value =
+            serde_json::from_str(&self.ok(&["entry", "list", "--output", "json"])).unwrap();
         match list {
             serde_json::Value::Array(a) => a.len(),
             serde_json::Value::Object(_) => 1,
@@ -113,8 +120,15 @@ impl Drop for Server {
 }
 
 fn openssl(args: &[&str]) -> String {
-    let out = Command::new("openssl").args(args).output().expect("openssl is installed");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl is installed");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -123,23 +137,50 @@ fn minted_x509_svid_passes_openssl() {
     let server = Server::start();
     let out = server.dir.path().join("svid");
     server.ok(&[
-        "x509", "mint", "--spiffe-id", "spiffe://example.org/agents/planner", "--write", out.to_str().unwrap(),
+        "x509",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/agents/planner",
+        "--write",
+        out.to_str().unwrap(),
     ]);
-    let (svid, bundle, key) = (out.join("svid.pem"), out.join("bundle.pem"), out.join("key.pem"));
-    let verify = openssl(&["verify", "-CAfile", bundle.to_str().unwrap(), svid.to_str().unwrap()]);
+    let (svid, bundle, key) = (
+        out.join("svid.pem"),
+        out.join("bundle.pem"),
+        out.join("key.pem"),
+    );
+    let verify = openssl(&[
+        "verify",
+        "-CAfile",
+        bundle.to_str().unwrap(),
+        svid.to_str().unwrap(),
+    ]);
     assert!(verify.trim_end().ends_with(": OK"), "{verify}");
 
     let text = openssl(&["x509", "-in", svid.to_str().unwrap(), "-noout", "-text"]);
-    assert_eq!(text.matches("URI:").count(), 1, "exactly one URI SAN:\n{text}");
+    assert_eq!(
+        text.matches("URI:").count(),
+        1,
+        "exactly one URI SAN:\n{text}"
+    );
     assert!(text.contains("URI:spiffe://example.org/agents/planner"));
     assert!(text.contains("CA:FALSE"));
     assert!(text.contains("X509v3 Key Usage: critical"));
-    let ku = text.split("X509v3 Key Usage: critical").nth(1).unwrap().lines().nth(1).unwrap();
+    let ku = text
+        .split("X509v3 Key Usage: critical")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap();
     assert_eq!(ku.trim(), "Digital Signature");
     assert!(text.contains("TLS Web Server Authentication, TLS Web Client Authentication"));
 
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     // The key matches the certificate.
     let cert_pub = openssl(&["x509", "-in", svid.to_str().unwrap(), "-noout", "-pubkey"]);
     let key_pub = openssl(&["pkey", "-in", key.to_str().unwrap(), "-pubout"]);
@@ -150,19 +191,37 @@ fn minted_x509_svid_passes_openssl() {
 fn rust_spiffe_and_josekit_accept_minted_svids() {
     let server = Server::start();
     let out = server.dir.path().join("svid");
-    server.ok(&["x509", "mint", "--spiffe-id", "spiffe://example.org/w", "--write", out.to_str().unwrap()]);
+    server.ok(&[
+        "x509",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/w",
+        "--write",
+        out.to_str().unwrap(),
+    ]);
     let chain: Vec<u8> = pem::parse_many(std::fs::read(out.join("svid.pem")).unwrap())
         .unwrap()
         .into_iter()
         .flat_map(|p| p.into_contents())
         .collect();
-    let key = pem::parse(std::fs::read(out.join("key.pem")).unwrap()).unwrap().into_contents();
-    let svid = spiffe::X509Svid::parse_from_der(&chain, &key).expect("rust-spiffe accepts the X509-SVID");
+    let key = pem::parse(std::fs::read(out.join("key.pem")).unwrap())
+        .unwrap()
+        .into_contents();
+    let svid =
+        spiffe::X509Svid::parse_from_der(&chain, &key).expect("rust-spiffe accepts the X509-SVID");
     assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/w");
 
-    let token = server.ok(&["jwt", "mint", "--spiffe-id", "spiffe://example.org/w", "--audience", "tool-server"]);
+    let token = server.ok(&[
+        "jwt",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/w",
+        "--audience",
+        "tool-server",
+    ]);
     let token = token.trim();
-    let bundle: serde_json::Value = serde_json::from_str(&server.ok(&["bundle", "show", "--format", "spiffe"])).unwrap();
+    let bundle: serde_json::Value =
+        serde_json::from_str(&server.ok(&["bundle", "show", "--format", "spiffe"])).unwrap();
     // The JWT part of the SPIFFE bundle, as a JWKS.
     let jwt_keys: Vec<serde_json::Value> = bundle["keys"]
         .as_array()
@@ -176,7 +235,8 @@ fn rust_spiffe_and_josekit_accept_minted_svids() {
     let td = spiffe::TrustDomain::new("example.org").unwrap();
     let mut set = spiffe::JwtBundleSet::new();
     set.add_bundle(spiffe::JwtBundle::from_jwt_authorities(td, jwks.as_bytes()).unwrap());
-    let jwt = spiffe::JwtSvid::parse_and_validate(token, &set, &["tool-server"]).expect("rust-spiffe validates");
+    let jwt = spiffe::JwtSvid::parse_and_validate(token, &set, &["tool-server"])
+        .expect("rust-spiffe validates");
     assert_eq!(jwt.spiffe_id().to_string(), "spiffe://example.org/w");
     assert!(spiffe::JwtSvid::parse_and_validate(token, &set, &["someone-else"]).is_err());
 
@@ -186,7 +246,8 @@ fn rust_spiffe_and_josekit_accept_minted_svids() {
     jwk_map.remove("use");
     let jwk = josekit::jwk::Jwk::from_map(jwk_map).unwrap();
     let verifier = josekit::jws::ES256.verifier_from_jwk(&jwk).unwrap();
-    let (payload, header) = josekit::jwt::decode_with_verifier(token, &verifier).expect("josekit verifies");
+    let (payload, header) =
+        josekit::jwt::decode_with_verifier(token, &verifier).expect("josekit verifies");
     assert_eq!(header.token_type(), Some("JWT"));
     assert_eq!(payload.subject(), Some("spiffe://example.org/w"));
     assert!(header.key_id().is_some());
@@ -196,29 +257,69 @@ fn rust_spiffe_and_josekit_accept_minted_svids() {
 fn entries_ca_and_jwt_keys_survive_restart() {
     let mut server = Server::start();
     let created: serde_json::Value = serde_json::from_str(&server.ok(&[
-        "entry", "create", "--spiffe-id", "spiffe://example.org/agents/planner", "--parent-id",
-        "spiffe://example.org/writ/agent/dev", "--selector", "unix:uid:1000", "--selector", "unix:user:alice",
-        "--x509-svid-ttl", "10m", "--spawn-max-ttl", "5m", "--spawn-max-depth", "2", "--output", "json",
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/agents/planner",
+        "--parent-id",
+        "spiffe://example.org/writ/agent/dev",
+        "--selector",
+        "unix:uid:1000",
+        "--selector",
+        "unix:user:alice",
+        "--x509-svid-ttl",
+        "10m",
+        "--spawn-max-ttl",
+        "5m",
+        "--spawn-max-depth",
+        "2",
+        "--output",
+        "json",
     ]))
     .unwrap();
     let entry_id = created["id"].as_str().unwrap().to_owned();
     assert_eq!(created["revision"], 1);
     assert_eq!(created["x509_svid_ttl"], 600);
     let bundle = server.ok(&["bundle", "show", "--format", "spiffe"]);
-    let token = server.ok(&["jwt", "mint", "--spiffe-id", "spiffe://example.org/w", "--audience", "a"]);
+    let token = server.ok(&[
+        "jwt",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/w",
+        "--audience",
+        "a",
+    ]);
 
     server.restart();
 
-    let shown: serde_json::Value =
-        serde_json::from_str(&server.ok(&["entry", "show", "--entry-id", &entry_id, "--output", "json"])).unwrap();
+    let shown: serde_json::Value = serde_json::from_str(&server.ok(&[
+        "entry",
+        "show",
+        "--entry-id",
+        &entry_id,
+        "--output",
+        "json",
+    ]))
+    .unwrap();
     assert_eq!(shown, created);
-    assert_eq!(server.ok(&["bundle", "show", "--format", "spiffe"]), bundle, "same CA and JWT keys");
+    assert_eq!(
+        server.ok(&["bundle", "show", "--format", "spiffe"]),
+        bundle,
+        "same CA and JWT keys"
+    );
     let td = TrustDomainBundle::from_json(&bundle);
     td.validate_jwt(token.trim(), "a");
 
     // update bumps the revision and keeps what was not given.
     let updated: serde_json::Value = serde_json::from_str(&server.ok(&[
-        "entry", "update", "--entry-id", &entry_id, "--hint", "planner", "--output", "json",
+        "entry",
+        "update",
+        "--entry-id",
+        &entry_id,
+        "--hint",
+        "planner",
+        "--output",
+        "json",
     ]))
     .unwrap();
     assert_eq!(updated["revision"], 2);
@@ -240,7 +341,8 @@ impl TrustDomainBundle {
     }
 
     fn validate_jwt(&self, token: &str, aud: &str) {
-        writ_identity::svid::jwt::validate(token, &[aud], &self.0, std::time::SystemTime::now()).unwrap();
+        writ_identity::svid::jwt::validate(token, &[aud], &self.0, std::time::SystemTime::now())
+            .unwrap();
     }
 }
 
@@ -248,8 +350,14 @@ impl TrustDomainBundle {
 fn bad_input_gives_one_line_and_stores_nothing() {
     let server = Server::start();
     let base = [
-        "entry", "create", "--spiffe-id", "spiffe://example.org/w", "--parent-id", "spiffe://example.org/agent",
-        "--selector", "unix:uid:1",
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/w",
+        "--parent-id",
+        "spiffe://example.org/agent",
+        "--selector",
+        "unix:uid:1",
     ];
     server.ok(&base);
     assert_eq!(server.entry_count(), 1);
@@ -258,9 +366,15 @@ fn bad_input_gives_one_line_and_stores_nothing() {
     assert!(err.contains("already exists"), "{err}");
     let bad_cases: &[(&[&str], &str)] = &[
         (&["--spiffe-id", "spiffe://Example.org/w"], "trust domain"),
-        (&["--spiffe-id", "spiffe://example.org/a/../b"], "dot segments"),
+        (
+            &["--spiffe-id", "spiffe://example.org/a/../b"],
+            "dot segments",
+        ),
         (&["--spiffe-id", "https://example.org/w"], "scheme"),
-        (&["--spiffe-id", "spiffe://other.org/w"], "not in trust domain"),
+        (
+            &["--spiffe-id", "spiffe://other.org/w"],
+            "not in trust domain",
+        ),
         (&["--parent-id", "spiffe://example.org/"], "trailing slash"),
         (&["--selector", "nocolon"], "type:value"),
         (&["--selector", "unix:"], "value is empty"),
@@ -271,8 +385,14 @@ fn bad_input_gives_one_line_and_stores_nothing() {
     ];
     for (change, expect) in bad_cases {
         let mut args: Vec<&str> = vec![
-            "entry", "create", "--spiffe-id", "spiffe://example.org/x", "--parent-id", "spiffe://example.org/agent",
-            "--selector", "unix:uid:2",
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/x",
+            "--parent-id",
+            "spiffe://example.org/agent",
+            "--selector",
+            "unix:uid:2",
         ];
         // Replace the flag's value if present, else add it.
         let (flag, value) = (change[0], change[1]);
@@ -282,13 +402,27 @@ fn bad_input_gives_one_line_and_stores_nothing() {
             args.extend_from_slice(change);
         }
         let err = server.fails(&args);
-        assert!(err.contains(expect), "for {change:?} expected {expect:?} in {err:?}");
+        assert!(
+            err.contains(expect),
+            "for {change:?} expected {expect:?} in {err:?}"
+        );
     }
-    assert_eq!(server.entry_count(), 1, "nothing stored by any failed command");
+    assert_eq!(
+        server.entry_count(),
+        1,
+        "nothing stored by any failed command"
+    );
 
     let err = server.fails(&["x509", "mint", "--spiffe-id", "not-an-id"]);
     assert!(err.contains("scheme"), "{err}");
-    let err = server.fails(&["jwt", "mint", "--spiffe-id", "spiffe://example.org/w", "--audience", ""]);
+    let err = server.fails(&[
+        "jwt",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/w",
+        "--audience",
+        "",
+    ]);
     assert!(err.contains("audience"), "{err}");
     let err = server.fails(&["entry", "show", "--entry-id", "no-such-entry"]);
     assert!(err.contains("not found"), "{err}");
@@ -314,7 +448,10 @@ fn every_command_has_help_and_unreachable_server_is_one_line() {
     ] {
         let out = Command::new(WRIT).args(&cmd).output().unwrap();
         assert!(out.status.success(), "{cmd:?}");
-        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage:"), "{cmd:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage:"),
+            "{cmd:?}"
+        );
     }
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(WRIT)
@@ -336,7 +473,8 @@ fn join_tokens_are_generated_and_stored_hashed() {
     assert_eq!(token.len(), 36);
     // The token text is nowhere in the database file.
     let db = std::fs::read(server.dir.path().join("data/datastore.sqlite3")).unwrap();
-    let wal = std::fs::read(server.dir.path().join("data/datastore.sqlite3-wal")).unwrap_or_default();
+    let wal =
+        std::fs::read(server.dir.path().join("data/datastore.sqlite3-wal")).unwrap_or_default();
     let needle = token.as_bytes();
     assert!(!db.windows(needle.len()).any(|w| w == needle));
     assert!(!wal.windows(needle.len()).any(|w| w == needle));

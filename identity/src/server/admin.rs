@@ -57,7 +57,9 @@ fn invalid(field: &'static str, reason: impl ToString) -> AdminError {
 impl From<AdminError> for Status {
     fn from(e: AdminError) -> Status {
         match &e {
-            AdminError::Invalid { .. } | AdminError::Entry(_) => Status::invalid_argument(e.to_string()),
+            AdminError::Invalid { .. } | AdminError::Entry(_) => {
+                Status::invalid_argument(e.to_string())
+            }
             AdminError::Store(StoreError::NotFound { .. }) => Status::not_found(e.to_string()),
             AdminError::Store(StoreError::AlreadyExists { .. }) => {
                 Status::already_exists(e.to_string())
@@ -79,7 +81,10 @@ impl From<AdminError> for Status {
 ///
 /// # Errors
 /// [`AdminError`] naming the first malformed field.
-pub fn entry_from_proto(p: pb::Entry, trust_domain: &TrustDomain) -> Result<RegistrationEntry, AdminError> {
+pub fn entry_from_proto(
+    p: pb::Entry,
+    trust_domain: &TrustDomain,
+) -> Result<RegistrationEntry, AdminError> {
     let spiffe_id = SpiffeId::new(&p.spiffe_id).map_err(|e| invalid("spiffe_id", e))?;
     let parent_id = SpiffeId::new(&p.parent_id).map_err(|e| invalid("parent_id", e))?;
     if p.selectors.len() > crate::selector::MAX_SELECTORS {
@@ -164,7 +169,8 @@ impl AdminService {
 }
 
 fn entry_id(id: &str) -> Result<&str, AdminError> {
-    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
         return Err(invalid("id", "entry ids are 1-64 letters, digits or '-'"));
     }
     Ok(id)
@@ -176,11 +182,19 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::CreateEntryRequest>,
     ) -> Result<Response<pb::Entry>, Status> {
-        let p = request.into_inner().entry.ok_or_else(|| invalid("entry", "missing"))?;
+        let p = request
+            .into_inner()
+            .entry
+            .ok_or_else(|| invalid("entry", "missing"))?;
         let mut entry = entry_from_proto(p, self.td())?;
         entry_id(&entry.id)?;
         entry.created_at = self.state.clock.unix_seconds();
-        let stored = self.state.store.create_entry(&entry).await.map_err(AdminError::from)?;
+        let stored = self
+            .state
+            .store
+            .create_entry(&entry)
+            .await
+            .map_err(AdminError::from)?;
         tracing::info!(id = %stored.id, spiffe_id = %stored.spiffe_id, "entry created");
         Ok(Response::new(entry_to_proto(&stored)))
     }
@@ -189,7 +203,10 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::UpdateEntryRequest>,
     ) -> Result<Response<pb::Entry>, Status> {
-        let p = request.into_inner().entry.ok_or_else(|| invalid("entry", "missing"))?;
+        let p = request
+            .into_inner()
+            .entry
+            .ok_or_else(|| invalid("entry", "missing"))?;
         entry_id(&p.id)?;
         let mut entry = entry_from_proto(p, self.td())?;
         let existing = self
@@ -200,7 +217,12 @@ impl pb::admin_server::Admin for AdminService {
             .map_err(AdminError::from)?
             .ok_or(AdminError::Store(StoreError::NotFound { kind: "entry" }))?;
         entry.created_at = existing.created_at;
-        let stored = self.state.store.update_entry(&entry).await.map_err(AdminError::from)?;
+        let stored = self
+            .state
+            .store
+            .update_entry(&entry)
+            .await
+            .map_err(AdminError::from)?;
         tracing::info!(id = %stored.id, revision = stored.revision, "entry updated");
         Ok(Response::new(entry_to_proto(&stored)))
     }
@@ -252,8 +274,18 @@ impl pb::admin_server::Admin for AdminService {
                 .map(|found| {
                     found
                         .into_iter()
-                        .filter(|e| filter.spiffe_id.as_ref().is_none_or(|id| &e.spiffe_id == id))
-                        .filter(|e| filter.parent_id.as_ref().is_none_or(|id| &e.parent_id == id))
+                        .filter(|e| {
+                            filter
+                                .spiffe_id
+                                .as_ref()
+                                .is_none_or(|id| &e.spiffe_id == id)
+                        })
+                        .filter(|e| {
+                            filter
+                                .parent_id
+                                .as_ref()
+                                .is_none_or(|id| &e.parent_id == id)
+                        })
                         .collect()
                 })
         }
@@ -285,10 +317,13 @@ impl pb::admin_server::Admin for AdminService {
         let r = request.into_inner();
         let ttl = ttl(r.ttl).unwrap_or(self.state.config.join_token_ttl);
         if ttl > MAX_JOIN_TOKEN_TTL {
-            return Err(invalid("ttl", format!("at most {}s", MAX_JOIN_TOKEN_TTL.as_secs())).into());
+            return Err(
+                invalid("ttl", format!("at most {}s", MAX_JOIN_TOKEN_TTL.as_secs())).into(),
+            );
         }
         let token = uuid::Uuid::new_v4().to_string();
-        let expires_at = self.state.clock.unix_seconds() + i64::try_from(ttl.as_secs()).unwrap_or(0);
+        let expires_at =
+            self.state.clock.unix_seconds() + i64::try_from(ttl.as_secs()).unwrap_or(0);
         self.state
             .store
             .create_join_token(&JoinTokenRecord {
@@ -361,7 +396,12 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
-        let entries = self.state.store.count_entries().await.map_err(AdminError::from)?;
+        let entries = self
+            .state
+            .store
+            .count_entries()
+            .await
+            .map_err(AdminError::from)?;
         Ok(Response::new(pb::HealthResponse {
             trust_domain: self.td().to_string(),
             entries,

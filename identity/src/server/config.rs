@@ -216,7 +216,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{text:?} is not a duration like 90s, 5m or 1h ({e})"))
 }
 
-fn duration(key: &'static str, v: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+fn duration(
+    key: &'static str,
+    v: Option<&str>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     let d = match v {
         None => default,
         Some(s) => parse_duration(s).map_err(|e| value(key, e))?,
@@ -233,14 +237,20 @@ impl TryFrom<FileConfig> for ServerConfig {
     fn try_from(file: FileConfig) -> Result<Self, ConfigError> {
         let trust_domain = TrustDomain::new(file.trust_domain.as_deref().unwrap_or("example.org"))
             .map_err(|e| value("trust_domain", e))?;
-        let data_dir = file.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let data_dir = file
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let admin_socket = file
             .admin_socket
             .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
 
         let mut ca = CaConfig::new(trust_domain.clone());
         ca.ca_ttl = duration("ca.ttl", file.ca.ttl.as_deref(), ca.ca_ttl)?;
-        ca.jwt_key_ttl = duration("ca.jwt_key_ttl", file.ca.jwt_key_ttl.as_deref(), ca.jwt_key_ttl)?;
+        ca.jwt_key_ttl = duration(
+            "ca.jwt_key_ttl",
+            file.ca.jwt_key_ttl.as_deref(),
+            ca.jwt_key_ttl,
+        )?;
         ca.refresh_hint = Some(duration(
             "ca.refresh_hint",
             file.ca.refresh_hint.as_deref(),
@@ -248,7 +258,12 @@ impl TryFrom<FileConfig> for ServerConfig {
         )?);
         match file.ca.key_type.as_deref() {
             None | Some("ec-p256") => {}
-            Some(other) => return Err(value("ca.key_type", format!("{other:?} is not supported (ec-p256)"))),
+            Some(other) => {
+                return Err(value(
+                    "ca.key_type",
+                    format!("{other:?} is not supported (ec-p256)"),
+                ));
+            }
         }
         ca.default_x509_svid_ttl = duration(
             "svid.default_x509_ttl",
@@ -328,10 +343,21 @@ mod tests {
     fn defaults_and_errors() {
         let c = ServerConfig::try_from(FileConfig::default()).unwrap();
         assert_eq!(c.trust_domain.as_str(), "example.org");
-        assert_eq!(c.datastore, Datastore::Sqlite(PathBuf::from(DEFAULT_DATA_DIR).join("datastore.sqlite3")));
-        assert!(toml::from_str::<FileConfig>("nonsense = 1").is_err(), "unknown keys are refused");
+        assert_eq!(
+            c.datastore,
+            Datastore::Sqlite(PathBuf::from(DEFAULT_DATA_DIR).join("datastore.sqlite3"))
+        );
+        assert!(
+            toml::from_str::<FileConfig>("nonsense = 1").is_err(),
+            "unknown keys are refused"
+        );
         let bad: FileConfig = toml::from_str("[ca]\nttl = \"soon\"").unwrap();
-        assert!(ServerConfig::try_from(bad).unwrap_err().to_string().starts_with("ca.ttl"));
+        assert!(
+            ServerConfig::try_from(bad)
+                .unwrap_err()
+                .to_string()
+                .starts_with("ca.ttl")
+        );
         let bad: FileConfig = toml::from_str("[datastore]\nbackend = \"postgres\"").unwrap();
         assert!(ServerConfig::try_from(bad).is_err());
         let bad: FileConfig = toml::from_str("trust_domain = \"Bad TD\"").unwrap();

@@ -101,7 +101,8 @@ impl ServerState {
         store: SharedStore,
         keys: SharedKeyManager,
     ) -> Result<Arc<Self>, ServerError> {
-        let ca = CertificateAuthority::load(config.ca.clone(), clock.clone(), keys, store.clone()).await?;
+        let ca = CertificateAuthority::load(config.ca.clone(), clock.clone(), keys, store.clone())
+            .await?;
         Ok(Arc::new(Self {
             config,
             store,
@@ -160,7 +161,9 @@ pub async fn serve(
         "identity server ready"
     );
     let result = tonic::transport::Server::builder()
-        .add_service(admin::AdminServer::new(admin::AdminService::new(state.clone())))
+        .add_service(admin::AdminServer::new(admin::AdminService::new(
+            state.clone(),
+        )))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     rotation.abort();

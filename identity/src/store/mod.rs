@@ -22,6 +22,8 @@ use crate::entry::RegistrationEntry;
 use crate::selector::Selector;
 use crate::spiffe_id::SpiffeId;
 
+#[cfg(any(test, feature = "test-util"))]
+pub mod pg_harness;
 pub mod postgres;
 mod schema;
 pub mod sqlite;
@@ -67,9 +69,14 @@ pub enum StoreError {
     /// The database failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
-    /// A schema migration failed.
-    #[error("database migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database was migrated by a newer build to a schema this one does not know.
+    #[error("database schema version {found} is newer than this build supports ({supported})")]
+    SchemaTooNew {
+        /// The newest version recorded in the database.
+        found: i64,
+        /// The newest version this build knows.
+        supported: i64,
+    },
 }
 
 /// A node that proved its identity to the server.
@@ -136,13 +143,17 @@ pub struct EntryFilter {
     pub parent_id: Option<SpiffeId>,
 }
 
-/// The registration store. Every implementation passes [`suite`].
+/// The registration store. Every implementation passes the shared conformance suite
+/// (`store::suite`, built with the `test-util` feature).
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Stores a validated entry. Its `revision` becomes 1. An entry with the same
     /// SPIFFE ID, parent and selectors as an existing one is refused with
     /// [`StoreError::AlreadyExists`], and so is a reused id.
-    async fn create_entry(&self, entry: &RegistrationEntry) -> Result<RegistrationEntry, StoreError>;
+    async fn create_entry(
+        &self,
+        entry: &RegistrationEntry,
+    ) -> Result<RegistrationEntry, StoreError>;
     /// Stores many validated entries in one transaction (all or none), as
     /// [`Store::create_entry`] would one by one. For imports and benchmarks.
     async fn create_entries(&self, entries: &[RegistrationEntry]) -> Result<(), StoreError>;
@@ -150,11 +161,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn fetch_entry(&self, id: &str) -> Result<Option<RegistrationEntry>, StoreError>;
     /// Replaces an entry if `entry.revision` is the stored revision; the stored revision
     /// is bumped. A stale revision gives [`StoreError::Conflict`].
-    async fn update_entry(&self, entry: &RegistrationEntry) -> Result<RegistrationEntry, StoreError>;
+    async fn update_entry(
+        &self,
+        entry: &RegistrationEntry,
+    ) -> Result<RegistrationEntry, StoreError>;
     /// Removes an entry and returns it.
     async fn delete_entry(&self, id: &str) -> Result<RegistrationEntry, StoreError>;
     /// Entries matching the filter, ordered by id.
-    async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<RegistrationEntry>, StoreError>;
+    async fn list_entries(
+        &self,
+        filter: &EntryFilter,
+    ) -> Result<Vec<RegistrationEntry>, StoreError>;
     /// Entries all of whose selectors are among `selectors` (at most
     /// [`crate::selector::MAX_SELECTORS`]), ordered by id. Uses the selector index.
     async fn find_entries_by_selectors(
@@ -179,14 +196,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn create_join_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError>;
     /// Atomically removes and returns the token with this hash. Succeeds at most once per
     /// token; an expired token is removed and refused with [`StoreError::TokenExpired`].
-    async fn consume_join_token(&self, token_hash: &str, now: i64) -> Result<JoinTokenRecord, StoreError>;
+    async fn consume_join_token(
+        &self,
+        token_hash: &str,
+        now: i64,
+    ) -> Result<JoinTokenRecord, StoreError>;
     /// Removes tokens expired at `now`; returns how many.
     async fn prune_join_tokens(&self, now: i64) -> Result<u64, StoreError>;
 
     /// Stores or replaces a trust bundle.
     async fn put_bundle(&self, bundle: &BundleRecord) -> Result<(), StoreError>;
     /// The bundle for `spiffe://<td>`.
-    async fn fetch_bundle(&self, trust_domain_id: &str) -> Result<Option<BundleRecord>, StoreError>;
+    async fn fetch_bundle(&self, trust_domain_id: &str)
+    -> Result<Option<BundleRecord>, StoreError>;
     /// All bundles, ordered by trust domain.
     async fn list_bundles(&self) -> Result<Vec<BundleRecord>, StoreError>;
     /// Removes a bundle.

@@ -188,7 +188,9 @@ pub fn decoding_key(jwk: &Jwk) -> Result<DecodingKey, JwtSvidError> {
             jwk.e.as_deref().ok_or_else(missing)?,
         )
         .map_err(bad),
-        "OKP" => DecodingKey::from_ed_components(jwk.x.as_deref().ok_or_else(missing)?).map_err(bad),
+        "OKP" => {
+            DecodingKey::from_ed_components(jwk.x.as_deref().ok_or_else(missing)?).map_err(bad)
+        }
         _ => Err(JwtSvidError::Signature("unsupported key type".into())),
     }
 }
@@ -264,7 +266,10 @@ pub fn validate(
     if audience.is_empty() || audience.len() > MAX_AUDIENCES {
         return Err(JwtSvidError::Claim("aud"));
     }
-    if !audience.iter().any(|a| expected_audiences.contains(&a.as_str())) {
+    if !audience
+        .iter()
+        .any(|a| expected_audiences.contains(&a.as_str()))
+    {
         return Err(JwtSvidError::Audience);
     }
     if expires_at <= unix_seconds(now) {

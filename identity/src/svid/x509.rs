@@ -233,7 +233,7 @@ impl webpki::ExtendedKeyUsageValidator for AnySvidUsage {
 
 fn parse(index: usize, der: &[u8]) -> Result<X509Certificate<'_>, X509SvidError> {
     match x509_parser::parse_x509_certificate(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok(_) => Err(X509SvidError::Parse {
             index,
             detail: "trailing bytes".into(),

@@ -221,7 +221,11 @@ pub(crate) async fn run(cmd: EntryCommand) -> anyhow::Result<ExitCode> {
                 .into_inner()
                 .entries;
             if matches!(output, Output::Pretty) {
-                println!("Found {} entr{}", entries.len(), if entries.len() == 1 { "y" } else { "ies" });
+                println!(
+                    "Found {} entr{}",
+                    entries.len(),
+                    if entries.len() == 1 { "y" } else { "ies" }
+                );
             }
             print_entries(&entries, output);
         }

@@ -1,0 +1,1032 @@
+//! How the store lays its data out in SQL: the tables of both backends, the migration
+//! runner that creates them, the statements both backends share, and the mapping between
+//! rows and Rust values.
+//!
+//! The statements are written with `$1`-style placeholders, which PostgreSQL requires
+//! and SQLite also accepts (as numbered parameters), so one text serves both backends.
+//!
+//! Every value read back from the database is parsed again (`SpiffeId::new`, selector
+//! parsing, JSON); a value that does not parse gives [`StoreError::Corrupt`], never a
+//! panic.
+
+use std::sync::LazyLock;
+
+use sha2::{Digest, Sha256};
+use sqlx::{ColumnIndex, Decode, PgPool, Row, SqlitePool, Type};
+
+use super::{AttestedAgent, BundleRecord, JoinTokenRecord, JournalRecord, StoreError};
+use crate::entry::RegistrationEntry;
+use crate::selector::{MAX_SELECTORS, Selector};
+use crate::spiffe_id::{SpiffeId, TrustDomain};
+
+/// One schema version: statements applied together, in order, in one transaction.
+#[derive(Debug)]
+pub(super) struct Migration {
+    /// Recorded in `schema_migrations.version` once applied.
+    pub version: i64,
+    /// The DDL, one statement per item.
+    pub statements: &'static [&'static str],
+}
+
+/// The bookkeeping table, the same text on both backends.
+const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (\
+     version BIGINT PRIMARY KEY NOT NULL, \
+     applied_at BIGINT NOT NULL)";
+
+/// SQLite migrations, oldest first.
+pub(super) const SQLITE_MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    statements: &[
+        "CREATE TABLE entries (
+            id TEXT PRIMARY KEY NOT NULL,
+            spiffe_id TEXT NOT NULL,
+            parent_id TEXT NOT NULL,
+            identity_key TEXT NOT NULL UNIQUE,
+            selector_count INTEGER NOT NULL,
+            x509_svid_ttl INTEGER NOT NULL,
+            jwt_svid_ttl INTEGER NOT NULL,
+            dns_names TEXT NOT NULL,
+            federates_with TEXT NOT NULL,
+            admin BOOLEAN NOT NULL,
+            downstream BOOLEAN NOT NULL,
+            expires_at INTEGER,
+            hint TEXT NOT NULL,
+            revision INTEGER NOT NULL,
+            created_at INTEGER NOT NULL,
+            spawn_max_ttl INTEGER,
+            spawn_max_depth INTEGER
+        )",
+        "CREATE INDEX entries_spiffe_id ON entries (spiffe_id)",
+        "CREATE INDEX entries_parent_id ON entries (parent_id)",
+        // `selector_count` repeats the entry's own so that the subset lookup is answered
+        // from this table's index alone (see `FIND_BY_SELECTORS`).
+        "CREATE TABLE entry_selectors (
+            entry_id TEXT NOT NULL REFERENCES entries (id) ON DELETE CASCADE,
+            type TEXT NOT NULL,
+            value TEXT NOT NULL,
+            selector_count INTEGER NOT NULL,
+            PRIMARY KEY (entry_id, type, value)
+        ) WITHOUT ROWID",
+        "CREATE INDEX entry_selectors_type_value \
+         ON entry_selectors (type, value, entry_id, selector_count)",
+        "CREATE TABLE agents (
+            spiffe_id TEXT PRIMARY KEY NOT NULL,
+            attestation_type TEXT NOT NULL,
+            cert_serial TEXT NOT NULL,
+            cert_expires_at INTEGER NOT NULL,
+            selectors TEXT NOT NULL,
+            banned BOOLEAN NOT NULL,
+            created_at INTEGER NOT NULL
+        )",
+        "CREATE TABLE join_tokens (
+            token_hash TEXT PRIMARY KEY NOT NULL,
+            expires_at INTEGER NOT NULL,
+            selectors TEXT NOT NULL
+        )",
+        "CREATE INDEX join_tokens_expires_at ON join_tokens (expires_at)",
+        "CREATE TABLE bundles (
+            trust_domain_id TEXT PRIMARY KEY NOT NULL,
+            document TEXT NOT NULL,
+            sequence INTEGER NOT NULL
+        )",
+        "CREATE TABLE ca_journal (
+            id TEXT PRIMARY KEY NOT NULL,
+            kind TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            updated_at INTEGER NOT NULL
+        )",
+    ],
+}];
+
+/// PostgreSQL migrations, oldest first. Keys use the `C` collation so that `ORDER BY`
+/// is byte order, as in SQLite, whatever the database's default locale.
+pub(super) const POSTGRES_MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    statements: &[
+        r#"CREATE TABLE entries (
+            id TEXT COLLATE "C" PRIMARY KEY NOT NULL,
+            spiffe_id TEXT COLLATE "C" NOT NULL,
+            parent_id TEXT COLLATE "C" NOT NULL,
+            identity_key TEXT NOT NULL UNIQUE,
+            selector_count BIGINT NOT NULL,
+            x509_svid_ttl BIGINT NOT NULL,
+            jwt_svid_ttl BIGINT NOT NULL,
+            dns_names TEXT NOT NULL,
+            federates_with TEXT NOT NULL,
+            admin BOOLEAN NOT NULL,
+            downstream BOOLEAN NOT NULL,
+            expires_at BIGINT,
+            hint TEXT NOT NULL,
+            revision BIGINT NOT NULL,
+            created_at BIGINT NOT NULL,
+            spawn_max_ttl BIGINT,
+            spawn_max_depth BIGINT
+        )"#,
+        "CREATE INDEX entries_spiffe_id ON entries (spiffe_id)",
+        "CREATE INDEX entries_parent_id ON entries (parent_id)",
+        r#"CREATE TABLE entry_selectors (
+            entry_id TEXT COLLATE "C" NOT NULL REFERENCES entries (id) ON DELETE CASCADE,
+            type TEXT COLLATE "C" NOT NULL,
+            value TEXT COLLATE "C" NOT NULL,
+            selector_count BIGINT NOT NULL,
+            PRIMARY KEY (entry_id, type, value)
+        )"#,
+        "CREATE INDEX entry_selectors_type_value \
+         ON entry_selectors (type, value, entry_id, selector_count)",
+        r#"CREATE TABLE agents (
+            spiffe_id TEXT COLLATE "C" PRIMARY KEY NOT NULL,
+            attestation_type TEXT NOT NULL,
+            cert_serial TEXT NOT NULL,
+            cert_expires_at BIGINT NOT NULL,
+            selectors TEXT NOT NULL,
+            banned BOOLEAN NOT NULL,
+            created_at BIGINT NOT NULL
+        )"#,
+        r#"CREATE TABLE join_tokens (
+            token_hash TEXT COLLATE "C" PRIMARY KEY NOT NULL,
+            expires_at BIGINT NOT NULL,
+            selectors TEXT NOT NULL
+        )"#,
+        "CREATE INDEX join_tokens_expires_at ON join_tokens (expires_at)",
+        r#"CREATE TABLE bundles (
+            trust_domain_id TEXT COLLATE "C" PRIMARY KEY NOT NULL,
+            document TEXT NOT NULL,
+            sequence BIGINT NOT NULL
+        )"#,
+        r#"CREATE TABLE ca_journal (
+            id TEXT COLLATE "C" PRIMARY KEY NOT NULL,
+            kind TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            updated_at BIGINT NOT NULL
+        )"#,
+    ],
+}];
+
+/// Key of the PostgreSQL advisory lock held while migrating (`"writ_sch"` in ASCII), so
+/// that servers starting together on one database migrate one after another.
+const POSTGRES_MIGRATION_LOCK: i64 = 0x7772_6974_5f73_6368;
+
+/// Seconds since the Unix epoch, for `schema_migrations.applied_at` (bookkeeping only).
+fn applied_at() -> i64 {
+    crate::clock::unix_seconds(std::time::SystemTime::now())
+}
+
+/// The migrations of `all` not among `applied`, oldest first; refuses a database that a
+/// newer build has migrated further than this one knows.
+fn pending<'a>(
+    all: &'a [Migration],
+    applied: &[i64],
+) -> Result<impl Iterator<Item = &'a Migration>, StoreError> {
+    let supported = all.iter().map(|m| m.version).max().unwrap_or(0);
+    if let Some(&found) = applied.iter().max()
+        && found > supported
+    {
+        return Err(StoreError::SchemaTooNew { found, supported });
+    }
+    Ok(all.iter().filter(move |m| !applied.contains(&m.version)))
+}
+
+/// Brings a SQLite database up to date. The whole run holds SQLite's write lock
+/// (`BEGIN IMMEDIATE`), so concurrent openers migrate one after another; running it on an
+/// up-to-date database changes nothing.
+///
+/// # Errors
+/// [`StoreError::Database`] if a statement fails (nothing is applied then),
+/// [`StoreError::SchemaTooNew`] for a database from a newer build.
+pub(super) async fn migrate_sqlite(pool: &SqlitePool) -> Result<(), StoreError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    sqlx::query(CREATE_MIGRATIONS_TABLE)
+        .execute(&mut *tx)
+        .await?;
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations")
+        .fetch_all(&mut *tx)
+        .await?;
+    for migration in pending(SQLITE_MIGRATIONS, &applied)? {
+        for statement in migration.statements {
+            sqlx::query(*statement).execute(&mut *tx).await?;
+        }
+        sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+            .bind(migration.version)
+            .bind(applied_at())
+            .execute(&mut *tx)
+            .await?;
+        tracing::info!(
+            version = migration.version,
+            "applied SQLite store migration"
+        );
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Brings a PostgreSQL database up to date, under a transaction-scoped advisory lock so
+/// that several servers starting at once on one database do not race; running it on an
+/// up-to-date database changes nothing.
+///
+/// # Errors
+/// [`StoreError::Database`] if a statement fails (nothing is applied then),
+/// [`StoreError::SchemaTooNew`] for a database from a newer build.
+pub(super) async fn migrate_postgres(pool: &PgPool) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(POSTGRES_MIGRATION_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(CREATE_MIGRATIONS_TABLE)
+        .execute(&mut *tx)
+        .await?;
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations")
+        .fetch_all(&mut *tx)
+        .await?;
+    for migration in pending(POSTGRES_MIGRATIONS, &applied)? {
+        for statement in migration.statements {
+            sqlx::query(*statement).execute(&mut *tx).await?;
+        }
+        sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+            .bind(migration.version)
+            .bind(applied_at())
+            .execute(&mut *tx)
+            .await?;
+        tracing::info!(
+            version = migration.version,
+            "applied PostgreSQL store migration"
+        );
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Statements shared by both backends.
+// ---------------------------------------------------------------------------------------
+
+/// The entry columns every entry query selects, in the order [`EntryRow::from_row`]
+/// reads them by name. The selectors come back as one `type:value` list separated by
+/// newlines (which neither part of a selector may contain).
+macro_rules! entry_select {
+    () => {
+        "SELECT e.id, e.spiffe_id, e.parent_id, e.selector_count, e.x509_svid_ttl, \
+         e.jwt_svid_ttl, e.dns_names, e.federates_with, e.admin, e.downstream, \
+         e.expires_at, e.hint, e.revision, e.created_at, e.spawn_max_ttl, \
+         e.spawn_max_depth, \
+         (SELECT string_agg(s.type || ':' || s.value, '\n') \
+            FROM entry_selectors s WHERE s.entry_id = e.id) AS selectors \
+         FROM entries e"
+    };
+}
+
+/// Most entry rows one `INSERT` writes (16 parameters each).
+pub(super) const ENTRY_ROWS_PER_INSERT: usize = 32;
+/// Most selector rows one `INSERT` writes (4 parameters each).
+pub(super) const SELECTOR_ROWS_PER_INSERT: usize = 128;
+
+/// `(`$first`, ..., `$last`)`: one row of consecutive placeholders.
+fn placeholders(first: usize, count: usize, tail: &str) -> String {
+    let params: Vec<String> = (first..first + count).map(|i| format!("${i}")).collect();
+    format!("({}{tail})", params.join(", "))
+}
+
+/// Inserts 1..=ENTRY_ROWS_PER_INSERT entry rows, each bound as `$1..=$15` of
+/// [`bind_entry`] followed by the creation time; the revision starts at 1. Writing many
+/// rows per statement matters to SQLite, whose driver hands every statement to a worker
+/// thread and back.
+static INSERT_ENTRIES: LazyLock<Vec<String>> = LazyLock::new(|| {
+    (1..=ENTRY_ROWS_PER_INSERT)
+        .map(|n| {
+            let rows: Vec<String> = (0..n)
+                .map(|i| placeholders(16 * i + 1, 16, ", 1"))
+                .collect();
+            format!(
+                "INSERT INTO entries (id, spiffe_id, parent_id, identity_key, selector_count, \
+                 x509_svid_ttl, jwt_svid_ttl, dns_names, federates_with, admin, downstream, \
+                 expires_at, hint, spawn_max_ttl, spawn_max_depth, created_at, revision) \
+                 VALUES {}",
+                rows.join(", ")
+            )
+        })
+        .collect()
+});
+
+/// Inserts 1..=SELECTOR_ROWS_PER_INSERT selector rows, each bound as
+/// `(entry_id, selector_count, type, value)`.
+static INSERT_SELECTORS: LazyLock<Vec<String>> = LazyLock::new(|| {
+    (1..=SELECTOR_ROWS_PER_INSERT)
+        .map(|n| {
+            let rows: Vec<String> = (0..n).map(|i| placeholders(4 * i + 1, 4, "")).collect();
+            format!(
+                "INSERT INTO entry_selectors (entry_id, selector_count, type, value) VALUES {}",
+                rows.join(", ")
+            )
+        })
+        .collect()
+});
+
+/// The statement inserting `n` entry rows (1..=ENTRY_ROWS_PER_INSERT).
+pub(super) fn insert_entries_sql(n: usize) -> Result<&'static str, StoreError> {
+    generated(&INSERT_ENTRIES, n)
+}
+
+/// The statement inserting `n` selector rows (1..=SELECTOR_ROWS_PER_INSERT).
+pub(super) fn insert_selectors_sql(n: usize) -> Result<&'static str, StoreError> {
+    generated(&INSERT_SELECTORS, n)
+}
+
+/// The `n`-th statement of a table of generated statements (`n` counts from 1).
+fn generated(table: &'static [String], n: usize) -> Result<&'static str, StoreError> {
+    n.checked_sub(1)
+        .and_then(|i| table.get(i))
+        .map(String::as_str)
+        .ok_or_else(|| StoreError::Invalid(format!("no statement for {n} rows")))
+}
+
+/// The selector rows of `entries`, as [`insert_selectors_sql`] binds them.
+pub(super) fn selector_rows<'p, 'a>(
+    entries: &'p [EntryParams<'a>],
+) -> impl Iterator<Item = (&'a str, i64, &'a Selector)> + 'p {
+    entries.iter().flat_map(|p| {
+        p.selectors
+            .iter()
+            .map(move |s| (p.id, p.selector_count, *s))
+    })
+}
+
+/// Replaces an entry row (`$1..=$15` as [`bind_entry`] binds them) if its revision is
+/// `$16`, and bumps the revision. `created_at` keeps the time of the first creation.
+pub(super) const UPDATE_ENTRY: &str = "UPDATE entries SET spiffe_id = $2, parent_id = $3, \
+     identity_key = $4, selector_count = $5, x509_svid_ttl = $6, jwt_svid_ttl = $7, \
+     dns_names = $8, federates_with = $9, admin = $10, downstream = $11, expires_at = $12, \
+     hint = $13, spawn_max_ttl = $14, spawn_max_depth = $15, revision = revision + 1 \
+     WHERE id = $1 AND revision = $16";
+
+/// The stored revision of an entry.
+pub(super) const ENTRY_REVISION: &str = "SELECT revision FROM entries WHERE id = $1";
+
+/// Removes an entry (its selectors go with it, `ON DELETE CASCADE`).
+pub(super) const DELETE_ENTRY: &str = "DELETE FROM entries WHERE id = $1";
+
+/// Removes an entry's selectors before they are written again.
+pub(super) const DELETE_ENTRY_SELECTORS: &str = "DELETE FROM entry_selectors WHERE entry_id = $1";
+
+/// One entry by id.
+pub(super) const FETCH_ENTRY: &str = concat!(entry_select!(), " WHERE e.id = $1");
+
+/// Every entry, by id.
+pub(super) const LIST_ENTRIES: &str = concat!(entry_select!(), " ORDER BY e.id");
+
+/// Entries with SPIFFE ID `$1`, by id.
+pub(super) const LIST_ENTRIES_BY_SPIFFE_ID: &str =
+    concat!(entry_select!(), " WHERE e.spiffe_id = $1 ORDER BY e.id");
+
+/// Entries with parent `$1`, by id.
+pub(super) const LIST_ENTRIES_BY_PARENT_ID: &str =
+    concat!(entry_select!(), " WHERE e.parent_id = $1 ORDER BY e.id");
+
+/// Entries with SPIFFE ID `$1` and parent `$2`, by id.
+pub(super) const LIST_ENTRIES_BY_BOTH: &str = concat!(
+    entry_select!(),
+    " WHERE e.spiffe_id = $1 AND e.parent_id = $2 ORDER BY e.id"
+);
+
+/// How many entries.
+pub(super) const COUNT_ENTRIES: &str = "SELECT COUNT(*) FROM entries";
+
+/// The subset lookup for each count 1..=MAX_SELECTORS of workload selectors, bound as
+/// `(type, value)` pairs from `$1`.
+///
+/// The inner query reads only the selector rows equal to one of the workload's selectors:
+/// one branch of the `UNION ALL` per workload selector, each a search of the
+/// `(type, value, entry_id, selector_count)` index that never touches a table. It counts
+/// those rows per entry and keeps the entries for which the count is the entry's own
+/// number of selectors, i.e. whose selectors all belong to the workload. The outer query
+/// then loads just those entries by primary key. The cost is one index row per
+/// (workload selector, entry holding it) pair, plus a row read per matching entry.
+///
+/// (`UNION ALL` rather than one `WHERE ... OR ...`: SQLite's multi-index OR removes
+/// duplicate rows with a temporary index, which made lookups several times slower; the
+/// workload's selectors are de-duplicated beforehand, so the branches never overlap.)
+static FIND_BY_SELECTORS: LazyLock<Vec<String>> = LazyLock::new(|| {
+    (1..=MAX_SELECTORS)
+        .map(|n| {
+            let branches: Vec<String> = (0..n)
+                .map(|i| {
+                    format!(
+                        "SELECT es.entry_id, es.selector_count FROM entry_selectors es \
+                         WHERE es.type = ${} AND es.value = ${}",
+                        2 * i + 1,
+                        2 * i + 2
+                    )
+                })
+                .collect();
+            format!(
+                "{} WHERE e.id IN (SELECT m.entry_id FROM ({}) AS m \
+                 GROUP BY m.entry_id, m.selector_count \
+                 HAVING COUNT(*) = m.selector_count) \
+                 ORDER BY e.id",
+                entry_select!(),
+                branches.join(" UNION ALL ")
+            )
+        })
+        .collect()
+});
+
+/// The subset lookup for `n` workload selectors (1..=MAX_SELECTORS).
+pub(super) fn find_by_selectors_sql(n: usize) -> Result<&'static str, StoreError> {
+    generated(&FIND_BY_SELECTORS, n).map_err(|_| too_many_selectors(n))
+}
+
+fn too_many_selectors(n: usize) -> StoreError {
+    StoreError::Invalid(format!(
+        "{n} selectors given; between 1 and {MAX_SELECTORS} are allowed"
+    ))
+}
+
+/// Checks a workload's selector list for a lookup and removes duplicates. An empty list
+/// gives `Ok(None)`: it matches nothing.
+pub(super) fn lookup_selectors(
+    selectors: &[Selector],
+) -> Result<Option<Vec<&Selector>>, StoreError> {
+    if selectors.len() > MAX_SELECTORS {
+        return Err(StoreError::Invalid(format!(
+            "a lookup may carry at most {MAX_SELECTORS} selectors, got {}",
+            selectors.len()
+        )));
+    }
+    if selectors.is_empty() {
+        return Ok(None);
+    }
+    let mut unique: Vec<&Selector> = selectors.iter().collect();
+    unique.sort();
+    unique.dedup();
+    Ok(Some(unique))
+}
+
+pub(super) const INSERT_AGENT: &str = "INSERT INTO agents (spiffe_id, attestation_type, \
+     cert_serial, cert_expires_at, selectors, banned, created_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+pub(super) const UPDATE_AGENT: &str = "UPDATE agents SET attestation_type = $2, \
+     cert_serial = $3, cert_expires_at = $4, selectors = $5, banned = $6, created_at = $7 \
+     WHERE spiffe_id = $1";
+pub(super) const FETCH_AGENT: &str = "SELECT spiffe_id, attestation_type, cert_serial, \
+     cert_expires_at, selectors, banned, created_at FROM agents WHERE spiffe_id = $1";
+pub(super) const LIST_AGENTS: &str = "SELECT spiffe_id, attestation_type, cert_serial, \
+     cert_expires_at, selectors, banned, created_at FROM agents ORDER BY spiffe_id";
+pub(super) const DELETE_AGENT: &str = "DELETE FROM agents WHERE spiffe_id = $1";
+
+pub(super) const INSERT_JOIN_TOKEN: &str =
+    "INSERT INTO join_tokens (token_hash, expires_at, selectors) VALUES ($1, $2, $3)";
+/// Removes and returns a token in one statement, so that only one caller can get it.
+pub(super) const CONSUME_JOIN_TOKEN: &str = "DELETE FROM join_tokens WHERE token_hash = $1 \
+     RETURNING token_hash, expires_at, selectors";
+pub(super) const PRUNE_JOIN_TOKENS: &str = "DELETE FROM join_tokens WHERE expires_at <= $1";
+
+pub(super) const PUT_BUNDLE: &str = "INSERT INTO bundles (trust_domain_id, document, sequence) \
+     VALUES ($1, $2, $3) ON CONFLICT (trust_domain_id) \
+     DO UPDATE SET document = excluded.document, sequence = excluded.sequence";
+pub(super) const FETCH_BUNDLE: &str =
+    "SELECT trust_domain_id, document, sequence FROM bundles WHERE trust_domain_id = $1";
+pub(super) const LIST_BUNDLES: &str =
+    "SELECT trust_domain_id, document, sequence FROM bundles ORDER BY trust_domain_id";
+pub(super) const DELETE_BUNDLE: &str = "DELETE FROM bundles WHERE trust_domain_id = $1";
+
+pub(super) const PUT_JOURNAL: &str = "INSERT INTO ca_journal (id, kind, payload, updated_at) \
+     VALUES ($1, $2, $3, $4) ON CONFLICT (id) \
+     DO UPDATE SET kind = excluded.kind, payload = excluded.payload, \
+     updated_at = excluded.updated_at";
+pub(super) const LIST_JOURNAL: &str =
+    "SELECT id, kind, payload, updated_at FROM ca_journal ORDER BY id";
+pub(super) const DELETE_JOURNAL: &str = "DELETE FROM ca_journal WHERE id = $1";
+
+// ---------------------------------------------------------------------------------------
+// Outcomes shared by both backends.
+// ---------------------------------------------------------------------------------------
+
+/// Maps a unique-constraint violation to [`StoreError::AlreadyExists`] for `kind`; other
+/// database errors pass through.
+pub(super) fn unique_violation_is(kind: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
+    move |e| match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::AlreadyExists { kind },
+        _ => StoreError::Database(e),
+    }
+}
+
+/// Why a conditional entry update changed no row: the entry is gone, or its revision is
+/// not the caller's (`stored` is the revision found, if any).
+pub(super) fn not_updated(stored: Option<i64>) -> StoreError {
+    match stored {
+        None => StoreError::NotFound { kind: "entry" },
+        Some(_) => StoreError::Conflict { kind: "entry" },
+    }
+}
+
+/// A keyed update or delete must have touched its row.
+pub(super) fn expect_one(rows_affected: u64, kind: &'static str) -> Result<(), StoreError> {
+    if rows_affected == 0 {
+        Err(StoreError::NotFound { kind })
+    } else {
+        Ok(())
+    }
+}
+
+/// A consumed join token, refused if it expired at or before `now`.
+pub(super) fn unexpired(token: JoinTokenRecord, now: i64) -> Result<JoinTokenRecord, StoreError> {
+    if token.expires_at <= now {
+        Err(StoreError::TokenExpired)
+    } else {
+        Ok(token)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Rust values -> SQL values.
+// ---------------------------------------------------------------------------------------
+
+/// An entry turned into the values of its row, checked for what the columns can hold.
+#[derive(Debug)]
+pub(super) struct EntryParams<'a> {
+    /// `$1`.
+    pub id: &'a str,
+    /// `$2`.
+    pub spiffe_id: &'a str,
+    /// `$3`.
+    pub parent_id: &'a str,
+    /// `$4`: see [`identity_key`].
+    pub identity_key: String,
+    /// `$5`.
+    pub selector_count: i64,
+    /// `$6`.
+    pub x509_svid_ttl: i64,
+    /// `$7`.
+    pub jwt_svid_ttl: i64,
+    /// `$8`: JSON array of strings.
+    pub dns_names: String,
+    /// `$9`: JSON array of trust domain names.
+    pub federates_with: String,
+    /// `$10`.
+    pub admin: bool,
+    /// `$11`.
+    pub downstream: bool,
+    /// `$12`.
+    pub expires_at: Option<i64>,
+    /// `$13`.
+    pub hint: &'a str,
+    /// `$14`.
+    pub spawn_max_ttl: Option<i64>,
+    /// `$15`.
+    pub spawn_max_depth: Option<i64>,
+    /// Bound by the insert only, as `$16`.
+    pub created_at: i64,
+    /// Sorted, without duplicates; stored in `entry_selectors`.
+    pub selectors: Vec<&'a Selector>,
+}
+
+impl<'a> EntryParams<'a> {
+    /// The row values of `entry`.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for an entry with no selectors, more than
+    /// [`MAX_SELECTORS`], or a TTL beyond `i64::MAX`.
+    pub fn new(entry: &'a RegistrationEntry) -> Result<Self, StoreError> {
+        let mut selectors: Vec<&Selector> = entry.selectors.iter().collect();
+        selectors.sort();
+        selectors.dedup();
+        if selectors.is_empty() {
+            return Err(StoreError::Invalid(
+                "an entry needs at least one selector".into(),
+            ));
+        }
+        if selectors.len() > MAX_SELECTORS {
+            return Err(too_many_selectors(selectors.len()));
+        }
+        let federates_with: Vec<&str> = entry
+            .federates_with
+            .iter()
+            .map(TrustDomain::as_str)
+            .collect();
+        Ok(Self {
+            id: &entry.id,
+            spiffe_id: entry.spiffe_id.as_str(),
+            parent_id: entry.parent_id.as_str(),
+            identity_key: identity_key(&entry.spiffe_id, &entry.parent_id, &selectors),
+            selector_count: i64::try_from(selectors.len())
+                .map_err(|_| too_many_selectors(selectors.len()))?,
+            x509_svid_ttl: to_i64(entry.x509_svid_ttl, "x509_svid_ttl")?,
+            jwt_svid_ttl: to_i64(entry.jwt_svid_ttl, "jwt_svid_ttl")?,
+            dns_names: to_json(&entry.dns_names)?,
+            federates_with: to_json(&federates_with)?,
+            admin: entry.admin,
+            downstream: entry.downstream,
+            expires_at: entry.expires_at,
+            hint: &entry.hint,
+            created_at: entry.created_at,
+            spawn_max_ttl: entry
+                .spawn_max_ttl
+                .map(|t| to_i64(t, "spawn_max_ttl"))
+                .transpose()?,
+            spawn_max_depth: entry.spawn_max_depth.map(i64::from),
+            selectors,
+        })
+    }
+
+    /// The entry as stored by a create: normalized selectors, revision 1.
+    pub fn created(&self, entry: &RegistrationEntry) -> RegistrationEntry {
+        RegistrationEntry {
+            selectors: self.selectors.iter().map(|s| (*s).clone()).collect(),
+            revision: 1,
+            ..entry.clone()
+        }
+    }
+}
+
+/// Binds [`EntryParams`] (all but `created_at`) as `$1..=$15` of `query`, whichever the
+/// backend.
+pub(super) fn bind_entry<'q, DB>(
+    query: sqlx::query::Query<'q, DB, DB::Arguments>,
+    p: &EntryParams<'_>,
+) -> sqlx::query::Query<'q, DB, DB::Arguments>
+where
+    DB: sqlx::Database,
+    for<'t> &'t str: sqlx::Encode<'t, DB> + Type<DB>,
+    for<'t> i64: sqlx::Encode<'t, DB> + Type<DB>,
+    for<'t> Option<i64>: sqlx::Encode<'t, DB> + Type<DB>,
+    for<'t> bool: sqlx::Encode<'t, DB> + Type<DB>,
+{
+    query
+        .bind(p.id)
+        .bind(p.spiffe_id)
+        .bind(p.parent_id)
+        .bind(p.identity_key.as_str())
+        .bind(p.selector_count)
+        .bind(p.x509_svid_ttl)
+        .bind(p.jwt_svid_ttl)
+        .bind(p.dns_names.as_str())
+        .bind(p.federates_with.as_str())
+        .bind(p.admin)
+        .bind(p.downstream)
+        .bind(p.expires_at)
+        .bind(p.hint)
+        .bind(p.spawn_max_ttl)
+        .bind(p.spawn_max_depth)
+}
+
+/// Hex SHA-256 of `spiffe_id \n parent_id \n selector \n selector ...` over the sorted
+/// selectors: two entries that would match the same workloads with the same identity
+/// share this key, which the `UNIQUE` constraint then refuses.
+pub(super) fn identity_key(
+    spiffe_id: &SpiffeId,
+    parent_id: &SpiffeId,
+    sorted: &[&Selector],
+) -> String {
+    let mut hash = Sha256::new();
+    hash.update(spiffe_id.as_str().as_bytes());
+    hash.update(b"\n");
+    hash.update(parent_id.as_str().as_bytes());
+    for selector in sorted {
+        hash.update(b"\n");
+        hash.update(selector.to_string().as_bytes());
+    }
+    hex::encode(hash.finalize())
+}
+
+/// Values that must fit a signed 64-bit column.
+pub(super) fn to_i64(value: u64, field: &str) -> Result<i64, StoreError> {
+    i64::try_from(value)
+        .map_err(|_| StoreError::Invalid(format!("{field} {value} is too large to store")))
+}
+
+/// A list as JSON text.
+pub(super) fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value)
+        .map_err(|e| StoreError::Invalid(format!("cannot encode list: {e}")))
+}
+
+/// A selector list as JSON text (`["type:value", ...]`).
+pub(super) fn selectors_json(selectors: &[Selector]) -> Result<String, StoreError> {
+    let texts: Vec<String> = selectors.iter().map(Selector::to_string).collect();
+    to_json(&texts)
+}
+
+// ---------------------------------------------------------------------------------------
+// SQL values -> Rust values.
+// ---------------------------------------------------------------------------------------
+
+/// Reads column `column` of `row`; a missing column or a value of the wrong type is
+/// corruption of a `kind` record.
+fn get<'r, R, T>(row: &'r R, column: &str, kind: &'static str) -> Result<T, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    T: Decode<'r, R::Database> + Type<R::Database>,
+{
+    row.try_get(column).map_err(|e| StoreError::Corrupt {
+        kind,
+        detail: format!("column {column}: {e}"),
+    })
+}
+
+/// A row of one of the entry queries, before parsing.
+#[derive(Debug)]
+pub(super) struct EntryRow {
+    id: String,
+    spiffe_id: String,
+    parent_id: String,
+    selector_count: i64,
+    x509_svid_ttl: i64,
+    jwt_svid_ttl: i64,
+    dns_names: String,
+    federates_with: String,
+    admin: bool,
+    downstream: bool,
+    expires_at: Option<i64>,
+    hint: String,
+    revision: i64,
+    created_at: i64,
+    spawn_max_ttl: Option<i64>,
+    spawn_max_depth: Option<i64>,
+    selectors: Option<String>,
+}
+
+const ENTRY: &str = "entry";
+
+impl EntryRow {
+    /// Reads the columns of an entry query (see `entry_select!`).
+    pub fn from_row<R>(row: &R) -> Result<Self, StoreError>
+    where
+        R: Row,
+        for<'c> &'c str: ColumnIndex<R>,
+        for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+        for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+        for<'r> bool: Decode<'r, R::Database> + Type<R::Database>,
+    {
+        Ok(Self {
+            id: get(row, "id", ENTRY)?,
+            spiffe_id: get(row, "spiffe_id", ENTRY)?,
+            parent_id: get(row, "parent_id", ENTRY)?,
+            selector_count: get(row, "selector_count", ENTRY)?,
+            x509_svid_ttl: get(row, "x509_svid_ttl", ENTRY)?,
+            jwt_svid_ttl: get(row, "jwt_svid_ttl", ENTRY)?,
+            dns_names: get(row, "dns_names", ENTRY)?,
+            federates_with: get(row, "federates_with", ENTRY)?,
+            admin: get(row, "admin", ENTRY)?,
+            downstream: get(row, "downstream", ENTRY)?,
+            expires_at: get(row, "expires_at", ENTRY)?,
+            hint: get(row, "hint", ENTRY)?,
+            revision: get(row, "revision", ENTRY)?,
+            created_at: get(row, "created_at", ENTRY)?,
+            spawn_max_ttl: get(row, "spawn_max_ttl", ENTRY)?,
+            spawn_max_depth: get(row, "spawn_max_depth", ENTRY)?,
+            selectors: get(row, "selectors", ENTRY)?,
+        })
+    }
+
+    /// Parses every field.
+    pub fn decode(self) -> Result<RegistrationEntry, StoreError> {
+        let mut selectors = self
+            .selectors
+            .as_deref()
+            .unwrap_or_default()
+            .split('\n')
+            .filter(|s| !s.is_empty())
+            .map(|s| parse_selector(s, ENTRY))
+            .collect::<Result<Vec<_>, _>>()?;
+        selectors.sort();
+        if i64::try_from(selectors.len()).ok() != Some(self.selector_count) || selectors.is_empty()
+        {
+            return Err(corrupt(
+                ENTRY,
+                format!(
+                    "entry {} has {} selector rows but records {}",
+                    self.id,
+                    selectors.len(),
+                    self.selector_count
+                ),
+            ));
+        }
+        let dns_names: Vec<String> = from_json(&self.dns_names, ENTRY, "dns_names")?;
+        let federates_with: Vec<String> = from_json(&self.federates_with, ENTRY, "federates_with")?;
+        let federates_with = federates_with
+            .iter()
+            .map(|td| {
+                TrustDomain::new(td)
+                    .map_err(|e| corrupt(ENTRY, format!("federates_with {td:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RegistrationEntry {
+            spiffe_id: parse_spiffe_id(&self.spiffe_id, ENTRY)?,
+            parent_id: parse_spiffe_id(&self.parent_id, ENTRY)?,
+            selectors,
+            x509_svid_ttl: from_i64(self.x509_svid_ttl, ENTRY, "x509_svid_ttl")?,
+            jwt_svid_ttl: from_i64(self.jwt_svid_ttl, ENTRY, "jwt_svid_ttl")?,
+            dns_names,
+            federates_with,
+            admin: self.admin,
+            downstream: self.downstream,
+            expires_at: self.expires_at,
+            hint: self.hint,
+            revision: self.revision,
+            created_at: self.created_at,
+            spawn_max_ttl: self
+                .spawn_max_ttl
+                .map(|t| from_i64(t, ENTRY, "spawn_max_ttl"))
+                .transpose()?,
+            spawn_max_depth: self
+                .spawn_max_depth
+                .map(|d| {
+                    u32::try_from(d)
+                        .map_err(|_| corrupt(ENTRY, format!("spawn_max_depth {d} out of range")))
+                })
+                .transpose()?,
+            id: self.id,
+        })
+    }
+}
+
+/// Reads and parses an entry row.
+pub(super) fn entry_from_row<R>(row: &R) -> Result<RegistrationEntry, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> bool: Decode<'r, R::Database> + Type<R::Database>,
+{
+    EntryRow::from_row(row)?.decode()
+}
+
+/// Reads and parses an `agents` row.
+pub(super) fn agent_from_row<R>(row: &R) -> Result<AttestedAgent, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> bool: Decode<'r, R::Database> + Type<R::Database>,
+{
+    const KIND: &str = "agent";
+    let spiffe_id: String = get(row, "spiffe_id", KIND)?;
+    let selectors: String = get(row, "selectors", KIND)?;
+    Ok(AttestedAgent {
+        spiffe_id: parse_spiffe_id(&spiffe_id, KIND)?,
+        attestation_type: get(row, "attestation_type", KIND)?,
+        cert_serial: get(row, "cert_serial", KIND)?,
+        cert_expires_at: get(row, "cert_expires_at", KIND)?,
+        selectors: parse_selector_json(&selectors, KIND)?,
+        banned: get(row, "banned", KIND)?,
+        created_at: get(row, "created_at", KIND)?,
+    })
+}
+
+/// Reads and parses a `join_tokens` row.
+pub(super) fn join_token_from_row<R>(row: &R) -> Result<JoinTokenRecord, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    const KIND: &str = "join token";
+    let selectors: String = get(row, "selectors", KIND)?;
+    Ok(JoinTokenRecord {
+        token_hash: get(row, "token_hash", KIND)?,
+        expires_at: get(row, "expires_at", KIND)?,
+        selectors: parse_selector_json(&selectors, KIND)?,
+    })
+}
+
+/// Reads and parses a `bundles` row.
+pub(super) fn bundle_from_row<R>(row: &R) -> Result<BundleRecord, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    const KIND: &str = "bundle";
+    Ok(BundleRecord {
+        trust_domain_id: get(row, "trust_domain_id", KIND)?,
+        document: get(row, "document", KIND)?,
+        sequence: from_i64(get(row, "sequence", KIND)?, KIND, "sequence")?,
+    })
+}
+
+/// Reads a `ca_journal` row.
+pub(super) fn journal_from_row<R>(row: &R) -> Result<JournalRecord, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    const KIND: &str = "journal record";
+    Ok(JournalRecord {
+        id: get(row, "id", KIND)?,
+        kind: get(row, "kind", KIND)?,
+        payload: get(row, "payload", KIND)?,
+        updated_at: get(row, "updated_at", KIND)?,
+    })
+}
+
+/// A stored count as `u64`.
+pub(super) fn count_from_i64(count: i64) -> Result<u64, StoreError> {
+    from_i64(count, "entry", "count")
+}
+
+fn corrupt(kind: &'static str, detail: String) -> StoreError {
+    StoreError::Corrupt { kind, detail }
+}
+
+fn from_i64(value: i64, kind: &'static str, field: &str) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| corrupt(kind, format!("{field} {value} is negative")))
+}
+
+fn parse_spiffe_id(text: &str, kind: &'static str) -> Result<SpiffeId, StoreError> {
+    SpiffeId::new(text).map_err(|e| corrupt(kind, format!("SPIFFE ID {:?}: {e}", truncated(text))))
+}
+
+fn parse_selector(text: &str, kind: &'static str) -> Result<Selector, StoreError> {
+    text.parse()
+        .map_err(|e| corrupt(kind, format!("selector {:?}: {e}", truncated(text))))
+}
+
+fn parse_selector_json(text: &str, kind: &'static str) -> Result<Vec<Selector>, StoreError> {
+    let texts: Vec<String> = from_json(text, kind, "selectors")?;
+    texts.iter().map(|s| parse_selector(s, kind)).collect()
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(
+    text: &str,
+    kind: &'static str,
+    field: &str,
+) -> Result<T, StoreError> {
+    serde_json::from_str(text)
+        .map_err(|e| corrupt(kind, format!("{field} is not the expected JSON: {e}")))
+}
+
+/// At most 80 characters of a stored value, for error messages.
+fn truncated(text: &str) -> String {
+    text.chars().take(80).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_key_depends_on_every_part() {
+        let a = SpiffeId::new("spiffe://example.org/a").unwrap();
+        let b = SpiffeId::new("spiffe://example.org/b").unwrap();
+        let s1: Selector = "unix:uid:1".parse().unwrap();
+        let s2: Selector = "unix:uid:2".parse().unwrap();
+        let base = identity_key(&a, &b, &[&s1, &s2]);
+        assert_eq!(base.len(), 64);
+        assert_ne!(base, identity_key(&b, &a, &[&s1, &s2]));
+        assert_ne!(base, identity_key(&a, &b, &[&s1]));
+        assert_eq!(base, identity_key(&a, &b, &[&s1, &s2]));
+    }
+
+    #[test]
+    fn generated_statements_number_their_parameters() {
+        assert_eq!(
+            insert_selectors_sql(2).unwrap(),
+            "INSERT INTO entry_selectors (entry_id, selector_count, type, value) \
+             VALUES ($1, $2, $3, $4), ($5, $6, $7, $8)"
+        );
+        assert!(insert_entries_sql(2).unwrap().ends_with(
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, 1), \
+             ($17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, 1)"
+        ));
+        assert!(insert_entries_sql(ENTRY_ROWS_PER_INSERT).is_ok());
+        assert!(insert_entries_sql(ENTRY_ROWS_PER_INSERT + 1).is_err());
+        assert!(insert_selectors_sql(SELECTOR_ROWS_PER_INSERT).is_ok());
+        assert!(insert_selectors_sql(0).is_err());
+        assert!(find_by_selectors_sql(2).unwrap().contains(
+            "WHERE es.type = $1 AND es.value = $2 UNION ALL SELECT es.entry_id, \
+             es.selector_count FROM entry_selectors es WHERE es.type = $3 AND es.value = $4) \
+             AS m GROUP BY"
+        ));
+        assert!(find_by_selectors_sql(0).is_err());
+        assert!(find_by_selectors_sql(MAX_SELECTORS).is_ok());
+        assert!(find_by_selectors_sql(MAX_SELECTORS + 1).is_err());
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let applied = [1, 99];
+        assert!(matches!(
+            pending(SQLITE_MIGRATIONS, &applied).map(|p| p.count()),
+            Err(StoreError::SchemaTooNew {
+                found: 99,
+                supported: 1
+            })
+        ));
+        assert_eq!(
+            pending(SQLITE_MIGRATIONS, &[1]).map(|p| p.count()).unwrap(),
+            0
+        );
+        assert_eq!(
+            pending(POSTGRES_MIGRATIONS, &[])
+                .map(|p| p.count())
+                .unwrap(),
+            1
+        );
+    }
+}

@@ -1,0 +1,1134 @@
+//! The conformance suite every [`Store`] implementation must pass.
+//!
+//! Each check is a small public function that asserts one behaviour and panics (as a
+//! test does) when the store gets it wrong. Every check makes its own SPIFFE IDs,
+//! selectors, token hashes and bundle names from a fresh UUID, so all checks can share
+//! one store, and one store can go through [`run_all`] more than once. The checks run
+//! one after another; [`entry_count`] and [`join_token_prune`] count store-wide and
+//! assume no other writer touches the store meanwhile.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), writ_identity::store::StoreError> {
+//! use writ_identity::store::{sqlite::SqliteStore, suite};
+//! let store = SqliteStore::open_in_memory().await?;
+//! suite::run_all(&store).await;
+//! # Ok(()) }
+//! ```
+#![expect(
+    clippy::expect_used,
+    reason = "a conformance check reports a broken store by panicking, like a test"
+)]
+
+use futures::future::join_all;
+
+use super::{
+    AttestedAgent, BundleRecord, EntryFilter, JoinTokenRecord, JournalRecord, Store, StoreError,
+};
+use crate::entry::RegistrationEntry;
+use crate::selector::{MAX_SELECTORS, Selector};
+use crate::spiffe_id::{SpiffeId, TrustDomain};
+
+/// A time far in the future (2096) for records that must not expire during the suite.
+const FAR_FUTURE: i64 = 4_000_000_000;
+
+/// Runs every check against `store`, in order.
+pub async fn run_all(store: &dyn Store) {
+    entry_create_and_fetch(store).await;
+    entry_round_trips_every_field(store).await;
+    entry_selectors_are_normalized(store).await;
+    entry_update_bumps_revision(store).await;
+    entry_update_stale_revision_conflicts(store).await;
+    entry_update_into_duplicate_refused(store).await;
+    entry_delete(store).await;
+    entry_duplicate_refused(store).await;
+    entry_reused_id_refused(store).await;
+    entry_invalid_refused(store).await;
+    entry_count(store).await;
+    find_subset_semantics(store).await;
+    find_orders_by_id(store).await;
+    find_limits(store).await;
+    find_follows_updates_and_deletes(store).await;
+    list_entries_filters(store).await;
+    create_entries_all_or_nothing(store).await;
+    agents_crud(store).await;
+    join_token_single_use(store).await;
+    join_token_expired(store).await;
+    join_token_prune(store).await;
+    bundles_crud(store).await;
+    journal_crud(store).await;
+    concurrent_consume_join_token(store).await;
+    concurrent_update_entry(store).await;
+}
+
+/// Fresh names for one check.
+#[derive(Debug, Clone)]
+struct Scope {
+    tag: String,
+}
+
+impl Scope {
+    fn new(check: &str) -> Self {
+        Self {
+            tag: format!("{check}-{}", uuid::Uuid::new_v4().simple()),
+        }
+    }
+
+    /// `spiffe://example.org/suite/<tag>/<path>`.
+    fn id(&self, path: &str) -> SpiffeId {
+        SpiffeId::new(&format!("spiffe://example.org/suite/{}/{path}", self.tag))
+            .expect("suite SPIFFE ID")
+    }
+
+    /// `suite:<tag>-<name>`, a selector no other check uses.
+    fn sel(&self, name: &str) -> Selector {
+        Selector::new("suite", &format!("{}-{name}", self.tag)).expect("suite selector")
+    }
+
+    fn sels(&self, names: &[&str]) -> Vec<Selector> {
+        names.iter().map(|n| self.sel(n)).collect()
+    }
+
+    /// An entry for `path` under this scope's agent, with the named selectors.
+    fn entry(&self, path: &str, selectors: &[&str]) -> RegistrationEntry {
+        let mut entry =
+            RegistrationEntry::new(self.id(path), self.id("agent"), self.sels(selectors));
+        entry.created_at = 1_700_000_000;
+        entry
+    }
+
+    /// A token hash no other check uses.
+    fn token_hash(&self, name: &str) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(format!("{}-{name}", self.tag)))
+    }
+}
+
+fn ids(entries: &[RegistrationEntry]) -> Vec<&str> {
+    entries.iter().map(|e| e.id.as_str()).collect()
+}
+
+fn sorted_ids<'a>(entries: &[&'a RegistrationEntry]) -> Vec<&'a str> {
+    let mut ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+    ids.sort_unstable();
+    ids
+}
+
+async fn fetch(store: &dyn Store, id: &str) -> Option<RegistrationEntry> {
+    store.fetch_entry(id).await.expect("fetch_entry")
+}
+
+async fn find(store: &dyn Store, selectors: &[Selector]) -> Vec<RegistrationEntry> {
+    let found = store
+        .find_entries_by_selectors(selectors)
+        .await
+        .expect("find_entries_by_selectors");
+    for entry in &found {
+        assert!(
+            entry.selectors.iter().all(|s| selectors.contains(s)),
+            "entry {} returned for workload {selectors:?} though not all of its selectors {:?} are the workload's",
+            entry.id,
+            entry.selectors
+        );
+    }
+    let mut sorted = ids(&found);
+    sorted.sort_unstable();
+    assert_eq!(ids(&found), sorted, "lookup results must be ordered by id");
+    found
+}
+
+/// Create returns the stored entry with revision 1 whatever revision it was given, and
+/// fetch returns the same; an unknown id is `None`.
+pub async fn entry_create_and_fetch(store: &dyn Store) {
+    let s = Scope::new("create");
+    let mut entry = s.entry("workload", &["a", "b"]);
+    entry.revision = 7;
+    let created = store.create_entry(&entry).await.expect("create_entry");
+    assert_eq!(created.revision, 1, "a new entry has revision 1");
+    assert_eq!(created.id, entry.id);
+    assert_eq!(
+        created,
+        RegistrationEntry {
+            revision: 1,
+            ..entry
+        }
+    );
+    assert_eq!(fetch(store, &created.id).await, Some(created));
+    assert_eq!(fetch(store, &format!("{}-missing", s.tag)).await, None);
+}
+
+/// Every field, including empty and `None` ones, reads back exactly as written.
+pub async fn entry_round_trips_every_field(store: &dyn Store) {
+    let s = Scope::new("round-trip");
+    let mut full = s.entry("full", &["a"]);
+    full.selectors = vec![
+        Selector::new(
+            "docker",
+            &format!("label:com.example.name=it's 100% \"{}\"", s.tag),
+        )
+        .expect("selector"),
+        Selector::new("k8s", &format!("pod-label:app=web ✓ {}", s.tag)).expect("selector"),
+        s.sel("plain"),
+    ];
+    full.selectors.sort();
+    full.x509_svid_ttl = 3_600;
+    full.jwt_svid_ttl = 300;
+    full.dns_names = vec!["api.example.org".into(), "*.svc.example.org".into()];
+    full.federates_with = vec![
+        TrustDomain::new("partner.example").expect("trust domain"),
+        TrustDomain::new("other.example").expect("trust domain"),
+    ];
+    full.admin = true;
+    full.downstream = true;
+    full.expires_at = Some(FAR_FUTURE);
+    full.hint = "héllo, wörld: \"quoted\" 'single' ✓".into();
+    full.created_at = 1_234_567_890;
+    full.spawn_max_ttl = Some(300);
+    full.spawn_max_depth = Some(3);
+    let created = store.create_entry(&full).await.expect("create full entry");
+    assert_eq!(
+        created,
+        RegistrationEntry {
+            revision: 1,
+            ..full.clone()
+        }
+    );
+    assert_eq!(fetch(store, &full.id).await, Some(created));
+
+    let mut minimal = s.entry("minimal", &["b"]);
+    minimal.expires_at = Some(-5);
+    minimal.created_at = 0;
+    let created = store
+        .create_entry(&minimal)
+        .await
+        .expect("create minimal entry");
+    let fetched = fetch(store, &minimal.id)
+        .await
+        .expect("minimal entry stored");
+    assert_eq!(fetched, created);
+    assert_eq!(fetched.spawn_max_ttl, None);
+    assert_eq!(fetched.spawn_max_depth, None);
+    assert_eq!(fetched.expires_at, Some(-5));
+    assert!(fetched.dns_names.is_empty() && fetched.federates_with.is_empty());
+    assert!(!fetched.admin && !fetched.downstream && fetched.hint.is_empty());
+
+    let mut extremes = s.entry("extremes", &["c"]);
+    extremes.x509_svid_ttl = i64::MAX.unsigned_abs();
+    extremes.expires_at = Some(i64::MIN);
+    extremes.created_at = i64::MAX;
+    extremes.spawn_max_ttl = Some(0);
+    extremes.spawn_max_depth = Some(u32::MAX);
+    let created = store
+        .create_entry(&extremes)
+        .await
+        .expect("create extreme entry");
+    assert_eq!(fetch(store, &extremes.id).await, Some(created));
+}
+
+/// Selectors come back sorted and without duplicates, whatever order they went in.
+pub async fn entry_selectors_are_normalized(store: &dyn Store) {
+    let s = Scope::new("normalize");
+    let mut entry = s.entry("workload", &["c", "a", "b", "a"]);
+    let created = store.create_entry(&entry).await.expect("create_entry");
+    entry.selectors = s.sels(&["a", "b", "c"]);
+    assert_eq!(created.selectors, entry.selectors);
+    let fetched = fetch(store, &entry.id).await.expect("stored");
+    assert_eq!(fetched.selectors, entry.selectors);
+}
+
+/// An update with the stored revision replaces the entry (selectors included) and bumps
+/// the revision; `created_at` keeps the creation time.
+pub async fn entry_update_bumps_revision(store: &dyn Store) {
+    let s = Scope::new("update");
+    let created = store
+        .create_entry(&s.entry("workload", &["a", "b"]))
+        .await
+        .expect("create_entry");
+    let mut change = created.clone();
+    change.spiffe_id = s.id("renamed");
+    change.selectors = s.sels(&["c"]);
+    change.dns_names = vec!["new.example.org".into()];
+    change.hint = "changed".into();
+    change.spawn_max_ttl = Some(60);
+    change.expires_at = None;
+    change.created_at = 42;
+    let updated = store.update_entry(&change).await.expect("update_entry");
+    assert_eq!(updated.revision, 2);
+    assert_eq!(
+        updated,
+        RegistrationEntry {
+            revision: 2,
+            created_at: created.created_at,
+            ..change
+        }
+    );
+    assert_eq!(fetch(store, &created.id).await, Some(updated.clone()));
+
+    let again = store.update_entry(&updated).await.expect("second update");
+    assert_eq!(again.revision, 3);
+    assert_eq!(fetch(store, &created.id).await.map(|e| e.revision), Some(3));
+}
+
+/// A stale revision gives `Conflict` and changes nothing; an unknown id gives
+/// `NotFound`.
+pub async fn entry_update_stale_revision_conflicts(store: &dyn Store) {
+    let s = Scope::new("conflict");
+    let created = store
+        .create_entry(&s.entry("workload", &["a"]))
+        .await
+        .expect("create_entry");
+    let first = RegistrationEntry {
+        hint: "first".into(),
+        ..created.clone()
+    };
+    store.update_entry(&first).await.expect("first update");
+    let stale = RegistrationEntry {
+        hint: "stale".into(),
+        selectors: s.sels(&["z"]),
+        ..created.clone()
+    };
+    let err = store
+        .update_entry(&stale)
+        .await
+        .expect_err("stale revision");
+    assert!(matches!(err, StoreError::Conflict { .. }), "got {err:?}");
+    let stored = fetch(store, &created.id).await.expect("still stored");
+    assert_eq!(stored.hint, "first");
+    assert_eq!(stored.revision, 2);
+    assert_eq!(stored.selectors, s.sels(&["a"]));
+
+    let missing = s.entry("missing", &["m"]);
+    let err = store.update_entry(&missing).await.expect_err("unknown id");
+    assert!(matches!(err, StoreError::NotFound { .. }), "got {err:?}");
+    assert_eq!(fetch(store, &missing.id).await, None);
+}
+
+/// An update that would make an entry identical to another is refused and rolled back.
+pub async fn entry_update_into_duplicate_refused(store: &dyn Store) {
+    let s = Scope::new("update-dup");
+    let one = store
+        .create_entry(&s.entry("workload", &["a"]))
+        .await
+        .expect("create one");
+    let two = store
+        .create_entry(&s.entry("workload", &["b"]))
+        .await
+        .expect("create two");
+    let clash = RegistrationEntry {
+        selectors: one.selectors.clone(),
+        hint: "clash".into(),
+        ..two.clone()
+    };
+    let err = store.update_entry(&clash).await.expect_err("duplicate");
+    assert!(
+        matches!(err, StoreError::AlreadyExists { .. }),
+        "got {err:?}"
+    );
+    assert_eq!(fetch(store, &two.id).await, Some(two.clone()));
+    assert_eq!(fetch(store, &one.id).await, Some(one));
+    assert_eq!(
+        ids(&find(store, &s.sels(&["b"])).await),
+        vec![two.id.as_str()]
+    );
+}
+
+/// Delete returns the entry and removes it with its selectors; a second delete is
+/// `NotFound`.
+pub async fn entry_delete(store: &dyn Store) {
+    let s = Scope::new("delete");
+    let created = store
+        .create_entry(&s.entry("workload", &["a", "b"]))
+        .await
+        .expect("create_entry");
+    let deleted = store.delete_entry(&created.id).await.expect("delete_entry");
+    assert_eq!(deleted, created);
+    assert_eq!(fetch(store, &created.id).await, None);
+    assert!(find(store, &s.sels(&["a", "b"])).await.is_empty());
+    let err = store
+        .delete_entry(&created.id)
+        .await
+        .expect_err("second delete");
+    assert!(matches!(err, StoreError::NotFound { .. }), "got {err:?}");
+    // The same identity may be registered again once the old entry is gone.
+    store
+        .create_entry(&s.entry("workload", &["a", "b"]))
+        .await
+        .expect("re-create after delete");
+}
+
+/// Same SPIFFE ID, parent and selector set (in any order) as a stored entry is
+/// `AlreadyExists` and stores nothing; changing any one of the three is fine.
+pub async fn entry_duplicate_refused(store: &dyn Store) {
+    let s = Scope::new("duplicate");
+    let original = store
+        .create_entry(&s.entry("workload", &["a", "b"]))
+        .await
+        .expect("create_entry");
+    let duplicate = s.entry("workload", &["b", "a"]);
+    let err = store.create_entry(&duplicate).await.expect_err("duplicate");
+    assert!(
+        matches!(err, StoreError::AlreadyExists { .. }),
+        "got {err:?}"
+    );
+    assert_eq!(fetch(store, &duplicate.id).await, None);
+    assert_eq!(
+        ids(&find(store, &s.sels(&["a", "b"])).await),
+        vec![original.id.as_str()]
+    );
+
+    store
+        .create_entry(&s.entry("workload", &["a"]))
+        .await
+        .expect("subset of selectors is another entry");
+    store
+        .create_entry(&s.entry("other", &["a", "b"]))
+        .await
+        .expect("other SPIFFE ID is another entry");
+    let mut other_parent = s.entry("workload", &["a", "b"]);
+    other_parent.parent_id = s.id("agent-2");
+    store
+        .create_entry(&other_parent)
+        .await
+        .expect("other parent is another entry");
+}
+
+/// An id already in use is `AlreadyExists`; the stored entry is untouched.
+pub async fn entry_reused_id_refused(store: &dyn Store) {
+    let s = Scope::new("reused-id");
+    let original = store
+        .create_entry(&s.entry("workload", &["a"]))
+        .await
+        .expect("create_entry");
+    let mut reuse = s.entry("other", &["b"]);
+    reuse.id.clone_from(&original.id);
+    let err = store.create_entry(&reuse).await.expect_err("reused id");
+    assert!(
+        matches!(err, StoreError::AlreadyExists { .. }),
+        "got {err:?}"
+    );
+    assert_eq!(fetch(store, &original.id).await, Some(original));
+    assert!(find(store, &s.sels(&["b"])).await.is_empty());
+}
+
+/// Entries the columns cannot hold are `Invalid` and store nothing: no selectors, a TTL
+/// beyond `i64::MAX`.
+pub async fn entry_invalid_refused(store: &dyn Store) {
+    let s = Scope::new("invalid");
+    let no_selectors = s.entry("none", &[]);
+    let err = store
+        .create_entry(&no_selectors)
+        .await
+        .expect_err("no selectors");
+    assert!(matches!(err, StoreError::Invalid(_)), "got {err:?}");
+    assert_eq!(fetch(store, &no_selectors.id).await, None);
+
+    let mut huge = s.entry("huge", &["a"]);
+    huge.jwt_svid_ttl = u64::MAX;
+    let err = store.create_entry(&huge).await.expect_err("TTL too large");
+    assert!(matches!(err, StoreError::Invalid(_)), "got {err:?}");
+    assert_eq!(fetch(store, &huge.id).await, None);
+
+    let mut huge_spawn = s.entry("huge-spawn", &["a"]);
+    huge_spawn.spawn_max_ttl = Some(u64::MAX);
+    let err = store
+        .create_entry(&huge_spawn)
+        .await
+        .expect_err("spawn TTL too large");
+    assert!(matches!(err, StoreError::Invalid(_)), "got {err:?}");
+    assert_eq!(fetch(store, &huge_spawn.id).await, None);
+}
+
+/// `count_entries` follows creates and deletes.
+pub async fn entry_count(store: &dyn Store) {
+    let s = Scope::new("count");
+    let before = store.count_entries().await.expect("count_entries");
+    let one = s.entry("one", &["a"]);
+    let batch = vec![
+        one.clone(),
+        s.entry("two", &["a"]),
+        s.entry("three", &["a"]),
+    ];
+    store.create_entries(&batch).await.expect("create_entries");
+    assert_eq!(
+        store.count_entries().await.expect("count_entries"),
+        before + 3
+    );
+    store.delete_entry(&one.id).await.expect("delete_entry");
+    assert_eq!(
+        store.count_entries().await.expect("count_entries"),
+        before + 2
+    );
+}
+
+/// An entry matches a workload when all of its selectors are among the workload's:
+/// `{a,b}` matches `{a,b,c}` but not `{a}`; an entry sharing no selector never comes
+/// back.
+pub async fn find_subset_semantics(store: &dyn Store) {
+    let s = Scope::new("subset");
+    let ab = store
+        .create_entry(&s.entry("ab", &["a", "b"]))
+        .await
+        .expect("create ab");
+    let a = store
+        .create_entry(&s.entry("a", &["a"]))
+        .await
+        .expect("create a");
+    let c = store
+        .create_entry(&s.entry("c", &["c"]))
+        .await
+        .expect("create c");
+    let abd = store
+        .create_entry(&s.entry("abd", &["a", "b", "d"]))
+        .await
+        .expect("create abd");
+    let e = store
+        .create_entry(&s.entry("e", &["e"]))
+        .await
+        .expect("create e");
+
+    let found = find(store, &s.sels(&["a", "b", "c"])).await;
+    assert_eq!(ids(&found), sorted_ids(&[&ab, &a, &c]));
+    assert_eq!(
+        found.iter().find(|x| x.id == ab.id),
+        Some(&ab),
+        "whole entries come back"
+    );
+
+    assert_eq!(
+        ids(&find(store, &s.sels(&["a"])).await),
+        vec![a.id.as_str()]
+    );
+    assert_eq!(ids(&find(store, &s.sels(&["b"])).await), Vec::<&str>::new());
+    assert_eq!(
+        ids(&find(store, &s.sels(&["d", "b", "a", "x"])).await),
+        sorted_ids(&[&ab, &a, &abd])
+    );
+    assert_eq!(
+        ids(&find(store, &s.sels(&["e"])).await),
+        vec![e.id.as_str()]
+    );
+    assert!(find(store, &s.sels(&["x", "y"])).await.is_empty());
+    // Duplicates in the workload's list change nothing.
+    assert_eq!(
+        ids(&find(store, &s.sels(&["a", "a", "b", "b"])).await),
+        sorted_ids(&[&ab, &a])
+    );
+    // A selector of another type with the same value is another selector.
+    let other_type = Selector::new("suite2", s.sel("a").value()).expect("selector");
+    assert!(find(store, &[other_type]).await.is_empty());
+}
+
+/// Lookup results are ordered by id, whatever the creation order.
+pub async fn find_orders_by_id(store: &dyn Store) {
+    let s = Scope::new("order");
+    let mut created = Vec::new();
+    for i in 0..12 {
+        let mut entry = s.entry(&format!("w{i}"), &["shared"]);
+        // Ids in an order unrelated to creation.
+        entry.id = format!("{}-{}", (i * 7) % 12, uuid::Uuid::new_v4());
+        created.push(store.create_entry(&entry).await.expect("create_entry"));
+    }
+    let found = find(store, &s.sels(&["shared", "unrelated"])).await;
+    let refs: Vec<&RegistrationEntry> = created.iter().collect();
+    assert_eq!(ids(&found), sorted_ids(&refs));
+}
+
+/// An empty workload matches nothing; up to `MAX_SELECTORS` selectors are accepted and
+/// more are `Invalid`.
+pub async fn find_limits(store: &dyn Store) {
+    let s = Scope::new("limits");
+    let entry = store
+        .create_entry(&s.entry("w", &["0"]))
+        .await
+        .expect("create_entry");
+    assert!(find(store, &[]).await.is_empty());
+
+    let names: Vec<String> = (0..=MAX_SELECTORS).map(|i| i.to_string()).collect();
+    let all: Vec<Selector> = names.iter().map(|n| s.sel(n)).collect();
+    let (max, _) = all.split_at(MAX_SELECTORS);
+    assert_eq!(ids(&find(store, max).await), vec![entry.id.as_str()]);
+    let err = store
+        .find_entries_by_selectors(&all)
+        .await
+        .expect_err("too many selectors");
+    assert!(matches!(err, StoreError::Invalid(_)), "got {err:?}");
+
+    let mut wide = s.entry("wide", &[]);
+    wide.selectors = max.to_vec();
+    let wide = store
+        .create_entry(&wide)
+        .await
+        .expect("entry with MAX_SELECTORS");
+    assert_eq!(ids(&find(store, max).await), sorted_ids(&[&entry, &wide]));
+}
+
+/// Lookups see updated selectors and forget deleted entries.
+pub async fn find_follows_updates_and_deletes(store: &dyn Store) {
+    let s = Scope::new("find-follow");
+    let created = store
+        .create_entry(&s.entry("w", &["old"]))
+        .await
+        .expect("create_entry");
+    let updated = store
+        .update_entry(&RegistrationEntry {
+            selectors: s.sels(&["new", "more"]),
+            ..created.clone()
+        })
+        .await
+        .expect("update_entry");
+    assert!(find(store, &s.sels(&["old"])).await.is_empty());
+    assert!(find(store, &s.sels(&["new"])).await.is_empty());
+    assert_eq!(
+        find(store, &s.sels(&["new", "more", "old"])).await,
+        vec![updated.clone()]
+    );
+    store.delete_entry(&created.id).await.expect("delete_entry");
+    assert!(find(store, &s.sels(&["new", "more"])).await.is_empty());
+}
+
+/// `list_entries` filters by SPIFFE ID, by parent, by both, and orders by id.
+pub async fn list_entries_filters(store: &dyn Store) {
+    let s = Scope::new("list");
+    let p1 = s.id("agent-1");
+    let p2 = s.id("agent-2");
+    let x = s.id("x");
+    let y = s.id("y");
+    let make = |spiffe_id: &SpiffeId, parent: &SpiffeId, sel: &str| {
+        let mut e = s.entry("unused", &[sel]);
+        e.spiffe_id = spiffe_id.clone();
+        e.parent_id = parent.clone();
+        e
+    };
+    let x1 = store
+        .create_entry(&make(&x, &p1, "a"))
+        .await
+        .expect("create");
+    let y1 = store
+        .create_entry(&make(&y, &p1, "b"))
+        .await
+        .expect("create");
+    let x2 = store
+        .create_entry(&make(&x, &p2, "c"))
+        .await
+        .expect("create");
+
+    let list = |spiffe_id: Option<&SpiffeId>, parent_id: Option<&SpiffeId>| {
+        let filter = EntryFilter {
+            spiffe_id: spiffe_id.cloned(),
+            parent_id: parent_id.cloned(),
+        };
+        async move { store.list_entries(&filter).await.expect("list_entries") }
+    };
+    assert_eq!(list(None, Some(&p1)).await, sorted_entries(&[&x1, &y1]));
+    assert_eq!(list(None, Some(&p2)).await, vec![x2.clone()]);
+    assert_eq!(list(Some(&x), None).await, sorted_entries(&[&x1, &x2]));
+    assert_eq!(list(Some(&y), None).await, vec![y1.clone()]);
+    assert_eq!(list(Some(&x), Some(&p2)).await, vec![x2.clone()]);
+    assert!(list(Some(&y), Some(&p2)).await.is_empty());
+    assert!(list(Some(&s.id("nobody")), None).await.is_empty());
+
+    let all = list(None, None).await;
+    let mut sorted = ids(&all);
+    sorted.sort_unstable();
+    assert_eq!(ids(&all), sorted, "list_entries must be ordered by id");
+    for mine in [&x1, &y1, &x2] {
+        assert!(all.contains(mine), "unfiltered list lacks {}", mine.id);
+    }
+}
+
+fn sorted_entries(entries: &[&RegistrationEntry]) -> Vec<RegistrationEntry> {
+    let mut out: Vec<RegistrationEntry> = entries.iter().map(|e| (*e).clone()).collect();
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out
+}
+
+/// `create_entries` stores a whole batch, or nothing when any entry is refused.
+pub async fn create_entries_all_or_nothing(store: &dyn Store) {
+    let s = Scope::new("batch");
+    store.create_entries(&[]).await.expect("empty batch");
+
+    let good = vec![
+        s.entry("one", &["a"]),
+        s.entry("two", &["a", "b"]),
+        s.entry("three", &["c"]),
+    ];
+    store.create_entries(&good).await.expect("create_entries");
+    for entry in &good {
+        let stored = fetch(store, &entry.id).await.expect("batch entry stored");
+        assert_eq!(
+            stored,
+            RegistrationEntry {
+                revision: 1,
+                ..entry.clone()
+            }
+        );
+    }
+
+    let batch_with_inner_duplicate = vec![
+        s.entry("four", &["d"]),
+        s.entry("five", &["d"]),
+        s.entry("four", &["d"]),
+    ];
+    let err = store
+        .create_entries(&batch_with_inner_duplicate)
+        .await
+        .expect_err("duplicate inside the batch");
+    assert!(
+        matches!(err, StoreError::AlreadyExists { .. }),
+        "got {err:?}"
+    );
+    for entry in &batch_with_inner_duplicate {
+        assert_eq!(
+            fetch(store, &entry.id).await,
+            None,
+            "a refused batch stores nothing"
+        );
+    }
+    assert!(find(store, &s.sels(&["d"])).await.is_empty());
+
+    let six = s.entry("six", &["e"]);
+    let err = store
+        .create_entries(&[six.clone(), s.entry("one", &["a"])])
+        .await
+        .expect_err("duplicate of a stored entry");
+    assert!(
+        matches!(err, StoreError::AlreadyExists { .. }),
+        "got {err:?}"
+    );
+    assert_eq!(fetch(store, &six.id).await, None);
+
+    let eight = s.entry("eight", &["f"]);
+    let mut reused = s.entry("seven", &["f"]);
+    reused.id = good.first().map(|e| e.id.clone()).expect("batch entry");
+    let err = store
+        .create_entries(&[eight.clone(), reused])
+        .await
+        .expect_err("reused id");
+    assert!(
+        matches!(err, StoreError::AlreadyExists { .. }),
+        "got {err:?}"
+    );
+    assert_eq!(fetch(store, &eight.id).await, None);
+
+    let nine = s.entry("nine", &["g"]);
+    let err = store
+        .create_entries(&[nine.clone(), s.entry("ten", &[])])
+        .await
+        .expect_err("invalid entry");
+    assert!(matches!(err, StoreError::Invalid(_)), "got {err:?}");
+    assert_eq!(fetch(store, &nine.id).await, None);
+}
+
+fn agent(s: &Scope, name: &str) -> AttestedAgent {
+    AttestedAgent {
+        spiffe_id: s.id(name),
+        attestation_type: "join_token".into(),
+        cert_serial: "0a1b2c".into(),
+        cert_expires_at: FAR_FUTURE,
+        selectors: vec![
+            Selector::new("join_token", &s.tag).expect("selector"),
+            s.sel("node"),
+        ],
+        banned: false,
+        created_at: 1_700_000_000,
+    }
+}
+
+/// Agents: create (a duplicate is `AlreadyExists`), fetch, update (the banned flag
+/// included), list by SPIFFE ID, delete.
+pub async fn agents_crud(store: &dyn Store) {
+    let s = Scope::new("agents");
+    let b = agent(&s, "b");
+    store.create_agent(&b).await.expect("create_agent");
+    assert_eq!(
+        store.fetch_agent(&b.spiffe_id).await.expect("fetch_agent"),
+        Some(b.clone())
+    );
+    let err = store.create_agent(&b).await.expect_err("duplicate agent");
+    assert!(
+        matches!(err, StoreError::AlreadyExists { .. }),
+        "got {err:?}"
+    );
+
+    let mut a = agent(&s, "a");
+    a.selectors.clear();
+    store.create_agent(&a).await.expect("create_agent");
+    let c = agent(&s, "c");
+    store.create_agent(&c).await.expect("create_agent");
+
+    let banned = AttestedAgent {
+        banned: true,
+        cert_serial: "ffee".into(),
+        cert_expires_at: 123,
+        selectors: vec![s.sel("other")],
+        ..b.clone()
+    };
+    store.update_agent(&banned).await.expect("update_agent");
+    assert_eq!(
+        store.fetch_agent(&b.spiffe_id).await.expect("fetch_agent"),
+        Some(banned.clone())
+    );
+    let err = store
+        .update_agent(&agent(&s, "missing"))
+        .await
+        .expect_err("unknown agent");
+    assert!(matches!(err, StoreError::NotFound { .. }), "got {err:?}");
+    assert_eq!(
+        store
+            .fetch_agent(&s.id("missing"))
+            .await
+            .expect("fetch_agent"),
+        None
+    );
+
+    let prefix = format!("spiffe://example.org/suite/{}/", s.tag);
+    let mine: Vec<AttestedAgent> = store
+        .list_agents()
+        .await
+        .expect("list_agents")
+        .into_iter()
+        .filter(|x| x.spiffe_id.as_str().starts_with(&prefix))
+        .collect();
+    assert_eq!(mine, vec![a.clone(), banned, c.clone()]);
+
+    store
+        .delete_agent(&a.spiffe_id)
+        .await
+        .expect("delete_agent");
+    assert_eq!(
+        store.fetch_agent(&a.spiffe_id).await.expect("fetch_agent"),
+        None
+    );
+    let err = store
+        .delete_agent(&a.spiffe_id)
+        .await
+        .expect_err("second delete");
+    assert!(matches!(err, StoreError::NotFound { .. }), "got {err:?}");
+    assert_eq!(
+        store.fetch_agent(&c.spiffe_id).await.expect("fetch_agent"),
+        Some(c)
+    );
+}
+
+/// A join token is consumed once: the second consume is `NotFound`. A duplicate hash is
+/// `AlreadyExists`.
+pub async fn join_token_single_use(store: &dyn Store) {
+    let s = Scope::new("token");
+    let token = JoinTokenRecord {
+        token_hash: s.token_hash("t"),
+        expires_at: FAR_FUTURE,
+        selectors: vec![s.sel("a"), s.sel("b")],
+    };
+    store
+        .create_join_token(&token)
+        .await
+        .expect("create_join_token");
+    let err = store
+        .create_join_token(&token)
+        .await
+        .expect_err("duplicate token");
+    assert!(
+        matches!(err, StoreError::AlreadyExists { .. }),
+        "got {err:?}"
+    );
+
+    let consumed = store
+        .consume_join_token(&token.token_hash, FAR_FUTURE - 1)
+        .await
+        .expect("consume_join_token");
+    assert_eq!(consumed, token);
+    let err = store
+        .consume_join_token(&token.token_hash, FAR_FUTURE - 1)
+        .await
+        .expect_err("second consume");
+    assert!(matches!(err, StoreError::NotFound { .. }), "got {err:?}");
+
+    let bare = JoinTokenRecord {
+        token_hash: s.token_hash("bare"),
+        expires_at: FAR_FUTURE,
+        selectors: Vec::new(),
+    };
+    store
+        .create_join_token(&bare)
+        .await
+        .expect("create_join_token");
+    assert_eq!(
+        store
+            .consume_join_token(&bare.token_hash, 0)
+            .await
+            .expect("consume"),
+        bare
+    );
+    let err = store
+        .consume_join_token(&s.token_hash("never"), 0)
+        .await
+        .expect_err("unknown token");
+    assert!(matches!(err, StoreError::NotFound { .. }), "got {err:?}");
+}
+
+/// A token consumed at or after its expiry is `TokenExpired`, and is gone afterwards.
+pub async fn join_token_expired(store: &dyn Store) {
+    let s = Scope::new("token-expired");
+    let token = JoinTokenRecord {
+        token_hash: s.token_hash("t"),
+        expires_at: 1_000,
+        selectors: vec![s.sel("a")],
+    };
+    store
+        .create_join_token(&token)
+        .await
+        .expect("create_join_token");
+    let err = store
+        .consume_join_token(&token.token_hash, 1_000)
+        .await
+        .expect_err("expired token");
+    assert!(matches!(err, StoreError::TokenExpired), "got {err:?}");
+    let err = store
+        .consume_join_token(&token.token_hash, 0)
+        .await
+        .expect_err("expired token was removed");
+    assert!(matches!(err, StoreError::NotFound { .. }), "got {err:?}");
+}
+
+/// `prune_join_tokens` removes exactly the tokens expired at `now` and counts them.
+pub async fn join_token_prune(store: &dyn Store) {
+    let s = Scope::new("token-prune");
+    let make = |name: &str, expires_at: i64| JoinTokenRecord {
+        token_hash: s.token_hash(name),
+        expires_at,
+        selectors: Vec::new(),
+    };
+    let (old, edge, live) = (make("old", 10), make("edge", 20), make("live", 21));
+    for token in [&old, &edge, &live] {
+        store
+            .create_join_token(token)
+            .await
+            .expect("create_join_token");
+    }
+    assert_eq!(
+        store
+            .prune_join_tokens(20)
+            .await
+            .expect("prune_join_tokens"),
+        2
+    );
+    assert_eq!(
+        store
+            .prune_join_tokens(20)
+            .await
+            .expect("prune_join_tokens"),
+        0
+    );
+    for gone in [&old, &edge] {
+        let err = store
+            .consume_join_token(&gone.token_hash, 0)
+            .await
+            .expect_err("pruned token");
+        assert!(matches!(err, StoreError::NotFound { .. }), "got {err:?}");
+    }
+    assert_eq!(
+        store
+            .consume_join_token(&live.token_hash, 0)
+            .await
+            .expect("consume"),
+        live
+    );
+}
+
+/// Bundles: put, replace, fetch, list by trust domain, delete; a sequence beyond
+/// `i64::MAX` is `Invalid`.
+pub async fn bundles_crud(store: &dyn Store) {
+    let s = Scope::new("bundles");
+    let bundle = |name: &str, sequence: u64| BundleRecord {
+        trust_domain_id: format!("spiffe://{name}.{}.example", s.tag),
+        document: format!(r#"{{"keys":[],"spiffe_sequence":{sequence},"name":"{name}"}}"#),
+        sequence,
+    };
+    let b = bundle("b", 1);
+    store.put_bundle(&b).await.expect("put_bundle");
+    assert_eq!(
+        store
+            .fetch_bundle(&b.trust_domain_id)
+            .await
+            .expect("fetch_bundle"),
+        Some(b.clone())
+    );
+    let b2 = BundleRecord {
+        document: r#"{"keys":[{"kty":"EC"}]}"#.into(),
+        sequence: i64::MAX.unsigned_abs(),
+        ..b.clone()
+    };
+    store.put_bundle(&b2).await.expect("replace bundle");
+    assert_eq!(
+        store
+            .fetch_bundle(&b.trust_domain_id)
+            .await
+            .expect("fetch_bundle"),
+        Some(b2.clone())
+    );
+
+    let (a, c) = (bundle("a", 5), bundle("c", 0));
+    store.put_bundle(&c).await.expect("put_bundle");
+    store.put_bundle(&a).await.expect("put_bundle");
+    let mine: Vec<BundleRecord> = store
+        .list_bundles()
+        .await
+        .expect("list_bundles")
+        .into_iter()
+        .filter(|x| x.trust_domain_id.ends_with(&format!(".{}.example", s.tag)))
+        .collect();
+    assert_eq!(mine, vec![a.clone(), b2, c.clone()]);
+
+    let err = store
+        .put_bundle(&bundle("huge", u64::MAX))
+        .await
+        .expect_err("sequence too large");
+    assert!(matches!(err, StoreError::Invalid(_)), "got {err:?}");
+    assert_eq!(
+        store
+            .fetch_bundle(&bundle("huge", 0).trust_domain_id)
+            .await
+            .expect("fetch"),
+        None
+    );
+
+    store
+        .delete_bundle(&a.trust_domain_id)
+        .await
+        .expect("delete_bundle");
+    assert_eq!(
+        store
+            .fetch_bundle(&a.trust_domain_id)
+            .await
+            .expect("fetch_bundle"),
+        None
+    );
+    let err = store
+        .delete_bundle(&a.trust_domain_id)
+        .await
+        .expect_err("second delete");
+    assert!(matches!(err, StoreError::NotFound { .. }), "got {err:?}");
+    assert_eq!(
+        store
+            .fetch_bundle(&c.trust_domain_id)
+            .await
+            .expect("fetch_bundle"),
+        Some(c)
+    );
+}
+
+/// Journal records: put, replace, list by id, delete.
+pub async fn journal_crud(store: &dyn Store) {
+    let s = Scope::new("journal");
+    let record = |name: &str, kind: &str, updated_at: i64| JournalRecord {
+        id: format!("{}-{name}", s.tag),
+        kind: kind.into(),
+        payload: format!(r#"{{"slot":"{name}","state":"active"}}"#),
+        updated_at,
+    };
+    let mine = || async {
+        store
+            .list_journal()
+            .await
+            .expect("list_journal")
+            .into_iter()
+            .filter(|r| r.id.starts_with(&s.tag))
+            .collect::<Vec<_>>()
+    };
+    let (x509, jwt) = (record("x509-b", "x509", 100), record("jwt-a", "jwt", 200));
+    store.put_journal(&x509).await.expect("put_journal");
+    store.put_journal(&jwt).await.expect("put_journal");
+    assert_eq!(mine().await, vec![jwt.clone(), x509.clone()]);
+
+    let replaced = JournalRecord {
+        payload: r#"{"slot":"x509-b","state":"old"}"#.into(),
+        updated_at: 300,
+        ..x509.clone()
+    };
+    store
+        .put_journal(&replaced)
+        .await
+        .expect("replace journal record");
+    assert_eq!(mine().await, vec![jwt.clone(), replaced]);
+
+    store
+        .delete_journal(&x509.id)
+        .await
+        .expect("delete_journal");
+    assert_eq!(mine().await, vec![jwt]);
+    let err = store
+        .delete_journal(&x509.id)
+        .await
+        .expect_err("second delete");
+    assert!(matches!(err, StoreError::NotFound { .. }), "got {err:?}");
+}
+
+/// Many concurrent consumers of one join token: exactly one gets it.
+pub async fn concurrent_consume_join_token(store: &dyn Store) {
+    let s = Scope::new("token-race");
+    for round in 0..4 {
+        let token = JoinTokenRecord {
+            token_hash: s.token_hash(&round.to_string()),
+            expires_at: FAR_FUTURE,
+            selectors: vec![s.sel("a")],
+        };
+        store
+            .create_join_token(&token)
+            .await
+            .expect("create_join_token");
+        let results =
+            join_all((0..8).map(|_| store.consume_join_token(&token.token_hash, 0))).await;
+        let winners: Vec<&JoinTokenRecord> =
+            results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(
+            winners,
+            vec![&token],
+            "exactly one consumer must win: {results:?}"
+        );
+        for result in &results {
+            if let Err(err) = result {
+                assert!(
+                    matches!(err, StoreError::NotFound { .. }),
+                    "loser got {err:?}"
+                );
+            }
+        }
+    }
+}
+
+/// Two concurrent updates from the same revision: one succeeds, the other is
+/// `Conflict`.
+pub async fn concurrent_update_entry(store: &dyn Store) {
+    let s = Scope::new("update-race");
+    let created = store
+        .create_entry(&s.entry("w", &["a"]))
+        .await
+        .expect("create_entry");
+    let left = RegistrationEntry {
+        hint: "left".into(),
+        ..created.clone()
+    };
+    let right = RegistrationEntry {
+        hint: "right".into(),
+        selectors: s.sels(&["b"]),
+        ..created.clone()
+    };
+    let (l, r) = futures::join!(store.update_entry(&left), store.update_entry(&right));
+    let results = [l, r];
+    let winners: Vec<&RegistrationEntry> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(
+        winners.len(),
+        1,
+        "exactly one update must succeed: {results:?}"
+    );
+    for result in &results {
+        if let Err(err) = result {
+            assert!(
+                matches!(err, StoreError::Conflict { .. }),
+                "loser got {err:?}"
+            );
+        }
+    }
+    let winner = winners.first().copied().cloned().expect("one winner");
+    assert_eq!(winner.revision, 2);
+    assert_eq!(fetch(store, &created.id).await, Some(winner));
+}

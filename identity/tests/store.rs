@@ -1,0 +1,370 @@
+//! The store conformance suite against SQLite (file and memory) and PostgreSQL, plus
+//! what only one backend can show: SQLite restarts, its query plan, corrupt rows, file
+//! modes, and concurrent PostgreSQL start-up.
+#![expect(
+    clippy::unwrap_used,
+    reason = "the helpers below run only inside tests, which fail by panicking"
+)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use sqlx::Connection;
+use writ_identity::entry::RegistrationEntry;
+use writ_identity::selector::{MAX_SELECTORS, Selector};
+use writ_identity::spiffe_id::SpiffeId;
+use writ_identity::store::pg_harness::TempPostgres;
+use writ_identity::store::postgres::PostgresStore;
+use writ_identity::store::sqlite::SqliteStore;
+use writ_identity::store::{
+    AttestedAgent, BundleRecord, EntryFilter, JoinTokenRecord, JournalRecord, Store, StoreError,
+    suite,
+};
+
+fn id(path: &str) -> SpiffeId {
+    SpiffeId::new(&format!("spiffe://example.org{path}")).unwrap()
+}
+
+fn sel(text: &str) -> Selector {
+    text.parse().unwrap()
+}
+
+fn entry(n: usize) -> RegistrationEntry {
+    RegistrationEntry::new(
+        id(&format!("/workload/{n}")),
+        id("/agent"),
+        vec![
+            sel(&format!("unix:uid:{n}")),
+            sel(&format!("k8s:ns:{}", n % 3)),
+        ],
+    )
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// A raw connection to a store's SQLite file, to write what the store never would.
+async fn raw_sqlite(path: &Path) -> sqlx::SqliteConnection {
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
+    sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn sqlite_in_memory_passes_the_suite() {
+    let store = SqliteStore::open_in_memory().await.unwrap();
+    suite::run_all(&store).await;
+    // Checks make fresh names, so a second pass over the same store passes too.
+    suite::run_all(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_file_passes_the_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data").join("writ");
+    let path = data_dir.join("datastore.sqlite3");
+    let store = SqliteStore::open(&path).await.unwrap();
+    assert_eq!(mode(&data_dir), 0o700, "a new data directory is private");
+    assert_eq!(mode(&path), 0o600, "a new database file is private");
+    suite::run_all(&store).await;
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_passes_the_suite() {
+    let Some(pg) = TempPostgres::start().unwrap() else {
+        return;
+    };
+    let store = PostgresStore::connect(&pg.url()).await.unwrap();
+    suite::run_all(&store).await;
+    suite::run_all(&store).await;
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_servers_starting_together_migrate_once() {
+    let Some(pg) = TempPostgres::start().unwrap() else {
+        return;
+    };
+    let url = pg.url();
+    let stores = futures::future::join_all((0..6).map(|_| PostgresStore::connect(&url))).await;
+    let stores: Vec<PostgresStore> = stores.into_iter().map(Result::unwrap).collect();
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(versions, vec![1]);
+    // All of them work on the same data.
+    let (first, rest) = stores.split_first().unwrap();
+    let created = first.create_entry(&entry(1)).await.unwrap();
+    for store in rest {
+        assert_eq!(
+            store.fetch_entry(&created.id).await.unwrap(),
+            Some(created.clone())
+        );
+    }
+}
+
+#[tokio::test]
+async fn sqlite_data_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = SqliteStore::open(&path).await.unwrap();
+    let entries: Vec<RegistrationEntry> = (0..50).map(entry).collect();
+    store.create_entries(&entries).await.unwrap();
+    let agent = AttestedAgent {
+        spiffe_id: id("/agent"),
+        attestation_type: "join_token".into(),
+        cert_serial: "01".into(),
+        cert_expires_at: 2_000_000_000,
+        selectors: vec![sel("join_token:abc")],
+        banned: true,
+        created_at: 1_700_000_000,
+    };
+    store.create_agent(&agent).await.unwrap();
+    let token = JoinTokenRecord {
+        token_hash: "ab".repeat(32),
+        expires_at: 2_000_000_000,
+        selectors: vec![sel("unix:uid:0")],
+    };
+    store.create_join_token(&token).await.unwrap();
+    let bundle = BundleRecord {
+        trust_domain_id: "spiffe://example.org".into(),
+        document: "{}".into(),
+        sequence: 3,
+    };
+    store.put_bundle(&bundle).await.unwrap();
+    let record = JournalRecord {
+        id: "x509-1".into(),
+        kind: "x509".into(),
+        payload: "{}".into(),
+        updated_at: 5,
+    };
+    store.put_journal(&record).await.unwrap();
+    let before = store.list_entries(&EntryFilter::default()).await.unwrap();
+    store.close().await;
+    drop(store);
+
+    let store = SqliteStore::open(&path).await.unwrap();
+    assert_eq!(store.count_entries().await.unwrap(), 50);
+    assert_eq!(
+        store.list_entries(&EntryFilter::default()).await.unwrap(),
+        before
+    );
+    let found = store
+        .find_entries_by_selectors(&[sel("unix:uid:7"), sel("k8s:ns:1")])
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        found.first().map(|e| e.spiffe_id.clone()),
+        Some(id("/workload/7"))
+    );
+    assert_eq!(
+        store.fetch_agent(&agent.spiffe_id).await.unwrap(),
+        Some(agent)
+    );
+    assert_eq!(
+        store
+            .consume_join_token(&token.token_hash, 0)
+            .await
+            .unwrap(),
+        token
+    );
+    assert_eq!(
+        store.fetch_bundle(&bundle.trust_domain_id).await.unwrap(),
+        Some(bundle)
+    );
+    assert_eq!(store.list_journal().await.unwrap(), vec![record]);
+}
+
+#[tokio::test]
+async fn sqlite_lookup_uses_the_selector_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("store.db"))
+        .await
+        .unwrap();
+    let entries: Vec<RegistrationEntry> = (0..2_000).map(entry).collect();
+    store.create_entries(&entries).await.unwrap();
+
+    for n in [1, 2, 3, MAX_SELECTORS] {
+        let workload: Vec<Selector> = (0..n).map(|i| sel(&format!("unix:uid:{i}"))).collect();
+        let plan = store.explain_lookup(&workload).await.unwrap();
+        let text = plan.join("\n");
+        assert!(
+            plan.iter()
+                .any(|line| line.contains("entry_selectors_type_value")
+                    && (line.contains("USING INDEX") || line.contains("USING COVERING INDEX"))),
+            "lookup of {n} selectors does not search the selector index:\n{text}"
+        );
+        // The only scans allowed are of the query's own intermediate results (the
+        // union of index searches), never of the entries or selectors tables.
+        assert!(
+            plan.iter()
+                .filter(|line| line.starts_with("SCAN"))
+                .all(|line| line == "SCAN m" || line.starts_with("SCAN (subquery")),
+            "lookup of {n} selectors scans a table:\n{text}"
+        );
+        assert!(
+            !plan
+                .iter()
+                .any(|line| line.contains("entries") && line.starts_with("SCAN")
+                    || line.contains("entry_selectors") && line.starts_with("SCAN")),
+            "lookup of {n} selectors scans a table:\n{text}"
+        );
+    }
+    assert!(store.explain_lookup(&[]).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn sqlite_corrupt_rows_are_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = SqliteStore::open(&path).await.unwrap();
+    let mut conn = raw_sqlite(&path).await;
+
+    let corruptions: [(&str, &str); 8] = [
+        (
+            "bad SPIFFE ID",
+            "UPDATE entries SET spiffe_id = 'https://not-spiffe' WHERE id = $1",
+        ),
+        (
+            "bad parent",
+            "UPDATE entries SET parent_id = 'spiffe://UPPER.case' WHERE id = $1",
+        ),
+        (
+            "bad JSON",
+            "UPDATE entries SET dns_names = '[\"unterminated' WHERE id = $1",
+        ),
+        (
+            "bad trust domain",
+            "UPDATE entries SET federates_with = '[\"a b\"]' WHERE id = $1",
+        ),
+        (
+            "text in a number",
+            "UPDATE entries SET x509_svid_ttl = 'soon' WHERE id = $1",
+        ),
+        (
+            "negative TTL",
+            "UPDATE entries SET jwt_svid_ttl = -1 WHERE id = $1",
+        ),
+        (
+            "bad selector",
+            "UPDATE entry_selectors SET type = 'Bad Type' WHERE entry_id = $1",
+        ),
+        (
+            "selector count",
+            "UPDATE entries SET selector_count = 7 WHERE id = $1",
+        ),
+    ];
+    for (i, (what, sql)) in corruptions.iter().enumerate() {
+        let mut e = entry(i);
+        e.spiffe_id = id(&format!("/corrupt/{i}"));
+        let created = store.create_entry(&e).await.unwrap();
+        sqlx::query(*sql)
+            .bind(&created.id)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+
+        let fetched = store.fetch_entry(&created.id).await;
+        assert!(
+            matches!(fetched, Err(StoreError::Corrupt { .. })),
+            "{what}: {fetched:?}"
+        );
+        let listed = store.list_entries(&EntryFilter::default()).await;
+        assert!(
+            matches!(listed, Err(StoreError::Corrupt { .. })),
+            "{what}: {listed:?}"
+        );
+        sqlx::query("DELETE FROM entries WHERE id = $1")
+            .bind(&created.id)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+
+    let created = store.create_entry(&entry(100)).await.unwrap();
+    sqlx::query("UPDATE entries SET spiffe_id = 'garbage' WHERE id = $1")
+        .bind(&created.id)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let found = store.find_entries_by_selectors(&created.selectors).await;
+    assert!(
+        matches!(found, Err(StoreError::Corrupt { .. })),
+        "{found:?}"
+    );
+
+    sqlx::query(
+        "INSERT INTO agents VALUES ('spiffe://example.org/agent', 'x', 'x', 0, '[\"nocolon\"]', 0, 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let agents = store.list_agents().await;
+    assert!(
+        matches!(agents, Err(StoreError::Corrupt { .. })),
+        "{agents:?}"
+    );
+
+    sqlx::query("INSERT INTO bundles VALUES ('spiffe://example.org', '{}', -1)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let bundle = store.fetch_bundle("spiffe://example.org").await;
+    assert!(
+        matches!(bundle, Err(StoreError::Corrupt { .. })),
+        "{bundle:?}"
+    );
+
+    sqlx::query("INSERT INTO join_tokens VALUES ('t', 10, 'not json')")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let token = store.consume_join_token("t", 0).await;
+    assert!(
+        matches!(token, Err(StoreError::Corrupt { .. })),
+        "{token:?}"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_refuses_a_newer_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    SqliteStore::open(&path).await.unwrap().close().await;
+    let mut conn = raw_sqlite(&path).await;
+    sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (999, 0)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let err = SqliteStore::open(&path).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::SchemaTooNew { found: 999, .. }),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_file_concurrent_writers_wait_for_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("store.db"))
+        .await
+        .unwrap();
+    let writes = (0..16).map(|batch| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let entries: Vec<RegistrationEntry> =
+                (batch * 100..(batch + 1) * 100).map(entry).collect();
+            store.create_entries(&entries).await
+        })
+    });
+    for result in futures::future::join_all(writes).await {
+        result.unwrap().unwrap();
+    }
+    assert_eq!(store.count_entries().await.unwrap(), 1_600);
+}
