@@ -24,7 +24,14 @@ struct Server {
 
 impl Server {
     fn start() -> Self {
+        Self::start_with_config("")
+    }
+
+    /// Starts a server whose `server.toml` holds `config` (data dir and socket are set by
+    /// flags).
+    fn start_with_config(config: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("server.toml"), config).unwrap();
         let child = Self::spawn(dir.path());
         let server = Self { child, dir };
         server.wait_ready();
@@ -33,7 +40,9 @@ impl Server {
 
     fn spawn(dir: &Path) -> Child {
         Command::new(WRIT)
-            .args(["server", "run", "--data-dir"])
+            .args(["server", "run", "--config"])
+            .arg(dir.join("server.toml"))
+            .arg("--data-dir")
             .arg(dir.join("data"))
             .arg("--server-socket")
             .arg(dir.join("server.sock"))
@@ -479,4 +488,75 @@ fn join_tokens_are_generated_and_stored_hashed() {
     assert!(!db.windows(needle.len()).any(|w| w == needle));
     assert!(!wal.windows(needle.len()).any(|w| w == needle));
     server.fails(&["token", "generate", "--ttl", "9999h"]);
+}
+
+#[test]
+fn server_runs_on_postgresql_and_keeps_state_across_restart() {
+    let Some(pg) = writ_identity::store::pg_harness::TempPostgres::start().unwrap() else {
+        return; // skipped with a message (WRIT_REQUIRE_ALL=1 turns this into a failure)
+    };
+    let config = format!(
+        "[datastore]\nbackend = \"postgres\"\nconnection = \"{}\"\n",
+        pg.url()
+    );
+    let mut server = Server::start_with_config(&config);
+    server.ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/pg",
+        "--parent-id",
+        "spiffe://example.org/agent",
+        "--selector",
+        "unix:uid:7",
+    ]);
+    let bundle = server.ok(&["bundle", "show", "--format", "spiffe"]);
+    assert!(
+        !server.dir.path().join("data/datastore.sqlite3").exists(),
+        "no SQLite file when PostgreSQL is configured"
+    );
+    server.restart();
+    assert_eq!(server.entry_count(), 1);
+    assert_eq!(server.ok(&["bundle", "show", "--format", "spiffe"]), bundle);
+    let err = server.fails(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/pg",
+        "--parent-id",
+        "spiffe://example.org/agent",
+        "--selector",
+        "unix:uid:7",
+    ]);
+    assert!(err.contains("already exists"), "{err}");
+}
+
+#[test]
+fn bad_config_is_refused_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    for (config, expect) in [
+        ("nonsense = 1", "unknown field"),
+        ("[ca]\nttl = \"soon\"", "ca.ttl"),
+        ("trust_domain = \"Bad TD\"", "trust_domain"),
+        ("[datastore]\nbackend = \"mysql\"", "datastore.backend"),
+    ] {
+        let path = dir.path().join("server.toml");
+        std::fs::write(&path, config).unwrap();
+        let out = Command::new(WRIT)
+            .args(["server", "run", "--config"])
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--server-socket")
+            .arg(dir.path().join("s.sock"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{config}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        let last = err.trim_end().lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("error: ") && last.contains(expect),
+            "{config}: {err}"
+        );
+    }
 }
