@@ -8,7 +8,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc);
-    let protos = ["../specs/proto/writ/admin/v1/admin.proto"];
+    let protos = [
+        "../specs/proto/writ/admin/v1/admin.proto",
+        "../specs/proto/writ/node/v1/node.proto",
+        "../specs/proto/workload.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

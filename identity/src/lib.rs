@@ -18,6 +18,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod agent;
+pub mod attest;
 pub mod bundle;
 pub mod ca;
 pub mod clock;
@@ -30,10 +32,29 @@ pub mod store;
 pub mod svid;
 
 /// Generated gRPC code for the protos under `specs/proto`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod proto {
-    /// `writ.admin.v1`: the identity server's admin API.
-    #[allow(missing_docs, clippy::all, clippy::pedantic)]
-    pub mod admin {
-        tonic::include_proto!("writ.admin.v1");
+    /// Writ's own APIs, by proto package.
+    pub mod writ {
+        /// `writ.admin.*`.
+        pub mod admin {
+            /// `writ.admin.v1`: the identity server's admin API.
+            pub mod v1 {
+                tonic::include_proto!("writ.admin.v1");
+            }
+        }
+        /// `writ.node.*`.
+        pub mod node {
+            /// `writ.node.v1`: the server's API for agents.
+            pub mod v1 {
+                tonic::include_proto!("writ.node.v1");
+            }
+        }
     }
+    /// The SPIFFE Workload API (no proto package, as the standard defines it).
+    pub mod workload {
+        tonic::include_proto!("_");
+    }
+    pub use writ::admin::v1 as admin;
+    pub use writ::node::v1 as node;
 }

@@ -1,1 +1,124 @@
-//! Test harness shared by the cross-crate suites.
+//! Test harness shared by the cross-crate suites: a whole Writ stack (server state on a
+//! SQLite file, an in-process agent serving the Workload API on a temp socket) and the
+//! helpers that make interop tests short.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test harness: a failed setup step should abort the test loudly"
+)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use writ_identity::agent::{self, RunningAgent, node_api::LocalNode};
+use writ_identity::attest::workload::UnixAttestor;
+use writ_identity::clock::SystemClock;
+use writ_identity::entry::RegistrationEntry;
+use writ_identity::key_manager::MemoryKeyManager;
+use writ_identity::selector::Selector;
+use writ_identity::server::ServerState;
+use writ_identity::server::config::ServerConfig;
+use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
+use writ_identity::store::sqlite::SqliteStore;
+
+/// Whether every suite must run (CI): missing software is then a failure, not a skip.
+pub fn require_all() -> bool {
+    std::env::var("WRIT_REQUIRE_ALL").is_ok_and(|v| v == "1")
+}
+
+/// Skips (returns `false` after saying why) or fails under `WRIT_REQUIRE_ALL=1`.
+pub fn available(what: &str, ok: bool) -> bool {
+    if !ok {
+        assert!(
+            !require_all(),
+            "{what} is required (WRIT_REQUIRE_ALL=1) but missing"
+        );
+        eprintln!("skipping: {what} is not available on this machine");
+    }
+    ok
+}
+
+/// A server and an in-process agent on temp paths.
+pub struct Stack {
+    /// Holds the data dir and socket.
+    pub dir: tempfile::TempDir,
+    /// The server.
+    pub server: Arc<ServerState>,
+    /// The agent.
+    pub agent: RunningAgent,
+    /// The agent's SPIFFE ID (parent of the entries tests create).
+    pub agent_id: SpiffeId,
+}
+
+impl Stack {
+    /// Starts a stack whose X509-SVIDs live `x509_ttl` by default.
+    pub async fn start(x509_ttl: Duration) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let mut config = ServerConfig::with_defaults(td.clone(), dir.path()).unwrap();
+        config.ca.default_x509_svid_ttl = x509_ttl;
+        let store = Arc::new(
+            SqliteStore::open(&dir.path().join("db.sqlite3"))
+                .await
+                .unwrap(),
+        );
+        let server = ServerState::with_parts(
+            config,
+            Arc::new(SystemClock),
+            store,
+            Arc::new(MemoryKeyManager::new()),
+        )
+        .await
+        .unwrap();
+        let agent_id = td.spiffe_id("/writ/agent/test").unwrap();
+        let node = Arc::new(LocalNode::new(server.clone(), agent_id.clone()));
+        let agent = agent::start(
+            node,
+            &dir.path().join("agent.sock"),
+            Arc::new(UnixAttestor::default()),
+        )
+        .await
+        .unwrap();
+        Self {
+            dir,
+            server,
+            agent,
+            agent_id,
+        }
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> PathBuf {
+        self.agent.socket.clone()
+    }
+
+    /// `unix:///path`, as `SPIFFE_ENDPOINT_SOCKET` takes it.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+
+    /// Registers `spiffe://example.org<path>` for workloads with all of `selectors`,
+    /// under the agent, and tells the agent.
+    pub async fn register(&self, path: &str, selectors: &[&str]) -> RegistrationEntry {
+        let td = self.server.config.trust_domain.clone();
+        let selectors: Vec<Selector> = selectors.iter().map(|s| s.parse().unwrap()).collect();
+        let mut entry = RegistrationEntry::new(
+            td.spiffe_id(path).unwrap(),
+            self.agent_id.clone(),
+            selectors,
+        );
+        entry.validate(&td).unwrap();
+        entry.created_at = self.server.clock.unix_seconds();
+        let stored = self.server.store.create_entry(&entry).await.unwrap();
+        self.server.notify_change();
+        stored
+    }
+
+    /// The uid of this test process (it is the workload the tests attest).
+    pub fn my_uid() -> u32 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/self").unwrap().uid()
+    }
+}

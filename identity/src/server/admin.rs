@@ -196,6 +196,7 @@ impl pb::admin_server::Admin for AdminService {
             .await
             .map_err(AdminError::from)?;
         tracing::info!(id = %stored.id, spiffe_id = %stored.spiffe_id, "entry created");
+        self.state.notify_change();
         Ok(Response::new(entry_to_proto(&stored)))
     }
 
@@ -224,6 +225,7 @@ impl pb::admin_server::Admin for AdminService {
             .await
             .map_err(AdminError::from)?;
         tracing::info!(id = %stored.id, revision = stored.revision, "entry updated");
+        self.state.notify_change();
         Ok(Response::new(entry_to_proto(&stored)))
     }
 
@@ -307,6 +309,7 @@ impl pb::admin_server::Admin for AdminService {
             .await
             .map_err(AdminError::from)?;
         tracing::info!(id = %entry.id, "entry deleted");
+        self.state.notify_change();
         Ok(Response::new(entry_to_proto(&entry)))
     }
 

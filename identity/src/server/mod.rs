@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod node;
 
 use std::future::Future;
 use std::path::Path;
@@ -72,6 +73,8 @@ pub struct ServerState {
     pub ca: Arc<CertificateAuthority>,
     /// The clock.
     pub clock: SharedClock,
+    /// Bumped whenever entries or bundles may have changed; agents re-sync on it.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl ServerState {
@@ -101,14 +104,36 @@ impl ServerState {
         store: SharedStore,
         keys: SharedKeyManager,
     ) -> Result<Arc<Self>, ServerError> {
-        let ca = CertificateAuthority::load(config.ca.clone(), clock.clone(), keys, store.clone())
-            .await?;
+        let ca = Arc::new(
+            CertificateAuthority::load(config.ca.clone(), clock.clone(), keys, store.clone())
+                .await?,
+        );
+        let (changes, _) = tokio::sync::watch::channel(0);
+        // Bundle rotations are changes agents must hear about too.
+        let mut bundles = ca.subscribe();
+        let forward = changes.clone();
+        tokio::spawn(async move {
+            while bundles.changed().await.is_ok() {
+                forward.send_modify(|g| *g += 1);
+            }
+        });
         Ok(Arc::new(Self {
             config,
             store,
-            ca: Arc::new(ca),
+            ca,
             clock,
+            changes,
         }))
+    }
+
+    /// Tells agents that entries or bundles may have changed.
+    pub fn notify_change(&self) {
+        self.changes.send_modify(|g| *g += 1);
+    }
+
+    /// A receiver of change notifications (the value is a generation counter).
+    pub fn subscribe_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 }
 

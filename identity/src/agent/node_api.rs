@@ -1,0 +1,116 @@
+//! The agent's view of the server: one trait, [`NodeApi`], with an in-process
+//! implementation ([`LocalNode`], used when server and agent share a process) and, split,
+//! a gRPC client over mTLS. Both pass the same agent test suite.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::bundle::{Bundle, BundleSet};
+use crate::server::ServerState;
+use crate::server::node::{EntrySync, NodeError, NodeHandler};
+use crate::spiffe_id::{SpiffeId, TrustDomain};
+use crate::svid::x509::X509Svid;
+
+/// What an agent asks of its server.
+#[async_trait::async_trait]
+pub trait NodeApi: Send + Sync + Debug {
+    /// The agent's own SPIFFE ID.
+    fn agent_id(&self) -> &SpiffeId;
+    /// Entries the agent lacks at their current revision, and all authorized ids.
+    async fn sync_entries(&self, known: &BTreeMap<String, i64>) -> Result<EntrySync, NodeError>;
+    /// X509-SVIDs for `(entry id, DER SubjectPublicKeyInfo)` pairs.
+    async fn sign_x509_svids(
+        &self,
+        requests: &[(String, Vec<u8>)],
+    ) -> Result<Vec<(String, X509Svid)>, NodeError>;
+    /// A JWT-SVID for an entry: `(token, issued_at, expires_at)`.
+    async fn sign_jwt_svid(
+        &self,
+        entry_id: &str,
+        audience: &[String],
+    ) -> Result<(String, i64, i64), NodeError>;
+    /// The trust domain's bundle and the federated ones.
+    async fn bundles(&self) -> Result<BundleSet, NodeError>;
+    /// A generation counter that moves when entries or bundles may have changed.
+    fn changes(&self) -> watch::Receiver<u64>;
+}
+
+/// The in-process node API: direct calls into a server in the same process.
+#[derive(Debug, Clone)]
+pub struct LocalNode {
+    handler: NodeHandler,
+    agent_id: SpiffeId,
+}
+
+impl LocalNode {
+    /// An in-process agent connection with the given agent identity.
+    pub fn new(state: Arc<ServerState>, agent_id: SpiffeId) -> Self {
+        Self {
+            handler: NodeHandler::new(state),
+            agent_id,
+        }
+    }
+}
+
+/// All bundles the server holds: its own (from the CA) and the federated ones stored.
+///
+/// # Errors
+/// [`NodeError::Store`] if the store fails.
+pub async fn server_bundles(state: &ServerState) -> Result<BundleSet, NodeError> {
+    let mut set = BundleSet::of((*state.ca.bundle()).clone());
+    let own = state.config.trust_domain.id_string();
+    for record in state.store.list_bundles().await? {
+        if record.trust_domain_id == own {
+            continue;
+        }
+        let parsed = TrustDomain::new(&record.trust_domain_id)
+            .ok()
+            .and_then(|td| Bundle::from_json(td, &record.document).ok());
+        match parsed {
+            Some(b) => set.insert(b),
+            None => {
+                tracing::warn!(trust_domain = %record.trust_domain_id, "skipping unreadable federated bundle")
+            }
+        }
+    }
+    Ok(set)
+}
+
+#[async_trait::async_trait]
+impl NodeApi for LocalNode {
+    fn agent_id(&self) -> &SpiffeId {
+        &self.agent_id
+    }
+
+    async fn sync_entries(&self, known: &BTreeMap<String, i64>) -> Result<EntrySync, NodeError> {
+        self.handler.sync(&self.agent_id, known).await
+    }
+
+    async fn sign_x509_svids(
+        &self,
+        requests: &[(String, Vec<u8>)],
+    ) -> Result<Vec<(String, X509Svid)>, NodeError> {
+        self.handler.sign_x509_svids(&self.agent_id, requests).await
+    }
+
+    async fn sign_jwt_svid(
+        &self,
+        entry_id: &str,
+        audience: &[String],
+    ) -> Result<(String, i64, i64), NodeError> {
+        self.handler
+            .sign_jwt_svid(&self.agent_id, entry_id, audience)
+            .await
+    }
+
+    async fn bundles(&self) -> Result<BundleSet, NodeError> {
+        server_bundles(self.handler.state()).await
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.handler.state().subscribe_changes()
+    }
+}

@@ -1,0 +1,443 @@
+//! The SPIFFE Workload API server: the standard `SpiffeWorkloadAPI` service on the
+//! agent's Unix socket.
+//!
+//! Every call must carry the metadata `workload.spiffe.io: true` (InvalidArgument
+//! otherwise). The caller is identified from the socket's peer credentials, attested by
+//! the workload attestor, never from anything it says; a caller with no matching entry
+//! gets PermissionDenied `no identity issued`. Streams send the full state first and again
+//! on every change.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use super::cache::{Cache, CachedSvid, Snapshot};
+use crate::attest::workload::{Caller, WorkloadAttestor};
+use crate::bundle::{Bundle, BundleSet};
+use crate::proto::workload as pb;
+use crate::selector::Selector;
+use crate::server::node::NodeError;
+use crate::spiffe_id::{SpiffeId, TrustDomain};
+use crate::svid::jwt;
+
+pub use pb::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+
+/// The metadata key every Workload API request must carry.
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+/// The text clients (go-spiffe, rust-spiffe) match on when a caller has no identity.
+pub const NO_IDENTITY: &str = "no identity issued";
+/// Most audiences in one JWT-SVID request.
+pub const MAX_AUDIENCES: usize = jwt::MAX_AUDIENCES;
+/// Longest audience string.
+pub const MAX_AUDIENCE_LEN: usize = 256;
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Why a Workload API call failed. Mapped to a gRPC status in one place.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkloadApiError {
+    /// The `workload.spiffe.io: true` header is missing.
+    #[error("security header missing from request")]
+    MissingHeader,
+    /// The caller's process could not be identified or attested.
+    #[error("could not attest the caller: {0}")]
+    Attestation(String),
+    /// The caller matches no entry.
+    #[error("no identity issued")]
+    NoIdentity,
+    /// A request field is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The JWT-SVID failed validation.
+    #[error("{0}")]
+    InvalidToken(#[from] jwt::JwtSvidError),
+    /// The server could not be reached or refused.
+    #[error("identity server: {0}")]
+    Node(#[from] NodeError),
+}
+
+impl From<WorkloadApiError> for Status {
+    fn from(e: WorkloadApiError) -> Status {
+        match &e {
+            WorkloadApiError::MissingHeader | WorkloadApiError::Invalid(_) => {
+                Status::invalid_argument(e.to_string())
+            }
+            WorkloadApiError::InvalidToken(_) => Status::invalid_argument(e.to_string()),
+            WorkloadApiError::NoIdentity => Status::permission_denied(NO_IDENTITY),
+            WorkloadApiError::Attestation(_) => {
+                tracing::warn!(error = %e, "workload attestation failed");
+                Status::permission_denied(NO_IDENTITY)
+            }
+            WorkloadApiError::Node(_) => {
+                tracing::warn!(error = %e, "Workload API call failed");
+                Status::unavailable("identity server unavailable; try again")
+            }
+        }
+    }
+}
+
+/// The Workload API service.
+#[derive(Debug, Clone)]
+pub struct WorkloadApi {
+    cache: Arc<Cache>,
+    attestor: Arc<dyn WorkloadAttestor>,
+}
+
+impl WorkloadApi {
+    /// The service over an agent cache and a workload attestor.
+    pub fn new(cache: Arc<Cache>, attestor: Arc<dyn WorkloadAttestor>) -> Self {
+        Self { cache, attestor }
+    }
+
+    /// Checks the header and attests the caller; returns its selectors.
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Vec<Selector>, WorkloadApiError> {
+        let header = request
+            .metadata()
+            .get(SECURITY_HEADER)
+            .and_then(|v| v.to_str().ok());
+        if header != Some("true") {
+            return Err(WorkloadApiError::MissingHeader);
+        }
+        let cred = request
+            .extensions()
+            .get::<tonic::transport::server::UdsConnectInfo>()
+            .and_then(|info| info.peer_cred)
+            .ok_or_else(|| WorkloadApiError::Attestation("no peer credentials".into()))?;
+        let pid = cred
+            .pid()
+            .ok_or_else(|| WorkloadApiError::Attestation("no peer pid".into()))?;
+        let caller = Caller {
+            pid,
+            uid: cred.uid(),
+            gid: cred.gid(),
+        };
+        self.attestor
+            .attest(&caller)
+            .await
+            .map_err(|e| WorkloadApiError::Attestation(e.to_string()))
+    }
+
+    fn identities(&self, selectors: &[Selector]) -> (Arc<Snapshot>, Vec<Arc<CachedSvid>>) {
+        let snapshot = self.cache.snapshot();
+        let now = self.cache.clock().unix_seconds();
+        let matching = snapshot.matching(selectors, now);
+        (snapshot, matching)
+    }
+}
+
+fn concat(ders: &[Vec<u8>]) -> Vec<u8> {
+    ders.concat()
+}
+
+/// The bundles a workload gets: its own trust domain's and those its entries federate
+/// with.
+fn visible_bundles<'a>(snapshot: &'a Snapshot, svids: &[Arc<CachedSvid>]) -> Vec<&'a Bundle> {
+    let mut tds: Vec<TrustDomain> = Vec::new();
+    for c in svids {
+        tds.push(c.entry.spiffe_id.trust_domain());
+        tds.extend(c.entry.federates_with.iter().cloned());
+    }
+    tds.sort();
+    tds.dedup();
+    tds.iter()
+        .filter_map(|td| snapshot.bundles.get(td))
+        .collect()
+}
+
+fn x509_response(snapshot: &Snapshot, svids: &[Arc<CachedSvid>]) -> pb::X509svidResponse {
+    let mut federated = HashMap::new();
+    for c in svids {
+        for td in &c.entry.federates_with {
+            if let Some(b) = snapshot.bundles.get(td) {
+                federated.insert(td.id_string(), concat(b.x509_authorities()));
+            }
+        }
+    }
+    pb::X509svidResponse {
+        svids: svids
+            .iter()
+            .map(|c| pb::X509svid {
+                spiffe_id: c.entry.spiffe_id.to_string(),
+                x509_svid: concat(&c.svid.cert_chain),
+                x509_svid_key: c
+                    .svid
+                    .private_key
+                    .as_ref()
+                    .map(|k| k.pkcs8_der().to_vec())
+                    .unwrap_or_default(),
+                bundle: snapshot
+                    .bundles
+                    .get(&c.entry.spiffe_id.trust_domain())
+                    .map(|b| concat(b.x509_authorities()))
+                    .unwrap_or_default(),
+                hint: c.entry.hint.clone(),
+            })
+            .collect(),
+        crl: Vec::new(),
+        federated_bundles: federated,
+    }
+}
+
+/// JWKS document of a bundle's JWT authorities, every key with its `kid`.
+fn jwks(bundle: &Bundle) -> Vec<u8> {
+    let keys: Vec<serde_json::Value> = bundle
+        .jwt_authorities()
+        .iter()
+        .filter_map(|(kid, jwk)| {
+            let mut v = serde_json::to_value(jwk).ok()?;
+            let obj = v.as_object_mut()?;
+            obj.insert("kid".into(), serde_json::Value::String(kid.clone()));
+            obj.insert("use".into(), serde_json::Value::String("jwt-svid".into()));
+            Some(v)
+        })
+        .collect();
+    serde_json::json!({ "keys": keys }).to_string().into_bytes()
+}
+
+/// Streams `render(snapshot, matching)` now and after every cache change, skipping
+/// repeats; ends the stream with `no identity issued` once the caller has none.
+fn watch_stream<T, F>(api: WorkloadApi, selectors: Vec<Selector>, render: F) -> ResponseStream<T>
+where
+    T: PartialEq + Clone + Send + 'static,
+    F: Fn(&Snapshot, &[Arc<CachedSvid>]) -> T + Send + Sync + 'static,
+{
+    struct State<T, F> {
+        api: WorkloadApi,
+        selectors: Vec<Selector>,
+        render: F,
+        updates: tokio::sync::watch::Receiver<u64>,
+        last: Option<T>,
+        done: bool,
+    }
+    let state = State {
+        updates: api.cache.subscribe(),
+        api,
+        selectors,
+        render,
+        last: None,
+        done: false,
+    };
+    Box::pin(futures::stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        loop {
+            let (snapshot, svids) = st.api.identities(&st.selectors);
+            if svids.is_empty() {
+                st.done = true;
+                return Some((Err(Status::from(WorkloadApiError::NoIdentity)), st));
+            }
+            let msg = (st.render)(&snapshot, &svids);
+            if st.last.as_ref() != Some(&msg) {
+                st.last = Some(msg.clone());
+                return Some((Ok(msg), st));
+            }
+            // Nothing new for this caller: wait for a cache change, or a second (so an
+            // SVID that expires without a change is still noticed).
+            let waited =
+                tokio::time::timeout(std::time::Duration::from_secs(1), st.updates.changed()).await;
+            if let Ok(Err(_)) = waited {
+                return None; // the agent is shutting down
+            }
+        }
+    }))
+}
+
+#[tonic::async_trait]
+impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = ResponseStream<pb::X509svidResponse>;
+    type FetchX509BundlesStream = ResponseStream<pb::X509BundlesResponse>;
+    type FetchJWTBundlesStream = ResponseStream<pb::JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<pb::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let selectors = self.caller(&request).await?;
+        if self.identities(&selectors).1.is_empty() {
+            return Err(WorkloadApiError::NoIdentity.into());
+        }
+        Ok(Response::new(watch_stream(
+            self.clone(),
+            selectors,
+            x509_response,
+        )))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<pb::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let selectors = self.caller(&request).await?;
+        if self.identities(&selectors).1.is_empty() {
+            return Err(WorkloadApiError::NoIdentity.into());
+        }
+        Ok(Response::new(watch_stream(
+            self.clone(),
+            selectors,
+            |snapshot: &Snapshot, svids: &[Arc<CachedSvid>]| pb::X509BundlesResponse {
+                crl: Vec::new(),
+                bundles: visible_bundles(snapshot, svids)
+                    .into_iter()
+                    .map(|b| (b.trust_domain().id_string(), concat(b.x509_authorities())))
+                    .collect(),
+            },
+        )))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<pb::JwtsvidRequest>,
+    ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        let selectors = self.caller(&request).await?;
+        let r = request.into_inner();
+        check_audience(&r.audience)?;
+        let wanted = if r.spiffe_id.is_empty() {
+            None
+        } else {
+            Some(
+                SpiffeId::new(&r.spiffe_id)
+                    .map_err(|e| WorkloadApiError::Invalid(format!("spiffe_id: {e}")))?,
+            )
+        };
+        let (_, svids) = self.identities(&selectors);
+        let chosen: Vec<_> = svids
+            .into_iter()
+            .filter(|c| wanted.as_ref().is_none_or(|id| &c.entry.spiffe_id == id))
+            .collect();
+        if chosen.is_empty() {
+            return Err(WorkloadApiError::NoIdentity.into());
+        }
+        let mut out = Vec::with_capacity(chosen.len());
+        for c in chosen {
+            let token = self
+                .cache
+                .jwt_svid(&c.entry, &r.audience)
+                .await
+                .map_err(WorkloadApiError::from)?;
+            out.push(pb::Jwtsvid {
+                spiffe_id: c.entry.spiffe_id.to_string(),
+                svid: token,
+                hint: c.entry.hint.clone(),
+            });
+        }
+        Ok(Response::new(pb::JwtsvidResponse { svids: out }))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<pb::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let selectors = self.caller(&request).await?;
+        if self.identities(&selectors).1.is_empty() {
+            return Err(WorkloadApiError::NoIdentity.into());
+        }
+        Ok(Response::new(watch_stream(
+            self.clone(),
+            selectors,
+            |snapshot: &Snapshot, svids: &[Arc<CachedSvid>]| pb::JwtBundlesResponse {
+                bundles: visible_bundles(snapshot, svids)
+                    .into_iter()
+                    .map(|b| (b.trust_domain().id_string(), jwks(b)))
+                    .collect(),
+            },
+        )))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<pb::ValidateJwtsvidRequest>,
+    ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        let selectors = self.caller(&request).await?;
+        let r = request.into_inner();
+        if r.audience.is_empty() {
+            return Err(WorkloadApiError::Invalid("audience must be specified".into()).into());
+        }
+        if r.svid.is_empty() {
+            return Err(WorkloadApiError::Invalid("svid must be specified".into()).into());
+        }
+        check_audience(std::slice::from_ref(&r.audience))?;
+        let (snapshot, svids) = self.identities(&selectors);
+        if svids.is_empty() {
+            return Err(WorkloadApiError::NoIdentity.into());
+        }
+        let visible: BundleSet = {
+            let mut set = BundleSet::new();
+            for b in visible_bundles(&snapshot, &svids) {
+                set.insert(b.clone());
+            }
+            set
+        };
+        let now = self.cache.clock().now();
+        let validated = jwt::validate(&r.svid, &[r.audience.as_str()], &visible, now)
+            .map_err(WorkloadApiError::from)?;
+        let claims = claims_struct(&r.svid);
+        Ok(Response::new(pb::ValidateJwtsvidResponse {
+            spiffe_id: validated.spiffe_id.to_string(),
+            claims: Some(claims),
+        }))
+    }
+}
+
+fn check_audience(audience: &[String]) -> Result<(), WorkloadApiError> {
+    if audience.is_empty() {
+        return Err(WorkloadApiError::Invalid(
+            "audience must be specified".into(),
+        ));
+    }
+    if audience.len() > MAX_AUDIENCES
+        || audience
+            .iter()
+            .any(|a| a.is_empty() || a.len() > MAX_AUDIENCE_LEN)
+    {
+        return Err(WorkloadApiError::Invalid(format!(
+            "at most {MAX_AUDIENCES} audiences of 1 to {MAX_AUDIENCE_LEN} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// The (already validated) token's claims as a protobuf Struct.
+fn claims_struct(token: &str) -> prost_types::Struct {
+    let claims: serde_json::Value =
+        jsonwebtoken::dangerous::insecure_decode_claims(token).unwrap_or_default();
+    match json_to_prost(claims) {
+        prost_types::value::Kind::StructValue(s) => s,
+        _ => prost_types::Struct::default(),
+    }
+}
+
+fn json_to_prost(v: serde_json::Value) -> prost_types::value::Kind {
+    use prost_types::value::Kind;
+    match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a
+                .into_iter()
+                .map(|v| prost_types::Value {
+                    kind: Some(json_to_prost(v)),
+                })
+                .collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(prost_types::Struct {
+            fields: o
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        k,
+                        prost_types::Value {
+                            kind: Some(json_to_prost(v)),
+                        },
+                    )
+                })
+                .collect(),
+        }),
+    }
+}

@@ -1,0 +1,202 @@
+//! The server's side of the server <-> agent protocol: which entries an agent may see,
+//! and signing SVIDs only for those. [`NodeHandler`] holds the logic; the in-process
+//! agent of `writ dev` calls it directly, the gRPC `writ.node.v1.Node` service wraps it.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::ServerState;
+use crate::ca::CaError;
+use crate::entry::RegistrationEntry;
+use crate::spiffe_id::SpiffeId;
+use crate::store::{EntryFilter, StoreError};
+use crate::svid::x509::X509Svid;
+
+/// Most entries one agent may be authorized for (a guard against runaway nesting).
+pub const MAX_ENTRIES_PER_AGENT: usize = 100_000;
+/// Most SVIDs signed in one request.
+pub const MAX_SIGN_BATCH: usize = 500;
+
+/// Why a node request was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The entry does not exist or is not authorized for this agent.
+    #[error("entry {0:?} is not authorized for this agent")]
+    NotAuthorized(String),
+    /// The request is malformed.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The CA failed.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+}
+
+/// What an agent learns from a sync.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EntrySync {
+    /// Entries the agent did not have at their current revision.
+    pub changed: Vec<RegistrationEntry>,
+    /// Ids of every entry authorized for the agent.
+    pub ids: Vec<String>,
+}
+
+/// The node API's logic over a server's state.
+#[derive(Debug, Clone)]
+pub struct NodeHandler {
+    state: Arc<ServerState>,
+}
+
+impl NodeHandler {
+    /// A handler over a running server's state.
+    pub fn new(state: Arc<ServerState>) -> Self {
+        Self { state }
+    }
+
+    /// The server state.
+    pub fn state(&self) -> &Arc<ServerState> {
+        &self.state
+    }
+
+    /// The unexpired entries whose parent is the agent, or (transitively) another entry
+    /// authorized for it.
+    ///
+    /// # Errors
+    /// [`NodeError::Store`] if the store fails.
+    pub async fn authorized_entries(
+        &self,
+        agent_id: &SpiffeId,
+    ) -> Result<Vec<RegistrationEntry>, NodeError> {
+        let now = self.state.clock.unix_seconds();
+        let mut out = Vec::new();
+        let mut seen_parents = HashSet::new();
+        let mut queue = VecDeque::from([agent_id.clone()]);
+        while let Some(parent) = queue.pop_front() {
+            if !seen_parents.insert(parent.clone()) {
+                continue;
+            }
+            let children = self
+                .state
+                .store
+                .list_entries(&EntryFilter {
+                    parent_id: Some(parent),
+                    ..EntryFilter::default()
+                })
+                .await?;
+            for entry in children {
+                if entry.is_expired(now) {
+                    continue;
+                }
+                queue.push_back(entry.spiffe_id.clone());
+                out.push(entry);
+                if out.len() > MAX_ENTRIES_PER_AGENT {
+                    return Err(NodeError::Invalid(format!(
+                        "more than {MAX_ENTRIES_PER_AGENT} entries for one agent"
+                    )));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// The entries the agent lacks (by id and revision) and all authorized ids.
+    ///
+    /// # Errors
+    /// [`NodeError::Store`] if the store fails.
+    pub async fn sync(
+        &self,
+        agent_id: &SpiffeId,
+        known: &BTreeMap<String, i64>,
+    ) -> Result<EntrySync, NodeError> {
+        let entries = self.authorized_entries(agent_id).await?;
+        let ids = entries.iter().map(|e| e.id.clone()).collect();
+        let changed = entries
+            .into_iter()
+            .filter(|e| known.get(&e.id) != Some(&e.revision))
+            .collect();
+        Ok(EntrySync { changed, ids })
+    }
+
+    async fn authorized_entry(
+        &self,
+        agent_id: &SpiffeId,
+        entry_id: &str,
+    ) -> Result<RegistrationEntry, NodeError> {
+        // The same walk as a sync: an agent gets nothing it could not have synced.
+        self.authorized_entries(agent_id)
+            .await?
+            .into_iter()
+            .find(|e| e.id == entry_id)
+            .ok_or_else(|| NodeError::NotAuthorized(entry_id.chars().take(64).collect()))
+    }
+
+    /// Signs X509-SVIDs for `(entry id, DER SubjectPublicKeyInfo)` pairs, each only if the
+    /// entry is authorized for the agent, with the entry's TTL and DNS names.
+    ///
+    /// # Errors
+    /// [`NodeError::NotAuthorized`] for any entry the agent may not have (nothing is
+    /// signed then), or a CA error.
+    pub async fn sign_x509_svids(
+        &self,
+        agent_id: &SpiffeId,
+        requests: &[(String, Vec<u8>)],
+    ) -> Result<Vec<(String, X509Svid)>, NodeError> {
+        if requests.len() > MAX_SIGN_BATCH {
+            return Err(NodeError::Invalid(format!(
+                "at most {MAX_SIGN_BATCH} SVIDs per request"
+            )));
+        }
+        let authorized: BTreeMap<String, RegistrationEntry> = self
+            .authorized_entries(agent_id)
+            .await?
+            .into_iter()
+            .map(|e| (e.id.clone(), e))
+            .collect();
+        let mut out = Vec::with_capacity(requests.len());
+        for (entry_id, _) in requests {
+            if !authorized.contains_key(entry_id) {
+                return Err(NodeError::NotAuthorized(
+                    entry_id.chars().take(64).collect(),
+                ));
+            }
+        }
+        for (entry_id, spki) in requests {
+            let Some(entry) = authorized.get(entry_id) else {
+                continue;
+            };
+            let ttl = (entry.x509_svid_ttl > 0).then(|| Duration::from_secs(entry.x509_svid_ttl));
+            let svid =
+                self.state
+                    .ca
+                    .sign_x509_svid(&entry.spiffe_id, spki, ttl, &entry.dns_names)?;
+            out.push((entry_id.clone(), svid));
+        }
+        Ok(out)
+    }
+
+    /// Signs a JWT-SVID for an authorized entry. Returns `(token, issued_at, expires_at)`
+    /// in Unix seconds.
+    ///
+    /// # Errors
+    /// [`NodeError::NotAuthorized`] or a CA error (bad audience).
+    pub async fn sign_jwt_svid(
+        &self,
+        agent_id: &SpiffeId,
+        entry_id: &str,
+        audience: &[String],
+    ) -> Result<(String, i64, i64), NodeError> {
+        let entry = self.authorized_entry(agent_id, entry_id).await?;
+        let ttl = (entry.jwt_svid_ttl > 0).then(|| Duration::from_secs(entry.jwt_svid_ttl));
+        let issued_at = self.state.clock.unix_seconds();
+        let (token, exp) = self
+            .state
+            .ca
+            .sign_jwt_svid(&entry.spiffe_id, audience, ttl)?;
+        Ok((token, issued_at, crate::clock::unix_seconds(exp)))
+    }
+}

@@ -1,0 +1,258 @@
+//! The SPIFFE Workload API against clients nobody here wrote: the Rust `spiffe` crate
+//! (rust-spiffe 0.19) `WorkloadApiClient` and `X509Source`, plus raw gRPC for the error
+//! semantics the standard fixes.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code: a failed setup step should abort the test loudly"
+)]
+
+use std::time::{Duration, Instant};
+
+use hyper_util_shim::connect_raw;
+use spiffe::{WorkloadApiClient, X509Source};
+use writ_identity::proto::workload as pb;
+use writ_tests::Stack;
+
+/// A raw tonic client for the standard service, so tests control the metadata.
+mod hyper_util_shim {
+    use std::path::PathBuf;
+
+    use tonic::transport::{Channel, Endpoint, Uri};
+    use writ_identity::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+
+    pub async fn connect_raw(socket: PathBuf) -> SpiffeWorkloadApiClient<Channel> {
+        let channel = Endpoint::from_static("http://workload.invalid")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let socket = socket.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(socket).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }))
+            .await
+            .unwrap();
+        SpiffeWorkloadApiClient::new(channel)
+    }
+}
+
+fn uid_selector() -> String {
+    format!("unix:uid:{}", Stack::my_uid())
+}
+
+#[tokio::test]
+async fn caller_without_entry_is_denied_and_header_is_required() {
+    let stack = Stack::start(Duration::from_secs(3600)).await;
+    let client = WorkloadApiClient::connect_to(stack.endpoint())
+        .await
+        .unwrap();
+    let err = client.fetch_x509_svid().await.unwrap_err();
+    assert!(err.to_string().contains("no identity issued"), "{err}");
+
+    let mut raw = connect_raw(stack.socket()).await;
+    // No security header: InvalidArgument.
+    let status = raw
+        .fetch_x509svid(pb::X509svidRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let status = raw
+        .fetch_jwtsvid(pb::JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    // With the header but no entry: PermissionDenied with the standard text.
+    let mut req = tonic::Request::new(pb::X509svidRequest {});
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let status = raw.fetch_x509svid(req).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert_eq!(status.message(), "no identity issued");
+}
+
+#[tokio::test]
+async fn rust_spiffe_fetches_svids_bundles_and_jwts() {
+    let stack = Stack::start(Duration::from_secs(3600)).await;
+    // Two identities for this uid, one for nobody else; the first created is the default.
+    let first = stack.register("/agents/planner", &[&uid_selector()]).await;
+    stack
+        .register("/agents/second", &[&uid_selector(), "unix:uid:4294967294"])
+        .await; // never matches
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    stack.register("/agents/other", &[&uid_selector()]).await;
+    let client = WorkloadApiClient::connect_to(stack.endpoint())
+        .await
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let svids = loop {
+        if let Ok(all) = client.fetch_all_x509_svids().await
+            && all.len() == 2
+        {
+            break all;
+        }
+        assert!(Instant::now() < deadline, "entries did not reach the agent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        svids[0].spiffe_id().to_string(),
+        first.spiffe_id.to_string(),
+        "svids[0] is the default"
+    );
+    assert_eq!(
+        svids[1].spiffe_id().to_string(),
+        "spiffe://example.org/agents/other"
+    );
+    let default = client.fetch_x509_svid().await.unwrap();
+    assert_eq!(
+        default.spiffe_id().to_string(),
+        "spiffe://example.org/agents/planner"
+    );
+
+    let bundles = client.fetch_x509_bundles().await.unwrap();
+    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    let bundle = bundles.get(&td).expect("own trust domain bundle");
+    assert_eq!(bundle.authorities().len(), 1);
+
+    let token = client.fetch_jwt_token(["tool-server"], None).await.unwrap();
+    let validated = client
+        .validate_jwt_token("tool-server", &token)
+        .await
+        .unwrap();
+    assert_eq!(
+        validated.spiffe_id().to_string(),
+        "spiffe://example.org/agents/planner"
+    );
+    // The JWT bundles from the same socket validate it locally too.
+    let jwt_bundles = client.fetch_jwt_bundles().await.unwrap();
+    let local =
+        spiffe::JwtSvid::parse_and_validate(&token, &jwt_bundles, &["tool-server"]).unwrap();
+    assert_eq!(
+        local.spiffe_id().to_string(),
+        "spiffe://example.org/agents/planner"
+    );
+    // A named identity.
+    let other = spiffe::SpiffeId::new("spiffe://example.org/agents/other").unwrap();
+    let jwt = client
+        .fetch_jwt_svid(["a", "b"], Some(&other))
+        .await
+        .unwrap();
+    assert_eq!(jwt.spiffe_id(), &other);
+    // JWT-SVIDs are cached per audience set until half-life.
+    assert_eq!(
+        client.fetch_jwt_token(["tool-server"], None).await.unwrap(),
+        token
+    );
+
+    // Validation refusals: wrong audience, garbage.
+    assert!(
+        client
+            .validate_jwt_token("someone-else", &token)
+            .await
+            .is_err()
+    );
+    assert!(
+        client
+            .validate_jwt_token("tool-server", "garbage")
+            .await
+            .is_err()
+    );
+    assert!(
+        client
+            .validate_jwt_token("tool-server", &"x.".repeat(20_000))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_invalid_argument() {
+    let stack = Stack::start(Duration::from_secs(3600)).await;
+    stack.register("/w", &[&uid_selector()]).await;
+    let mut raw = connect_raw(stack.socket()).await;
+    fn with_header<T>(r: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(r);
+        req.metadata_mut()
+            .insert("workload.spiffe.io", "true".parse().unwrap());
+        req
+    }
+    for audience in [
+        vec![],
+        vec![String::new()],
+        vec!["a".repeat(300)],
+        vec!["a".into(); 40],
+    ] {
+        let status = raw
+            .fetch_jwtsvid(with_header(pb::JwtsvidRequest {
+                audience,
+                spiffe_id: String::new(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    }
+    let status = raw
+        .fetch_jwtsvid(with_header(pb::JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: "not-an-id".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let status = raw
+        .validate_jwtsvid(with_header(pb::ValidateJwtsvidRequest {
+            audience: "a".into(),
+            svid: "e30.e30.AAAA".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    // A request over the gRPC message size limit is refused by the transport, and the
+    // agent keeps serving.
+    let status = raw
+        .validate_jwtsvid(with_header(pb::ValidateJwtsvidRequest {
+            audience: "a".into(),
+            svid: "x".repeat(5 * 1024 * 1024),
+        }))
+        .await
+        .unwrap_err();
+    assert_ne!(status.code(), tonic::Code::Ok);
+    let client = WorkloadApiClient::connect_to(stack.endpoint())
+        .await
+        .unwrap();
+    client.fetch_x509_svid().await.unwrap();
+}
+
+#[tokio::test]
+async fn x509_source_sees_rotation_without_reconnecting() {
+    // SVIDs live 4 s, so the agent renews them at about 2 s.
+    let stack = Stack::start(Duration::from_secs(4)).await;
+    stack.register("/rotating", &[&uid_selector()]).await;
+    let source = X509Source::builder()
+        .endpoint(stack.endpoint())
+        .build()
+        .await
+        .unwrap();
+    let first = source.svid().unwrap();
+    assert_eq!(
+        first.spiffe_id().to_string(),
+        "spiffe://example.org/rotating"
+    );
+    let mut updates = source.updated();
+    tokio::time::timeout(Duration::from_secs(15), updates.changed())
+        .await
+        .expect("rotation within 15 s")
+        .unwrap();
+    let second = source.svid().unwrap();
+    assert_ne!(
+        first.leaf().as_bytes(),
+        second.leaf().as_bytes(),
+        "a new certificate after rotation"
+    );
+    assert_eq!(second.spiffe_id(), first.spiffe_id());
+}
