@@ -30,6 +30,7 @@ pub mod server;
 pub mod spiffe_id;
 pub mod store;
 pub mod svid;
+pub mod tls;
 
 /// Generated gRPC code for the protos under `specs/proto`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

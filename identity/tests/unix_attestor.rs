@@ -195,6 +195,16 @@ async fn attests_this_process() {
     want_groups.dedup();
     assert_eq!(got_groups, want_groups);
 
+    // Start time and parent against a naive read (this binary's name has no spaces).
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let fields: Vec<&str> = stat.split_whitespace().collect();
+    let root = attestor.proc_root();
+    assert_eq!(
+        process_start_time(root, caller.pid).unwrap().to_string(),
+        fields[21]
+    );
+    assert_eq!(parent_pid(root, caller.pid).unwrap().to_string(), fields[3]);
+
     // Sorted, no duplicates; the blocking form agrees.
     let mut sorted = got.clone();
     sorted.sort();

@@ -83,7 +83,8 @@ async fn rust_spiffe_fetches_svids_bundles_and_jwts() {
     stack
         .register("/agents/second", &[&uid_selector(), "unix:uid:4294967294"])
         .await; // never matches
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Entries are ordered by creation time (whole seconds), then id.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     stack.register("/agents/other", &[&uid_selector()]).await;
     let client = WorkloadApiClient::connect_to(stack.endpoint())
         .await

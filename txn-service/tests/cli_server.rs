@@ -46,6 +46,7 @@ impl Server {
             .arg(dir.join("data"))
             .arg("--server-socket")
             .arg(dir.join("server.sock"))
+            .args(["--bind-address", "127.0.0.1:0"])
             .env_remove("WRIT_SERVER_SOCKET")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

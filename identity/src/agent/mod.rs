@@ -16,6 +16,7 @@
 
 pub mod cache;
 pub mod node_api;
+pub mod node_client;
 pub mod workload_api;
 
 use std::path::{Path, PathBuf};

@@ -24,6 +24,8 @@ use crate::spiffe_id::TrustDomain;
 
 /// Default admin socket.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/writ/server.sock";
+/// Default port of the node API.
+pub const DEFAULT_NODE_PORT: u16 = 8081;
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/writ/server";
 
@@ -69,6 +71,9 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     /// Admin API Unix socket path.
     pub admin_socket: Option<PathBuf>,
+    /// Address of the node API agents call (mTLS), `0.0.0.0:8081` by default; `""`
+    /// disables it.
+    pub bind_address: Option<String>,
     /// CA settings.
     #[serde(default)]
     pub ca: FileCa,
@@ -167,6 +172,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Admin socket path.
     pub admin_socket: PathBuf,
+    /// Node API address (`None`: no node API, e.g. when the only agent is in-process).
+    pub bind_address: Option<std::net::SocketAddr>,
     /// Store.
     pub datastore: Datastore,
     /// Key manager.
@@ -244,6 +251,17 @@ impl TryFrom<FileConfig> for ServerConfig {
             .admin_socket
             .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
 
+        let bind_address = match file.bind_address.as_deref() {
+            None => Some(std::net::SocketAddr::from((
+                [0, 0, 0, 0],
+                DEFAULT_NODE_PORT,
+            ))),
+            Some("") => None,
+            Some(text) => Some(
+                text.parse()
+                    .map_err(|e| value("bind_address", format!("{text:?}: {e}")))?,
+            ),
+        };
         let mut ca = CaConfig::new(trust_domain.clone());
         ca.ca_ttl = duration("ca.ttl", file.ca.ttl.as_deref(), ca.ca_ttl)?;
         ca.jwt_key_ttl = duration(
@@ -327,6 +345,7 @@ impl TryFrom<FileConfig> for ServerConfig {
             trust_domain,
             data_dir,
             admin_socket,
+            bind_address,
             datastore,
             key_manager,
             ca,

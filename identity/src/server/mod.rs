@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod config;
 pub mod node;
+pub mod node_service;
 
 use std::future::Future;
 use std::path::Path;
@@ -168,18 +169,33 @@ pub fn bind_unix_socket(path: &Path, mode: u32) -> Result<tokio::net::UnixListen
     Ok(listener)
 }
 
-/// Serves the admin API on the configured socket (mode 0600) and rotates the CA every
-/// [`ROTATION_INTERVAL`] until `shutdown` completes; then removes the socket.
+/// Serves the admin API on the configured socket (mode 0600) and the node API for agents
+/// on the configured address (mTLS), and rotates the CA every [`ROTATION_INTERVAL`],
+/// until `shutdown` completes; then removes the socket.
 ///
 /// # Errors
-/// [`ServerError`] if the socket cannot be bound or the server fails.
+/// [`ServerError`] if a socket cannot be bound or a server fails.
 pub async fn serve(
     state: Arc<ServerState>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     let socket = state.config.admin_socket.clone();
     let listener = bind_unix_socket(&socket, 0o600)?;
+    let node_listener = match state.config.bind_address {
+        Some(addr) => Some(node_service::bind(addr).await?),
+        None => None,
+    };
     let rotation = tokio::spawn(rotation_loop(state.ca.clone()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let node_task = node_listener.map(|l| {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(address = %addr, "node API (mTLS) ready");
+        }
+        let mut stop = stop_rx.clone();
+        tokio::spawn(node_service::serve_node_api(state.clone(), l, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }))
+    });
     tracing::info!(
         trust_domain = %state.config.trust_domain,
         admin_socket = %socket.display(),
@@ -191,6 +207,10 @@ pub async fn serve(
         )))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
+    let _ = stop_tx.send(true);
+    if let Some(t) = node_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
     rotation.abort();
     let _ = std::fs::remove_file(&socket);
     result?;

@@ -34,6 +34,9 @@ pub enum NodeError {
     /// The CA failed.
     #[error(transparent)]
     Ca(#[from] CaError),
+    /// The server could not be reached (agent side).
+    #[error("server unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// What an agent learns from a sync.

@@ -25,6 +25,9 @@ pub(crate) enum ServerCommand {
         /// Overrides `admin_socket`.
         #[arg(long = "server-socket", env = "WRIT_SERVER_SOCKET")]
         admin_socket: Option<PathBuf>,
+        /// Overrides `bind_address`, the node API agents call (`""` disables it).
+        #[arg(long)]
+        bind_address: Option<String>,
         /// Log filter (`info`, `debug`, `writ_identity=debug`, ...).
         #[arg(long, env = "WRIT_LOG", default_value = "info")]
         log_level: String,
@@ -37,6 +40,7 @@ pub(crate) async fn run(cmd: ServerCommand) -> anyhow::Result<ExitCode> {
         data_dir,
         trust_domain,
         admin_socket,
+        bind_address,
         log_level,
     } = cmd;
     init_logging(&log_level);
@@ -56,6 +60,9 @@ pub(crate) async fn run(cmd: ServerCommand) -> anyhow::Result<ExitCode> {
     }
     if admin_socket.is_some() {
         file.admin_socket = admin_socket;
+    }
+    if bind_address.is_some() {
+        file.bind_address = bind_address;
     }
     let config = ServerConfig::try_from(file)?;
     std::fs::create_dir_all(&config.data_dir)

@@ -1,0 +1,516 @@
+//! The split-mode node API client: the agent talks to the server over mTLS, attests once
+//! with a join token, then presents its agent SVID (renewed at half-life, kept in its
+//! data dir so a restart needs no new token).
+//!
+//! The agent trusts the server it first contacts through a bootstrap bundle, or — named as
+//! dangerous, as SPIRE does — `insecure_bootstrap`, which accepts any server for the first
+//! contact only.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use super::node_api::NodeApi;
+use crate::bundle::{Bundle, BundleSet};
+use crate::key_manager::{PrivateKey, write_secret_file};
+use crate::proto::node as pb;
+use crate::server::admin::entry_from_proto;
+use crate::server::node::{EntrySync, NodeError};
+use crate::server::node_service::{NodeClient, SERVER_PATH};
+use crate::spiffe_id::{SpiffeId, TrustDomain};
+use crate::svid::x509::{X509Svid, chain_from_pem};
+use crate::tls::{SpiffeServerVerifier, SvidResolver};
+
+/// Why the agent could not reach or join the server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// No usable agent SVID on disk and no join token given.
+    #[error("this agent has not attested yet: start it with a join token (writ token generate)")]
+    NeedsJoinToken,
+    /// The server refused attestation.
+    #[error("attestation refused: {0}")]
+    Refused(String),
+    /// The server could not be reached.
+    #[error("cannot reach the server at {address}: {detail}")]
+    Unreachable {
+        /// The address.
+        address: String,
+        /// Why.
+        detail: String,
+    },
+    /// Files in the data dir could not be read or written.
+    #[error("agent data dir: {0}")]
+    DataDir(String),
+    /// A key or certificate is unusable.
+    #[error("agent credentials: {0}")]
+    Credentials(String),
+}
+
+/// How the agent trusts the server on first contact.
+#[derive(Debug, Clone)]
+pub enum Bootstrap {
+    /// Trust the server whose SVID chains to this bundle.
+    Bundle(Bundle),
+    /// DANGEROUS: trust whatever server answers, for the first contact only.
+    Insecure,
+}
+
+/// Settings of a split-mode agent.
+#[derive(Debug, Clone)]
+pub struct NodeClientConfig {
+    /// `host:port` of the server's node API.
+    pub server_address: String,
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// Where the agent keeps its SVID, key and bundle.
+    pub data_dir: PathBuf,
+    /// A join token, needed on first start (or after eviction).
+    pub join_token: Option<String>,
+    /// How to trust the server on first contact.
+    pub bootstrap: Bootstrap,
+}
+
+/// The node API over gRPC and mTLS.
+#[derive(Debug)]
+pub struct GrpcNode {
+    agent_id: SpiffeId,
+    client: NodeClient<Channel>,
+    resolver: Arc<SvidResolver>,
+    trust: Arc<ArcSwap<Bundle>>,
+    changes: watch::Receiver<u64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for GrpcNode {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+const SVID_FILE: &str = "agent_svid.pem";
+const KEY_FILE: &str = "agent_key.pem";
+const BUNDLE_FILE: &str = "bundle.json";
+
+struct Stored {
+    svid: X509Svid,
+    bundle: Bundle,
+}
+
+fn load_stored(dir: &Path, td: &TrustDomain) -> Result<Option<Stored>, AgentError> {
+    let read = |name: &str| std::fs::read_to_string(dir.join(name));
+    let (Ok(chain), Ok(key), Ok(bundle)) = (read(SVID_FILE), read(KEY_FILE), read(BUNDLE_FILE))
+    else {
+        return Ok(None);
+    };
+    let chain = chain_from_pem(&chain).map_err(|e| AgentError::Credentials(e.to_string()))?;
+    let key = PrivateKey::from_pem(&zeroize::Zeroizing::new(key))
+        .map_err(|e| AgentError::Credentials(e.to_string()))?;
+    let bundle = Bundle::from_json(td.clone(), &bundle)
+        .map_err(|e| AgentError::Credentials(e.to_string()))?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| AgentError::Credentials("empty SVID file".into()))?;
+    let checked =
+        crate::svid::x509::check_leaf(leaf).map_err(|e| AgentError::Credentials(e.to_string()))?;
+    if checked.expires_at <= SystemTime::now() {
+        return Ok(None);
+    }
+    Ok(Some(Stored {
+        svid: X509Svid {
+            spiffe_id: checked.spiffe_id,
+            cert_chain: chain,
+            private_key: Some(key),
+            expires_at: checked.expires_at,
+        },
+        bundle,
+    }))
+}
+
+fn save(dir: &Path, svid: &X509Svid, bundle: &Bundle) -> Result<(), AgentError> {
+    let err = |e: &dyn std::fmt::Display| AgentError::DataDir(e.to_string());
+    std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
+    let key = svid
+        .private_key
+        .as_ref()
+        .ok_or_else(|| AgentError::Credentials("SVID without key".into()))?;
+    write_secret_file(&dir.join(KEY_FILE), key.to_pem().as_bytes()).map_err(|e| err(&e))?;
+    std::fs::write(dir.join(SVID_FILE), svid.chain_pem()).map_err(|e| err(&e))?;
+    std::fs::write(dir.join(BUNDLE_FILE), bundle.to_json()).map_err(|e| err(&e))?;
+    Ok(())
+}
+
+fn channel(
+    address: &str,
+    verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    resolver: Arc<SvidResolver>,
+) -> Result<Channel, AgentError> {
+    let mut config = rustls::ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let addr = address.to_owned();
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| AgentError::Unreachable {
+            address: address.to_owned(),
+            detail: e.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30));
+    Ok(
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+            let connector = connector.clone();
+            let addr = addr.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                // The verifier checks the SPIFFE ID; the name only fills SNI.
+                let name = ServerName::try_from("writ-server").map_err(std::io::Error::other)?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        })),
+    )
+}
+
+fn server_verifier(trust: Arc<ArcSwap<Bundle>>, server_id: SpiffeId) -> Arc<SpiffeServerVerifier> {
+    SpiffeServerVerifier::new(
+        Arc::new(move || BundleSet::of((**trust.load()).clone())),
+        Arc::new(move |id: &SpiffeId| *id == server_id),
+    )
+}
+
+fn unreachable(address: &str, e: &tonic::Status) -> AgentError {
+    AgentError::Unreachable {
+        address: address.to_owned(),
+        detail: e.message().to_owned(),
+    }
+}
+
+impl GrpcNode {
+    /// Joins the server: reuses the agent SVID in the data dir if it is still valid,
+    /// otherwise attests with the join token. Then keeps the SVID renewed and listens for
+    /// change signals in the background.
+    ///
+    /// # Errors
+    /// [`AgentError`] if neither works.
+    pub async fn connect(config: NodeClientConfig) -> Result<Arc<Self>, AgentError> {
+        let td = config.trust_domain.clone();
+        let server_id = td
+            .spiffe_id(SERVER_PATH)
+            .map_err(|e| AgentError::Credentials(e.to_string()))?;
+        let resolver = SvidResolver::new();
+        let stored = match load_stored(&config.data_dir, &td)? {
+            Some(s) => s,
+            None => Self::attest(&config, &server_id).await?,
+        };
+        resolver
+            .set(&stored.svid)
+            .map_err(|e| AgentError::Credentials(e.to_string()))?;
+        let trust = Arc::new(ArcSwap::from_pointee(stored.bundle));
+        let verifier = server_verifier(trust.clone(), server_id);
+        let client = NodeClient::new(channel(&config.server_address, verifier, resolver.clone())?)
+            .max_decoding_message_size(64 * 1024 * 1024);
+        let (changes_tx, changes) = watch::channel(0);
+        let watch_task = tokio::spawn(watch_changes(client.clone(), changes_tx));
+        let renew_task = tokio::spawn(renew_loop(
+            client.clone(),
+            resolver.clone(),
+            trust.clone(),
+            config.data_dir.clone(),
+            stored.svid.expires_at,
+        ));
+        tracing::info!(agent = %stored.svid.spiffe_id, server = %config.server_address, "agent joined the server");
+        Ok(Arc::new(Self {
+            agent_id: stored.svid.spiffe_id,
+            client,
+            resolver,
+            trust,
+            changes,
+            tasks: vec![watch_task, renew_task],
+        }))
+    }
+
+    async fn attest(config: &NodeClientConfig, server_id: &SpiffeId) -> Result<Stored, AgentError> {
+        let token = config
+            .join_token
+            .clone()
+            .ok_or(AgentError::NeedsJoinToken)?;
+        let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> = match &config.bootstrap
+        {
+            Bootstrap::Bundle(b) => server_verifier(
+                Arc::new(ArcSwap::from_pointee(b.clone())),
+                server_id.clone(),
+            ),
+            Bootstrap::Insecure => {
+                tracing::warn!(
+                    "insecure_bootstrap: trusting whatever server answers for this first contact"
+                );
+                crate::tls::dangerous::AcceptAnyServer::new()
+            }
+        };
+        let mut client = NodeClient::new(channel(
+            &config.server_address,
+            verifier,
+            SvidResolver::new(),
+        )?);
+        let key = PrivateKey::generate().map_err(|e| AgentError::Credentials(e.to_string()))?;
+        let spki = spki(&key)?;
+        let response = client
+            .attest_join_token(pb::AttestJoinTokenRequest {
+                join_token: token,
+                public_key: spki,
+            })
+            .await
+            .map_err(|e| match e.code() {
+                tonic::Code::PermissionDenied | tonic::Code::InvalidArgument => {
+                    AgentError::Refused(e.message().to_owned())
+                }
+                _ => unreachable(&config.server_address, &e),
+            })?
+            .into_inner();
+        let stored = svid_from_response(response, key, &config.trust_domain)?;
+        save(&config.data_dir, &stored.svid, &stored.bundle)?;
+        Ok(stored)
+    }
+
+    /// The trust bundle the agent verifies the server with.
+    pub fn trust_bundle(&self) -> Arc<Bundle> {
+        self.trust.load_full()
+    }
+
+    /// Whether the agent currently has an SVID to present.
+    pub fn has_svid(&self) -> bool {
+        self.resolver.is_set()
+    }
+}
+
+fn spki(key: &PrivateKey) -> Result<Vec<u8>, AgentError> {
+    Ok(rcgen::PublicKeyData::subject_public_key_info(
+        &key.to_rcgen()
+            .map_err(|e| AgentError::Credentials(e.to_string()))?,
+    ))
+}
+
+fn svid_from_response(
+    r: pb::AgentSvidResponse,
+    key: PrivateKey,
+    td: &TrustDomain,
+) -> Result<Stored, AgentError> {
+    let bundle = Bundle::from_json(td.clone(), &r.bundle)
+        .map_err(|e| AgentError::Credentials(e.to_string()))?;
+    let leaf = r
+        .cert_chain
+        .first()
+        .ok_or_else(|| AgentError::Credentials("server sent no certificate".into()))?;
+    let checked =
+        crate::svid::x509::check_leaf(leaf).map_err(|e| AgentError::Credentials(e.to_string()))?;
+    Ok(Stored {
+        svid: X509Svid {
+            spiffe_id: checked.spiffe_id,
+            cert_chain: r.cert_chain,
+            private_key: Some(key),
+            expires_at: checked.expires_at,
+        },
+        bundle,
+    })
+}
+
+async fn renew_loop(
+    mut client: NodeClient<Channel>,
+    resolver: Arc<SvidResolver>,
+    trust: Arc<ArcSwap<Bundle>>,
+    data_dir: PathBuf,
+    mut expires_at: SystemTime,
+) {
+    loop {
+        let life = expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        tokio::time::sleep((life / 2).max(Duration::from_secs(1))).await;
+        let renewed = async {
+            let key = PrivateKey::generate().map_err(|e| AgentError::Credentials(e.to_string()))?;
+            let response = client
+                .renew_agent_svid(pb::RenewAgentSvidRequest {
+                    public_key: spki(&key)?,
+                })
+                .await
+                .map_err(|e| AgentError::Refused(e.message().to_owned()))?
+                .into_inner();
+            let td = trust.load().trust_domain().clone();
+            let stored = svid_from_response(response, key, &td)?;
+            resolver
+                .set(&stored.svid)
+                .map_err(|e| AgentError::Credentials(e.to_string()))?;
+            save(&data_dir, &stored.svid, &stored.bundle)?;
+            trust.store(Arc::new(stored.bundle));
+            Ok::<_, AgentError>(stored.svid.expires_at)
+        }
+        .await;
+        match renewed {
+            Ok(exp) => {
+                tracing::info!("agent SVID renewed");
+                expires_at = exp;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "agent SVID renewal failed; retrying");
+                // Retry sooner, but never spin.
+                expires_at = SystemTime::now() + Duration::from_secs(10);
+            }
+        }
+    }
+}
+
+async fn watch_changes(mut client: NodeClient<Channel>, tx: watch::Sender<u64>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match client.watch_changes(pb::WatchChangesRequest {}).await {
+            Ok(response) => {
+                let mut stream = response.into_inner();
+                backoff = Duration::from_millis(200);
+                // Reconnected: whatever happened meanwhile is a change.
+                tx.send_modify(|g| *g += 1);
+                while let Ok(Some(_)) = stream.message().await {
+                    tx.send_modify(|g| *g += 1);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "change stream unavailable"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+fn status(e: tonic::Status) -> NodeError {
+    match e.code() {
+        tonic::Code::PermissionDenied => NodeError::NotAuthorized(e.message().to_owned()),
+        tonic::Code::InvalidArgument => NodeError::Invalid(e.message().to_owned()),
+        _ => NodeError::Unavailable(e.message().to_owned()),
+    }
+}
+
+#[async_trait::async_trait]
+impl NodeApi for GrpcNode {
+    fn agent_id(&self) -> &SpiffeId {
+        &self.agent_id
+    }
+
+    async fn sync_entries(&self, known: &BTreeMap<String, i64>) -> Result<EntrySync, NodeError> {
+        let response = self
+            .client
+            .clone()
+            .sync_entries(pb::SyncEntriesRequest {
+                known: known.clone().into_iter().collect(),
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        let td = self.trust.load().trust_domain().clone();
+        let changed = response
+            .changed
+            .into_iter()
+            .map(|p| entry_from_proto(p, &td).map_err(|e| NodeError::Invalid(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(EntrySync {
+            changed,
+            ids: response.ids,
+        })
+    }
+
+    async fn sign_x509_svids(
+        &self,
+        requests: &[(String, Vec<u8>)],
+    ) -> Result<Vec<(String, X509Svid)>, NodeError> {
+        let response = self
+            .client
+            .clone()
+            .sign_x509_svids(pb::SignX509SvidsRequest {
+                requests: requests
+                    .iter()
+                    .map(|(entry_id, public_key)| pb::X509SvidRequest {
+                        entry_id: entry_id.clone(),
+                        public_key: public_key.clone(),
+                    })
+                    .collect(),
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        response
+            .svids
+            .into_iter()
+            .map(|s| {
+                let leaf = s
+                    .cert_chain
+                    .first()
+                    .ok_or_else(|| NodeError::Invalid("empty chain".into()))?;
+                let checked = crate::svid::x509::check_leaf(leaf)
+                    .map_err(|e| NodeError::Invalid(e.to_string()))?;
+                Ok((
+                    s.entry_id,
+                    X509Svid {
+                        spiffe_id: checked.spiffe_id,
+                        cert_chain: s.cert_chain,
+                        private_key: None,
+                        expires_at: checked.expires_at,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    async fn sign_jwt_svid(
+        &self,
+        entry_id: &str,
+        audience: &[String],
+    ) -> Result<(String, i64, i64), NodeError> {
+        let r = self
+            .client
+            .clone()
+            .sign_jwt_svid(pb::SignJwtSvidRequest {
+                entry_id: entry_id.to_owned(),
+                audience: audience.to_vec(),
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        Ok((r.token, r.issued_at, r.expires_at))
+    }
+
+    async fn bundles(&self) -> Result<BundleSet, NodeError> {
+        let r = self
+            .client
+            .clone()
+            .get_bundles(pb::GetBundlesRequest {})
+            .await
+            .map_err(status)?
+            .into_inner();
+        let own = self.trust.load().trust_domain().clone();
+        let mut set = BundleSet::new();
+        for (td_id, doc) in &r.bundles {
+            let td = TrustDomain::new(td_id).map_err(|e| NodeError::Invalid(e.to_string()))?;
+            let bundle = Bundle::from_json(td.clone(), doc)
+                .map_err(|e| NodeError::Invalid(e.to_string()))?;
+            if td == own {
+                // CA rotations reach the agent's own trust in the server this way.
+                self.trust.store(Arc::new(bundle.clone()));
+            }
+            set.insert(bundle);
+        }
+        Ok(set)
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
+    }
+}

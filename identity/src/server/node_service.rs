@@ -1,0 +1,431 @@
+//! The `writ.node.v1.Node` gRPC service over mTLS: agents attest with a join token,
+//! then call with their agent SVID. The server presents its own SVID
+//! (`spiffe://<td>/writ/server`), renewed at half-life.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tonic::{Request, Response, Status};
+
+use super::node::{NodeError, NodeHandler};
+use super::{ServerError, ServerState};
+use crate::agent::node_api::server_bundles;
+use crate::bundle::BundleSet;
+use crate::key_manager::sha256;
+use crate::proto::node as pb;
+use crate::server::admin::entry_to_proto;
+use crate::spiffe_id::SpiffeId;
+use crate::store::{AttestedAgent, StoreError};
+use crate::tls::{SpiffeClientVerifier, SvidResolver};
+
+pub use pb::node_client::NodeClient;
+pub use pb::node_server::NodeServer;
+
+/// Path prefix of every agent SPIFFE ID.
+pub const AGENT_PATH_PREFIX: &str = "/writ/agent/";
+/// Path of the server's own SVID.
+pub const SERVER_PATH: &str = "/writ/server";
+/// Lifetime of agent SVIDs.
+pub const AGENT_SVID_TTL: Duration = Duration::from_secs(3600);
+/// Longest join token accepted.
+pub const MAX_JOIN_TOKEN_LEN: usize = 128;
+/// Largest public key accepted.
+const MAX_PUBLIC_KEY_LEN: usize = 4096;
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl From<NodeError> for Status {
+    fn from(e: NodeError) -> Status {
+        match &e {
+            NodeError::NotAuthorized(_) => Status::permission_denied(e.to_string()),
+            NodeError::Invalid(_) => Status::invalid_argument(e.to_string()),
+            NodeError::Ca(crate::ca::CaError::InvalidRequest(_)) => {
+                Status::invalid_argument(e.to_string())
+            }
+            _ => {
+                tracing::error!(error = %e, "node request failed");
+                Status::internal("internal error; see the server log")
+            }
+        }
+    }
+}
+
+/// The node service.
+#[derive(Debug, Clone)]
+pub struct NodeService {
+    handler: NodeHandler,
+}
+
+impl NodeService {
+    /// The service over a server's state.
+    pub fn new(state: Arc<ServerState>) -> Self {
+        Self {
+            handler: NodeHandler::new(state),
+        }
+    }
+
+    fn state(&self) -> &Arc<ServerState> {
+        self.handler.state()
+    }
+
+    /// The calling agent: its mTLS SVID (already verified by the TLS layer) must name an
+    /// attested, unbanned agent.
+    async fn agent<T>(&self, request: &Request<T>) -> Result<SpiffeId, Status> {
+        let certs = request
+            .peer_certs()
+            .ok_or_else(|| Status::unauthenticated("an agent SVID is required"))?;
+        let id = crate::tls::peer_id(&certs)
+            .ok_or_else(|| Status::unauthenticated("an agent SVID is required"))?;
+        match self
+            .state()
+            .store
+            .fetch_agent(&id)
+            .await
+            .map_err(NodeError::from)?
+        {
+            Some(a) if a.banned => Err(Status::permission_denied("agent is banned")),
+            Some(_) => Ok(id),
+            None => Err(Status::permission_denied(
+                "agent is not attested (evicted?); attest again with a new join token",
+            )),
+        }
+    }
+
+    fn sign_agent_svid(
+        &self,
+        id: &SpiffeId,
+        public_key: &[u8],
+    ) -> Result<crate::svid::x509::X509Svid, Status> {
+        if public_key.is_empty() || public_key.len() > MAX_PUBLIC_KEY_LEN {
+            return Err(Status::invalid_argument(
+                "public_key must be a DER SubjectPublicKeyInfo",
+            ));
+        }
+        self.state()
+            .ca
+            .sign_x509_svid(id, public_key, Some(AGENT_SVID_TTL), &[])
+            .map_err(|e| Status::from(NodeError::from(e)))
+    }
+
+    fn agent_response(
+        &self,
+        id: &SpiffeId,
+        svid: crate::svid::x509::X509Svid,
+    ) -> pb::AgentSvidResponse {
+        pb::AgentSvidResponse {
+            spiffe_id: id.to_string(),
+            cert_chain: svid.cert_chain,
+            bundle: self.state().ca.bundle().to_json(),
+        }
+    }
+}
+
+fn serial_and_expiry(svid: &crate::svid::x509::X509Svid) -> (String, i64) {
+    let serial = svid
+        .leaf()
+        .and_then(|der| x509_parser::parse_x509_certificate(der).ok())
+        .map(|(_, c)| c.raw_serial_as_string())
+        .unwrap_or_default();
+    (serial, crate::clock::unix_seconds(svid.expires_at))
+}
+
+type ChangeStream = Pin<Box<dyn Stream<Item = Result<pb::Change, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::node_server::Node for NodeService {
+    type WatchChangesStream = ChangeStream;
+
+    async fn attest_join_token(
+        &self,
+        request: Request<pb::AttestJoinTokenRequest>,
+    ) -> Result<Response<pb::AgentSvidResponse>, Status> {
+        let r = request.into_inner();
+        let token = r.join_token;
+        if token.is_empty()
+            || token.len() > MAX_JOIN_TOKEN_LEN
+            || !token
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(Status::invalid_argument("malformed join token"));
+        }
+        let state = self.state();
+        // Check the agent ID first so a malformed one consumes nothing.
+        let id = state
+            .config
+            .trust_domain
+            .spiffe_id(&format!("{AGENT_PATH_PREFIX}join_token/{token}"))
+            .map_err(|_| Status::invalid_argument("malformed join token"))?;
+        if let Some(existing) = state
+            .store
+            .fetch_agent(&id)
+            .await
+            .map_err(NodeError::from)?
+            && existing.banned
+        {
+            return Err(Status::permission_denied("agent is banned"));
+        }
+        let now = state.clock.unix_seconds();
+        match state
+            .store
+            .consume_join_token(&hex::encode(sha256(token.as_bytes())), now)
+            .await
+        {
+            Ok(_) => {}
+            Err(StoreError::NotFound { .. }) => {
+                tracing::warn!(token_sha256 = %hex::encode(sha256(token.as_bytes())), "unknown or reused join token");
+                return Err(Status::permission_denied(
+                    "join token does not exist or has already been used",
+                ));
+            }
+            Err(StoreError::TokenExpired) => {
+                return Err(Status::permission_denied("join token has expired"));
+            }
+            Err(e) => return Err(NodeError::from(e).into()),
+        }
+        let svid = self.sign_agent_svid(&id, &r.public_key)?;
+        let (cert_serial, cert_expires_at) = serial_and_expiry(&svid);
+        let record = AttestedAgent {
+            spiffe_id: id.clone(),
+            attestation_type: "join_token".into(),
+            cert_serial,
+            cert_expires_at,
+            selectors: Vec::new(),
+            banned: false,
+            created_at: now,
+        };
+        match state.store.create_agent(&record).await {
+            Err(StoreError::AlreadyExists { .. }) => {
+                state
+                    .store
+                    .update_agent(&record)
+                    .await
+                    .map_err(NodeError::from)?;
+            }
+            other => other.map_err(NodeError::from)?,
+        }
+        tracing::info!(agent = %id, "agent attested with a join token");
+        Ok(Response::new(self.agent_response(&id, svid)))
+    }
+
+    async fn renew_agent_svid(
+        &self,
+        request: Request<pb::RenewAgentSvidRequest>,
+    ) -> Result<Response<pb::AgentSvidResponse>, Status> {
+        let id = self.agent(&request).await?;
+        let svid = self.sign_agent_svid(&id, &request.into_inner().public_key)?;
+        let state = self.state();
+        if let Some(mut record) = state
+            .store
+            .fetch_agent(&id)
+            .await
+            .map_err(NodeError::from)?
+        {
+            (record.cert_serial, record.cert_expires_at) = serial_and_expiry(&svid);
+            state
+                .store
+                .update_agent(&record)
+                .await
+                .map_err(NodeError::from)?;
+        }
+        Ok(Response::new(self.agent_response(&id, svid)))
+    }
+
+    async fn sync_entries(
+        &self,
+        request: Request<pb::SyncEntriesRequest>,
+    ) -> Result<Response<pb::SyncEntriesResponse>, Status> {
+        let id = self.agent(&request).await?;
+        let known = request.into_inner().known.into_iter().collect();
+        let sync = self.handler.sync(&id, &known).await?;
+        Ok(Response::new(pb::SyncEntriesResponse {
+            changed: sync.changed.iter().map(entry_to_proto).collect(),
+            ids: sync.ids,
+        }))
+    }
+
+    async fn watch_changes(
+        &self,
+        request: Request<pb::WatchChangesRequest>,
+    ) -> Result<Response<Self::WatchChangesStream>, Status> {
+        self.agent(&request).await?;
+        let rx = self.state().subscribe_changes();
+        let stream = futures::stream::unfold((rx, true), |(mut rx, first)| async move {
+            if !first && rx.changed().await.is_err() {
+                return None;
+            }
+            let generation = *rx.borrow_and_update();
+            Some((Ok(pb::Change { generation }), (rx, false)))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn sign_x509_svids(
+        &self,
+        request: Request<pb::SignX509SvidsRequest>,
+    ) -> Result<Response<pb::SignX509SvidsResponse>, Status> {
+        let id = self.agent(&request).await?;
+        let requests: Vec<(String, Vec<u8>)> = request
+            .into_inner()
+            .requests
+            .into_iter()
+            .map(|r| (r.entry_id, r.public_key))
+            .collect();
+        let signed = self.handler.sign_x509_svids(&id, &requests).await?;
+        Ok(Response::new(pb::SignX509SvidsResponse {
+            svids: signed
+                .into_iter()
+                .map(|(entry_id, svid)| pb::SignedX509Svid {
+                    entry_id,
+                    expires_at: crate::clock::unix_seconds(svid.expires_at),
+                    cert_chain: svid.cert_chain,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn sign_jwt_svid(
+        &self,
+        request: Request<pb::SignJwtSvidRequest>,
+    ) -> Result<Response<pb::SignJwtSvidResponse>, Status> {
+        let id = self.agent(&request).await?;
+        let r = request.into_inner();
+        let (token, issued_at, expires_at) = self
+            .handler
+            .sign_jwt_svid(&id, &r.entry_id, &r.audience)
+            .await?;
+        Ok(Response::new(pb::SignJwtSvidResponse {
+            token,
+            expires_at,
+            issued_at,
+        }))
+    }
+
+    async fn get_bundles(
+        &self,
+        request: Request<pb::GetBundlesRequest>,
+    ) -> Result<Response<pb::GetBundlesResponse>, Status> {
+        self.agent(&request).await?;
+        let bundles = server_bundles(self.state())
+            .await?
+            .iter()
+            .map(|b| (b.trust_domain().id_string(), b.to_json()))
+            .collect();
+        Ok(Response::new(pb::GetBundlesResponse { bundles }))
+    }
+}
+
+/// Keeps the server's own SVID (`spiffe://<td>/writ/server`) in `resolver`, renewed at
+/// half-life.
+async fn keep_server_svid(state: Arc<ServerState>, resolver: Arc<SvidResolver>) {
+    loop {
+        let next = match state.config.trust_domain.spiffe_id(SERVER_PATH).map(|id| {
+            state
+                .ca
+                .mint_x509_svid(&id, Some(state.config.ca.default_x509_svid_ttl), &[])
+        }) {
+            Ok(Ok(svid)) => {
+                let life = svid
+                    .expires_at
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default();
+                if let Err(e) = resolver.set(&svid) {
+                    tracing::error!(error = %e, "cannot use the server SVID");
+                }
+                (life / 2).max(Duration::from_secs(1))
+            }
+            other => {
+                tracing::error!(result = ?other.err(), "cannot mint the server SVID; retrying");
+                Duration::from_secs(1)
+            }
+        };
+        tokio::time::sleep(next).await;
+    }
+}
+
+/// Serves the node API on `listener` over mTLS until `shutdown` completes.
+///
+/// # Errors
+/// [`ServerError`] if the server fails.
+pub async fn serve_node_api(
+    state: Arc<ServerState>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let resolver = SvidResolver::new();
+    let _svid_task = AbortOnDrop(tokio::spawn(keep_server_svid(
+        state.clone(),
+        resolver.clone(),
+    )));
+    let bundle_state = state.clone();
+    let bundles: crate::tls::BundleSource =
+        Arc::new(move || BundleSet::of((*bundle_state.ca.bundle()).clone()));
+    let verifier = SpiffeClientVerifier::new(
+        bundles,
+        Arc::new(|id: &SpiffeId| id.path().starts_with(AGENT_PATH_PREFIX)),
+        false,
+    );
+    let mut config = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    // The listener lives in this task: it must end with the server, even when the
+    // server's own future is dropped rather than shut down.
+    let _accept_task = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    }));
+    tonic::transport::Server::builder()
+        .add_service(NodeServer::new(NodeService::new(state)))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Binds the node API's TCP listener.
+///
+/// # Errors
+/// [`ServerError::Socket`] if the address cannot be bound.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Socket {
+            path: addr.to_string(),
+            source,
+        })
+}

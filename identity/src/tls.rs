@@ -1,0 +1,297 @@
+//! SPIFFE authentication for rustls: certificate verifiers that accept a peer only if
+//! its chain is a valid X509-SVID for the current bundle (read at every handshake, so a
+//! rotation needs no restart) and its SPIFFE ID passes an authorizer, and certificate
+//! resolvers that present the current SVID.
+
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::bundle::BundleSet;
+use crate::spiffe_id::SpiffeId;
+use crate::svid::x509::{self, X509Svid};
+
+/// Where a verifier reads the bundles it trusts, at each handshake.
+pub type BundleSource = Arc<dyn Fn() -> BundleSet + Send + Sync>;
+/// Decides whether a verified peer ID is acceptable.
+pub type Authorize = Arc<dyn Fn(&SpiffeId) -> bool + Send + Sync>;
+
+fn algorithms() -> WebPkiSupportedAlgorithms {
+    rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms
+}
+
+fn verify_chain(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    bundles: &BundleSource,
+    authorize: &Authorize,
+) -> Result<SpiffeId, rustls::Error> {
+    let mut chain = Vec::with_capacity(intermediates.len() + 1);
+    chain.push(end_entity.to_vec());
+    chain.extend(intermediates.iter().map(|c| c.to_vec()));
+    let validated = x509::validate(&chain, &bundles(), std::time::SystemTime::now())
+        .map_err(|e| rustls::Error::General(format!("peer X509-SVID refused: {e}")))?;
+    if !authorize(&validated.spiffe_id) {
+        return Err(rustls::Error::General(format!(
+            "peer {} is not authorized",
+            validated.spiffe_id
+        )));
+    }
+    Ok(validated.spiffe_id)
+}
+
+/// Verifies a server's X509-SVID (client side).
+pub struct SpiffeServerVerifier {
+    bundles: BundleSource,
+    authorize: Authorize,
+}
+
+impl SpiffeServerVerifier {
+    /// Accepts servers whose SVID chains to `bundles` and whose ID `authorize` accepts.
+    pub fn new(bundles: BundleSource, authorize: Authorize) -> Arc<Self> {
+        Arc::new(Self { bundles, authorize })
+    }
+}
+
+impl fmt::Debug for SpiffeServerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SpiffeServerVerifier")
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        verify_chain(end_entity, intermediates, &self.bundles, &self.authorize)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algorithms().supported_schemes()
+    }
+}
+
+/// Verifies a client's X509-SVID (server side).
+pub struct SpiffeClientVerifier {
+    bundles: BundleSource,
+    authorize: Authorize,
+    mandatory: bool,
+}
+
+impl SpiffeClientVerifier {
+    /// Accepts clients whose SVID chains to `bundles` and whose ID `authorize` accepts.
+    /// With `mandatory == false` a client may also connect without a certificate (the
+    /// application must then refuse what needs one).
+    pub fn new(bundles: BundleSource, authorize: Authorize, mandatory: bool) -> Arc<Self> {
+        Arc::new(Self {
+            bundles,
+            authorize,
+            mandatory,
+        })
+    }
+}
+
+impl fmt::Debug for SpiffeClientVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SpiffeClientVerifier")
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        verify_chain(end_entity, intermediates, &self.bundles, &self.authorize)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algorithms().supported_schemes()
+    }
+}
+
+/// The SVID a TLS endpoint presents, swapped on rotation; new handshakes pick up the new
+/// one, live connections are untouched.
+#[derive(Debug, Default)]
+pub struct SvidResolver {
+    current: ArcSwapOption<CertifiedKey>,
+}
+
+impl SvidResolver {
+    /// A resolver with nothing to present yet.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Presents `svid` from the next handshake on.
+    ///
+    /// # Errors
+    /// [`rustls::Error`] if the SVID has no private key or the key is unusable.
+    pub fn set(&self, svid: &X509Svid) -> Result<(), rustls::Error> {
+        let key = svid
+            .private_key
+            .as_ref()
+            .ok_or_else(|| rustls::Error::General("SVID has no private key".into()))?;
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.pkcs8_der().to_vec()));
+        let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&der)?;
+        let chain = svid
+            .cert_chain
+            .iter()
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect();
+        self.current
+            .store(Some(Arc::new(CertifiedKey::new(chain, signing))));
+        Ok(())
+    }
+
+    /// Whether an SVID is set.
+    pub fn is_set(&self) -> bool {
+        self.current.load().is_some()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for SvidResolver {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.load_full()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for SvidResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.current.load_full()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.is_set()
+    }
+}
+
+/// The SPIFFE ID of a TLS peer whose chain a [`SpiffeClientVerifier`] or
+/// [`SpiffeServerVerifier`] already accepted.
+pub fn peer_id(certs: &[CertificateDer<'_>]) -> Option<SpiffeId> {
+    certs
+        .first()
+        .and_then(|leaf| x509::check_leaf(leaf).ok())
+        .map(|v| v.spiffe_id)
+}
+
+/// Verifiers that skip authentication. Each use is a security decision and is named as
+/// such (rustls's convention).
+pub mod dangerous {
+    use super::*;
+
+    /// Accepts any server certificate (still checking the handshake signature). Only for
+    /// an agent's first contact under `insecure_bootstrap`.
+    #[derive(Debug)]
+    pub struct AcceptAnyServer;
+
+    impl AcceptAnyServer {
+        /// The verifier.
+        pub fn new() -> Arc<Self> {
+            Arc::new(Self)
+        }
+    }
+
+    impl ServerCertVerifier for AcceptAnyServer {
+        fn verify_server_cert(
+            &self,
+            _end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            algorithms().supported_schemes()
+        }
+    }
+}
