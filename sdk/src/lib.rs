@@ -1,4 +1,17 @@
-//! Writ SDK: what a workload links. The Workload API client, SPIFFE mTLS and Txn-Token verification arrive in later releases; today it re-exports the identity types a workload needs.
+//! Writ SDK: what a workload links.
+//!
+//! Today: a SPIFFE Workload API client ([`workload`]). X509Source/JwtSource with rotation,
+//! SPIFFE mTLS configs and Txn-Token verification follow.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), writ_sdk::workload::WorkloadError> {
+//! let mut client = writ_sdk::workload::WorkloadClient::connect_env().await?;
+//! let x509 = client.fetch_x509().await?;
+//! println!("I am {}", x509.svids[0].spiffe_id);
+//! # Ok(()) }
+//! ```
 #![forbid(unsafe_code)]
 
-pub use writ_identity::{spiffe_id::SpiffeId, spiffe_id::TrustDomain};
+pub mod workload;
+
+pub use writ_identity::spiffe_id::{SpiffeId, TrustDomain};

@@ -10,137 +10,11 @@
     reason = "test code: a failed setup step should abort the test loudly"
 )]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-const WRIT: &str = env!("CARGO_BIN_EXE_writ");
+use std::process::Command;
 
-/// A `writ server run` child process on a temp data dir, killed on drop.
-struct Server {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start() -> Self {
-        Self::start_with_config("")
-    }
-
-    /// Starts a server whose `server.toml` holds `config` (data dir and socket are set by
-    /// flags).
-    fn start_with_config(config: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("server.toml"), config).unwrap();
-        let child = Self::spawn(dir.path());
-        let server = Self { child, dir };
-        server.wait_ready();
-        server
-    }
-
-    fn spawn(dir: &Path) -> Child {
-        Command::new(WRIT)
-            .args(["server", "run", "--config"])
-            .arg(dir.join("server.toml"))
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--server-socket")
-            .arg(dir.join("server.sock"))
-            .args(["--bind-address", "127.0.0.1:0"])
-            .env_remove("WRIT_SERVER_SOCKET")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("server.sock")
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if self.socket().exists() && self.writ(&["healthcheck", "--shallow"]).status.success() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("server did not become ready");
-    }
-
-    fn restart(&mut self) {
-        // SIGTERM, as systemd would send, then start again on the same data dir.
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
-        self.child = Self::spawn(self.dir.path());
-        self.wait_ready();
-    }
-
-    fn writ(&self, args: &[&str]) -> Output {
-        Command::new(WRIT)
-            .args(args)
-            .env("WRIT_SERVER_SOCKET", self.socket())
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.writ(args);
-        assert!(
-            out.status.success(),
-            "writ {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// Runs a command that must fail; returns its one-line stderr.
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.writ(args);
-        assert!(!out.status.success(), "writ {args:?} should have failed");
-        let err = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(
-            err.trim_end().lines().count(),
-            1,
-            "one-line reason, got {err:?}"
-        );
-        assert!(err.starts_with("error: "), "got {err:?}");
-        err
-    }
-
-    fn entry_count(&self) -> usize {
-        let list: serde_json::Value =
-            serde_json::from_str(&self.ok(&["entry", "list", "--output", "json"])).unwrap();
-        match list {
-            serde_json::Value::Array(a) => a.len(),
-            serde_json::Value::Object(_) => 1,
-            _ => panic!("unexpected list output"),
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn openssl(args: &[&str]) -> String {
-    let out = Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("openssl is installed");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use common::{Server, WRIT, openssl};
 
 #[test]
 fn minted_x509_svid_passes_openssl() {
@@ -455,6 +329,15 @@ fn every_command_has_help_and_unreachable_server_is_one_line() {
         vec!["x509", "mint", "--help"],
         vec!["jwt", "mint", "--help"],
         vec!["healthcheck", "--help"],
+        vec!["agent", "run", "--help"],
+        vec!["agent", "list", "--help"],
+        vec!["agent", "show", "--help"],
+        vec!["agent", "evict", "--help"],
+        vec!["agent", "ban", "--help"],
+        vec!["api", "fetch", "x509", "--help"],
+        vec!["api", "fetch", "jwt", "--help"],
+        vec!["api", "validate", "jwt", "--help"],
+        vec!["api", "watch", "--help"],
     ] {
         let out = Command::new(WRIT).args(&cmd).output().unwrap();
         assert!(out.status.success(), "{cmd:?}");

@@ -15,6 +15,7 @@
 //! ```
 
 pub mod cache;
+pub mod config;
 pub mod node_api;
 pub mod node_client;
 pub mod workload_api;

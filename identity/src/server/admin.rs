@@ -395,6 +395,60 @@ impl pb::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn list_agents(
+        &self,
+        _request: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let agents = self
+            .state
+            .store
+            .list_agents()
+            .await
+            .map_err(AdminError::from)?;
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: agents.iter().map(agent_to_proto).collect(),
+        }))
+    }
+
+    async fn get_agent(
+        &self,
+        request: Request<pb::AgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        let agent = self.agent(&request.into_inner().spiffe_id).await?;
+        Ok(Response::new(agent_to_proto(&agent)))
+    }
+
+    async fn evict_agent(
+        &self,
+        request: Request<pb::AgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        let agent = self.agent(&request.into_inner().spiffe_id).await?;
+        self.state
+            .store
+            .delete_agent(&agent.spiffe_id)
+            .await
+            .map_err(AdminError::from)?;
+        tracing::info!(agent = %agent.spiffe_id, "agent evicted");
+        self.state.notify_change();
+        Ok(Response::new(agent_to_proto(&agent)))
+    }
+
+    async fn ban_agent(
+        &self,
+        request: Request<pb::AgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        let mut agent = self.agent(&request.into_inner().spiffe_id).await?;
+        agent.banned = true;
+        self.state
+            .store
+            .update_agent(&agent)
+            .await
+            .map_err(AdminError::from)?;
+        tracing::info!(agent = %agent.spiffe_id, "agent banned");
+        self.state.notify_change();
+        Ok(Response::new(agent_to_proto(&agent)))
+    }
+
     async fn health(
         &self,
         _request: Request<pb::HealthRequest>,
@@ -410,6 +464,28 @@ impl pb::admin_server::Admin for AdminService {
             entries,
             bundle_sequence: self.state.ca.bundle().sequence(),
         }))
+    }
+}
+
+fn agent_to_proto(a: &crate::store::AttestedAgent) -> pb::Agent {
+    pb::Agent {
+        spiffe_id: a.spiffe_id.to_string(),
+        attestation_type: a.attestation_type.clone(),
+        cert_serial: a.cert_serial.clone(),
+        cert_expires_at: a.cert_expires_at,
+        banned: a.banned,
+        created_at: a.created_at,
+    }
+}
+
+impl AdminService {
+    async fn agent(&self, id: &str) -> Result<crate::store::AttestedAgent, AdminError> {
+        let id = SpiffeId::new(id).map_err(|e| invalid("spiffe_id", e))?;
+        self.state
+            .store
+            .fetch_agent(&id)
+            .await?
+            .ok_or(AdminError::Store(StoreError::NotFound { kind: "agent" }))
     }
 }
 

@@ -3,6 +3,8 @@
 //! `writ token generate`, `writ bundle show`, `writ x509 mint`, `writ jwt mint`,
 //! `writ healthcheck`.
 
+mod agent;
+mod api;
 mod bundle;
 mod entry;
 mod server;
@@ -44,10 +46,19 @@ enum Command {
     /// Mint JWT-SVIDs from the server.
     #[command(subcommand)]
     Jwt(svid::JwtCommand),
-    /// Check that the server answers.
+    /// Run or manage agents (nodes).
+    #[command(subcommand)]
+    Agent(agent::AgentCommand),
+    /// Use the SPIFFE Workload API as this process.
+    #[command(subcommand)]
+    Api(api::ApiCommand),
+    /// Check that the server (or, with --socket, the agent) answers.
     Healthcheck {
         #[command(flatten)]
         server: ServerSocket,
+        /// Check the agent's Workload API socket instead of the server.
+        #[arg(long = "socket")]
+        agent_socket: Option<String>,
         /// Print nothing on success.
         #[arg(long)]
         shallow: bool,
@@ -126,7 +137,27 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("Token: {}", token.token);
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Healthcheck { server, shallow } => {
+            Command::Agent(cmd) => agent::run(cmd).await,
+            Command::Api(cmd) => api::run(cmd).await,
+            Command::Healthcheck {
+                agent_socket: Some(endpoint),
+                shallow,
+                ..
+            } => {
+                // An agent that answers, even "no identity issued" for this caller, is up.
+                let mut client = writ_sdk::workload::WorkloadClient::connect(&endpoint).await?;
+                match client.fetch_x509().await {
+                    Ok(_) | Err(writ_sdk::workload::WorkloadError::NoIdentity) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                if !shallow {
+                    println!("Agent is healthy.");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Healthcheck {
+                server, shallow, ..
+            } => {
                 let mut client = server.connect().await?;
                 let health = client
                     .health(writ_identity::proto::admin::HealthRequest {})

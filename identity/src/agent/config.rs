@@ -1,0 +1,116 @@
+//! `agent.toml`: raw [`FileConfig`] -> validated [`AgentConfig`].
+//!
+//! ```
+//! use writ_identity::agent::config::{AgentConfig, FileConfig};
+//! let file: FileConfig = toml::from_str(r#"
+//!     trust_domain = "example.org"
+//!     server_address = "writ-server.internal:8081"
+//!     insecure_bootstrap = true
+//! "#).unwrap();
+//! let config = AgentConfig::try_from(file).unwrap();
+//! assert_eq!(config.socket_path.to_str(), Some("/tmp/writ/agent.sock"));
+//! ```
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::node_client::{Bootstrap, NodeClientConfig};
+use crate::bundle::Bundle;
+use crate::server::config::ConfigError;
+use crate::spiffe_id::TrustDomain;
+
+/// Default agent data directory.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/writ/agent";
+
+/// `agent.toml` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Trust domain (default `example.org`).
+    pub trust_domain: Option<String>,
+    /// `host:port` of the server's node API (default `127.0.0.1:8081`).
+    pub server_address: Option<String>,
+    /// Where the agent keeps its SVID and key.
+    pub data_dir: Option<PathBuf>,
+    /// Workload API socket path (default `/tmp/writ/agent.sock`).
+    pub socket_path: Option<PathBuf>,
+    /// Join token for the first start (usually given as `--join-token`).
+    pub join_token: Option<String>,
+    /// Bootstrap bundle: PEM certificates or SPIFFE bundle JSON of the trust domain.
+    pub trust_bundle_path: Option<PathBuf>,
+    /// DANGEROUS: trust any server on first contact.
+    #[serde(default)]
+    pub insecure_bootstrap: bool,
+}
+
+/// The validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// How to reach and trust the server.
+    pub node: NodeClientConfig,
+    /// Workload API socket.
+    pub socket_path: PathBuf,
+}
+
+fn value(key: &'static str, reason: impl ToString) -> ConfigError {
+    ConfigError::Value {
+        key,
+        reason: reason.to_string(),
+    }
+}
+
+impl TryFrom<FileConfig> for AgentConfig {
+    type Error = ConfigError;
+
+    fn try_from(file: FileConfig) -> Result<Self, ConfigError> {
+        let trust_domain = TrustDomain::new(file.trust_domain.as_deref().unwrap_or("example.org"))
+            .map_err(|e| value("trust_domain", e))?;
+        let bootstrap = match (file.trust_bundle_path, file.insecure_bootstrap) {
+            (Some(_), true) => {
+                return Err(value(
+                    "insecure_bootstrap",
+                    "give trust_bundle_path or insecure_bootstrap, not both",
+                ));
+            }
+            (Some(path), false) => {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| value("trust_bundle_path", format!("{}: {e}", path.display())))?;
+                let bundle = if text.trim_start().starts_with('{') {
+                    Bundle::from_json(trust_domain.clone(), &text)
+                } else {
+                    Bundle::from_pem(trust_domain.clone(), &text)
+                }
+                .map_err(|e| value("trust_bundle_path", e))?;
+                Bootstrap::Bundle(bundle)
+            }
+            (None, true) => Bootstrap::Insecure,
+            (None, false) => {
+                return Err(value(
+                    "trust_bundle_path",
+                    "the agent needs a bootstrap bundle (writ bundle show > bundle.pem) or insecure_bootstrap = true",
+                ));
+            }
+        };
+        let server_address = file
+            .server_address
+            .unwrap_or_else(|| "127.0.0.1:8081".to_owned());
+        if server_address.is_empty() || server_address.contains('/') {
+            return Err(value("server_address", "expected host:port"));
+        }
+        Ok(Self {
+            node: NodeClientConfig {
+                server_address,
+                trust_domain,
+                data_dir: file
+                    .data_dir
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+                join_token: file.join_token,
+                bootstrap,
+            },
+            socket_path: file
+                .socket_path
+                .unwrap_or_else(|| PathBuf::from(super::DEFAULT_SOCKET)),
+        })
+    }
+}

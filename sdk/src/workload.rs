@@ -1,0 +1,372 @@
+//! A SPIFFE Workload API client over the agent's Unix socket.
+//!
+//! The socket comes from `SPIFFE_ENDPOINT_SOCKET` (`unix:///path`), or is given
+//! explicitly; every call carries the `workload.spiffe.io: true` header.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tonic::Status;
+use tonic::transport::{Channel, Endpoint, Uri};
+use writ_identity::proto::workload as pb;
+use writ_identity::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use writ_identity::spiffe_id::{SpiffeId, SpiffeIdError};
+
+/// The environment variable that names the Workload API socket.
+pub const ENDPOINT_ENV: &str = "SPIFFE_ENDPOINT_SOCKET";
+/// Writ's default agent socket.
+pub const DEFAULT_ENDPOINT: &str = "unix:///tmp/writ/agent.sock";
+
+/// Why a Workload API call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkloadError {
+    /// The endpoint is not `unix:///path` (or a plain path).
+    #[error("invalid Workload API endpoint {0:?}: expected unix:///path")]
+    Endpoint(String),
+    /// The socket could not be reached.
+    #[error("cannot reach the Workload API at {endpoint}: {source}")]
+    Connect {
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// The agent issued no identity to this process.
+    #[error("no identity issued")]
+    NoIdentity,
+    /// The agent answered with another error.
+    #[error("Workload API: {0}")]
+    Status(String),
+    /// The agent's response was malformed.
+    #[error("malformed Workload API response: {0}")]
+    Malformed(String),
+    /// The stream ended.
+    #[error("the Workload API stream ended")]
+    StreamEnded,
+}
+
+impl From<Status> for WorkloadError {
+    fn from(s: Status) -> Self {
+        if s.code() == tonic::Code::PermissionDenied && s.message() == "no identity issued" {
+            WorkloadError::NoIdentity
+        } else {
+            WorkloadError::Status(format!("{:?}: {}", s.code(), s.message()))
+        }
+    }
+}
+
+impl From<SpiffeIdError> for WorkloadError {
+    fn from(e: SpiffeIdError) -> Self {
+        WorkloadError::Malformed(e.to_string())
+    }
+}
+
+/// One X509-SVID as the agent sent it.
+#[derive(Debug, Clone)]
+pub struct X509SvidEntry {
+    /// The identity.
+    pub spiffe_id: SpiffeId,
+    /// DER certificates, leaf first.
+    pub cert_chain: Vec<Vec<u8>>,
+    /// PKCS#8 DER private key.
+    pub private_key: Vec<u8>,
+    /// DER certificates of the trust domain bundle.
+    pub bundle: Vec<Vec<u8>>,
+    /// The entry's hint.
+    pub hint: String,
+}
+
+/// The X.509 state the agent gives this workload.
+#[derive(Debug, Clone)]
+pub struct X509Context {
+    /// SVIDs, the default first.
+    pub svids: Vec<X509SvidEntry>,
+    /// Federated trust domain ID -> DER certificates.
+    pub federated: Vec<(String, Vec<Vec<u8>>)>,
+}
+
+/// A Workload API client.
+#[derive(Debug, Clone)]
+pub struct WorkloadClient {
+    client: SpiffeWorkloadApiClient<Channel>,
+}
+
+/// Splits concatenated DER certificates.
+///
+/// # Errors
+/// [`WorkloadError::Malformed`] if the bytes are not a sequence of DER certificates.
+pub fn split_der(mut bytes: &[u8]) -> Result<Vec<Vec<u8>>, WorkloadError> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let (cert, tail) = bytes.split_at(der_element_len(bytes)?);
+        out.push(cert.to_vec());
+        bytes = tail;
+    }
+    Ok(out)
+}
+
+/// The length (header included) of the DER SEQUENCE at the start of `bytes`.
+fn der_element_len(bytes: &[u8]) -> Result<usize, WorkloadError> {
+    let malformed = || WorkloadError::Malformed("not DER certificates".into());
+    let (&tag, rest) = bytes.split_first().ok_or_else(malformed)?;
+    if tag != 0x30 {
+        return Err(malformed());
+    }
+    let (&first, rest) = rest.split_first().ok_or_else(malformed)?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return Err(malformed());
+        }
+        let (len_bytes, rest) = rest.split_at(n);
+        (
+            len_bytes
+                .iter()
+                .fold(0usize, |acc, b| (acc << 8) | usize::from(*b)),
+            rest,
+        )
+    };
+    if rest.len() < len {
+        return Err(malformed());
+    }
+    Ok(bytes.len() - rest.len() + len)
+}
+
+fn socket_path(endpoint: &str) -> Result<PathBuf, WorkloadError> {
+    if let Some(path) = endpoint.strip_prefix("unix://") {
+        if path.starts_with('/') {
+            return Ok(PathBuf::from(path));
+        }
+    } else if let Some(path) = endpoint.strip_prefix("unix:") {
+        if path.starts_with('/') {
+            return Ok(PathBuf::from(path));
+        }
+    } else if endpoint.starts_with('/') {
+        return Ok(PathBuf::from(endpoint));
+    }
+    Err(WorkloadError::Endpoint(endpoint.to_owned()))
+}
+
+fn with_header<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    request
+}
+
+impl WorkloadClient {
+    /// Connects to the socket named by `SPIFFE_ENDPOINT_SOCKET`, or Writ's default.
+    ///
+    /// # Errors
+    /// [`WorkloadError`] if the endpoint is malformed or unreachable.
+    pub async fn connect_env() -> Result<Self, WorkloadError> {
+        let endpoint = std::env::var(ENDPOINT_ENV).unwrap_or_else(|_| DEFAULT_ENDPOINT.to_owned());
+        Self::connect(&endpoint).await
+    }
+
+    /// Connects to `unix:///path` (or a plain absolute path).
+    ///
+    /// # Errors
+    /// [`WorkloadError`] if the endpoint is malformed or unreachable.
+    pub async fn connect(endpoint: &str) -> Result<Self, WorkloadError> {
+        let path = socket_path(endpoint)?;
+        let channel = Endpoint::from_static("http://workload-api.invalid")
+            .connect_timeout(Duration::from_secs(5))
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(stream))
+                }
+            }))
+            .await
+            .map_err(|source| WorkloadError::Connect {
+                endpoint: endpoint.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            client: SpiffeWorkloadApiClient::new(channel),
+        })
+    }
+
+    /// The first X.509 context the agent sends.
+    ///
+    /// # Errors
+    /// [`WorkloadError`] as the agent answers.
+    pub async fn fetch_x509(&mut self) -> Result<X509Context, WorkloadError> {
+        let mut stream = self.watch_x509().await?;
+        stream.next().await
+    }
+
+    /// A stream of X.509 contexts: the current one, then one per change.
+    ///
+    /// # Errors
+    /// [`WorkloadError`] as the agent answers.
+    pub async fn watch_x509(&mut self) -> Result<X509Watch, WorkloadError> {
+        let stream = self
+            .client
+            .fetch_x509svid(with_header(pb::X509svidRequest {}))
+            .await?
+            .into_inner();
+        Ok(X509Watch { stream })
+    }
+
+    /// JWT-SVIDs for `audience` (all identities, or the one named).
+    ///
+    /// # Errors
+    /// [`WorkloadError`] as the agent answers.
+    pub async fn fetch_jwt(
+        &mut self,
+        audience: &[String],
+        spiffe_id: Option<&SpiffeId>,
+    ) -> Result<Vec<(SpiffeId, String)>, WorkloadError> {
+        let response = self
+            .client
+            .fetch_jwtsvid(with_header(pb::JwtsvidRequest {
+                audience: audience.to_vec(),
+                spiffe_id: spiffe_id.map(ToString::to_string).unwrap_or_default(),
+            }))
+            .await?
+            .into_inner();
+        response
+            .svids
+            .into_iter()
+            .map(|s| Ok((SpiffeId::new(&s.spiffe_id)?, s.svid)))
+            .collect()
+    }
+
+    /// Has the agent validate a JWT-SVID for `audience`; returns its SPIFFE ID and claims.
+    ///
+    /// # Errors
+    /// [`WorkloadError`] if the token is invalid or the agent refuses.
+    pub async fn validate_jwt(
+        &mut self,
+        audience: &str,
+        token: &str,
+    ) -> Result<(SpiffeId, serde_json::Value), WorkloadError> {
+        let r = self
+            .client
+            .validate_jwtsvid(with_header(pb::ValidateJwtsvidRequest {
+                audience: audience.to_owned(),
+                svid: token.to_owned(),
+            }))
+            .await?
+            .into_inner();
+        let claims = r
+            .claims
+            .map(struct_to_json)
+            .unwrap_or(serde_json::Value::Null);
+        Ok((SpiffeId::new(&r.spiffe_id)?, claims))
+    }
+}
+
+/// An open FetchX509SVID stream.
+#[derive(Debug)]
+pub struct X509Watch {
+    stream: tonic::Streaming<pb::X509svidResponse>,
+}
+
+impl X509Watch {
+    /// The next X.509 context.
+    ///
+    /// # Errors
+    /// [`WorkloadError`] if the stream fails or ends.
+    pub async fn next(&mut self) -> Result<X509Context, WorkloadError> {
+        let r = self
+            .stream
+            .message()
+            .await?
+            .ok_or(WorkloadError::StreamEnded)?;
+        let svids = r
+            .svids
+            .into_iter()
+            .map(|s| {
+                Ok(X509SvidEntry {
+                    spiffe_id: SpiffeId::new(&s.spiffe_id)?,
+                    cert_chain: split_der(&s.x509_svid)?,
+                    private_key: s.x509_svid_key,
+                    bundle: split_der(&s.bundle)?,
+                    hint: s.hint,
+                })
+            })
+            .collect::<Result<Vec<_>, WorkloadError>>()?;
+        let federated = r
+            .federated_bundles
+            .into_iter()
+            .map(|(td, der)| Ok((td, split_der(&der)?)))
+            .collect::<Result<Vec<_>, WorkloadError>>()?;
+        Ok(X509Context { svids, federated })
+    }
+}
+
+fn struct_to_json(s: prost_types::Struct) -> serde_json::Value {
+    serde_json::Value::Object(
+        s.fields
+            .into_iter()
+            .map(|(k, v)| (k, value_to_json(v)))
+            .collect(),
+    )
+}
+
+fn value_to_json(v: prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(b),
+        Some(Kind::NumberValue(n)) => {
+            if n.fract() == 0.0 && n.abs() < 9.0e15 {
+                serde_json::Value::from(n as i64)
+            } else {
+                serde_json::Value::from(n)
+            }
+        }
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s),
+        Some(Kind::ListValue(l)) => {
+            serde_json::Value::Array(l.values.into_iter().map(value_to_json).collect())
+        }
+        Some(Kind::StructValue(s)) => struct_to_json(s),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(
+            socket_path("unix:///tmp/a.sock").unwrap(),
+            PathBuf::from("/tmp/a.sock")
+        );
+        assert_eq!(
+            socket_path("unix:/tmp/a.sock").unwrap(),
+            PathBuf::from("/tmp/a.sock")
+        );
+        assert_eq!(
+            socket_path("/tmp/a.sock").unwrap(),
+            PathBuf::from("/tmp/a.sock")
+        );
+        assert!(socket_path("tcp://127.0.0.1:1").is_err());
+        assert!(socket_path("unix://relative").is_err());
+    }
+
+    #[test]
+    fn split_der_refuses_garbage() {
+        assert!(
+            split_der(&[0x30, 0x03, 1, 2, 3, 0x30, 0x01, 9])
+                .unwrap()
+                .len()
+                == 2
+        );
+        assert!(split_der(&[0x31, 0x00]).is_err());
+        assert!(split_der(&[0x30, 0x05, 1]).is_err());
+        assert!(split_der(&[0x30, 0x85, 1, 1, 1, 1, 1]).is_err());
+        assert!(split_der(&[]).unwrap().is_empty());
+    }
+}

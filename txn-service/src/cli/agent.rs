@@ -1,0 +1,186 @@
+//! `writ agent run|list|show|evict|ban`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use writ_identity::agent::config::{AgentConfig, FileConfig};
+use writ_identity::agent::node_client::GrpcNode;
+use writ_identity::attest::workload::UnixAttestor;
+use writ_identity::proto::admin as pb;
+
+use super::server::{init_logging, shutdown_signal};
+use super::{ServerSocket, status};
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum AgentCommand {
+    /// Run the agent: join the server, serve the Workload API until Ctrl-C.
+    Run {
+        /// Path to agent.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A join token from `writ token generate` (first start only).
+        #[arg(long, env = "WRIT_JOIN_TOKEN")]
+        join_token: Option<String>,
+        /// Overrides `server_address`.
+        #[arg(long)]
+        server_address: Option<String>,
+        /// Overrides `trust_domain`.
+        #[arg(long)]
+        trust_domain: Option<String>,
+        /// Overrides `data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Overrides `socket_path`.
+        #[arg(long)]
+        socket_path: Option<PathBuf>,
+        /// Overrides `trust_bundle_path`.
+        #[arg(long)]
+        trust_bundle: Option<PathBuf>,
+        /// DANGEROUS: trust any server on first contact.
+        #[arg(long)]
+        insecure_bootstrap: bool,
+        /// Log filter.
+        #[arg(long, env = "WRIT_LOG", default_value = "info")]
+        log_level: String,
+    },
+    /// List attested agents.
+    List {
+        #[command(flatten)]
+        server: ServerSocket,
+    },
+    /// Show one agent.
+    Show {
+        #[command(flatten)]
+        server: ServerSocket,
+        /// The agent's SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: String,
+    },
+    /// Forget an agent: it must attest again with a new join token.
+    Evict {
+        #[command(flatten)]
+        server: ServerSocket,
+        /// The agent's SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: String,
+    },
+    /// Ban an agent: refused from now on.
+    Ban {
+        #[command(flatten)]
+        server: ServerSocket,
+        /// The agent's SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: String,
+    },
+}
+
+fn print_agent(a: &pb::Agent) {
+    println!("SPIFFE ID         : {}", a.spiffe_id);
+    println!("Attestation type  : {}", a.attestation_type);
+    println!("Expiration time   : {}", a.cert_expires_at);
+    println!("Serial number     : {}", a.cert_serial);
+    println!("Banned            : {}", a.banned);
+}
+
+pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AgentCommand::Run {
+            config,
+            join_token,
+            server_address,
+            trust_domain,
+            data_dir,
+            socket_path,
+            trust_bundle,
+            insecure_bootstrap,
+            log_level,
+        } => {
+            init_logging(&log_level);
+            let mut file = match &config {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    toml::from_str::<FileConfig>(&text)
+                        .with_context(|| format!("{}", path.display()))?
+                }
+                None => FileConfig::default(),
+            };
+            file.join_token = join_token.or(file.join_token);
+            file.server_address = server_address.or(file.server_address);
+            file.trust_domain = trust_domain.or(file.trust_domain);
+            file.data_dir = data_dir.or(file.data_dir);
+            file.socket_path = socket_path.or(file.socket_path);
+            file.trust_bundle_path = trust_bundle.or(file.trust_bundle_path);
+            file.insecure_bootstrap |= insecure_bootstrap;
+            let config = AgentConfig::try_from(file)?;
+            let node = GrpcNode::connect(config.node.clone()).await?;
+            let agent_id = writ_identity::agent::node_api::NodeApi::agent_id(node.as_ref()).clone();
+            let running = writ_identity::agent::start(
+                node,
+                &config.socket_path,
+                Arc::new(UnixAttestor::default()),
+            )
+            .await?;
+            eprintln!(
+                "writ agent: {} joined {}; Workload API on unix://{}",
+                agent_id,
+                config.node.server_address,
+                running.socket.display()
+            );
+            shutdown_signal().await;
+            drop(running);
+        }
+        AgentCommand::List { server } => {
+            let agents = server
+                .connect()
+                .await?
+                .list_agents(pb::ListAgentsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner()
+                .agents;
+            println!(
+                "Found {} attested agent{}",
+                agents.len(),
+                if agents.len() == 1 { "" } else { "s" }
+            );
+            for a in &agents {
+                println!();
+                print_agent(a);
+            }
+        }
+        AgentCommand::Show { server, spiffe_id } => {
+            let a = server
+                .connect()
+                .await?
+                .get_agent(pb::AgentRequest { spiffe_id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_agent(&a);
+        }
+        AgentCommand::Evict { server, spiffe_id } => {
+            let a = server
+                .connect()
+                .await?
+                .evict_agent(pb::AgentRequest { spiffe_id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("Agent {} evicted", a.spiffe_id);
+        }
+        AgentCommand::Ban { server, spiffe_id } => {
+            let a = server
+                .connect()
+                .await?
+                .ban_agent(pb::AgentRequest { spiffe_id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("Agent {} banned", a.spiffe_id);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

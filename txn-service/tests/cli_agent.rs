@@ -1,0 +1,283 @@
+//! `writ agent run` and `writ api ...` end to end: a server process, a join token, an
+//! agent process attesting over mTLS, and the Workload API used from the command line.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code: a failed setup step should abort the test loudly"
+)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Server, WRIT, openssl};
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn agent_cmd(server: &Server, token: &str, data: &Path, socket: &Path, bundle: &Path) -> Command {
+    let mut cmd = Command::new(WRIT);
+    cmd.args([
+        "agent",
+        "run",
+        "--join-token",
+        token,
+        "--server-address",
+        &server.node_addr,
+    ])
+    .arg("--trust-bundle")
+    .arg(bundle)
+    .arg("--data-dir")
+    .arg(data)
+    .arg("--socket-path")
+    .arg(socket)
+    .env_remove("SPIFFE_ENDPOINT_SOCKET");
+    cmd
+}
+
+fn uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").unwrap().uid()
+}
+
+fn api(args: &[&str], socket: &Path) -> std::process::Output {
+    Command::new(WRIT)
+        .args(args)
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", socket.display()),
+        )
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn agent_attests_with_a_join_token_and_serves_the_workload_api() {
+    let server = Server::start();
+    let dir = server.dir.path();
+    let token = server
+        .ok(&["token", "generate"])
+        .trim()
+        .strip_prefix("Token: ")
+        .unwrap()
+        .to_owned();
+    std::fs::write(dir.join("bundle.pem"), server.ok(&["bundle", "show"])).unwrap();
+    let socket = dir.join("agent.sock");
+    let _agent = Agent(
+        agent_cmd(
+            &server,
+            &token,
+            &dir.join("agent"),
+            &socket,
+            &dir.join("bundle.pem"),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !api(
+        &[
+            "healthcheck",
+            "--shallow",
+            "--socket",
+            &format!("unix://{}", socket.display()),
+        ],
+        &socket,
+    )
+    .status
+    .success()
+    {
+        assert!(Instant::now() < deadline, "agent did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let agent_id = format!("spiffe://example.org/writ/agent/join_token/{token}");
+    assert!(server.ok(&["agent", "list"]).contains(&agent_id));
+
+    // No entry yet: a one-line "no identity issued".
+    let out = api(&["api", "fetch", "x509"], &socket);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no identity issued"));
+
+    server.ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/cli/workload",
+        "--parent-id",
+        &agent_id,
+        "--selector",
+        &format!("unix:uid:{}", uid()),
+    ]);
+    let out_dir = dir.join("fetched");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = api(
+            &["api", "fetch", "x509", "--write", out_dir.to_str().unwrap()],
+            &socket,
+        );
+        if out.status.success() {
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/cli/workload")
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new entry did not reach the agent within 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let verify = openssl(&[
+        "verify",
+        "-CAfile",
+        out_dir.join("bundle.0.pem").to_str().unwrap(),
+        out_dir.join("svid.0.pem").to_str().unwrap(),
+    ]);
+    assert!(verify.trim_end().ends_with(": OK"));
+
+    let out = api(
+        &["api", "fetch", "jwt", "--audience", "tool-server"],
+        &socket,
+    );
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let token = text.lines().nth(1).unwrap().trim();
+    let out = api(
+        &[
+            "api",
+            "validate",
+            "jwt",
+            "--audience",
+            "tool-server",
+            "--svid",
+            token,
+        ],
+        &socket,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/cli/workload"));
+    let out = api(
+        &[
+            "api",
+            "validate",
+            "jwt",
+            "--audience",
+            "someone-else",
+            "--svid",
+            token,
+        ],
+        &socket,
+    );
+    assert!(!out.status.success());
+    let out = api(
+        &[
+            "api",
+            "validate",
+            "jwt",
+            "--audience",
+            "tool-server",
+            "--svid",
+            "garbage",
+        ],
+        &socket,
+    );
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr)
+            .trim_end()
+            .lines()
+            .count(),
+        1
+    );
+
+    // The same token again, from another agent: refused, one line, nothing stored.
+    let out = agent_cmd(
+        &server,
+        &token_of(&agent_id),
+        &dir.join("agent2"),
+        &dir.join("agent2.sock"),
+        &dir.join("bundle.pem"),
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    let last = err.trim_end().lines().last().unwrap();
+    assert!(
+        last.starts_with("error: ") && last.contains("already been used"),
+        "{err}"
+    );
+    assert_eq!(
+        server.ok(&["agent", "list"]).matches("SPIFFE ID").count(),
+        1
+    );
+
+    // Ban, then evict.
+    server.ok(&["agent", "ban", "--spiffe-id", &agent_id]);
+    assert!(
+        server
+            .ok(&["agent", "show", "--spiffe-id", &agent_id])
+            .contains("Banned            : true")
+    );
+    server.ok(&["agent", "evict", "--spiffe-id", &agent_id]);
+    assert!(
+        server
+            .ok(&["agent", "list"])
+            .contains("Found 0 attested agents")
+    );
+    server.fails(&["agent", "show", "--spiffe-id", &agent_id]);
+}
+
+fn token_of(agent_id: &str) -> String {
+    agent_id.rsplit('/').next().unwrap().to_owned()
+}
+
+#[test]
+fn agent_needs_a_bootstrap_and_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(WRIT)
+        .args([
+            "agent",
+            "run",
+            "--server-address",
+            "127.0.0.1:1",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("trust_bundle_path"), "{err}");
+    let out = Command::new(WRIT)
+        .args([
+            "agent",
+            "run",
+            "--server-address",
+            "127.0.0.1:1",
+            "--insecure-bootstrap",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("join token"), "{err}");
+}
