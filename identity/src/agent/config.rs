@@ -114,3 +114,37 @@ impl TryFrom<FileConfig> for AgentConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_loads_through_the_real_loader() {
+        let text = include_str!("../../../examples/config/agent.toml");
+        let mut file: FileConfig = toml::from_str(text).unwrap();
+        assert_eq!(file.trust_bundle_path.as_deref(), Some(std::path::Path::new("/etc/writ/bundle.pem")));
+        // Point the bootstrap bundle at a real file for the loader to read.
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = crate::bundle::Bundle::new(TrustDomain::new("example.org").unwrap());
+        let path = dir.path().join("bundle.json");
+        std::fs::write(&path, bundle.to_json()).unwrap();
+        file.trust_bundle_path = Some(path);
+        let config = AgentConfig::try_from(file).unwrap();
+        assert_eq!(config.node.server_address, "127.0.0.1:8081");
+        assert_eq!(config.socket_path, PathBuf::from("/tmp/writ/agent.sock"));
+        assert!(matches!(config.node.bootstrap, Bootstrap::Bundle(_)));
+    }
+
+    #[test]
+    fn refuses_ambiguous_or_missing_bootstrap() {
+        let both: FileConfig =
+            toml::from_str("trust_bundle_path = \"/x\"\ninsecure_bootstrap = true").unwrap();
+        assert!(AgentConfig::try_from(both).unwrap_err().to_string().contains("not both"));
+        assert!(AgentConfig::try_from(FileConfig::default()).is_err());
+        assert!(toml::from_str::<FileConfig>("unknown = 1").is_err());
+        let bad: FileConfig =
+            toml::from_str("insecure_bootstrap = true\nserver_address = \"http://x/y\"").unwrap();
+        assert!(AgentConfig::try_from(bad).is_err());
+    }
+}
