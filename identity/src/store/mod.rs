@@ -26,6 +26,7 @@ use crate::spiffe_id::SpiffeId;
 pub mod pg_harness;
 pub mod postgres;
 mod schema;
+mod sql;
 pub mod sqlite;
 #[cfg(any(test, feature = "test-util"))]
 pub mod suite;

@@ -1,0 +1,337 @@
+//! The SQL shared by both backends. The statements live in [`super::schema`]; the
+//! code that runs them is the same for SQLite and PostgreSQL up to the connection type,
+//! so it is written once here and stamped out for each backend by [`sql_store!`].
+
+/// Implements the row-writing helpers and [`super::Store`] for a store type with a
+/// `pool` field and a `begin_write()` method, over the given connection type. The
+/// invoking module must import the same names both backends import (see `sqlite.rs`).
+macro_rules! sql_store {
+    ($store:ident, $conn:ty) => {
+        /// Writes entries and their selectors, many rows per statement.
+        async fn insert_entries(
+            conn: &mut $conn,
+            entries: &[EntryParams<'_>],
+        ) -> Result<(), StoreError> {
+            for chunk in entries.chunks(schema::ENTRY_ROWS_PER_INSERT) {
+                let mut query = sqlx::query(schema::insert_entries_sql(chunk.len())?);
+                for params in chunk {
+                    query = bind_entry(query, params).bind(params.created_at);
+                }
+                query
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(schema::unique_violation_is("entry"))?;
+            }
+            insert_selectors(conn, entries).await
+        }
+
+        /// Writes the selector rows of entries already written.
+        async fn insert_selectors(
+            conn: &mut $conn,
+            entries: &[EntryParams<'_>],
+        ) -> Result<(), StoreError> {
+            let rows: Vec<_> = schema::selector_rows(entries).collect();
+            for chunk in rows.chunks(schema::SELECTOR_ROWS_PER_INSERT) {
+                let mut query = sqlx::query(schema::insert_selectors_sql(chunk.len())?);
+                for (entry_id, count, selector) in chunk {
+                    query = query
+                        .bind(*entry_id)
+                        .bind(*count)
+                        .bind(selector.kind())
+                        .bind(selector.value());
+                }
+                query
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(schema::unique_violation_is("entry"))?;
+            }
+            Ok(())
+        }
+
+        async fn fetch_entry_on(
+            conn: &mut $conn,
+            id: &str,
+        ) -> Result<Option<RegistrationEntry>, StoreError> {
+            sqlx::query(schema::FETCH_ENTRY)
+                .bind(id)
+                .fetch_optional(&mut *conn)
+                .await?
+                .as_ref()
+                .map(entry_from_row)
+                .transpose()
+        }
+
+        #[async_trait::async_trait]
+        impl Store for $store {
+            async fn create_entry(
+                &self,
+                entry: &RegistrationEntry,
+            ) -> Result<RegistrationEntry, StoreError> {
+                let params = EntryParams::new(entry)?;
+                let mut tx = self.begin_write().await?;
+                insert_entries(&mut tx, std::slice::from_ref(&params)).await?;
+                tx.commit().await?;
+                Ok(params.created(entry))
+            }
+
+            async fn create_entries(
+                &self,
+                entries: &[RegistrationEntry],
+            ) -> Result<(), StoreError> {
+                let params = entries
+                    .iter()
+                    .map(EntryParams::new)
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut tx = self.begin_write().await?;
+                insert_entries(&mut tx, &params).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn fetch_entry(&self, id: &str) -> Result<Option<RegistrationEntry>, StoreError> {
+                let mut conn = self.pool.acquire().await?;
+                fetch_entry_on(&mut conn, id).await
+            }
+
+            async fn update_entry(
+                &self,
+                entry: &RegistrationEntry,
+            ) -> Result<RegistrationEntry, StoreError> {
+                let params = EntryParams::new(entry)?;
+                let mut tx = self.begin_write().await?;
+                let done = bind_entry(sqlx::query(schema::UPDATE_ENTRY), &params)
+                    .bind(entry.revision)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(schema::unique_violation_is("entry"))?;
+                if done.rows_affected() == 0 {
+                    let stored: Option<i64> = sqlx::query_scalar(schema::ENTRY_REVISION)
+                        .bind(params.id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    return Err(schema::not_updated(stored));
+                }
+                sqlx::query(schema::DELETE_ENTRY_SELECTORS)
+                    .bind(params.id)
+                    .execute(&mut *tx)
+                    .await?;
+                insert_selectors(&mut tx, std::slice::from_ref(&params)).await?;
+                let updated = fetch_entry_on(&mut tx, params.id)
+                    .await?
+                    .ok_or(StoreError::NotFound { kind: "entry" })?;
+                tx.commit().await?;
+                Ok(updated)
+            }
+
+            async fn delete_entry(&self, id: &str) -> Result<RegistrationEntry, StoreError> {
+                let mut tx = self.begin_write().await?;
+                let entry = fetch_entry_on(&mut tx, id)
+                    .await?
+                    .ok_or(StoreError::NotFound { kind: "entry" })?;
+                sqlx::query(schema::DELETE_ENTRY)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(entry)
+            }
+
+            async fn list_entries(
+                &self,
+                filter: &EntryFilter,
+            ) -> Result<Vec<RegistrationEntry>, StoreError> {
+                let query = match (&filter.spiffe_id, &filter.parent_id) {
+                    (None, None) => sqlx::query(schema::LIST_ENTRIES),
+                    (Some(id), None) => {
+                        sqlx::query(schema::LIST_ENTRIES_BY_SPIFFE_ID).bind(id.as_str())
+                    }
+                    (None, Some(parent)) => {
+                        sqlx::query(schema::LIST_ENTRIES_BY_PARENT_ID).bind(parent.as_str())
+                    }
+                    (Some(id), Some(parent)) => sqlx::query(schema::LIST_ENTRIES_BY_BOTH)
+                        .bind(id.as_str())
+                        .bind(parent.as_str()),
+                };
+                let rows = query.fetch_all(&self.pool).await?;
+                rows.iter().map(entry_from_row).collect()
+            }
+
+            async fn find_entries_by_selectors(
+                &self,
+                selectors: &[Selector],
+            ) -> Result<Vec<RegistrationEntry>, StoreError> {
+                let Some(selectors) = schema::lookup_selectors(selectors)? else {
+                    return Ok(Vec::new());
+                };
+                let mut query = sqlx::query(schema::find_by_selectors_sql(selectors.len())?);
+                for selector in selectors {
+                    query = query.bind(selector.kind()).bind(selector.value());
+                }
+                let rows = query.fetch_all(&self.pool).await?;
+                rows.iter().map(entry_from_row).collect()
+            }
+
+            async fn count_entries(&self) -> Result<u64, StoreError> {
+                let count: i64 = sqlx::query_scalar(schema::COUNT_ENTRIES)
+                    .fetch_one(&self.pool)
+                    .await?;
+                schema::count_from_i64(count)
+            }
+
+            async fn create_agent(&self, agent: &AttestedAgent) -> Result<(), StoreError> {
+                sqlx::query(schema::INSERT_AGENT)
+                    .bind(agent.spiffe_id.as_str())
+                    .bind(agent.attestation_type.as_str())
+                    .bind(agent.cert_serial.as_str())
+                    .bind(agent.cert_expires_at)
+                    .bind(schema::selectors_json(&agent.selectors)?)
+                    .bind(agent.banned)
+                    .bind(agent.created_at)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(schema::unique_violation_is("agent"))?;
+                Ok(())
+            }
+
+            async fn fetch_agent(
+                &self,
+                id: &SpiffeId,
+            ) -> Result<Option<AttestedAgent>, StoreError> {
+                sqlx::query(schema::FETCH_AGENT)
+                    .bind(id.as_str())
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .as_ref()
+                    .map(agent_from_row)
+                    .transpose()
+            }
+
+            async fn update_agent(&self, agent: &AttestedAgent) -> Result<(), StoreError> {
+                let done = sqlx::query(schema::UPDATE_AGENT)
+                    .bind(agent.spiffe_id.as_str())
+                    .bind(agent.attestation_type.as_str())
+                    .bind(agent.cert_serial.as_str())
+                    .bind(agent.cert_expires_at)
+                    .bind(schema::selectors_json(&agent.selectors)?)
+                    .bind(agent.banned)
+                    .bind(agent.created_at)
+                    .execute(&self.pool)
+                    .await?;
+                schema::expect_one(done.rows_affected(), "agent")
+            }
+
+            async fn delete_agent(&self, id: &SpiffeId) -> Result<(), StoreError> {
+                let done = sqlx::query(schema::DELETE_AGENT)
+                    .bind(id.as_str())
+                    .execute(&self.pool)
+                    .await?;
+                schema::expect_one(done.rows_affected(), "agent")
+            }
+
+            async fn list_agents(&self) -> Result<Vec<AttestedAgent>, StoreError> {
+                let rows = sqlx::query(schema::LIST_AGENTS)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(agent_from_row).collect()
+            }
+
+            async fn create_join_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError> {
+                sqlx::query(schema::INSERT_JOIN_TOKEN)
+                    .bind(token.token_hash.as_str())
+                    .bind(token.expires_at)
+                    .bind(schema::selectors_json(&token.selectors)?)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(schema::unique_violation_is("join token"))?;
+                Ok(())
+            }
+
+            async fn consume_join_token(
+                &self,
+                token_hash: &str,
+                now: i64,
+            ) -> Result<JoinTokenRecord, StoreError> {
+                let row = sqlx::query(schema::CONSUME_JOIN_TOKEN)
+                    .bind(token_hash)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .ok_or(StoreError::NotFound { kind: "join token" })?;
+                schema::unexpired(join_token_from_row(&row)?, now)
+            }
+
+            async fn prune_join_tokens(&self, now: i64) -> Result<u64, StoreError> {
+                let done = sqlx::query(schema::PRUNE_JOIN_TOKENS)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn put_bundle(&self, bundle: &BundleRecord) -> Result<(), StoreError> {
+                sqlx::query(schema::PUT_BUNDLE)
+                    .bind(bundle.trust_domain_id.as_str())
+                    .bind(bundle.document.as_str())
+                    .bind(schema::to_i64(bundle.sequence, "bundle sequence")?)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn fetch_bundle(
+                &self,
+                trust_domain_id: &str,
+            ) -> Result<Option<BundleRecord>, StoreError> {
+                sqlx::query(schema::FETCH_BUNDLE)
+                    .bind(trust_domain_id)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .as_ref()
+                    .map(bundle_from_row)
+                    .transpose()
+            }
+
+            async fn list_bundles(&self) -> Result<Vec<BundleRecord>, StoreError> {
+                let rows = sqlx::query(schema::LIST_BUNDLES)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(bundle_from_row).collect()
+            }
+
+            async fn delete_bundle(&self, trust_domain_id: &str) -> Result<(), StoreError> {
+                let done = sqlx::query(schema::DELETE_BUNDLE)
+                    .bind(trust_domain_id)
+                    .execute(&self.pool)
+                    .await?;
+                schema::expect_one(done.rows_affected(), "bundle")
+            }
+
+            async fn put_journal(&self, record: &JournalRecord) -> Result<(), StoreError> {
+                sqlx::query(schema::PUT_JOURNAL)
+                    .bind(record.id.as_str())
+                    .bind(record.kind.as_str())
+                    .bind(record.payload.as_str())
+                    .bind(record.updated_at)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn list_journal(&self) -> Result<Vec<JournalRecord>, StoreError> {
+                let rows = sqlx::query(schema::LIST_JOURNAL)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(journal_from_row).collect()
+            }
+
+            async fn delete_journal(&self, id: &str) -> Result<(), StoreError> {
+                let done = sqlx::query(schema::DELETE_JOURNAL)
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?;
+                schema::expect_one(done.rows_affected(), "journal record")
+            }
+        }
+    };
+}
+
+pub(super) use sql_store;
