@@ -104,8 +104,16 @@ fn agent_attests_with_a_join_token_and_serves_the_workload_api() {
     }
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode(&socket), 0o777, "workloads of any uid can reach the Workload API");
-    assert_eq!(mode(&server.socket()), 0o600, "only the owner reaches the admin API");
+    assert_eq!(
+        mode(&socket),
+        0o777,
+        "workloads of any uid can reach the Workload API"
+    );
+    assert_eq!(
+        mode(&server.socket()),
+        0o600,
+        "only the owner reaches the admin API"
+    );
     let agent_id = format!("spiffe://example.org/writ/agent/join_token/{token}");
     assert!(server.ok(&["agent", "list"]).contains(&agent_id));
 

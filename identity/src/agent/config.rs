@@ -123,7 +123,10 @@ mod tests {
     fn example_config_loads_through_the_real_loader() {
         let text = include_str!("../../../examples/config/agent.toml");
         let mut file: FileConfig = toml::from_str(text).unwrap();
-        assert_eq!(file.trust_bundle_path.as_deref(), Some(std::path::Path::new("/etc/writ/bundle.pem")));
+        assert_eq!(
+            file.trust_bundle_path.as_deref(),
+            Some(std::path::Path::new("/etc/writ/bundle.pem"))
+        );
         // Point the bootstrap bundle at a real file for the loader to read.
         let dir = tempfile::tempdir().unwrap();
         let bundle = crate::bundle::Bundle::new(TrustDomain::new("example.org").unwrap());
@@ -140,7 +143,12 @@ mod tests {
     fn refuses_ambiguous_or_missing_bootstrap() {
         let both: FileConfig =
             toml::from_str("trust_bundle_path = \"/x\"\ninsecure_bootstrap = true").unwrap();
-        assert!(AgentConfig::try_from(both).unwrap_err().to_string().contains("not both"));
+        assert!(
+            AgentConfig::try_from(both)
+                .unwrap_err()
+                .to_string()
+                .contains("not both")
+        );
         assert!(AgentConfig::try_from(FileConfig::default()).is_err());
         assert!(toml::from_str::<FileConfig>("unknown = 1").is_err());
         let bad: FileConfig =
