@@ -28,13 +28,10 @@
     reason = "benchmark code: a failed setup step should abort the run loudly"
 )]
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use tonic::transport::{Channel, Endpoint, Uri};
 use writ_identity::proto::workload as pb;
-use writ_identity::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use writ_tests::Stack;
+use writ_tests::{Stack, connect_raw, uid_selector, with_header};
 
 const WARM_UP: usize = 50;
 
@@ -43,32 +40,6 @@ fn count(var: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.replace('_', "").parse().ok())
         .unwrap_or(default)
-}
-
-/// A raw tonic client for the standard service on one new connection.
-async fn connect_raw(socket: PathBuf) -> SpiffeWorkloadApiClient<Channel> {
-    let channel = Endpoint::from_static("http://workload.invalid")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(socket).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        }))
-        .await
-        .unwrap();
-    SpiffeWorkloadApiClient::new(channel)
-}
-
-fn with_header<T>(r: T) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(r);
-    req.metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
-    req
-}
-
-fn uid_selector() -> String {
-    format!("unix:uid:{}", Stack::my_uid())
 }
 
 /// Nearest-rank percentile of sorted samples.

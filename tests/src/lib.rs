@@ -122,3 +122,40 @@ impl Stack {
         std::fs::metadata("/proc/self").unwrap().uid()
     }
 }
+
+/// A raw tonic client for the standard Workload API service on one new connection, so
+/// tests control the metadata (see [`with_header`]).
+pub async fn connect_raw(
+    socket: PathBuf,
+) -> writ_identity::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
+    tonic::transport::Channel,
+> {
+    let channel = tonic::transport::Endpoint::from_static("http://workload.invalid")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let socket = socket.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await
+        .unwrap();
+    writ_identity::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
+        channel,
+    )
+}
+
+/// A request with the `workload.spiffe.io: true` security header.
+pub fn with_header<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    request
+}
+
+/// `unix:uid:<uid of this process>`.
+pub fn uid_selector() -> String {
+    format!("unix:uid:{}", Stack::my_uid())
+}

@@ -27,7 +27,7 @@ use writ_identity::server::node_service;
 use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
 use writ_identity::store::JoinTokenRecord;
 use writ_identity::store::sqlite::SqliteStore;
-use writ_tests::Stack;
+use writ_tests::uid_selector;
 
 struct Server {
     state: Arc<ServerState>,
@@ -132,10 +132,6 @@ fn uuid_like() -> String {
         .unwrap()
         .as_nanos();
     format!("tok-{n:x}-{}", std::process::id())
-}
-
-fn uid_selector() -> String {
-    format!("unix:uid:{}", Stack::my_uid())
 }
 
 #[tokio::test]

@@ -11,36 +11,9 @@
 
 use std::time::{Duration, Instant};
 
-use hyper_util_shim::connect_raw;
 use spiffe::{WorkloadApiClient, X509Source};
 use writ_identity::proto::workload as pb;
-use writ_tests::Stack;
-
-/// A raw tonic client for the standard service, so tests control the metadata.
-mod hyper_util_shim {
-    use std::path::PathBuf;
-
-    use tonic::transport::{Channel, Endpoint, Uri};
-    use writ_identity::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-
-    pub async fn connect_raw(socket: PathBuf) -> SpiffeWorkloadApiClient<Channel> {
-        let channel = Endpoint::from_static("http://workload.invalid")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let socket = socket.clone();
-                async move {
-                    let s = tokio::net::UnixStream::connect(socket).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                }
-            }))
-            .await
-            .unwrap();
-        SpiffeWorkloadApiClient::new(channel)
-    }
-}
-
-fn uid_selector() -> String {
-    format!("unix:uid:{}", Stack::my_uid())
-}
+use writ_tests::{Stack, connect_raw, uid_selector, with_header};
 
 #[tokio::test]
 async fn caller_without_entry_is_denied_and_header_is_required() {
@@ -176,12 +149,6 @@ async fn bad_requests_get_invalid_argument() {
     let stack = Stack::start(Duration::from_secs(3600)).await;
     stack.register("/w", &[&uid_selector()]).await;
     let mut raw = connect_raw(stack.socket()).await;
-    fn with_header<T>(r: T) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(r);
-        req.metadata_mut()
-            .insert("workload.spiffe.io", "true".parse().unwrap());
-        req
-    }
     for audience in [
         vec![],
         vec![String::new()],

@@ -18,6 +18,7 @@ pub mod cache;
 pub mod config;
 pub mod node_api;
 pub mod node_client;
+pub mod uds_transport;
 pub mod workload_api;
 
 use std::path::{Path, PathBuf};
@@ -74,7 +75,10 @@ pub async fn start(
     let serve = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .add_service(service)
-            .serve_with_incoming(UnixListenerStream::new(listener))
+            .serve_with_incoming(futures::TryStreamExt::map_ok(
+                UnixListenerStream::new(listener),
+                uds_transport::UdsStream::new,
+            ))
             .await;
         if let Err(e) = result {
             tracing::error!(error = %e, "Workload API server stopped");
