@@ -236,10 +236,19 @@ where
                 st.last = Some(msg.clone());
                 return Some((Ok(msg), st));
             }
-            // Nothing new for this caller: wait for a cache change, or a second (so an
-            // SVID that expires without a change is still noticed).
-            let waited =
-                tokio::time::timeout(std::time::Duration::from_secs(1), st.updates.changed()).await;
+            // Nothing new for this caller: wait for a cache change, or until the first of
+            // its SVIDs expires (then it must drop out of the response).
+            let until_expiry = svids
+                .iter()
+                .map(|c| c.svid.expires_at)
+                .min()
+                .and_then(|t| t.duration_since(st.api.cache.clock().now()).ok())
+                .unwrap_or_default()
+                .clamp(
+                    std::time::Duration::from_millis(10),
+                    std::time::Duration::from_secs(60),
+                );
+            let waited = tokio::time::timeout(until_expiry, st.updates.changed()).await;
             if let Ok(Err(_)) = waited {
                 return None; // the agent is shutting down
             }

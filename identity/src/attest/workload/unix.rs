@@ -126,6 +126,7 @@ impl UnixAttestorBuilder {
     pub fn build(self) -> UnixAttestor {
         UnixAttestor {
             settings: Arc::new(self),
+            digests: Arc::default(),
         }
     }
 }
@@ -134,6 +135,38 @@ impl UnixAttestorBuilder {
 #[derive(Debug, Clone)]
 pub struct UnixAttestor {
     settings: Arc<UnixAttestorBuilder>,
+    digests: Arc<DigestCache>,
+}
+
+/// Most executable digests remembered.
+const MAX_CACHED_DIGESTS: usize = 1024;
+
+/// SHA-256 digests of executables by file identity (device, inode, size, mtime, ctime of
+/// the file the process runs), so a workload's binary is hashed once, not on every call;
+/// a binary changed in place has a new mtime/ctime and is hashed again.
+#[derive(Debug, Default)]
+struct DigestCache {
+    digests: std::sync::Mutex<std::collections::HashMap<FileIdentity, String>>,
+}
+
+type FileIdentity = (u64, u64, u64, i64, i64, i64, i64);
+
+impl DigestCache {
+    fn get(&self, id: &FileIdentity) -> Option<String> {
+        self.digests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    fn put(&self, id: FileIdentity, digest: String) {
+        let mut map = self.digests.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_CACHED_DIGESTS {
+            map.clear();
+        }
+        map.insert(id, digest);
+    }
 }
 
 impl Default for UnixAttestor {
@@ -160,16 +193,16 @@ impl UnixAttestor {
     /// [`AttestError::InvalidPid`], [`AttestError::ProcessGone`],
     /// [`AttestError::ProcessChanged`], or a `/proc` file that cannot be read or parsed.
     pub fn attest_blocking(&self, caller: &Caller) -> Result<Vec<Selector>, AttestError> {
-        attest_process(&self.settings, *caller)
+        attest_process(&self.settings, &self.digests, *caller)
     }
 }
 
 #[async_trait::async_trait]
 impl WorkloadAttestor for UnixAttestor {
     async fn attest(&self, caller: &Caller) -> Result<Vec<Selector>, AttestError> {
-        let settings = Arc::clone(&self.settings);
+        let this = self.clone();
         let caller = *caller;
-        tokio::task::spawn_blocking(move || attest_process(&settings, caller))
+        tokio::task::spawn_blocking(move || this.attest_blocking(&caller))
             .await
             .map_err(AttestError::TaskFailed)?
     }
@@ -299,6 +332,7 @@ pub fn verify_start_time(proc_root: &Path, pid: i32, expected: u64) -> Result<()
 /// The whole attestation, on the calling thread.
 fn attest_process(
     settings: &UnixAttestorBuilder,
+    digests: &DigestCache,
     caller: Caller,
 ) -> Result<Vec<Selector>, AttestError> {
     let pid = caller.pid;
@@ -335,7 +369,7 @@ fn attest_process(
     if let Some(path) = exe_path(&exe, pid)? {
         out.push("path", &path);
     }
-    if let Some(digest) = exe_sha256(&exe, pid, settings.max_hash_bytes)? {
+    if let Some(digest) = exe_sha256(&exe, pid, settings.max_hash_bytes, digests)? {
         out.push("sha256", &digest);
     }
 
@@ -444,7 +478,12 @@ fn exe_path(exe: &Path, pid: i32) -> Result<Option<String>, AttestError> {
 
 /// The lowercase hex SHA-256 of the executable, read through `/proc/<pid>/exe` so that a
 /// file put at the same path later is not what gets hashed. `None` past `max` bytes.
-fn exe_sha256(exe: &Path, pid: i32, max: u64) -> Result<Option<String>, AttestError> {
+fn exe_sha256(
+    exe: &Path,
+    pid: i32,
+    max: u64,
+    digests: &DigestCache,
+) -> Result<Option<String>, AttestError> {
     let file = match File::open(exe) {
         Ok(file) => file,
         Err(e) if process_is_gone(&e) => return Err(AttestError::ProcessGone { pid }),
@@ -461,16 +500,29 @@ fn exe_sha256(exe: &Path, pid: i32, max: u64) -> Result<Option<String>, AttestEr
             "executable larger than the hash limit; no sha256 selector"
         );
     };
-    let size = file
-        .metadata()
-        .map_err(|source| AttestError::Io {
-            path: exe.to_path_buf(),
-            source,
-        })?
-        .len();
+    let meta = file.metadata().map_err(|source| AttestError::Io {
+        path: exe.to_path_buf(),
+        source,
+    })?;
+    let size = meta.len();
     if size > max {
         too_big(size);
         return Ok(None);
+    }
+    let identity: FileIdentity = {
+        use std::os::unix::fs::MetadataExt;
+        (
+            meta.dev(),
+            meta.ino(),
+            size,
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ctime(),
+            meta.ctime_nsec(),
+        )
+    };
+    if let Some(digest) = digests.get(&identity) {
+        return Ok(Some(digest));
     }
     let mut reader = file.take(max.saturating_add(1));
     let mut hasher = Sha256::new();
@@ -496,7 +548,9 @@ fn exe_sha256(exe: &Path, pid: i32, max: u64) -> Result<Option<String>, AttestEr
         too_big(total);
         return Ok(None);
     }
-    Ok(Some(hex::encode(hasher.finalize())))
+    let digest = hex::encode(hasher.finalize());
+    digests.put(identity, digest.clone());
+    Ok(Some(digest))
 }
 
 /// Names for `wanted` ids from a passwd-style file (`name:pw:id:...` with `fields`
