@@ -1,7 +1,8 @@
 //! Writ SDK: what a workload links.
 //!
-//! Today: a SPIFFE Workload API client ([`workload`]). X509Source/JwtSource with rotation,
-//! SPIFFE mTLS configs and Txn-Token verification follow.
+//! Today: a SPIFFE Workload API client ([`workload`]) and the Txn-Token claims type with
+//! an offline verifier ([`txn_token`]). X509Source/JwtSource with rotation, SPIFFE mTLS
+//! configs and the middleware follow.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), writ_sdk::workload::WorkloadError> {
@@ -12,6 +13,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod txn_token;
 pub mod workload;
 
 pub use writ_identity::spiffe_id::{SpiffeId, TrustDomain};

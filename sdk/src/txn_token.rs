@@ -1,0 +1,261 @@
+//! Transaction tokens (draft-ietf-oauth-transaction-tokens-10): the claims type that the
+//! transaction token service mints and that services verify, so both share one
+//! definition, and an offline verifier over a JWKS.
+//!
+//! A Txn-Token is a JWT with header `typ: txntoken+jwt` and `kid`, carried in the HTTP
+//! header `Txn-Token`. Claims: `iss`, `iat`, `exp`, `aud` (the trust domain), `txn`
+//! (unique per transaction), `sub` (the user), `scope`, `req_wl` (the requesting
+//! workload's SPIFFE ID), `tctx`, `rctx`, and `act`, the RFC 8693 delegation chain with
+//! the current actor outermost.
+//!
+//! ```
+//! use writ_sdk::txn_token::{Actor, TxnToken};
+//! let token = TxnToken {
+//!     iss: "https://tts.example.org".into(),
+//!     iat: 1_800_000_000,
+//!     exp: 1_800_000_300,
+//!     aud: "example.org".into(),
+//!     txn: "5b1b0c7e-0000-4000-8000-000000000000".into(),
+//!     sub: "alice@idp.example".into(),
+//!     scope: "orders.read orders.write".into(),
+//!     req_wl: "spiffe://example.org/gateway".into(),
+//!     tctx: None,
+//!     rctx: None,
+//!     act: Some(Actor::new("spiffe://example.org/agents/sub").acting_for(
+//!         Actor::new("spiffe://example.org/agents/planner"),
+//!     )),
+//! };
+//! assert_eq!(token.current_actor(), Some("spiffe://example.org/agents/sub"));
+//! assert_eq!(token.chain(), vec!["spiffe://example.org/agents/sub", "spiffe://example.org/agents/planner"]);
+//! assert!(token.has_scope("orders.read"));
+//! ```
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use jsonwebtoken::{Algorithm, Validation};
+use serde::{Deserialize, Serialize};
+use writ_identity::bundle::Jwk;
+use writ_identity::clock::unix_seconds;
+
+/// The JWT `typ` of a Txn-Token.
+pub const TXN_TOKEN_TYP: &str = "txntoken+jwt";
+/// The RFC 8693 token type URN of a Txn-Token.
+pub const TOKEN_TYPE_URN: &str = "urn:ietf:params:oauth:token-type:txn_token";
+/// The HTTP header that carries a Txn-Token.
+pub const HEADER: &str = "Txn-Token";
+/// Largest Txn-Token accepted, in bytes.
+pub const MAX_TOKEN_BYTES: usize = 32 * 1024;
+/// Deepest `act` chain accepted.
+pub const MAX_CHAIN_DEPTH: usize = 16;
+/// Clock skew tolerated on `exp` and `iat`, in seconds.
+pub const LEEWAY_SECS: i64 = 30;
+/// Algorithms a Txn-Token may be signed with.
+pub const ALGORITHMS: &[Algorithm] = &[Algorithm::ES256, Algorithm::EdDSA];
+
+/// One actor of the RFC 8693 `act` chain: who acts, and for whom (`act` inside).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// The actor (a SPIFFE ID for Writ workloads).
+    pub sub: String,
+    /// The actor this one acts for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Box<Actor>>,
+}
+
+impl Actor {
+    /// An actor acting for nobody further.
+    pub fn new(sub: impl Into<String>) -> Self {
+        Self {
+            sub: sub.into(),
+            act: None,
+        }
+    }
+
+    /// This actor, acting for `previous` (the chain so far).
+    pub fn acting_for(mut self, previous: Actor) -> Self {
+        self.act = Some(Box::new(previous));
+        self
+    }
+}
+
+/// The claims of a Txn-Token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnToken {
+    /// The transaction token service.
+    pub iss: String,
+    /// Issued at, Unix seconds.
+    pub iat: i64,
+    /// Expiry, Unix seconds.
+    pub exp: i64,
+    /// The trust domain the token is valid in.
+    pub aud: String,
+    /// Unique transaction id (a UUID), kept across replacements.
+    pub txn: String,
+    /// The user the transaction is for, unique in the trust domain.
+    pub sub: String,
+    /// Space-separated scopes; replacements may only narrow it.
+    pub scope: String,
+    /// SPIFFE ID of the workload that requested the token.
+    pub req_wl: String,
+    /// Transaction context (from `request_details`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tctx: Option<BTreeMap<String, serde_json::Value>>,
+    /// Request context filled by the service (caller IP, authentication, transport).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rctx: Option<BTreeMap<String, serde_json::Value>>,
+    /// The delegation chain, current actor outermost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Actor>,
+}
+
+impl TxnToken {
+    /// The current (outermost) actor, if the token was delegated.
+    pub fn current_actor(&self) -> Option<&str> {
+        self.act.as_ref().map(|a| a.sub.as_str())
+    }
+
+    /// Every actor, current first.
+    pub fn chain(&self) -> Vec<&str> {
+        let mut out = Vec::new();
+        let mut next = self.act.as_ref();
+        while let Some(actor) = next {
+            out.push(actor.sub.as_str());
+            next = actor.act.as_deref();
+        }
+        out
+    }
+
+    /// The scopes.
+    pub fn scopes(&self) -> impl Iterator<Item = &str> {
+        self.scope.split_ascii_whitespace()
+    }
+
+    /// Whether `scope` is granted.
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes().any(|s| s == scope)
+    }
+}
+
+/// Why a Txn-Token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TxnTokenError {
+    /// Larger than [`MAX_TOKEN_BYTES`].
+    #[error("Txn-Token is larger than {max} bytes")]
+    TooLarge {
+        /// The limit.
+        max: usize,
+    },
+    /// Not a well-formed JWS, or an algorithm this library does not know.
+    #[error("Txn-Token is malformed: {0}")]
+    Malformed(String),
+    /// `typ` is not `txntoken+jwt`.
+    #[error("token typ is not txntoken+jwt")]
+    Type,
+    /// The algorithm is not allowed.
+    #[error("algorithm {0} is not allowed for Txn-Tokens")]
+    Algorithm(String),
+    /// No `kid`, or no key with that id.
+    #[error("unknown signing key")]
+    UnknownKey,
+    /// The signature does not verify.
+    #[error("signature does not verify")]
+    Signature,
+    /// A required claim is missing or malformed.
+    #[error("claims are missing or malformed: {0}")]
+    Claims(String),
+    /// `aud` is not the expected trust domain.
+    #[error("token is for another trust domain")]
+    Audience,
+    /// Past `exp`.
+    #[error("token has expired")]
+    Expired,
+    /// `iat` is in the future.
+    #[error("token is issued in the future")]
+    IssuedInFuture,
+    /// The `act` chain is deeper than [`MAX_CHAIN_DEPTH`].
+    #[error("delegation chain deeper than {max}")]
+    ChainTooDeep {
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Verifies Txn-Tokens against the service's signing keys (a JWKS: key id -> JWK).
+#[derive(Debug, Clone)]
+pub struct TxnVerifier {
+    trust_domain: String,
+    keys: BTreeMap<String, Jwk>,
+}
+
+impl TxnVerifier {
+    /// A verifier for tokens of `trust_domain` signed by one of `keys`.
+    pub fn new(trust_domain: impl Into<String>, keys: BTreeMap<String, Jwk>) -> Self {
+        Self {
+            trust_domain: trust_domain.into(),
+            keys,
+        }
+    }
+
+    /// Replaces the signing keys (after a JWKS refresh).
+    pub fn set_keys(&mut self, keys: BTreeMap<String, Jwk>) {
+        self.keys = keys;
+    }
+
+    /// Verifies `token` at time `now`.
+    ///
+    /// # Errors
+    /// [`TxnTokenError`] for the first problem found.
+    pub fn verify(&self, token: &str, now: SystemTime) -> Result<TxnToken, TxnTokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TxnTokenError::TooLarge {
+                max: MAX_TOKEN_BYTES,
+            });
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| TxnTokenError::Malformed(e.to_string()))?;
+        if header.typ.as_deref() != Some(TXN_TOKEN_TYP) {
+            return Err(TxnTokenError::Type);
+        }
+        if !ALGORITHMS.contains(&header.alg) {
+            return Err(TxnTokenError::Algorithm(format!("{:?}", header.alg)));
+        }
+        let jwk = header
+            .kid
+            .as_deref()
+            .and_then(|kid| self.keys.get(kid))
+            .ok_or(TxnTokenError::UnknownKey)?;
+        let key =
+            writ_identity::svid::jwt::decoding_key(jwk).map_err(|_| TxnTokenError::UnknownKey)?;
+        let mut validation = Validation::new(header.alg);
+        validation.validate_exp = false;
+        validation.validate_aud = false;
+        validation.required_spec_claims.clear();
+        let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
+            .map_err(|_| TxnTokenError::Signature)?;
+        let claims: TxnToken = serde_json::from_value(data.claims)
+            .map_err(|e| TxnTokenError::Claims(e.to_string()))?;
+        if claims.aud != self.trust_domain {
+            return Err(TxnTokenError::Audience);
+        }
+        let now = unix_seconds(now);
+        if claims.exp + LEEWAY_SECS <= now {
+            return Err(TxnTokenError::Expired);
+        }
+        if claims.iat > now + LEEWAY_SECS {
+            return Err(TxnTokenError::IssuedInFuture);
+        }
+        if claims.txn.is_empty() || claims.sub.is_empty() || claims.req_wl.is_empty() {
+            return Err(TxnTokenError::Claims(
+                "txn, sub and req_wl are required".into(),
+            ));
+        }
+        if claims.chain().len() > MAX_CHAIN_DEPTH {
+            return Err(TxnTokenError::ChainTooDeep {
+                max: MAX_CHAIN_DEPTH,
+            });
+        }
+        Ok(claims)
+    }
+}
