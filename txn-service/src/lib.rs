@@ -3,3 +3,5 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod oidc;
+pub mod txn_token;

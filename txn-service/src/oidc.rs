@@ -1,0 +1,999 @@
+//! OIDC ingress: validation of subject tokens issued by configured OpenID Providers.
+//!
+//! The transaction token service accepts, as the `subject_token` of an RFC 8693 exchange,
+//! a JWT issued by one of the OpenID Providers it is configured to trust: an access token
+//! (RFC 9068, `typ: at+jwt`), an ID token, or a plain JWT. [`OidcValidator`] finds the
+//! issuer's keys through OpenID Connect Discovery and a JWKS cache, verifies the
+//! signature with an algorithm allow-list, and checks `iss`, `aud`, `exp`, `nbf` and
+//! `iat` against the injected [`Clock`](writ_identity::clock::Clock), never the system
+//! time.
+//!
+//! Hardening:
+//! - tokens larger than [`OidcOptions::max_token_bytes`] are refused before parsing;
+//! - `alg: none` and the HMAC algorithms are never accepted (they cannot even be
+//!   configured), and symmetric (`kty: oct`) keys in a JWKS are ignored;
+//! - discovery and JWKS documents are size-limited, fetched with a timeout, without
+//!   following redirects, and over HTTPS (plain HTTP only for loopback hosts);
+//! - a token whose `kid` is not in the cached JWKS triggers at most one refetch per
+//!   [`OidcOptions::refetch_interval`] per issuer, so a flood of random `kid`s cannot
+//!   hammer the provider;
+//! - a token is never logged: only its SHA-256 ([`token_fingerprint`]).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), writ_txn_service::oidc::OidcError> {
+//! use std::sync::Arc;
+//! use writ_identity::clock::SystemClock;
+//! use writ_txn_service::oidc::{IssuerConfig, OidcValidator, SubjectTokenType};
+//!
+//! let issuer = IssuerConfig::new("https://login.example.com", ["https://tts.example.com"]);
+//! let validator = OidcValidator::new(vec![issuer], Arc::new(SystemClock))?;
+//! let subject = validator
+//!     .validate("eyJ...", SubjectTokenType::AccessToken)
+//!     .await?;
+//! println!("{} from {}", subject.subject, subject.issuer);
+//! # Ok(()) }
+//! ```
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use writ_identity::clock::SharedClock;
+
+/// The default largest token accepted, in bytes (16 KiB).
+pub const DEFAULT_MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// The default largest discovery or JWKS document accepted, in bytes (1 MiB).
+pub const DEFAULT_MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+/// The default time a fetched JWKS is used before it is fetched again (5 minutes).
+pub const DEFAULT_JWKS_TTL: Duration = Duration::from_secs(300);
+/// The default shortest time between two refetches caused by an unknown `kid` (30 s).
+pub const DEFAULT_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+/// The default timeout of a discovery or JWKS request (10 s).
+pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default clock skew tolerated on `exp`, `nbf` and `iat` (30 s).
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+
+/// The errors of OIDC ingress. Every message is safe to show a client: none contains
+/// the token or key material.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OidcError {
+    /// The issuer configuration is invalid (found when the validator is built).
+    #[error("invalid OIDC issuer configuration: {reason}")]
+    Config {
+        /// What is wrong.
+        reason: String,
+    },
+    /// The token is larger than the configured limit.
+    #[error("subject token is larger than {max} bytes")]
+    TooLarge {
+        /// The limit, in bytes.
+        max: usize,
+    },
+    /// The token is not a well-formed signed JWT (JWS compact serialization).
+    #[error("subject token is malformed: {reason}")]
+    Malformed {
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The header `typ` does not fit the presented subject token type.
+    #[error("subject token type does not match its `typ` header")]
+    TokenType,
+    /// The header `alg` is `none`, unknown, or not in the issuer's allow-list.
+    #[error("subject token algorithm is not allowed")]
+    Algorithm,
+    /// The unverified `iss` claim names no configured issuer.
+    #[error("subject token issuer is not trusted")]
+    UnknownIssuer,
+    /// The issuer's discovery document could not be fetched or is invalid.
+    #[error("OIDC discovery failed for issuer {issuer}: {reason}")]
+    Discovery {
+        /// The configured issuer.
+        issuer: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The issuer's JWKS could not be fetched or is invalid.
+    #[error("JWKS fetch failed for issuer {issuer}: {reason}")]
+    Jwks {
+        /// The configured issuer.
+        issuer: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// No key of the issuer's JWKS matches the token's `kid` and `alg` (after at most
+    /// one rate-limited refetch), or the token has no `kid` and the JWKS has several keys.
+    #[error("no issuer key matches the subject token")]
+    UnknownKey,
+    /// The signature does not verify.
+    #[error("subject token signature is invalid")]
+    Signature,
+    /// The verified `iss` claim is not the configured issuer.
+    #[error("subject token issuer does not match")]
+    Issuer,
+    /// The `aud` claim contains none of the configured audiences.
+    #[error("subject token audience is not accepted")]
+    Audience,
+    /// The token has expired (`exp`, with leeway).
+    #[error("subject token has expired")]
+    Expired,
+    /// The token is not valid yet (`nbf`, or an `iat` in the future, with leeway).
+    #[error("subject token is not valid yet")]
+    NotYetValid,
+    /// A required claim is missing or has the wrong type.
+    #[error("subject token claim `{claim}` is missing or invalid")]
+    MissingClaim {
+        /// The claim name.
+        claim: String,
+    },
+}
+
+/// The RFC 8693 subject token types that OIDC ingress validates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SubjectTokenType {
+    /// `urn:ietf:params:oauth:token-type:access_token`.
+    AccessToken,
+    /// `urn:ietf:params:oauth:token-type:id_token`.
+    IdToken,
+    /// `urn:ietf:params:oauth:token-type:jwt`.
+    Jwt,
+}
+
+impl SubjectTokenType {
+    /// The RFC 8693 URN of this token type.
+    pub fn as_urn(self) -> &'static str {
+        match self {
+            Self::AccessToken => "urn:ietf:params:oauth:token-type:access_token",
+            Self::IdToken => "urn:ietf:params:oauth:token-type:id_token",
+            Self::Jwt => "urn:ietf:params:oauth:token-type:jwt",
+        }
+    }
+
+    /// The token type named by an RFC 8693 URN, if OIDC ingress handles it.
+    pub fn from_urn(urn: &str) -> Option<Self> {
+        [Self::AccessToken, Self::IdToken, Self::Jwt]
+            .into_iter()
+            .find(|t| t.as_urn() == urn)
+    }
+}
+
+/// One trusted OpenID Provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuerConfig {
+    /// The issuer identifier (URL), compared exactly with `iss` and with the discovery
+    /// document's `issuer`.
+    pub issuer: String,
+    /// Accepted audiences: a token's `aud` must contain at least one.
+    pub audiences: Vec<String>,
+    /// The claim holding the subject (default `sub`).
+    pub subject_claim: String,
+    /// The claim holding the scope, a space-separated string or an array (default
+    /// `scope`).
+    pub scope_claim: String,
+    /// Accepted signature algorithms (default RS256, ES256, PS256, EdDSA). HMAC
+    /// algorithms are refused when the validator is built; `none` cannot be expressed.
+    pub algorithms: Vec<Algorithm>,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat` (default 30 s).
+    pub leeway: Duration,
+    /// PEM certificates that are the only TLS roots trusted for this issuer's discovery
+    /// and JWKS requests (default: the platform's roots).
+    pub ca_bundle_pem: Option<String>,
+}
+
+impl IssuerConfig {
+    /// An issuer with the default claims, algorithms and leeway.
+    pub fn new<I, A>(issuer: impl Into<String>, audiences: I) -> Self
+    where
+        I: IntoIterator<Item = A>,
+        A: Into<String>,
+    {
+        Self {
+            issuer: issuer.into(),
+            audiences: audiences.into_iter().map(Into::into).collect(),
+            subject_claim: "sub".to_owned(),
+            scope_claim: "scope".to_owned(),
+            algorithms: vec![
+                Algorithm::RS256,
+                Algorithm::ES256,
+                Algorithm::PS256,
+                Algorithm::EdDSA,
+            ],
+            leeway: DEFAULT_LEEWAY,
+            ca_bundle_pem: None,
+        }
+    }
+}
+
+/// Limits and cache timings shared by all issuers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OidcOptions {
+    /// Largest token accepted, in bytes.
+    pub max_token_bytes: usize,
+    /// Largest discovery or JWKS document accepted, in bytes.
+    pub max_document_bytes: usize,
+    /// How long a fetched JWKS is used (measured with the injected clock).
+    pub jwks_ttl: Duration,
+    /// Shortest time between two refetches caused by an unknown `kid`, per issuer.
+    pub refetch_interval: Duration,
+    /// Timeout of each discovery or JWKS request.
+    pub http_timeout: Duration,
+}
+
+impl Default for OidcOptions {
+    fn default() -> Self {
+        Self {
+            max_token_bytes: DEFAULT_MAX_TOKEN_BYTES,
+            max_document_bytes: DEFAULT_MAX_DOCUMENT_BYTES,
+            jwks_ttl: DEFAULT_JWKS_TTL,
+            refetch_interval: DEFAULT_REFETCH_INTERVAL,
+            http_timeout: DEFAULT_HTTP_TIMEOUT,
+        }
+    }
+}
+
+/// What a valid subject token says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidatedSubject {
+    /// The issuer (`iss`).
+    pub issuer: String,
+    /// The subject, from the issuer's configured subject claim.
+    pub subject: String,
+    /// The scope, from the issuer's configured scope claim (empty when absent).
+    pub scope: Vec<String>,
+    /// The audiences (`aud`).
+    pub audience: Vec<String>,
+    /// Authentication methods (`amr`, empty when absent).
+    pub amr: Vec<String>,
+    /// Authentication context class (`acr`).
+    pub acr: Option<String>,
+    /// Expiry (`exp`), seconds since the Unix epoch.
+    pub expires_at: i64,
+    /// All claims, as verified.
+    pub claims: Value,
+}
+
+/// The hex SHA-256 of a token: what logs and audit lines carry instead of the token.
+pub fn token_fingerprint(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// One usable key of a JWKS.
+struct IssuerKey {
+    kid: Option<String>,
+    alg: Option<String>,
+    key: DecodingKey,
+}
+
+/// An issuer's keys as fetched at `fetched_at` (clock seconds).
+struct KeySet {
+    keys: Vec<IssuerKey>,
+    fetched_at: i64,
+}
+
+/// A configured issuer with its HTTP client and refetch state.
+struct Issuer {
+    config: IssuerConfig,
+    discovery_url: String,
+    client: reqwest::Client,
+    last_forced_refetch: Mutex<Option<i64>>,
+}
+
+/// Validates subject tokens from the configured OpenID Providers.
+pub struct OidcValidator {
+    issuers: HashMap<String, Arc<Issuer>>,
+    clock: SharedClock,
+    options: OidcOptions,
+    cache: moka::future::Cache<String, Arc<KeySet>>,
+}
+
+impl std::fmt::Debug for OidcValidator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut issuers: Vec<&String> = self.issuers.keys().collect();
+        issuers.sort();
+        f.debug_struct("OidcValidator")
+            .field("issuers", &issuers)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+fn config_error(reason: impl Into<String>) -> OidcError {
+    OidcError::Config {
+        reason: reason.into(),
+    }
+}
+
+fn is_hmac(alg: Algorithm) -> bool {
+    matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+/// Refuses URLs that are not HTTPS, except plain HTTP to a loopback host.
+fn check_url(url: &str) -> Result<(), &'static str> {
+    let parsed = url::Url::parse(url).map_err(|_| "not a URL")?;
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" => {
+            let loopback = match parsed.host() {
+                Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                None => false,
+            };
+            if loopback {
+                Ok(())
+            } else {
+                Err("plain http is allowed only for loopback hosts")
+            }
+        }
+        _ => Err("scheme must be https"),
+    }
+}
+
+impl Issuer {
+    fn new(config: IssuerConfig, options: &OidcOptions) -> Result<Self, OidcError> {
+        let name = &config.issuer;
+        check_url(name).map_err(|r| config_error(format!("issuer {name}: {r}")))?;
+        if config.audiences.is_empty() || config.audiences.iter().any(String::is_empty) {
+            return Err(config_error(format!(
+                "issuer {name}: audiences must be non-empty"
+            )));
+        }
+        if config.subject_claim.is_empty() || config.scope_claim.is_empty() {
+            return Err(config_error(format!(
+                "issuer {name}: subject and scope claim names must be non-empty"
+            )));
+        }
+        if config.algorithms.is_empty() {
+            return Err(config_error(format!(
+                "issuer {name}: at least one algorithm is required"
+            )));
+        }
+        if config.algorithms.iter().any(|a| is_hmac(*a)) {
+            return Err(config_error(format!(
+                "issuer {name}: HMAC algorithms (HS*) are not allowed"
+            )));
+        }
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(options.http_timeout)
+            .connect_timeout(options.http_timeout);
+        if let Some(pem) = &config.ca_bundle_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+                .map_err(|_| config_error(format!("issuer {name}: invalid CA bundle")))?;
+            if certs.is_empty() {
+                return Err(config_error(format!("issuer {name}: empty CA bundle")));
+            }
+            builder = builder.tls_certs_only(certs);
+        }
+        let client = builder
+            .build()
+            .map_err(|_| config_error(format!("issuer {name}: cannot build HTTP client")))?;
+        let discovery_url = format!(
+            "{}/.well-known/openid-configuration",
+            name.trim_end_matches('/')
+        );
+        Ok(Self {
+            config,
+            discovery_url,
+            client,
+            last_forced_refetch: Mutex::new(None),
+        })
+    }
+
+    /// GETs `url` and parses a JSON object of at most `max` bytes.
+    async fn get_json(&self, url: &str, max: usize) -> Result<Value, String> {
+        let mut response = self
+            .client
+            .get(url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|e| {
+                tracing::warn!(issuer = %self.config.issuer, url, error = %e, "OIDC request failed");
+                if e.is_timeout() {
+                    "request timed out".to_owned()
+                } else {
+                    "request failed".to_owned()
+                }
+            })?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(format!("HTTP status {}", status.as_u16()));
+        }
+        if response
+            .content_length()
+            .is_some_and(|n| usize::try_from(n).map_or(true, |n| n > max))
+        {
+            return Err(format!("document larger than {max} bytes"));
+        }
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if body.len().saturating_add(chunk.len()) > max {
+                        return Err(format!("document larger than {max} bytes"));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(issuer = %self.config.issuer, url, error = %e, "OIDC body read failed");
+                    return Err("reading the response failed".to_owned());
+                }
+            }
+        }
+        let value: Value =
+            serde_json::from_slice(&body).map_err(|_| "response is not JSON".to_owned())?;
+        if !value.is_object() {
+            return Err("response is not a JSON object".to_owned());
+        }
+        Ok(value)
+    }
+
+    /// Discovery then JWKS: the issuer's current keys.
+    async fn fetch_keys(&self, options: &OidcOptions, now: i64) -> Result<KeySet, OidcError> {
+        let issuer = &self.config.issuer;
+        let discovery_error = |reason: String| OidcError::Discovery {
+            issuer: issuer.clone(),
+            reason,
+        };
+        let jwks_error = |reason: String| OidcError::Jwks {
+            issuer: issuer.clone(),
+            reason,
+        };
+        let metadata = self
+            .get_json(&self.discovery_url, options.max_document_bytes)
+            .await
+            .map_err(discovery_error)?;
+        if metadata.get("issuer").and_then(Value::as_str) != Some(issuer.as_str()) {
+            return Err(discovery_error(
+                "metadata `issuer` does not equal the configured issuer".to_owned(),
+            ));
+        }
+        let jwks_uri = metadata
+            .get("jwks_uri")
+            .and_then(Value::as_str)
+            .ok_or_else(|| discovery_error("metadata has no `jwks_uri`".to_owned()))?;
+        check_url(jwks_uri).map_err(|r| discovery_error(format!("`jwks_uri`: {r}")))?;
+        let jwks = self
+            .get_json(jwks_uri, options.max_document_bytes)
+            .await
+            .map_err(jwks_error)?;
+        let raw_keys = jwks
+            .get("keys")
+            .and_then(Value::as_array)
+            .ok_or_else(|| jwks_error("document has no `keys` array".to_owned()))?;
+        let keys: Vec<IssuerKey> = raw_keys.iter().filter_map(parse_jwk).collect();
+        tracing::debug!(
+            issuer = %issuer,
+            listed = raw_keys.len(),
+            usable = keys.len(),
+            "fetched JWKS"
+        );
+        Ok(KeySet {
+            keys,
+            fetched_at: now,
+        })
+    }
+
+    /// Claims the issuer's refetch slot if the last forced refetch is old enough.
+    fn may_force_refetch(&self, now: i64, interval: Duration) -> bool {
+        let interval = i64::try_from(interval.as_secs()).unwrap_or(i64::MAX);
+        let mut last = self
+            .last_forced_refetch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match *last {
+            Some(at) if now.saturating_sub(at) < interval => false,
+            _ => {
+                *last = Some(now);
+                true
+            }
+        }
+    }
+}
+
+/// A usable signature key from one JWK, or `None` (encryption or symmetric keys, keys
+/// jsonwebtoken cannot read).
+fn parse_jwk(raw: &Value) -> Option<IssuerKey> {
+    let kty = raw.get("kty").and_then(Value::as_str)?;
+    if kty == "oct" {
+        return None;
+    }
+    if raw
+        .get("use")
+        .and_then(Value::as_str)
+        .is_some_and(|u| u != "sig")
+    {
+        return None;
+    }
+    let kid = raw.get("kid").and_then(Value::as_str).map(str::to_owned);
+    let alg = raw.get("alg").and_then(Value::as_str).map(str::to_owned);
+    let jwk: Jwk = serde_json::from_value(raw.clone()).ok()?;
+    let key = DecodingKey::from_jwk(&jwk).ok()?;
+    Some(IssuerKey { kid, alg, key })
+}
+
+enum KeyChoice<'a> {
+    Found(&'a DecodingKey),
+    NotFound,
+    KidRequired,
+}
+
+fn choose_key<'a>(set: &'a KeySet, kid: Option<&str>, alg: &str) -> KeyChoice<'a> {
+    let fits = |k: &&IssuerKey| k.alg.as_deref().is_none_or(|a| a == alg);
+    match kid {
+        Some(kid) => set
+            .keys
+            .iter()
+            .filter(|k| k.kid.as_deref() == Some(kid))
+            .find(fits)
+            .map_or(KeyChoice::NotFound, |k| KeyChoice::Found(&k.key)),
+        None => match set.keys.as_slice() {
+            [only] if fits(&only) => KeyChoice::Found(&only.key),
+            [_] | [] => KeyChoice::NotFound,
+            _ => KeyChoice::KidRequired,
+        },
+    }
+}
+
+/// The three parts of a compact JWS, with the header and payload decoded.
+struct Parts {
+    header: Value,
+    payload: Value,
+}
+
+fn decode_segment(segment: &str) -> Result<Value, OidcError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(segment)
+        .map_err(|_| OidcError::Malformed {
+            reason: "segment is not base64url",
+        })?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|_| OidcError::Malformed {
+        reason: "segment is not JSON",
+    })?;
+    if value.is_object() {
+        Ok(value)
+    } else {
+        Err(OidcError::Malformed {
+            reason: "segment is not a JSON object",
+        })
+    }
+}
+
+fn split_token(token: &str) -> Result<Parts, OidcError> {
+    let mut segments = token.split('.');
+    let (Some(header), Some(payload), Some(signature), None) = (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) else {
+        return Err(OidcError::Malformed {
+            reason: "not a three-part compact JWS",
+        });
+    };
+    if header.is_empty() || payload.is_empty() {
+        return Err(OidcError::Malformed {
+            reason: "empty segment",
+        });
+    }
+    if signature.is_empty() {
+        // An unsecured JWT (`alg: none`) has an empty signature.
+        return Err(OidcError::Algorithm);
+    }
+    Ok(Parts {
+        header: decode_segment(header)?,
+        payload: decode_segment(payload)?,
+    })
+}
+
+/// A NumericDate claim as whole seconds; `Ok(None)` when absent.
+fn numeric_date(claims: &Value, name: &str) -> Result<Option<i64>, OidcError> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .as_i64()
+            .or_else(|| {
+                v.as_f64()
+                    .filter(|f| f.is_finite())
+                    .map(|f| f.floor() as i64)
+            })
+            .map(Some)
+            .ok_or_else(|| OidcError::MissingClaim {
+                claim: name.to_owned(),
+            }),
+    }
+}
+
+/// A claim that is a string or an array of strings (absent: empty).
+fn string_list(claims: &Value, name: &str, split_spaces: bool) -> Result<Vec<String>, OidcError> {
+    let invalid = || OidcError::MissingClaim {
+        claim: name.to_owned(),
+    };
+    match claims.get(name) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) if split_spaces => {
+            Ok(s.split_whitespace().map(str::to_owned).collect())
+        }
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| i.as_str().map(str::to_owned).ok_or_else(invalid))
+            .collect(),
+        Some(_) => Err(invalid()),
+    }
+}
+
+fn check_typ(header: &Value, token_type: SubjectTokenType) -> Result<(), OidcError> {
+    let Some(typ) = header.get("typ") else {
+        return Ok(());
+    };
+    let typ = typ.as_str().ok_or(OidcError::Malformed {
+        reason: "header `typ` is not a string",
+    })?;
+    let typ = typ.to_ascii_lowercase();
+    let typ = typ.strip_prefix("application/").unwrap_or(&typ);
+    match (typ, token_type) {
+        ("jwt", _) => Ok(()),
+        // An access token must not pass as an ID token (RFC 9068 section 2.1).
+        ("at+jwt", SubjectTokenType::AccessToken | SubjectTokenType::Jwt) => Ok(()),
+        _ => Err(OidcError::TokenType),
+    }
+}
+
+impl OidcValidator {
+    /// A validator for `issuers` with the default [`OidcOptions`].
+    ///
+    /// # Errors
+    ///
+    /// [`OidcError::Config`] if an issuer is not an HTTPS URL (plain HTTP is allowed for
+    /// loopback hosts only), is configured twice, has no audience, allows an HMAC
+    /// algorithm or none at all, or has an unreadable CA bundle.
+    pub fn new(issuers: Vec<IssuerConfig>, clock: SharedClock) -> Result<Self, OidcError> {
+        Self::with_options(issuers, clock, OidcOptions::default())
+    }
+
+    /// A validator for `issuers` with explicit limits and cache timings.
+    ///
+    /// # Errors
+    ///
+    /// As [`OidcValidator::new`], and [`OidcError::Config`] for zero limits.
+    pub fn with_options(
+        issuers: Vec<IssuerConfig>,
+        clock: SharedClock,
+        options: OidcOptions,
+    ) -> Result<Self, OidcError> {
+        if options.max_token_bytes == 0 || options.max_document_bytes == 0 {
+            return Err(config_error("size limits must be non-zero"));
+        }
+        if options.http_timeout.is_zero() {
+            return Err(config_error("HTTP timeout must be non-zero"));
+        }
+        let mut map = HashMap::new();
+        for config in issuers {
+            let name = config.issuer.clone();
+            let issuer = Issuer::new(config, &options)?;
+            if map.insert(name.clone(), Arc::new(issuer)).is_some() {
+                return Err(config_error(format!("issuer {name} is configured twice")));
+            }
+        }
+        // The clock decides staleness; moka's own TTL only bounds memory, with a margin.
+        let cache = moka::future::Cache::builder()
+            .max_capacity(u64::try_from(map.len()).unwrap_or(u64::MAX).max(1))
+            .time_to_live(
+                options
+                    .jwks_ttl
+                    .saturating_mul(2)
+                    .max(Duration::from_secs(1)),
+            )
+            .build();
+        Ok(Self {
+            issuers: map,
+            clock,
+            options,
+            cache,
+        })
+    }
+
+    /// The configured issuer identifiers.
+    pub fn issuers(&self) -> impl Iterator<Item = &str> {
+        self.issuers.keys().map(String::as_str)
+    }
+
+    /// Validates a subject token of type `token_type`.
+    ///
+    /// # Errors
+    ///
+    /// The [`OidcError`] variant naming the first check that failed; discovery and JWKS
+    /// failures surface as [`OidcError::Discovery`] and [`OidcError::Jwks`].
+    pub async fn validate(
+        &self,
+        token: &str,
+        token_type: SubjectTokenType,
+    ) -> Result<ValidatedSubject, OidcError> {
+        let result = self.validate_inner(token, token_type).await;
+        match &result {
+            Ok(s) => tracing::debug!(
+                token_sha256 = %token_fingerprint(token),
+                issuer = %s.issuer,
+                subject = %s.subject,
+                "subject token accepted"
+            ),
+            Err(e) => tracing::info!(
+                token_sha256 = %token_fingerprint(token),
+                error = %e,
+                "subject token refused"
+            ),
+        }
+        result
+    }
+
+    async fn validate_inner(
+        &self,
+        token: &str,
+        token_type: SubjectTokenType,
+    ) -> Result<ValidatedSubject, OidcError> {
+        if token.len() > self.options.max_token_bytes {
+            return Err(OidcError::TooLarge {
+                max: self.options.max_token_bytes,
+            });
+        }
+        let Parts { header, payload } = split_token(token)?;
+
+        let alg_name = header
+            .get("alg")
+            .and_then(Value::as_str)
+            .ok_or(OidcError::Algorithm)?;
+        let alg = Algorithm::from_str(alg_name).map_err(|_| OidcError::Algorithm)?;
+        if is_hmac(alg) {
+            return Err(OidcError::Algorithm);
+        }
+        if header.get("crit").is_some() {
+            return Err(OidcError::Malformed {
+                reason: "unsupported `crit` header",
+            });
+        }
+        check_typ(&header, token_type)?;
+        let kid = match header.get("kid") {
+            None => None,
+            Some(Value::String(k)) => Some(k.as_str()),
+            Some(_) => {
+                return Err(OidcError::Malformed {
+                    reason: "header `kid` is not a string",
+                });
+            }
+        };
+
+        let unverified_iss =
+            payload
+                .get("iss")
+                .and_then(Value::as_str)
+                .ok_or_else(|| OidcError::MissingClaim {
+                    claim: "iss".to_owned(),
+                })?;
+        let issuer = self
+            .issuers
+            .get(unverified_iss)
+            .ok_or(OidcError::UnknownIssuer)?;
+        let config = &issuer.config;
+        if !config.algorithms.contains(&alg) {
+            return Err(OidcError::Algorithm);
+        }
+
+        let claims = self
+            .verify_signature(issuer, token, kid, alg, alg_name)
+            .await?;
+        self.check_claims(config, claims)
+    }
+
+    async fn key_set(&self, issuer: &Arc<Issuer>) -> Result<Arc<KeySet>, OidcError> {
+        let name = &issuer.config.issuer;
+        let now = self.clock.unix_seconds();
+        let ttl = i64::try_from(self.options.jwks_ttl.as_secs()).unwrap_or(i64::MAX);
+        if let Some(set) = self.cache.get(name).await {
+            if now.saturating_sub(set.fetched_at) < ttl && now >= set.fetched_at {
+                return Ok(set);
+            }
+            self.cache.invalidate(name).await;
+        }
+        let loader = {
+            let issuer = Arc::clone(issuer);
+            let options = self.options.clone();
+            async move { issuer.fetch_keys(&options, now).await.map(Arc::new) }
+        };
+        self.cache
+            .try_get_with(name.clone(), loader)
+            .await
+            .map_err(|e| (*e).clone())
+    }
+
+    async fn verify_signature(
+        &self,
+        issuer: &Arc<Issuer>,
+        token: &str,
+        kid: Option<&str>,
+        alg: Algorithm,
+        alg_name: &str,
+    ) -> Result<Value, OidcError> {
+        let mut set = self.key_set(issuer).await?;
+        let mut choice = choose_key(&set, kid, alg_name);
+        if matches!(choice, KeyChoice::NotFound) {
+            let now = self.clock.unix_seconds();
+            if issuer.may_force_refetch(now, self.options.refetch_interval) {
+                tracing::info!(issuer = %issuer.config.issuer, "unknown key id: refetching JWKS");
+                let fresh = Arc::new(issuer.fetch_keys(&self.options, now).await?);
+                self.cache
+                    .insert(issuer.config.issuer.clone(), Arc::clone(&fresh))
+                    .await;
+                set = fresh;
+                choice = choose_key(&set, kid, alg_name);
+            }
+        }
+        let key = match choice {
+            KeyChoice::Found(key) => key,
+            KeyChoice::NotFound | KeyChoice::KidRequired => return Err(OidcError::UnknownKey),
+        };
+
+        let mut validation = Validation::new(alg);
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        validation.required_spec_claims = HashSet::new();
+        validation.leeway = 0;
+        let data = jsonwebtoken::decode::<Value>(token, key, &validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            match e.kind() {
+                ErrorKind::InvalidSignature => OidcError::Signature,
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                    OidcError::Algorithm
+                }
+                _ => OidcError::Malformed {
+                    reason: "token could not be decoded",
+                },
+            }
+        })?;
+        Ok(data.claims)
+    }
+
+    fn check_claims(
+        &self,
+        config: &IssuerConfig,
+        claims: Value,
+    ) -> Result<ValidatedSubject, OidcError> {
+        if claims.get("iss").and_then(Value::as_str) != Some(config.issuer.as_str()) {
+            return Err(OidcError::Issuer);
+        }
+
+        let audience = string_list(&claims, "aud", false)?;
+        if !audience.iter().any(|a| config.audiences.contains(a)) {
+            return Err(OidcError::Audience);
+        }
+
+        let now = self.clock.unix_seconds();
+        let leeway = i64::try_from(config.leeway.as_secs()).unwrap_or(i64::MAX);
+        let expires_at = numeric_date(&claims, "exp")?.ok_or_else(|| OidcError::MissingClaim {
+            claim: "exp".to_owned(),
+        })?;
+        if expires_at.saturating_add(leeway) <= now {
+            return Err(OidcError::Expired);
+        }
+        for name in ["nbf", "iat"] {
+            if let Some(t) = numeric_date(&claims, name)?
+                && t.saturating_sub(leeway) > now
+            {
+                return Err(OidcError::NotYetValid);
+            }
+        }
+
+        let subject = claims
+            .get(&config.subject_claim)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| OidcError::MissingClaim {
+                claim: config.subject_claim.clone(),
+            })?
+            .to_owned();
+        let scope = string_list(&claims, &config.scope_claim, true)?;
+        let amr = string_list(&claims, "amr", false)?;
+        let acr = match claims.get("acr") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => {
+                return Err(OidcError::MissingClaim {
+                    claim: "acr".to_owned(),
+                });
+            }
+        };
+
+        Ok(ValidatedSubject {
+            issuer: config.issuer.clone(),
+            subject,
+            scope,
+            audience,
+            amr,
+            acr,
+            expires_at,
+            claims,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_type_urns_round_trip() {
+        for t in [
+            SubjectTokenType::AccessToken,
+            SubjectTokenType::IdToken,
+            SubjectTokenType::Jwt,
+        ] {
+            assert_eq!(SubjectTokenType::from_urn(t.as_urn()), Some(t));
+        }
+        assert_eq!(
+            SubjectTokenType::from_urn("urn:ietf:params:oauth:token-type:txn_token"),
+            None
+        );
+    }
+
+    #[test]
+    fn typ_rules() {
+        let h = |t: &str| serde_json::json!({ "typ": t });
+        assert!(check_typ(&h("at+jwt"), SubjectTokenType::AccessToken).is_ok());
+        assert!(check_typ(&h("application/at+jwt"), SubjectTokenType::Jwt).is_ok());
+        assert!(check_typ(&h("JWT"), SubjectTokenType::IdToken).is_ok());
+        assert_eq!(
+            check_typ(&h("at+jwt"), SubjectTokenType::IdToken),
+            Err(OidcError::TokenType)
+        );
+        assert_eq!(
+            check_typ(&h("txntoken+jwt"), SubjectTokenType::AccessToken),
+            Err(OidcError::TokenType)
+        );
+    }
+
+    #[test]
+    fn url_policy() {
+        assert!(check_url("https://login.example.com").is_ok());
+        assert!(check_url("http://127.0.0.1:8080").is_ok());
+        assert!(check_url("http://localhost").is_ok());
+        assert!(check_url("http://login.example.com").is_err());
+        assert!(check_url("ftp://x").is_err());
+    }
+
+    #[test]
+    fn refuses_hmac_config() {
+        let mut c = IssuerConfig::new("https://idp.example", ["aud"]);
+        c.algorithms = vec![Algorithm::HS256];
+        let clock: SharedClock = Arc::new(writ_identity::clock::SystemClock);
+        assert!(matches!(
+            OidcValidator::new(vec![c], clock),
+            Err(OidcError::Config { .. })
+        ));
+    }
+
+    #[test]
+    fn scope_string_or_array() {
+        let c = serde_json::json!({ "a": "x  y", "b": ["x", "y"], "c": 3 });
+        assert_eq!(
+            string_list(&c, "a", true).ok(),
+            Some(vec!["x".into(), "y".into()])
+        );
+        assert_eq!(
+            string_list(&c, "b", true).ok(),
+            Some(vec!["x".into(), "y".into()])
+        );
+        assert!(string_list(&c, "c", true).is_err());
+        assert_eq!(string_list(&c, "d", true).ok(), Some(vec![]));
+    }
+}
