@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::bundle::{Bundle, BundleSet};
+use crate::bundle::BundleSet;
 use crate::server::ServerState;
 use crate::server::node::{EntrySync, NodeError, NodeHandler};
-use crate::spiffe_id::{SpiffeId, TrustDomain};
+use crate::spiffe_id::SpiffeId;
 use crate::svid::x509::X509Svid;
 
 /// What an agent asks of its server.
@@ -55,30 +55,6 @@ impl LocalNode {
     }
 }
 
-/// All bundles the server holds: its own (from the CA) and the federated ones stored.
-///
-/// # Errors
-/// [`NodeError::Store`] if the store fails.
-pub async fn server_bundles(state: &ServerState) -> Result<BundleSet, NodeError> {
-    let mut set = BundleSet::of((*state.ca.bundle()).clone());
-    let own = state.config.trust_domain.id_string();
-    for record in state.store.list_bundles().await? {
-        if record.trust_domain_id == own {
-            continue;
-        }
-        let parsed = TrustDomain::new(&record.trust_domain_id)
-            .ok()
-            .and_then(|td| Bundle::from_json(td, &record.document).ok());
-        match parsed {
-            Some(b) => set.insert(b),
-            None => {
-                tracing::warn!(trust_domain = %record.trust_domain_id, "skipping unreadable federated bundle")
-            }
-        }
-    }
-    Ok(set)
-}
-
 #[async_trait::async_trait]
 impl NodeApi for LocalNode {
     fn agent_id(&self) -> &SpiffeId {
@@ -107,7 +83,7 @@ impl NodeApi for LocalNode {
     }
 
     async fn bundles(&self) -> Result<BundleSet, NodeError> {
-        server_bundles(self.handler.state()).await
+        self.handler.bundles().await
     }
 
     fn changes(&self) -> watch::Receiver<u64> {

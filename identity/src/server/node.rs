@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::ServerState;
+use crate::bundle::{Bundle, BundleSet};
 use crate::ca::CaError;
 use crate::entry::RegistrationEntry;
-use crate::spiffe_id::SpiffeId;
+use crate::spiffe_id::{SpiffeId, TrustDomain};
 use crate::store::{EntryFilter, StoreError};
 use crate::svid::x509::X509Svid;
 
@@ -201,5 +202,30 @@ impl NodeHandler {
             .ca
             .sign_jwt_svid(&entry.spiffe_id, audience, ttl)?;
         Ok((token, issued_at, crate::clock::unix_seconds(exp)))
+    }
+
+    /// All bundles the server holds: its own (from the CA) and the federated ones stored.
+    ///
+    /// # Errors
+    /// [`NodeError::Store`] if the store fails.
+    pub async fn bundles(&self) -> Result<BundleSet, NodeError> {
+        let state = &self.state;
+        let mut set = BundleSet::of((*state.ca.bundle()).clone());
+        let own = state.config.trust_domain.id_string();
+        for record in state.store.list_bundles().await? {
+            if record.trust_domain_id == own {
+                continue;
+            }
+            let parsed = TrustDomain::new(&record.trust_domain_id)
+                .ok()
+                .and_then(|td| Bundle::from_json(td, &record.document).ok());
+            match parsed {
+                Some(b) => set.insert(b),
+                None => {
+                    tracing::warn!(trust_domain = %record.trust_domain_id, "skipping unreadable federated bundle")
+                }
+            }
+        }
+        Ok(set)
     }
 }

@@ -14,7 +14,6 @@ use tonic::{Request, Response, Status};
 
 use super::node::{NodeError, NodeHandler};
 use super::{ServerError, ServerState};
-use crate::agent::node_api::server_bundles;
 use crate::bundle::BundleSet;
 use crate::key_manager::sha256;
 use crate::proto::node as pb;
@@ -311,7 +310,9 @@ impl pb::node_server::Node for NodeService {
         request: Request<pb::GetBundlesRequest>,
     ) -> Result<Response<pb::GetBundlesResponse>, Status> {
         self.agent(&request).await?;
-        let bundles = server_bundles(self.state())
+        let bundles = self
+            .handler
+            .bundles()
             .await?
             .iter()
             .map(|b| (b.trust_domain().id_string(), b.to_json()))
