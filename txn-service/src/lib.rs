@@ -3,5 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod exchange;
 pub mod oidc;
+pub mod policy;
 pub mod txn_token;

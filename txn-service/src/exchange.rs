@@ -1,0 +1,798 @@
+//! The RFC 8693 token exchange endpoint of the transaction token service
+//! (draft-ietf-oauth-transaction-tokens-10).
+//!
+//! A workload authenticated by mTLS (its SPIFFE ID arrives as the request extension
+//! [`CallerId`], inserted by the listener) posts a form to `POST /token`:
+//!
+//! - `grant_type=urn:ietf:params:oauth:grant-type:token-exchange` (else
+//!   `unsupported_grant_type`);
+//! - `requested_token_type=urn:ietf:params:oauth:token-type:txn_token` (required by the
+//!   draft; missing or other -> `invalid_request`);
+//! - `audience`: the trust domain (required by the draft; missing -> `invalid_request`,
+//!   another value -> `invalid_target`); `resource` is refused with `invalid_target`;
+//! - `scope` (optional, space-separated; when absent the subject token's scope is asked);
+//! - `subject_token` and `subject_token_type` (required): an OIDC `access_token`,
+//!   `id_token` or `jwt`, or a `txn_token` of this service for a replacement;
+//! - `request_context` (JSON object, added to `rctx`) and `request_details` (JSON
+//!   object, becomes `tctx`), each at most [`MAX_CONTEXT_BYTES`];
+//! - `actor_token` / `actor_token_type` are not supported: their presence is refused
+//!   with `invalid_request` (the caller's mTLS identity is the actor).
+//!
+//! The body is at most [`MAX_BODY_BYTES`], each field at most [`MAX_FIELD_BYTES`], and a
+//! field may not appear twice (RFC 6749 section 3.2). Unknown fields are ignored (RFC
+//! 6749 section 3.2). Errors are RFC 6749 section 5.2 JSON, mapped in one place: the
+//! `IntoResponse` implementation of [`ExchangeError`].
+//!
+//! Replacement (`subject_token_type=...:txn_token`): the old token must verify with the
+//! service's own key and be unexpired; `txn`, `sub`, `aud`, `tctx` and `rctx` are kept,
+//! the scope only narrows, the caller becomes `req_wl` and the outermost `act` with the
+//! previous chain nested inside it (when the old token has no `act`, its `req_wl` is the
+//! previous actor), and the new expiry is never later than the old one.
+//! `request_context` and `request_details` are refused on a replacement, since they
+//! would change contexts that the draft keeps for the whole transaction.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+use writ_identity::clock::{SharedClock, from_unix_seconds};
+use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
+use writ_sdk::txn_token::{Actor, TOKEN_TYPE_URN, TxnToken, TxnVerifier};
+
+use crate::oidc::{OidcError, OidcValidator, SubjectTokenType, token_fingerprint};
+use crate::policy::{CallerRule, Policy, SubjectTokenKind, is_scope_token};
+use crate::txn_token::{MintError, Minter};
+
+/// The RFC 8693 token exchange grant type.
+pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// The `token_type` of an issued Txn-Token (RFC 8693: not an access token).
+pub const TOKEN_TYPE_N_A: &str = "N_A";
+/// Largest request body accepted, in bytes (64 KiB).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Largest single form field accepted after decoding, in bytes (16 KiB).
+pub const MAX_FIELD_BYTES: usize = 16 * 1024;
+/// Largest `request_context` or `request_details` JSON accepted, in bytes (4 KiB).
+pub const MAX_CONTEXT_BYTES: usize = 4 * 1024;
+/// Default lifetime of an issued Txn-Token (5 minutes).
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
+/// Default deepest `act` chain a replacement may produce.
+pub const DEFAULT_MAX_CHAIN_DEPTH: usize = 8;
+/// The `rctx` members the service fills and a caller may not set.
+pub const RESERVED_RCTX: [&str; 3] = ["req_ip", "authn", "transport"];
+
+/// The SPIFFE ID of the mTLS-authenticated caller, a request extension set by the
+/// listener. A request without it is refused with `invalid_client`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerId(pub SpiffeId);
+
+/// Why an exchange was refused. Each variant is one RFC 6749 / RFC 8693 error code;
+/// `reason` is safe to show the client (it never holds a token or key material).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExchangeError {
+    /// `invalid_request` (400): malformed, oversized, duplicated or missing parameters,
+    /// an unsupported token type or actor token.
+    #[error("invalid_request: {reason}")]
+    InvalidRequest {
+        /// What is wrong.
+        reason: String,
+    },
+    /// `invalid_client` (401): the caller is not authenticated.
+    #[error("invalid_client: client is not authenticated")]
+    InvalidClient,
+    /// `invalid_scope` (400): the scope is malformed, widens a replaced token, or
+    /// nothing would be granted.
+    #[error("invalid_scope: {reason}")]
+    InvalidScope {
+        /// What is wrong.
+        reason: String,
+    },
+    /// `invalid_target` (400): the audience is not this trust domain.
+    #[error("invalid_target: {reason}")]
+    InvalidTarget {
+        /// What is wrong.
+        reason: String,
+    },
+    /// `unauthorized_client` (403): the policy does not let this caller exchange, or not
+    /// this subject token type.
+    #[error("unauthorized_client: {reason}")]
+    UnauthorizedClient {
+        /// What is wrong.
+        reason: String,
+    },
+    /// `unsupported_grant_type` (400): `grant_type` is not token exchange.
+    #[error("unsupported_grant_type: only token exchange is supported")]
+    UnsupportedGrantType,
+    /// `server_error` (500): the token could not be signed. Details go to the log only.
+    #[error("server_error: {0}")]
+    Mint(#[from] MintError),
+}
+
+impl ExchangeError {
+    fn invalid_request(reason: impl Into<String>) -> Self {
+        Self::InvalidRequest {
+            reason: reason.into(),
+        }
+    }
+
+    /// An invalid, expired or untrusted subject token. RFC 8693 section 2.2.2 makes this
+    /// `invalid_request` (not `invalid_grant`).
+    fn invalid_subject_token(reason: impl Into<String>) -> Self {
+        Self::InvalidRequest {
+            reason: format!("subject_token: {}", reason.into()),
+        }
+    }
+
+    fn invalid_scope(reason: impl Into<String>) -> Self {
+        Self::InvalidScope {
+            reason: reason.into(),
+        }
+    }
+
+    fn unauthorized(reason: impl Into<String>) -> Self {
+        Self::UnauthorizedClient {
+            reason: reason.into(),
+        }
+    }
+
+    /// The RFC 6749 error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest { .. } => "invalid_request",
+            Self::InvalidClient => "invalid_client",
+            Self::InvalidScope { .. } => "invalid_scope",
+            Self::InvalidTarget { .. } => "invalid_target",
+            Self::UnauthorizedClient { .. } => "unauthorized_client",
+            Self::UnsupportedGrantType => "unsupported_grant_type",
+            Self::Mint(_) => "server_error",
+        }
+    }
+}
+
+/// The one mapping of [`ExchangeError`] to the wire: RFC 6749 section 5.2 JSON
+/// `{error, error_description}` with its HTTP status and `Cache-Control: no-store`.
+impl IntoResponse for ExchangeError {
+    fn into_response(self) -> Response {
+        let (status, description) = match &self {
+            Self::InvalidRequest { reason }
+            | Self::InvalidScope { reason }
+            | Self::InvalidTarget { reason } => (StatusCode::BAD_REQUEST, reason.clone()),
+            Self::UnsupportedGrantType => (
+                StatusCode::BAD_REQUEST,
+                "only token exchange is supported".to_owned(),
+            ),
+            Self::InvalidClient => (
+                StatusCode::UNAUTHORIZED,
+                "client is not authenticated".to_owned(),
+            ),
+            Self::UnauthorizedClient { reason } => (StatusCode::FORBIDDEN, reason.clone()),
+            Self::Mint(e) => {
+                tracing::error!(error = %e, "minting a Txn-Token failed");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error".to_owned(),
+                )
+            }
+        };
+        let body = json!({"error": self.code(), "error_description": description});
+        no_store((status, Json(body)).into_response())
+    }
+}
+
+fn no_store(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// A parsed and size-checked token exchange request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExchangeRequest {
+    audience: String,
+    scope: Option<BTreeSet<String>>,
+    subject_token: String,
+    subject_token_type: SubjectTokenKind,
+    request_context: Option<Map<String, Value>>,
+    request_details: Option<Map<String, Value>>,
+}
+
+impl ExchangeRequest {
+    /// Parses an `application/x-www-form-urlencoded` body.
+    ///
+    /// # Errors
+    /// [`ExchangeError::UnsupportedGrantType`] for another grant type,
+    /// [`ExchangeError::InvalidScope`] for a malformed scope, and
+    /// [`ExchangeError::InvalidRequest`] for everything else that is wrong.
+    pub fn from_form(body: &[u8]) -> Result<Self, ExchangeError> {
+        if body.len() > MAX_BODY_BYTES {
+            return Err(ExchangeError::invalid_request(format!(
+                "request body is larger than {MAX_BODY_BYTES} bytes"
+            )));
+        }
+        if std::str::from_utf8(body).is_err() {
+            return Err(ExchangeError::invalid_request("request body is not UTF-8"));
+        }
+        let mut fields: BTreeMap<String, String> = BTreeMap::new();
+        for (name, value) in url::form_urlencoded::parse(body) {
+            if name.contains('\u{FFFD}') || value.contains('\u{FFFD}') {
+                return Err(ExchangeError::invalid_request(
+                    "a parameter is not valid percent-encoded UTF-8",
+                ));
+            }
+            if value.len() > MAX_FIELD_BYTES || name.len() > MAX_FIELD_BYTES {
+                return Err(ExchangeError::invalid_request(format!(
+                    "a parameter is larger than {MAX_FIELD_BYTES} bytes"
+                )));
+            }
+            let name = name.into_owned();
+            if fields.contains_key(&name) {
+                return Err(ExchangeError::invalid_request(format!(
+                    "parameter `{}` appears more than once",
+                    short(&name)
+                )));
+            }
+            fields.insert(name, value.into_owned());
+        }
+        let scope_text = fields.remove("scope");
+        let mut take = |name: &str| fields.remove(name).filter(|v| !v.is_empty());
+        let grant_type = take("grant_type")
+            .ok_or_else(|| ExchangeError::invalid_request("missing `grant_type`"))?;
+        if grant_type != GRANT_TYPE {
+            return Err(ExchangeError::UnsupportedGrantType);
+        }
+        match take("requested_token_type") {
+            Some(t) if t == TOKEN_TYPE_URN => {}
+            Some(_) => {
+                return Err(ExchangeError::invalid_request(format!(
+                    "`requested_token_type` must be {TOKEN_TYPE_URN}"
+                )));
+            }
+            None => {
+                return Err(ExchangeError::invalid_request(
+                    "missing `requested_token_type`",
+                ));
+            }
+        }
+        if take("actor_token").is_some() || take("actor_token_type").is_some() {
+            return Err(ExchangeError::invalid_request(
+                "actor_token is not supported: the mTLS caller is the actor",
+            ));
+        }
+        if take("resource").is_some() {
+            return Err(ExchangeError::InvalidTarget {
+                reason: "`resource` is not supported; use `audience`".into(),
+            });
+        }
+        let audience =
+            take("audience").ok_or_else(|| ExchangeError::invalid_request("missing `audience`"))?;
+        let subject_token = take("subject_token")
+            .ok_or_else(|| ExchangeError::invalid_request("missing `subject_token`"))?;
+        let type_urn = take("subject_token_type")
+            .ok_or_else(|| ExchangeError::invalid_request("missing `subject_token_type`"))?;
+        let subject_token_type = SubjectTokenKind::from_urn(&type_urn)
+            .ok_or_else(|| ExchangeError::invalid_request("unsupported `subject_token_type`"))?;
+        let scope = match scope_text {
+            None => None,
+            Some(text) => Some(parse_scope(&text)?),
+        };
+        let request_context = take("request_context")
+            .map(|t| parse_context("request_context", &t))
+            .transpose()?;
+        let request_details = take("request_details")
+            .map(|t| parse_context("request_details", &t))
+            .transpose()?;
+        Ok(Self {
+            audience,
+            scope,
+            subject_token,
+            subject_token_type,
+            request_context,
+            request_details,
+        })
+    }
+
+    /// The requested audience.
+    pub fn audience(&self) -> &str {
+        &self.audience
+    }
+
+    /// The requested scopes, if the request named any.
+    pub fn scope(&self) -> Option<&BTreeSet<String>> {
+        self.scope.as_ref()
+    }
+
+    /// The subject token type.
+    pub fn subject_token_type(&self) -> SubjectTokenKind {
+        self.subject_token_type
+    }
+
+    /// The SHA-256 of the subject token (hex), for logs.
+    pub fn subject_token_fingerprint(&self) -> String {
+        token_fingerprint(&self.subject_token)
+    }
+
+    /// The `request_context` object.
+    pub fn request_context(&self) -> Option<&Map<String, Value>> {
+        self.request_context.as_ref()
+    }
+
+    /// The `request_details` object.
+    pub fn request_details(&self) -> Option<&Map<String, Value>> {
+        self.request_details.as_ref()
+    }
+}
+
+/// At most 64 characters of a client-supplied name, for error messages.
+fn short(name: &str) -> String {
+    name.chars().take(64).collect()
+}
+
+fn parse_scope(text: &str) -> Result<BTreeSet<String>, ExchangeError> {
+    let mut out = BTreeSet::new();
+    for s in text.split(' ').filter(|s| !s.is_empty()) {
+        if !is_scope_token(s) {
+            return Err(ExchangeError::invalid_scope("`scope` is malformed"));
+        }
+        out.insert(s.to_owned());
+    }
+    if out.is_empty() {
+        return Err(ExchangeError::invalid_scope("`scope` is empty"));
+    }
+    Ok(out)
+}
+
+fn parse_context(name: &str, text: &str) -> Result<Map<String, Value>, ExchangeError> {
+    if text.len() > MAX_CONTEXT_BYTES {
+        return Err(ExchangeError::invalid_request(format!(
+            "`{name}` is larger than {MAX_CONTEXT_BYTES} bytes"
+        )));
+    }
+    match writ_identity::bundle::parse_strict_json(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ExchangeError::invalid_request(format!(
+            "`{name}` must be a JSON object"
+        ))),
+        Err(_) => Err(ExchangeError::invalid_request(format!(
+            "`{name}` is not valid JSON"
+        ))),
+    }
+}
+
+/// A successful exchange: RFC 8693 section 2.2.1, never with a refresh token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExchangeResponse {
+    /// The Txn-Token.
+    pub access_token: String,
+    /// Always [`TOKEN_TYPE_URN`].
+    pub issued_token_type: &'static str,
+    /// Always `N_A`.
+    pub token_type: &'static str,
+    /// Seconds until the Txn-Token expires.
+    pub expires_in: i64,
+}
+
+impl IntoResponse for ExchangeResponse {
+    fn into_response(self) -> Response {
+        no_store((StatusCode::OK, Json(self)).into_response())
+    }
+}
+
+/// What the subject token established: who, what scope, until when, and the contexts.
+struct Subject {
+    sub: String,
+    scope: BTreeSet<String>,
+    expires_at: i64,
+    replaced: Option<TxnToken>,
+    authn: Option<String>,
+}
+
+/// The token exchange service: policy, subject token validation and minting.
+#[derive(Debug)]
+pub struct ExchangeService {
+    trust_domain: TrustDomain,
+    issuer_url: String,
+    policy: Policy,
+    oidc: Option<Arc<OidcValidator>>,
+    minter: Minter,
+    verifier: TxnVerifier,
+    clock: SharedClock,
+    default_lifetime: Duration,
+    max_chain_depth: usize,
+}
+
+impl ExchangeService {
+    /// A service for `trust_domain` whose tokens carry `iss = issuer_url` (also the base
+    /// of its metadata URLs), with no OIDC issuer (only replacements), a 5-minute default
+    /// lifetime and a chain depth limit of [`DEFAULT_MAX_CHAIN_DEPTH`]. Replaced tokens
+    /// are verified against the minter's own key.
+    pub fn new(
+        trust_domain: TrustDomain,
+        issuer_url: impl Into<String>,
+        policy: Policy,
+        minter: Minter,
+        clock: SharedClock,
+    ) -> Self {
+        let keys = BTreeMap::from([(minter.kid().to_owned(), minter.jwk().clone())]);
+        let verifier = TxnVerifier::new(trust_domain.as_str(), keys);
+        Self {
+            trust_domain,
+            issuer_url: issuer_url.into().trim_end_matches('/').to_owned(),
+            policy,
+            oidc: None,
+            minter,
+            verifier,
+            clock,
+            default_lifetime: DEFAULT_LIFETIME,
+            max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
+        }
+    }
+
+    /// Accepts OIDC subject tokens validated by `oidc`.
+    pub fn with_oidc(mut self, oidc: Arc<OidcValidator>) -> Self {
+        self.oidc = Some(oidc);
+        self
+    }
+
+    /// Sets the default lifetime of issued tokens (policy and subject token still cap it).
+    pub fn with_default_lifetime(mut self, lifetime: Duration) -> Self {
+        self.default_lifetime = lifetime;
+        self
+    }
+
+    /// Sets the deepest `act` chain a replacement may produce.
+    pub fn with_max_chain_depth(mut self, depth: usize) -> Self {
+        self.max_chain_depth = depth;
+        self
+    }
+
+    /// The issuer URL (`iss` of issued tokens).
+    pub fn issuer_url(&self) -> &str {
+        &self.issuer_url
+    }
+
+    /// The signing key's id.
+    pub fn kid(&self) -> &str {
+        self.minter.kid()
+    }
+
+    /// Exchanges the subject token of `req` for a Txn-Token on behalf of `caller`.
+    ///
+    /// # Errors
+    /// The [`ExchangeError`] naming why nothing was minted.
+    pub async fn exchange(
+        &self,
+        caller: &SpiffeId,
+        caller_ip: Option<IpAddr>,
+        req: ExchangeRequest,
+    ) -> Result<ExchangeResponse, ExchangeError> {
+        let fingerprint = req.subject_token_fingerprint();
+        let result = self.exchange_inner(caller, caller_ip, req).await;
+        match &result {
+            Ok((token, resp)) => tracing::info!(
+                decision = "granted",
+                caller = %caller,
+                txn = %token.txn,
+                sub = %token.sub,
+                scope = %token.scope,
+                chain = ?token.chain(),
+                expires_in = resp.expires_in,
+                subject_token_sha256 = %fingerprint,
+                "token exchange"
+            ),
+            Err(e) => tracing::info!(
+                decision = "refused",
+                caller = %caller,
+                reason = %e,
+                subject_token_sha256 = %fingerprint,
+                "token exchange"
+            ),
+        }
+        result.map(|(_, resp)| resp)
+    }
+
+    async fn exchange_inner(
+        &self,
+        caller: &SpiffeId,
+        caller_ip: Option<IpAddr>,
+        req: ExchangeRequest,
+    ) -> Result<(TxnToken, ExchangeResponse), ExchangeError> {
+        if req.audience != self.trust_domain.as_str() {
+            return Err(ExchangeError::InvalidTarget {
+                reason: "`audience` must be this service's trust domain".into(),
+            });
+        }
+        let rule = self
+            .policy
+            .rule_for(caller)
+            .ok_or_else(|| ExchangeError::unauthorized("caller may not request Txn-Tokens"))?;
+        if !rule.allows(req.subject_token_type) {
+            return Err(ExchangeError::unauthorized(
+                "caller may not present this subject token type",
+            ));
+        }
+        let subject = match req.subject_token_type {
+            SubjectTokenKind::TxnToken => self.replaced(&req)?,
+            kind => self.oidc_subject(&req, kind).await?,
+        };
+        let now = self.clock.unix_seconds();
+        let remaining = subject.expires_at.saturating_sub(now);
+        if remaining <= 0 {
+            return Err(ExchangeError::invalid_subject_token(
+                "subject token has expired",
+            ));
+        }
+        let scope = grant_scope(&req, &subject, rule)?;
+        let lifetime = rule
+            .max_lifetime()
+            .min(self.default_lifetime)
+            .min(self.policy.max_lifetime());
+        let lifetime = i64::try_from(lifetime.as_secs())
+            .unwrap_or(i64::MAX)
+            .min(remaining);
+        let exp = now.saturating_add(lifetime);
+
+        let claims = match subject.replaced {
+            Some(old) => {
+                let previous = old.act.clone().unwrap_or_else(|| Actor::new(&old.req_wl));
+                let act = Actor::new(caller.as_str()).acting_for(previous);
+                let depth = chain_depth(&act);
+                if depth > self.max_chain_depth {
+                    return Err(ExchangeError::invalid_request(format!(
+                        "delegation chain would be deeper than {}",
+                        self.max_chain_depth
+                    )));
+                }
+                TxnToken {
+                    iss: self.issuer_url.clone(),
+                    iat: now,
+                    exp: exp.min(old.exp),
+                    aud: old.aud,
+                    txn: old.txn,
+                    sub: old.sub,
+                    scope,
+                    req_wl: caller.as_str().to_owned(),
+                    tctx: old.tctx,
+                    rctx: old.rctx,
+                    act: Some(act),
+                }
+            }
+            None => {
+                let mut rctx = BTreeMap::new();
+                if let Some(ip) = caller_ip {
+                    rctx.insert("req_ip".to_owned(), Value::String(ip.to_string()));
+                }
+                if let Some(authn) = subject.authn {
+                    rctx.insert("authn".to_owned(), Value::String(authn));
+                }
+                rctx.insert("transport".to_owned(), Value::String("mtls".into()));
+                for (k, v) in req.request_context.unwrap_or_default() {
+                    rctx.insert(k, v);
+                }
+                TxnToken {
+                    iss: self.issuer_url.clone(),
+                    iat: now,
+                    exp,
+                    aud: self.trust_domain.as_str().to_owned(),
+                    txn: uuid::Uuid::new_v4().to_string(),
+                    sub: subject.sub,
+                    scope,
+                    req_wl: caller.as_str().to_owned(),
+                    tctx: req.request_details.map(|m| m.into_iter().collect()),
+                    rctx: Some(rctx),
+                    act: None,
+                }
+            }
+        };
+        let access_token = self.minter.mint(&claims)?;
+        let response = ExchangeResponse {
+            access_token,
+            issued_token_type: TOKEN_TYPE_URN,
+            token_type: TOKEN_TYPE_N_A,
+            expires_in: claims.exp.saturating_sub(now),
+        };
+        Ok((claims, response))
+    }
+
+    /// Verifies a Txn-Token presented for replacement.
+    fn replaced(&self, req: &ExchangeRequest) -> Result<Subject, ExchangeError> {
+        if req.request_context.is_some() || req.request_details.is_some() {
+            return Err(ExchangeError::invalid_request(
+                "request_context and request_details cannot change a replaced Txn-Token",
+            ));
+        }
+        let old = self
+            .verifier
+            .verify(
+                &req.subject_token,
+                from_unix_seconds(self.clock.unix_seconds()),
+            )
+            .map_err(|e| ExchangeError::invalid_subject_token(format!("subject Txn-Token: {e}")))?;
+        if old.iss != self.issuer_url {
+            return Err(ExchangeError::invalid_subject_token(
+                "subject Txn-Token was issued by another service",
+            ));
+        }
+        Ok(Subject {
+            sub: old.sub.clone(),
+            scope: old.scopes().map(str::to_owned).collect(),
+            expires_at: old.exp,
+            authn: None,
+            replaced: Some(old),
+        })
+    }
+
+    /// Validates an OIDC subject token.
+    async fn oidc_subject(
+        &self,
+        req: &ExchangeRequest,
+        kind: SubjectTokenKind,
+    ) -> Result<Subject, ExchangeError> {
+        let oidc = self.oidc.as_ref().ok_or_else(|| {
+            ExchangeError::unauthorized(
+                "no OpenID Provider is configured for this subject token type",
+            )
+        })?;
+        let token_type = SubjectTokenType::from_urn(kind.as_urn())
+            .ok_or_else(|| ExchangeError::invalid_request("unsupported `subject_token_type`"))?;
+        let validated = oidc
+            .validate(&req.subject_token, token_type)
+            .await
+            .map_err(|e| match e {
+                OidcError::Discovery { .. } | OidcError::Jwks { .. } | OidcError::Config { .. } => {
+                    tracing::warn!(error = %e, "OIDC provider unavailable");
+                    ExchangeError::invalid_subject_token("subject token could not be validated")
+                }
+                other => ExchangeError::invalid_subject_token(other.to_string()),
+            })?;
+        let sub = if oidc.issuers().count() > 1 {
+            format!("{}#{}", validated.issuer, validated.subject)
+        } else {
+            validated.subject.clone()
+        };
+        let authn = validated
+            .acr
+            .clone()
+            .or_else(|| (!validated.amr.is_empty()).then(|| validated.amr.join(" ")));
+        if let Some(ctx) = &req.request_context
+            && let Some(key) = RESERVED_RCTX.iter().find(|k| ctx.contains_key(**k))
+        {
+            return Err(ExchangeError::invalid_request(format!(
+                "`request_context` may not set `{key}`"
+            )));
+        }
+        Ok(Subject {
+            sub,
+            scope: validated.scope.into_iter().collect(),
+            expires_at: validated.expires_at,
+            replaced: None,
+            authn,
+        })
+    }
+}
+
+fn chain_depth(act: &Actor) -> usize {
+    let mut depth = 1;
+    let mut next = act.act.as_deref();
+    while let Some(a) = next {
+        depth += 1;
+        next = a.act.as_deref();
+    }
+    depth
+}
+
+/// granted = requested ∩ ceiling ∩ subject scope. On a replacement the request must not
+/// name a scope the old token lacks.
+fn grant_scope(
+    req: &ExchangeRequest,
+    subject: &Subject,
+    rule: &CallerRule,
+) -> Result<String, ExchangeError> {
+    let requested = req.scope.as_ref().unwrap_or(&subject.scope);
+    if subject.replaced.is_some() && !requested.is_subset(&subject.scope) {
+        return Err(ExchangeError::invalid_scope(
+            "a replacement may only narrow the scope",
+        ));
+    }
+    let granted: Vec<&str> = requested
+        .iter()
+        .filter(|s| rule.max_scope().contains(*s) && subject.scope.contains(*s))
+        .map(String::as_str)
+        .collect();
+    if granted.is_empty() {
+        return Err(ExchangeError::invalid_scope(
+            "no requested scope can be granted",
+        ));
+    }
+    Ok(granted.join(" "))
+}
+
+/// The service's routes: `POST /token`, `GET /.well-known/jwks.json` and
+/// `GET /.well-known/oauth-authorization-server` (RFC 8414). The caller's SPIFFE ID is
+/// read from the [`CallerId`] request extension; its IP from axum's
+/// `ConnectInfo<SocketAddr>` when present.
+pub fn router(service: Arc<ExchangeService>) -> Router {
+    Router::new()
+        .route("/token", post(token))
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/.well-known/oauth-authorization-server", get(metadata))
+        .with_state(service)
+}
+
+async fn token(State(service): State<Arc<ExchangeService>>, request: Request) -> Response {
+    match token_inner(&service, request).await {
+        Ok(resp) => resp.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn token_inner(
+    service: &ExchangeService,
+    request: Request,
+) -> Result<ExchangeResponse, ExchangeError> {
+    let (parts, body) = request.into_parts();
+    let caller = parts
+        .extensions
+        .get::<CallerId>()
+        .map(|c| c.0.clone())
+        .ok_or(ExchangeError::InvalidClient)?;
+    let caller_ip = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let form = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| {
+            v.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+    if !form {
+        return Err(ExchangeError::invalid_request(
+            "Content-Type must be application/x-www-form-urlencoded",
+        ));
+    }
+    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| {
+            ExchangeError::invalid_request(format!(
+                "request body is larger than {MAX_BODY_BYTES} bytes or unreadable"
+            ))
+        })?;
+    let req = ExchangeRequest::from_form(&bytes)?;
+    service.exchange(&caller, caller_ip, req).await
+}
+
+async fn jwks(State(service): State<Arc<ExchangeService>>) -> Response {
+    let mut key = serde_json::to_value(service.minter.jwk()).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut key {
+        map.insert("kid".into(), Value::String(service.minter.kid().to_owned()));
+        map.insert("use".into(), Value::String("sig".into()));
+        map.insert("alg".into(), Value::String("ES256".into()));
+    }
+    Json(json!({"keys": [key]})).into_response()
+}
+
+async fn metadata(State(service): State<Arc<ExchangeService>>) -> Response {
+    let base = &service.issuer_url;
+    Json(json!({
+        "issuer": base,
+        "token_endpoint": format!("{base}/token"),
+        "jwks_uri": format!("{base}/.well-known/jwks.json"),
+        "grant_types_supported": [GRANT_TYPE],
+        "token_endpoint_auth_methods_supported": ["tls_client_auth"],
+        "tls_client_certificate_bound_access_tokens": false,
+    }))
+    .into_response()
+}

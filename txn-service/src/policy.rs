@@ -1,0 +1,584 @@
+//! Issuance policy: which workloads may ask the transaction token service for a
+//! Txn-Token, with which subject tokens, for which scopes and for how long.
+//!
+//! The policy is TOML. It is parsed into the raw [`FilePolicy`] (serde, unknown fields
+//! refused) and turned into the validated [`Policy`] by `TryFrom`; only [`Policy`] is used
+//! by the exchange.
+//!
+//! ```toml
+//! # Optional ceiling for every rule's `max_lifetime` (default 15m, at most 1h).
+//! max_lifetime = "15m"
+//!
+//! [[caller]]
+//! id = "spiffe://example.org/gateway"          # exact SPIFFE ID
+//! subject_token_types = ["access_token", "id_token"]
+//! max_scope = ["orders.read", "orders.write"]
+//! max_lifetime = "5m"                          # default 5m
+//!
+//! [[caller]]
+//! prefix = "spiffe://example.org/agents/"      # this path and everything below it
+//! subject_token_types = ["txn_token"]
+//! max_scope = ["orders.read"]
+//!
+//! [[caller]]
+//! trust_domain = "example.org"                 # any workload of the trust domain
+//! subject_token_types = ["txn_token"]
+//! max_scope = ["orders.read"]
+//! ```
+//!
+//! Semantics:
+//! - **deny by default**: a caller that no rule matches may not exchange anything;
+//! - **first match wins**: rules are tried in file order and the first whose matcher
+//!   accepts the caller decides, even if a later rule would be more generous, so put
+//!   exact IDs before prefixes and prefixes before trust domains;
+//! - a `prefix` matches at a path-segment boundary: `spiffe://example.org/agents/` (the
+//!   trailing `/` is optional) matches `.../agents` and `.../agents/planner`, never
+//!   `.../agents-evil`;
+//! - the granted scope is the requested scope ∩ `max_scope` ∩ the subject token's scope.
+//!
+//! ```
+//! use writ_identity::spiffe_id::SpiffeId;
+//! use writ_txn_service::policy::{Policy, SubjectTokenKind};
+//!
+//! let policy = Policy::from_toml(r#"
+//!     [[caller]]
+//!     prefix = "spiffe://example.org/agents/"
+//!     subject_token_types = ["txn_token"]
+//!     max_scope = ["orders.read"]
+//! "#).unwrap();
+//! let caller = SpiffeId::new("spiffe://example.org/agents/planner").unwrap();
+//! let rule = policy.rule_for(&caller).unwrap();
+//! assert!(rule.allows(SubjectTokenKind::TxnToken));
+//! assert!(!rule.allows(SubjectTokenKind::AccessToken));
+//! ```
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde::Deserialize;
+use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
+use writ_sdk::txn_token::TOKEN_TYPE_URN;
+
+/// A rule's token lifetime when it names none (5 minutes).
+pub const DEFAULT_RULE_LIFETIME: Duration = Duration::from_secs(300);
+/// The policy-wide lifetime ceiling when the file names none (15 minutes).
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(900);
+/// The largest policy-wide lifetime ceiling a file may set (1 hour).
+pub const HARD_MAX_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// Why a policy file was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// The file is not valid TOML or does not have the expected shape.
+    #[error("policy is not valid TOML: {0}")]
+    Syntax(String),
+    /// A rule has no matcher, or more than one of `id`, `prefix`, `trust_domain`.
+    #[error("caller rule {index}: exactly one of `id`, `prefix`, `trust_domain` is required")]
+    Matcher {
+        /// Position of the rule in the file (from 0).
+        index: usize,
+    },
+    /// A matcher is not a valid SPIFFE ID or trust domain.
+    #[error("caller rule {index}: invalid {field}: {reason}")]
+    Identity {
+        /// Position of the rule in the file (from 0).
+        index: usize,
+        /// `id`, `prefix` or `trust_domain`.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A subject token type is unknown.
+    #[error("caller rule {index}: unknown subject token type `{name}`")]
+    UnknownTokenType {
+        /// Position of the rule in the file (from 0).
+        index: usize,
+        /// The name as written.
+        name: String,
+    },
+    /// A subject token type is known but not supported yet (`unsigned_json`,
+    /// `self_signed`).
+    #[error("caller rule {index}: subject token type `{name}` is not supported")]
+    UnsupportedTokenType {
+        /// Position of the rule in the file (from 0).
+        index: usize,
+        /// The name as written.
+        name: String,
+    },
+    /// A rule allows no subject token type.
+    #[error("caller rule {index}: `subject_token_types` must not be empty")]
+    NoTokenTypes {
+        /// Position of the rule in the file (from 0).
+        index: usize,
+    },
+    /// A `max_scope` entry is not an RFC 6749 scope token, or the list is empty.
+    #[error("caller rule {index}: invalid `max_scope`: {reason}")]
+    Scope {
+        /// Position of the rule in the file (from 0).
+        index: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A lifetime is not a duration, is zero, or exceeds its ceiling.
+    #[error("invalid lifetime `{value}`: {reason}")]
+    Lifetime {
+        /// The value as written.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A subject token type a caller may present, as policy files name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum SubjectTokenKind {
+    /// `access_token`: an OAuth access token from a configured OpenID Provider.
+    AccessToken,
+    /// `id_token`: an OpenID Connect ID token from a configured OpenID Provider.
+    IdToken,
+    /// `jwt`: another JWT from a configured OpenID Provider.
+    Jwt,
+    /// `txn_token`: a Txn-Token of this service, for a replacement.
+    TxnToken,
+}
+
+impl SubjectTokenKind {
+    const ALL: [Self; 4] = [Self::AccessToken, Self::IdToken, Self::Jwt, Self::TxnToken];
+
+    /// The short name used in policy files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AccessToken => "access_token",
+            Self::IdToken => "id_token",
+            Self::Jwt => "jwt",
+            Self::TxnToken => "txn_token",
+        }
+    }
+
+    /// The RFC 8693 token type URN.
+    pub fn as_urn(self) -> &'static str {
+        match self {
+            Self::AccessToken => "urn:ietf:params:oauth:token-type:access_token",
+            Self::IdToken => "urn:ietf:params:oauth:token-type:id_token",
+            Self::Jwt => "urn:ietf:params:oauth:token-type:jwt",
+            Self::TxnToken => TOKEN_TYPE_URN,
+        }
+    }
+
+    /// The kind named by a policy-file name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// The kind named by an RFC 8693 token type URN.
+    pub fn from_urn(urn: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_urn() == urn)
+    }
+}
+
+/// The raw policy file, as serde reads it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePolicy {
+    /// Ceiling for every rule's lifetime (a humantime duration such as `15m`).
+    #[serde(default)]
+    pub max_lifetime: Option<String>,
+    /// The caller rules, in order.
+    #[serde(default)]
+    pub caller: Vec<FileCallerRule>,
+}
+
+/// One raw `[[caller]]` rule.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCallerRule {
+    /// Exact SPIFFE ID.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// SPIFFE ID path prefix (segment boundary).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Trust domain name.
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    /// Allowed subject token types (`access_token`, `id_token`, `jwt`, `txn_token`).
+    #[serde(default)]
+    pub subject_token_types: Vec<String>,
+    /// Scope ceiling.
+    #[serde(default)]
+    pub max_scope: Vec<String>,
+    /// Longest token lifetime (a humantime duration, default `5m`).
+    #[serde(default)]
+    pub max_lifetime: Option<String>,
+}
+
+/// Which callers a rule applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CallerMatcher {
+    /// Exactly this SPIFFE ID.
+    Id(SpiffeId),
+    /// This SPIFFE ID or any ID below it (segment boundary).
+    Prefix(SpiffeId),
+    /// Any SPIFFE ID of this trust domain.
+    TrustDomain(TrustDomain),
+}
+
+impl CallerMatcher {
+    /// Whether `caller` is matched.
+    pub fn matches(&self, caller: &SpiffeId) -> bool {
+        match self {
+            Self::Id(id) => caller == id,
+            Self::Prefix(prefix) => caller.is_under(prefix),
+            Self::TrustDomain(td) => caller.trust_domain_str() == td.as_str(),
+        }
+    }
+}
+
+/// A validated caller rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerRule {
+    matcher: CallerMatcher,
+    token_types: BTreeSet<SubjectTokenKind>,
+    max_scope: BTreeSet<String>,
+    max_lifetime: Duration,
+}
+
+impl CallerRule {
+    /// Which callers the rule applies to.
+    pub fn matcher(&self) -> &CallerMatcher {
+        &self.matcher
+    }
+
+    /// Whether the rule lets its callers present subject tokens of `kind`.
+    pub fn allows(&self, kind: SubjectTokenKind) -> bool {
+        self.token_types.contains(&kind)
+    }
+
+    /// The scope ceiling.
+    pub fn max_scope(&self) -> &BTreeSet<String> {
+        &self.max_scope
+    }
+
+    /// The longest lifetime of a token issued under this rule.
+    pub fn max_lifetime(&self) -> Duration {
+        self.max_lifetime
+    }
+}
+
+/// A validated issuance policy. Deny by default; the first matching rule wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    rules: Vec<CallerRule>,
+    max_lifetime: Duration,
+}
+
+impl Policy {
+    /// Parses and validates a TOML policy.
+    ///
+    /// # Errors
+    /// [`PolicyError`] for the first problem found.
+    pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
+        let file: FilePolicy =
+            toml::from_str(text).map_err(|e| PolicyError::Syntax(e.message().to_owned()))?;
+        Self::try_from(file)
+    }
+
+    /// The first rule that matches `caller`, or `None`: the caller may not exchange.
+    pub fn rule_for(&self, caller: &SpiffeId) -> Option<&CallerRule> {
+        self.rules.iter().find(|r| r.matcher.matches(caller))
+    }
+
+    /// The rules, in order.
+    pub fn rules(&self) -> &[CallerRule] {
+        &self.rules
+    }
+
+    /// The policy-wide lifetime ceiling.
+    pub fn max_lifetime(&self) -> Duration {
+        self.max_lifetime
+    }
+}
+
+impl TryFrom<FilePolicy> for Policy {
+    type Error = PolicyError;
+
+    fn try_from(file: FilePolicy) -> Result<Self, PolicyError> {
+        let max_lifetime = match file.max_lifetime.as_deref() {
+            None => DEFAULT_MAX_LIFETIME,
+            Some(text) => parse_lifetime(text, HARD_MAX_LIFETIME)?,
+        };
+        let rules = file
+            .caller
+            .into_iter()
+            .enumerate()
+            .map(|(index, rule)| validate_rule(index, rule, max_lifetime))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            rules,
+            max_lifetime,
+        })
+    }
+}
+
+fn validate_rule(
+    index: usize,
+    rule: FileCallerRule,
+    ceiling: Duration,
+) -> Result<CallerRule, PolicyError> {
+    let identity = |field: &'static str, reason: String| PolicyError::Identity {
+        index,
+        field,
+        reason,
+    };
+    let matcher = match (rule.id, rule.prefix, rule.trust_domain) {
+        (Some(id), None, None) => {
+            CallerMatcher::Id(SpiffeId::new(&id).map_err(|e| identity("id", e.to_string()))?)
+        }
+        (None, Some(prefix), None) => {
+            let trimmed = prefix.strip_suffix('/').unwrap_or(&prefix);
+            CallerMatcher::Prefix(
+                SpiffeId::new(trimmed).map_err(|e| identity("prefix", e.to_string()))?,
+            )
+        }
+        (None, None, Some(td)) => CallerMatcher::TrustDomain(
+            TrustDomain::new(&td).map_err(|e| identity("trust_domain", e.to_string()))?,
+        ),
+        _ => return Err(PolicyError::Matcher { index }),
+    };
+    let mut token_types = BTreeSet::new();
+    for name in rule.subject_token_types {
+        match SubjectTokenKind::from_name(&name) {
+            Some(kind) => {
+                token_types.insert(kind);
+            }
+            None if name == "unsigned_json" || name == "self_signed" => {
+                return Err(PolicyError::UnsupportedTokenType { index, name });
+            }
+            None => return Err(PolicyError::UnknownTokenType { index, name }),
+        }
+    }
+    if token_types.is_empty() {
+        return Err(PolicyError::NoTokenTypes { index });
+    }
+    if rule.max_scope.is_empty() {
+        return Err(PolicyError::Scope {
+            index,
+            reason: "must not be empty".into(),
+        });
+    }
+    let mut max_scope = BTreeSet::new();
+    for scope in rule.max_scope {
+        if !is_scope_token(&scope) {
+            return Err(PolicyError::Scope {
+                index,
+                reason: format!("`{scope}` is not a scope token"),
+            });
+        }
+        max_scope.insert(scope);
+    }
+    let max_lifetime = match rule.max_lifetime.as_deref() {
+        None => DEFAULT_RULE_LIFETIME.min(ceiling),
+        Some(text) => parse_lifetime(text, ceiling)?,
+    };
+    Ok(CallerRule {
+        matcher,
+        token_types,
+        max_scope,
+        max_lifetime,
+    })
+}
+
+fn parse_lifetime(text: &str, ceiling: Duration) -> Result<Duration, PolicyError> {
+    let err = |reason: String| PolicyError::Lifetime {
+        value: text.to_owned(),
+        reason,
+    };
+    let d = humantime::parse_duration(text).map_err(|e| err(e.to_string()))?;
+    if d.as_secs() == 0 {
+        return Err(err("must be at least one second".into()));
+    }
+    if d > ceiling {
+        return Err(err(format!(
+            "exceeds the ceiling of {}",
+            humantime::format_duration(ceiling)
+        )));
+    }
+    Ok(d)
+}
+
+/// Whether `s` is an RFC 6749 section 3.3 scope token (`%x21 / %x23-5B / %x5D-7E`, at
+/// least one character).
+pub fn is_scope_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b == 0x21 || (0x23..=0x5B).contains(&b) || (0x5D..=0x7E).contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::new(s).unwrap()
+    }
+
+    const GOOD: &str = r#"
+        max_lifetime = "10m"
+        [[caller]]
+        id = "spiffe://example.org/gateway"
+        subject_token_types = ["access_token", "id_token"]
+        max_scope = ["orders.read", "orders.write"]
+        max_lifetime = "2m"
+        [[caller]]
+        prefix = "spiffe://example.org/agents/"
+        subject_token_types = ["txn_token"]
+        max_scope = ["orders.read"]
+        [[caller]]
+        trust_domain = "example.org"
+        subject_token_types = ["jwt"]
+        max_scope = ["x"]
+    "#;
+
+    #[test]
+    fn parses_and_matches_first_rule() {
+        let p = Policy::from_toml(GOOD).unwrap();
+        assert_eq!(p.max_lifetime(), Duration::from_secs(600));
+        let gw = p.rule_for(&id("spiffe://example.org/gateway")).unwrap();
+        assert!(gw.allows(SubjectTokenKind::AccessToken));
+        assert!(!gw.allows(SubjectTokenKind::TxnToken));
+        assert_eq!(gw.max_lifetime(), Duration::from_secs(120));
+        let agent = p.rule_for(&id("spiffe://example.org/agents/a/b")).unwrap();
+        assert!(agent.allows(SubjectTokenKind::TxnToken));
+        assert_eq!(agent.max_lifetime(), DEFAULT_RULE_LIFETIME);
+        assert!(p.rule_for(&id("spiffe://example.org/agents")).is_some());
+        // Segment boundary: falls through to the trust-domain rule.
+        let evil = p.rule_for(&id("spiffe://example.org/agents-evil")).unwrap();
+        assert!(evil.allows(SubjectTokenKind::Jwt));
+        assert!(!evil.allows(SubjectTokenKind::TxnToken));
+        assert!(p.rule_for(&id("spiffe://other.org/gateway")).is_none());
+    }
+
+    #[test]
+    fn empty_policy_denies_everything() {
+        let p = Policy::from_toml("").unwrap();
+        assert!(p.rule_for(&id("spiffe://example.org/gateway")).is_none());
+    }
+
+    #[test]
+    fn refuses_bad_files() {
+        let rule = |body: &str| format!("[[caller]]\n{body}\n");
+        type Check = fn(&PolicyError) -> bool;
+        let cases: Vec<(String, Check)> = vec![
+            ("not toml [".into(), |e| matches!(e, PolicyError::Syntax(_))),
+            ("surprise = 1".into(), |e| {
+                matches!(e, PolicyError::Syntax(_))
+            }),
+            (
+                rule(
+                    "id = \"spiffe://example.org/a\"\nsubject_token_types = [\"jwt\"]\nmax_scope = [\"a\"]\nextra = 1",
+                ),
+                |e| matches!(e, PolicyError::Syntax(_)),
+            ),
+            (
+                rule("subject_token_types = [\"jwt\"]\nmax_scope = [\"a\"]"),
+                |e| matches!(e, PolicyError::Matcher { index: 0 }),
+            ),
+            (
+                rule(
+                    "id = \"spiffe://example.org/a\"\ntrust_domain = \"example.org\"\nsubject_token_types = [\"jwt\"]\nmax_scope = [\"a\"]",
+                ),
+                |e| matches!(e, PolicyError::Matcher { .. }),
+            ),
+            (
+                rule(
+                    "id = \"https://example.org/a\"\nsubject_token_types = [\"jwt\"]\nmax_scope = [\"a\"]",
+                ),
+                |e| matches!(e, PolicyError::Identity { field: "id", .. }),
+            ),
+            (
+                rule(
+                    "trust_domain = \"Bad Domain\"\nsubject_token_types = [\"jwt\"]\nmax_scope = [\"a\"]",
+                ),
+                |e| {
+                    matches!(
+                        e,
+                        PolicyError::Identity {
+                            field: "trust_domain",
+                            ..
+                        }
+                    )
+                },
+            ),
+            (
+                rule(
+                    "id = \"spiffe://example.org/a\"\nsubject_token_types = [\"unsigned_json\"]\nmax_scope = [\"a\"]",
+                ),
+                |e| matches!(e, PolicyError::UnsupportedTokenType { .. }),
+            ),
+            (
+                rule(
+                    "id = \"spiffe://example.org/a\"\nsubject_token_types = [\"self_signed\"]\nmax_scope = [\"a\"]",
+                ),
+                |e| matches!(e, PolicyError::UnsupportedTokenType { .. }),
+            ),
+            (
+                rule(
+                    "id = \"spiffe://example.org/a\"\nsubject_token_types = [\"saml2\"]\nmax_scope = [\"a\"]",
+                ),
+                |e| matches!(e, PolicyError::UnknownTokenType { .. }),
+            ),
+            (
+                rule(
+                    "id = \"spiffe://example.org/a\"\nsubject_token_types = []\nmax_scope = [\"a\"]",
+                ),
+                |e| matches!(e, PolicyError::NoTokenTypes { .. }),
+            ),
+            (
+                rule(
+                    "id = \"spiffe://example.org/a\"\nsubject_token_types = [\"jwt\"]\nmax_scope = []",
+                ),
+                |e| matches!(e, PolicyError::Scope { .. }),
+            ),
+            (
+                rule(
+                    "id = \"spiffe://example.org/a\"\nsubject_token_types = [\"jwt\"]\nmax_scope = [\"a b\"]",
+                ),
+                |e| matches!(e, PolicyError::Scope { .. }),
+            ),
+            (
+                rule(
+                    "id = \"spiffe://example.org/a\"\nsubject_token_types = [\"jwt\"]\nmax_scope = [\"a\"]\nmax_lifetime = \"soon\"",
+                ),
+                |e| matches!(e, PolicyError::Lifetime { .. }),
+            ),
+            (
+                rule(
+                    "id = \"spiffe://example.org/a\"\nsubject_token_types = [\"jwt\"]\nmax_scope = [\"a\"]\nmax_lifetime = \"20m\"",
+                ),
+                |e| matches!(e, PolicyError::Lifetime { .. }),
+            ),
+            ("max_lifetime = \"2h\"".into(), |e| {
+                matches!(e, PolicyError::Lifetime { .. })
+            }),
+            ("max_lifetime = \"0s\"".into(), |e| {
+                matches!(e, PolicyError::Lifetime { .. })
+            }),
+        ];
+        for (text, check) in cases {
+            let err = Policy::from_toml(&text).unwrap_err();
+            assert!(check(&err), "{text:?} gave {err:?}");
+        }
+    }
+
+    #[test]
+    fn token_kinds_round_trip() {
+        for kind in SubjectTokenKind::ALL {
+            assert_eq!(SubjectTokenKind::from_urn(kind.as_urn()), Some(kind));
+            assert_eq!(SubjectTokenKind::from_name(kind.name()), Some(kind));
+        }
+        assert_eq!(SubjectTokenKind::from_name("unsigned_json"), None);
+    }
+}
