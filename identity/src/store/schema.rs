@@ -186,6 +186,36 @@ fn pending<'a>(
     Ok(all.iter().filter(move |m| !applied.contains(&m.version)))
 }
 
+/// Creates the migrations table and applies the pending migrations in one transaction
+/// (the same steps for both backends; only the transaction type differs).
+macro_rules! apply_migrations {
+    ($tx:ident, $migrations:expr, $backend:literal) => {{
+        sqlx::query(CREATE_MIGRATIONS_TABLE)
+            .execute(&mut *$tx)
+            .await?;
+        let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations")
+            .fetch_all(&mut *$tx)
+            .await?;
+        for migration in pending($migrations, &applied)? {
+            for statement in migration.statements {
+                sqlx::query(*statement).execute(&mut *$tx).await?;
+            }
+            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+                .bind(migration.version)
+                .bind(applied_at())
+                .execute(&mut *$tx)
+                .await?;
+            tracing::info!(
+                version = migration.version,
+                backend = $backend,
+                "applied store migration"
+            );
+        }
+        $tx.commit().await?;
+        Ok(())
+    }};
+}
+
 /// Brings a SQLite database up to date. The whole run holds SQLite's write lock
 /// (`BEGIN IMMEDIATE`), so concurrent openers migrate one after another; running it on an
 /// up-to-date database changes nothing.
@@ -195,28 +225,7 @@ fn pending<'a>(
 /// [`StoreError::SchemaTooNew`] for a database from a newer build.
 pub(super) async fn migrate_sqlite(pool: &SqlitePool) -> Result<(), StoreError> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    sqlx::query(CREATE_MIGRATIONS_TABLE)
-        .execute(&mut *tx)
-        .await?;
-    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations")
-        .fetch_all(&mut *tx)
-        .await?;
-    for migration in pending(SQLITE_MIGRATIONS, &applied)? {
-        for statement in migration.statements {
-            sqlx::query(*statement).execute(&mut *tx).await?;
-        }
-        sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
-            .bind(migration.version)
-            .bind(applied_at())
-            .execute(&mut *tx)
-            .await?;
-        tracing::info!(
-            version = migration.version,
-            "applied SQLite store migration"
-        );
-    }
-    tx.commit().await?;
-    Ok(())
+    apply_migrations!(tx, SQLITE_MIGRATIONS, "SQLite")
 }
 
 /// Brings a PostgreSQL database up to date, under a transaction-scoped advisory lock so
@@ -232,28 +241,7 @@ pub(super) async fn migrate_postgres(pool: &PgPool) -> Result<(), StoreError> {
         .bind(POSTGRES_MIGRATION_LOCK)
         .execute(&mut *tx)
         .await?;
-    sqlx::query(CREATE_MIGRATIONS_TABLE)
-        .execute(&mut *tx)
-        .await?;
-    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations")
-        .fetch_all(&mut *tx)
-        .await?;
-    for migration in pending(POSTGRES_MIGRATIONS, &applied)? {
-        for statement in migration.statements {
-            sqlx::query(*statement).execute(&mut *tx).await?;
-        }
-        sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
-            .bind(migration.version)
-            .bind(applied_at())
-            .execute(&mut *tx)
-            .await?;
-        tracing::info!(
-            version = migration.version,
-            "applied PostgreSQL store migration"
-        );
-    }
-    tx.commit().await?;
-    Ok(())
+    apply_migrations!(tx, POSTGRES_MIGRATIONS, "PostgreSQL")
 }
 
 // ---------------------------------------------------------------------------------------
