@@ -1,8 +1,10 @@
 //! Writ SDK: what a workload links.
 //!
-//! Today: a SPIFFE Workload API client ([`workload`]) and the Txn-Token claims type with
-//! an offline verifier ([`txn_token`]). X509Source/JwtSource with rotation, SPIFFE mTLS
-//! configs and the middleware follow.
+//! - [`workload`]: the SPIFFE Workload API client and [`workload::X509Source`], the
+//!   workload's SVID and bundles kept current across rotations;
+//! - [`tls`]: rustls server and client configs with SPIFFE-ID [`tls::Authorizer`]s;
+//! - [`txn_token`]: the Txn-Token claims type and an offline verifier;
+//! - [`exchange`]: the RFC 8693 client of the transaction token service.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), writ_sdk::workload::WorkloadError> {
@@ -13,6 +15,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod exchange;
+pub mod tls;
 pub mod txn_token;
 pub mod workload;
 

@@ -16,7 +16,12 @@
 //! - `request_context` (JSON object, added to `rctx`) and `request_details` (JSON
 //!   object, becomes `tctx`), each at most [`MAX_CONTEXT_BYTES`];
 //! - `actor_token` / `actor_token_type` are not supported: their presence is refused
-//!   with `invalid_request` (the caller's mTLS identity is the actor).
+//!   with `invalid_request` (the caller's mTLS identity is the actor);
+//! - `client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-spiffe` and
+//!   `client_assertion` (a JWT-SVID whose audience is the service's issuer URL): client
+//!   authentication for callers behind a TLS-terminating proxy, accepted only for
+//!   callers whose policy rule sets `client_assertion = true`, and never together with
+//!   a client certificate (RFC 6749 section 2.3: one method per request).
 //!
 //! The body is at most [`MAX_BODY_BYTES`], each field at most [`MAX_FIELD_BYTES`], and a
 //! field may not appear twice (RFC 6749 section 3.2). Unknown fields are ignored (RFC
@@ -47,10 +52,13 @@ use serde_json::{Map, Value, json};
 use writ_identity::clock::{SharedClock, from_unix_seconds};
 use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
 use writ_sdk::txn_token::{Actor, TOKEN_TYPE_URN, TxnToken, TxnVerifier};
+use writ_sdk::workload::WorkloadClient;
 
-use crate::oidc::{OidcError, OidcValidator, SubjectTokenType, token_fingerprint};
+use crate::audit::{AuditLog, AuditRecord};
+use crate::oidc::{OidcError, OidcValidator, SubjectTokenType, ValidatedSubject, token_fingerprint};
 use crate::policy::{CallerRule, Policy, SubjectTokenKind, is_scope_token};
-use crate::txn_token::{MintError, Minter};
+use crate::rate_limit::RateLimiter;
+use crate::txn_token::{MintError, SigningKeys};
 
 /// The RFC 8693 token exchange grant type.
 pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
@@ -64,15 +72,51 @@ pub const MAX_FIELD_BYTES: usize = 16 * 1024;
 pub const MAX_CONTEXT_BYTES: usize = 4 * 1024;
 /// Default lifetime of an issued Txn-Token (5 minutes).
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
+/// Largest Txn-Token issued, in bytes: it travels in an HTTP header, and common proxies
+/// refuse headers above 8 KB in total.
+pub const MAX_ISSUED_TOKEN_BYTES: usize = 4 * 1024;
 /// Default deepest `act` chain a replacement may produce.
 pub const DEFAULT_MAX_CHAIN_DEPTH: usize = 8;
+/// The client assertion type of a JWT-SVID (draft-ietf-oauth-spiffe-client-auth).
+pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe";
+/// Most subject token validations remembered by the validation cache.
+pub const SUBJECT_CACHE_CAPACITY: u64 = 100_000;
 /// The `rctx` members the service fills and a caller may not set.
 pub const RESERVED_RCTX: [&str; 3] = ["req_ip", "authn", "transport"];
 
 /// The SPIFFE ID of the mTLS-authenticated caller, a request extension set by the
-/// listener. A request without it is refused with `invalid_client`.
+/// listener. A request without it (and without an accepted client assertion) is refused
+/// with `invalid_client`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallerId(pub SpiffeId);
+
+/// How a caller authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// With its X509-SVID in the TLS handshake.
+    Mtls,
+    /// With a JWT-SVID client assertion.
+    JwtSvid,
+}
+
+impl ClientAuth {
+    /// The name in `rctx.transport` and the audit log.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mtls => "mtls",
+            Self::JwtSvid => "jwt-svid",
+        }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// Its SPIFFE ID.
+    pub id: SpiffeId,
+    /// How it proved it.
+    pub auth: ClientAuth,
+}
 
 /// Why an exchange was refused. Each variant is one RFC 6749 / RFC 8693 error code;
 /// `reason` is safe to show the client (it never holds a token or key material).
@@ -87,8 +131,11 @@ pub enum ExchangeError {
         reason: String,
     },
     /// `invalid_client` (401): the caller is not authenticated.
-    #[error("invalid_client: client is not authenticated")]
-    InvalidClient,
+    #[error("invalid_client: {reason}")]
+    InvalidClient {
+        /// What is wrong.
+        reason: String,
+    },
     /// `invalid_scope` (400): the scope is malformed, widens a replaced token, or
     /// nothing would be granted.
     #[error("invalid_scope: {reason}")]
@@ -112,6 +159,14 @@ pub enum ExchangeError {
     /// `unsupported_grant_type` (400): `grant_type` is not token exchange.
     #[error("unsupported_grant_type: only token exchange is supported")]
     UnsupportedGrantType,
+    /// `temporarily_unavailable` (429, with `Retry-After`): the caller is over its rate
+    /// limit. RFC 6749 has no token-endpoint code for this; the registered
+    /// `temporarily_unavailable` is the closest.
+    #[error("temporarily_unavailable: rate limit exceeded")]
+    RateLimited {
+        /// When the caller may try again.
+        retry_after: Duration,
+    },
     /// `server_error` (500): the token could not be signed. Details go to the log only.
     #[error("server_error: {0}")]
     Mint(#[from] MintError),
@@ -138,6 +193,12 @@ impl ExchangeError {
         }
     }
 
+    fn invalid_client(reason: impl Into<String>) -> Self {
+        Self::InvalidClient {
+            reason: reason.into(),
+        }
+    }
+
     fn unauthorized(reason: impl Into<String>) -> Self {
         Self::UnauthorizedClient {
             reason: reason.into(),
@@ -148,7 +209,8 @@ impl ExchangeError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::InvalidRequest { .. } => "invalid_request",
-            Self::InvalidClient => "invalid_client",
+            Self::InvalidClient { .. } => "invalid_client",
+            Self::RateLimited { .. } => "temporarily_unavailable",
             Self::InvalidScope { .. } => "invalid_scope",
             Self::InvalidTarget { .. } => "invalid_target",
             Self::UnauthorizedClient { .. } => "unauthorized_client",
@@ -170,9 +232,10 @@ impl IntoResponse for ExchangeError {
                 StatusCode::BAD_REQUEST,
                 "only token exchange is supported".to_owned(),
             ),
-            Self::InvalidClient => (
-                StatusCode::UNAUTHORIZED,
-                "client is not authenticated".to_owned(),
+            Self::InvalidClient { reason } => (StatusCode::UNAUTHORIZED, reason.clone()),
+            Self::RateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate limit exceeded".to_owned(),
             ),
             Self::UnauthorizedClient { reason } => (StatusCode::FORBIDDEN, reason.clone()),
             Self::Mint(e) => {
@@ -184,7 +247,14 @@ impl IntoResponse for ExchangeError {
             }
         };
         let body = json!({"error": self.code(), "error_description": description});
-        no_store((status, Json(body)).into_response())
+        let mut response = no_store((status, Json(body)).into_response());
+        if let Self::RateLimited { retry_after } = &self {
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        response
     }
 }
 
@@ -204,6 +274,7 @@ pub struct ExchangeRequest {
     subject_token_type: SubjectTokenKind,
     request_context: Option<Map<String, Value>>,
     request_details: Option<Map<String, Value>>,
+    client_assertion: Option<String>,
 }
 
 impl ExchangeRequest {
@@ -273,6 +344,20 @@ impl ExchangeRequest {
                 reason: "`resource` is not supported; use `audience`".into(),
             });
         }
+        let client_assertion = match (take("client_assertion_type"), take("client_assertion")) {
+            (None, None) => None,
+            (Some(t), Some(a)) if t == CLIENT_ASSERTION_TYPE => Some(a),
+            (Some(_), Some(_)) => {
+                return Err(ExchangeError::invalid_client(format!(
+                    "`client_assertion_type` must be {CLIENT_ASSERTION_TYPE}"
+                )));
+            }
+            _ => {
+                return Err(ExchangeError::invalid_request(
+                    "`client_assertion` and `client_assertion_type` go together",
+                ));
+            }
+        };
         let audience =
             take("audience").ok_or_else(|| ExchangeError::invalid_request("missing `audience`"))?;
         let subject_token = take("subject_token")
@@ -298,6 +383,7 @@ impl ExchangeRequest {
             subject_token_type,
             request_context,
             request_details,
+            client_assertion,
         })
     }
 
@@ -403,38 +489,79 @@ pub struct ExchangeService {
     issuer_url: String,
     policy: Policy,
     oidc: Option<Arc<OidcValidator>>,
-    minter: Minter,
-    verifier: TxnVerifier,
+    keys: Arc<SigningKeys>,
     clock: SharedClock,
     default_lifetime: Duration,
     max_chain_depth: usize,
+    audit: AuditLog,
+    limiter: RateLimiter,
+    subject_cache: Option<moka::future::Cache<String, Arc<ValidatedSubject>>>,
+    assertions: Option<WorkloadClient>,
 }
 
 impl ExchangeService {
     /// A service for `trust_domain` whose tokens carry `iss = issuer_url` (also the base
-    /// of its metadata URLs), with no OIDC issuer (only replacements), a 5-minute default
-    /// lifetime and a chain depth limit of [`DEFAULT_MAX_CHAIN_DEPTH`]. Replaced tokens
-    /// are verified against the minter's own key.
+    /// of its metadata URLs) and are signed by `keys`, with no OIDC issuer (only
+    /// replacements), a 5-minute default lifetime, a chain depth limit of
+    /// [`DEFAULT_MAX_CHAIN_DEPTH`], no subject validation cache, no client assertions
+    /// and an in-memory audit log. Replaced tokens are verified against the published
+    /// keys.
     pub fn new(
         trust_domain: TrustDomain,
         issuer_url: impl Into<String>,
         policy: Policy,
-        minter: Minter,
+        keys: Arc<SigningKeys>,
         clock: SharedClock,
     ) -> Self {
-        let keys = BTreeMap::from([(minter.kid().to_owned(), minter.jwk().clone())]);
-        let verifier = TxnVerifier::new(trust_domain.as_str(), keys);
         Self {
             trust_domain,
             issuer_url: issuer_url.into().trim_end_matches('/').to_owned(),
             policy,
             oidc: None,
-            minter,
-            verifier,
+            keys,
+            limiter: RateLimiter::new(clock.clone()),
             clock,
             default_lifetime: DEFAULT_LIFETIME,
             max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
+            audit: AuditLog::memory(),
+            subject_cache: None,
+            assertions: None,
         }
+    }
+
+    /// Writes decisions to `audit`.
+    pub fn with_audit(mut self, audit: AuditLog) -> Self {
+        self.audit = audit;
+        self
+    }
+
+    /// Remembers validated OIDC subject tokens (keyed by their SHA-256, until they
+    /// expire) so a token presented again skips signature verification.
+    pub fn with_subject_cache(mut self) -> Self {
+        self.subject_cache = Some(
+            moka::future::Cache::builder()
+                .max_capacity(SUBJECT_CACHE_CAPACITY)
+                .time_to_live(Duration::from_secs(3600))
+                .build(),
+        );
+        self
+    }
+
+    /// Accepts JWT-SVID client assertions (for callers whose rule allows them),
+    /// validated by the agent behind `workload` with the issuer URL as audience.
+    pub fn with_client_assertions(mut self, workload: WorkloadClient) -> Self {
+        self.assertions = Some(workload);
+        self
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// The signing keys.
+    pub fn keys(&self) -> &Arc<SigningKeys> {
+        &self.keys
     }
 
     /// Accepts OIDC subject tokens validated by `oidc`.
@@ -460,12 +587,29 @@ impl ExchangeService {
         &self.issuer_url
     }
 
-    /// The signing key's id.
-    pub fn kid(&self) -> &str {
-        self.minter.kid()
+    /// The id of the key that signs now.
+    pub fn kid(&self) -> String {
+        self.keys.current_kid()
     }
 
-    /// Exchanges the subject token of `req` for a Txn-Token on behalf of `caller`.
+    /// Handles one `POST /token` body: authenticates the caller (its mTLS identity, or a
+    /// client assertion in the body), exchanges, and writes one audit line whatever the
+    /// outcome.
+    ///
+    /// # Errors
+    /// The [`ExchangeError`] naming why nothing was minted.
+    pub async fn handle(
+        &self,
+        mtls_caller: Option<SpiffeId>,
+        caller_ip: Option<IpAddr>,
+        body: Result<&[u8], ExchangeError>,
+    ) -> Result<ExchangeResponse, ExchangeError> {
+        let req = body.and_then(ExchangeRequest::from_form);
+        self.decide(mtls_caller, caller_ip, req).await
+    }
+
+    /// Exchanges the subject token of `req` for a Txn-Token on behalf of the
+    /// mTLS-authenticated `caller`, and writes the audit line.
     ///
     /// # Errors
     /// The [`ExchangeError`] naming why nothing was minted.
@@ -475,34 +619,103 @@ impl ExchangeService {
         caller_ip: Option<IpAddr>,
         req: ExchangeRequest,
     ) -> Result<ExchangeResponse, ExchangeError> {
-        let fingerprint = req.subject_token_fingerprint();
-        let result = self.exchange_inner(caller, caller_ip, req).await;
-        match &result {
-            Ok((token, resp)) => tracing::info!(
-                decision = "granted",
-                caller = %caller,
-                txn = %token.txn,
-                sub = %token.sub,
-                scope = %token.scope,
-                chain = ?token.chain(),
-                expires_in = resp.expires_in,
-                subject_token_sha256 = %fingerprint,
-                "token exchange"
-            ),
-            Err(e) => tracing::info!(
-                decision = "refused",
-                caller = %caller,
-                reason = %e,
-                subject_token_sha256 = %fingerprint,
-                "token exchange"
-            ),
+        self.decide(Some(caller.clone()), caller_ip, Ok(req)).await
+    }
+
+    async fn decide(
+        &self,
+        mtls_caller: Option<SpiffeId>,
+        caller_ip: Option<IpAddr>,
+        req: Result<ExchangeRequest, ExchangeError>,
+    ) -> Result<ExchangeResponse, ExchangeError> {
+        let mut record = AuditRecord::new(self.clock.now());
+        record.caller_ip = caller_ip.map(|ip| ip.to_string());
+        record.caller = mtls_caller.as_ref().map(ToString::to_string);
+        let result = async {
+            let req = req?;
+            record.subject_token_sha256 = Some(req.subject_token_fingerprint());
+            record.subject_token_type = Some(req.subject_token_type.name());
+            record.requested_scope = req
+                .scope
+                .as_ref()
+                .map(|s| s.iter().map(String::as_str).collect::<Vec<_>>().join(" "));
+            let caller = self.authenticate(mtls_caller, &req).await?;
+            record.caller = Some(caller.id.to_string());
+            record.client_auth = Some(caller.auth.name());
+            self.exchange_inner(&caller, caller_ip, req).await
         }
-        result.map(|(_, resp)| resp)
+        .await;
+        match result {
+            Ok((token, response)) => {
+                record.txn = Some(token.txn.clone());
+                record.sub = Some(token.sub.clone());
+                record.granted_scope = Some(token.scope.clone());
+                record.act = token.chain().into_iter().map(str::to_owned).collect();
+                record.expires_in = Some(response.expires_in);
+                self.audit.granted(record);
+                Ok(response)
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                let reason = reason.split_once(": ").map_or(reason.as_str(), |(_, r)| r);
+                self.audit.refused(record, e.code(), reason);
+                Err(e)
+            }
+        }
+    }
+
+    /// The caller: its mTLS identity, or the SPIFFE ID of a valid JWT-SVID client
+    /// assertion that its policy rule accepts.
+    async fn authenticate(
+        &self,
+        mtls_caller: Option<SpiffeId>,
+        req: &ExchangeRequest,
+    ) -> Result<Caller, ExchangeError> {
+        match (mtls_caller, &req.client_assertion) {
+            (Some(_), Some(_)) => Err(ExchangeError::invalid_request(
+                "use one client authentication method: a client certificate or a client assertion",
+            )),
+            (Some(id), None) => Ok(Caller {
+                id,
+                auth: ClientAuth::Mtls,
+            }),
+            (None, None) => Err(ExchangeError::invalid_client(
+                "a client X509-SVID (or an enabled client assertion) is required",
+            )),
+            (None, Some(assertion)) => {
+                let Some(workload) = &self.assertions else {
+                    return Err(ExchangeError::invalid_client(
+                        "client assertions are not enabled",
+                    ));
+                };
+                let (id, _claims) = workload
+                    .clone()
+                    .validate_jwt(&self.issuer_url, assertion)
+                    .await
+                    .map_err(|e| {
+                        tracing::info!(error = %e, "client assertion refused");
+                        ExchangeError::invalid_client("client assertion is not a valid JWT-SVID for this service")
+                    })?;
+                if !self
+                    .policy
+                    .rule_for(&id)
+                    .is_some_and(CallerRule::client_assertion)
+                {
+                    return Err(ExchangeError::invalid_client(
+                        "this caller may not authenticate with a client assertion",
+                    ));
+                }
+                Ok(Caller {
+                    id,
+                    auth: ClientAuth::JwtSvid,
+                })
+            }
+        }
     }
 
     async fn exchange_inner(
         &self,
-        caller: &SpiffeId,
+        caller: &Caller,
         caller_ip: Option<IpAddr>,
         req: ExchangeRequest,
     ) -> Result<(TxnToken, ExchangeResponse), ExchangeError> {
@@ -513,8 +726,13 @@ impl ExchangeService {
         }
         let rule = self
             .policy
-            .rule_for(caller)
+            .rule_for(&caller.id)
             .ok_or_else(|| ExchangeError::unauthorized("caller may not request Txn-Tokens"))?;
+        if let Some(rate) = rule.rate_limit()
+            && let Err(retry_after) = self.limiter.check(caller.id.as_str(), rate)
+        {
+            return Err(ExchangeError::RateLimited { retry_after });
+        }
         if !rule.allows(req.subject_token_type) {
             return Err(ExchangeError::unauthorized(
                 "caller may not present this subject token type",
@@ -544,7 +762,7 @@ impl ExchangeService {
         let claims = match subject.replaced {
             Some(old) => {
                 let previous = old.act.clone().unwrap_or_else(|| Actor::new(&old.req_wl));
-                let act = Actor::new(caller.as_str()).acting_for(previous);
+                let act = Actor::new(caller.id.as_str()).acting_for(previous);
                 let depth = chain_depth(&act);
                 if depth > self.max_chain_depth {
                     return Err(ExchangeError::invalid_request(format!(
@@ -560,7 +778,7 @@ impl ExchangeService {
                     txn: old.txn,
                     sub: old.sub,
                     scope,
-                    req_wl: caller.as_str().to_owned(),
+                    req_wl: caller.id.as_str().to_owned(),
                     tctx: old.tctx,
                     rctx: old.rctx,
                     act: Some(act),
@@ -574,7 +792,10 @@ impl ExchangeService {
                 if let Some(authn) = subject.authn {
                     rctx.insert("authn".to_owned(), Value::String(authn));
                 }
-                rctx.insert("transport".to_owned(), Value::String("mtls".into()));
+                rctx.insert(
+                    "transport".to_owned(),
+                    Value::String(caller.auth.name().into()),
+                );
                 for (k, v) in req.request_context.unwrap_or_default() {
                     rctx.insert(k, v);
                 }
@@ -586,14 +807,19 @@ impl ExchangeService {
                     txn: uuid::Uuid::new_v4().to_string(),
                     sub: subject.sub,
                     scope,
-                    req_wl: caller.as_str().to_owned(),
+                    req_wl: caller.id.as_str().to_owned(),
                     tctx: req.request_details.map(|m| m.into_iter().collect()),
                     rctx: Some(rctx),
                     act: None,
                 }
             }
         };
-        let access_token = self.minter.mint(&claims)?;
+        let access_token = self.keys.mint(&claims)?;
+        if access_token.len() > MAX_ISSUED_TOKEN_BYTES {
+            return Err(ExchangeError::invalid_request(format!(
+                "the Txn-Token would be larger than {MAX_ISSUED_TOKEN_BYTES} bytes"
+            )));
+        }
         let response = ExchangeResponse {
             access_token,
             issued_token_type: TOKEN_TYPE_URN,
@@ -610,8 +836,8 @@ impl ExchangeService {
                 "request_context and request_details cannot change a replaced Txn-Token",
             ));
         }
-        let old = self
-            .verifier
+        let verifier = TxnVerifier::new(self.trust_domain.as_str(), self.keys.public_keys());
+        let old = verifier
             .verify(
                 &req.subject_token,
                 from_unix_seconds(self.clock.unix_seconds()),
@@ -644,8 +870,8 @@ impl ExchangeService {
         })?;
         let token_type = SubjectTokenType::from_urn(kind.as_urn())
             .ok_or_else(|| ExchangeError::invalid_request("unsupported `subject_token_type`"))?;
-        let validated = oidc
-            .validate(&req.subject_token, token_type)
+        let validated = self
+            .validate_subject(oidc, &req.subject_token, token_type)
             .await
             .map_err(|e| match e {
                 OidcError::Discovery { .. } | OidcError::Jwks { .. } | OidcError::Config { .. } => {
@@ -672,11 +898,35 @@ impl ExchangeService {
         }
         Ok(Subject {
             sub,
-            scope: validated.scope.into_iter().collect(),
+            scope: validated.scope.iter().cloned().collect(),
             expires_at: validated.expires_at,
             replaced: None,
             authn,
         })
+    }
+}
+
+impl ExchangeService {
+    /// Validates an OIDC subject token, through the validation cache when enabled. A
+    /// cached validation is used only while the token is unexpired.
+    async fn validate_subject(
+        &self,
+        oidc: &OidcValidator,
+        token: &str,
+        token_type: SubjectTokenType,
+    ) -> Result<Arc<ValidatedSubject>, OidcError> {
+        let Some(cache) = &self.subject_cache else {
+            return oidc.validate(token, token_type).await.map(Arc::new);
+        };
+        let key = format!("{}:{}", token_type.as_urn(), token_fingerprint(token));
+        if let Some(hit) = cache.get(&key).await
+            && hit.expires_at > self.clock.unix_seconds()
+        {
+            return Ok(hit);
+        }
+        let validated = Arc::new(oidc.validate(token, token_type).await?);
+        cache.insert(key, validated.clone()).await;
+        Ok(validated)
     }
 }
 
@@ -729,28 +979,28 @@ pub fn router(service: Arc<ExchangeService>) -> Router {
 }
 
 async fn token(State(service): State<Arc<ExchangeService>>, request: Request) -> Response {
-    match token_inner(&service, request).await {
+    let (parts, body) = request.into_parts();
+    let caller = parts.extensions.get::<CallerId>().map(|c| c.0.clone());
+    let caller_ip = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let result = match read_form(&parts.headers, body).await {
+        Ok(bytes) => service.handle(caller, caller_ip, Ok(&bytes)).await,
+        Err(e) => service.handle(caller, caller_ip, Err(e)).await,
+    };
+    match result {
         Ok(resp) => resp.into_response(),
         Err(e) => e.into_response(),
     }
 }
 
-async fn token_inner(
-    service: &ExchangeService,
-    request: Request,
-) -> Result<ExchangeResponse, ExchangeError> {
-    let (parts, body) = request.into_parts();
-    let caller = parts
-        .extensions
-        .get::<CallerId>()
-        .map(|c| c.0.clone())
-        .ok_or(ExchangeError::InvalidClient)?;
-    let caller_ip = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
-    let form = parts
-        .headers
+/// The body of a form POST, at most [`MAX_BODY_BYTES`].
+async fn read_form(
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<Vec<u8>, ExchangeError> {
+    let form = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
@@ -763,25 +1013,23 @@ async fn token_inner(
             "Content-Type must be application/x-www-form-urlencoded",
         ));
     }
-    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
+    axum::body::to_bytes(body, MAX_BODY_BYTES)
         .await
+        .map(|b| b.to_vec())
         .map_err(|_| {
             ExchangeError::invalid_request(format!(
                 "request body is larger than {MAX_BODY_BYTES} bytes or unreadable"
             ))
-        })?;
-    let req = ExchangeRequest::from_form(&bytes)?;
-    service.exchange(&caller, caller_ip, req).await
+        })
 }
 
 async fn jwks(State(service): State<Arc<ExchangeService>>) -> Response {
-    let mut key = serde_json::to_value(service.minter.jwk()).unwrap_or(Value::Null);
-    if let Value::Object(map) = &mut key {
-        map.insert("kid".into(), Value::String(service.minter.kid().to_owned()));
-        map.insert("use".into(), Value::String("sig".into()));
-        map.insert("alg".into(), Value::String("ES256".into()));
-    }
-    Json(json!({"keys": [key]})).into_response()
+    let mut response = Json(service.keys.jwks()).into_response();
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=60"),
+    );
+    response
 }
 
 async fn metadata(State(service): State<Arc<ExchangeService>>) -> Response {

@@ -1,9 +1,20 @@
-//! The Writ transaction token service (arriving in a later release) and the `writ`
-//! command-line tool that starts and administers every part of Writ.
+//! The Writ transaction token service and the `writ` command-line tool that starts and
+//! administers every part of Writ.
+//!
+//! The service ([`config::TxnServer`], started by `writ txn run --config txn.toml`) is
+//! an RFC 8693 token exchange endpoint reached over mTLS with the caller's X509-SVID
+//! ([`listener`]). It validates ingress OIDC tokens ([`oidc`]), applies a deny-by-default
+//! issuance [`policy`], mints Txn-Tokens (draft-ietf-oauth-transaction-tokens-10) with
+//! rotating keys ([`txn_token`]), replaces them down a delegation chain ([`exchange`]),
+//! and writes one [`audit`] line per decision.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod cli;
+pub mod config;
 pub mod exchange;
+pub mod listener;
 pub mod oidc;
 pub mod policy;
+pub mod rate_limit;
 pub mod txn_token;

@@ -14,11 +14,13 @@
 //! subject_token_types = ["access_token", "id_token"]
 //! max_scope = ["orders.read", "orders.write"]
 //! max_lifetime = "5m"                          # default 5m
+//! rate_limit = { per_second = 50, burst = 100 } # default: none
 //!
 //! [[caller]]
 //! prefix = "spiffe://example.org/agents/"      # this path and everything below it
 //! subject_token_types = ["txn_token"]
 //! max_scope = ["orders.read"]
+//! client_assertion = true   # may authenticate with a JWT-SVID (behind a TLS proxy)
 //!
 //! [[caller]]
 //! trust_domain = "example.org"                 # any workload of the trust domain
@@ -58,6 +60,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
 use writ_sdk::txn_token::TOKEN_TYPE_URN;
+
+use crate::rate_limit::Rate;
 
 /// A rule's token lifetime when it names none (5 minutes).
 pub const DEFAULT_RULE_LIFETIME: Duration = Duration::from_secs(300);
@@ -119,6 +123,12 @@ pub enum PolicyError {
         index: usize,
         /// What is wrong.
         reason: String,
+    },
+    /// A rate limit is not positive.
+    #[error("caller rule {index}: `rate_limit` needs per_second > 0 and burst >= 1")]
+    RateLimit {
+        /// Position of the rule in the file (from 0).
+        index: usize,
     },
     /// A lifetime is not a duration, is zero, or exceeds its ceiling.
     #[error("invalid lifetime `{value}`: {reason}")]
@@ -212,6 +222,24 @@ pub struct FileCallerRule {
     /// Longest token lifetime (a humantime duration, default `5m`).
     #[serde(default)]
     pub max_lifetime: Option<String>,
+    /// Whether the caller may authenticate with a JWT-SVID client assertion instead of
+    /// its X509-SVID (for callers behind a TLS-terminating proxy). Default: no.
+    #[serde(default)]
+    pub client_assertion: bool,
+    /// Per-caller rate limit; none by default.
+    #[serde(default)]
+    pub rate_limit: Option<FileRateLimit>,
+}
+
+/// A raw `rate_limit = { per_second = .., burst = .. }` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRateLimit {
+    /// Sustained requests per second (> 0).
+    pub per_second: f64,
+    /// Requests allowed at once (default: `per_second` rounded up, at least 1).
+    #[serde(default)]
+    pub burst: Option<u32>,
 }
 
 /// Which callers a rule applies to.
@@ -238,15 +266,27 @@ impl CallerMatcher {
 }
 
 /// A validated caller rule.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CallerRule {
     matcher: CallerMatcher,
     token_types: BTreeSet<SubjectTokenKind>,
     max_scope: BTreeSet<String>,
     max_lifetime: Duration,
+    client_assertion: bool,
+    rate_limit: Option<Rate>,
 }
 
 impl CallerRule {
+    /// Whether the caller may authenticate with a JWT-SVID client assertion.
+    pub fn client_assertion(&self) -> bool {
+        self.client_assertion
+    }
+
+    /// The caller's rate limit, if any.
+    pub fn rate_limit(&self) -> Option<Rate> {
+        self.rate_limit
+    }
+
     /// Which callers the rule applies to.
     pub fn matcher(&self) -> &CallerMatcher {
         &self.matcher
@@ -269,7 +309,7 @@ impl CallerRule {
 }
 
 /// A validated issuance policy. Deny by default; the first matching rule wins.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     rules: Vec<CallerRule>,
     max_lifetime: Duration,
@@ -383,11 +423,28 @@ fn validate_rule(
         None => DEFAULT_RULE_LIFETIME.min(ceiling),
         Some(text) => parse_lifetime(text, ceiling)?,
     };
+    let rate_limit = match rule.rate_limit {
+        None => None,
+        Some(r) if r.per_second.is_finite() && r.per_second > 0.0 && r.burst != Some(0) => {
+            Some(Rate {
+                per_second: r.per_second,
+                burst: r.burst.unwrap_or_else(|| {
+                    // Saturating float-to-int cast of a positive finite number.
+                    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                    let b = r.per_second.ceil().min(f64::from(u32::MAX)) as u32;
+                    b.max(1)
+                }),
+            })
+        }
+        Some(_) => return Err(PolicyError::RateLimit { index }),
+    };
     Ok(CallerRule {
         matcher,
         token_types,
         max_scope,
         max_lifetime,
+        client_assertion: rule.client_assertion,
+        rate_limit,
     })
 }
 

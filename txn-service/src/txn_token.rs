@@ -1,7 +1,15 @@
 //! Minting Txn-Tokens: header `typ: txntoken+jwt` and `kid` (the RFC 7638 JWK thumbprint
-//! of the signing key), ES256, claims as [`writ_sdk::txn_token::TxnToken`] defines them.
+//! of the signing key), ES256, claims as [`writ_sdk::txn_token::TxnToken`] defines them;
+//! and [`SigningKeys`], the rotating ring of signing keys.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde::{Deserialize, Serialize};
+use writ_identity::clock::SharedClock;
 use writ_identity::bundle::Jwk;
 use writ_identity::key_manager::PrivateKey;
 use writ_sdk::txn_token::{TXN_TOKEN_TYP, TxnToken};
@@ -66,4 +74,323 @@ impl Minter {
         )
         .map_err(|e| MintError::Sign(e.to_string()))
     }
+}
+
+/// The signing keys of a transaction token service: one current key that signs, and
+/// the keys it replaced, still published (JWKS) and trusted (replacement) until every
+/// token they signed has expired.
+///
+/// The current key is replaced when it is older than the rotation period; the old key
+/// stays for `retain` more (the longest token lifetime plus leeway). With a `path`, the
+/// ring is kept in that file (0600) so a restart keeps the keys and their ids.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::{Duration, UNIX_EPOCH};
+/// use writ_identity::clock::ManualClock;
+/// use writ_txn_service::txn_token::SigningKeys;
+///
+/// let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+/// let keys = SigningKeys::ephemeral(Arc::new(clock.clone()), Duration::from_secs(3600), Duration::from_secs(900)).unwrap();
+/// let first = keys.current_kid();
+/// clock.advance(Duration::from_secs(3601));
+/// keys.rotate_if_due().unwrap();
+/// assert_ne!(keys.current_kid(), first);
+/// assert_eq!(keys.public_keys().len(), 2); // the old key is still published
+/// clock.advance(Duration::from_secs(901));
+/// keys.rotate_if_due().unwrap();
+/// assert_eq!(keys.public_keys().len(), 1);
+/// ```
+#[derive(Debug)]
+pub struct SigningKeys {
+    ring: arc_swap::ArcSwap<Ring>,
+    clock: SharedClock,
+    rotate_every: Duration,
+    retain: Duration,
+    path: Option<PathBuf>,
+    rotating: Mutex<()>,
+}
+
+#[derive(Debug)]
+struct Ring {
+    current: Minter,
+    created_at: i64,
+    /// Retired keys and when they stop being published.
+    previous: Vec<(Minter, i64)>,
+}
+
+/// The file form of the key ring.
+#[derive(Serialize, Deserialize)]
+struct RingFile {
+    current: KeyFile,
+    #[serde(default)]
+    previous: Vec<KeyFile>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeyFile {
+    /// PKCS#8 PEM.
+    key: String,
+    created_at: i64,
+    #[serde(default)]
+    retire_at: Option<i64>,
+}
+
+/// Why the signing keys could not be loaded, created or rotated.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyRingError {
+    /// A key could not be generated or used.
+    #[error("signing key: {0}")]
+    Key(String),
+    /// The key file could not be read or written.
+    #[error("signing key file {path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl SigningKeys {
+    /// A ring held in memory only (lost at exit).
+    ///
+    /// # Errors
+    /// [`KeyRingError::Key`] if a key cannot be generated.
+    pub fn ephemeral(
+        clock: SharedClock,
+        rotate_every: Duration,
+        retain: Duration,
+    ) -> Result<Self, KeyRingError> {
+        let ring = Ring {
+            current: fresh_minter()?,
+            created_at: clock.unix_seconds(),
+            previous: Vec::new(),
+        };
+        Ok(Self::from_ring(ring, clock, rotate_every, retain, None))
+    }
+
+    /// A ring of one given key (tests, or a key managed elsewhere). It never rotates.
+    pub fn single(minter: Minter, clock: SharedClock) -> Self {
+        let ring = Ring {
+            current: minter,
+            created_at: clock.unix_seconds(),
+            previous: Vec::new(),
+        };
+        Self::from_ring(ring, clock, Duration::MAX, Duration::ZERO, None)
+    }
+
+    /// The ring kept in `path` (created 0600 with a fresh key if absent).
+    ///
+    /// # Errors
+    /// [`KeyRingError`] if the file is unreadable or malformed, or cannot be written.
+    pub fn load_or_create(
+        path: PathBuf,
+        clock: SharedClock,
+        rotate_every: Duration,
+        retain: Duration,
+    ) -> Result<Self, KeyRingError> {
+        let file_err = |reason: String| KeyRingError::File {
+            path: path.clone(),
+            reason,
+        };
+        let ring = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let file: RingFile =
+                    serde_json::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+                let minter = |k: &KeyFile| {
+                    PrivateKey::from_pem(&k.key)
+                        .map_err(|e| file_err(e.to_string()))
+                        .and_then(|key| Minter::new(key).map_err(|e| file_err(e.to_string())))
+                };
+                Ring {
+                    current: minter(&file.current)?,
+                    created_at: file.current.created_at,
+                    previous: file
+                        .previous
+                        .iter()
+                        .map(|k| Ok((minter(k)?, k.retire_at.unwrap_or(0))))
+                        .collect::<Result<_, KeyRingError>>()?,
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ring {
+                current: fresh_minter()?,
+                created_at: clock.unix_seconds(),
+                previous: Vec::new(),
+            },
+            Err(e) => return Err(file_err(e.to_string())),
+        };
+        let keys = Self::from_ring(ring, clock, rotate_every, retain, Some(path));
+        keys.save(&keys.ring.load())?;
+        Ok(keys)
+    }
+
+    fn from_ring(
+        ring: Ring,
+        clock: SharedClock,
+        rotate_every: Duration,
+        retain: Duration,
+        path: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            ring: arc_swap::ArcSwap::from_pointee(ring),
+            clock,
+            rotate_every,
+            retain,
+            path,
+            rotating: Mutex::new(()),
+        }
+    }
+
+    fn save(&self, ring: &Ring) -> Result<(), KeyRingError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let file = RingFile {
+            current: KeyFile {
+                key: ring.current.key.to_pem().to_string(),
+                created_at: ring.created_at,
+                retire_at: None,
+            },
+            previous: ring
+                .previous
+                .iter()
+                .map(|(m, retire_at)| KeyFile {
+                    key: m.key.to_pem().to_string(),
+                    created_at: 0,
+                    retire_at: Some(*retire_at),
+                })
+                .collect(),
+        };
+        let text = zeroize::Zeroizing::new(
+            serde_json::to_string_pretty(&file).map_err(|e| KeyRingError::Key(e.to_string()))?,
+        );
+        writ_identity::key_manager::write_secret_file(path, text.as_bytes()).map_err(|e| {
+            KeyRingError::File {
+                path: path.clone(),
+                reason: e.to_string(),
+            }
+        })
+    }
+
+    /// Replaces the current key if it is older than the rotation period, and drops
+    /// retired keys whose tokens have all expired.
+    ///
+    /// # Errors
+    /// [`KeyRingError`] if a key cannot be generated or the file cannot be written.
+    pub fn rotate_if_due(&self) -> Result<(), KeyRingError> {
+        let now = self.clock.unix_seconds();
+        let ring = self.ring.load();
+        let stale = ring.previous.iter().any(|(_, retire)| *retire <= now);
+        if self.is_due(&ring, now) || stale {
+            self.rotate_at(now, false)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the current key now.
+    ///
+    /// # Errors
+    /// [`KeyRingError`] if a key cannot be generated or the file cannot be written.
+    pub fn rotate(&self) -> Result<(), KeyRingError> {
+        self.rotate_at(self.clock.unix_seconds(), true)
+    }
+
+    fn is_due(&self, ring: &Ring, now: i64) -> bool {
+        now.saturating_sub(ring.created_at) >= secs(self.rotate_every)
+    }
+
+    /// Under the lock, so that concurrent callers who all saw the key due rotate once.
+    fn rotate_at(&self, now: i64, force: bool) -> Result<(), KeyRingError> {
+        let _guard = self
+            .rotating
+            .lock()
+            .map_err(|_| KeyRingError::Key("rotation lock poisoned".into()))?;
+        let ring = self.ring.load();
+        let mut previous: Vec<(Minter, i64)> = ring
+            .previous
+            .iter()
+            .filter(|(_, retire)| *retire > now)
+            .cloned()
+            .collect();
+        let (current, created_at) = if force || self.is_due(&ring, now) {
+            previous.push((
+                ring.current.clone(),
+                now.saturating_add(secs(self.retain)),
+            ));
+            (fresh_minter()?, now)
+        } else {
+            (ring.current.clone(), ring.created_at)
+        };
+        let next = Ring {
+            current,
+            created_at,
+            previous,
+        };
+        self.save(&next)?;
+        if next.current.kid() != ring.current.kid() {
+            tracing::info!(kid = %next.current.kid(), "Txn-Token signing key rotated");
+        }
+        self.ring.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// The id of the key that signs now.
+    pub fn current_kid(&self) -> String {
+        self.ring.load().current.kid().to_owned()
+    }
+
+    /// Signs `claims` with the current key (rotating first if due).
+    ///
+    /// # Errors
+    /// [`MintError`] if signing fails.
+    pub fn mint(&self, claims: &TxnToken) -> Result<String, MintError> {
+        if let Err(e) = self.rotate_if_due() {
+            tracing::error!(error = %e, "Txn-Token key rotation failed; signing with the current key");
+        }
+        self.ring.load().current.mint(claims)
+    }
+
+    /// Every published key: key id -> public JWK (current first is not implied).
+    pub fn public_keys(&self) -> BTreeMap<String, Jwk> {
+        let now = self.clock.unix_seconds();
+        let ring = self.ring.load();
+        std::iter::once(&ring.current)
+            .chain(
+                ring.previous
+                    .iter()
+                    .filter(|(_, retire)| *retire > now)
+                    .map(|(m, _)| m),
+            )
+            .map(|m| (m.kid().to_owned(), m.jwk().clone()))
+            .collect()
+    }
+
+    /// The JWKS document (RFC 7517) of the published keys.
+    pub fn jwks(&self) -> serde_json::Value {
+        let keys: Vec<serde_json::Value> = self
+            .public_keys()
+            .into_iter()
+            .map(|(kid, jwk)| {
+                let mut key = serde_json::to_value(jwk).unwrap_or(serde_json::Value::Null);
+                if let serde_json::Value::Object(map) = &mut key {
+                    map.insert("kid".into(), kid.into());
+                    map.insert("use".into(), "sig".into());
+                    map.insert("alg".into(), "ES256".into());
+                }
+                key
+            })
+            .collect();
+        serde_json::json!({ "keys": keys })
+    }
+}
+
+fn fresh_minter() -> Result<Minter, KeyRingError> {
+    let key = PrivateKey::generate().map_err(|e| KeyRingError::Key(e.to_string()))?;
+    Minter::new(key).map_err(|e| KeyRingError::Key(e.to_string()))
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }

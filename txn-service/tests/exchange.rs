@@ -30,7 +30,7 @@ use writ_txn_service::exchange::{
 };
 use writ_txn_service::oidc::OidcValidator;
 use writ_txn_service::policy::Policy;
-use writ_txn_service::txn_token::Minter;
+use writ_txn_service::txn_token::{Minter, SigningKeys};
 
 /// Reads a whole response body (axum's own helper, so no extra dependency).
 mod http_body_util_shim {
@@ -90,7 +90,7 @@ fn harness_with(depth: Option<usize>) -> Harness {
         TrustDomain::new(TD).unwrap(),
         ISSUER,
         Policy::from_toml(POLICY).unwrap(),
-        minter.clone(),
+        Arc::new(SigningKeys::single(minter.clone(), Arc::new(clock.clone()))),
         Arc::new(clock.clone()),
     );
     if let Some(depth) = depth {
@@ -746,7 +746,7 @@ async fn exchanges_a_real_oidc_access_token() {
         TrustDomain::new(TD).unwrap(),
         ISSUER,
         policy,
-        minter.clone(),
+        Arc::new(SigningKeys::single(minter.clone(), Arc::new(clock.clone()))),
         Arc::new(clock.clone()),
     )
     .with_oidc(Arc::new(oidc));

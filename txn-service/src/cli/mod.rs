@@ -1,7 +1,8 @@
 //! The `writ` command line. Verbs follow what SPIRE users already type, in kebab-case
 //! flags: `writ server run`, `writ entry create|list|show|update|delete`,
 //! `writ token generate`, `writ bundle show`, `writ x509 mint`, `writ jwt mint`,
-//! `writ healthcheck`.
+//! `writ healthcheck`, `writ agent ...`, `writ api ...`, `writ txn run|decode`,
+//! `writ exchange`.
 
 mod agent;
 mod api;
@@ -9,6 +10,7 @@ mod bundle;
 mod entry;
 mod server;
 mod svid;
+mod txn;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,6 +54,11 @@ enum Command {
     /// Use the SPIFFE Workload API as this process.
     #[command(subcommand)]
     Api(api::ApiCommand),
+    /// Run the transaction token service, or decode a Txn-Token.
+    #[command(subcommand)]
+    Txn(txn::TxnCommand),
+    /// Exchange a subject token for a Txn-Token, authenticated by this workload's SVID.
+    Exchange(txn::ExchangeArgs),
     /// Check that the server (or, with --socket, the agent) answers.
     Healthcheck {
         #[command(flatten)]
@@ -139,6 +146,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Command::Agent(cmd) => agent::run(cmd).await,
             Command::Api(cmd) => api::run(cmd).await,
+            Command::Txn(cmd) => txn::run(cmd).await,
+            Command::Exchange(args) => txn::exchange(args).await,
             Command::Healthcheck {
                 agent_socket: Some(endpoint),
                 shallow,

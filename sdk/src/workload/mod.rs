@@ -18,6 +18,15 @@ pub const ENDPOINT_ENV: &str = "SPIFFE_ENDPOINT_SOCKET";
 /// Writ's default agent socket.
 pub const DEFAULT_ENDPOINT: &str = "unix:///tmp/writ/agent.sock";
 
+mod x509_source;
+
+pub use x509_source::{X509Snapshot, X509Source, X509SourceBuilder};
+
+/// The endpoint named by `SPIFFE_ENDPOINT_SOCKET`, or Writ's default.
+pub fn endpoint_from_env() -> String {
+    std::env::var(ENDPOINT_ENV).unwrap_or_else(|_| DEFAULT_ENDPOINT.to_owned())
+}
+
 /// Why a Workload API call failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -166,8 +175,7 @@ impl WorkloadClient {
     /// # Errors
     /// [`WorkloadError`] if the endpoint is malformed or unreachable.
     pub async fn connect_env() -> Result<Self, WorkloadError> {
-        let endpoint = std::env::var(ENDPOINT_ENV).unwrap_or_else(|_| DEFAULT_ENDPOINT.to_owned());
-        Self::connect(&endpoint).await
+        Self::connect(&endpoint_from_env()).await
     }
 
     /// Connects to `unix:///path` (or a plain absolute path).

@@ -1,0 +1,262 @@
+//! The RFC 8693 exchange client: asks the transaction token service for a Txn-Token over
+//! mTLS, authenticated by the workload's own X509-SVID.
+//!
+//! ```no_run
+//! # async fn demo(oidc_access_token: &str) -> Result<(), Box<dyn std::error::Error>> {
+//! use writ_sdk::exchange::{TxnClient, TxnRequest};
+//! use writ_sdk::workload::X509Source;
+//! let source = X509Source::new().await?;
+//! let client = TxnClient::new(&source, "https://127.0.0.1:8443")?;
+//! let issued = client
+//!     .exchange(TxnRequest::access_token(oidc_access_token).scope("orders.read"))
+//!     .await?;
+//! let narrower = client.replace(&issued.access_token, Some("orders.read")).await?;
+//! # let _ = narrower; Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::tls::{self, Authorizer, TlsError};
+use crate::txn_token::TOKEN_TYPE_URN;
+use crate::workload::X509Source;
+
+/// The RFC 8693 token exchange grant type.
+pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// RFC 8693 token type of an OAuth access token.
+pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+/// RFC 8693 token type of an OpenID Connect ID token.
+pub const ID_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:id_token";
+/// RFC 8693 token type of a JWT.
+pub const JWT_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+/// Longest response body read from the service.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExchangeError {
+    /// The service refused, with an RFC 6749 error code.
+    #[error("{code} (HTTP {status}): {description}")]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The RFC 6749 `error` code, e.g. `invalid_scope`.
+        code: String,
+        /// The `error_description`.
+        description: String,
+    },
+    /// The service could not be reached or the TLS handshake failed.
+    #[error("cannot reach the token service: {0}")]
+    Transport(String),
+    /// The service answered something that is not an RFC 8693 response.
+    #[error("malformed token service response: {0}")]
+    Response(String),
+    /// The TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+impl ExchangeError {
+    /// The RFC 6749 error code, when the service refused.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Refused { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// What to exchange.
+#[derive(Debug, Clone, Default)]
+pub struct TxnRequest {
+    subject_token: String,
+    subject_token_type: String,
+    scope: Option<String>,
+    request_details: Option<Value>,
+    request_context: Option<Value>,
+}
+
+impl TxnRequest {
+    /// Exchanges `token` of RFC 8693 type `token_type`.
+    pub fn new(token: impl Into<String>, token_type: impl Into<String>) -> Self {
+        Self {
+            subject_token: token.into(),
+            subject_token_type: token_type.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Exchanges an OAuth access token.
+    pub fn access_token(token: impl Into<String>) -> Self {
+        Self::new(token, ACCESS_TOKEN_TYPE)
+    }
+
+    /// Replaces a Txn-Token.
+    pub fn txn_token(token: impl Into<String>) -> Self {
+        Self::new(token, TOKEN_TYPE_URN)
+    }
+
+    /// Asks for these space-separated scopes (default: the subject token's).
+    pub fn scope(mut self, scope: impl Into<String>) -> Self {
+        self.scope = Some(scope.into());
+        self
+    }
+
+    /// Transaction details, which become the token's `tctx`.
+    pub fn request_details(mut self, details: Value) -> Self {
+        self.request_details = Some(details);
+        self
+    }
+
+    /// Request context, added to the token's `rctx`.
+    pub fn request_context(mut self, context: Value) -> Self {
+        self.request_context = Some(context);
+        self
+    }
+}
+
+/// A successful RFC 8693 response.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Issued {
+    /// The Txn-Token.
+    pub access_token: String,
+    /// `urn:ietf:params:oauth:token-type:txn_token`.
+    pub issued_token_type: String,
+    /// `N_A`.
+    pub token_type: String,
+    /// Seconds until the token expires.
+    pub expires_in: i64,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+    #[serde(default)]
+    error_description: String,
+}
+
+/// A client of one transaction token service.
+#[derive(Debug, Clone)]
+pub struct TxnClient {
+    http: reqwest::Client,
+    token_url: String,
+    audience: String,
+}
+
+impl TxnClient {
+    /// A client of the service at `base_url` (e.g. `https://127.0.0.1:8443`) that accepts
+    /// any server SVID of the workload's own trust domain and asks for tokens for that
+    /// trust domain.
+    ///
+    /// # Errors
+    /// [`ExchangeError::Tls`] if the TLS configuration cannot be built.
+    pub fn new(source: &X509Source, base_url: &str) -> Result<Self, ExchangeError> {
+        let td = source.svid().spiffe_id.trust_domain();
+        Self::with_server(source, base_url, Authorizer::member_of(td))
+    }
+
+    /// Like [`TxnClient::new`], accepting only a server `server` authorizes.
+    ///
+    /// # Errors
+    /// [`ExchangeError::Tls`] if the TLS configuration cannot be built.
+    pub fn with_server(
+        source: &X509Source,
+        base_url: &str,
+        server: Authorizer,
+    ) -> Result<Self, ExchangeError> {
+        let mut config = tls::client_config(source, server)?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(config)
+            .timeout(Duration::from_secs(30))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| ExchangeError::Transport(e.to_string()))?;
+        Ok(Self {
+            http,
+            token_url: format!("{}/token", base_url.trim_end_matches('/')),
+            audience: source.svid().spiffe_id.trust_domain().to_string(),
+        })
+    }
+
+    /// Exchanges `request.subject_token` for a Txn-Token.
+    ///
+    /// # Errors
+    /// [`ExchangeError::Refused`] with the service's error code, or a transport error.
+    pub async fn exchange(&self, request: TxnRequest) -> Result<Issued, ExchangeError> {
+        let mut form: Vec<(&str, String)> = vec![
+            ("grant_type", GRANT_TYPE.to_owned()),
+            ("requested_token_type", TOKEN_TYPE_URN.to_owned()),
+            ("audience", self.audience.clone()),
+            ("subject_token", request.subject_token),
+            ("subject_token_type", request.subject_token_type),
+        ];
+        if let Some(scope) = request.scope {
+            form.push(("scope", scope));
+        }
+        if let Some(details) = request.request_details {
+            form.push(("request_details", details.to_string()));
+        }
+        if let Some(context) = request.request_context {
+            form.push(("request_context", context.to_string()));
+        }
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let response = self
+            .http
+            .post(&self.token_url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| ExchangeError::Transport(error_chain(&e)))?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| ExchangeError::Transport(error_chain(&e)))?;
+        if bytes.len() > MAX_RESPONSE_BYTES {
+            return Err(ExchangeError::Response("response is too large".into()));
+        }
+        if status == 200 {
+            return serde_json::from_slice(&bytes)
+                .map_err(|e| ExchangeError::Response(e.to_string()));
+        }
+        let body: ErrorBody = serde_json::from_slice(&bytes)
+            .map_err(|_| ExchangeError::Response(format!("HTTP {status} without an error")))?;
+        Err(ExchangeError::Refused {
+            status,
+            code: body.error,
+            description: body.error_description,
+        })
+    }
+
+    /// Replaces `txn_token` with one that names this workload as the current actor,
+    /// narrowed to `scope` when given.
+    ///
+    /// # Errors
+    /// As [`TxnClient::exchange`].
+    pub async fn replace(&self, txn_token: &str, scope: Option<&str>) -> Result<Issued, ExchangeError> {
+        let mut request = TxnRequest::txn_token(txn_token);
+        if let Some(scope) = scope {
+            request = request.scope(scope);
+        }
+        self.exchange(request).await
+    }
+}
+
+/// An error and its sources on one line (TLS alerts hide in the sources).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

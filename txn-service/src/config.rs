@@ -1,0 +1,452 @@
+//! `txn.toml`, the transaction token service's configuration, and [`TxnServer`], the
+//! running service built from it.
+//!
+//! ```toml
+//! listen = "127.0.0.1:8443"              # HTTPS address
+//! issuer = "https://127.0.0.1:8443"      # `iss` of issued tokens; default https://<listen>
+//! workload_api = "unix:///tmp/writ/agent.sock"  # default: SPIFFE_ENDPOINT_SOCKET, then this
+//! spiffe_id = "spiffe://example.org/writ/tts"   # which SVID to present, if given several
+//! data_dir = "./writ-txn"                # signing keys (0600)
+//! audit_log = "./writ-txn/audit.log"     # default <data_dir>/audit.log; "-" (or no data_dir): stdout
+//! token_lifetime = "5m"                  # default lifetime (policy caps it)
+//! max_chain_depth = 8
+//! key_rotation = "24h"                   # old keys stay published until their tokens expire
+//! subject_token_cache = true             # remember validated subject tokens until they expire
+//! client_assertions = false              # accept JWT-SVID client assertions (policy per caller)
+//!
+//! [[oidc]]
+//! issuer = "https://idp.example.com"
+//! audiences = ["writ"]
+//! subject_claim = "sub"                  # default
+//! scope_claim = "scope"                  # default
+//! algorithms = ["RS256", "ES256"]        # default RS256, ES256, PS256, EdDSA; never none/HS*
+//! leeway = "30s"
+//! ca_file = "idp-ca.pem"                 # TLS roots for discovery and JWKS (default: system)
+//!
+//! [policy]                               # see `writ_txn_service::policy`
+//! max_lifetime = "15m"
+//! [[policy.caller]]
+//! id = "spiffe://example.org/gateway"
+//! subject_token_types = ["access_token"]
+//! max_scope = ["orders.read"]
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+use serde::Deserialize;
+use writ_identity::clock::{SharedClock, SystemClock};
+use writ_identity::spiffe_id::SpiffeId;
+use writ_sdk::workload::{WorkloadClient, WorkloadError, X509Source};
+
+use crate::audit::AuditLog;
+use crate::exchange::{DEFAULT_LIFETIME, DEFAULT_MAX_CHAIN_DEPTH, ExchangeService};
+use crate::listener::{self, ServeError};
+use crate::oidc::{IssuerConfig, OidcError, OidcValidator};
+use crate::policy::{FilePolicy, Policy, PolicyError};
+use crate::txn_token::{KeyRingError, SigningKeys};
+
+/// Default HTTPS address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+/// Default signing key rotation period.
+pub const DEFAULT_KEY_ROTATION: Duration = Duration::from_secs(24 * 3600);
+/// Deepest chain a configuration may allow.
+pub const MAX_CHAIN_DEPTH_LIMIT: usize = 16;
+/// Name of the key ring file in `data_dir`.
+pub const KEYS_FILE: &str = "signing-keys.json";
+
+/// Why the service could not be configured or started.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TxnConfigError {
+    /// The TOML is malformed or has unknown fields.
+    #[error("txn.toml: {0}")]
+    Syntax(String),
+    /// A value is out of range.
+    #[error("txn.toml: {0}")]
+    Invalid(String),
+    /// The policy is invalid.
+    #[error("txn.toml [policy]: {0}")]
+    Policy(#[from] PolicyError),
+    /// An OIDC issuer is invalid.
+    #[error("txn.toml [[oidc]]: {0}")]
+    Oidc(#[from] OidcError),
+    /// The Workload API did not give the service its identity.
+    #[error("workload identity: {0}")]
+    Workload(#[from] WorkloadError),
+    /// The signing keys could not be loaded or created.
+    #[error(transparent)]
+    Keys(#[from] KeyRingError),
+    /// The listener could not start.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    /// A file could not be read or written.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// `txn.toml` as serde reads it; every field optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TxnFileConfig {
+    /// HTTPS address.
+    pub listen: Option<String>,
+    /// `iss` of issued tokens and base of the metadata URLs.
+    pub issuer: Option<String>,
+    /// Workload API endpoint.
+    pub workload_api: Option<String>,
+    /// The SVID to present when the agent issues several.
+    pub spiffe_id: Option<String>,
+    /// Where the signing keys live (none: keys live in memory only).
+    pub data_dir: Option<PathBuf>,
+    /// Audit log file, or `-` for standard output.
+    pub audit_log: Option<String>,
+    /// Default token lifetime.
+    pub token_lifetime: Option<String>,
+    /// Deepest `act` chain.
+    pub max_chain_depth: Option<usize>,
+    /// Signing key rotation period.
+    pub key_rotation: Option<String>,
+    /// Cache subject token validations.
+    pub subject_token_cache: Option<bool>,
+    /// Accept JWT-SVID client assertions.
+    pub client_assertions: Option<bool>,
+    /// Trusted OpenID Providers.
+    #[serde(default)]
+    pub oidc: Vec<FileIssuer>,
+    /// The issuance policy.
+    #[serde(default)]
+    pub policy: FilePolicy,
+}
+
+/// One `[[oidc]]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileIssuer {
+    /// Issuer identifier.
+    pub issuer: String,
+    /// Accepted audiences.
+    pub audiences: Vec<String>,
+    /// Subject claim (default `sub`).
+    pub subject_claim: Option<String>,
+    /// Scope claim (default `scope`).
+    pub scope_claim: Option<String>,
+    /// Allowed algorithms.
+    pub algorithms: Option<Vec<String>>,
+    /// Clock skew tolerance.
+    pub leeway: Option<String>,
+    /// PEM file of TLS roots for this issuer.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct TxnConfig {
+    /// HTTPS address.
+    pub listen: SocketAddr,
+    /// `iss` of issued tokens.
+    pub issuer: String,
+    /// Workload API endpoint.
+    pub workload_api: String,
+    /// The SVID to present.
+    pub spiffe_id: Option<SpiffeId>,
+    /// Where the signing keys live.
+    pub data_dir: Option<PathBuf>,
+    /// Audit log file; `None` is standard output.
+    pub audit_log: Option<PathBuf>,
+    /// Default token lifetime.
+    pub token_lifetime: Duration,
+    /// Deepest `act` chain.
+    pub max_chain_depth: usize,
+    /// Key rotation period.
+    pub key_rotation: Duration,
+    /// Cache subject token validations.
+    pub subject_token_cache: bool,
+    /// Accept JWT-SVID client assertions.
+    pub client_assertions: bool,
+    /// OpenID Providers.
+    pub oidc: Vec<IssuerConfig>,
+    /// The policy.
+    pub policy: Policy,
+}
+
+fn duration(field: &str, text: Option<&str>, default: Duration) -> Result<Duration, TxnConfigError> {
+    match text {
+        None => Ok(default),
+        Some(t) => {
+            let d = writ_identity::server::config::parse_duration(t)
+                .map_err(|e| TxnConfigError::Invalid(format!("`{field}`: {e}")))?;
+            if d.is_zero() {
+                return Err(TxnConfigError::Invalid(format!("`{field}` must be positive")));
+            }
+            Ok(d)
+        }
+    }
+}
+
+impl TxnConfig {
+    /// Parses and validates `txn.toml`; relative `ca_file`s are read relative to `base`.
+    ///
+    /// # Errors
+    /// [`TxnConfigError`] for the first problem found.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Self, TxnConfigError> {
+        let file: TxnFileConfig =
+            toml::from_str(text).map_err(|e| TxnConfigError::Syntax(e.message().to_owned()))?;
+        Self::from_file(file, base)
+    }
+
+    /// Validates a parsed file.
+    ///
+    /// # Errors
+    /// [`TxnConfigError`] for the first problem found.
+    pub fn from_file(file: TxnFileConfig, base: &Path) -> Result<Self, TxnConfigError> {
+        let listen_text = file.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen = SocketAddr::from_str(listen_text).map_err(|_| {
+            TxnConfigError::Invalid(format!("`listen` is not an address: {listen_text:?}"))
+        })?;
+        let issuer = file
+            .issuer
+            .unwrap_or_else(|| format!("https://{listen}"))
+            .trim_end_matches('/')
+            .to_owned();
+        let parsed = url::Url::parse(&issuer)
+            .map_err(|_| TxnConfigError::Invalid("`issuer` is not a URL".into()))?;
+        if parsed.scheme() != "https" || parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err(TxnConfigError::Invalid(
+                "`issuer` must be an https URL without query or fragment (RFC 8414)".into(),
+            ));
+        }
+        let spiffe_id = file
+            .spiffe_id
+            .as_deref()
+            .map(SpiffeId::new)
+            .transpose()
+            .map_err(|e| TxnConfigError::Invalid(format!("`spiffe_id`: {e}")))?;
+        let max_chain_depth = file.max_chain_depth.unwrap_or(DEFAULT_MAX_CHAIN_DEPTH);
+        if !(1..=MAX_CHAIN_DEPTH_LIMIT).contains(&max_chain_depth) {
+            return Err(TxnConfigError::Invalid(format!(
+                "`max_chain_depth` must be 1 to {MAX_CHAIN_DEPTH_LIMIT}"
+            )));
+        }
+        let policy = Policy::try_from(file.policy)?;
+        let token_lifetime = duration(
+            "token_lifetime",
+            file.token_lifetime.as_deref(),
+            DEFAULT_LIFETIME,
+        )?;
+        if token_lifetime > policy.max_lifetime() {
+            return Err(TxnConfigError::Invalid(
+                "`token_lifetime` exceeds the policy's `max_lifetime`".into(),
+            ));
+        }
+        let oidc = file
+            .oidc
+            .into_iter()
+            .map(|i| issuer_config(i, base))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            listen,
+            issuer,
+            workload_api: file
+                .workload_api
+                .unwrap_or_else(writ_sdk::workload::endpoint_from_env),
+            spiffe_id,
+            data_dir: file.data_dir.clone(),
+            audit_log: match file.audit_log.as_deref() {
+                Some("-") => None,
+                Some(path) => Some(PathBuf::from(path)),
+                None => file.data_dir.as_ref().map(|d| d.join("audit.log")),
+            },
+            token_lifetime,
+            max_chain_depth,
+            key_rotation: duration(
+                "key_rotation",
+                file.key_rotation.as_deref(),
+                DEFAULT_KEY_ROTATION,
+            )?,
+            subject_token_cache: file.subject_token_cache.unwrap_or(true),
+            client_assertions: file.client_assertions.unwrap_or(false),
+            oidc,
+            policy,
+        })
+    }
+}
+
+fn issuer_config(file: FileIssuer, base: &Path) -> Result<IssuerConfig, TxnConfigError> {
+    let mut config = IssuerConfig::new(file.issuer, file.audiences);
+    if let Some(claim) = file.subject_claim {
+        config.subject_claim = claim;
+    }
+    if let Some(claim) = file.scope_claim {
+        config.scope_claim = claim;
+    }
+    if let Some(names) = file.algorithms {
+        config.algorithms = names
+            .iter()
+            .map(|n| {
+                Algorithm::from_str(n)
+                    .map_err(|_| TxnConfigError::Invalid(format!("unknown algorithm `{n}`")))
+            })
+            .collect::<Result<_, _>>()?;
+    }
+    config.leeway = duration("leeway", file.leeway.as_deref(), config.leeway)?;
+    if let Some(ca) = file.ca_file {
+        let path = base.join(ca);
+        config.ca_bundle_pem = Some(std::fs::read_to_string(&path).map_err(|e| {
+            TxnConfigError::File {
+                path,
+                reason: e.to_string(),
+            }
+        })?);
+    }
+    Ok(config)
+}
+
+/// A running transaction token service.
+#[derive(Debug)]
+pub struct TxnServer {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The service (its audit log and keys are reachable from here).
+    pub service: Arc<ExchangeService>,
+    /// The service's own identity.
+    pub source: X509Source,
+    task: tokio::task::JoinHandle<Result<(), ServeError>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl TxnServer {
+    /// Gets the service's SVID from the Workload API, builds the service and starts
+    /// serving on `config.listen`, with the system clock.
+    ///
+    /// # Errors
+    /// [`TxnConfigError`] if any part cannot start.
+    pub async fn start(config: TxnConfig) -> Result<Self, TxnConfigError> {
+        Self::start_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// As [`TxnServer::start`], reading time from `clock`.
+    ///
+    /// # Errors
+    /// [`TxnConfigError`] if any part cannot start.
+    pub async fn start_with_clock(
+        config: TxnConfig,
+        clock: SharedClock,
+    ) -> Result<Self, TxnConfigError> {
+        let mut builder = X509Source::builder().endpoint(config.workload_api.clone());
+        if let Some(id) = &config.spiffe_id {
+            builder = builder.spiffe_id(id.clone());
+        }
+        let source = builder.build().await?;
+        let trust_domain = source.svid().spiffe_id.trust_domain();
+        let retain = config.policy.max_lifetime() + Duration::from_secs(60);
+        let keys = match &config.data_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| TxnConfigError::File {
+                    path: dir.clone(),
+                    reason: e.to_string(),
+                })?;
+                SigningKeys::load_or_create(
+                    dir.join(KEYS_FILE),
+                    clock.clone(),
+                    config.key_rotation,
+                    retain,
+                )?
+            }
+            None => SigningKeys::ephemeral(clock.clone(), config.key_rotation, retain)?,
+        };
+        let audit = match &config.audit_log {
+            Some(path) => AuditLog::open(path).map_err(|e| TxnConfigError::File {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?,
+            None => AuditLog::stdout(),
+        };
+        let mut service = ExchangeService::new(
+            trust_domain,
+            config.issuer.clone(),
+            config.policy.clone(),
+            Arc::new(keys),
+            clock.clone(),
+        )
+        .with_default_lifetime(config.token_lifetime)
+        .with_max_chain_depth(config.max_chain_depth)
+        .with_audit(audit);
+        if !config.oidc.is_empty() {
+            service = service.with_oidc(Arc::new(OidcValidator::new(config.oidc.clone(), clock)?));
+        }
+        if config.subject_token_cache {
+            service = service.with_subject_cache();
+        }
+        if config.client_assertions {
+            service =
+                service.with_client_assertions(WorkloadClient::connect(&config.workload_api).await?);
+        }
+        let service = Arc::new(service);
+        let tcp = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| TxnConfigError::Serve(ServeError::Io(e)))?;
+        let addr = tcp
+            .local_addr()
+            .map_err(|e| TxnConfigError::Serve(ServeError::Io(e)))?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = {
+            let service = service.clone();
+            let source = source.clone();
+            tokio::spawn(async move {
+                listener::serve(service, &source, tcp, async move {
+                    let _ = stopped.await;
+                })
+                .await
+            })
+        };
+        tracing::info!(%addr, issuer = %config.issuer, spiffe_id = %source.svid().spiffe_id, "transaction token service listening");
+        Ok(Self {
+            addr,
+            service,
+            source,
+            task,
+            stop: Some(stop),
+        })
+    }
+
+    /// Stops accepting, lets requests in flight finish, and waits.
+    ///
+    /// # Errors
+    /// [`ServeError`] if the listener failed.
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match (&mut self.task).await {
+            Ok(result) => result,
+            Err(e) => Err(ServeError::Io(std::io::Error::other(e.to_string()))),
+        }
+    }
+
+    /// Waits until the listener stops (it runs until shut down).
+    ///
+    /// # Errors
+    /// [`ServeError`] if the listener failed.
+    pub async fn wait(mut self) -> Result<(), ServeError> {
+        match (&mut self.task).await {
+            Ok(result) => result,
+            Err(e) => Err(ServeError::Io(std::io::Error::other(e.to_string()))),
+        }
+    }
+}
+
+impl Drop for TxnServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
