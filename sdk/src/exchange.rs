@@ -240,7 +240,11 @@ impl TxnClient {
     ///
     /// # Errors
     /// As [`TxnClient::exchange`].
-    pub async fn replace(&self, txn_token: &str, scope: Option<&str>) -> Result<Issued, ExchangeError> {
+    pub async fn replace(
+        &self,
+        txn_token: &str,
+        scope: Option<&str>,
+    ) -> Result<Issued, ExchangeError> {
         let mut request = TxnRequest::txn_token(txn_token);
         if let Some(scope) = scope {
             request = request.scope(scope);

@@ -75,9 +75,12 @@ impl Authorizer {
         let prefix = prefix.into().trim_end_matches('/').to_owned();
         Self(Arc::new(move |peer| {
             peer.trust_domain() == trust_domain
-                && peer.path().strip_prefix(prefix.as_str()).is_some_and(|rest| {
-                    rest.is_empty() || rest.starts_with('/') || prefix.is_empty()
-                })
+                && peer
+                    .path()
+                    .strip_prefix(prefix.as_str())
+                    .is_some_and(|rest| {
+                        rest.is_empty() || rest.starts_with('/') || prefix.is_empty()
+                    })
         }))
     }
 
@@ -97,7 +100,10 @@ impl Authorizer {
 ///
 /// # Errors
 /// [`TlsError`] if rustls refuses the configuration.
-pub fn server_config(source: &X509Source, authorizer: Authorizer) -> Result<ServerConfig, TlsError> {
+pub fn server_config(
+    source: &X509Source,
+    authorizer: Authorizer,
+) -> Result<ServerConfig, TlsError> {
     build_server(source, authorizer, true)
 }
 
@@ -135,7 +141,10 @@ fn build_server(
 ///
 /// # Errors
 /// [`TlsError`] if rustls refuses the configuration.
-pub fn client_config(source: &X509Source, authorizer: Authorizer) -> Result<ClientConfig, TlsError> {
+pub fn client_config(
+    source: &X509Source,
+    authorizer: Authorizer,
+) -> Result<ClientConfig, TlsError> {
     let verifier = SpiffeServerVerifier::new(source.bundle_source(), authorizer.0.clone());
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?

@@ -8,6 +8,8 @@
     reason = "test harness: a failed setup step should abort the test loudly"
 )]
 
+pub mod python;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

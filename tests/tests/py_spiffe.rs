@@ -18,177 +18,25 @@
     reason = "test code: a failed setup step should abort the test loudly"
 )]
 
-use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use writ_tests::python::{Python, python};
 use writ_tests::{Stack, available, uid_selector};
 
-/// The py-spiffe release these tests pin.
-const PY_SPIFFE_VERSION: &str = "0.3.2";
 /// Why a reset stream most likely happened.
 const AUTHORITY_HINT: &str = "gRPC C-core (py-spiffe's transport) sends the percent-encoded socket \
      path as `:authority` over a Unix socket (`tmp%2Fdir%2Fagent.sock`), which the h2 crate's \
      server rejects with PROTOCOL_ERROR (hyperium/h2#487): the agent must accept it";
-/// File in the install directory naming the package and the interpreter it was
-/// installed for.
-const STAMP: &str = "writ-install.txt";
-/// Longest a pip install may take before it counts as failed.
-const PIP_TIMEOUT: Duration = Duration::from_secs(300);
 /// Longest one interop script may run.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("interop/py")
         .join(name)
-}
-
-/// The Python interpreter and the directory py-spiffe is installed in.
-struct Python {
-    /// The real interpreter binary (symlinks and pyenv shims resolved): the path the
-    /// attestor sees in `/proc/<pid>/exe`.
-    exe: PathBuf,
-    /// The `pip install --target` directory, for `PYTHONPATH`.
-    site: PathBuf,
-}
-
-/// Runs `cmd` to completion, killing it after `timeout`. Returns (success, stdout, stderr).
-fn run_bounded(cmd: &mut Command, timeout: Duration) -> Option<(bool, String, String)> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .ok()?;
-    // Drain the pipes on threads so a chatty child cannot block on a full pipe.
-    let mut out = child.stdout.take()?;
-    let mut err = child.stderr.take()?;
-    let out_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut out, &mut s);
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut err, &mut s);
-        s
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().ok()? {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let stdout = out_reader.join().unwrap_or_default();
-    let mut stderr = err_reader.join().unwrap_or_default();
-    if status.is_none() {
-        stderr.push_str(&format!("\n(killed after {timeout:?})"));
-    }
-    Some((status.is_some_and(|s| s.success()), stdout, stderr))
-}
-
-/// Finds Python 3 and makes sure py-spiffe is installed; `None` (after saying why) when
-/// that is not possible.
-fn python() -> Option<Python> {
-    let probe = run_bounded(
-        Command::new("python3").args([
-            "-c",
-            "import os, sys; print(os.path.realpath(sys.executable)); print(sys.version)",
-        ]),
-        Duration::from_secs(30),
-    );
-    let Some((true, stdout, _)) = probe else {
-        eprintln!("python3 not found or not runnable");
-        return None;
-    };
-    let mut lines = stdout.lines();
-    let exe = PathBuf::from(lines.next()?.trim());
-    let version = lines.next().unwrap_or_default().trim().to_owned();
-    if !version.starts_with('3') || !exe.is_absolute() {
-        eprintln!("python3 is not Python 3: {stdout}");
-        return None;
-    }
-    // Compiled dependencies (grpcio, cryptography) are built for one interpreter: an
-    // install made by another one is redone.
-    let stamp = format!(
-        "spiffe=={PY_SPIFFE_VERSION}\n{}\n{version}\n",
-        exe.display()
-    );
-
-    let interop = workspace_root().join(".interop");
-    std::fs::create_dir_all(&interop).ok()?;
-    let site = interop.join("py");
-    let installed = || {
-        site.join("spiffe").is_dir()
-            && std::fs::read_to_string(site.join(STAMP)).is_ok_and(|s| s == stamp)
-    };
-    if installed() {
-        return Some(Python { exe, site });
-    }
-    // One installer at a time, across the tests of this binary and other test processes.
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(interop.join("py.lock"))
-        .ok()?;
-    lock.lock().ok()?;
-    if installed() {
-        return Some(Python { exe, site });
-    }
-    // Install next to the final place and rename, so a failed install leaves nothing
-    // that looks installed.
-    let staging = interop.join(format!("py.staging-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    let result = run_bounded(
-        Command::new(&exe)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(["--no-warn-script-location", "--target"])
-            .arg(&staging)
-            .arg(format!("spiffe=={PY_SPIFFE_VERSION}"))
-            .env("PIP_ROOT_USER_ACTION", "ignore"),
-        PIP_TIMEOUT,
-    );
-    let ok = match result {
-        Some((true, _, _)) if staging.join("spiffe").is_dir() => {
-            let _ = std::fs::remove_dir_all(&site);
-            std::fs::write(staging.join(STAMP), &stamp).is_ok()
-                && std::fs::rename(&staging, &site).is_ok()
-        }
-        Some((_, stdout, stderr)) => {
-            eprintln!("pip install spiffe=={PY_SPIFFE_VERSION} failed:\n{stdout}\n{stderr}");
-            false
-        }
-        None => {
-            eprintln!("cannot run {} -m pip", exe.display());
-            false
-        }
-    };
-    let _ = std::fs::remove_dir_all(&staging);
-    drop(lock);
-    ok.then_some(Python { exe, site })
 }
 
 /// Python with py-spiffe, or `None` when the test should skip (panics in CI).

@@ -179,14 +179,20 @@ pub struct TxnConfig {
     pub policy: Policy,
 }
 
-fn duration(field: &str, text: Option<&str>, default: Duration) -> Result<Duration, TxnConfigError> {
+fn duration(
+    field: &str,
+    text: Option<&str>,
+    default: Duration,
+) -> Result<Duration, TxnConfigError> {
     match text {
         None => Ok(default),
         Some(t) => {
             let d = writ_identity::server::config::parse_duration(t)
                 .map_err(|e| TxnConfigError::Invalid(format!("`{field}`: {e}")))?;
             if d.is_zero() {
-                return Err(TxnConfigError::Invalid(format!("`{field}` must be positive")));
+                return Err(TxnConfigError::Invalid(format!(
+                    "`{field}` must be positive"
+                )));
             }
             Ok(d)
         }
@@ -301,12 +307,13 @@ fn issuer_config(file: FileIssuer, base: &Path) -> Result<IssuerConfig, TxnConfi
     config.leeway = duration("leeway", file.leeway.as_deref(), config.leeway)?;
     if let Some(ca) = file.ca_file {
         let path = base.join(ca);
-        config.ca_bundle_pem = Some(std::fs::read_to_string(&path).map_err(|e| {
-            TxnConfigError::File {
-                path,
-                reason: e.to_string(),
-            }
-        })?);
+        config.ca_bundle_pem =
+            Some(
+                std::fs::read_to_string(&path).map_err(|e| TxnConfigError::File {
+                    path,
+                    reason: e.to_string(),
+                })?,
+            );
     }
     Ok(config)
 }
@@ -388,8 +395,8 @@ impl TxnServer {
             service = service.with_subject_cache();
         }
         if config.client_assertions {
-            service =
-                service.with_client_assertions(WorkloadClient::connect(&config.workload_api).await?);
+            service = service
+                .with_client_assertions(WorkloadClient::connect(&config.workload_api).await?);
         }
         let service = Arc::new(service);
         let tcp = tokio::net::TcpListener::bind(config.listen)

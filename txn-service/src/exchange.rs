@@ -55,7 +55,9 @@ use writ_sdk::txn_token::{Actor, TOKEN_TYPE_URN, TxnToken, TxnVerifier};
 use writ_sdk::workload::WorkloadClient;
 
 use crate::audit::{AuditLog, AuditRecord};
-use crate::oidc::{OidcError, OidcValidator, SubjectTokenType, ValidatedSubject, token_fingerprint};
+use crate::oidc::{
+    OidcError, OidcValidator, SubjectTokenType, ValidatedSubject, token_fingerprint,
+};
 use crate::policy::{CallerRule, Policy, SubjectTokenKind, is_scope_token};
 use crate::rate_limit::RateLimiter;
 use crate::txn_token::{MintError, SigningKeys};
@@ -694,7 +696,9 @@ impl ExchangeService {
                     .await
                     .map_err(|e| {
                         tracing::info!(error = %e, "client assertion refused");
-                        ExchangeError::invalid_client("client assertion is not a valid JWT-SVID for this service")
+                        ExchangeError::invalid_client(
+                            "client assertion is not a valid JWT-SVID for this service",
+                        )
                     })?;
                 if !self
                     .policy

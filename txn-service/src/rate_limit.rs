@@ -103,7 +103,10 @@ mod tests {
         assert!(limiter.check("a", rate).is_err());
         clock.advance(Duration::from_secs(60));
         for _ in 0..3 {
-            assert!(limiter.check("a", rate).is_ok(), "refills to the burst only");
+            assert!(
+                limiter.check("a", rate).is_ok(),
+                "refills to the burst only"
+            );
         }
         assert!(limiter.check("a", rate).is_err());
     }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
-use writ_identity::clock::SharedClock;
 use writ_identity::bundle::Jwk;
+use writ_identity::clock::SharedClock;
 use writ_identity::key_manager::PrivateKey;
 use writ_sdk::txn_token::{TXN_TOKEN_TYP, TxnToken};
 
@@ -315,10 +315,7 @@ impl SigningKeys {
             .cloned()
             .collect();
         let (current, created_at) = if force || self.is_due(&ring, now) {
-            previous.push((
-                ring.current.clone(),
-                now.saturating_add(secs(self.retain)),
-            ));
+            previous.push((ring.current.clone(), now.saturating_add(secs(self.retain))));
             (fresh_minter()?, now)
         } else {
             (ring.current.clone(), ring.created_at)

@@ -20,7 +20,7 @@ pub const DEFAULT_ENDPOINT: &str = "unix:///tmp/writ/agent.sock";
 
 mod x509_source;
 
-pub use x509_source::{X509Snapshot, X509Source, X509SourceBuilder};
+pub use x509_source::{DEFAULT_WAIT, X509Snapshot, X509Source, X509SourceBuilder};
 
 /// The endpoint named by `SPIFFE_ENDPOINT_SOCKET`, or Writ's default.
 pub fn endpoint_from_env() -> String {

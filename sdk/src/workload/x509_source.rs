@@ -23,6 +23,8 @@ use super::{WorkloadClient, WorkloadError, X509Context};
 
 /// First reconnect delay after the stream fails.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// How long [`X509SourceBuilder::build`] waits for an identity by default.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(10);
 /// Longest reconnect delay.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -40,6 +42,7 @@ pub struct X509Snapshot {
 pub struct X509SourceBuilder {
     endpoint: Option<String>,
     spiffe_id: Option<SpiffeId>,
+    wait: Option<Duration>,
 }
 
 impl X509SourceBuilder {
@@ -56,19 +59,40 @@ impl X509SourceBuilder {
         self
     }
 
+    /// Keeps trying for up to `wait` while the agent is unreachable or has not issued
+    /// the identity yet (a workload often starts before its registration reaches the
+    /// agent). Default: [`DEFAULT_WAIT`].
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = Some(wait);
+        self
+    }
+
     /// Connects, waits for the first usable snapshot and starts following updates.
     ///
     /// # Errors
-    /// [`WorkloadError`] if the agent is unreachable, issues no identity (or not the one
-    /// asked for), or sends an expired or malformed SVID.
+    /// [`WorkloadError`] if, for the whole wait, the agent is unreachable or issues no
+    /// identity (or not the one asked for); at once if it sends an expired or malformed
+    /// SVID.
     pub async fn build(self) -> Result<X509Source, WorkloadError> {
         let endpoint = match self.endpoint {
             Some(e) => e,
             None => super::endpoint_from_env(),
         };
-        let mut client = WorkloadClient::connect(&endpoint).await?;
-        let mut watch = client.watch_x509().await?;
-        let first = snapshot(&watch.next().await?, self.spiffe_id.as_ref())?;
+        let deadline = tokio::time::Instant::now() + self.wait.unwrap_or(DEFAULT_WAIT);
+        let (watch, first) = loop {
+            let attempt = async {
+                let mut client = WorkloadClient::connect(&endpoint).await?;
+                let mut watch = client.watch_x509().await?;
+                let first = snapshot(&watch.next().await?, self.spiffe_id.as_ref())?;
+                Ok::<_, WorkloadError>((watch, first))
+            };
+            match attempt.await {
+                Ok(ok) => break ok,
+                Err(WorkloadError::Malformed(m)) => return Err(WorkloadError::Malformed(m)),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(BACKOFF_MIN).await,
+            }
+        };
         let resolver = SvidResolver::new();
         resolver
             .set(&first.svid)
@@ -152,7 +176,12 @@ impl X509Source {
 
     /// The current bundle of `trust_domain`: the own one or a federated one.
     pub fn bundle(&self, trust_domain: &TrustDomain) -> Option<Bundle> {
-        self.shared.current.load().bundles.get(trust_domain).cloned()
+        self.shared
+            .current
+            .load()
+            .bundles
+            .get(trust_domain)
+            .cloned()
     }
 
     /// Every bundle, read fresh at each call (for the verifiers of [`writ_identity::tls`]).

@@ -34,11 +34,16 @@ pub fn skip(reason: &str) -> Option<Provider> {
     None
 }
 
-pub fn interop_dir() -> PathBuf {
+/// The workspace root (every crate including this file sits one level below it).
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(".interop")
-        .join("node")
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub fn interop_dir() -> PathBuf {
+    workspace_root().join(".interop").join("node")
 }
 
 pub fn have(cmd: &str) -> bool {
@@ -141,7 +146,7 @@ impl Provider {
             Ok(m) => m,
             Err(e) => return skip(&e),
         };
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oidc/provider.js");
+        let script = workspace_root().join("txn-service/tests/oidc/provider.js");
         let mut child = match Command::new("node")
             .arg(&script)
             .arg(&modules)
