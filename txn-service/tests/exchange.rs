@@ -25,6 +25,7 @@ use writ_identity::clock::{Clock, ManualClock};
 use writ_identity::key_manager::PrivateKey;
 use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
 use writ_sdk::txn_token::{TOKEN_TYPE_URN, TXN_TOKEN_TYP, TxnToken, TxnVerifier};
+use writ_txn_service::audit::AuditLog;
 use writ_txn_service::exchange::{
     CallerId, ExchangeService, GRANT_TYPE, MAX_BODY_BYTES, MAX_CONTEXT_BYTES, router,
 };
@@ -97,11 +98,28 @@ fn harness_with(depth: Option<usize>) -> Harness {
         service = service.with_max_chain_depth(depth);
     }
     Harness {
-        app: router(Arc::new(service)),
+        app: router(audited(service)),
         clock,
         minter,
         verifier,
     }
+}
+
+thread_local! {
+    /// The audit log of the service the current test talks to (tests run on one thread).
+    static AUDIT: std::cell::RefCell<Option<AuditLog>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Shares `service` and remembers its audit log for [`assert_error`].
+fn audited(service: ExchangeService) -> Arc<ExchangeService> {
+    AUDIT.with(|a| *a.borrow_mut() = Some(service.audit().clone()));
+    Arc::new(service)
+}
+
+/// The last audit line of the current test's service.
+fn last_audit() -> Value {
+    let lines = AUDIT.with(|a| a.borrow().as_ref().map(AuditLog::lines).unwrap_or_default());
+    serde_json::from_str(lines.last().expect("an audit line")).unwrap()
 }
 
 fn harness() -> Harness {
@@ -199,6 +217,14 @@ fn assert_error(reply: &Reply, status: StatusCode, code: &str) {
     assert!(reply.body["error_description"].is_string());
     assert_eq!(reply.cache_control.as_deref(), Some("no-store"));
     assert!(reply.body.get("access_token").is_none());
+    // Nothing was minted, and the audit line says so.
+    let line = last_audit();
+    assert_eq!(line["decision"], "refused", "{line}");
+    assert_eq!(line["error"], code, "{line}");
+    assert!(
+        line["granted_scope"].is_null() && line["txn"].is_null(),
+        "{line}"
+    );
 }
 
 /// Checks the success response shape and returns the verified claims.
@@ -751,7 +777,7 @@ async fn exchanges_a_real_oidc_access_token() {
     )
     .with_oidc(Arc::new(oidc));
     let h = Harness {
-        app: router(Arc::new(service)),
+        app: router(audited(service)),
         clock,
         minter,
         verifier,
@@ -853,3 +879,134 @@ fn reply_token(reply: &Reply) -> String {
 
 #[path = "oidc/harness.rs"]
 mod oidc_provider;
+
+/// Every way an OIDC subject token can be bad, through the exchange: `invalid_request`
+/// (RFC 8693 section 2.2.2), nothing minted, one refused audit line each.
+#[tokio::test]
+async fn bad_oidc_subject_tokens_are_invalid_request() {
+    let Some(provider) = oidc_provider::Provider::start() else {
+        return;
+    };
+    let clock = ManualClock::new(std::time::SystemTime::now());
+    let service_for = |audience: &str| {
+        let mut config = provider.config();
+        config.audiences = vec![audience.to_owned()];
+        let oidc = OidcValidator::new(vec![config], Arc::new(clock.clone())).unwrap();
+        let minter = Minter::new(PrivateKey::generate().unwrap()).unwrap();
+        let service = ExchangeService::new(
+            TrustDomain::new(TD).unwrap(),
+            ISSUER,
+            Policy::from_toml(
+                r#"
+                [[caller]]
+                id = "spiffe://example.org/gateway"
+                subject_token_types = ["access_token"]
+                max_scope = ["read", "write"]
+                "#,
+            )
+            .unwrap(),
+            Arc::new(SigningKeys::single(minter, Arc::new(clock.clone()))),
+            Arc::new(clock.clone()),
+        )
+        .with_oidc(Arc::new(oidc));
+        router(audited(service))
+    };
+    let body = |token: &str| {
+        form(&[
+            ("grant_type", GRANT_TYPE),
+            ("requested_token_type", TOKEN_TYPE_URN),
+            ("audience", TD),
+            ("subject_token", token),
+            (
+                "subject_token_type",
+                "urn:ietf:params:oauth:token-type:access_token",
+            ),
+        ])
+    };
+    let b64 = |v: &Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let token = provider.access_token("read write").await;
+    let parts: Vec<&str> = token.split('.').collect();
+
+    // Wrong audience: the service accepts another audience.
+    let app = service_for("https://someone-else.example");
+    let reply = post(&app, GATEWAY, body(&token)).await;
+    assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_request");
+
+    let app = service_for(&provider.resource);
+    // The token is good for this service.
+    assert_eq!(
+        post(&app, GATEWAY, body(&token)).await.status,
+        StatusCode::OK
+    );
+
+    let now = clock.unix_seconds();
+    let mut wrong_issuer = provider.claims(now);
+    wrong_issuer["iss"] = json!("https://evil.example");
+    let rogue_key =
+        jsonwebtoken::EncodingKey::from_ec_pem(provider.rogue_key_pem.as_bytes()).unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some("rogue".into());
+    let jwks = reqwest::get(format!("{}/jwks", provider.issuer))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let hs256 = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &provider.claims(now),
+        &jsonwebtoken::EncodingKey::from_secret(jwks.as_bytes()),
+    )
+    .unwrap();
+    let cases = [
+        (
+            "wrong issuer",
+            jsonwebtoken::encode(&header, &wrong_issuer, &rogue_key).unwrap(),
+        ),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                b64(&json!({"alg": "none", "typ": "at+jwt"})),
+                parts[1]
+            ),
+        ),
+        ("HS256 keyed with the public JWKS", hs256),
+        (
+            "unknown kid after refetch",
+            provider.rogue_token(Some("rogue-kid"), now),
+        ),
+        (
+            "tampered payload",
+            format!(
+                "{}.{}.{}",
+                parts[0],
+                b64(&json!({"sub": "mallory", "scope": "read write"})),
+                parts[2]
+            ),
+        ),
+    ];
+    for (what, forged) in cases {
+        let reply = post(&app, GATEWAY, body(&forged)).await;
+        assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_request");
+        assert!(
+            reply.body["error_description"]
+                .as_str()
+                .unwrap()
+                .starts_with("subject_token"),
+            "{what}: {}",
+            reply.body
+        );
+    }
+
+    // Expired: the same good token once the clock passes exp (and the leeway).
+    let exp = jsonwebtoken::dangerous::insecure_decode::<Value>(&token)
+        .map(|d| d.claims["exp"].as_i64().unwrap())
+        .unwrap_or(now + 600);
+    clock.set(UNIX_EPOCH + Duration::from_secs((exp + 120) as u64));
+    let reply = post(&app, GATEWAY, body(&token)).await;
+    assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_request");
+}
