@@ -11,55 +11,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Server, WRIT, openssl};
-
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn agent_cmd(server: &Server, token: &str, data: &Path, socket: &Path, bundle: &Path) -> Command {
-    let mut cmd = Command::new(WRIT);
-    cmd.args([
-        "agent",
-        "run",
-        "--join-token",
-        token,
-        "--server-address",
-        &server.node_addr,
-    ])
-    .arg("--trust-bundle")
-    .arg(bundle)
-    .arg("--data-dir")
-    .arg(data)
-    .arg("--socket-path")
-    .arg(socket)
-    .env_remove("SPIFFE_ENDPOINT_SOCKET");
-    cmd
-}
-
-fn uid() -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").unwrap().uid()
-}
-
-fn api(args: &[&str], socket: &Path) -> std::process::Output {
-    Command::new(WRIT)
-        .args(args)
-        .env(
-            "SPIFFE_ENDPOINT_SOCKET",
-            format!("unix://{}", socket.display()),
-        )
-        .output()
-        .unwrap()
-}
+use common::{Agent, Server, WRIT, agent_cmd, api, openssl, uid};
 
 #[test]
 fn agent_attests_with_a_join_token_and_serves_the_workload_api() {

@@ -133,6 +133,102 @@ impl Drop for Server {
     }
 }
 
+/// A `writ agent run` child process, killed on drop.
+pub struct Agent(pub Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `writ agent run` with a join token and the server's bundle on temp paths.
+pub fn agent_cmd(
+    server: &Server,
+    token: &str,
+    data: &Path,
+    socket: &Path,
+    bundle: &Path,
+) -> Command {
+    let mut cmd = Command::new(WRIT);
+    cmd.args([
+        "agent",
+        "run",
+        "--join-token",
+        token,
+        "--server-address",
+        &server.node_addr,
+    ])
+    .arg("--trust-bundle")
+    .arg(bundle)
+    .arg("--data-dir")
+    .arg(data)
+    .arg("--socket-path")
+    .arg(socket)
+    .env_remove("SPIFFE_ENDPOINT_SOCKET");
+    cmd
+}
+
+/// This process's uid.
+pub fn uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").unwrap().uid()
+}
+
+/// Runs `writ` with `SPIFFE_ENDPOINT_SOCKET` pointing at `socket`.
+pub fn api(args: &[&str], socket: &Path) -> std::process::Output {
+    Command::new(WRIT)
+        .args(args)
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", socket.display()),
+        )
+        .output()
+        .unwrap()
+}
+
+/// Generates a join token, starts an agent with it and waits until its Workload API
+/// answers. Returns the agent, its socket and its SPIFFE ID.
+pub fn start_agent(server: &Server) -> (Agent, PathBuf, String) {
+    let dir = server.dir.path();
+    let token = server
+        .ok(&["token", "generate"])
+        .trim()
+        .strip_prefix("Token: ")
+        .unwrap()
+        .to_owned();
+    std::fs::write(dir.join("bundle.pem"), server.ok(&["bundle", "show"])).unwrap();
+    let socket = dir.join("agent.sock");
+    let agent = Agent(
+        agent_cmd(
+            server,
+            &token,
+            &dir.join("agent"),
+            &socket,
+            &dir.join("bundle.pem"),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    let endpoint = format!("unix://{}", socket.display());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !api(
+        &["healthcheck", "--shallow", "--socket", &endpoint],
+        &socket,
+    )
+    .status
+    .success()
+    {
+        assert!(Instant::now() < deadline, "agent did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let id = format!("spiffe://example.org/writ/agent/join_token/{token}");
+    (agent, socket, id)
+}
+
 pub fn openssl(args: &[&str]) -> String {
     let out = Command::new("openssl")
         .args(args)
