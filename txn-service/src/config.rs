@@ -457,3 +457,67 @@ impl Drop for TxnServer {
         self.task.abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../examples/config/txn.toml");
+        let config = TxnConfig::from_toml(text, Path::new(".")).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8443");
+        assert_eq!(config.policy.rules().len(), 3);
+        assert_eq!(config.oidc.len(), 1);
+        assert_eq!(config.max_chain_depth, 8);
+        assert_eq!(
+            config.audit_log.as_deref(),
+            Some(Path::new("./writ-txn/audit.log"))
+        );
+    }
+
+    #[test]
+    fn defaults() {
+        let config = TxnConfig::from_toml("", Path::new(".")).unwrap();
+        assert_eq!(config.issuer, "https://127.0.0.1:8443");
+        assert_eq!(config.token_lifetime, DEFAULT_LIFETIME);
+        assert!(config.audit_log.is_none(), "no data_dir: standard output");
+        assert!(config.policy.rules().is_empty(), "deny by default");
+        assert!(!config.client_assertions);
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_the_field() {
+        for (text, needle) in [
+            ("bogus = 1", "bogus"),
+            ("listen = \"nowhere\"", "listen"),
+            ("issuer = \"http://tts.example\"", "issuer"),
+            ("issuer = \"https://tts.example?x=1\"", "issuer"),
+            ("max_chain_depth = 0", "max_chain_depth"),
+            ("max_chain_depth = 99", "max_chain_depth"),
+            ("token_lifetime = \"0s\"", "token_lifetime"),
+            ("token_lifetime = \"2h\"", "token_lifetime"),
+            ("key_rotation = \"soon\"", "key_rotation"),
+            ("spiffe_id = \"http://x\"", "spiffe_id"),
+            (
+                "[[oidc]]\nissuer = \"https://i\"\naudiences = []\nalgorithms = [\"HS256\"]",
+                "oidc",
+            ),
+            (
+                "[[oidc]]\nissuer = \"https://i\"\naudiences = [\"a\"]\nalgorithms = [\"XX1\"]",
+                "XX1",
+            ),
+            (
+                "[policy]\n[[policy.caller]]\nid = \"spiffe://td/a\"\nsubject_token_types = [\"txn_token\"]\nmax_scope = [\"r\"]\nrate_limit = { per_second = 0 }",
+                "rate_limit",
+            ),
+        ] {
+            let err = TxnConfig::from_toml(text, Path::new("."))
+                .and_then(|c| OidcValidator::new(c.oidc, Arc::new(SystemClock)).map_err(Into::into))
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+}

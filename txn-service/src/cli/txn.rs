@@ -251,10 +251,10 @@ fn render(header: &Value, claims: &Value) -> String {
         act = a.get("act");
     }
     let req_wl = claims.get("req_wl").and_then(Value::as_str);
-    if actors.is_empty() {
-        if let Some(wl) = req_wl {
-            actors.push(wl);
-        }
+    if actors.is_empty()
+        && let Some(wl) = req_wl
+    {
+        actors.push(wl);
     }
     for (depth, actor) in actors.iter().rev().enumerate() {
         let marker = if depth + 1 == actors.len() {
