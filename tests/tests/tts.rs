@@ -578,19 +578,11 @@ async fn callers_are_authenticated_and_authorized() {
     let mut workload = WorkloadClient::connect(&tts.stack.endpoint())
         .await
         .unwrap();
-    let assertion = workload
-        .fetch_jwt(&[ISSUER.to_owned()], Some(&id(PROXIED)))
-        .await
-        .unwrap()
-        .remove(0)
-        .1;
+    let assertion = jwt_svid(&mut workload, &[ISSUER.to_owned()], PROXIED).await;
     let ok = post(
         anonymous.clone(),
         form(&[
-            (
-                "client_assertion_type",
-                writ_txn_service::exchange::CLIENT_ASSERTION_TYPE,
-            ),
+            ASSERTION_TYPE,
             ("client_assertion", &assertion),
             ("scope", "read"),
         ]),
@@ -607,31 +599,17 @@ async fn callers_are_authenticated_and_authorized() {
     assert_eq!(line["client_auth"], "jwt-svid");
 
     // ... refused for a caller whose rule does not allow it, and for another audience.
-    let gateway_assertion = workload
-        .fetch_jwt(&[ISSUER.to_owned()], Some(&id(GATEWAY)))
-        .await
-        .unwrap()
-        .remove(0)
-        .1;
-    let wrong_audience = workload
-        .fetch_jwt(
-            &["https://elsewhere.example".to_owned()],
-            Some(&id(PROXIED)),
-        )
-        .await
-        .unwrap()
-        .remove(0)
-        .1;
+    let gateway_assertion = jwt_svid(&mut workload, &[ISSUER.to_owned()], GATEWAY).await;
+    let wrong_audience = jwt_svid(
+        &mut workload,
+        &["https://elsewhere.example".to_owned()],
+        PROXIED,
+    )
+    .await;
     for assertion in [gateway_assertion, wrong_audience, "not-a-jwt".to_owned()] {
         let response = post(
             anonymous.clone(),
-            form(&[
-                (
-                    "client_assertion_type",
-                    writ_txn_service::exchange::CLIENT_ASSERTION_TYPE,
-                ),
-                ("client_assertion", &assertion),
-            ]),
+            form(&[ASSERTION_TYPE, ("client_assertion", &assertion)]),
         )
         .await
         .unwrap();
@@ -640,6 +618,22 @@ async fn callers_are_authenticated_and_authorized() {
         assert_eq!(body["error"], "invalid_client");
         assert_refused(&tts, "invalid_client");
     }
+}
+
+/// The form field naming a JWT-SVID client assertion.
+const ASSERTION_TYPE: (&str, &str) = (
+    "client_assertion_type",
+    writ_txn_service::exchange::CLIENT_ASSERTION_TYPE,
+);
+
+/// A JWT-SVID of `path` for `audience`, from the Workload API.
+async fn jwt_svid(workload: &mut WorkloadClient, audience: &[String], path: &str) -> String {
+    workload
+        .fetch_jwt(audience, Some(&id(path)))
+        .await
+        .unwrap()
+        .remove(0)
+        .1
 }
 
 /// A self-signed CA of another trust domain and a leaf SVID from it.

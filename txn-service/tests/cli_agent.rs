@@ -11,52 +11,16 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Agent, Server, WRIT, agent_cmd, api, openssl, uid};
+use common::{Server, WRIT, agent_cmd, api, openssl, start_agent, uid};
 
 #[test]
 fn agent_attests_with_a_join_token_and_serves_the_workload_api() {
     let server = Server::start();
     let dir = server.dir.path();
-    let token = server
-        .ok(&["token", "generate"])
-        .trim()
-        .strip_prefix("Token: ")
-        .unwrap()
-        .to_owned();
-    std::fs::write(dir.join("bundle.pem"), server.ok(&["bundle", "show"])).unwrap();
-    let socket = dir.join("agent.sock");
-    let _agent = Agent(
-        agent_cmd(
-            &server,
-            &token,
-            &dir.join("agent"),
-            &socket,
-            &dir.join("bundle.pem"),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !api(
-        &[
-            "healthcheck",
-            "--shallow",
-            "--socket",
-            &format!("unix://{}", socket.display()),
-        ],
-        &socket,
-    )
-    .status
-    .success()
-    {
-        assert!(Instant::now() < deadline, "agent did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (_agent, socket, agent_id) = start_agent(&server);
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(
@@ -69,7 +33,6 @@ fn agent_attests_with_a_join_token_and_serves_the_workload_api() {
         0o600,
         "only the owner reaches the admin API"
     );
-    let agent_id = format!("spiffe://example.org/writ/agent/join_token/{token}");
     assert!(server.ok(&["agent", "list"]).contains(&agent_id));
 
     // No entry yet: a one-line "no identity issued".
