@@ -29,7 +29,9 @@
 //! must hold one `granted` line per exchange.
 //!
 //! Counts come from the environment: `WRIT_BENCH_CLIENTS` (8), `WRIT_BENCH_EXCHANGES`
-//! (4000 per run), `WRIT_BENCH_WARMUP` (200 per run, spread over the clients),
+//! (4000 per run), `WRIT_BENCH_ROUNDS` (3 runs per case, interleaved; the median run's
+//! throughput is reported, latencies over all runs), `WRIT_BENCH_WARMUP` (200 per run,
+//! spread over the clients),
 //! `WRIT_BENCH_CRYPTO_OPS` (2000), `WRIT_BENCH_CORES` (default: the available
 //! parallelism).
 #![allow(
@@ -37,7 +39,6 @@
     clippy::expect_used,
     clippy::panic,
     clippy::indexing_slicing,
-    clippy::cast_precision_loss,
     reason = "benchmark code: a failed setup step or exchange should abort the run loudly"
 )]
 
@@ -412,13 +413,46 @@ const MODES: [Mode; 3] = [
     },
 ];
 
+/// One timed run.
+struct Round {
+    samples: Vec<Duration>,
+    wall: Duration,
+    cpu: Duration,
+}
+
+/// All rounds of one mode.
 struct Outcome {
     mode: Mode,
+    /// Median over the rounds.
     throughput: f64,
+    min_throughput: f64,
+    max_throughput: f64,
+    /// Over the latencies of all rounds.
     p50: Duration,
     p99: Duration,
     cpu_per_exchange: Duration,
-    cores_busy: f64,
+}
+
+impl Outcome {
+    fn of(mode: Mode, rounds: Vec<Round>) -> Self {
+        let mut throughputs: Vec<f64> = rounds
+            .iter()
+            .map(|r| r.samples.len() as f64 / r.wall.as_secs_f64())
+            .collect();
+        throughputs.sort_by(f64::total_cmp);
+        let mut samples: Vec<Duration> = rounds.iter().flat_map(|r| r.samples.clone()).collect();
+        samples.sort();
+        let cpu: Duration = rounds.iter().map(|r| r.cpu).sum();
+        Self {
+            mode,
+            throughput: throughputs[throughputs.len() / 2],
+            min_throughput: throughputs[0],
+            max_throughput: throughputs[throughputs.len() - 1],
+            p50: percentile(&samples, 50.0),
+            p99: percentile(&samples, 99.0),
+            cpu_per_exchange: cpu / u32::try_from(samples.len()).unwrap(),
+        }
+    }
 }
 
 fn txn_toml(endpoint: &str, audit: &Path, cache: bool, issuer: &str) -> String {
@@ -468,7 +502,7 @@ async fn run_exchanges(
     clients: usize,
     n: usize,
     warm: usize,
-) -> Outcome {
+) -> Round {
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join(format!("audit-{}.log", mode.slug));
     let config = TxnConfig::from_toml(
@@ -577,27 +611,19 @@ async fn run_exchanges(
     );
 
     samples.sort();
-    let outcome = Outcome {
-        mode,
-        throughput: n as f64 / wall.as_secs_f64(),
-        p50: percentile(&samples, 50.0),
-        p99: percentile(&samples, 99.0),
-        cpu_per_exchange: cpu / u32::try_from(n).unwrap(),
-        cores_busy: cpu.as_secs_f64() / wall.as_secs_f64(),
-    };
     println!(
         "  {}: {n} exchanges in {wall:.2?} = {:.0}/s, p50 {} p99 {} max {}, \
-         process CPU {:.1} s = {} per exchange ({:.2} cores busy)",
+         process CPU {:.2} s = {} per exchange ({:.2} cores busy)",
         mode.label,
-        outcome.throughput,
-        millis(outcome.p50),
-        millis(outcome.p99),
+        n as f64 / wall.as_secs_f64(),
+        millis(percentile(&samples, 50.0)),
+        millis(percentile(&samples, 99.0)),
         millis(samples[samples.len() - 1]),
         cpu.as_secs_f64(),
-        micros(outcome.cpu_per_exchange),
-        outcome.cores_busy,
+        micros(cpu / u32::try_from(n).unwrap()),
+        cpu.as_secs_f64() / wall.as_secs_f64(),
     );
-    outcome
+    Round { samples, wall, cpu }
 }
 
 async fn wait_for_svids(stack: &Stack, n: usize) {
@@ -616,6 +642,7 @@ fn main() {
     let n = count("WRIT_BENCH_EXCHANGES", 4_000).max(1);
     let warm = count("WRIT_BENCH_WARMUP", 200);
     let ops = count("WRIT_BENCH_CRYPTO_OPS", 2_000).max(1);
+    let rounds = count("WRIT_BENCH_ROUNDS", 3).max(1);
     let cores = count(
         "WRIT_BENCH_CORES",
         std::thread::available_parallelism().map_or(1, usize::from),
@@ -627,7 +654,7 @@ fn main() {
         .unwrap();
     println!(
         "exchange bench: {cores} cores, {clients} clients, {n} exchanges per run, \
-         {warm} warm-up exchanges per run, {ops} crypto operations"
+         {rounds} runs per mode, {warm} warm-up exchanges per run, {ops} crypto operations"
     );
     rt.block_on(async {
         let stack = Stack::start(Duration::from_secs(3600)).await;
@@ -638,19 +665,37 @@ fn main() {
 
         let bound = crypto_bound(&provider, ops).await;
 
-        println!("(2) exchanges over keep-alive mTLS, {clients} concurrent clients:");
-        let mut outcomes = Vec::new();
-        for mode in MODES {
-            outcomes.push(run_exchanges(&stack, &provider, mode, clients, n, warm).await);
+        println!(
+            "(2) exchanges over keep-alive mTLS, {clients} concurrent clients, \
+             {rounds} interleaved rounds per mode:"
+        );
+        let mut rounds_of: Vec<Vec<Round>> = MODES.iter().map(|_| Vec::new()).collect();
+        for _ in 0..rounds {
+            for (mode, done) in MODES.iter().zip(&mut rounds_of) {
+                done.push(run_exchanges(&stack, &provider, *mode, clients, n, warm).await);
+            }
         }
+        let outcomes: Vec<Outcome> = MODES
+            .iter()
+            .zip(rounds_of)
+            .map(|(mode, rounds)| Outcome::of(*mode, rounds))
+            .collect();
 
         let all_cores = bound.per_core() * cores as f64;
         for o in &outcomes {
             println!(
-                "  {}: {:.0}/s = {:.2} × the verify+sign bound × {cores} cores ({:.0}/s), \
-                 {:.2} × the one-core bound; {:.2} × the sign-only bound × {cores} cores",
+                "  {}: median {:.0}/s (rounds {:.0} to {:.0}/s), p50 {} p99 {}, {} CPU per exchange",
                 o.mode.label,
                 o.throughput,
+                o.min_throughput,
+                o.max_throughput,
+                millis(o.p50),
+                millis(o.p99),
+                micros(o.cpu_per_exchange),
+            );
+            println!(
+                "    = {:.2} × the verify+sign bound × {cores} cores ({:.0}/s), \
+                 {:.2} × the one-core bound; {:.2} × the sign-only bound × {cores} cores",
                 o.throughput / all_cores,
                 all_cores,
                 o.throughput / bound.per_core(),
@@ -682,21 +727,23 @@ fn main() {
             );
         }
         println!(
-            "| **bound** = 1/(verify + sign) | {} | | | **{:.0}** per core, {:.0} × {cores} cores |",
+            "| **bound** = 1/(verify + sign) | {} | | | **{:.0}** per core ({:.0} on {cores} cores) |",
             micros(bound.verify.mean + bound.sign.mean),
             bound.per_core(),
             all_cores,
         );
         println!();
         println!(
-            "| Exchange ({clients} keep-alive mTLS clients, {n} exchanges, loopback) | exchanges/s | p50 | p99 | process CPU / exchange | vs bound × {cores} cores | vs one-core bound |"
+            "| Exchange ({clients} keep-alive mTLS clients, loopback, {rounds} × {n} exchanges) | exchanges/s (median; range) | p50 | p99 | process CPU / exchange | vs bound × {cores} cores | vs one-core bound |"
         );
         println!("|---|---|---|---|---|---|---|");
         for o in &outcomes {
             println!(
-                "| {} | {:.0} | {} | {} | {} | {:.2} | {:.2} |",
+                "| {} | {:.0} ({:.0}–{:.0}) | {} | {} | {} | {:.2} | {:.2} |",
                 o.mode.label,
                 o.throughput,
+                o.min_throughput,
+                o.max_throughput,
                 millis(o.p50),
                 millis(o.p99),
                 micros(o.cpu_per_exchange),
