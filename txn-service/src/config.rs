@@ -439,17 +439,6 @@ impl TxnServer {
             Err(e) => Err(ServeError::Io(std::io::Error::other(e.to_string()))),
         }
     }
-
-    /// Waits until the listener stops (it runs until shut down).
-    ///
-    /// # Errors
-    /// [`ServeError`] if the listener failed.
-    pub async fn wait(mut self) -> Result<(), ServeError> {
-        match (&mut self.task).await {
-            Ok(result) => result,
-            Err(e) => Err(ServeError::Io(std::io::Error::other(e.to_string()))),
-        }
-    }
 }
 
 impl Drop for TxnServer {

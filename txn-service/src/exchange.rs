@@ -220,36 +220,44 @@ impl ExchangeError {
             Self::Mint(_) => "server_error",
         }
     }
+
+    /// The `error_description`: what is wrong, safe to show the client and to audit.
+    pub fn description(&self) -> String {
+        match self {
+            Self::InvalidRequest { reason }
+            | Self::InvalidClient { reason }
+            | Self::InvalidScope { reason }
+            | Self::InvalidTarget { reason }
+            | Self::UnauthorizedClient { reason } => reason.clone(),
+            Self::UnsupportedGrantType => "only token exchange is supported".to_owned(),
+            Self::RateLimited { .. } => "rate limit exceeded".to_owned(),
+            Self::Mint(_) => "internal error".to_owned(),
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidRequest { .. }
+            | Self::InvalidScope { .. }
+            | Self::InvalidTarget { .. }
+            | Self::UnsupportedGrantType => StatusCode::BAD_REQUEST,
+            Self::InvalidClient { .. } => StatusCode::UNAUTHORIZED,
+            Self::UnauthorizedClient { .. } => StatusCode::FORBIDDEN,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Mint(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
 }
 
 /// The one mapping of [`ExchangeError`] to the wire: RFC 6749 section 5.2 JSON
 /// `{error, error_description}` with its HTTP status and `Cache-Control: no-store`.
 impl IntoResponse for ExchangeError {
     fn into_response(self) -> Response {
-        let (status, description) = match &self {
-            Self::InvalidRequest { reason }
-            | Self::InvalidScope { reason }
-            | Self::InvalidTarget { reason } => (StatusCode::BAD_REQUEST, reason.clone()),
-            Self::UnsupportedGrantType => (
-                StatusCode::BAD_REQUEST,
-                "only token exchange is supported".to_owned(),
-            ),
-            Self::InvalidClient { reason } => (StatusCode::UNAUTHORIZED, reason.clone()),
-            Self::RateLimited { .. } => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate limit exceeded".to_owned(),
-            ),
-            Self::UnauthorizedClient { reason } => (StatusCode::FORBIDDEN, reason.clone()),
-            Self::Mint(e) => {
-                tracing::error!(error = %e, "minting a Txn-Token failed");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal error".to_owned(),
-                )
-            }
-        };
-        let body = json!({"error": self.code(), "error_description": description});
-        let mut response = no_store((status, Json(body)).into_response());
+        if let Self::Mint(e) = &self {
+            tracing::error!(error = %e, "minting a Txn-Token failed");
+        }
+        let body = json!({"error": self.code(), "error_description": self.description()});
+        let mut response = no_store((self.status(), Json(body)).into_response());
         if let Self::RateLimited { retry_after } = &self {
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             response
@@ -658,9 +666,7 @@ impl ExchangeService {
                 Ok(response)
             }
             Err(e) => {
-                let reason = e.to_string();
-                let reason = reason.split_once(": ").map_or(reason.as_str(), |(_, r)| r);
-                self.audit.refused(record, e.code(), reason);
+                self.audit.refused(record, e.code(), &e.description());
                 Err(e)
             }
         }

@@ -7,7 +7,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 use writ_identity::bundle::Jwk;
 use writ_identity::clock::SharedClock;
@@ -26,12 +29,21 @@ pub enum MintError {
     Sign(String),
 }
 
-/// Signs Txn-Tokens with one key.
-#[derive(Debug, Clone)]
+/// Signs Txn-Tokens with one key, parsed once (signing is on every exchange).
+#[derive(Clone)]
 pub struct Minter {
     key: PrivateKey,
+    signer: Arc<EcdsaKeyPair>,
     kid: String,
     jwk: Jwk,
+}
+
+impl std::fmt::Debug for Minter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Minter")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Minter {
@@ -42,9 +54,12 @@ impl Minter {
     pub fn new(key: PrivateKey) -> Result<Self, MintError> {
         let (x, y) = key.ec_p256_xy().ok_or(MintError::KeyType)?;
         let jwk = Jwk::ec_p256(x, y);
+        let signer = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, key.pkcs8_der())
+            .map_err(|_| MintError::KeyType)?;
         Ok(Self {
             kid: jwk.thumbprint(),
             jwk,
+            signer: Arc::new(signer),
             key,
         })
     }
@@ -64,15 +79,17 @@ impl Minter {
     /// # Errors
     /// [`MintError::Sign`] if the key cannot sign.
     pub fn mint(&self, claims: &TxnToken) -> Result<String, MintError> {
-        let mut header = Header::new(Algorithm::ES256);
-        header.typ = Some(TXN_TOKEN_TYP.into());
-        header.kid = Some(self.kid.clone());
-        jsonwebtoken::encode(
-            &header,
-            claims,
-            &EncodingKey::from_ec_der(self.key.pkcs8_der()),
-        )
-        .map_err(|e| MintError::Sign(e.to_string()))
+        let header = serde_json::json!({"alg": "ES256", "typ": TXN_TOKEN_TYP, "kid": self.kid});
+        let mut token = b64_json(&header)?;
+        token.push('.');
+        token.push_str(&b64_json(claims)?);
+        let signature = self
+            .signer
+            .sign(&SystemRandom::new(), token.as_bytes())
+            .map_err(|_| MintError::Sign("ECDSA signing failed".into()))?;
+        token.push('.');
+        token.push_str(&URL_SAFE_NO_PAD.encode(signature.as_ref()));
+        Ok(token)
     }
 }
 
@@ -381,6 +398,13 @@ impl SigningKeys {
             .collect();
         serde_json::json!({ "keys": keys })
     }
+}
+
+/// The base64url (no padding) of `value`'s JSON: one JWS segment.
+fn b64_json(value: &impl Serialize) -> Result<String, MintError> {
+    serde_json::to_vec(value)
+        .map(|bytes| URL_SAFE_NO_PAD.encode(bytes))
+        .map_err(|e| MintError::Sign(e.to_string()))
 }
 
 fn fresh_minter() -> Result<Minter, KeyRingError> {
