@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::tls::{self, Authorizer, TlsError};
-use crate::txn_token::TOKEN_TYPE_URN;
+use crate::txn_token::{JwksSource, TOKEN_TYPE_URN};
 use crate::workload::X509Source;
 
 /// The RFC 8693 token exchange grant type.
@@ -142,7 +142,7 @@ struct ErrorBody {
 #[derive(Debug, Clone)]
 pub struct TxnClient {
     http: reqwest::Client,
-    token_url: String,
+    base_url: String,
     audience: String,
 }
 
@@ -177,9 +177,18 @@ impl TxnClient {
             .map_err(|e| ExchangeError::Transport(e.to_string()))?;
         Ok(Self {
             http,
-            token_url: format!("{}/token", base_url.trim_end_matches('/')),
+            base_url: base_url.trim_end_matches('/').to_owned(),
             audience: source.svid().spiffe_id.trust_domain().to_string(),
         })
+    }
+
+    /// The service's JWKS (`/.well-known/jwks.json`), fetched over this client's mTLS,
+    /// for a [`crate::txn_token::TxnVerifier`].
+    pub fn jwks_source(&self) -> JwksSource {
+        JwksSource::Url {
+            url: format!("{}/.well-known/jwks.json", self.base_url),
+            http: self.http.clone(),
+        }
     }
 
     /// Exchanges `request.subject_token` for a Txn-Token.
@@ -208,7 +217,7 @@ impl TxnClient {
             .finish();
         let response = self
             .http
-            .post(&self.token_url)
+            .post(format!("{}/token", self.base_url))
             .header("content-type", "application/x-www-form-urlencoded")
             .body(body)
             .send()

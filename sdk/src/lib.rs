@@ -1,9 +1,13 @@
 //! Writ SDK: what a workload links.
 //!
-//! - [`workload`]: the SPIFFE Workload API client and [`workload::X509Source`], the
-//!   workload's SVID and bundles kept current across rotations;
+//! - [`workload`]: the SPIFFE Workload API client; [`workload::X509Source`], the
+//!   workload's X509-SVID and bundles kept current across rotations, and
+//!   [`workload::JwtSource`], JWT-SVIDs per audience;
 //! - [`tls`]: rustls server and client configs with SPIFFE-ID [`tls::Authorizer`]s;
-//! - [`txn_token`]: the Txn-Token claims type and an offline verifier;
+//! - [`listener`]: serving axum over SPIFFE mTLS, with the caller's ID per connection;
+//! - [`txn_token`]: the Txn-Token claims type and [`txn_token::TxnVerifier`];
+//! - [`middleware`]: [`middleware::TxnLayer`] and the [`middleware::Verified`]
+//!   extractor, which check the caller and its Txn-Token together;
 //! - [`exchange`]: the RFC 8693 client of the transaction token service.
 //!
 //! ```no_run
@@ -16,6 +20,8 @@
 #![forbid(unsafe_code)]
 
 pub mod exchange;
+pub mod listener;
+pub mod middleware;
 pub mod tls;
 pub mod txn_token;
 pub mod workload;

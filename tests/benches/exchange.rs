@@ -557,7 +557,7 @@ async fn run_exchanges(
     // The issued tokens are real Txn-Tokens for the gateway, with the narrowed scope.
     let verifier = TxnVerifier::new(TRUST_DOMAIN, server.service.keys().public_keys());
     for token in &firsts {
-        let claims = verifier.verify(token, SystemTime::now()).unwrap();
+        let claims = verifier.verify_at(token, SystemTime::now()).unwrap();
         assert_eq!(claims.iss, TTS_ISSUER);
         assert_eq!(claims.req_wl, GATEWAY_ID);
         assert_eq!(claims.scope, REQUESTED_SCOPE);

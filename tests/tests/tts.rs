@@ -276,7 +276,7 @@ async fn oidc_access_token_becomes_a_txn_token_that_josekit_and_pyjwt_verify() {
     // The SDK, with the JWKS fetched over mTLS.
     let jwks = tts.jwks(&gateway).await;
     let token = verifier_from(&jwks)
-        .verify(&issued.access_token, SystemTime::now())
+        .verify_at(&issued.access_token, SystemTime::now())
         .unwrap();
     assert_eq!(token.aud, TD);
     assert_eq!(token.iss, ISSUER);
@@ -412,7 +412,7 @@ async fn three_hop_replacement_chain_nests_actors_in_order() {
     let source = tts.source(SUB_AGENT).await;
     let verifier = verifier_from(&tts.jwks(&source).await);
     let last = verifier
-        .verify(&hop3.access_token, SystemTime::now())
+        .verify_at(&hop3.access_token, SystemTime::now())
         .unwrap();
     assert_eq!(last.txn, first.txn);
     assert_eq!(last.sub, "alice");
@@ -689,14 +689,14 @@ async fn rotated_keys_keep_verifying_until_their_tokens_expire() {
         "{jwks}"
     );
     verifier_from(&jwks)
-        .verify(&after.access_token, clock.now())
+        .verify_at(&after.access_token, clock.now())
         .unwrap();
 
     // A token signed by the old key still verifies (and may be replaced) while the key is
     // published: it is checked at a time it was still valid.
     let issued_at = decode_claims(&before.access_token)["iat"].as_i64().unwrap();
     let old_claims = verifier_from(&jwks)
-        .verify(
+        .verify_at(
             &before.access_token,
             writ_identity::clock::from_unix_seconds(issued_at),
         )

@@ -848,7 +848,7 @@ impl ExchangeService {
         }
         let verifier = TxnVerifier::new(self.trust_domain.as_str(), self.keys.public_keys());
         let old = verifier
-            .verify(
+            .verify_at(
                 &req.subject_token,
                 from_unix_seconds(self.clock.unix_seconds()),
             )

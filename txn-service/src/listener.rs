@@ -10,134 +10,38 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request};
 use axum::middleware::Next;
 use axum::response::Response;
-use axum::serve::{IncomingStream, Listener};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
-use writ_identity::spiffe_id::SpiffeId;
-use writ_sdk::tls::{self, Authorizer, TlsError};
+use tokio::net::TcpListener;
+use writ_sdk::listener::TlsListener;
+use writ_sdk::tls::{self, Authorizer};
 use writ_sdk::workload::X509Source;
+
+pub use writ_sdk::listener::{Peer, ServeError};
 
 use crate::audit::{AuditLog, AuditRecord};
 use crate::exchange::{CallerId, ExchangeService, router};
 
-/// Longest a TLS handshake may take.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in flight at once; beyond it new connections wait to be accepted.
-const MAX_PENDING_HANDSHAKES: usize = 256;
-
-/// Why the listener could not start or stopped.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ServeError {
-    /// The TLS configuration could not be built.
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    /// The socket failed.
-    #[error("listener: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-/// Who is at the other end of a connection.
-#[derive(Debug, Clone)]
-pub struct Peer {
-    /// The remote address.
-    pub addr: SocketAddr,
-    /// The SPIFFE ID of the client's verified X509-SVID, if it presented one.
-    pub id: Option<SpiffeId>,
-}
-
-impl axum::extract::connect_info::Connected<IncomingStream<'_, TlsListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
-        stream.remote_addr().clone()
-    }
-}
-
-/// A TCP listener that completes TLS handshakes concurrently and yields the
-/// established connections with their [`Peer`].
-pub struct TlsListener {
-    established: mpsc::Receiver<(TlsStream<TcpStream>, Peer)>,
-    local: SocketAddr,
-    _accept: AbortOnDrop,
-}
-
-impl std::fmt::Debug for TlsListener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsListener")
-            .field("local", &self.local)
-            .finish()
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl TlsListener {
-    /// Accepts on `tcp` with the TLS of `source`; failed client certificates are written
-    /// to `audit`.
-    ///
-    /// # Errors
-    /// [`ServeError`] if the TLS configuration cannot be built or the socket has no
-    /// local address.
-    pub fn new(tcp: TcpListener, source: &X509Source, audit: AuditLog) -> Result<Self, ServeError> {
-        // Every caller whose X509-SVID verifies against a trusted bundle gets through the
-        // handshake; the policy decides what it may do.
-        let config = tls::server_config_client_optional(source, Authorizer::custom(|_| true))?;
-        let acceptor = TlsAcceptor::from(Arc::new(config));
-        let local = tcp.local_addr()?;
-        let (tx, established) = mpsc::channel(MAX_PENDING_HANDSHAKES);
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    return;
-                };
-                let (stream, addr) = match tcp.accept().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                let audit = audit.clone();
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let id = tls
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .and_then(writ_identity::tls::peer_id);
-                            let _ = tx.send((tls, Peer { addr, id })).await;
-                        }
-                        Ok(Err(e)) => handshake_failed(&audit, addr, &e),
-                        Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(Self {
-            established,
-            local,
-            _accept: AbortOnDrop(task),
-        })
-    }
+/// Builds the service's listener: every caller whose X509-SVID verifies against a
+/// trusted bundle gets through the handshake (the policy decides what it may do), and a
+/// refused client certificate is written to `audit`.
+///
+/// # Errors
+/// [`ServeError`] if the TLS configuration cannot be built or the socket has no local
+/// address.
+pub fn tls_listener(
+    tcp: TcpListener,
+    source: &X509Source,
+    audit: AuditLog,
+) -> Result<TlsListener, ServeError> {
+    let config = tls::server_config_client_optional(source, Authorizer::custom(|_| true))?;
+    TlsListener::with_failure_hook(
+        tcp,
+        config,
+        Arc::new(move |addr, e| handshake_failed(&audit, addr, e)),
+    )
 }
 
 /// A refused client certificate is an access decision: audit it. Other handshake
@@ -164,26 +68,6 @@ fn handshake_failed(audit: &AuditLog, addr: SocketAddr, e: &std::io::Error) {
     }
 }
 
-impl Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = Peer;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.established.recv().await {
-            Some(conn) => conn,
-            // The accept task only ends when the listener is dropped.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(Peer {
-            addr: self.local,
-            id: None,
-        })
-    }
-}
-
 /// Serves `service` on `tcp` with the TLS of `source` until `shutdown` completes.
 ///
 /// # Errors
@@ -194,7 +78,7 @@ pub async fn serve(
     tcp: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let listener = TlsListener::new(tcp, source, service.audit().clone())?;
+    let listener = tls_listener(tcp, source, service.audit().clone())?;
     let app = router(service).layer(axum::middleware::from_fn(peer_extensions));
     axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(shutdown)

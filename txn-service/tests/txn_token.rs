@@ -53,7 +53,7 @@ const NOW: i64 = 1_800_000_000;
 fn minted_tokens_verify_and_round_trip() {
     let (minter, verifier) = setup();
     let token = minter.mint(&claims(NOW)).unwrap();
-    let verified = verifier.verify(&token, at(NOW + 10)).unwrap();
+    let verified = verifier.verify_at(&token, at(NOW + 10)).unwrap();
     assert_eq!(verified, claims(NOW));
     assert_eq!(
         verified.chain(),
@@ -88,11 +88,11 @@ fn verifier_refuses_what_it_must() {
     let (minter, verifier) = setup();
     let token = minter.mint(&claims(NOW)).unwrap();
     assert_eq!(
-        verifier.verify(&token, at(NOW + 300 + 31)),
+        verifier.verify_at(&token, at(NOW + 300 + 31)),
         Err(TxnTokenError::Expired)
     );
     assert_eq!(
-        verifier.verify(&token, at(NOW - 60)),
+        verifier.verify_at(&token, at(NOW - 60)),
         Err(TxnTokenError::IssuedInFuture)
     );
 
@@ -101,14 +101,14 @@ fn verifier_refuses_what_it_must() {
         BTreeMap::from([(minter.kid().to_owned(), minter.jwk().clone())]),
     );
     assert_eq!(
-        other_td.verify(&token, at(NOW)),
+        other_td.verify_at(&token, at(NOW)),
         Err(TxnTokenError::Audience)
     );
 
     let (other_minter, _) = setup();
     let stranger = other_minter.mint(&claims(NOW)).unwrap();
     assert_eq!(
-        verifier.verify(&stranger, at(NOW)),
+        verifier.verify_at(&stranger, at(NOW)),
         Err(TxnTokenError::UnknownKey)
     );
 
@@ -122,7 +122,7 @@ fn verifier_refuses_what_it_must() {
         .unwrap();
     parts[1] = forged.split('.').nth(1).unwrap().to_owned();
     assert_eq!(
-        verifier.verify(&parts.join("."), at(NOW)),
+        verifier.verify_at(&parts.join("."), at(NOW)),
         Err(TxnTokenError::Signature)
     );
 
@@ -131,22 +131,25 @@ fn verifier_refuses_what_it_must() {
     let body = token.split('.').nth(1).unwrap();
     let sig = token.split('.').nth(2).unwrap();
     assert_eq!(
-        verifier.verify(&format!("{header}.{body}.{sig}"), at(NOW)),
+        verifier.verify_at(&format!("{header}.{body}.{sig}"), at(NOW)),
         Err(TxnTokenError::Type)
     );
     let none = base64url(br#"{"alg":"none","typ":"txntoken+jwt"}"#);
     assert!(
         verifier
-            .verify(&format!("{none}.{body}."), at(NOW))
+            .verify_at(&format!("{none}.{body}."), at(NOW))
             .is_err()
     );
     let hs = base64url(br#"{"alg":"HS256","typ":"txntoken+jwt","kid":"k"}"#);
     assert!(matches!(
-        verifier.verify(&format!("{hs}.{body}.{sig}"), at(NOW)),
+        verifier.verify_at(&format!("{hs}.{body}.{sig}"), at(NOW)),
         Err(TxnTokenError::Algorithm(_))
     ));
     for garbage in ["", "a.b.c", "....", &"x".repeat(40_000)] {
-        assert!(verifier.verify(garbage, at(NOW)).is_err(), "{garbage:.20}");
+        assert!(
+            verifier.verify_at(garbage, at(NOW)).is_err(),
+            "{garbage:.20}"
+        );
     }
 
     // Missing required claims.
@@ -157,7 +160,7 @@ fn verifier_refuses_what_it_must() {
         })
         .unwrap();
     assert!(matches!(
-        verifier.verify(&empty_sub, at(NOW)),
+        verifier.verify_at(&empty_sub, at(NOW)),
         Err(TxnTokenError::Claims(_))
     ));
 }

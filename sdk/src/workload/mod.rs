@@ -18,8 +18,10 @@ pub const ENDPOINT_ENV: &str = "SPIFFE_ENDPOINT_SOCKET";
 /// Writ's default agent socket.
 pub const DEFAULT_ENDPOINT: &str = "unix:///tmp/writ/agent.sock";
 
+mod jwt_source;
 mod x509_source;
 
+pub use jwt_source::{JwtSource, JwtSourceBuilder};
 pub use x509_source::{DEFAULT_WAIT, X509Snapshot, X509Source, X509SourceBuilder};
 
 /// The endpoint named by `SPIFFE_ENDPOINT_SOCKET`, or Writ's default.
@@ -247,6 +249,20 @@ impl WorkloadClient {
             .into_iter()
             .map(|s| Ok((SpiffeId::new(&s.spiffe_id)?, s.svid)))
             .collect()
+    }
+
+    /// The JWT bundles (trust domain ID -> JWKS bytes) the agent has for this workload.
+    ///
+    /// # Errors
+    /// [`WorkloadError`] as the agent answers.
+    pub async fn fetch_jwt_bundles(&mut self) -> Result<Vec<(String, Vec<u8>)>, WorkloadError> {
+        let mut stream = self
+            .client
+            .fetch_jwt_bundles(with_header(pb::JwtBundlesRequest {}))
+            .await?
+            .into_inner();
+        let response = stream.message().await?.ok_or(WorkloadError::StreamEnded)?;
+        Ok(response.bundles.into_iter().collect())
     }
 
     /// Has the agent validate a JWT-SVID for `audience`; returns its SPIFFE ID and claims.

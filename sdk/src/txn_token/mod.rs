@@ -31,12 +31,18 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::time::SystemTime;
 
-use jsonwebtoken::{Algorithm, Validation};
+use jsonwebtoken::Algorithm;
 use serde::{Deserialize, Serialize};
-use writ_identity::bundle::Jwk;
-use writ_identity::clock::unix_seconds;
+
+mod jwks;
+mod verifier;
+
+pub use jwks::{Jwks, JwksError, JwksSource, MAX_JWKS_BYTES, MAX_JWKS_KEYS};
+pub use verifier::{
+    DEFAULT_CACHE_CAPACITY, DEFAULT_KEYS_MAX_AGE, DEFAULT_REFETCH_INTERVAL, TxnVerifier,
+    TxnVerifierBuilder,
+};
 
 /// The JWT `typ` of a Txn-Token.
 pub const TXN_TOKEN_TYP: &str = "txntoken+jwt";
@@ -138,6 +144,9 @@ impl TxnToken {
 }
 
 /// Why a Txn-Token was refused.
+///
+/// Every variant but [`TxnTokenError::Keys`] is the token's fault; `Keys` means the
+/// verifier could not get the service's keys, and the caller may retry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TxnTokenError {
@@ -165,6 +174,12 @@ pub enum TxnTokenError {
     /// A required claim is missing or malformed.
     #[error("claims are missing or malformed: {0}")]
     Claims(String),
+    /// `iss` is not the expected token service.
+    #[error("token is from another issuer")]
+    Issuer,
+    /// The signing keys could not be loaded (the JWKS could not be fetched or parsed).
+    #[error("signing keys unavailable: {0}")]
+    Keys(String),
     /// `aud` is not the expected trust domain.
     #[error("token is for another trust domain")]
     Audience,
@@ -180,82 +195,4 @@ pub enum TxnTokenError {
         /// The limit.
         max: usize,
     },
-}
-
-/// Verifies Txn-Tokens against the service's signing keys (a JWKS: key id -> JWK).
-#[derive(Debug, Clone)]
-pub struct TxnVerifier {
-    trust_domain: String,
-    keys: BTreeMap<String, Jwk>,
-}
-
-impl TxnVerifier {
-    /// A verifier for tokens of `trust_domain` signed by one of `keys`.
-    pub fn new(trust_domain: impl Into<String>, keys: BTreeMap<String, Jwk>) -> Self {
-        Self {
-            trust_domain: trust_domain.into(),
-            keys,
-        }
-    }
-
-    /// Replaces the signing keys (after a JWKS refresh).
-    pub fn set_keys(&mut self, keys: BTreeMap<String, Jwk>) {
-        self.keys = keys;
-    }
-
-    /// Verifies `token` at time `now`.
-    ///
-    /// # Errors
-    /// [`TxnTokenError`] for the first problem found.
-    pub fn verify(&self, token: &str, now: SystemTime) -> Result<TxnToken, TxnTokenError> {
-        if token.len() > MAX_TOKEN_BYTES {
-            return Err(TxnTokenError::TooLarge {
-                max: MAX_TOKEN_BYTES,
-            });
-        }
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| TxnTokenError::Malformed(e.to_string()))?;
-        if header.typ.as_deref() != Some(TXN_TOKEN_TYP) {
-            return Err(TxnTokenError::Type);
-        }
-        if !ALGORITHMS.contains(&header.alg) {
-            return Err(TxnTokenError::Algorithm(format!("{:?}", header.alg)));
-        }
-        let jwk = header
-            .kid
-            .as_deref()
-            .and_then(|kid| self.keys.get(kid))
-            .ok_or(TxnTokenError::UnknownKey)?;
-        let key =
-            writ_identity::svid::jwt::decoding_key(jwk).map_err(|_| TxnTokenError::UnknownKey)?;
-        let mut validation = Validation::new(header.alg);
-        validation.validate_exp = false;
-        validation.validate_aud = false;
-        validation.required_spec_claims.clear();
-        let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
-            .map_err(|_| TxnTokenError::Signature)?;
-        let claims: TxnToken = serde_json::from_value(data.claims)
-            .map_err(|e| TxnTokenError::Claims(e.to_string()))?;
-        if claims.aud != self.trust_domain {
-            return Err(TxnTokenError::Audience);
-        }
-        let now = unix_seconds(now);
-        if claims.exp + LEEWAY_SECS <= now {
-            return Err(TxnTokenError::Expired);
-        }
-        if claims.iat > now + LEEWAY_SECS {
-            return Err(TxnTokenError::IssuedInFuture);
-        }
-        if claims.txn.is_empty() || claims.sub.is_empty() || claims.req_wl.is_empty() {
-            return Err(TxnTokenError::Claims(
-                "txn, sub and req_wl are required".into(),
-            ));
-        }
-        if claims.chain().len() > MAX_CHAIN_DEPTH {
-            return Err(TxnTokenError::ChainTooDeep {
-                max: MAX_CHAIN_DEPTH,
-            });
-        }
-        Ok(claims)
-    }
 }

@@ -1,0 +1,389 @@
+//! [`TxnVerifier`]: checks a Txn-Token's signature against the service's JWKS and its
+//! claims against this service's trust domain, with the keys and the already-verified
+//! tokens cached.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use jsonwebtoken::Validation;
+use writ_identity::clock::{SharedClock, SystemClock, unix_seconds};
+use writ_identity::key_manager::sha256;
+
+use super::jwks::{Jwks, JwksSource};
+use super::{
+    ALGORITHMS, LEEWAY_SECS, MAX_CHAIN_DEPTH, MAX_TOKEN_BYTES, TXN_TOKEN_TYP, TxnToken,
+    TxnTokenError,
+};
+
+/// How long a fetched JWKS is used before it is fetched again.
+pub const DEFAULT_KEYS_MAX_AGE: Duration = Duration::from_secs(300);
+/// Least time between two fetches caused by unknown `kid`s.
+pub const DEFAULT_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
+/// Default capacity of the verified-token cache.
+pub const DEFAULT_CACHE_CAPACITY: u64 = 10_000;
+
+/// The keys in use and when they were loaded.
+#[derive(Debug, Default)]
+struct KeyState {
+    jwks: Jwks,
+    loaded_at: Option<SystemTime>,
+}
+
+/// Builds a [`TxnVerifier`].
+#[derive(Debug)]
+pub struct TxnVerifierBuilder {
+    trust_domain: String,
+    issuer: Option<String>,
+    source: JwksSource,
+    clock: SharedClock,
+    max_age: Duration,
+    refetch_interval: Duration,
+    cache_capacity: u64,
+}
+
+impl TxnVerifierBuilder {
+    /// Also requires `iss` to be `issuer` (by default any issuer whose keys verify).
+    pub fn issuer(mut self, issuer: impl Into<String>) -> Self {
+        self.issuer = Some(issuer.into());
+        self
+    }
+
+    /// Reads time from `clock` (default: the system clock).
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Uses a fetched JWKS for at most `max_age` (default [`DEFAULT_KEYS_MAX_AGE`]).
+    pub fn keys_max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = max_age;
+        self
+    }
+
+    /// Fetches again on an unknown `kid` at most once per `interval` (default
+    /// [`DEFAULT_REFETCH_INTERVAL`]), so tokens with made-up key ids cannot make the
+    /// verifier hammer the service.
+    pub fn refetch_interval(mut self, interval: Duration) -> Self {
+        self.refetch_interval = interval;
+        self
+    }
+
+    /// Remembers up to `capacity` verified tokens (by SHA-256) until they expire; 0
+    /// turns the cache off. Default [`DEFAULT_CACHE_CAPACITY`].
+    pub fn cache_capacity(mut self, capacity: u64) -> Self {
+        self.cache_capacity = capacity;
+        self
+    }
+
+    /// The verifier. Keys from a file or URL are loaded at the first verification.
+    pub fn build(self) -> TxnVerifier {
+        let initial = match &self.source {
+            JwksSource::Keys(jwks) => KeyState {
+                jwks: jwks.clone(),
+                loaded_at: Some(self.clock.now()),
+            },
+            _ => KeyState::default(),
+        };
+        let verified = (self.cache_capacity > 0).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(self.cache_capacity)
+                .expire_after(UntilExpiry(self.clock.clone()))
+                .build()
+        });
+        TxnVerifier {
+            inner: Arc::new(Inner {
+                trust_domain: self.trust_domain,
+                issuer: self.issuer,
+                source: self.source,
+                clock: self.clock,
+                max_age: self.max_age,
+                refetch_interval: self.refetch_interval,
+                keys: ArcSwap::from_pointee(initial),
+                fetch: tokio::sync::Mutex::new(None),
+                verified,
+            }),
+        }
+    }
+}
+
+/// A verified token stays cached until its expiry (plus the leeway) by the verifier's
+/// clock.
+struct UntilExpiry(SharedClock);
+
+impl moka::Expiry<[u8; 32], Arc<TxnToken>> for UntilExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        token: &Arc<TxnToken>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        let left = token.exp + LEEWAY_SECS - self.0.unix_seconds();
+        Some(Duration::from_secs(u64::try_from(left).unwrap_or(0)))
+    }
+}
+
+struct Inner {
+    trust_domain: String,
+    issuer: Option<String>,
+    source: JwksSource,
+    clock: SharedClock,
+    max_age: Duration,
+    refetch_interval: Duration,
+    keys: ArcSwap<KeyState>,
+    /// Held while fetching, so concurrent verifications share one fetch; holds the time
+    /// of the last fetch caused by an unknown `kid`.
+    fetch: tokio::sync::Mutex<Option<SystemTime>>,
+    verified: Option<moka::sync::Cache<[u8; 32], Arc<TxnToken>>>,
+}
+
+/// Verifies Txn-Tokens: `typ: txntoken+jwt`, an allowed algorithm with a key from the
+/// service's JWKS, `aud` = this trust domain, `exp`/`iat` within [`LEEWAY_SECS`], and
+/// the required claims (`txn`, `sub`, `req_wl`, ...). Clones share keys and cache.
+///
+/// ```no_run
+/// # async fn demo(token: &str) -> Result<(), Box<dyn std::error::Error>> {
+/// use writ_sdk::exchange::TxnClient;
+/// use writ_sdk::txn_token::TxnVerifier;
+/// use writ_sdk::workload::X509Source;
+/// let source = X509Source::new().await?;
+/// let tts = TxnClient::new(&source, "https://127.0.0.1:8443")?;
+/// let verifier = TxnVerifier::builder("example.org", tts.jwks_source()).build();
+/// let txn = verifier.verify(token).await?;
+/// println!("{} for {} via {:?}", txn.txn, txn.sub, txn.chain());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct TxnVerifier {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for TxnVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TxnVerifier")
+            .field("trust_domain", &self.inner.trust_domain)
+            .field("source", &self.inner.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TxnVerifier {
+    /// A verifier for tokens of `trust_domain` signed by one of `keys` (key id -> JWK),
+    /// on the system clock, without a verified-token cache.
+    pub fn new(
+        trust_domain: impl Into<String>,
+        keys: std::collections::BTreeMap<String, writ_identity::bundle::Jwk>,
+    ) -> Self {
+        Self::builder(trust_domain, JwksSource::Keys(Jwks::from_keys(keys)))
+            .cache_capacity(0)
+            .build()
+    }
+
+    /// A builder for tokens of `trust_domain` with keys from `source`.
+    pub fn builder(trust_domain: impl Into<String>, source: JwksSource) -> TxnVerifierBuilder {
+        TxnVerifierBuilder {
+            trust_domain: trust_domain.into(),
+            issuer: None,
+            source,
+            clock: Arc::new(SystemClock),
+            max_age: DEFAULT_KEYS_MAX_AGE,
+            refetch_interval: DEFAULT_REFETCH_INTERVAL,
+            cache_capacity: DEFAULT_CACHE_CAPACITY,
+        }
+    }
+
+    /// Verifies `token` now: from the verified-token cache if it was verified before,
+    /// otherwise against the keys, loading them first if they are missing or older
+    /// than their max age, and fetching them again (rate-bounded) if the `kid` is not
+    /// among them.
+    ///
+    /// # Errors
+    /// [`TxnTokenError`] for the first problem found.
+    pub async fn verify(&self, token: &str) -> Result<TxnToken, TxnTokenError> {
+        let inner = &self.inner;
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TxnTokenError::TooLarge {
+                max: MAX_TOKEN_BYTES,
+            });
+        }
+        let digest = inner.verified.as_ref().map(|_| sha256(token.as_bytes()));
+        if let (Some(cache), Some(digest)) = (&inner.verified, &digest)
+            && let Some(hit) = cache.get(digest)
+        {
+            // The cache drops entries at expiry; check anyway, by the clock.
+            check_times(&hit, unix_seconds(inner.clock.now()))?;
+            return Ok(TxnToken::clone(&hit));
+        }
+        let header = header(token)?;
+        let kid = header.kid.as_deref().ok_or(TxnTokenError::UnknownKey)?;
+        if self.keys_stale() {
+            self.load_keys(false).await?;
+        }
+        if inner.keys.load().jwks.get(kid).is_none() {
+            self.load_keys(true).await?;
+        }
+        let claims = self.verify_with_current_keys(token, &header, inner.clock.now())?;
+        if let (Some(cache), Some(digest)) = (&inner.verified, digest) {
+            cache.insert(digest, Arc::new(claims.clone()));
+        }
+        Ok(claims)
+    }
+
+    /// Verifies `token` at `now` with the keys already loaded: no fetch, no cache.
+    ///
+    /// # Errors
+    /// [`TxnTokenError`] for the first problem found.
+    pub fn verify_at(&self, token: &str, now: SystemTime) -> Result<TxnToken, TxnTokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TxnTokenError::TooLarge {
+                max: MAX_TOKEN_BYTES,
+            });
+        }
+        self.verify_with_current_keys(token, &header(token)?, now)
+    }
+
+    /// Loads the keys again now, whatever their age.
+    ///
+    /// # Errors
+    /// [`TxnTokenError::Keys`] if the source fails (the previous keys stay in use).
+    pub async fn refresh(&self) -> Result<(), TxnTokenError> {
+        let _guard = self.inner.fetch.lock().await;
+        self.fetch_now().await
+    }
+
+    fn keys_stale(&self) -> bool {
+        if matches!(self.inner.source, JwksSource::Keys(_)) {
+            return false;
+        }
+        match self.inner.keys.load().loaded_at {
+            None => true,
+            Some(at) => self
+                .inner
+                .clock
+                .now()
+                .duration_since(at)
+                .is_ok_and(|age| age >= self.inner.max_age),
+        }
+    }
+
+    /// Loads the keys unless another task did while this one waited. For an unknown
+    /// `kid` (`unknown_kid`), at most once per refetch interval.
+    async fn load_keys(&self, unknown_kid: bool) -> Result<(), TxnTokenError> {
+        let before = self.inner.keys.load().loaded_at;
+        let mut last_refetch = self.inner.fetch.lock().await;
+        if self.inner.keys.load().loaded_at != before {
+            return Ok(());
+        }
+        if unknown_kid {
+            let now = self.inner.clock.now();
+            let recent = last_refetch.is_some_and(|at| {
+                now.duration_since(at)
+                    .map_or(true, |since| since < self.inner.refetch_interval)
+            });
+            if recent {
+                return Ok(());
+            }
+            *last_refetch = Some(now);
+        }
+        self.fetch_now().await
+    }
+
+    async fn fetch_now(&self) -> Result<(), TxnTokenError> {
+        match self.inner.source.load().await {
+            Ok(jwks) => {
+                self.inner.keys.store(Arc::new(KeyState {
+                    jwks,
+                    loaded_at: Some(self.inner.clock.now()),
+                }));
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Txn-Token signing keys could not be loaded");
+                if self.inner.keys.load().loaded_at.is_some() {
+                    // Keep verifying with the keys we have.
+                    Ok(())
+                } else {
+                    Err(TxnTokenError::Keys(e.to_string()))
+                }
+            }
+        }
+    }
+
+    fn verify_with_current_keys(
+        &self,
+        token: &str,
+        header: &jsonwebtoken::Header,
+        now: SystemTime,
+    ) -> Result<TxnToken, TxnTokenError> {
+        let state = self.inner.keys.load();
+        let key = header
+            .kid
+            .as_deref()
+            .and_then(|kid| state.jwks.get(kid))
+            .ok_or(TxnTokenError::UnknownKey)?;
+        if key.alg != header.alg {
+            return Err(TxnTokenError::Algorithm(format!("{:?}", header.alg)));
+        }
+        let mut validation = Validation::new(key.alg);
+        validation.validate_exp = false;
+        validation.validate_aud = false;
+        validation.required_spec_claims.clear();
+        let claims = jsonwebtoken::decode::<TxnToken>(token, &key.key, &validation)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::Json(j) => TxnTokenError::Claims(j.to_string()),
+                _ => TxnTokenError::Signature,
+            })?
+            .claims;
+        self.check_claims(&claims, unix_seconds(now))?;
+        Ok(claims)
+    }
+
+    fn check_claims(&self, claims: &TxnToken, now: i64) -> Result<(), TxnTokenError> {
+        if claims.aud != self.inner.trust_domain {
+            return Err(TxnTokenError::Audience);
+        }
+        if self
+            .inner
+            .issuer
+            .as_deref()
+            .is_some_and(|iss| iss != claims.iss)
+        {
+            return Err(TxnTokenError::Issuer);
+        }
+        check_times(claims, now)?;
+        if claims.txn.is_empty() || claims.sub.is_empty() || claims.req_wl.is_empty() {
+            return Err(TxnTokenError::Claims(
+                "txn, sub and req_wl are required".into(),
+            ));
+        }
+        if claims.chain().len() > MAX_CHAIN_DEPTH {
+            return Err(TxnTokenError::ChainTooDeep {
+                max: MAX_CHAIN_DEPTH,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The JOSE header, with the checks that need no key: `typ` and an allowed algorithm.
+fn header(token: &str) -> Result<jsonwebtoken::Header, TxnTokenError> {
+    let header =
+        jsonwebtoken::decode_header(token).map_err(|e| TxnTokenError::Malformed(e.to_string()))?;
+    if header.typ.as_deref() != Some(TXN_TOKEN_TYP) {
+        return Err(TxnTokenError::Type);
+    }
+    if !ALGORITHMS.contains(&header.alg) {
+        return Err(TxnTokenError::Algorithm(format!("{:?}", header.alg)));
+    }
+    Ok(header)
+}
+
+fn check_times(claims: &TxnToken, now: i64) -> Result<(), TxnTokenError> {
+    if claims.exp + LEEWAY_SECS <= now {
+        return Err(TxnTokenError::Expired);
+    }
+    if claims.iat > now + LEEWAY_SECS {
+        return Err(TxnTokenError::IssuedInFuture);
+    }
+    Ok(())
+}
