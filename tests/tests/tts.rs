@@ -29,7 +29,7 @@ use writ_identity::clock::{Clock, ManualClock, SharedClock, SystemClock};
 use writ_identity::spiffe_id::SpiffeId;
 use writ_identity::tls::SpiffeServerVerifier;
 use writ_sdk::exchange::{TxnClient, TxnRequest};
-use writ_sdk::txn_token::{TxnToken, TxnVerifier};
+use writ_sdk::txn_token::{Jwks, JwksSource, TxnToken, TxnVerifier};
 use writ_sdk::workload::{WorkloadClient, X509Source};
 use writ_tests::python::python;
 use writ_tests::{Stack, available, uid_selector};
@@ -199,18 +199,8 @@ fn now() -> i64 {
 }
 
 fn verifier_from(jwks: &Value) -> TxnVerifier {
-    let keys = jwks["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| {
-            (
-                k["kid"].as_str().unwrap().to_owned(),
-                serde_json::from_value(k.clone()).unwrap(),
-            )
-        })
-        .collect();
-    TxnVerifier::new(TD, keys)
+    let jwks = Jwks::parse(jwks.to_string().as_bytes()).unwrap();
+    TxnVerifier::builder(TD, JwksSource::Keys(jwks)).build()
 }
 
 fn decode_claims(token: &str) -> Value {
@@ -409,11 +399,11 @@ async fn three_hop_replacement_chain_nests_actors_in_order() {
         .await
         .unwrap();
 
-    let source = tts.source(SUB_AGENT).await;
-    let verifier = verifier_from(&tts.jwks(&source).await);
-    let last = verifier
-        .verify_at(&hop3.access_token, SystemTime::now())
-        .unwrap();
+    // The SDK verifier fetching the JWKS itself, over the sub-agent's mTLS.
+    let verifier = TxnVerifier::builder(TD, tts.client(SUB_AGENT).await.jwks_source())
+        .issuer(ISSUER)
+        .build();
+    let last = verifier.verify(&hop3.access_token).await.unwrap();
     assert_eq!(last.txn, first.txn);
     assert_eq!(last.sub, "alice");
     assert_eq!(last.tctx, first.tctx);
