@@ -14,8 +14,6 @@
 //! # let _ = narrower; Ok(()) }
 //! ```
 
-use std::time::Duration;
-
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -167,14 +165,7 @@ impl TxnClient {
         base_url: &str,
         server: Authorizer,
     ) -> Result<Self, ExchangeError> {
-        let mut config = tls::client_config(source, server)?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(config)
-            .timeout(Duration::from_secs(30))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| ExchangeError::Transport(e.to_string()))?;
+        let http = tls::http_client(source, server)?;
         Ok(Self {
             http,
             base_url: base_url.trim_end_matches('/').to_owned(),

@@ -7,6 +7,11 @@
 //! handshake, so a rotation needs no restart and live connections are not dropped.
 //! There is no default authorizer: every config names who it accepts.
 //!
+//! TLS session resumption is off on both sides: a resumed session skips certificate
+//! verification, so an expired (or deregistered) SVID could go on opening connections
+//! for as long as its ticket lives, and the authorizer would not run again. Every new
+//! connection is a full handshake against the current snapshot.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use writ_sdk::tls::{self, Authorizer};
@@ -40,6 +45,9 @@ pub enum TlsError {
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
+    /// The HTTP client could not be built.
+    #[error("HTTP client: {0}")]
+    Client(String),
 }
 
 /// Decides which verified SPIFFE IDs a config accepts as peers.
@@ -131,6 +139,8 @@ fn build_server(
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(source.resolver());
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
@@ -151,8 +161,29 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(source.resolver());
+    config.resumption = rustls::client::Resumption::disabled();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// An HTTP/1.1 `reqwest` client over [`client_config`]: presents the workload's SVID and
+/// accepts a server `authorizer` accepts. (Writ builds reqwest without HTTP/2, so the
+/// client offers only `http/1.1`.)
+///
+/// # Errors
+/// [`TlsError`] if the TLS configuration or the client cannot be built.
+pub fn http_client(
+    source: &X509Source,
+    authorizer: Authorizer,
+) -> Result<reqwest::Client, TlsError> {
+    let mut config = client_config(source, authorizer)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(config)
+        .timeout(std::time::Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| TlsError::Client(e.to_string()))
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {

@@ -16,6 +16,7 @@
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
+    clippy::indexing_slicing,
     reason = "benchmark code: a failed setup step or verification should abort the run loudly"
 )]
 
