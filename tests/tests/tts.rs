@@ -167,12 +167,7 @@ client_assertions = true
 
     /// The JWKS, fetched over mTLS like any caller would.
     async fn jwks(&self, source: &X509Source) -> Value {
-        let mut config =
-            writ_sdk::tls::client_config(source, writ_sdk::tls::Authorizer::id(id(TTS))).unwrap();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        reqwest::Client::builder()
-            .tls_backend_preconfigured(config)
-            .build()
+        writ_sdk::tls::http_client(source, writ_sdk::tls::Authorizer::id(id(TTS)))
             .unwrap()
             .get(format!("{}/.well-known/jwks.json", self.url))
             .send()
