@@ -152,7 +152,7 @@ impl TxnClient {
     /// # Errors
     /// [`ExchangeError::Tls`] if the TLS configuration cannot be built.
     pub fn new(source: &X509Source, base_url: &str) -> Result<Self, ExchangeError> {
-        let td = source.svid().spiffe_id.trust_domain();
+        let td = source.spiffe_id().trust_domain();
         Self::with_server(source, base_url, Authorizer::member_of(td))
     }
 
@@ -169,7 +169,7 @@ impl TxnClient {
         Ok(Self {
             http,
             base_url: base_url.trim_end_matches('/').to_owned(),
-            audience: source.svid().spiffe_id.trust_domain().to_string(),
+            audience: source.spiffe_id().trust_domain().to_string(),
         })
     }
 

@@ -8,7 +8,7 @@
 //! use writ_sdk::tls::Authorizer;
 //! use writ_sdk::workload::X509Source;
 //! let source = X509Source::new().await?;
-//! let td = source.svid().spiffe_id.trust_domain();
+//! let td = source.spiffe_id().trust_domain();
 //! let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
 //! let tcp = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
 //! listener::serve(app, &source, Authorizer::member_of(td), tcp, std::future::pending()).await?;

@@ -25,7 +25,7 @@
 //! use writ_sdk::{exchange::TxnClient, listener, workload::X509Source};
 //!
 //! let source = X509Source::new().await?;
-//! let td = source.svid().spiffe_id.trust_domain();
+//! let td = source.spiffe_id().trust_domain();
 //! let verifier = TxnVerifier::builder(td.as_str(),
 //!     TxnClient::new(&source, "https://127.0.0.1:8443")?.jwks_source()).build();
 //! let policy = TxnPolicy::new(Authorizer::path_prefix(td.clone(), "/agents"))

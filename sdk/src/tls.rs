@@ -17,7 +17,7 @@
 //! use writ_sdk::tls::{self, Authorizer};
 //! use writ_sdk::workload::X509Source;
 //! let source = X509Source::new().await?;
-//! let td = source.svid().spiffe_id.trust_domain();
+//! let td = source.spiffe_id().trust_domain();
 //! let server = tls::server_config(&source, Authorizer::member_of(td))?;
 //! let client = tls::client_config(
 //!     &source,
@@ -90,6 +90,12 @@ impl Authorizer {
                         rest.is_empty() || rest.starts_with('/') || prefix.is_empty()
                     })
         }))
+    }
+
+    /// Any peer that at least one of `authorizers` accepts.
+    pub fn any(authorizers: impl IntoIterator<Item = Authorizer>) -> Self {
+        let all: Vec<Authorizer> = authorizers.into_iter().collect();
+        Self(Arc::new(move |peer| all.iter().any(|a| a.allows(peer))))
     }
 
     /// A custom decision.
@@ -215,6 +221,14 @@ mod tests {
         assert!(prefix.allows(&id("spiffe://example.org/agents/a/b")));
         assert!(!prefix.allows(&id("spiffe://example.org/agents-old")));
         assert!(!prefix.allows(&id("spiffe://example.com/agents/a")));
+        let any = Authorizer::any([
+            Authorizer::id(id("spiffe://example.org/a")),
+            Authorizer::member_of(id("spiffe://other.org/x").trust_domain().clone()),
+        ]);
+        assert!(any.allows(&id("spiffe://example.org/a")));
+        assert!(any.allows(&id("spiffe://other.org/anything")));
+        assert!(!any.allows(&id("spiffe://example.org/b")));
+        assert!(!Authorizer::any([]).allows(&id("spiffe://example.org/a")));
         let custom = Authorizer::custom(|p| p.path().ends_with("/ok"));
         assert!(custom.allows(&id("spiffe://example.org/x/ok")));
         assert!(!custom.allows(&id("spiffe://example.org/x/no")));

@@ -58,6 +58,8 @@ struct Service {
     clock: ManualClock,
     url: String,
     fetches: Arc<AtomicUsize>,
+    /// While set, the JWKS endpoint answers 503.
+    down: Arc<std::sync::atomic::AtomicBool>,
     _server: tokio::task::JoinHandle<()>,
 }
 
@@ -70,22 +72,24 @@ impl Service {
         let kid = minter.kid().to_owned();
         let keys = Arc::new(SigningKeys::single(minter, shared));
         let fetches = Arc::new(AtomicUsize::new(0));
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let app = Router::new().route(
             "/.well-known/jwks.json",
             get({
                 let keys = keys.clone();
                 let fetches = fetches.clone();
+                let down = down.clone();
                 move || async move {
                     fetches.fetch_add(1, Ordering::SeqCst);
-                    axum::Json(keys.jwks())
+                    if down.load(Ordering::SeqCst) {
+                        return Err(StatusCode::SERVICE_UNAVAILABLE);
+                    }
+                    Ok(axum::Json(keys.jwks()))
                 }
             }),
         );
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!(
-            "http://{}/.well-known/jwks.json",
-            tcp.local_addr().unwrap()
-        );
+        let url = format!("http://{}/.well-known/jwks.json", tcp.local_addr().unwrap());
         let server = tokio::spawn(async move {
             axum::serve(tcp, app).await.unwrap();
         });
@@ -96,6 +100,7 @@ impl Service {
             clock,
             url,
             fetches,
+            down,
             _server: server,
         }
     }
@@ -146,7 +151,6 @@ impl Service {
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sig.as_ref())
         )
     }
-
 }
 
 fn b64(v: &Value) -> String {
@@ -206,7 +210,9 @@ fn token_set(service: &Service) -> Vec<(&'static str, String, bool)> {
         .mint(&claims(now))
         .unwrap();
     let delegated = service.mint(&TxnToken {
-        act: Some(writ_sdk::txn_token::Actor::new("spiffe://example.org/agents/planner")),
+        act: Some(writ_sdk::txn_token::Actor::new(
+            "spiffe://example.org/agents/planner",
+        )),
         ..claims(now)
     });
     vec![
@@ -315,7 +321,11 @@ async fn unknown_kid_refetches_at_a_bounded_rate() {
             Err(TxnTokenError::UnknownKey)
         );
     }
-    assert_eq!(service.fetches(), 2, "no more refetches within the interval");
+    assert_eq!(
+        service.fetches(),
+        2,
+        "no more refetches within the interval"
+    );
 
     // The service rotates; a token from the new key verifies once the interval has
     // passed, after one more fetch.
@@ -347,6 +357,43 @@ async fn keys_are_fetched_again_after_their_max_age() {
     service.clock.advance(Duration::from_secs(61));
     verifier.verify(&token).await.unwrap();
     assert_eq!(service.fetches(), 2);
+}
+
+#[tokio::test]
+async fn an_unreachable_jwks_is_retried_at_a_bounded_rate() {
+    let service = Service::start().await;
+    let verifier = TxnVerifier::builder(TD, service.source())
+        .clock(Arc::new(service.clock.clone()))
+        .keys_max_age(Duration::from_secs(60))
+        .cache_capacity(0)
+        .build();
+    let token = service.mint(&claims(service.now()));
+
+    // Never loaded: the first request fetches and fails; the next ones within the
+    // refetch interval fail at once, without a fetch.
+    service.down.store(true, Ordering::SeqCst);
+    for _ in 0..5 {
+        assert!(matches!(
+            verifier.verify(&token).await,
+            Err(TxnTokenError::Keys(_))
+        ));
+    }
+    assert_eq!(service.fetches(), 1);
+
+    // Back up, after the interval: loaded, verified.
+    service.down.store(false, Ordering::SeqCst);
+    service.clock.advance(Duration::from_secs(11));
+    verifier.verify(&token).await.unwrap();
+    assert_eq!(service.fetches(), 2);
+
+    // Down again when the keys are due: one failed fetch, then the old keys keep
+    // working without a fetch per request.
+    service.down.store(true, Ordering::SeqCst);
+    service.clock.advance(Duration::from_secs(61));
+    for _ in 0..5 {
+        verifier.verify(&token).await.unwrap();
+    }
+    assert_eq!(service.fetches(), 3);
 }
 
 #[tokio::test]
@@ -605,9 +652,7 @@ async fn pyjwt_agrees_with_the_sdk() {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    service
-        .clock
-        .set(UNIX_EPOCH + Duration::from_secs(now));
+    service.clock.set(UNIX_EPOCH + Duration::from_secs(now));
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("verify_service.py");
     std::fs::write(&script, PY_SERVICE).unwrap();

@@ -23,11 +23,12 @@ pub const DEFAULT_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
 /// Default capacity of the verified-token cache.
 pub const DEFAULT_CACHE_CAPACITY: u64 = 10_000;
 
-/// The keys in use and when they were loaded.
+/// The keys in use, when they were loaded, and when a load last failed.
 #[derive(Debug, Default)]
 struct KeyState {
     jwks: Jwks,
     loaded_at: Option<SystemTime>,
+    failed_at: Option<SystemTime>,
 }
 
 /// Builds a [`TxnVerifier`].
@@ -82,6 +83,7 @@ impl TxnVerifierBuilder {
             JwksSource::Keys(jwks) => KeyState {
                 jwks: jwks.clone(),
                 loaded_at: Some(self.clock.now()),
+                failed_at: None,
             },
             _ => KeyState::default(),
         };
@@ -245,43 +247,49 @@ impl TxnVerifier {
     /// Loads the keys again now, whatever their age.
     ///
     /// # Errors
-    /// [`TxnTokenError::Keys`] if the source fails (the previous keys stay in use).
+    /// [`TxnTokenError::Keys`] if the source fails and no keys were ever loaded; when
+    /// earlier keys exist they stay in use and this returns `Ok` (the failure is logged).
     pub async fn refresh(&self) -> Result<(), TxnTokenError> {
         let _guard = self.inner.fetch.lock().await;
         self.fetch_now().await
     }
 
+    /// Whether the keys should be loaded before verifying: never loaded or older than
+    /// their max age, and no load failed within the refetch interval (an unreachable
+    /// service must not put a fetch, and its timeout, in front of every request).
     fn keys_stale(&self) -> bool {
         if matches!(self.inner.source, JwksSource::Keys(_)) {
             return false;
         }
-        match self.inner.keys.load().loaded_at {
-            None => true,
-            Some(at) => self
-                .inner
-                .clock
-                .now()
-                .duration_since(at)
-                .is_ok_and(|age| age >= self.inner.max_age),
-        }
+        let state = self.inner.keys.load();
+        let now = self.inner.clock.now();
+        let older_than = |at: Option<SystemTime>, limit: Duration| {
+            at.is_none_or(|at| now.duration_since(at).is_ok_and(|age| age >= limit))
+        };
+        older_than(state.loaded_at, self.inner.max_age)
+            && older_than(state.failed_at, self.inner.refetch_interval)
     }
 
     /// Loads the keys unless another task did while this one waited. For an unknown
     /// `kid` (`unknown_kid`), at most once per refetch interval.
     async fn load_keys(&self, unknown_kid: bool) -> Result<(), TxnTokenError> {
-        let before = self.inner.keys.load().loaded_at;
+        let attempt = |s: &KeyState| (s.loaded_at, s.failed_at);
+        let before = attempt(&self.inner.keys.load());
         let mut last_refetch = self.inner.fetch.lock().await;
-        if self.inner.keys.load().loaded_at != before {
-            return Ok(());
+        if attempt(&self.inner.keys.load()) != before {
+            // Another task loaded (or failed to) while this one waited.
+            return self.usable();
         }
         if unknown_kid {
             let now = self.inner.clock.now();
-            let recent = last_refetch.is_some_and(|at| {
-                now.duration_since(at)
-                    .map_or(true, |since| since < self.inner.refetch_interval)
-            });
-            if recent {
-                return Ok(());
+            let within = |at: Option<SystemTime>| {
+                at.is_some_and(|at| {
+                    now.duration_since(at)
+                        .map_or(true, |since| since < self.inner.refetch_interval)
+                })
+            };
+            if within(*last_refetch) || within(self.inner.keys.load().failed_at) {
+                return self.usable();
             }
             *last_refetch = Some(now);
         }
@@ -289,23 +297,39 @@ impl TxnVerifier {
     }
 
     async fn fetch_now(&self) -> Result<(), TxnTokenError> {
+        let now = || Some(self.inner.clock.now());
         match self.inner.source.load().await {
             Ok(jwks) => {
                 self.inner.keys.store(Arc::new(KeyState {
                     jwks,
-                    loaded_at: Some(self.inner.clock.now()),
+                    loaded_at: now(),
+                    failed_at: None,
                 }));
                 Ok(())
             }
             Err(e) => {
                 tracing::warn!(error = %e, "Txn-Token signing keys could not be loaded");
-                if self.inner.keys.load().loaded_at.is_some() {
-                    // Keep verifying with the keys we have.
-                    Ok(())
-                } else {
-                    Err(TxnTokenError::Keys(e.to_string()))
-                }
+                let old = self.inner.keys.load_full();
+                self.inner.keys.store(Arc::new(KeyState {
+                    jwks: old.jwks.clone(),
+                    loaded_at: old.loaded_at,
+                    failed_at: now(),
+                }));
+                // Keep verifying with the keys we have, if any.
+                self.usable()
+                    .map_err(|_| TxnTokenError::Keys(e.to_string()))
             }
+        }
+    }
+
+    /// `Ok` once keys have been loaded at least once.
+    fn usable(&self) -> Result<(), TxnTokenError> {
+        if self.inner.keys.load().loaded_at.is_some() {
+            Ok(())
+        } else {
+            Err(TxnTokenError::Keys(
+                "the signing keys could not be loaded yet".into(),
+            ))
         }
     }
 

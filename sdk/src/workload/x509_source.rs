@@ -138,7 +138,7 @@ impl Drop for AbortOnDrop {
 /// ```no_run
 /// # async fn demo() -> Result<(), writ_sdk::workload::WorkloadError> {
 /// let source = writ_sdk::workload::X509Source::new().await?;
-/// println!("I am {}", source.svid().spiffe_id);
+/// println!("I am {}", source.spiffe_id());
 /// let mut updates = source.updated();
 /// updates.changed().await.ok(); // the next rotation
 /// # Ok(()) }
@@ -167,6 +167,11 @@ impl X509Source {
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<X509Snapshot> {
         self.shared.current.load_full()
+    }
+
+    /// The SPIFFE ID of the current SVID.
+    pub fn spiffe_id(&self) -> SpiffeId {
+        self.shared.current.load().svid.spiffe_id.clone()
     }
 
     /// The current SVID (with its private key).
