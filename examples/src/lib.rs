@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
+use std::process::ExitCode;
 
 use axum::extract::ConnectInfo;
 use axum::http::StatusCode;
@@ -125,8 +126,26 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Logs to standard error, filtered by `WRIT_LOG` (default `info`).
-pub fn init_logging() {
+/// Runs an example program: logging from `WRIT_LOG`, the aws-lc-rs crypto provider,
+/// a Tokio runtime for `program`, and any error printed as one line with exit code 1.
+pub fn main_with(program: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    init_logging();
+    // One crypto backend, installed explicitly as a guard against a second one.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let result = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(program));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr at the level `WRIT_LOG` names (default `info`).
+fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WRIT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()

@@ -156,6 +156,23 @@ async fn hello_client(endpoint: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `mtls_hello client` as `client_id`, calling `server`'s `/hello` and expecting it to
+/// be `server_id`.
+async fn hello_as(stack: &Stack, server: &Server, server_id: &str, client_id: &str) -> Output {
+    hello_client(
+        &stack.endpoint(),
+        &[
+            "--url",
+            &server.url("/hello"),
+            "--server-id",
+            server_id,
+            "--spiffe-id",
+            client_id,
+        ],
+    )
+    .await
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -193,18 +210,7 @@ async fn hello_answers_an_allowed_client_and_stops_on_sigterm() {
     let stack = stack_with(&[HELLO_SERVER, HELLO_CLIENT]).await;
     let client_id = id(HELLO_CLIENT);
     let server = hello_server(&stack, &["--allow", &client_id]).await;
-    let out = hello_client(
-        &stack.endpoint(),
-        &[
-            "--url",
-            &server.url("/hello"),
-            "--server-id",
-            &id(HELLO_SERVER),
-            "--spiffe-id",
-            &client_id,
-        ],
-    )
-    .await;
+    let out = hello_as(&stack, &server, &id(HELLO_SERVER), &client_id).await;
     assert!(out.status.success(), "stderr: {}", stderr(&out));
     assert_eq!(stdout(&out), format!("hello {client_id}\n"));
     server.terminate().await;
@@ -214,18 +220,7 @@ async fn hello_answers_an_allowed_client_and_stops_on_sigterm() {
 async fn hello_refuses_a_client_it_does_not_allow() {
     let stack = stack_with(&[HELLO_SERVER, HELLO_CLIENT, OUTSIDER]).await;
     let server = hello_server(&stack, &["--allow", &id(HELLO_CLIENT)]).await;
-    let out = hello_client(
-        &stack.endpoint(),
-        &[
-            "--url",
-            &server.url("/hello"),
-            "--server-id",
-            &id(HELLO_SERVER),
-            "--spiffe-id",
-            &id(OUTSIDER),
-        ],
-    )
-    .await;
+    let out = hello_as(&stack, &server, &id(HELLO_SERVER), &id(OUTSIDER)).await;
     assert_refused(&out);
     // TLS 1.3: the server refuses the client certificate after the client has sent its
     // request, so the client sees the alert while waiting for the answer.
@@ -236,18 +231,7 @@ async fn hello_refuses_a_client_it_does_not_allow() {
 async fn hello_client_refuses_a_server_with_another_id() {
     let stack = stack_with(&[HELLO_SERVER, HELLO_CLIENT]).await;
     let server = hello_server(&stack, &["--allow", &id(HELLO_CLIENT)]).await;
-    let out = hello_client(
-        &stack.endpoint(),
-        &[
-            "--url",
-            &server.url("/hello"),
-            "--server-id",
-            &id("/somebody-else"),
-            "--spiffe-id",
-            &id(HELLO_CLIENT),
-        ],
-    )
-    .await;
+    let out = hello_as(&stack, &server, &id("/somebody-else"), &id(HELLO_CLIENT)).await;
     assert_refused(&out);
     assert!(
         stderr(&out).contains("is not authorized"),
@@ -260,18 +244,7 @@ async fn hello_client_refuses_a_server_with_another_id() {
 async fn hello_allows_a_whole_trust_domain() {
     let stack = stack_with(&[HELLO_SERVER, OUTSIDER]).await;
     let server = hello_server(&stack, &["--allow-trust-domain", "example.org"]).await;
-    let out = hello_client(
-        &stack.endpoint(),
-        &[
-            "--url",
-            &server.url("/hello"),
-            "--server-id",
-            &id(HELLO_SERVER),
-            "--spiffe-id",
-            &id(OUTSIDER),
-        ],
-    )
-    .await;
+    let out = hello_as(&stack, &server, &id(HELLO_SERVER), &id(OUTSIDER)).await;
     assert!(out.status.success(), "stderr: {}", stderr(&out));
     assert_eq!(stdout(&out), format!("hello {}\n", id(OUTSIDER)));
 }

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use writ_examples::{WorkloadArgs, any_of, init_logging, one_line, serve_until_signal};
+use writ_examples::{WorkloadArgs, any_of, serve_until_signal};
 use writ_sdk::tls::{self, Authorizer};
 use writ_sdk::txn_token::HEADER;
 use writ_sdk::{SpiffeId, TrustDomain};
@@ -58,20 +58,7 @@ enum Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging();
-    // One crypto backend, installed explicitly as a guard against a second one.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let result = tokio::runtime::Runtime::new()
-        .context("cannot start the async runtime")
-        .and_then(|runtime| runtime.block_on(run(cli)));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", one_line(e.as_ref()));
-            ExitCode::FAILURE
-        }
-    }
+    writ_examples::main_with(run(Cli::parse()))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
