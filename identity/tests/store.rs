@@ -92,11 +92,12 @@ async fn postgres_servers_starting_together_migrate_once() {
     let stores = futures::future::join_all((0..6).map(|_| PostgresStore::connect(&url))).await;
     let stores: Vec<PostgresStore> = stores.into_iter().map(Result::unwrap).collect();
     let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations")
-        .fetch_all(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(versions, vec![1]);
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM schema_migrations ORDER BY version")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(versions, vec![1, 2], "every migration recorded once");
     // All of them work on the same data.
     let (first, rest) = stores.split_first().unwrap();
     let created = first.create_entry(&entry(1)).await.unwrap();
@@ -367,4 +368,43 @@ async fn sqlite_file_concurrent_writers_wait_for_each_other() {
         result.unwrap().unwrap();
     }
     assert_eq!(store.count_entries().await.unwrap(), 1_600);
+}
+
+#[tokio::test]
+async fn sqlite_upgrades_a_version_1_database_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = SqliteStore::open(&path).await.unwrap();
+    let entries: Vec<RegistrationEntry> = (0..5).map(entry).collect();
+    store.create_entries(&entries).await.unwrap();
+    store.close().await;
+    // Turn it back into a database written before leases existed (schema version 1).
+    let mut conn = raw_sqlite(&path).await;
+    for statement in [
+        "DROP TABLE leases",
+        "DELETE FROM schema_migrations WHERE version = 2",
+    ] {
+        sqlx::query(statement).execute(&mut conn).await.unwrap();
+    }
+    drop(conn);
+
+    let store = SqliteStore::open(&path).await.unwrap();
+    assert_eq!(store.count_entries().await.unwrap(), 5, "entries kept");
+    let lease = writ_identity::store::LeaseRecord {
+        id: "l1".into(),
+        child_id: id("/planner/sub/t-1"),
+        parent_id: id("/planner"),
+        entry_id: entries[0].id.clone(),
+        agent_id: id("/agent"),
+        depth: 1,
+        task: "t".into(),
+        child_pid: 7,
+        child_start_time: 9,
+        created_at: 1,
+        expires_at: 2,
+        released_at: None,
+    };
+    store.create_lease(&lease).await.unwrap();
+    assert_eq!(store.fetch_lease("l1").await.unwrap(), Some(lease));
+    store.close().await;
 }

@@ -135,6 +135,44 @@ pub struct JournalRecord {
     pub updated_at: i64,
 }
 
+/// A sub-agent lease: the child identity an agent granted to a parent workload's child
+/// process, until it expires or is released. The TTS reads it to refuse a released
+/// child.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRecord {
+    /// Unique id (a UUID).
+    pub id: String,
+    /// The child's SPIFFE ID (under the parent's path). Unique among live leases.
+    pub child_id: SpiffeId,
+    /// The parent workload's SPIFFE ID.
+    pub parent_id: SpiffeId,
+    /// The registration entry whose spawn policy allowed the lease.
+    pub entry_id: String,
+    /// The agent that holds the lease.
+    pub agent_id: SpiffeId,
+    /// 1 for a child of a registered workload, 2 for its child, ...
+    pub depth: u32,
+    /// The task name the parent gave.
+    pub task: String,
+    /// The child's pid and its start time (clock ticks since boot), against pid reuse.
+    pub child_pid: i32,
+    /// See `child_pid`.
+    pub child_start_time: u64,
+    /// Unix seconds at creation.
+    pub created_at: i64,
+    /// Unix seconds when the lease (and the child's SVID) ends.
+    pub expires_at: i64,
+    /// Unix seconds when the parent released it (or exited); `None` while held.
+    pub released_at: Option<i64>,
+}
+
+impl LeaseRecord {
+    /// Whether the lease still stands at `now`: not released and not expired.
+    pub fn is_live(&self, now: i64) -> bool {
+        self.released_at.is_none() && now < self.expires_at
+    }
+}
+
 /// Narrows [`Store::list_entries`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EntryFilter {
@@ -221,6 +259,28 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn list_journal(&self) -> Result<Vec<JournalRecord>, StoreError>;
     /// Removes a journal record.
     async fn delete_journal(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Stores a new lease. [`StoreError::AlreadyExists`] if its id or child ID is taken.
+    async fn create_lease(&self, lease: &LeaseRecord) -> Result<(), StoreError>;
+    /// The lease with this id.
+    async fn fetch_lease(&self, id: &str) -> Result<Option<LeaseRecord>, StoreError>;
+    /// The lease of this child SPIFFE ID.
+    async fn fetch_lease_by_child(
+        &self,
+        child_id: &SpiffeId,
+    ) -> Result<Option<LeaseRecord>, StoreError>;
+    /// Marks the lease released at `now` (kept if already released) and returns it.
+    /// [`StoreError::NotFound`] if there is no such lease.
+    async fn release_lease(&self, id: &str, now: i64) -> Result<LeaseRecord, StoreError>;
+    /// The leases of `parent_id` (all parents when `None`), oldest first; with `live_at`,
+    /// only those live at that time.
+    async fn list_leases(
+        &self,
+        parent_id: Option<&SpiffeId>,
+        live_at: Option<i64>,
+    ) -> Result<Vec<LeaseRecord>, StoreError>;
+    /// Deletes leases that ended (expired or released) before `before`; returns how many.
+    async fn prune_leases(&self, before: i64) -> Result<u64, StoreError>;
 }
 
 /// A shared store handle.

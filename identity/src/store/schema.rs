@@ -14,7 +14,7 @@ use std::sync::LazyLock;
 use sha2::{Digest, Sha256};
 use sqlx::{ColumnIndex, Decode, PgPool, Row, SqlitePool, Type};
 
-use super::{AttestedAgent, BundleRecord, JoinTokenRecord, JournalRecord, StoreError};
+use super::{AttestedAgent, BundleRecord, JoinTokenRecord, JournalRecord, LeaseRecord, StoreError};
 use crate::entry::RegistrationEntry;
 use crate::selector::{MAX_SELECTORS, Selector};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
@@ -34,10 +34,11 @@ const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrati
      applied_at BIGINT NOT NULL)";
 
 /// SQLite migrations, oldest first.
-pub(super) const SQLITE_MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    statements: &[
-        "CREATE TABLE entries (
+pub(super) const SQLITE_MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        statements: &[
+            "CREATE TABLE entries (
             id TEXT PRIMARY KEY NOT NULL,
             spiffe_id TEXT NOT NULL,
             parent_id TEXT NOT NULL,
@@ -56,20 +57,20 @@ pub(super) const SQLITE_MIGRATIONS: &[Migration] = &[Migration {
             spawn_max_ttl INTEGER,
             spawn_max_depth INTEGER
         )",
-        "CREATE INDEX entries_spiffe_id ON entries (spiffe_id)",
-        "CREATE INDEX entries_parent_id ON entries (parent_id)",
-        // `selector_count` repeats the entry's own so that the subset lookup is answered
-        // from this table's index alone (see `FIND_BY_SELECTORS`).
-        "CREATE TABLE entry_selectors (
+            "CREATE INDEX entries_spiffe_id ON entries (spiffe_id)",
+            "CREATE INDEX entries_parent_id ON entries (parent_id)",
+            // `selector_count` repeats the entry's own so that the subset lookup is answered
+            // from this table's index alone (see `FIND_BY_SELECTORS`).
+            "CREATE TABLE entry_selectors (
             entry_id TEXT NOT NULL REFERENCES entries (id) ON DELETE CASCADE,
             type TEXT NOT NULL,
             value TEXT NOT NULL,
             selector_count INTEGER NOT NULL,
             PRIMARY KEY (entry_id, type, value)
         ) WITHOUT ROWID",
-        "CREATE INDEX entry_selectors_type_value \
+            "CREATE INDEX entry_selectors_type_value \
          ON entry_selectors (type, value, entry_id, selector_count)",
-        "CREATE TABLE agents (
+            "CREATE TABLE agents (
             spiffe_id TEXT PRIMARY KEY NOT NULL,
             attestation_type TEXT NOT NULL,
             cert_serial TEXT NOT NULL,
@@ -78,32 +79,54 @@ pub(super) const SQLITE_MIGRATIONS: &[Migration] = &[Migration {
             banned BOOLEAN NOT NULL,
             created_at INTEGER NOT NULL
         )",
-        "CREATE TABLE join_tokens (
+            "CREATE TABLE join_tokens (
             token_hash TEXT PRIMARY KEY NOT NULL,
             expires_at INTEGER NOT NULL,
             selectors TEXT NOT NULL
         )",
-        "CREATE INDEX join_tokens_expires_at ON join_tokens (expires_at)",
-        "CREATE TABLE bundles (
+            "CREATE INDEX join_tokens_expires_at ON join_tokens (expires_at)",
+            "CREATE TABLE bundles (
             trust_domain_id TEXT PRIMARY KEY NOT NULL,
             document TEXT NOT NULL,
             sequence INTEGER NOT NULL
         )",
-        "CREATE TABLE ca_journal (
+            "CREATE TABLE ca_journal (
             id TEXT PRIMARY KEY NOT NULL,
             kind TEXT NOT NULL,
             payload TEXT NOT NULL,
             updated_at INTEGER NOT NULL
         )",
-    ],
-}];
+        ],
+    },
+    Migration {
+        version: 2,
+        statements: &[
+            "CREATE TABLE leases (
+            id TEXT PRIMARY KEY NOT NULL,
+            child_id TEXT NOT NULL UNIQUE,
+            parent_id TEXT NOT NULL,
+            entry_id TEXT NOT NULL,
+            agent_id TEXT NOT NULL,
+            depth INTEGER NOT NULL,
+            task TEXT NOT NULL,
+            child_pid INTEGER NOT NULL,
+            child_start_time INTEGER NOT NULL,
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL,
+            released_at INTEGER
+        )",
+            "CREATE INDEX leases_parent ON leases (parent_id, created_at)",
+        ],
+    },
+];
 
 /// PostgreSQL migrations, oldest first. Keys use the `C` collation so that `ORDER BY`
 /// is byte order, as in SQLite, whatever the database's default locale.
-pub(super) const POSTGRES_MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    statements: &[
-        r#"CREATE TABLE entries (
+pub(super) const POSTGRES_MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        statements: &[
+            r#"CREATE TABLE entries (
             id TEXT COLLATE "C" PRIMARY KEY NOT NULL,
             spiffe_id TEXT COLLATE "C" NOT NULL,
             parent_id TEXT COLLATE "C" NOT NULL,
@@ -122,18 +145,18 @@ pub(super) const POSTGRES_MIGRATIONS: &[Migration] = &[Migration {
             spawn_max_ttl BIGINT,
             spawn_max_depth BIGINT
         )"#,
-        "CREATE INDEX entries_spiffe_id ON entries (spiffe_id)",
-        "CREATE INDEX entries_parent_id ON entries (parent_id)",
-        r#"CREATE TABLE entry_selectors (
+            "CREATE INDEX entries_spiffe_id ON entries (spiffe_id)",
+            "CREATE INDEX entries_parent_id ON entries (parent_id)",
+            r#"CREATE TABLE entry_selectors (
             entry_id TEXT COLLATE "C" NOT NULL REFERENCES entries (id) ON DELETE CASCADE,
             type TEXT COLLATE "C" NOT NULL,
             value TEXT COLLATE "C" NOT NULL,
             selector_count BIGINT NOT NULL,
             PRIMARY KEY (entry_id, type, value)
         )"#,
-        "CREATE INDEX entry_selectors_type_value \
+            "CREATE INDEX entry_selectors_type_value \
          ON entry_selectors (type, value, entry_id, selector_count)",
-        r#"CREATE TABLE agents (
+            r#"CREATE TABLE agents (
             spiffe_id TEXT COLLATE "C" PRIMARY KEY NOT NULL,
             attestation_type TEXT NOT NULL,
             cert_serial TEXT NOT NULL,
@@ -142,25 +165,46 @@ pub(super) const POSTGRES_MIGRATIONS: &[Migration] = &[Migration {
             banned BOOLEAN NOT NULL,
             created_at BIGINT NOT NULL
         )"#,
-        r#"CREATE TABLE join_tokens (
+            r#"CREATE TABLE join_tokens (
             token_hash TEXT COLLATE "C" PRIMARY KEY NOT NULL,
             expires_at BIGINT NOT NULL,
             selectors TEXT NOT NULL
         )"#,
-        "CREATE INDEX join_tokens_expires_at ON join_tokens (expires_at)",
-        r#"CREATE TABLE bundles (
+            "CREATE INDEX join_tokens_expires_at ON join_tokens (expires_at)",
+            r#"CREATE TABLE bundles (
             trust_domain_id TEXT COLLATE "C" PRIMARY KEY NOT NULL,
             document TEXT NOT NULL,
             sequence BIGINT NOT NULL
         )"#,
-        r#"CREATE TABLE ca_journal (
+            r#"CREATE TABLE ca_journal (
             id TEXT COLLATE "C" PRIMARY KEY NOT NULL,
             kind TEXT NOT NULL,
             payload TEXT NOT NULL,
             updated_at BIGINT NOT NULL
         )"#,
-    ],
-}];
+        ],
+    },
+    Migration {
+        version: 2,
+        statements: &[
+            r#"CREATE TABLE leases (
+            id TEXT COLLATE "C" PRIMARY KEY NOT NULL,
+            child_id TEXT COLLATE "C" NOT NULL UNIQUE,
+            parent_id TEXT COLLATE "C" NOT NULL,
+            entry_id TEXT NOT NULL,
+            agent_id TEXT NOT NULL,
+            depth BIGINT NOT NULL,
+            task TEXT NOT NULL,
+            child_pid BIGINT NOT NULL,
+            child_start_time BIGINT NOT NULL,
+            created_at BIGINT NOT NULL,
+            expires_at BIGINT NOT NULL,
+            released_at BIGINT
+        )"#,
+            "CREATE INDEX leases_parent ON leases (parent_id, created_at)",
+        ],
+    },
+];
 
 /// Key of the PostgreSQL advisory lock held while migrating (`"writ_sch"` in ASCII), so
 /// that servers starting together on one database migrate one after another.
@@ -483,6 +527,28 @@ pub(super) const PUT_JOURNAL: &str = "INSERT INTO ca_journal (id, kind, payload,
 pub(super) const LIST_JOURNAL: &str =
     "SELECT id, kind, payload, updated_at FROM ca_journal ORDER BY id";
 pub(super) const DELETE_JOURNAL: &str = "DELETE FROM ca_journal WHERE id = $1";
+
+const LEASE_COLUMNS: &str = "id, child_id, parent_id, entry_id, agent_id, depth, task, \
+     child_pid, child_start_time, created_at, expires_at, released_at";
+pub(super) const INSERT_LEASE: &str = "INSERT INTO leases (id, child_id, parent_id, entry_id, \
+     agent_id, depth, task, child_pid, child_start_time, created_at, expires_at, released_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+pub(super) static FETCH_LEASE: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = $1"));
+pub(super) static FETCH_LEASE_BY_CHILD: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {LEASE_COLUMNS} FROM leases WHERE child_id = $1"));
+pub(super) const RELEASE_LEASE: &str =
+    "UPDATE leases SET released_at = COALESCE(released_at, $2) WHERE id = $1";
+/// `$1`: the parent ID, or `''` for every parent; `$2`: the time leases must be live
+/// at, or `-1` for all (sentinels keep one statement text for both backends).
+pub(super) static LIST_LEASES: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {LEASE_COLUMNS} FROM leases WHERE ($1 = '' OR parent_id = $1) \
+         AND ($2 < 0 OR (released_at IS NULL AND expires_at > $2)) ORDER BY created_at, id"
+    )
+});
+pub(super) const PRUNE_LEASES: &str = "DELETE FROM leases WHERE expires_at < $1 \
+     OR (released_at IS NOT NULL AND released_at < $1)";
 
 // ---------------------------------------------------------------------------------------
 // Outcomes shared by both backends.
@@ -910,6 +976,42 @@ where
         kind: get(row, "kind", KIND)?,
         payload: get(row, "payload", KIND)?,
         updated_at: get(row, "updated_at", KIND)?,
+    })
+}
+
+/// Reads a `leases` row.
+pub(super) fn lease_from_row<R>(row: &R) -> Result<LeaseRecord, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Option<i64>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    const KIND: &str = "lease";
+    let id_of = |column: &str| -> Result<SpiffeId, StoreError> {
+        let text: String = get(row, column, KIND)?;
+        SpiffeId::new(&text).map_err(|e| corrupt(KIND, format!("{column}: {e}")))
+    };
+    let depth = from_i64(get(row, "depth", KIND)?, KIND, "depth")?;
+    let pid: i64 = get(row, "child_pid", KIND)?;
+    Ok(LeaseRecord {
+        id: get(row, "id", KIND)?,
+        child_id: id_of("child_id")?,
+        parent_id: id_of("parent_id")?,
+        entry_id: get(row, "entry_id", KIND)?,
+        agent_id: id_of("agent_id")?,
+        depth: u32::try_from(depth).map_err(|_| corrupt(KIND, format!("depth {depth}")))?,
+        task: get(row, "task", KIND)?,
+        child_pid: i32::try_from(pid).map_err(|_| corrupt(KIND, format!("child_pid {pid}")))?,
+        child_start_time: from_i64(
+            get(row, "child_start_time", KIND)?,
+            KIND,
+            "child_start_time",
+        )?,
+        created_at: get(row, "created_at", KIND)?,
+        expires_at: get(row, "expires_at", KIND)?,
+        released_at: get(row, "released_at", KIND)?,
     })
 }
 

@@ -330,6 +330,82 @@ macro_rules! sql_store {
                     .await?;
                 schema::expect_one(done.rows_affected(), "journal record")
             }
+
+            async fn create_lease(&self, lease: &LeaseRecord) -> Result<(), StoreError> {
+                sqlx::query(schema::INSERT_LEASE)
+                    .bind(lease.id.as_str())
+                    .bind(lease.child_id.as_str())
+                    .bind(lease.parent_id.as_str())
+                    .bind(lease.entry_id.as_str())
+                    .bind(lease.agent_id.as_str())
+                    .bind(i64::from(lease.depth))
+                    .bind(lease.task.as_str())
+                    .bind(i64::from(lease.child_pid))
+                    .bind(schema::to_i64(lease.child_start_time, "child_start_time")?)
+                    .bind(lease.created_at)
+                    .bind(lease.expires_at)
+                    .bind(lease.released_at)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(schema::unique_violation_is("lease"))?;
+                Ok(())
+            }
+
+            async fn fetch_lease(&self, id: &str) -> Result<Option<LeaseRecord>, StoreError> {
+                sqlx::query(schema::FETCH_LEASE.as_str())
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .as_ref()
+                    .map(lease_from_row)
+                    .transpose()
+            }
+
+            async fn fetch_lease_by_child(
+                &self,
+                child_id: &SpiffeId,
+            ) -> Result<Option<LeaseRecord>, StoreError> {
+                sqlx::query(schema::FETCH_LEASE_BY_CHILD.as_str())
+                    .bind(child_id.as_str())
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .as_ref()
+                    .map(lease_from_row)
+                    .transpose()
+            }
+
+            async fn release_lease(&self, id: &str, now: i64) -> Result<LeaseRecord, StoreError> {
+                let done = sqlx::query(schema::RELEASE_LEASE)
+                    .bind(id)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?;
+                schema::expect_one(done.rows_affected(), "lease")?;
+                self.fetch_lease(id)
+                    .await?
+                    .ok_or(StoreError::NotFound { kind: "lease" })
+            }
+
+            async fn list_leases(
+                &self,
+                parent_id: Option<&SpiffeId>,
+                live_at: Option<i64>,
+            ) -> Result<Vec<LeaseRecord>, StoreError> {
+                let rows = sqlx::query(schema::LIST_LEASES.as_str())
+                    .bind(parent_id.map_or("", SpiffeId::as_str))
+                    .bind(live_at.map_or(-1, |t| t.max(0)))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(lease_from_row).collect()
+            }
+
+            async fn prune_leases(&self, before: i64) -> Result<u64, StoreError> {
+                let done = sqlx::query(schema::PRUNE_LEASES)
+                    .bind(before)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected())
+            }
         }
     };
 }

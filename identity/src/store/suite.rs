@@ -22,7 +22,8 @@
 use futures::future::join_all;
 
 use super::{
-    AttestedAgent, BundleRecord, EntryFilter, JoinTokenRecord, JournalRecord, Store, StoreError,
+    AttestedAgent, BundleRecord, EntryFilter, JoinTokenRecord, JournalRecord, LeaseRecord, Store,
+    StoreError,
 };
 use crate::entry::RegistrationEntry;
 use crate::selector::{MAX_SELECTORS, Selector};
@@ -56,6 +57,7 @@ pub async fn run_all(store: &dyn Store) {
     join_token_prune(store).await;
     bundles_crud(store).await;
     journal_crud(store).await;
+    leases_lifecycle(store).await;
     concurrent_consume_join_token(store).await;
     concurrent_update_entry(store).await;
 }
@@ -1060,6 +1062,124 @@ pub async fn journal_crud(store: &dyn Store) {
         .await
         .expect_err("second delete");
     assert!(matches!(err, StoreError::NotFound { .. }), "got {err:?}");
+}
+
+/// Leases: create, fetch by id and by child, the live filter, release (kept on a second
+/// release), duplicates refused, extremes round-trip, prune.
+pub async fn leases_lifecycle(store: &dyn Store) {
+    let s = Scope::new("leases");
+    let lease = |task: &str, created_at: i64, expires_at: i64| LeaseRecord {
+        id: format!("{}-{task}", s.tag),
+        child_id: s.id(&format!("parent/sub/{task}")),
+        parent_id: s.id("parent"),
+        entry_id: format!("{}-entry", s.tag),
+        agent_id: s.id("agent"),
+        depth: 1,
+        task: task.into(),
+        child_pid: 4242,
+        child_start_time: 987_654_321,
+        created_at,
+        expires_at,
+        released_at: None,
+    };
+    let (a, b) = (lease("a", 100, 400), lease("b", 200, 300));
+    store.create_lease(&a).await.expect("create_lease");
+    store.create_lease(&b).await.expect("create_lease");
+    assert_eq!(
+        store.fetch_lease(&a.id).await.expect("fetch"),
+        Some(a.clone())
+    );
+    assert_eq!(
+        store
+            .fetch_lease_by_child(&b.child_id)
+            .await
+            .expect("by child"),
+        Some(b.clone())
+    );
+    assert_eq!(store.fetch_lease("missing").await.expect("fetch"), None);
+
+    // The same id, or the same child ID, again.
+    for dup in [
+        a.clone(),
+        LeaseRecord {
+            id: format!("{}-other", s.tag),
+            ..a.clone()
+        },
+    ] {
+        let err = store.create_lease(&dup).await.expect_err("duplicate lease");
+        assert!(
+            matches!(err, StoreError::AlreadyExists { .. }),
+            "got {err:?}"
+        );
+    }
+
+    let parent = s.id("parent");
+    let listed = store.list_leases(Some(&parent), None).await.expect("list");
+    assert_eq!(listed, vec![a.clone(), b.clone()]);
+    let live = store
+        .list_leases(Some(&parent), Some(350))
+        .await
+        .expect("list live");
+    assert_eq!(live, vec![a.clone()], "b expired at 300");
+    assert!(
+        store
+            .list_leases(Some(&s.id("nobody")), None)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+
+    // Released once; a second release keeps the first time.
+    let released = store.release_lease(&a.id, 250).await.expect("release");
+    assert_eq!(released.released_at, Some(250));
+    assert!(!released.is_live(260) && b.is_live(260));
+    let again = store
+        .release_lease(&a.id, 260)
+        .await
+        .expect("release again");
+    assert_eq!(again.released_at, Some(250));
+    assert!(
+        store
+            .list_leases(Some(&parent), Some(260))
+            .await
+            .expect("list live")
+            .iter()
+            .all(|l| l.id == b.id)
+    );
+    let err = store
+        .release_lease("missing", 1)
+        .await
+        .expect_err("missing");
+    assert!(matches!(err, StoreError::NotFound { .. }), "got {err:?}");
+
+    // Extremes round-trip.
+    let wide = LeaseRecord {
+        depth: u32::MAX,
+        child_pid: i32::MAX,
+        child_start_time: i64::MAX.unsigned_abs(),
+        ..lease("wide", 100, FAR_FUTURE)
+    };
+    store.create_lease(&wide).await.expect("create wide");
+    assert_eq!(
+        store.fetch_lease(&wide.id).await.expect("fetch"),
+        Some(wide.clone())
+    );
+    let too_wide = LeaseRecord {
+        child_start_time: u64::MAX,
+        ..lease("too-wide", 100, FAR_FUTURE)
+    };
+    assert!(store.create_lease(&too_wide).await.is_err());
+    assert_eq!(store.fetch_lease(&too_wide.id).await.expect("fetch"), None);
+
+    // Pruning removes what ended before the cut-off, whoever owns it.
+    let pruned = store.prune_leases(350).await.expect("prune");
+    assert!(
+        pruned >= 2,
+        "a (released at 250) and b (expired at 300): {pruned}"
+    );
+    assert_eq!(store.fetch_lease(&a.id).await.expect("fetch"), None);
+    assert_eq!(store.fetch_lease(&b.id).await.expect("fetch"), None);
+    assert!(store.fetch_lease(&wide.id).await.expect("fetch").is_some());
 }
 
 /// Many concurrent consumers of one join token: exactly one gets it.
