@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "../specs/proto/writ/admin/v1/admin.proto",
         "../specs/proto/writ/node/v1/node.proto",
+        "../specs/proto/writ/delegation/v1/subagents.proto",
         "../specs/proto/workload.proto",
     ];
     for p in protos {

@@ -44,6 +44,13 @@ pub mod proto {
                 tonic::include_proto!("writ.admin.v1");
             }
         }
+        /// `writ.delegation.*`.
+        pub mod delegation {
+            /// `writ.delegation.v1`: sub-agent leases on the agent socket.
+            pub mod v1 {
+                tonic::include_proto!("writ.delegation.v1");
+            }
+        }
         /// `writ.node.*`.
         pub mod node {
             /// `writ.node.v1`: the server's API for agents.
@@ -57,5 +64,6 @@ pub mod proto {
         tonic::include_proto!("_");
     }
     pub use writ::admin::v1 as admin;
+    pub use writ::delegation::v1 as delegation;
     pub use writ::node::v1 as node;
 }
