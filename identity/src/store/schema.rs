@@ -1100,23 +1100,32 @@ mod tests {
 
     #[test]
     fn newer_schema_is_refused() {
-        let applied = [1, 99];
+        let applied = [1, 2, 99];
         assert!(matches!(
             pending(SQLITE_MIGRATIONS, &applied).map(|p| p.count()),
             Err(StoreError::SchemaTooNew {
                 found: 99,
-                supported: 1
+                supported: 2
             })
         ));
         assert_eq!(
-            pending(SQLITE_MIGRATIONS, &[1]).map(|p| p.count()).unwrap(),
+            pending(SQLITE_MIGRATIONS, &[1, 2])
+                .map(|p| p.count())
+                .unwrap(),
             0
+        );
+        // A version-1 database gets version 2 only; a new one gets both.
+        assert_eq!(
+            pending(SQLITE_MIGRATIONS, &[1])
+                .map(|p| p.map(|m| m.version).collect::<Vec<_>>())
+                .unwrap(),
+            vec![2]
         );
         assert_eq!(
             pending(POSTGRES_MIGRATIONS, &[])
                 .map(|p| p.count())
                 .unwrap(),
-            1
+            2
         );
     }
 }
