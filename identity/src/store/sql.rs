@@ -48,6 +48,24 @@ macro_rules! sql_store {
             Ok(())
         }
 
+        /// The one lease `sql` selects by its single text parameter `key`.
+        async fn fetch_lease_where<'e, E>(
+            executor: E,
+            sql: &'static str,
+            key: &str,
+        ) -> Result<Option<LeaseRecord>, StoreError>
+        where
+            E: sqlx::Executor<'e, Database = <$conn as sqlx::Connection>::Database>,
+        {
+            sqlx::query(sql)
+                .bind(key)
+                .fetch_optional(executor)
+                .await?
+                .as_ref()
+                .map(lease_from_row)
+                .transpose()
+        }
+
         async fn fetch_entry_on(
             conn: &mut $conn,
             id: &str,
@@ -352,26 +370,15 @@ macro_rules! sql_store {
             }
 
             async fn fetch_lease(&self, id: &str) -> Result<Option<LeaseRecord>, StoreError> {
-                sqlx::query(schema::FETCH_LEASE.as_str())
-                    .bind(id)
-                    .fetch_optional(&self.pool)
-                    .await?
-                    .as_ref()
-                    .map(lease_from_row)
-                    .transpose()
+                fetch_lease_where(&self.pool, schema::FETCH_LEASE.as_str(), id).await
             }
 
             async fn fetch_lease_by_child(
                 &self,
                 child_id: &SpiffeId,
             ) -> Result<Option<LeaseRecord>, StoreError> {
-                sqlx::query(schema::FETCH_LEASE_BY_CHILD.as_str())
-                    .bind(child_id.as_str())
-                    .fetch_optional(&self.pool)
-                    .await?
-                    .as_ref()
-                    .map(lease_from_row)
-                    .transpose()
+                let sql = schema::FETCH_LEASE_BY_CHILD.as_str();
+                fetch_lease_where(&self.pool, sql, child_id.as_str()).await
             }
 
             async fn release_lease(&self, id: &str, now: i64) -> Result<LeaseRecord, StoreError> {

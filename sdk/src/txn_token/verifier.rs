@@ -203,11 +203,7 @@ impl TxnVerifier {
     /// [`TxnTokenError`] for the first problem found.
     pub async fn verify(&self, token: &str) -> Result<TxnToken, TxnTokenError> {
         let inner = &self.inner;
-        if token.len() > MAX_TOKEN_BYTES {
-            return Err(TxnTokenError::TooLarge {
-                max: MAX_TOKEN_BYTES,
-            });
-        }
+        check_size(token)?;
         let digest = inner.verified.as_ref().map(|_| sha256(token.as_bytes()));
         if let (Some(cache), Some(digest)) = (&inner.verified, &digest)
             && let Some(hit) = cache.get(digest)
@@ -236,11 +232,7 @@ impl TxnVerifier {
     /// # Errors
     /// [`TxnTokenError`] for the first problem found.
     pub fn verify_at(&self, token: &str, now: SystemTime) -> Result<TxnToken, TxnTokenError> {
-        if token.len() > MAX_TOKEN_BYTES {
-            return Err(TxnTokenError::TooLarge {
-                max: MAX_TOKEN_BYTES,
-            });
-        }
+        check_size(token)?;
         self.verify_with_current_keys(token, &header(token)?, now)
     }
 
@@ -387,6 +379,16 @@ impl TxnVerifier {
         }
         Ok(())
     }
+}
+
+/// Refuses a token larger than [`MAX_TOKEN_BYTES`] before anything parses it.
+fn check_size(token: &str) -> Result<(), TxnTokenError> {
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(TxnTokenError::TooLarge {
+            max: MAX_TOKEN_BYTES,
+        });
+    }
+    Ok(())
 }
 
 /// The JOSE header, with the checks that need no key: `typ` and an allowed algorithm.
