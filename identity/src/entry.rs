@@ -74,10 +74,20 @@ pub enum EntryError {
         /// The limit.
         max: u32,
     },
+    /// The cap on live sub-agents is out of range.
+    #[error("spawn_max_children must be between 1 and {max}")]
+    SpawnChildren {
+        /// The limit.
+        max: u32,
+    },
 }
 
 /// Deepest sub-agent nesting a spawn policy may allow.
 pub const MAX_SPAWN_DEPTH: u32 = 8;
+/// Most live sub-agents a spawn policy may allow one workload to hold at once.
+pub const MAX_SPAWN_CHILDREN: u32 = 1024;
+/// The cap on live sub-agents when an entry that can spawn sets none.
+pub const DEFAULT_SPAWN_MAX_CHILDREN: u32 = 16;
 
 /// A registration entry as stored.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -115,6 +125,9 @@ pub struct RegistrationEntry {
     pub spawn_max_ttl: Option<u64>,
     /// Deepest chain of sub-agents under this workload; `None` forbids spawning.
     pub spawn_max_depth: Option<u32>,
+    /// Most live sub-agents this workload may hold at once; `None` means the default cap
+    /// [`DEFAULT_SPAWN_MAX_CHILDREN`] (16) when the entry can spawn.
+    pub spawn_max_children: Option<u32>,
 }
 
 impl RegistrationEntry {
@@ -137,6 +150,7 @@ impl RegistrationEntry {
             created_at: 0,
             spawn_max_ttl: None,
             spawn_max_depth: None,
+            spawn_max_children: None,
         }
     }
 
@@ -175,6 +189,13 @@ impl RegistrationEntry {
                 max: MAX_SPAWN_DEPTH,
             });
         }
+        if let Some(children) = self.spawn_max_children
+            && !(1..=MAX_SPAWN_CHILDREN).contains(&children)
+        {
+            return Err(EntryError::SpawnChildren {
+                max: MAX_SPAWN_CHILDREN,
+            });
+        }
         if self.dns_names.len() > MAX_DNS_NAMES {
             return Err(EntryError::TooMany {
                 field: "dns_names",
@@ -194,6 +215,14 @@ impl RegistrationEntry {
             return Err(EntryError::Hint { max: MAX_HINT_LEN });
         }
         Ok(())
+    }
+
+    /// The cap on live sub-agents this workload may hold at once: `spawn_max_children`,
+    /// or [`DEFAULT_SPAWN_MAX_CHILDREN`] when unset. Whether the entry can spawn at all
+    /// is still decided by `spawn_max_ttl`.
+    pub fn spawn_children_cap(&self) -> u32 {
+        self.spawn_max_children
+            .unwrap_or(DEFAULT_SPAWN_MAX_CHILDREN)
     }
 
     /// Whether the entry can no longer be used at `now` (Unix seconds).
@@ -262,6 +291,32 @@ mod tests {
             e.validate(&td),
             Err(EntryError::SpawnDepth { .. })
         ));
+    }
+
+    #[test]
+    fn spawn_max_children_bounds() {
+        let td = TrustDomain::new("example.org").unwrap();
+        for bad in [0, MAX_SPAWN_CHILDREN + 1, u32::MAX] {
+            let mut e = entry();
+            e.spawn_max_children = Some(bad);
+            assert_eq!(
+                e.validate(&td),
+                Err(EntryError::SpawnChildren {
+                    max: MAX_SPAWN_CHILDREN
+                }),
+                "{bad}"
+            );
+        }
+        for good in [1, MAX_SPAWN_CHILDREN] {
+            let mut e = entry();
+            e.spawn_max_children = Some(good);
+            e.validate(&td).unwrap();
+            assert_eq!(e.spawn_children_cap(), good);
+        }
+        let e = entry();
+        assert_eq!(e.spawn_max_children, None);
+        assert_eq!(e.spawn_children_cap(), DEFAULT_SPAWN_MAX_CHILDREN);
+        assert_eq!(e.spawn_max_ttl, None, "a default entry still cannot spawn");
     }
 
     #[test]

@@ -97,7 +97,7 @@ async fn postgres_servers_starting_together_migrate_once() {
             .fetch_all(&mut conn)
             .await
             .unwrap();
-    assert_eq!(versions, vec![1, 2], "every migration recorded once");
+    assert_eq!(versions, vec![1, 2, 3], "every migration recorded once");
     // All of them work on the same data.
     let (first, rest) = stores.split_first().unwrap();
     let created = first.create_entry(&entry(1)).await.unwrap();
@@ -378,11 +378,13 @@ async fn sqlite_upgrades_a_version_1_database_in_place() {
     let entries: Vec<RegistrationEntry> = (0..5).map(entry).collect();
     store.create_entries(&entries).await.unwrap();
     store.close().await;
-    // Turn it back into a database written before leases existed (schema version 1).
+    // Turn it back into a database written before leases and the live sub-agent cap
+    // existed (schema version 1).
     let mut conn = raw_sqlite(&path).await;
     for statement in [
         "DROP TABLE leases",
-        "DELETE FROM schema_migrations WHERE version = 2",
+        "ALTER TABLE entries DROP COLUMN spawn_max_children",
+        "DELETE FROM schema_migrations WHERE version IN (2, 3)",
     ] {
         sqlx::query(statement).execute(&mut conn).await.unwrap();
     }
@@ -390,6 +392,18 @@ async fn sqlite_upgrades_a_version_1_database_in_place() {
 
     let store = SqliteStore::open(&path).await.unwrap();
     assert_eq!(store.count_entries().await.unwrap(), 5, "entries kept");
+    for old in &entries {
+        let fetched = store.fetch_entry(&old.id).await.unwrap().unwrap();
+        assert_eq!(fetched.spawn_max_children, None, "old rows have no cap");
+    }
+    let mut capped = store.fetch_entry(&entries[0].id).await.unwrap().unwrap();
+    capped.spawn_max_children = Some(4);
+    let capped = store.update_entry(&capped).await.unwrap();
+    assert_eq!(
+        store.fetch_entry(&capped.id).await.unwrap(),
+        Some(capped),
+        "the new column is writable"
+    );
     let lease = writ_identity::store::LeaseRecord {
         id: "l1".into(),
         child_id: id("/planner/sub/t-1"),

@@ -8,7 +8,9 @@
 //! - [`txn_token`]: the Txn-Token claims type and [`txn_token::TxnVerifier`];
 //! - [`middleware`]: [`middleware::TxnLayer`] and the [`middleware::Verified`]
 //!   extractor, which check the caller and its Txn-Token together;
-//! - [`exchange`]: the RFC 8693 client of the transaction token service.
+//! - [`exchange`]: the RFC 8693 client of the transaction token service;
+//! - [`spawn`]: sub-agents, child processes with a short-lived identity under this
+//!   workload's, released with it.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), writ_sdk::workload::WorkloadError> {
@@ -22,6 +24,7 @@
 pub mod exchange;
 pub mod listener;
 pub mod middleware;
+pub mod spawn;
 pub mod tls;
 pub mod txn_token;
 pub mod workload;

@@ -104,6 +104,17 @@ impl Stack {
     /// Registers `spiffe://example.org<path>` for workloads with all of `selectors`,
     /// under the agent, and tells the agent.
     pub async fn register(&self, path: &str, selectors: &[&str]) -> RegistrationEntry {
+        self.register_with(path, selectors, |_| {}).await
+    }
+
+    /// As [`Stack::register`], with `adjust` applied to the entry first (a spawn policy,
+    /// TTLs, ...).
+    pub async fn register_with(
+        &self,
+        path: &str,
+        selectors: &[&str],
+        adjust: impl FnOnce(&mut RegistrationEntry),
+    ) -> RegistrationEntry {
         let td = self.server.config.trust_domain.clone();
         let selectors: Vec<Selector> = selectors.iter().map(|s| s.parse().unwrap()).collect();
         let mut entry = RegistrationEntry::new(
@@ -111,6 +122,7 @@ impl Stack {
             self.agent_id.clone(),
             selectors,
         );
+        adjust(&mut entry);
         entry.validate(&td).unwrap();
         entry.created_at = self.server.clock.unix_seconds();
         let stored = self.server.store.create_entry(&entry).await.unwrap();

@@ -37,6 +37,12 @@ pub struct AuditRecord {
     pub reason: Option<String>,
     /// The authenticated caller's SPIFFE ID.
     pub caller: Option<String>,
+    /// For a sub-agent caller: its lease id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+    /// For a sub-agent caller: the parent workload that spawned it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
     /// How the caller authenticated (`mtls` or `jwt-svid`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_auth: Option<&'static str>,

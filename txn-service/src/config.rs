@@ -40,11 +40,13 @@ use std::time::Duration;
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 use writ_identity::clock::{SharedClock, SystemClock};
+use writ_identity::server::config::{Datastore, FileDatastore};
 use writ_identity::spiffe_id::SpiffeId;
 use writ_sdk::workload::{WorkloadClient, WorkloadError, X509Source};
 
 use crate::audit::AuditLog;
 use crate::exchange::{DEFAULT_LIFETIME, DEFAULT_MAX_CHAIN_DEPTH, ExchangeService};
+use crate::lease::Leases;
 use crate::listener::{self, ServeError};
 use crate::oidc::{IssuerConfig, OidcError, OidcValidator};
 use crate::policy::{FilePolicy, Policy, PolicyError};
@@ -123,6 +125,9 @@ pub struct TxnFileConfig {
     /// Trusted OpenID Providers.
     #[serde(default)]
     pub oidc: Vec<FileIssuer>,
+    /// The identity server's store, read for sub-agent leases (`[identity_store]`, the
+    /// same `backend`/`connection` as the server's `[datastore]`).
+    pub identity_store: Option<FileDatastore>,
     /// The issuance policy.
     #[serde(default)]
     pub policy: FilePolicy,
@@ -175,6 +180,8 @@ pub struct TxnConfig {
     pub client_assertions: bool,
     /// OpenID Providers.
     pub oidc: Vec<IssuerConfig>,
+    /// The identity server's store, for sub-agent leases; `None` refuses sub-agents.
+    pub identity_store: Option<Datastore>,
     /// The policy.
     pub policy: Policy,
 }
@@ -244,6 +251,18 @@ impl TxnConfig {
             )));
         }
         let policy = Policy::try_from(file.policy)?;
+        let identity_store = match &file.identity_store {
+            None => None,
+            Some(table) => Some(
+                Datastore::from_file(table, base)
+                    .map_err(|e| TxnConfigError::Invalid(format!("`identity_store`: {e}")))?
+                    .ok_or_else(|| {
+                        TxnConfigError::Invalid(
+                            "`identity_store`: `connection` (the SQLite file) is required".into(),
+                        )
+                    })?,
+            ),
+        };
         let token_lifetime = duration(
             "token_lifetime",
             file.token_lifetime.as_deref(),
@@ -282,6 +301,7 @@ impl TxnConfig {
             subject_token_cache: file.subject_token_cache.unwrap_or(true),
             client_assertions: file.client_assertions.unwrap_or(false),
             oidc,
+            identity_store,
             policy,
         })
     }
@@ -393,6 +413,13 @@ impl TxnServer {
         }
         if config.subject_token_cache {
             service = service.with_subject_cache();
+        }
+        if let Some(store) = &config.identity_store {
+            let store = store
+                .open()
+                .await
+                .map_err(|e| TxnConfigError::Invalid(format!("`identity_store`: {e}")))?;
+            service = service.with_leases(Leases::new(store));
         }
         if config.client_assertions {
             service = service

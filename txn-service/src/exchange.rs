@@ -51,10 +51,12 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 use writ_identity::clock::{SharedClock, from_unix_seconds};
 use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
+use writ_identity::store::LeaseRecord;
 use writ_sdk::txn_token::{Actor, TOKEN_TYPE_URN, TxnToken, TxnVerifier};
 use writ_sdk::workload::WorkloadClient;
 
 use crate::audit::{AuditLog, AuditRecord};
+use crate::lease::{LeaseError, Leases, is_sub_agent_id};
 use crate::oidc::{
     OidcError, OidcValidator, SubjectTokenType, ValidatedSubject, token_fingerprint,
 };
@@ -172,6 +174,10 @@ pub enum ExchangeError {
     /// `server_error` (500): the token could not be signed. Details go to the log only.
     #[error("server_error: {0}")]
     Mint(#[from] MintError),
+    /// `temporarily_unavailable` (503): a sub-agent's lease could not be looked up.
+    /// Details go to the log only.
+    #[error("temporarily_unavailable: {0}")]
+    LeasesUnavailable(String),
 }
 
 impl ExchangeError {
@@ -218,6 +224,7 @@ impl ExchangeError {
             Self::UnauthorizedClient { .. } => "unauthorized_client",
             Self::UnsupportedGrantType => "unsupported_grant_type",
             Self::Mint(_) => "server_error",
+            Self::LeasesUnavailable(_) => "temporarily_unavailable",
         }
     }
 
@@ -232,6 +239,7 @@ impl ExchangeError {
             Self::UnsupportedGrantType => "only token exchange is supported".to_owned(),
             Self::RateLimited { .. } => "rate limit exceeded".to_owned(),
             Self::Mint(_) => "internal error".to_owned(),
+            Self::LeasesUnavailable(_) => "sub-agent leases cannot be checked now".to_owned(),
         }
     }
 
@@ -245,6 +253,7 @@ impl ExchangeError {
             Self::UnauthorizedClient { .. } => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Mint(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::LeasesUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -255,6 +264,9 @@ impl IntoResponse for ExchangeError {
     fn into_response(self) -> Response {
         if let Self::Mint(e) = &self {
             tracing::error!(error = %e, "minting a Txn-Token failed");
+        }
+        if let Self::LeasesUnavailable(e) = &self {
+            tracing::error!(error = %e, "sub-agent lease lookup failed");
         }
         let body = json!({"error": self.code(), "error_description": self.description()});
         let mut response = no_store((self.status(), Json(body)).into_response());
@@ -507,6 +519,7 @@ pub struct ExchangeService {
     limiter: RateLimiter,
     subject_cache: Option<moka::future::Cache<String, Arc<ValidatedSubject>>>,
     assertions: Option<WorkloadClient>,
+    leases: Option<Leases>,
 }
 
 impl ExchangeService {
@@ -536,7 +549,15 @@ impl ExchangeService {
             audit: AuditLog::memory(),
             subject_cache: None,
             assertions: None,
+            leases: None,
         }
+    }
+
+    /// Serves sub-agent callers while their lease (looked up in `leases`) stands, with
+    /// tokens that end with it. Without this, sub-agent callers are refused.
+    pub fn with_leases(mut self, leases: Leases) -> Self {
+        self.leases = Some(leases);
+        self
     }
 
     /// Writes decisions to `audit`.
@@ -652,7 +673,17 @@ impl ExchangeService {
             let caller = self.authenticate(mtls_caller, &req).await?;
             record.caller = Some(caller.id.to_string());
             record.client_auth = Some(caller.auth.name());
-            self.exchange_inner(&caller, caller_ip, req).await
+            let lease = self.sub_agent_lease(&caller.id).await?;
+            if let Some(lease) = &lease {
+                record.lease = Some(lease.id.clone());
+                record.parent = Some(lease.parent_id.to_string());
+                if !lease.is_live(self.clock.unix_seconds()) {
+                    return Err(ExchangeError::unauthorized(LeaseError::Ended.to_string()));
+                }
+            }
+            let lease_end = lease.map(|l| l.expires_at);
+            self.exchange_inner(&caller, caller_ip, req, lease_end)
+                .await
         }
         .await;
         match result {
@@ -723,11 +754,32 @@ impl ExchangeService {
         }
     }
 
+    /// For a sub-agent caller, its lease (perhaps ended); `None` for any other caller.
+    async fn sub_agent_lease(
+        &self,
+        caller: &SpiffeId,
+    ) -> Result<Option<LeaseRecord>, ExchangeError> {
+        if !is_sub_agent_id(caller) {
+            return Ok(None);
+        }
+        let Some(leases) = &self.leases else {
+            return Err(ExchangeError::unauthorized(LeaseError::NoStore.to_string()));
+        };
+        match leases.lookup(caller).await {
+            Ok(lease) => Ok(Some(lease)),
+            Err(LeaseError::Store(e)) => Err(ExchangeError::LeasesUnavailable(e)),
+            Err(e) => Err(ExchangeError::unauthorized(e.to_string())),
+        }
+    }
+
+    /// Mints for an authenticated caller. `lease_end`: a sub-agent's lease end, which
+    /// the token never outlives (no child SVID outlives it either).
     async fn exchange_inner(
         &self,
         caller: &Caller,
         caller_ip: Option<IpAddr>,
         req: ExchangeRequest,
+        lease_end: Option<i64>,
     ) -> Result<(TxnToken, ExchangeResponse), ExchangeError> {
         if req.audience != self.trust_domain.as_str() {
             return Err(ExchangeError::InvalidTarget {
@@ -767,7 +819,9 @@ impl ExchangeService {
         let lifetime = i64::try_from(lifetime.as_secs())
             .unwrap_or(i64::MAX)
             .min(remaining);
-        let exp = now.saturating_add(lifetime);
+        let exp = now
+            .saturating_add(lifetime)
+            .min(lease_end.unwrap_or(i64::MAX));
 
         let claims = match subject.replaced {
             Some(old) => {

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod exchange;
+pub mod lease;
 pub mod listener;
 pub mod oidc;
 pub mod policy;

@@ -157,6 +157,8 @@ fn entries_ca_and_jwt_keys_survive_restart() {
         "5m",
         "--spawn-max-depth",
         "2",
+        "--spawn-max-children",
+        "4",
         "--output",
         "json",
     ]))
@@ -164,6 +166,9 @@ fn entries_ca_and_jwt_keys_survive_restart() {
     let entry_id = created["id"].as_str().unwrap().to_owned();
     assert_eq!(created["revision"], 1);
     assert_eq!(created["x509_svid_ttl"], 600);
+    assert_eq!(created["spawn_max_ttl"], 300);
+    assert_eq!(created["spawn_max_depth"], 2);
+    assert_eq!(created["spawn_max_children"], 4);
     let bundle = server.ok(&["bundle", "show", "--format", "spiffe"]);
     let token = server.ok(&[
         "jwt",
@@ -202,12 +207,16 @@ fn entries_ca_and_jwt_keys_survive_restart() {
         &entry_id,
         "--hint",
         "planner",
+        "--spawn-max-children",
+        "8",
         "--output",
         "json",
     ]))
     .unwrap();
     assert_eq!(updated["revision"], 2);
     assert_eq!(updated["hint"], "planner");
+    assert_eq!(updated["spawn_max_children"], 8);
+    assert_eq!(updated["spawn_max_depth"], 2);
     assert_eq!(updated["selectors"], created["selectors"]);
     server.ok(&["entry", "delete", "--entry-id", &entry_id]);
     assert_eq!(server.entry_count(), 0);
@@ -266,6 +275,8 @@ fn bad_input_gives_one_line_and_stores_nothing() {
         (&["--x509-svid-ttl", "9999h"], "at most"),
         (&["--dns-name", "bad_name!"], "DNS"),
         (&["--spawn-max-depth", "0"], "spawn_max_depth"),
+        (&["--spawn-max-children", "0"], "spawn_max_children"),
+        (&["--spawn-max-children", "1025"], "spawn_max_children"),
     ];
     for (change, expect) in bad_cases {
         let mut args: Vec<&str> = vec![

@@ -25,6 +25,7 @@ use crate::entry::RegistrationEntry;
 use crate::key_manager::PrivateKey;
 use crate::selector::Selector;
 use crate::server::node::NodeError;
+use crate::store::LeaseRecord;
 use crate::svid::x509::X509Svid;
 
 /// How often the cache looks for SVIDs due for renewal.
@@ -37,12 +38,36 @@ pub const MAX_CACHED_JWTS: usize = 10_000;
 /// One authorized entry with its current X509-SVID.
 #[derive(Debug, Clone)]
 pub struct CachedSvid {
-    /// The entry.
+    /// The entry. For a sub-agent, a stand-in: the lease id as its id, the child ID,
+    /// no selectors (a child is matched by its process, not by selectors).
     pub entry: RegistrationEntry,
     /// Its SVID, private key included.
     pub svid: X509Svid,
     /// Unix seconds when the SVID is due for renewal.
     pub renew_at: i64,
+    /// The sub-agent lease this SVID belongs to, if any.
+    pub lease_id: Option<String>,
+}
+
+/// A sub-agent registered through this agent: its lease, the processes it is bound to,
+/// and its SVID while the lease stands.
+#[derive(Debug, Clone)]
+pub struct CachedChild {
+    /// The lease as the server granted it (`released_at` set once it ended).
+    pub lease: LeaseRecord,
+    /// The parent process `(pid, start time)`; the lease ends when it exits. `None` for
+    /// a lease found after an agent restart (no longer watched, so already ended).
+    pub parent_process: Option<(i32, u64)>,
+    /// The child's SVID; `None` once the lease ended. The child process then gets no
+    /// identity at all (it never falls back to the parent's selectors).
+    pub svid: Option<Arc<CachedSvid>>,
+}
+
+impl CachedChild {
+    /// Whether this child is the process `(pid, start_time)`.
+    pub fn is_process(&self, pid: i32, start_time: u64) -> bool {
+        self.lease.child_pid == pid && self.lease.child_start_time == start_time
+    }
 }
 
 /// What the cache holds at one moment. Replaced whole on every change.
@@ -54,9 +79,17 @@ pub struct Snapshot {
     pub bundles: BundleSet,
     /// Bumped on every change.
     pub generation: u64,
+    /// Sub-agents registered through this agent, ended ones included while their
+    /// process lives.
+    pub children: Vec<Arc<CachedChild>>,
 }
 
 impl Snapshot {
+    /// The sub-agent that is process `(pid, start_time)`, if any.
+    pub fn child_process(&self, pid: i32, start_time: u64) -> Option<&Arc<CachedChild>> {
+        self.children.iter().find(|c| c.is_process(pid, start_time))
+    }
+
     /// The cached SVIDs whose entry selectors are all among `selectors` and that have not
     /// expired at `now` (Unix seconds).
     pub fn matching(&self, selectors: &[Selector], now: i64) -> Vec<Arc<CachedSvid>> {
@@ -192,6 +225,7 @@ impl Cache {
                             entry: entry.clone(),
                             svid,
                             renew_at,
+                            lease_id: None,
                         }),
                     );
                     changed = true;
@@ -208,10 +242,34 @@ impl Cache {
                 svids,
                 bundles,
                 generation,
+                children: current.children.clone(),
             }));
             self.updates.send_replace(generation);
         }
         Ok(changed)
+    }
+
+    /// Replaces the sub-agent list with what `update` makes of it (under the same lock
+    /// as [`Self::refresh`], so neither loses the other's change) and publishes a new
+    /// snapshot if it changed.
+    pub async fn update_children<F>(&self, update: F)
+    where
+        F: FnOnce(&mut Vec<Arc<CachedChild>>) -> bool,
+    {
+        let _guard = self.refresh_lock.lock().await;
+        let current = self.snapshot.load_full();
+        let mut children = current.children.clone();
+        if !update(&mut children) {
+            return;
+        }
+        let generation = current.generation + 1;
+        self.snapshot.store(Arc::new(Snapshot {
+            svids: current.svids.clone(),
+            bundles: current.bundles.clone(),
+            generation,
+            children,
+        }));
+        self.updates.send_replace(generation);
     }
 
     /// Runs the cache until the task is dropped: a full sync on every server change
@@ -246,16 +304,17 @@ impl Cache {
         }
     }
 
-    /// A JWT-SVID for `entry` and `audience`, from the cache while less than half its
+    /// A JWT-SVID for an identity (an entry's or a sub-agent's) and `audience`, from the cache while less than half its
     /// lifetime has passed, otherwise freshly signed by the server.
     ///
     /// # Errors
     /// [`NodeError`] if the server refuses or cannot be reached.
     pub async fn jwt_svid(
         &self,
-        entry: &RegistrationEntry,
+        identity: &CachedSvid,
         audience: &[String],
     ) -> Result<String, NodeError> {
+        let entry = &identity.entry;
         let mut aud = audience.to_vec();
         aud.sort();
         aud.dedup();
@@ -267,7 +326,10 @@ impl Cache {
         {
             return Ok(hit.token.clone());
         }
-        let (token, iat, exp) = self.node.sign_jwt_svid(&entry.id, &aud).await?;
+        let (token, iat, exp) = match &identity.lease_id {
+            Some(lease) => self.node.sign_child_jwt_svid(lease, &aud).await?,
+            None => self.node.sign_jwt_svid(&entry.id, &aud).await?,
+        };
         let mut jwts = self.jwts();
         if jwts.len() >= MAX_CACHED_JWTS {
             jwts.retain(|_, j| j.expires_at > now);
@@ -292,7 +354,7 @@ impl Cache {
 }
 
 /// Half-life with +/-10 % jitter, never earlier than one second from now.
-fn renew_time(now: i64, expires_at: i64) -> i64 {
+pub(crate) fn renew_time(now: i64, expires_at: i64) -> i64 {
     let life = (expires_at - now).max(0) as f64;
     let factor = rand::rng().random_range(0.4..=0.6);
     now + ((life * factor) as i64).max(1)

@@ -16,6 +16,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod delegation;
 pub mod node_api;
 pub mod node_client;
 pub mod uds_transport;
@@ -30,6 +31,7 @@ use crate::attest::workload::WorkloadAttestor;
 use crate::clock::SystemClock;
 use crate::server::{ServerError, bind_unix_socket};
 use cache::Cache;
+use delegation::{Delegation, SubAgentsServer};
 use node_api::NodeApi;
 use workload_api::{SpiffeWorkloadApiServer, WorkloadApi};
 
@@ -55,9 +57,10 @@ impl Drop for RunningAgent {
     }
 }
 
-/// Fills the cache once, then serves the Workload API on `socket` (mode 0777 in a 0755
-/// directory, so workloads of any uid can reach it, as SPIRE's public socket) and keeps
-/// the cache fresh in the background.
+/// Fills the cache once, then serves the Workload API and Writ's sub-agent delegation
+/// service (`writ.delegation.v1.SubAgents`) on `socket` (mode 0777 in a 0755 directory,
+/// so workloads of any uid can reach it, as SPIRE's public socket), and keeps the cache
+/// and the sub-agent leases fresh in the background.
 ///
 /// # Errors
 /// [`ServerError::Socket`] if the socket cannot be bound.
@@ -71,10 +74,14 @@ pub async fn start(
         tracing::warn!(error = %e, "initial sync failed; will retry");
     }
     let listener = bind_unix_socket(socket, 0o777)?;
-    let service = SpiffeWorkloadApiServer::new(WorkloadApi::new(cache.clone(), attestor));
+    let api = WorkloadApi::new(cache.clone(), attestor);
+    let delegation = Delegation::new(api.clone());
+    let subagents = SubAgentsServer::new(delegation.clone());
+    let service = SpiffeWorkloadApiServer::new(api);
     let serve = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .add_service(service)
+            .add_service(subagents)
             .serve_with_incoming(futures::TryStreamExt::map_ok(
                 UnixListenerStream::new(listener),
                 uds_transport::UdsStream::new,
@@ -85,10 +92,11 @@ pub async fn start(
         }
     });
     let refresh = tokio::spawn(cache.clone().run());
+    let watch = tokio::spawn(delegation.run());
     tracing::info!(socket = %socket.display(), "Workload API ready");
     Ok(RunningAgent {
         cache,
         socket: socket.to_path_buf(),
-        tasks: vec![serve, refresh],
+        tasks: vec![serve, refresh, watch],
     })
 }

@@ -10,8 +10,10 @@ use tokio::sync::watch;
 
 use crate::bundle::BundleSet;
 use crate::server::ServerState;
+use crate::server::lease::ChildRequest;
 use crate::server::node::{EntrySync, NodeError, NodeHandler};
 use crate::spiffe_id::SpiffeId;
+use crate::store::LeaseRecord;
 use crate::svid::x509::X509Svid;
 
 /// What an agent asks of its server.
@@ -36,6 +38,24 @@ pub trait NodeApi: Send + Sync + Debug {
     async fn bundles(&self) -> Result<BundleSet, NodeError>;
     /// A generation counter that moves when entries or bundles may have changed.
     fn changes(&self) -> watch::Receiver<u64>;
+    /// Registers a sub-agent; the server re-checks the parent's spawn policy.
+    async fn register_child(&self, request: &ChildRequest) -> Result<LeaseRecord, NodeError>;
+    /// Releases a lease and those under it; returns every lease released.
+    async fn release_child(&self, lease_id: &str) -> Result<Vec<LeaseRecord>, NodeError>;
+    /// The agent's leases, held and recently ended.
+    async fn list_children(&self) -> Result<Vec<LeaseRecord>, NodeError>;
+    /// An X509-SVID for a standing lease's child, for a DER SubjectPublicKeyInfo.
+    async fn sign_child_x509_svid(
+        &self,
+        lease_id: &str,
+        spki: &[u8],
+    ) -> Result<X509Svid, NodeError>;
+    /// A JWT-SVID for a standing lease's child: `(token, issued_at, expires_at)`.
+    async fn sign_child_jwt_svid(
+        &self,
+        lease_id: &str,
+        audience: &[String],
+    ) -> Result<(String, i64, i64), NodeError>;
 }
 
 /// The in-process node API: direct calls into a server in the same process.
@@ -88,5 +108,37 @@ impl NodeApi for LocalNode {
 
     fn changes(&self) -> watch::Receiver<u64> {
         self.handler.state().subscribe_changes()
+    }
+
+    async fn register_child(&self, request: &ChildRequest) -> Result<LeaseRecord, NodeError> {
+        self.handler.register_child(&self.agent_id, request).await
+    }
+
+    async fn release_child(&self, lease_id: &str) -> Result<Vec<LeaseRecord>, NodeError> {
+        self.handler.release_child(&self.agent_id, lease_id).await
+    }
+
+    async fn list_children(&self) -> Result<Vec<LeaseRecord>, NodeError> {
+        self.handler.list_children(&self.agent_id).await
+    }
+
+    async fn sign_child_x509_svid(
+        &self,
+        lease_id: &str,
+        spki: &[u8],
+    ) -> Result<X509Svid, NodeError> {
+        self.handler
+            .sign_child_x509_svid(&self.agent_id, lease_id, spki)
+            .await
+    }
+
+    async fn sign_child_jwt_svid(
+        &self,
+        lease_id: &str,
+        audience: &[String],
+    ) -> Result<(String, i64, i64), NodeError> {
+        self.handler
+            .sign_child_jwt_svid(&self.agent_id, lease_id, audience)
+            .await
     }
 }

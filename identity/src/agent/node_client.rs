@@ -22,9 +22,11 @@ use crate::bundle::{Bundle, BundleSet};
 use crate::key_manager::{PrivateKey, write_secret_file};
 use crate::proto::node as pb;
 use crate::server::admin::entry_from_proto;
+use crate::server::lease::{ChildRequest, lease_from_proto};
 use crate::server::node::{EntrySync, NodeError};
 use crate::server::node_service::{NodeClient, SERVER_PATH};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
+use crate::store::LeaseRecord;
 use crate::svid::x509::{X509Svid, chain_from_pem};
 use crate::tls::{SpiffeServerVerifier, SvidResolver};
 
@@ -395,6 +397,9 @@ fn status(e: tonic::Status) -> NodeError {
     match e.code() {
         tonic::Code::PermissionDenied => NodeError::NotAuthorized(e.message().to_owned()),
         tonic::Code::InvalidArgument => NodeError::Invalid(e.message().to_owned()),
+        tonic::Code::FailedPrecondition => NodeError::SpawnRefused(e.message().to_owned()),
+        tonic::Code::ResourceExhausted => NodeError::SpawnLimit(e.message().to_owned()),
+        tonic::Code::NotFound => NodeError::LeaseEnded(e.message().to_owned()),
         _ => NodeError::Unavailable(e.message().to_owned()),
     }
 }
@@ -449,23 +454,7 @@ impl NodeApi for GrpcNode {
         response
             .svids
             .into_iter()
-            .map(|s| {
-                let leaf = s
-                    .cert_chain
-                    .first()
-                    .ok_or_else(|| NodeError::Invalid("empty chain".into()))?;
-                let checked = crate::svid::x509::check_leaf(leaf)
-                    .map_err(|e| NodeError::Invalid(e.to_string()))?;
-                Ok((
-                    s.entry_id,
-                    X509Svid {
-                        spiffe_id: checked.spiffe_id,
-                        cert_chain: s.cert_chain,
-                        private_key: None,
-                        expires_at: checked.expires_at,
-                    },
-                ))
-            })
+            .map(|s| Ok((s.entry_id.clone(), svid_from_signed(s)?)))
             .collect()
     }
 
@@ -513,4 +502,105 @@ impl NodeApi for GrpcNode {
     fn changes(&self) -> watch::Receiver<u64> {
         self.changes.clone()
     }
+
+    async fn register_child(&self, request: &ChildRequest) -> Result<LeaseRecord, NodeError> {
+        let r = self
+            .client
+            .clone()
+            .register_child(pb::RegisterChildRequest {
+                parent_spiffe_id: request.parent_id.to_string(),
+                parent_entry_id: request.parent_entry_id.clone().unwrap_or_default(),
+                child_pid: request.child_pid,
+                child_start_time: request.child_start_time,
+                task: request.task.clone(),
+                ttl_seconds: request.ttl_seconds,
+                parent_expires_at: request.parent_expires_at,
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        lease_from_proto(r, &self.agent_id)
+    }
+
+    async fn release_child(&self, lease_id: &str) -> Result<Vec<LeaseRecord>, NodeError> {
+        let r = self
+            .client
+            .clone()
+            .release_child(pb::ReleaseChildRequest {
+                id: lease_id.to_owned(),
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        r.released
+            .into_iter()
+            .map(|l| lease_from_proto(l, &self.agent_id))
+            .collect()
+    }
+
+    async fn list_children(&self) -> Result<Vec<LeaseRecord>, NodeError> {
+        let r = self
+            .client
+            .clone()
+            .list_children(pb::ListChildrenRequest {})
+            .await
+            .map_err(status)?
+            .into_inner();
+        r.leases
+            .into_iter()
+            .map(|l| lease_from_proto(l, &self.agent_id))
+            .collect()
+    }
+
+    async fn sign_child_x509_svid(
+        &self,
+        lease_id: &str,
+        spki: &[u8],
+    ) -> Result<X509Svid, NodeError> {
+        let r = self
+            .client
+            .clone()
+            .sign_child_x509_svid(pb::SignChildX509SvidRequest {
+                lease_id: lease_id.to_owned(),
+                public_key: spki.to_vec(),
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        svid_from_signed(r)
+    }
+
+    async fn sign_child_jwt_svid(
+        &self,
+        lease_id: &str,
+        audience: &[String],
+    ) -> Result<(String, i64, i64), NodeError> {
+        let r = self
+            .client
+            .clone()
+            .sign_child_jwt_svid(pb::SignChildJwtSvidRequest {
+                lease_id: lease_id.to_owned(),
+                audience: audience.to_vec(),
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        Ok((r.token, r.issued_at, r.expires_at))
+    }
+}
+
+/// An X509-SVID (without its key) from a signing response, its leaf checked.
+fn svid_from_signed(s: pb::SignedX509Svid) -> Result<X509Svid, NodeError> {
+    let leaf = s
+        .cert_chain
+        .first()
+        .ok_or_else(|| NodeError::Invalid("empty chain".into()))?;
+    let checked =
+        crate::svid::x509::check_leaf(leaf).map_err(|e| NodeError::Invalid(e.to_string()))?;
+    Ok(X509Svid {
+        spiffe_id: checked.spiffe_id,
+        cert_chain: s.cert_chain,
+        private_key: None,
+        expires_at: checked.expires_at,
+    })
 }

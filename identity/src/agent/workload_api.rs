@@ -8,6 +8,7 @@
 //! on every change.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -15,8 +16,9 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use super::cache::{Cache, CachedSvid, Snapshot};
-use crate::attest::workload::{Caller, WorkloadAttestor};
+use crate::attest::workload::{Caller, WorkloadAttestor, process_start_time, read_stat};
 use crate::bundle::{Bundle, BundleSet};
+use crate::clock::unix_seconds;
 use crate::proto::workload as pb;
 use crate::selector::Selector;
 use crate::server::node::NodeError;
@@ -80,21 +82,63 @@ impl From<WorkloadApiError> for Status {
     }
 }
 
+/// An attested caller: its process and the selectors that describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attested {
+    /// The caller's pid (from `SO_PEERCRED`).
+    pub pid: i32,
+    /// Its start time, read after attestation: with the pid it names one process.
+    pub start_time: u64,
+    /// The selectors the attestor found.
+    pub selectors: Vec<Selector>,
+    /// Whether an ancestor process is a sub-agent: such a process is neither the
+    /// sub-agent nor a stranger, and gets no identity (a sub-agent cannot fork its way
+    /// to the identities its uid would match).
+    pub under_sub_agent: bool,
+}
+
 /// The Workload API service.
 #[derive(Debug, Clone)]
 pub struct WorkloadApi {
     cache: Arc<Cache>,
     attestor: Arc<dyn WorkloadAttestor>,
+    proc_root: PathBuf,
 }
 
 impl WorkloadApi {
-    /// The service over an agent cache and a workload attestor.
+    /// The service over an agent cache and a workload attestor, reading processes
+    /// under `/proc`.
     pub fn new(cache: Arc<Cache>, attestor: Arc<dyn WorkloadAttestor>) -> Self {
-        Self { cache, attestor }
+        Self {
+            cache,
+            attestor,
+            proc_root: PathBuf::from("/proc"),
+        }
     }
 
-    /// Checks the header and attests the caller; returns its selectors.
-    async fn caller<T>(&self, request: &Request<T>) -> Result<Vec<Selector>, WorkloadApiError> {
+    /// Reads processes under `proc_root` instead of `/proc`.
+    #[must_use]
+    pub fn with_proc_root(mut self, proc_root: impl Into<PathBuf>) -> Self {
+        self.proc_root = proc_root.into();
+        self
+    }
+
+    /// The agent cache.
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    /// The directory processes are read from.
+    pub fn proc_root(&self) -> &Path {
+        &self.proc_root
+    }
+
+    /// Checks the header and attests the caller.
+    ///
+    /// # Errors
+    /// [`WorkloadApiError::MissingHeader`], or [`WorkloadApiError::Attestation`] when the
+    /// caller cannot be identified.
+    pub async fn caller<T>(&self, request: &Request<T>) -> Result<Attested, WorkloadApiError> {
         let header = request
             .metadata()
             .get(SECURITY_HEADER)
@@ -115,18 +159,67 @@ impl WorkloadApi {
             uid: cred.uid(),
             gid: cred.gid(),
         };
-        self.attestor
+        let selectors = self
+            .attestor
             .attest(&caller)
             .await
-            .map_err(|e| WorkloadApiError::Attestation(e.to_string()))
+            .map_err(|e| WorkloadApiError::Attestation(e.to_string()))?;
+        let root = self.proc_root.clone();
+        let snapshot = self.cache.snapshot();
+        let (start_time, under_sub_agent) = tokio::task::spawn_blocking(move || {
+            let start_time = process_start_time(&root, pid)?;
+            let under = snapshot.child_process(pid, start_time).is_none()
+                && !snapshot.children.is_empty()
+                && ancestors(&root, pid)
+                    .any(|(p, start)| snapshot.child_process(p, start).is_some());
+            Ok::<_, crate::attest::workload::AttestError>((start_time, under))
+        })
+        .await
+        .map_err(|e| WorkloadApiError::Attestation(e.to_string()))?
+        .map_err(|e| WorkloadApiError::Attestation(e.to_string()))?;
+        Ok(Attested {
+            pid,
+            start_time,
+            selectors,
+            under_sub_agent,
+        })
     }
 
-    fn identities(&self, selectors: &[Selector]) -> (Arc<Snapshot>, Vec<Arc<CachedSvid>>) {
+    /// The caller's identities: a registered sub-agent process gets its own SVID only
+    /// (none once its lease ended); any other caller the entries its selectors match.
+    pub fn identities(&self, caller: &Attested) -> (Arc<Snapshot>, Vec<Arc<CachedSvid>>) {
         let snapshot = self.cache.snapshot();
         let now = self.cache.clock().unix_seconds();
-        let matching = snapshot.matching(selectors, now);
+        if caller.under_sub_agent {
+            return (snapshot, Vec::new());
+        }
+        let matching = match snapshot.child_process(caller.pid, caller.start_time) {
+            Some(child) => child
+                .svid
+                .iter()
+                .filter(|c| unix_seconds(c.svid.expires_at) > now)
+                .cloned()
+                .collect(),
+            None => snapshot.matching(&caller.selectors, now),
+        };
         (snapshot, matching)
     }
+}
+
+/// Most ancestors looked at above a caller.
+const MAX_ANCESTORS: usize = 64;
+
+/// The `(pid, start time)` of each ancestor of `pid`, nearest first, up to (not
+/// including) pid 1 or the first that cannot be read. Blocking.
+fn ancestors(root: &Path, pid: i32) -> impl Iterator<Item = (i32, u64)> + '_ {
+    let mut next = read_stat(root, pid).ok().map(|s| s.ppid());
+    std::iter::from_fn(move || {
+        let ppid = next.take().filter(|&p| p > 1)?;
+        let stat = read_stat(root, ppid).ok()?;
+        next = Some(stat.ppid());
+        Some((ppid, stat.start_time()))
+    })
+    .take(MAX_ANCESTORS)
 }
 
 fn concat(ders: &[Vec<u8>]) -> Vec<u8> {
@@ -200,14 +293,14 @@ fn jwks(bundle: &Bundle) -> Vec<u8> {
 
 /// Streams `render(snapshot, matching)` now and after every cache change, skipping
 /// repeats; ends the stream with `no identity issued` once the caller has none.
-fn watch_stream<T, F>(api: WorkloadApi, selectors: Vec<Selector>, render: F) -> ResponseStream<T>
+fn watch_stream<T, F>(api: WorkloadApi, caller: Attested, render: F) -> ResponseStream<T>
 where
     T: PartialEq + Clone + Send + 'static,
     F: Fn(&Snapshot, &[Arc<CachedSvid>]) -> T + Send + Sync + 'static,
 {
     struct State<T, F> {
         api: WorkloadApi,
-        selectors: Vec<Selector>,
+        caller: Attested,
         render: F,
         updates: tokio::sync::watch::Receiver<u64>,
         last: Option<T>,
@@ -216,7 +309,7 @@ where
     let state = State {
         updates: api.cache.subscribe(),
         api,
-        selectors,
+        caller,
         render,
         last: None,
         done: false,
@@ -226,7 +319,7 @@ where
             return None;
         }
         loop {
-            let (snapshot, svids) = st.api.identities(&st.selectors);
+            let (snapshot, svids) = st.api.identities(&st.caller);
             if svids.is_empty() {
                 st.done = true;
                 return Some((Err(Status::from(WorkloadApiError::NoIdentity)), st));
@@ -266,13 +359,13 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let selectors = self.caller(&request).await?;
-        if self.identities(&selectors).1.is_empty() {
+        let caller = self.caller(&request).await?;
+        if self.identities(&caller).1.is_empty() {
             return Err(WorkloadApiError::NoIdentity.into());
         }
         Ok(Response::new(watch_stream(
             self.clone(),
-            selectors,
+            caller,
             x509_response,
         )))
     }
@@ -281,13 +374,13 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let selectors = self.caller(&request).await?;
-        if self.identities(&selectors).1.is_empty() {
+        let caller = self.caller(&request).await?;
+        if self.identities(&caller).1.is_empty() {
             return Err(WorkloadApiError::NoIdentity.into());
         }
         Ok(Response::new(watch_stream(
             self.clone(),
-            selectors,
+            caller,
             |snapshot: &Snapshot, svids: &[Arc<CachedSvid>]| pb::X509BundlesResponse {
                 crl: Vec::new(),
                 bundles: visible_bundles(snapshot, svids)
@@ -302,7 +395,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
-        let selectors = self.caller(&request).await?;
+        let caller = self.caller(&request).await?;
         let r = request.into_inner();
         check_audience(&r.audience)?;
         let wanted = if r.spiffe_id.is_empty() {
@@ -313,7 +406,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
                     .map_err(|e| WorkloadApiError::Invalid(format!("spiffe_id: {e}")))?,
             )
         };
-        let (_, svids) = self.identities(&selectors);
+        let (_, svids) = self.identities(&caller);
         let chosen: Vec<_> = svids
             .into_iter()
             .filter(|c| wanted.as_ref().is_none_or(|id| &c.entry.spiffe_id == id))
@@ -325,7 +418,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         for c in chosen {
             let token = self
                 .cache
-                .jwt_svid(&c.entry, &r.audience)
+                .jwt_svid(&c, &r.audience)
                 .await
                 .map_err(WorkloadApiError::from)?;
             out.push(pb::Jwtsvid {
@@ -341,13 +434,13 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let selectors = self.caller(&request).await?;
-        if self.identities(&selectors).1.is_empty() {
+        let caller = self.caller(&request).await?;
+        if self.identities(&caller).1.is_empty() {
             return Err(WorkloadApiError::NoIdentity.into());
         }
         Ok(Response::new(watch_stream(
             self.clone(),
-            selectors,
+            caller,
             |snapshot: &Snapshot, svids: &[Arc<CachedSvid>]| pb::JwtBundlesResponse {
                 bundles: visible_bundles(snapshot, svids)
                     .into_iter()
@@ -361,7 +454,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
-        let selectors = self.caller(&request).await?;
+        let caller = self.caller(&request).await?;
         let r = request.into_inner();
         if r.audience.is_empty() {
             return Err(WorkloadApiError::Invalid("audience must be specified".into()).into());
@@ -370,7 +463,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             return Err(WorkloadApiError::Invalid("svid must be specified".into()).into());
         }
         check_audience(std::slice::from_ref(&r.audience))?;
-        let (snapshot, svids) = self.identities(&selectors);
+        let (snapshot, svids) = self.identities(&caller);
         if svids.is_empty() {
             return Err(WorkloadApiError::NoIdentity.into());
         }

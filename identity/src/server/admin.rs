@@ -121,6 +121,7 @@ pub fn entry_from_proto(
     entry.created_at = p.created_at;
     entry.spawn_max_ttl = p.spawn_max_ttl;
     entry.spawn_max_depth = p.spawn_max_depth;
+    entry.spawn_max_children = p.spawn_max_children;
     entry.validate(trust_domain)?;
     Ok(entry)
 }
@@ -144,6 +145,7 @@ pub fn entry_to_proto(e: &RegistrationEntry) -> pb::Entry {
         created_at: e.created_at,
         spawn_max_ttl: e.spawn_max_ttl,
         spawn_max_depth: e.spawn_max_depth,
+        spawn_max_children: e.spawn_max_children,
     }
 }
 

@@ -15,12 +15,16 @@
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::ca::{CaConfig, UpstreamAuthority};
 use crate::spiffe_id::TrustDomain;
+use crate::store::postgres::PostgresStore;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{SharedStore, StoreError};
 
 /// Default admin socket.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/writ/server.sock";
@@ -152,6 +156,39 @@ pub enum Datastore {
     Sqlite(PathBuf),
     /// A PostgreSQL database shared by several servers.
     Postgres(String),
+}
+
+impl Datastore {
+    /// Opens (and migrates) the store.
+    ///
+    /// # Errors
+    /// [`StoreError`] if it cannot be opened.
+    pub async fn open(&self) -> Result<SharedStore, StoreError> {
+        Ok(match self {
+            Datastore::Sqlite(path) => Arc::new(SqliteStore::open(path).await?),
+            Datastore::Postgres(url) => Arc::new(PostgresStore::connect(url).await?),
+        })
+    }
+
+    /// The `[datastore]` table's meaning, with a relative SQLite path taken from `base`;
+    /// `None` when SQLite has no `connection`.
+    ///
+    /// # Errors
+    /// A message naming the bad field.
+    pub fn from_file(file: &FileDatastore, base: &Path) -> Result<Option<Self>, String> {
+        match file.backend.as_deref() {
+            None | Some("sqlite") => Ok(file
+                .connection
+                .as_ref()
+                .map(|c| Datastore::Sqlite(base.join(c)))),
+            Some("postgres") => file
+                .connection
+                .clone()
+                .map(|url| Some(Datastore::Postgres(url)))
+                .ok_or_else(|| "a PostgreSQL URL is required in `connection`".to_owned()),
+            Some(other) => Err(format!("backend {other:?} is not sqlite or postgres")),
+        }
+    }
 }
 
 /// Where CA keys live.
@@ -307,25 +344,9 @@ impl TryFrom<FileConfig> for ServerConfig {
             }
         };
 
-        let datastore = match file.datastore.backend.as_deref() {
-            None | Some("sqlite") => Datastore::Sqlite(
-                file.datastore
-                    .connection
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| data_dir.join("datastore.sqlite3")),
-            ),
-            Some("postgres") => Datastore::Postgres(
-                file.datastore
-                    .connection
-                    .ok_or_else(|| value("datastore.connection", "a PostgreSQL URL is required"))?,
-            ),
-            Some(other) => {
-                return Err(value(
-                    "datastore.backend",
-                    format!("{other:?} is not sqlite or postgres"),
-                ));
-            }
-        };
+        let datastore = Datastore::from_file(&file.datastore, Path::new(""))
+            .map_err(|e| value("datastore", e))?
+            .unwrap_or_else(|| Datastore::Sqlite(data_dir.join("datastore.sqlite3")));
         let key_manager = match file.key_manager.kind.as_deref() {
             None | Some("disk") => KeyManagerKind::Disk,
             Some("memory") => KeyManagerKind::Memory,

@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod lease;
 pub mod node;
 pub mod node_service;
 
@@ -29,10 +30,8 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::ca::{CaError, CertificateAuthority};
 use crate::clock::SharedClock;
 use crate::key_manager::{DiskKeyManager, KeyError, MemoryKeyManager, SharedKeyManager, set_mode};
-use crate::store::postgres::PostgresStore;
-use crate::store::sqlite::SqliteStore;
 use crate::store::{SharedStore, StoreError};
-use config::{Datastore, KeyManagerKind, ServerConfig};
+use config::{KeyManagerKind, ServerConfig};
 
 /// How often the CA rotation state machine runs.
 pub const ROTATION_INTERVAL: Duration = Duration::from_secs(5);
@@ -84,10 +83,7 @@ impl ServerState {
     /// # Errors
     /// [`ServerError`] naming the part that failed.
     pub async fn open(config: ServerConfig, clock: SharedClock) -> Result<Arc<Self>, ServerError> {
-        let store: SharedStore = match &config.datastore {
-            Datastore::Sqlite(path) => Arc::new(SqliteStore::open(path).await?),
-            Datastore::Postgres(url) => Arc::new(PostgresStore::connect(url).await?),
-        };
+        let store = config.datastore.open().await?;
         let keys: SharedKeyManager = match config.key_manager {
             KeyManagerKind::Disk => Arc::new(DiskKeyManager::open(&config.data_dir.join("keys"))?),
             KeyManagerKind::Memory => Arc::new(MemoryKeyManager::new()),

@@ -38,6 +38,15 @@ pub enum NodeError {
     /// The server could not be reached (agent side).
     #[error("server unavailable: {0}")]
     Unavailable(String),
+    /// The parent may not spawn this child (no spawn policy, not its identity, ended).
+    #[error("spawn refused: {0}")]
+    SpawnRefused(String),
+    /// The parent's depth or live-children cap is reached.
+    #[error("spawn limit reached: {0}")]
+    SpawnLimit(String),
+    /// The sub-agent lease does not exist for this agent, was released or expired.
+    #[error("sub-agent lease {0:?} has ended")]
+    LeaseEnded(String),
 }
 
 /// What an agent learns from a sync.

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tonic::{Request, Response, Status};
 
+use super::lease::{ChildRequest, lease_to_proto};
 use super::node::{NodeError, NodeHandler};
 use super::{ServerError, ServerState};
 use crate::bundle::BundleSet;
@@ -43,6 +44,9 @@ impl From<NodeError> for Status {
         match &e {
             NodeError::NotAuthorized(_) => Status::permission_denied(e.to_string()),
             NodeError::Invalid(_) => Status::invalid_argument(e.to_string()),
+            NodeError::SpawnRefused(_) => Status::failed_precondition(e.to_string()),
+            NodeError::SpawnLimit(_) => Status::resource_exhausted(e.to_string()),
+            NodeError::LeaseEnded(_) => Status::not_found(e.to_string()),
             NodeError::Ca(crate::ca::CaError::InvalidRequest(_)) => {
                 Status::invalid_argument(e.to_string())
             }
@@ -297,6 +301,91 @@ impl pb::node_server::Node for NodeService {
         let (token, issued_at, expires_at) = self
             .handler
             .sign_jwt_svid(&id, &r.entry_id, &r.audience)
+            .await?;
+        Ok(Response::new(pb::SignJwtSvidResponse {
+            token,
+            expires_at,
+            issued_at,
+        }))
+    }
+
+    async fn register_child(
+        &self,
+        request: Request<pb::RegisterChildRequest>,
+    ) -> Result<Response<pb::ChildLease>, Status> {
+        let agent = self.agent(&request).await?;
+        let r = request.into_inner();
+        let parent_id = SpiffeId::new(&r.parent_spiffe_id)
+            .map_err(|e| Status::invalid_argument(format!("parent_spiffe_id: {e}")))?;
+        let child = ChildRequest {
+            parent_id,
+            parent_entry_id: (!r.parent_entry_id.is_empty()).then_some(r.parent_entry_id),
+            child_pid: r.child_pid,
+            child_start_time: r.child_start_time,
+            task: r.task,
+            ttl_seconds: r.ttl_seconds,
+            parent_expires_at: r.parent_expires_at,
+        };
+        let lease = self.handler.register_child(&agent, &child).await?;
+        Ok(Response::new(lease_to_proto(&lease)))
+    }
+
+    async fn release_child(
+        &self,
+        request: Request<pb::ReleaseChildRequest>,
+    ) -> Result<Response<pb::ReleaseChildResponse>, Status> {
+        let agent = self.agent(&request).await?;
+        let released = self
+            .handler
+            .release_child(&agent, &request.into_inner().id)
+            .await?;
+        Ok(Response::new(pb::ReleaseChildResponse {
+            released: released.iter().map(lease_to_proto).collect(),
+        }))
+    }
+
+    async fn list_children(
+        &self,
+        request: Request<pb::ListChildrenRequest>,
+    ) -> Result<Response<pb::ListChildrenResponse>, Status> {
+        let agent = self.agent(&request).await?;
+        let leases = self.handler.list_children(&agent).await?;
+        Ok(Response::new(pb::ListChildrenResponse {
+            leases: leases.iter().map(lease_to_proto).collect(),
+        }))
+    }
+
+    async fn sign_child_x509_svid(
+        &self,
+        request: Request<pb::SignChildX509SvidRequest>,
+    ) -> Result<Response<pb::SignedX509Svid>, Status> {
+        let agent = self.agent(&request).await?;
+        let r = request.into_inner();
+        if r.public_key.is_empty() || r.public_key.len() > MAX_PUBLIC_KEY_LEN {
+            return Err(Status::invalid_argument(
+                "public_key must be a DER SubjectPublicKeyInfo",
+            ));
+        }
+        let svid = self
+            .handler
+            .sign_child_x509_svid(&agent, &r.lease_id, &r.public_key)
+            .await?;
+        Ok(Response::new(pb::SignedX509Svid {
+            entry_id: String::new(),
+            expires_at: crate::clock::unix_seconds(svid.expires_at),
+            cert_chain: svid.cert_chain,
+        }))
+    }
+
+    async fn sign_child_jwt_svid(
+        &self,
+        request: Request<pb::SignChildJwtSvidRequest>,
+    ) -> Result<Response<pb::SignJwtSvidResponse>, Status> {
+        let agent = self.agent(&request).await?;
+        let r = request.into_inner();
+        let (token, issued_at, expires_at) = self
+            .handler
+            .sign_child_jwt_svid(&agent, &r.lease_id, &r.audience)
             .await?;
         Ok(Response::new(pb::SignJwtSvidResponse {
             token,

@@ -118,6 +118,10 @@ pub(super) const SQLITE_MIGRATIONS: &[Migration] = &[
             "CREATE INDEX leases_parent ON leases (parent_id, created_at)",
         ],
     },
+    Migration {
+        version: 3,
+        statements: &["ALTER TABLE entries ADD COLUMN spawn_max_children INTEGER"],
+    },
 ];
 
 /// PostgreSQL migrations, oldest first. Keys use the `C` collation so that `ORDER BY`
@@ -203,6 +207,10 @@ pub(super) const POSTGRES_MIGRATIONS: &[Migration] = &[
         )"#,
             "CREATE INDEX leases_parent ON leases (parent_id, created_at)",
         ],
+    },
+    Migration {
+        version: 3,
+        statements: &["ALTER TABLE entries ADD COLUMN spawn_max_children BIGINT"],
     },
 ];
 
@@ -300,14 +308,14 @@ macro_rules! entry_select {
         "SELECT e.id, e.spiffe_id, e.parent_id, e.selector_count, e.x509_svid_ttl, \
          e.jwt_svid_ttl, e.dns_names, e.federates_with, e.admin, e.downstream, \
          e.expires_at, e.hint, e.revision, e.created_at, e.spawn_max_ttl, \
-         e.spawn_max_depth, \
+         e.spawn_max_depth, e.spawn_max_children, \
          (SELECT string_agg(s.type || ':' || s.value, '\n') \
             FROM entry_selectors s WHERE s.entry_id = e.id) AS selectors \
          FROM entries e"
     };
 }
 
-/// Most entry rows one `INSERT` writes (16 parameters each).
+/// Most entry rows one `INSERT` writes (17 parameters each).
 pub(super) const ENTRY_ROWS_PER_INSERT: usize = 32;
 /// Most selector rows one `INSERT` writes (4 parameters each).
 pub(super) const SELECTOR_ROWS_PER_INSERT: usize = 128;
@@ -318,7 +326,7 @@ fn placeholders(first: usize, count: usize, tail: &str) -> String {
     format!("({}{tail})", params.join(", "))
 }
 
-/// Inserts 1..=ENTRY_ROWS_PER_INSERT entry rows, each bound as `$1..=$15` of
+/// Inserts 1..=ENTRY_ROWS_PER_INSERT entry rows, each bound as `$1..=$16` of
 /// [`bind_entry`] followed by the creation time; the revision starts at 1. Writing many
 /// rows per statement matters to SQLite, whose driver hands every statement to a worker
 /// thread and back.
@@ -326,12 +334,13 @@ static INSERT_ENTRIES: LazyLock<Vec<String>> = LazyLock::new(|| {
     (1..=ENTRY_ROWS_PER_INSERT)
         .map(|n| {
             let rows: Vec<String> = (0..n)
-                .map(|i| placeholders(16 * i + 1, 16, ", 1"))
+                .map(|i| placeholders(17 * i + 1, 17, ", 1"))
                 .collect();
             format!(
                 "INSERT INTO entries (id, spiffe_id, parent_id, identity_key, selector_count, \
                  x509_svid_ttl, jwt_svid_ttl, dns_names, federates_with, admin, downstream, \
-                 expires_at, hint, spawn_max_ttl, spawn_max_depth, created_at, revision) \
+                 expires_at, hint, spawn_max_ttl, spawn_max_depth, spawn_max_children, \
+                 created_at, revision) \
                  VALUES {}",
                 rows.join(", ")
             )
@@ -382,13 +391,13 @@ pub(super) fn selector_rows<'p, 'a>(
     })
 }
 
-/// Replaces an entry row (`$1..=$15` as [`bind_entry`] binds them) if its revision is
-/// `$16`, and bumps the revision. `created_at` keeps the time of the first creation.
+/// Replaces an entry row (`$1..=$16` as [`bind_entry`] binds them) if its revision is
+/// `$17`, and bumps the revision. `created_at` keeps the time of the first creation.
 pub(super) const UPDATE_ENTRY: &str = "UPDATE entries SET spiffe_id = $2, parent_id = $3, \
      identity_key = $4, selector_count = $5, x509_svid_ttl = $6, jwt_svid_ttl = $7, \
      dns_names = $8, federates_with = $9, admin = $10, downstream = $11, expires_at = $12, \
-     hint = $13, spawn_max_ttl = $14, spawn_max_depth = $15, revision = revision + 1 \
-     WHERE id = $1 AND revision = $16";
+     hint = $13, spawn_max_ttl = $14, spawn_max_depth = $15, spawn_max_children = $16, \
+     revision = revision + 1 WHERE id = $1 AND revision = $17";
 
 /// The stored revision of an entry.
 pub(super) const ENTRY_REVISION: &str = "SELECT revision FROM entries WHERE id = $1";
@@ -627,7 +636,9 @@ pub(super) struct EntryParams<'a> {
     pub spawn_max_ttl: Option<i64>,
     /// `$15`.
     pub spawn_max_depth: Option<i64>,
-    /// Bound by the insert only, as `$16`.
+    /// `$16`.
+    pub spawn_max_children: Option<i64>,
+    /// Bound by the insert only, as `$17`.
     pub created_at: i64,
     /// Sorted, without duplicates; stored in `entry_selectors`.
     pub selectors: Vec<&'a Selector>,
@@ -677,6 +688,7 @@ impl<'a> EntryParams<'a> {
                 .map(|t| to_i64(t, "spawn_max_ttl"))
                 .transpose()?,
             spawn_max_depth: entry.spawn_max_depth.map(i64::from),
+            spawn_max_children: entry.spawn_max_children.map(i64::from),
             selectors,
         })
     }
@@ -691,7 +703,7 @@ impl<'a> EntryParams<'a> {
     }
 }
 
-/// Binds [`EntryParams`] (all but `created_at`) as `$1..=$15` of `query`, whichever the
+/// Binds [`EntryParams`] (all but `created_at`) as `$1..=$16` of `query`, whichever the
 /// backend.
 pub(super) fn bind_entry<'q, DB>(
     query: sqlx::query::Query<'q, DB, DB::Arguments>,
@@ -720,6 +732,7 @@ where
         .bind(p.hint)
         .bind(p.spawn_max_ttl)
         .bind(p.spawn_max_depth)
+        .bind(p.spawn_max_children)
 }
 
 /// Hex SHA-256 of `spiffe_id \n parent_id \n selector \n selector ...` over the sorted
@@ -796,6 +809,7 @@ pub(super) struct EntryRow {
     created_at: i64,
     spawn_max_ttl: Option<i64>,
     spawn_max_depth: Option<i64>,
+    spawn_max_children: Option<i64>,
     selectors: Option<String>,
 }
 
@@ -828,6 +842,7 @@ impl EntryRow {
             created_at: get(row, "created_at", ENTRY)?,
             spawn_max_ttl: get(row, "spawn_max_ttl", ENTRY)?,
             spawn_max_depth: get(row, "spawn_max_depth", ENTRY)?,
+            spawn_max_children: get(row, "spawn_max_children", ENTRY)?,
             selectors: get(row, "selectors", ENTRY)?,
         })
     }
@@ -887,6 +902,13 @@ impl EntryRow {
                 .map(|d| {
                     u32::try_from(d)
                         .map_err(|_| corrupt(ENTRY, format!("spawn_max_depth {d} out of range")))
+                })
+                .transpose()?,
+            spawn_max_children: self
+                .spawn_max_children
+                .map(|c| {
+                    u32::try_from(c)
+                        .map_err(|_| corrupt(ENTRY, format!("spawn_max_children {c} out of range")))
                 })
                 .transpose()?,
             id: self.id,
@@ -1081,8 +1103,9 @@ mod tests {
              VALUES ($1, $2, $3, $4), ($5, $6, $7, $8)"
         );
         assert!(insert_entries_sql(2).unwrap().ends_with(
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, 1), \
-             ($17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, 1)"
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+             1), ($18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, \
+             $33, $34, 1)"
         ));
         assert!(insert_entries_sql(ENTRY_ROWS_PER_INSERT).is_ok());
         assert!(insert_entries_sql(ENTRY_ROWS_PER_INSERT + 1).is_err());
@@ -1100,32 +1123,39 @@ mod tests {
 
     #[test]
     fn newer_schema_is_refused() {
-        let applied = [1, 2, 99];
+        let applied = [1, 2, 3, 99];
         assert!(matches!(
             pending(SQLITE_MIGRATIONS, &applied).map(|p| p.count()),
             Err(StoreError::SchemaTooNew {
                 found: 99,
-                supported: 2
+                supported: 3
             })
         ));
         assert_eq!(
-            pending(SQLITE_MIGRATIONS, &[1, 2])
+            pending(SQLITE_MIGRATIONS, &[1, 2, 3])
                 .map(|p| p.count())
                 .unwrap(),
             0
         );
-        // A version-1 database gets version 2 only; a new one gets both.
+        // A version-1 database gets versions 2 and 3, a version-2 one gets 3 only; a new
+        // one gets all three.
         assert_eq!(
             pending(SQLITE_MIGRATIONS, &[1])
                 .map(|p| p.map(|m| m.version).collect::<Vec<_>>())
                 .unwrap(),
-            vec![2]
+            vec![2, 3]
+        );
+        assert_eq!(
+            pending(POSTGRES_MIGRATIONS, &[1, 2])
+                .map(|p| p.map(|m| m.version).collect::<Vec<_>>())
+                .unwrap(),
+            vec![3]
         );
         assert_eq!(
             pending(POSTGRES_MIGRATIONS, &[])
                 .map(|p| p.count())
                 .unwrap(),
-            2
+            3
         );
     }
 }

@@ -186,6 +186,7 @@ pub async fn entry_round_trips_every_field(store: &dyn Store) {
     full.created_at = 1_234_567_890;
     full.spawn_max_ttl = Some(300);
     full.spawn_max_depth = Some(3);
+    full.spawn_max_children = Some(5);
     let created = store.create_entry(&full).await.expect("create full entry");
     assert_eq!(
         created,
@@ -209,6 +210,7 @@ pub async fn entry_round_trips_every_field(store: &dyn Store) {
     assert_eq!(fetched, created);
     assert_eq!(fetched.spawn_max_ttl, None);
     assert_eq!(fetched.spawn_max_depth, None);
+    assert_eq!(fetched.spawn_max_children, None);
     assert_eq!(fetched.expires_at, Some(-5));
     assert!(fetched.dns_names.is_empty() && fetched.federates_with.is_empty());
     assert!(!fetched.admin && !fetched.downstream && fetched.hint.is_empty());
@@ -219,6 +221,7 @@ pub async fn entry_round_trips_every_field(store: &dyn Store) {
     extremes.created_at = i64::MAX;
     extremes.spawn_max_ttl = Some(0);
     extremes.spawn_max_depth = Some(u32::MAX);
+    extremes.spawn_max_children = Some(u32::MAX);
     let created = store
         .create_entry(&extremes)
         .await
@@ -251,6 +254,7 @@ pub async fn entry_update_bumps_revision(store: &dyn Store) {
     change.dns_names = vec!["new.example.org".into()];
     change.hint = "changed".into();
     change.spawn_max_ttl = Some(60);
+    change.spawn_max_children = Some(2);
     change.expires_at = None;
     change.created_at = 42;
     let updated = store.update_entry(&change).await.expect("update_entry");

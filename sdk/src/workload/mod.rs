@@ -162,13 +162,32 @@ fn socket_path(endpoint: &str) -> Result<PathBuf, WorkloadError> {
     Err(WorkloadError::Endpoint(endpoint.to_owned()))
 }
 
-fn with_header<T>(message: T) -> tonic::Request<T> {
+pub(crate) fn with_header<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.metadata_mut().insert(
         "workload.spiffe.io",
         tonic::metadata::MetadataValue::from_static("true"),
     );
     request
+}
+
+/// A gRPC channel to the agent socket at `endpoint` (`unix:///path`).
+pub(crate) async fn channel(endpoint: &str) -> Result<Channel, WorkloadError> {
+    let path = socket_path(endpoint)?;
+    Endpoint::from_static("http://workload-api.invalid")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+        .map_err(|source| WorkloadError::Connect {
+            endpoint: endpoint.to_owned(),
+            source,
+        })
 }
 
 impl WorkloadClient {
@@ -185,23 +204,8 @@ impl WorkloadClient {
     /// # Errors
     /// [`WorkloadError`] if the endpoint is malformed or unreachable.
     pub async fn connect(endpoint: &str) -> Result<Self, WorkloadError> {
-        let path = socket_path(endpoint)?;
-        let channel = Endpoint::from_static("http://workload-api.invalid")
-            .connect_timeout(Duration::from_secs(5))
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(stream))
-                }
-            }))
-            .await
-            .map_err(|source| WorkloadError::Connect {
-                endpoint: endpoint.to_owned(),
-                source,
-            })?;
         Ok(Self {
-            client: SpiffeWorkloadApiClient::new(channel),
+            client: SpiffeWorkloadApiClient::new(channel(endpoint).await?),
         })
     }
 

@@ -1,4 +1,4 @@
-//! `writ agent run|list|show|evict|ban`.
+//! `writ agent run|children|list|show|evict|ban`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,8 +10,10 @@ use writ_identity::agent::node_client::GrpcNode;
 use writ_identity::attest::workload::UnixAttestor;
 use writ_identity::proto::admin as pb;
 
+use super::api::AgentSocket;
 use super::server::{init_logging, shutdown_signal};
 use super::{ServerSocket, status};
+use writ_sdk::spawn::SubAgents;
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum AgentCommand {
@@ -44,6 +46,12 @@ pub(crate) enum AgentCommand {
         /// Log filter.
         #[arg(long, env = "WRIT_LOG", default_value = "info")]
         log_level: String,
+    },
+    /// The sub-agent leases of this process's identities (held ones first), from the
+    /// agent's Workload API socket.
+    Children {
+        #[command(flatten)]
+        socket: AgentSocket,
     },
     /// List attested agents.
     List {
@@ -86,6 +94,22 @@ fn print_agent(a: &pb::Agent) {
 
 pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        AgentCommand::Children { socket } => {
+            let leases = SubAgents::connect(&socket.endpoint).await?.list().await?;
+            if leases.is_empty() {
+                println!("No sub-agents.");
+            }
+            for l in leases {
+                let state = match l.released_at {
+                    Some(t) => format!("released {}", humantime::format_rfc3339_seconds(t)),
+                    None => format!("until {}", humantime::format_rfc3339_seconds(l.expires_at)),
+                };
+                println!(
+                    "{}  pid {}  depth {}  {}  lease {}",
+                    l.child_id, l.pid, l.depth, state, l.id
+                );
+            }
+        }
         AgentCommand::Run {
             config,
             join_token,

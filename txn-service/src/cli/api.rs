@@ -1,5 +1,6 @@
 //! `writ api fetch x509|jwt`, `writ api validate jwt`, `writ api watch`: the Workload
-//! API from the command line, as `spire-agent api` does.
+//! API from the command line, as `spire-agent api` does; `writ api spawn`: a program as
+//! a sub-agent.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -7,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use writ_identity::key_manager::{set_mode, write_secret_file};
 use writ_identity::spiffe_id::SpiffeId;
+use writ_sdk::spawn::{Spawn, TXN_TOKEN_ENV};
 use writ_sdk::workload::{DEFAULT_ENDPOINT, ENDPOINT_ENV, WorkloadClient, X509Context};
 
 /// The Workload API socket flag every `writ api` command takes.
@@ -35,6 +37,25 @@ pub(crate) enum ApiCommand {
     Watch {
         #[command(flatten)]
         socket: AgentSocket,
+    },
+    /// Run a program as a sub-agent of this process: it gets its own short-lived
+    /// identity `<this identity>/sub/<name>-<hex>` (and `WRIT_TXN_TOKEN` if set here),
+    /// released when it exits. Exits with the program's status.
+    Spawn {
+        #[command(flatten)]
+        socket: AgentSocket,
+        /// Task name, `[a-z0-9-]{1,32}`.
+        #[arg(long)]
+        name: String,
+        /// Lifetime asked for, e.g. `5m` (capped by the spawn policy; default: the cap).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Which of this process's identities is the parent, when it has several.
+        #[arg(long)]
+        parent: Option<String>,
+        /// The program and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<std::ffi::OsString>,
     },
 }
 
@@ -166,6 +187,13 @@ pub(crate) async fn run(cmd: ApiCommand) -> anyhow::Result<ExitCode> {
             println!("SPIFFE ID : {id}");
             println!("Claims    : {claims}");
         }
+        ApiCommand::Spawn {
+            socket,
+            name,
+            ttl,
+            parent,
+            command,
+        } => return spawn(socket, name, ttl, parent, command).await,
         ApiCommand::Watch { socket } => {
             let mut watch = socket.connect().await?.watch_x509().await?;
             loop {
@@ -177,4 +205,46 @@ pub(crate) async fn run(cmd: ApiCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn spawn(
+    socket: AgentSocket,
+    name: String,
+    ttl: Option<String>,
+    parent: Option<String>,
+    command: Vec<std::ffi::OsString>,
+) -> anyhow::Result<ExitCode> {
+    let (program, args) = command
+        .split_first()
+        .context("a program to run is required after `--`")?;
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args);
+    let mut spawn = Spawn::new(name, cmd).endpoint(socket.endpoint);
+    if let Some(ttl) = ttl {
+        spawn = spawn.ttl(
+            writ_identity::server::config::parse_duration(&ttl)
+                .map_err(|e| anyhow::anyhow!("--ttl: {e}"))?,
+        );
+    }
+    if let Some(parent) = parent {
+        spawn = spawn.parent(SpiffeId::new(&parent).context("--parent")?);
+    }
+    if let Ok(token) = std::env::var(TXN_TOKEN_ENV) {
+        spawn = spawn.txn_token(token);
+    }
+    let mut child = spawn.spawn().await?;
+    let lease = child.lease();
+    eprintln!(
+        "writ: sub-agent {} (pid {}, lease {}, depth {}) until {}",
+        lease.child_id,
+        lease.pid,
+        lease.id,
+        lease.depth,
+        humantime::format_rfc3339_seconds(lease.expires_at)
+    );
+    let status = child.wait().await?;
+    Ok(match status.code() {
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => ExitCode::from(128),
+    })
 }

@@ -48,6 +48,9 @@ pub(crate) struct EntryFields {
     /// Deepest chain of sub-agents under this workload.
     #[arg(long)]
     spawn_max_depth: Option<u32>,
+    /// Most live sub-agents this workload may hold at once (default: 16).
+    #[arg(long)]
+    spawn_max_children: Option<u32>,
 }
 
 impl EntryFields {
@@ -91,6 +94,9 @@ impl EntryFields {
         }
         if self.spawn_max_depth.is_some() {
             entry.spawn_max_depth = self.spawn_max_depth;
+        }
+        if self.spawn_max_children.is_some() {
+            entry.spawn_max_children = self.spawn_max_children;
         }
     }
 }
@@ -339,6 +345,9 @@ fn print_entry(e: &pb::Entry) {
     if let Some(d) = e.spawn_max_depth {
         println!("Spawn max depth  : {d}");
     }
+    if let Some(c) = e.spawn_max_children {
+        println!("Spawn children   : {c}");
+    }
 }
 
 fn entry_json(e: &pb::Entry) -> serde_json::Value {
@@ -359,5 +368,6 @@ fn entry_json(e: &pb::Entry) -> serde_json::Value {
         "created_at": e.created_at,
         "spawn_max_ttl": e.spawn_max_ttl,
         "spawn_max_depth": e.spawn_max_depth,
+        "spawn_max_children": e.spawn_max_children,
     })
 }

@@ -212,6 +212,7 @@ impl WorkloadAttestor for UnixAttestor {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ProcStat {
     pid: i32,
+    state: u8,
     ppid: i32,
     start_time: u64,
 }
@@ -220,6 +221,21 @@ impl ProcStat {
     /// Field 1: the process id.
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// Field 3: the state letter (`R`, `S`, `T` stopped, `Z` zombie, ...).
+    pub fn state(&self) -> char {
+        char::from(self.state)
+    }
+
+    /// Whether the process has exited (a zombie or dead): it only awaits its reaping.
+    pub fn is_exited(&self) -> bool {
+        matches!(self.state, b'Z' | b'X' | b'x')
+    }
+
+    /// Whether the process is stopped by a signal (`T`).
+    pub fn is_stopped(&self) -> bool {
+        self.state == b'T'
     }
 
     /// Field 4: the parent's process id (0 for the first process of a pid namespace).
@@ -267,9 +283,10 @@ pub fn parse_stat(stat: &[u8]) -> Result<ProcStat, AttestError> {
     let rest = std::str::from_utf8(rest).map_err(|_| malformed("non-UTF-8 after the command"))?;
     let mut fields = rest.split_ascii_whitespace();
     // Field 3, the state: one letter.
-    fields
+    let state = fields
         .next()
         .filter(|state| state.len() == 1)
+        .and_then(|state| state.bytes().next())
         .ok_or(malformed("field 3 (state) is missing"))?;
     let ppid = fields
         .next()
@@ -283,6 +300,7 @@ pub fn parse_stat(stat: &[u8]) -> Result<ProcStat, AttestError> {
         .ok_or(malformed("field 22 (starttime) is not a number"))?;
     Ok(ProcStat {
         pid,
+        state,
         ppid,
         start_time,
     })
