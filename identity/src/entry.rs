@@ -74,6 +74,9 @@ pub enum EntryError {
         /// The limit.
         max: u32,
     },
+    /// The SPIFFE ID uses the `sub` path segment, which only sub-agent leases may use.
+    #[error("SPIFFE ID {0} uses the path segment `sub`, reserved for sub-agents")]
+    ReservedSegment(String),
     /// The cap on live sub-agents is out of range.
     #[error("spawn_max_children must be between 1 and {max}")]
     SpawnChildren {
@@ -165,6 +168,9 @@ impl RegistrationEntry {
                 id: self.spiffe_id.to_string(),
                 trust_domain: trust_domain.to_string(),
             });
+        }
+        if crate::server::lease::is_sub_agent_id(&self.spiffe_id) {
+            return Err(EntryError::ReservedSegment(self.spiffe_id.to_string()));
         }
         if self.selectors.is_empty() {
             return Err(EntryError::NoSelectors);
@@ -291,6 +297,15 @@ mod tests {
             e.validate(&td),
             Err(EntryError::SpawnDepth { .. })
         ));
+
+        let mut e = entry();
+        e.spiffe_id = td.spiffe_id("/agents/planner/sub/x").unwrap();
+        assert!(matches!(
+            e.validate(&td),
+            Err(EntryError::ReservedSegment(_))
+        ));
+        e.spiffe_id = td.spiffe_id("/agents/planner/subway").unwrap();
+        e.validate(&td).unwrap();
     }
 
     #[test]

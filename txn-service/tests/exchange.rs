@@ -48,7 +48,7 @@ const ISSUER: &str = "https://tts.example.org";
 const TD: &str = "example.org";
 const GATEWAY: &str = "spiffe://example.org/gateway";
 const PLANNER: &str = "spiffe://example.org/agents/planner";
-const SUB_AGENT: &str = "spiffe://example.org/agents/planner/sub";
+const SUB_AGENT: &str = "spiffe://example.org/agents/planner/worker";
 const STRANGER: &str = "spiffe://example.org/stranger";
 
 const POLICY: &str = r#"
