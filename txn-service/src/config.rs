@@ -255,7 +255,9 @@ impl TxnConfig {
             None => None,
             Some(table) => Some(
                 Datastore::from_file(table, base)
-                    .map_err(|e| TxnConfigError::Invalid(format!("`identity_store`: {e}")))?
+                    .map_err(|(field, e)| {
+                        TxnConfigError::Invalid(format!("`identity_store.{field}`: {e}"))
+                    })?
                     .ok_or_else(|| {
                         TxnConfigError::Invalid(
                             "`identity_store`: `connection` (the SQLite file) is required".into(),

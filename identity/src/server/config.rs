@@ -174,8 +174,11 @@ impl Datastore {
     /// `None` when SQLite has no `connection`.
     ///
     /// # Errors
-    /// A message naming the bad field.
-    pub fn from_file(file: &FileDatastore, base: &Path) -> Result<Option<Self>, String> {
+    /// The bad field (`backend` or `connection`) and what is wrong with it.
+    pub fn from_file(
+        file: &FileDatastore,
+        base: &Path,
+    ) -> Result<Option<Self>, (&'static str, String)> {
         match file.backend.as_deref() {
             None | Some("sqlite") => Ok(file
                 .connection
@@ -185,8 +188,8 @@ impl Datastore {
                 .connection
                 .clone()
                 .map(|url| Some(Datastore::Postgres(url)))
-                .ok_or_else(|| "a PostgreSQL URL is required in `connection`".to_owned()),
-            Some(other) => Err(format!("backend {other:?} is not sqlite or postgres")),
+                .ok_or(("connection", "a PostgreSQL URL is required".to_owned())),
+            Some(other) => Err(("backend", format!("{other:?} is not sqlite or postgres"))),
         }
     }
 }
@@ -345,7 +348,14 @@ impl TryFrom<FileConfig> for ServerConfig {
         };
 
         let datastore = Datastore::from_file(&file.datastore, Path::new(""))
-            .map_err(|e| value("datastore", e))?
+            .map_err(|(field, e)| {
+                let key = if field == "backend" {
+                    "datastore.backend"
+                } else {
+                    "datastore.connection"
+                };
+                value(key, e)
+            })?
             .unwrap_or_else(|| Datastore::Sqlite(data_dir.join("datastore.sqlite3")));
         let key_manager = match file.key_manager.kind.as_deref() {
             None | Some("disk") => KeyManagerKind::Disk,
