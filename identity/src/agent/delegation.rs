@@ -102,6 +102,15 @@ impl Delegation {
         Self { api }
     }
 
+    /// The attested caller of a gRPC request, or the status refusing it.
+    async fn attested<T>(&self, request: &Request<T>) -> Result<Attested, Status> {
+        Ok(self
+            .api
+            .caller(request)
+            .await
+            .map_err(DelegationError::from)?)
+    }
+
     fn cache(&self) -> &Arc<Cache> {
         self.api.cache()
     }
@@ -518,11 +527,7 @@ impl pb::sub_agents_server::SubAgents for Delegation {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
-        let caller = self
-            .api
-            .caller(&request)
-            .await
-            .map_err(DelegationError::from)?;
+        let caller = self.attested(&request).await?;
         let lease = Delegation::register(self, &caller, request.into_inner()).await?;
         Ok(Response::new(lease_to_proto(&lease)))
     }
@@ -531,11 +536,7 @@ impl pb::sub_agents_server::SubAgents for Delegation {
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
-        let caller = self
-            .api
-            .caller(&request)
-            .await
-            .map_err(DelegationError::from)?;
+        let caller = self.attested(&request).await?;
         let lease = Delegation::release(self, &caller, &request.into_inner().id).await?;
         Ok(Response::new(lease_to_proto(&lease)))
     }
@@ -544,11 +545,7 @@ impl pb::sub_agents_server::SubAgents for Delegation {
         &self,
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
-        let caller = self
-            .api
-            .caller(&request)
-            .await
-            .map_err(DelegationError::from)?;
+        let caller = self.attested(&request).await?;
         Ok(Response::new(pb::ListResponse {
             leases: Delegation::list(self, &caller)
                 .iter()

@@ -199,14 +199,13 @@ impl NodeHandler {
         agent_id: &SpiffeId,
         entry_id: &str,
     ) -> Result<RegistrationEntry, NodeError> {
-        self.authorized_entries(agent_id)
-            .await?
-            .into_iter()
-            .find(|e| e.id == entry_id)
-            .ok_or_else(|| {
-                NodeError::SpawnRefused(
+        self.authorized_entry(agent_id, entry_id)
+            .await
+            .map_err(|e| match e {
+                NodeError::NotAuthorized(_) => NodeError::SpawnRefused(
                     "the parent identity is not authorized for this agent".into(),
-                )
+                ),
+                other => other,
             })
     }
 

@@ -135,7 +135,7 @@ impl NodeHandler {
         Ok(EntrySync { changed, ids })
     }
 
-    async fn authorized_entry(
+    pub(crate) async fn authorized_entry(
         &self,
         agent_id: &SpiffeId,
         entry_id: &str,
