@@ -3,12 +3,17 @@
 //! - `mtls_hello`: a SPIFFE mTLS hello world, server and client, each naming whom it
 //!   accepts;
 //! - `verify_service`: an HTTPS service that requires a known caller *and* a valid
-//!   Txn-Token on every request.
+//!   Txn-Token on every request;
+//! - `gateway`, `planner`, `sub_agent` and `tool_server`: the four programs of
+//!   `writ demo`, a user's request through a gateway, a planner agent and the sub-agent
+//!   it spawns to a tool, each with its own attested identity ([`demo`]).
 //!
 //! This library holds what both share (the Workload API flags, serving until a signal)
 //! and their routers, so tests can call the routers
 //! directly. `docs/sdk.md` walks through them.
 #![forbid(unsafe_code)]
+
+pub mod demo;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;

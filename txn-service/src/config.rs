@@ -48,7 +48,7 @@ use crate::audit::AuditLog;
 use crate::exchange::{DEFAULT_LIFETIME, DEFAULT_MAX_CHAIN_DEPTH, ExchangeService};
 use crate::lease::Leases;
 use crate::listener::{self, ServeError};
-use crate::oidc::{IssuerConfig, OidcError, OidcValidator};
+use crate::oidc::{IssuerConfig, OidcError, OidcOptions, OidcValidator};
 use crate::policy::{FilePolicy, Policy, PolicyError};
 use crate::txn_token::{KeyRingError, SigningKeys};
 
@@ -184,6 +184,9 @@ pub struct TxnConfig {
     pub identity_store: Option<Datastore>,
     /// The policy.
     pub policy: Policy,
+    /// Accept the `writ dev` development issuer's tokens. Only `writ dev` sets this; no
+    /// `txn.toml` key can.
+    pub accept_dev_tokens: bool,
 }
 
 fn duration(
@@ -304,6 +307,7 @@ impl TxnConfig {
             client_assertions: file.client_assertions.unwrap_or(false),
             oidc,
             identity_store,
+            accept_dev_tokens: false,
             policy,
         })
     }
@@ -371,6 +375,22 @@ impl TxnServer {
         config: TxnConfig,
         clock: SharedClock,
     ) -> Result<Self, TxnConfigError> {
+        let tcp = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| TxnConfigError::Serve(ServeError::Io(e)))?;
+        Self::start_on(config, clock, tcp).await
+    }
+
+    /// As [`TxnServer::start_with_clock`], serving on an already bound `tcp` (whose
+    /// address wins over `config.listen`).
+    ///
+    /// # Errors
+    /// [`TxnConfigError`] if any part cannot start.
+    pub async fn start_on(
+        config: TxnConfig,
+        clock: SharedClock,
+        tcp: tokio::net::TcpListener,
+    ) -> Result<Self, TxnConfigError> {
         let mut builder = X509Source::builder().endpoint(config.workload_api.clone());
         if let Some(id) = &config.spiffe_id {
             builder = builder.spiffe_id(id.clone());
@@ -411,7 +431,15 @@ impl TxnServer {
         .with_max_chain_depth(config.max_chain_depth)
         .with_audit(audit);
         if !config.oidc.is_empty() {
-            service = service.with_oidc(Arc::new(OidcValidator::new(config.oidc.clone(), clock)?));
+            let options = OidcOptions {
+                accept_dev_tokens: config.accept_dev_tokens,
+                ..OidcOptions::default()
+            };
+            service = service.with_oidc(Arc::new(OidcValidator::with_options(
+                config.oidc.clone(),
+                clock,
+                options,
+            )?));
         }
         if config.subject_token_cache {
             service = service.with_subject_cache();
@@ -428,9 +456,6 @@ impl TxnServer {
                 .with_client_assertions(WorkloadClient::connect(&config.workload_api).await?);
         }
         let service = Arc::new(service);
-        let tcp = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| TxnConfigError::Serve(ServeError::Io(e)))?;
         let addr = tcp
             .local_addr()
             .map_err(|e| TxnConfigError::Serve(ServeError::Io(e)))?;

@@ -12,6 +12,7 @@
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod dev;
 pub mod exchange;
 pub mod lease;
 pub mod listener;

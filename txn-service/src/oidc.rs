@@ -133,7 +133,16 @@ pub enum OidcError {
         /// The claim name.
         claim: String,
     },
+    /// The token comes from the `writ dev` development issuer (it carries the
+    /// [`DEV_TOKEN_CLAIM`] claim), and this validator is not `writ dev`'s.
+    #[error("subject token is a `writ dev` development token, accepted only by `writ dev`")]
+    DevelopmentToken,
 }
+
+/// The claim that marks a token of the `writ dev` development issuer. Validators refuse
+/// such tokens unless [`OidcOptions::accept_dev_tokens`] is set, which only `writ dev`
+/// does (no configuration file can).
+pub const DEV_TOKEN_CLAIM: &str = "writ_dev";
 
 /// The RFC 8693 subject token types that OIDC ingress validates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -225,6 +234,8 @@ pub struct OidcOptions {
     pub refetch_interval: Duration,
     /// Timeout of each discovery or JWKS request.
     pub http_timeout: Duration,
+    /// Accept tokens marked with [`DEV_TOKEN_CLAIM`] (only `writ dev` sets this).
+    pub accept_dev_tokens: bool,
 }
 
 impl Default for OidcOptions {
@@ -235,6 +246,7 @@ impl Default for OidcOptions {
             jwks_ttl: DEFAULT_JWKS_TTL,
             refetch_interval: DEFAULT_REFETCH_INTERVAL,
             http_timeout: DEFAULT_HTTP_TIMEOUT,
+            accept_dev_tokens: false,
         }
     }
 }
@@ -871,6 +883,9 @@ impl OidcValidator {
     ) -> Result<ValidatedSubject, OidcError> {
         if claims.get("iss").and_then(Value::as_str) != Some(config.issuer.as_str()) {
             return Err(OidcError::Issuer);
+        }
+        if claims.get(DEV_TOKEN_CLAIM).is_some() && !self.options.accept_dev_tokens {
+            return Err(OidcError::DevelopmentToken);
         }
 
         let audience = string_list(&claims, "aud", false)?;

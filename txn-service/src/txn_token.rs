@@ -79,7 +79,15 @@ impl Minter {
     /// # Errors
     /// [`MintError::Sign`] if the key cannot sign.
     pub fn mint(&self, claims: &TxnToken) -> Result<String, MintError> {
-        let header = serde_json::json!({"alg": "ES256", "typ": TXN_TOKEN_TYP, "kid": self.kid});
+        self.sign(TXN_TOKEN_TYP, claims)
+    }
+
+    /// Signs any claims as an ES256 JWT with header `typ` and this key's `kid`.
+    ///
+    /// # Errors
+    /// [`MintError::Sign`] if the claims do not serialize or the key cannot sign.
+    pub fn sign(&self, typ: &str, claims: &impl Serialize) -> Result<String, MintError> {
+        let header = serde_json::json!({"alg": "ES256", "typ": typ, "kid": self.kid});
         let mut token = b64_json(&header)?;
         token.push('.');
         token.push_str(&b64_json(claims)?);
@@ -386,18 +394,21 @@ impl SigningKeys {
         let keys: Vec<serde_json::Value> = self
             .public_keys()
             .into_iter()
-            .map(|(kid, jwk)| {
-                let mut key = serde_json::to_value(jwk).unwrap_or(serde_json::Value::Null);
-                if let serde_json::Value::Object(map) = &mut key {
-                    map.insert("kid".into(), kid.into());
-                    map.insert("use".into(), "sig".into());
-                    map.insert("alg".into(), "ES256".into());
-                }
-                key
-            })
+            .map(|(kid, jwk)| jwk_with_kid(&jwk, &kid))
             .collect();
         serde_json::json!({ "keys": keys })
     }
+}
+
+/// A public ES256 signing key as a JWKS entry: the JWK plus `kid`, `use` and `alg`.
+pub fn jwk_with_kid(jwk: &Jwk, kid: &str) -> serde_json::Value {
+    let mut key = serde_json::to_value(jwk).unwrap_or(serde_json::Value::Null);
+    if let serde_json::Value::Object(map) = &mut key {
+        map.insert("kid".into(), kid.into());
+        map.insert("use".into(), "sig".into());
+        map.insert("alg".into(), "ES256".into());
+    }
+    key
 }
 
 /// The base64url (no padding) of `value`'s JSON: one JWS segment.

@@ -184,10 +184,20 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::CreateEntryRequest>,
     ) -> Result<Response<pb::Entry>, Status> {
-        let p = request
+        let mut p = request
             .into_inner()
             .entry
             .ok_or_else(|| invalid("entry", "missing"))?;
+        if p.parent_id.is_empty() {
+            // Only `writ dev` has a default parent (its embedded agent).
+            p.parent_id = self
+                .state
+                .config
+                .default_parent_id
+                .as_ref()
+                .ok_or_else(|| invalid("parent_id", "is required"))?
+                .to_string();
+        }
         let mut entry = entry_from_proto(p, self.td())?;
         entry_id(&entry.id)?;
         entry.created_at = self.state.clock.unix_seconds();

@@ -222,6 +222,10 @@ pub struct ServerConfig {
     pub ca: CaConfig,
     /// Default join token lifetime.
     pub join_token_ttl: Duration,
+    /// The parent of an entry created without one. Only `writ dev` sets it (to its
+    /// embedded agent); no configuration file can, so a production server always
+    /// requires `parent_id`.
+    pub default_parent_id: Option<crate::spiffe_id::SpiffeId>,
 }
 
 impl ServerConfig {
@@ -381,6 +385,7 @@ impl TryFrom<FileConfig> for ServerConfig {
             key_manager,
             ca,
             join_token_ttl,
+            default_parent_id: None,
         })
     }
 }

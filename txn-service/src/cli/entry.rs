@@ -11,7 +11,8 @@ pub(crate) struct EntryFields {
     /// The SPIFFE ID issued to matching workloads.
     #[arg(long)]
     spiffe_id: Option<String>,
-    /// The agent (or entry) the workload runs under.
+    /// The agent (or entry) the workload runs under. Required, except under `writ dev`,
+    /// where it defaults to the embedded agent.
     #[arg(long)]
     parent_id: Option<String>,
     /// A `type:value` selector; repeat for several (all must match).
@@ -190,9 +191,6 @@ pub(crate) async fn run(cmd: EntryCommand) -> anyhow::Result<ExitCode> {
             };
             if fields.spiffe_id.is_none() {
                 anyhow::bail!("--spiffe-id is required");
-            }
-            if fields.parent_id.is_none() {
-                anyhow::bail!("--parent-id is required");
             }
             if fields.selectors.is_empty() {
                 anyhow::bail!("at least one --selector is required");

@@ -2,11 +2,12 @@
 //! flags: `writ server run`, `writ entry create|list|show|update|delete`,
 //! `writ token generate`, `writ bundle show`, `writ x509 mint`, `writ jwt mint`,
 //! `writ healthcheck`, `writ agent ...`, `writ api ...`, `writ txn run|decode`,
-//! `writ exchange`.
+//! `writ exchange`, `writ dev`, `writ demo`.
 
 mod agent;
 mod api;
 mod bundle;
+mod dev;
 mod entry;
 mod server;
 mod svid;
@@ -59,6 +60,12 @@ enum Command {
     Txn(txn::TxnCommand),
     /// Exchange a subject token for a Txn-Token, authenticated by this workload's SVID.
     Exchange(txn::ExchangeArgs),
+    /// Run server, agent and token service in one process on embedded defaults, with a
+    /// development OIDC issuer (`writ dev login` mints user tokens from it).
+    Dev(dev::DevArgs),
+    /// Run the end-to-end example: a user's request through a gateway, a planner and
+    /// the sub-agent it spawns to a tool server, on a temporary `writ dev`.
+    Demo(dev::DemoArgs),
     /// Check that the server (or, with --socket, the agent) answers.
     Healthcheck {
         #[command(flatten)]
@@ -148,6 +155,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Api(cmd) => api::run(cmd).await,
             Command::Txn(cmd) => txn::run(cmd).await,
             Command::Exchange(args) => txn::exchange(args).await,
+            Command::Dev(args) => dev::run(args).await,
+            Command::Demo(args) => dev::demo(args).await,
             Command::Healthcheck {
                 agent_socket: Some(endpoint),
                 shallow,

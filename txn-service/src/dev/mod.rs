@@ -1,0 +1,449 @@
+//! `writ dev`: the identity server, an agent and the transaction token service in one
+//! process on embedded defaults, plus a development OpenID Provider ([`issuer`]), so the
+//! whole chain can be tried with no other software; and `writ demo` ([`demo`]), which
+//! runs the end-to-end example on it.
+//!
+//! Everything lives in one data dir (default [`DEFAULT_DATA_DIR`]):
+//!
+//! | file | what |
+//! |---|---|
+//! | `datastore.sqlite3` | entries, CA journal, bundles, sub-agent leases |
+//! | `keys/` | the CA and JWT signing keys (0600) |
+//! | `server.sock` | the admin API (`writ entry ...`; 0600) |
+//! | `agent.sock` | the SPIFFE Workload API and `writ.delegation.v1.SubAgents` |
+//! | `txn/` | the token service's signing keys and audit log (0600) |
+//! | `policy.toml` | the token service's issuance policy, written on first start |
+//! | `oidc-key.pem` | the development issuer's key (0600) |
+//! | `dev.json` | what is running where, while it runs ([`DevState`]) |
+//!
+//! A restart on the same data dir keeps the CA, the trust bundle, the entries and every
+//! key. The embedded agent is `spiffe://<td>/writ/agent/dev`; entries created without a
+//! parent get it. The token service is a workload of that agent like any other: its entry
+//! (`spiffe://<td>/writ/tts`) matches the `writ` executable run by this uid.
+
+pub mod demo;
+pub mod issuer;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use writ_identity::agent::node_api::LocalNode;
+use writ_identity::agent::{self, RunningAgent};
+use writ_identity::attest::workload::UnixAttestor;
+use writ_identity::clock::{Clock, SystemClock};
+use writ_identity::entry::RegistrationEntry;
+use writ_identity::selector::Selector;
+use writ_identity::server::config::ServerConfig;
+use writ_identity::server::{self, ServerState};
+use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
+use writ_identity::store::EntryFilter;
+
+use crate::config::{TxnConfig, TxnServer};
+use crate::oidc::IssuerConfig;
+use crate::policy::Policy;
+use issuer::{DEV_AUDIENCE, DevIssuer};
+
+/// Default data dir.
+pub const DEFAULT_DATA_DIR: &str = "./writ-dev";
+/// Default token service address.
+pub const DEFAULT_TTS_LISTEN: &str = "127.0.0.1:8443";
+/// The state file in the data dir.
+pub const STATE_FILE: &str = "dev.json";
+/// The policy file in the data dir.
+pub const POLICY_FILE: &str = "policy.toml";
+/// The development issuer's key file in the data dir.
+pub const OIDC_KEY_FILE: &str = "oidc-key.pem";
+/// The embedded agent's path.
+pub const AGENT_PATH: &str = "/writ/agent/dev";
+/// The token service's path.
+pub const TTS_PATH: &str = "/writ/tts";
+
+/// Why `writ dev` could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DevError {
+    /// A file or directory of the data dir.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The identity server could not start.
+    #[error("identity server: {0}")]
+    Server(#[from] server::ServerError),
+    /// The embedded token service's entry could not be written.
+    #[error("token service entry: {0}")]
+    Entry(String),
+    /// The token service could not start.
+    #[error("token service: {0}")]
+    Txn(#[from] crate::config::TxnConfigError),
+    /// The development issuer could not start.
+    #[error(transparent)]
+    Issuer(#[from] issuer::DevIssuerError),
+    /// `writ dev` is not running on this data dir.
+    #[error("writ dev is not running on {0} (no {STATE_FILE}); start it with `writ dev`")]
+    NotRunning(PathBuf),
+}
+
+fn file_err(path: &Path, reason: impl ToString) -> DevError {
+    DevError::File {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    /// The data dir (created if absent).
+    pub data_dir: PathBuf,
+    /// The trust domain (first start only; a restart keeps the stored CA's).
+    pub trust_domain: TrustDomain,
+    /// The token service's HTTPS address (port 0 picks one).
+    pub tts_listen: SocketAddr,
+    /// The development issuer's HTTP address (port 0 picks one).
+    pub oidc_listen: SocketAddr,
+}
+
+impl DevOptions {
+    /// The defaults, on `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            trust_domain: TrustDomain::new("example.org")
+                .unwrap_or_else(|_| unreachable!("a valid literal")),
+            tts_listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            oidc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        }
+    }
+}
+
+/// What runs where, written to `<data dir>/dev.json` while `writ dev` runs (scripts and
+/// `writ dev login` read it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevState {
+    /// The trust domain.
+    pub trust_domain: String,
+    /// The data dir (absolute).
+    pub data_dir: PathBuf,
+    /// The admin socket (`--server-socket`, `WRIT_SERVER_SOCKET`).
+    pub server_socket: PathBuf,
+    /// The Workload API endpoint (`unix:///...`, `SPIFFE_ENDPOINT_SOCKET`).
+    pub workload_api: String,
+    /// The embedded agent's SPIFFE ID.
+    pub agent_id: String,
+    /// The token service's URL.
+    pub tts_url: String,
+    /// The token service's SPIFFE ID.
+    pub tts_id: String,
+    /// The development issuer's URL.
+    pub oidc_issuer: String,
+    /// The audience of its tokens.
+    pub oidc_audience: String,
+    /// The policy file.
+    pub policy_file: PathBuf,
+    /// The `writ dev` process.
+    pub pid: u32,
+}
+
+impl DevState {
+    /// Reads the state of the `writ dev` running on `data_dir`.
+    ///
+    /// # Errors
+    /// [`DevError::NotRunning`] if there is no state file, [`DevError::File`] if it is
+    /// unreadable.
+    pub fn read(data_dir: &Path) -> Result<Self, DevError> {
+        let path = data_dir.join(STATE_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(DevError::NotRunning(data_dir.to_path_buf()));
+            }
+            Err(e) => return Err(file_err(&path, e)),
+        };
+        serde_json::from_str(&text).map_err(|e| file_err(&path, e))
+    }
+}
+
+/// The policy written on first start: any workload of the trust domain may exchange a
+/// user token or replace a Txn-Token, for a few example scopes.
+pub fn default_policy(trust_domain: &TrustDomain) -> String {
+    format!(
+        r#"# policy.toml: who may ask `writ dev`'s token service for what. Deny by default;
+# the first matching rule wins. Edit it and restart `writ dev`. Reference: docs/txn.md.
+max_lifetime = "15m"
+
+[[caller]]
+trust_domain = "{trust_domain}"                 # any workload of the trust domain
+subject_token_types = ["access_token", "id_token", "jwt", "txn_token"]
+max_scope = ["docs.read", "docs.summarize", "orders.read", "orders.write"]
+"#
+    )
+}
+
+/// A running `writ dev`.
+#[derive(Debug)]
+pub struct Dev {
+    /// What runs where.
+    pub state: DevState,
+    /// The identity server.
+    pub server: Arc<ServerState>,
+    /// How long start-up took.
+    pub startup: Duration,
+    issuer: DevIssuer,
+    tts: TxnServer,
+    agent: RunningAgent,
+    admin: tokio::task::JoinHandle<Result<(), server::ServerError>>,
+    stop_admin: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Dev {
+    /// Starts the server, the agent, the development issuer and the token service on
+    /// `options.data_dir`, and writes `dev.json`.
+    ///
+    /// # Errors
+    /// [`DevError`] naming the part that failed.
+    pub async fn start(options: DevOptions) -> Result<Self, DevError> {
+        let started = Instant::now();
+        let dir = &options.data_dir;
+        std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
+        let dir = std::fs::canonicalize(dir).map_err(|e| file_err(dir, e))?;
+        let td = options.trust_domain.clone();
+        let agent_id = spiffe_id(&td, AGENT_PATH)?;
+        let tts_id = spiffe_id(&td, TTS_PATH)?;
+
+        let mut config =
+            ServerConfig::with_defaults(td.clone(), &dir).map_err(|e| file_err(&dir, e))?;
+        config.admin_socket = dir.join("server.sock");
+        config.bind_address = None;
+        config.default_parent_id = Some(agent_id.clone());
+        let datastore = config.datastore.clone();
+        let server_socket = config.admin_socket.clone();
+        let state = ServerState::open(config, Arc::new(SystemClock)).await?;
+        let (stop_admin, stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin = tokio::spawn(server::serve(state.clone(), async move {
+            let _ = stopped.await;
+        }));
+
+        ensure_tts_entry(&state, &agent_id, &tts_id).await?;
+        let node = Arc::new(LocalNode::new(state.clone(), agent_id.clone()));
+        let agent_socket = dir.join("agent.sock");
+        let agent = agent::start(node, &agent_socket, Arc::new(UnixAttestor::default())).await?;
+        let workload_api = format!("unix://{}", agent_socket.display());
+
+        let issuer = DevIssuer::start(&dir.join(OIDC_KEY_FILE), options.oidc_listen).await?;
+        let policy_file = dir.join(POLICY_FILE);
+        let policy = load_policy(&policy_file, &td)?;
+
+        let tcp = tokio::net::TcpListener::bind(options.tts_listen)
+            .await
+            .map_err(|e| file_err(Path::new(&options.tts_listen.to_string()), e))?;
+        let tts_addr = tcp
+            .local_addr()
+            .map_err(|e| file_err(Path::new(&options.tts_listen.to_string()), e))?;
+        let tts_url = format!("https://{tts_addr}");
+        let mut txn = TxnConfig::from_toml("", &dir)?;
+        txn.listen = tts_addr;
+        txn.issuer = tts_url.clone();
+        txn.workload_api = workload_api.clone();
+        txn.spiffe_id = Some(tts_id.clone());
+        txn.data_dir = Some(dir.join("txn"));
+        txn.audit_log = Some(dir.join("txn").join("audit.log"));
+        txn.oidc = vec![IssuerConfig::new(issuer.url(), [DEV_AUDIENCE])];
+        txn.identity_store = Some(datastore);
+        txn.policy = policy;
+        txn.accept_dev_tokens = true;
+        let tts = TxnServer::start_on(txn, Arc::new(SystemClock), tcp).await?;
+
+        let state_record = DevState {
+            trust_domain: td.to_string(),
+            data_dir: dir.clone(),
+            server_socket,
+            workload_api,
+            agent_id: agent_id.to_string(),
+            tts_url,
+            tts_id: tts_id.to_string(),
+            oidc_issuer: issuer.url().to_owned(),
+            oidc_audience: DEV_AUDIENCE.to_owned(),
+            policy_file,
+            pid: std::process::id(),
+        };
+        wait_for_socket(&state_record.server_socket).await?;
+        let state_path = dir.join(STATE_FILE);
+        let json = serde_json::to_vec_pretty(&state_record).map_err(|e| file_err(&dir, e))?;
+        write_atomically(&state_path, &json)?;
+        Ok(Self {
+            state: state_record,
+            server: state,
+            startup: started.elapsed(),
+            issuer,
+            tts,
+            agent,
+            admin,
+            stop_admin,
+        })
+    }
+
+    /// The development issuer.
+    pub fn issuer(&self) -> &DevIssuer {
+        &self.issuer
+    }
+
+    /// The token service's audit log.
+    pub fn audit_log(&self) -> PathBuf {
+        self.state.data_dir.join("txn").join("audit.log")
+    }
+
+    /// What `writ dev` prints when ready: a few lines saying what runs where.
+    pub fn banner(&self) -> String {
+        let s = &self.state;
+        format!(
+            "writ dev: ready in {} ms (trust domain {}, data in {})\n\
+             \x20 identity server  admin socket {}\n\
+             \x20 agent            {}, Workload API {}\n\
+             \x20 token service    {} as {} (policy {})\n\
+             \x20 OIDC issuer      {}  DEVELOPMENT ONLY: its tokens are refused outside `writ dev`\n\
+             \x20 use it:          export WRIT_SERVER_SOCKET={} SPIFFE_ENDPOINT_SOCKET={}\n\
+             \x20                  writ dev login --data-dir {} --user alice --scope docs.read\n\
+             Ctrl-C stops; a restart on the same data dir keeps the CA, entries and keys.",
+            self.startup.as_millis(),
+            s.trust_domain,
+            s.data_dir.display(),
+            s.server_socket.display(),
+            s.agent_id,
+            s.workload_api,
+            s.tts_url,
+            s.tts_id,
+            s.policy_file.display(),
+            s.oidc_issuer,
+            s.server_socket.display(),
+            s.workload_api,
+            s.data_dir.display(),
+        )
+    }
+
+    /// Stops everything and removes `dev.json`.
+    pub async fn shutdown(self) {
+        let _ = std::fs::remove_file(self.state.data_dir.join(STATE_FILE));
+        if let Err(e) = self.tts.shutdown().await {
+            tracing::warn!(error = %e, "token service stopped with an error");
+        }
+        drop(self.issuer);
+        drop(self.agent);
+        let _ = self.stop_admin.send(());
+        match tokio::time::timeout(Duration::from_secs(5), self.admin).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "identity server stopped with an error"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("identity server did not stop within 5 s"),
+        }
+    }
+}
+
+/// Mints a development access token with the key of the `writ dev` running on
+/// `data_dir` (what `writ dev login` prints).
+///
+/// # Errors
+/// [`DevError::NotRunning`] if `writ dev` does not run there, or the issuer's refusal.
+pub fn login(data_dir: &Path, user: &str, scope: &str, ttl: Duration) -> Result<String, DevError> {
+    let state = DevState::read(data_dir)?;
+    let issuer = DevIssuer::open(&state.data_dir.join(OIDC_KEY_FILE), state.oidc_issuer)?;
+    Ok(issuer.access_token(user, scope, ttl, SystemClock.unix_seconds())?)
+}
+
+fn spiffe_id(td: &TrustDomain, path: &str) -> Result<SpiffeId, DevError> {
+    td.spiffe_id(path)
+        .map_err(|e| DevError::Entry(e.to_string()))
+}
+
+/// The token service's entry: the `writ` executable run by this uid, under the agent.
+/// Replaced when the executable moved (a rebuild elsewhere, another checkout).
+async fn ensure_tts_entry(
+    state: &ServerState,
+    agent_id: &SpiffeId,
+    tts_id: &SpiffeId,
+) -> Result<(), DevError> {
+    let entry_err = |e: &dyn std::fmt::Display| DevError::Entry(e.to_string());
+    let exe = std::env::current_exe().map_err(|e| entry_err(&e))?;
+    let uid = std::os::unix::fs::MetadataExt::uid(
+        &std::fs::metadata("/proc/self").map_err(|e| entry_err(&e))?,
+    );
+    let selectors = [
+        format!("unix:uid:{uid}"),
+        format!("unix:path:{}", exe.display()),
+    ]
+    .iter()
+    .map(|s| s.parse::<Selector>())
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(|e| entry_err(&e))?;
+    let existing = state
+        .store
+        .list_entries(&EntryFilter {
+            spiffe_id: Some(tts_id.clone()),
+            parent_id: Some(agent_id.clone()),
+        })
+        .await
+        .map_err(|e| entry_err(&e))?;
+    if existing.iter().any(|e| e.selectors == selectors) {
+        return Ok(());
+    }
+    for stale in existing {
+        state
+            .store
+            .delete_entry(&stale.id)
+            .await
+            .map_err(|e| entry_err(&e))?;
+    }
+    let mut entry = RegistrationEntry::new(tts_id.clone(), agent_id.clone(), selectors);
+    entry.hint = "writ dev token service".to_owned();
+    entry
+        .validate(&state.config.trust_domain)
+        .map_err(|e| entry_err(&e))?;
+    entry.created_at = state.clock.unix_seconds();
+    state
+        .store
+        .create_entry(&entry)
+        .await
+        .map_err(|e| entry_err(&e))?;
+    state.notify_change();
+    Ok(())
+}
+
+/// Reads the policy file, writing the default one first if there is none.
+fn load_policy(path: &Path, td: &TrustDomain) -> Result<Policy, DevError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let text = default_policy(td);
+            write_atomically(path, text.as_bytes())?;
+            text
+        }
+        Err(e) => return Err(file_err(path, e)),
+    };
+    Policy::from_toml(&text).map_err(|e| file_err(path, e))
+}
+
+fn write_atomically(path: &Path, data: &[u8]) -> Result<(), DevError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).map_err(|e| file_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| file_err(path, e))
+}
+
+/// Waits (at most 5 s) for the admin socket the server binds in its task.
+async fn wait_for_socket(path: &Path) -> Result<(), DevError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        if Instant::now() > deadline {
+            return Err(file_err(
+                path,
+                "the admin socket did not come up within 5 s",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
