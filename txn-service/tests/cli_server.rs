@@ -302,6 +302,16 @@ fn bad_input_gives_one_line_and_stores_nothing() {
             "for {change:?} expected {expect:?} in {err:?}"
         );
     }
+    // Only `writ dev` has a default parent.
+    let err = server.fails(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/y",
+        "--selector",
+        "unix:uid:3",
+    ]);
+    assert!(err.contains("parent_id: is required"), "{err}");
     assert_eq!(
         server.entry_count(),
         1,

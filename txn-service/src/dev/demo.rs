@@ -646,3 +646,82 @@ fn print_report(report: &Value, outcome: &Outcome) {
         outcome.elapsed.as_millis()
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const SUB: &str = "spiffe://example.org/demo/planner/sub/summarize-0a1b2c3d";
+    const GATEWAY: &str = "spiffe://example.org/demo/gateway";
+    const PLANNER: &str = "spiffe://example.org/demo/planner";
+    const TOOL: &str = "spiffe://example.org/demo/tool-server";
+
+    fn want() -> Expected<'static> {
+        Expected {
+            gateway: GATEWAY,
+            planner: PLANNER,
+            tool: TOOL,
+        }
+    }
+
+    fn report() -> Value {
+        let verified = |caller: &str, scope: &str, chain: &[&str]| json!({"caller": caller, "user": USER, "scope": scope, "txn": "t-1", "chain": chain});
+        json!({
+            "spiffe_id": GATEWAY,
+            "exchanged": {"scope": USER_SCOPE},
+            "next": {
+                "spiffe_id": PLANNER,
+                "verified": verified(GATEWAY, USER_SCOPE, &[GATEWAY]),
+                "lease": {"id": "l-1", "child_id": SUB, "expires_in": 60},
+                "next": {
+                    "spiffe_id": SUB,
+                    "replaced": {"scope": SUB_AGENT_SCOPE},
+                    "next": {
+                        "spiffe_id": TOOL,
+                        "verified": verified(SUB, SUB_AGENT_SCOPE, &[SUB, PLANNER, GATEWAY]),
+                    }
+                }
+            }
+        })
+    }
+
+    fn audit() -> String {
+        [GATEWAY, PLANNER, SUB]
+            .iter()
+            .map(|c| json!({"decision": "granted", "caller": c, "txn": "t-1"}).to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn a_correct_chain_passes_every_check() {
+        let outcome = check(&report(), &audit(), &want(), Instant::now());
+        assert!(outcome.passed(), "{:?}", outcome.checks);
+    }
+
+    #[test]
+    fn any_wrong_hop_fails_the_demo() {
+        let tamper: [(&str, Value); 6] = [
+            ("/spiffe_id", json!("spiffe://example.org/impostor")),
+            ("/next/verified/caller", json!(PLANNER)),
+            ("/next/next/next/verified/caller", json!(PLANNER)),
+            (
+                "/next/next/next/verified/chain",
+                json!([PLANNER, SUB, GATEWAY]),
+            ),
+            ("/next/next/next/verified/scope", json!(USER_SCOPE)),
+            ("/next/next/next/verified/txn", json!("t-2")),
+        ];
+        for (pointer, value) in tamper {
+            let mut r = report();
+            *r.pointer_mut(pointer).unwrap() = value;
+            let outcome = check(&r, &audit(), &want(), Instant::now());
+            assert!(!outcome.passed(), "{pointer} was not caught");
+        }
+        let refused = audit().replace("granted", "refused");
+        assert!(!check(&report(), &refused, &want(), Instant::now()).passed());
+        assert!(!check(&json!({}), "", &want(), Instant::now()).passed());
+    }
+}
