@@ -210,7 +210,8 @@ fn writ_dev_runs_the_chain_and_restarts_with_the_same_bundle_and_entries() {
     assert_eq!(claims["scope"], "docs.read");
 
     // A token service outside `writ dev` refuses the development issuer's tokens, even
-    // when configured to trust that issuer.
+    // when configured to trust that issuer. (It runs as this test's workload: only the
+    // `writ dev` process itself gets the embedded service's identity.)
     let config = tmp.path().join("txn.toml");
     let port = free_port();
     std::fs::write(
@@ -218,7 +219,7 @@ fn writ_dev_runs_the_chain_and_restarts_with_the_same_bundle_and_entries() {
         format!(
             r#"listen = "127.0.0.1:{port}"
 workload_api = "{workload_api}"
-spiffe_id = "spiffe://example.org/writ/tts"
+spiffe_id = "{me}"
 audit_log = "-"
 [[oidc]]
 issuer = "{issuer}"
@@ -287,6 +288,10 @@ max_scope = ["docs.read"]
         .unwrap();
     let fetched = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && fetched.contains(me), "{fetched}");
+    assert!(
+        !fetched.contains("/writ/tts"),
+        "only writ dev itself holds the token service's identity: {fetched}"
+    );
     let (clean, _) = dev.interrupt();
     assert!(clean);
 }

@@ -19,7 +19,8 @@
 //! A restart on the same data dir keeps the CA, the trust bundle, the entries and every
 //! key. The embedded agent is `spiffe://<td>/writ/agent/dev`; entries created without a
 //! parent get it. The token service is a workload of that agent like any other: its entry
-//! (`spiffe://<td>/writ/tts`) matches the `writ` executable run by this uid.
+//! (`spiffe://<td>/writ/tts`) matches this uid and the selector `writ:dev:self`, which
+//! [`DevAttestor`] gives the `writ dev` process alone.
 
 pub mod demo;
 pub mod issuer;
@@ -32,7 +33,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use writ_identity::agent::node_api::LocalNode;
 use writ_identity::agent::{self, RunningAgent};
-use writ_identity::attest::workload::UnixAttestor;
+use writ_identity::attest::workload::{AttestError, Caller, UnixAttestor, WorkloadAttestor};
 use writ_identity::clock::{Clock, SystemClock};
 use writ_identity::entry::RegistrationEntry;
 use writ_identity::selector::Selector;
@@ -233,7 +234,7 @@ impl Dev {
         ensure_tts_entry(&state, &agent_id, &tts_id).await?;
         let node = Arc::new(LocalNode::new(state.clone(), agent_id.clone()));
         let agent_socket = dir.join("agent.sock");
-        let agent = agent::start(node, &agent_socket, Arc::new(UnixAttestor::default())).await?;
+        let agent = agent::start(node, &agent_socket, Arc::new(DevAttestor::default())).await?;
         let workload_api = format!("unix://{}", agent_socket.display());
 
         let issuer = DevIssuer::start(&dir.join(OIDC_KEY_FILE), options.oidc_listen).await?;
@@ -360,26 +361,48 @@ fn spiffe_id(td: &TrustDomain, path: &str) -> Result<SpiffeId, DevError> {
         .map_err(|e| DevError::Entry(e.to_string()))
 }
 
-/// The token service's entry: the `writ` executable run by this uid, under the agent.
-/// Replaced when the executable moved (a rebuild elsewhere, another checkout).
+/// The selector [`DevAttestor`] adds for the `writ dev` process itself.
+pub const SELF_SELECTOR: &str = "writ:dev:self";
+
+/// The embedded agent's attestor: the `unix` attestor's selectors, plus
+/// [`SELF_SELECTOR`] when the caller is this very process (the kernel's peer credentials
+/// say so, and a live process's pid cannot be reused), so the embedded token service's
+/// entry matches it and nothing else.
+#[derive(Debug, Default)]
+pub struct DevAttestor {
+    unix: UnixAttestor,
+}
+
+#[async_trait::async_trait]
+impl WorkloadAttestor for DevAttestor {
+    async fn attest(&self, caller: &Caller) -> Result<Vec<Selector>, AttestError> {
+        let mut selectors = self.unix.attest(caller).await?;
+        if u32::try_from(caller.pid).ok() == Some(std::process::id()) {
+            let (kind, value) = SELF_SELECTOR.split_once(':').unwrap_or_default();
+            if let Ok(s) = Selector::new(kind, value) {
+                selectors.push(s);
+            }
+        }
+        Ok(selectors)
+    }
+}
+
+/// The token service's entry: this uid and [`SELF_SELECTOR`], under the agent. Replaced
+/// if an older `writ dev` wrote it with other selectors.
 async fn ensure_tts_entry(
     state: &ServerState,
     agent_id: &SpiffeId,
     tts_id: &SpiffeId,
 ) -> Result<(), DevError> {
     let entry_err = |e: &dyn std::fmt::Display| DevError::Entry(e.to_string());
-    let exe = std::env::current_exe().map_err(|e| entry_err(&e))?;
     let uid = std::os::unix::fs::MetadataExt::uid(
         &std::fs::metadata("/proc/self").map_err(|e| entry_err(&e))?,
     );
-    let selectors = [
-        format!("unix:uid:{uid}"),
-        format!("unix:path:{}", exe.display()),
-    ]
-    .iter()
-    .map(|s| s.parse::<Selector>())
-    .collect::<Result<Vec<_>, _>>()
-    .map_err(|e| entry_err(&e))?;
+    let selectors = [format!("unix:uid:{uid}"), SELF_SELECTOR.to_owned()]
+        .iter()
+        .map(|s| s.parse::<Selector>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| entry_err(&e))?;
     let existing = state
         .store
         .list_entries(&EntryFilter {
