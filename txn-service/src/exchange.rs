@@ -229,7 +229,19 @@ impl ExchangeError {
     }
 
     /// The `error_description`: what is wrong, safe to show the client and to audit.
+    /// RFC 6749 section 5.2 allows only printable ASCII without `"` and `\\` there; any
+    /// other character (echoed from the request) becomes `?`.
     pub fn description(&self) -> String {
+        self.raw_description()
+            .chars()
+            .map(|c| match c {
+                ' ' | '!' | '#'..='[' | ']'..='~' => c,
+                _ => '?',
+            })
+            .collect()
+    }
+
+    fn raw_description(&self) -> String {
         match self {
             Self::InvalidRequest { reason }
             | Self::InvalidClient { reason }
@@ -1107,4 +1119,22 @@ async fn metadata(State(service): State<Arc<ExchangeService>>) -> Response {
         "tls_client_certificate_bound_access_tokens": false,
     }))
     .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_descriptions_are_rfc_6749_safe() {
+        let e = ExchangeError::InvalidRequest {
+            reason: "parameter `é\"\\\n` appears more than once".to_owned(),
+        };
+        let text = e.description();
+        assert_eq!(text, "parameter `????` appears more than once");
+        assert!(
+            text.chars()
+                .all(|c| matches!(c, ' ' | '!' | '#'..='[' | ']'..='~'))
+        );
+    }
 }
