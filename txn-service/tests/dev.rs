@@ -68,12 +68,13 @@ impl DevProcess {
             .expect("writ dev printed nothing for 30 s")
     }
 
-    /// Ctrl-C, and the exit status.
-    fn interrupt(mut self) -> (bool, Vec<String>) {
+    /// Sends `signal` (`-INT` is Ctrl-C); returns whether it exited 0, and what it printed
+    /// meanwhile.
+    fn stop(mut self, signal: &str) -> (bool, Vec<String>) {
         let pid = self.child.id().to_string();
         assert!(
             Command::new("kill")
-                .args(["-INT", &pid])
+                .args([signal, &pid])
                 .status()
                 .unwrap()
                 .success()
@@ -254,7 +255,7 @@ max_scope = ["docs.read"]
     assert!(err.contains("development token"), "{err}");
 
     // Ctrl-C stops cleanly and removes dev.json; login then says dev is not running.
-    let (clean, rest) = dev.interrupt();
+    let (clean, rest) = dev.stop("-INT");
     assert!(clean, "writ dev exits 0 on Ctrl-C: {rest:?}");
     assert!(rest.iter().any(|l| l == "writ dev: stopped"), "{rest:?}");
     assert!(!dir.join("dev.json").exists());
@@ -292,6 +293,6 @@ max_scope = ["docs.read"]
         !fetched.contains("/writ/tts"),
         "only writ dev itself holds the token service's identity: {fetched}"
     );
-    let (clean, _) = dev.interrupt();
-    assert!(clean);
+    let (clean, rest) = dev.stop("-TERM");
+    assert!(clean, "writ dev exits 0 on SIGTERM: {rest:?}");
 }

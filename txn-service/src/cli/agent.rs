@@ -147,13 +147,14 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
                 Arc::new(UnixAttestor::default()),
             )
             .await?;
+            let stop = shutdown_signal();
             eprintln!(
                 "writ agent: {} joined {}; Workload API on unix://{}",
                 agent_id,
                 config.node.server_address,
                 running.socket.display()
             );
-            shutdown_signal().await;
+            stop.await;
             drop(running);
         }
         AgentCommand::List { server } => {

@@ -1,5 +1,6 @@
 //! `writ dev`, `writ dev login` and `writ demo`.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -100,11 +101,16 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             options.tts_listen = a.tts_listen;
             options.oidc_listen = a.oidc_listen;
             let dev = Dev::start(options).await?;
-            println!("{}", dev.banner());
-            shutdown_signal().await;
-            println!("writ dev: stopping");
+            let stop = shutdown_signal();
+            // Whoever started us may stop reading standard output; that must not kill us.
+            let say = |text: &str| {
+                let _ = writeln!(std::io::stdout(), "{text}");
+            };
+            say(&dev.banner());
+            stop.await;
+            say("writ dev: stopping");
             dev.shutdown().await;
-            println!("writ dev: stopped");
+            say("writ dev: stopped");
             Ok(ExitCode::SUCCESS)
         }
     }

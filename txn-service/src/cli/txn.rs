@@ -87,13 +87,12 @@ pub(crate) async fn run(cmd: TxnCommand) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("{}: {}", config.display(), e.message()))?;
             let config = TxnConfig::from_file(file, base)?;
             let server = TxnServer::start(config).await?;
+            let stop = super::server::shutdown_signal();
             println!(
                 "Transaction token service listening on https://{}",
                 server.addr
             );
-            tokio::signal::ctrl_c()
-                .await
-                .context("cannot wait for Ctrl-C")?;
+            stop.await;
             server.shutdown().await?;
             Ok(ExitCode::SUCCESS)
         }
