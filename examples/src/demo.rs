@@ -3,10 +3,55 @@
 //! path.
 
 use serde_json::{Value, json};
+use writ_sdk::exchange::{ExchangeError, TxnClient};
 use writ_sdk::middleware::Verified;
+use writ_sdk::tls::{self, Authorizer, TlsError};
+use writ_sdk::txn_token::{JwksSource, TxnVerifier};
+use writ_sdk::workload::X509Source;
+use writ_sdk::{SpiffeId, TrustDomain};
 
 /// Largest request or report body the demo programs read (64 KiB).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Where the transaction token service is, and who it must be.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TtsArgs {
+    /// The transaction token service's base URL.
+    #[arg(long)]
+    pub tts_url: String,
+    /// The transaction token service's SPIFFE ID (its server SVID must have it).
+    #[arg(long)]
+    pub tts_id: SpiffeId,
+}
+
+impl TtsArgs {
+    /// An exchange client that authenticates with `source`'s SVID.
+    ///
+    /// # Errors
+    /// [`ExchangeError::Tls`] if the TLS configuration cannot be built.
+    pub fn client(&self, source: &X509Source) -> Result<TxnClient, ExchangeError> {
+        TxnClient::with_server(source, &self.tts_url, Authorizer::id(self.tts_id.clone()))
+    }
+
+    /// A Txn-Token verifier for `trust_domain` whose keys come from the service's JWKS,
+    /// fetched over mTLS, and which requires the service as the issuer.
+    ///
+    /// # Errors
+    /// [`TlsError`] if the TLS configuration cannot be built.
+    pub fn verifier(
+        &self,
+        source: &X509Source,
+        trust_domain: &TrustDomain,
+    ) -> Result<TxnVerifier, TlsError> {
+        let keys = JwksSource::Url {
+            url: format!("{}/.well-known/jwks.json", self.tts_url),
+            http: tls::http_client(source, Authorizer::id(self.tts_id.clone()))?,
+        };
+        Ok(TxnVerifier::builder(trust_domain.to_string(), keys)
+            .issuer(self.tts_url.clone())
+            .build())
+    }
+}
 
 /// What a hop verified about its caller and the Txn-Token it carried.
 pub fn verified_json(v: &Verified) -> Value {

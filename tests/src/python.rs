@@ -78,89 +78,9 @@ pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Option<(bool, String
 /// Finds Python 3 and makes sure py-spiffe is installed; `None` (after saying why) when
 /// that is not possible.
 pub fn python() -> Option<Python> {
-    let probe = run_bounded(
-        Command::new("python3").args([
-            "-c",
-            "import os, sys; print(os.path.realpath(sys.executable)); print(sys.version)",
-        ]),
-        Duration::from_secs(30),
-    );
-    let Some((true, stdout, _)) = probe else {
-        eprintln!("python3 not found or not runnable");
-        return None;
-    };
-    let mut lines = stdout.lines();
-    let exe = PathBuf::from(lines.next()?.trim());
-    let version = lines.next().unwrap_or_default().trim().to_owned();
-    if !version.starts_with('3') || !exe.is_absolute() {
-        eprintln!("python3 is not Python 3: {stdout}");
-        return None;
-    }
     // Compiled dependencies (grpcio, cryptography) are built for one interpreter: an
     // install made by another one is redone.
-    let stamp = format!(
-        "spiffe=={PY_SPIFFE_VERSION}\n{}\n{version}\n",
-        exe.display()
-    );
-
-    let interop = workspace_root().join(".interop");
-    std::fs::create_dir_all(&interop).ok()?;
-    let site = interop.join("py");
-    let installed = || {
-        site.join("spiffe").is_dir()
-            && std::fs::read_to_string(site.join(STAMP)).is_ok_and(|s| s == stamp)
-    };
-    if installed() {
-        return Some(Python { exe, site });
-    }
-    // One installer at a time, across the tests of this binary and other test processes.
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(interop.join("py.lock"))
-        .ok()?;
-    lock.lock().ok()?;
-    if installed() {
-        return Some(Python { exe, site });
-    }
-    // Install next to the final place and rename, so a failed install leaves nothing
-    // that looks installed.
-    let staging = interop.join(format!("py.staging-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    let result = run_bounded(
-        Command::new(&exe)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(["--no-warn-script-location", "--target"])
-            .arg(&staging)
-            .arg(format!("spiffe=={PY_SPIFFE_VERSION}"))
-            .env("PIP_ROOT_USER_ACTION", "ignore"),
-        PIP_TIMEOUT,
-    );
-    let ok = match result {
-        Some((true, _, _)) if staging.join("spiffe").is_dir() => {
-            let _ = std::fs::remove_dir_all(&site);
-            std::fs::write(staging.join(STAMP), &stamp).is_ok()
-                && std::fs::rename(&staging, &site).is_ok()
-        }
-        Some((_, stdout, stderr)) => {
-            eprintln!("pip install spiffe=={PY_SPIFFE_VERSION} failed:\n{stdout}\n{stderr}");
-            false
-        }
-        None => {
-            eprintln!("cannot run {} -m pip", exe.display());
-            false
-        }
-    };
-    let _ = std::fs::remove_dir_all(&staging);
-    drop(lock);
-    ok.then_some(Python { exe, site })
+    pip_target("py", &format!("spiffe=={PY_SPIFFE_VERSION}"), "spiffe")
 }
 
 /// The Schemathesis release the OpenAPI suite pins (its CLI, and the `jsonschema_rs` and

@@ -23,6 +23,7 @@ use axum::{Json, Router};
 use clap::Parser;
 use serde_json::{Value, json};
 use writ_examples::WorkloadArgs;
+use writ_examples::demo::TtsArgs;
 use writ_sdk::SpiffeId;
 use writ_sdk::exchange::{TxnClient, TxnRequest};
 use writ_sdk::tls::{self, Authorizer};
@@ -38,12 +39,8 @@ struct Cli {
     /// Address to listen on, plain HTTP (port 0 picks a free one; the ready line shows it).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// The transaction token service.
-    #[arg(long)]
-    tts_url: String,
-    /// The transaction token service's SPIFFE ID.
-    #[arg(long)]
-    tts_id: SpiffeId,
+    #[command(flatten)]
+    tts: TtsArgs,
     /// The planner's base URL.
     #[arg(long)]
     planner_url: String,
@@ -79,7 +76,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let source = cli.workload.source().await.context("no identity")?;
-    let tts = TxnClient::with_server(&source, &cli.tts_url, Authorizer::id(cli.tts_id.clone()))?;
+    let tts = cli.tts.client(&source)?;
     let planner = tls::http_client(&source, Authorizer::id(cli.planner_id.clone()))?;
     let me = source.spiffe_id().to_string();
     let tcp = tokio::net::TcpListener::bind(cli.listen).await?;

@@ -25,12 +25,12 @@ use axum::{Json, Router};
 use clap::Parser;
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
+use writ_examples::demo::TtsArgs;
 use writ_examples::{WorkloadArgs, serve_until_signal};
 use writ_sdk::exchange::TxnClient;
 use writ_sdk::middleware::{TxnLayer, TxnPolicy, Verified};
 use writ_sdk::spawn::Spawn;
-use writ_sdk::tls::{self, Authorizer};
-use writ_sdk::txn_token::{JwksSource, TxnVerifier};
+use writ_sdk::tls::Authorizer;
 use writ_sdk::{SpiffeId, TrustDomain};
 
 /// Serve `POST /plan` to the gateway; spawn a sub-agent per request.
@@ -43,12 +43,8 @@ struct Cli {
     /// The trust domain of callers and tokens.
     #[arg(long)]
     trust_domain: TrustDomain,
-    /// The transaction token service.
-    #[arg(long)]
-    tts_url: String,
-    /// The transaction token service's SPIFFE ID.
-    #[arg(long)]
-    tts_id: SpiffeId,
+    #[command(flatten)]
+    tts: TtsArgs,
     /// The only caller accepted.
     #[arg(long)]
     gateway: SpiffeId,
@@ -80,14 +76,8 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let source = cli.workload.source().await.context("no identity")?;
-    let tts = TxnClient::with_server(&source, &cli.tts_url, Authorizer::id(cli.tts_id.clone()))?;
-    let keys = JwksSource::Url {
-        url: format!("{}/.well-known/jwks.json", cli.tts_url),
-        http: tls::http_client(&source, Authorizer::id(cli.tts_id.clone()))?,
-    };
-    let verifier = TxnVerifier::builder(cli.trust_domain.to_string(), keys)
-        .issuer(cli.tts_url.clone())
-        .build();
+    let tts = cli.tts.client(&source)?;
+    let verifier = cli.tts.verifier(&source, &cli.trust_domain)?;
     let policy = TxnPolicy::new(Authorizer::id(cli.gateway.clone()))
         .require_scope("docs.summarize")
         .strict_chain();
@@ -138,9 +128,9 @@ async fn delegate(planner: &Planner, v: &Verified, question: &str) -> anyhow::Re
     let mut command = std::process::Command::new(&cli.sub_agent);
     command
         .arg("--tts-url")
-        .arg(&cli.tts_url)
+        .arg(&cli.tts.tts_url)
         .arg("--tts-id")
-        .arg(cli.tts_id.to_string())
+        .arg(cli.tts.tts_id.to_string())
         .arg("--tool-url")
         .arg(&cli.tool_url)
         .arg("--tool-id")

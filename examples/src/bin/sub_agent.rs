@@ -10,8 +10,8 @@ use anyhow::Context;
 use clap::Parser;
 use serde_json::{Value, json};
 use writ_examples::WorkloadArgs;
+use writ_examples::demo::TtsArgs;
 use writ_sdk::SpiffeId;
-use writ_sdk::exchange::TxnClient;
 use writ_sdk::spawn::TXN_TOKEN_ENV;
 use writ_sdk::tls::{self, Authorizer};
 use writ_sdk::txn_token::HEADER;
@@ -20,12 +20,8 @@ use writ_sdk::txn_token::HEADER;
 #[derive(Debug, Parser)]
 #[command(name = "sub_agent", about, long_about = None)]
 struct Cli {
-    /// The transaction token service.
-    #[arg(long)]
-    tts_url: String,
-    /// The transaction token service's SPIFFE ID.
-    #[arg(long)]
-    tts_id: SpiffeId,
+    #[command(flatten)]
+    tts: TtsArgs,
     /// The tool server's base URL.
     #[arg(long)]
     tool_url: String,
@@ -50,7 +46,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let token = std::env::var(TXN_TOKEN_ENV)
         .with_context(|| format!("no Txn-Token in {TXN_TOKEN_ENV}: run me through Spawn"))?;
     let source = cli.workload.source().await.context("no identity")?;
-    let tts = TxnClient::with_server(&source, &cli.tts_url, Authorizer::id(cli.tts_id))?;
+    let tts = cli.tts.client(&source)?;
     let replaced = tts
         .replace(&token, Some(&cli.scope))
         .await

@@ -21,11 +21,11 @@ use axum::routing::post;
 use axum::{Json, Router};
 use clap::Parser;
 use serde_json::{Value, json};
+use writ_examples::demo::TtsArgs;
 use writ_examples::{WorkloadArgs, serve_until_signal};
+use writ_sdk::TrustDomain;
 use writ_sdk::middleware::{TxnLayer, TxnPolicy, Verified};
-use writ_sdk::tls::{self, Authorizer};
-use writ_sdk::txn_token::{JwksSource, TxnVerifier};
-use writ_sdk::{SpiffeId, TrustDomain};
+use writ_sdk::tls::Authorizer;
 
 /// Serve `POST /search` to the planner's sub-agents.
 #[derive(Debug, Parser)]
@@ -37,12 +37,8 @@ struct Cli {
     /// The trust domain of callers and tokens.
     #[arg(long)]
     trust_domain: TrustDomain,
-    /// The transaction token service, whose JWKS verifies the tokens.
-    #[arg(long)]
-    tts_url: String,
-    /// The transaction token service's SPIFFE ID.
-    #[arg(long)]
-    tts_id: SpiffeId,
+    #[command(flatten)]
+    tts: TtsArgs,
     /// Accept callers whose SPIFFE ID path is this or lies under it.
     #[arg(long)]
     caller_prefix: String,
@@ -59,13 +55,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let source = cli.workload.source().await.context("no identity")?;
-    let keys = JwksSource::Url {
-        url: format!("{}/.well-known/jwks.json", cli.tts_url),
-        http: tls::http_client(&source, Authorizer::id(cli.tts_id))?,
-    };
-    let verifier = TxnVerifier::builder(cli.trust_domain.to_string(), keys)
-        .issuer(cli.tts_url)
-        .build();
+    let verifier = cli.tts.verifier(&source, &cli.trust_domain)?;
     let callers = Authorizer::path_prefix(cli.trust_domain.clone(), cli.caller_prefix);
     let mut policy = TxnPolicy::new(callers).strict_chain();
     for scope in cli.scope {
