@@ -306,9 +306,7 @@ async fn flow(
         id("/demo/planner"),
         id("/demo/tool-server"),
     );
-    let uid = std::os::unix::fs::MetadataExt::uid(
-        &std::fs::metadata("/proc/self").map_err(|e| failed("uid", e))?,
-    );
+    let uid = super::current_uid().map_err(|e| failed("uid", e))?;
 
     // Register the programs by path (and uid) through the admin API, as a user would.
     let mut client = admin::connect(&s.server_socket)

@@ -55,6 +55,8 @@ pub const DEFAULT_TTS_LISTEN: &str = "127.0.0.1:8443";
 pub const STATE_FILE: &str = "dev.json";
 /// The policy file in the data dir.
 pub const POLICY_FILE: &str = "policy.toml";
+/// The token service's directory (signing keys, audit log) in the data dir.
+pub const TXN_DIR: &str = "txn";
 /// The development issuer's key file in the data dir.
 pub const OIDC_KEY_FILE: &str = "oidc-key.pem";
 /// The embedded agent's path.
@@ -253,8 +255,8 @@ impl Dev {
         txn.issuer = tts_url.clone();
         txn.workload_api = workload_api.clone();
         txn.spiffe_id = Some(tts_id.clone());
-        txn.data_dir = Some(dir.join("txn"));
-        txn.audit_log = Some(dir.join("txn").join("audit.log"));
+        txn.data_dir = Some(dir.join(TXN_DIR));
+        txn.audit_log = Some(dir.join(TXN_DIR).join("audit.log"));
         txn.oidc = vec![IssuerConfig::new(issuer.url(), [DEV_AUDIENCE])];
         txn.identity_store = Some(datastore);
         txn.policy = policy;
@@ -297,7 +299,7 @@ impl Dev {
 
     /// The token service's audit log.
     pub fn audit_log(&self) -> PathBuf {
-        self.state.data_dir.join("txn").join("audit.log")
+        self.state.data_dir.join(TXN_DIR).join("audit.log")
     }
 
     /// What `writ dev` prints when ready: a few lines saying what runs where.
@@ -395,9 +397,7 @@ async fn ensure_tts_entry(
     tts_id: &SpiffeId,
 ) -> Result<(), DevError> {
     let entry_err = |e: &dyn std::fmt::Display| DevError::Entry(e.to_string());
-    let uid = std::os::unix::fs::MetadataExt::uid(
-        &std::fs::metadata("/proc/self").map_err(|e| entry_err(&e))?,
-    );
+    let uid = current_uid().map_err(|e| entry_err(&e))?;
     let selectors = [format!("unix:uid:{uid}"), SELF_SELECTOR.to_owned()]
         .iter()
         .map(|s| s.parse::<Selector>())
@@ -436,6 +436,11 @@ async fn ensure_tts_entry(
     Ok(())
 }
 
+/// This process's uid (the owner of `/proc/self`), for `unix:uid` selectors.
+pub(crate) fn current_uid() -> std::io::Result<u32> {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+}
+
 /// Reads the policy file, writing the default one first if there is none.
 fn load_policy(path: &Path, td: &TrustDomain) -> Result<Policy, DevError> {
     let text = match std::fs::read_to_string(path) {
@@ -450,10 +455,10 @@ fn load_policy(path: &Path, td: &TrustDomain) -> Result<Policy, DevError> {
     Policy::from_toml(&text).map_err(|e| file_err(path, e))
 }
 
+/// Writes `data` atomically (temporary file, fsync, rename), 0600 like every file of
+/// the data dir that matters.
 fn write_atomically(path: &Path, data: &[u8]) -> Result<(), DevError> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data).map_err(|e| file_err(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| file_err(path, e))
+    writ_identity::key_manager::write_secret_file(path, data).map_err(|e| file_err(path, e))
 }
 
 /// Waits (at most 5 s) for the admin socket the server binds in its task.
