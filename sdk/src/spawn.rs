@@ -47,8 +47,15 @@ use crate::workload::{WorkloadError, channel, endpoint_from_env, with_header};
 pub const TXN_TOKEN_ENV: &str = "WRIT_TXN_TOKEN";
 /// How long the gate shell may take to stop itself.
 pub const GATE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The gate: stop, then become the program (`$@`).
-const GATE_SCRIPT: &str = "kill -STOP $$ && exec \"$@\"";
+/// The environment variable that tells the child, and whatever it starts, the pid the
+/// sub-agent identity is bound to. Only a diagnostic: a process that finds another pid
+/// there (a command run by a shell wrapper without `exec`) can say why the agent issued
+/// it nothing. It grants nothing; the agent attests the caller's pid and start time.
+pub const SUBAGENT_PID_ENV: &str = "WRIT_SUBAGENT_PID";
+/// The gate: record its pid, stop, then become the program (`$@`; `exec` keeps the pid
+/// and start time the lease is bound to).
+const GATE_SCRIPT: &str =
+    "WRIT_SUBAGENT_PID=$$ && export WRIT_SUBAGENT_PID && kill -STOP $$ && exec \"$@\"";
 
 /// Why spawning or a lease call failed.
 #[derive(Debug, thiserror::Error)]

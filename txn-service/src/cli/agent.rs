@@ -12,6 +12,7 @@ use writ_identity::proto::admin as pb;
 
 use super::api::AgentSocket;
 use super::server::{init_logging, shutdown_signal};
+use super::out::{self, OutputArg, outln};
 use super::{ServerSocket, status};
 use writ_sdk::spawn::SubAgents;
 
@@ -52,11 +53,15 @@ pub(crate) enum AgentCommand {
     Children {
         #[command(flatten)]
         socket: AgentSocket,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// List attested agents.
     List {
         #[command(flatten)]
         server: ServerSocket,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// Show one agent.
     Show {
@@ -65,6 +70,8 @@ pub(crate) enum AgentCommand {
         /// The agent's SPIFFE ID.
         #[arg(long)]
         spiffe_id: String,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// Forget an agent: it must attest again with a new join token.
     Evict {
@@ -73,6 +80,8 @@ pub(crate) enum AgentCommand {
         /// The agent's SPIFFE ID.
         #[arg(long)]
         spiffe_id: String,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// Ban an agent: refused from now on.
     Ban {
@@ -81,33 +90,66 @@ pub(crate) enum AgentCommand {
         /// The agent's SPIFFE ID.
         #[arg(long)]
         spiffe_id: String,
+        #[command(flatten)]
+        output: OutputArg,
     },
 }
 
-fn print_agent(a: &pb::Agent) {
-    println!("SPIFFE ID         : {}", a.spiffe_id);
-    println!("Attestation type  : {}", a.attestation_type);
-    println!("Expiration time   : {}", a.cert_expires_at);
-    println!("Serial number     : {}", a.cert_serial);
-    println!("Banned            : {}", a.banned);
+fn print_agent(a: &pb::Agent) -> anyhow::Result<()> {
+    outln!("SPIFFE ID         : {}", a.spiffe_id)?;
+    outln!("Attestation type  : {}", a.attestation_type)?;
+    outln!("Expiration time   : {}", a.cert_expires_at)?;
+    outln!("Serial number     : {}", a.cert_serial)?;
+    outln!("Banned            : {}", a.banned)
+}
+
+fn agent_json(a: &pb::Agent) -> serde_json::Value {
+    serde_json::json!({
+        "spiffe_id": a.spiffe_id,
+        "attestation_type": a.attestation_type,
+        "cert_expires_at": a.cert_expires_at,
+        "cert_serial": a.cert_serial,
+        "banned": a.banned,
+        "created_at": a.created_at,
+    })
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        AgentCommand::Children { socket } => {
+        AgentCommand::Children { socket, output } => {
             let leases = SubAgents::connect(&socket.endpoint).await?.list().await?;
+            if output.json() {
+                let list = leases.iter().map(|l| {
+                    serde_json::json!({
+                        "lease": l.id,
+                        "child_id": l.child_id.to_string(),
+                        "parent_id": l.parent_id.to_string(),
+                        "pid": l.pid,
+                        "task": l.task,
+                        "depth": l.depth,
+                        "expires_at": rfc3339(l.expires_at),
+                        "released_at": l.released_at.map(rfc3339),
+                    })
+                });
+                out::json(&serde_json::Value::Array(list.collect()))?;
+                return Ok(ExitCode::SUCCESS);
+            }
             if leases.is_empty() {
-                println!("No sub-agents.");
+                outln!("No sub-agents.")?;
             }
             for l in leases {
                 let state = match l.released_at {
-                    Some(t) => format!("released {}", humantime::format_rfc3339_seconds(t)),
-                    None => format!("until {}", humantime::format_rfc3339_seconds(l.expires_at)),
+                    Some(t) => format!("released {}", rfc3339(t)),
+                    None => format!("until {}", rfc3339(l.expires_at)),
                 };
-                println!(
+                outln!(
                     "{}  pid {}  depth {}  {}  lease {}",
                     l.child_id, l.pid, l.depth, state, l.id
-                );
+                )?;
             }
         }
         AgentCommand::Run {
@@ -121,7 +163,7 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
             insecure_bootstrap,
             log_level,
         } => {
-            init_logging(&log_level);
+            init_logging(&log_level)?;
             let mut file = match &config {
                 Some(path) => {
                     let text = std::fs::read_to_string(path)
@@ -148,7 +190,7 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
             )
             .await?;
             let stop = shutdown_signal();
-            eprintln!(
+            out::errln!(
                 "writ agent: {} joined {}; Workload API on unix://{}",
                 agent_id,
                 config.node.server_address,
@@ -157,7 +199,7 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
             stop.await;
             drop(running);
         }
-        AgentCommand::List { server } => {
+        AgentCommand::List { server, output } => {
             let agents = server
                 .connect()
                 .await?
@@ -166,17 +208,27 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
                 .map_err(status)?
                 .into_inner()
                 .agents;
-            println!(
+            if output.json() {
+                out::json(&serde_json::Value::Array(
+                    agents.iter().map(agent_json).collect(),
+                ))?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            outln!(
                 "Found {} attested agent{}",
                 agents.len(),
                 if agents.len() == 1 { "" } else { "s" }
-            );
+            )?;
             for a in &agents {
-                println!();
-                print_agent(a);
+                outln!()?;
+                print_agent(a)?;
             }
         }
-        AgentCommand::Show { server, spiffe_id } => {
+        AgentCommand::Show {
+            server,
+            spiffe_id,
+            output,
+        } => {
             let a = server
                 .connect()
                 .await?
@@ -184,9 +236,17 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            print_agent(&a);
+            if output.json() {
+                out::json(&agent_json(&a))?;
+            } else {
+                print_agent(&a)?;
+            }
         }
-        AgentCommand::Evict { server, spiffe_id } => {
+        AgentCommand::Evict {
+            server,
+            spiffe_id,
+            output,
+        } => {
             let a = server
                 .connect()
                 .await?
@@ -194,9 +254,17 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!("Agent {} evicted", a.spiffe_id);
+            if output.json() {
+                out::json(&agent_json(&a))?;
+            } else {
+                outln!("Agent {} evicted", a.spiffe_id)?;
+            }
         }
-        AgentCommand::Ban { server, spiffe_id } => {
+        AgentCommand::Ban {
+            server,
+            spiffe_id,
+            output,
+        } => {
             let a = server
                 .connect()
                 .await?
@@ -204,7 +272,11 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!("Agent {} banned", a.spiffe_id);
+            if output.json() {
+                out::json(&agent_json(&a))?;
+            } else {
+                outln!("Agent {} banned", a.spiffe_id)?;
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

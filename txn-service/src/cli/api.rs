@@ -8,8 +8,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use writ_identity::key_manager::{set_mode, write_secret_file};
 use writ_identity::spiffe_id::SpiffeId;
-use writ_sdk::spawn::{Spawn, TXN_TOKEN_ENV};
-use writ_sdk::workload::{DEFAULT_ENDPOINT, ENDPOINT_ENV, WorkloadClient, X509Context};
+use writ_sdk::spawn::{SUBAGENT_PID_ENV, Spawn, TXN_TOKEN_ENV};
+use writ_sdk::workload::{
+    DEFAULT_ENDPOINT, ENDPOINT_ENV, WorkloadClient, WorkloadError, X509Context,
+};
+
+use super::out::{self, OutputArg, errln, outln};
 
 /// The Workload API socket flag every `writ api` command takes.
 #[derive(Debug, Clone, clap::Args)]
@@ -37,10 +41,15 @@ pub(crate) enum ApiCommand {
     Watch {
         #[command(flatten)]
         socket: AgentSocket,
+        /// `json` prints one compact JSON array per update, one per line.
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// Run a program as a sub-agent of this process: it gets its own short-lived
     /// identity `<this identity>/sub/<name>-<hex>` (and `WRIT_TXN_TOKEN` if set here),
-    /// released when it exits. Exits with the program's status.
+    /// released when it exits. Exits with the program's status. The identity is bound to
+    /// that one process: a shell wrapper must `exec` the command that uses it
+    /// (`sh -c 'cd /x && exec writ api fetch x509'`); what the shell forks gets nothing.
     Spawn {
         #[command(flatten)]
         socket: AgentSocket,
@@ -68,6 +77,8 @@ pub(crate) enum FetchCommand {
         /// Write svid.N.pem, svid.N.key (0600) and bundle.N.pem here.
         #[arg(long)]
         write: Option<PathBuf>,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// A JWT-SVID for an audience.
     Jwt {
@@ -79,6 +90,8 @@ pub(crate) enum FetchCommand {
         /// Only this identity.
         #[arg(long)]
         spiffe_id: Option<String>,
+        #[command(flatten)]
+        output: OutputArg,
     },
 }
 
@@ -91,9 +104,12 @@ pub(crate) enum ValidateCommand {
         /// The audience the token must name.
         #[arg(long)]
         audience: String,
-        /// The token.
+        /// The token, `-` to read it from standard input, or `@file` to read it from a
+        /// file (a token on the command line is visible to other users of the machine).
         #[arg(long)]
         svid: String,
+        #[command(flatten)]
+        output: OutputArg,
     },
 }
 
@@ -103,32 +119,81 @@ fn pem(tag: &str, ders: &[Vec<u8>]) -> String {
         .collect()
 }
 
-fn print_x509(ctx: &X509Context) {
-    println!(
+fn print_x509(ctx: &X509Context) -> anyhow::Result<()> {
+    outln!(
         "Received {} svid{}",
         ctx.svids.len(),
         if ctx.svids.len() == 1 { "" } else { "s" }
-    );
+    )?;
     for s in &ctx.svids {
-        println!();
-        println!("SPIFFE ID:       {}", s.spiffe_id);
-        if let Some(leaf) = s.cert_chain.first()
-            && let Ok(v) = writ_identity::svid::x509::check_leaf(leaf)
-        {
-            println!(
-                "SVID valid until {}",
-                humantime::format_rfc3339_seconds(v.expires_at)
-            );
+        outln!()?;
+        outln!("SPIFFE ID:       {}", s.spiffe_id)?;
+        if let Some(expires) = expires_at(s) {
+            outln!("SVID valid until {expires}")?;
         }
-        println!("Intermediates:   {}", s.cert_chain.len().saturating_sub(1));
-        println!("CA certificates: {}", s.bundle.len());
+        outln!("Intermediates:   {}", s.cert_chain.len().saturating_sub(1))?;
+        outln!("CA certificates: {}", s.bundle.len())?;
         if !s.hint.is_empty() {
-            println!("Hint:            {}", s.hint);
+            outln!("Hint:            {}", s.hint)?;
         }
+    }
+    Ok(())
+}
+
+fn expires_at(s: &writ_sdk::workload::X509SvidEntry) -> Option<String> {
+    let leaf = s.cert_chain.first()?;
+    let v = writ_identity::svid::x509::check_leaf(leaf).ok()?;
+    Some(humantime::format_rfc3339_seconds(v.expires_at).to_string())
+}
+
+/// The SVIDs as a JSON array (also for one), each with the files `--write` made.
+fn x509_json(ctx: &X509Context, dir: Option<&Path>) -> serde_json::Value {
+    let list = ctx.svids.iter().enumerate().map(|(i, s)| {
+        let mut doc = serde_json::json!({
+            "spiffe_id": s.spiffe_id.to_string(),
+            "expires_at": expires_at(s),
+            "intermediates": s.cert_chain.len().saturating_sub(1),
+            "ca_certificates": s.bundle.len(),
+            "hint": s.hint,
+        });
+        if let (Some(dir), Some(obj)) = (dir, doc.as_object_mut()) {
+            for (key, name) in [
+                ("svid_file", format!("svid.{i}.pem")),
+                ("key_file", format!("svid.{i}.key")),
+                ("bundle_file", format!("bundle.{i}.pem")),
+            ] {
+                obj.insert(key.into(), serde_json::json!(dir.join(name)));
+            }
+        }
+        doc
+    });
+    serde_json::Value::Array(list.collect())
+}
+
+/// Turns "no identity issued" into why, when this process runs under a sub-agent of
+/// `writ api spawn` but is not that process: the lease is bound to the one process the
+/// spawn started (its pid and start time), never to what that process forks, so a
+/// shell wrapper's commands get nothing unless the shell `exec`s them.
+pub(crate) fn explain_no_identity(e: anyhow::Error) -> anyhow::Error {
+    let no_identity = e
+        .chain()
+        .any(|c| matches!(c.downcast_ref(), Some(WorkloadError::NoIdentity)));
+    let lease_pid = std::env::var(SUBAGENT_PID_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok());
+    match lease_pid {
+        Some(pid) if no_identity && pid != std::process::id() => anyhow::anyhow!(
+            "no identity issued to this process (pid {me}): the sub-agent identity of \
+             `writ api spawn` is bound to pid {pid}, the program it started, and is not \
+             handed to the processes that program starts; make the wrapper `exec` this \
+             command (`sh -c '...; exec writ ...'`) or spawn it directly (docs/subagents.md)",
+            me = std::process::id()
+        ),
+        _ => e,
     }
 }
 
-fn write_x509(dir: &Path, ctx: &X509Context) -> anyhow::Result<()> {
+fn write_x509(dir: &Path, ctx: &X509Context, announce: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     for (i, s) in ctx.svids.iter().enumerate() {
         let public = |name: String, text: String| -> anyhow::Result<()> {
@@ -141,51 +206,92 @@ fn write_x509(dir: &Path, ctx: &X509Context) -> anyhow::Result<()> {
         public(format!("bundle.{i}.pem"), pem("CERTIFICATE", &s.bundle))?;
         let key = zeroize::Zeroizing::new(pem("PRIVATE KEY", std::slice::from_ref(&s.private_key)));
         write_secret_file(&dir.join(format!("svid.{i}.key")), key.as_bytes())?;
-        println!(
-            "Writing SVID #{i} to {}",
-            dir.join(format!("svid.{i}.pem")).display()
-        );
+        if announce {
+            outln!(
+                "Writing SVID #{i} to {}",
+                dir.join(format!("svid.{i}.pem")).display()
+            )?;
+        }
     }
     Ok(())
 }
 
 pub(crate) async fn run(cmd: ApiCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        ApiCommand::Fetch(FetchCommand::X509 { socket, write }) => {
-            let ctx = socket.connect().await?.fetch_x509().await?;
-            print_x509(&ctx);
-            if let Some(dir) = write {
-                write_x509(&dir, &ctx)?;
+        ApiCommand::Fetch(FetchCommand::X509 {
+            socket,
+            write,
+            output,
+        }) => {
+            let ctx = socket
+                .connect()
+                .await?
+                .fetch_x509()
+                .await
+                .map_err(|e| explain_no_identity(e.into()))?;
+            if output.json() {
+                if let Some(dir) = &write {
+                    write_x509(dir, &ctx, false)?;
+                }
+                out::json(&x509_json(&ctx, write.as_deref()))?;
+            } else {
+                print_x509(&ctx)?;
+                if let Some(dir) = &write {
+                    write_x509(dir, &ctx, true)?;
+                }
             }
         }
         ApiCommand::Fetch(FetchCommand::Jwt {
             socket,
             audience,
             spiffe_id,
+            output,
         }) => {
             let id = spiffe_id.as_deref().map(SpiffeId::new).transpose()?;
             let svids = socket
                 .connect()
                 .await?
                 .fetch_jwt(&audience, id.as_ref())
-                .await?;
-            for (id, token) in svids {
-                println!("token({id}):\n\t{token}");
+                .await
+                .map_err(|e| explain_no_identity(e.into()))?;
+            if output.json() {
+                let list = svids.iter().map(|(id, token)| {
+                    serde_json::json!({ "spiffe_id": id.to_string(), "token": token })
+                });
+                out::json(&serde_json::Value::Array(list.collect()))?;
+            } else {
+                for (id, token) in svids {
+                    outln!("token({id}):\n\t{token}")?;
+                }
             }
         }
         ApiCommand::Validate(ValidateCommand::Jwt {
             socket,
             audience,
             svid,
+            output,
         }) => {
+            let svid = if svid == "-" || svid.starts_with('@') {
+                super::txn::read_token("--svid", &svid)?
+            } else {
+                svid.trim().to_owned()
+            };
             let (id, claims) = socket
                 .connect()
                 .await?
                 .validate_jwt(&audience, &svid)
                 .await?;
-            println!("SVID is valid.");
-            println!("SPIFFE ID : {id}");
-            println!("Claims    : {claims}");
+            if output.json() {
+                out::json(&serde_json::json!({
+                    "valid": true,
+                    "spiffe_id": id.to_string(),
+                    "claims": claims,
+                }))?;
+            } else {
+                outln!("SVID is valid.")?;
+                outln!("SPIFFE ID : {id}")?;
+                outln!("Claims    : {claims}")?;
+            }
         }
         ApiCommand::Spawn {
             socket,
@@ -194,11 +300,23 @@ pub(crate) async fn run(cmd: ApiCommand) -> anyhow::Result<ExitCode> {
             parent,
             command,
         } => return spawn(socket, name, ttl, parent, command).await,
-        ApiCommand::Watch { socket } => {
-            let mut watch = socket.connect().await?.watch_x509().await?;
+        ApiCommand::Watch { socket, output } => {
+            let mut watch = socket
+                .connect()
+                .await?
+                .watch_x509()
+                .await
+                .map_err(|e| explain_no_identity(e.into()))?;
             loop {
                 tokio::select! {
-                    next = watch.next() => print_x509(&next?),
+                    next = watch.next() => {
+                        let ctx = next?;
+                        if output.json() {
+                            outln!("{}", x509_json(&ctx, None))?;
+                        } else {
+                            print_x509(&ctx)?;
+                        }
+                    }
                     () = super::server::shutdown_signal() => break,
                 }
             }
@@ -234,7 +352,7 @@ async fn spawn(
     }
     let mut child = spawn.spawn().await?;
     let lease = child.lease();
-    eprintln!(
+    errln!(
         "writ: sub-agent {} (pid {}, lease {}, depth {}) until {}",
         lease.child_id,
         lease.pid,

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use writ_identity::proto::admin as pb;
 
+use super::out::{self, OutputArg};
 use super::{ServerSocket, status};
 
 #[derive(Debug, Clone, Copy, Default, clap::ValueEnum)]
@@ -21,14 +22,21 @@ pub(crate) enum BundleCommand {
     Show {
         #[command(flatten)]
         server: ServerSocket,
-        /// Output format.
+        /// Bundle format (as `spire-server bundle show --format`).
         #[arg(long, value_enum, default_value_t)]
         format: BundleFormat,
+        /// `--output json` is `--format spiffe` (the flag every command takes).
+        #[command(flatten)]
+        output: OutputArg,
     },
 }
 
 pub(crate) async fn run(cmd: BundleCommand) -> anyhow::Result<ExitCode> {
-    let BundleCommand::Show { server, format } = cmd;
+    let BundleCommand::Show {
+        server,
+        format,
+        output,
+    } = cmd;
     let bundle = server
         .connect()
         .await?
@@ -36,11 +44,16 @@ pub(crate) async fn run(cmd: BundleCommand) -> anyhow::Result<ExitCode> {
         .await
         .map_err(status)?
         .into_inner();
+    let format = if output.json() {
+        BundleFormat::Spiffe
+    } else {
+        format
+    };
     match format {
-        BundleFormat::Pem => print!("{}", bundle.pem),
+        BundleFormat::Pem => out::raw(&bundle.pem)?,
         BundleFormat::Spiffe => {
             let doc: serde_json::Value = serde_json::from_str(&bundle.spiffe)?;
-            println!("{doc:#}");
+            out::json(&doc)?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use writ_identity::spiffe_id::TrustDomain;
 
+use super::out::{self, OutputArg, errln, outln};
 use super::parse_ttl;
 use super::server::{init_logging, shutdown_signal};
 use crate::dev::demo::{self, DemoOptions};
@@ -59,6 +60,9 @@ enum DevCommand {
         /// Lifetime (at most 1h).
         #[arg(long, default_value = "10m", value_parser = parse_ttl)]
         ttl: u64,
+        /// `json`: `{"access_token", "user", "scope", "expires_in"}`.
+        #[command(flatten)]
+        output: OutputArg,
     },
 }
 
@@ -84,18 +88,28 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             user,
             scope,
             ttl,
+            output,
         }) => {
             let token = crate::dev::login(&data_dir, &user, &scope, Duration::from_secs(ttl))?;
-            eprintln!(
+            if output.json() {
+                out::json(&serde_json::json!({
+                    "access_token": token,
+                    "user": user,
+                    "scope": scope,
+                    "expires_in": ttl,
+                }))?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            errln!(
                 "access token for {user} (scope \"{scope}\", {ttl} s) from the development issuer; \
                  exchange it with `writ exchange --subject-token <file>`"
             );
-            println!("{token}");
+            outln!("{token}")?;
             Ok(ExitCode::SUCCESS)
         }
         None => {
             let a = args.run;
-            init_logging(&a.log_level);
+            init_logging(&a.log_level)?;
             let mut options = DevOptions::new(a.data_dir);
             options.trust_domain = a.trust_domain;
             options.tts_listen = a.tts_listen;
@@ -117,17 +131,17 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(crate) async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    init_logging(&args.log_level);
+    init_logging(&args.log_level)?;
     let outcome = demo::run(DemoOptions {
         bin_dir: args.bin_dir,
         keep: args.keep,
     })
     .await?;
     if outcome.passed() {
-        println!("demo: the delegation chain verified end to end");
+        outln!("demo: the delegation chain verified end to end")?;
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("demo: FAILED (see the checks above)");
+        outln!("demo: FAILED (see the checks above)")?;
         Ok(ExitCode::FAILURE)
     }
 }

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use writ_identity::proto::admin as pb;
 
+use super::out::{self, OutputArg, outln};
 use super::{ServerSocket, parse_ttl, status};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -102,15 +103,6 @@ impl EntryFields {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, clap::ValueEnum)]
-pub(crate) enum Output {
-    /// Aligned text, as spire-server prints.
-    #[default]
-    Pretty,
-    /// One JSON document.
-    Json,
-}
-
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum EntryCommand {
     /// Create a registration entry.
@@ -122,9 +114,8 @@ pub(crate) enum EntryCommand {
         entry_id: Option<String>,
         #[command(flatten)]
         fields: EntryFields,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t)]
-        output: Output,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// List entries, optionally filtered.
     List {
@@ -139,9 +130,8 @@ pub(crate) enum EntryCommand {
         /// Only entries whose selectors are all among these; repeat for several.
         #[arg(long = "selector")]
         selectors: Vec<String>,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t)]
-        output: Output,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// Show one entry.
     Show {
@@ -150,9 +140,8 @@ pub(crate) enum EntryCommand {
         /// The entry id.
         #[arg(long)]
         entry_id: String,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t)]
-        output: Output,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// Change an entry: the flags given replace those fields.
     Update {
@@ -163,9 +152,8 @@ pub(crate) enum EntryCommand {
         entry_id: String,
         #[command(flatten)]
         fields: EntryFields,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t)]
-        output: Output,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// Delete an entry.
     Delete {
@@ -174,6 +162,8 @@ pub(crate) enum EntryCommand {
         /// The entry id.
         #[arg(long)]
         entry_id: String,
+        #[command(flatten)]
+        output: OutputArg,
     },
 }
 
@@ -203,7 +193,7 @@ pub(crate) async fn run(cmd: EntryCommand) -> anyhow::Result<ExitCode> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            print_entries(&[created], output);
+            print_entry_doc(&created, output)?;
         }
         EntryCommand::List {
             server,
@@ -224,14 +214,22 @@ pub(crate) async fn run(cmd: EntryCommand) -> anyhow::Result<ExitCode> {
                 .map_err(status)?
                 .into_inner()
                 .entries;
-            if matches!(output, Output::Pretty) {
-                println!(
+            if output.json() {
+                // A list is always an array, also for 0 or 1 entries.
+                out::json(&serde_json::Value::Array(
+                    entries.iter().map(entry_json).collect(),
+                ))?;
+            } else {
+                outln!(
                     "Found {} entr{}",
                     entries.len(),
                     if entries.len() == 1 { "y" } else { "ies" }
-                );
+                )?;
+                for e in &entries {
+                    outln!()?;
+                    print_entry(e)?;
+                }
             }
-            print_entries(&entries, output);
         }
         EntryCommand::Show {
             server,
@@ -245,7 +243,7 @@ pub(crate) async fn run(cmd: EntryCommand) -> anyhow::Result<ExitCode> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            print_entries(&[entry], output);
+            print_entry_doc(&entry, output)?;
         }
         EntryCommand::Update {
             server,
@@ -265,9 +263,13 @@ pub(crate) async fn run(cmd: EntryCommand) -> anyhow::Result<ExitCode> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            print_entries(&[updated], output);
+            print_entry_doc(&updated, output)?;
         }
-        EntryCommand::Delete { server, entry_id } => {
+        EntryCommand::Delete {
+            server,
+            entry_id,
+            output,
+        } => {
             let deleted = server
                 .connect()
                 .await?
@@ -275,29 +277,23 @@ pub(crate) async fn run(cmd: EntryCommand) -> anyhow::Result<ExitCode> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!("Deleted entry {}", deleted.id);
+            if output.json() {
+                out::json(&serde_json::json!({ "deleted": deleted.id }))?;
+            } else {
+                outln!("Deleted entry {}", deleted.id)?;
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_entries(entries: &[pb::Entry], output: Output) {
-    match output {
-        Output::Json => {
-            let list: Vec<serde_json::Value> = entries.iter().map(entry_json).collect();
-            let doc = if let [one] = list.as_slice() {
-                one.clone()
-            } else {
-                serde_json::Value::Array(list)
-            };
-            println!("{doc:#}");
-        }
-        Output::Pretty => {
-            for e in entries {
-                println!();
-                print_entry(e);
-            }
-        }
+/// One entry (what `create`, `show` and `update` print): a JSON object, or text.
+fn print_entry_doc(entry: &pb::Entry, output: OutputArg) -> anyhow::Result<()> {
+    if output.json() {
+        out::json(&entry_json(entry))
+    } else {
+        outln!()?;
+        print_entry(entry)
     }
 }
 
@@ -309,43 +305,44 @@ fn ttl_text(secs: u64) -> String {
     }
 }
 
-fn print_entry(e: &pb::Entry) {
-    println!("Entry ID         : {}", e.id);
-    println!("SPIFFE ID        : {}", e.spiffe_id);
-    println!("Parent ID        : {}", e.parent_id);
-    println!("Revision         : {}", e.revision);
-    println!("X509-SVID TTL    : {}", ttl_text(e.x509_svid_ttl));
-    println!("JWT-SVID TTL     : {}", ttl_text(e.jwt_svid_ttl));
+fn print_entry(e: &pb::Entry) -> anyhow::Result<()> {
+    outln!("Entry ID         : {}", e.id)?;
+    outln!("SPIFFE ID        : {}", e.spiffe_id)?;
+    outln!("Parent ID        : {}", e.parent_id)?;
+    outln!("Revision         : {}", e.revision)?;
+    outln!("X509-SVID TTL    : {}", ttl_text(e.x509_svid_ttl))?;
+    outln!("JWT-SVID TTL     : {}", ttl_text(e.jwt_svid_ttl))?;
     for s in &e.selectors {
-        println!("Selector         : {s}");
+        outln!("Selector         : {s}")?;
     }
     for d in &e.dns_names {
-        println!("DNS name         : {d}");
+        outln!("DNS name         : {d}")?;
     }
     for f in &e.federates_with {
-        println!("FederatesWith    : {f}");
+        outln!("FederatesWith    : {f}")?;
     }
     if let Some(t) = e.expires_at {
-        println!("Entry Expiry     : {t}");
+        outln!("Entry Expiry     : {t}")?;
     }
     if e.admin {
-        println!("Admin            : true");
+        outln!("Admin            : true")?;
     }
     if e.downstream {
-        println!("Downstream       : true");
+        outln!("Downstream       : true")?;
     }
     if !e.hint.is_empty() {
-        println!("Hint             : {}", e.hint);
+        outln!("Hint             : {}", e.hint)?;
     }
     if let Some(t) = e.spawn_max_ttl {
-        println!("Spawn max TTL    : {t}s");
+        outln!("Spawn max TTL    : {t}s")?;
     }
     if let Some(d) = e.spawn_max_depth {
-        println!("Spawn max depth  : {d}");
+        outln!("Spawn max depth  : {d}")?;
     }
     if let Some(c) = e.spawn_max_children {
-        println!("Spawn children   : {c}");
+        outln!("Spawn children   : {c}")?;
     }
+    Ok(())
 }
 
 fn entry_json(e: &pb::Entry) -> serde_json::Value {

@@ -12,6 +12,7 @@ mod entry;
 mod server;
 mod svid;
 mod txn;
+pub mod out;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +21,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use writ_identity::server::admin::{self, AdminClient};
 use writ_identity::server::config::DEFAULT_ADMIN_SOCKET;
+
+use out::{OutputArg, outln};
 
 /// Writ: attested workload identity and transaction tokens for AI agents.
 #[derive(Debug, Parser)]
@@ -76,6 +79,8 @@ enum Command {
         /// Print nothing on success.
         #[arg(long)]
         shallow: bool,
+        #[command(flatten)]
+        output: OutputArg,
     },
 }
 
@@ -88,6 +93,8 @@ enum TokenCommand {
         /// Lifetime, e.g. 10m (default: the server's, 10m).
         #[arg(long, value_parser = parse_ttl)]
         ttl: Option<u64>,
+        #[command(flatten)]
+        output: OutputArg,
     },
 }
 
@@ -139,7 +146,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Bundle(cmd) => bundle::run(cmd).await,
             Command::X509(cmd) => svid::run_x509(cmd).await,
             Command::Jwt(cmd) => svid::run_jwt(cmd).await,
-            Command::Token(TokenCommand::Generate { server, ttl }) => {
+            Command::Token(TokenCommand::Generate {
+                server,
+                ttl,
+                output,
+            }) => {
                 let mut client = server.connect().await?;
                 let token = client
                     .generate_join_token(writ_identity::proto::admin::GenerateJoinTokenRequest {
@@ -148,7 +159,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .await
                     .map_err(status)?
                     .into_inner();
-                println!("Token: {}", token.token);
+                if output.json() {
+                    out::json(&serde_json::json!({ "token": token.token }))?;
+                } else {
+                    outln!("Token: {}", token.token)?;
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Command::Agent(cmd) => agent::run(cmd).await,
@@ -160,6 +175,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Healthcheck {
                 agent_socket: Some(endpoint),
                 shallow,
+                output,
                 ..
             } => {
                 // An agent that answers, even "no identity issued" for this caller, is up.
@@ -168,13 +184,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(_) | Err(writ_sdk::workload::WorkloadError::NoIdentity) => {}
                     Err(e) => return Err(e.into()),
                 }
-                if !shallow {
-                    println!("Agent is healthy.");
+                if shallow {
+                } else if output.json() {
+                    out::json(&serde_json::json!({ "healthy": true }))?;
+                } else {
+                    outln!("Agent is healthy.")?;
                 }
                 Ok(ExitCode::SUCCESS)
             }
             Command::Healthcheck {
-                server, shallow, ..
+                server,
+                shallow,
+                output,
+                ..
             } => {
                 let mut client = server.connect().await?;
                 let health = client
@@ -182,11 +204,21 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .await
                     .map_err(status)?
                     .into_inner();
-                if !shallow {
-                    println!(
+                if shallow {
+                } else if output.json() {
+                    out::json(&serde_json::json!({
+                        "healthy": true,
+                        "trust_domain": health.trust_domain,
+                        "entries": health.entries,
+                        "bundle_sequence": health.bundle_sequence,
+                    }))?;
+                } else {
+                    outln!(
                         "Server is healthy (trust domain {}, {} entries, bundle sequence {}).",
-                        health.trust_domain, health.entries, health.bundle_sequence
-                    );
+                        health.trust_domain,
+                        health.entries,
+                        health.bundle_sequence
+                    )?;
                 }
                 Ok(ExitCode::SUCCESS)
             }

@@ -43,7 +43,7 @@ pub(crate) async fn run(cmd: ServerCommand) -> anyhow::Result<ExitCode> {
         bind_address,
         log_level,
     } = cmd;
-    init_logging(&log_level);
+    init_logging(&log_level)?;
     let mut file = match &config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -68,7 +68,7 @@ pub(crate) async fn run(cmd: ServerCommand) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let state = ServerState::open(config, Arc::new(SystemClock)).await?;
-    eprintln!(
+    super::out::errln!(
         "writ server: trust domain {}, admin socket {}, data dir {}",
         state.config.trust_domain,
         state.config.admin_socket.display(),
@@ -78,13 +78,49 @@ pub(crate) async fn run(cmd: ServerCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// The levels a log filter may name.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Installs the log (standard error) with the `--log-level` / `WRIT_LOG` filter: a
+/// level (`debug`) or comma-separated `target=level` directives
+/// (`info,writ_identity=debug`). A word that is neither is a typo, not a target: it is
+/// refused instead of silently logging nothing. Colour only when standard error is a
+/// terminal and `NO_COLOR` is not set (no-color.org), so a log written to a file or a
+/// pipe carries no ANSI codes.
+///
+/// # Errors
+/// One line naming the flag and the valid levels.
+pub(crate) fn init_logging(filter: &str) -> anyhow::Result<()> {
+    let filter = check_log_filter(filter)?;
+    let color = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(color)
         .try_init();
+    Ok(())
+}
+
+fn check_log_filter(filter: &str) -> anyhow::Result<tracing_subscriber::EnvFilter> {
+    let refuse = |what: &str| {
+        anyhow::anyhow!(
+            "--log-level (or WRIT_LOG): {what:?} is not a log level; use one of {} \
+             or target=level (e.g. info,writ_identity=debug)",
+            LEVELS.join(", ")
+        )
+    };
+    for directive in filter.split(',').map(str::trim) {
+        let level = match directive.rsplit_once('=') {
+            Some((target, level)) if !target.is_empty() => level,
+            Some(_) => return Err(refuse(directive)),
+            None => directive,
+        };
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(refuse(directive));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| refuse(&format!("{filter} ({e})")))
 }
 
 /// Completes on Ctrl-C (SIGINT) or SIGTERM. The handlers are installed when this is
@@ -108,5 +144,22 @@ async fn recv(signal: Option<&mut tokio::signal::unix::Signal>) {
             s.recv().await;
         }
         None => std::future::pending::<()>().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_log_filter;
+
+    #[test]
+    fn a_typo_in_the_log_filter_is_refused() {
+        for good in ["info", "DEBUG", "warn,writ_identity=debug", "writ_txn_service=trace"] {
+            assert!(check_log_filter(good).is_ok(), "{good}");
+        }
+        for bad in ["debgu", "", "info,", "writ_identity=verbose", "=debug"] {
+            let err = check_log_filter(bad).unwrap_err().to_string();
+            assert!(err.starts_with("--log-level"), "{err}");
+            assert!(err.contains("trace, debug, info, warn, error, off"), "{err}");
+        }
     }
 }

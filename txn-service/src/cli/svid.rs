@@ -7,6 +7,7 @@ use anyhow::Context;
 use writ_identity::key_manager::{set_mode, write_secret_file};
 use writ_identity::proto::admin as pb;
 
+use super::out::{self, OutputArg, outln};
 use super::{ServerSocket, parse_ttl, status};
 
 #[derive(Debug, clap::Subcommand)]
@@ -28,6 +29,8 @@ pub(crate) enum X509Command {
         /// printing them.
         #[arg(long)]
         write: Option<PathBuf>,
+        #[command(flatten)]
+        output: OutputArg,
     },
 }
 
@@ -46,6 +49,8 @@ pub(crate) enum JwtCommand {
         /// Lifetime (e.g. 5m; default: the server's).
         #[arg(long, value_parser = parse_ttl)]
         ttl: Option<u64>,
+        #[command(flatten)]
+        output: OutputArg,
     },
 }
 
@@ -62,6 +67,7 @@ pub(crate) async fn run_x509(cmd: X509Command) -> anyhow::Result<ExitCode> {
         ttl,
         dns_names,
         write,
+        output,
     } = cmd;
     let minted = server
         .connect()
@@ -83,14 +89,34 @@ pub(crate) async fn run_x509(cmd: X509Command) -> anyhow::Result<ExitCode> {
     match write {
         Some(dir) => {
             write_files(&dir, &svid, &key, &bundle)?;
-            println!("X509-SVID written to {}", dir.join("svid.pem").display());
-            println!("Private key written to {}", dir.join("key.pem").display());
-            println!("Root CAs written to {}", dir.join("bundle.pem").display());
+            let (svid, key, bundle) = (
+                dir.join("svid.pem"),
+                dir.join("key.pem"),
+                dir.join("bundle.pem"),
+            );
+            if output.json() {
+                out::json(&serde_json::json!({
+                    "svid_file": svid,
+                    "key_file": key,
+                    "bundle_file": bundle,
+                }))?;
+            } else {
+                outln!("X509-SVID written to {}", svid.display())?;
+                outln!("Private key written to {}", key.display())?;
+                outln!("Root CAs written to {}", bundle.display())?;
+            }
+        }
+        None if output.json() => {
+            out::json(&serde_json::json!({
+                "svid_pem": svid,
+                "key_pem": key.as_str(),
+                "bundle_pem": bundle,
+            }))?;
         }
         None => {
-            println!("X509-SVID:\n{svid}");
-            println!("Private key:\n{}", key.as_str());
-            println!("Root CAs:\n{bundle}");
+            outln!("X509-SVID:\n{svid}")?;
+            outln!("Private key:\n{}", key.as_str())?;
+            outln!("Root CAs:\n{bundle}")?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -115,6 +141,7 @@ pub(crate) async fn run_jwt(cmd: JwtCommand) -> anyhow::Result<ExitCode> {
         spiffe_id,
         audience,
         ttl,
+        output,
     } = cmd;
     let minted = server
         .connect()
@@ -127,6 +154,10 @@ pub(crate) async fn run_jwt(cmd: JwtCommand) -> anyhow::Result<ExitCode> {
         .await
         .map_err(status)?
         .into_inner();
-    println!("{}", minted.token);
+    if output.json() {
+        out::json(&serde_json::json!({ "token": minted.token }))?;
+    } else {
+        outln!("{}", minted.token)?;
+    }
     Ok(ExitCode::SUCCESS)
 }

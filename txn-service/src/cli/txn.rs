@@ -14,7 +14,8 @@ use writ_sdk::workload::X509Source;
 
 use crate::config::{TxnConfig, TxnFileConfig, TxnServer};
 
-use super::api::AgentSocket;
+use super::api::{AgentSocket, explain_no_identity};
+use super::out::{self, Output, OutputArg, outln};
 use super::server::init_logging;
 
 /// Largest token read from a file or standard input.
@@ -34,10 +35,14 @@ pub(crate) enum TxnCommand {
     /// Print a Txn-Token's header and claims, and its delegation chain as a tree.
     /// Decoding does not verify the signature.
     Decode {
-        /// The token, or `-` to read it from standard input.
+        /// The token, `-` to read it from standard input, or `@file` to read it from a
+        /// file.
         token: String,
-        /// Print the header and claims as one JSON object instead.
-        #[arg(long)]
+        /// `json`: the header and claims as one JSON object.
+        #[command(flatten)]
+        output: OutputArg,
+        /// Same as `--output json` (kept for earlier scripts).
+        #[arg(long, hide = true)]
         json: bool,
     },
 }
@@ -47,8 +52,9 @@ pub(crate) enum TxnCommand {
 pub(crate) struct ExchangeArgs {
     #[command(flatten)]
     socket: AgentSocket,
-    /// File holding the subject token, or `-` for standard input.
-    #[arg(long)]
+    /// File holding the subject token (`@file` works too), or `-` for standard input.
+    /// Never the token itself: a command line is visible to every user of the machine.
+    #[arg(long, value_name = "FILE|-")]
     subject_token: String,
     /// Subject token type: access_token, id_token, jwt or txn_token (or a full URN).
     #[arg(long, default_value = "access_token")]
@@ -71,15 +77,19 @@ pub(crate) struct ExchangeArgs {
     /// Accept only a service with this SPIFFE ID (default: any of the own trust domain).
     #[arg(long)]
     server_id: Option<String>,
-    /// Print the whole JSON response instead of the token.
-    #[arg(long)]
+    /// `json`: the whole token response (or the RFC 6749 error body) instead of the
+    /// token.
+    #[command(flatten)]
+    output: OutputArg,
+    /// Same as `--output json` (kept for earlier scripts).
+    #[arg(long, hide = true)]
     json: bool,
 }
 
 pub(crate) async fn run(cmd: TxnCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         TxnCommand::Run { config, log_level } => {
-            init_logging(&log_level);
+            init_logging(&log_level)?;
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("cannot read {}", config.display()))?;
             let base = config.parent().unwrap_or(Path::new("."));
@@ -88,7 +98,8 @@ pub(crate) async fn run(cmd: TxnCommand) -> anyhow::Result<ExitCode> {
             let config = TxnConfig::from_file(file, base)?;
             let server = TxnServer::start(config).await?;
             let stop = super::server::shutdown_signal();
-            println!(
+            // Whoever started it may stop reading standard output; that must not stop it.
+            let _ = outln!(
                 "Transaction token service listening on https://{}",
                 server.addr
             );
@@ -96,19 +107,24 @@ pub(crate) async fn run(cmd: TxnCommand) -> anyhow::Result<ExitCode> {
             server.shutdown().await?;
             Ok(ExitCode::SUCCESS)
         }
-        TxnCommand::Decode { token, json } => {
-            let token = if token == "-" {
-                read_token("-")?
+        TxnCommand::Decode {
+            token,
+            output,
+            json,
+        } => {
+            let token = if token == "-" || token.starts_with('@') {
+                read_token("the token", &token)?
             } else {
                 token.trim().to_owned()
             };
-            decode(&token, json)
+            decode(&token, json || output.output == Output::Json)
         }
     }
 }
 
 pub(crate) async fn exchange(args: ExchangeArgs) -> anyhow::Result<ExitCode> {
-    let token = read_token(&args.subject_token)?;
+    let json = args.json || args.output.output == Output::Json;
+    let token = read_token("--subject-token", &args.subject_token)?;
     let token_type = match args.subject_token_type.as_str() {
         t if t.starts_with("urn:") => t.to_owned(),
         name => format!("urn:ietf:params:oauth:token-type:{name}"),
@@ -117,7 +133,10 @@ pub(crate) async fn exchange(args: ExchangeArgs) -> anyhow::Result<ExitCode> {
     if let Some(id) = &args.spiffe_id {
         builder = builder.spiffe_id(SpiffeId::new(id).context("--spiffe-id")?);
     }
-    let source = builder.build().await?;
+    let source = builder
+        .build()
+        .await
+        .map_err(|e| explain_no_identity(e.into()))?;
     let client = match &args.server_id {
         Some(id) => TxnClient::with_server(
             &source,
@@ -137,29 +156,28 @@ pub(crate) async fn exchange(args: ExchangeArgs) -> anyhow::Result<ExitCode> {
         request = request.request_context(json_arg("--request-context", context)?);
     }
     match client.exchange(request).await {
-        Ok(issued) if args.json => {
+        Ok(issued) if json => {
             let body = serde_json::json!({
                 "access_token": issued.access_token,
                 "issued_token_type": issued.issued_token_type,
                 "token_type": issued.token_type,
                 "expires_in": issued.expires_in,
             });
-            println!("{}", serde_json::to_string_pretty(&body)?);
+            out::json(&body)?;
             Ok(ExitCode::SUCCESS)
         }
         Ok(issued) => {
-            println!("{}", issued.access_token);
+            outln!("{}", issued.access_token)?;
             Ok(ExitCode::SUCCESS)
         }
         Err(ExchangeError::Refused {
             status,
             code,
             description,
-        }) if args.json => {
-            println!(
-                "{}",
-                serde_json::json!({"status": status, "error": code, "error_description": description})
-            );
+        }) if json => {
+            out::json(
+                &serde_json::json!({"status": status, "error": code, "error_description": description}),
+            )?;
             Ok(ExitCode::FAILURE)
         }
         Err(e) => Err(e.into()),
@@ -173,20 +191,35 @@ fn json_arg(flag: &str, text: &str) -> anyhow::Result<Value> {
     Ok(value)
 }
 
-/// A token from a file or `-` (standard input), at most [`MAX_TOKEN_INPUT`] bytes.
-fn read_token(source: &str) -> anyhow::Result<String> {
+/// A token from a file (`path` or `@path`) or `-` (standard input), at most
+/// [`MAX_TOKEN_INPUT`] bytes, for the flag `what`.
+///
+/// Never echoes `source` unless it names a file that exists: a user who pastes the token
+/// itself where a file name belongs (`--subject-token "$(cat alice.jwt)"`) must not find
+/// it in an error message, a terminal scrollback or a CI log.
+pub(crate) fn read_token(what: &str, source: &str) -> anyhow::Result<String> {
     let mut text = String::new();
     let read = if source == "-" {
         std::io::stdin()
             .take(MAX_TOKEN_INPUT + 1)
             .read_to_string(&mut text)
-            .context("cannot read the token from standard input")?
+            .with_context(|| format!("{what}: cannot read the token from standard input"))?
     } else {
-        std::fs::File::open(source)
-            .with_context(|| format!("cannot read {source}"))?
-            .take(MAX_TOKEN_INPUT + 1)
+        let path = source.strip_prefix('@').unwrap_or(source);
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound || out::looks_like_jwt(path) => {
+                anyhow::bail!(
+                    "{what} takes a file name, `@file`, or `-` to read the token from \
+                     standard input (no such file; the value is not shown, it may be a \
+                     token), e.g. `writ dev login ... | writ exchange --subject-token -`"
+                )
+            }
+            Err(e) => anyhow::bail!("{what}: cannot read {path}: {e}"),
+        };
+        file.take(MAX_TOKEN_INPUT + 1)
             .read_to_string(&mut text)
-            .with_context(|| format!("cannot read {source}"))?
+            .with_context(|| format!("{what}: cannot read {path}"))?
     };
     anyhow::ensure!(
         read as u64 <= MAX_TOKEN_INPUT,
@@ -224,11 +257,10 @@ fn decode_parts(token: &str) -> anyhow::Result<(Value, Value)> {
 fn decode(token: &str, json: bool) -> anyhow::Result<ExitCode> {
     let (header, claims) = decode_parts(token)?;
     if json {
-        let out = serde_json::json!({"header": header, "claims": claims});
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        out::json(&serde_json::json!({"header": header, "claims": claims}))?;
         return Ok(ExitCode::SUCCESS);
     }
-    print!("{}", render(&header, &claims));
+    out::raw(&render(&header, &claims))?;
     Ok(ExitCode::SUCCESS)
 }
 
