@@ -184,3 +184,63 @@ async fn depth_beyond_the_policy_is_refused_and_children_are_listed() {
     }
     assert!(sleeper.wait().await.unwrap().success());
 }
+
+/// A sub-agent's identity is bound to the one process `writ api spawn` started: a shell
+/// wrapper that forks the command gets nothing for it, and the command says why; with
+/// `exec` (same pid, same start time) the command is the sub-agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shell_wrapper_must_exec_the_command_that_uses_the_identity() {
+    let stack = Stack::start(Duration::from_secs(3600)).await;
+    // The planner is the `writ` binary itself; a copy of it elsewhere is nobody.
+    let writ_path = std::fs::canonicalize(WRIT).unwrap();
+    let path_selector = format!("unix:path:{}", writ_path.display());
+    stack
+        .register_with("/agents/planner", &[&path_selector], |e| {
+            e.spawn_max_ttl = Some(300);
+            e.spawn_max_depth = Some(1);
+        })
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stack.agent.cache.snapshot().svids.is_empty() {
+        assert!(Instant::now() < deadline, "the entry did not reach the agent");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("writ-copy");
+    std::fs::copy(&writ_path, &copy).unwrap();
+    let copy = copy.to_str().unwrap();
+
+    // Forked by the shell: a different process, no identity, and the reason.
+    let forked = format!("{copy} api fetch x509; status=$?; exit $status");
+    let out = writ(
+        &stack,
+        &[
+            "api", "spawn", "--name", "wrap", "--parent", PLANNER, "--", "sh", "-c", &forked,
+        ],
+        &[],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("no identity issued to this process"), "{stderr}");
+    assert!(stderr.contains("bound to pid"), "{stderr}");
+    assert!(stderr.contains("exec"), "{stderr}");
+
+    // `exec`: the command is the sub-agent.
+    let execed = format!("true; exec {copy} api fetch x509 --output json");
+    let out = writ(
+        &stack,
+        &[
+            "api", "spawn", "--name", "wrap", "--parent", PLANNER, "--", "sh", "-c", &execed,
+        ],
+        &[],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let svids: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let svids = svids.as_array().unwrap();
+    assert_eq!(svids.len(), 1, "{svids:?}");
+    let id = svids[0]["spiffe_id"].as_str().unwrap();
+    assert!(id.starts_with(&format!("{PLANNER}/sub/wrap-")), "{id}");
+}

@@ -204,7 +204,7 @@ fn writ_dev_runs_the_chain_and_restarts_with_the_same_bundle_and_entries() {
     );
     let txn = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let claims: Value =
-        serde_json::from_str(&ok(&["txn", "decode", &txn, "--json"], &sock)).unwrap();
+        serde_json::from_str(&ok(&["txn", "decode", &txn, "--output", "json"], &sock)).unwrap();
     let claims = &claims["claims"];
     assert_eq!(claims["sub"], "alice");
     assert_eq!(claims["req_wl"], me);
@@ -289,6 +289,16 @@ max_scope = ["docs.read"]
         .unwrap();
     let fetched = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && fetched.contains(me), "{fetched}");
+    // The development issuer kept its URL, so the token minted before the restart is
+    // still accepted.
+    let again = state(&dir);
+    assert_eq!(again["oidc_issuer"], s["oidc_issuer"], "same issuer URL");
+    let out = exchange(again["tts_url"].as_str().unwrap());
+    assert!(
+        out.status.success(),
+        "a token minted before the restart: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         !fetched.contains("/writ/tts"),
         "only writ dev itself holds the token service's identity: {fetched}"

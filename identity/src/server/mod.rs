@@ -49,8 +49,9 @@ pub enum ServerError {
     /// The CA could not be loaded.
     #[error("CA: {0}")]
     Ca(#[from] CaError),
-    /// The admin socket could not be created.
-    #[error("admin socket {path}: {source}")]
+    /// A Unix socket (the admin socket, or an agent's Workload API socket) could not be
+    /// created; the path says which.
+    #[error("socket {path}: {source}")]
     Socket {
         /// The socket path.
         path: String,

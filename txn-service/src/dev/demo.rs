@@ -18,6 +18,15 @@ use writ_identity::server::admin;
 
 use super::{Dev, DevOptions, POLICY_FILE};
 
+/// A progress line on standard output; a reader that went away (`writ demo | head`) is
+/// no reason to panic or to stop the demo half-way.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// The example programs, in `examples/src/bin/`.
 pub const PROGRAMS: [&str; 4] = ["gateway", "planner", "sub_agent", "tool_server"];
 /// The demo user.
@@ -138,7 +147,7 @@ fn build_programs(cargo: &str, manifest: &Path, exe_dir: &Path) -> Result<(), De
         Some(name) => name,
         None => "release",
     };
-    println!("building the example programs (cargo build --profile {profile} -p writ-examples)");
+    say!("building the example programs (cargo build --profile {profile} -p writ-examples)");
     let mut command = std::process::Command::new(cargo);
     command
         .args([
@@ -247,9 +256,9 @@ max_scope = ["docs.read", "docs.summarize"]
 /// # Errors
 /// [`DemoError`] if a part could not start or the request failed outright.
 pub async fn run(options: DemoOptions) -> Result<Outcome, DemoError> {
-    println!("writ demo: a user's request through gateway -> planner -> sub-agent -> tool server");
+    say!("writ demo: a user's request through gateway -> planner -> sub-agent -> tool server");
     let bin_dir = locate_programs(options.bin_dir.as_deref())?;
-    println!("[1/6] example programs in {}", bin_dir.display());
+    say!("[1/6] example programs in {}", bin_dir.display());
     let bin_dir = std::fs::canonicalize(&bin_dir).map_err(|e| failed("example programs", e))?;
 
     let data = tempfile::Builder::new()
@@ -260,9 +269,9 @@ pub async fn run(options: DemoOptions) -> Result<Outcome, DemoError> {
     let result = run_in(&bin_dir, data.path(), started).await;
     if options.keep {
         let kept = data.keep();
-        println!("data dir kept: {}", kept.display());
+        say!("data dir kept: {}", kept.display());
     } else if let Err(DemoError::Step { .. }) = &result {
-        println!(
+        say!(
             "(the programs' logs were in {}; run with --keep to keep them)",
             data.path().join("logs").display()
         );
@@ -279,7 +288,7 @@ async fn run_in(bin_dir: &Path, dir: &Path, started: Instant) -> Result<Outcome,
     std::fs::write(dir.join(POLICY_FILE), demo_policy(&td)).map_err(|e| failed("policy", e))?;
     let dev = Dev::start(options).await?;
     let s = dev.state.clone();
-    println!(
+    say!(
         "[2/6] writ dev on {}: ready in {} ms (token service {}, dev OIDC issuer {})",
         s.data_dir.display(),
         dev.startup.as_millis(),
@@ -334,23 +343,23 @@ async fn flow(
             .await
             .map_err(|e| failed("registering entries", e.message()))?;
     }
-    println!(
+    say!(
         "[3/6] registered by unix:path (and unix:uid:{uid}) under {}:",
         s.agent_id
     );
-    println!(
+    say!(
         "        {gateway_id:<44} <- {}",
         bin_dir.join("gateway").display()
     );
-    println!(
+    say!(
         "        {planner_id:<44} <- {}  (may spawn: TTL <= 2m, depth 1)",
         bin_dir.join("planner").display()
     );
-    println!(
+    say!(
         "        {tool_id:<44} <- {}",
         bin_dir.join("tool_server").display()
     );
-    println!("        sub_agent has no entry: its identity is a lease under the planner's");
+    say!("        sub_agent has no entry: its identity is a lease under the planner's");
 
     let endpoint = &s.workload_api;
     let common = |more: &[&str]| -> Vec<String> {
@@ -420,9 +429,9 @@ async fn flow(
         ]),
     )
     .await?;
-    println!("[4/6] started, each with the SVID its entry gives it:");
+    say!("[4/6] started, each with the SVID its entry gives it:");
     for p in [&tool, &planner, &gateway] {
-        println!(
+        say!(
             "        {:<12} pid {:<7} {} as {}",
             p.name,
             p.child.id().unwrap_or(0),
@@ -436,11 +445,11 @@ async fn flow(
         .issuer()
         .access_token(USER, USER_SCOPE, Duration::from_secs(600), now)
         .map_err(|e| failed("login", e))?;
-    println!(
+    say!(
         "[5/6] {USER} logged in at the dev OIDC issuer: access token with scope \"{USER_SCOPE}\""
     );
 
-    println!("[6/6] {USER} -> gateway: POST http://{}/ask", gateway.addr);
+    say!("[6/6] {USER} -> gateway: POST http://{}/ask", gateway.addr);
     let http = reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
         .build()
@@ -576,25 +585,25 @@ fn check(report: &Value, audit: &str, want: &Expected<'_>, started: Instant) -> 
 fn print_report(report: &Value, outcome: &Outcome) {
     let tool = "/next/next/next";
     let sub_id = str_at(report, "/next/next/spiffe_id");
-    println!();
-    println!(
+    say!();
+    say!(
         "hop 1  {USER} --OIDC access token--> gateway {}",
         str_at(report, "/spiffe_id")
     );
-    println!(
+    say!(
         "       gateway exchanged it at the token service (RFC 8693) for a Txn-Token, scope \"{}\"",
         str_at(report, "/exchanged/scope")
     );
-    println!(
+    say!(
         "hop 2  gateway --mTLS + Txn-Token--> planner {}",
         str_at(report, "/next/spiffe_id")
     );
-    println!(
+    say!(
         "       planner verified caller {} and the token (txn {}); replaced it to name itself",
         str_at(report, "/next/verified/caller"),
         str_at(report, "/next/verified/txn")
     );
-    println!(
+    say!(
         "hop 3  planner --spawn (lease {}, {} s left)--> sub-agent {sub_id}",
         str_at(report, "/next/lease/id"),
         report
@@ -602,19 +611,19 @@ fn print_report(report: &Value, outcome: &Outcome) {
             .and_then(Value::as_u64)
             .unwrap_or(0)
     );
-    println!(
+    say!(
         "       sub-agent replaced the token with scope \"{}\"",
         str_at(report, "/next/next/replaced/scope")
     );
-    println!(
+    say!(
         "hop 4  sub-agent --mTLS + Txn-Token--> tool server {}",
         str_at(report, &format!("{tool}/spiffe_id"))
     );
-    println!(
+    say!(
         "       tool server verified the token (signature, issuer, audience, expiry, scope) and that its caller is the current actor"
     );
-    println!();
-    println!(
+    say!();
+    say!(
         "delegation chain (txn {}, user {}, scope \"{}\"):",
         str_at(report, &format!("{tool}/verified/txn")),
         str_at(report, &format!("{tool}/verified/user")),
@@ -622,22 +631,22 @@ fn print_report(report: &Value, outcome: &Outcome) {
     );
     let mut chain = chain_at(report, &format!("{tool}/verified/chain"));
     chain.reverse();
-    println!("{}", str_at(report, &format!("{tool}/verified/user")));
+    say!("{}", str_at(report, &format!("{tool}/verified/user")));
     let mut indent = String::new();
     for actor in &chain {
-        println!("{indent}└── {actor}");
+        say!("{indent}└── {actor}");
         indent.push_str("    ");
     }
-    println!(
+    say!(
         "{indent}└── tool: {}",
         str_at(report, &format!("{tool}/spiffe_id"))
     );
-    println!();
+    say!();
     let passed = outcome.checks.iter().filter(|(_, ok)| *ok).count();
     for (what, ok) in &outcome.checks {
-        println!("  [{}] {what}", if *ok { "ok" } else { "FAILED" });
+        say!("  [{}] {what}", if *ok { "ok" } else { "FAILED" });
     }
-    println!(
+    say!(
         "{} checks passed of {}; demo took {} ms",
         passed,
         outcome.checks.len(),

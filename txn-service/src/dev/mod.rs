@@ -14,6 +14,7 @@
 //! | `txn/` | the token service's signing keys and audit log (0600) |
 //! | `policy.toml` | the token service's issuance policy, written on first start |
 //! | `oidc-key.pem` | the development issuer's key (0600) |
+//! | `oidc-listen` | the development issuer's address, rebound on restart ([`OIDC_LISTEN_FILE`]) |
 //! | `dev.json` | what is running where, while it runs ([`DevState`]) |
 //!
 //! A restart on the same data dir keeps the CA, the trust bundle, the entries and every
@@ -59,6 +60,9 @@ pub const POLICY_FILE: &str = "policy.toml";
 pub const TXN_DIR: &str = "txn";
 /// The development issuer's key file in the data dir.
 pub const OIDC_KEY_FILE: &str = "oidc-key.pem";
+/// The development issuer's last address in the data dir: a restart binds it again, so
+/// the issuer URL (`iss`) stays the same and tokens minted before the restart still pass.
+pub const OIDC_LISTEN_FILE: &str = "oidc-listen";
 /// The embedded agent's path.
 pub const AGENT_PATH: &str = "/writ/agent/dev";
 /// The token service's path.
@@ -79,6 +83,9 @@ pub enum DevError {
     /// The identity server could not start.
     #[error("identity server: {0}")]
     Server(#[from] server::ServerError),
+    /// The embedded agent (its Workload API socket) could not start.
+    #[error("agent: {0}")]
+    Agent(server::ServerError),
     /// The embedded token service's entry could not be written.
     #[error("token service entry: {0}")]
     Entry(String),
@@ -236,10 +243,12 @@ impl Dev {
         ensure_tts_entry(&state, &agent_id, &tts_id).await?;
         let node = Arc::new(LocalNode::new(state.clone(), agent_id.clone()));
         let agent_socket = dir.join("agent.sock");
-        let agent = agent::start(node, &agent_socket, Arc::new(DevAttestor::default())).await?;
+        let agent = agent::start(node, &agent_socket, Arc::new(DevAttestor::default()))
+            .await
+            .map_err(DevError::Agent)?;
         let workload_api = format!("unix://{}", agent_socket.display());
 
-        let issuer = DevIssuer::start(&dir.join(OIDC_KEY_FILE), options.oidc_listen).await?;
+        let issuer = start_issuer(&dir, options.oidc_listen).await?;
         let policy_file = dir.join(POLICY_FILE);
         let policy = load_policy(&policy_file, &td)?;
 
@@ -459,6 +468,46 @@ fn load_policy(path: &Path, td: &TrustDomain) -> Result<Policy, DevError> {
 /// the data dir that matters.
 fn write_atomically(path: &Path, data: &[u8]) -> Result<(), DevError> {
     writ_identity::key_manager::write_secret_file(path, data).map_err(|e| file_err(path, e))
+}
+
+/// Starts the development issuer. With port 0 (the default) it binds the address of the
+/// previous run, recorded in [`OIDC_LISTEN_FILE`], so its URL survives a restart; if
+/// that port is taken now it says so and takes a free one (tokens minted before are
+/// then refused: their `iss` names the old URL). The address bound is recorded.
+async fn start_issuer(dir: &Path, listen: SocketAddr) -> Result<DevIssuer, DevError> {
+    let key = dir.join(OIDC_KEY_FILE);
+    let record = dir.join(OIDC_LISTEN_FILE);
+    let previous = std::fs::read_to_string(&record)
+        .ok()
+        .and_then(|t| t.trim().parse::<SocketAddr>().ok())
+        .filter(|p| listen.port() == 0 && p.port() != 0)
+        .map(|p| SocketAddr::new(listen.ip(), p.port()));
+    let issuer = match previous {
+        Some(addr) => match DevIssuer::start(&key, addr).await {
+            Ok(issuer) => issuer,
+            Err(issuer::DevIssuerError::Bind { source, .. }) => {
+                let issuer = DevIssuer::start(&key, listen).await?;
+                tracing::warn!(
+                    previous = %addr,
+                    error = %source,
+                    now = issuer.url(),
+                    "the development OIDC issuer cannot bind its previous address: its URL \
+                     changed, so tokens minted before this restart are refused (mint new \
+                     ones with `writ dev login`)"
+                );
+                issuer
+            }
+            Err(e) => return Err(e.into()),
+        },
+        None => DevIssuer::start(&key, listen).await?,
+    };
+    let bound = issuer
+        .url()
+        .strip_prefix("http://")
+        .unwrap_or_default()
+        .to_owned();
+    write_atomically(&record, format!("{bound}\n").as_bytes())?;
+    Ok(issuer)
 }
 
 /// Waits (at most 5 s) for the admin socket the server binds in its task.
