@@ -202,7 +202,10 @@ async fn a_shell_wrapper_must_exec_the_command_that_uses_the_identity() {
         .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while stack.agent.cache.snapshot().svids.is_empty() {
-        assert!(Instant::now() < deadline, "the entry did not reach the agent");
+        assert!(
+            Instant::now() < deadline,
+            "the entry did not reach the agent"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -222,7 +225,10 @@ async fn a_shell_wrapper_must_exec_the_command_that_uses_the_identity() {
     .await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("no identity issued to this process"), "{stderr}");
+    assert!(
+        stderr.contains("no identity issued to this process"),
+        "{stderr}"
+    );
     assert!(stderr.contains("bound to pid"), "{stderr}");
     assert!(stderr.contains("exec"), "{stderr}");
 

@@ -130,7 +130,11 @@ fn output_json_has_a_stable_shape() {
     let deleted = json(&server, &["entry", "delete", "--entry-id", id]);
     assert_eq!(deleted["deleted"], id);
     // `pretty`, the flag's earlier value, still means text.
-    assert!(server.ok(&["entry", "list", "--output", "pretty"]).starts_with("Found 1 entry"));
+    assert!(
+        server
+            .ok(&["entry", "list", "--output", "pretty"])
+            .starts_with("Found 1 entry")
+    );
 
     // The Workload API commands: arrays of SVIDs, also for one.
     let (_agent, socket, agent_id) = start_agent(&server);
@@ -158,14 +162,35 @@ fn output_json_has_a_stable_shape() {
     assert_eq!(svids[0]["spiffe_id"], "spiffe://example.org/me");
     let dir = server.dir.path().join("fetched");
     let out = common::api(
-        &["api", "fetch", "x509", "--output", "json", "--write", dir.to_str().unwrap()],
+        &[
+            "api",
+            "fetch",
+            "x509",
+            "--output",
+            "json",
+            "--write",
+            dir.to_str().unwrap(),
+        ],
         &socket,
     );
     let written: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(dir.join("svid.0.pem").exists());
-    assert_eq!(written[0]["svid_file"], dir.join("svid.0.pem").to_str().unwrap());
+    assert_eq!(
+        written[0]["svid_file"],
+        dir.join("svid.0.pem").to_str().unwrap()
+    );
     let out = common::api(
-        &["api", "fetch", "jwt", "--audience", "a", "--output", "json", "--socket", &endpoint],
+        &[
+            "api",
+            "fetch",
+            "jwt",
+            "--audience",
+            "a",
+            "--output",
+            "json",
+            "--socket",
+            &endpoint,
+        ],
         &socket,
     );
     let tokens: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -173,7 +198,17 @@ fn output_json_has_a_stable_shape() {
     let token = tokens[0]["token"].as_str().unwrap();
     // `--svid -` reads the token from standard input.
     let mut child = Command::new(WRIT)
-        .args(["api", "validate", "jwt", "--audience", "a", "--svid", "-", "--output", "json"])
+        .args([
+            "api",
+            "validate",
+            "jwt",
+            "--audience",
+            "a",
+            "--svid",
+            "-",
+            "--output",
+            "json",
+        ])
         .env("SPIFFE_ENDPOINT_SOCKET", &endpoint)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -202,8 +237,24 @@ fn no_error_echoes_a_token() {
         &["exchange", "--subject-token", JWT, "--output", "yaml"],
         &["exchange", "--subject-token", JWT, "--subject-token", JWT],
         &["txn", "decode", JWT, "extra"],
-        &["api", "validate", "jwt", "--audience", "a", "--svid", JWT, "--socket", &nowhere],
-        &["agent", "run", "--join-token", "0123456789abcdef-join", "--no-such-flag"],
+        &[
+            "api",
+            "validate",
+            "jwt",
+            "--audience",
+            "a",
+            "--svid",
+            JWT,
+            "--socket",
+            &nowhere,
+        ],
+        &[
+            "agent",
+            "run",
+            "--join-token",
+            "0123456789abcdef-join",
+            "--no-such-flag",
+        ],
     ];
     for args in cases {
         let out = Command::new(WRIT)
@@ -241,7 +292,10 @@ fn clap_suggestions_are_kept_and_typos_in_log_filters_refused() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("error: unexpected argument '--spiffe-idd'"), "{err}");
+    assert!(
+        err.contains("error: unexpected argument '--spiffe-idd'"),
+        "{err}"
+    );
     assert!(err.contains("--spiffe-id"), "the suggestion is kept: {err}");
     assert!(err.contains("Usage:"), "{err}");
     let out = Command::new(WRIT)
@@ -256,7 +310,10 @@ fn clap_suggestions_are_kept_and_typos_in_log_filters_refused() {
     for (args, env) in [
         (vec!["server", "run", "--log-level", "debgu"], None),
         (vec!["server", "run"], Some("debgu")),
-        (vec!["dev", "--log-level", "info,writ_identity=verbose"], None),
+        (
+            vec!["dev", "--log-level", "info,writ_identity=verbose"],
+            None,
+        ),
     ] {
         let mut cmd = Command::new(WRIT);
         cmd.args(&args)
@@ -274,8 +331,14 @@ fn clap_suggestions_are_kept_and_typos_in_log_filters_refused() {
         assert!(!out.status.success(), "{args:?} {env:?}");
         assert_eq!(err.trim_end().lines().count(), 1, "{err}");
         assert!(err.contains("--log-level"), "{err}");
-        assert!(err.contains("trace, debug, info, warn, error, off"), "{err}");
-        assert!(!dir.path().join("data").exists(), "nothing started: {args:?}");
+        assert!(
+            err.contains("trace, debug, info, warn, error, off"),
+            "{err}"
+        );
+        assert!(
+            !dir.path().join("data").exists(),
+            "nothing started: {args:?}"
+        );
     }
 }
 
@@ -285,7 +348,14 @@ fn logs_to_a_file_carry_no_colour_codes() {
     let log = dir.path().join("server.log");
     let socket = dir.path().join("s.sock");
     let mut child = Command::new(WRIT)
-        .args(["server", "run", "--log-level", "debug", "--bind-address", ""])
+        .args([
+            "server",
+            "run",
+            "--log-level",
+            "debug",
+            "--bind-address",
+            "",
+        ])
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .arg("--server-socket")
@@ -299,6 +369,7 @@ fn logs_to_a_file_carry_no_colour_codes() {
     while !Command::new(WRIT)
         .args(["healthcheck", "--shallow", "--server-socket"])
         .arg(&socket)
+        .stderr(Stdio::null())
         .status()
         .unwrap()
         .success()

@@ -306,3 +306,34 @@ max_scope = ["docs.read"]
     let (clean, rest) = dev.stop("-TERM");
     assert!(clean, "writ dev exits 0 on SIGTERM: {rest:?}");
 }
+
+/// A socket that cannot be bound is named for what it is (the agent's, not "admin"),
+/// in one line that says each cause once.
+#[test]
+fn an_agent_socket_that_cannot_be_bound_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    // Something that is not a socket sits where the agent's socket goes.
+    std::fs::create_dir_all(dir.join("agent.sock").join("inside")).unwrap();
+    let out = Command::new(WRIT)
+        .args(["dev", "--data-dir"])
+        .arg(&dir)
+        .args(["--tts-listen", "127.0.0.1:0"])
+        .env_remove("WRIT_LOG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let line = err.trim_end().lines().last().unwrap();
+    assert!(line.starts_with("error: agent: "), "{err}");
+    assert!(
+        line.contains(&format!("{}", dir.join("agent.sock").display())),
+        "{err}"
+    );
+    assert!(!line.contains("admin socket"), "{err}");
+    let parts: Vec<&str> = line.split(": ").collect();
+    assert!(
+        parts.windows(2).all(|w| w[0] != w[1]),
+        "a cause repeated: {line}"
+    );
+}

@@ -11,8 +11,8 @@ use writ_identity::attest::workload::UnixAttestor;
 use writ_identity::proto::admin as pb;
 
 use super::api::AgentSocket;
-use super::server::{init_logging, shutdown_signal};
 use super::out::{self, OutputArg, outln};
+use super::server::{init_logging, shutdown_signal};
 use super::{ServerSocket, status};
 use writ_sdk::spawn::SubAgents;
 
@@ -148,7 +148,11 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
                 };
                 outln!(
                     "{}  pid {}  depth {}  {}  lease {}",
-                    l.child_id, l.pid, l.depth, state, l.id
+                    l.child_id,
+                    l.pid,
+                    l.depth,
+                    state,
+                    l.id
                 )?;
             }
         }

@@ -9,10 +9,10 @@ mod api;
 mod bundle;
 mod dev;
 mod entry;
+pub mod out;
 mod server;
 mod svid;
 mod txn;
-pub mod out;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -153,13 +153,21 @@ mod tests {
 
     #[test]
     fn a_typo_in_the_log_filter_is_refused() {
-        for good in ["info", "DEBUG", "warn,writ_identity=debug", "writ_txn_service=trace"] {
+        for good in [
+            "info",
+            "DEBUG",
+            "warn,writ_identity=debug",
+            "writ_txn_service=trace",
+        ] {
             assert!(check_log_filter(good).is_ok(), "{good}");
         }
         for bad in ["debgu", "", "info,", "writ_identity=verbose", "=debug"] {
             let err = check_log_filter(bad).unwrap_err().to_string();
             assert!(err.starts_with("--log-level"), "{err}");
-            assert!(err.contains("trace, debug, info, warn, error, off"), "{err}");
+            assert!(
+                err.contains("trace, debug, info, warn, error, off"),
+                "{err}"
+            );
         }
     }
 }

@@ -445,9 +445,7 @@ async fn flow(
         .issuer()
         .access_token(USER, USER_SCOPE, Duration::from_secs(600), now)
         .map_err(|e| failed("login", e))?;
-    say!(
-        "[5/6] {USER} logged in at the dev OIDC issuer: access token with scope \"{USER_SCOPE}\""
-    );
+    say!("[5/6] {USER} logged in at the dev OIDC issuer: access token with scope \"{USER_SCOPE}\"");
 
     say!("[6/6] {USER} -> gateway: POST http://{}/ask", gateway.addr);
     let http = reqwest::Client::builder()
