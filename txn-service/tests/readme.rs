@@ -59,7 +59,7 @@ fn commands(line: &str) -> Vec<Vec<String>> {
     let mut found = Vec::new();
     for (i, token) in tokens.iter().enumerate() {
         let token = token.trim_start_matches("$(").trim_start_matches('"');
-        if token != "writ" && !token.ends_with("/writ") {
+        if token != "writ" && !token.ends_with("/writ") || after_namespace_flag(&tokens, i) {
             continue;
         }
         let path: Vec<String> = tokens[i + 1..]
@@ -161,7 +161,9 @@ fn invocations(line: &str) -> Vec<(Vec<String>, Vec<String>)> {
     let mut found = Vec::new();
     for (i, token) in tokens.iter().enumerate() {
         let token = token.trim_start_matches("$(").trim_start_matches('"');
-        if token != "writ" {
+        // `cargo build --bin writ --bin other`: a build target, not a command.
+        if token != "writ" || after_namespace_flag(&tokens, i) || i > 0 && tokens[i - 1] == "--bin"
+        {
             continue;
         }
         let rest = &tokens[i + 1..];
@@ -304,4 +306,9 @@ fn the_readme_openssl_verify_runs_on_what_writ_writes() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `kubectl -n writ ...`: `writ` there is a namespace, not the command.
+fn after_namespace_flag(tokens: &[&str], i: usize) -> bool {
+    i > 0 && matches!(tokens[i - 1], "-n" | "--namespace")
 }
