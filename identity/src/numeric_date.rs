@@ -143,7 +143,7 @@ impl TimeWindow {
     ///
     /// # Errors
     /// The [`TimeError`] of the first rule broken: range, then `exp` passed, `exp` too
-    /// far ahead, `nbf`/`iat` after `exp`, `nbf` in the future, `iat` in the future.
+    /// far ahead, `nbf` in the future, `iat` in the future, `nbf`/`iat` after `exp`.
     pub fn check(&self, claims: &TimeClaims, now: i64) -> Result<(), TimeError> {
         let exp = in_range(claims.exp, "exp")?;
         let iat = claims.iat.map(|t| in_range(t, "iat")).transpose()?;
@@ -161,17 +161,17 @@ impl TimeWindow {
                 max_secs: self.max_lifetime.as_secs(),
             });
         }
-        if nbf.is_some_and(|t| t > exp) {
-            return Err(TimeError::AfterExpiry { claim: "nbf" });
-        }
-        if iat.is_some_and(|t| t > exp) {
-            return Err(TimeError::AfterExpiry { claim: "iat" });
-        }
         if nbf.is_some_and(|t| t.saturating_sub(leeway) > now) {
             return Err(TimeError::NotYetValid);
         }
         if iat.is_some_and(|t| t.saturating_sub(leeway) > now) {
             return Err(TimeError::IssuedInFuture);
+        }
+        if nbf.is_some_and(|t| t > exp) {
+            return Err(TimeError::AfterExpiry { claim: "nbf" });
+        }
+        if iat.is_some_and(|t| t > exp) {
+            return Err(TimeError::AfterExpiry { claim: "iat" });
         }
         Ok(())
     }
@@ -254,13 +254,18 @@ mod tests {
             w.check(&times(NOW + 300, None, Some(NOW + 31)), NOW),
             Err(TimeError::NotYetValid)
         );
+        // In the future and after exp: named as in the future.
+        assert_eq!(
+            w.check(&times(NOW + 300, Some(NOW + 3600), None), NOW),
+            Err(TimeError::IssuedInFuture)
+        );
         assert_eq!(
             w.check(&times(NOW + 5 * 365 * 86_400, Some(NOW), None), NOW),
             Err(TimeError::TooFarAhead { max_secs: 86_400 })
         );
         assert_eq!(w.check(&times(NOW + 86_400 + 30, None, None), NOW), Ok(()));
         assert_eq!(
-            w.check(&times(NOW + 300, None, Some(NOW + 301)), NOW),
+            w.check(&times(NOW + 10, None, Some(NOW + 20)), NOW),
             Err(TimeError::AfterExpiry { claim: "nbf" })
         );
         assert_eq!(

@@ -793,7 +793,7 @@ fn time_claims_out_of_range_are_refused() {
         })
     );
     assert_eq!(
-        check(serde_json::json!({"iat": now + 3600})).unwrap_err(),
+        check(serde_json::json!({"iat": now + 3600, "exp": now + 7200})).unwrap_err(),
         JwtSvidError::Time(TimeError::IssuedInFuture)
     );
     assert_eq!(

@@ -274,10 +274,6 @@ pub fn validate(
     let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
         .map_err(|e| JwtSvidError::Signature(e.to_string()))?;
     let claims = data.claims;
-    let times = TimeClaims::from_claims(&claims).map_err(|e| match e {
-        TimeError::Invalid { claim: "exp" } => JwtSvidError::Claim("exp"),
-        other => JwtSvidError::Time(other),
-    })?;
     let jti = match claims.get("jti") {
         None => None,
         Some(serde_json::Value::String(j)) if !j.is_empty() && j.len() <= MAX_JTI_BYTES => {
@@ -302,6 +298,10 @@ pub fn validate(
     }
     // An `exp` in the past is expired without leeway (as before); the window's leeway
     // applies to `nbf` and `iat`.
+    let times = TimeClaims::from_claims(&claims).map_err(|e| match e {
+        TimeError::Invalid { claim: "exp" } => JwtSvidError::Claim("exp"),
+        other => JwtSvidError::Time(other),
+    })?;
     let now = unix_seconds(now);
     if times.exp <= now {
         return Err(JwtSvidError::Expired);
