@@ -556,6 +556,40 @@ mod tests {
         assert!(config.audit_log.is_none(), "no data_dir: standard output");
         assert!(config.policy.rules().is_empty(), "deny by default");
         assert!(!config.client_assertions);
+        assert!(config.client_assertion_replay_protection);
+    }
+
+    #[test]
+    fn token_kind_and_lifetime_keys() {
+        let config = TxnConfig::from_toml(
+            r#"
+            client_assertion_replay_protection = false
+            [[oidc]]
+            issuer = "https://idp.example.com"
+            audiences = ["writ"]
+            max_token_lifetime = "1h"
+            access_token_typ = ["at+jwt", "JWT"]
+            allow_untyped_access_tokens = true
+            [[oidc]]
+            issuer = "https://other.example.com"
+            audiences = ["writ"]
+            "#,
+            Path::new("."),
+        )
+        .unwrap();
+        assert!(!config.client_assertion_replay_protection);
+        let [lax, strict] = config.oidc.as_slice() else {
+            panic!("two issuers")
+        };
+        assert_eq!(lax.max_token_lifetime, Duration::from_secs(3600));
+        assert_eq!(lax.access_token_typ, ["at+jwt", "JWT"]);
+        assert!(lax.allow_untyped_access_tokens);
+        assert_eq!(
+            strict.max_token_lifetime,
+            crate::oidc::DEFAULT_MAX_TOKEN_LIFETIME
+        );
+        assert_eq!(strict.access_token_typ, [crate::oidc::ACCESS_TOKEN_TYP]);
+        assert!(!strict.allow_untyped_access_tokens);
     }
 
     #[test]

@@ -1167,6 +1167,23 @@ mod tests {
     }
 
     #[test]
+    fn refuses_unknown_access_token_typ_and_zero_lifetime() {
+        let clock: SharedClock = Arc::new(writ_identity::clock::SystemClock);
+        let mut c = IssuerConfig::new("https://idp.example", ["aud"]);
+        c.access_token_typ = vec!["dpop+jwt".into()];
+        assert!(matches!(
+            OidcValidator::new(vec![c.clone()], clock.clone()),
+            Err(OidcError::Config { reason }) if reason.contains("dpop+jwt")
+        ));
+        c.access_token_typ = vec![];
+        assert!(OidcValidator::new(vec![c.clone()], clock.clone()).is_err());
+        c.allow_untyped_access_tokens = true;
+        assert!(OidcValidator::new(vec![c.clone()], clock.clone()).is_ok());
+        c.max_token_lifetime = Duration::ZERO;
+        assert!(OidcValidator::new(vec![c], clock).is_err());
+    }
+
+    #[test]
     fn scope_string_or_array() {
         let c = serde_json::json!({ "a": "x  y", "b": ["x", "y"], "c": 3 });
         assert_eq!(
