@@ -20,6 +20,7 @@ use writ_identity::bundle::{Bundle, BundleSet, Jwk};
 use writ_identity::ca::{CaConfig, CertificateAuthority};
 use writ_identity::clock::{Clock, ManualClock, unix_seconds};
 use writ_identity::key_manager::{MemoryKeyManager, PrivateKey};
+use writ_identity::numeric_date::TimeError;
 use writ_identity::spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
 use writ_identity::store::sqlite::SqliteStore;
 use writ_identity::svid::jwt::{self, JwtSvidError, MAX_TOKEN_BYTES};
@@ -289,9 +290,13 @@ fn expired_own_key_token_is_refused() {
         jwt::validate(&token, &["aud"], &set, at(200)).unwrap_err(),
         JwtSvidError::Expired
     );
-    // Before the epoch counts as time 0, not as a panic.
+    // Before the epoch counts as time 0, not as a panic: the token (iat 100) is then
+    // issued in the future.
     let before_epoch = UNIX_EPOCH - Duration::from_secs(10);
-    assert!(jwt::validate(&token, &["aud"], &set, before_epoch).is_ok());
+    assert_eq!(
+        jwt::validate(&token, &["aud"], &set, before_epoch).unwrap_err(),
+        JwtSvidError::Time(TimeError::IssuedInFuture)
+    );
 }
 
 #[tokio::test]
@@ -718,4 +723,91 @@ proptest! {
 #[test]
 fn fixture_token_is_valid() {
     assert!(validate_fixture(&fixture().token).is_ok());
+}
+
+/// A token with exactly `claims`, signed as ES256 by a key outside any CA, and a bundle
+/// that trusts that key.
+fn own_key_claims_token(claims: &Value) -> (String, BundleSet) {
+    let key = PrivateKey::generate().unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some("k1".into());
+    header.typ = Some("JWT".into());
+    let token = jsonwebtoken::encode(
+        &header,
+        claims,
+        &jsonwebtoken::EncodingKey::from_ec_der(key.pkcs8_der()),
+    )
+    .unwrap();
+    let (x, y) = key.ec_p256_xy().unwrap();
+    let mut bundle = Bundle::new(TrustDomain::new("example.org").unwrap());
+    bundle
+        .put_jwt_authority("k1".to_owned(), Jwk::ec_p256(x, y))
+        .unwrap();
+    (token, BundleSet::of(bundle))
+}
+
+#[tokio::test]
+async fn minted_jwt_svids_carry_a_unique_jti() {
+    let s = setup().await;
+    let first = s.validate(&s.token, &["aud"]).unwrap();
+    let jti = first.jti.clone().expect("a jti");
+    assert!(!jti.is_empty());
+    let (again, _) =
+        s.ca.sign_jwt_svid(&planner(), &aud(&["aud"]), None)
+            .unwrap();
+    let second = s.validate(&again, &["aud"]).unwrap();
+    assert_ne!(second.jti, Some(jti), "every JWT-SVID gets its own jti");
+}
+
+#[test]
+fn time_claims_out_of_range_are_refused() {
+    let now: i64 = 1_800_000_000;
+    let at = UNIX_EPOCH + Duration::from_secs(now as u64);
+    let claims = |extra: Value| {
+        let mut c = serde_json::json!({
+            "sub": planner().to_string(),
+            "aud": "aud",
+            "iat": now,
+            "exp": now + 300,
+            "jti": "j",
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    };
+    let check = |extra: Value| {
+        let (token, set) = own_key_claims_token(&claims(extra));
+        jwt::validate(&token, &["aud"], &set, at)
+    };
+    assert!(check(serde_json::json!({})).is_ok());
+    // exp = 1e300 used to mean "valid forever".
+    assert_eq!(
+        check(serde_json::json!({"exp": 1e300})).unwrap_err(),
+        JwtSvidError::Claim("exp")
+    );
+    assert_eq!(
+        check(serde_json::json!({"exp": now + 5 * 365 * 86_400})).unwrap_err(),
+        JwtSvidError::Time(TimeError::TooFarAhead {
+            max_secs: jwt::MAX_LIFETIME.as_secs()
+        })
+    );
+    assert_eq!(
+        check(serde_json::json!({"iat": now + 3600, "exp": now + 7200})).unwrap_err(),
+        JwtSvidError::Time(TimeError::IssuedInFuture)
+    );
+    assert_eq!(
+        check(serde_json::json!({"nbf": now + 120})).unwrap_err(),
+        JwtSvidError::Time(TimeError::NotYetValid)
+    );
+    assert_eq!(
+        check(serde_json::json!({"nbf": 1e300})).unwrap_err(),
+        JwtSvidError::Time(TimeError::Invalid { claim: "nbf" })
+    );
+    assert_eq!(
+        check(serde_json::json!({"jti": 5})).unwrap_err(),
+        JwtSvidError::Claim("jti")
+    );
+    // Within the leeway, nbf and iat pass.
+    assert!(check(serde_json::json!({"nbf": now + 30, "iat": now + 30})).is_ok());
 }

@@ -583,6 +583,26 @@ async fn callers_are_authenticated_and_authorized() {
     assert_eq!(line["decision"], "granted");
     assert_eq!(line["client_auth"], "jwt-svid");
 
+    // The same assertion a second time is a replay (RFC 7523 section 3): refused.
+    let replayed = post(
+        anonymous.clone(),
+        form(&[
+            ASSERTION_TYPE,
+            ("client_assertion", &assertion),
+            ("scope", "read"),
+        ]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(replayed.status(), 401);
+    let body: Value = replayed.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_client");
+    assert_eq!(
+        body["error_description"],
+        "client assertion was already used"
+    );
+    assert_refused(&tts, "invalid_client");
+
     // ... refused for a caller whose rule does not allow it, and for another audience.
     let gateway_assertion = jwt_svid(&mut workload, &[ISSUER.to_owned()], GATEWAY).await;
     let wrong_audience = jwt_svid(

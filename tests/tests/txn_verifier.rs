@@ -698,3 +698,98 @@ async fn pyjwt_agrees_with_the_sdk() {
     }
     assert!(disagreements.is_empty(), "{disagreements:#?}");
 }
+
+/// `exp`, `nbf` and `iat` out of range, and an `act` chain of the wrong shape, are
+/// refused with their own reasons, whoever signed them (the service's key here: defense
+/// in depth against a token the minter would never produce).
+#[tokio::test]
+async fn time_claims_and_act_shape_are_checked() {
+    use writ_identity::numeric_date::TimeError;
+    let service = Service::start().await;
+    let verifier = service.verifier();
+    let now = service.now();
+    let raw = serde_json::to_value(claims(now)).unwrap();
+    let with = |extra: Value| {
+        let mut c = raw.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        service.sign_raw(json!({"alg": "ES256", "typ": "txntoken+jwt"}), &c)
+    };
+    let reason = |token: String| {
+        let verifier = verifier.clone();
+        async move { verifier.verify(&token).await.unwrap_err() }
+    };
+    let planner = "spiffe://example.org/agents/planner";
+    assert!(verifier.verify(&with(json!({"nbf": now}))).await.is_ok());
+    assert!(
+        verifier
+            .verify(&with(
+                json!({"act": {"sub": planner, "act": {"sub": GATEWAY}}})
+            ))
+            .await
+            .is_ok()
+    );
+
+    // Time claims.
+    assert_eq!(
+        reason(with(json!({"nbf": now + 120}))).await,
+        TxnTokenError::Time(TimeError::NotYetValid)
+    );
+    assert_eq!(
+        reason(with(json!({"iat": now + 120}))).await,
+        TxnTokenError::IssuedInFuture
+    );
+    assert_eq!(
+        reason(with(json!({"exp": now + 5 * 365 * 86_400}))).await,
+        TxnTokenError::Time(TimeError::TooFarAhead { max_secs: 3600 })
+    );
+    // Not an i64: the claims type refuses it before the time rule.
+    assert!(matches!(
+        reason(with(json!({"exp": 1e300}))).await,
+        TxnTokenError::Claims(_)
+    ));
+    assert_eq!(
+        reason(with(json!({"exp": i64::MAX}))).await,
+        TxnTokenError::Time(TimeError::Invalid { claim: "exp" })
+    );
+    assert_eq!(
+        reason(with(json!({"nbf": "soon"}))).await,
+        TxnTokenError::Time(TimeError::Invalid { claim: "nbf" })
+    );
+
+    // The act chain.
+    for (act, what) in [
+        (json!(null), "act null"),
+        (json!("spiffe://example.org/x"), "act a string"),
+        (json!({"sub": "alice"}), "sub not a SPIFFE ID"),
+        (
+            json!({"sub": planner, "act": {"sub": 7}}),
+            "nested sub a number",
+        ),
+        (json!({"sub": planner, "act": []}), "nested act an array"),
+        (json!({"act": {"sub": planner}}), "no sub"),
+    ] {
+        assert!(
+            matches!(
+                reason(with(json!({ "act": act }))).await,
+                TxnTokenError::Actor(_) | TxnTokenError::Claims(_)
+            ),
+            "{what}"
+        );
+    }
+    assert!(matches!(
+        reason(with(json!({"act": {"sub": "alice"}}))).await,
+        TxnTokenError::Actor(_)
+    ));
+    let mut deep = json!({"sub": planner});
+    for _ in 0..writ_sdk::txn_token::MAX_CHAIN_DEPTH {
+        deep = json!({"sub": planner, "act": deep});
+    }
+    assert_eq!(
+        reason(with(json!({ "act": deep }))).await,
+        TxnTokenError::ChainTooDeep {
+            max: writ_sdk::txn_token::MAX_CHAIN_DEPTH
+        }
+    );
+}

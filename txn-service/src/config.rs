@@ -13,6 +13,7 @@
 //! key_rotation = "24h"                   # old keys stay published until their tokens expire
 //! subject_token_cache = true             # remember validated subject tokens until they expire
 //! client_assertions = false              # accept JWT-SVID client assertions (policy per caller)
+//! client_assertion_replay_protection = true  # each assertion once (needs `jti`); see docs
 //!
 //! [[oidc]]
 //! issuer = "https://idp.example.com"
@@ -21,6 +22,9 @@
 //! scope_claim = "scope"                  # default
 //! algorithms = ["RS256", "ES256"]        # default RS256, ES256, PS256, EdDSA; never none/HS*
 //! leeway = "30s"
+//! max_token_lifetime = "24h"             # refuse tokens whose `exp` is further ahead
+//! access_token_typ = ["at+jwt"]          # default; add "JWT" for an issuer that types them so
+//! allow_untyped_access_tokens = false    # accept access tokens without `typ`
 //! ca_file = "idp-ca.pem"                 # TLS roots for discovery and JWKS (default: system)
 //!
 //! [policy]                               # see `writ_txn_service::policy`
@@ -122,6 +126,8 @@ pub struct TxnFileConfig {
     pub subject_token_cache: Option<bool>,
     /// Accept JWT-SVID client assertions.
     pub client_assertions: Option<bool>,
+    /// Accept each client assertion once (by `jti`) within its lifetime (default true).
+    pub client_assertion_replay_protection: Option<bool>,
     /// Trusted OpenID Providers.
     #[serde(default)]
     pub oidc: Vec<FileIssuer>,
@@ -149,6 +155,12 @@ pub struct FileIssuer {
     pub algorithms: Option<Vec<String>>,
     /// Clock skew tolerance.
     pub leeway: Option<String>,
+    /// Furthest ahead a token's `exp` may be (default 24h).
+    pub max_token_lifetime: Option<String>,
+    /// `typ` values accepted on access tokens (default `["at+jwt"]`).
+    pub access_token_typ: Option<Vec<String>>,
+    /// Accept access tokens without `typ` (default false).
+    pub allow_untyped_access_tokens: Option<bool>,
     /// PEM file of TLS roots for this issuer.
     pub ca_file: Option<PathBuf>,
 }
@@ -178,6 +190,8 @@ pub struct TxnConfig {
     pub subject_token_cache: bool,
     /// Accept JWT-SVID client assertions.
     pub client_assertions: bool,
+    /// Refuse a client assertion seen before within its lifetime, and one without `jti`.
+    pub client_assertion_replay_protection: bool,
     /// OpenID Providers.
     pub oidc: Vec<IssuerConfig>,
     /// The identity server's store, for sub-agent leases; `None` refuses sub-agents.
@@ -305,6 +319,9 @@ impl TxnConfig {
             )?,
             subject_token_cache: file.subject_token_cache.unwrap_or(true),
             client_assertions: file.client_assertions.unwrap_or(false),
+            client_assertion_replay_protection: file
+                .client_assertion_replay_protection
+                .unwrap_or(true),
             oidc,
             identity_store,
             accept_dev_tokens: false,
@@ -331,6 +348,17 @@ fn issuer_config(file: FileIssuer, base: &Path) -> Result<IssuerConfig, TxnConfi
             .collect::<Result<_, _>>()?;
     }
     config.leeway = duration("leeway", file.leeway.as_deref(), config.leeway)?;
+    config.max_token_lifetime = duration(
+        "max_token_lifetime",
+        file.max_token_lifetime.as_deref(),
+        config.max_token_lifetime,
+    )?;
+    if let Some(types) = file.access_token_typ {
+        config.access_token_typ = types;
+    }
+    if let Some(untyped) = file.allow_untyped_access_tokens {
+        config.allow_untyped_access_tokens = untyped;
+    }
     if let Some(ca) = file.ca_file {
         let path = base.join(ca);
         config.ca_bundle_pem =
@@ -453,7 +481,8 @@ impl TxnServer {
         }
         if config.client_assertions {
             service = service
-                .with_client_assertions(WorkloadClient::connect(&config.workload_api).await?);
+                .with_client_assertions(WorkloadClient::connect(&config.workload_api).await?)
+                .with_client_assertion_replay_protection(config.client_assertion_replay_protection);
         }
         let service = Arc::new(service);
         let addr = tcp
@@ -527,6 +556,40 @@ mod tests {
         assert!(config.audit_log.is_none(), "no data_dir: standard output");
         assert!(config.policy.rules().is_empty(), "deny by default");
         assert!(!config.client_assertions);
+        assert!(config.client_assertion_replay_protection);
+    }
+
+    #[test]
+    fn token_kind_and_lifetime_keys() {
+        let config = TxnConfig::from_toml(
+            r#"
+            client_assertion_replay_protection = false
+            [[oidc]]
+            issuer = "https://idp.example.com"
+            audiences = ["writ"]
+            max_token_lifetime = "1h"
+            access_token_typ = ["at+jwt", "JWT"]
+            allow_untyped_access_tokens = true
+            [[oidc]]
+            issuer = "https://other.example.com"
+            audiences = ["writ"]
+            "#,
+            Path::new("."),
+        )
+        .unwrap();
+        assert!(!config.client_assertion_replay_protection);
+        let [lax, strict] = config.oidc.as_slice() else {
+            panic!("two issuers")
+        };
+        assert_eq!(lax.max_token_lifetime, Duration::from_secs(3600));
+        assert_eq!(lax.access_token_typ, ["at+jwt", "JWT"]);
+        assert!(lax.allow_untyped_access_tokens);
+        assert_eq!(
+            strict.max_token_lifetime,
+            crate::oidc::DEFAULT_MAX_TOKEN_LIFETIME
+        );
+        assert_eq!(strict.access_token_typ, [crate::oidc::ACCESS_TOKEN_TYP]);
+        assert!(!strict.allow_untyped_access_tokens);
     }
 
     #[test]

@@ -21,7 +21,9 @@
 //!   `client_assertion` (a JWT-SVID whose audience is the service's issuer URL): client
 //!   authentication for callers behind a TLS-terminating proxy, accepted only for
 //!   callers whose policy rule sets `client_assertion = true`, and never together with
-//!   a client certificate (RFC 6749 section 2.3: one method per request).
+//!   a client certificate (RFC 6749 section 2.3: one method per request). Each assertion
+//!   is accepted once within its lifetime, and must carry a `jti` (RFC 7523 section 3;
+//!   [`crate::client_assertion::ReplayCache`]), unless replay protection is turned off.
 //!
 //! The body is at most [`MAX_BODY_BYTES`], each field at most [`MAX_FIELD_BYTES`], and a
 //! field may not appear twice (RFC 6749 section 3.2). Unknown fields are ignored (RFC
@@ -56,6 +58,7 @@ use writ_sdk::txn_token::{Actor, TOKEN_TYPE_URN, TxnToken, TxnVerifier};
 use writ_sdk::workload::WorkloadClient;
 
 use crate::audit::{AuditLog, AuditRecord};
+use crate::client_assertion::ReplayCache;
 use crate::lease::{LeaseError, Leases, is_sub_agent_id};
 use crate::oidc::{
     OidcError, OidcValidator, SubjectTokenType, ValidatedSubject, token_fingerprint,
@@ -85,6 +88,11 @@ pub const DEFAULT_MAX_CHAIN_DEPTH: usize = 8;
 pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe";
 /// Most subject token validations remembered by the validation cache.
 pub const SUBJECT_CACHE_CAPACITY: u64 = 100_000;
+/// Longest time a subject token validation is remembered, by the service's clock (5
+/// minutes, the JWKS cache's lifetime): a key the provider withdraws stops validating
+/// cached tokens as soon as it stops validating new ones. The token's `exp` ends it
+/// sooner, and `exp` itself is bounded by the issuer's `max_token_lifetime`.
+pub const SUBJECT_CACHE_MAX_AGE: Duration = Duration::from_secs(300);
 /// The `rctx` members the service fills and a caller may not set.
 pub const RESERVED_RCTX: [&str; 3] = ["req_ip", "authn", "transport"];
 
@@ -529,8 +537,10 @@ pub struct ExchangeService {
     max_chain_depth: usize,
     audit: AuditLog,
     limiter: RateLimiter,
-    subject_cache: Option<moka::future::Cache<String, Arc<ValidatedSubject>>>,
+    /// Validated subjects and when (clock seconds) they were validated.
+    subject_cache: Option<moka::future::Cache<String, (Arc<ValidatedSubject>, i64)>>,
     assertions: Option<WorkloadClient>,
+    assertion_replay: Option<ReplayCache>,
     leases: Option<Leases>,
 }
 
@@ -561,6 +571,7 @@ impl ExchangeService {
             audit: AuditLog::memory(),
             subject_cache: None,
             assertions: None,
+            assertion_replay: None,
             leases: None,
         }
     }
@@ -579,21 +590,33 @@ impl ExchangeService {
     }
 
     /// Remembers validated OIDC subject tokens (keyed by their SHA-256, until they
-    /// expire) so a token presented again skips signature verification.
+    /// expire and at most [`SUBJECT_CACHE_MAX_AGE`]) so a token presented again skips
+    /// signature verification.
     pub fn with_subject_cache(mut self) -> Self {
         self.subject_cache = Some(
             moka::future::Cache::builder()
                 .max_capacity(SUBJECT_CACHE_CAPACITY)
-                .time_to_live(Duration::from_secs(3600))
+                .time_to_live(SUBJECT_CACHE_MAX_AGE)
                 .build(),
         );
         self
     }
 
     /// Accepts JWT-SVID client assertions (for callers whose rule allows them),
-    /// validated by the agent behind `workload` with the issuer URL as audience.
+    /// validated by the agent behind `workload` with the issuer URL as audience, each
+    /// once (replay protection on; see
+    /// [`ExchangeService::with_client_assertion_replay_protection`]).
     pub fn with_client_assertions(mut self, workload: WorkloadClient) -> Self {
         self.assertions = Some(workload);
+        self.assertion_replay = Some(ReplayCache::new(self.clock.clone()));
+        self
+    }
+
+    /// Turns the client assertion replay check on (the default) or off. Off, an
+    /// assertion without `jti` is accepted, and any assertion may be presented again
+    /// until it expires.
+    pub fn with_client_assertion_replay_protection(mut self, on: bool) -> Self {
+        self.assertion_replay = on.then(|| ReplayCache::new(self.clock.clone()));
         self
     }
 
@@ -739,7 +762,7 @@ impl ExchangeService {
                         "client assertions are not enabled",
                     ));
                 };
-                let (id, _claims) = workload
+                let (id, claims) = workload
                     .clone()
                     .validate_jwt(&self.issuer_url, assertion)
                     .await
@@ -757,6 +780,17 @@ impl ExchangeService {
                     return Err(ExchangeError::invalid_client(
                         "this caller may not authenticate with a client assertion",
                     ));
+                }
+                if let Some(replay) = &self.assertion_replay {
+                    replay.check(&id, &claims).map_err(|e| {
+                        tracing::info!(
+                            assertion_sha256 = %token_fingerprint(assertion),
+                            caller = %id,
+                            error = %e,
+                            "client assertion refused"
+                        );
+                        ExchangeError::invalid_client(e.to_string())
+                    })?;
                 }
                 Ok(Caller {
                     id,
@@ -995,13 +1029,16 @@ impl ExchangeService {
             return oidc.validate(token, token_type).await.map(Arc::new);
         };
         let key = format!("{}:{}", token_type.as_urn(), token_fingerprint(token));
-        if let Some(hit) = cache.get(&key).await
-            && hit.expires_at > self.clock.unix_seconds()
+        let now = self.clock.unix_seconds();
+        let max_age = i64::try_from(SUBJECT_CACHE_MAX_AGE.as_secs()).unwrap_or(i64::MAX);
+        if let Some((hit, validated_at)) = cache.get(&key).await
+            && hit.expires_at > now
+            && (validated_at..validated_at.saturating_add(max_age)).contains(&now)
         {
             return Ok(hit);
         }
         let validated = Arc::new(oidc.validate(token, token_type).await?);
-        cache.insert(key, validated.clone()).await;
+        cache.insert(key, (validated.clone(), now)).await;
         Ok(validated)
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod audit;
 pub mod cli;
+pub mod client_assertion;
 pub mod config;
 pub mod dev;
 pub mod exchange;

@@ -6,7 +6,23 @@
 //! issuer's keys through OpenID Connect Discovery and a JWKS cache, verifies the
 //! signature with an algorithm allow-list, and checks `iss`, `aud`, `exp`, `nbf` and
 //! `iat` against the injected [`Clock`](writ_identity::clock::Clock), never the system
-//! time.
+//! time, with the shared [`writ_identity::numeric_date`] rule: `exp` at most
+//! [`IssuerConfig::max_token_lifetime`] ahead (default 24 h), `nbf`/`iat` not in the
+//! future, every time claim a sane NumericDate (`exp = 1e300` is refused).
+//!
+//! Token kinds (RFC 9068 sections 2.1 and 4, RFC 8725 section 3.11): tokens are told
+//! apart by their `typ` header and by claims, so that one kind never passes as another.
+//! - `access_token`: `typ` must be `at+jwt` (or `application/at+jwt`, case-insensitive);
+//!   an issuer that types access tokens otherwise (`JWT`, or no `typ`) is accepted only
+//!   with [`IssuerConfig::access_token_typ`] / [`IssuerConfig::allow_untyped_access_tokens`].
+//!   Whatever the `typ`, a token carrying a claim that only ID tokens carry (`nonce`,
+//!   `at_hash`, `c_hash`, `s_hash`; OpenID Connect Core sections 2 and 3.3.2.11) is not
+//!   an access token.
+//! - `id_token`: `typ` absent or `JWT` (`at+jwt` is refused, RFC 9068 section 4), and a
+//!   token carrying `client_id` (REQUIRED in RFC 9068 access tokens, not an ID token
+//!   claim) is not an ID token.
+//! - `jwt`: any of `JWT`, `at+jwt` or no `typ`, without the kind checks (the caller
+//!   claims no kind).
 //!
 //! Hardening:
 //! - tokens larger than [`OidcOptions::max_token_bytes`] are refused before parsing;
@@ -46,6 +62,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use writ_identity::clock::SharedClock;
+use writ_identity::numeric_date::{TimeClaims, TimeError, TimeWindow};
 
 /// The default largest token accepted, in bytes (16 KiB).
 pub const DEFAULT_MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -59,6 +76,14 @@ pub const DEFAULT_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default clock skew tolerated on `exp`, `nbf` and `iat` (30 s).
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+/// The default furthest ahead of now a subject token's `exp` may be (24 hours).
+pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// The `typ` of an RFC 9068 access token, the only one accepted for access tokens by
+/// default.
+pub const ACCESS_TOKEN_TYP: &str = "at+jwt";
+/// Claims only an ID token carries (OpenID Connect Core sections 2 and 3.3.2.11): a
+/// token with one of them is never accepted as an access token.
+pub const ID_TOKEN_ONLY_CLAIMS: [&str; 4] = ["nonce", "at_hash", "c_hash", "s_hash"];
 
 /// The errors of OIDC ingress. Every message is safe to show a client: none contains
 /// the token or key material.
@@ -83,9 +108,23 @@ pub enum OidcError {
         /// What is wrong.
         reason: &'static str,
     },
-    /// The header `typ` does not fit the presented subject token type.
+    /// The header `typ` does not fit the presented subject token type (for example an
+    /// access token without `typ: at+jwt` from an issuer not configured to allow it).
     #[error("subject token type does not match its `typ` header")]
     TokenType,
+    /// The claims show another kind of token than the presented subject token type (an
+    /// ID token presented as an access token, or the reverse).
+    #[error("subject token is not an {expected}: it carries `{claim}`")]
+    TokenKind {
+        /// The presented kind (`access token`, `ID token`).
+        expected: &'static str,
+        /// The claim that gives it away.
+        claim: &'static str,
+    },
+    /// A time claim is out of range: `exp` more than the issuer's
+    /// `max_token_lifetime` ahead, `nbf` or `iat` after `exp`, or not a sane NumericDate.
+    #[error("subject token time claims are out of range: {0}")]
+    Time(TimeError),
     /// The header `alg` is `none`, unknown, or not in the issuer's allow-list.
     #[error("subject token algorithm is not allowed")]
     Algorithm,
@@ -192,12 +231,26 @@ pub struct IssuerConfig {
     pub algorithms: Vec<Algorithm>,
     /// Clock skew tolerated on `exp`, `nbf` and `iat` (default 30 s).
     pub leeway: Duration,
+    /// Furthest ahead of now a token's `exp` may be (default
+    /// [`DEFAULT_MAX_TOKEN_LIFETIME`], 24 h). Also bounds how long a validation is cached.
+    pub max_token_lifetime: Duration,
+    /// The `typ` values accepted on access tokens, compared case-insensitively and
+    /// without an `application/` prefix (default `["at+jwt"]`, RFC 9068). Add `"JWT"`
+    /// for an issuer that types its access tokens `JWT`.
+    pub access_token_typ: Vec<String>,
+    /// Accept access tokens without a `typ` header from this issuer (default `false`).
+    pub allow_untyped_access_tokens: bool,
     /// PEM certificates that are the only TLS roots trusted for this issuer's discovery
     /// and JWKS requests (default: the platform's roots).
     pub ca_bundle_pem: Option<String>,
 }
 
 impl IssuerConfig {
+    /// The time rule of this issuer's tokens: its leeway and longest lifetime.
+    pub fn time_window(&self) -> TimeWindow {
+        TimeWindow::new(self.leeway, self.max_token_lifetime)
+    }
+
     /// An issuer with the default claims, algorithms and leeway.
     pub fn new<I, A>(issuer: impl Into<String>, audiences: I) -> Self
     where
@@ -216,6 +269,9 @@ impl IssuerConfig {
                 Algorithm::EdDSA,
             ],
             leeway: DEFAULT_LEEWAY,
+            max_token_lifetime: DEFAULT_MAX_TOKEN_LIFETIME,
+            access_token_typ: vec![ACCESS_TOKEN_TYP.to_owned()],
+            allow_untyped_access_tokens: false,
             ca_bundle_pem: None,
         }
     }
@@ -366,6 +422,25 @@ impl Issuer {
         if config.algorithms.is_empty() {
             return Err(config_error(format!(
                 "issuer {name}: at least one algorithm is required"
+            )));
+        }
+        if config.max_token_lifetime.is_zero() {
+            return Err(config_error(format!(
+                "issuer {name}: max_token_lifetime must be positive"
+            )));
+        }
+        if config.access_token_typ.is_empty() && !config.allow_untyped_access_tokens {
+            return Err(config_error(format!(
+                "issuer {name}: access_token_typ is empty and untyped access tokens are not allowed"
+            )));
+        }
+        if let Some(bad) = config
+            .access_token_typ
+            .iter()
+            .find(|t| !matches!(normalize_typ(t).as_str(), "at+jwt" | "jwt"))
+        {
+            return Err(config_error(format!(
+                "issuer {name}: access_token_typ {bad:?} is neither \"at+jwt\" nor \"JWT\""
             )));
         }
         if config.algorithms.iter().any(|a| is_hmac(*a)) {
@@ -608,24 +683,6 @@ fn split_token(token: &str) -> Result<Parts, OidcError> {
     })
 }
 
-/// A NumericDate claim as whole seconds; `Ok(None)` when absent.
-fn numeric_date(claims: &Value, name: &str) -> Result<Option<i64>, OidcError> {
-    match claims.get(name) {
-        None => Ok(None),
-        Some(v) => v
-            .as_i64()
-            .or_else(|| {
-                v.as_f64()
-                    .filter(|f| f.is_finite())
-                    .map(|f| f.floor() as i64)
-            })
-            .map(Some)
-            .ok_or_else(|| OidcError::MissingClaim {
-                claim: name.to_owned(),
-            }),
-    }
-}
-
 /// A claim that is a string or an array of strings (absent: empty).
 fn string_list(claims: &Value, name: &str, split_spaces: bool) -> Result<Vec<String>, OidcError> {
     let invalid = || OidcError::MissingClaim {
@@ -645,21 +702,74 @@ fn string_list(claims: &Value, name: &str, split_spaces: bool) -> Result<Vec<Str
     }
 }
 
-fn check_typ(header: &Value, token_type: SubjectTokenType) -> Result<(), OidcError> {
-    let Some(typ) = header.get("typ") else {
-        return Ok(());
-    };
-    let typ = typ.as_str().ok_or(OidcError::Malformed {
-        reason: "header `typ` is not a string",
-    })?;
+/// A `typ` value as compared: lowercase, without an `application/` prefix (RFC 7515
+/// section 4.1.9).
+fn normalize_typ(typ: &str) -> String {
     let typ = typ.to_ascii_lowercase();
-    let typ = typ.strip_prefix("application/").unwrap_or(&typ);
-    match (typ, token_type) {
-        ("jwt", _) => Ok(()),
-        // An access token must not pass as an ID token (RFC 9068 section 2.1).
-        ("at+jwt", SubjectTokenType::AccessToken | SubjectTokenType::Jwt) => Ok(()),
-        _ => Err(OidcError::TokenType),
+    typ.strip_prefix("application/")
+        .map(str::to_owned)
+        .unwrap_or(typ)
+}
+
+/// The `typ` rules of the module documentation, for a token of `config`'s issuer.
+fn check_typ(
+    header: &Value,
+    token_type: SubjectTokenType,
+    config: &IssuerConfig,
+) -> Result<(), OidcError> {
+    let typ = match header.get("typ") {
+        None => None,
+        Some(Value::String(t)) => Some(normalize_typ(t)),
+        Some(_) => {
+            return Err(OidcError::Malformed {
+                reason: "header `typ` is not a string",
+            });
+        }
+    };
+    let ok = match (token_type, typ.as_deref()) {
+        (SubjectTokenType::AccessToken, None) => config.allow_untyped_access_tokens,
+        (SubjectTokenType::AccessToken, Some(t)) => config
+            .access_token_typ
+            .iter()
+            .any(|allowed| normalize_typ(allowed) == t),
+        // An access token must not pass as an ID token (RFC 9068 section 4).
+        (SubjectTokenType::IdToken, None | Some("jwt")) => true,
+        (SubjectTokenType::Jwt, None | Some("jwt" | "at+jwt")) => true,
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(OidcError::TokenType)
     }
+}
+
+/// The claim rules of the module documentation: an ID token never passes as an access
+/// token, nor an access token as an ID token.
+fn check_kind(claims: &Value, token_type: SubjectTokenType) -> Result<(), OidcError> {
+    match token_type {
+        SubjectTokenType::AccessToken => {
+            if let Some(claim) = ID_TOKEN_ONLY_CLAIMS
+                .into_iter()
+                .find(|c| claims.get(*c).is_some())
+            {
+                return Err(OidcError::TokenKind {
+                    expected: "access token",
+                    claim,
+                });
+            }
+        }
+        SubjectTokenType::IdToken => {
+            if claims.get("client_id").is_some() {
+                return Err(OidcError::TokenKind {
+                    expected: "ID token",
+                    claim: "client_id",
+                });
+            }
+        }
+        SubjectTokenType::Jwt => {}
+    }
+    Ok(())
 }
 
 impl OidcValidator {
@@ -774,7 +884,6 @@ impl OidcValidator {
                 reason: "unsupported `crit` header",
             });
         }
-        check_typ(&header, token_type)?;
         let kid = match header.get("kid") {
             None => None,
             Some(Value::String(k)) => Some(k.as_str()),
@@ -800,11 +909,12 @@ impl OidcValidator {
         if !config.algorithms.contains(&alg) {
             return Err(OidcError::Algorithm);
         }
+        check_typ(&header, token_type, config)?;
 
         let claims = self
             .verify_signature(issuer, token, kid, alg, alg_name)
             .await?;
-        self.check_claims(config, claims)
+        self.check_claims(config, claims, token_type)
     }
 
     async fn key_set(&self, issuer: &Arc<Issuer>) -> Result<Arc<KeySet>, OidcError> {
@@ -880,6 +990,7 @@ impl OidcValidator {
         &self,
         config: &IssuerConfig,
         claims: Value,
+        token_type: SubjectTokenType,
     ) -> Result<ValidatedSubject, OidcError> {
         if claims.get("iss").and_then(Value::as_str) != Some(config.issuer.as_str()) {
             return Err(OidcError::Issuer);
@@ -893,21 +1004,24 @@ impl OidcValidator {
             return Err(OidcError::Audience);
         }
 
+        check_kind(&claims, token_type)?;
+
         let now = self.clock.unix_seconds();
-        let leeway = i64::try_from(config.leeway.as_secs()).unwrap_or(i64::MAX);
-        let expires_at = numeric_date(&claims, "exp")?.ok_or_else(|| OidcError::MissingClaim {
-            claim: "exp".to_owned(),
+        let times = TimeClaims::from_claims(&claims).map_err(|e| match e {
+            TimeError::Invalid { claim } => OidcError::MissingClaim {
+                claim: claim.to_owned(),
+            },
+            other => OidcError::Time(other),
         })?;
-        if expires_at.saturating_add(leeway) <= now {
-            return Err(OidcError::Expired);
-        }
-        for name in ["nbf", "iat"] {
-            if let Some(t) = numeric_date(&claims, name)?
-                && t.saturating_sub(leeway) > now
-            {
-                return Err(OidcError::NotYetValid);
-            }
-        }
+        config
+            .time_window()
+            .check(&times, now)
+            .map_err(|e| match e {
+                TimeError::Expired => OidcError::Expired,
+                TimeError::NotYetValid | TimeError::IssuedInFuture => OidcError::NotYetValid,
+                other => OidcError::Time(other),
+            })?;
+        let expires_at = times.exp;
 
         let subject = claims
             .get(&config.subject_claim)
@@ -963,18 +1077,73 @@ mod tests {
 
     #[test]
     fn typ_rules() {
+        use SubjectTokenType::{AccessToken, IdToken, Jwt};
         let h = |t: &str| serde_json::json!({ "typ": t });
-        assert!(check_typ(&h("at+jwt"), SubjectTokenType::AccessToken).is_ok());
-        assert!(check_typ(&h("application/at+jwt"), SubjectTokenType::Jwt).is_ok());
-        assert!(check_typ(&h("JWT"), SubjectTokenType::IdToken).is_ok());
+        let none = serde_json::json!({});
+        let strict = IssuerConfig::new("https://idp.example", ["aud"]);
+        let mut lax = strict.clone();
+        lax.access_token_typ = vec!["at+jwt".into(), "JWT".into()];
+        lax.allow_untyped_access_tokens = true;
+
+        // Access tokens: at+jwt (any case, with or without application/) by default.
+        for typ in [
+            "at+jwt",
+            "AT+JWT",
+            "application/at+jwt",
+            "Application/At+Jwt",
+        ] {
+            assert!(check_typ(&h(typ), AccessToken, &strict).is_ok(), "{typ}");
+        }
+        for (header, what) in [(h("JWT"), "JWT"), (none.clone(), "no typ")] {
+            assert_eq!(
+                check_typ(&header, AccessToken, &strict),
+                Err(OidcError::TokenType),
+                "{what} refused by default"
+            );
+            assert!(
+                check_typ(&header, AccessToken, &lax).is_ok(),
+                "{what} allowed"
+            );
+        }
         assert_eq!(
-            check_typ(&h("at+jwt"), SubjectTokenType::IdToken),
+            check_typ(&h("txntoken+jwt"), AccessToken, &lax),
             Err(OidcError::TokenType)
         );
+        // ID tokens: JWT or no typ; never at+jwt.
+        assert!(check_typ(&h("JWT"), IdToken, &strict).is_ok());
+        assert!(check_typ(&none, IdToken, &strict).is_ok());
         assert_eq!(
-            check_typ(&h("txntoken+jwt"), SubjectTokenType::AccessToken),
+            check_typ(&h("at+jwt"), IdToken, &lax),
             Err(OidcError::TokenType)
         );
+        // Plain JWTs: either.
+        assert!(check_typ(&h("application/at+jwt"), Jwt, &strict).is_ok());
+        assert!(check_typ(&h("JWT"), Jwt, &strict).is_ok());
+        assert!(check_typ(&h("dpop+jwt"), Jwt, &strict).is_err());
+    }
+
+    #[test]
+    fn kind_rules() {
+        use SubjectTokenType::{AccessToken, IdToken, Jwt};
+        let id_token = serde_json::json!({ "sub": "a", "nonce": "n", "at_hash": "x" });
+        let access = serde_json::json!({ "sub": "a", "client_id": "c", "jti": "j" });
+        assert_eq!(
+            check_kind(&id_token, AccessToken),
+            Err(OidcError::TokenKind {
+                expected: "access token",
+                claim: "nonce"
+            })
+        );
+        assert!(check_kind(&access, AccessToken).is_ok());
+        assert_eq!(
+            check_kind(&access, IdToken),
+            Err(OidcError::TokenKind {
+                expected: "ID token",
+                claim: "client_id"
+            })
+        );
+        assert!(check_kind(&id_token, IdToken).is_ok());
+        assert!(check_kind(&id_token, Jwt).is_ok());
     }
 
     #[test]
@@ -995,6 +1164,23 @@ mod tests {
             OidcValidator::new(vec![c], clock),
             Err(OidcError::Config { .. })
         ));
+    }
+
+    #[test]
+    fn refuses_unknown_access_token_typ_and_zero_lifetime() {
+        let clock: SharedClock = Arc::new(writ_identity::clock::SystemClock);
+        let mut c = IssuerConfig::new("https://idp.example", ["aud"]);
+        c.access_token_typ = vec!["dpop+jwt".into()];
+        assert!(matches!(
+            OidcValidator::new(vec![c.clone()], clock.clone()),
+            Err(OidcError::Config { reason }) if reason.contains("dpop+jwt")
+        ));
+        c.access_token_typ = vec![];
+        assert!(OidcValidator::new(vec![c.clone()], clock.clone()).is_err());
+        c.allow_untyped_access_tokens = true;
+        assert!(OidcValidator::new(vec![c.clone()], clock.clone()).is_ok());
+        c.max_token_lifetime = Duration::ZERO;
+        assert!(OidcValidator::new(vec![c], clock).is_err());
     }
 
     #[test]

@@ -346,6 +346,54 @@ async fn tampered_and_foreign_txn_tokens_are_invalid_request() {
     assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_request");
 }
 
+/// On replacement, a Txn-Token that verifies but is not valid yet (`nbf`), claims a
+/// lifetime the service never issues, or carries an `act` of the wrong shape is refused
+/// as an invalid subject token (defense in depth: the service's key signed it).
+#[tokio::test]
+async fn replacement_checks_nbf_exp_bounds_and_act_shape() {
+    let h = harness();
+    let (claims, _) = initial_token(&h);
+    let raw = serde_json::to_value(&claims).unwrap();
+    let signed = |extra: Value| {
+        let mut c = raw.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        h.minter.sign(TXN_TOKEN_TYP, &c).unwrap()
+    };
+    for (extra, what) in [
+        (json!({"nbf": NOW + 120}), "not valid yet"),
+        (json!({"exp": NOW + 5 * 365 * 86_400}), "expires"),
+        (json!({"exp": i64::MAX}), "exp"),
+        (
+            json!({"act": {"sub": "alice"}}),
+            "delegation chain is malformed",
+        ),
+        (
+            json!({"act": {"sub": GATEWAY, "act": "x"}}),
+            "delegation chain is malformed",
+        ),
+        (json!({"act": null}), "delegation chain is malformed"),
+    ] {
+        let reply = post(
+            &h.app,
+            PLANNER,
+            replacement_form(&signed(extra.clone()), None),
+        )
+        .await;
+        assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_request");
+        let description = reply.body["error_description"].as_str().unwrap();
+        assert!(
+            description.starts_with("subject_token:") && description.contains(what),
+            "{extra}: {description}"
+        );
+    }
+    // The same token with a sane nbf and a well-formed chain is replaced.
+    let ok = signed(json!({"nbf": NOW, "act": {"sub": GATEWAY}}));
+    let reply = post(&h.app, PLANNER, replacement_form(&ok, None)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+}
+
 #[tokio::test]
 async fn chain_depth_is_limited() {
     let h = harness_with(Some(2));

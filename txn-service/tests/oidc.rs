@@ -297,6 +297,7 @@ async fn discovery_issuer_must_match_exactly() {
     claims["iss"] = json!(alias);
     let mut header = Header::new(Algorithm::ES256);
     header.kid = Some("rogue".to_owned());
+    header.typ = Some("at+jwt".to_owned());
     let key = EncodingKey::from_ec_pem(op.rogue_key_pem.as_bytes()).unwrap();
     let forged = jsonwebtoken::encode(&header, &claims, &key).unwrap();
     let err = validator

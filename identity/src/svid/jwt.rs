@@ -1,10 +1,14 @@
 //! JWT-SVIDs per the SPIFFE JWT-SVID standard.
 //!
 //! Header: `alg` (ES256 by default), `kid`, `typ: JWT`. Claims: `sub` (the SPIFFE ID),
-//! `aud` (one or more audiences), `exp`, `iat`. [`validate`] refuses `alg: none`, any
-//! HMAC algorithm, a missing `kid`, an unknown key, a missing or wrong audience, an
-//! expired token and a `sub` that is not a SPIFFE ID. Time comes from the caller, so
-//! expiry follows the injected [`crate::clock::Clock`].
+//! `aud` (one or more audiences), `exp`, `iat`, and `jti` (a random id, which the
+//! JWT-SVID standard allows as an extra claim, so a validator can refuse a replayed
+//! token, RFC 7523 section 3). [`validate`] refuses `alg: none`, any HMAC algorithm, a
+//! missing `kid`, an unknown key, a missing or wrong audience, a `sub` that is not a
+//! SPIFFE ID, and time claims outside [`TIME_WINDOW`]: expired, `exp` more than
+//! [`MAX_LIFETIME`] ahead (or not a sane NumericDate, such as `1e300`), `nbf` or `iat`
+//! in the future beyond [`LEEWAY`]. Time comes from the caller, so expiry follows the
+//! injected [`crate::clock::Clock`].
 //!
 //! ```no_run
 //! use writ_identity::bundle::BundleSet;
@@ -15,7 +19,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -23,12 +27,23 @@ use serde::{Deserialize, Serialize};
 use crate::bundle::{BundleSet, Jwk};
 use crate::clock::unix_seconds;
 use crate::key_manager::PrivateKey;
+use crate::numeric_date::{TimeClaims, TimeError, TimeWindow};
 use crate::spiffe_id::{SpiffeId, SpiffeIdError};
 
 /// Largest token accepted, in bytes.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// Most audiences one JWT-SVID may name.
 pub const MAX_AUDIENCES: usize = 32;
+/// Longest `jti` accepted, in bytes.
+pub const MAX_JTI_BYTES: usize = 256;
+/// Clock skew tolerated on `nbf` and `iat` (an `exp` in the past is expired: the
+/// issuer and the validator share the trust domain's clock discipline).
+pub const LEEWAY: Duration = Duration::from_secs(30);
+/// Furthest ahead of now a JWT-SVID's `exp` may be (one year): a token claiming to be
+/// valid longer was not minted by a sane issuer.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
+/// The time rule of [`validate`].
+pub const TIME_WINDOW: TimeWindow = TimeWindow::new(LEEWAY, MAX_LIFETIME);
 
 /// Algorithms a JWT-SVID may be signed with (the JWT-SVID standard's RS, ES and PS
 /// families). `none` and HS* can never appear here.
@@ -87,6 +102,10 @@ pub enum JwtSvidError {
     /// The token has expired.
     #[error("token has expired")]
     Expired,
+    /// A time claim is out of range: not a sane NumericDate, `exp` too far ahead, or
+    /// `nbf`/`iat` in the future.
+    #[error("{0}")]
+    Time(TimeError),
     /// Signing failed.
     #[error("signing failed: {0}")]
     Sign(String),
@@ -124,6 +143,9 @@ pub struct JwtSvidClaims {
     /// Issued at, Unix seconds.
     #[serde(default)]
     pub iat: i64,
+    /// A unique id of this token (random), for replay detection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
 }
 
 /// A validated JWT-SVID.
@@ -139,9 +161,11 @@ pub struct JwtSvid {
     pub issued_at: i64,
     /// The key id that signed it.
     pub kid: String,
+    /// The token's `jti`, if it has one (every JWT-SVID Writ mints does).
+    pub jti: Option<String>,
 }
 
-/// Signs a JWT-SVID with an EC P-256 key (ES256).
+/// Signs a JWT-SVID with an EC P-256 key (ES256), with a fresh random `jti`.
 ///
 /// # Errors
 /// [`JwtSvidError::Sign`] if the key cannot sign.
@@ -165,6 +189,7 @@ pub fn sign(
         aud,
         exp: expires_at,
         iat: issued_at,
+        jti: Some(uuid::Uuid::new_v4().to_string()),
     };
     jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ec_der(key.pkcs8_der()))
         .map_err(|e| JwtSvidError::Sign(e.to_string()))
@@ -249,13 +274,12 @@ pub fn validate(
     let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
         .map_err(|e| JwtSvidError::Signature(e.to_string()))?;
     let claims = data.claims;
-    let expires_at = claims
-        .get("exp")
-        .and_then(serde_json::Value::as_i64)
-        .ok_or(JwtSvidError::Claim("exp"))?;
-    let issued_at = match claims.get("iat") {
-        None => 0,
-        Some(v) => v.as_i64().ok_or(JwtSvidError::Claim("iat"))?,
+    let jti = match claims.get("jti") {
+        None => None,
+        Some(serde_json::Value::String(j)) if !j.is_empty() && j.len() <= MAX_JTI_BYTES => {
+            Some(j.clone())
+        }
+        Some(_) => return Err(JwtSvidError::Claim("jti")),
     };
     let audience: Audience = claims
         .get("aud")
@@ -272,14 +296,26 @@ pub fn validate(
     {
         return Err(JwtSvidError::Audience);
     }
-    if expires_at <= unix_seconds(now) {
+    // An `exp` in the past is expired without leeway (as before); the window's leeway
+    // applies to `nbf` and `iat`.
+    let times = TimeClaims::from_claims(&claims).map_err(|e| match e {
+        TimeError::Invalid { claim: "exp" } => JwtSvidError::Claim("exp"),
+        other => JwtSvidError::Time(other),
+    })?;
+    let now = unix_seconds(now);
+    if times.exp <= now {
         return Err(JwtSvidError::Expired);
     }
+    TIME_WINDOW.check(&times, now).map_err(|e| match e {
+        TimeError::Expired => JwtSvidError::Expired,
+        other => JwtSvidError::Time(other),
+    })?;
     Ok(JwtSvid {
         spiffe_id,
         audience,
-        expires_at,
-        issued_at,
+        expires_at: times.exp,
+        issued_at: times.iat.unwrap_or(0),
         kid,
+        jti,
     })
 }

@@ -44,6 +44,10 @@ pub use verifier::{
     TxnVerifierBuilder,
 };
 
+/// How [`TxnVerifier`] checks `exp`, `nbf` and `iat`.
+pub const TIME_WINDOW: writ_identity::numeric_date::TimeWindow =
+    writ_identity::numeric_date::TimeWindow::new(std::time::Duration::from_secs(30), MAX_LIFETIME);
+
 /// The JWT `typ` of a Txn-Token.
 pub const TXN_TOKEN_TYP: &str = "txntoken+jwt";
 /// The RFC 8693 token type URN of a Txn-Token.
@@ -54,8 +58,11 @@ pub const HEADER: &str = "Txn-Token";
 pub const MAX_TOKEN_BYTES: usize = 32 * 1024;
 /// Deepest `act` chain accepted.
 pub const MAX_CHAIN_DEPTH: usize = 16;
-/// Clock skew tolerated on `exp` and `iat`, in seconds.
+/// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds.
 pub const LEEWAY_SECS: i64 = 30;
+/// Furthest ahead of now a Txn-Token's `exp` may be (1 hour, the longest lifetime the
+/// service issues): a later `exp` is refused, and no verified token is cached longer.
+pub const MAX_LIFETIME: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Algorithms a Txn-Token may be signed with.
 pub const ALGORITHMS: &[Algorithm] = &[Algorithm::ES256, Algorithm::EdDSA];
 
@@ -189,6 +196,14 @@ pub enum TxnTokenError {
     /// `iat` is in the future.
     #[error("token is issued in the future")]
     IssuedInFuture,
+    /// `nbf` is in the future, `exp` is further ahead than [`MAX_LIFETIME`], or a time
+    /// claim is not a sane NumericDate.
+    #[error("{0}")]
+    Time(writ_identity::numeric_date::TimeError),
+    /// The `act` chain is not a well-formed RFC 8693 delegation chain: every level an
+    /// object whose `sub` is a SPIFFE ID and whose `act`, if present, is such an object.
+    #[error("delegation chain is malformed: {0}")]
+    Actor(&'static str),
     /// The `act` chain is deeper than [`MAX_CHAIN_DEPTH`].
     #[error("delegation chain deeper than {max}")]
     ChainTooDeep {

@@ -7,12 +7,15 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use jsonwebtoken::Validation;
+use serde_json::Value;
 use writ_identity::clock::{SharedClock, SystemClock, unix_seconds};
 use writ_identity::key_manager::sha256;
+use writ_identity::numeric_date::{TimeClaims, TimeError};
+use writ_identity::spiffe_id::SpiffeId;
 
 use super::jwks::{Jwks, JwksSource};
 use super::{
-    ALGORITHMS, LEEWAY_SECS, MAX_CHAIN_DEPTH, MAX_TOKEN_BYTES, TXN_TOKEN_TYP, TxnToken,
+    ALGORITHMS, MAX_CHAIN_DEPTH, MAX_TOKEN_BYTES, TIME_WINDOW, TXN_TOKEN_TYP, TxnToken,
     TxnTokenError,
 };
 
@@ -110,7 +113,7 @@ impl TxnVerifierBuilder {
 }
 
 /// A verified token stays cached until its expiry (plus the leeway) by the verifier's
-/// clock.
+/// clock, and never longer than [`super::MAX_LIFETIME`].
 struct UntilExpiry(SharedClock);
 
 impl moka::Expiry<[u8; 32], Arc<TxnToken>> for UntilExpiry {
@@ -120,8 +123,7 @@ impl moka::Expiry<[u8; 32], Arc<TxnToken>> for UntilExpiry {
         token: &Arc<TxnToken>,
         _created_at: Instant,
     ) -> Option<Duration> {
-        let left = token.exp + LEEWAY_SECS - self.0.unix_seconds();
-        Some(Duration::from_secs(u64::try_from(left).unwrap_or(0)))
+        Some(TIME_WINDOW.cache_ttl(token.exp, self.0.unix_seconds()))
     }
 }
 
@@ -140,8 +142,11 @@ struct Inner {
 }
 
 /// Verifies Txn-Tokens: `typ: txntoken+jwt`, an allowed algorithm with a key from the
-/// service's JWKS, `aud` = this trust domain, `exp`/`iat` within [`LEEWAY_SECS`], and
-/// the required claims (`txn`, `sub`, `req_wl`, ...). Clones share keys and cache.
+/// service's JWKS, `aud` = this trust domain, `exp`/`nbf`/`iat` within
+/// [`TIME_WINDOW`](super::TIME_WINDOW) (unexpired, not valid only later, `exp` at most
+/// [`MAX_LIFETIME`](super::MAX_LIFETIME) ahead), the required claims (`txn`, `sub`,
+/// `req_wl`, ...), and an `act` chain whose every level is an object with a SPIFFE ID
+/// `sub`, at most [`MAX_CHAIN_DEPTH`] deep. Clones share keys and cache.
 ///
 /// ```no_run
 /// # async fn demo(token: &str) -> Result<(), Box<dyn std::error::Error>> {
@@ -344,17 +349,22 @@ impl TxnVerifier {
         validation.validate_exp = false;
         validation.validate_aud = false;
         validation.required_spec_claims.clear();
-        let claims = jsonwebtoken::decode::<TxnToken>(token, &key.key, &validation)
+        let raw = jsonwebtoken::decode::<Value>(token, &key.key, &validation)
             .map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::Json(j) => TxnTokenError::Claims(j.to_string()),
                 _ => TxnTokenError::Signature,
             })?
             .claims;
-        self.check_claims(&claims, unix_seconds(now))?;
+        // The chain's shape first, so a malformed `act` is named as such rather than as
+        // a claims type error.
+        check_actor_chain(raw.get("act"))?;
+        let claims: TxnToken = serde_json::from_value(raw.clone())
+            .map_err(|e| TxnTokenError::Claims(e.to_string()))?;
+        self.check_claims(&claims, &raw, unix_seconds(now))?;
         Ok(claims)
     }
 
-    fn check_claims(&self, claims: &TxnToken, now: i64) -> Result<(), TxnTokenError> {
+    fn check_claims(&self, claims: &TxnToken, raw: &Value, now: i64) -> Result<(), TxnTokenError> {
         if claims.aud != self.inner.trust_domain {
             return Err(TxnTokenError::Audience);
         }
@@ -366,16 +376,12 @@ impl TxnVerifier {
         {
             return Err(TxnTokenError::Issuer);
         }
-        check_times(claims, now)?;
+        let times = TimeClaims::from_claims(raw).map_err(TxnTokenError::Time)?;
+        TIME_WINDOW.check(&times, now).map_err(time_error)?;
         if claims.txn.is_empty() || claims.sub.is_empty() || claims.req_wl.is_empty() {
             return Err(TxnTokenError::Claims(
                 "txn, sub and req_wl are required".into(),
             ));
-        }
-        if claims.chain().len() > MAX_CHAIN_DEPTH {
-            return Err(TxnTokenError::ChainTooDeep {
-                max: MAX_CHAIN_DEPTH,
-            });
         }
         Ok(())
     }
@@ -404,12 +410,50 @@ fn header(token: &str) -> Result<jsonwebtoken::Header, TxnTokenError> {
     Ok(header)
 }
 
+/// The time checks of an already verified (cached) token: `exp` and `iat` (its `nbf`,
+/// if any, was checked when it was verified, and only moves into the past).
 fn check_times(claims: &TxnToken, now: i64) -> Result<(), TxnTokenError> {
-    if claims.exp + LEEWAY_SECS <= now {
-        return Err(TxnTokenError::Expired);
+    let times = TimeClaims {
+        exp: claims.exp,
+        iat: Some(claims.iat),
+        nbf: None,
+    };
+    TIME_WINDOW.check(&times, now).map_err(time_error)
+}
+
+fn time_error(e: TimeError) -> TxnTokenError {
+    match e {
+        TimeError::Expired => TxnTokenError::Expired,
+        TimeError::IssuedInFuture => TxnTokenError::IssuedInFuture,
+        other => TxnTokenError::Time(other),
     }
-    if claims.iat > now + LEEWAY_SECS {
-        return Err(TxnTokenError::IssuedInFuture);
+}
+
+/// The RFC 8693 `act` chain, as the claims carry it: absent, or an object with a `sub`
+/// that is a SPIFFE ID (the service puts workload identities there) and optionally a
+/// nested `act` of the same shape, at most [`MAX_CHAIN_DEPTH`] levels. Other members of
+/// an actor object are allowed (RFC 8693 section 4.1 lets it carry more claims about
+/// the actor), but nothing where an actor must be: `act: null`, a string, an array.
+fn check_actor_chain(act: Option<&Value>) -> Result<(), TxnTokenError> {
+    let mut next = act;
+    let mut depth = 0;
+    while let Some(level) = next {
+        depth += 1;
+        if depth > MAX_CHAIN_DEPTH {
+            return Err(TxnTokenError::ChainTooDeep {
+                max: MAX_CHAIN_DEPTH,
+            });
+        }
+        let actor = level
+            .as_object()
+            .ok_or(TxnTokenError::Actor("an `act` is not an object"))?;
+        let sub = actor
+            .get("sub")
+            .and_then(Value::as_str)
+            .ok_or(TxnTokenError::Actor("an actor has no `sub` string"))?;
+        SpiffeId::new(sub)
+            .map_err(|_| TxnTokenError::Actor("an actor's `sub` is not a SPIFFE ID"))?;
+        next = actor.get("act");
     }
     Ok(())
 }
