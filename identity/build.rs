@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "../specs/proto/writ/node/v1/node.proto",
         "../specs/proto/writ/delegation/v1/subagents.proto",
         "../specs/proto/workload.proto",
+        "../specs/proto/grpc/health/v1/health.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

@@ -231,8 +231,7 @@ impl DiskKeyManager {
             path: dir.to_path_buf(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        set_mode(dir, 0o700).map_err(io)?;
+        create_private_dir(dir).map_err(io)?;
         Ok(Self {
             dir: dir.to_path_buf(),
         })
@@ -302,6 +301,59 @@ pub fn write_secret_file(path: &Path, data: &[u8]) -> Result<(), KeyError> {
     drop(file);
     set_mode(&tmp, 0o600).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Creates the data directory `path` (and missing parents) with mode 0700, or, if it
+/// exists with group or other permission bits, tightens it to 0700 and logs a warning
+/// naming the old mode. See [`create_dir_with_mode`].
+///
+/// # Errors
+/// The OS error (the caller names the path) if it cannot be created or secured (e.g.
+/// it belongs to another user), or if `path` exists and is not a directory.
+pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    create_dir_with_mode(path, 0o700)
+}
+
+/// Creates the directory `path` (missing parents too) with permission bits `mode`; an
+/// existing one with bits outside `mode` is tightened to `mode` at start (logged as a
+/// warning), one already tighter is left as it is.
+///
+/// # Errors
+/// As [`create_private_dir`].
+pub fn create_dir_with_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        match std::fs::metadata(path) {
+            Ok(meta) if !meta.is_dir() => Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a directory",
+            )),
+            Ok(meta) => {
+                let old = meta.permissions().mode() & 0o7777;
+                if old & !mode != 0 {
+                    set_mode(path, mode)?;
+                    tracing::warn!(path = %path.display(), old = format!("{old:o}"),
+                        new = format!("{mode:o}"), "directory permissions were looser than Writ's; tightened");
+                }
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(mode)
+                    .create(path)?;
+                // The umask may have taken bits away; the mode is exact.
+                set_mode(path, mode)
+            }
+            Err(e) => Err(e),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = mode;
+        std::fs::create_dir_all(path)
+    }
 }
 
 /// Sets Unix permission bits (no-op elsewhere).

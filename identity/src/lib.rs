@@ -60,6 +60,17 @@ pub mod proto {
             }
         }
     }
+    /// `grpc.*`: standard gRPC services.
+    pub mod grpc {
+        /// `grpc.health.*`.
+        pub mod health {
+            /// `grpc.health.v1`: the standard health checking protocol (`Check` only),
+            /// served by the agent on its Workload API socket.
+            pub mod v1 {
+                tonic::include_proto!("grpc.health.v1");
+            }
+        }
+    }
     /// The SPIFFE Workload API (no proto package, as the standard defines it).
     pub mod workload {
         tonic::include_proto!("_");

@@ -15,8 +15,8 @@ use std::process::{Child, Command};
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 use writ_identity::attest::workload::{
-    AttestError, Caller, StaticAttestor, UnixAttestor, WorkloadAttestor, parent_pid, parse_stat,
-    process_start_time, read_stat, verify_start_time,
+    AttestError, Caller, SelectorDemand, SelectorTypes, StaticAttestor, UnixAttestor,
+    WorkloadAttestor, parent_pid, parse_stat, process_start_time, read_stat, verify_start_time,
 };
 use writ_identity::selector::Selector;
 
@@ -391,6 +391,144 @@ async fn replaced_executable_cannot_fool_the_hash() {
     // The kernel now shows "<path> (deleted)": that names no file, so no path selector.
     assert!(values(&got, "path:").is_empty(), "{got:?}");
     child.0.kill().unwrap();
+}
+
+/// A demand as the agent's cache makes it, from the selectors of some entries.
+#[derive(Debug)]
+struct Entries(Vec<Vec<Selector>>);
+
+impl SelectorDemand for Entries {
+    fn wanted(&self, found: &[Selector], computed: &SelectorTypes) -> SelectorTypes {
+        let mut out = SelectorTypes::default();
+        for entry in &self.0 {
+            if entry
+                .iter()
+                .all(|s| !computed.contains_type_of(s) || found.contains(s))
+            {
+                for s in entry.iter().filter(|s| !computed.contains_type_of(s)) {
+                    out.insert_type_of(s);
+                }
+            }
+        }
+        out
+    }
+}
+
+fn entries(list: &[&[&str]]) -> std::sync::Arc<dyn SelectorDemand> {
+    std::sync::Arc::new(Entries(
+        list.iter()
+            .map(|e| e.iter().map(|s| sel(s)).collect())
+            .collect(),
+    ))
+}
+
+#[tokio::test]
+async fn hashes_only_what_an_entry_can_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("worker");
+    std::fs::copy(sleep_binary(), &exe).unwrap();
+    let digest = sha256_hex(&exe);
+    let child = Reaped(spawn_fresh(&exe, &["30"]));
+    let caller = Caller {
+        pid: i32::try_from(child.0.id()).unwrap(),
+        ..this_caller()
+    };
+    let me = caller.uid;
+    let stranger = me.wrapping_add(1);
+    let attestor = UnixAttestor::default();
+    let touch = || {
+        // Read-only: a running executable cannot be opened for writing (ETXTBSY).
+        let file = std::fs::File::open(&exe).unwrap();
+        let later = std::fs::metadata(&exe).unwrap().modified().unwrap()
+            + std::time::Duration::from_secs(1);
+        file.set_modified(later).unwrap();
+    };
+
+    // No entry uses sha256 or path: 20 calls, each touching the binary first, hash nothing.
+    let cheap = entries(&[&[&format!("unix:uid:{me}")]]);
+    for _ in 0..20 {
+        touch();
+        let got = attestor.attest_for(&caller, cheap.clone()).await.unwrap();
+        assert!(values(&got.selectors, "sha256:").is_empty());
+        assert!(values(&got.selectors, "path:").is_empty());
+        assert!(got.skipped.contains("unix", "sha256"), "{:?}", got.skipped);
+        assert!(got.skipped.contains("unix", "path"));
+        assert!(got.selectors.contains(&sel(&format!("unix:uid:{me}"))));
+    }
+    assert_eq!(attestor.hashes_computed(), 0);
+
+    // A sha256 entry for another uid: this caller is a stranger to it, still no hash.
+    let others = entries(&[&[
+        &format!("unix:uid:{stranger}"),
+        &format!("unix:sha256:{digest}"),
+    ]]);
+    for _ in 0..20 {
+        touch();
+        let got = attestor.attest_for(&caller, others.clone()).await.unwrap();
+        assert!(values(&got.selectors, "sha256:").is_empty());
+        assert!(got.skipped.contains("unix", "sha256"));
+    }
+    assert_eq!(attestor.hashes_computed(), 0);
+
+    // A sha256 entry for this uid: hashed once, then from the cache while unchanged.
+    let mine = entries(&[&[&format!("unix:uid:{me}"), &format!("unix:sha256:{digest}")]]);
+    for _ in 0..20 {
+        let got = attestor.attest_for(&caller, mine.clone()).await.unwrap();
+        assert_eq!(values(&got.selectors, "sha256:"), [digest.as_str()]);
+        assert!(!got.skipped.contains("unix", "sha256"));
+    }
+    assert_eq!(attestor.hashes_computed(), 1);
+    // Touched: a new file identity, hashed again (once).
+    touch();
+    for _ in 0..5 {
+        attestor.attest_for(&caller, mine.clone()).await.unwrap();
+    }
+    assert_eq!(attestor.hashes_computed(), 2);
+
+    // Only the cheap selector an entry names is read: a `user` entry does not bring
+    // `path` along; a `path` entry brings no hash.
+    let by_path = entries(&[&[&format!("unix:uid:{me}"), "unix:path:/nonexistent/x"]]);
+    let got = attestor.attest_for(&caller, by_path).await.unwrap();
+    assert_eq!(
+        values(&got.selectors, "path:"),
+        [exe.canonicalize().unwrap().to_str().unwrap()]
+    );
+    // The path does not match the entry, so its sha256 (none here) is not wanted either.
+    assert!(got.skipped.contains("unix", "sha256"));
+    assert_eq!(attestor.hashes_computed(), 2);
+
+    // `attest` (everything) still hashes, from the cache when unchanged.
+    let all = attestor.attest(&caller).await.unwrap();
+    assert_eq!(values(&all, "sha256:"), [digest.as_str()]);
+    assert_eq!(attestor.hashes_computed(), 2);
+    drop(child);
+}
+
+#[test]
+fn concurrent_hashes_are_bounded_and_shared() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("worker");
+    std::fs::copy(sleep_binary(), &exe).unwrap();
+    let digest = sha256_hex(&exe);
+    let child = Reaped(spawn_fresh(&exe, &["30"]));
+    let caller = Caller {
+        pid: i32::try_from(child.0.id()).unwrap(),
+        ..this_caller()
+    };
+    let attestor = UnixAttestor::builder().max_concurrent_hashes(1).build();
+    let demand = Entries(vec![vec![sel(&format!("unix:sha256:{digest}"))]]);
+    // 8 callers of the same unchanged binary at once: one hash, the others wait for it
+    // and take it from the cache.
+    std::thread::scope(|scope| {
+        for _ in 0..8 {
+            scope.spawn(|| {
+                let got = attestor.attest_for_blocking(&caller, &demand).unwrap();
+                assert_eq!(values(&got.selectors, "sha256:"), [digest.as_str()]);
+            });
+        }
+    });
+    assert_eq!(attestor.hashes_computed(), 1);
+    drop(child);
 }
 
 #[tokio::test]

@@ -239,6 +239,32 @@ fn attestation_cost() {
             samples,
         );
     }
+    // A stranger: no entry that could match it uses anything beyond uid/gid, so the
+    // agent computes nothing else (what a refused Workload API call costs to attest).
+    #[derive(Debug)]
+    struct Nothing;
+    impl writ_identity::attest::workload::SelectorDemand for Nothing {
+        fn wanted(
+            &self,
+            _found: &[writ_identity::selector::Selector],
+            _computed: &writ_identity::attest::workload::SelectorTypes,
+        ) -> writ_identity::attest::workload::SelectorTypes {
+            writ_identity::attest::workload::SelectorTypes::default()
+        }
+    }
+    let attestor = UnixAttestor::builder().max_hash_bytes(u64::MAX).build();
+    let samples = (0..2_000)
+        .map(|_| {
+            let t = Instant::now();
+            attestor.attest_for_blocking(&caller, &Nothing).unwrap();
+            t.elapsed()
+        })
+        .collect();
+    assert_eq!(attestor.hashes_computed(), 0);
+    report(
+        "(e) unix attestation of a stranger (no entry could use path or sha256)",
+        samples,
+    );
 }
 
 fn main() {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use writ_identity::agent::{self, RunningAgent, node_api::LocalNode};
-use writ_identity::attest::workload::UnixAttestor;
+use writ_identity::attest::workload::{UnixAttestor, WorkloadAttestor};
 use writ_identity::clock::SystemClock;
 use writ_identity::entry::RegistrationEntry;
 use writ_identity::key_manager::MemoryKeyManager;
@@ -57,6 +57,11 @@ pub struct Stack {
 impl Stack {
     /// Starts a stack whose X509-SVIDs live `x509_ttl` by default.
     pub async fn start(x509_ttl: Duration) -> Self {
+        Self::start_with(x509_ttl, Arc::new(UnixAttestor::default())).await
+    }
+
+    /// As [`Stack::start`], with the agent attesting workloads through `attestor`.
+    pub async fn start_with(x509_ttl: Duration, attestor: Arc<dyn WorkloadAttestor>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let td = TrustDomain::new("example.org").unwrap();
         let mut config = ServerConfig::with_defaults(td.clone(), dir.path()).unwrap();
@@ -76,13 +81,9 @@ impl Stack {
         .unwrap();
         let agent_id = td.spiffe_id("/writ/agent/test").unwrap();
         let node = Arc::new(LocalNode::new(server.clone(), agent_id.clone()));
-        let agent = agent::start(
-            node,
-            &dir.path().join("agent.sock"),
-            Arc::new(UnixAttestor::default()),
-        )
-        .await
-        .unwrap();
+        let agent = agent::start(node, &dir.path().join("agent.sock"), attestor)
+            .await
+            .unwrap();
         Self {
             dir,
             server,

@@ -224,3 +224,134 @@ async fn x509_source_sees_rotation_without_reconnecting() {
     );
     assert_eq!(second.spiffe_id(), first.spiffe_id());
 }
+
+/// The SHA-256 (hex) of this test's executable.
+fn own_sha256() -> String {
+    let exe = std::fs::read_link(format!("/proc/{}/exe", std::process::id())).unwrap();
+    let bytes = std::fs::read(exe).unwrap();
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A JWT-SVID call with the security header.
+async fn jwt(
+    raw: &mut pb::spiffe_workload_api_client::SpiffeWorkloadApiClient<tonic::transport::Channel>,
+) -> Result<tonic::Response<pb::JwtsvidResponse>, tonic::Status> {
+    raw.fetch_jwtsvid(with_header(pb::JwtsvidRequest {
+        audience: vec!["a".into()],
+        spiffe_id: String::new(),
+    }))
+    .await
+}
+
+/// Waits until the agent holds SVIDs for `n` entries.
+async fn wait_for_entries(stack: &Stack, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stack.agent.cache.snapshot().svids.len() != n {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not sync {n} entries"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Issue 13 item 6: a caller is hashed only when an entry that could match it uses
+/// `unix:sha256`; a stranger costs no hash, an unchanged binary is hashed once.
+#[tokio::test]
+async fn a_stranger_makes_the_agent_hash_nothing() {
+    use writ_identity::attest::workload::UnixAttestor;
+    // The test binary may be larger than the default hash limit.
+    let attestor = UnixAttestor::builder().max_hash_bytes(1 << 40).build();
+    let stack = Stack::start_with(
+        Duration::from_secs(3600),
+        std::sync::Arc::new(attestor.clone()),
+    )
+    .await;
+    let mut raw = connect_raw(stack.socket()).await;
+
+    // No entry at all: 20 refused calls, no hash.
+    for _ in 0..20 {
+        let status = jwt(&mut raw).await.unwrap_err();
+        assert_eq!(status.message(), "no identity issued");
+    }
+    assert_eq!(attestor.hashes_computed(), 0);
+
+    // A sha256 entry for another uid: this caller is still a stranger, still no hash.
+    let other_uid = Stack::my_uid().wrapping_add(1);
+    stack
+        .register(
+            "/other",
+            &[
+                &format!("unix:uid:{other_uid}"),
+                &format!("unix:sha256:{}", "0".repeat(64)),
+            ],
+        )
+        .await;
+    wait_for_entries(&stack, 1).await;
+    for _ in 0..20 {
+        let status = jwt(&mut raw).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    }
+    assert_eq!(attestor.hashes_computed(), 0);
+
+    // A sha256 entry for this process: hashed once, then from the digest cache.
+    let digest = own_sha256();
+    stack
+        .register("/me", &[&uid_selector(), &format!("unix:sha256:{digest}")])
+        .await;
+    wait_for_entries(&stack, 2).await;
+    for _ in 0..20 {
+        let svids = jwt(&mut raw).await.unwrap().into_inner().svids;
+        assert_eq!(svids.len(), 1);
+        assert_eq!(svids[0].spiffe_id, "spiffe://example.org/me");
+    }
+    assert_eq!(attestor.hashes_computed(), 1);
+}
+
+/// A stream opened while no entry used `unix:sha256` sees an identity that needs it as
+/// soon as one is registered: the caller is attested again for the new entry.
+#[tokio::test]
+async fn a_stream_is_attested_again_for_a_new_selector_type() {
+    use writ_identity::attest::workload::UnixAttestor;
+    let attestor = UnixAttestor::builder().max_hash_bytes(1 << 40).build();
+    let stack = Stack::start_with(
+        Duration::from_secs(3600),
+        std::sync::Arc::new(attestor.clone()),
+    )
+    .await;
+    stack.register("/plain", &[&uid_selector()]).await;
+    wait_for_entries(&stack, 1).await;
+    let mut raw = connect_raw(stack.socket()).await;
+    let mut stream = raw
+        .fetch_x509svid(with_header(pb::X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.svids.len(), 1);
+    assert_eq!(attestor.hashes_computed(), 0);
+
+    let digest = own_sha256();
+    stack
+        .register(
+            "/hashed",
+            &[&uid_selector(), &format!("unix:sha256:{digest}")],
+        )
+        .await;
+    let next = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let mut ids: Vec<_> = next.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(
+        ids,
+        ["spiffe://example.org/hashed", "spiffe://example.org/plain"]
+    );
+    assert_eq!(attestor.hashes_computed(), 1);
+}

@@ -104,8 +104,10 @@ impl AuditLog {
     /// The I/O error if the file cannot be opened.
     pub fn open(path: &Path) -> std::io::Result<Self> {
         use std::os::unix::fs::OpenOptionsExt;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.exists()
+        {
+            writ_identity::key_manager::create_private_dir(dir)?;
         }
         let file = std::fs::OpenOptions::new()
             .create(true)

@@ -428,9 +428,11 @@ impl TxnServer {
         let retain = config.policy.max_lifetime() + Duration::from_secs(60);
         let keys = match &config.data_dir {
             Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|e| TxnConfigError::File {
-                    path: dir.clone(),
-                    reason: e.to_string(),
+                writ_identity::key_manager::create_private_dir(dir).map_err(|e| {
+                    TxnConfigError::File {
+                        path: dir.clone(),
+                        reason: e.to_string(),
+                    }
                 })?;
                 SigningKeys::load_or_create(
                     dir.join(KEYS_FILE),

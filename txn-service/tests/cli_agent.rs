@@ -158,13 +158,46 @@ fn agent_attests_with_a_join_token_and_serves_the_workload_api() {
         1
     );
 
-    // Ban, then evict.
+    // Healthy while the server accepts it.
+    let endpoint = format!("unix://{}", socket.display());
+    let health = || api(&["healthcheck", "--socket", &endpoint], &socket);
+    let out = health();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "Agent is healthy."
+    );
+
+    // Ban, then evict: the agent notices at its next sync and its healthcheck says so.
     server.ok(&["agent", "ban", "--spiffe-id", &agent_id]);
     assert!(
         server
             .ok(&["agent", "show", "--spiffe-id", &agent_id])
             .contains("Banned            : true")
     );
+    let unhealthy = |expect: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = health();
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            if !out.status.success() && err.contains(expect) {
+                assert!(out.stdout.is_empty(), "nothing on stdout when unhealthy");
+                assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+                assert!(err.contains("agent is unhealthy: "), "{err}");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not report {expect:?} within 20 s: {err}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    unhealthy("agent is banned");
     server.ok(&["agent", "evict", "--spiffe-id", &agent_id]);
     assert!(
         server
@@ -172,6 +205,87 @@ fn agent_attests_with_a_join_token_and_serves_the_workload_api() {
             .contains("Found 0 attested agents")
     );
     server.fails(&["agent", "show", "--spiffe-id", &agent_id]);
+    unhealthy("evicted");
+}
+
+/// Data dirs are 0700 (the agent's, the server's and their `keys/`), tightened if an
+/// older version made them 0755; the agent socket stays reachable (0777).
+#[test]
+fn data_dirs_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    // A server data dir left 0755 by an older version is tightened at start.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(dir.path().join("server.toml"), "").unwrap();
+    let node_addr = format!("127.0.0.1:{}", common::free_port());
+    let server = Server {
+        child: Server::spawn(dir.path(), &node_addr),
+        node_addr,
+        dir,
+    };
+    server.wait_ready();
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&data.join("keys")), 0o700);
+    let (_agent, socket, _) = start_agent(&server);
+    assert_eq!(mode(&server.dir.path().join("agent")), 0o700);
+    assert_eq!(mode(&socket), 0o777);
+}
+
+/// A regular file where a socket should go is an error naming the path, and the file
+/// is left as it was (only a stale socket is ever removed).
+#[test]
+fn a_regular_file_at_a_socket_path_is_never_removed() {
+    let server = Server::start();
+    let dir = server.dir.path();
+    let token = server
+        .ok(&["token", "generate"])
+        .trim()
+        .strip_prefix("Token: ")
+        .unwrap()
+        .to_owned();
+    std::fs::write(dir.join("bundle.pem"), server.ok(&["bundle", "show"])).unwrap();
+    let occupied = dir.join("occupied.sock");
+    std::fs::write(&occupied, "precious").unwrap();
+    let out = agent_cmd(
+        &server,
+        &token,
+        &dir.join("agent"),
+        &occupied,
+        &dir.join("bundle.pem"),
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    let last = err.trim_end().lines().last().unwrap();
+    assert!(
+        last.contains(&occupied.display().to_string()) && last.contains("is not a socket"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&occupied).unwrap(), "precious");
+
+    // The server's admin socket likewise.
+    let other = tempfile::tempdir().unwrap();
+    let admin = other.path().join("server.sock");
+    std::fs::write(&admin, "precious").unwrap();
+    let out = Command::new(WRIT)
+        .args(["server", "run", "--data-dir"])
+        .arg(other.path().join("data"))
+        .arg("--server-socket")
+        .arg(&admin)
+        .env_remove("WRIT_SERVER_SOCKET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(&admin.display().to_string()) && err.contains("is not a socket"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&admin).unwrap(), "precious");
 }
 
 fn token_of(agent_id: &str) -> String {

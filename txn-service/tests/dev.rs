@@ -138,6 +138,21 @@ fn writ_dev_runs_the_chain_and_restarts_with_the_same_bundle_and_entries() {
     let workload_api = s["workload_api"].as_str().unwrap().to_owned();
     let tts_url = s["tts_url"].as_str().unwrap().to_owned();
     assert_eq!(s["agent_id"], "spiffe://example.org/writ/agent/dev");
+    // The data dir is 0711: workloads of other uids reach agent.sock (0777) by name but
+    // cannot list the dir; every subdirectory is 0700.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o711);
+        assert_eq!(mode(&dir.join("agent.sock")), 0o777);
+        assert_eq!(mode(&dir.join("server.sock")), 0o600);
+        for sub in std::fs::read_dir(&dir).unwrap() {
+            let sub = sub.unwrap().path();
+            if sub.is_dir() {
+                assert_eq!(mode(&sub), 0o700, "{}", sub.display());
+            }
+        }
+    }
 
     // In dev mode the parent may be left out: it is the embedded agent.
     let me = "spiffe://example.org/tester";

@@ -19,6 +19,7 @@ use rand::Rng;
 use tokio::sync::watch;
 
 use super::node_api::NodeApi;
+use crate::attest::workload::{SelectorDemand, SelectorTypes};
 use crate::bundle::BundleSet;
 use crate::clock::{SharedClock, unix_seconds};
 use crate::entry::RegistrationEntry;
@@ -82,6 +83,9 @@ pub struct Snapshot {
     /// Sub-agents registered through this agent, ended ones included while their
     /// process lives.
     pub children: Vec<Arc<CachedChild>>,
+    /// The selector types the entries in `svids` use, recomputed with them: attestation
+    /// skips every other type without looking at the entries.
+    pub selector_types: SelectorTypes,
 }
 
 impl Snapshot {
@@ -101,6 +105,46 @@ impl Snapshot {
             .cloned()
             .collect()
     }
+
+    /// Whether an entry that could match a caller with `found` selectors uses a type in
+    /// `skipped` (left out of its attestation): the caller must then be attested again.
+    pub fn needs_any(&self, found: &[Selector], skipped: &SelectorTypes) -> bool {
+        if !skipped.intersects(&self.selector_types) {
+            return false;
+        }
+        let have: HashSet<&Selector> = found.iter().collect();
+        self.svids.iter().any(|c| {
+            let sels = &c.entry.selectors;
+            sels.iter().any(|s| skipped.contains_type_of(s))
+                && sels
+                    .iter()
+                    .all(|s| skipped.contains_type_of(s) || have.contains(s))
+        })
+    }
+}
+
+impl SelectorDemand for Snapshot {
+    fn wanted(&self, found: &[Selector], computed: &SelectorTypes) -> SelectorTypes {
+        let mut out = SelectorTypes::default();
+        let uncomputed = |s: &&Selector| !computed.contains_type_of(s);
+        // Cheap first: nothing the entries use is left to compute.
+        if self.selector_types.is_subset_of(computed) {
+            return out;
+        }
+        let have: HashSet<&Selector> = found.iter().collect();
+        for c in &self.svids {
+            let sels = &c.entry.selectors;
+            if sels
+                .iter()
+                .all(|s| !computed.contains_type_of(s) || have.contains(s))
+            {
+                for s in sels.iter().filter(uncomputed) {
+                    out.insert_type_of(s);
+                }
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +163,9 @@ pub struct Cache {
     updates: watch::Sender<u64>,
     jwts: Mutex<HashMap<(String, Vec<String>), CachedJwt>>,
     refresh_lock: tokio::sync::Mutex<()>,
+    /// The server's reason, while it refuses this agent's entry sync (PermissionDenied:
+    /// the agent was evicted or banned); cleared by the next accepted sync.
+    refused: Mutex<Option<String>>,
 }
 
 impl Cache {
@@ -132,6 +179,7 @@ impl Cache {
             updates,
             jwts: Mutex::new(HashMap::new()),
             refresh_lock: tokio::sync::Mutex::new(()),
+            refused: Mutex::new(None),
         })
     }
 
@@ -148,6 +196,15 @@ impl Cache {
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
+    }
+
+    /// Why the server refused this agent's last entry sync (it was evicted or banned),
+    /// or `None` if the last sync was accepted.
+    pub fn refused_by_server(&self) -> Option<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// A receiver that moves on every new snapshot.
@@ -179,7 +236,18 @@ impl Cache {
                 .values()
                 .map(|c| (c.entry.id.clone(), c.entry.revision))
                 .collect();
-            let sync = self.node.sync_entries(&known).await?;
+            let sync = self.node.sync_entries(&known).await;
+            // Only the sync says whether the server still knows this agent: a refused
+            // signature may be an entry deleted meanwhile.
+            // An unreachable server changes nothing.
+            match &sync {
+                Ok(_) => *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = None,
+                Err(NodeError::NotAuthorized(reason)) => {
+                    *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
+                }
+                Err(_) => {}
+            }
+            let sync = sync?;
             let ids: HashSet<&String> = sync.ids.iter().collect();
             let before = by_id.len();
             by_id.retain(|id, _| ids.contains(id));
@@ -238,11 +306,13 @@ impl Cache {
                 (a.entry.created_at, &a.entry.id).cmp(&(b.entry.created_at, &b.entry.id))
             });
             let generation = current.generation + 1;
+            let selector_types = SelectorTypes::of(svids.iter().flat_map(|c| &c.entry.selectors));
             self.snapshot.store(Arc::new(Snapshot {
                 svids,
                 bundles,
                 generation,
                 children: current.children.clone(),
+                selector_types,
             }));
             self.updates.send_replace(generation);
         }
@@ -268,6 +338,7 @@ impl Cache {
             bundles: current.bundles.clone(),
             generation,
             children,
+            selector_types: current.selector_types.clone(),
         }));
         self.updates.send_replace(generation);
     }

@@ -156,7 +156,7 @@ impl Delegation {
             .iter()
             .find(|c| can_spawn(&c.entry))
             .or_else(|| candidates.first())
-            .ok_or(WorkloadApiError::NoIdentity)?;
+            .ok_or_else(|| self.api.no_identity(caller))?;
         Ok(Parent {
             id: chosen.entry.spiffe_id.clone(),
             entry_id: Some(chosen.entry.id.clone()),

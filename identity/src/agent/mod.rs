@@ -17,6 +17,7 @@
 pub mod cache;
 pub mod config;
 pub mod delegation;
+pub mod health;
 pub mod node_api;
 pub mod node_client;
 pub mod uds_transport;
@@ -32,6 +33,7 @@ use crate::clock::SystemClock;
 use crate::server::{ServerError, bind_unix_socket};
 use cache::Cache;
 use delegation::{Delegation, SubAgentsServer};
+use health::{AgentHealth, HealthServer};
 use node_api::NodeApi;
 use workload_api::{SpiffeWorkloadApiServer, WorkloadApi};
 
@@ -57,8 +59,9 @@ impl Drop for RunningAgent {
     }
 }
 
-/// Fills the cache once, then serves the Workload API and Writ's sub-agent delegation
-/// service (`writ.delegation.v1.SubAgents`) on `socket` (mode 0777 in a 0755 directory,
+/// Fills the cache once, then serves the Workload API, Writ's sub-agent delegation
+/// service (`writ.delegation.v1.SubAgents`) and the agent's health
+/// (`grpc.health.v1.Health`, see [`health`]) on `socket` (mode 0777 in a 0755 directory,
 /// so workloads of any uid can reach it, as SPIRE's public socket), and keeps the cache
 /// and the sub-agent leases fresh in the background.
 ///
@@ -77,11 +80,13 @@ pub async fn start(
     let api = WorkloadApi::new(cache.clone(), attestor);
     let delegation = Delegation::new(api.clone());
     let subagents = SubAgentsServer::new(delegation.clone());
+    let health = HealthServer::new(AgentHealth::new(cache.clone()));
     let service = SpiffeWorkloadApiServer::new(api);
     let serve = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .add_service(service)
             .add_service(subagents)
+            .add_service(health)
             .serve_with_incoming(futures::TryStreamExt::map_ok(
                 UnixListenerStream::new(listener),
                 uds_transport::UdsStream::new,

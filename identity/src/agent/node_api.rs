@@ -38,6 +38,11 @@ pub trait NodeApi: Send + Sync + Debug {
     async fn bundles(&self) -> Result<BundleSet, NodeError>;
     /// A generation counter that moves when entries or bundles may have changed.
     fn changes(&self) -> watch::Receiver<u64>;
+    /// When the agent's own SVID expires, for an agent that holds one (`None` in
+    /// process, where the agent needs none).
+    fn agent_svid_expires_at(&self) -> Option<std::time::SystemTime> {
+        None
+    }
     /// Registers a sub-agent; the server re-checks the parent's spawn policy.
     async fn register_child(&self, request: &ChildRequest) -> Result<LeaseRecord, NodeError>;
     /// Releases a lease and those under it; returns every lease released.

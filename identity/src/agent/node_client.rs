@@ -19,7 +19,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::node_api::NodeApi;
 use crate::bundle::{Bundle, BundleSet};
-use crate::key_manager::{PrivateKey, write_secret_file};
+use crate::key_manager::{PrivateKey, create_private_dir, write_secret_file};
 use crate::proto::node as pb;
 use crate::server::admin::entry_from_proto;
 use crate::server::lease::{ChildRequest, lease_from_proto};
@@ -88,6 +88,8 @@ pub struct GrpcNode {
     resolver: Arc<SvidResolver>,
     trust: Arc<ArcSwap<Bundle>>,
     changes: watch::Receiver<u64>,
+    /// When the current agent SVID expires; moved by each renewal.
+    expires_at: Arc<std::sync::Mutex<SystemTime>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -140,7 +142,7 @@ fn load_stored(dir: &Path, td: &TrustDomain) -> Result<Option<Stored>, AgentErro
 
 fn save(dir: &Path, svid: &X509Svid, bundle: &Bundle) -> Result<(), AgentError> {
     let err = |e: &dyn std::fmt::Display| AgentError::DataDir(e.to_string());
-    std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
+    create_private_dir(dir).map_err(|e| err(&format!("{}: {e}", dir.display())))?;
     let key = svid
         .private_key
         .as_ref()
@@ -212,6 +214,8 @@ impl GrpcNode {
             .spiffe_id(SERVER_PATH)
             .map_err(|e| AgentError::Credentials(e.to_string()))?;
         let resolver = SvidResolver::new();
+        create_private_dir(&config.data_dir)
+            .map_err(|e| AgentError::DataDir(format!("{}: {e}", config.data_dir.display())))?;
         let stored = match load_stored(&config.data_dir, &td)? {
             Some(s) => s,
             None => Self::attest(&config, &server_id).await?,
@@ -225,12 +229,13 @@ impl GrpcNode {
             .max_decoding_message_size(64 * 1024 * 1024);
         let (changes_tx, changes) = watch::channel(0);
         let watch_task = tokio::spawn(watch_changes(client.clone(), changes_tx));
+        let expires_at = Arc::new(std::sync::Mutex::new(stored.svid.expires_at));
         let renew_task = tokio::spawn(renew_loop(
             client.clone(),
             resolver.clone(),
             trust.clone(),
             config.data_dir.clone(),
-            stored.svid.expires_at,
+            expires_at.clone(),
         ));
         tracing::info!(agent = %stored.svid.spiffe_id, server = %config.server_address, "agent joined the server");
         Ok(Arc::new(Self {
@@ -239,6 +244,7 @@ impl GrpcNode {
             resolver,
             trust,
             changes,
+            expires_at,
             tasks: vec![watch_task, renew_task],
         }))
     }
@@ -333,8 +339,9 @@ async fn renew_loop(
     resolver: Arc<SvidResolver>,
     trust: Arc<ArcSwap<Bundle>>,
     data_dir: PathBuf,
-    mut expires_at: SystemTime,
+    current: Arc<std::sync::Mutex<SystemTime>>,
 ) {
+    let mut expires_at = *current.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         let life = expires_at
             .duration_since(SystemTime::now())
@@ -363,6 +370,7 @@ async fn renew_loop(
             Ok(exp) => {
                 tracing::info!("agent SVID renewed");
                 expires_at = exp;
+                *current.lock().unwrap_or_else(|e| e.into_inner()) = exp;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "agent SVID renewal failed; retrying");
@@ -497,6 +505,10 @@ impl NodeApi for GrpcNode {
             set.insert(bundle);
         }
         Ok(set)
+    }
+
+    fn agent_svid_expires_at(&self) -> Option<SystemTime> {
+        Some(*self.expires_at.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn changes(&self) -> watch::Receiver<u64> {

@@ -16,7 +16,10 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use super::cache::{Cache, CachedSvid, Snapshot};
-use crate::attest::workload::{Caller, WorkloadAttestor, process_start_time, read_stat};
+use crate::attest::workload::{
+    AllSelectors, Caller, SelectorDemand, SelectorTypes, WorkloadAttestor, process_start_time,
+    read_stat,
+};
 use crate::bundle::{Bundle, BundleSet};
 use crate::clock::unix_seconds;
 use crate::proto::workload as pb;
@@ -91,6 +94,11 @@ pub struct Attested {
     pub start_time: u64,
     /// The selectors the attestor found.
     pub selectors: Vec<Selector>,
+    /// The selector types attestation left out because no entry that could match the
+    /// caller used them (see [`WorkloadAttestor::attest_for`]).
+    pub skipped: SelectorTypes,
+    /// The caller's peer credentials.
+    pub caller: Caller,
     /// Whether an ancestor process is a sub-agent: such a process is neither the
     /// sub-agent nor a stranger, and gets no identity (a sub-agent cannot fork its way
     /// to the identities its uid would match).
@@ -159,11 +167,7 @@ impl WorkloadApi {
             uid: cred.uid(),
             gid: cred.gid(),
         };
-        let selectors = self
-            .attestor
-            .attest(&caller)
-            .await
-            .map_err(|e| WorkloadApiError::Attestation(e.to_string()))?;
+        let (selectors, skipped) = self.attest(caller).await?;
         let root = self.proc_root.clone();
         let snapshot = self.cache.snapshot();
         let (start_time, under_sub_agent) = tokio::task::spawn_blocking(move || {
@@ -181,7 +185,99 @@ impl WorkloadApi {
             pid,
             start_time,
             selectors,
+            skipped,
+            caller,
             under_sub_agent,
+        })
+    }
+
+    /// The caller's selectors, computing only the types the cached entries that could
+    /// match it use: a caller that matches no entry's `uid` costs no hashing. If the
+    /// entries changed meanwhile so that a skipped type now matters, it attests again
+    /// (at most twice, then computes everything).
+    async fn attest(
+        &self,
+        caller: Caller,
+    ) -> Result<(Vec<Selector>, SelectorTypes), WorkloadApiError> {
+        const ROUNDS: usize = 3;
+        let failed =
+            |e: crate::attest::workload::AttestError| WorkloadApiError::Attestation(e.to_string());
+        for round in 0..ROUNDS {
+            let snapshot = self.cache.snapshot();
+            let demand: Arc<dyn SelectorDemand> = if round + 1 < ROUNDS {
+                snapshot
+            } else {
+                Arc::new(AllSelectors)
+            };
+            let found = self
+                .attestor
+                .attest_for(&caller, demand)
+                .await
+                .map_err(failed)?;
+            if !self
+                .cache
+                .snapshot()
+                .needs_any(&found.selectors, &found.skipped)
+            {
+                return Ok((found.selectors, found.skipped));
+            }
+        }
+        let selectors = self.attestor.attest(&caller).await.map_err(failed)?;
+        Ok((selectors, SelectorTypes::default()))
+    }
+
+    /// [`WorkloadApiError::NoIdentity`] for `caller`, logged with the selectors that
+    /// were seen (selectors are not secrets), so an operator can tell which entry is
+    /// missing. One line a second at info; the rest at debug, so that a stranger's
+    /// calls cannot flood the log.
+    pub fn no_identity(&self, caller: &Attested) -> WorkloadApiError {
+        static LAST_INFO: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+        let selectors: Vec<String> = caller.selectors.iter().map(ToString::to_string).collect();
+        let skipped = caller.skipped.names();
+        let now = self.cache.clock().unix_seconds();
+        let last = LAST_INFO.load(std::sync::atomic::Ordering::Relaxed);
+        if now > last
+            && LAST_INFO
+                .compare_exchange(
+                    last,
+                    now,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            tracing::info!(pid = caller.pid, uid = caller.caller.uid, ?selectors, not_computed = ?skipped,
+                under_sub_agent = caller.under_sub_agent, "no identity issued: no entry matches the caller's selectors");
+        } else {
+            tracing::debug!(pid = caller.pid, uid = caller.caller.uid, ?selectors, not_computed = ?skipped,
+                under_sub_agent = caller.under_sub_agent, "no identity issued: no entry matches the caller's selectors");
+        }
+        WorkloadApiError::NoIdentity
+    }
+
+    /// `caller` attested again (for the current entries), if its process is still the
+    /// one attested before.
+    ///
+    /// # Errors
+    /// [`WorkloadApiError::Attestation`] if it cannot be attested or its pid now names
+    /// another process.
+    pub async fn reattest(&self, caller: &Attested) -> Result<Attested, WorkloadApiError> {
+        let (selectors, skipped) = self.attest(caller.caller).await?;
+        let root = self.proc_root.clone();
+        let pid = caller.pid;
+        let start_time = tokio::task::spawn_blocking(move || process_start_time(&root, pid))
+            .await
+            .map_err(|e| WorkloadApiError::Attestation(e.to_string()))?
+            .map_err(|e| WorkloadApiError::Attestation(e.to_string()))?;
+        if start_time != caller.start_time {
+            return Err(WorkloadApiError::Attestation(format!(
+                "process {pid} was replaced by another process"
+            )));
+        }
+        Ok(Attested {
+            selectors,
+            skipped,
+            ..caller.clone()
         })
     }
 
@@ -319,10 +415,26 @@ where
             return None;
         }
         loop {
+            // New entries may use a selector type this caller was not attested for.
+            if st
+                .api
+                .cache
+                .snapshot()
+                .needs_any(&st.caller.selectors, &st.caller.skipped)
+            {
+                match st.api.reattest(&st.caller).await {
+                    Ok(again) => st.caller = again,
+                    Err(e) => {
+                        st.done = true;
+                        return Some((Err(Status::from(e)), st));
+                    }
+                }
+            }
             let (snapshot, svids) = st.api.identities(&st.caller);
             if svids.is_empty() {
                 st.done = true;
-                return Some((Err(Status::from(WorkloadApiError::NoIdentity)), st));
+                let e = st.api.no_identity(&st.caller);
+                return Some((Err(Status::from(e)), st));
             }
             let msg = (st.render)(&snapshot, &svids);
             if st.last.as_ref() != Some(&msg) {
@@ -361,7 +473,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let caller = self.caller(&request).await?;
         if self.identities(&caller).1.is_empty() {
-            return Err(WorkloadApiError::NoIdentity.into());
+            return Err(self.no_identity(&caller).into());
         }
         Ok(Response::new(watch_stream(
             self.clone(),
@@ -376,7 +488,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let caller = self.caller(&request).await?;
         if self.identities(&caller).1.is_empty() {
-            return Err(WorkloadApiError::NoIdentity.into());
+            return Err(self.no_identity(&caller).into());
         }
         Ok(Response::new(watch_stream(
             self.clone(),
@@ -412,7 +524,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             .filter(|c| wanted.as_ref().is_none_or(|id| &c.entry.spiffe_id == id))
             .collect();
         if chosen.is_empty() {
-            return Err(WorkloadApiError::NoIdentity.into());
+            return Err(self.no_identity(&caller).into());
         }
         let mut out = Vec::with_capacity(chosen.len());
         for c in chosen {
@@ -436,7 +548,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let caller = self.caller(&request).await?;
         if self.identities(&caller).1.is_empty() {
-            return Err(WorkloadApiError::NoIdentity.into());
+            return Err(self.no_identity(&caller).into());
         }
         Ok(Response::new(watch_stream(
             self.clone(),
@@ -465,7 +577,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         check_audience(std::slice::from_ref(&r.audience))?;
         let (snapshot, svids) = self.identities(&caller);
         if svids.is_empty() {
-            return Err(WorkloadApiError::NoIdentity.into());
+            return Err(self.no_identity(&caller).into());
         }
         let visible: BundleSet = {
             let mut set = BundleSet::new();

@@ -136,7 +136,8 @@ impl ServerState {
 }
 
 /// Binds a Unix socket at `path` with permission bits `mode`, replacing a stale socket
-/// file and creating the parent directory (0755) if needed.
+/// and creating the parent directory (0755) if needed. Anything else at `path` (a
+/// regular file, a directory, a symlink) is an error and is left untouched.
 ///
 /// # Errors
 /// The I/O error, with the path.
@@ -151,7 +152,15 @@ pub fn bind_unix_socket(path: &Path, mode: u32) -> Result<tokio::net::UnixListen
         std::fs::create_dir_all(dir).map_err(err)?;
         set_mode(dir, 0o755).map_err(err)?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        // Only a socket is ever removed: a file, directory or symlink there is someone
+        // else's (or a mistyped path) and is left alone.
+        if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a socket; remove it or choose another path",
+            )));
+        }
         // A socket nobody answers on is stale; a live one means another server runs.
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(err(std::io::Error::new(

@@ -285,3 +285,47 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// Asks the agent at `endpoint` (`unix:///path`) for its health
+/// (`grpc.health.v1.Health/Check`); an error with the agent's one-line reason if it is
+/// not serving. An agent without the health service (older) counts as healthy.
+pub(crate) async fn check_health(endpoint: &str) -> anyhow::Result<()> {
+    use writ_identity::agent::health::REASON_METADATA;
+    use writ_identity::proto::grpc::health::v1 as health;
+    let path = endpoint
+        .strip_prefix("unix://")
+        .or_else(|| endpoint.strip_prefix("unix:"))
+        .unwrap_or(endpoint)
+        .to_owned();
+    let channel = tonic::transport::Endpoint::from_static("http://agent.invalid")
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .with_context(|| format!("cannot connect to the agent at {endpoint}"))?;
+    let response = match health::health_client::HealthClient::new(channel)
+        .check(health::HealthCheckRequest::default())
+        .await
+    {
+        Ok(r) => r,
+        Err(s) if s.code() == tonic::Code::Unimplemented => return Ok(()),
+        Err(s) => anyhow::bail!("agent health check failed: {}", s.message()),
+    };
+    let reason = response
+        .metadata()
+        .get(REASON_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    match response.into_inner().status() {
+        health::health_check_response::ServingStatus::Serving => Ok(()),
+        other => anyhow::bail!(
+            "agent is unhealthy: {}",
+            reason.unwrap_or_else(|| format!("status {}", other.as_str_name()))
+        ),
+    }
+}

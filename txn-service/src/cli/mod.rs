@@ -184,6 +184,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(_) | Err(writ_sdk::workload::WorkloadError::NoIdentity) => {}
                     Err(e) => return Err(e.into()),
                 }
+                // Up is not healthy: an evicted agent, or one with an expired SVID, says so.
+                agent::check_health(&endpoint).await?;
                 if shallow {
                 } else if output.json() {
                     out::json(&serde_json::json!({ "healthy": true }))?;

@@ -65,7 +65,7 @@ pub(crate) async fn run(cmd: ServerCommand) -> anyhow::Result<ExitCode> {
         file.bind_address = bind_address;
     }
     let config = ServerConfig::try_from(file)?;
-    std::fs::create_dir_all(&config.data_dir)
+    writ_identity::key_manager::create_private_dir(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let state = ServerState::open(config, Arc::new(SystemClock)).await?;
     super::out::errln!(

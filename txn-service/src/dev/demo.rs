@@ -281,7 +281,7 @@ pub async fn run(options: DemoOptions) -> Result<Outcome, DemoError> {
 
 async fn run_in(bin_dir: &Path, dir: &Path, started: Instant) -> Result<Outcome, DemoError> {
     let logs = dir.join("logs");
-    std::fs::create_dir_all(&logs).map_err(|e| failed("data dir", e))?;
+    writ_identity::key_manager::create_private_dir(&logs).map_err(|e| failed("data dir", e))?;
     let mut options = DevOptions::new(dir);
     options.tts_listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     let td = options.trust_domain.to_string();

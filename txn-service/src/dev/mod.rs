@@ -34,7 +34,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use writ_identity::agent::node_api::LocalNode;
 use writ_identity::agent::{self, RunningAgent};
-use writ_identity::attest::workload::{AttestError, Caller, UnixAttestor, WorkloadAttestor};
+use writ_identity::attest::workload::{
+    AttestError, Attestation, Caller, SelectorDemand, UnixAttestor, WorkloadAttestor,
+};
 use writ_identity::clock::{Clock, SystemClock};
 use writ_identity::entry::RegistrationEntry;
 use writ_identity::selector::Selector;
@@ -58,6 +60,9 @@ pub const STATE_FILE: &str = "dev.json";
 pub const POLICY_FILE: &str = "policy.toml";
 /// The token service's directory (signing keys, audit log) in the data dir.
 pub const TXN_DIR: &str = "txn";
+/// Mode of the data dir: 0711, so that workloads of other uids reach `agent.sock` in
+/// it by name (they cannot list it); its files are 0600 and its subdirectories 0700.
+pub const DATA_DIR_MODE: u32 = 0o711;
 /// The development issuer's key file in the data dir.
 pub const OIDC_KEY_FILE: &str = "oidc-key.pem";
 /// The development issuer's last address in the data dir: a restart binds it again, so
@@ -221,7 +226,8 @@ impl Dev {
     pub async fn start(options: DevOptions) -> Result<Self, DevError> {
         let started = Instant::now();
         let dir = &options.data_dir;
-        std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
+        writ_identity::key_manager::create_dir_with_mode(dir, DATA_DIR_MODE)
+            .map_err(|e| file_err(dir, e))?;
         let dir = std::fs::canonicalize(dir).map_err(|e| file_err(dir, e))?;
         let td = options.trust_domain.clone();
         let agent_id = spiffe_id(&td, AGENT_PATH)?;
@@ -388,14 +394,28 @@ pub struct DevAttestor {
 impl WorkloadAttestor for DevAttestor {
     async fn attest(&self, caller: &Caller) -> Result<Vec<Selector>, AttestError> {
         let mut selectors = self.unix.attest(caller).await?;
-        if u32::try_from(caller.pid).ok() == Some(std::process::id()) {
-            let (kind, value) = SELF_SELECTOR.split_once(':').unwrap_or_default();
-            if let Ok(s) = Selector::new(kind, value) {
-                selectors.push(s);
-            }
-        }
+        selectors.extend(self_selector(caller));
         Ok(selectors)
     }
+
+    async fn attest_for(
+        &self,
+        caller: &Caller,
+        demand: Arc<dyn SelectorDemand>,
+    ) -> Result<Attestation, AttestError> {
+        let mut found = self.unix.attest_for(caller, demand).await?;
+        found.selectors.extend(self_selector(caller));
+        Ok(found)
+    }
+}
+
+/// [`SELF_SELECTOR`] if `caller` is this very process.
+fn self_selector(caller: &Caller) -> Option<Selector> {
+    if u32::try_from(caller.pid).ok() != Some(std::process::id()) {
+        return None;
+    }
+    let (kind, value) = SELF_SELECTOR.split_once(':')?;
+    Selector::new(kind, value).ok()
 }
 
 /// The token service's entry: this uid and [`SELF_SELECTOR`], under the agent. Replaced

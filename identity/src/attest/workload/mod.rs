@@ -17,7 +17,9 @@
 //! # Ok(()) }
 //! ```
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::selector::Selector;
 
@@ -48,6 +50,149 @@ pub trait WorkloadAttestor: Send + Sync + std::fmt::Debug {
     /// [`AttestError`] when the caller cannot be attested; the Workload API then issues
     /// no identity.
     async fn attest(&self, caller: &Caller) -> Result<Vec<Selector>, AttestError>;
+
+    /// The selectors of the caller that `demand` can use: an attestor may leave out a
+    /// costly selector type (`unix:sha256`, `unix:path`, ...) that no entry which could
+    /// still match the caller uses, and reports what it left out in
+    /// [`Attestation::skipped`]. The default computes every selector ([`Self::attest`]).
+    ///
+    /// # Errors
+    /// As [`Self::attest`].
+    async fn attest_for(
+        &self,
+        caller: &Caller,
+        demand: Arc<dyn SelectorDemand>,
+    ) -> Result<Attestation, AttestError> {
+        let _ = demand;
+        Ok(Attestation {
+            selectors: self.attest(caller).await?,
+            skipped: SelectorTypes::default(),
+        })
+    }
+}
+
+/// What [`WorkloadAttestor::attest_for`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attestation {
+    /// The selectors computed.
+    pub selectors: Vec<Selector>,
+    /// Selector types the attestor could have computed but left out, because no entry
+    /// that could match the caller used them. If the entries change, the caller must be
+    /// attested again when a candidate entry now uses one of them.
+    pub skipped: SelectorTypes,
+}
+
+/// Which selectors are worth computing for a caller, asked by an attestor before each
+/// costly step. The agent's entry cache answers it from its entries' selectors.
+pub trait SelectorDemand: Send + Sync + std::fmt::Debug {
+    /// The selector types, among those not in `computed`, used by some entry that could
+    /// still match: an entry whose every selector of a type in `computed` is in `found`.
+    fn wanted(&self, found: &[Selector], computed: &SelectorTypes) -> SelectorTypes;
+}
+
+/// Every selector type is wanted: attestation computes everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AllSelectors;
+
+impl SelectorDemand for AllSelectors {
+    fn wanted(&self, _found: &[Selector], _computed: &SelectorTypes) -> SelectorTypes {
+        SelectorTypes::all()
+    }
+}
+
+/// A set of selector types: `unix:uid`, `unix:sha256` (the selector's kind and the part
+/// of its value before the first `:`), or every type.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SelectorTypes {
+    all: bool,
+    types: BTreeSet<(String, String)>,
+}
+
+impl SelectorTypes {
+    /// Every selector type.
+    pub fn all() -> Self {
+        Self {
+            all: true,
+            types: BTreeSet::new(),
+        }
+    }
+
+    /// The types of `selectors`.
+    pub fn of<'a>(selectors: impl IntoIterator<Item = &'a Selector>) -> Self {
+        let mut out = Self::default();
+        for s in selectors {
+            out.insert_type_of(s);
+        }
+        out
+    }
+
+    /// The type of `selector`: its kind and the part of its value before the first `:`.
+    fn type_of(selector: &Selector) -> (&str, &str) {
+        let value = selector.value();
+        let name = value.split_once(':').map_or(value, |(name, _)| name);
+        (selector.kind(), name)
+    }
+
+    /// Adds the type `kind:name`.
+    pub fn insert(&mut self, kind: &str, name: &str) {
+        if !self.all {
+            self.types.insert((kind.to_owned(), name.to_owned()));
+        }
+    }
+
+    /// Adds the type of `selector`.
+    pub fn insert_type_of(&mut self, selector: &Selector) {
+        let (kind, name) = Self::type_of(selector);
+        if !self.all && !self.contains(kind, name) {
+            self.insert(kind, name);
+        }
+    }
+
+    /// Whether the type `kind:name` is in the set.
+    pub fn contains(&self, kind: &str, name: &str) -> bool {
+        self.all
+            || self
+                .types
+                .iter()
+                .any(|(k, n)| k.as_str() == kind && n.as_str() == name)
+    }
+
+    /// Whether the type of `selector` is in the set.
+    pub fn contains_type_of(&self, selector: &Selector) -> bool {
+        let (kind, name) = Self::type_of(selector);
+        self.contains(kind, name)
+    }
+
+    /// Whether every type in `self` is in `other`.
+    pub fn is_subset_of(&self, other: &Self) -> bool {
+        if self.all {
+            return other.all;
+        }
+        self.types.iter().all(|(k, n)| other.contains(k, n))
+    }
+
+    /// Whether a type is in both sets.
+    pub fn intersects(&self, other: &Self) -> bool {
+        match (self.all, other.all) {
+            (true, true) => true,
+            (true, false) => !other.types.is_empty(),
+            (false, true) => !self.types.is_empty(),
+            (false, false) => self.types.iter().any(|(k, n)| other.contains(k, n)),
+        }
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.types.is_empty()
+    }
+
+    /// The types, as `kind:name` strings (`["*"]` for every type), for logs.
+    pub fn names(&self) -> Vec<String> {
+        if self.all {
+            return vec!["*".to_owned()];
+        }
+        self.types.iter().map(|(k, n)| format!("{k}:{n}")).collect()
+    }
 }
 
 /// Why a workload could not be attested.

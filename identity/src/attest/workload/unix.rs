@@ -28,6 +28,17 @@
 //! - Paths are as the process sees them; in another mount namespace they name files
 //!   inside that namespace.
 //!
+//! # Only what an entry can use
+//!
+//! Through [`WorkloadAttestor::attest_for`] the agent says which selector types its
+//! entries use ([`SelectorDemand`]). Beyond `uid` and `gid` (free: they come with the
+//! socket), a type is computed only when an entry that could still match the caller
+//! uses it, cheapest first: the `status` file, the account files and the `exe` link,
+//! then, last, `sha256`. A caller that matches no entry's `uid` is never hashed.
+//! Hashing is bounded: executables above a size are not hashed, at most
+//! [`DEFAULT_MAX_CONCURRENT_HASHES`] hashes run at once, and digests are remembered by
+//! file identity (device, inode, size, mtime, ctime).
+//!
 //! Selectors that cannot be formed (a path with a control character, a name longer than
 //! [`crate::selector::MAX_VALUE_LEN`]) and facts that cannot be read (an unreadable
 //! `exe` for an agent that is not root, a missing passwd file) are left out and logged:
@@ -41,7 +52,9 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::{AttestError, Caller, WorkloadAttestor};
+use super::{
+    AllSelectors, AttestError, Attestation, Caller, SelectorDemand, SelectorTypes, WorkloadAttestor,
+};
 use crate::selector::Selector;
 
 /// Where `/proc` is mounted unless configured otherwise.
@@ -52,6 +65,8 @@ pub const DEFAULT_PASSWD_FILE: &str = "/etc/passwd";
 pub const DEFAULT_GROUP_FILE: &str = "/etc/group";
 /// Largest executable hashed for `unix:sha256` unless configured otherwise (64 MiB).
 pub const DEFAULT_MAX_HASH_BYTES: u64 = 64 * 1024 * 1024;
+/// Most executables hashed at the same time unless configured otherwise.
+pub const DEFAULT_MAX_CONCURRENT_HASHES: usize = 1;
 /// Most bytes read from `/proc/<pid>/stat`.
 pub const MAX_STAT_BYTES: u64 = 8 * 1024;
 /// Most bytes read from `/proc/<pid>/status`.
@@ -77,6 +92,7 @@ pub struct UnixAttestorBuilder {
     passwd_file: PathBuf,
     group_file: PathBuf,
     max_hash_bytes: u64,
+    max_concurrent_hashes: usize,
 }
 
 impl Default for UnixAttestorBuilder {
@@ -86,6 +102,7 @@ impl Default for UnixAttestorBuilder {
             passwd_file: PathBuf::from(DEFAULT_PASSWD_FILE),
             group_file: PathBuf::from(DEFAULT_GROUP_FILE),
             max_hash_bytes: DEFAULT_MAX_HASH_BYTES,
+            max_concurrent_hashes: DEFAULT_MAX_CONCURRENT_HASHES,
         }
     }
 }
@@ -122,6 +139,15 @@ impl UnixAttestorBuilder {
         self
     }
 
+    /// Most executables hashed at the same time (default
+    /// [`DEFAULT_MAX_CONCURRENT_HASHES`]; `0` counts as 1); other callers that need a
+    /// hash wait, so hashing never takes more than this many cores.
+    #[must_use]
+    pub fn max_concurrent_hashes(mut self, max: usize) -> Self {
+        self.max_concurrent_hashes = max.max(1);
+        self
+    }
+
     /// The attestor.
     pub fn build(self) -> UnixAttestor {
         UnixAttestor {
@@ -147,6 +173,23 @@ const MAX_CACHED_DIGESTS: usize = 1024;
 #[derive(Debug, Default)]
 struct DigestCache {
     digests: std::sync::Mutex<std::collections::HashMap<FileIdentity, String>>,
+    /// Hashes running now, under [`UnixAttestorBuilder::max_concurrent_hashes`].
+    running: std::sync::Mutex<usize>,
+    /// Signalled when a hash finishes.
+    finished: std::sync::Condvar,
+    /// Executables hashed since the attestor was built (cache hits not counted).
+    computed: std::sync::atomic::AtomicU64,
+}
+
+/// One of the permitted concurrent hashes; released on drop.
+struct HashPermit<'a>(&'a DigestCache);
+
+impl Drop for HashPermit<'_> {
+    fn drop(&mut self) {
+        let mut running = self.0.running.lock().unwrap_or_else(|e| e.into_inner());
+        *running = running.saturating_sub(1);
+        self.0.finished.notify_one();
+    }
 }
 
 type FileIdentity = (u64, u64, u64, i64, i64, i64, i64);
@@ -166,6 +209,19 @@ impl DigestCache {
             map.clear();
         }
         map.insert(id, digest);
+    }
+
+    /// Waits (blocking) until fewer than `max` hashes run, and takes a slot.
+    fn permit(&self, max: usize) -> HashPermit<'_> {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        while *running >= max.max(1) {
+            running = self
+                .finished
+                .wait(running)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        *running = running.saturating_add(1);
+        HashPermit(self)
     }
 }
 
@@ -193,7 +249,28 @@ impl UnixAttestor {
     /// [`AttestError::InvalidPid`], [`AttestError::ProcessGone`],
     /// [`AttestError::ProcessChanged`], or a `/proc` file that cannot be read or parsed.
     pub fn attest_blocking(&self, caller: &Caller) -> Result<Vec<Selector>, AttestError> {
-        attest_process(&self.settings, &self.digests, *caller)
+        attest_process(&self.settings, &self.digests, *caller, &AllSelectors).map(|a| a.selectors)
+    }
+
+    /// The selectors for `caller` that `demand` wants (see
+    /// [`WorkloadAttestor::attest_for`]), read on the calling thread.
+    ///
+    /// # Errors
+    /// As [`Self::attest_blocking`].
+    pub fn attest_for_blocking(
+        &self,
+        caller: &Caller,
+        demand: &dyn SelectorDemand,
+    ) -> Result<Attestation, AttestError> {
+        attest_process(&self.settings, &self.digests, *caller, demand)
+    }
+
+    /// How many executables this attestor (and its clones) has hashed: digests served
+    /// from the cache do not count. For tests and metrics.
+    pub fn hashes_computed(&self) -> u64 {
+        self.digests
+            .computed
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -203,6 +280,18 @@ impl WorkloadAttestor for UnixAttestor {
         let this = self.clone();
         let caller = *caller;
         tokio::task::spawn_blocking(move || this.attest_blocking(&caller))
+            .await
+            .map_err(AttestError::TaskFailed)?
+    }
+
+    async fn attest_for(
+        &self,
+        caller: &Caller,
+        demand: Arc<dyn SelectorDemand>,
+    ) -> Result<Attestation, AttestError> {
+        let this = self.clone();
+        let caller = *caller;
+        tokio::task::spawn_blocking(move || this.attest_for_blocking(&caller, demand.as_ref()))
             .await
             .map_err(AttestError::TaskFailed)?
     }
@@ -347,48 +436,102 @@ pub fn verify_start_time(proc_root: &Path, pid: i32, expected: u64) -> Result<()
     }
 }
 
-/// The whole attestation, on the calling thread.
+/// The selector types this attestor computes after `uid`/`gid`, in rounds of growing
+/// cost: the demand is asked again before each round.
+const CHEAP_TYPES: [&str; 5] = [
+    "supplementary_gid",
+    "supplementary_group",
+    "user",
+    "group",
+    "path",
+];
+/// The last, costly round.
+const COSTLY_TYPES: [&str; 1] = ["sha256"];
+
+/// The whole attestation, on the calling thread, computing only what `demand` wants.
 fn attest_process(
     settings: &UnixAttestorBuilder,
     digests: &DigestCache,
     caller: Caller,
-) -> Result<Vec<Selector>, AttestError> {
+    demand: &dyn SelectorDemand,
+) -> Result<Attestation, AttestError> {
     let pid = caller.pid;
     let start_time = process_start_time(&settings.proc_root, pid)?;
     let dir = proc_dir(&settings.proc_root, pid)?;
     let mut out = Selectors::default();
+    let mut computed = SelectorTypes::default();
+    let mut skipped = SelectorTypes::default();
 
     out.push("uid", &caller.uid.to_string());
     out.push("gid", &caller.gid.to_string());
-    let supplementary = supplementary_gids(&dir, pid)?;
-    for gid in &supplementary {
-        out.push("supplementary_gid", &gid.to_string());
-    }
+    computed.insert(KIND, "uid");
+    computed.insert(KIND, "gid");
 
-    let users = account_names(
-        &settings.passwd_file,
-        PASSWD_FIELDS,
-        &BTreeSet::from([caller.uid]),
-    );
-    if let Some(name) = users.get(&caller.uid) {
-        out.push("user", name);
+    let wanted = demand.wanted(&out.0, &computed);
+    let want = |name: &str| wanted.contains(KIND, name);
+    let supplementary = if want("supplementary_gid") || want("supplementary_group") {
+        supplementary_gids(&dir, pid)?
+    } else {
+        BTreeSet::new()
+    };
+    if want("supplementary_gid") {
+        for gid in &supplementary {
+            out.push("supplementary_gid", &gid.to_string());
+        }
     }
-    let mut gids = supplementary.clone();
-    gids.insert(caller.gid);
-    let groups = account_names(&settings.group_file, GROUP_FIELDS, &gids);
-    if let Some(name) = groups.get(&caller.gid) {
-        out.push("group", name);
+    if want("user") {
+        let users = account_names(
+            &settings.passwd_file,
+            PASSWD_FIELDS,
+            &BTreeSet::from([caller.uid]),
+        );
+        if let Some(name) = users.get(&caller.uid) {
+            out.push("user", name);
+        }
     }
-    for name in supplementary.iter().filter_map(|gid| groups.get(gid)) {
-        out.push("supplementary_group", name);
+    if want("group") || want("supplementary_group") {
+        let mut gids = BTreeSet::new();
+        if want("group") {
+            gids.insert(caller.gid);
+        }
+        if want("supplementary_group") {
+            gids.extend(supplementary.iter().copied());
+        }
+        let groups = account_names(&settings.group_file, GROUP_FIELDS, &gids);
+        if want("group")
+            && let Some(name) = groups.get(&caller.gid)
+        {
+            out.push("group", name);
+        }
+        if want("supplementary_group") {
+            for name in supplementary.iter().filter_map(|gid| groups.get(gid)) {
+                out.push("supplementary_group", name);
+            }
+        }
     }
-
     let exe = dir.join("exe");
-    if let Some(path) = exe_path(&exe, pid)? {
+    if want("path")
+        && let Some(path) = exe_path(&exe, pid)?
+    {
         out.push("path", &path);
     }
-    if let Some(digest) = exe_sha256(&exe, pid, settings.max_hash_bytes, digests)? {
-        out.push("sha256", &digest);
+    for name in CHEAP_TYPES {
+        if want(name) {
+            computed.insert(KIND, name);
+        } else {
+            skipped.insert(KIND, name);
+        }
+    }
+
+    let wanted = demand.wanted(&out.0, &computed);
+    if wanted.contains(KIND, "sha256") {
+        if let Some(digest) = exe_sha256(&exe, pid, settings, digests)? {
+            out.push("sha256", &digest);
+        }
+    } else {
+        for name in COSTLY_TYPES {
+            skipped.insert(KIND, name);
+        }
     }
 
     match verify_start_time(&settings.proc_root, pid, start_time) {
@@ -397,7 +540,10 @@ fn attest_process(
         Err(AttestError::MalformedStat { .. }) => return Err(AttestError::ProcessChanged { pid }),
         Err(e) => return Err(e),
     }
-    Ok(out.finish())
+    Ok(Attestation {
+        selectors: out.finish(),
+        skipped,
+    })
 }
 
 /// Collects selectors, leaving out (and logging) those that break the selector rules.
@@ -499,9 +645,10 @@ fn exe_path(exe: &Path, pid: i32) -> Result<Option<String>, AttestError> {
 fn exe_sha256(
     exe: &Path,
     pid: i32,
-    max: u64,
+    settings: &UnixAttestorBuilder,
     digests: &DigestCache,
 ) -> Result<Option<String>, AttestError> {
+    let max = settings.max_hash_bytes;
     let file = match File::open(exe) {
         Ok(file) => file,
         Err(e) if process_is_gone(&e) => return Err(AttestError::ProcessGone { pid }),
@@ -542,6 +689,14 @@ fn exe_sha256(
     if let Some(digest) = digests.get(&identity) {
         return Ok(Some(digest));
     }
+    let _permit = digests.permit(settings.max_concurrent_hashes);
+    // Another caller may have hashed the same file while this one waited.
+    if let Some(digest) = digests.get(&identity) {
+        return Ok(Some(digest));
+    }
+    digests
+        .computed
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut reader = file.take(max.saturating_add(1));
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; HASH_CHUNK];

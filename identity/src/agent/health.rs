@@ -1,0 +1,134 @@
+//! The agent's own health, served on the Workload API socket as the standard gRPC health
+//! service (`grpc.health.v1.Health/Check`), which `writ healthcheck --agent-socket` asks.
+//!
+//! The agent is unhealthy, and says why in one line, when
+//! - the server refuses its entry sync with PermissionDenied: it was evicted
+//!   (`writ agent evict`) or banned (`writ agent ban`); it serves what it still holds
+//!   until it expires, but gets nothing new;
+//! - its own SVID has expired (renewal kept failing): the server will refuse it.
+//!
+//! A NOT_SERVING answer carries the reason in the response metadata
+//! [`REASON_METADATA`]; any gRPC health client sees the status.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tonic::{Request, Response, Status};
+
+use super::cache::Cache;
+use crate::proto::grpc::health::v1 as pb;
+
+pub use pb::health_server::HealthServer;
+
+/// The response metadata key that carries the reason of a NOT_SERVING answer.
+pub const REASON_METADATA: &str = "writ-health-reason";
+
+/// The services whose health is asked: `""` (the agent as a whole) or the Workload API.
+const SERVICES: [&str; 2] = ["", "SpiffeWorkloadAPI"];
+
+/// Why an agent is unhealthy, from what it knows: the server's refusal of its last sync
+/// and the expiry of its own SVID. `None` when healthy.
+pub fn unhealthy_reason(
+    refused: Option<&str>,
+    agent_svid_expires_at: Option<SystemTime>,
+    now: SystemTime,
+) -> Option<String> {
+    if let Some(reason) = refused {
+        return Some(format!(
+            "the server refuses this agent (evicted or banned; attest again with a new join token): {reason}"
+        ));
+    }
+    match agent_svid_expires_at {
+        Some(expires) if expires <= now => Some(format!(
+            "the agent SVID expired at {} (renewal failed)",
+            humantime::format_rfc3339_seconds(expires)
+        )),
+        _ => None,
+    }
+}
+
+/// The health service over the agent's cache.
+#[derive(Debug, Clone)]
+pub struct AgentHealth {
+    cache: Arc<Cache>,
+}
+
+impl AgentHealth {
+    /// The service for the agent that owns `cache`.
+    pub fn new(cache: Arc<Cache>) -> Self {
+        Self { cache }
+    }
+
+    /// Why the agent is unhealthy now, or `None`.
+    pub fn unhealthy(&self) -> Option<String> {
+        unhealthy_reason(
+            self.cache.refused_by_server().as_deref(),
+            self.cache.node().agent_svid_expires_at(),
+            self.cache.clock().now(),
+        )
+    }
+}
+
+#[tonic::async_trait]
+impl pb::health_server::Health for AgentHealth {
+    async fn check(
+        &self,
+        request: Request<pb::HealthCheckRequest>,
+    ) -> Result<Response<pb::HealthCheckResponse>, Status> {
+        let service = request.into_inner().service;
+        if !SERVICES.contains(&service.as_str()) {
+            return Err(Status::not_found("unknown service"));
+        }
+        let reason = self.unhealthy();
+        let status = if reason.is_some() {
+            pb::health_check_response::ServingStatus::NotServing
+        } else {
+            pb::health_check_response::ServingStatus::Serving
+        };
+        let mut response = Response::new(pb::HealthCheckResponse {
+            status: status.into(),
+        });
+        if let Some(reason) = reason {
+            // Metadata is ASCII: anything else becomes '?'.
+            let ascii: String = reason
+                .chars()
+                .map(|c| {
+                    if c.is_ascii() && !c.is_ascii_control() {
+                        c
+                    } else {
+                        '?'
+                    }
+                })
+                .collect();
+            if let Ok(value) = tonic::metadata::MetadataValue::try_from(ascii) {
+                response.metadata_mut().insert(REASON_METADATA, value);
+            }
+        }
+        Ok(response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn reasons() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        assert_eq!(unhealthy_reason(None, None, now), None);
+        assert_eq!(
+            unhealthy_reason(None, Some(now + Duration::from_secs(1)), now),
+            None
+        );
+        let expired = unhealthy_reason(None, Some(now), now).unwrap();
+        assert!(
+            expired.contains("agent SVID expired at 2033-05-18T03:33:20Z"),
+            "{expired}"
+        );
+        let refused = unhealthy_reason(Some("agent is banned"), None, now).unwrap();
+        assert!(refused.contains("evicted or banned"), "{refused}");
+        assert!(refused.ends_with(": agent is banned"), "{refused}");
+        assert!(!refused.contains('\n'));
+    }
+}
