@@ -25,6 +25,7 @@ pub mod ca;
 pub mod clock;
 pub mod entry;
 pub mod key_manager;
+pub mod rate_limit;
 pub mod selector;
 pub mod server;
 pub mod spiffe_id;
