@@ -97,7 +97,7 @@ pub trait Appender: Send {
     ///
     /// # Errors
     /// The I/O error.
-    fn len(&self) -> std::io::Result<u64>;
+    fn size(&self) -> std::io::Result<u64>;
     /// Whether the log may be rotated (renamed): a regular file.
     fn is_regular_file(&self) -> bool;
     /// One write at the end; may write less than `buf`.
@@ -113,7 +113,7 @@ pub trait Appender: Send {
 }
 
 impl Appender for std::fs::File {
-    fn len(&self) -> std::io::Result<u64> {
+    fn size(&self) -> std::io::Result<u64> {
         self.metadata().map(|m| m.len())
     }
 
@@ -454,7 +454,7 @@ impl FileSink {
             self.repair = None;
         }
         self.rotate_if_full(line.len());
-        let before = self.file.len()?;
+        let before = self.file.size()?;
         let written = self.file.append(line)?;
         if written == line.len() {
             return Ok(());
@@ -478,7 +478,7 @@ impl FileSink {
         let (Some(rotation), Some(path)) = (self.rotation, self.path.as_ref()) else {
             return;
         };
-        let len = self.file.len().unwrap_or(0);
+        let len = self.file.size().unwrap_or(0);
         let incoming = u64::try_from(incoming).unwrap_or(u64::MAX);
         if len == 0
             || len.saturating_add(incoming) <= rotation.max_size
@@ -611,7 +611,7 @@ mod tests {
     }
 
     impl Appender for FillingFile {
-        fn len(&self) -> std::io::Result<u64> {
+        fn size(&self) -> std::io::Result<u64> {
             Ok(self.data.lock().unwrap().len() as u64)
         }
         fn is_regular_file(&self) -> bool {
