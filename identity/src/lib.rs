@@ -26,6 +26,7 @@ pub mod clock;
 pub mod entry;
 pub mod key_manager;
 pub mod numeric_date;
+pub mod rate_limit;
 pub mod selector;
 pub mod server;
 pub mod spiffe_id;

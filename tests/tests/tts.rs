@@ -738,3 +738,64 @@ async fn rotated_keys_keep_verifying_until_their_tokens_expire() {
     .unwrap();
     assert_eq!(reloaded.current_kid(), current);
 }
+
+/// Refusals of requests without a client certificate are recorded at most at the
+/// default `audit_unauthenticated` rate per source address (a burst of 20, then one a
+/// second on the service's clock); the rest are counted into one `suppressed` record.
+/// An authenticated caller's exchange is still recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_refusals_are_sampled_in_the_audit_log() {
+    let clock = ManualClock::new(SystemTime::now());
+    let tts = Tts::start(None, Arc::new(clock.clone())).await;
+    let source = tts.source(GATEWAY).await;
+    let tts_id = id(TTS);
+    let verifier =
+        SpiffeServerVerifier::new(source.bundle_source(), Arc::new(move |p| *p == tts_id));
+    let mut anonymous = rustls::ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    anonymous.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(anonymous)
+        .build()
+        .unwrap();
+    let garbage = || async {
+        http.post(format!("{}/token", tts.url))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("grant_type=nonsense")
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    for _ in 0..100 {
+        assert_eq!(garbage().await, 400);
+    }
+    let refused = |audit: &[Value]| {
+        audit
+            .iter()
+            .filter(|l| l["decision"] == "refused" && l["caller"].is_null())
+            .count()
+    };
+    assert_eq!(refused(&tts.audit()), 20, "the burst only");
+
+    // An authenticated caller is always recorded.
+    let (_, token) = tts.initial_token(clock.unix_seconds());
+    tts.client(PLANNER)
+        .await
+        .replace(&token, Some("read"))
+        .await
+        .unwrap();
+    assert_eq!(tts.last_audit()["decision"], "granted");
+
+    // A second later the address is recorded again, after the count of the others.
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(garbage().await, 400);
+    let audit = tts.audit();
+    let summary = &audit[audit.len() - 2];
+    assert_eq!(summary["decision"], "suppressed", "{summary}");
+    assert_eq!(summary["suppressed"], 80, "{summary}");
+    assert_eq!(summary["caller_ip"], "127.0.0.1");
+    assert_eq!(refused(&audit), 21);
+}

@@ -8,6 +8,10 @@
 //! spiffe_id = "spiffe://example.org/writ/tts"   # which SVID to present, if given several
 //! data_dir = "./writ-txn"                # signing keys (0600)
 //! audit_log = "./writ-txn/audit.log"     # default <data_dir>/audit.log; "-" (or no data_dir): stdout
+//! audit_on_failure = "refuse"            # a grant that cannot be recorded is refused (503); or "allow"
+//! audit_max_size = "100MiB"              # rotate at this size (0: never; then rotate it yourself)
+//! audit_keep = 10                        # rotated files kept: audit.log.1 ... audit.log.10
+//! audit_unauthenticated = { per_second = 1, burst = 20 }  # per source IP; the rest are counted
 //! token_lifetime = "5m"                  # default lifetime (policy caps it)
 //! max_chain_depth = 8
 //! key_rotation = "24h"                   # old keys stay published until their tokens expire
@@ -48,12 +52,16 @@ use writ_identity::server::config::{Datastore, FileDatastore};
 use writ_identity::spiffe_id::SpiffeId;
 use writ_sdk::workload::{WorkloadClient, WorkloadError, X509Source};
 
-use crate::audit::AuditLog;
+use crate::audit::{
+    AuditLog, DEFAULT_KEEP, DEFAULT_MAX_SIZE, DEFAULT_UNAUTHENTICATED_RATE, OnFailure, Rotation,
+    SUMMARY_INTERVAL,
+};
 use crate::exchange::{DEFAULT_LIFETIME, DEFAULT_MAX_CHAIN_DEPTH, ExchangeService};
 use crate::lease::Leases;
 use crate::listener::{self, ServeError};
 use crate::oidc::{IssuerConfig, OidcError, OidcOptions, OidcValidator};
-use crate::policy::{FilePolicy, Policy, PolicyError};
+use crate::policy::{FilePolicy, FileRateLimit, Policy, PolicyError};
+use crate::rate_limit::Rate;
 use crate::txn_token::{KeyRingError, SigningKeys};
 
 /// Default HTTPS address.
@@ -116,6 +124,15 @@ pub struct TxnFileConfig {
     pub data_dir: Option<PathBuf>,
     /// Audit log file, or `-` for standard output.
     pub audit_log: Option<String>,
+    /// `refuse` (default) or `allow` an exchange whose grant cannot be recorded.
+    pub audit_on_failure: Option<String>,
+    /// Rotate the audit log file at this size (`100MiB`, `512KiB`, a number of bytes;
+    /// 0: never).
+    pub audit_max_size: Option<FileSize>,
+    /// Rotated audit log files kept.
+    pub audit_keep: Option<u32>,
+    /// Rate of recorded unauthenticated refusals per source IP.
+    pub audit_unauthenticated: Option<FileRateLimit>,
     /// Default token lifetime.
     pub token_lifetime: Option<String>,
     /// Deepest `act` chain.
@@ -137,6 +154,46 @@ pub struct TxnFileConfig {
     /// The issuance policy.
     #[serde(default)]
     pub policy: FilePolicy,
+}
+
+/// A size: a number of bytes, or a string such as `"100MiB"`, `"512KiB"`, `"1GiB"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum FileSize {
+    /// Bytes.
+    Bytes(u64),
+    /// A number with an optional `B`, `KiB`, `MiB` or `GiB` suffix.
+    Text(String),
+}
+
+impl FileSize {
+    fn bytes(&self, field: &str) -> Result<u64, TxnConfigError> {
+        let text = match self {
+            Self::Bytes(n) => return Ok(*n),
+            Self::Text(t) => t.trim(),
+        };
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let unit_size: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            _ => 0,
+        };
+        number
+            .parse::<u64>()
+            .ok()
+            .filter(|_| unit_size > 0)
+            .and_then(|n| n.checked_mul(unit_size))
+            .ok_or_else(|| {
+                TxnConfigError::Invalid(format!(
+                    "`{field}`: {text:?} is not a size like 100MiB, 512KiB or a number of bytes"
+                ))
+            })
+    }
 }
 
 /// One `[[oidc]]` table.
@@ -180,6 +237,12 @@ pub struct TxnConfig {
     pub data_dir: Option<PathBuf>,
     /// Audit log file; `None` is standard output.
     pub audit_log: Option<PathBuf>,
+    /// What happens to an exchange whose grant cannot be recorded.
+    pub audit_on_failure: OnFailure,
+    /// Size rotation of the audit log file; `None`: never.
+    pub audit_rotation: Option<Rotation>,
+    /// Rate of recorded unauthenticated refusals per source IP.
+    pub audit_unauthenticated: Rate,
     /// Default token lifetime.
     pub token_lifetime: Duration,
     /// Deepest `act` chain.
@@ -292,6 +355,37 @@ impl TxnConfig {
                 "`token_lifetime` exceeds the policy's `max_lifetime`".into(),
             ));
         }
+        let audit_on_failure = match file.audit_on_failure.as_deref() {
+            None | Some("refuse") => OnFailure::Refuse,
+            Some("allow") => OnFailure::Allow,
+            Some(other) => {
+                return Err(TxnConfigError::Invalid(format!(
+                    "`audit_on_failure`: {other:?} is not \"refuse\" or \"allow\""
+                )));
+            }
+        };
+        let max_size = match &file.audit_max_size {
+            None => DEFAULT_MAX_SIZE,
+            Some(size) => size.bytes("audit_max_size")?,
+        };
+        let audit_rotation = (max_size > 0).then_some(Rotation {
+            max_size,
+            keep: file.audit_keep.unwrap_or(DEFAULT_KEEP),
+        });
+        let audit_unauthenticated = match &file.audit_unauthenticated {
+            None => DEFAULT_UNAUTHENTICATED_RATE,
+            Some(r) if r.per_second.is_finite() && r.per_second > 0.0 && r.burst != Some(0) => {
+                Rate {
+                    per_second: r.per_second,
+                    burst: r.burst.unwrap_or(DEFAULT_UNAUTHENTICATED_RATE.burst),
+                }
+            }
+            Some(_) => {
+                return Err(TxnConfigError::Invalid(
+                    "`audit_unauthenticated` needs per_second > 0 and burst >= 1".into(),
+                ));
+            }
+        };
         let oidc = file
             .oidc
             .into_iter()
@@ -310,6 +404,9 @@ impl TxnConfig {
                 Some(path) => Some(PathBuf::from(path)),
                 None => file.data_dir.as_ref().map(|d| d.join("audit.log")),
             },
+            audit_on_failure,
+            audit_rotation,
+            audit_unauthenticated,
             token_lifetime,
             max_chain_depth,
             key_rotation: duration(
@@ -382,6 +479,8 @@ pub struct TxnServer {
     /// The service's own identity.
     pub source: X509Source,
     task: tokio::task::JoinHandle<Result<(), ServeError>>,
+    /// Writes the audit log's counts of suppressed refusals every [`SUMMARY_INTERVAL`].
+    summaries: tokio::task::JoinHandle<()>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -444,12 +543,16 @@ impl TxnServer {
             None => SigningKeys::ephemeral(clock.clone(), config.key_rotation, retain)?,
         };
         let audit = match &config.audit_log {
-            Some(path) => AuditLog::open(path).map_err(|e| TxnConfigError::File {
-                path: path.clone(),
-                reason: e.to_string(),
+            Some(path) => AuditLog::open_rotated(path, config.audit_rotation).map_err(|e| {
+                TxnConfigError::File {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                }
             })?,
             None => AuditLog::stdout(),
-        };
+        }
+        .with_on_failure(config.audit_on_failure)
+        .with_unauthenticated_rate(Some(config.audit_unauthenticated), clock.clone());
         let mut service = ExchangeService::new(
             trust_domain,
             config.issuer.clone(),
@@ -490,6 +593,17 @@ impl TxnServer {
         let addr = tcp
             .local_addr()
             .map_err(|e| TxnConfigError::Serve(ServeError::Io(e)))?;
+        let summaries = {
+            let audit = service.audit().clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    audit.flush_suppressed();
+                }
+            })
+        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = {
             let service = service.clone();
@@ -507,6 +621,7 @@ impl TxnServer {
             service,
             source,
             task,
+            summaries,
             stop: Some(stop),
         })
     }
@@ -519,7 +634,10 @@ impl TxnServer {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        match (&mut self.task).await {
+        let result = (&mut self.task).await;
+        self.summaries.abort();
+        self.service.audit().flush_suppressed();
+        match result {
             Ok(result) => result,
             Err(e) => Err(ServeError::Io(std::io::Error::other(e.to_string()))),
         }
@@ -529,6 +647,7 @@ impl TxnServer {
 impl Drop for TxnServer {
     fn drop(&mut self) {
         self.task.abort();
+        self.summaries.abort();
     }
 }
 
@@ -559,6 +678,15 @@ mod tests {
         assert!(config.policy.rules().is_empty(), "deny by default");
         assert!(!config.client_assertions);
         assert!(config.client_assertion_replay_protection);
+        assert_eq!(config.audit_on_failure, OnFailure::Refuse, "fails closed");
+        assert_eq!(
+            config.audit_rotation,
+            Some(Rotation {
+                max_size: DEFAULT_MAX_SIZE,
+                keep: DEFAULT_KEEP
+            })
+        );
+        assert_eq!(config.audit_unauthenticated, DEFAULT_UNAUTHENTICATED_RATE);
     }
 
     #[test]
@@ -595,6 +723,26 @@ mod tests {
     }
 
     #[test]
+    fn audit_settings() {
+        let config = TxnConfig::from_toml(
+            "audit_on_failure = \"allow\"\naudit_max_size = \"2MiB\"\naudit_keep = 3\naudit_unauthenticated = { per_second = 5, burst = 7 }",
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(config.audit_on_failure, OnFailure::Allow);
+        assert_eq!(
+            config.audit_rotation,
+            Some(Rotation {
+                max_size: 2 << 20,
+                keep: 3
+            })
+        );
+        assert_eq!(config.audit_unauthenticated.burst, 7);
+        let config = TxnConfig::from_toml("audit_max_size = 0", Path::new(".")).unwrap();
+        assert_eq!(config.audit_rotation, None, "0 never rotates");
+    }
+
+    #[test]
     fn bad_configs_are_refused_with_the_field() {
         for (text, needle) in [
             ("bogus = 1", "bogus"),
@@ -607,6 +755,12 @@ mod tests {
             ("token_lifetime = \"2h\"", "token_lifetime"),
             ("key_rotation = \"soon\"", "key_rotation"),
             ("spiffe_id = \"http://x\"", "spiffe_id"),
+            ("audit_on_failure = \"maybe\"", "audit_on_failure"),
+            ("audit_max_size = \"10 parsecs\"", "audit_max_size"),
+            (
+                "audit_unauthenticated = { per_second = 0 }",
+                "audit_unauthenticated",
+            ),
             (
                 "[[oidc]]\nissuer = \"https://i\"\naudiences = []\nalgorithms = [\"HS256\"]",
                 "oidc",

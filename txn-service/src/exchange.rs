@@ -57,9 +57,9 @@ use writ_identity::store::LeaseRecord;
 use writ_sdk::txn_token::{Actor, TOKEN_TYPE_URN, TxnToken, TxnVerifier};
 use writ_sdk::workload::WorkloadClient;
 
-use crate::audit::{AuditLog, AuditRecord};
+use crate::audit::{AuditError, AuditLog, AuditRecord};
 use crate::client_assertion::ReplayCache;
-use crate::lease::{LeaseError, Leases, is_sub_agent_id};
+use crate::lease::{LeaseError, Leases, is_sub_agent_id, root_parent};
 use crate::oidc::{
     OidcError, OidcValidator, SubjectTokenType, ValidatedSubject, token_fingerprint,
 };
@@ -67,6 +67,8 @@ use crate::policy::{CallerRule, Policy, SubjectTokenKind, is_scope_token};
 use crate::rate_limit::RateLimiter;
 use crate::txn_token::{MintError, SigningKeys};
 
+/// The `Retry-After` of a 503 refusal (the audit log or the lease store unavailable).
+pub const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// The RFC 8693 token exchange grant type.
 pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 /// The `token_type` of an issued Txn-Token (RFC 8693: not an access token).
@@ -182,10 +184,15 @@ pub enum ExchangeError {
     /// `server_error` (500): the token could not be signed. Details go to the log only.
     #[error("server_error: {0}")]
     Mint(#[from] MintError),
-    /// `temporarily_unavailable` (503): a sub-agent's lease could not be looked up.
-    /// Details go to the log only.
+    /// `temporarily_unavailable` (503, with `Retry-After`): a sub-agent's lease could not
+    /// be looked up. Details go to the log only.
     #[error("temporarily_unavailable: {0}")]
     LeasesUnavailable(String),
+    /// `temporarily_unavailable` (503, with `Retry-After`): the grant could not be
+    /// written to the audit log (e.g. a full disk), so nothing is granted. Details go to
+    /// the log only.
+    #[error("temporarily_unavailable: {0}")]
+    AuditUnavailable(#[from] AuditError),
 }
 
 impl ExchangeError {
@@ -232,7 +239,7 @@ impl ExchangeError {
             Self::UnauthorizedClient { .. } => "unauthorized_client",
             Self::UnsupportedGrantType => "unsupported_grant_type",
             Self::Mint(_) => "server_error",
-            Self::LeasesUnavailable(_) => "temporarily_unavailable",
+            Self::LeasesUnavailable(_) | Self::AuditUnavailable(_) => "temporarily_unavailable",
         }
     }
 
@@ -260,6 +267,7 @@ impl ExchangeError {
             Self::RateLimited { .. } => "rate limit exceeded".to_owned(),
             Self::Mint(_) => "internal error".to_owned(),
             Self::LeasesUnavailable(_) => "sub-agent leases cannot be checked now".to_owned(),
+            Self::AuditUnavailable(_) => "the decision cannot be recorded now".to_owned(),
         }
     }
 
@@ -273,7 +281,9 @@ impl ExchangeError {
             Self::UnauthorizedClient { .. } => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Mint(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::LeasesUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::LeasesUnavailable(_) | Self::AuditUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 }
@@ -290,7 +300,12 @@ impl IntoResponse for ExchangeError {
         }
         let body = json!({"error": self.code(), "error_description": self.description()});
         let mut response = no_store((self.status(), Json(body)).into_response());
-        if let Self::RateLimited { retry_after } = &self {
+        let retry_after = match &self {
+            Self::RateLimited { retry_after } => Some(*retry_after),
+            Self::LeasesUnavailable(_) | Self::AuditUnavailable(_) => Some(UNAVAILABLE_RETRY_AFTER),
+            _ => None,
+        };
+        if let Some(retry_after) = retry_after {
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             response
                 .headers_mut()
@@ -728,7 +743,8 @@ impl ExchangeService {
                 record.granted_scope = Some(token.scope.clone());
                 record.act = token.chain().into_iter().map(str::to_owned).collect();
                 record.expires_in = Some(response.expires_in);
-                self.audit.granted(record);
+                // Fails closed: a grant that cannot be recorded is not handed out.
+                self.audit.granted(record)?;
                 Ok(response)
             }
             Err(e) => {
@@ -837,7 +853,7 @@ impl ExchangeService {
             .rule_for(&caller.id)
             .ok_or_else(|| ExchangeError::unauthorized("caller may not request Txn-Tokens"))?;
         if let Some(rate) = rule.rate_limit()
-            && let Err(retry_after) = self.limiter.check(caller.id.as_str(), rate)
+            && let Err(retry_after) = self.limiter.check(&root_parent(&caller.id), rate)
         {
             return Err(ExchangeError::RateLimited { retry_after });
         }

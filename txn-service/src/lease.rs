@@ -12,7 +12,7 @@ use std::time::Duration;
 use writ_identity::spiffe_id::SpiffeId;
 use writ_identity::store::{LeaseRecord, SharedStore};
 
-pub use writ_identity::server::lease::is_sub_agent_id;
+pub use writ_identity::server::lease::{is_sub_agent_id, root_parent};
 
 /// Longest time a lease lookup is reused.
 pub const LEASE_CACHE_TTL: Duration = Duration::from_secs(2);

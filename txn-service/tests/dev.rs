@@ -12,7 +12,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -253,17 +253,36 @@ max_scope = ["docs.read"]
         .args(["txn", "run", "--config"])
         .arg(&config)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // With `audit_log = "-"` standard output holds only audit records: the ready line
+    // goes to standard error with the logs.
+    let mut stderr = BufReader::new(standalone.stderr.take().unwrap());
     let mut line = String::new();
-    BufReader::new(standalone.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.contains("listening"), "{line}");
+    while !line.contains("Transaction token service listening") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "no ready line");
+    }
     let out = exchange(&format!("https://127.0.0.1:{port}"));
     let _ = standalone.kill();
     let _ = standalone.wait();
+    let mut audit = String::new();
+    standalone
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut audit)
+        .unwrap();
+    assert!(
+        !audit.is_empty(),
+        "the refusal is audited on standard output"
+    );
+    for record in audit.lines() {
+        let record: Value = serde_json::from_str(record)
+            .unwrap_or_else(|e| panic!("standard output holds only JSON records: {record:?}: {e}"));
+        assert_eq!(record["decision"], "refused", "{record}");
+    }
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("invalid_request"), "{err}"); // RFC 8693 §2.2.2

@@ -1058,3 +1058,151 @@ async fn bad_oidc_subject_tokens_are_invalid_request() {
     let reply = post(&app, GATEWAY, body(&token)).await;
     assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_request");
 }
+
+/// A service for `policy` writing its audit log to `audit`, with sub-agent leases from
+/// `leases` when given.
+fn service_with(
+    policy: &str,
+    audit: AuditLog,
+    leases: Option<writ_txn_service::lease::Leases>,
+) -> Harness {
+    let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(NOW as u64));
+    let minter = Minter::new(PrivateKey::generate().unwrap()).unwrap();
+    let verifier = TxnVerifier::new(
+        TD,
+        BTreeMap::from([(minter.kid().to_owned(), minter.jwk().clone())]),
+    );
+    let mut service = ExchangeService::new(
+        TrustDomain::new(TD).unwrap(),
+        ISSUER,
+        Policy::from_toml(policy).unwrap(),
+        Arc::new(SigningKeys::single(minter.clone(), Arc::new(clock.clone()))),
+        Arc::new(clock.clone()),
+    )
+    .with_audit(audit);
+    if let Some(leases) = leases {
+        service = service.with_leases(leases);
+    }
+    Harness {
+        app: router(Arc::new(service)),
+        clock,
+        minter,
+        verifier,
+    }
+}
+
+/// The audit log on `/dev/full` (every write fails with ENOSPC): no exchange is granted,
+/// each is refused with 503 `temporarily_unavailable` and a `Retry-After`.
+#[tokio::test]
+async fn an_exchange_that_cannot_be_audited_is_refused() {
+    let audit = AuditLog::open(std::path::Path::new("/dev/full")).unwrap();
+    let h = service_with(POLICY, audit, None);
+    let (_, token) = initial_token(&h);
+    for _ in 0..40 {
+        let response = h
+            .app
+            .clone()
+            .oneshot(token_request(
+                Some(PLANNER),
+                replacement_form(&token, Some("orders.read")),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "5");
+        assert_eq!(response.headers()[header::CACHE_CONTROL], "no-store");
+        let body: Value = serde_json::from_slice(&collect(response.into_body()).await).unwrap();
+        assert_eq!(body["error"], "temporarily_unavailable", "{body}");
+        assert!(body.get("access_token").is_none(), "{body}");
+    }
+
+    // `audit_on_failure = "allow"` grants anyway (the failure goes to the service log).
+    let audit = AuditLog::open(std::path::Path::new("/dev/full"))
+        .unwrap()
+        .with_on_failure(writ_txn_service::audit::OnFailure::Allow);
+    let h = service_with(POLICY, audit, None);
+    let (_, token) = initial_token(&h);
+    let reply = post(
+        &h.app,
+        PLANNER,
+        replacement_form(&token, Some("orders.read")),
+    )
+    .await;
+    issued(&h, &reply);
+}
+
+/// A sub-agent's exchanges count against its root parent's rate limit: a parent at its
+/// limit gets nothing more through its children (or theirs), while another workload of
+/// the same rule keeps its own bucket.
+#[tokio::test]
+async fn sub_agents_share_their_root_parents_rate_limit() {
+    use writ_identity::store::{LeaseRecord, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        writ_identity::store::sqlite::SqliteStore::open(&dir.path().join("db.sqlite3"))
+            .await
+            .unwrap(),
+    );
+    let child = |parent: &str, task: &str| format!("{parent}/sub/{task}-0a0b0c0d");
+    let children = [
+        child(PLANNER, "one"),
+        child(PLANNER, "two"),
+        child(&child(PLANNER, "one"), "deep"),
+    ];
+    for (i, id) in children.iter().enumerate() {
+        let parent = id.rsplit_once("/sub/").unwrap().0;
+        store
+            .create_lease(&LeaseRecord {
+                id: format!("lease-{i}"),
+                child_id: SpiffeId::new(id).unwrap(),
+                parent_id: SpiffeId::new(parent).unwrap(),
+                entry_id: "entry".into(),
+                agent_id: SpiffeId::new("spiffe://example.org/writ/agent/test").unwrap(),
+                depth: u32::try_from(id.matches("/sub/").count()).unwrap(),
+                task: "work".into(),
+                child_pid: 100 + i32::try_from(i).unwrap(),
+                child_start_time: 1,
+                created_at: NOW,
+                expires_at: NOW + 300,
+                released_at: None,
+            })
+            .await
+            .unwrap();
+    }
+    // A bucket of 2 that refills once in 1000 s: no refill during the test.
+    let policy = r#"
+[[caller]]
+prefix = "spiffe://example.org/agents/"
+subject_token_types = ["txn_token"]
+max_scope = ["orders.read", "orders.write"]
+rate_limit = { per_second = 0.001, burst = 2 }
+"#;
+    let h = service_with(
+        policy,
+        AuditLog::memory(),
+        Some(writ_txn_service::lease::Leases::new(store)),
+    );
+    let (_, token) = initial_token(&h);
+    let form = || replacement_form(&token, Some("orders.read"));
+    issued(&h, &post(&h.app, PLANNER, form()).await);
+    issued(&h, &post(&h.app, PLANNER, form()).await);
+    assert_eq!(
+        post(&h.app, PLANNER, form()).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    for id in &children {
+        let reply = post(&h.app, id, form()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{id} counts against the planner: {}",
+            reply.body
+        );
+        assert_eq!(reply.body["error"], "temporarily_unavailable");
+    }
+    // Another workload under the same rule has its own bucket.
+    issued(
+        &h,
+        &post(&h.app, "spiffe://example.org/agents/other", form()).await,
+    );
+}

@@ -21,6 +21,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::ca::{CaConfig, UpstreamAuthority};
+use crate::rate_limit::Rate;
 use crate::spiffe_id::TrustDomain;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
@@ -93,7 +94,26 @@ pub struct FileConfig {
     /// Join token settings.
     #[serde(default)]
     pub join_token: FileJoinToken,
+    /// How fast one workload may spawn sub-agents (its own and its sub-agents' spawns
+    /// together): `{ per_second, burst }`.
+    pub spawn_rate: Option<FileSpawnRate>,
 }
+
+/// `spawn_rate = { per_second = .., burst = .. }`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpawnRate {
+    /// Sustained spawns per second (> 0).
+    pub per_second: f64,
+    /// Spawns allowed at once (default: [`DEFAULT_SPAWN_RATE`]'s burst).
+    pub burst: Option<u32>,
+}
+
+/// Default spawn rate per root parent workload: 20 at once, then one per second.
+pub const DEFAULT_SPAWN_RATE: Rate = Rate {
+    per_second: 1.0,
+    burst: 20,
+};
 
 /// `[ca]`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -226,6 +246,9 @@ pub struct ServerConfig {
     /// embedded agent); no configuration file can, so a production server always
     /// requires `parent_id`.
     pub default_parent_id: Option<crate::spiffe_id::SpiffeId>,
+    /// How fast one root parent workload (with all its sub-agents) may spawn
+    /// sub-agents.
+    pub spawn_rate: Rate,
 }
 
 impl ServerConfig {
@@ -376,6 +399,16 @@ impl TryFrom<FileConfig> for ServerConfig {
             file.join_token.default_ttl.as_deref(),
             Duration::from_secs(600),
         )?;
+        let spawn_rate = match file.spawn_rate {
+            None => DEFAULT_SPAWN_RATE,
+            Some(r) if r.per_second.is_finite() && r.per_second > 0.0 && r.burst != Some(0) => {
+                Rate {
+                    per_second: r.per_second,
+                    burst: r.burst.unwrap_or(DEFAULT_SPAWN_RATE.burst),
+                }
+            }
+            Some(_) => return Err(value("spawn_rate", "needs per_second > 0 and burst >= 1")),
+        };
         Ok(Self {
             trust_domain,
             data_dir,
@@ -386,6 +419,7 @@ impl TryFrom<FileConfig> for ServerConfig {
             ca,
             join_token_ttl,
             default_parent_id: None,
+            spawn_rate,
         })
     }
 }
@@ -417,6 +451,23 @@ mod tests {
         assert!(ServerConfig::try_from(bad).is_err());
         let bad: FileConfig = toml::from_str("trust_domain = \"Bad TD\"").unwrap();
         assert!(ServerConfig::try_from(bad).is_err());
+        assert_eq!(c.spawn_rate, DEFAULT_SPAWN_RATE);
+        let bad: FileConfig = toml::from_str("spawn_rate = { per_second = 0 }").unwrap();
+        assert!(
+            ServerConfig::try_from(bad)
+                .unwrap_err()
+                .to_string()
+                .starts_with("spawn_rate")
+        );
+        let slow: FileConfig =
+            toml::from_str("spawn_rate = { per_second = 0.5, burst = 3 }").unwrap();
+        assert_eq!(
+            ServerConfig::try_from(slow).unwrap().spawn_rate,
+            Rate {
+                per_second: 0.5,
+                burst: 3
+            }
+        );
     }
 
     #[test]

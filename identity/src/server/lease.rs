@@ -66,6 +66,22 @@ pub fn is_sub_agent_id(id: &SpiffeId) -> bool {
     id.path().split('/').any(|segment| segment == SUB_SEGMENT)
 }
 
+/// The SPIFFE ID (as text) of the workload at the root of `id`'s lease chain: a child ID
+/// is `<parent ID>/sub/<task>-<hex>` and no registration entry may use a `sub` segment,
+/// so the root is `id` up to its first `sub` segment. Any other ID is its own root.
+/// Rate limits are counted per root, so a workload's sub-agents share its limit.
+pub fn root_parent(id: &SpiffeId) -> String {
+    let mut root = format!("spiffe://{}", id.trust_domain_str());
+    for segment in id.path().split('/').skip(1) {
+        if segment == SUB_SEGMENT {
+            break;
+        }
+        root.push('/');
+        root.push_str(segment);
+    }
+    root
+}
+
 impl NodeHandler {
     /// Registers a child under `request.parent_id` for the calling agent, after checking
     /// the parent's spawn policy. Returns the stored lease.
@@ -73,7 +89,7 @@ impl NodeHandler {
     /// # Errors
     /// [`NodeError::Invalid`] for a malformed request, [`NodeError::SpawnRefused`] when the
     /// parent may not spawn (no such identity for this agent, no spawn policy, ended
-    /// parent lease), [`NodeError::SpawnLimit`] when the depth or children cap is reached.
+    /// parent lease), [`NodeError::SpawnLimit`] when the depth, children cap or spawn rate is reached.
     pub async fn register_child(
         &self,
         agent_id: &SpiffeId,
@@ -141,6 +157,18 @@ impl NodeHandler {
             return Err(NodeError::SpawnLimit(format!(
                 "{} already holds {live} live sub-agents (spawn_max_children {cap})",
                 request.parent_id
+            )));
+        }
+        // Spawning is rate limited per root parent: a sub-agent's spawns count against
+        // the workload at the root of its chain, so children cannot multiply the rate.
+        let root = root_parent(&request.parent_id);
+        if let Err(wait) = state.take_spawn(&root) {
+            let rate = state.config.spawn_rate;
+            return Err(NodeError::SpawnLimit(format!(
+                "{root} spawns sub-agents faster than spawn_rate ({} per second, burst {}); retry in {}s",
+                rate.per_second,
+                rate.burst,
+                wait.as_secs().max(1)
             )));
         }
         let max_ttl = i64::try_from(max_ttl).unwrap_or(i64::MAX);
@@ -417,5 +445,28 @@ mod tests {
         assert_eq!(capped_ttl(300, 60), Duration::from_secs(60));
         assert_eq!(capped_ttl(-5, 60), Duration::from_secs(1));
         assert_eq!(capped_ttl(300, 0), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn root_parent_is_the_id_up_to_the_first_sub_segment() {
+        let id = |s: &str| SpiffeId::new(s).unwrap();
+        assert_eq!(
+            root_parent(&id("spiffe://td/planner")),
+            "spiffe://td/planner"
+        );
+        assert_eq!(
+            root_parent(&id("spiffe://td/ns/planner/sub/search-0a1b2c3d")),
+            "spiffe://td/ns/planner"
+        );
+        assert_eq!(
+            root_parent(&id(
+                "spiffe://td/planner/sub/search-0a1b2c3d/sub/fetch-11223344"
+            )),
+            "spiffe://td/planner"
+        );
+        assert_eq!(
+            root_parent(&id("spiffe://td/substitute")),
+            "spiffe://td/substitute"
+        );
     }
 }

@@ -76,6 +76,8 @@ pub struct ServerState {
     pub clock: SharedClock,
     /// Bumped whenever entries or bundles may have changed; agents re-sync on it.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Spawn buckets per root parent workload (`config.spawn_rate`).
+    spawns: crate::rate_limit::RateLimiter,
 }
 
 impl ServerState {
@@ -119,9 +121,19 @@ impl ServerState {
             config,
             store,
             ca,
+            spawns: crate::rate_limit::RateLimiter::new(clock.clone()),
             clock,
             changes,
         }))
+    }
+
+    /// Takes one spawn from the bucket of `root` (a root parent workload's SPIFFE ID),
+    /// or says how long until one is available.
+    ///
+    /// # Errors
+    /// The wait before a spawn may succeed.
+    pub fn take_spawn(&self, root: &str) -> Result<(), std::time::Duration> {
+        self.spawns.check(root, self.config.spawn_rate)
     }
 
     /// Tells agents that entries or bundles may have changed.

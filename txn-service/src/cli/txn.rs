@@ -96,13 +96,20 @@ pub(crate) async fn run(cmd: TxnCommand) -> anyhow::Result<ExitCode> {
             let file: TxnFileConfig = toml::from_str(&text)
                 .map_err(|e| anyhow::anyhow!("{}: {}", config.display(), e.message()))?;
             let config = TxnConfig::from_file(file, base)?;
+            let audit_to_stdout = config.audit_log.is_none();
             let server = TxnServer::start(config).await?;
             let stop = super::server::shutdown_signal();
-            // Whoever started it may stop reading standard output; that must not stop it.
-            let _ = outln!(
+            let ready = format!(
                 "Transaction token service listening on https://{}",
                 server.addr
             );
+            if audit_to_stdout {
+                // Standard output carries only the audit log's JSON lines.
+                errln!("{ready}");
+            } else {
+                // Whoever started it may stop reading standard output; that must not stop it.
+                let _ = outln!("{ready}");
+            }
             stop.await;
             server.shutdown().await?;
             Ok(ExitCode::SUCCESS)
