@@ -285,6 +285,8 @@ pub async fn serve_tls(
 #[derive(Debug)]
 struct Activity {
     state: Mutex<ActivityState>,
+    /// Wakes the connection's watchdog when a deadline moves.
+    changed: tokio::sync::Notify,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -305,12 +307,22 @@ impl Activity {
                 header_phase: true,
                 since: Instant::now(),
             }),
+            changed: tokio::sync::Notify::new(),
         })
     }
 
+    /// Applies `f`; wakes the watchdog when the deadline moved.
     fn update(&self, f: impl FnOnce(&mut ActivityState)) {
-        if let Ok(mut s) = self.state.lock() {
-            f(&mut s);
+        let moved = match self.state.lock() {
+            Ok(mut s) => {
+                let before = (s.in_flight == 0, s.header_phase, s.since);
+                f(&mut s);
+                before != (s.in_flight == 0, s.header_phase, s.since)
+            }
+            Err(_) => false,
+        };
+        if moved {
+            self.changed.notify_one();
         }
     }
 
@@ -542,6 +554,7 @@ async fn serve_connection(
                 }
                 return;
             }
+            () = activity.changed.notified(), if closing.is_none() => {}
             () = tokio::time::sleep_until(wake) => {
                 if closing.is_some() {
                     tracing::debug!(%addr, "connection dropped after its grace");
