@@ -663,8 +663,10 @@ mod tests {
 
     #[tokio::test]
     async fn the_oldest_pending_handshake_gives_way() {
-        let mut limits = ConnectionLimits::default();
-        limits.max_pending_handshakes = 2;
+        let limits = ConnectionLimits {
+            max_pending_handshakes: 2,
+            ..ConnectionLimits::default()
+        };
         let gate = Gate::new("test", limits);
         let (a_tx, a_rx) = oneshot::channel::<Result<(), HandshakeCut>>();
         let g = gate.clone();
