@@ -580,6 +580,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn connection_limits_default_and_parse() {
+        let config = TxnConfig::from_toml("", Path::new(".")).unwrap();
+        assert_eq!(config.connections, ConnectionLimits::default());
+        let text = "[connections]\nhandshake_timeout = \"2s\"\nheader_read_timeout = \"3s\"\n\
+            body_read_timeout = \"4s\"\nidle_timeout = \"5s\"\nmax_pending_handshakes = 6\n\
+            max_connections_per_ip = 7\nmax_connections = 8\n";
+        let c = TxnConfig::from_toml(text, Path::new("."))
+            .unwrap()
+            .connections;
+        assert_eq!(c.handshake_timeout, Duration::from_secs(2));
+        assert_eq!(c.header_read_timeout, Duration::from_secs(3));
+        assert_eq!(c.body_read_timeout, Duration::from_secs(4));
+        assert_eq!(c.idle_timeout, Duration::from_secs(5));
+        assert_eq!(c.max_pending_handshakes, 6);
+        assert_eq!(c.max_connections_per_ip, 7);
+        assert_eq!(c.max_connections, Some(8));
+        for bad in [
+            "[connections]\nmax_connections_per_ip = 0",
+            "[connections]\nidle_timeout = \"0s\"",
+            "[connections]\nread_timeout = \"1s\"",
+        ] {
+            assert!(TxnConfig::from_toml(bad, Path::new(".")).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn the_example_config_is_valid() {
         let text = include_str!("../../examples/config/txn.toml");
         let config = TxnConfig::from_toml(text, Path::new(".")).unwrap();
