@@ -18,6 +18,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod accept;
 pub mod agent;
 pub mod attest;
 pub mod bundle;

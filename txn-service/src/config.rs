@@ -19,6 +19,15 @@
 //! client_assertions = false              # accept JWT-SVID client assertions (policy per caller)
 //! client_assertion_replay_protection = true  # each assertion once (needs `jti`); see docs
 //!
+//! [connections]                          # limits of each HTTPS connection (these are the defaults)
+//! handshake_timeout = "10s"
+//! header_read_timeout = "10s"
+//! body_read_timeout = "30s"
+//! idle_timeout = "60s"
+//! max_pending_handshakes = 256           # beyond it the oldest pending handshake gives way
+//! max_connections_per_ip = 64            # handshaking or open, per client address (IPv6: /64)
+//! # max_connections = 10000              # default: RLIMIT_NOFILE minus a reserve
+//!
 //! [[oidc]]
 //! issuer = "https://idp.example.com"
 //! audiences = ["writ"]
@@ -58,7 +67,7 @@ use crate::audit::{
 };
 use crate::exchange::{DEFAULT_LIFETIME, DEFAULT_MAX_CHAIN_DEPTH, ExchangeService};
 use crate::lease::Leases;
-use crate::listener::{self, ServeError};
+use crate::listener::{self, ConnectionLimits, ServeError};
 use crate::oidc::{IssuerConfig, OidcError, OidcOptions, OidcValidator};
 use crate::policy::{FilePolicy, FileRateLimit, Policy, PolicyError};
 use crate::rate_limit::Rate;
@@ -154,6 +163,29 @@ pub struct TxnFileConfig {
     /// The issuance policy.
     #[serde(default)]
     pub policy: FilePolicy,
+    /// Limits of each connection to the HTTPS listener.
+    #[serde(default)]
+    pub connections: FileConnections,
+}
+
+/// The `[connections]` table: limits of each connection to the HTTPS listener.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConnections {
+    /// Longest TLS handshake.
+    pub handshake_timeout: Option<String>,
+    /// Longest wait for a complete request header.
+    pub header_read_timeout: Option<String>,
+    /// Longest wait for a whole request body.
+    pub body_read_timeout: Option<String>,
+    /// Longest keep-alive wait for the next request.
+    pub idle_timeout: Option<String>,
+    /// TLS handshakes in flight at once.
+    pub max_pending_handshakes: Option<usize>,
+    /// Connections from one client address.
+    pub max_connections_per_ip: Option<usize>,
+    /// Connections of the listener at once (default: from the file descriptor limit).
+    pub max_connections: Option<usize>,
 }
 
 /// A size: a number of bytes, or a string such as `"100MiB"`, `"512KiB"`, `"1GiB"`.
@@ -261,6 +293,8 @@ pub struct TxnConfig {
     pub identity_store: Option<Datastore>,
     /// The policy.
     pub policy: Policy,
+    /// Limits of each connection to the HTTPS listener.
+    pub connections: ConnectionLimits,
     /// Accept the `writ dev` development issuer's tokens. Only `writ dev` sets this; no
     /// `txn.toml` key can.
     pub accept_dev_tokens: bool,
@@ -386,6 +420,7 @@ impl TxnConfig {
                 ));
             }
         };
+        let connections = connection_limits(&file.connections)?;
         let oidc = file
             .oidc
             .into_iter()
@@ -423,8 +458,46 @@ impl TxnConfig {
             identity_store,
             accept_dev_tokens: false,
             policy,
+            connections,
         })
     }
+}
+
+fn connection_limits(file: &FileConnections) -> Result<ConnectionLimits, TxnConfigError> {
+    let mut limits = ConnectionLimits::default();
+    let timeout = |field: &str, text: &Option<String>, default| {
+        duration(&format!("connections.{field}"), text.as_deref(), default)
+    };
+    limits.handshake_timeout = timeout(
+        "handshake_timeout",
+        &file.handshake_timeout,
+        limits.handshake_timeout,
+    )?;
+    limits.header_read_timeout = timeout(
+        "header_read_timeout",
+        &file.header_read_timeout,
+        limits.header_read_timeout,
+    )?;
+    limits.body_read_timeout = timeout(
+        "body_read_timeout",
+        &file.body_read_timeout,
+        limits.body_read_timeout,
+    )?;
+    limits.idle_timeout = timeout("idle_timeout", &file.idle_timeout, limits.idle_timeout)?;
+    let count = |field: &str, value: Option<usize>| match value {
+        Some(0) => Err(TxnConfigError::Invalid(format!(
+            "`connections.{field}` must be at least 1"
+        ))),
+        other => Ok(other),
+    };
+    if let Some(n) = count("max_pending_handshakes", file.max_pending_handshakes)? {
+        limits.max_pending_handshakes = n;
+    }
+    if let Some(n) = count("max_connections_per_ip", file.max_connections_per_ip)? {
+        limits.max_connections_per_ip = n;
+    }
+    limits.max_connections = count("max_connections", file.max_connections)?;
+    Ok(limits)
 }
 
 fn issuer_config(file: FileIssuer, base: &Path) -> Result<IssuerConfig, TxnConfigError> {
@@ -605,11 +678,12 @@ impl TxnServer {
             })
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let limits = config.connections;
         let task = {
             let service = service.clone();
             let source = source.clone();
             tokio::spawn(async move {
-                listener::serve(service, &source, tcp, async move {
+                listener::serve(service, &source, tcp, limits, async move {
                     let _ = stopped.await;
                 })
                 .await
@@ -654,6 +728,32 @@ impl Drop for TxnServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_limits_default_and_parse() {
+        let config = TxnConfig::from_toml("", Path::new(".")).unwrap();
+        assert_eq!(config.connections, ConnectionLimits::default());
+        let text = "[connections]\nhandshake_timeout = \"2s\"\nheader_read_timeout = \"3s\"\n\
+            body_read_timeout = \"4s\"\nidle_timeout = \"5s\"\nmax_pending_handshakes = 6\n\
+            max_connections_per_ip = 7\nmax_connections = 8\n";
+        let c = TxnConfig::from_toml(text, Path::new("."))
+            .unwrap()
+            .connections;
+        assert_eq!(c.handshake_timeout, Duration::from_secs(2));
+        assert_eq!(c.header_read_timeout, Duration::from_secs(3));
+        assert_eq!(c.body_read_timeout, Duration::from_secs(4));
+        assert_eq!(c.idle_timeout, Duration::from_secs(5));
+        assert_eq!(c.max_pending_handshakes, 6);
+        assert_eq!(c.max_connections_per_ip, 7);
+        assert_eq!(c.max_connections, Some(8));
+        for bad in [
+            "[connections]\nmax_connections_per_ip = 0",
+            "[connections]\nidle_timeout = \"0s\"",
+            "[connections]\nread_timeout = \"1s\"",
+        ] {
+            assert!(TxnConfig::from_toml(bad, Path::new(".")).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn the_example_config_is_valid() {

@@ -144,6 +144,13 @@ pub enum ExchangeError {
         /// What is wrong.
         reason: String,
     },
+    /// `invalid_request` (413): the declared `Content-Length` is over the limit; refused
+    /// before the body is read (and before `100 Continue`).
+    #[error("invalid_request: request body is larger than {max} bytes")]
+    BodyTooLarge {
+        /// The limit, in bytes.
+        max: usize,
+    },
     /// `invalid_client` (401): the caller is not authenticated.
     #[error("invalid_client: {reason}")]
     InvalidClient {
@@ -231,7 +238,7 @@ impl ExchangeError {
     /// The RFC 6749 error code.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::InvalidRequest { .. } => "invalid_request",
+            Self::InvalidRequest { .. } | Self::BodyTooLarge { .. } => "invalid_request",
             Self::InvalidClient { .. } => "invalid_client",
             Self::RateLimited { .. } => "temporarily_unavailable",
             Self::InvalidScope { .. } => "invalid_scope",
@@ -263,6 +270,7 @@ impl ExchangeError {
             | Self::InvalidScope { reason }
             | Self::InvalidTarget { reason }
             | Self::UnauthorizedClient { reason } => reason.clone(),
+            Self::BodyTooLarge { max } => format!("request body is larger than {max} bytes"),
             Self::UnsupportedGrantType => "only token exchange is supported".to_owned(),
             Self::RateLimited { .. } => "rate limit exceeded".to_owned(),
             Self::Mint(_) => "internal error".to_owned(),
@@ -277,6 +285,7 @@ impl ExchangeError {
             | Self::InvalidScope { .. }
             | Self::InvalidTarget { .. }
             | Self::UnsupportedGrantType => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidClient { .. } => StatusCode::UNAUTHORIZED,
             Self::UnauthorizedClient { .. } => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -1141,6 +1150,18 @@ async fn read_form(
         return Err(ExchangeError::invalid_request(
             "Content-Type must be application/x-www-form-urlencoded",
         ));
+    }
+    // Refused on its declared length, before the body is read: hyper sends
+    // `100 Continue` only when the body is first polled, so a client that asked for it
+    // never gets it.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(ExchangeError::BodyTooLarge {
+            max: MAX_BODY_BYTES,
+        });
     }
     axum::body::to_bytes(body, MAX_BODY_BYTES)
         .await

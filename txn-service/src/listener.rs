@@ -19,7 +19,7 @@ use writ_sdk::listener::TlsListener;
 use writ_sdk::tls::{self, Authorizer};
 use writ_sdk::workload::X509Source;
 
-pub use writ_sdk::listener::{Peer, ServeError};
+pub use writ_sdk::listener::{ConnectionLimits, Peer, ServeError};
 
 use crate::audit::{AuditLog, AuditRecord};
 use crate::exchange::{CallerId, ExchangeService, router};
@@ -35,12 +35,14 @@ pub fn tls_listener(
     tcp: TcpListener,
     source: &X509Source,
     audit: AuditLog,
+    limits: ConnectionLimits,
 ) -> Result<TlsListener, ServeError> {
     let config = tls::server_config_client_optional(source, Authorizer::custom(|_| true))?;
-    TlsListener::with_failure_hook(
+    TlsListener::with_limits(
         tcp,
         config,
         Arc::new(move |addr, e| handshake_failed(&audit, addr, e)),
+        limits,
     )
 }
 
@@ -68,7 +70,9 @@ fn handshake_failed(audit: &AuditLog, addr: SocketAddr, e: &std::io::Error) {
     }
 }
 
-/// Serves `service` on `tcp` with the TLS of `source` until `shutdown` completes.
+/// Serves `service` on `tcp` with the TLS of `source`, each connection held to
+/// `limits` (handshake, header, body and idle timeouts, per-address and per-listener
+/// caps), until `shutdown` completes.
 ///
 /// # Errors
 /// [`ServeError`] if the TLS configuration cannot be built or the socket fails.
@@ -76,14 +80,12 @@ pub async fn serve(
     service: Arc<ExchangeService>,
     source: &X509Source,
     tcp: TcpListener,
+    limits: ConnectionLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let listener = tls_listener(tcp, source, service.audit().clone())?;
+    let listener = tls_listener(tcp, source, service.audit().clone(), limits)?;
     let app = router(service).layer(axum::middleware::from_fn(peer_extensions));
-    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    Ok(())
+    writ_sdk::listener::serve_tls(listener, app, shutdown).await
 }
 
 /// Hands the connection's peer to the handlers as [`CallerId`] and

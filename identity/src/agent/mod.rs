@@ -26,8 +26,6 @@ pub mod workload_api;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio_stream::wrappers::UnixListenerStream;
-
 use crate::attest::workload::WorkloadAttestor;
 use crate::clock::SystemClock;
 use crate::server::{ServerError, bind_unix_socket};
@@ -88,7 +86,7 @@ pub async fn start(
             .add_service(subagents)
             .add_service(health)
             .serve_with_incoming(futures::TryStreamExt::map_ok(
-                UnixListenerStream::new(listener),
+                crate::accept::unix_incoming(listener, "Workload API"),
                 uds_transport::UdsStream::new,
             ))
             .await;

@@ -25,8 +25,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_stream::wrappers::UnixListenerStream;
-
 use crate::ca::{CaError, CertificateAuthority};
 use crate::clock::SharedClock;
 use crate::key_manager::{DiskKeyManager, KeyError, MemoryKeyManager, SharedKeyManager, set_mode};
@@ -223,7 +221,10 @@ pub async fn serve(
         .add_service(admin::AdminServer::new(admin::AdminService::new(
             state.clone(),
         )))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            crate::accept::unix_incoming(listener, "admin API"),
+            shutdown,
+        )
         .await;
     let _ = stop_tx.send(true);
     if let Some(t) = node_task {

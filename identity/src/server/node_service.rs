@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use super::lease::{ChildRequest, lease_to_proto};
 use super::node::{NodeError, NodeHandler};
 use super::{ServerError, ServerState};
+use crate::accept::{AcceptBackoff, AdmittedStream, ConnectionLimits, Gate};
 use crate::bundle::BundleSet;
 use crate::key_manager::sha256;
 use crate::proto::node as pb;
@@ -36,8 +37,6 @@ pub const AGENT_SVID_TTL: Duration = Duration::from_secs(3600);
 pub const MAX_JOIN_TOKEN_LEN: usize = 128;
 /// Largest public key accepted.
 const MAX_PUBLIC_KEY_LEN: usize = 4096;
-/// How long a TLS handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl From<NodeError> for Status {
     fn from(e: NodeError) -> Status {
@@ -467,26 +466,24 @@ pub async fn serve_node_api(
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     // The listener lives in this task: it must end with the server, even when the
-    // server's own future is dropped rather than shut down.
+    // server's own future is dropped rather than shut down. The gate caps connections
+    // per client address and pending handshakes, and keeps file descriptors in reserve.
+    let gate = Gate::new("node API", ConnectionLimits::default());
     let _accept_task = AbortOnDrop(tokio::spawn(async move {
+        let mut backoff = AcceptBackoff::default();
         loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
+            let (tcp, peer, admitted) = gate.accept(&listener, &mut backoff).await;
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let gate = gate.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                match gate.handshake(acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
+                        let stream = AdmittedStream::new(tls, admitted);
+                        let _ = tx.send(Ok::<_, std::io::Error>(stream)).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Err(cut) => tracing::debug!(%peer, "{cut}"),
                 }
             });
         }
