@@ -15,7 +15,7 @@ use writ_sdk::workload::X509Source;
 use crate::config::{TxnConfig, TxnFileConfig, TxnServer};
 
 use super::api::{AgentSocket, explain_no_identity};
-use super::out::{self, Output, OutputArg, outln};
+use super::out::{self, Output, OutputArg, errln, outln};
 use super::server::init_logging;
 
 /// Largest token read from a file or standard input.
