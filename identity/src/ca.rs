@@ -286,8 +286,43 @@ impl Slot {
     }
 }
 
+/// How the key manager names a CA slot's key: this prefix, then the slot id.
+pub const CA_KEY_PREFIX: &str = "slot-";
+
 fn key_id(slot_id: &str) -> String {
-    format!("slot-{slot_id}")
+    format!("{CA_KEY_PREFIX}{slot_id}")
+}
+
+/// The trust domain the CA in `store`'s key journal signs for (the URI SAN of its X.509
+/// authorities), or `None` if the journal holds none. Records of a store written before
+/// the trust domain was recorded on its own carry it only there.
+///
+/// # Errors
+/// [`CaError::Store`] if the journal cannot be read.
+pub async fn journal_trust_domain(
+    store: &dyn crate::store::Store,
+) -> Result<Option<String>, CaError> {
+    for rec in store.list_journal().await? {
+        let Ok(record) = serde_json::from_str::<SlotRecord>(&rec.payload) else {
+            continue;
+        };
+        let Some(der) = record.chain.first().and_then(|c| STANDARD.decode(c).ok()) else {
+            continue;
+        };
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+            continue;
+        };
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                if let x509_parser::extensions::GeneralName::URI(uri) = name
+                    && let Some(td) = uri.strip_prefix("spiffe://")
+                {
+                    return Ok(Some(td.to_owned()));
+                }
+            }
+        }
+    }
+    Ok(None)
 }
 
 #[derive(Debug)]

@@ -10,9 +10,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use sqlx::Connection;
+use std::sync::Arc;
 use writ_identity::entry::RegistrationEntry;
 use writ_identity::selector::{MAX_SELECTORS, Selector};
-use writ_identity::spiffe_id::SpiffeId;
+use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
 use writ_identity::store::pg_harness::TempPostgres;
 use writ_identity::store::postgres::PostgresStore;
 use writ_identity::store::sqlite::SqliteStore;
@@ -466,4 +467,23 @@ async fn sqlite_upgrades_a_version_1_database_in_place() {
         "example.org"
     );
     store.close().await;
+}
+
+#[tokio::test]
+async fn a_data_dir_keeps_its_trust_domain() {
+    use writ_identity::server::{ServerError, ServerState, config::ServerConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let open = |td: &str| {
+        let config =
+            ServerConfig::with_defaults(TrustDomain::new(td).unwrap(), dir.path()).unwrap();
+        ServerState::open(config, Arc::new(writ_identity::clock::SystemClock))
+    };
+    drop(open("acme.test").await.unwrap());
+    let err = open("other.test").await.expect_err("another trust domain");
+    assert!(
+        matches!(&err, ServerError::TrustDomainMismatch { recorded, configured }
+            if recorded == "acme.test" && configured == "other.test"),
+        "{err}"
+    );
+    drop(open("acme.test").await.unwrap());
 }

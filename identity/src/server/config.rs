@@ -226,6 +226,10 @@ pub struct ServerConfig {
     /// embedded agent); no configuration file can, so a production server always
     /// requires `parent_id`.
     pub default_parent_id: Option<crate::spiffe_id::SpiffeId>,
+    /// Start over when the datastore has no CA while `<data_dir>/keys` holds CA keys:
+    /// those keys are deleted and a new CA is made. Without it such a start is refused.
+    /// Only the command line sets it (`--reset-ca`); no configuration file can.
+    pub reset_ca: bool,
 }
 
 impl ServerConfig {
@@ -386,6 +390,7 @@ impl TryFrom<FileConfig> for ServerConfig {
             ca,
             join_token_ttl,
             default_parent_id: None,
+            reset_ca: false,
         })
     }
 }

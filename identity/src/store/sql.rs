@@ -290,10 +290,15 @@ macro_rules! sql_store {
             }
 
             async fn record_trust_domain(&self, trust_domain: &str) -> Result<String, StoreError> {
-                Ok(sqlx::query_scalar(schema::RECORD_TRUST_DOMAIN)
+                // Run to completion (not `fetch_one`): a write statement left part way
+                // would keep its transaction open on the pooled connection.
+                let recorded: Vec<String> = sqlx::query_scalar(schema::RECORD_TRUST_DOMAIN)
                     .bind(trust_domain)
-                    .fetch_one(&self.pool)
-                    .await?)
+                    .fetch_all(&self.pool)
+                    .await?;
+                recorded.into_iter().next().ok_or(StoreError::NotFound {
+                    kind: "trust domain",
+                })
             }
 
             async fn fetch_trust_domain(&self) -> Result<Option<String>, StoreError> {
