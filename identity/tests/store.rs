@@ -487,3 +487,36 @@ async fn a_data_dir_keeps_its_trust_domain() {
     );
     drop(open("acme.test").await.unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_be_written_fails_at_start() {
+    use writ_identity::server::{ServerState, config::Datastore, config::ServerConfig};
+    let Some(pg) = TempPostgres::start().unwrap() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config =
+        ServerConfig::with_defaults(TrustDomain::new("example.org").unwrap(), dir.path()).unwrap();
+    config.datastore = Datastore::Postgres(pg.url());
+    let clock = Arc::new(writ_identity::clock::SystemClock);
+    drop(
+        ServerState::open(config.clone(), clock.clone())
+            .await
+            .unwrap(),
+    );
+    // The database turns read-only (a standby, a revoked grant...): the next start
+    // fails at once, not at the first entry written.
+    let mut conn = sqlx::PgConnection::connect(&pg.url()).await.unwrap();
+    sqlx::query(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_read_only = on', \
+         current_database()); END $$",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    drop(conn);
+    let err = ServerState::open(config, clock)
+        .await
+        .expect_err("a read-only store must fail at start");
+    assert!(err.to_string().contains("read-only"), "{err}");
+}
