@@ -39,6 +39,24 @@ use crate::svid::x509::X509Svid;
 /// How far back an SVID's notBefore is set, to absorb clock skew.
 pub const BACKDATE: Duration = Duration::from_secs(10);
 
+/// The subject organizational unit that marks the identity server's own node API SVID
+/// (`spiffe://<td>/writ/server`). Only the CA's server path
+/// ([`CertificateAuthority::mint_server_svid`], crate-private) sets it: SVIDs signed for
+/// entries, `x509 mint`, leases and agents never carry an organizational unit at all. An
+/// agent requires it (see [`is_server_svid`]), so no other SVID of the trust domain, even
+/// one that carries the server's SPIFFE ID, can pose as the server.
+pub const SERVER_SVID_MARKER: &str = "Writ identity server";
+
+/// Whether a leaf certificate (DER) carries [`SERVER_SVID_MARKER`] in its subject. Says
+/// nothing about its chain: check that first.
+pub fn is_server_svid(leaf_der: &[u8]) -> bool {
+    x509_parser::parse_x509_certificate(leaf_der).is_ok_and(|(_, cert)| {
+        cert.subject()
+            .iter_organizational_unit()
+            .any(|ou| ou.as_str() == Ok(SERVER_SVID_MARKER))
+    })
+}
+
 /// What went wrong in the CA.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -268,8 +286,43 @@ impl Slot {
     }
 }
 
+/// How the key manager names a CA slot's key: this prefix, then the slot id.
+pub const CA_KEY_PREFIX: &str = "slot-";
+
 fn key_id(slot_id: &str) -> String {
-    format!("slot-{slot_id}")
+    format!("{CA_KEY_PREFIX}{slot_id}")
+}
+
+/// The trust domain the CA in `store`'s key journal signs for (the URI SAN of its X.509
+/// authorities), or `None` if the journal holds none. Records of a store written before
+/// the trust domain was recorded on its own carry it only there.
+///
+/// # Errors
+/// [`CaError::Store`] if the journal cannot be read.
+pub async fn journal_trust_domain(
+    store: &dyn crate::store::Store,
+) -> Result<Option<String>, CaError> {
+    for rec in store.list_journal().await? {
+        let Ok(record) = serde_json::from_str::<SlotRecord>(&rec.payload) else {
+            continue;
+        };
+        let Some(der) = record.chain.first().and_then(|c| STANDARD.decode(c).ok()) else {
+            continue;
+        };
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+            continue;
+        };
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                if let x509_parser::extensions::GeneralName::URI(uri) = name
+                    && let Some(td) = uri.strip_prefix("spiffe://")
+                {
+                    return Ok(Some(td.to_owned()));
+                }
+            }
+        }
+    }
+    Ok(None)
 }
 
 #[derive(Debug)]
@@ -667,7 +720,7 @@ impl CertificateAuthority {
     ) -> Result<X509Svid, CaError> {
         let public_key = rcgen::SubjectPublicKeyInfo::from_der(spki_der)
             .map_err(|e| CaError::InvalidRequest(format!("public key: {e}")))?;
-        self.sign_leaf(spiffe_id, &public_key, ttl, dns_names)
+        self.sign_leaf(spiffe_id, &public_key, ttl, dns_names, Leaf::Workload)
     }
 
     /// Generates a key pair and signs an X509-SVID for it (`writ x509 mint`).
@@ -681,7 +734,24 @@ impl CertificateAuthority {
         dns_names: &[String],
     ) -> Result<X509Svid, CaError> {
         let key = PrivateKey::generate()?;
-        let mut svid = self.sign_leaf(spiffe_id, &key.to_rcgen()?, ttl, dns_names)?;
+        let mut svid =
+            self.sign_leaf(spiffe_id, &key.to_rcgen()?, ttl, dns_names, Leaf::Workload)?;
+        svid.private_key = Some(key);
+        Ok(svid)
+    }
+
+    /// Generates a key pair and signs the identity server's own node API SVID: `server_id`
+    /// with [`SERVER_SVID_MARKER`], which nothing else the CA signs carries.
+    ///
+    /// # Errors
+    /// [`CaError`] as for [`Self::sign_x509_svid`].
+    pub(crate) fn mint_server_svid(
+        &self,
+        server_id: &SpiffeId,
+        ttl: Option<Duration>,
+    ) -> Result<X509Svid, CaError> {
+        let key = PrivateKey::generate()?;
+        let mut svid = self.sign_leaf(server_id, &key.to_rcgen()?, ttl, &[], Leaf::Server)?;
         svid.private_key = Some(key);
         Ok(svid)
     }
@@ -692,6 +762,7 @@ impl CertificateAuthority {
         public_key: &impl PublicKeyData,
         ttl: Option<Duration>,
         dns_names: &[String],
+        kind: Leaf,
     ) -> Result<X509Svid, CaError> {
         self.check_trust_domain(spiffe_id)?;
         if let Some(bad) = dns_names.iter().find(|n| !crate::entry::is_dns_name(n)) {
@@ -715,6 +786,9 @@ impl CertificateAuthority {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Writ");
+        if kind == Leaf::Server {
+            dn.push(DnType::OrganizationalUnitName, SERVER_SVID_MARKER);
+        }
         if let Some(first) = dns_names.first() {
             dn.push(DnType::CommonName, first.clone());
         }
@@ -801,6 +875,15 @@ impl CertificateAuthority {
             })
             .collect()
     }
+}
+
+/// Which path an X509-SVID is signed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leaf {
+    /// Entries, mints, leases, agents: never marked.
+    Workload,
+    /// The identity server's own SVID: marked with [`SERVER_SVID_MARKER`].
+    Server,
 }
 
 fn secs(d: Duration) -> i64 {

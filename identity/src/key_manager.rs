@@ -241,6 +241,33 @@ impl DiskKeyManager {
         check_id(id)?;
         Ok(self.dir.join(format!("{id}.p8")))
     }
+
+    /// The ids of the keys stored, sorted.
+    ///
+    /// # Errors
+    /// [`KeyError::Io`] if the directory cannot be read.
+    pub fn ids(&self) -> Result<Vec<String>, KeyError> {
+        let io = |source| KeyError::Io {
+            path: self.dir.clone(),
+            source,
+        };
+        let mut ids = Vec::new();
+        for file in std::fs::read_dir(&self.dir).map_err(io)? {
+            let name = file.map_err(io)?.file_name();
+            if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".p8"))
+                && check_id(id).is_ok()
+            {
+                ids.push(id.to_owned());
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
 }
 
 impl KeyManager for DiskKeyManager {

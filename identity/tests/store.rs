@@ -10,9 +10,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use sqlx::Connection;
+use std::sync::Arc;
 use writ_identity::entry::RegistrationEntry;
 use writ_identity::selector::{MAX_SELECTORS, Selector};
-use writ_identity::spiffe_id::SpiffeId;
+use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
 use writ_identity::store::pg_harness::TempPostgres;
 use writ_identity::store::postgres::PostgresStore;
 use writ_identity::store::sqlite::SqliteStore;
@@ -97,7 +98,7 @@ async fn postgres_servers_starting_together_migrate_once() {
             .fetch_all(&mut conn)
             .await
             .unwrap();
-    assert_eq!(versions, vec![1, 2, 3], "every migration recorded once");
+    assert_eq!(versions, vec![1, 2, 3, 4], "every migration recorded once");
     // All of them work on the same data.
     let (first, rest) = stores.split_first().unwrap();
     let created = first.create_entry(&entry(1)).await.unwrap();
@@ -124,6 +125,8 @@ async fn sqlite_data_survives_restart() {
         selectors: vec![sel("join_token:abc")],
         banned: true,
         created_at: 1_700_000_000,
+        cert_sha256: "ab".repeat(32),
+        next_cert_sha256: String::new(),
     };
     store.create_agent(&agent).await.unwrap();
     let token = JoinTokenRecord {
@@ -301,7 +304,7 @@ async fn sqlite_corrupt_rows_are_errors_not_panics() {
     );
 
     sqlx::query(
-        "INSERT INTO agents VALUES ('spiffe://example.org/agent', 'x', 'x', 0, '[\"nocolon\"]', 0, 0)",
+        "INSERT INTO agents VALUES ('spiffe://example.org/agent', 'x', 'x', 0, '[\"nocolon\"]', 0, 0, '', '')",
     )
     .execute(&mut conn)
     .await
@@ -377,14 +380,29 @@ async fn sqlite_upgrades_a_version_1_database_in_place() {
     let store = SqliteStore::open(&path).await.unwrap();
     let entries: Vec<RegistrationEntry> = (0..5).map(entry).collect();
     store.create_entries(&entries).await.unwrap();
+    let agent = AttestedAgent {
+        spiffe_id: id("/writ/agent/join_token/old"),
+        attestation_type: "join_token".into(),
+        cert_serial: "4a:01".into(),
+        cert_expires_at: 2_000_000_000,
+        selectors: Vec::new(),
+        banned: false,
+        created_at: 1_700_000_000,
+        cert_sha256: "ab".repeat(32),
+        next_cert_sha256: String::new(),
+    };
+    store.create_agent(&agent).await.unwrap();
     store.close().await;
-    // Turn it back into a database written before leases and the live sub-agent cap
-    // existed (schema version 1).
+    // Turn it back into a database written before leases, the live sub-agent cap, agent
+    // SVID fingerprints and the recorded trust domain existed (schema version 1).
     let mut conn = raw_sqlite(&path).await;
     for statement in [
         "DROP TABLE leases",
         "ALTER TABLE entries DROP COLUMN spawn_max_children",
-        "DELETE FROM schema_migrations WHERE version IN (2, 3)",
+        "ALTER TABLE agents DROP COLUMN cert_sha256",
+        "ALTER TABLE agents DROP COLUMN next_cert_sha256",
+        "DROP TABLE settings",
+        "DELETE FROM schema_migrations WHERE version IN (2, 3, 4)",
     ] {
         sqlx::query(statement).execute(&mut conn).await.unwrap();
     }
@@ -420,5 +438,85 @@ async fn sqlite_upgrades_a_version_1_database_in_place() {
     };
     store.create_lease(&lease).await.unwrap();
     assert_eq!(store.fetch_lease("l1").await.unwrap(), Some(lease));
+
+    // An agent attested before fingerprints: its SVID is pinned at its next call, by
+    // the serial the old record kept, and only then.
+    let old = store.fetch_agent(&agent.spiffe_id).await.unwrap().unwrap();
+    assert_eq!(
+        (old.cert_sha256.as_str(), old.next_cert_sha256.as_str()),
+        ("", "")
+    );
+    let pinned = "cd".repeat(32);
+    assert!(
+        !store
+            .switch_agent_svid(&agent.spiffe_id, &pinned, "4a:02", 5)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .switch_agent_svid(&agent.spiffe_id, &pinned, "4a:01", 5)
+            .await
+            .unwrap()
+    );
+    let fetched = store.fetch_agent(&agent.spiffe_id).await.unwrap().unwrap();
+    assert_eq!(fetched.cert_sha256, pinned);
+    assert_eq!(store.fetch_trust_domain().await.unwrap(), None);
+    assert_eq!(
+        store.record_trust_domain("example.org").await.unwrap(),
+        "example.org"
+    );
     store.close().await;
+}
+
+#[tokio::test]
+async fn a_data_dir_keeps_its_trust_domain() {
+    use writ_identity::server::{ServerError, ServerState, config::ServerConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let open = |td: &str| {
+        let config =
+            ServerConfig::with_defaults(TrustDomain::new(td).unwrap(), dir.path()).unwrap();
+        ServerState::open(config, Arc::new(writ_identity::clock::SystemClock))
+    };
+    drop(open("acme.test").await.unwrap());
+    let err = open("other.test").await.expect_err("another trust domain");
+    assert!(
+        matches!(&err, ServerError::TrustDomainMismatch { recorded, configured }
+            if recorded == "acme.test" && configured == "other.test"),
+        "{err}"
+    );
+    drop(open("acme.test").await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_be_written_fails_at_start() {
+    use writ_identity::server::{ServerState, config::Datastore, config::ServerConfig};
+    let Some(pg) = TempPostgres::start().unwrap() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config =
+        ServerConfig::with_defaults(TrustDomain::new("example.org").unwrap(), dir.path()).unwrap();
+    config.datastore = Datastore::Postgres(pg.url());
+    let clock = Arc::new(writ_identity::clock::SystemClock);
+    drop(
+        ServerState::open(config.clone(), clock.clone())
+            .await
+            .unwrap(),
+    );
+    // The database turns read-only (a standby, a revoked grant...): the next start
+    // fails at once, not at the first entry written.
+    let mut conn = sqlx::PgConnection::connect(&pg.url()).await.unwrap();
+    sqlx::query(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_read_only = on', \
+         current_database()); END $$",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    drop(conn);
+    let err = ServerState::open(config, clock)
+        .await
+        .expect_err("a read-only store must fail at start");
+    assert!(err.to_string().contains("read-only"), "{err}");
 }

@@ -84,7 +84,9 @@ pub struct NodeClientConfig {
 #[derive(Debug)]
 pub struct GrpcNode {
     agent_id: SpiffeId,
-    client: NodeClient<Channel>,
+    /// Replaced by a fresh connection after each renewal, so that the new SVID is
+    /// presented (and the server retires the old one) without waiting for a reconnect.
+    client: Arc<ArcSwap<NodeClient<Channel>>>,
     resolver: Arc<SvidResolver>,
     trust: Arc<ArcSwap<Bundle>>,
     changes: watch::Receiver<u64>,
@@ -187,11 +189,74 @@ fn channel(
     )
 }
 
-fn server_verifier(trust: Arc<ArcSwap<Bundle>>, server_id: SpiffeId) -> Arc<SpiffeServerVerifier> {
-    SpiffeServerVerifier::new(
-        Arc::new(move || BundleSet::of((**trust.load()).clone())),
-        Arc::new(move |id: &SpiffeId| *id == server_id),
-    )
+/// The server's node API SVID: it chains to the trust bundle, names
+/// `spiffe://<td>/writ/server`, and carries the mark only the CA's server path sets
+/// ([`crate::ca::SERVER_SVID_MARKER`]). The ID alone is not enough: any SVID of the trust
+/// domain that carried it (an entry's, a mint's) would otherwise pass for the server.
+fn server_verifier(
+    trust: Arc<ArcSwap<Bundle>>,
+    server_id: SpiffeId,
+) -> Arc<dyn rustls::client::danger::ServerCertVerifier> {
+    Arc::new(ServerSvidVerifier {
+        chain: SpiffeServerVerifier::new(
+            Arc::new(move || BundleSet::of((**trust.load()).clone())),
+            Arc::new(move |id: &SpiffeId| *id == server_id),
+        ),
+    })
+}
+
+/// See [`server_verifier`].
+#[derive(Debug)]
+struct ServerSvidVerifier {
+    chain: Arc<SpiffeServerVerifier>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ServerSvidVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified =
+            self.chain
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        if !crate::ca::is_server_svid(end_entity) {
+            tracing::warn!(
+                "refused a server whose SVID carries the server's SPIFFE ID but was not issued to the identity server"
+            );
+            return Err(rustls::Error::General(
+                "peer is not the identity server: its SVID names the server but lacks the \
+                 server mark only the CA's server path sets"
+                    .into(),
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
 }
 
 fn unreachable(address: &str, e: &tonic::Status) -> AgentError {
@@ -224,18 +289,23 @@ impl GrpcNode {
             .set(&stored.svid)
             .map_err(|e| AgentError::Credentials(e.to_string()))?;
         let trust = Arc::new(ArcSwap::from_pointee(stored.bundle));
-        let verifier = server_verifier(trust.clone(), server_id);
-        let client = NodeClient::new(channel(&config.server_address, verifier, resolver.clone())?)
-            .max_decoding_message_size(64 * 1024 * 1024);
+        let connector = Connector {
+            address: config.server_address.clone(),
+            verifier: server_verifier(trust.clone(), server_id),
+            resolver: resolver.clone(),
+        };
+        let client = Arc::new(ArcSwap::from_pointee(connector.client()?));
         let (changes_tx, changes) = watch::channel(0);
-        let watch_task = tokio::spawn(watch_changes(client.clone(), changes_tx));
+        let (renewed_tx, renewed) = watch::channel(0);
+        let watch_task = tokio::spawn(watch_changes(client.clone(), changes_tx, renewed));
         let expires_at = Arc::new(std::sync::Mutex::new(stored.svid.expires_at));
         let renew_task = tokio::spawn(renew_loop(
             client.clone(),
-            resolver.clone(),
+            connector,
             trust.clone(),
             config.data_dir.clone(),
             expires_at.clone(),
+            renewed_tx,
         ));
         tracing::info!(agent = %stored.svid.spiffe_id, server = %config.server_address, "agent joined the server");
         Ok(Arc::new(Self {
@@ -301,6 +371,30 @@ impl GrpcNode {
     pub fn has_svid(&self) -> bool {
         self.resolver.is_set()
     }
+
+    /// The current connection's client.
+    fn client(&self) -> NodeClient<Channel> {
+        self.client.load().as_ref().clone()
+    }
+}
+
+/// Makes node API connections: the server verifier and the agent's current SVID.
+struct Connector {
+    address: String,
+    verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    resolver: Arc<SvidResolver>,
+}
+
+impl Connector {
+    /// A client on a new (lazily connected) channel.
+    fn client(&self) -> Result<NodeClient<Channel>, AgentError> {
+        Ok(NodeClient::new(channel(
+            &self.address,
+            self.verifier.clone(),
+            self.resolver.clone(),
+        )?)
+        .max_decoding_message_size(64 * 1024 * 1024))
+    }
 }
 
 fn spki(key: &PrivateKey) -> Result<Vec<u8>, AgentError> {
@@ -335,11 +429,12 @@ fn svid_from_response(
 }
 
 async fn renew_loop(
-    mut client: NodeClient<Channel>,
-    resolver: Arc<SvidResolver>,
+    client: Arc<ArcSwap<NodeClient<Channel>>>,
+    connector: Connector,
     trust: Arc<ArcSwap<Bundle>>,
     data_dir: PathBuf,
     current: Arc<std::sync::Mutex<SystemTime>>,
+    renewed_tx: watch::Sender<u64>,
 ) {
     let mut expires_at = *current.lock().unwrap_or_else(|e| e.into_inner());
     loop {
@@ -350,6 +445,9 @@ async fn renew_loop(
         let renewed = async {
             let key = PrivateKey::generate().map_err(|e| AgentError::Credentials(e.to_string()))?;
             let response = client
+                .load()
+                .as_ref()
+                .clone()
                 .renew_agent_svid(pb::RenewAgentSvidRequest {
                     public_key: spki(&key)?,
                 })
@@ -358,11 +456,16 @@ async fn renew_loop(
                 .into_inner();
             let td = trust.load().trust_domain().clone();
             let stored = svid_from_response(response, key, &td)?;
-            resolver
+            connector
+                .resolver
                 .set(&stored.svid)
                 .map_err(|e| AgentError::Credentials(e.to_string()))?;
             save(&data_dir, &stored.svid, &stored.bundle)?;
             trust.store(Arc::new(stored.bundle));
+            // Calls from now on go over a new connection that presents the new SVID;
+            // the server retires the old one at its first use.
+            client.store(Arc::new(connector.client()?));
+            renewed_tx.send_modify(|g| *g += 1);
             Ok::<_, AgentError>(stored.svid.expires_at)
         }
         .await;
@@ -381,23 +484,48 @@ async fn renew_loop(
     }
 }
 
-async fn watch_changes(mut client: NodeClient<Channel>, tx: watch::Sender<u64>) {
+/// Follows the server's change signals; after a renewal, the stream is opened again on
+/// the new connection.
+async fn watch_changes(
+    client: Arc<ArcSwap<NodeClient<Channel>>>,
+    tx: watch::Sender<u64>,
+    mut renewed: watch::Receiver<u64>,
+) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match client.watch_changes(pb::WatchChangesRequest {}).await {
+        renewed.borrow_and_update();
+        let mut current = client.load().as_ref().clone();
+        match current.watch_changes(pb::WatchChangesRequest {}).await {
             Ok(response) => {
                 let mut stream = response.into_inner();
                 backoff = Duration::from_millis(200);
                 // Reconnected: whatever happened meanwhile is a change.
                 tx.send_modify(|g| *g += 1);
-                while let Ok(Some(_)) = stream.message().await {
-                    tx.send_modify(|g| *g += 1);
+                loop {
+                    tokio::select! {
+                        message = stream.message() => match message {
+                            Ok(Some(_)) => tx.send_modify(|g| *g += 1),
+                            _ => break,
+                        },
+                        changed = renewed.changed() => {
+                            if changed.is_err() {
+                                // The renewal task is gone: keep following this stream.
+                                while let Ok(Some(_)) = stream.message().await {
+                                    tx.send_modify(|g| *g += 1);
+                                }
+                                break;
+                            }
+                            // Renewed: open the stream again with the new SVID, at once.
+                            backoff = Duration::ZERO;
+                            break;
+                        }
+                    }
                 }
             }
             Err(e) => tracing::debug!(error = %e, "change stream unavailable"),
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        backoff = (backoff * 2).clamp(Duration::from_millis(200), Duration::from_secs(10));
     }
 }
 
@@ -420,8 +548,7 @@ impl NodeApi for GrpcNode {
 
     async fn sync_entries(&self, known: &BTreeMap<String, i64>) -> Result<EntrySync, NodeError> {
         let response = self
-            .client
-            .clone()
+            .client()
             .sync_entries(pb::SyncEntriesRequest {
                 known: known.clone().into_iter().collect(),
             })
@@ -445,8 +572,7 @@ impl NodeApi for GrpcNode {
         requests: &[(String, Vec<u8>)],
     ) -> Result<Vec<(String, X509Svid)>, NodeError> {
         let response = self
-            .client
-            .clone()
+            .client()
             .sign_x509_svids(pb::SignX509SvidsRequest {
                 requests: requests
                     .iter()
@@ -472,8 +598,7 @@ impl NodeApi for GrpcNode {
         audience: &[String],
     ) -> Result<(String, i64, i64), NodeError> {
         let r = self
-            .client
-            .clone()
+            .client()
             .sign_jwt_svid(pb::SignJwtSvidRequest {
                 entry_id: entry_id.to_owned(),
                 audience: audience.to_vec(),
@@ -486,8 +611,7 @@ impl NodeApi for GrpcNode {
 
     async fn bundles(&self) -> Result<BundleSet, NodeError> {
         let r = self
-            .client
-            .clone()
+            .client()
             .get_bundles(pb::GetBundlesRequest {})
             .await
             .map_err(status)?
@@ -517,8 +641,7 @@ impl NodeApi for GrpcNode {
 
     async fn register_child(&self, request: &ChildRequest) -> Result<LeaseRecord, NodeError> {
         let r = self
-            .client
-            .clone()
+            .client()
             .register_child(pb::RegisterChildRequest {
                 parent_spiffe_id: request.parent_id.to_string(),
                 parent_entry_id: request.parent_entry_id.clone().unwrap_or_default(),
@@ -536,8 +659,7 @@ impl NodeApi for GrpcNode {
 
     async fn release_child(&self, lease_id: &str) -> Result<Vec<LeaseRecord>, NodeError> {
         let r = self
-            .client
-            .clone()
+            .client()
             .release_child(pb::ReleaseChildRequest {
                 id: lease_id.to_owned(),
             })
@@ -552,8 +674,7 @@ impl NodeApi for GrpcNode {
 
     async fn list_children(&self) -> Result<Vec<LeaseRecord>, NodeError> {
         let r = self
-            .client
-            .clone()
+            .client()
             .list_children(pb::ListChildrenRequest {})
             .await
             .map_err(status)?
@@ -570,8 +691,7 @@ impl NodeApi for GrpcNode {
         spki: &[u8],
     ) -> Result<X509Svid, NodeError> {
         let r = self
-            .client
-            .clone()
+            .client()
             .sign_child_x509_svid(pb::SignChildX509SvidRequest {
                 lease_id: lease_id.to_owned(),
                 public_key: spki.to_vec(),
@@ -588,8 +708,7 @@ impl NodeApi for GrpcNode {
         audience: &[String],
     ) -> Result<(String, i64, i64), NodeError> {
         let r = self
-            .client
-            .clone()
+            .client()
             .sign_child_jwt_svid(pb::SignChildJwtSvidRequest {
                 lease_id: lease_id.to_owned(),
                 audience: audience.to_vec(),

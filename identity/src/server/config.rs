@@ -249,6 +249,10 @@ pub struct ServerConfig {
     /// How fast one root parent workload (with all its sub-agents) may spawn
     /// sub-agents.
     pub spawn_rate: Rate,
+    /// Start over when the datastore has no CA while `<data_dir>/keys` holds CA keys:
+    /// those keys are deleted and a new CA is made. Without it such a start is refused.
+    /// Only the command line sets it (`--reset-ca`); no configuration file can.
+    pub reset_ca: bool,
 }
 
 impl ServerConfig {
@@ -420,6 +424,7 @@ impl TryFrom<FileConfig> for ServerConfig {
             join_token_ttl,
             default_parent_id: None,
             spawn_rate,
+            reset_ca: false,
         })
     }
 }

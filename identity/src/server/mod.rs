@@ -27,8 +27,11 @@ use std::time::Duration;
 
 use crate::ca::{CaError, CertificateAuthority};
 use crate::clock::SharedClock;
-use crate::key_manager::{DiskKeyManager, KeyError, MemoryKeyManager, SharedKeyManager, set_mode};
-use crate::store::{SharedStore, StoreError};
+use crate::key_manager::{
+    DiskKeyManager, KeyError, KeyManager, MemoryKeyManager, SharedKeyManager, set_mode,
+};
+use crate::spiffe_id::TrustDomain;
+use crate::store::{SharedStore, Store, StoreError};
 use config::{KeyManagerKind, ServerConfig};
 
 /// How often the CA rotation state machine runs.
@@ -59,6 +62,32 @@ pub enum ServerError {
     /// The gRPC server failed.
     #[error("admin API: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The datastore serves another trust domain than this start asks for.
+    #[error(
+        "the datastore serves trust domain {recorded}, not {configured}: start with \
+         --trust-domain {recorded} (trust_domain in server.toml), or use another data dir \
+         for {configured}"
+    )]
+    TrustDomainMismatch {
+        /// The trust domain the datastore recorded at its first start.
+        recorded: String,
+        /// The one this start asked for.
+        configured: String,
+    },
+    /// The datastore has no CA while the key directory holds CA keys: the datastore was
+    /// lost or replaced, and silently making a new CA would break every relying party.
+    #[error(
+        "the datastore has no CA but {} holds {count} CA key(s) (was the datastore lost or \
+         replaced?): restore it, or start once with --reset-ca to delete those keys and \
+         make a new CA",
+        dir.display()
+    )]
+    OrphanCaKeys {
+        /// The key directory.
+        dir: std::path::PathBuf,
+        /// How many CA keys it holds.
+        count: usize,
+    },
 }
 
 /// Everything a running server holds.
@@ -86,7 +115,11 @@ impl ServerState {
     pub async fn open(config: ServerConfig, clock: SharedClock) -> Result<Arc<Self>, ServerError> {
         let store = config.datastore.open().await?;
         let keys: SharedKeyManager = match config.key_manager {
-            KeyManagerKind::Disk => Arc::new(DiskKeyManager::open(&config.data_dir.join("keys"))?),
+            KeyManagerKind::Disk => {
+                let disk = DiskKeyManager::open(&config.data_dir.join("keys"))?;
+                check_orphan_ca_keys(&disk, store.as_ref(), config.reset_ca).await?;
+                Arc::new(disk)
+            }
             KeyManagerKind::Memory => Arc::new(MemoryKeyManager::new()),
         };
         Self::with_parts(config, clock, store, keys).await
@@ -102,6 +135,7 @@ impl ServerState {
         store: SharedStore,
         keys: SharedKeyManager,
     ) -> Result<Arc<Self>, ServerError> {
+        check_trust_domain(store.as_ref(), &config.trust_domain).await?;
         let ca = Arc::new(
             CertificateAuthority::load(config.ca.clone(), clock.clone(), keys, store.clone())
                 .await?,
@@ -143,6 +177,78 @@ impl ServerState {
     pub fn subscribe_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
     }
+}
+
+/// The trust domain `store` serves: the one recorded at its first start, or, for a store
+/// from before it was recorded, the one its CA signs for; `None` for a new store.
+///
+/// # Errors
+/// [`ServerError::Store`] or [`ServerError::Ca`] if the store cannot be read.
+pub async fn recorded_trust_domain(store: &dyn Store) -> Result<Option<String>, ServerError> {
+    Ok(match store.fetch_trust_domain().await? {
+        Some(td) => Some(td),
+        None => crate::ca::journal_trust_domain(store).await?,
+    })
+}
+
+/// Refuses a store that serves another trust domain than `configured`, and records
+/// `configured` in a new one. The record is a write, so a store that cannot be written
+/// fails here, at start, rather than at the first entry or rotation.
+async fn check_trust_domain(
+    store: &dyn Store,
+    configured: &TrustDomain,
+) -> Result<(), ServerError> {
+    let mismatch = |recorded: String| ServerError::TrustDomainMismatch {
+        recorded,
+        configured: configured.to_string(),
+    };
+    if let Some(recorded) = recorded_trust_domain(store).await?
+        && recorded != configured.as_str()
+    {
+        return Err(mismatch(recorded));
+    }
+    // Another server may have recorded one meanwhile: the store's answer is final.
+    let recorded = store.record_trust_domain(configured.as_str()).await?;
+    if recorded != configured.as_str() {
+        return Err(mismatch(recorded));
+    }
+    Ok(())
+}
+
+/// Refuses to start when the datastore has no CA while the key directory holds CA keys
+/// (the datastore was lost or replaced: a silent new CA would break every relying
+/// party); with `reset`, deletes those keys so that a new CA is made.
+async fn check_orphan_ca_keys(
+    keys: &DiskKeyManager,
+    store: &dyn Store,
+    reset: bool,
+) -> Result<(), ServerError> {
+    if !store.list_journal().await?.is_empty() {
+        return Ok(());
+    }
+    let orphans: Vec<String> = keys
+        .ids()?
+        .into_iter()
+        .filter(|id| id.starts_with(crate::ca::CA_KEY_PREFIX))
+        .collect();
+    if orphans.is_empty() {
+        return Ok(());
+    }
+    if !reset {
+        return Err(ServerError::OrphanCaKeys {
+            dir: keys.dir().to_path_buf(),
+            count: orphans.len(),
+        });
+    }
+    for id in &orphans {
+        keys.delete(id)?;
+    }
+    tracing::warn!(
+        count = orphans.len(),
+        dir = %keys.dir().display(),
+        "--reset-ca: deleted CA keys the datastore no longer knew; a new CA is made"
+    );
+    Ok(())
 }
 
 /// Binds a Unix socket at `path` with permission bits `mode`, replacing a stale socket

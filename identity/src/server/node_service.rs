@@ -78,20 +78,56 @@ impl NodeService {
     /// The calling agent: its mTLS SVID (already verified by the TLS layer) must name an
     /// attested, unbanned agent.
     async fn agent<T>(&self, request: &Request<T>) -> Result<SpiffeId, Status> {
-        let certs = request
-            .peer_certs()
-            .ok_or_else(|| Status::unauthenticated("an agent SVID is required"))?;
-        let id = crate::tls::peer_id(&certs)
-            .ok_or_else(|| Status::unauthenticated("an agent SVID is required"))?;
-        match self
-            .state()
+        Ok(self.agent_svid(request).await?.0)
+    }
+
+    /// The calling agent and the fingerprint of the SVID it presents, which must be the
+    /// one the server issued to that agent: its current SVID, or the one issued at the
+    /// last renewal (whose first use makes it current and retires the older one). Any
+    /// other SVID of the trust domain carrying the agent's ID is refused, however it
+    /// was obtained, and so is an SVID past its expiry on a long-lived connection.
+    async fn agent_svid<T>(&self, request: &Request<T>) -> Result<(SpiffeId, String), Status> {
+        let required = || Status::unauthenticated("an agent SVID is required");
+        let certs = request.peer_certs().ok_or_else(required)?;
+        let leaf = certs.first().ok_or_else(required)?;
+        let checked = crate::svid::x509::check_leaf(leaf).map_err(|_| required())?;
+        let id = checked.spiffe_id;
+        let state = self.state();
+        let expires_at = crate::clock::unix_seconds(checked.expires_at);
+        if expires_at <= state.clock.unix_seconds() {
+            return Err(Status::unauthenticated(
+                "the agent SVID has expired; attest again with a new join token",
+            ));
+        }
+        let presented = fingerprint(leaf);
+        let record = state
             .store
             .fetch_agent(&id)
             .await
-            .map_err(NodeError::from)?
-        {
+            .map_err(NodeError::from)?;
+        match record {
             Some(a) if a.banned => Err(Status::permission_denied("agent is banned")),
-            Some(_) => Ok(id),
+            Some(a) if !a.cert_sha256.is_empty() && a.cert_sha256 == presented => {
+                Ok((id, presented))
+            }
+            Some(_) => {
+                if state
+                    .store
+                    .switch_agent_svid(&id, &presented, &leaf_serial(leaf), expires_at)
+                    .await
+                    .map_err(NodeError::from)?
+                {
+                    tracing::info!(agent = %id, cert_sha256 = %presented, "agent switched to its renewed SVID; the previous one no longer works");
+                    Ok((id, presented))
+                } else {
+                    tracing::warn!(agent = %id, cert_sha256 = %presented, "refused an agent SVID the server did not issue to this agent, or has replaced");
+                    Err(Status::permission_denied(
+                        "this agent SVID is not the one the server issued to this agent \
+                         (replaced by a renewal, or never issued); attest again with a new \
+                         join token",
+                    ))
+                }
+            }
             None => Err(Status::permission_denied(
                 "agent is not attested (evicted?); attest again with a new join token",
             )),
@@ -128,12 +164,20 @@ impl NodeService {
 }
 
 fn serial_and_expiry(svid: &crate::svid::x509::X509Svid) -> (String, i64) {
-    let serial = svid
-        .leaf()
-        .and_then(|der| x509_parser::parse_x509_certificate(der).ok())
-        .map(|(_, c)| c.raw_serial_as_string())
-        .unwrap_or_default();
+    let serial = svid.leaf().map(leaf_serial).unwrap_or_default();
     (serial, crate::clock::unix_seconds(svid.expires_at))
+}
+
+/// A certificate's serial number as stored (hex bytes separated by colons).
+fn leaf_serial(der: &[u8]) -> String {
+    x509_parser::parse_x509_certificate(der)
+        .map(|(_, c)| c.raw_serial_as_string())
+        .unwrap_or_default()
+}
+
+/// Lowercase hex SHA-256 of a certificate (DER): what pins an agent's SVID.
+fn fingerprint(der: &[u8]) -> String {
+    hex::encode(sha256(der))
 }
 
 type ChangeStream = Pin<Box<dyn Stream<Item = Result<pb::Change, Status>> + Send>>;
@@ -200,6 +244,8 @@ impl pb::node_server::Node for NodeService {
             selectors: Vec::new(),
             banned: false,
             created_at: now,
+            cert_sha256: svid.leaf().map(fingerprint).unwrap_or_default(),
+            next_cert_sha256: String::new(),
         };
         match state.store.create_agent(&record).await {
             Err(StoreError::AlreadyExists { .. }) => {
@@ -219,21 +265,21 @@ impl pb::node_server::Node for NodeService {
         &self,
         request: Request<pb::RenewAgentSvidRequest>,
     ) -> Result<Response<pb::AgentSvidResponse>, Status> {
-        let id = self.agent(&request).await?;
+        let (id, current) = self.agent_svid(&request).await?;
         let svid = self.sign_agent_svid(&id, &request.into_inner().public_key)?;
-        let state = self.state();
-        if let Some(mut record) = state
+        let next = svid.leaf().map(fingerprint).unwrap_or_default();
+        // Only the current SVID renews; the new one is pending until its first use.
+        if !self
+            .state()
             .store
-            .fetch_agent(&id)
+            .set_next_agent_svid(&id, &current, &next)
             .await
             .map_err(NodeError::from)?
         {
-            (record.cert_serial, record.cert_expires_at) = serial_and_expiry(&svid);
-            state
-                .store
-                .update_agent(&record)
-                .await
-                .map_err(NodeError::from)?;
+            return Err(Status::permission_denied(
+                "this agent SVID is no longer current (the agent was renewed, banned or \
+                 evicted meanwhile); attest again with a new join token",
+            ));
         }
         Ok(Response::new(self.agent_response(&id, svid)))
     }
@@ -416,7 +462,7 @@ async fn keep_server_svid(state: Arc<ServerState>, resolver: Arc<SvidResolver>) 
         let next = match state.config.trust_domain.spiffe_id(SERVER_PATH).map(|id| {
             state
                 .ca
-                .mint_x509_svid(&id, Some(state.config.ca.default_x509_svid_ttl), &[])
+                .mint_server_svid(&id, Some(state.config.ca.default_x509_svid_ttl))
         }) {
             Ok(Ok(svid)) => {
                 let life = svid

@@ -91,6 +91,17 @@ pub struct AttestedAgent {
     pub cert_serial: String,
     /// Unix seconds when the agent's current SVID expires.
     pub cert_expires_at: i64,
+    /// Lowercase hex SHA-256 of the agent's current SVID (its leaf certificate, DER): the
+    /// node API accepts this certificate and no other. Empty for a record written before
+    /// fingerprints were kept (the serial is checked then, once, and the fingerprint
+    /// pinned).
+    #[serde(default)]
+    pub cert_sha256: String,
+    /// Lowercase hex SHA-256 of the SVID issued at the last renewal, until the agent
+    /// first calls with it (which makes it current and drops the older one); empty when
+    /// none is pending.
+    #[serde(default)]
+    pub next_cert_sha256: String,
     /// Selectors that describe the node.
     pub selectors: Vec<Selector>,
     /// A banned agent may never attest again.
@@ -230,6 +241,36 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn delete_agent(&self, id: &SpiffeId) -> Result<(), StoreError>;
     /// All agents, ordered by SPIFFE ID.
     async fn list_agents(&self) -> Result<Vec<AttestedAgent>, StoreError>;
+    /// Makes the SVID with fingerprint `cert_sha256` (serial `cert_serial`, expiring at
+    /// `cert_expires_at`) the agent's current one, dropping the older one and clearing
+    /// the pending one, if it is the pending one (`next_cert_sha256`), or if the record
+    /// predates fingerprints (`cert_sha256` empty) and `cert_serial` is the stored serial.
+    /// Returns whether it did: one statement, so a concurrent ban or renewal is never
+    /// overwritten.
+    async fn switch_agent_svid(
+        &self,
+        id: &SpiffeId,
+        cert_sha256: &str,
+        cert_serial: &str,
+        cert_expires_at: i64,
+    ) -> Result<bool, StoreError>;
+    /// Records `next_cert_sha256` as the agent's pending SVID (issued by a renewal) if
+    /// `current_cert_sha256` is still the agent's current SVID and the agent is not
+    /// banned; a renewal before it replaces an unused pending SVID. Returns whether it
+    /// did.
+    async fn set_next_agent_svid(
+        &self,
+        id: &SpiffeId,
+        current_cert_sha256: &str,
+        next_cert_sha256: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// Records `trust_domain` (`example.org`) as the trust domain the store serves
+    /// unless one is recorded already, and returns the recorded one. Always writes, so a
+    /// store that cannot be written fails here (the server calls it at start).
+    async fn record_trust_domain(&self, trust_domain: &str) -> Result<String, StoreError>;
+    /// The recorded trust domain, if any.
+    async fn fetch_trust_domain(&self) -> Result<Option<String>, StoreError>;
 
     /// Stores a join token (by hash).
     async fn create_join_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError>;

@@ -122,6 +122,17 @@ pub(super) const SQLITE_MIGRATIONS: &[Migration] = &[
         version: 3,
         statements: &["ALTER TABLE entries ADD COLUMN spawn_max_children INTEGER"],
     },
+    Migration {
+        version: 4,
+        statements: &[
+            "ALTER TABLE agents ADD COLUMN cert_sha256 TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE agents ADD COLUMN next_cert_sha256 TEXT NOT NULL DEFAULT ''",
+            "CREATE TABLE settings (
+            name TEXT PRIMARY KEY NOT NULL,
+            value TEXT NOT NULL
+        )",
+        ],
+    },
 ];
 
 /// PostgreSQL migrations, oldest first. Keys use the `C` collation so that `ORDER BY`
@@ -211,6 +222,17 @@ pub(super) const POSTGRES_MIGRATIONS: &[Migration] = &[
     Migration {
         version: 3,
         statements: &["ALTER TABLE entries ADD COLUMN spawn_max_children BIGINT"],
+    },
+    Migration {
+        version: 4,
+        statements: &[
+            "ALTER TABLE agents ADD COLUMN cert_sha256 TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE agents ADD COLUMN next_cert_sha256 TEXT NOT NULL DEFAULT ''",
+            r#"CREATE TABLE settings (
+            name TEXT COLLATE "C" PRIMARY KEY NOT NULL,
+            value TEXT NOT NULL
+        )"#,
+        ],
     },
 ];
 
@@ -502,16 +524,36 @@ pub(super) fn lookup_selectors(
 }
 
 pub(super) const INSERT_AGENT: &str = "INSERT INTO agents (spiffe_id, attestation_type, \
-     cert_serial, cert_expires_at, selectors, banned, created_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+     cert_serial, cert_expires_at, selectors, banned, created_at, cert_sha256, \
+     next_cert_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 pub(super) const UPDATE_AGENT: &str = "UPDATE agents SET attestation_type = $2, \
-     cert_serial = $3, cert_expires_at = $4, selectors = $5, banned = $6, created_at = $7 \
-     WHERE spiffe_id = $1";
+     cert_serial = $3, cert_expires_at = $4, selectors = $5, banned = $6, created_at = $7, \
+     cert_sha256 = $8, next_cert_sha256 = $9 WHERE spiffe_id = $1";
 pub(super) const FETCH_AGENT: &str = "SELECT spiffe_id, attestation_type, cert_serial, \
-     cert_expires_at, selectors, banned, created_at FROM agents WHERE spiffe_id = $1";
+     cert_expires_at, selectors, banned, created_at, cert_sha256, next_cert_sha256 \
+     FROM agents WHERE spiffe_id = $1";
 pub(super) const LIST_AGENTS: &str = "SELECT spiffe_id, attestation_type, cert_serial, \
-     cert_expires_at, selectors, banned, created_at FROM agents ORDER BY spiffe_id";
+     cert_expires_at, selectors, banned, created_at, cert_sha256, next_cert_sha256 \
+     FROM agents ORDER BY spiffe_id";
+/// `$2`: the presented SVID's fingerprint, `$3` its serial, `$4` its expiry. It becomes
+/// current if it is the pending one, or (a record from before fingerprints) if its
+/// serial is the stored one.
+pub(super) const SWITCH_AGENT_SVID: &str = "UPDATE agents SET cert_sha256 = $2, \
+     cert_serial = $3, cert_expires_at = $4, next_cert_sha256 = '' WHERE spiffe_id = $1 \
+     AND $2 <> '' AND (next_cert_sha256 = $2 OR (cert_sha256 = '' AND cert_serial = $3))";
+/// `$2`: the current SVID's fingerprint (the renewal's caller), `$3`: the new one.
+pub(super) const SET_NEXT_AGENT_SVID: &str = "UPDATE agents SET next_cert_sha256 = $3 \
+     WHERE spiffe_id = $1 AND $2 <> '' AND cert_sha256 = $2 AND NOT banned";
 pub(super) const DELETE_AGENT: &str = "DELETE FROM agents WHERE spiffe_id = $1";
+
+/// Records `$1` as the store's trust domain unless one is recorded, and returns the
+/// recorded one. Always a write (the no-op update included), so that a store that
+/// cannot be written fails here, at start.
+pub(super) const RECORD_TRUST_DOMAIN: &str = "INSERT INTO settings (name, value) \
+     VALUES ('trust_domain', $1) ON CONFLICT (name) DO UPDATE SET value = settings.value \
+     RETURNING value";
+pub(super) const FETCH_TRUST_DOMAIN: &str =
+    "SELECT value FROM settings WHERE name = 'trust_domain'";
 
 pub(super) const INSERT_JOIN_TOKEN: &str =
     "INSERT INTO join_tokens (token_hash, expires_at, selectors) VALUES ($1, $2, $3)";
@@ -948,6 +990,8 @@ where
         selectors: parse_selector_json(&selectors, KIND)?,
         banned: get(row, "banned", KIND)?,
         created_at: get(row, "created_at", KIND)?,
+        cert_sha256: get(row, "cert_sha256", KIND)?,
+        next_cert_sha256: get(row, "next_cert_sha256", KIND)?,
     })
 }
 
@@ -1123,39 +1167,39 @@ mod tests {
 
     #[test]
     fn newer_schema_is_refused() {
-        let applied = [1, 2, 3, 99];
+        let applied = [1, 2, 3, 4, 99];
         assert!(matches!(
             pending(SQLITE_MIGRATIONS, &applied).map(|p| p.count()),
             Err(StoreError::SchemaTooNew {
                 found: 99,
-                supported: 3
+                supported: 4
             })
         ));
         assert_eq!(
-            pending(SQLITE_MIGRATIONS, &[1, 2, 3])
+            pending(SQLITE_MIGRATIONS, &[1, 2, 3, 4])
                 .map(|p| p.count())
                 .unwrap(),
             0
         );
-        // A version-1 database gets versions 2 and 3, a version-2 one gets 3 only; a new
-        // one gets all three.
+        // A version-1 database gets versions 2 to 4, a version-3 one gets 4 only; a new
+        // one gets all four.
         assert_eq!(
             pending(SQLITE_MIGRATIONS, &[1])
                 .map(|p| p.map(|m| m.version).collect::<Vec<_>>())
                 .unwrap(),
-            vec![2, 3]
+            vec![2, 3, 4]
         );
         assert_eq!(
-            pending(POSTGRES_MIGRATIONS, &[1, 2])
+            pending(POSTGRES_MIGRATIONS, &[1, 2, 3])
                 .map(|p| p.map(|m| m.version).collect::<Vec<_>>())
                 .unwrap(),
-            vec![3]
+            vec![4]
         );
         assert_eq!(
             pending(POSTGRES_MIGRATIONS, &[])
                 .map(|p| p.count())
                 .unwrap(),
-            3
+            4
         );
     }
 }

@@ -205,6 +205,8 @@ macro_rules! sql_store {
                     .bind(schema::selectors_json(&agent.selectors)?)
                     .bind(agent.banned)
                     .bind(agent.created_at)
+                    .bind(agent.cert_sha256.as_str())
+                    .bind(agent.next_cert_sha256.as_str())
                     .execute(&self.pool)
                     .await
                     .map_err(schema::unique_violation_is("agent"))?;
@@ -233,6 +235,8 @@ macro_rules! sql_store {
                     .bind(schema::selectors_json(&agent.selectors)?)
                     .bind(agent.banned)
                     .bind(agent.created_at)
+                    .bind(agent.cert_sha256.as_str())
+                    .bind(agent.next_cert_sha256.as_str())
                     .execute(&self.pool)
                     .await?;
                 schema::expect_one(done.rows_affected(), "agent")
@@ -251,6 +255,56 @@ macro_rules! sql_store {
                     .fetch_all(&self.pool)
                     .await?;
                 rows.iter().map(agent_from_row).collect()
+            }
+
+            async fn switch_agent_svid(
+                &self,
+                id: &SpiffeId,
+                cert_sha256: &str,
+                cert_serial: &str,
+                cert_expires_at: i64,
+            ) -> Result<bool, StoreError> {
+                let done = sqlx::query(schema::SWITCH_AGENT_SVID)
+                    .bind(id.as_str())
+                    .bind(cert_sha256)
+                    .bind(cert_serial)
+                    .bind(cert_expires_at)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn set_next_agent_svid(
+                &self,
+                id: &SpiffeId,
+                current_cert_sha256: &str,
+                next_cert_sha256: &str,
+            ) -> Result<bool, StoreError> {
+                let done = sqlx::query(schema::SET_NEXT_AGENT_SVID)
+                    .bind(id.as_str())
+                    .bind(current_cert_sha256)
+                    .bind(next_cert_sha256)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn record_trust_domain(&self, trust_domain: &str) -> Result<String, StoreError> {
+                // Run to completion (not `fetch_one`): a write statement left part way
+                // would keep its transaction open on the pooled connection.
+                let recorded: Vec<String> = sqlx::query_scalar(schema::RECORD_TRUST_DOMAIN)
+                    .bind(trust_domain)
+                    .fetch_all(&self.pool)
+                    .await?;
+                recorded.into_iter().next().ok_or(StoreError::NotFound {
+                    kind: "trust domain",
+                })
+            }
+
+            async fn fetch_trust_domain(&self) -> Result<Option<String>, StoreError> {
+                Ok(sqlx::query_scalar(schema::FETCH_TRUST_DOMAIN)
+                    .fetch_optional(&self.pool)
+                    .await?)
             }
 
             async fn create_join_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError> {

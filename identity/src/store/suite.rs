@@ -52,6 +52,8 @@ pub async fn run_all(store: &dyn Store) {
     list_entries_filters(store).await;
     create_entries_all_or_nothing(store).await;
     agents_crud(store).await;
+    agent_svid_switch(store).await;
+    trust_domain_recorded_once(store).await;
     join_token_single_use(store).await;
     join_token_expired(store).await;
     join_token_prune(store).await;
@@ -736,7 +738,171 @@ fn agent(s: &Scope, name: &str) -> AttestedAgent {
         ],
         banned: false,
         created_at: 1_700_000_000,
+        cert_sha256: "aa".repeat(32),
+        next_cert_sha256: String::new(),
     }
+}
+
+/// Agent SVID pinning: a renewal records the pending SVID only for the current one (and
+/// not for a banned agent); the pending one becomes current on its first use, which drops
+/// the older one; nothing else ever becomes current; a record from before fingerprints
+/// pins its fingerprint once, by serial.
+pub async fn agent_svid_switch(store: &dyn Store) {
+    let s = Scope::new("agent-svid");
+    let a = agent(&s, "a");
+    store.create_agent(&a).await.expect("create_agent");
+    let (old, next, other) = ("aa".repeat(32), "bb".repeat(32), "cc".repeat(32));
+    let fetch = |id: SpiffeId| async move {
+        store
+            .fetch_agent(&id)
+            .await
+            .expect("fetch_agent")
+            .expect("agent")
+    };
+
+    // Only the current SVID may renew.
+    assert!(
+        !store
+            .set_next_agent_svid(&a.spiffe_id, &other, &next)
+            .await
+            .expect("set_next_agent_svid"),
+        "an SVID that is not current cannot renew"
+    );
+    assert!(
+        !store
+            .set_next_agent_svid(&a.spiffe_id, "", &next)
+            .await
+            .expect("set_next_agent_svid")
+    );
+    assert!(
+        store
+            .set_next_agent_svid(&a.spiffe_id, &old, &next)
+            .await
+            .expect("set_next_agent_svid")
+    );
+    let pending = fetch(a.spiffe_id.clone()).await;
+    assert_eq!(
+        (
+            pending.cert_sha256.as_str(),
+            pending.next_cert_sha256.as_str()
+        ),
+        (old.as_str(), next.as_str())
+    );
+
+    // Neither a stranger nor the current one "switches"; the pending one does, once.
+    assert!(
+        !store
+            .switch_agent_svid(&a.spiffe_id, &other, "0a1b2c", 5)
+            .await
+            .expect("switch"),
+        "a fingerprint never issued does not become current, even with the right serial"
+    );
+    assert!(
+        !store
+            .switch_agent_svid(&a.spiffe_id, "", "0a1b2c", 5)
+            .await
+            .expect("switch")
+    );
+    assert!(
+        store
+            .switch_agent_svid(&a.spiffe_id, &next, "0d0e", 77)
+            .await
+            .expect("switch")
+    );
+    let switched = fetch(a.spiffe_id.clone()).await;
+    assert_eq!(switched.cert_sha256, next);
+    assert_eq!(switched.next_cert_sha256, "");
+    assert_eq!(switched.cert_serial, "0d0e");
+    assert_eq!(switched.cert_expires_at, 77);
+    assert_eq!(switched.selectors, a.selectors, "the rest is untouched");
+    assert!(
+        !store
+            .set_next_agent_svid(&a.spiffe_id, &old, &other)
+            .await
+            .expect("set_next_agent_svid"),
+        "the replaced SVID cannot renew"
+    );
+    assert!(
+        !store
+            .switch_agent_svid(&a.spiffe_id, &old, "0a1b2c", 5)
+            .await
+            .expect("switch"),
+        "the replaced SVID cannot come back"
+    );
+
+    // A banned agent cannot renew.
+    store
+        .update_agent(&AttestedAgent {
+            banned: true,
+            ..switched.clone()
+        })
+        .await
+        .expect("update_agent");
+    assert!(
+        !store
+            .set_next_agent_svid(&a.spiffe_id, &next, &other)
+            .await
+            .expect("set_next_agent_svid")
+    );
+
+    // A record from before fingerprints: pinned by serial, once.
+    let legacy = AttestedAgent {
+        cert_sha256: String::new(),
+        ..agent(&s, "legacy")
+    };
+    store.create_agent(&legacy).await.expect("create_agent");
+    assert!(
+        !store
+            .switch_agent_svid(&legacy.spiffe_id, &other, "ffff", 5)
+            .await
+            .expect("switch"),
+        "another serial does not pin"
+    );
+    assert!(
+        store
+            .switch_agent_svid(&legacy.spiffe_id, &other, &legacy.cert_serial, 5)
+            .await
+            .expect("switch")
+    );
+    assert!(
+        !store
+            .switch_agent_svid(&legacy.spiffe_id, &next, &legacy.cert_serial, 5)
+            .await
+            .expect("switch"),
+        "once pinned, the serial alone no longer matches"
+    );
+    assert!(
+        !store
+            .switch_agent_svid(&s.id("missing"), &next, "0a1b2c", 5)
+            .await
+            .expect("switch")
+    );
+}
+
+/// The trust domain is recorded by the first caller and never replaced; a later caller
+/// learns the recorded one. (The suite may run twice on one store: it never records
+/// anything but `example.org`.)
+pub async fn trust_domain_recorded_once(store: &dyn Store) {
+    let first = store
+        .record_trust_domain("example.org")
+        .await
+        .expect("record_trust_domain");
+    assert_eq!(first, "example.org");
+    assert_eq!(
+        store
+            .record_trust_domain("other.test")
+            .await
+            .expect("record_trust_domain"),
+        "example.org",
+        "a recorded trust domain is kept"
+    );
+    assert_eq!(
+        store
+            .fetch_trust_domain()
+            .await
+            .expect("fetch_trust_domain"),
+        Some("example.org".to_owned())
+    );
 }
 
 /// Agents: create (a duplicate is `AlreadyExists`), fetch, update (the banned flag

@@ -29,9 +29,14 @@ struct DevRunArgs {
     /// Where the store, keys, sockets and logs live (kept across restarts).
     #[arg(long, default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
-    /// The trust domain (first start only; a restart keeps the stored one's CA).
-    #[arg(long, default_value = "example.org")]
-    trust_domain: TrustDomain,
+    /// The trust domain: `example.org` on a new data dir; left out, a restart reuses the
+    /// one the data dir recorded, and another one is refused.
+    #[arg(long)]
+    trust_domain: Option<TrustDomain>,
+    /// Start over when the datastore is gone but `keys/` still holds CA keys: delete
+    /// those keys and make a new CA (relying parties must fetch the new bundle).
+    #[arg(long)]
+    reset_ca: bool,
     /// The token service's HTTPS address (port 0 picks a free one).
     #[arg(long, default_value = DEFAULT_TTS_LISTEN)]
     tts_listen: SocketAddr,
@@ -112,6 +117,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             init_logging(&a.log_level)?;
             let mut options = DevOptions::new(a.data_dir);
             options.trust_domain = a.trust_domain;
+            options.reset_ca = a.reset_ca;
             options.tts_listen = a.tts_listen;
             options.oidc_listen = a.oidc_listen;
             let dev = Dev::start(options).await?;

@@ -19,9 +19,15 @@ pub(crate) enum ServerCommand {
         /// Overrides `data_dir`.
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Overrides `trust_domain`.
+        /// Overrides `trust_domain`. A data dir keeps the trust domain of its first
+        /// start: another one is refused.
         #[arg(long)]
         trust_domain: Option<String>,
+        /// Start over when the datastore has no CA but `<data_dir>/keys` holds CA keys
+        /// (the datastore was lost or replaced): delete those keys and make a new CA.
+        /// Without it such a start is refused.
+        #[arg(long)]
+        reset_ca: bool,
         /// Overrides `admin_socket`.
         #[arg(long = "server-socket", env = "WRIT_SERVER_SOCKET")]
         admin_socket: Option<PathBuf>,
@@ -39,6 +45,7 @@ pub(crate) async fn run(cmd: ServerCommand) -> anyhow::Result<ExitCode> {
         config,
         data_dir,
         trust_domain,
+        reset_ca,
         admin_socket,
         bind_address,
         log_level,
@@ -64,7 +71,8 @@ pub(crate) async fn run(cmd: ServerCommand) -> anyhow::Result<ExitCode> {
     if bind_address.is_some() {
         file.bind_address = bind_address;
     }
-    let config = ServerConfig::try_from(file)?;
+    let mut config = ServerConfig::try_from(file)?;
+    config.reset_ca = reset_ca;
     writ_identity::key_manager::create_private_dir(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let state = ServerState::open(config, Arc::new(SystemClock)).await?;

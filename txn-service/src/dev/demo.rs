@@ -284,7 +284,7 @@ async fn run_in(bin_dir: &Path, dir: &Path, started: Instant) -> Result<Outcome,
     writ_identity::key_manager::create_private_dir(&logs).map_err(|e| failed("data dir", e))?;
     let mut options = DevOptions::new(dir);
     options.tts_listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    let td = options.trust_domain.to_string();
+    let td = super::DEFAULT_TRUST_DOMAIN.to_owned();
     std::fs::write(dir.join(POLICY_FILE), demo_policy(&td)).map_err(|e| failed("policy", e))?;
     let dev = Dev::start(options).await?;
     let s = dev.state.clone();

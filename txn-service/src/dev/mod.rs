@@ -17,8 +17,9 @@
 //! | `oidc-listen` | the development issuer's address, rebound on restart ([`OIDC_LISTEN_FILE`]) |
 //! | `dev.json` | what is running where, while it runs ([`DevState`]) |
 //!
-//! A restart on the same data dir keeps the CA, the trust bundle, the entries and every
-//! key. The embedded agent is `spiffe://<td>/writ/agent/dev`; entries created without a
+//! A restart on the same data dir keeps the CA, the trust bundle, the entries, every key
+//! and the trust domain: without `--trust-domain` it reuses the recorded one, and another
+//! one is refused. The embedded agent is `spiffe://<td>/writ/agent/dev`; entries created without a
 //! parent get it. The token service is a workload of that agent like any other: its entry
 //! (`spiffe://<td>/writ/tts`) matches this uid and the selector `writ:dev:self`, which
 //! [`DevAttestor`] gives the `writ dev` process alone.
@@ -52,6 +53,8 @@ use issuer::{DEV_AUDIENCE, DevIssuer};
 
 /// Default data dir.
 pub const DEFAULT_DATA_DIR: &str = "./writ-dev";
+/// The trust domain of a new data dir when none is given.
+pub const DEFAULT_TRUST_DOMAIN: &str = "example.org";
 /// Default token service address.
 pub const DEFAULT_TTS_LISTEN: &str = "127.0.0.1:8443";
 /// The state file in the data dir.
@@ -117,12 +120,16 @@ fn file_err(path: &Path, reason: impl ToString) -> DevError {
 pub struct DevOptions {
     /// The data dir (created if absent).
     pub data_dir: PathBuf,
-    /// The trust domain (first start only; a restart keeps the stored CA's).
-    pub trust_domain: TrustDomain,
+    /// The trust domain. `None`: the one the data dir recorded at its first start, or
+    /// `example.org` on a new data dir. One the data dir did not record is refused.
+    pub trust_domain: Option<TrustDomain>,
     /// The token service's HTTPS address (port 0 picks one).
     pub tts_listen: SocketAddr,
     /// The development issuer's HTTP address (port 0 picks one).
     pub oidc_listen: SocketAddr,
+    /// Start over when the datastore has no CA while `keys/` holds CA keys (see
+    /// [`ServerConfig::reset_ca`]).
+    pub reset_ca: bool,
 }
 
 impl DevOptions {
@@ -130,8 +137,8 @@ impl DevOptions {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
-            trust_domain: TrustDomain::new("example.org")
-                .unwrap_or_else(|_| unreachable!("a valid literal")),
+            trust_domain: None,
+            reset_ca: false,
             tts_listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
             oidc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
@@ -229,7 +236,10 @@ impl Dev {
         writ_identity::key_manager::create_dir_with_mode(dir, DATA_DIR_MODE)
             .map_err(|e| file_err(dir, e))?;
         let dir = std::fs::canonicalize(dir).map_err(|e| file_err(dir, e))?;
-        let td = options.trust_domain.clone();
+        let td = match options.trust_domain.clone() {
+            Some(td) => td,
+            None => recorded_trust_domain(&dir).await?,
+        };
         let agent_id = spiffe_id(&td, AGENT_PATH)?;
         let tts_id = spiffe_id(&td, TTS_PATH)?;
 
@@ -238,6 +248,7 @@ impl Dev {
         config.admin_socket = dir.join("server.sock");
         config.bind_address = None;
         config.default_parent_id = Some(agent_id.clone());
+        config.reset_ca = options.reset_ca;
         let datastore = config.datastore.clone();
         let server_socket = config.admin_socket.clone();
         let state = ServerState::open(config, Arc::new(SystemClock)).await?;
@@ -371,6 +382,26 @@ pub fn login(data_dir: &Path, user: &str, scope: &str, ttl: Duration) -> Result<
     let state = DevState::read(data_dir)?;
     let issuer = DevIssuer::open(&state.data_dir.join(OIDC_KEY_FILE), state.oidc_issuer)?;
     Ok(issuer.access_token(user, scope, ttl, SystemClock.unix_seconds())?)
+}
+
+/// The trust domain `dir`'s datastore recorded, or `example.org` for a new data dir.
+async fn recorded_trust_domain(dir: &Path) -> Result<TrustDomain, DevError> {
+    let default = TrustDomain::new(DEFAULT_TRUST_DOMAIN).map_err(|e| file_err(dir, e))?;
+    let datastore = ServerConfig::with_defaults(default.clone(), dir)
+        .map_err(|e| file_err(dir, e))?
+        .datastore;
+    let store = datastore.open().await.map_err(server::ServerError::from)?;
+    match server::recorded_trust_domain(store.as_ref()).await? {
+        Some(recorded) => TrustDomain::new(&recorded).map_err(|e| {
+            DevError::Server(server::ServerError::Store(
+                writ_identity::store::StoreError::Corrupt {
+                    kind: "trust domain",
+                    detail: e.to_string(),
+                },
+            ))
+        }),
+        None => Ok(default),
+    }
 }
 
 fn spiffe_id(td: &TrustDomain, path: &str) -> Result<SpiffeId, DevError> {
