@@ -46,8 +46,9 @@ pub(crate) fn field_status(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{flag}: {rest}")
 }
 
-/// Warns (on standard error) about selectors of types no attestor of Writ produces:
-/// they are stored, and match only what some other attestor reports.
+/// Warns (on standard error, once the entry is stored, so a refusal stays one line)
+/// about selectors of types no attestor of Writ produces: they match only what some
+/// other attestor reports.
 fn warn_unknown_selector_types(selectors: &[String]) {
     use writ_identity::selector::{Selector, SelectorType};
     for text in selectors {
@@ -255,7 +256,7 @@ pub(crate) async fn run(cmd: EntryCommand) -> anyhow::Result<ExitCode> {
             if fields.selectors.is_empty() {
                 anyhow::bail!("at least one --selector is required");
             }
-            warn_unknown_selector_types(&fields.selectors);
+            let selectors = fields.selectors.clone();
             fields.apply(&mut entry);
             let created = server
                 .connect()
@@ -264,6 +265,7 @@ pub(crate) async fn run(cmd: EntryCommand) -> anyhow::Result<ExitCode> {
                 .await
                 .map_err(field_status)?
                 .into_inner();
+            warn_unknown_selector_types(&selectors);
             print_entries(&[created], output);
         }
         EntryCommand::List {
@@ -320,13 +322,14 @@ pub(crate) async fn run(cmd: EntryCommand) -> anyhow::Result<ExitCode> {
                 .await
                 .map_err(field_status)?
                 .into_inner();
-            warn_unknown_selector_types(&fields.selectors);
+            let selectors = fields.selectors.clone();
             fields.apply(&mut entry);
             let updated = client
                 .update_entry(pb::UpdateEntryRequest { entry: Some(entry) })
                 .await
                 .map_err(field_status)?
                 .into_inner();
+            warn_unknown_selector_types(&selectors);
             print_entries(&[updated], output);
         }
         EntryCommand::Delete { server, entry_id } => {
