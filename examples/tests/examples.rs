@@ -43,7 +43,7 @@ const OUTSIDER: &str = "/outsider";
 const ORDERS: &str = "/orders";
 const GATEWAY: &str = "/gateway";
 const INGRESS: &str = "/ingress";
-const TTS: &str = "/writ/tts";
+const TTS: &str = "/tts";
 
 fn id(path: &str) -> String {
     format!("spiffe://example.org{path}")

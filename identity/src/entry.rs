@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::selector::{self, Selector, SelectorError};
-use crate::spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
+use crate::spiffe_id::{ReservedIdError, SpiffeId, SpiffeIdError, TrustDomain};
 
 /// Longest DNS name accepted on an entry.
 pub const MAX_DNS_NAME_LEN: usize = 253;
@@ -17,7 +17,9 @@ pub const MAX_HINT_LEN: usize = 256;
 /// Longest SVID TTL an entry may ask for (the CA caps it further).
 pub const MAX_SVID_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
-/// Why a registration entry is not acceptable.
+/// Why a registration entry is not acceptable. Every message starts with the name of
+/// the field at fault (`spiffe_id: ...`, `selectors: ...`), as the admin API's wire
+/// fields are named, so a client can point at its own flag or form field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum EntryError {
@@ -29,14 +31,39 @@ pub enum EntryError {
         /// Why.
         source: SpiffeIdError,
     },
-    /// A selector is malformed or there are too many.
-    #[error("selector: {0}")]
+    /// A SPIFFE ID field lies in Writ's reserved namespace (`spiffe://<td>/writ/`).
+    #[error("{field}: {source}")]
+    Reserved {
+        /// Which field.
+        field: &'static str,
+        /// The ID and the namespace.
+        source: ReservedIdError,
+    },
+    /// A SPIFFE ID field has no path: the trust domain itself names no workload or agent.
+    #[error(
+        "{field}: {id} is the trust domain itself; a workload's or agent's ID has a path (e.g. {id}/web)"
+    )]
+    NoPath {
+        /// Which field.
+        field: &'static str,
+        /// The ID.
+        id: String,
+    },
+    /// The entry names itself as its parent.
+    #[error("parent_id: an entry cannot be its own parent ({id})")]
+    OwnParent {
+        /// The ID given as both.
+        id: String,
+    },
+    /// A selector is malformed, of the wrong shape, internal or repeated, or there are
+    /// too many.
+    #[error("selectors: {0}")]
     Selector(#[from] SelectorError),
     /// An entry must have at least one selector.
-    #[error("an entry needs at least one selector")]
+    #[error("selectors: an entry needs at least one selector")]
     NoSelectors,
     /// A TTL is out of range.
-    #[error("{field} must be at most {max_secs} seconds")]
+    #[error("{field}: must be at most {max_secs} seconds")]
     TtlTooLong {
         /// Which field.
         field: &'static str,
@@ -44,10 +71,10 @@ pub enum EntryError {
         max_secs: u64,
     },
     /// A DNS name is malformed.
-    #[error("invalid DNS name {0:?}")]
+    #[error("dns_names: invalid DNS name {0:?}")]
     DnsName(String),
     /// Too many items in a list field.
-    #[error("{field} holds more than {max} items")]
+    #[error("{field}: holds more than {max} items")]
     TooMany {
         /// Which field.
         field: &'static str,
@@ -55,34 +82,49 @@ pub enum EntryError {
         max: usize,
     },
     /// The hint is too long or has control characters.
-    #[error("hint must be at most {max} printable bytes")]
+    #[error("hint: must be at most {max} printable bytes")]
     Hint {
         /// The limit.
         max: usize,
     },
-    /// The entry's SPIFFE ID is in another trust domain.
-    #[error("SPIFFE ID {id} is not in trust domain {trust_domain}")]
+    /// A SPIFFE ID field is in another trust domain than the server's.
+    #[error("{field}: SPIFFE ID {id} is not in trust domain {trust_domain}")]
     ForeignTrustDomain {
+        /// Which field.
+        field: &'static str,
         /// The ID.
         id: String,
         /// The server's trust domain.
         trust_domain: String,
     },
     /// The spawn depth is out of range.
-    #[error("spawn_max_depth must be between 1 and {max}")]
+    #[error("spawn_max_depth: must be between 1 and {max}")]
     SpawnDepth {
         /// The limit.
         max: u32,
     },
     /// The SPIFFE ID uses the `sub` path segment, which only sub-agent leases may use.
-    #[error("SPIFFE ID {0} uses the path segment `sub`, reserved for sub-agents")]
+    #[error("spiffe_id: SPIFFE ID {0} uses the path segment `sub`, reserved for sub-agents")]
     ReservedSegment(String),
     /// The cap on live sub-agents is out of range.
-    #[error("spawn_max_children must be between 1 and {max}")]
+    #[error("spawn_max_children: must be between 1 and {max}")]
     SpawnChildren {
         /// The limit.
         max: u32,
     },
+    /// A spawn policy field is set without the one it needs: `spawn_max_ttl` and
+    /// `spawn_max_depth` go together (either alone stores an entry every spawn of which
+    /// is refused), and `spawn_max_children` needs both.
+    #[error("{field}: is required with {with} (a spawn policy needs both)")]
+    SpawnPolicy {
+        /// The missing field.
+        field: &'static str,
+        /// The field that was given.
+        with: &'static str,
+    },
+    /// A spawn TTL of zero would refuse every spawn.
+    #[error("spawn_max_ttl: must be at least 1 second")]
+    SpawnTtlZero,
 }
 
 /// Deepest sub-agent nesting a spawn policy may allow.
@@ -91,6 +133,15 @@ pub const MAX_SPAWN_DEPTH: u32 = 8;
 pub const MAX_SPAWN_CHILDREN: u32 = 1024;
 /// The cap on live sub-agents when an entry that can spawn sets none.
 pub const DEFAULT_SPAWN_MAX_CHILDREN: u32 = 16;
+
+/// Who makes an entry: which rules of [`RegistrationEntry::validate`] apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Registrant {
+    /// An operator, through the admin API.
+    Operator,
+    /// Writ itself (`writ dev`'s token service).
+    Writ,
+}
 
 /// A registration entry as stored.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -157,23 +208,94 @@ impl RegistrationEntry {
         }
     }
 
-    /// Checks every field, normalizes the selector list, and checks the entry belongs to
-    /// `trust_domain`.
+    /// Checks every field of an entry an operator registers (through the admin API),
+    /// sorts the selector list, and checks the entry belongs to `trust_domain`. Refused,
+    /// among malformed fields: an ID in Writ's reserved namespace
+    /// ([`SpiffeId::check_not_reserved`]) or with no path, a parent in another trust
+    /// domain or equal to the entry's own ID, a selector of a known type with a value
+    /// no attestor produces ([`Selector::check_value`]), an internal `writ:` selector, a
+    /// repeated selector, and half a spawn policy. Whether the parent exists is the
+    /// server's to check (it needs the store).
     ///
     /// # Errors
     /// [`EntryError`] for the first field that breaks a rule.
     pub fn validate(&mut self, trust_domain: &TrustDomain) -> Result<(), EntryError> {
-        if self.spiffe_id.trust_domain_str() != trust_domain.as_str() {
-            return Err(EntryError::ForeignTrustDomain {
-                id: self.spiffe_id.to_string(),
-                trust_domain: trust_domain.to_string(),
-            });
+        self.check(trust_domain, Registrant::Operator)
+    }
+
+    /// As [`Self::validate`], for the few entries Writ makes itself (`writ dev`'s token
+    /// service): the SPIFFE ID may lie in the reserved namespace and selectors may be of
+    /// the internal type `writ`. Never reachable from the admin API.
+    ///
+    /// # Errors
+    /// As [`Self::validate`].
+    pub fn validate_own(&mut self, trust_domain: &TrustDomain) -> Result<(), EntryError> {
+        self.check(trust_domain, Registrant::Writ)
+    }
+
+    fn check(&mut self, trust_domain: &TrustDomain, by: Registrant) -> Result<(), EntryError> {
+        for (field, id) in [
+            ("spiffe_id", &self.spiffe_id),
+            ("parent_id", &self.parent_id),
+        ] {
+            if id.trust_domain_str() != trust_domain.as_str() {
+                return Err(EntryError::ForeignTrustDomain {
+                    field,
+                    id: id.to_string(),
+                    trust_domain: trust_domain.to_string(),
+                });
+            }
+            if id.path().is_empty() {
+                return Err(EntryError::NoPath {
+                    field,
+                    id: id.to_string(),
+                });
+            }
+        }
+        if by == Registrant::Operator {
+            self.spiffe_id
+                .check_not_reserved()
+                .map_err(|source| EntryError::Reserved {
+                    field: "spiffe_id",
+                    source,
+                })?;
         }
         if crate::server::lease::is_sub_agent_id(&self.spiffe_id) {
             return Err(EntryError::ReservedSegment(self.spiffe_id.to_string()));
         }
+        if self.parent_id == self.spiffe_id {
+            return Err(EntryError::OwnParent {
+                id: self.spiffe_id.to_string(),
+            });
+        }
         if self.selectors.is_empty() {
             return Err(EntryError::NoSelectors);
+        }
+        if self.selectors.len() > selector::MAX_SELECTORS {
+            return Err(SelectorError::TooMany {
+                max: selector::MAX_SELECTORS,
+            }
+            .into());
+        }
+        for s in &self.selectors {
+            s.check_value()?;
+            if s.kind() == selector::INTERNAL_TYPE && by == Registrant::Operator {
+                return Err(SelectorError::Internal {
+                    selector: s.to_string().chars().take(80).collect(),
+                }
+                .into());
+            }
+        }
+        self.selectors.sort();
+        if let Some([twice, _]) = self
+            .selectors
+            .windows(2)
+            .find(|w| matches!(w, [a, b] if a == b))
+        {
+            return Err(SelectorError::Duplicate {
+                selector: twice.to_string().chars().take(80).collect(),
+            }
+            .into());
         }
         self.selectors = selector::normalize(std::mem::take(&mut self.selectors))?;
         for (field, ttl) in [
@@ -188,6 +310,9 @@ impl RegistrationEntry {
                 });
             }
         }
+        if self.spawn_max_ttl == Some(0) {
+            return Err(EntryError::SpawnTtlZero);
+        }
         if let Some(depth) = self.spawn_max_depth
             && !(1..=MAX_SPAWN_DEPTH).contains(&depth)
         {
@@ -201,6 +326,31 @@ impl RegistrationEntry {
             return Err(EntryError::SpawnChildren {
                 max: MAX_SPAWN_CHILDREN,
             });
+        }
+        match (
+            self.spawn_max_ttl,
+            self.spawn_max_depth,
+            self.spawn_max_children,
+        ) {
+            (Some(_), None, _) => {
+                return Err(EntryError::SpawnPolicy {
+                    field: "spawn_max_depth",
+                    with: "spawn_max_ttl",
+                });
+            }
+            (None, Some(_), _) => {
+                return Err(EntryError::SpawnPolicy {
+                    field: "spawn_max_ttl",
+                    with: "spawn_max_depth",
+                });
+            }
+            (None, None, Some(_)) => {
+                return Err(EntryError::SpawnPolicy {
+                    field: "spawn_max_ttl",
+                    with: "spawn_max_children",
+                });
+            }
+            _ => {}
         }
         if self.dns_names.len() > MAX_DNS_NAMES {
             return Err(EntryError::TooMany {
@@ -221,6 +371,14 @@ impl RegistrationEntry {
             return Err(EntryError::Hint { max: MAX_HINT_LEN });
         }
         Ok(())
+    }
+
+    /// Whether `other` is the same registration in every field an update can change
+    /// (everything but the revision): storing it would change nothing.
+    pub fn same_registration(&self, other: &RegistrationEntry) -> bool {
+        let mut other = other.clone();
+        other.revision = self.revision;
+        *self == other
     }
 
     /// The cap on live sub-agents this workload may hold at once: `spawn_max_children`,
@@ -259,16 +417,20 @@ mod tests {
         RegistrationEntry::new(
             SpiffeId::new("spiffe://example.org/w").unwrap(),
             SpiffeId::new("spiffe://example.org/agent").unwrap(),
-            vec!["unix:uid:1".parse().unwrap(), "unix:uid:1".parse().unwrap()],
+            vec!["unix:uid:2".parse().unwrap(), "unix:uid:1".parse().unwrap()],
         )
     }
 
+    fn td() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
     #[test]
-    fn validate_normalizes_and_checks() {
-        let td = TrustDomain::new("example.org").unwrap();
+    fn validate_sorts_and_checks() {
+        let td = td();
         let mut e = entry();
         e.validate(&td).unwrap();
-        assert_eq!(e.selectors.len(), 1);
+        assert_eq!(e.selectors[0].to_string(), "unix:uid:1", "sorted");
 
         let mut e = entry();
         e.selectors.clear();
@@ -288,7 +450,10 @@ mod tests {
         let other = TrustDomain::new("other.org").unwrap();
         assert!(matches!(
             entry().validate(&other),
-            Err(EntryError::ForeignTrustDomain { .. })
+            Err(EntryError::ForeignTrustDomain {
+                field: "spiffe_id",
+                ..
+            })
         ));
 
         let mut e = entry();
@@ -308,11 +473,162 @@ mod tests {
         e.validate(&td).unwrap();
     }
 
+    /// Each case: what is changed, and the start of the one-line error (field first).
+    #[test]
+    fn what_cannot_be_meant_is_refused_naming_the_field() {
+        let td = td();
+        fn id(s: &str) -> SpiffeId {
+            SpiffeId::new(s).unwrap()
+        }
+        fn sel(s: &str) -> Selector {
+            s.parse().unwrap()
+        }
+        type Change = Box<dyn Fn(&mut RegistrationEntry)>;
+        let cases: Vec<(Change, &str)> = vec![
+            (
+                Box::new(|e| e.spiffe_id = id("spiffe://example.org/writ/server")),
+                "spiffe_id: spiffe://example.org/writ/server is in the reserved namespace \
+                 spiffe://example.org/writ/ (Writ's own identities)",
+            ),
+            (
+                Box::new(|e| e.spiffe_id = id("spiffe://example.org/writ/agent/join_token/t")),
+                "spiffe_id: spiffe://example.org/writ/agent/join_token/t is in the reserved",
+            ),
+            (
+                Box::new(|e| e.spiffe_id = id("spiffe://example.org/writ/tts")),
+                "spiffe_id: spiffe://example.org/writ/tts is in the reserved",
+            ),
+            (
+                Box::new(|e| e.spiffe_id = id("spiffe://example.org")),
+                "spiffe_id: spiffe://example.org is the trust domain itself",
+            ),
+            (
+                Box::new(|e| e.parent_id = id("spiffe://example.org")),
+                "parent_id: spiffe://example.org is the trust domain itself",
+            ),
+            (
+                Box::new(|e| e.parent_id = id("spiffe://other.org/agent")),
+                "parent_id: SPIFFE ID spiffe://other.org/agent is not in trust domain",
+            ),
+            (
+                Box::new(|e| e.parent_id = e.spiffe_id.clone()),
+                "parent_id: an entry cannot be its own parent",
+            ),
+            (
+                Box::new(|e| e.selectors = vec![sel("unix:uid:abc")]),
+                "selectors: unix:uid:abc: uid must be a decimal number",
+            ),
+            (
+                Box::new(|e| e.selectors = vec![sel("unix:uid:-1")]),
+                "selectors: unix:uid:-1: uid must be a decimal number",
+            ),
+            (
+                Box::new(|e| e.selectors = vec![sel("unix:uid:4294967296")]),
+                "selectors: unix:uid:4294967296: uid must be a decimal number",
+            ),
+            (
+                Box::new(|e| e.selectors = vec![sel("unix:uid:")]),
+                "selectors: unix:uid:: uid must be a decimal number",
+            ),
+            (
+                Box::new(|e| e.selectors = vec![sel("uid:0")]),
+                "selectors: uid:0 has no selector type (did you mean unix:uid:0?)",
+            ),
+            (
+                Box::new(|e| e.selectors = vec![sel("unix:uid:1"), sel("writ:dev:self")]),
+                "selectors: writ:dev:self: the selector type writ is Writ's own",
+            ),
+            (
+                Box::new(|e| e.selectors = vec![sel("unix:uid:1"), sel("unix:uid:1")]),
+                "selectors: unix:uid:1 is given twice",
+            ),
+            (
+                Box::new(|e| e.spawn_max_ttl = Some(300)),
+                "spawn_max_depth: is required with spawn_max_ttl",
+            ),
+            (
+                Box::new(|e| e.spawn_max_depth = Some(2)),
+                "spawn_max_ttl: is required with spawn_max_depth",
+            ),
+            (
+                Box::new(|e| e.spawn_max_children = Some(2)),
+                "spawn_max_ttl: is required with spawn_max_children",
+            ),
+            (
+                Box::new(|e| {
+                    e.spawn_max_ttl = Some(0);
+                    e.spawn_max_depth = Some(1);
+                }),
+                "spawn_max_ttl: must be at least 1 second",
+            ),
+        ];
+        for (change, expected) in cases {
+            let mut e = entry();
+            change(&mut e);
+            let err = e.validate(&td).unwrap_err().to_string();
+            assert!(
+                err.starts_with(expected),
+                "{err:?} should start with {expected:?}"
+            );
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+        // Unknown selector types are accepted as they are.
+        let mut e = entry();
+        e.selectors = vec![sel("k8s:ns:default")];
+        e.validate(&td).unwrap();
+        // A complete spawn policy is.
+        let mut e = entry();
+        e.spawn_max_ttl = Some(300);
+        e.spawn_max_depth = Some(1);
+        e.validate(&td).unwrap();
+    }
+
+    #[test]
+    fn writ_makes_its_own_entries_in_the_reserved_namespace() {
+        let td = td();
+        let mut e = RegistrationEntry::new(
+            td.spiffe_id("/writ/tts").unwrap(),
+            td.spiffe_id("/writ/agent/dev").unwrap(),
+            vec![
+                "unix:uid:1".parse().unwrap(),
+                "writ:dev:self".parse().unwrap(),
+            ],
+        );
+        assert!(matches!(
+            e.clone().validate(&td),
+            Err(EntryError::Reserved { .. })
+        ));
+        e.validate_own(&td).unwrap();
+        // Every other rule still holds.
+        e.selectors.push("unix:uid:x".parse().unwrap());
+        assert!(matches!(
+            e.validate_own(&td),
+            Err(EntryError::Selector(SelectorError::BadValue { .. }))
+        ));
+    }
+
+    #[test]
+    fn same_registration_ignores_only_the_revision() {
+        let mut a = entry();
+        a.revision = 3;
+        let mut b = a.clone();
+        b.revision = 4;
+        assert!(a.same_registration(&b));
+        b.dns_names.push("x.example.org".into());
+        assert!(!a.same_registration(&b));
+    }
+
     #[test]
     fn spawn_max_children_bounds() {
-        let td = TrustDomain::new("example.org").unwrap();
-        for bad in [0, MAX_SPAWN_CHILDREN + 1, u32::MAX] {
+        let td = td();
+        let spawning = || {
             let mut e = entry();
+            e.spawn_max_ttl = Some(300);
+            e.spawn_max_depth = Some(1);
+            e
+        };
+        for bad in [0, MAX_SPAWN_CHILDREN + 1, u32::MAX] {
+            let mut e = spawning();
             e.spawn_max_children = Some(bad);
             assert_eq!(
                 e.validate(&td),
@@ -323,7 +639,7 @@ mod tests {
             );
         }
         for good in [1, MAX_SPAWN_CHILDREN] {
-            let mut e = entry();
+            let mut e = spawning();
             e.spawn_max_children = Some(good);
             e.validate(&td).unwrap();
             assert_eq!(e.spawn_children_cap(), good);

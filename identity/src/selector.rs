@@ -18,6 +18,24 @@ pub const MAX_TYPE_LEN: usize = 64;
 pub const MAX_VALUE_LEN: usize = 1024;
 /// Most selectors one registration entry, or one workload lookup, may carry.
 pub const MAX_SELECTORS: usize = 64;
+/// The selector type of the `unix` workload attestor.
+pub const UNIX_TYPE: &str = "unix";
+/// The keys of `unix` selectors (`unix:<key>:<value>`), as the attestor produces them.
+pub const UNIX_KEYS: &[&str] = &[
+    "uid",
+    "gid",
+    "user",
+    "group",
+    "supplementary_gid",
+    "supplementary_group",
+    "path",
+    "sha256",
+];
+/// The selector type of Writ's internal selectors (`writ:dev:self`, which `writ dev`
+/// gives its own process). Only entries Writ makes itself may carry one.
+pub const INTERNAL_TYPE: &str = "writ";
+/// The internal selector values Writ knows (`writ:<value>`).
+pub const INTERNAL_VALUES: &[&str] = &["dev:self"];
 
 /// Why a string is not a selector.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,6 +77,43 @@ pub enum SelectorError {
         /// The limit.
         max: usize,
     },
+    /// A selector of a type Writ knows has a value no attestor can produce.
+    #[error("{selector}: {reason}")]
+    BadValue {
+        /// The selector (at most 80 characters of it).
+        selector: String,
+        /// What its value should look like.
+        reason: String,
+    },
+    /// The type is a `unix` key: the `unix:` prefix is missing.
+    #[error("{selector} has no selector type (did you mean unix:{selector}?)")]
+    MissingType {
+        /// The selector as given (at most 80 characters of it).
+        selector: String,
+    },
+    /// A selector of Writ's internal type, which only Writ's own entries carry.
+    #[error("{selector}: the selector type {INTERNAL_TYPE} is Writ's own")]
+    Internal {
+        /// The selector (at most 80 characters of it).
+        selector: String,
+    },
+    /// The same selector appears twice in one entry.
+    #[error("{selector} is given twice")]
+    Duplicate {
+        /// The selector (at most 80 characters of it).
+        selector: String,
+    },
+}
+
+/// Whether a selector's type is one Writ checks ([`Selector::check_value`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SelectorType {
+    /// A type Writ's attestors produce; its value has the shape they give it.
+    Known,
+    /// A type no attestor of Writ produces: accepted unchecked (it may come from a
+    /// plugin or a newer agent), and an entry with it matches only what reports it.
+    Unknown,
 }
 
 /// One validated selector.
@@ -109,6 +164,82 @@ impl Selector {
     /// The value (`uid:1000`).
     pub fn value(&self) -> &str {
         &self.value
+    }
+
+    /// Checks that a selector of a type Writ knows has a value its attestor can produce
+    /// (`unix:uid:<0..=4294967295>`, `unix:path:<absolute path>`, `unix:sha256:<64 hex>`,
+    /// `writ:dev:self`...), and that a bare `unix` key (`uid:0`) is not mistaken for a
+    /// type. Says whether the type is known; values of unknown types are not checked.
+    ///
+    /// # Errors
+    /// [`SelectorError::BadValue`] or [`SelectorError::MissingType`].
+    pub fn check_value(&self) -> Result<SelectorType, SelectorError> {
+        let shown = || self.to_string().chars().take(80).collect::<String>();
+        let bad = |reason: String| SelectorError::BadValue {
+            selector: shown(),
+            reason,
+        };
+        match self.kind.as_str() {
+            UNIX_TYPE => {
+                let (key, value) = self.value.split_once(':').unwrap_or((&self.value, ""));
+                check_unix_value(key, value).map_err(bad)?;
+                Ok(SelectorType::Known)
+            }
+            INTERNAL_TYPE => {
+                if !INTERNAL_VALUES.contains(&self.value.as_str()) {
+                    return Err(bad(format!(
+                        "the {INTERNAL_TYPE} selectors are {}",
+                        INTERNAL_VALUES
+                            .iter()
+                            .map(|v| format!("{INTERNAL_TYPE}:{v}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+                Ok(SelectorType::Known)
+            }
+            kind if UNIX_KEYS.contains(&kind) => {
+                Err(SelectorError::MissingType { selector: shown() })
+            }
+            _ => Ok(SelectorType::Unknown),
+        }
+    }
+}
+
+/// The shape of `unix:<key>:<value>` as the `unix` attestor writes it, or why not.
+fn check_unix_value(key: &str, value: &str) -> Result<(), String> {
+    let id = |what: &str| {
+        // The attestor writes ids as plain decimal numbers: `007` or `+7` never match.
+        if value.parse::<u32>().is_ok_and(|n| n.to_string() == value) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} must be a decimal number from 0 to {}",
+                u32::MAX
+            ))
+        }
+    };
+    match key {
+        "uid" | "gid" | "supplementary_gid" => id(key),
+        "user" | "group" | "supplementary_group" if value.is_empty() => {
+            Err(format!("the {key} name is empty"))
+        }
+        "user" | "group" | "supplementary_group" => Ok(()),
+        "path" if value.starts_with('/') => Ok(()),
+        "path" => Err("path must be absolute (start with /)".to_owned()),
+        "sha256"
+            if value.len() == 64
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
+        {
+            Ok(())
+        }
+        "sha256" => Err("sha256 must be 64 lowercase hex digits".to_owned()),
+        _ => Err(format!(
+            "unix selectors are unix:<key>:<value> with key one of {}",
+            UNIX_KEYS.join(", ")
+        )),
     }
 }
 
@@ -175,6 +306,54 @@ mod tests {
         assert_eq!(
             "unix:a\nb".parse::<Selector>(),
             Err(SelectorError::ControlChar)
+        );
+    }
+
+    #[test]
+    fn known_types_have_checked_values() {
+        let check = |s: &str| s.parse::<Selector>().unwrap().check_value();
+        for good in [
+            "unix:uid:0",
+            "unix:uid:4294967295",
+            "unix:gid:1000",
+            "unix:supplementary_gid:27",
+            "unix:user:alice",
+            "unix:group:writ-txn",
+            "unix:supplementary_group:docker",
+            "unix:path:/usr/bin/python3",
+            &format!("unix:sha256:{}", "ab01".repeat(16)),
+            "writ:dev:self",
+        ] {
+            assert_eq!(check(good), Ok(SelectorType::Known), "{good}");
+        }
+        for unknown in ["k8s:ns:default", "docker:label:a:b", "join_token:x"] {
+            assert_eq!(check(unknown), Ok(SelectorType::Unknown), "{unknown}");
+        }
+        for (bad, why) in [
+            ("unix:uid:", "decimal number"),
+            ("unix:uid:abc", "decimal number"),
+            ("unix:uid:-1", "decimal number"),
+            ("unix:uid:4294967296", "decimal number"),
+            ("unix:uid:007", "decimal number"),
+            ("unix:gid:+1", "decimal number"),
+            ("unix:user:", "name is empty"),
+            ("unix:path:bin/sh", "absolute"),
+            ("unix:sha256:ABCD", "64 lowercase hex"),
+            ("unix:1000", "key one of uid, gid"),
+            ("unix:pid:1", "key one of"),
+            ("writ:dev:other", "writ:dev:self"),
+        ] {
+            let err = check(bad).unwrap_err();
+            assert!(
+                matches!(err, SelectorError::BadValue { .. }),
+                "{bad}: {err:?}"
+            );
+            assert!(err.to_string().starts_with(bad), "{bad}: {err}");
+            assert!(err.to_string().contains(why), "{bad}: {err}");
+        }
+        assert_eq!(
+            check("uid:0").unwrap_err().to_string(),
+            "uid:0 has no selector type (did you mean unix:uid:0?)"
         );
     }
 

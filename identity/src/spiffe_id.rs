@@ -25,6 +25,22 @@ pub const SCHEME_PREFIX: &str = "spiffe://";
 pub const MAX_TRUST_DOMAIN_LEN: usize = 255;
 /// Longest SPIFFE ID, in bytes, scheme included.
 pub const MAX_SPIFFE_ID_LEN: usize = 2048;
+/// The first path segment of Writ's own identities: `spiffe://<td>/writ/...` holds the
+/// server (`/writ/server`), the agents (`/writ/agent/...`) and `writ dev`'s token
+/// service, as `/spire/` is SPIRE's. No registration entry, minted SVID or sub-agent
+/// lease may produce an ID there ([`SpiffeId::check_not_reserved`]).
+pub const RESERVED_SEGMENT: &str = "writ";
+
+/// A SPIFFE ID in Writ's reserved namespace ([`RESERVED_SEGMENT`]), where only Writ
+/// issues identities.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{id} is in the reserved namespace {namespace} (Writ's own identities)")]
+pub struct ReservedIdError {
+    /// The refused ID.
+    pub id: String,
+    /// The namespace, `spiffe://<td>/writ/`.
+    pub namespace: String,
+}
 
 /// Why a string is not a SPIFFE ID or trust domain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -246,6 +262,35 @@ impl SpiffeId {
             || (mine.starts_with(theirs) && mine.as_bytes().get(theirs.len()) == Some(&b'/'))
     }
 
+    /// Whether this ID lies in Writ's reserved namespace: its first path segment is
+    /// [`RESERVED_SEGMENT`], in any letter case (`/Writ/server` looks like the server to
+    /// a human reader and is refused as well).
+    pub fn is_reserved(&self) -> bool {
+        self.path()
+            .split('/')
+            .nth(1)
+            .is_some_and(|first| first.eq_ignore_ascii_case(RESERVED_SEGMENT))
+    }
+
+    /// `Ok` unless this ID lies in Writ's reserved namespace. The one rule every path
+    /// that makes an identity from outside input calls (registration entries, `x509
+    /// mint`, `jwt mint`, sub-agent leases); Writ's own identities are made without it.
+    ///
+    /// # Errors
+    /// [`ReservedIdError`] naming the ID and the namespace.
+    pub fn check_not_reserved(&self) -> Result<(), ReservedIdError> {
+        if self.is_reserved() {
+            return Err(ReservedIdError {
+                id: self.id.clone(),
+                namespace: format!(
+                    "{SCHEME_PREFIX}{}/{RESERVED_SEGMENT}/",
+                    self.trust_domain_str()
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// This ID with one more path segment appended.
     ///
     /// # Errors
@@ -357,6 +402,39 @@ mod tests {
         assert!(parent.is_under(&parent));
         assert!(!sibling.is_under(&parent));
         assert!(!parent.is_under(&child));
+    }
+
+    #[test]
+    fn reserved_namespace() {
+        for reserved in [
+            "spiffe://example.org/writ",
+            "spiffe://example.org/writ/server",
+            "spiffe://example.org/writ/agent/join_token/x",
+            "spiffe://example.org/writ/tts",
+            "spiffe://example.org/Writ/server",
+            "spiffe://example.org/WRIT/agent/a",
+        ] {
+            let id = SpiffeId::new(reserved).unwrap();
+            assert!(id.is_reserved(), "{reserved}");
+            assert_eq!(
+                id.check_not_reserved().unwrap_err().to_string(),
+                format!(
+                    "{reserved} is in the reserved namespace spiffe://example.org/writ/ \
+                     (Writ's own identities)"
+                )
+            );
+        }
+        for free in [
+            "spiffe://example.org",
+            "spiffe://example.org/writer",
+            "spiffe://example.org/writs/x",
+            "spiffe://example.org/a/writ/server",
+            "spiffe://writ/server-not",
+        ] {
+            let id = SpiffeId::new(free).unwrap();
+            assert!(!id.is_reserved(), "{free}");
+            id.check_not_reserved().unwrap();
+        }
     }
 
     #[test]

@@ -520,3 +520,152 @@ async fn a_store_that_cannot_be_written_fails_at_start() {
         .expect_err("a read-only store must fail at start");
     assert!(err.to_string().contains("read-only"), "{err}");
 }
+
+/// A tmpfs of a given size mounted on a temporary directory, unmounted on drop (also
+/// when the test fails). Mounting needs root: without it the test is skipped with a
+/// message, or fails under `WRIT_REQUIRE_ALL=1` (CI runs as root).
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let require = std::env::var("WRIT_REQUIRE_ALL").is_ok_and(|v| v == "1");
+        let skip = |why: String| {
+            assert!(!require, "{why} (and WRIT_REQUIRE_ALL=1)");
+            eprintln!("skipping: {why}");
+        };
+        if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+            skip("mounting a tmpfs to fill needs root".into());
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            skip(format!(
+                "cannot mount a tmpfs: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+            return None;
+        }
+        Some(Self { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let unmounted = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            // Still busy (a connection the failed test left open): detach it lazily.
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+}
+
+/// Writes `path` until the file system is full.
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    let block = [0xa5_u8; 4096];
+    loop {
+        match file.write(&block) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let _ = file.sync_all();
+}
+
+/// A write that fails on a full disk leaves no connection of the pool inside a
+/// transaction: once space is freed, every write succeeds (before, each later write that
+/// drew the failed write's connection failed with "attempted to call begin_with at
+/// non-zero transaction depth" until a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_full_disk_fails_a_write_and_every_write_after_freeing_succeeds() {
+    let Some(fs) = Tmpfs::mount("4m") else {
+        return;
+    };
+    let store = SqliteStore::open(&fs.path().join("datastore.sqlite3"))
+        .await
+        .unwrap();
+    for n in 0..10 {
+        store.create_entry(&entry(n)).await.unwrap();
+    }
+    let filler = fs.path().join("filler");
+    fill(&filler);
+    // Writes that fit in pages SQLite already holds may still pass; one soon fails.
+    let mut failed = None;
+    for n in 1000..3000 {
+        if let Err(e) = store.create_entry(&entry(n)).await {
+            failed = Some(e);
+            break;
+        }
+    }
+    let failed = failed.expect("a write on the full disk fails");
+    assert!(
+        matches!(failed, StoreError::Database(_)),
+        "a database error: {failed}"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    // More writes than the pool has connections, so every connection is drawn again.
+    for n in 5000..5040 {
+        if let Err(e) = store.create_entry(&entry(n)).await {
+            panic!("write {n} after space was freed failed: {e}");
+        }
+    }
+    let entries = store.list_entries(&EntryFilter::default()).await.unwrap();
+    assert!(entries.iter().any(|e| e.spiffe_id == id("/workload/5039")));
+    store.close().await;
+}
+
+/// PostgreSQL: a write that fails in its second statement, and one that fails at
+/// `COMMIT` (a deferred constraint trigger), leave the pool clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_failed_writes_leave_every_connection_clean() {
+    let Some(pg) = TempPostgres::start().unwrap() else {
+        return;
+    };
+    let store = PostgresStore::connect(&pg.url()).await.unwrap();
+    let mut conn = sqlx::PgConnection::connect(&pg.url()).await.unwrap();
+    for sql in [
+        "CREATE FUNCTION fail_write() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'simulated failure'; END $$",
+        "CREATE TRIGGER fail_mid_write BEFORE INSERT ON entry_selectors FOR EACH ROW \
+         WHEN (NEW.value = 'uid:4343') EXECUTE FUNCTION fail_write()",
+        "CREATE CONSTRAINT TRIGGER fail_at_commit AFTER INSERT ON entry_selectors \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW \
+         WHEN (NEW.value = 'uid:4242') EXECUTE FUNCTION fail_write()",
+    ] {
+        sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+    }
+    for n in [4343, 4242] {
+        let err = store.create_entry(&entry(n)).await.unwrap_err();
+        assert!(err.to_string().contains("simulated"), "{err}");
+    }
+    for n in 0..40 {
+        store.create_entry(&entry(n)).await.unwrap();
+    }
+    assert_eq!(store.count_entries().await.unwrap(), 40);
+    store.close().await;
+}

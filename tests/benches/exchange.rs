@@ -2,7 +2,7 @@
 //! keep-alive mTLS on loopback (`cargo bench -p writ-tests --bench exchange`).
 //!
 //! The setup, all in this process: a Writ stack (server + agent on a temp socket) that
-//! issues this process two X509-SVIDs, `spiffe://example.org/writ/tts` (the service) and
+//! issues this process two X509-SVIDs, `spiffe://example.org/tts` (the service) and
 //! `spiffe://example.org/gateway` (the caller); a minimal OpenID Provider (axum on
 //! 127.0.0.1, discovery document and a JWKS with one ES256 key) that stands for the
 //! external IdP and whose access tokens (`typ: at+jwt`) are the subject tokens; and a
@@ -66,7 +66,7 @@ use writ_txn_service::oidc::{IssuerConfig, OidcValidator, SubjectTokenType};
 use writ_txn_service::txn_token::Minter;
 
 const TRUST_DOMAIN: &str = "example.org";
-const TTS_ID: &str = "spiffe://example.org/writ/tts";
+const TTS_ID: &str = "spiffe://example.org/tts";
 const GATEWAY_ID: &str = "spiffe://example.org/gateway";
 /// `iss` of the Txn-Tokens (the service's issuer URL; any https URL will do).
 const TTS_ISSUER: &str = "https://tts.example.org";
@@ -658,7 +658,7 @@ fn main() {
     );
     rt.block_on(async {
         let stack = Stack::start(Duration::from_secs(3600)).await;
-        stack.register("/writ/tts", &[&uid_selector()]).await;
+        stack.register("/tts", &[&uid_selector()]).await;
         stack.register("/gateway", &[&uid_selector()]).await;
         wait_for_svids(&stack, 2).await;
         let provider = Provider::start().await;

@@ -37,7 +37,7 @@ use writ_txn_service::config::{TxnConfig, TxnServer};
 
 const TD: &str = "example.org";
 const ISSUER: &str = "https://tts.example.org";
-const TTS: &str = "/writ/tts";
+const TTS: &str = "/tts";
 const CALLER: &str = "/gateway";
 const OPERATIONS: [&str; 3] = [
     "POST /token",

@@ -32,7 +32,7 @@ use writ_txn_service::config::{TxnConfig, TxnServer};
 
 const TD: &str = "example.org";
 const ISSUER: &str = "https://tts.example.org";
-const TTS: &str = "/writ/tts";
+const TTS: &str = "/tts";
 const GATEWAY: &str = "/gateway";
 const PLANNER: &str = "/agents/planner";
 const PROBE: &str = env!("CARGO_BIN_EXE_subagent_probe");

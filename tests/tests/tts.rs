@@ -37,7 +37,7 @@ use writ_txn_service::config::{TxnConfig, TxnServer};
 
 const TD: &str = "example.org";
 const ISSUER: &str = "https://tts.example.org";
-const TTS: &str = "/writ/tts";
+const TTS: &str = "/tts";
 const GATEWAY: &str = "/gateway";
 const PLANNER: &str = "/agents/planner";
 const SUB_AGENT: &str = "/agents/planner/worker";

@@ -14,7 +14,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{Server, WRIT, openssl};
+use common::{Server, WRIT, openssl, start_agent};
 
 #[test]
 fn minted_x509_svid_passes_openssl() {
@@ -140,13 +140,14 @@ fn rust_spiffe_and_josekit_accept_minted_svids() {
 #[test]
 fn entries_ca_and_jwt_keys_survive_restart() {
     let mut server = Server::start();
+    let (_agent, _, agent_id) = start_agent(&server);
     let created: serde_json::Value = serde_json::from_str(&server.ok(&[
         "entry",
         "create",
         "--spiffe-id",
         "spiffe://example.org/agents/planner",
         "--parent-id",
-        "spiffe://example.org/writ/agent/dev",
+        &agent_id,
         "--selector",
         "unix:uid:1000",
         "--selector",
@@ -218,6 +219,72 @@ fn entries_ca_and_jwt_keys_survive_restart() {
     assert_eq!(updated["spawn_max_children"], 8);
     assert_eq!(updated["spawn_max_depth"], 2);
     assert_eq!(updated["selectors"], created["selectors"]);
+
+    // An update that changes nothing stores nothing and keeps the revision.
+    let same: serde_json::Value = serde_json::from_str(&server.ok(&[
+        "entry",
+        "update",
+        "--entry-id",
+        &entry_id,
+        "--hint",
+        "planner",
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(same, updated, "no new revision for no change");
+    // DNS names can be set and cleared again.
+    let named: serde_json::Value = serde_json::from_str(&server.ok(&[
+        "entry",
+        "update",
+        "--entry-id",
+        &entry_id,
+        "--dns-name",
+        "planner.example.org",
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        named["dns_names"],
+        serde_json::json!(["planner.example.org"])
+    );
+    assert_eq!(named["revision"], 3);
+    let cleared: serde_json::Value = serde_json::from_str(&server.ok(&[
+        "entry",
+        "update",
+        "--entry-id",
+        &entry_id,
+        "--clear-dns-names",
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(cleared["dns_names"], serde_json::json!([]));
+    assert_eq!(cleared["revision"], 4);
+    // An update into the reserved namespace is refused and changes nothing.
+    let err = server.fails(&[
+        "entry",
+        "update",
+        "--entry-id",
+        &entry_id,
+        "--spiffe-id",
+        "spiffe://example.org/writ/agent/x",
+    ]);
+    assert!(
+        err.contains("--spiffe-id: spiffe://example.org/writ/agent/x is in the reserved namespace"),
+        "{err}"
+    );
+    let shown: serde_json::Value = serde_json::from_str(&server.ok(&[
+        "entry",
+        "show",
+        "--entry-id",
+        &entry_id,
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(shown, cleared);
     server.ok(&["entry", "delete", "--entry-id", &entry_id]);
     assert_eq!(server.entry_count(), 0);
 }
@@ -242,13 +309,14 @@ impl TrustDomainBundle {
 #[test]
 fn bad_input_gives_one_line_and_stores_nothing() {
     let server = Server::start();
+    let (_agent, _, agent_id) = start_agent(&server);
     let base = [
         "entry",
         "create",
         "--spiffe-id",
         "spiffe://example.org/w",
         "--parent-id",
-        "spiffe://example.org/agent",
+        &agent_id,
         "--selector",
         "unix:uid:1",
     ];
@@ -274,9 +342,77 @@ fn bad_input_gives_one_line_and_stores_nothing() {
         (&["--x509-svid-ttl", "soon"], "duration"),
         (&["--x509-svid-ttl", "9999h"], "at most"),
         (&["--dns-name", "bad_name!"], "DNS"),
-        (&["--spawn-max-depth", "0"], "spawn_max_depth"),
-        (&["--spawn-max-children", "0"], "spawn_max_children"),
-        (&["--spawn-max-children", "1025"], "spawn_max_children"),
+        (
+            &["--spawn-max-depth", "0"],
+            "--spawn-max-depth: must be between",
+        ),
+        (
+            &["--spawn-max-children", "0"],
+            "--spawn-max-children: must be between",
+        ),
+        (&["--spawn-max-children", "1025"], "--spawn-max-children"),
+        // Writ's own namespace.
+        (
+            &["--spiffe-id", "spiffe://example.org/writ/server"],
+            "error: --spiffe-id: spiffe://example.org/writ/server is in the reserved \
+             namespace spiffe://example.org/writ/ (Writ's own identities)",
+        ),
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://example.org/writ/agent/join_token/x",
+            ],
+            "--spiffe-id: spiffe://example.org/writ/agent/join_token/x is in the reserved",
+        ),
+        (
+            &["--spiffe-id", "spiffe://example.org/writ/tts"],
+            "is in the reserved namespace",
+        ),
+        // What cannot be meant.
+        (
+            &["--spiffe-id", "spiffe://example.org"],
+            "--spiffe-id: spiffe://example.org is the trust domain itself",
+        ),
+        (
+            &["--parent-id", "spiffe://other.org/agent"],
+            "--parent-id: SPIFFE ID spiffe://other.org/agent is not in trust domain example.org",
+        ),
+        (
+            &["--parent-id", "spiffe://example.org/x"],
+            "--parent-id: an entry cannot be its own parent",
+        ),
+        (
+            &["--parent-id", "spiffe://example.org/nobody"],
+            "--parent-id: nothing holds spiffe://example.org/nobody",
+        ),
+        (
+            &["--selector", "unix:uid:"],
+            "--selector: unix:uid:: uid must be a decimal",
+        ),
+        (
+            &["--selector", "unix:uid:abc"],
+            "uid must be a decimal number",
+        ),
+        (
+            &["--selector", "unix:uid:-1"],
+            "uid must be a decimal number",
+        ),
+        (
+            &["--selector", "unix:uid:4294967296"],
+            "uid must be a decimal number",
+        ),
+        (
+            &["--selector", "writ:dev:self"],
+            "--selector: writ:dev:self: the selector type writ is Writ's own",
+        ),
+        (
+            &["--selector", "uid:0"],
+            "--selector: uid:0 has no selector type (did you mean unix:uid:0?)",
+        ),
+        (
+            &["--spawn-max-ttl", "5m"],
+            "--spawn-max-depth: is required with --spawn-max-ttl",
+        ),
     ];
     for (change, expect) in bad_cases {
         let mut args: Vec<&str> = vec![
@@ -285,7 +421,7 @@ fn bad_input_gives_one_line_and_stores_nothing() {
             "--spiffe-id",
             "spiffe://example.org/x",
             "--parent-id",
-            "spiffe://example.org/agent",
+            &agent_id,
             "--selector",
             "unix:uid:2",
         ];
@@ -311,15 +447,64 @@ fn bad_input_gives_one_line_and_stores_nothing() {
         "--selector",
         "unix:uid:3",
     ]);
-    assert!(err.contains("parent_id: is required"), "{err}");
+    assert!(err.contains("--parent-id: is required"), "{err}");
+    let err = server.fails(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/y",
+        "--parent-id",
+        &agent_id,
+        "--selector",
+        "unix:uid:3",
+        "--selector",
+        "unix:uid:3",
+    ]);
+    assert!(
+        err.contains("--selector: unix:uid:3 is given twice"),
+        "{err}"
+    );
     assert_eq!(
         server.entry_count(),
         1,
         "nothing stored by any failed command"
     );
+    // A selector type no attestor of Writ produces is stored, with a warning.
+    let out = server.writ(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/k8s",
+        "--parent-id",
+        &agent_id,
+        "--selector",
+        "k8s:ns:default",
+    ]);
+    assert!(out.status.success());
+    let warning = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        warning.starts_with("warning: --selector k8s:ns:default:"),
+        "{warning}"
+    );
+    assert_eq!(warning.trim_end().lines().count(), 1, "{warning}");
+    assert_eq!(server.entry_count(), 2);
 
     let err = server.fails(&["x509", "mint", "--spiffe-id", "not-an-id"]);
     assert!(err.contains("scheme"), "{err}");
+    // Nothing is minted in Writ's own namespace.
+    for id in [
+        "spiffe://example.org/writ/server",
+        "spiffe://example.org/writ/agent/join_token/x",
+    ] {
+        let reserved = format!(
+            "error: --spiffe-id: {id} is in the reserved namespace spiffe://example.org/writ/ \
+             (Writ's own identities)"
+        );
+        let err = server.fails(&["x509", "mint", "--spiffe-id", id]);
+        assert_eq!(err.trim_end(), reserved);
+        let err = server.fails(&["jwt", "mint", "--spiffe-id", id, "--audience", "a"]);
+        assert_eq!(err.trim_end(), reserved);
+    }
     let err = server.fails(&[
         "jwt",
         "mint",
@@ -405,13 +590,14 @@ fn server_runs_on_postgresql_and_keeps_state_across_restart() {
         pg.url()
     );
     let mut server = Server::start_with_config(&config);
+    let (_agent, _, agent_id) = start_agent(&server);
     server.ok(&[
         "entry",
         "create",
         "--spiffe-id",
         "spiffe://example.org/pg",
         "--parent-id",
-        "spiffe://example.org/agent",
+        &agent_id,
         "--selector",
         "unix:uid:7",
     ]);
@@ -429,7 +615,7 @@ fn server_runs_on_postgresql_and_keeps_state_across_restart() {
         "--spiffe-id",
         "spiffe://example.org/pg",
         "--parent-id",
-        "spiffe://example.org/agent",
+        &agent_id,
         "--selector",
         "unix:uid:7",
     ]);

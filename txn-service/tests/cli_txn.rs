@@ -71,7 +71,7 @@ fn txn_run_exchange_and_decode() {
     let server = Server::start();
     let (_agent, socket, agent_id) = start_agent(&server);
     let endpoint = format!("unix://{}", socket.display());
-    for path in ["/writ/tts", "/gateway", "/agents/planner"] {
+    for path in ["/tts", "/gateway", "/agents/planner"] {
         server.ok(&[
             "entry",
             "create",
@@ -90,7 +90,7 @@ fn txn_run_exchange_and_decode() {
         r#"
 listen = "127.0.0.1:{port}"
 workload_api = "{endpoint}"
-spiffe_id = "spiffe://example.org/writ/tts"
+spiffe_id = "spiffe://example.org/tts"
 data_dir = "{data}"
 
 [[oidc]]
@@ -161,7 +161,7 @@ max_scope = ["read"]
             "--spiffe-id",
             "spiffe://example.org/gateway",
             "--server-id",
-            "spiffe://example.org/writ/tts",
+            "spiffe://example.org/tts",
             "--url",
             &url,
         ],

@@ -200,6 +200,7 @@ impl pb::admin_server::Admin for AdminService {
         }
         let mut entry = entry_from_proto(p, self.td())?;
         entry_id(&entry.id)?;
+        self.check_parent(&entry.parent_id).await?;
         entry.created_at = self.state.clock.unix_seconds();
         let stored = self
             .state
@@ -230,6 +231,13 @@ impl pb::admin_server::Admin for AdminService {
             .map_err(AdminError::from)?
             .ok_or(AdminError::Store(StoreError::NotFound { kind: "entry" }))?;
         entry.created_at = existing.created_at;
+        if entry.same_registration(&existing) {
+            // Nothing changes: no write, no new revision, nothing for agents to fetch.
+            return Ok(Response::new(entry_to_proto(&existing)));
+        }
+        if entry.parent_id != existing.parent_id {
+            self.check_parent(&entry.parent_id).await?;
+        }
         let stored = self
             .state
             .store
@@ -370,6 +378,8 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::MintX509SvidResponse>, Status> {
         let r = request.into_inner();
         let id = SpiffeId::new(&r.spiffe_id).map_err(|e| invalid("spiffe_id", e))?;
+        id.check_not_reserved()
+            .map_err(|e| invalid("spiffe_id", e))?;
         let svid = self
             .state
             .ca
@@ -395,6 +405,8 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
         let r = request.into_inner();
         let id = SpiffeId::new(&r.spiffe_id).map_err(|e| invalid("spiffe_id", e))?;
+        id.check_not_reserved()
+            .map_err(|e| invalid("spiffe_id", e))?;
         let (token, expires_at) = self
             .state
             .ca
@@ -491,6 +503,35 @@ fn agent_to_proto(a: &crate::store::AttestedAgent) -> pb::Agent {
 }
 
 impl AdminService {
+    /// `Ok` if something holds `parent`: the server's own agent (`writ dev`'s embedded
+    /// one), an attested agent, or the SPIFFE ID of another entry. An entry under a
+    /// parent nothing holds can never be served.
+    async fn check_parent(&self, parent: &SpiffeId) -> Result<(), AdminError> {
+        if self.state.config.default_parent_id.as_ref() == Some(parent)
+            || self.state.store.fetch_agent(parent).await?.is_some()
+        {
+            return Ok(());
+        }
+        let holders = self
+            .state
+            .store
+            .list_entries(&EntryFilter {
+                spiffe_id: Some(parent.clone()),
+                parent_id: None,
+            })
+            .await?;
+        if holders.is_empty() {
+            return Err(invalid(
+                "parent_id",
+                format!(
+                    "nothing holds {parent}: a parent is an attested agent (`writ agent list`) \
+                     or the SPIFFE ID of another entry"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     async fn agent(&self, id: &str) -> Result<crate::store::AttestedAgent, AdminError> {
         let id = SpiffeId::new(id).map_err(|e| invalid("spiffe_id", e))?;
         self.state

@@ -12,7 +12,8 @@
 //!   live children within `spawn_max_children`;
 //! - the lease lives min(requested, `spawn_max_ttl`, the parent's remaining lifetime);
 //!   a request above the cap is capped, never refused;
-//! - the child ID is `<parent ID>/sub/<task>-<8 hex digits>`.
+//! - the child ID is `<parent ID>/sub/<task>-<8 hex digits>`, never in Writ's reserved
+//!   namespace `spiffe://<td>/writ/`.
 
 use std::time::Duration;
 
@@ -194,6 +195,10 @@ impl NodeHandler {
                 .join(SUB_SEGMENT)
                 .and_then(|id| id.join(&format!("{}-{}", request.task, hex::encode(suffix))))
                 .map_err(|e| NodeError::Invalid(format!("child ID: {e}")))?;
+            // Only an entry stored before the reserved namespace was enforced can get here.
+            child_id
+                .check_not_reserved()
+                .map_err(|e| NodeError::SpawnRefused(format!("child ID: {e}")))?;
             let lease = LeaseRecord {
                 id: uuid::Uuid::new_v4().to_string(),
                 child_id,

@@ -45,6 +45,8 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            // A connection a failed write left inside a transaction is replaced.
+            .after_release(super::sql::release_clean)
             .connect(url)
             .await?;
         schema::migrate_postgres(&pool).await?;

@@ -2,6 +2,34 @@
 //! code that runs them is the same for SQLite and PostgreSQL up to the connection type,
 //! so it is written once here and stamped out for each backend by [`sql_store!`].
 
+use futures::future::BoxFuture;
+use sqlx::pool::PoolConnectionMetadata;
+
+/// The pool's `after_release` check of both backends: a connection still inside a
+/// transaction when it comes back is closed, never reused. A write that fails drops its
+/// transaction, and sqlx queues a `ROLLBACK` for the connection's next command; when
+/// that rollback fails too (SQLite rolls the transaction back by itself on a full disk,
+/// so the queued `ROLLBACK` finds none), the connection would keep counting an open
+/// transaction and refuse every later `BEGIN` ("attempted to call begin_with at
+/// non-zero transaction depth") until a restart.
+pub(super) fn release_clean<C: sqlx::Connection>(
+    conn: &mut C,
+    _meta: PoolConnectionMetadata,
+) -> BoxFuture<'_, Result<bool, sqlx::Error>> {
+    Box::pin(async move {
+        if !conn.is_in_transaction() {
+            return Ok(true);
+        }
+        // Let the queued rollback run, then look again.
+        conn.ping().await?;
+        if conn.is_in_transaction() {
+            tracing::warn!("closing a store connection left inside a failed transaction");
+            return Ok(false);
+        }
+        Ok(true)
+    })
+}
+
 /// Implements the row-writing helpers and [`super::Store`] for a store type with a
 /// `pool` field and a `begin_write()` method, over the given connection type. The
 /// invoking module must import the same names both backends import (see `sqlite.rs`).

@@ -53,6 +53,20 @@ impl SqliteStore {
     /// [`StoreError::Database`] if the file cannot be created or opened or a migration
     /// fails; [`StoreError::SchemaTooNew`] for a database written by a newer build.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_connections(path, MAX_CONNECTIONS).await
+    }
+
+    /// As [`Self::open`], with a pool of `connections` connections (tests use one, so
+    /// that every write reuses the connection of the one before).
+    ///
+    /// # Errors
+    /// As [`Self::open`].
+    #[cfg(any(test, feature = "test-util"))]
+    pub async fn open_with_pool_size(path: &Path, connections: u32) -> Result<Self, StoreError> {
+        Self::open_with_connections(path, connections).await
+    }
+
+    async fn open_with_connections(path: &Path, connections: u32) -> Result<Self, StoreError> {
         create_private_file(path).await?;
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -65,10 +79,12 @@ impl SqliteStore {
             .pragma("temp_store", "memory")
             .statement_cache_capacity(STATEMENT_CACHE);
         let pool = SqlitePoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
+            .max_connections(connections)
             // A local file needs no liveness ping before each use; the ping is a round
             // trip to the connection's worker thread on every query.
             .test_before_acquire(false)
+            // A connection a failed write left inside a transaction is replaced.
+            .after_release(super::sql::release_clean)
             .connect_with(options)
             .await?;
         Self::start(pool).await
@@ -76,7 +92,8 @@ impl SqliteStore {
 
     /// A store in memory, gone when dropped: for tests and throw-away runs. The pool
     /// holds exactly one connection, which never expires, so every query sees the same
-    /// database.
+    /// database (and which, unlike a file store's, is never replaced: a write that fails
+    /// on a full disk can leave this one unusable).
     ///
     /// # Errors
     /// [`StoreError::Database`] if SQLite cannot start.
@@ -166,3 +183,79 @@ async fn create_private_file(path: &Path) -> Result<(), StoreError> {
 }
 
 super::sql::sql_store!(SqliteStore, SqliteConnection);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(n: u32) -> RegistrationEntry {
+        let id = |path: &str| SpiffeId::new(&format!("spiffe://example.org{path}")).unwrap();
+        RegistrationEntry::new(
+            id(&format!("/w/{n}")),
+            id("/writ/agent/a"),
+            vec![format!("unix:uid:{n}").parse().unwrap()],
+        )
+    }
+
+    /// SQLite ends the whole transaction by itself on some failures (a full disk, an I/O
+    /// error); `RAISE(ROLLBACK)` in a trigger does the same, here in the second statement
+    /// of a write. On a pool of one connection, every later write reuses that connection.
+    #[tokio::test]
+    async fn a_write_sqlite_rolled_back_itself_leaves_the_store_usable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_with_pool_size(&dir.path().join("db"), 1)
+            .await
+            .unwrap();
+        sqlx::query(
+            "CREATE TRIGGER fail_like_a_full_disk BEFORE INSERT ON entry_selectors \
+             WHEN NEW.value = 'uid:4242' \
+             BEGIN SELECT RAISE(ROLLBACK, 'database or disk is full (simulated)'); END",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        let failed = entry(4242);
+        let err = store.create_entry(&failed).await.unwrap_err();
+        assert!(err.to_string().contains("simulated"), "{err}");
+        for n in 0..5 {
+            let created = store.create_entry(&entry(n)).await.unwrap();
+            let mut changed = created.clone();
+            changed.hint = "changed".into();
+            store.update_entry(&changed).await.unwrap();
+        }
+        let gone = store.create_entry(&entry(99)).await.unwrap();
+        store.delete_entry(&gone.id).await.unwrap();
+        assert_eq!(store.count_entries().await.unwrap(), 5);
+        assert_eq!(store.fetch_entry(&failed.id).await.unwrap(), None);
+    }
+
+    /// A statement that fails inside a transaction SQLite keeps open (`RAISE(ABORT)`,
+    /// as a constraint violation, after a first statement): the rollback runs and the connection is clean.
+    /// (This one held before the `after_release` check too; it guards the common path.)
+    #[tokio::test]
+    async fn a_write_refused_mid_transaction_leaves_the_store_usable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_with_pool_size(&dir.path().join("db"), 1)
+            .await
+            .unwrap();
+        sqlx::query(
+            "CREATE TRIGGER refuse_a_selector BEFORE INSERT ON entry_selectors \
+             WHEN NEW.value = 'uid:3' BEGIN SELECT RAISE(ABORT, 'refused (simulated)'); END",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        store.create_entry(&entry(1)).await.unwrap();
+        // The entry row goes in; its selector row is then refused.
+        let err = store.create_entry(&entry(3)).await.unwrap_err();
+        assert!(err.to_string().contains("simulated"), "{err}");
+        for n in 4..8 {
+            store.create_entry(&entry(n)).await.unwrap();
+        }
+        assert_eq!(
+            store.count_entries().await.unwrap(),
+            5,
+            "entry 3 rolled back"
+        );
+    }
+}

@@ -4,8 +4,66 @@ use std::process::ExitCode;
 
 use writ_identity::proto::admin as pb;
 
-use super::out::{self, OutputArg, outln};
-use super::{ServerSocket, parse_ttl, status};
+use super::out::{self, OutputArg, errln, outln};
+use super::{ServerSocket, parse_ttl};
+
+/// The flag of each field the admin API names in its errors (`parent_id: ...`): the one
+/// place the CLI maps them, for `entry` and for `x509 mint` / `jwt mint`.
+const FIELD_FLAGS: &[(&str, &str)] = &[
+    ("spiffe_id", "--spiffe-id"),
+    ("parent_id", "--parent-id"),
+    ("selectors", "--selector"),
+    ("x509_svid_ttl", "--x509-svid-ttl"),
+    ("jwt_svid_ttl", "--jwt-svid-ttl"),
+    ("dns_names", "--dns-name"),
+    ("federates_with", "--federates-with"),
+    ("expires_at", "--entry-expiry"),
+    ("hint", "--hint"),
+    ("spawn_max_ttl", "--spawn-max-ttl"),
+    ("spawn_max_depth", "--spawn-max-depth"),
+    ("spawn_max_children", "--spawn-max-children"),
+    ("id", "--entry-id"),
+    ("ttl", "--ttl"),
+    ("audience", "--audience"),
+];
+
+/// A gRPC status as a one-line error, the wire fields it names replaced by their flags
+/// (`parent_id: nothing holds ...` -> `--parent-id: nothing holds ...`; also a field
+/// named later, as in `spawn_max_depth: is required with spawn_max_ttl`).
+pub(crate) fn field_status(e: tonic::Status) -> anyhow::Error {
+    let message = e.message();
+    let Some((field, rest)) = message.split_once(": ") else {
+        return anyhow::anyhow!("{message}");
+    };
+    let Some((_, flag)) = FIELD_FLAGS.iter().find(|(name, _)| *name == field) else {
+        return anyhow::anyhow!("{message}");
+    };
+    let rest = FIELD_FLAGS
+        .iter()
+        .filter(|(name, _)| name.contains('_'))
+        .fold(rest.to_owned(), |text, (name, flag)| {
+            text.replace(name, flag)
+        });
+    anyhow::anyhow!("{flag}: {rest}")
+}
+
+/// Warns (on standard error, once the entry is stored, so a refusal stays one line)
+/// about selectors of types no attestor of Writ produces: they match only what some
+/// other attestor reports.
+fn warn_unknown_selector_types(selectors: &[String]) {
+    use writ_identity::selector::{Selector, SelectorType};
+    for text in selectors {
+        if let Ok(selector) = text.parse::<Selector>()
+            && selector.check_value() == Ok(SelectorType::Unknown)
+        {
+            errln!(
+                "warning: --selector {text}: Writ's attestors produce no selector of type {} \
+                 (known: unix, writ); it matches only if another attestor reports it",
+                selector.kind()
+            );
+        }
+    }
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct EntryFields {
@@ -28,6 +86,9 @@ pub(crate) struct EntryFields {
     /// A DNS SAN for the X509-SVID; repeat for several.
     #[arg(long = "dns-name")]
     dns_names: Vec<String>,
+    /// Remove every DNS name (with `entry update`).
+    #[arg(long, conflicts_with = "dns_names")]
+    clear_dns_names: bool,
     /// A trust domain whose bundle the workload also gets; repeat for several.
     #[arg(long = "federates-with")]
     federates_with: Vec<String>,
@@ -73,7 +134,7 @@ impl EntryFields {
         if let Some(v) = self.jwt_svid_ttl {
             entry.jwt_svid_ttl = v;
         }
-        if !self.dns_names.is_empty() {
+        if !self.dns_names.is_empty() || self.clear_dns_names {
             entry.dns_names = self.dns_names;
         }
         if !self.federates_with.is_empty() {
@@ -185,14 +246,16 @@ pub(crate) async fn run(cmd: EntryCommand) -> anyhow::Result<ExitCode> {
             if fields.selectors.is_empty() {
                 anyhow::bail!("at least one --selector is required");
             }
+            let selectors = fields.selectors.clone();
             fields.apply(&mut entry);
             let created = server
                 .connect()
                 .await?
                 .create_entry(pb::CreateEntryRequest { entry: Some(entry) })
                 .await
-                .map_err(status)?
+                .map_err(field_status)?
                 .into_inner();
+            warn_unknown_selector_types(&selectors);
             print_entry_doc(&created, output)?;
         }
         EntryCommand::List {
@@ -211,7 +274,7 @@ pub(crate) async fn run(cmd: EntryCommand) -> anyhow::Result<ExitCode> {
                     selectors,
                 })
                 .await
-                .map_err(status)?
+                .map_err(field_status)?
                 .into_inner()
                 .entries;
             if output.json() {
@@ -241,7 +304,7 @@ pub(crate) async fn run(cmd: EntryCommand) -> anyhow::Result<ExitCode> {
                 .await?
                 .get_entry(pb::GetEntryRequest { id: entry_id })
                 .await
-                .map_err(status)?
+                .map_err(field_status)?
                 .into_inner();
             print_entry_doc(&entry, output)?;
         }
@@ -255,14 +318,16 @@ pub(crate) async fn run(cmd: EntryCommand) -> anyhow::Result<ExitCode> {
             let mut entry = client
                 .get_entry(pb::GetEntryRequest { id: entry_id })
                 .await
-                .map_err(status)?
+                .map_err(field_status)?
                 .into_inner();
+            let selectors = fields.selectors.clone();
             fields.apply(&mut entry);
             let updated = client
                 .update_entry(pb::UpdateEntryRequest { entry: Some(entry) })
                 .await
-                .map_err(status)?
+                .map_err(field_status)?
                 .into_inner();
+            warn_unknown_selector_types(&selectors);
             print_entry_doc(&updated, output)?;
         }
         EntryCommand::Delete {
@@ -275,7 +340,7 @@ pub(crate) async fn run(cmd: EntryCommand) -> anyhow::Result<ExitCode> {
                 .await?
                 .delete_entry(pb::DeleteEntryRequest { id: entry_id })
                 .await
-                .map_err(status)?
+                .map_err(field_status)?
                 .into_inner();
             if output.json() {
                 out::json(&serde_json::json!({ "deleted": deleted.id }))?;

@@ -7,8 +7,9 @@ use anyhow::Context;
 use writ_identity::key_manager::{set_mode, write_secret_file};
 use writ_identity::proto::admin as pb;
 
+use super::entry::field_status;
 use super::out::{self, OutputArg, outln};
-use super::{ServerSocket, parse_ttl, status};
+use super::{ServerSocket, parse_ttl};
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum X509Command {
@@ -78,7 +79,7 @@ pub(crate) async fn run_x509(cmd: X509Command) -> anyhow::Result<ExitCode> {
             dns_names,
         })
         .await
-        .map_err(status)?
+        .map_err(field_status)?
         .into_inner();
     let svid = pem_blocks("CERTIFICATE", &minted.cert_chain);
     let bundle = pem_blocks("CERTIFICATE", &minted.bundle);
@@ -152,7 +153,7 @@ pub(crate) async fn run_jwt(cmd: JwtCommand) -> anyhow::Result<ExitCode> {
             ttl: ttl.unwrap_or(0),
         })
         .await
-        .map_err(status)?
+        .map_err(field_status)?
         .into_inner();
     if output.json() {
         out::json(&serde_json::json!({ "token": minted.token }))?;
