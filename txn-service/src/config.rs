@@ -5,7 +5,7 @@
 //! listen = "127.0.0.1:8443"              # HTTPS address
 //! issuer = "https://127.0.0.1:8443"      # `iss` of issued tokens; default https://<listen>
 //! workload_api = "unix:///tmp/writ/agent.sock"  # default: SPIFFE_ENDPOINT_SOCKET, then this
-//! spiffe_id = "spiffe://example.org/writ/tts"   # which SVID to present, if given several
+//! spiffe_id = "spiffe://example.org/tts"        # which SVID to present, if given several
 //! data_dir = "./writ-txn"                # signing keys (0600)
 //! audit_log = "./writ-txn/audit.log"     # default <data_dir>/audit.log; "-" (or no data_dir): stdout
 //! audit_on_failure = "refuse"            # a grant that cannot be recorded is refused (503); or "allow"

@@ -39,7 +39,7 @@ impl Hostage {
     /// A TTS whose `[connections]` table is `connections` (TOML lines).
     pub async fn start(connections: &str) -> Self {
         let stack = Stack::start(Duration::from_secs(3600)).await;
-        for path in ["/writ/tts", GATEWAY] {
+        for path in ["/tts", GATEWAY] {
             stack.register(path, &[&uid_selector()]).await;
         }
         let issuer = DevIssuer::start(
@@ -52,7 +52,7 @@ impl Hostage {
             r#"
 listen = "127.0.0.1:0"
 workload_api = "{}"
-spiffe_id = "spiffe://{TD}/writ/tts"
+spiffe_id = "spiffe://{TD}/tts"
 audit_log = "{}"
 
 [connections]
