@@ -33,14 +33,15 @@ fn with_closed_stdout(args: &[&str], server: Option<&Server>) -> Output {
     cmd.output().unwrap()
 }
 
-fn create(server: &Server, path: &str) {
+/// Registers `path` under `parent` (an attested agent: a parent must be held).
+fn create(server: &Server, parent: &str, path: &str) {
     server.ok(&[
         "entry",
         "create",
         "--spiffe-id",
         &format!("spiffe://example.org/{path}"),
         "--parent-id",
-        "spiffe://example.org/agent",
+        parent,
         "--selector",
         &format!("unix:uid:{}", 5000 + path.len()),
     ]);
@@ -56,8 +57,9 @@ fn json(server: &Server, args: &[&str]) -> Value {
 #[test]
 fn a_closed_pipe_ends_every_command_quietly() {
     let server = Server::start();
+    let (_agent, _socket, agent_id) = start_agent(&server);
     for path in ["a", "bb", "ccc"] {
-        create(&server, path);
+        create(&server, &agent_id, path);
     }
     for args in [
         &["entry", "list"][..],
@@ -86,16 +88,17 @@ fn a_closed_pipe_ends_every_command_quietly() {
 #[test]
 fn output_json_has_a_stable_shape() {
     let server = Server::start();
+    let agents = json(&server, &["agent", "list"]);
+    assert_eq!(agents, Value::Array(vec![]));
+    let (_agent, socket, agent_id) = start_agent(&server);
     // A list is an array for 0, 1 and 2 items.
     for (n, path) in [(0, None), (1, Some("one")), (2, Some("two"))] {
         if let Some(path) = path {
-            create(&server, path);
+            create(&server, &agent_id, path);
         }
         let list = json(&server, &["entry", "list"]);
         assert_eq!(list.as_array().map(Vec::len), Some(n), "{list}");
     }
-    let agents = json(&server, &["agent", "list"]);
-    assert_eq!(agents, Value::Array(vec![]));
     // One thing is an object.
     let list = json(&server, &["entry", "list"]);
     let id = list[0]["id"].as_str().unwrap();
@@ -137,7 +140,6 @@ fn output_json_has_a_stable_shape() {
     );
 
     // The Workload API commands: arrays of SVIDs, also for one.
-    let (_agent, socket, agent_id) = start_agent(&server);
     server.ok(&[
         "entry",
         "create",
