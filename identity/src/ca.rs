@@ -41,7 +41,7 @@ pub const BACKDATE: Duration = Duration::from_secs(10);
 
 /// The subject organizational unit that marks the identity server's own node API SVID
 /// (`spiffe://<td>/writ/server`). Only the CA's server path
-/// ([`CertificateAuthority::mint_server_svid`], crate-private) sets it: SVIDs signed for
+/// (`CertificateAuthority::mint_server_svid`, crate-private) sets it: SVIDs signed for
 /// entries, `x509 mint`, leases and agents never carry an organizational unit at all. An
 /// agent requires it (see [`is_server_svid`]), so no other SVID of the trust domain, even
 /// one that carries the server's SPIFFE ID, can pose as the server.

@@ -1,5 +1,5 @@
-//! What the CLI prints: standard output through [`outln!`], which turns a closed pipe
-//! (`writ entry list | head -3`) into [`StdoutClosed`] so the command ends quietly with
+//! What the CLI prints: standard output through `outln!`, which turns a closed pipe
+//! (`writ entry list | head -3`) into `StdoutClosed` so the command ends quietly with
 //! exit 0 instead of panicking as `println!` does; the `--output text|json` flag every
 //! command that prints data takes; and what `main` does with errors (secrets redacted,
 //! causes not repeated).
@@ -111,7 +111,7 @@ pub(crate) fn json(value: &serde_json::Value) -> anyhow::Result<()> {
 const SECRET_FLAGS: &[&str] = &["--subject-token", "--svid", "--join-token", "--token"];
 
 /// The command-line values that must never appear in an error: the values of
-/// [`SECRET_FLAGS`] and anything shaped like a JWT (three base64url parts), such as a
+/// `SECRET_FLAGS` and anything shaped like a JWT (three base64url parts), such as a
 /// token pasted where a file name was expected.
 pub fn secrets_in(args: &[String]) -> Vec<String> {
     let mut out = Vec::new();
