@@ -829,26 +829,13 @@ mod tests {
         assert_eq!(summary["suppressed"], 5, "{summary}");
         assert_eq!(lines.len(), 28);
         // And on demand (the service's timer, and at shutdown).
-        log.refused(
-            unauthenticated("192.0.2.1"),
-            "invalid_client",
-            "no certificate",
-        );
-        log.refused(
-            unauthenticated("192.0.2.1"),
-            "invalid_client",
-            "no certificate",
-        );
-        log.refused(
-            unauthenticated("192.0.2.1"),
-            "invalid_client",
-            "no certificate",
-        );
-        log.refused(
-            unauthenticated("192.0.2.1"),
-            "invalid_client",
-            "no certificate",
-        );
+        for _ in 0..4 {
+            log.refused(
+                unauthenticated("192.0.2.1"),
+                "invalid_client",
+                "no certificate",
+            );
+        }
         log.flush_suppressed();
         let lines = log.lines();
         let total: u64 = lines
