@@ -64,21 +64,7 @@ impl Stack {
     pub async fn start_with(x509_ttl: Duration, attestor: Arc<dyn WorkloadAttestor>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let td = TrustDomain::new("example.org").unwrap();
-        let mut config = ServerConfig::with_defaults(td.clone(), dir.path()).unwrap();
-        config.ca.default_x509_svid_ttl = x509_ttl;
-        let store = Arc::new(
-            SqliteStore::open(&dir.path().join("db.sqlite3"))
-                .await
-                .unwrap(),
-        );
-        let server = ServerState::with_parts(
-            config,
-            Arc::new(SystemClock),
-            store,
-            Arc::new(MemoryKeyManager::new()),
-        )
-        .await
-        .unwrap();
+        let server = server_state(dir.path(), x509_ttl).await;
         let agent_id = td.spiffe_id("/writ/agent/test").unwrap();
         let node = Arc::new(LocalNode::new(server.clone(), agent_id.clone()));
         let agent = agent::start(node, &dir.path().join("agent.sock"), attestor)
@@ -158,6 +144,23 @@ pub async fn connect_raw(
     writ_identity::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
         channel,
     )
+}
+
+/// An identity server for trust domain `example.org` on a SQLite store in `dir`, with
+/// in-memory keys and X509-SVIDs of `x509_ttl` by default.
+pub async fn server_state(dir: &std::path::Path, x509_ttl: Duration) -> Arc<ServerState> {
+    let td = TrustDomain::new("example.org").unwrap();
+    let mut config = ServerConfig::with_defaults(td, dir).unwrap();
+    config.ca.default_x509_svid_ttl = x509_ttl;
+    let store = Arc::new(SqliteStore::open(&dir.join("db.sqlite3")).await.unwrap());
+    ServerState::with_parts(
+        config,
+        Arc::new(SystemClock),
+        store,
+        Arc::new(MemoryKeyManager::new()),
+    )
+    .await
+    .unwrap()
 }
 
 /// A request with the `workload.spiffe.io: true` security header.

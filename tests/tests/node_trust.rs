@@ -14,21 +14,19 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
 use tonic::transport::{Channel, Endpoint, Uri};
 use writ_identity::agent::node_client::{AgentError, Bootstrap, GrpcNode, NodeClientConfig};
-use writ_identity::clock::SystemClock;
 use writ_identity::entry::RegistrationEntry;
-use writ_identity::key_manager::{MemoryKeyManager, PrivateKey, sha256};
+use writ_identity::key_manager::{PrivateKey, sha256};
 use writ_identity::proto::node as pb;
 use writ_identity::server::ServerState;
-use writ_identity::server::config::ServerConfig;
 use writ_identity::server::node_service::{self, NodeClient};
-use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
+use writ_identity::spiffe_id::SpiffeId;
 use writ_identity::store::JoinTokenRecord;
-use writ_identity::store::sqlite::SqliteStore;
 use writ_identity::svid::x509::{X509Svid, check_leaf};
 use writ_identity::tls::{SvidResolver, dangerous::AcceptAnyServer};
 
@@ -41,21 +39,7 @@ struct Server {
 
 async fn server() -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let td = TrustDomain::new("example.org").unwrap();
-    let config = ServerConfig::with_defaults(td, dir.path()).unwrap();
-    let store = Arc::new(
-        SqliteStore::open(&dir.path().join("db.sqlite3"))
-            .await
-            .unwrap(),
-    );
-    let state = ServerState::with_parts(
-        config,
-        Arc::new(SystemClock),
-        store,
-        Arc::new(MemoryKeyManager::new()),
-    )
-    .await
-    .unwrap();
+    let state = writ_tests::server_state(dir.path(), Duration::from_secs(3600)).await;
     let listener = node_service::bind("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
