@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Server, WRIT, agent_cmd, api, openssl, start_agent, uid};
+use common::{Server, WRIT, agent_cmd, api, join_token_and_bundle, openssl, start_agent, uid};
 
 #[test]
 fn agent_attests_with_a_join_token_and_serves_the_workload_api() {
@@ -240,13 +240,7 @@ fn data_dirs_are_private() {
 fn a_regular_file_at_a_socket_path_is_never_removed() {
     let server = Server::start();
     let dir = server.dir.path();
-    let token = server
-        .ok(&["token", "generate"])
-        .trim()
-        .strip_prefix("Token: ")
-        .unwrap()
-        .to_owned();
-    std::fs::write(dir.join("bundle.pem"), server.ok(&["bundle", "show"])).unwrap();
+    let token = join_token_and_bundle(&server);
     let occupied = dir.join("occupied.sock");
     std::fs::write(&occupied, "precious").unwrap();
     let out = agent_cmd(

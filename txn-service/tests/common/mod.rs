@@ -188,17 +188,25 @@ pub fn api(args: &[&str], socket: &Path) -> std::process::Output {
         .unwrap()
 }
 
-/// Generates a join token, starts an agent with it and waits until its Workload API
-/// answers. Returns the agent, its socket and its SPIFFE ID.
-pub fn start_agent(server: &Server) -> (Agent, PathBuf, String) {
-    let dir = server.dir.path();
+/// Generates a join token for a new agent and writes the server's bundle to
+/// `<data dir>/bundle.pem` for it to bootstrap with. Returns the token.
+pub fn join_token_and_bundle(server: &Server) -> String {
     let token = server
         .ok(&["token", "generate"])
         .trim()
         .strip_prefix("Token: ")
         .unwrap()
         .to_owned();
-    std::fs::write(dir.join("bundle.pem"), server.ok(&["bundle", "show"])).unwrap();
+    let bundle = server.dir.path().join("bundle.pem");
+    std::fs::write(bundle, server.ok(&["bundle", "show"])).unwrap();
+    token
+}
+
+/// Generates a join token, starts an agent with it and waits until its Workload API
+/// answers. Returns the agent, its socket and its SPIFFE ID.
+pub fn start_agent(server: &Server) -> (Agent, PathBuf, String) {
+    let dir = server.dir.path();
+    let token = join_token_and_bundle(server);
     let socket = dir.join("agent.sock");
     let agent = Agent(
         agent_cmd(
