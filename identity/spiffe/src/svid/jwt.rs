@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bundle::{BundleSet, Jwk};
 use crate::clock::unix_seconds;
-use crate::key_manager::PrivateKey;
+use crate::key::PrivateKey;
 use crate::numeric_date::{TimeClaims, TimeError, TimeWindow};
 use crate::spiffe_id::{SpiffeId, SpiffeIdError};
 

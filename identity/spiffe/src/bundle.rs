@@ -139,7 +139,7 @@ impl Jwk {
             "RSA" => json!({"e": self.e, "kty": self.kty, "n": self.n}),
             _ => json!({"crv": self.crv, "kty": self.kty, "x": self.x}),
         };
-        URL_SAFE_NO_PAD.encode(crate::key_manager::sha256(canonical.to_string().as_bytes()))
+        URL_SAFE_NO_PAD.encode(crate::fingerprint::sha256(canonical.to_string().as_bytes()))
     }
 
     fn check(&self) -> Result<(), String> {

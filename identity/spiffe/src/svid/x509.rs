@@ -21,7 +21,7 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::X509Certificate;
 
 use crate::bundle::BundleSet;
-use crate::key_manager::PrivateKey;
+use crate::key::PrivateKey;
 use crate::spiffe_id::{SpiffeId, SpiffeIdError};
 
 /// Longest chain accepted (leaf included).

@@ -19,7 +19,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream};
+#[cfg(feature = "grpc-server")]
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 /// Default longest TLS handshake.
@@ -238,6 +240,7 @@ fn is_connection_error(e: &std::io::Error) -> bool {
 /// The connections of a Unix socket listener for tonic's `serve_with_incoming`: accept
 /// errors never reach tonic (which would retry at once, spinning a core); the loop backs
 /// off and logs instead, as `name`.
+#[cfg(feature = "grpc-server")]
 pub fn unix_incoming(
     listener: UnixListener,
     name: &'static str,
@@ -375,6 +378,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for AdmittedStream<T> {
     }
 }
 
+#[cfg(feature = "grpc-server")]
 impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected
     for AdmittedStream<T>
 {
