@@ -1,5 +1,6 @@
-//! Compiles the protos under `specs/proto` with the vendored `protoc` (no protoc is
-//! needed on the machine; `PROTOC` overrides it).
+//! Compiles the server-side protos under `specs/proto` (admin, node, health) with the
+//! vendored `protoc` (no protoc is needed on the machine; `PROTOC` overrides it). The
+//! protos a workload needs are generated into `writ-spiffe` and committed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = match std::env::var_os("PROTOC") {
@@ -11,8 +12,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "../specs/proto/writ/admin/v1/admin.proto",
         "../specs/proto/writ/node/v1/node.proto",
-        "../specs/proto/writ/delegation/v1/subagents.proto",
-        "../specs/proto/workload.proto",
         "../specs/proto/grpc/health/v1/health.proto",
     ];
     for p in protos {

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use writ_identity::bundle::BundleSet;
 use writ_identity::ca::{CaConfig, CertificateAuthority};
 use writ_identity::clock::SystemClock;
+use writ_identity::key_manager::ToRcgen as _;
 use writ_identity::key_manager::{MemoryKeyManager, PrivateKey};
 use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
 use writ_identity::store::sqlite::SqliteStore;

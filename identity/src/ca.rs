@@ -30,6 +30,7 @@ use tokio::sync::{Mutex, watch};
 
 use crate::bundle::{Bundle, Jwk};
 use crate::clock::{SharedClock, from_unix_seconds};
+use crate::key_manager::ToRcgen as _;
 use crate::key_manager::{KeyError, PrivateKey, SharedKeyManager};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 use crate::store::{BundleRecord, JournalRecord, SharedStore, StoreError};

@@ -13,124 +13,22 @@ use std::sync::{Arc, Mutex};
 
 use zeroize::Zeroizing;
 
-/// What went wrong with a key.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum KeyError {
-    /// Key generation or parsing failed in the crypto library.
-    #[error("key crypto failed: {0}")]
-    Crypto(String),
-    /// No key with that id.
-    #[error("key {0:?} not found")]
-    NotFound(String),
-    /// A key id with characters other than `[A-Za-z0-9_-]`.
-    #[error("invalid key id {0:?}")]
-    InvalidId(String),
-    /// Reading or writing a key file failed.
-    #[error("key file {path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-}
+pub use writ_spiffe::fingerprint::sha256;
+pub use writ_spiffe::key::{KeyError, PrivateKey};
 
-/// An EC P-256 private key (PKCS#8 DER), zeroized on drop, never printed.
-#[derive(Clone)]
-pub struct PrivateKey {
-    pkcs8: Zeroizing<Vec<u8>>,
-    public_key_raw: Vec<u8>,
-}
-
-impl fmt::Debug for PrivateKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PrivateKey")
-            .field(
-                "public_key_sha256",
-                &hex::encode(sha256(&self.public_key_raw)),
-            )
-            .finish_non_exhaustive()
-    }
-}
-
-impl PrivateKey {
-    /// Generates a fresh P-256 key.
-    ///
-    /// # Errors
-    /// [`KeyError::Crypto`] if the system random source fails.
-    pub fn generate() -> Result<Self, KeyError> {
-        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| KeyError::Crypto(e.to_string()))?;
-        Ok(Self {
-            pkcs8: Zeroizing::new(kp.serialize_der()),
-            public_key_raw: kp.public_key_raw().to_vec(),
-        })
-    }
-
-    /// Loads a PKCS#8 DER key (EC P-256/P-384, RSA or Ed25519).
-    ///
-    /// # Errors
-    /// [`KeyError::Crypto`] if the bytes are not a supported PKCS#8 key.
-    pub fn from_pkcs8_der(der: &[u8]) -> Result<Self, KeyError> {
-        let kp = rcgen::KeyPair::try_from(der).map_err(|e| KeyError::Crypto(e.to_string()))?;
-        Ok(Self {
-            pkcs8: Zeroizing::new(der.to_vec()),
-            public_key_raw: kp.public_key_raw().to_vec(),
-        })
-    }
-
-    /// Loads a PEM `PRIVATE KEY` (PKCS#8), `EC PRIVATE KEY` or `RSA PRIVATE KEY` block.
-    ///
-    /// # Errors
-    /// [`KeyError::Crypto`] if no supported key is found.
-    pub fn from_pem(pem_text: &str) -> Result<Self, KeyError> {
-        let kp = rcgen::KeyPair::from_pem(pem_text).map_err(|e| KeyError::Crypto(e.to_string()))?;
-        Ok(Self {
-            pkcs8: Zeroizing::new(kp.serialize_der()),
-            public_key_raw: kp.public_key_raw().to_vec(),
-        })
-    }
-
-    /// The PKCS#8 DER bytes. Handle with care.
-    pub fn pkcs8_der(&self) -> &[u8] {
-        &self.pkcs8
-    }
-
-    /// The key as PEM (`PRIVATE KEY`). Handle with care.
-    pub fn to_pem(&self) -> Zeroizing<String> {
-        Zeroizing::new(pem::encode(&pem::Pem::new(
-            "PRIVATE KEY",
-            self.pkcs8.to_vec(),
-        )))
-    }
-
-    /// The raw public key (an uncompressed EC point for EC keys).
-    pub fn public_key_raw(&self) -> &[u8] {
-        &self.public_key_raw
-    }
-
+/// What the CA needs of a [`PrivateKey`]: the key as an rcgen signing key.
+pub trait ToRcgen {
     /// The key as an rcgen signing key.
     ///
     /// # Errors
     /// [`KeyError::Crypto`] if the stored bytes no longer parse.
-    pub fn to_rcgen(&self) -> Result<rcgen::KeyPair, KeyError> {
-        rcgen::KeyPair::try_from(self.pkcs8.as_slice()).map_err(|e| KeyError::Crypto(e.to_string()))
-    }
-
-    /// The uncompressed EC point split into `(x, y)`, for P-256 keys.
-    pub fn ec_p256_xy(&self) -> Option<(&[u8], &[u8])> {
-        match self.public_key_raw.split_first() {
-            Some((0x04, xy)) if xy.len() == 64 => Some(xy.split_at(32)),
-            _ => None,
-        }
-    }
+    fn to_rcgen(&self) -> Result<rcgen::KeyPair, KeyError>;
 }
 
-/// SHA-256 of `data`.
-pub fn sha256(data: &[u8]) -> [u8; 32] {
-    use sha2::Digest;
-    sha2::Sha256::digest(data).into()
+impl ToRcgen for PrivateKey {
+    fn to_rcgen(&self) -> Result<rcgen::KeyPair, KeyError> {
+        rcgen::KeyPair::try_from(self.pkcs8_der()).map_err(|e| KeyError::Crypto(e.to_string()))
+    }
 }
 
 /// Stores private keys by id.
@@ -430,14 +328,6 @@ mod tests {
             km.get("../etc/passwd"),
             Err(KeyError::InvalidId(_))
         ));
-    }
-
-    #[test]
-    fn debug_never_shows_key_bytes() {
-        let k = PrivateKey::generate().unwrap();
-        let shown = format!("{k:?}");
-        assert!(shown.contains("public_key_sha256"));
-        assert!(!shown.contains(&hex::encode(k.pkcs8_der())));
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! Writ identity core: SPIFFE IDs and trust domains, X509-SVIDs and JWT-SVIDs (issue and
-//! validate), SPIFFE bundles, the CA with rotation, the registration store, and the
-//! identity server with its admin API.
+//! The Writ identity server and agent: the CA with rotation, key managers, the
+//! registration store (SQLite, PostgreSQL), node and workload attestation, the
+//! server<->agent protocol, the Workload API server and child-SVID delegation. The SPIFFE
+//! types they share with workloads (IDs, bundles, SVIDs, TLS verifiers) live in
+//! `writ-spiffe` and are re-exported here under their usual paths.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -18,25 +20,23 @@
 //! ```
 #![forbid(unsafe_code)]
 
-pub mod accept;
 pub mod agent;
 pub mod attest;
-pub mod bundle;
 pub mod ca;
-pub mod clock;
 pub mod entry;
 pub mod key_manager;
-pub mod numeric_date;
 pub mod rate_limit;
 pub mod selector;
 pub mod server;
-pub mod spiffe_id;
 pub mod store;
-pub mod svid;
-pub mod tls;
 
-/// Generated gRPC code for the protos under `specs/proto`.
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
+// The SPIFFE core, re-exported so that server code and its users name one type: a
+// `writ_identity::spiffe_id::SpiffeId` is a `writ_spiffe::spiffe_id::SpiffeId`.
+pub use writ_spiffe::{accept, bundle, clock, fingerprint, numeric_date, spiffe_id, svid, tls};
+
+/// Generated gRPC code for the protos under `specs/proto` (the Workload API and the
+/// sub-agent API come from `writ-spiffe`, where their generated code is committed).
+#[expect(missing_docs, clippy::all, clippy::pedantic, reason = "generated code")]
 pub mod proto {
     /// Writ's own APIs, by proto package.
     pub mod writ {
@@ -45,13 +45,6 @@ pub mod proto {
             /// `writ.admin.v1`: the identity server's admin API.
             pub mod v1 {
                 tonic::include_proto!("writ.admin.v1");
-            }
-        }
-        /// `writ.delegation.*`.
-        pub mod delegation {
-            /// `writ.delegation.v1`: sub-agent leases on the agent socket.
-            pub mod v1 {
-                tonic::include_proto!("writ.delegation.v1");
             }
         }
         /// `writ.node.*`.
@@ -73,11 +66,7 @@ pub mod proto {
             }
         }
     }
-    /// The SPIFFE Workload API (no proto package, as the standard defines it).
-    pub mod workload {
-        tonic::include_proto!("_");
-    }
     pub use writ::admin::v1 as admin;
-    pub use writ::delegation::v1 as delegation;
     pub use writ::node::v1 as node;
+    pub use writ_spiffe::proto::{delegation, workload};
 }

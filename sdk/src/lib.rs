@@ -21,12 +21,22 @@
 //! ```
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "exchange")]
 pub mod exchange;
+#[cfg(feature = "axum")]
 pub mod listener;
+#[cfg(feature = "axum")]
 pub mod middleware;
+#[cfg(feature = "spawn")]
 pub mod spawn;
+#[cfg(feature = "x509-source")]
 pub mod tls;
+#[cfg(feature = "txn-verify")]
 pub mod txn_token;
+#[cfg(feature = "workload-api")]
 pub mod workload;
 
-pub use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
+/// The SPIFFE core the SDK is built on (bundles, SVIDs, the clock, fingerprints), for
+/// the types its signatures name.
+pub use writ_spiffe as spiffe;
+pub use writ_spiffe::spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};

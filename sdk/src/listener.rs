@@ -35,16 +35,16 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tower::ServiceExt;
-use writ_identity::accept::{AcceptBackoff, AdmittedStream, Gate};
-use writ_identity::spiffe_id::SpiffeId;
+use writ_spiffe::accept::{AcceptBackoff, AdmittedStream, Gate};
+use writ_spiffe::spiffe_id::SpiffeId;
 
-pub use writ_identity::accept::ConnectionLimits;
+pub use writ_spiffe::accept::ConnectionLimits;
 
 use crate::tls::{self, Authorizer, TlsError};
 use crate::workload::X509Source;
 
 /// Default longest TLS handshake ([`ConnectionLimits::handshake_timeout`]).
-pub const HANDSHAKE_TIMEOUT: Duration = writ_identity::accept::DEFAULT_HANDSHAKE_TIMEOUT;
+pub const HANDSHAKE_TIMEOUT: Duration = writ_spiffe::accept::DEFAULT_HANDSHAKE_TIMEOUT;
 /// Established connections waiting for the server to pick them up.
 const ESTABLISHED_QUEUE: usize = 256;
 /// How long a connection closed for a timeout may take to say goodbye (TLS
@@ -173,10 +173,10 @@ impl TlsListener {
                             let certs = tls.get_ref().1.peer_certificates();
                             let peer = Peer {
                                 addr,
-                                id: certs.and_then(writ_identity::tls::peer_id),
+                                id: certs.and_then(writ_spiffe::tls::peer_id),
                                 cert_sha256: certs
                                     .and_then(|c| c.first())
-                                    .map(|leaf| writ_identity::key_manager::sha256(leaf)),
+                                    .map(|leaf| writ_spiffe::fingerprint::sha256(leaf)),
                             };
                             let _ = tx.send((AdmittedStream::new(tls, admitted), peer)).await;
                         }

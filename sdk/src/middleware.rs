@@ -52,7 +52,7 @@ use axum::extract::{ConnectInfo, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use writ_identity::spiffe_id::SpiffeId;
+use writ_spiffe::spiffe_id::SpiffeId;
 
 use crate::listener::Peer;
 use crate::tls::Authorizer;
@@ -349,7 +349,7 @@ impl Guard {
 }
 
 fn hex_sha256(token: &str) -> String {
-    writ_identity::key_manager::sha256(token.as_bytes())
+    writ_spiffe::fingerprint::sha256(token.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()

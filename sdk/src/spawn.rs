@@ -35,11 +35,11 @@ use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, SystemTime};
 
 use tonic::transport::Channel;
-use writ_identity::attest::workload::read_stat;
-use writ_identity::clock::from_unix_seconds;
-use writ_identity::proto::delegation as pb;
-use writ_identity::proto::delegation::sub_agents_client::SubAgentsClient;
-use writ_identity::spiffe_id::SpiffeId;
+use writ_spiffe::clock::from_unix_seconds;
+use writ_spiffe::process::read_stat;
+use writ_spiffe::proto::delegation as pb;
+use writ_spiffe::proto::delegation::sub_agents_client::SubAgentsClient;
+use writ_spiffe::spiffe_id::SpiffeId;
 
 use crate::workload::{WorkloadError, channel, endpoint_from_env, with_header};
 

@@ -31,12 +31,12 @@ use std::fmt;
 use std::sync::Arc;
 
 use rustls::{ClientConfig, ServerConfig};
-use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
-use writ_identity::tls::{SpiffeClientVerifier, SpiffeServerVerifier};
+use writ_spiffe::spiffe_id::{SpiffeId, TrustDomain};
+use writ_spiffe::tls::{SpiffeClientVerifier, SpiffeServerVerifier};
 
 use crate::workload::X509Source;
 
-pub use writ_identity::tls::peer_id;
+pub use writ_spiffe::tls::peer_id;
 
 /// Why a TLS config could not be built.
 #[derive(Debug, thiserror::Error)]

@@ -25,6 +25,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
+use writ_identity::key_manager::ToRcgen as _;
 use writ_identity::spiffe_id::SpiffeId;
 use writ_sdk::spawn::{Registration, Spawn, SubAgents};
 use writ_tests::{Stack, uid_selector};

@@ -16,6 +16,7 @@ use writ_identity::agent::node_api::{LocalNode, NodeApi};
 use writ_identity::agent::node_client::{Bootstrap, GrpcNode, NodeClientConfig};
 use writ_identity::clock::SystemClock;
 use writ_identity::entry::RegistrationEntry;
+use writ_identity::key_manager::ToRcgen as _;
 use writ_identity::key_manager::{MemoryKeyManager, PrivateKey, sha256};
 use writ_identity::server::ServerState;
 use writ_identity::server::config::ServerConfig;

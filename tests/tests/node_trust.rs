@@ -21,6 +21,7 @@ use tokio::io::AsyncReadExt;
 use tonic::transport::{Channel, Endpoint, Uri};
 use writ_identity::agent::node_client::{AgentError, Bootstrap, GrpcNode, NodeClientConfig};
 use writ_identity::entry::RegistrationEntry;
+use writ_identity::key_manager::ToRcgen as _;
 use writ_identity::key_manager::{PrivateKey, sha256};
 use writ_identity::proto::node as pb;
 use writ_identity::server::ServerState;

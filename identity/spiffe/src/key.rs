@@ -51,13 +51,18 @@ pub struct PrivateKey {
 impl fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PrivateKey")
-            .field("public_key_sha256", &fingerprint::sha256_hex(&self.public_key_raw))
+            .field(
+                "public_key_sha256",
+                &fingerprint::sha256_hex(&self.public_key_raw),
+            )
             .finish_non_exhaustive()
     }
 }
 
-const EC_ALGORITHMS: [&EcdsaSigningAlgorithm; 2] =
-    [&ECDSA_P256_SHA256_ASN1_SIGNING, &ECDSA_P384_SHA384_ASN1_SIGNING];
+const EC_ALGORITHMS: [&EcdsaSigningAlgorithm; 2] = [
+    &ECDSA_P256_SHA256_ASN1_SIGNING,
+    &ECDSA_P384_SHA384_ASN1_SIGNING,
+];
 
 fn crypto(what: &str) -> KeyError {
     KeyError::Crypto(what.to_owned())
@@ -69,8 +74,9 @@ impl PrivateKey {
     /// # Errors
     /// [`KeyError::Crypto`] if the system random source fails.
     pub fn generate() -> Result<Self, KeyError> {
-        let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &SystemRandom::new())
-            .map_err(|_| crypto("P-256 key generation failed"))?;
+        let doc =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &SystemRandom::new())
+                .map_err(|_| crypto("P-256 key generation failed"))?;
         Self::from_pkcs8_der(doc.as_ref())
     }
 
@@ -177,8 +183,11 @@ mod tests {
     #[test]
     fn sec1_ec_keys_are_kept_as_pkcs8() {
         let key = PrivateKey::generate().unwrap();
-        let kp = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, key.pkcs8_der()).unwrap();
-        let sec1 = AsDer::<aws_lc_rs::encoding::EcPrivateKeyRfc5915Der<'_>>::as_der(&kp.private_key()).unwrap();
+        let kp =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, key.pkcs8_der()).unwrap();
+        let sec1 =
+            AsDer::<aws_lc_rs::encoding::EcPrivateKeyRfc5915Der<'_>>::as_der(&kp.private_key())
+                .unwrap();
         let pem_text = pem::encode(&pem::Pem::new("EC PRIVATE KEY", sec1.as_ref().to_vec()));
         let parsed = PrivateKey::from_pem(&pem_text).unwrap();
         assert_eq!(parsed.public_key_raw(), key.public_key_raw());
@@ -187,10 +196,19 @@ mod tests {
 
     #[test]
     fn garbage_is_a_crypto_error() {
-        assert!(matches!(PrivateKey::from_pkcs8_der(b"nope"), Err(KeyError::Crypto(_))));
-        assert!(matches!(PrivateKey::from_pem("nope"), Err(KeyError::Crypto(_))));
+        assert!(matches!(
+            PrivateKey::from_pkcs8_der(b"nope"),
+            Err(KeyError::Crypto(_))
+        ));
+        assert!(matches!(
+            PrivateKey::from_pem("nope"),
+            Err(KeyError::Crypto(_))
+        ));
         let cert = pem::encode(&pem::Pem::new("CERTIFICATE", vec![1, 2, 3]));
-        assert!(matches!(PrivateKey::from_pem(&cert), Err(KeyError::Crypto(_))));
+        assert!(matches!(
+            PrivateKey::from_pem(&cert),
+            Err(KeyError::Crypto(_))
+        ));
     }
 
     fn hex_of(bytes: &[u8]) -> String {

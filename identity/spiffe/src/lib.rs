@@ -8,6 +8,7 @@
 //! | [`spiffe_id`] | SPIFFE IDs and trust domains | always |
 //! | [`clock`] | the injected clock every expiry reads | always |
 //! | [`fingerprint`] | SHA-256 names for tokens and certificates | always |
+//! | [`process`] | `/proc/<pid>/stat`: a process's start time and state | always |
 //! | `bundle` | SPIFFE bundles and JWKs | `svid` |
 //! | `svid` | X509-SVID and JWT-SVID types and validation | `svid` |
 //! | `key` | private keys, zeroized and redacted | `svid` |
@@ -32,6 +33,7 @@
 
 pub mod clock;
 pub mod fingerprint;
+pub mod process;
 pub mod spiffe_id;
 
 #[cfg(feature = "accept")]

@@ -24,6 +24,7 @@ use crate::bundle::BundleSet;
 use crate::clock::{SharedClock, unix_seconds};
 use crate::entry::RegistrationEntry;
 use crate::key_manager::PrivateKey;
+use crate::key_manager::ToRcgen as _;
 use crate::selector::Selector;
 use crate::server::node::NodeError;
 use crate::store::LeaseRecord;

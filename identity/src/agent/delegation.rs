@@ -29,6 +29,7 @@ use crate::attest::workload::{AttestError, read_stat};
 use crate::clock::unix_seconds;
 use crate::entry::RegistrationEntry;
 use crate::key_manager::PrivateKey;
+use crate::key_manager::ToRcgen as _;
 use crate::proto::delegation as pb;
 use crate::server::lease::{ChildRequest, valid_task};
 use crate::server::node::NodeError;

@@ -19,6 +19,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::node_api::NodeApi;
 use crate::bundle::{Bundle, BundleSet};
+use crate::key_manager::ToRcgen as _;
 use crate::key_manager::{PrivateKey, create_private_dir, write_secret_file};
 use crate::proto::node as pb;
 use crate::server::admin::entry_from_proto;

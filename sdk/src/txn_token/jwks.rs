@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey};
-use writ_identity::bundle::{Jwk, parse_strict_json};
+use writ_spiffe::bundle::{Jwk, parse_strict_json};
 
 /// Largest JWKS document accepted, in bytes.
 pub const MAX_JWKS_BYTES: usize = 64 * 1024;
@@ -138,7 +138,7 @@ fn verify_key(jwk: &Jwk) -> Option<VerifyKey> {
         ("OKP", Some("Ed25519")) => Algorithm::EdDSA,
         _ => return None,
     };
-    let key = writ_identity::svid::jwt::decoding_key(jwk).ok()?;
+    let key = writ_spiffe::svid::jwt::decoding_key(jwk).ok()?;
     Some(VerifyKey { alg, key })
 }
 

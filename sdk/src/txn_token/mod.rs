@@ -45,8 +45,8 @@ pub use verifier::{
 };
 
 /// How [`TxnVerifier`] checks `exp`, `nbf` and `iat`.
-pub const TIME_WINDOW: writ_identity::numeric_date::TimeWindow =
-    writ_identity::numeric_date::TimeWindow::new(std::time::Duration::from_secs(30), MAX_LIFETIME);
+pub const TIME_WINDOW: writ_spiffe::numeric_date::TimeWindow =
+    writ_spiffe::numeric_date::TimeWindow::new(std::time::Duration::from_secs(30), MAX_LIFETIME);
 
 /// The JWT `typ` of a Txn-Token.
 pub const TXN_TOKEN_TYP: &str = "txntoken+jwt";
@@ -199,7 +199,7 @@ pub enum TxnTokenError {
     /// `nbf` is in the future, `exp` is further ahead than [`MAX_LIFETIME`], or a time
     /// claim is not a sane NumericDate.
     #[error("{0}")]
-    Time(writ_identity::numeric_date::TimeError),
+    Time(writ_spiffe::numeric_date::TimeError),
     /// The `act` chain is not a well-formed RFC 8693 delegation chain: every level an
     /// object whose `sub` is a SPIFFE ID and whose `act`, if present, is such an object.
     #[error("delegation chain is malformed: {0}")]

@@ -3,15 +3,15 @@
 //! tokens cached.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use jsonwebtoken::Validation;
 use serde_json::Value;
-use writ_identity::clock::{SharedClock, SystemClock, unix_seconds};
-use writ_identity::key_manager::sha256;
-use writ_identity::numeric_date::{TimeClaims, TimeError};
-use writ_identity::spiffe_id::SpiffeId;
+use writ_spiffe::clock::{SharedClock, SystemClock, unix_seconds};
+use writ_spiffe::fingerprint::sha256;
+use writ_spiffe::numeric_date::{TimeClaims, TimeError};
+use writ_spiffe::spiffe_id::SpiffeId;
 
 use super::jwks::{Jwks, JwksSource};
 use super::{
@@ -91,10 +91,9 @@ impl TxnVerifierBuilder {
             _ => KeyState::default(),
         };
         let verified = (self.cache_capacity > 0).then(|| {
-            moka::sync::Cache::builder()
-                .max_capacity(self.cache_capacity)
-                .expire_after(UntilExpiry(self.clock.clone()))
-                .build()
+            quick_cache::sync::Cache::new(
+                usize::try_from(self.cache_capacity).unwrap_or(usize::MAX),
+            )
         });
         TxnVerifier {
             inner: Arc::new(Inner {
@@ -112,21 +111,6 @@ impl TxnVerifierBuilder {
     }
 }
 
-/// A verified token stays cached until its expiry (plus the leeway) by the verifier's
-/// clock, and never longer than [`super::MAX_LIFETIME`].
-struct UntilExpiry(SharedClock);
-
-impl moka::Expiry<[u8; 32], Arc<TxnToken>> for UntilExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &[u8; 32],
-        token: &Arc<TxnToken>,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        Some(TIME_WINDOW.cache_ttl(token.exp, self.0.unix_seconds()))
-    }
-}
-
 struct Inner {
     trust_domain: String,
     issuer: Option<String>,
@@ -138,7 +122,10 @@ struct Inner {
     /// Held while fetching, so concurrent verifications share one fetch; holds the time
     /// of the last fetch caused by an unknown `kid`.
     fetch: tokio::sync::Mutex<Option<SystemTime>>,
-    verified: Option<moka::sync::Cache<[u8; 32], Arc<TxnToken>>>,
+    /// Verified tokens by SHA-256, bounded in count; an entry is used only while its
+    /// token is within its time window by the clock, so an expired one is never served
+    /// (it stays until evicted, which the bound makes harmless).
+    verified: Option<quick_cache::sync::Cache<[u8; 32], Arc<TxnToken>>>,
 }
 
 /// Verifies Txn-Tokens: `typ: txntoken+jwt`, an allowed algorithm with a key from the
@@ -179,7 +166,7 @@ impl TxnVerifier {
     /// on the system clock, without a verified-token cache.
     pub fn new(
         trust_domain: impl Into<String>,
-        keys: std::collections::BTreeMap<String, writ_identity::bundle::Jwk>,
+        keys: std::collections::BTreeMap<String, writ_spiffe::bundle::Jwk>,
     ) -> Self {
         Self::builder(trust_domain, JwksSource::Keys(Jwks::from_keys(keys)))
             .cache_capacity(0)
@@ -213,7 +200,7 @@ impl TxnVerifier {
         if let (Some(cache), Some(digest)) = (&inner.verified, &digest)
             && let Some(hit) = cache.get(digest)
         {
-            // The cache drops entries at expiry; check anyway, by the clock.
+            // Expired entries are not dropped eagerly: the clock decides.
             check_times(&hit, unix_seconds(inner.clock.now()))?;
             return Ok(TxnToken::clone(&hit));
         }

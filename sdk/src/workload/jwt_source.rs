@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
-use writ_identity::bundle::{Bundle, BundleSet};
-use writ_identity::clock::{SharedClock, SystemClock};
-use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
+use writ_spiffe::bundle::{Bundle, BundleSet};
+use writ_spiffe::clock::{SharedClock, SystemClock};
+use writ_spiffe::spiffe_id::{SpiffeId, TrustDomain};
 
 use super::{WorkloadClient, WorkloadError};
 

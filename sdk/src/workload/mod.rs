@@ -9,19 +9,23 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use tonic::Status;
 use tonic::transport::{Channel, Endpoint, Uri};
-use writ_identity::proto::workload as pb;
-use writ_identity::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use writ_identity::spiffe_id::{SpiffeId, SpiffeIdError};
+use writ_spiffe::proto::workload as pb;
+use writ_spiffe::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use writ_spiffe::spiffe_id::{SpiffeId, SpiffeIdError};
 
 /// The environment variable that names the Workload API socket.
 pub const ENDPOINT_ENV: &str = "SPIFFE_ENDPOINT_SOCKET";
 /// Writ's default agent socket.
 pub const DEFAULT_ENDPOINT: &str = "unix:///tmp/writ/agent.sock";
 
+#[cfg(feature = "jwt-source")]
 mod jwt_source;
+#[cfg(feature = "x509-source")]
 mod x509_source;
 
+#[cfg(feature = "jwt-source")]
 pub use jwt_source::{JwtSource, JwtSourceBuilder};
+#[cfg(feature = "x509-source")]
 pub use x509_source::{DEFAULT_WAIT, X509Snapshot, X509Source, X509SourceBuilder};
 
 /// The endpoint named by `SPIFFE_ENDPOINT_SOCKET`, or Writ's default.

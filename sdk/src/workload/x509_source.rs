@@ -11,13 +11,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use rand::Rng;
 use tokio::sync::watch;
-use writ_identity::bundle::{Bundle, BundleSet};
-use writ_identity::key_manager::PrivateKey;
-use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
-use writ_identity::svid::x509::{X509Svid, check_leaf};
-use writ_identity::tls::{BundleSource, SvidResolver};
+use writ_spiffe::bundle::{Bundle, BundleSet};
+use writ_spiffe::key::PrivateKey;
+use writ_spiffe::spiffe_id::{SpiffeId, TrustDomain};
+use writ_spiffe::svid::x509::{X509Svid, check_leaf};
+use writ_spiffe::tls::{BundleSource, SvidResolver};
 
 use super::{WorkloadClient, WorkloadError, X509Context};
 
@@ -189,7 +188,7 @@ impl X509Source {
             .cloned()
     }
 
-    /// Every bundle, read fresh at each call (for the verifiers of [`writ_identity::tls`]).
+    /// Every bundle, read fresh at each call (for the verifiers of [`writ_spiffe::tls`]).
     pub fn bundle_source(&self) -> BundleSource {
         let shared = self.shared.clone();
         Arc::new(move || shared.current.load().bundles.clone())
@@ -284,7 +283,7 @@ async fn follow(
             },
             Err(e) => e,
         };
-        let delay = backoff.mul_f64(rand::rng().random_range(0.5..=1.5));
+        let delay = backoff.mul_f64(jitter());
         tracing::warn!(error = %error, retry_in = ?delay, "Workload API stream lost; reconnecting");
         tokio::time::sleep(delay).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -304,4 +303,13 @@ fn apply(shared: &Shared, ctx: &X509Context, want: Option<&SpiffeId>) {
         }
         Err(e) => tracing::warn!(error = %e, "Workload API update refused; keeping the last one"),
     }
+}
+
+/// A factor in `[0.5, 1.5]` that spreads retries of many workloads apart.
+fn jitter() -> f64 {
+    let mut byte = [0u8; 1];
+    // A failed random source only loses the spread, not the retry.
+    let _ = aws_lc_rs::rand::fill(&mut byte);
+    let [random] = byte;
+    0.5 + f64::from(random) / 255.0
 }

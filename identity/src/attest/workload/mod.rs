@@ -246,6 +246,23 @@ pub enum AttestError {
     TaskFailed(#[source] tokio::task::JoinError),
 }
 
+impl From<writ_spiffe::process::ProcError> for AttestError {
+    fn from(e: writ_spiffe::process::ProcError) -> Self {
+        use writ_spiffe::process::ProcError;
+        match e {
+            ProcError::InvalidPid { pid } => Self::InvalidPid { pid },
+            ProcError::ProcessGone { pid } => Self::ProcessGone { pid },
+            ProcError::MalformedStat { reason } => Self::MalformedStat { reason },
+            ProcError::FileTooLarge { path, max } => Self::FileTooLarge { path, max },
+            ProcError::Io { path, source } => Self::Io { path, source },
+            other => Self::Io {
+                path: PathBuf::new(),
+                source: std::io::Error::other(other.to_string()),
+            },
+        }
+    }
+}
+
 /// A [`WorkloadAttestor`] that returns fixed selectors, for tests of what sits on top of
 /// attestation (the Workload API server, delegation).
 #[cfg(any(test, feature = "test-util"))]

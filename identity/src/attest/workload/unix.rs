@@ -56,6 +56,8 @@ use super::{
     AllSelectors, AttestError, Attestation, Caller, SelectorDemand, SelectorTypes, WorkloadAttestor,
 };
 use crate::selector::Selector;
+pub use writ_spiffe::process::ProcStat;
+use writ_spiffe::process::{self, ProcError, process_is_gone, read_bounded};
 
 /// Where `/proc` is mounted unless configured otherwise.
 pub const DEFAULT_PROC_ROOT: &str = "/proc";
@@ -68,7 +70,7 @@ pub const DEFAULT_MAX_HASH_BYTES: u64 = 64 * 1024 * 1024;
 /// Most executables hashed at the same time unless configured otherwise.
 pub const DEFAULT_MAX_CONCURRENT_HASHES: usize = 1;
 /// Most bytes read from `/proc/<pid>/stat`.
-pub const MAX_STAT_BYTES: u64 = 8 * 1024;
+pub use writ_spiffe::process::MAX_STAT_BYTES;
 /// Most bytes read from `/proc/<pid>/status`.
 pub const MAX_STATUS_BYTES: u64 = 64 * 1024;
 /// Most bytes read from the passwd or group file; entries past it are not seen.
@@ -76,8 +78,6 @@ pub const MAX_ACCOUNT_FILE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// The selector type this attestor produces.
 const KIND: &str = "unix";
-/// `ESRCH`: reading a `/proc/<pid>` file after the process exited.
-const ESRCH: i32 = 3;
 /// Fields in a passwd line (`name:pw:uid:gid:gecos:dir:shell`).
 const PASSWD_FIELDS: usize = 7;
 /// Fields in a group line (`name:pw:gid:members`).
@@ -297,102 +297,12 @@ impl WorkloadAttestor for UnixAttestor {
     }
 }
 
-/// What attestation needs from one `/proc/<pid>/stat` line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ProcStat {
-    pid: i32,
-    state: u8,
-    ppid: i32,
-    start_time: u64,
-}
-
-impl ProcStat {
-    /// Field 1: the process id.
-    pub fn pid(&self) -> i32 {
-        self.pid
-    }
-
-    /// Field 3: the state letter (`R`, `S`, `T` stopped, `Z` zombie, ...).
-    pub fn state(&self) -> char {
-        char::from(self.state)
-    }
-
-    /// Whether the process has exited (a zombie or dead): it only awaits its reaping.
-    pub fn is_exited(&self) -> bool {
-        matches!(self.state, b'Z' | b'X' | b'x')
-    }
-
-    /// Whether the process is stopped by a signal (`T`).
-    pub fn is_stopped(&self) -> bool {
-        self.state == b'T'
-    }
-
-    /// Field 4: the parent's process id (0 for the first process of a pid namespace).
-    pub fn ppid(&self) -> i32 {
-        self.ppid
-    }
-
-    /// Field 22: when the process started, in clock ticks since boot.
-    pub fn start_time(&self) -> u64 {
-        self.start_time
-    }
-}
-
-/// Parses a `/proc/<pid>/stat` line: `pid (comm) state ppid ... starttime ...`.
-///
-/// The command name is chosen by the process and may hold spaces, parentheses and any
-/// other byte, so the fields after it are found from the *last* `)`.
+/// Parses a `/proc/<pid>/stat` line (see [`writ_spiffe::process::parse_stat`]).
 ///
 /// # Errors
 /// [`AttestError::MalformedStat`] when the line is not in that form.
 pub fn parse_stat(stat: &[u8]) -> Result<ProcStat, AttestError> {
-    let malformed = |reason| AttestError::MalformedStat { reason };
-    let open = stat
-        .iter()
-        .position(|&b| b == b'(')
-        .ok_or(malformed("no '(' before the command name"))?;
-    let close = stat
-        .iter()
-        .rposition(|&b| b == b')')
-        .ok_or(malformed("no ')' after the command name"))?;
-    if close < open {
-        return Err(malformed("')' before '('"));
-    }
-    let pid = stat
-        .get(..open)
-        .and_then(|head| head.strip_suffix(b" "))
-        .and_then(parse_decimal)
-        .and_then(|pid| i32::try_from(pid).ok())
-        .filter(|&pid| pid > 0)
-        .ok_or(malformed("field 1 (pid) is not a process id"))?;
-    let rest = stat
-        .get(close.saturating_add(1)..)
-        .and_then(|rest| rest.strip_prefix(b" "))
-        .ok_or(malformed("no space after the command name"))?;
-    let rest = std::str::from_utf8(rest).map_err(|_| malformed("non-UTF-8 after the command"))?;
-    let mut fields = rest.split_ascii_whitespace();
-    // Field 3, the state: one letter.
-    let state = fields
-        .next()
-        .filter(|state| state.len() == 1)
-        .and_then(|state| state.bytes().next())
-        .ok_or(malformed("field 3 (state) is missing"))?;
-    let ppid = fields
-        .next()
-        .and_then(|f| parse_decimal(f.as_bytes()))
-        .and_then(|ppid| i32::try_from(ppid).ok())
-        .ok_or(malformed("field 4 (ppid) is not a process id"))?;
-    // Fields 5..=21 are skipped; `nth(17)` is field 22.
-    let start_time = fields
-        .nth(17)
-        .and_then(|f| parse_decimal(f.as_bytes()))
-        .ok_or(malformed("field 22 (starttime) is not a number"))?;
-    Ok(ProcStat {
-        pid,
-        state,
-        ppid,
-        start_time,
-    })
+    Ok(process::parse_stat(stat)?)
 }
 
 /// Reads and parses `<proc_root>/<pid>/stat`. Blocking.
@@ -401,9 +311,7 @@ pub fn parse_stat(stat: &[u8]) -> Result<ProcStat, AttestError> {
 /// [`AttestError::InvalidPid`] for `pid <= 0`, [`AttestError::ProcessGone`] if there is
 /// no such process, [`AttestError::MalformedStat`], or the I/O error.
 pub fn read_stat(proc_root: &Path, pid: i32) -> Result<ProcStat, AttestError> {
-    let path = proc_dir(proc_root, pid)?.join("stat");
-    let bytes = read_bounded(&path, MAX_STAT_BYTES).map_err(|e| proc_error(pid, e))?;
-    parse_stat(&bytes)
+    Ok(process::read_stat(proc_root, pid)?)
 }
 
 /// The start time of process `pid` (field 22 of `/proc/<pid>/stat`, clock ticks since
@@ -412,7 +320,7 @@ pub fn read_stat(proc_root: &Path, pid: i32) -> Result<ProcStat, AttestError> {
 /// # Errors
 /// As [`read_stat`].
 pub fn process_start_time(proc_root: &Path, pid: i32) -> Result<u64, AttestError> {
-    read_stat(proc_root, pid).map(|s| s.start_time)
+    read_stat(proc_root, pid).map(|s| s.start_time())
 }
 
 /// The parent of process `pid` (field 4 of `/proc/<pid>/stat`). Blocking.
@@ -420,7 +328,7 @@ pub fn process_start_time(proc_root: &Path, pid: i32) -> Result<u64, AttestError
 /// # Errors
 /// As [`read_stat`].
 pub fn parent_pid(proc_root: &Path, pid: i32) -> Result<i32, AttestError> {
-    read_stat(proc_root, pid).map(|s| s.ppid)
+    read_stat(proc_root, pid).map(|s| s.ppid())
 }
 
 /// Checks that `pid` still names the process that had start time `expected`. Blocking.
@@ -574,18 +482,13 @@ fn proc_dir(proc_root: &Path, pid: i32) -> Result<PathBuf, AttestError> {
 }
 
 /// A failed read below `/proc/<pid>`: gone if the process is gone.
-fn proc_error(pid: i32, e: ReadError) -> AttestError {
+fn proc_error(pid: i32, e: ProcError) -> AttestError {
     match e {
-        ReadError::Io { source, .. } if process_is_gone(&source) => {
+        ProcError::Io { source, .. } if process_is_gone(&source) => {
             AttestError::ProcessGone { pid }
         }
         other => other.into(),
     }
-}
-
-/// Whether an error from a `/proc/<pid>` path means that the process no longer exists.
-fn process_is_gone(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(ESRCH)
 }
 
 /// The supplementary group ids from the `Groups:` line of `/proc/<pid>/status`. Tokens
@@ -800,43 +703,6 @@ fn parse_decimal(s: &[u8]) -> Option<u64> {
         return None;
     }
     std::str::from_utf8(s).ok()?.parse().ok()
-}
-
-/// Why a bounded read failed.
-#[derive(Debug)]
-enum ReadError {
-    Io { path: PathBuf, source: io::Error },
-    TooLarge { path: PathBuf, max: u64 },
-}
-
-impl From<ReadError> for AttestError {
-    fn from(e: ReadError) -> Self {
-        match e {
-            ReadError::Io { path, source } => AttestError::Io { path, source },
-            ReadError::TooLarge { path, max } => AttestError::FileTooLarge { path, max },
-        }
-    }
-}
-
-/// The whole of `path`, if it holds at most `max` bytes.
-fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
-    let io_err = |source| ReadError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut buf = Vec::new();
-    File::open(path)
-        .map_err(io_err)?
-        .take(max.saturating_add(1))
-        .read_to_end(&mut buf)
-        .map_err(io_err)?;
-    if u64::try_from(buf.len()).unwrap_or(u64::MAX) > max {
-        return Err(ReadError::TooLarge {
-            path: path.to_path_buf(),
-            max,
-        });
-    }
-    Ok(buf)
 }
 
 #[cfg(test)]
