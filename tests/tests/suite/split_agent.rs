@@ -1,13 +1,6 @@
 //! Server and agent as separate parts: join-token node attestation over the node API
 //! (gRPC, mTLS), incremental entry sync, the Workload API served from the split agent to
 //! the Rust `spiffe` crate, and the agent riding out a server outage.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

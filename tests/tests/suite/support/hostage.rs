@@ -1,7 +1,7 @@
 //! A real TTS (identity server, agent, development OIDC issuer) and the clients that try
 //! to hold its connections hostage: silent TCP connections, TLS connections that trickle
 //! their header, and a legitimate caller that exchanges a token. Shared by
-//! `tests/hostage.rs` and `benches/hostage.rs`.
+//! `tests/suite/hostage.rs` and `benches/hostage.rs`.
 #![allow(
     dead_code,
     reason = "shared by a test file and a bench, each using a part"

@@ -1,12 +1,5 @@
 //! The `unix` workload attestor against this test process, a child process, and a fake
 //! `/proc` in a temp dir; property tests for the `/proc/<pid>/stat` parser.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "integration tests fail by panicking"
-)]
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

@@ -12,13 +12,6 @@
 //! The TTS's certificate carries the DNS name `localhost` (from its registration
 //! entry), so Python's hostname check passes with the trust bundle as the only CA.
 //! Without Python and pip it skips, unless `WRIT_REQUIRE_ALL=1`.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,13 +1,6 @@
 //! Many Workload API streams on one agent: 1,000 concurrent `FetchX509SVID` streams (10
 //! HTTP/2 connections on the agent's Unix socket, 100 streams each) all get their first
 //! X509-SVID and then the rotated one, within a bounded time.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

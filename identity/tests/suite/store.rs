@@ -1,10 +1,6 @@
 //! The store conformance suite against SQLite (file and memory) and PostgreSQL, plus
 //! what only one backend can show: SQLite restarts, its query plan, corrupt rows, file
 //! modes, and concurrent PostgreSQL start-up.
-#![expect(
-    clippy::unwrap_used,
-    reason = "the helpers below run only inside tests, which fail by panicking"
-)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

@@ -5,13 +5,6 @@
 //!
 //! Every identity is registered for `unix:uid:<uid>`, so each child process gets all of
 //! them and picks its own with `--spiffe-id`.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
 use std::net::SocketAddr;
 use std::path::Path;

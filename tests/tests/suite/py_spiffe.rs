@@ -10,13 +10,6 @@
 //! The identities are registered for `unix:uid:<uid>` and `unix:path:<the Python
 //! binary>`, so only the Python process is attested into them: the test process (same uid,
 //! another binary) must get `no identity issued`.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

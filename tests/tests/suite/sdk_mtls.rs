@@ -20,13 +20,6 @@
 //! - The rotation test runs the stack with four-second X509-SVIDs (what the other
 //!   rotation suites use; the agent renews at about half-life) and keeps traffic going
 //!   until the first client SVID has expired.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};

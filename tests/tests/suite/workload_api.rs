@@ -1,13 +1,6 @@
 //! The SPIFFE Workload API against clients nobody here wrote: the Rust `spiffe` crate
 //! (rust-spiffe 0.19) `WorkloadApiClient` and `X509Source`, plus raw gRPC for the error
 //! semantics the standard fixes.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
 use std::time::{Duration, Instant};
 

@@ -6,21 +6,11 @@
 //! exchange; an oversized `Expect: 100-continue` request gets 413 and never
 //! `100 Continue`. No assertion is on time: each waits for the close with a generous
 //! bound, far above the configured timeout.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
-
-#[path = "support/hostage.rs"]
-mod hostage;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use hostage::{Hostage, read_to_close, tcp_from, trickle_header};
+use crate::support::hostage::{Hostage, read_to_close, tcp_from, trickle_header};
 use tokio::io::AsyncWriteExt;
 
 /// Far above every timeout the tests configure: only a connection that is never
