@@ -24,7 +24,8 @@ use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
 use writ_sdk::tls::Authorizer;
 use writ_sdk::txn_token::{Jwks, JwksSource, TxnToken, TxnVerifier};
 use writ_sdk::workload::X509Source;
-use writ_tests::python::{Python, SCHEMATHESIS_VERSION, run_bounded, schemathesis, workspace_root};
+use writ_tests::env::{run_bounded, workspace_root};
+use writ_tests::python::{Python, SCHEMATHESIS_VERSION, schemathesis};
 use writ_tests::{Stack, available, uid_selector};
 use writ_txn_service::config::{TxnConfig, TxnServer};
 

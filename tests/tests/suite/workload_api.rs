@@ -274,7 +274,7 @@ async fn a_stranger_makes_the_agent_hash_nothing() {
     assert_eq!(attestor.hashes_computed(), 0);
 
     // A sha256 entry for another uid: this caller is still a stranger, still no hash.
-    let other_uid = Stack::my_uid().wrapping_add(1);
+    let other_uid = writ_tests::uid().wrapping_add(1);
     stack
         .register(
             "/other",
