@@ -82,7 +82,8 @@ impl Stack {
     }
 
     /// As [`Stack::register`], with `adjust` applied to the entry first (a spawn policy,
-    /// TTLs, ...).
+    /// TTLs, ...). The entry is created now unless `adjust` sets `created_at` (entries
+    /// order by creation second, then id: a test orders them without waiting a second).
     pub async fn register_with(
         &self,
         path: &str,
@@ -98,7 +99,9 @@ impl Stack {
         );
         adjust(&mut entry);
         entry.validate(&td).unwrap();
-        entry.created_at = self.server.clock.unix_seconds();
+        if entry.created_at == 0 {
+            entry.created_at = self.server.clock.unix_seconds();
+        }
         let stored = self.server.store.create_entry(&entry).await.unwrap();
         self.server.notify_change();
         stored

@@ -112,6 +112,7 @@ async fn silent_tls_slow_header_and_slow_body_connections_are_closed() {
         let head = "POST /token HTTP/1.1\r\nHost: tts\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 60000\r\n\r\ngrant_type=";
         write.write_all(head.as_bytes()).await.unwrap();
         for _ in 0..10_000 {
+            // Intentional: the body trickles like a slowloris peer's.
             tokio::time::sleep(Duration::from_millis(200)).await;
             if write.write_all(b"a").await.is_err() || write.flush().await.is_err() {
                 return;

@@ -416,6 +416,8 @@ async fn server_refuses_an_expired_svid_from_the_trust_domain_ca() {
     let lapsed = expired.expires_at + Duration::from_secs(1);
     let wait = lapsed.duration_since(SystemTime::now()).unwrap_or_default();
     assert!(wait <= Duration::from_secs(2), "minted for {wait:?}");
+    // Until the computed instant it has lapsed: the TLS verifier reads the wall clock,
+    // which the stack's CA (on `SystemClock`) minted it by.
     tokio::time::sleep(wait).await;
     let client = mesh.presenting(rustls_parts(&expired));
     mesh.echo.assert_refused(&client, "CertExpired").await;

@@ -49,9 +49,13 @@ async fn rust_spiffe_fetches_svids_bundles_and_jwts() {
     stack
         .register("/agents/second", &[&uid_selector(), "unix:uid:4294967294"])
         .await; // never matches
-    // Entries are ordered by creation time (whole seconds), then id.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    stack.register("/agents/other", &[&uid_selector()]).await;
+    // Entries are ordered by creation time (whole seconds), then id: created a second
+    // after the first, this one comes second.
+    stack
+        .register_with("/agents/other", &[&uid_selector()], |e| {
+            e.created_at = first.created_at + 1;
+        })
+        .await;
     let client = WorkloadApiClient::connect_to(stack.endpoint())
         .await
         .unwrap();

@@ -159,6 +159,7 @@ pub async fn trickle_header<S: tokio::io::AsyncWrite + Unpin>(
         return;
     }
     for _ in 0..max {
+        // Intentional: a slowloris peer is slow on purpose, one byte every `every`.
         tokio::time::sleep(every).await;
         if stream.write_all(b"a").await.is_err() || stream.flush().await.is_err() {
             return;
