@@ -19,7 +19,7 @@
     reason = "a bench binary: a failed step aborts it loudly, results go to stdout"
 )]
 
-#[path = "../tests/support/hostage.rs"]
+#[path = "../tests/suite/support/hostage.rs"]
 mod hostage;
 
 use std::net::{IpAddr, Ipv4Addr};

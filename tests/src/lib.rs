@@ -1,6 +1,7 @@
 //! Test harness shared by the cross-crate suites: a whole Writ stack (server state on a
 //! SQLite file, an in-process agent serving the Workload API on a temp socket) and the
-//! helpers that make interop tests short.
+//! helpers that make interop tests short. [`env`](mod@env) is the test environment every
+//! package's suites share: skipping, this process's ids, and installs into `.interop/`.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -8,7 +9,10 @@
     reason = "test harness: a failed setup step should abort the test loudly"
 )]
 
+pub mod env;
 pub mod python;
+
+pub use env::{available, gid, require_all, skip, uid};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,23 +28,6 @@ use writ_identity::server::ServerState;
 use writ_identity::server::config::ServerConfig;
 use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
 use writ_identity::store::sqlite::SqliteStore;
-
-/// Whether every suite must run (CI): missing software is then a failure, not a skip.
-pub fn require_all() -> bool {
-    std::env::var("WRIT_REQUIRE_ALL").is_ok_and(|v| v == "1")
-}
-
-/// Skips (returns `false` after saying why) or fails under `WRIT_REQUIRE_ALL=1`.
-pub fn available(what: &str, ok: bool) -> bool {
-    if !ok {
-        assert!(
-            !require_all(),
-            "{what} is required (WRIT_REQUIRE_ALL=1) but missing"
-        );
-        eprintln!("skipping: {what} is not available on this machine");
-    }
-    ok
-}
 
 /// A server and an in-process agent on temp paths.
 pub struct Stack {
@@ -95,7 +82,8 @@ impl Stack {
     }
 
     /// As [`Stack::register`], with `adjust` applied to the entry first (a spawn policy,
-    /// TTLs, ...).
+    /// TTLs, ...). The entry is created now unless `adjust` sets `created_at` (entries
+    /// order by creation second, then id: a test orders them without waiting a second).
     pub async fn register_with(
         &self,
         path: &str,
@@ -111,16 +99,12 @@ impl Stack {
         );
         adjust(&mut entry);
         entry.validate(&td).unwrap();
-        entry.created_at = self.server.clock.unix_seconds();
+        if entry.created_at == 0 {
+            entry.created_at = self.server.clock.unix_seconds();
+        }
         let stored = self.server.store.create_entry(&entry).await.unwrap();
         self.server.notify_change();
         stored
-    }
-
-    /// The uid of this test process (it is the workload the tests attest).
-    pub fn my_uid() -> u32 {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata("/proc/self").unwrap().uid()
     }
 }
 
@@ -175,5 +159,5 @@ pub fn with_header<T>(message: T) -> tonic::Request<T> {
 
 /// `unix:uid:<uid of this process>`.
 pub fn uid_selector() -> String {
-    format!("unix:uid:{}", Stack::my_uid())
+    format!("unix:uid:{}", uid())
 }

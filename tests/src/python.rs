@@ -4,10 +4,11 @@
 //! processes install it once. [`schemathesis`] installs Schemathesis the same way into
 //! `<workspace>/.interop/schemathesis`.
 
-use std::fs::OpenOptions;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::env::{install_once, run_bounded};
 
 /// The py-spiffe release the suites pin.
 pub const PY_SPIFFE_VERSION: &str = "0.3.2";
@@ -16,14 +17,6 @@ pub const PY_SPIFFE_VERSION: &str = "0.3.2";
 const STAMP: &str = "writ-install.txt";
 /// Longest a pip install may take before it counts as failed.
 const PIP_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// The workspace root.
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 /// The Python interpreter and the directory py-spiffe is installed in.
 pub struct Python {
@@ -34,52 +27,9 @@ pub struct Python {
     pub site: PathBuf,
 }
 
-/// Runs `cmd` to completion, killing it after `timeout`. Returns (success, stdout, stderr).
-pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Option<(bool, String, String)> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .ok()?;
-    // Drain the pipes on threads so a chatty child cannot block on a full pipe.
-    let mut out = child.stdout.take()?;
-    let mut err = child.stderr.take()?;
-    let out_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut out, &mut s);
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut err, &mut s);
-        s
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().ok()? {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let stdout = out_reader.join().unwrap_or_default();
-    let mut stderr = err_reader.join().unwrap_or_default();
-    if status.is_none() {
-        stderr.push_str(&format!("\n(killed after {timeout:?})"));
-    }
-    Some((status.is_some_and(|s| s.success()), stdout, stderr))
-}
-
 /// Finds Python 3 and makes sure py-spiffe is installed; `None` (after saying why) when
 /// that is not possible.
 pub fn python() -> Option<Python> {
-    // Compiled dependencies (grpcio, cryptography) are built for one interpreter: an
-    // install made by another one is redone.
     pip_target("py", &format!("spiffe=={PY_SPIFFE_VERSION}"), "spiffe")
 }
 
@@ -99,10 +49,9 @@ pub fn schemathesis() -> Option<Python> {
     )
 }
 
-/// Installs `requirement` with `pip install --target <workspace>/.interop/<dir>` once,
-/// under the file lock `<dir>.lock`, staged beside it and renamed into place so a failed
-/// or killed install never looks installed. `module` is a directory the install must
-/// contain. The install is redone for another interpreter or requirement.
+/// Installs `requirement` with `pip install --target <workspace>/.interop/<dir>` once
+/// (see [`install_once`]). `module` is a directory the install must contain. The install
+/// is redone for another interpreter or requirement.
 fn pip_target(dir: &str, requirement: &str, module: &str) -> Option<Python> {
     let probe = run_bounded(
         Command::new("python3").args([
@@ -122,60 +71,43 @@ fn pip_target(dir: &str, requirement: &str, module: &str) -> Option<Python> {
         eprintln!("python3 is not Python 3: {stdout}");
         return None;
     }
+    // Compiled dependencies (grpcio, cryptography) are built for one interpreter: an
+    // install made by another one is redone.
     let stamp = format!("{requirement}\n{}\n{version}\n", exe.display());
-    let interop = workspace_root().join(".interop");
-    std::fs::create_dir_all(&interop).ok()?;
-    let site = interop.join(dir);
-    let installed = || {
+    let installed = |site: &std::path::Path| {
         site.join(module).is_dir()
             && std::fs::read_to_string(site.join(STAMP)).is_ok_and(|s| s == stamp)
     };
-    if installed() {
-        return Some(Python { exe, site });
-    }
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(interop.join(format!("{dir}.lock")))
-        .ok()?;
-    lock.lock().ok()?;
-    if installed() {
-        return Some(Python { exe, site });
-    }
-    let staging = interop.join(format!("{dir}.staging-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    let result = run_bounded(
-        Command::new(&exe)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(["--no-warn-script-location", "--target"])
-            .arg(&staging)
-            .arg(requirement)
-            .env("PIP_ROOT_USER_ACTION", "ignore"),
-        PIP_TIMEOUT,
-    );
-    let ok = match result {
-        Some((true, _, _)) if staging.join(module).is_dir() => {
-            let _ = std::fs::remove_dir_all(&site);
-            std::fs::write(staging.join(STAMP), &stamp).is_ok()
-                && std::fs::rename(&staging, &site).is_ok()
-        }
-        Some((_, stdout, stderr)) => {
-            eprintln!("pip install {requirement} failed:\n{stdout}\n{stderr}");
-            false
-        }
-        None => {
-            eprintln!("cannot run {} -m pip", exe.display());
-            false
+    let install = |staging: &std::path::Path| {
+        let result = run_bounded(
+            Command::new(&exe)
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
+                .args(["--no-warn-script-location", "--target"])
+                .arg(staging)
+                .arg(requirement)
+                .env("PIP_ROOT_USER_ACTION", "ignore"),
+            PIP_TIMEOUT,
+        );
+        match result {
+            Some((true, _, _)) => std::fs::write(staging.join(STAMP), &stamp)
+                .map_err(|e| format!("writing {STAMP}: {e}")),
+            Some((false, stdout, stderr)) => Err(format!(
+                "pip install {requirement} failed:\n{stdout}\n{stderr}"
+            )),
+            None => Err(format!("cannot run {} -m pip", exe.display())),
         }
     };
-    let _ = std::fs::remove_dir_all(&staging);
-    drop(lock);
-    ok.then_some(Python { exe, site })
+    match install_once(dir, installed, install) {
+        Ok(site) => Some(Python { exe, site }),
+        Err(e) => {
+            eprintln!("{e}");
+            None
+        }
+    }
 }

@@ -1,5 +1,7 @@
 //! A private PostgreSQL server for tests: `initdb` in a fresh temporary directory, trust
-//! authentication, listening on 127.0.0.1 at a free port, stopped and deleted on drop.
+//! authentication, stopped and deleted on drop. It listens on no TCP port at all, only on
+//! a Unix socket in that directory, so servers started side by side cannot race for a
+//! port (no "bind port 0, release it, hand it to the server" window).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), String> {
@@ -15,7 +17,6 @@
 //! temporary directory to `nobody` and runs `initdb` and `pg_ctl` as that user (through
 //! `runuser`, or `su` where `runuser` is missing).
 
-use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -31,8 +32,9 @@ const UNPRIVILEGED_USER: &str = "nobody";
 /// The database the harness creates for the test.
 const DATABASE: &str = "writ";
 
-/// Ports tried before giving up (another process may grab a free port first).
-const PORT_ATTEMPTS: usize = 5;
+/// The port in the socket's name (`.s.PGSQL.<port>`); no TCP port is opened. Set in
+/// the configuration and in the URL alike, so `PGPORT` in the environment changes neither.
+const PORT: u16 = 5432;
 
 /// A running throw-away PostgreSQL server.
 #[derive(Debug)]
@@ -40,7 +42,6 @@ pub struct TempPostgres {
     dir: PathBuf,
     pg_ctl: PathBuf,
     run_as: Option<String>,
-    port: u16,
 }
 
 impl TempPostgres {
@@ -87,7 +88,8 @@ impl TempPostgres {
 
         let settings = format!(
             "\n# written by writ's test harness\n\
-             listen_addresses = '127.0.0.1'\n\
+             listen_addresses = ''\n\
+             port = {PORT}\n\
              unix_socket_directories = '{}'\n\
              fsync = off\n\
              synchronous_commit = off\n\
@@ -96,52 +98,34 @@ impl TempPostgres {
         );
         append(&data.join("postgresql.conf"), &settings)?;
 
-        let mut pg = Self {
+        let pg = Self {
             dir,
             pg_ctl: bin.join("pg_ctl"),
             run_as,
-            port: 0,
         };
-        let mut last_error = String::new();
-        for _ in 0..PORT_ATTEMPTS {
-            pg.port = free_port()?;
-            let mut start = pg.pg_ctl_command();
-            start
-                .arg("start")
-                .arg("-w")
-                .arg("-t")
-                .arg("60")
-                .arg("-D")
-                .arg(&data)
-                .arg("-l")
-                .arg(pg.dir.join("server.log"))
-                .arg("-o")
-                .arg(format!("-p {}", pg.port));
-            match run(&mut start, "pg_ctl start") {
-                Ok(()) => {
-                    let mut create = Command::new(bin.join("createdb"));
-                    create
-                        .args(["-h", "127.0.0.1", "-U", "postgres", "-p"])
-                        .arg(pg.port.to_string())
-                        .arg(DATABASE);
-                    run(&mut create, "createdb")?;
-                    return Ok(pg);
-                }
-                // Most likely the port was taken meanwhile: try another.
-                Err(e) => last_error = format!("{e}\nserver log:\n{}", pg.log()),
-            }
-        }
-        Err(last_error)
+        let mut start = pg.pg_ctl_command();
+        start
+            .args(["start", "-w", "-t", "60", "-D"])
+            .arg(&data)
+            .arg("-l")
+            .arg(pg.dir.join("server.log"));
+        run(&mut start, "pg_ctl start").map_err(|e| format!("{e}\nserver log:\n{}", pg.log()))?;
+        let mut create = Command::new(bin.join("createdb"));
+        create
+            .arg("-h")
+            .arg(&pg.dir)
+            .args(["-p", &PORT.to_string(), "-U", "postgres", DATABASE]);
+        run(&mut create, "createdb")?;
+        Ok(pg)
     }
 
-    /// `postgres://postgres@127.0.0.1:<port>/writ`.
+    /// `postgres://postgres@localhost:5432/writ?host=<temp dir>`: the Unix socket in the
+    /// server's directory, as sqlx and libpq read a `host` that is a path.
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{DATABASE}", self.port)
-    }
-
-    /// The port the server listens on.
-    pub fn port(&self) -> u16 {
-        self.port
+        format!(
+            "postgres://postgres@localhost:{PORT}/{DATABASE}?host={}",
+            self.dir.display()
+        )
     }
 
     /// The server log so far.
@@ -306,12 +290,4 @@ fn append(path: &Path, text: &str) -> Result<(), String> {
         .open(path)
         .and_then(|mut f| f.write_all(text.as_bytes()))
         .map_err(|e| format!("writing {}: {e}", path.display()))
-}
-
-/// A port that was free a moment ago on 127.0.0.1.
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("finding a free port: {e}"))
 }

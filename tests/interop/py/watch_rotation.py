@@ -1,7 +1,7 @@
 """Watches X.509 context updates with py-spiffe (PyPI `spiffe` 0.3.2) until the default
 SVID's leaf certificate changes (the agent rotated it) or the time runs out.
 
-Run by tests/tests/py_spiffe.rs with PYTHONPATH pointing at the installed package and
+Run by tests/tests/suite/py_spiffe.rs with PYTHONPATH pointing at the installed package and
 SPIFFE_ENDPOINT_SOCKET=unix:///path/agent.sock. Prints one JSON line on stdout.
 
 Usage: watch_rotation.py TIMEOUT_SECONDS

@@ -1,6 +1,6 @@
 """Workload API interop client on py-spiffe (PyPI `spiffe` 0.3.2).
 
-Run by tests/tests/py_spiffe.rs with PYTHONPATH pointing at the installed package and
+Run by tests/tests/suite/py_spiffe.rs with PYTHONPATH pointing at the installed package and
 SPIFFE_ENDPOINT_SOCKET=unix:///path/agent.sock. Prints exactly one JSON line on stdout
 with what it saw; the Rust test asserts the values. Any failure is a Python exception
 (non-zero exit, traceback on stderr).

@@ -93,6 +93,7 @@ async fn main() {
                     say(&now);
                     last = now;
                 }
+                // Polling: the probe reports each change of what it sees until killed.
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

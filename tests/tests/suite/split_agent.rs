@@ -1,13 +1,6 @@
 //! Server and agent as separate parts: join-token node attestation over the node API
 //! (gRPC, mTLS), incremental entry sync, the Workload API served from the split agent to
 //! the Rust `spiffe` crate, and the agent riding out a server outage.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,11 +22,21 @@ use writ_identity::store::JoinTokenRecord;
 use writ_identity::store::sqlite::SqliteStore;
 use writ_tests::uid_selector;
 
+/// The node API of a server on its own SQLite store. Its port stays bound from start to
+/// drop, also while [`Server::stop`] has it down (connections are then accepted and
+/// closed at once), so no other process can take the port before [`Server::listen`]
+/// serves on it again.
 struct Server {
     state: Arc<ServerState>,
+    /// The bound port; each serving or refusing task gets its own handle on it.
+    listener: std::net::TcpListener,
     addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// While down: the task closing every connection.
+    refuser: Option<tokio::task::JoinHandle<()>>,
+    /// Connections closed while down, counted.
+    turned_away: tokio::sync::watch::Sender<usize>,
 }
 
 impl Server {
@@ -50,19 +53,36 @@ impl Server {
         )
         .await
         .unwrap();
+        let listener = node_service::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap()
+            .into_std()
+            .unwrap();
         let mut server = Self {
             state,
-            addr: "127.0.0.1:0".parse().unwrap(),
+            addr: listener.local_addr().unwrap(),
+            listener,
             stop: None,
             task: None,
+            refuser: None,
+            turned_away: tokio::sync::watch::Sender::new(0),
         };
         server.listen().await;
         server
     }
 
+    /// A tokio listener on the server's port.
+    fn handle(&self) -> tokio::net::TcpListener {
+        tokio::net::TcpListener::from_std(self.listener.try_clone().unwrap()).unwrap()
+    }
+
+    /// Serves the node API (again).
     async fn listen(&mut self) {
-        let listener = node_service::bind(self.addr).await.unwrap();
-        self.addr = listener.local_addr().unwrap();
+        if let Some(refuser) = self.refuser.take() {
+            refuser.abort();
+            let _ = refuser.await;
+        }
+        let listener = self.handle();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let state = self.state.clone();
         self.task = Some(tokio::spawn(async move {
@@ -75,6 +95,7 @@ impl Server {
         self.stop = Some(tx);
     }
 
+    /// Takes the node API down: from now on every connection is closed unanswered.
     async fn stop(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
@@ -83,6 +104,14 @@ impl Server {
             t.abort();
             let _ = t.await;
         }
+        let listener = self.handle();
+        let turned_away = self.turned_away.clone();
+        self.refuser = Some(tokio::spawn(async move {
+            while let Ok((connection, _)) = listener.accept().await {
+                drop(connection);
+                turned_away.send_modify(|n| *n += 1);
+            }
+        }));
     }
 
     async fn token(&self) -> String {
@@ -318,8 +347,16 @@ async fn agent_serves_cached_svids_while_the_server_is_down() {
     let cached = client.fetch_x509_svid().await.unwrap();
     assert_eq!(cached.leaf().as_bytes(), before.leaf().as_bytes());
 
-    // Back on the same port: rotation resumes without restarting the agent.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The agent finds the server down (its connection is closed unanswered)...
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        server.turned_away.subscribe().wait_for(|n| *n > 0),
+    )
+    .await
+    .expect("the agent tried the server while it was down")
+    .unwrap();
+    // ...and when it is back on the same port, rotation resumes without restarting the
+    // agent.
     server.listen().await;
     let mut updates = source.updated();
     tokio::time::timeout(Duration::from_secs(20), async {

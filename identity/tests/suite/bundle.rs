@@ -2,13 +2,6 @@
 //! documented `BundleError` for each kind of bad input, and property tests (no panics,
 //! round-trips, agreement with a model and with `serde_json`).
 
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    reason = "test code: helpers outside #[test] fns abort the test loudly on bad setup"
-)]
-
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

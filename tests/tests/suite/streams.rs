@@ -1,20 +1,13 @@
 //! Many Workload API streams on one agent: 1,000 concurrent `FetchX509SVID` streams (10
 //! HTTP/2 connections on the agent's Unix socket, 100 streams each) all get their first
 //! X509-SVID and then the rotated one, within a bounded time.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use writ_identity::proto::workload as pb;
-use writ_tests::{Stack, connect_raw, with_header};
+use writ_tests::{Stack, connect_raw, uid_selector, with_header};
 
 /// HTTP/2 connections to the agent.
 const CONNECTIONS: usize = 10;
@@ -58,9 +51,7 @@ struct Progress {
 async fn thousand_streams_all_receive_the_rotation() {
     // SVIDs live 4 s, so the agent renews them at about 2 s.
     let stack = Stack::start(Duration::from_secs(4)).await;
-    stack
-        .register("/many", &[&format!("unix:uid:{}", Stack::my_uid())])
-        .await;
+    stack.register("/many", &[&uid_selector()]).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while stack.agent.cache.snapshot().svids.is_empty() {
         assert!(

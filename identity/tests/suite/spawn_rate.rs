@@ -1,12 +1,5 @@
 //! Spawning sub-agents is rate limited per root parent workload (`spawn_rate`), not only
 //! capped in concurrency: a parent cannot spawn faster through its own children.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "integration tests"
-)]
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};

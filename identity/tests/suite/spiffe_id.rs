@@ -2,13 +2,6 @@
 //! `specs/vectors/spiffe_id.json`, plus property tests: round-trips, agreement with an
 //! independent oracle of the SPIFFE-ID rules, and `TrustDomain` / `SpiffeId` agreement.
 
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "test code: helpers outside #[test] fns abort the test loudly on bad setup"
-)]
-
 use proptest::prelude::*;
 use serde_json::Value;
 use writ_identity::spiffe_id::{

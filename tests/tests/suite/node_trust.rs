@@ -3,13 +3,6 @@
 //! ID, not an older one of the same agent once the agent has switched to its renewal),
 //! and an agent accepts only the identity server's own SVID (not any SVID carrying the
 //! server's ID).
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

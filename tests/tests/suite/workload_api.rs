@@ -1,13 +1,6 @@
 //! The SPIFFE Workload API against clients nobody here wrote: the Rust `spiffe` crate
 //! (rust-spiffe 0.19) `WorkloadApiClient` and `X509Source`, plus raw gRPC for the error
 //! semantics the standard fixes.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
 use std::time::{Duration, Instant};
 
@@ -56,9 +49,13 @@ async fn rust_spiffe_fetches_svids_bundles_and_jwts() {
     stack
         .register("/agents/second", &[&uid_selector(), "unix:uid:4294967294"])
         .await; // never matches
-    // Entries are ordered by creation time (whole seconds), then id.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    stack.register("/agents/other", &[&uid_selector()]).await;
+    // Entries are ordered by creation time (whole seconds), then id: created a second
+    // after the first, this one comes second.
+    stack
+        .register_with("/agents/other", &[&uid_selector()], |e| {
+            e.created_at = first.created_at + 1;
+        })
+        .await;
     let client = WorkloadApiClient::connect_to(stack.endpoint())
         .await
         .unwrap();
@@ -281,7 +278,7 @@ async fn a_stranger_makes_the_agent_hash_nothing() {
     assert_eq!(attestor.hashes_computed(), 0);
 
     // A sha256 entry for another uid: this caller is still a stranger, still no hash.
-    let other_uid = Stack::my_uid().wrapping_add(1);
+    let other_uid = writ_tests::uid().wrapping_add(1);
     stack
         .register(
             "/other",

@@ -24,13 +24,6 @@
 //!   sets it, so nothing is read.
 //!
 //! The server's `ca.upstream_*_file` keys would be read as well; no example sets them.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "tests"
-)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -8,15 +8,8 @@
 //! The OIDC suite runs the npm `oidc-provider` (installed into `.interop/node`) and checks
 //! the Txn-Token with josekit and with PyJWT (installed with py-spiffe into
 //! `.interop/py`); without Node or Python it skips, unless `WRIT_REQUIRE_ALL=1`.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
-#[path = "../../txn-service/tests/oidc/harness.rs"]
+#[path = "../../../txn-service/tests/oidc/harness.rs"]
 mod oidc_harness;
 
 use std::collections::BTreeMap;

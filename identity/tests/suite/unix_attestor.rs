@@ -1,14 +1,6 @@
 //! The `unix` workload attestor against this test process, a child process, and a fake
 //! `/proc` in a temp dir; property tests for the `/proc/<pid>/stat` parser.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "integration tests fail by panicking"
-)]
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
@@ -45,11 +37,10 @@ fn hex(bytes: &[u8]) -> String {
 
 /// This process as the kernel would report it on the socket.
 fn this_caller() -> Caller {
-    let meta = std::fs::metadata("/proc/self").unwrap();
     Caller {
         pid: i32::try_from(std::process::id()).unwrap(),
-        uid: meta.uid(),
-        gid: meta.gid(),
+        uid: writ_tests::uid(),
+        gid: writ_tests::gid(),
     }
 }
 

@@ -1,12 +1,5 @@
 //! One suite, two implementations of the agent's view of the server: the in-process
 //! `LocalNode` (`writ dev`) and the gRPC-over-mTLS `GrpcNode` (split deployment).
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -1,14 +1,6 @@
 //! The CA end to end: SVID profile, TTL caps, SPIRE-style rotation driven by an injected
 //! clock, persistence across restarts, and an upstream CA.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
-
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -6,21 +6,11 @@
 //! exchange; an oversized `Expect: 100-continue` request gets 413 and never
 //! `100 Continue`. No assertion is on time: each waits for the close with a generous
 //! bound, far above the configured timeout.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
-
-#[path = "support/hostage.rs"]
-mod hostage;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use hostage::{Hostage, read_to_close, tcp_from, trickle_header};
+use crate::support::hostage::{Hostage, read_to_close, tcp_from, trickle_header};
 use tokio::io::AsyncWriteExt;
 
 /// Far above every timeout the tests configure: only a connection that is never
@@ -122,6 +112,7 @@ async fn silent_tls_slow_header_and_slow_body_connections_are_closed() {
         let head = "POST /token HTTP/1.1\r\nHost: tts\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 60000\r\n\r\ngrant_type=";
         write.write_all(head.as_bytes()).await.unwrap();
         for _ in 0..10_000 {
+            // Intentional: the body trickles like a slowloris peer's.
             tokio::time::sleep(Duration::from_millis(200)).await;
             if write.write_all(b"a").await.is_err() || write.flush().await.is_err() {
                 return;

@@ -12,13 +12,6 @@
 //! The TTS's certificate carries the DNS name `localhost` (from its registration
 //! entry), so Python's hostname check passes with the trust bundle as the only CA.
 //! Without Python and pip it skips, unless `WRIT_REQUIRE_ALL=1`.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,7 +24,8 @@ use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
 use writ_sdk::tls::Authorizer;
 use writ_sdk::txn_token::{Jwks, JwksSource, TxnToken, TxnVerifier};
 use writ_sdk::workload::X509Source;
-use writ_tests::python::{Python, SCHEMATHESIS_VERSION, run_bounded, schemathesis, workspace_root};
+use writ_tests::env::{run_bounded, workspace_root};
+use writ_tests::python::{Python, SCHEMATHESIS_VERSION, schemathesis};
 use writ_tests::{Stack, available, uid_selector};
 use writ_txn_service::config::{TxnConfig, TxnServer};
 

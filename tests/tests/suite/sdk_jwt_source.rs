@@ -1,13 +1,6 @@
 //! The SDK's `JwtSource` against a real server and agent: JWT-SVIDs per audience, reused
 //! until half their lifetime (by the source's clock), picked by SPIFFE ID, validated by
 //! the agent and by the JWT bundle the source fetches.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

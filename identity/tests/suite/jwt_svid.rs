@@ -2,13 +2,6 @@
 //! refuses every kind of bad token with the documented `JwtSvidError`, with expiry driven
 //! by a `ManualClock`.
 
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    reason = "test code: helpers outside #[test] fns abort the test loudly on bad setup"
-)]
-
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -10,13 +10,6 @@
 //! The identities are registered for `unix:uid:<uid>` and `unix:path:<the Python
 //! binary>`, so only the Python process is attested into them: the test process (same uid,
 //! another binary) must get `no identity issued`.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -114,11 +107,14 @@ async fn py_spiffe_fetches_svids_bundles_and_jwts() {
     let Some(py) = python_or_skip() else { return };
     let stack = Stack::start(Duration::from_secs(3600)).await;
     let (uid, path) = (uid_selector(), path_selector(&py.exe));
-    stack.register("/py/client", &[&uid, &path]).await;
+    let first = stack.register("/py/client", &[&uid, &path]).await;
     // Created one second later (entries order by creation second, then id), so the
     // first one stays the default SVID.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    stack.register("/py/second", &[&uid, &path]).await;
+    stack
+        .register_with("/py/second", &[&uid, &path], |e| {
+            e.created_at = first.created_at + 1;
+        })
+        .await;
     // Same uid, another binary: Python must not get it.
     stack
         .register("/py/never", &[&uid, "unix:path:/nonexistent/python3"])

@@ -5,13 +5,6 @@
 //! Every identity is registered for `unix:uid:<uid>`, so the test process and its
 //! probes all hold them; parents name theirs with `parent`. A sub-agent process is
 //! matched by its (pid, start time) instead, and gets only its own identity.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

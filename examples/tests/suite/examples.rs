@@ -5,13 +5,6 @@
 //!
 //! Every identity is registered for `unix:uid:<uid>`, so each child process gets all of
 //! them and picks its own with `--spiffe-id`.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -86,7 +79,7 @@ impl Server {
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut err_lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let sink = stderr.clone();
-        tokio::spawn(async move {
+        let stderr_done = tokio::spawn(async move {
             while let Ok(Some(line)) = err_lines.next_line().await {
                 let mut sink = sink.lock().unwrap();
                 sink.push_str(&line);
@@ -97,8 +90,9 @@ impl Server {
         let line = match tokio::time::timeout(WAIT, stdout.next_line()).await {
             Ok(Ok(Some(line))) => line,
             other => {
-                // Let the stderr task catch up before reporting.
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                // Stop the child so its stderr ends, and report all of it.
+                let _ = child.kill().await;
+                let _ = tokio::time::timeout(WAIT, stderr_done).await;
                 panic!(
                     "{bin} printed no ready line ({other:?}); stderr:\n{}",
                     stderr.lock().unwrap()

@@ -1,10 +1,5 @@
 //! The admin API as any client drives it (not the CLI): registration refuses what
 //! cannot be meant and Writ's reserved namespace, naming the field, and stores nothing.
-#![allow(
-    clippy::unwrap_used,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
 use std::sync::Arc;
 

@@ -11,13 +11,6 @@
 //! - the middleware's refusals that need no TLS connection (no peer, two headers, custom
 //!   check, keys unavailable, the extractor without the layer). The refusals that do
 //!   (caller, scope, strict chain) run over real mTLS in `sdk_mtls.rs`.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

@@ -1,7 +1,7 @@
 //! A real TTS (identity server, agent, development OIDC issuer) and the clients that try
 //! to hold its connections hostage: silent TCP connections, TLS connections that trickle
 //! their header, and a legitimate caller that exchanges a token. Shared by
-//! `tests/hostage.rs` and `benches/hostage.rs`.
+//! `tests/suite/hostage.rs` and `benches/hostage.rs`.
 #![allow(
     dead_code,
     reason = "shared by a test file and a bench, each using a part"
@@ -159,6 +159,7 @@ pub async fn trickle_header<S: tokio::io::AsyncWrite + Unpin>(
         return;
     }
     for _ in 0..max {
+        // Intentional: a slowloris peer is slow on purpose, one byte every `every`.
         tokio::time::sleep(every).await;
         if stream.write_all(b"a").await.is_err() || stream.flush().await.is_err() {
             return;

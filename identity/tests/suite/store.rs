@@ -1,10 +1,6 @@
 //! The store conformance suite against SQLite (file and memory) and PostgreSQL, plus
 //! what only one backend can show: SQLite restarts, its query plan, corrupt rows, file
 //! modes, and concurrent PostgreSQL start-up.
-#![expect(
-    clippy::unwrap_used,
-    reason = "the helpers below run only inside tests, which fail by panicking"
-)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -530,15 +526,8 @@ struct Tmpfs {
 
 impl Tmpfs {
     fn mount(size: &str) -> Option<Self> {
-        use std::os::unix::fs::MetadataExt;
-        let require = std::env::var("WRIT_REQUIRE_ALL").is_ok_and(|v| v == "1");
-        let skip = |why: String| {
-            assert!(!require, "{why} (and WRIT_REQUIRE_ALL=1)");
-            eprintln!("skipping: {why}");
-        };
-        if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
-            skip("mounting a tmpfs to fill needs root".into());
-            return None;
+        if writ_tests::uid() != 0 {
+            return writ_tests::skip("a tmpfs to fill", "mounting one needs root");
         }
         let dir = tempfile::tempdir().unwrap();
         let out = std::process::Command::new("mount")
@@ -553,11 +542,10 @@ impl Tmpfs {
             .output()
             .unwrap();
         if !out.status.success() {
-            skip(format!(
-                "cannot mount a tmpfs: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-            return None;
+            return writ_tests::skip(
+                "a tmpfs to fill",
+                format!("mount: {}", String::from_utf8_lossy(&out.stderr).trim()),
+            );
         }
         Some(Self { dir })
     }
