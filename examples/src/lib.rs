@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod demo;
+pub mod roles;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;

@@ -10,6 +10,7 @@
 )]
 
 pub mod env;
+pub mod oidc_provider;
 pub mod python;
 
 pub use env::{available, gid, require_all, skip, uid};

@@ -1,5 +1,5 @@
-//! The Writ transaction token service and the `writ` command-line tool that starts and
-//! administers every part of Writ.
+//! The Writ transaction token service. The `writ` command that starts it is in the
+//! `writ-cli` package.
 //!
 //! The service ([`config::TxnServer`], started by `writ txn run --config txn.toml`) is
 //! an RFC 8693 token exchange endpoint reached over mTLS with the caller's X509-SVID
@@ -10,10 +10,8 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
-pub mod cli;
 pub mod client_assertion;
 pub mod config;
-pub mod dev;
 pub mod exchange;
 pub mod lease;
 pub mod listener;

@@ -12,7 +12,7 @@
 //!   that loader;
 //! - every command line the deployment runs (systemd `ExecStart=`, the Dockerfile's
 //!   `ENTRYPOINT` + `CMD`, the Kubernetes containers and their exec probes) parses with
-//!   the `writ` binary's own clap definition, `writ_txn_service::cli::Cli`;
+//!   the `writ` binary's own clap definition, `writ_cli::cli::Cli`;
 //! - the paths in each configuration are the directories the systemd unit or the pod
 //!   provides.
 //!
@@ -37,7 +37,7 @@ use writ_identity::bundle::Bundle;
 use writ_identity::clock::SystemClock;
 use writ_identity::server::config::{FileConfig as ServerFile, ServerConfig};
 use writ_identity::spiffe_id::TrustDomain;
-use writ_txn_service::cli::Cli;
+use writ_cli::cli::Cli;
 use writ_txn_service::config::TxnConfig;
 use writ_txn_service::oidc::OidcValidator;
 use writ_txn_service::policy::Policy;

@@ -9,8 +9,6 @@
 //! the Txn-Token with josekit and with PyJWT (installed with py-spiffe into
 //! `.interop/py`); without Node or Python it skips, unless `WRIT_REQUIRE_ALL=1`.
 
-#[path = "../../../txn-service/tests/oidc/harness.rs"]
-mod oidc_harness;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -76,7 +74,7 @@ client_assertion = true
 }
 
 impl Tts {
-    async fn start(oidc: Option<&oidc_harness::Provider>, clock: SharedClock) -> Self {
+    async fn start(oidc: Option<&writ_tests::oidc_provider::Provider>, clock: SharedClock) -> Self {
         let stack = Stack::start(Duration::from_secs(3600)).await;
         for path in [TTS, GATEWAY, PLANNER, SUB_AGENT, OUTSIDER, LIMITED, PROXIED] {
             stack.register(path, &[&uid_selector()]).await;
@@ -224,7 +222,7 @@ fn assert_refused(tts: &Tts, error: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oidc_access_token_becomes_a_txn_token_that_josekit_and_pyjwt_verify() {
-    let Some(provider) = oidc_harness::Provider::start() else {
+    let Some(provider) = writ_tests::oidc_provider::Provider::start() else {
         return;
     };
     let py = python();

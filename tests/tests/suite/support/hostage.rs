@@ -21,7 +21,7 @@ use writ_sdk::tls::Authorizer;
 use writ_sdk::workload::X509Source;
 use writ_tests::{Stack, uid_selector};
 use writ_txn_service::config::{TxnConfig, TxnServer};
-use writ_txn_service::dev::issuer::{DEV_AUDIENCE, DevIssuer};
+use writ_cli::dev::issuer::{DEV_AUDIENCE, DevIssuer};
 use writ_txn_service::oidc::IssuerConfig;
 
 pub const TD: &str = "example.org";

@@ -1,0 +1,21 @@
+//! The `writ` command's tests, linked as one test binary: one module per area, each
+//! running the real binary (`CARGO_BIN_EXE_writ`). Run one area with
+//! `cargo test -p writ-cli --test suite <module>::`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code: a failed setup step should abort the test loudly"
+)]
+
+mod cli_agent;
+mod cli_server;
+mod cli_spawn;
+mod cli_txn;
+mod cli_unix;
+mod common;
+mod demo;
+mod dev;
+mod readme;
+mod trust_domain;

@@ -1,0 +1,14 @@
+//! The token service's tests against its public API, linked as one test binary. Run one
+//! area with `cargo test -p writ-txn-service --test suite <module>::`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code: a failed setup step should abort the test loudly"
+)]
+
+mod exchange;
+mod oidc;
+mod oidc_token_kinds;
+mod txn_token;

@@ -1,0 +1,163 @@
+//! Minting and verifying Txn-Tokens: the TTS's minter and the SDK's verifier agree, and
+//! josekit (OpenSSL) verifies minted tokens independently.
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use writ_identity::key_manager::PrivateKey;
+use writ_sdk::txn_token::{Actor, TxnToken, TxnTokenError, TxnVerifier};
+use writ_txn_service::txn_token::Minter;
+
+fn claims(now: i64) -> TxnToken {
+    TxnToken {
+        iss: "https://127.0.0.1:8443".into(),
+        iat: now,
+        exp: now + 300,
+        aud: "example.org".into(),
+        txn: "0b9f2a8e-2c1d-4c43-9a36-6a3f7f0d2b11".into(),
+        sub: "alice".into(),
+        scope: "orders.read orders.write".into(),
+        req_wl: "spiffe://example.org/gateway".into(),
+        tctx: Some(BTreeMap::from([("order".into(), serde_json::json!(42))])),
+        rctx: Some(BTreeMap::from([(
+            "req_ip".into(),
+            serde_json::json!("127.0.0.1"),
+        )])),
+        act: Some(
+            Actor::new("spiffe://example.org/agents/sub")
+                .acting_for(Actor::new("spiffe://example.org/agents/planner")),
+        ),
+    }
+}
+
+fn at(secs: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs as u64)
+}
+
+fn setup() -> (Minter, TxnVerifier) {
+    let minter = Minter::new(PrivateKey::generate().unwrap()).unwrap();
+    let keys = BTreeMap::from([(minter.kid().to_owned(), minter.jwk().clone())]);
+    (minter, TxnVerifier::new("example.org", keys))
+}
+
+const NOW: i64 = 1_800_000_000;
+
+#[test]
+fn minted_tokens_verify_and_round_trip() {
+    let (minter, verifier) = setup();
+    let token = minter.mint(&claims(NOW)).unwrap();
+    let verified = verifier.verify_at(&token, at(NOW + 10)).unwrap();
+    assert_eq!(verified, claims(NOW));
+    assert_eq!(
+        verified.chain(),
+        vec![
+            "spiffe://example.org/agents/sub",
+            "spiffe://example.org/agents/planner"
+        ]
+    );
+    assert!(verified.has_scope("orders.write") && !verified.has_scope("orders"));
+
+    // josekit, on OpenSSL, agrees: typ, kid and signature.
+    let mut jwk = serde_json::to_value(minter.jwk())
+        .unwrap()
+        .as_object()
+        .unwrap()
+        .clone();
+    jwk.insert("kid".into(), minter.kid().into());
+    let jwk = josekit::jwk::Jwk::from_map(jwk).unwrap();
+    let verifier = josekit::jws::ES256.verifier_from_jwk(&jwk).unwrap();
+    let (payload, header) = josekit::jwt::decode_with_verifier(&token, &verifier).unwrap();
+    assert_eq!(header.token_type(), Some("txntoken+jwt"));
+    assert_eq!(header.key_id(), Some(minter.kid()));
+    assert_eq!(payload.subject(), Some("alice"));
+    assert_eq!(
+        payload.claim("req_wl"),
+        Some(&serde_json::json!("spiffe://example.org/gateway"))
+    );
+}
+
+#[test]
+fn verifier_refuses_what_it_must() {
+    let (minter, verifier) = setup();
+    let token = minter.mint(&claims(NOW)).unwrap();
+    assert_eq!(
+        verifier.verify_at(&token, at(NOW + 300 + 31)),
+        Err(TxnTokenError::Expired)
+    );
+    assert_eq!(
+        verifier.verify_at(&token, at(NOW - 60)),
+        Err(TxnTokenError::IssuedInFuture)
+    );
+
+    let other_td = TxnVerifier::new(
+        "other.org",
+        BTreeMap::from([(minter.kid().to_owned(), minter.jwk().clone())]),
+    );
+    assert_eq!(
+        other_td.verify_at(&token, at(NOW)),
+        Err(TxnTokenError::Audience)
+    );
+
+    let (other_minter, _) = setup();
+    let stranger = other_minter.mint(&claims(NOW)).unwrap();
+    assert_eq!(
+        verifier.verify_at(&stranger, at(NOW)),
+        Err(TxnTokenError::UnknownKey)
+    );
+
+    // A signature that does not match the claims.
+    let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+    let forged = other_minter
+        .mint(&TxnToken {
+            sub: "mallory".into(),
+            ..claims(NOW)
+        })
+        .unwrap();
+    parts[1] = forged.split('.').nth(1).unwrap().to_owned();
+    assert_eq!(
+        verifier.verify_at(&parts.join("."), at(NOW)),
+        Err(TxnTokenError::Signature)
+    );
+
+    // A JWT-SVID-shaped token (typ JWT) signed by the right key is not a Txn-Token.
+    let header = base64url(br#"{"alg":"ES256","typ":"JWT","kid":"x"}"#);
+    let body = token.split('.').nth(1).unwrap();
+    let sig = token.split('.').nth(2).unwrap();
+    assert_eq!(
+        verifier.verify_at(&format!("{header}.{body}.{sig}"), at(NOW)),
+        Err(TxnTokenError::Type)
+    );
+    let none = base64url(br#"{"alg":"none","typ":"txntoken+jwt"}"#);
+    assert!(
+        verifier
+            .verify_at(&format!("{none}.{body}."), at(NOW))
+            .is_err()
+    );
+    let hs = base64url(br#"{"alg":"HS256","typ":"txntoken+jwt","kid":"k"}"#);
+    assert!(matches!(
+        verifier.verify_at(&format!("{hs}.{body}.{sig}"), at(NOW)),
+        Err(TxnTokenError::Algorithm(_))
+    ));
+    for garbage in ["", "a.b.c", "....", &"x".repeat(40_000)] {
+        assert!(
+            verifier.verify_at(garbage, at(NOW)).is_err(),
+            "{garbage:.20}"
+        );
+    }
+
+    // Missing required claims.
+    let empty_sub = minter
+        .mint(&TxnToken {
+            sub: String::new(),
+            ..claims(NOW)
+        })
+        .unwrap();
+    assert!(matches!(
+        verifier.verify_at(&empty_sub, at(NOW)),
+        Err(TxnTokenError::Claims(_))
+    ));
+}
+
+fn base64url(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
