@@ -20,6 +20,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio_util::task::AbortOnDropHandle;
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
@@ -97,7 +98,7 @@ pub struct TlsListener {
     established: mpsc::Receiver<(TlsConnection, Peer)>,
     local: SocketAddr,
     limits: ConnectionLimits,
-    _accept: AbortOnDrop,
+    _accept: AbortOnDropHandle<()>,
 }
 
 impl std::fmt::Debug for TlsListener {
@@ -106,14 +107,6 @@ impl std::fmt::Debug for TlsListener {
             .field("local", &self.local)
             .field("limits", &self.limits)
             .finish()
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -190,7 +183,7 @@ impl TlsListener {
             established,
             local,
             limits,
-            _accept: AbortOnDrop(task),
+            _accept: AbortOnDropHandle::new(task),
         })
     }
 

@@ -55,9 +55,7 @@ fn handshake_failed(audit: &AuditLog, addr: SocketAddr, e: &std::io::Error) {
         .is_some_and(|r| {
             matches!(
                 r,
-                rustls::Error::General(_)
-                    | rustls::Error::InvalidCertificate(_)
-                    | rustls::Error::NoCertificatesPresented
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
             )
         });
     if certificate {

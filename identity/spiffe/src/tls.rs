@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -12,11 +13,13 @@ use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
 
 use crate::bundle::BundleSet;
 use crate::spiffe_id::SpiffeId;
-use crate::svid::x509::{self, X509Svid};
+use crate::svid::x509::{self, X509Svid, X509SvidError};
 
 /// Where a verifier reads the bundles it trusts, at each handshake.
 pub type BundleSource = Arc<dyn Fn() -> BundleSet + Send + Sync>;
@@ -55,24 +58,91 @@ macro_rules! handshake_signatures {
     };
 }
 
+/// Validates a peer's chain at `now` (the time rustls passes to the verifier, so tests
+/// and callers with their own time source drive it) and applies the authorizer.
 fn verify_chain(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     bundles: &BundleSource,
     authorize: &Authorize,
+    now: UnixTime,
 ) -> Result<SpiffeId, rustls::Error> {
     let mut chain = Vec::with_capacity(intermediates.len() + 1);
     chain.push(end_entity.to_vec());
     chain.extend(intermediates.iter().map(|c| c.to_vec()));
-    let validated = x509::validate(&chain, &bundles(), std::time::SystemTime::now())
-        .map_err(|e| rustls::Error::General(format!("peer X509-SVID refused: {e}")))?;
+    let now = UNIX_EPOCH + Duration::from_secs(now.as_secs());
+    let validated = x509::validate(&chain, &bundles(), now).map_err(|e| refusal(&e))?;
     if !authorize(&validated.spiffe_id) {
-        return Err(rustls::Error::General(format!(
-            "peer {} is not authorized",
-            validated.spiffe_id
-        )));
+        let refused = NotAuthorized {
+            peer: validated.spiffe_id,
+        };
+        return Err(CertificateError::Other(OtherError(Arc::new(refused))).into());
     }
     Ok(validated.spiffe_id)
+}
+
+/// A peer whose X509-SVID is valid but whose SPIFFE ID the authorizer refused. It
+/// travels inside the rustls error (`certificate_unknown` to the peer, as go-spiffe's
+/// peers see `bad_certificate`), so the local side's error, log and audit name the ID.
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
+#[error("peer {peer} is not authorized")]
+pub struct NotAuthorized {
+    /// The SPIFFE ID the peer presented.
+    pub peer: SpiffeId,
+}
+
+impl fmt::Debug for NotAuthorized {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// An X509-SVID failure as the rustls error whose alert tells the peer what was wrong:
+/// the one place where SVID validation meets TLS. Expiry, unknown issuers, signatures and
+/// encoding get their own certificate errors (and alerts); an X.509 certificate that is
+/// not a valid SVID keeps its reason in the message (`certificate_unknown`).
+pub fn refusal(e: &X509SvidError) -> rustls::Error {
+    use webpki::Error as Path;
+    let error = match e {
+        X509SvidError::EmptyChain
+        | X509SvidError::TooLarge { .. }
+        | X509SvidError::Parse { .. }
+        | X509SvidError::Chain(Path::BadDer | Path::BadDerTime | Path::TrailingData(_)) => {
+            CertificateError::BadEncoding
+        }
+        X509SvidError::NoBundle(_) | X509SvidError::Chain(Path::UnknownIssuer) => {
+            CertificateError::UnknownIssuer
+        }
+        X509SvidError::Chain(Path::CertExpired { time, not_after }) => {
+            CertificateError::ExpiredContext {
+                time: *time,
+                not_after: *not_after,
+            }
+        }
+        X509SvidError::Chain(Path::CertNotValidYet { time, not_before }) => {
+            CertificateError::NotValidYetContext {
+                time: *time,
+                not_before: *not_before,
+            }
+        }
+        X509SvidError::Chain(Path::InvalidCertValidity) => CertificateError::Expired,
+        X509SvidError::Chain(Path::InvalidSignatureForPublicKey) => CertificateError::BadSignature,
+        X509SvidError::Chain(Path::CertRevoked) => CertificateError::Revoked,
+        other => CertificateError::Other(OtherError(Arc::new(InvalidSvid(other.clone())))),
+    };
+    error.into()
+}
+
+/// A peer certificate that is not a valid X509-SVID, inside a rustls error. (rustls
+/// prints the error it carries with `Debug`, so `Debug` is the message here.)
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
+#[error("peer X509-SVID refused: {0}")]
+pub struct InvalidSvid(pub X509SvidError);
+
+impl fmt::Debug for InvalidSvid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
 }
 
 /// Verifies a server's X509-SVID (client side).
@@ -101,9 +171,15 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp: &[u8],
-        _now: UnixTime,
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        verify_chain(end_entity, intermediates, &self.bundles, &self.authorize)?;
+        verify_chain(
+            end_entity,
+            intermediates,
+            &self.bundles,
+            &self.authorize,
+            now,
+        )?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -153,9 +229,15 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
+        now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        verify_chain(end_entity, intermediates, &self.bundles, &self.authorize)?;
+        verify_chain(
+            end_entity,
+            intermediates,
+            &self.bundles,
+            &self.authorize,
+            now,
+        )?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -261,5 +343,70 @@ pub mod dangerous {
         }
 
         handshake_signatures!();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::AlertDescription;
+
+    fn alert(e: &X509SvidError) -> AlertDescription {
+        match refusal(e) {
+            rustls::Error::InvalidCertificate(c) => c.into(),
+            other => panic!("not a certificate error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_svid_failure_gets_its_own_alert() {
+        let time = UnixTime::since_unix_epoch(Duration::from_secs(2_000));
+        let not_after = UnixTime::since_unix_epoch(Duration::from_secs(1_000));
+        let expired = X509SvidError::Chain(webpki::Error::CertExpired { time, not_after });
+        assert_eq!(alert(&expired), AlertDescription::CertificateExpired);
+        let early = X509SvidError::Chain(webpki::Error::CertNotValidYet {
+            time: not_after,
+            not_before: time,
+        });
+        assert_eq!(alert(&early), AlertDescription::CertificateExpired);
+        assert_eq!(
+            alert(&X509SvidError::Chain(webpki::Error::UnknownIssuer)),
+            AlertDescription::UnknownCA
+        );
+        assert_eq!(
+            alert(&X509SvidError::NoBundle("other.org".into())),
+            AlertDescription::UnknownCA
+        );
+        assert_eq!(
+            alert(&X509SvidError::Chain(
+                webpki::Error::InvalidSignatureForPublicKey
+            )),
+            AlertDescription::DecryptError
+        );
+        assert_eq!(
+            alert(&X509SvidError::EmptyChain),
+            AlertDescription::BadCertificate
+        );
+        // Not an SVID: the reason stays in the message.
+        let ca_leaf = refusal(&X509SvidError::LeafIsCa);
+        assert!(
+            ca_leaf.to_string().contains("must not be a CA"),
+            "{ca_leaf}"
+        );
+        assert_eq!(
+            alert(&X509SvidError::LeafIsCa),
+            AlertDescription::CertificateUnknown
+        );
+    }
+
+    #[test]
+    fn a_refused_id_is_named_in_the_error() {
+        let peer = SpiffeId::new("spiffe://example.org/intruder").unwrap();
+        let e: rustls::Error =
+            CertificateError::Other(OtherError(Arc::new(NotAuthorized { peer }))).into();
+        assert!(
+            e.to_string()
+                .contains("peer spiffe://example.org/intruder is not authorized")
+        );
     }
 }

@@ -107,6 +107,7 @@ impl TryFrom<FileConfig> for AgentConfig {
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
                 join_token: file.join_token,
                 bootstrap,
+                clock: std::sync::Arc::new(crate::clock::SystemClock),
             },
             socket_path: file
                 .socket_path

@@ -19,6 +19,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::node_api::NodeApi;
 use crate::bundle::{Bundle, BundleSet};
+use crate::clock::SharedClock;
 use crate::key_manager::ToRcgen as _;
 use crate::key_manager::{PrivateKey, create_private_dir, write_secret_file};
 use crate::proto::node as pb;
@@ -79,6 +80,8 @@ pub struct NodeClientConfig {
     pub join_token: Option<String>,
     /// How to trust the server on first contact.
     pub bootstrap: Bootstrap,
+    /// The time the agent's SVID expiry and renewal schedule are read from.
+    pub clock: SharedClock,
 }
 
 /// The node API over gRPC and mTLS.
@@ -113,7 +116,11 @@ struct Stored {
     bundle: Bundle,
 }
 
-fn load_stored(dir: &Path, td: &TrustDomain) -> Result<Option<Stored>, AgentError> {
+fn load_stored(
+    dir: &Path,
+    td: &TrustDomain,
+    clock: &SharedClock,
+) -> Result<Option<Stored>, AgentError> {
     let read = |name: &str| std::fs::read_to_string(dir.join(name));
     let (Ok(chain), Ok(key), Ok(bundle)) = (read(SVID_FILE), read(KEY_FILE), read(BUNDLE_FILE))
     else {
@@ -129,7 +136,7 @@ fn load_stored(dir: &Path, td: &TrustDomain) -> Result<Option<Stored>, AgentErro
         .ok_or_else(|| AgentError::Credentials("empty SVID file".into()))?;
     let checked =
         crate::svid::x509::check_leaf(leaf).map_err(|e| AgentError::Credentials(e.to_string()))?;
-    if checked.expires_at <= SystemTime::now() {
+    if checked.expires_at <= clock.now() {
         return Ok(None);
     }
     Ok(Some(Stored {
@@ -282,7 +289,7 @@ impl GrpcNode {
         let resolver = SvidResolver::new();
         create_private_dir(&config.data_dir)
             .map_err(|e| AgentError::DataDir(format!("{}: {e}", config.data_dir.display())))?;
-        let stored = match load_stored(&config.data_dir, &td)? {
+        let stored = match load_stored(&config.data_dir, &td, &config.clock)? {
             Some(s) => s,
             None => Self::attest(&config, &server_id).await?,
         };
@@ -307,6 +314,7 @@ impl GrpcNode {
             config.data_dir.clone(),
             expires_at.clone(),
             renewed_tx,
+            config.clock.clone(),
         ));
         tracing::info!(agent = %stored.svid.spiffe_id, server = %config.server_address, "agent joined the server");
         Ok(Arc::new(Self {
@@ -436,12 +444,11 @@ async fn renew_loop(
     data_dir: PathBuf,
     current: Arc<std::sync::Mutex<SystemTime>>,
     renewed_tx: watch::Sender<u64>,
+    clock: SharedClock,
 ) {
     let mut expires_at = *current.lock().unwrap_or_else(|e| e.into_inner());
     loop {
-        let life = expires_at
-            .duration_since(SystemTime::now())
-            .unwrap_or_default();
+        let life = expires_at.duration_since(clock.now()).unwrap_or_default();
         tokio::time::sleep((life / 2).max(Duration::from_secs(1))).await;
         let renewed = async {
             let key = PrivateKey::generate().map_err(|e| AgentError::Credentials(e.to_string()))?;
@@ -479,7 +486,7 @@ async fn renew_loop(
             Err(e) => {
                 tracing::warn!(error = %e, "agent SVID renewal failed; retrying");
                 // Retry sooner, but never spin.
-                expires_at = SystemTime::now() + Duration::from_secs(10);
+                expires_at = clock.now() + Duration::from_secs(10);
             }
         }
     }

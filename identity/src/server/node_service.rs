@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::task::AbortOnDropHandle;
 
 use futures::Stream;
 use tokio::net::TcpListener;
@@ -493,7 +494,7 @@ pub async fn serve_node_api(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     let resolver = SvidResolver::new();
-    let _svid_task = AbortOnDrop(tokio::spawn(keep_server_svid(
+    let _svid_task = AbortOnDropHandle::new(tokio::spawn(keep_server_svid(
         state.clone(),
         resolver.clone(),
     )));
@@ -515,7 +516,7 @@ pub async fn serve_node_api(
     // server's own future is dropped rather than shut down. The gate caps connections
     // per client address and pending handshakes, and keeps file descriptors in reserve.
     let gate = Gate::new("node API", ConnectionLimits::default());
-    let _accept_task = AbortOnDrop(tokio::spawn(async move {
+    let _accept_task = AbortOnDropHandle::new(tokio::spawn(async move {
         let mut backoff = AcceptBackoff::default();
         loop {
             let (tcp, peer, admitted) = gate.accept(&listener, &mut backoff).await;
@@ -539,15 +540,6 @@ pub async fn serve_node_api(
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown)
         .await?;
     Ok(())
-}
-
-/// Aborts a background task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Binds the node API's TCP listener.

@@ -12,7 +12,9 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
+use tokio_util::task::AbortOnDropHandle;
 use writ_spiffe::bundle::{Bundle, BundleSet};
+use writ_spiffe::clock::{SharedClock, SystemClock};
 use writ_spiffe::key::PrivateKey;
 use writ_spiffe::spiffe_id::{SpiffeId, TrustDomain};
 use writ_spiffe::svid::x509::{X509Svid, check_leaf};
@@ -42,6 +44,7 @@ pub struct X509SourceBuilder {
     endpoint: Option<String>,
     spiffe_id: Option<SpiffeId>,
     wait: Option<Duration>,
+    clock: Option<SharedClock>,
 }
 
 impl X509SourceBuilder {
@@ -66,6 +69,13 @@ impl X509SourceBuilder {
         self
     }
 
+    /// Reads the time from `clock` when it checks an SVID's expiry (default: the system
+    /// clock).
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
     /// Connects, waits for the first usable snapshot and starts following updates.
     ///
     /// # Errors
@@ -77,12 +87,13 @@ impl X509SourceBuilder {
             Some(e) => e,
             None => super::endpoint_from_env(),
         };
+        let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
         let deadline = tokio::time::Instant::now() + self.wait.unwrap_or(DEFAULT_WAIT);
         let (watch, first) = loop {
             let attempt = async {
                 let mut client = WorkloadClient::connect(&endpoint).await?;
                 let mut watch = client.watch_x509().await?;
-                let first = snapshot(&watch.next().await?, self.spiffe_id.as_ref())?;
+                let first = snapshot(&watch.next().await?, self.spiffe_id.as_ref(), clock.now())?;
                 Ok::<_, WorkloadError>((watch, first))
             };
             match attempt.await {
@@ -101,6 +112,7 @@ impl X509SourceBuilder {
             current: ArcSwap::from_pointee(first),
             resolver,
             updates,
+            clock,
         });
         let task = tokio::spawn(follow(
             shared.clone(),
@@ -110,7 +122,7 @@ impl X509SourceBuilder {
         ));
         Ok(X509Source {
             shared,
-            _task: Arc::new(AbortOnDrop(task)),
+            _task: Arc::new(AbortOnDropHandle::new(task)),
         })
     }
 }
@@ -120,15 +132,7 @@ struct Shared {
     current: ArcSwap<X509Snapshot>,
     resolver: Arc<SvidResolver>,
     updates: watch::Sender<u64>,
-}
-
-#[derive(Debug)]
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    clock: SharedClock,
 }
 
 /// A workload's X509-SVID and bundles from the Workload API, kept current in the
@@ -145,7 +149,7 @@ impl Drop for AbortOnDrop {
 #[derive(Debug, Clone)]
 pub struct X509Source {
     shared: Arc<Shared>,
-    _task: Arc<AbortOnDrop>,
+    _task: Arc<AbortOnDropHandle<()>>,
 }
 
 impl X509Source {
@@ -206,7 +210,11 @@ impl X509Source {
 }
 
 /// Picks the SVID and assembles the bundles of one Workload API response.
-fn snapshot(ctx: &X509Context, want: Option<&SpiffeId>) -> Result<X509Snapshot, WorkloadError> {
+fn snapshot(
+    ctx: &X509Context,
+    want: Option<&SpiffeId>,
+    now: SystemTime,
+) -> Result<X509Snapshot, WorkloadError> {
     let entry = match want {
         Some(id) => ctx.svids.iter().find(|s| &s.spiffe_id == id),
         None => ctx.svids.first(),
@@ -222,7 +230,7 @@ fn snapshot(ctx: &X509Context, want: Option<&SpiffeId>) -> Result<X509Snapshot, 
             "X509-SVID does not carry the SPIFFE ID the agent named".into(),
         ));
     }
-    if checked.expires_at <= SystemTime::now() {
+    if checked.expires_at <= now {
         return Err(WorkloadError::Malformed("X509-SVID has expired".into()));
     }
     let key = PrivateKey::from_pkcs8_der(&entry.private_key)
@@ -291,7 +299,7 @@ async fn follow(
 }
 
 fn apply(shared: &Shared, ctx: &X509Context, want: Option<&SpiffeId>) {
-    match snapshot(ctx, want) {
+    match snapshot(ctx, want, shared.clock.now()) {
         Ok(next) => {
             if let Err(e) = shared.resolver.set(&next.svid) {
                 tracing::warn!(error = %e, "Workload API update refused");

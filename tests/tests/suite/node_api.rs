@@ -187,6 +187,7 @@ async fn grpc_node_passes_the_suite() {
         data_dir: dir.path().join("agent"),
         join_token: Some(token.into()),
         bootstrap: Bootstrap::Insecure,
+        clock: std::sync::Arc::new(writ_identity::clock::SystemClock),
     })
     .await
     .unwrap();

@@ -329,6 +329,7 @@ async fn an_agent_refuses_a_server_whose_svid_only_carries_the_server_id() {
         data_dir: dir.path().to_path_buf(),
         join_token: Some(token.clone()),
         bootstrap: Bootstrap::Bundle((*server.state.ca.bundle()).clone()),
+        clock: std::sync::Arc::new(writ_identity::clock::SystemClock),
     })
     .await
     .expect_err("the impostor must be refused");
@@ -347,6 +348,7 @@ async fn an_agent_refuses_a_server_whose_svid_only_carries_the_server_id() {
         data_dir: dir.path().to_path_buf(),
         join_token: Some(token),
         bootstrap: Bootstrap::Bundle((*server.state.ca.bundle()).clone()),
+        clock: std::sync::Arc::new(writ_identity::clock::SystemClock),
     })
     .await
     .unwrap();

@@ -135,6 +135,7 @@ impl Server {
             data_dir: dir.to_path_buf(),
             join_token: token,
             bootstrap: Bootstrap::Bundle((*self.state.ca.bundle()).clone()),
+            clock: std::sync::Arc::new(writ_identity::clock::SystemClock),
         }
     }
 

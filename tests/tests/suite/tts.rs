@@ -9,7 +9,6 @@
 //! the Txn-Token with josekit and with PyJWT (installed with py-spiffe into
 //! `.interop/py`); without Node or Python it skips, unless `WRIT_REQUIRE_ALL=1`.
 
-
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -71,9 +71,9 @@ pub enum X509SvidError {
     #[error("no bundle for trust domain {0}")]
     NoBundle(String),
     /// The chain does not verify against the bundle (signature, validity period, CA
-    /// constraints).
+    /// constraints), as the path validator said.
     #[error("certificate chain does not verify against the bundle: {0}")]
-    Chain(String),
+    Chain(webpki::Error),
 }
 
 /// An X509-SVID: a certificate chain (leaf first, DER) and, for one's own SVID, the
@@ -202,8 +202,7 @@ pub fn validate(
         .map(|d| CertificateDer::from(d.as_slice()))
         .collect();
     let leaf_der = CertificateDer::from(leaf.as_slice());
-    let ee = webpki::EndEntityCert::try_from(&leaf_der)
-        .map_err(|e| X509SvidError::Chain(e.to_string()))?;
+    let ee = webpki::EndEntityCert::try_from(&leaf_der).map_err(X509SvidError::Chain)?;
     let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     ee.verify_for_usage(
         webpki::ALL_VERIFICATION_ALGS,
@@ -214,7 +213,7 @@ pub fn validate(
         None,
         None,
     )
-    .map_err(|e| X509SvidError::Chain(e.to_string()))?;
+    .map_err(X509SvidError::Chain)?;
     Ok(validated)
 }
 
