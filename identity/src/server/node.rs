@@ -47,6 +47,42 @@ pub enum NodeError {
     /// The sub-agent lease does not exist for this agent, was released or expired.
     #[error("sub-agent lease {0:?} has ended")]
     LeaseEnded(String),
+    /// A call other than attestation came without an agent SVID.
+    #[error("an agent SVID is required")]
+    SvidRequired,
+    /// The agent SVID presented has expired.
+    #[error("the agent SVID has expired; attest again with a new join token")]
+    SvidExpired,
+    /// The agent is banned.
+    #[error("agent is banned")]
+    Banned,
+    /// The SVID carries an agent's ID but is not the one the server issued to it.
+    #[error(
+        "this agent SVID is not the one the server issued to this agent (replaced by a \
+         renewal, or never issued); attest again with a new join token"
+    )]
+    SvidNotIssued,
+    /// The SVID renewing is no longer the agent's current one.
+    #[error(
+        "this agent SVID is no longer current (the agent was renewed, banned or evicted \
+         meanwhile); attest again with a new join token"
+    )]
+    SvidNotCurrent,
+    /// No attested agent has this ID.
+    #[error("agent is not attested (evicted?); attest again with a new join token")]
+    NotAttested,
+    /// The join token is not in the join-token alphabet or too long.
+    #[error("malformed join token")]
+    JoinTokenMalformed,
+    /// No such join token, or it was used.
+    #[error("join token does not exist or has already been used")]
+    JoinTokenUnknown,
+    /// The join token has expired.
+    #[error("join token has expired")]
+    JoinTokenExpired,
+    /// The public key to certify is empty or too large.
+    #[error("public_key must be a DER SubjectPublicKeyInfo")]
+    InvalidPublicKey,
 }
 
 /// What an agent learns from a sync.

@@ -39,11 +39,23 @@ pub const MAX_JOIN_TOKEN_LEN: usize = 128;
 /// Largest public key accepted.
 const MAX_PUBLIC_KEY_LEN: usize = 4096;
 
+/// The node API's errors on the wire: the one place a node status is chosen.
 impl From<NodeError> for Status {
     fn from(e: NodeError) -> Status {
         match &e {
-            NodeError::NotAuthorized(_) => Status::permission_denied(e.to_string()),
-            NodeError::Invalid(_) => Status::invalid_argument(e.to_string()),
+            NodeError::SvidRequired | NodeError::SvidExpired => {
+                Status::unauthenticated(e.to_string())
+            }
+            NodeError::NotAuthorized(_)
+            | NodeError::Banned
+            | NodeError::SvidNotIssued
+            | NodeError::SvidNotCurrent
+            | NodeError::NotAttested
+            | NodeError::JoinTokenUnknown
+            | NodeError::JoinTokenExpired => Status::permission_denied(e.to_string()),
+            NodeError::Invalid(_) | NodeError::JoinTokenMalformed | NodeError::InvalidPublicKey => {
+                Status::invalid_argument(e.to_string())
+            }
             NodeError::SpawnRefused(_) => Status::failed_precondition(e.to_string()),
             NodeError::SpawnLimit(_) => Status::resource_exhausted(e.to_string()),
             NodeError::LeaseEnded(_) => Status::not_found(e.to_string()),
@@ -88,7 +100,7 @@ impl NodeService {
     /// other SVID of the trust domain carrying the agent's ID is refused, however it
     /// was obtained, and so is an SVID past its expiry on a long-lived connection.
     async fn agent_svid<T>(&self, request: &Request<T>) -> Result<(SpiffeId, String), Status> {
-        let required = || Status::unauthenticated("an agent SVID is required");
+        let required = || Status::from(NodeError::SvidRequired);
         let certs = request.peer_certs().ok_or_else(required)?;
         let leaf = certs.first().ok_or_else(required)?;
         let checked = crate::svid::x509::check_leaf(leaf).map_err(|_| required())?;
@@ -96,9 +108,7 @@ impl NodeService {
         let state = self.state();
         let expires_at = crate::clock::unix_seconds(checked.expires_at);
         if expires_at <= state.clock.unix_seconds() {
-            return Err(Status::unauthenticated(
-                "the agent SVID has expired; attest again with a new join token",
-            ));
+            return Err(NodeError::SvidExpired.into());
         }
         let presented = fingerprint(leaf);
         let record = state
@@ -107,7 +117,7 @@ impl NodeService {
             .await
             .map_err(NodeError::from)?;
         match record {
-            Some(a) if a.banned => Err(Status::permission_denied("agent is banned")),
+            Some(a) if a.banned => Err(NodeError::Banned.into()),
             Some(a) if !a.cert_sha256.is_empty() && a.cert_sha256 == presented => {
                 Ok((id, presented))
             }
@@ -122,16 +132,10 @@ impl NodeService {
                     Ok((id, presented))
                 } else {
                     tracing::warn!(agent = %id, cert_sha256 = %presented, "refused an agent SVID the server did not issue to this agent, or has replaced");
-                    Err(Status::permission_denied(
-                        "this agent SVID is not the one the server issued to this agent \
-                         (replaced by a renewal, or never issued); attest again with a new \
-                         join token",
-                    ))
+                    Err(NodeError::SvidNotIssued.into())
                 }
             }
-            None => Err(Status::permission_denied(
-                "agent is not attested (evicted?); attest again with a new join token",
-            )),
+            None => Err(NodeError::NotAttested.into()),
         }
     }
 
@@ -141,9 +145,7 @@ impl NodeService {
         public_key: &[u8],
     ) -> Result<crate::svid::x509::X509Svid, Status> {
         if public_key.is_empty() || public_key.len() > MAX_PUBLIC_KEY_LEN {
-            return Err(Status::invalid_argument(
-                "public_key must be a DER SubjectPublicKeyInfo",
-            ));
+            return Err(NodeError::InvalidPublicKey.into());
         }
         self.state()
             .ca
@@ -199,7 +201,7 @@ impl pb::node_server::Node for NodeService {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            return Err(Status::invalid_argument("malformed join token"));
+            return Err(NodeError::JoinTokenMalformed.into());
         }
         let state = self.state();
         // Check the agent ID first so a malformed one consumes nothing.
@@ -207,7 +209,7 @@ impl pb::node_server::Node for NodeService {
             .config
             .trust_domain
             .spiffe_id(&format!("{AGENT_PATH_PREFIX}join_token/{token}"))
-            .map_err(|_| Status::invalid_argument("malformed join token"))?;
+            .map_err(|_| Status::from(NodeError::JoinTokenMalformed))?;
         if let Some(existing) = state
             .store
             .fetch_agent(&id)
@@ -215,7 +217,7 @@ impl pb::node_server::Node for NodeService {
             .map_err(NodeError::from)?
             && existing.banned
         {
-            return Err(Status::permission_denied("agent is banned"));
+            return Err(NodeError::Banned.into());
         }
         let now = state.clock.unix_seconds();
         match state
@@ -226,12 +228,10 @@ impl pb::node_server::Node for NodeService {
             Ok(_) => {}
             Err(StoreError::NotFound { .. }) => {
                 tracing::warn!(token_sha256 = %hex::encode(sha256(token.as_bytes())), "unknown or reused join token");
-                return Err(Status::permission_denied(
-                    "join token does not exist or has already been used",
-                ));
+                return Err(NodeError::JoinTokenUnknown.into());
             }
             Err(StoreError::TokenExpired) => {
-                return Err(Status::permission_denied("join token has expired"));
+                return Err(NodeError::JoinTokenExpired.into());
             }
             Err(e) => return Err(NodeError::from(e).into()),
         }
@@ -277,10 +277,7 @@ impl pb::node_server::Node for NodeService {
             .await
             .map_err(NodeError::from)?
         {
-            return Err(Status::permission_denied(
-                "this agent SVID is no longer current (the agent was renewed, banned or \
-                 evicted meanwhile); attest again with a new join token",
-            ));
+            return Err(NodeError::SvidNotCurrent.into());
         }
         Ok(Response::new(self.agent_response(&id, svid)))
     }
@@ -362,7 +359,7 @@ impl pb::node_server::Node for NodeService {
         let agent = self.agent(&request).await?;
         let r = request.into_inner();
         let parent_id = SpiffeId::new(&r.parent_spiffe_id)
-            .map_err(|e| Status::invalid_argument(format!("parent_spiffe_id: {e}")))?;
+            .map_err(|e| Status::from(NodeError::Invalid(format!("parent_spiffe_id: {e}"))))?;
         let child = ChildRequest {
             parent_id,
             parent_entry_id: (!r.parent_entry_id.is_empty()).then_some(r.parent_entry_id),
@@ -408,9 +405,7 @@ impl pb::node_server::Node for NodeService {
         let agent = self.agent(&request).await?;
         let r = request.into_inner();
         if r.public_key.is_empty() || r.public_key.len() > MAX_PUBLIC_KEY_LEN {
-            return Err(Status::invalid_argument(
-                "public_key must be a DER SubjectPublicKeyInfo",
-            ));
+            return Err(NodeError::InvalidPublicKey.into());
         }
         let svid = self
             .handler
