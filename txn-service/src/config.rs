@@ -651,8 +651,9 @@ impl TxnServer {
             service = service.with_subject_cache();
         }
         if let Some(store) = &config.identity_store {
+            // Read-only: the identity server owns (and migrates) its store.
             let store = store
-                .open()
+                .open_read_only()
                 .await
                 .map_err(|e| TxnConfigError::Invalid(format!("`identity_store`: {e}")))?;
             service = service.with_leases(Leases::new(store));

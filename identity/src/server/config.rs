@@ -190,6 +190,18 @@ impl Datastore {
         })
     }
 
+    /// Opens the store for reading only, never creating or migrating it (see
+    /// [`SqliteStore::open_read_only`], [`PostgresStore::connect_read_only`]).
+    ///
+    /// # Errors
+    /// [`StoreError`] if it cannot be opened or is not at this build's schema.
+    pub async fn open_read_only(&self) -> Result<SharedStore, StoreError> {
+        Ok(match self {
+            Datastore::Sqlite(path) => Arc::new(SqliteStore::open_read_only(path).await?),
+            Datastore::Postgres(url) => Arc::new(PostgresStore::connect_read_only(url).await?),
+        })
+    }
+
     /// The `[datastore]` table's meaning, with a relative SQLite path taken from `base`;
     /// `None` when SQLite has no `connection`.
     ///

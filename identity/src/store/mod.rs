@@ -70,6 +70,17 @@ pub enum StoreError {
     /// The database failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// A reader that never migrates found a database its writer (the identity server)
+    /// has not brought up to this build's schema, or has not created yet.
+    #[error(
+        "database schema version {found} is older than this build's ({supported}): start the identity server (which migrates it) first"
+    )]
+    SchemaTooOld {
+        /// The newest version recorded in the database (0: none).
+        found: i64,
+        /// The newest version this build knows.
+        supported: i64,
+    },
     /// The database was migrated by a newer build to a schema this one does not know.
     #[error("database schema version {found} is newer than this build supports ({supported})")]
     SchemaTooNew {

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnection, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 
 use super::schema::{
@@ -50,6 +50,27 @@ impl PostgresStore {
             .connect(url)
             .await?;
         schema::migrate_postgres(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Connects to the database at `url` for reading only: nothing is migrated and every
+    /// session is `default_transaction_read_only`, so every write fails. What a reader
+    /// of the identity server's store (the token service reading leases) connects with.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if the server cannot be reached;
+    /// [`StoreError::SchemaTooOld`] if the identity server has not migrated the database
+    /// to this build's schema; [`StoreError::SchemaTooNew`].
+    pub async fn connect_read_only(url: &str) -> Result<Self, StoreError> {
+        let options = url
+            .parse::<PgConnectOptions>()?
+            .options([("default_transaction_read_only", "on")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await?;
+        schema::check_postgres(&pool).await?;
         Ok(Self { pool })
     }
 

@@ -290,6 +290,41 @@ macro_rules! apply_migrations {
     }};
 }
 
+/// Checks, without changing anything, that a database is at exactly this build's
+/// schema: what a reader that must never migrate (the token service reading leases)
+/// opens with.
+macro_rules! check_current {
+    ($pool:expr, $migrations:expr) => {{
+        let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations")
+            .fetch_all($pool)
+            .await
+            .unwrap_or_default();
+        if pending($migrations, &applied)?.next().is_some() {
+            return Err(StoreError::SchemaTooOld {
+                found: applied.iter().copied().max().unwrap_or(0),
+                supported: $migrations.iter().map(|m| m.version).max().unwrap_or(0),
+            });
+        }
+        Ok(())
+    }};
+}
+
+/// Checks that a SQLite database is at this build's schema (see [`check_current`]).
+///
+/// # Errors
+/// [`StoreError::SchemaTooOld`] or [`StoreError::SchemaTooNew`].
+pub(super) async fn check_sqlite(pool: &SqlitePool) -> Result<(), StoreError> {
+    check_current!(pool, SQLITE_MIGRATIONS)
+}
+
+/// Checks that a PostgreSQL database is at this build's schema.
+///
+/// # Errors
+/// [`StoreError::SchemaTooOld`] or [`StoreError::SchemaTooNew`].
+pub(super) async fn check_postgres(pool: &PgPool) -> Result<(), StoreError> {
+    check_current!(pool, POSTGRES_MIGRATIONS)
+}
+
 /// Brings a SQLite database up to date. The whole run holds SQLite's write lock
 /// (`BEGIN IMMEDIATE`), so concurrent openers migrate one after another; running it on an
 /// up-to-date database changes nothing.

@@ -90,6 +90,29 @@ impl SqliteStore {
         Self::start(pool).await
     }
 
+    /// Opens an existing database at `path` for reading only: no file or directory is
+    /// created, nothing is migrated, and every write fails. What a reader of another
+    /// process's store (the token service reading leases) opens with.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if the file is missing or unreadable;
+    /// [`StoreError::SchemaTooOld`] if its writer has not migrated it to this build's
+    /// schema; [`StoreError::SchemaTooNew`].
+    pub async fn open_read_only(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .read_only(true)
+            .busy_timeout(BUSY_TIMEOUT)
+            .statement_cache_capacity(STATEMENT_CACHE);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await?;
+        schema::check_sqlite(&pool).await?;
+        Ok(Self { pool })
+    }
+
     /// A store in memory, gone when dropped: for tests and throw-away runs. The pool
     /// holds exactly one connection, which never expires, so every query sees the same
     /// database (and which, unlike a file store's, is never replaced: a write that fails

@@ -657,3 +657,51 @@ async fn postgres_failed_writes_leave_every_connection_clean() {
     assert_eq!(store.count_entries().await.unwrap(), 40);
     store.close().await;
 }
+
+/// A reader of another process's store (the token service reading leases) never creates,
+/// migrates or writes it.
+#[tokio::test]
+async fn sqlite_read_only_never_creates_migrates_or_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    // Missing: an error, and still missing.
+    assert!(SqliteStore::open_read_only(&path).await.is_err());
+    assert!(!path.exists());
+    // Created by something else but never migrated: refused, and left unmigrated.
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true);
+    let mut created = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
+    sqlx::query("PRAGMA user_version = 0").execute(&mut created).await.unwrap();
+    drop(created);
+    let err = SqliteStore::open_read_only(&path).await.unwrap_err();
+    assert!(matches!(err, StoreError::SchemaTooOld { found: 0, .. }), "{err:?}");
+    let mut conn = raw_sqlite(&path).await;
+    let tables: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_master")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(tables, 0, "a read-only open created nothing");
+    drop(conn);
+    std::fs::remove_file(&path).unwrap();
+    // Migrated by its owner: readable, not writable.
+    let owner = SqliteStore::open(&path).await.unwrap();
+    let created = owner.create_entry(&entry(1)).await.unwrap();
+    let reader = SqliteStore::open_read_only(&path).await.unwrap();
+    assert_eq!(reader.fetch_entry(&created.id).await.unwrap(), Some(created));
+    assert!(reader.create_entry(&entry(2)).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_read_only_never_migrates_or_writes() {
+    let Some(pg) = TempPostgres::start().unwrap() else {
+        return;
+    };
+    let err = PostgresStore::connect_read_only(&pg.url()).await.unwrap_err();
+    assert!(matches!(err, StoreError::SchemaTooOld { found: 0, .. }), "{err:?}");
+    let owner = PostgresStore::connect(&pg.url()).await.unwrap();
+    let created = owner.create_entry(&entry(1)).await.unwrap();
+    let reader = PostgresStore::connect_read_only(&pg.url()).await.unwrap();
+    assert_eq!(reader.fetch_entry(&created.id).await.unwrap(), Some(created));
+    assert!(reader.create_entry(&entry(2)).await.is_err());
+}
