@@ -174,7 +174,7 @@ impl Provider {
         let private = PrivateKey::generate().unwrap();
         let (x, y) = private.ec_p256_xy().expect("an EC P-256 key");
         let jwk = Jwk::ec_p256(x, y);
-        let kid = jwk.thumbprint();
+        let kid = jwk.thumbprint().unwrap();
         let mut public = serde_json::to_value(&jwk).unwrap();
         public["kid"] = json!(kid);
         public["alg"] = json!("ES256");

@@ -57,7 +57,7 @@ impl Minter {
         let signer = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, key.pkcs8_der())
             .map_err(|_| MintError::KeyType)?;
         Ok(Self {
-            kid: jwk.thumbprint(),
+            kid: jwk.thumbprint().map_err(|_| MintError::KeyType)?,
             jwk,
             signer: Arc::new(signer),
             key,

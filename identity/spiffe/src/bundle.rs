@@ -131,15 +131,20 @@ impl Jwk {
         }
     }
 
-    /// The RFC 7638 JWK thumbprint (SHA-256, base64url).
-    pub fn thumbprint(&self) -> String {
-        // Required members only, in lexicographic order, no whitespace.
-        let canonical = match self.kty.as_str() {
-            "EC" => json!({"crv": self.crv, "kty": self.kty, "x": self.x, "y": self.y}),
-            "RSA" => json!({"e": self.e, "kty": self.kty, "n": self.n}),
-            _ => json!({"crv": self.crv, "kty": self.kty, "x": self.x}),
+    /// The RFC 7638 JWK thumbprint (SHA-256, base64url), as jsonwebtoken computes it.
+    ///
+    /// # Errors
+    /// [`BundleError::Jwk`] if the key lacks a member the thumbprint covers.
+    pub fn thumbprint(&self) -> Result<String, BundleError> {
+        let malformed = |detail: String| BundleError::Jwk {
+            kid: String::new(),
+            detail,
         };
-        URL_SAFE_NO_PAD.encode(crate::fingerprint::sha256(canonical.to_string().as_bytes()))
+        let value = serde_json::to_value(self).map_err(|e| malformed(e.to_string()))?;
+        let jwk: jsonwebtoken::jwk::Jwk =
+            serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
+        jwk.thumbprint(jsonwebtoken::jwk::ThumbprintHash::SHA256)
+            .map_err(|e| malformed(e.to_string()))
     }
 
     fn check(&self) -> Result<(), String> {
@@ -664,6 +669,30 @@ impl<'de> Visitor<'de> for StrictValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RFC 7638 section 3.1's example key and thumbprint.
+    #[test]
+    fn thumbprint_matches_rfc_7638() {
+        let jwk: Jwk = serde_json::from_value(json!({
+            "kty": "RSA",
+            "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw",
+            "e": "AQAB"
+        }))
+        .unwrap();
+        assert_eq!(
+            jwk.thumbprint().unwrap(),
+            "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+        );
+        let incomplete = Jwk {
+            kty: "EC".into(),
+            crv: Some("P-256".into()),
+            x: None,
+            y: None,
+            n: None,
+            e: None,
+        };
+        assert!(matches!(incomplete.thumbprint(), Err(BundleError::Jwk { .. })));
+    }
 
     fn td() -> TrustDomain {
         TrustDomain::new("example.org").unwrap()
