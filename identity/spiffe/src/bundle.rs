@@ -691,7 +691,10 @@ mod tests {
             n: None,
             e: None,
         };
-        assert!(matches!(incomplete.thumbprint(), Err(BundleError::Jwk { .. })));
+        assert!(matches!(
+            incomplete.thumbprint(),
+            Err(BundleError::Jwk { .. })
+        ));
     }
 
     fn td() -> TrustDomain {

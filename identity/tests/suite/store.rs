@@ -671,11 +671,19 @@ async fn sqlite_read_only_never_creates_migrates_or_writes() {
     let options = sqlx::sqlite::SqliteConnectOptions::new()
         .filename(&path)
         .create_if_missing(true);
-    let mut created = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
-    sqlx::query("PRAGMA user_version = 0").execute(&mut created).await.unwrap();
+    let mut created = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .unwrap();
+    sqlx::query("PRAGMA user_version = 0")
+        .execute(&mut created)
+        .await
+        .unwrap();
     drop(created);
     let err = SqliteStore::open_read_only(&path).await.unwrap_err();
-    assert!(matches!(err, StoreError::SchemaTooOld { found: 0, .. }), "{err:?}");
+    assert!(
+        matches!(err, StoreError::SchemaTooOld { found: 0, .. }),
+        "{err:?}"
+    );
     let mut conn = raw_sqlite(&path).await;
     let tables: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_master")
         .fetch_one(&mut conn)
@@ -688,7 +696,10 @@ async fn sqlite_read_only_never_creates_migrates_or_writes() {
     let owner = SqliteStore::open(&path).await.unwrap();
     let created = owner.create_entry(&entry(1)).await.unwrap();
     let reader = SqliteStore::open_read_only(&path).await.unwrap();
-    assert_eq!(reader.fetch_entry(&created.id).await.unwrap(), Some(created));
+    assert_eq!(
+        reader.fetch_entry(&created.id).await.unwrap(),
+        Some(created)
+    );
     assert!(reader.create_entry(&entry(2)).await.is_err());
 }
 
@@ -697,11 +708,19 @@ async fn postgres_read_only_never_migrates_or_writes() {
     let Some(pg) = TempPostgres::start().unwrap() else {
         return;
     };
-    let err = PostgresStore::connect_read_only(&pg.url()).await.unwrap_err();
-    assert!(matches!(err, StoreError::SchemaTooOld { found: 0, .. }), "{err:?}");
+    let err = PostgresStore::connect_read_only(&pg.url())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::SchemaTooOld { found: 0, .. }),
+        "{err:?}"
+    );
     let owner = PostgresStore::connect(&pg.url()).await.unwrap();
     let created = owner.create_entry(&entry(1)).await.unwrap();
     let reader = PostgresStore::connect_read_only(&pg.url()).await.unwrap();
-    assert_eq!(reader.fetch_entry(&created.id).await.unwrap(), Some(created));
+    assert_eq!(
+        reader.fetch_entry(&created.id).await.unwrap(),
+        Some(created)
+    );
     assert!(reader.create_entry(&entry(2)).await.is_err());
 }

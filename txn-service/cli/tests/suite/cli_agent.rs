@@ -213,9 +213,9 @@ fn data_dirs_are_private() {
     std::fs::create_dir(&data).unwrap();
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::write(dir.path().join("server.toml"), "").unwrap();
-    let node_addr = format!("127.0.0.1:{}", crate::common::free_port());
+    let (child, node_addr) = Server::spawn_on_free_port(dir.path());
     let server = Server {
-        child: Server::spawn(dir.path(), &node_addr),
+        child,
         node_addr,
         dir,
     };

@@ -8,9 +8,8 @@ use writ_tests::oidc_provider;
 
 use std::io::Write;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
-use crate::common::{Server, WRIT, free_port, start_agent, uid};
+use crate::common::{Server, WRIT, bound_address, start_agent, uid};
 use serde_json::Value;
 
 struct Txn(Child);
@@ -74,11 +73,9 @@ fn txn_run_exchange_and_decode() {
         ]);
     }
     let dir = server.dir.path();
-    let port = free_port();
-    let url = format!("https://127.0.0.1:{port}");
     let config = format!(
         r#"
-listen = "127.0.0.1:{port}"
+listen = "127.0.0.1:0"
 workload_api = "{endpoint}"
 spiffe_id = "spiffe://example.org/tts"
 data_dir = "{data}"
@@ -124,18 +121,19 @@ max_scope = ["read"]
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("bogus"), "{stderr}");
 
-    let _txn = Txn(Command::new(WRIT)
+    let mut txn = Command::new(WRIT)
         .args(["txn", "run", "--config"])
         .arg(dir.join("txn.toml"))
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "writ txn run did not listen");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        .unwrap();
+    let stdout = txn.stdout.take().unwrap();
+    let _txn = Txn(txn);
+    let url = format!(
+        "https://{}",
+        bound_address(stdout, "Transaction token service listening")
+    );
 
     // The gateway exchanges the access token (from a file).
     std::fs::write(dir.join("access_token"), &access_token).unwrap();

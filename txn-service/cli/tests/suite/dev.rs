@@ -9,7 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use crate::common::{WRIT, free_port, uid};
+use crate::common::{WRIT, bound_address, uid};
 use serde_json::Value;
 
 /// A running `writ dev`, killed on drop; its stdout lines arrive on `lines`.
@@ -220,11 +220,10 @@ fn writ_dev_runs_the_chain_and_restarts_with_the_same_bundle_and_entries() {
     // when configured to trust that issuer. (It runs as this test's workload: only the
     // `writ dev` process itself gets the embedded service's identity.)
     let config = tmp.path().join("txn.toml");
-    let port = free_port();
     std::fs::write(
         &config,
         format!(
-            r#"listen = "127.0.0.1:{port}"
+            r#"listen = "127.0.0.1:0"
 workload_api = "{workload_api}"
 spiffe_id = "{me}"
 audit_log = "-"
@@ -249,13 +248,9 @@ max_scope = ["docs.read"]
         .unwrap();
     // With `audit_log = "-"` standard output holds only audit records: the ready line
     // goes to standard error with the logs.
-    let mut stderr = BufReader::new(standalone.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("Transaction token service listening") {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "no ready line");
-    }
-    let out = exchange(&format!("https://127.0.0.1:{port}"));
+    let stderr = standalone.stderr.take().unwrap();
+    let addr = bound_address(stderr, "Transaction token service listening");
+    let out = exchange(&format!("https://{addr}"));
     let _ = standalone.kill();
     let _ = standalone.wait();
     let mut audit = String::new();

@@ -22,8 +22,7 @@ impl Server {
     pub fn start_with_config(config: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("server.toml"), config).unwrap();
-        let node_addr = format!("127.0.0.1:{}", free_port());
-        let child = Self::spawn(dir.path(), &node_addr);
+        let (child, node_addr) = Self::spawn_on_free_port(dir.path());
         let server = Self {
             node_addr,
             child,
@@ -33,8 +32,25 @@ impl Server {
         server
     }
 
+    /// Starts a server on port 0 and returns it with the node API address it reports.
+    pub fn spawn_on_free_port(dir: &Path) -> (Child, String) {
+        let mut child = Self::command(dir, "127.0.0.1:0")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let addr = bound_address(stderr, "node API (mTLS) ready");
+        (child, addr)
+    }
+
+    /// Starts a server on `node_addr` (a restart keeps its own address).
     pub fn spawn(dir: &Path, node_addr: &str) -> Child {
-        Command::new(WRIT)
+        Self::command(dir, node_addr).spawn().unwrap()
+    }
+
+    fn command(dir: &Path, node_addr: &str) -> Command {
+        let mut command = Command::new(WRIT);
+        command
             .args(["server", "run", "--config"])
             .arg(dir.join("server.toml"))
             .arg("--data-dir")
@@ -44,9 +60,8 @@ impl Server {
             .args(["--bind-address", node_addr])
             .env_remove("WRIT_SERVER_SOCKET")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+            .stderr(Stdio::null());
+        command
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -161,11 +176,7 @@ pub fn agent_cmd(
     cmd
 }
 
-/// This process's uid.
-pub fn uid() -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").unwrap().uid()
-}
+pub use writ_tests::uid;
 
 /// Runs `writ` with `SPIFFE_ENDPOINT_SOCKET` pointing at `socket`.
 pub fn api(args: &[&str], socket: &Path) -> std::process::Output {
@@ -241,11 +252,33 @@ pub fn openssl(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// A free loopback port (bound, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Reads a child's output (standard error or out) on a thread until a line containing `marker` names
+/// the address it bound (a `127.0.0.1:<port>` in that line), and returns it; the rest
+/// of the output is drained so the child never blocks on a full pipe. Servers in these
+/// tests bind port 0 and report what they got: no port is picked, released and reused.
+pub fn bound_address(output: impl std::io::Read + Send + 'static, marker: &'static str) -> String {
+    use std::io::BufRead as _;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(output).lines() {
+            let Ok(line) = line else { break };
+            if line.contains(marker)
+                && let Some(addr) = loopback_address(&line)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("no {marker:?} line with a bound address"))
+}
+
+/// The first `127.0.0.1:<port>` in `line` (ANSI colour codes around it are ignored).
+fn loopback_address(line: &str) -> Option<String> {
+    let start = line.find("127.0.0.1:")?;
+    let rest = &line[start + "127.0.0.1:".len()..];
+    let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    (!port.is_empty()).then(|| format!("127.0.0.1:{port}"))
 }
