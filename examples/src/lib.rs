@@ -11,6 +11,13 @@
 //! This library holds what both share (the Workload API flags, serving until a signal)
 //! and their routers, so tests can call the routers
 //! directly. `docs/sdk.md` walks through them.
+#![cfg_attr(
+    test,
+    expect(
+        unused_crate_dependencies,
+        reason = "unit tests see the dev-dependencies of the integration tests"
+    )
+)]
 #![forbid(unsafe_code)]
 
 pub mod demo;

@@ -1,11 +1,11 @@
 //! Crypto throughput of the identity core on one core (`cargo bench -p writ-identity
 //! --bench identity`): X509-SVID issuance (key generation + signing), X509-SVID signing
 //! of a given public key, JWT-SVID signing and validation, X509-SVID validation.
-
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
+#![expect(
+    unused_crate_dependencies,
+    reason = "a bench target sees every dependency and dev-dependency of its package"
+)]
+#![expect(
     clippy::indexing_slicing,
     reason = "test code: a failed setup step should abort the test loudly"
 )]

@@ -11,6 +11,10 @@
 //!
 //! N comes from the command line or `WRIT_BENCH_ENTRIES` (comma separated), default
 //! 100000 and 1000000.
+#![expect(
+    unused_crate_dependencies,
+    reason = "a bench target sees every dependency and dev-dependency of its package"
+)]
 
 use std::time::{Duration, Instant};
 

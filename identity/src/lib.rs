@@ -18,6 +18,13 @@
 //! println!("{}", svid.chain_pem());
 //! # Ok(()) }
 //! ```
+#![cfg_attr(
+    test,
+    expect(
+        unused_crate_dependencies,
+        reason = "unit tests see the dev-dependencies of the integration tests"
+    )
+)]
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -36,7 +43,13 @@ pub use writ_spiffe::{accept, bundle, clock, fingerprint, numeric_date, spiffe_i
 
 /// Generated gRPC code for the protos under `specs/proto` (the Workload API and the
 /// sub-agent API come from `writ-spiffe`, where their generated code is committed).
-#[expect(missing_docs, clippy::all, clippy::pedantic, reason = "generated code")]
+#[expect(
+    missing_docs,
+    clippy::pedantic,
+    clippy::allow_attributes,
+    clippy::allow_attributes_without_reason,
+    reason = "generated code"
+)]
 pub mod proto {
     /// Writ's own APIs, by proto package.
     pub mod writ {

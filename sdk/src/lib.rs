@@ -19,6 +19,13 @@
 //! println!("I am {}", x509.svids[0].spiffe_id);
 //! # Ok(()) }
 //! ```
+#![cfg_attr(
+    test,
+    expect(
+        unused_crate_dependencies,
+        reason = "unit tests see the dev-dependencies of the integration tests"
+    )
+)]
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "exchange")]

@@ -34,7 +34,11 @@
 //! spread over the clients),
 //! `WRIT_BENCH_CRYPTO_OPS` (2000), `WRIT_BENCH_CORES` (default: the available
 //! parallelism).
-#![allow(
+#![expect(
+    unused_crate_dependencies,
+    reason = "a bench target sees every dependency and dev-dependency of its package"
+)]
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,

@@ -13,10 +13,12 @@
 //!   node API, lease checks included), per second.
 //!
 //! Counts: `WRIT_BENCH_SPAWNS` (50), `WRIT_BENCH_REGISTRATIONS` (200).
-#![allow(
+#![expect(
+    unused_crate_dependencies,
+    reason = "a bench target sees every dependency and dev-dependency of its package"
+)]
+#![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
     clippy::indexing_slicing,
     reason = "benchmark code: a failed setup step should abort the run loudly"
 )]

@@ -12,10 +12,12 @@
 //! the verifier as a fixed JWKS, so no fetch is measured. Every verification is checked
 //! (a refused token panics the bench). `WRIT_BENCH_OPS` (20,000) sets the operations per
 //! figure; each figure is the median of 3 runs.
-#![allow(
+#![expect(
+    unused_crate_dependencies,
+    reason = "a bench target sees every dependency and dev-dependency of its package"
+)]
+#![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
     clippy::indexing_slicing,
     reason = "benchmark code: a failed setup step or verification should abort the run loudly"
 )]

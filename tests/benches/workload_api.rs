@@ -20,10 +20,13 @@
 //!
 //! Counts come from the environment: `WRIT_BENCH_JWT_CALLS` (2000), `WRIT_BENCH_X509_TRIES`
 //! (200), `WRIT_BENCH_MEMORY_ENTRIES` (2000), `WRIT_BENCH_PROPAGATION_ENTRIES` (50).
-#![allow(
+#![expect(
+    unused_crate_dependencies,
+    reason = "a bench target sees every dependency and dev-dependency of its package"
+)]
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
-    clippy::panic,
     clippy::indexing_slicing,
     reason = "benchmark code: a failed setup step should abort the run loudly"
 )]

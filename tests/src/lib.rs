@@ -2,12 +2,21 @@
 //! SQLite file, an in-process agent serving the Workload API on a temp socket) and the
 //! helpers that make interop tests short. [`env`](mod@env) is the test environment every
 //! package's suites share: skipping, this process's ids, and installs into `.interop/`.
-#![allow(
+#![cfg_attr(
+    test,
+    expect(
+        unused_crate_dependencies,
+        reason = "unit tests see the dev-dependencies of the integration tests"
+    )
+)]
+#![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
     clippy::panic,
     reason = "test harness: a failed setup step should abort the test loudly"
 )]
+
+// The `subagent_probe` binary (a sub-agent the suites spawn) links the SDK.
+use writ_sdk as _;
 
 pub mod env;
 pub mod oidc_provider;

@@ -7,6 +7,13 @@
 //! issuance [`policy`], mints Txn-Tokens (draft-ietf-oauth-transaction-tokens-10) with
 //! rotating keys ([`txn_token`]), replaces them down a delegation chain ([`exchange`]),
 //! and writes one [`audit`] line per decision.
+#![cfg_attr(
+    test,
+    expect(
+        unused_crate_dependencies,
+        reason = "unit tests see the dev-dependencies of the integration tests"
+    )
+)]
 #![forbid(unsafe_code)]
 
 pub mod audit;

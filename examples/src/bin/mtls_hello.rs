@@ -10,6 +10,10 @@
 //! Both sides get their X509-SVID from the Workload API (`SPIFFE_ENDPOINT_SOCKET` or
 //! `--socket`) and name whom they accept: the server a list of client IDs and/or trust
 //! domains, the client the server's exact ID. Neither has a default that accepts anyone.
+#![expect(
+    unused_crate_dependencies,
+    reason = "a binary target sees every dependency of its package"
+)]
 
 use std::io::Read as _;
 use std::net::SocketAddr;

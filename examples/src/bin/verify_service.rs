@@ -11,6 +11,10 @@
 //! caller is one of `--allow` and its `Txn-Token` header verifies against the
 //! transaction token service's keys (fetched over mTLS from `--jwks-url`, or read from
 //! `--jwks-file`); otherwise the JSON error of `writ_sdk::middleware`.
+#![expect(
+    unused_crate_dependencies,
+    reason = "a binary target sees every dependency of its package"
+)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

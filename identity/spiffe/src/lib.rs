@@ -28,6 +28,13 @@
 //! assert_eq!(id.path(), "/agents/planner");
 //! # Ok::<(), writ_spiffe::spiffe_id::SpiffeIdError>(())
 //! ```
+#![cfg_attr(
+    test,
+    expect(
+        unused_crate_dependencies,
+        reason = "unit tests see the dev-dependencies of the integration tests"
+    )
+)]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -53,13 +60,25 @@ pub mod tls;
 #[cfg(feature = "workload-api")]
 pub mod proto {
     /// The SPIFFE Workload API (no proto package, as the standard defines it).
-    #[expect(missing_docs, clippy::all, clippy::pedantic, reason = "generated code")]
+    #[expect(
+        missing_docs,
+        clippy::pedantic,
+        clippy::allow_attributes,
+        clippy::allow_attributes_without_reason,
+        reason = "generated code"
+    )]
     pub mod workload {
         include!("proto/workload.rs");
     }
     /// `writ.delegation.v1`: sub-agent leases, served next to the Workload API on the
     /// agent socket.
-    #[expect(missing_docs, clippy::all, clippy::pedantic, reason = "generated code")]
+    #[expect(
+        missing_docs,
+        clippy::pedantic,
+        clippy::allow_attributes,
+        clippy::allow_attributes_without_reason,
+        reason = "generated code"
+    )]
     pub mod delegation {
         include!("proto/delegation.rs");
     }

@@ -1,6 +1,11 @@
 //! The committed generated code under `src/proto/` is what the protos in `specs/proto`
 //! produce: this test regenerates it with the vendored protoc and fails on any
 //! difference. Run it with `WRIT_BLESS_PROTOS=1` to rewrite the files after a proto change.
+#![expect(clippy::unwrap_used, reason = "a test: a failed step aborts it loudly")]
+#![expect(
+    unused_crate_dependencies,
+    reason = "an integration-test target sees every dependency and dev-dependency of its package"
+)]
 
 use std::path::{Path, PathBuf};
 

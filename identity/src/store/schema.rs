@@ -727,7 +727,7 @@ impl<'a> EntryParams<'a> {
     /// # Errors
     /// [`StoreError::Invalid`] for an entry with no selectors, more than
     /// [`MAX_SELECTORS`], or a TTL beyond `i64::MAX`.
-    pub fn new(entry: &'a RegistrationEntry) -> Result<Self, StoreError> {
+    pub(super) fn new(entry: &'a RegistrationEntry) -> Result<Self, StoreError> {
         let mut selectors: Vec<&Selector> = entry.selectors.iter().collect();
         selectors.sort();
         selectors.dedup();
@@ -771,7 +771,7 @@ impl<'a> EntryParams<'a> {
     }
 
     /// The entry as stored by a create: normalized selectors, revision 1.
-    pub fn created(&self, entry: &RegistrationEntry) -> RegistrationEntry {
+    pub(super) fn created(&self, entry: &RegistrationEntry) -> RegistrationEntry {
         RegistrationEntry {
             selectors: self.selectors.iter().map(|s| (*s).clone()).collect(),
             revision: 1,
@@ -894,7 +894,7 @@ const ENTRY: &str = "entry";
 
 impl EntryRow {
     /// Reads the columns of an entry query (see `entry_select!`).
-    pub fn from_row<R>(row: &R) -> Result<Self, StoreError>
+    pub(super) fn from_row<R>(row: &R) -> Result<Self, StoreError>
     where
         R: Row,
         for<'c> &'c str: ColumnIndex<R>,
@@ -925,7 +925,7 @@ impl EntryRow {
     }
 
     /// Parses every field.
-    pub fn decode(self) -> Result<RegistrationEntry, StoreError> {
+    pub(super) fn decode(self) -> Result<RegistrationEntry, StoreError> {
         let mut selectors = self
             .selectors
             .as_deref()

@@ -1,7 +1,11 @@
 //! The integration tests of `writ-identity`, linked as one test binary: one module per
 //! area, each driving the public API. Run one area with
 //! `cargo test -p writ-identity --test suite <module>::`.
-#![allow(
+#![expect(
+    unused_crate_dependencies,
+    reason = "an integration-test target sees every dependency and dev-dependency of its package"
+)]
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,

@@ -11,9 +11,12 @@
 //! - `exchange <scope>`: replace `WRIT_TXN_TOKEN` at `WRIT_TTS_URL`: `{"token": ...}` or
 //!   `{"error": "<code>"}`.
 //! - `fork-x509`: run `x509` as an ordinary (unregistered) child and relay its line.
-#![allow(
+#![expect(
+    unused_crate_dependencies,
+    reason = "a binary target sees every dependency of its package"
+)]
+#![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
     clippy::panic,
     clippy::indexing_slicing,
     reason = "a test helper process: failing loudly is the point"

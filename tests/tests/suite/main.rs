@@ -1,7 +1,11 @@
 //! The cross-crate end-to-end and interop tests, linked as one test binary: one module
 //! per area, on the `writ-tests` harness. Run one area with
 //! `cargo test -p writ-tests --test suite <module>::`.
-#![allow(
+#![expect(
+    unused_crate_dependencies,
+    reason = "an integration-test target sees every dependency and dev-dependency of its package"
+)]
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,

@@ -6,10 +6,12 @@
 //! is the whole `writ demo` command (a temporary `writ dev`, three programs started, the
 //! request through four hops, the checks); it needs the example programs next to `writ`
 //! (`cargo build --release -p writ-examples`).
-#![allow(
+#![expect(
+    unused_crate_dependencies,
+    reason = "a bench target sees every dependency and dev-dependency of its package"
+)]
+#![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
     clippy::indexing_slicing,
     clippy::print_stdout,
     reason = "a bench binary: a failed step aborts it loudly, results go to stdout"

@@ -13,6 +13,13 @@
 //! # let _ = cli;
 //! ```
 #![forbid(unsafe_code)]
+#![cfg_attr(
+    test,
+    expect(
+        unused_crate_dependencies,
+        reason = "unit tests see the dev-dependencies of the integration tests"
+    )
+)]
 
 pub mod cli;
 pub mod dev;

@@ -1,4 +1,8 @@
 //! `writ`: one binary for every part of Writ.
+#![expect(
+    unused_crate_dependencies,
+    reason = "a binary target sees every dependency of its package"
+)]
 
 use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;

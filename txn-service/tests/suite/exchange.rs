@@ -27,7 +27,7 @@ use writ_txn_service::txn_token::{Minter, SigningKeys};
 
 /// Reads a whole response body (axum's own helper, so no extra dependency).
 mod http_body_util_shim {
-    pub async fn collect(body: axum::body::Body) -> Vec<u8> {
+    pub(super) async fn collect(body: axum::body::Body) -> Vec<u8> {
         axum::body::to_bytes(body, usize::MAX)
             .await
             .unwrap()

@@ -1,6 +1,10 @@
 //! The token service's tests against its public API, linked as one test binary. Run one
 //! area with `cargo test -p writ-txn-service --test suite <module>::`.
-#![allow(
+#![expect(
+    unused_crate_dependencies,
+    reason = "an integration-test target sees every dependency and dev-dependency of its package"
+)]
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,

@@ -2,7 +2,7 @@
 //! to hold its connections hostage: silent TCP connections, TLS connections that trickle
 //! their header, and a legitimate caller that exchanges a token. Shared by
 //! `tests/suite/hostage.rs` and `benches/hostage.rs`.
-#![allow(
+#![expect(
     dead_code,
     reason = "shared by a test file and a bench, each using a part"
 )]
@@ -24,20 +24,20 @@ use writ_tests::{Stack, uid_selector};
 use writ_txn_service::config::{TxnConfig, TxnServer};
 use writ_txn_service::oidc::IssuerConfig;
 
-pub const TD: &str = "example.org";
-pub const GATEWAY: &str = "/gateway";
+pub(crate) const TD: &str = "example.org";
+pub(crate) const GATEWAY: &str = "/gateway";
 
-pub struct Hostage {
-    pub stack: Stack,
-    pub server: TxnServer,
-    pub issuer: DevIssuer,
-    pub source: X509Source,
-    pub url: String,
+pub(crate) struct Hostage {
+    pub(crate) stack: Stack,
+    pub(crate) server: TxnServer,
+    pub(crate) issuer: DevIssuer,
+    pub(crate) source: X509Source,
+    pub(crate) url: String,
 }
 
 impl Hostage {
     /// A TTS whose `[connections]` table is `connections` (TOML lines).
-    pub async fn start(connections: &str) -> Self {
+    pub(crate) async fn start(connections: &str) -> Self {
         let stack = Stack::start(Duration::from_secs(3600)).await;
         for path in ["/tts", GATEWAY] {
             stack.register(path, &[&uid_selector()]).await;
@@ -86,12 +86,12 @@ max_scope = ["read"]
         }
     }
 
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.server.addr
     }
 
     /// One legitimate exchange on a new connection (a full mTLS handshake).
-    pub async fn exchange(&self, user: &str) -> Result<String, String> {
+    pub(crate) async fn exchange(&self, user: &str) -> Result<String, String> {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap()
@@ -109,7 +109,7 @@ max_scope = ["read"]
     }
 
     /// A TLS client (presenting the gateway's SVID) speaking HTTP/1.1 only.
-    pub fn connector(&self) -> TlsConnector {
+    pub(crate) fn connector(&self) -> TlsConnector {
         let td = writ_identity::spiffe_id::TrustDomain::new(TD).unwrap();
         let mut config =
             writ_sdk::tls::client_config(&self.source, Authorizer::member_of(td)).unwrap();
@@ -118,7 +118,7 @@ max_scope = ["read"]
     }
 
     /// A TLS connection from `from`, handshake done.
-    pub async fn tls_from(&self, from: IpAddr) -> std::io::Result<TlsStream<TcpStream>> {
+    pub(crate) async fn tls_from(&self, from: IpAddr) -> std::io::Result<TlsStream<TcpStream>> {
         let tcp = tcp_from(from, self.addr()).await?;
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         self.connector().connect(name, tcp).await
@@ -126,14 +126,14 @@ max_scope = ["read"]
 }
 
 /// A TCP connection to `to` from the loopback address `from` (any of 127.0.0.0/8).
-pub async fn tcp_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+pub(crate) async fn tcp_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(from, 0))?;
     socket.connect(to).await
 }
 
 /// Reads until the peer closes (end of stream or a reset); returns what was read.
-pub async fn read_to_close<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Vec<u8> {
+pub(crate) async fn read_to_close<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Vec<u8> {
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -146,7 +146,7 @@ pub async fn read_to_close<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> V
 
 /// Sends the start of a request, then one more header byte every `every` until the
 /// server closes the connection (or `max` bytes went out).
-pub async fn trickle_header<S: tokio::io::AsyncWrite + Unpin>(
+pub(crate) async fn trickle_header<S: tokio::io::AsyncWrite + Unpin>(
     stream: &mut S,
     every: Duration,
     max: usize,

@@ -1,7 +1,11 @@
 //! The `writ` command's tests, linked as one test binary: one module per area, each
 //! running the real binary (`CARGO_BIN_EXE_writ`). Run one area with
 //! `cargo test -p writ-cli --test suite <module>::`.
-#![allow(
+#![expect(
+    unused_crate_dependencies,
+    reason = "an integration-test target sees every dependency and dev-dependency of its package"
+)]
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,

@@ -6,7 +6,6 @@
 //! network in a one-machine recipe.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 

@@ -3,23 +3,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub const WRIT: &str = env!("CARGO_BIN_EXE_writ");
+pub(crate) const WRIT: &str = env!("CARGO_BIN_EXE_writ");
 
 /// A `writ server run` child process on a temp data dir, killed on drop.
-pub struct Server {
-    pub node_addr: String,
-    pub child: Child,
-    pub dir: tempfile::TempDir,
+pub(crate) struct Server {
+    pub(crate) node_addr: String,
+    pub(crate) child: Child,
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl Server {
-    pub fn start() -> Self {
+    pub(crate) fn start() -> Self {
         Self::start_with_config("")
     }
 
     /// Starts a server whose `server.toml` holds `config` (data dir and socket are set by
     /// flags).
-    pub fn start_with_config(config: &str) -> Self {
+    pub(crate) fn start_with_config(config: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("server.toml"), config).unwrap();
         let (child, node_addr) = Self::spawn_on_free_port(dir.path());
@@ -33,7 +33,7 @@ impl Server {
     }
 
     /// Starts a server on port 0 and returns it with the node API address it reports.
-    pub fn spawn_on_free_port(dir: &Path) -> (Child, String) {
+    pub(crate) fn spawn_on_free_port(dir: &Path) -> (Child, String) {
         let mut child = Self::command(dir, "127.0.0.1:0")
             .stderr(Stdio::piped())
             .spawn()
@@ -44,7 +44,7 @@ impl Server {
     }
 
     /// Starts a server on `node_addr` (a restart keeps its own address).
-    pub fn spawn(dir: &Path, node_addr: &str) -> Child {
+    pub(crate) fn spawn(dir: &Path, node_addr: &str) -> Child {
         Self::command(dir, node_addr).spawn().unwrap()
     }
 
@@ -64,11 +64,11 @@ impl Server {
         command
     }
 
-    pub fn socket(&self) -> PathBuf {
+    pub(crate) fn socket(&self) -> PathBuf {
         self.dir.path().join("server.sock")
     }
 
-    pub fn wait_ready(&self) {
+    pub(crate) fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if self.socket().exists() && self.writ(&["healthcheck", "--shallow"]).status.success() {
@@ -79,7 +79,7 @@ impl Server {
         panic!("server did not become ready");
     }
 
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         // SIGTERM, as systemd would send, then start again on the same data dir.
         let _ = Command::new("kill")
             .arg(self.child.id().to_string())
@@ -89,7 +89,7 @@ impl Server {
         self.wait_ready();
     }
 
-    pub fn writ(&self, args: &[&str]) -> Output {
+    pub(crate) fn writ(&self, args: &[&str]) -> Output {
         Command::new(WRIT)
             .args(args)
             .env("WRIT_SERVER_SOCKET", self.socket())
@@ -97,7 +97,7 @@ impl Server {
             .unwrap()
     }
 
-    pub fn ok(&self, args: &[&str]) -> String {
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
         let out = self.writ(args);
         assert!(
             out.status.success(),
@@ -109,7 +109,7 @@ impl Server {
 
     /// Runs a command that must fail; returns its stderr: one line, or for a usage error
     /// (exit 2) clap's reason on the first line followed by its tips.
-    pub fn fails(&self, args: &[&str]) -> String {
+    pub(crate) fn fails(&self, args: &[&str]) -> String {
         let out = self.writ(args);
         assert!(!out.status.success(), "writ {args:?} should have failed");
         let err = String::from_utf8(out.stderr).unwrap();
@@ -124,7 +124,7 @@ impl Server {
         err
     }
 
-    pub fn entry_count(&self) -> usize {
+    pub(crate) fn entry_count(&self) -> usize {
         let list: serde_json::Value =
             serde_json::from_str(&self.ok(&["entry", "list", "--output", "json"])).unwrap();
         // A list is always an array, also for one entry.
@@ -140,7 +140,7 @@ impl Drop for Server {
 }
 
 /// A `writ agent run` child process, killed on drop.
-pub struct Agent(pub Child);
+pub(crate) struct Agent(pub Child);
 
 impl Drop for Agent {
     fn drop(&mut self) {
@@ -150,7 +150,7 @@ impl Drop for Agent {
 }
 
 /// `writ agent run` with a join token and the server's bundle on temp paths.
-pub fn agent_cmd(
+pub(crate) fn agent_cmd(
     server: &Server,
     token: &str,
     data: &Path,
@@ -176,10 +176,10 @@ pub fn agent_cmd(
     cmd
 }
 
-pub use writ_tests::uid;
+pub(crate) use writ_tests::uid;
 
 /// Runs `writ` with `SPIFFE_ENDPOINT_SOCKET` pointing at `socket`.
-pub fn api(args: &[&str], socket: &Path) -> std::process::Output {
+pub(crate) fn api(args: &[&str], socket: &Path) -> std::process::Output {
     Command::new(WRIT)
         .args(args)
         .env(
@@ -192,7 +192,7 @@ pub fn api(args: &[&str], socket: &Path) -> std::process::Output {
 
 /// Generates a join token for a new agent and writes the server's bundle to
 /// `<data dir>/bundle.pem` for it to bootstrap with. Returns the token.
-pub fn join_token_and_bundle(server: &Server) -> String {
+pub(crate) fn join_token_and_bundle(server: &Server) -> String {
     let token = server
         .ok(&["token", "generate"])
         .trim()
@@ -206,7 +206,7 @@ pub fn join_token_and_bundle(server: &Server) -> String {
 
 /// Generates a join token, starts an agent with it and waits until its Workload API
 /// answers. Returns the agent, its socket and its SPIFFE ID.
-pub fn start_agent(server: &Server) -> (Agent, PathBuf, String) {
+pub(crate) fn start_agent(server: &Server) -> (Agent, PathBuf, String) {
     let dir = server.dir.path();
     let token = join_token_and_bundle(server);
     let socket = dir.join("agent.sock");
@@ -239,7 +239,7 @@ pub fn start_agent(server: &Server) -> (Agent, PathBuf, String) {
     (agent, socket, id)
 }
 
-pub fn openssl(args: &[&str]) -> String {
+pub(crate) fn openssl(args: &[&str]) -> String {
     let out = Command::new("openssl")
         .args(args)
         .output()
@@ -256,7 +256,10 @@ pub fn openssl(args: &[&str]) -> String {
 /// the address it bound (a `127.0.0.1:<port>` in that line), and returns it; the rest
 /// of the output is drained so the child never blocks on a full pipe. Servers in these
 /// tests bind port 0 and report what they got: no port is picked, released and reused.
-pub fn bound_address(output: impl std::io::Read + Send + 'static, marker: &'static str) -> String {
+pub(crate) fn bound_address(
+    output: impl std::io::Read + Send + 'static,
+    marker: &'static str,
+) -> String {
     use std::io::BufRead as _;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
