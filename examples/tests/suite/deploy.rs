@@ -1019,7 +1019,7 @@ fn dockerfile_builds_writ_and_runs_a_real_command() {
     let docker = dockerfile();
     assert!(
         docker.runs.iter().any(|r| r.contains("cargo build")
-            && r.contains("-p writ-txn-service")
+            && r.contains("-p writ-cli")
             && r.contains("--bin writ")),
         "the build stage builds the writ binary"
     );
