@@ -8,7 +8,8 @@
 //! - [`txn_token`]: the Txn-Token claims type and [`txn_token::TxnVerifier`];
 //! - [`middleware`]: [`middleware::TxnLayer`] and the [`middleware::Verified`]
 //!   extractor, which check the caller and its Txn-Token together;
-//! - [`exchange`]: the RFC 8693 client of the transaction token service;
+//! - [`exchange`]: the RFC 8693 client of the transaction token service, and [`oauth`],
+//!   its vocabulary (token types, grant type), available without any feature;
 //! - [`spawn`]: sub-agents, child processes with a short-lived identity under this
 //!   workload's, released with it.
 //!
@@ -27,6 +28,7 @@ pub mod exchange;
 pub mod listener;
 #[cfg(feature = "axum")]
 pub mod middleware;
+pub mod oauth;
 #[cfg(feature = "spawn")]
 pub mod spawn;
 #[cfg(feature = "x509-source")]

@@ -33,18 +33,24 @@
 //! - a token whose `kid` is not in the cached JWKS triggers at most one refetch per
 //!   [`OidcOptions::refetch_interval`] per issuer, so a flood of random `kid`s cannot
 //!   hammer the provider;
-//! - a token is never logged: only its SHA-256 ([`token_fingerprint`]).
+//! - a token is never logged: only its SHA-256
+//!   ([`writ_identity::fingerprint::token`]).
+//!
+//! The token types are the shared [`TokenType`]s of `access_token`, `id_token` and `jwt`;
+//! [`TokenType::TxnToken`] is refused ([`OidcError::UnsupportedTokenType`]): Txn-Tokens
+//! are the service's own, not an OpenID Provider's.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), writ_txn_service::oidc::OidcError> {
 //! use std::sync::Arc;
 //! use writ_identity::clock::SystemClock;
-//! use writ_txn_service::oidc::{IssuerConfig, OidcValidator, SubjectTokenType};
+//! use writ_sdk::oauth::TokenType;
+//! use writ_txn_service::oidc::{IssuerConfig, OidcValidator};
 //!
 //! let issuer = IssuerConfig::new("https://login.example.com", ["https://tts.example.com"]);
 //! let validator = OidcValidator::new(vec![issuer], Arc::new(SystemClock))?;
 //! let subject = validator
-//!     .validate("eyJ...", SubjectTokenType::AccessToken)
+//!     .validate("eyJ...", TokenType::AccessToken)
 //!     .await?;
 //! println!("{} from {}", subject.subject, subject.issuer);
 //! # Ok(()) }
@@ -60,9 +66,10 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use writ_identity::clock::SharedClock;
+use writ_identity::fingerprint;
 use writ_identity::numeric_date::{TimeClaims, TimeError, TimeWindow};
+use writ_sdk::oauth::TokenType;
 
 /// The default largest token accepted, in bytes (16 KiB).
 pub const DEFAULT_MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -107,6 +114,12 @@ pub enum OidcError {
     Malformed {
         /// What is wrong.
         reason: &'static str,
+    },
+    /// The presented token type is not one OIDC ingress validates (a Txn-Token).
+    #[error("OIDC ingress does not validate `{token_type}` tokens")]
+    UnsupportedTokenType {
+        /// The presented type.
+        token_type: TokenType,
     },
     /// The header `typ` does not fit the presented subject token type (for example an
     /// access token without `typ: at+jwt` from an issuer not configured to allow it).
@@ -182,36 +195,6 @@ pub enum OidcError {
 /// such tokens unless [`OidcOptions::accept_dev_tokens`] is set, which only `writ dev`
 /// does (no configuration file can).
 pub const DEV_TOKEN_CLAIM: &str = "writ_dev";
-
-/// The RFC 8693 subject token types that OIDC ingress validates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum SubjectTokenType {
-    /// `urn:ietf:params:oauth:token-type:access_token`.
-    AccessToken,
-    /// `urn:ietf:params:oauth:token-type:id_token`.
-    IdToken,
-    /// `urn:ietf:params:oauth:token-type:jwt`.
-    Jwt,
-}
-
-impl SubjectTokenType {
-    /// The RFC 8693 URN of this token type.
-    pub fn as_urn(self) -> &'static str {
-        match self {
-            Self::AccessToken => "urn:ietf:params:oauth:token-type:access_token",
-            Self::IdToken => "urn:ietf:params:oauth:token-type:id_token",
-            Self::Jwt => "urn:ietf:params:oauth:token-type:jwt",
-        }
-    }
-
-    /// The token type named by an RFC 8693 URN, if OIDC ingress handles it.
-    pub fn from_urn(urn: &str) -> Option<Self> {
-        [Self::AccessToken, Self::IdToken, Self::Jwt]
-            .into_iter()
-            .find(|t| t.as_urn() == urn)
-    }
-}
 
 /// One trusted OpenID Provider.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -326,11 +309,6 @@ pub struct ValidatedSubject {
     pub expires_at: i64,
     /// All claims, as verified.
     pub claims: Value,
-}
-
-/// The hex SHA-256 of a token: what logs and audit lines carry instead of the token.
-pub fn token_fingerprint(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
 }
 
 /// One usable key of a JWKS.
@@ -714,7 +692,7 @@ fn normalize_typ(typ: &str) -> String {
 /// The `typ` rules of the module documentation, for a token of `config`'s issuer.
 fn check_typ(
     header: &Value,
-    token_type: SubjectTokenType,
+    token_type: TokenType,
     config: &IssuerConfig,
 ) -> Result<(), OidcError> {
     let typ = match header.get("typ") {
@@ -727,14 +705,14 @@ fn check_typ(
         }
     };
     let ok = match (token_type, typ.as_deref()) {
-        (SubjectTokenType::AccessToken, None) => config.allow_untyped_access_tokens,
-        (SubjectTokenType::AccessToken, Some(t)) => config
+        (TokenType::AccessToken, None) => config.allow_untyped_access_tokens,
+        (TokenType::AccessToken, Some(t)) => config
             .access_token_typ
             .iter()
             .any(|allowed| normalize_typ(allowed) == t),
         // An access token must not pass as an ID token (RFC 9068 section 4).
-        (SubjectTokenType::IdToken, None | Some("jwt")) => true,
-        (SubjectTokenType::Jwt, None | Some("jwt" | "at+jwt")) => true,
+        (TokenType::IdToken, None | Some("jwt")) => true,
+        (TokenType::Jwt, None | Some("jwt" | "at+jwt")) => true,
         _ => false,
     };
     if ok {
@@ -746,9 +724,9 @@ fn check_typ(
 
 /// The claim rules of the module documentation: an ID token never passes as an access
 /// token, nor an access token as an ID token.
-fn check_kind(claims: &Value, token_type: SubjectTokenType) -> Result<(), OidcError> {
+fn check_kind(claims: &Value, token_type: TokenType) -> Result<(), OidcError> {
     match token_type {
-        SubjectTokenType::AccessToken => {
+        TokenType::AccessToken => {
             if let Some(claim) = ID_TOKEN_ONLY_CLAIMS
                 .into_iter()
                 .find(|c| claims.get(*c).is_some())
@@ -759,7 +737,7 @@ fn check_kind(claims: &Value, token_type: SubjectTokenType) -> Result<(), OidcEr
                 });
             }
         }
-        SubjectTokenType::IdToken => {
+        TokenType::IdToken => {
             if claims.get("client_id").is_some() {
                 return Err(OidcError::TokenKind {
                     expected: "ID token",
@@ -767,7 +745,8 @@ fn check_kind(claims: &Value, token_type: SubjectTokenType) -> Result<(), OidcEr
                 });
             }
         }
-        SubjectTokenType::Jwt => {}
+        // Plain JWTs: no kind checks; other types never get this far.
+        _ => {}
     }
     Ok(())
 }
@@ -840,18 +819,18 @@ impl OidcValidator {
     pub async fn validate(
         &self,
         token: &str,
-        token_type: SubjectTokenType,
+        token_type: TokenType,
     ) -> Result<ValidatedSubject, OidcError> {
         let result = self.validate_inner(token, token_type).await;
         match &result {
             Ok(s) => tracing::debug!(
-                token_sha256 = %token_fingerprint(token),
+                token_sha256 = %fingerprint::token(token),
                 issuer = %s.issuer,
                 subject = %s.subject,
                 "subject token accepted"
             ),
             Err(e) => tracing::info!(
-                token_sha256 = %token_fingerprint(token),
+                token_sha256 = %fingerprint::token(token),
                 error = %e,
                 "subject token refused"
             ),
@@ -862,8 +841,14 @@ impl OidcValidator {
     async fn validate_inner(
         &self,
         token: &str,
-        token_type: SubjectTokenType,
+        token_type: TokenType,
     ) -> Result<ValidatedSubject, OidcError> {
+        if !matches!(
+            token_type,
+            TokenType::AccessToken | TokenType::IdToken | TokenType::Jwt
+        ) {
+            return Err(OidcError::UnsupportedTokenType { token_type });
+        }
         if token.len() > self.options.max_token_bytes {
             return Err(OidcError::TooLarge {
                 max: self.options.max_token_bytes,
@@ -990,7 +975,7 @@ impl OidcValidator {
         &self,
         config: &IssuerConfig,
         claims: Value,
-        token_type: SubjectTokenType,
+        token_type: TokenType,
     ) -> Result<ValidatedSubject, OidcError> {
         if claims.get("iss").and_then(Value::as_str) != Some(config.issuer.as_str()) {
             return Err(OidcError::Issuer);
@@ -1061,23 +1046,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn token_type_urns_round_trip() {
-        for t in [
-            SubjectTokenType::AccessToken,
-            SubjectTokenType::IdToken,
-            SubjectTokenType::Jwt,
-        ] {
-            assert_eq!(SubjectTokenType::from_urn(t.as_urn()), Some(t));
-        }
-        assert_eq!(
-            SubjectTokenType::from_urn("urn:ietf:params:oauth:token-type:txn_token"),
-            None
-        );
-    }
-
-    #[test]
     fn typ_rules() {
-        use SubjectTokenType::{AccessToken, IdToken, Jwt};
+        use TokenType::{AccessToken, IdToken, Jwt};
         let h = |t: &str| serde_json::json!({ "typ": t });
         let none = serde_json::json!({});
         let strict = IssuerConfig::new("https://idp.example", ["aud"]);
@@ -1124,7 +1094,7 @@ mod tests {
 
     #[test]
     fn kind_rules() {
-        use SubjectTokenType::{AccessToken, IdToken, Jwt};
+        use TokenType::{AccessToken, IdToken, Jwt};
         let id_token = serde_json::json!({ "sub": "a", "nonce": "n", "at_hash": "x" });
         let access = serde_json::json!({ "sub": "a", "client_id": "c", "jti": "j" });
         assert_eq!(

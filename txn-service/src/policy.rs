@@ -40,7 +40,8 @@
 //!
 //! ```
 //! use writ_identity::spiffe_id::SpiffeId;
-//! use writ_txn_service::policy::{Policy, SubjectTokenKind};
+//! use writ_sdk::oauth::TokenType;
+//! use writ_txn_service::policy::Policy;
 //!
 //! let policy = Policy::from_toml(r#"
 //!     [[caller]]
@@ -50,8 +51,8 @@
 //! "#).unwrap();
 //! let caller = SpiffeId::new("spiffe://example.org/agents/planner").unwrap();
 //! let rule = policy.rule_for(&caller).unwrap();
-//! assert!(rule.allows(SubjectTokenKind::TxnToken));
-//! assert!(!rule.allows(SubjectTokenKind::AccessToken));
+//! assert!(rule.allows(TokenType::TxnToken));
+//! assert!(!rule.allows(TokenType::AccessToken));
 //! ```
 
 use std::collections::BTreeSet;
@@ -59,7 +60,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
-use writ_sdk::txn_token::TOKEN_TYPE_URN;
+use writ_sdk::oauth::TokenType;
 
 use crate::rate_limit::Rate;
 
@@ -138,54 +139,6 @@ pub enum PolicyError {
         /// What is wrong.
         reason: String,
     },
-}
-
-/// A subject token type a caller may present, as policy files name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[non_exhaustive]
-pub enum SubjectTokenKind {
-    /// `access_token`: an OAuth access token from a configured OpenID Provider.
-    AccessToken,
-    /// `id_token`: an OpenID Connect ID token from a configured OpenID Provider.
-    IdToken,
-    /// `jwt`: another JWT from a configured OpenID Provider.
-    Jwt,
-    /// `txn_token`: a Txn-Token of this service, for a replacement.
-    TxnToken,
-}
-
-impl SubjectTokenKind {
-    const ALL: [Self; 4] = [Self::AccessToken, Self::IdToken, Self::Jwt, Self::TxnToken];
-
-    /// The short name used in policy files.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::AccessToken => "access_token",
-            Self::IdToken => "id_token",
-            Self::Jwt => "jwt",
-            Self::TxnToken => "txn_token",
-        }
-    }
-
-    /// The RFC 8693 token type URN.
-    pub fn as_urn(self) -> &'static str {
-        match self {
-            Self::AccessToken => "urn:ietf:params:oauth:token-type:access_token",
-            Self::IdToken => "urn:ietf:params:oauth:token-type:id_token",
-            Self::Jwt => "urn:ietf:params:oauth:token-type:jwt",
-            Self::TxnToken => TOKEN_TYPE_URN,
-        }
-    }
-
-    /// The kind named by a policy-file name.
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.name() == name)
-    }
-
-    /// The kind named by an RFC 8693 token type URN.
-    pub fn from_urn(urn: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_urn() == urn)
-    }
 }
 
 /// The raw policy file, as serde reads it.
@@ -269,7 +222,7 @@ impl CallerMatcher {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallerRule {
     matcher: CallerMatcher,
-    token_types: BTreeSet<SubjectTokenKind>,
+    token_types: BTreeSet<TokenType>,
     max_scope: BTreeSet<String>,
     max_lifetime: Duration,
     client_assertion: bool,
@@ -293,7 +246,7 @@ impl CallerRule {
     }
 
     /// Whether the rule lets its callers present subject tokens of `kind`.
-    pub fn allows(&self, kind: SubjectTokenKind) -> bool {
+    pub fn allows(&self, kind: TokenType) -> bool {
         self.token_types.contains(&kind)
     }
 
@@ -390,7 +343,7 @@ fn validate_rule(
     };
     let mut token_types = BTreeSet::new();
     for name in rule.subject_token_types {
-        match SubjectTokenKind::from_name(&name) {
+        match TokenType::from_name(&name) {
             Some(kind) => {
                 token_types.insert(kind);
             }
@@ -504,17 +457,17 @@ mod tests {
         let p = Policy::from_toml(GOOD).unwrap();
         assert_eq!(p.max_lifetime(), Duration::from_secs(600));
         let gw = p.rule_for(&id("spiffe://example.org/gateway")).unwrap();
-        assert!(gw.allows(SubjectTokenKind::AccessToken));
-        assert!(!gw.allows(SubjectTokenKind::TxnToken));
+        assert!(gw.allows(TokenType::AccessToken));
+        assert!(!gw.allows(TokenType::TxnToken));
         assert_eq!(gw.max_lifetime(), Duration::from_secs(120));
         let agent = p.rule_for(&id("spiffe://example.org/agents/a/b")).unwrap();
-        assert!(agent.allows(SubjectTokenKind::TxnToken));
+        assert!(agent.allows(TokenType::TxnToken));
         assert_eq!(agent.max_lifetime(), DEFAULT_RULE_LIFETIME);
         assert!(p.rule_for(&id("spiffe://example.org/agents")).is_some());
         // Segment boundary: falls through to the trust-domain rule.
         let evil = p.rule_for(&id("spiffe://example.org/agents-evil")).unwrap();
-        assert!(evil.allows(SubjectTokenKind::Jwt));
-        assert!(!evil.allows(SubjectTokenKind::TxnToken));
+        assert!(evil.allows(TokenType::Jwt));
+        assert!(!evil.allows(TokenType::TxnToken));
         assert!(p.rule_for(&id("spiffe://other.org/gateway")).is_none());
     }
 
@@ -628,14 +581,5 @@ mod tests {
             let err = Policy::from_toml(&text).unwrap_err();
             assert!(check(&err), "{text:?} gave {err:?}");
         }
-    }
-
-    #[test]
-    fn token_kinds_round_trip() {
-        for kind in SubjectTokenKind::ALL {
-            assert_eq!(SubjectTokenKind::from_urn(kind.as_urn()), Some(kind));
-            assert_eq!(SubjectTokenKind::from_name(kind.name()), Some(kind));
-        }
-        assert_eq!(SubjectTokenKind::from_name("unsigned_json"), None);
     }
 }
