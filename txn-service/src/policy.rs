@@ -59,6 +59,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde::Deserialize;
+use writ_identity::duration::ConfigDuration;
+use writ_identity::server::config::toml_error_line;
 use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
 use writ_sdk::oauth::TokenType;
 
@@ -131,10 +133,11 @@ pub enum PolicyError {
         /// Position of the rule in the file (from 0).
         index: usize,
     },
-    /// A lifetime is not a duration, is zero, or exceeds its ceiling.
+    /// A lifetime is zero or exceeds its ceiling. (A text that is not a duration at all
+    /// is a [`PolicyError::Syntax`] naming the key.)
     #[error("invalid lifetime `{value}`: {reason}")]
     Lifetime {
-        /// The value as written.
+        /// The value, in the canonical duration form.
         value: String,
         /// What is wrong.
         reason: String,
@@ -145,9 +148,9 @@ pub enum PolicyError {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilePolicy {
-    /// Ceiling for every rule's lifetime (a humantime duration such as `15m`).
+    /// Ceiling for every rule's lifetime (a duration such as `15m`).
     #[serde(default)]
-    pub max_lifetime: Option<String>,
+    pub max_lifetime: Option<ConfigDuration>,
     /// The caller rules, in order.
     #[serde(default)]
     pub caller: Vec<FileCallerRule>,
@@ -172,9 +175,9 @@ pub struct FileCallerRule {
     /// Scope ceiling.
     #[serde(default)]
     pub max_scope: Vec<String>,
-    /// Longest token lifetime (a humantime duration, default `5m`).
+    /// Longest token lifetime (a duration, default `5m`).
     #[serde(default)]
-    pub max_lifetime: Option<String>,
+    pub max_lifetime: Option<ConfigDuration>,
     /// Whether the caller may authenticate with a JWT-SVID client assertion instead of
     /// its X509-SVID (for callers behind a TLS-terminating proxy). Default: no.
     #[serde(default)]
@@ -275,7 +278,9 @@ impl Policy {
     /// [`PolicyError`] for the first problem found.
     pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
         let file: FilePolicy =
-            toml::from_str(text).map_err(|e| PolicyError::Syntax(e.message().to_owned()))?;
+            toml::from_str(text).map_err(|e| {
+                PolicyError::Syntax(toml_error_line(&e).unwrap_or_else(|| e.message().to_owned()))
+            })?;
         Self::try_from(file)
     }
 
@@ -299,9 +304,9 @@ impl TryFrom<FilePolicy> for Policy {
     type Error = PolicyError;
 
     fn try_from(file: FilePolicy) -> Result<Self, PolicyError> {
-        let max_lifetime = match file.max_lifetime.as_deref() {
+        let max_lifetime = match file.max_lifetime {
             None => DEFAULT_MAX_LIFETIME,
-            Some(text) => parse_lifetime(text, HARD_MAX_LIFETIME)?,
+            Some(d) => check_lifetime(d, HARD_MAX_LIFETIME)?,
         };
         let rules = file
             .caller
@@ -372,9 +377,9 @@ fn validate_rule(
         }
         max_scope.insert(scope);
     }
-    let max_lifetime = match rule.max_lifetime.as_deref() {
+    let max_lifetime = match rule.max_lifetime {
         None => DEFAULT_RULE_LIFETIME.min(ceiling),
-        Some(text) => parse_lifetime(text, ceiling)?,
+        Some(d) => check_lifetime(d, ceiling)?,
     };
     let rate_limit = match rule.rate_limit {
         None => None,
@@ -401,19 +406,19 @@ fn validate_rule(
     })
 }
 
-fn parse_lifetime(text: &str, ceiling: Duration) -> Result<Duration, PolicyError> {
+fn check_lifetime(value: ConfigDuration, ceiling: Duration) -> Result<Duration, PolicyError> {
     let err = |reason: String| PolicyError::Lifetime {
-        value: text.to_owned(),
+        value: value.to_string(),
         reason,
     };
-    let d = humantime::parse_duration(text).map_err(|e| err(e.to_string()))?;
+    let d = value.get();
     if d.as_secs() == 0 {
         return Err(err("must be at least one second".into()));
     }
     if d > ceiling {
         return Err(err(format!(
             "exceeds the ceiling of {}",
-            humantime::format_duration(ceiling)
+            ConfigDuration::new(ceiling)
         )));
     }
     Ok(d)
@@ -469,6 +474,17 @@ mod tests {
         assert!(evil.allows(TokenType::Jwt));
         assert!(!evil.allows(TokenType::TxnToken));
         assert!(p.rule_for(&id("spiffe://other.org/gateway")).is_none());
+    }
+
+    #[test]
+    fn lifetimes_take_the_one_duration_syntax() {
+        let p = Policy::from_toml(
+            "max_lifetime = 900\n[[caller]]\nid = \"spiffe://example.org/a\"\n\
+             subject_token_types = [\"jwt\"]\nmax_scope = [\"a\"]\nmax_lifetime = \"90\"",
+        )
+        .unwrap();
+        assert_eq!(p.max_lifetime(), Duration::from_secs(900));
+        assert_eq!(p.rules()[0].max_lifetime(), Duration::from_secs(90));
     }
 
     #[test]
@@ -562,7 +578,7 @@ mod tests {
                 rule(
                     "id = \"spiffe://example.org/a\"\nsubject_token_types = [\"jwt\"]\nmax_scope = [\"a\"]\nmax_lifetime = \"soon\"",
                 ),
-                |e| matches!(e, PolicyError::Lifetime { .. }),
+                |e| matches!(e, PolicyError::Syntax(m) if m.contains("caller.max_lifetime")),
             ),
             (
                 rule(
