@@ -321,10 +321,9 @@ impl TxnConfig {
     /// # Errors
     /// [`TxnConfigError`] for the first problem found.
     pub fn from_toml(text: &str, base: &Path) -> Result<Self, TxnConfigError> {
-        let file: TxnFileConfig =
-            toml::from_str(text).map_err(|e| {
-                TxnConfigError::Syntax(toml_error_line(&e).unwrap_or_else(|| e.message().to_owned()))
-            })?;
+        let file: TxnFileConfig = toml::from_str(text).map_err(|e| {
+            TxnConfigError::Syntax(toml_error_line(&e).unwrap_or_else(|| e.message().to_owned()))
+        })?;
         Self::from_file(file, base)
     }
 
@@ -376,11 +375,7 @@ impl TxnConfig {
                     })?,
             ),
         };
-        let token_lifetime = duration(
-            "token_lifetime",
-            file.token_lifetime,
-            DEFAULT_LIFETIME,
-        )?;
+        let token_lifetime = duration("token_lifetime", file.token_lifetime, DEFAULT_LIFETIME)?;
         if token_lifetime > policy.max_lifetime() {
             return Err(TxnConfigError::Invalid(
                 "`token_lifetime` exceeds the policy's `max_lifetime`".into(),
@@ -441,11 +436,7 @@ impl TxnConfig {
             audit_unauthenticated,
             token_lifetime,
             max_chain_depth,
-            key_rotation: duration(
-                "key_rotation",
-                file.key_rotation,
-                DEFAULT_KEY_ROTATION,
-            )?,
+            key_rotation: duration("key_rotation", file.key_rotation, DEFAULT_KEY_ROTATION)?,
             subject_token_cache: file.subject_token_cache.unwrap_or(true),
             client_assertions: file.client_assertions.unwrap_or(false),
             client_assertion_replay_protection: file

@@ -277,10 +277,9 @@ impl Policy {
     /// # Errors
     /// [`PolicyError`] for the first problem found.
     pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
-        let file: FilePolicy =
-            toml::from_str(text).map_err(|e| {
-                PolicyError::Syntax(toml_error_line(&e).unwrap_or_else(|| e.message().to_owned()))
-            })?;
+        let file: FilePolicy = toml::from_str(text).map_err(|e| {
+            PolicyError::Syntax(toml_error_line(&e).unwrap_or_else(|| e.message().to_owned()))
+        })?;
         Self::try_from(file)
     }
 

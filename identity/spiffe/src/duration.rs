@@ -143,7 +143,9 @@ fn parse(text: &str) -> Result<Duration, DurationError> {
     let mut total: u128 = 0;
     let mut rest = trimmed;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
             return Err(syntax());
         }
@@ -260,7 +262,9 @@ mod tests {
             Ok(Duration::from_millis(500))
         );
         assert_eq!(
-            "1s250ms7ns".parse::<ConfigDuration>().map(ConfigDuration::get),
+            "1s250ms7ns"
+                .parse::<ConfigDuration>()
+                .map(ConfigDuration::get),
             Ok(Duration::new(1, 250_000_007))
         );
     }

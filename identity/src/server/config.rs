@@ -292,7 +292,11 @@ pub fn toml_error_line(e: &toml::de::Error) -> Option<String> {
     bare.set_input(None);
     let text = bare.to_string();
     let (message, keys) = text.trim_end().rsplit_once("\nin `")?;
-    Some(format!("{}: {}", keys.trim_end_matches('`'), message.trim()))
+    Some(format!(
+        "{}: {}",
+        keys.trim_end_matches('`'),
+        message.trim()
+    ))
 }
 
 fn duration(
@@ -333,11 +337,7 @@ impl TryFrom<FileConfig> for ServerConfig {
         };
         let mut ca = CaConfig::new(trust_domain.clone());
         ca.ca_ttl = duration("ca.ttl", file.ca.ttl, ca.ca_ttl)?;
-        ca.jwt_key_ttl = duration(
-            "ca.jwt_key_ttl",
-            file.ca.jwt_key_ttl,
-            ca.jwt_key_ttl,
-        )?;
+        ca.jwt_key_ttl = duration("ca.jwt_key_ttl", file.ca.jwt_key_ttl, ca.jwt_key_ttl)?;
         ca.refresh_hint = Some(duration(
             "ca.refresh_hint",
             file.ca.refresh_hint,
@@ -504,8 +504,14 @@ mod tests {
         for (text, key) in [
             ("[ca]\nttl = \"soon\"", "ca.ttl: \"soon\" is not a duration"),
             ("[ca]\nttl = -1", "ca.ttl: -1 is not a duration"),
-            ("[join_token]\ndefault_ttl = \"0s\"", "join_token.default_ttl: must be at least 1s"),
-            ("[svid]\ndefault_jwt_ttl = \"5min\"", "svid.default_jwt_ttl: \"5min\": unknown unit"),
+            (
+                "[join_token]\ndefault_ttl = \"0s\"",
+                "join_token.default_ttl: must be at least 1s",
+            ),
+            (
+                "[svid]\ndefault_jwt_ttl = \"5min\"",
+                "svid.default_jwt_ttl: \"5min\": unknown unit",
+            ),
         ] {
             let err = load(text).unwrap_err().to_string();
             assert!(err.contains(key), "{text:?}: {err}");
