@@ -717,13 +717,11 @@ fn check_kind(claims: &Value, token_type: TokenType) -> Result<(), OidcError> {
                 });
             }
         }
-        TokenType::IdToken => {
-            if claims.get("client_id").is_some() {
-                return Err(OidcError::TokenKind {
-                    expected: "ID token",
-                    claim: "client_id",
-                });
-            }
+        TokenType::IdToken if claims.get("client_id").is_some() => {
+            return Err(OidcError::TokenKind {
+                expected: "ID token",
+                claim: "client_id",
+            });
         }
         // Plain JWTs: no kind checks; other types never get this far.
         _ => {}
