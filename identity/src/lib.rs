@@ -38,7 +38,7 @@ pub use writ_spiffe::{
 
 /// Generated gRPC code for the protos under `specs/proto` (the Workload API and the
 /// sub-agent API come from `writ-spiffe`, where their generated code is committed).
-#[expect(missing_docs, clippy::all, clippy::pedantic, reason = "generated code")]
+#[expect(missing_docs, clippy::pedantic, reason = "generated code")]
 pub mod proto {
     /// Writ's own APIs, by proto package.
     pub mod writ {

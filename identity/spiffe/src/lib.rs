@@ -55,13 +55,13 @@ pub mod tls;
 #[cfg(feature = "workload-api")]
 pub mod proto {
     /// The SPIFFE Workload API (no proto package, as the standard defines it).
-    #[expect(missing_docs, clippy::all, clippy::pedantic, reason = "generated code")]
+    #[expect(missing_docs, clippy::pedantic, reason = "generated code")]
     pub mod workload {
         include!("proto/workload.rs");
     }
     /// `writ.delegation.v1`: sub-agent leases, served next to the Workload API on the
     /// agent socket.
-    #[expect(missing_docs, clippy::all, clippy::pedantic, reason = "generated code")]
+    #[expect(missing_docs, clippy::pedantic, reason = "generated code")]
     pub mod delegation {
         include!("proto/delegation.rs");
     }

@@ -1,6 +1,10 @@
 //! The committed generated code under `src/proto/` is what the protos in `specs/proto`
 //! produce: this test regenerates it with the vendored protoc and fails on any
 //! difference. Run it with `WRIT_BLESS_PROTOS=1` to rewrite the files after a proto change.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed setup step should abort the test loudly"
+)]
 
 use std::path::{Path, PathBuf};
 
