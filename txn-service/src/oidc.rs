@@ -37,7 +37,7 @@
 //!   `kid`s cannot hammer the provider; after a failed fetch the keys already fetched
 //!   stay in use and the provider is asked again only after the refetch interval;
 //!   concurrent validations share one fetch; a JWKS of more than
-//!   [`MAX_KEYS`](writ_sdk::jwks::MAX_KEYS) keys is refused;
+//!   [`MAX_KEYS`] keys is refused;
 //! - a token is never logged: only its SHA-256
 //!   ([`writ_identity::fingerprint::token`]).
 //!
