@@ -1053,6 +1053,22 @@ mod tests {
         assert!(check_kind(&id_token, Jwt).is_ok());
     }
 
+    #[tokio::test]
+    async fn refuses_txn_tokens() {
+        let clock: SharedClock = Arc::new(writ_identity::clock::SystemClock);
+        let v = OidcValidator::new(
+            vec![IssuerConfig::new("https://idp.example", ["aud"])],
+            clock,
+        )
+        .unwrap();
+        assert_eq!(
+            v.validate("a.b.c", TokenType::TxnToken).await,
+            Err(OidcError::UnsupportedTokenType {
+                token_type: TokenType::TxnToken
+            })
+        );
+    }
+
     #[test]
     fn url_policy() {
         assert!(check_url("https://login.example.com").is_ok());

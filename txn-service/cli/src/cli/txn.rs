@@ -13,6 +13,7 @@ use writ_sdk::oauth::TokenType;
 use writ_sdk::tls::Authorizer;
 use writ_sdk::workload::X509Source;
 
+use writ_identity::server::config::toml_error_line;
 use writ_txn_service::config::{TxnConfig, TxnFileConfig, TxnServer};
 
 use super::api::{AgentSocket, explain_no_identity};
@@ -94,8 +95,10 @@ pub(crate) async fn run(cmd: TxnCommand) -> anyhow::Result<ExitCode> {
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("cannot read {}", config.display()))?;
             let base = config.parent().unwrap_or(Path::new("."));
-            let file: TxnFileConfig = toml::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {}", config.display(), e.message()))?;
+            let file: TxnFileConfig = toml::from_str(&text).map_err(|e| {
+                let reason = toml_error_line(&e).unwrap_or_else(|| e.message().to_owned());
+                anyhow::anyhow!("{}: {reason}", config.display())
+            })?;
             let config = TxnConfig::from_file(file, base)?;
             let audit_to_stdout = config.audit_log.is_none();
             let server = TxnServer::start(config).await?;
