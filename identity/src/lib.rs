@@ -39,7 +39,9 @@ pub mod store;
 
 // The SPIFFE core, re-exported so that server code and its users name one type: a
 // `writ_identity::spiffe_id::SpiffeId` is a `writ_spiffe::spiffe_id::SpiffeId`.
-pub use writ_spiffe::{accept, bundle, clock, fingerprint, numeric_date, spiffe_id, svid, tls};
+pub use writ_spiffe::{
+    accept, bundle, clock, duration, fingerprint, numeric_date, spiffe_id, svid, tls,
+};
 
 /// Generated gRPC code for the protos under `specs/proto` (the Workload API and the
 /// sub-agent API come from `writ-spiffe`, where their generated code is committed).

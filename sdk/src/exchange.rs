@@ -17,18 +17,11 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::oauth::{GRANT_TYPE_TOKEN_EXCHANGE, TokenType};
 use crate::tls::{self, Authorizer, TlsError};
-use crate::txn_token::{JwksSource, TOKEN_TYPE_URN};
+use crate::txn_token::JwksSource;
 use crate::workload::X509Source;
 
-/// The RFC 8693 token exchange grant type.
-pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
-/// RFC 8693 token type of an OAuth access token.
-pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
-/// RFC 8693 token type of an OpenID Connect ID token.
-pub const ID_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:id_token";
-/// RFC 8693 token type of a JWT.
-pub const JWT_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
 /// Longest response body read from the service.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
@@ -68,10 +61,10 @@ impl ExchangeError {
 }
 
 /// What to exchange.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct TxnRequest {
     subject_token: String,
-    subject_token_type: String,
+    subject_token_type: TokenType,
     scope: Option<String>,
     request_details: Option<Value>,
     request_context: Option<Value>,
@@ -79,22 +72,24 @@ pub struct TxnRequest {
 
 impl TxnRequest {
     /// Exchanges `token` of RFC 8693 type `token_type`.
-    pub fn new(token: impl Into<String>, token_type: impl Into<String>) -> Self {
+    pub fn new(token: impl Into<String>, token_type: TokenType) -> Self {
         Self {
             subject_token: token.into(),
-            subject_token_type: token_type.into(),
-            ..Self::default()
+            subject_token_type: token_type,
+            scope: None,
+            request_details: None,
+            request_context: None,
         }
     }
 
     /// Exchanges an OAuth access token.
     pub fn access_token(token: impl Into<String>) -> Self {
-        Self::new(token, ACCESS_TOKEN_TYPE)
+        Self::new(token, TokenType::AccessToken)
     }
 
     /// Replaces a Txn-Token.
     pub fn txn_token(token: impl Into<String>) -> Self {
-        Self::new(token, TOKEN_TYPE_URN)
+        Self::new(token, TokenType::TxnToken)
     }
 
     /// Asks for these space-separated scopes (default: the subject token's).
@@ -188,11 +183,17 @@ impl TxnClient {
     /// [`ExchangeError::Refused`] with the service's error code, or a transport error.
     pub async fn exchange(&self, request: TxnRequest) -> Result<Issued, ExchangeError> {
         let mut form: Vec<(&str, String)> = vec![
-            ("grant_type", GRANT_TYPE.to_owned()),
-            ("requested_token_type", TOKEN_TYPE_URN.to_owned()),
+            ("grant_type", GRANT_TYPE_TOKEN_EXCHANGE.to_owned()),
+            (
+                "requested_token_type",
+                TokenType::TxnToken.as_urn().to_owned(),
+            ),
             ("audience", self.audience.clone()),
             ("subject_token", request.subject_token),
-            ("subject_token_type", request.subject_token_type),
+            (
+                "subject_token_type",
+                request.subject_token_type.as_urn().to_owned(),
+            ),
         ];
         if let Some(scope) = request.scope {
             form.push(("scope", scope));

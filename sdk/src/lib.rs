@@ -5,10 +5,12 @@
 //!   [`workload::JwtSource`], JWT-SVIDs per audience;
 //! - [`tls`]: rustls server and client configs with SPIFFE-ID [`tls::Authorizer`]s;
 //! - [`listener`]: serving axum over SPIFFE mTLS, with the caller's ID per connection;
-//! - [`txn_token`]: the Txn-Token claims type and [`txn_token::TxnVerifier`];
+//! - [`txn_token`]: the Txn-Token claims type and [`txn_token::TxnVerifier`], which
+//!   gets its keys through [`jwks`], the one fetch/cache/refetch of remote key sets;
 //! - [`middleware`]: [`middleware::TxnLayer`] and the [`middleware::Verified`]
 //!   extractor, which check the caller and its Txn-Token together;
-//! - [`exchange`]: the RFC 8693 client of the transaction token service;
+//! - [`exchange`]: the RFC 8693 client of the transaction token service, and [`oauth`],
+//!   its vocabulary (token types, grant type), available without any feature;
 //! - [`spawn`]: sub-agents, child processes with a short-lived identity under this
 //!   workload's, released with it.
 //!
@@ -30,10 +32,13 @@
 
 #[cfg(feature = "exchange")]
 pub mod exchange;
+#[cfg(feature = "txn-verify")]
+pub mod jwks;
 #[cfg(feature = "axum")]
 pub mod listener;
 #[cfg(feature = "axum")]
 pub mod middleware;
+pub mod oauth;
 #[cfg(feature = "spawn")]
 pub mod spawn;
 #[cfg(feature = "x509-source")]

@@ -316,7 +316,7 @@ impl Guard {
         let txn = self.verifier.verify(&token).await.map_err(|e| {
             tracing::info!(
                 %caller,
-                token_sha256 = %hex_sha256(&token),
+                token_sha256 = %writ_spiffe::fingerprint::token(&token),
                 error = %e,
                 "Txn-Token refused"
             );
@@ -346,13 +346,6 @@ impl Guard {
         })?;
         Ok(verified)
     }
-}
-
-fn hex_sha256(token: &str) -> String {
-    writ_spiffe::fingerprint::sha256(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// A refused request: answered as JSON `{"error": code, "error_description": ...}`

@@ -62,11 +62,12 @@ use writ_identity::clock::SystemClock;
 use writ_identity::key_manager::PrivateKey;
 use writ_identity::spiffe_id::SpiffeId;
 use writ_sdk::exchange::{TxnClient, TxnRequest};
-use writ_sdk::txn_token::{TOKEN_TYPE_URN, TxnToken, TxnVerifier};
+use writ_sdk::oauth::TokenType;
+use writ_sdk::txn_token::{TxnToken, TxnVerifier};
 use writ_sdk::workload::X509Source;
 use writ_tests::{Stack, uid_selector};
 use writ_txn_service::config::{TxnConfig, TxnServer};
-use writ_txn_service::oidc::{IssuerConfig, OidcValidator, SubjectTokenType};
+use writ_txn_service::oidc::{IssuerConfig, OidcValidator};
 use writ_txn_service::txn_token::Minter;
 
 const TRUST_DOMAIN: &str = "example.org";
@@ -311,7 +312,7 @@ async fn crypto_bound(provider: &Provider, ops: usize) -> CryptoBound {
     // The first validation fetches discovery and the JWKS; then warm up.
     for token in &tokens[..50] {
         validator
-            .validate(token, SubjectTokenType::AccessToken)
+            .validate(token, TokenType::AccessToken)
             .await
             .unwrap();
     }
@@ -319,7 +320,7 @@ async fn crypto_bound(provider: &Provider, ops: usize) -> CryptoBound {
     for token in &tokens[50..] {
         let t = Instant::now();
         let subject = validator
-            .validate(token, SubjectTokenType::AccessToken)
+            .validate(token, TokenType::AccessToken)
             .await
             .unwrap();
         samples.push(t.elapsed());
@@ -490,7 +491,8 @@ async fn exchange_or_panic(client: &TxnClient, token: String, what: &str) -> Str
         .await
         .unwrap_or_else(|e| panic!("{what}: exchange failed: {e}"));
     assert_eq!(
-        issued.issued_token_type, TOKEN_TYPE_URN,
+        issued.issued_token_type,
+        TokenType::TxnToken.as_urn(),
         "{what}: issued_token_type"
     );
     assert_eq!(issued.token_type, "N_A", "{what}: token_type");

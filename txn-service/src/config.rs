@@ -57,7 +57,8 @@ use std::time::Duration;
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 use writ_identity::clock::{SharedClock, SystemClock};
-use writ_identity::server::config::{Datastore, FileDatastore};
+use writ_identity::duration::ConfigDuration;
+use writ_identity::server::config::{Datastore, FileDatastore, toml_error_line};
 use writ_identity::spiffe_id::SpiffeId;
 use writ_sdk::workload::{WorkloadClient, WorkloadError, X509Source};
 
@@ -143,11 +144,11 @@ pub struct TxnFileConfig {
     /// Rate of recorded unauthenticated refusals per source IP.
     pub audit_unauthenticated: Option<FileRateLimit>,
     /// Default token lifetime.
-    pub token_lifetime: Option<String>,
+    pub token_lifetime: Option<ConfigDuration>,
     /// Deepest `act` chain.
     pub max_chain_depth: Option<usize>,
     /// Signing key rotation period.
-    pub key_rotation: Option<String>,
+    pub key_rotation: Option<ConfigDuration>,
     /// Cache subject token validations.
     pub subject_token_cache: Option<bool>,
     /// Accept JWT-SVID client assertions.
@@ -173,13 +174,13 @@ pub struct TxnFileConfig {
 #[serde(deny_unknown_fields)]
 pub struct FileConnections {
     /// Longest TLS handshake.
-    pub handshake_timeout: Option<String>,
+    pub handshake_timeout: Option<ConfigDuration>,
     /// Longest wait for a complete request header.
-    pub header_read_timeout: Option<String>,
+    pub header_read_timeout: Option<ConfigDuration>,
     /// Longest wait for a whole request body.
-    pub body_read_timeout: Option<String>,
+    pub body_read_timeout: Option<ConfigDuration>,
     /// Longest keep-alive wait for the next request.
-    pub idle_timeout: Option<String>,
+    pub idle_timeout: Option<ConfigDuration>,
     /// TLS handshakes in flight at once.
     pub max_pending_handshakes: Option<usize>,
     /// Connections from one client address.
@@ -243,9 +244,9 @@ pub struct FileIssuer {
     /// Allowed algorithms.
     pub algorithms: Option<Vec<String>>,
     /// Clock skew tolerance.
-    pub leeway: Option<String>,
+    pub leeway: Option<ConfigDuration>,
     /// Furthest ahead a token's `exp` may be (default 24h).
-    pub max_token_lifetime: Option<String>,
+    pub max_token_lifetime: Option<ConfigDuration>,
     /// `typ` values accepted on access tokens (default `["at+jwt"]`).
     pub access_token_typ: Option<Vec<String>>,
     /// Accept access tokens without `typ` (default false).
@@ -302,21 +303,15 @@ pub struct TxnConfig {
 
 fn duration(
     field: &str,
-    text: Option<&str>,
+    value: Option<ConfigDuration>,
     default: Duration,
 ) -> Result<Duration, TxnConfigError> {
-    match text {
+    match value {
         None => Ok(default),
-        Some(t) => {
-            let d = writ_identity::server::config::parse_duration(t)
-                .map_err(|e| TxnConfigError::Invalid(format!("`{field}`: {e}")))?;
-            if d.is_zero() {
-                return Err(TxnConfigError::Invalid(format!(
-                    "`{field}` must be positive"
-                )));
-            }
-            Ok(d)
-        }
+        Some(d) if d.get().is_zero() => Err(TxnConfigError::Invalid(format!(
+            "`{field}` must be positive"
+        ))),
+        Some(d) => Ok(d.get()),
     }
 }
 
@@ -326,8 +321,9 @@ impl TxnConfig {
     /// # Errors
     /// [`TxnConfigError`] for the first problem found.
     pub fn from_toml(text: &str, base: &Path) -> Result<Self, TxnConfigError> {
-        let file: TxnFileConfig =
-            toml::from_str(text).map_err(|e| TxnConfigError::Syntax(e.message().to_owned()))?;
+        let file: TxnFileConfig = toml::from_str(text).map_err(|e| {
+            TxnConfigError::Syntax(toml_error_line(&e).unwrap_or_else(|| e.message().to_owned()))
+        })?;
         Self::from_file(file, base)
     }
 
@@ -379,11 +375,7 @@ impl TxnConfig {
                     })?,
             ),
         };
-        let token_lifetime = duration(
-            "token_lifetime",
-            file.token_lifetime.as_deref(),
-            DEFAULT_LIFETIME,
-        )?;
+        let token_lifetime = duration("token_lifetime", file.token_lifetime, DEFAULT_LIFETIME)?;
         if token_lifetime > policy.max_lifetime() {
             return Err(TxnConfigError::Invalid(
                 "`token_lifetime` exceeds the policy's `max_lifetime`".into(),
@@ -444,11 +436,7 @@ impl TxnConfig {
             audit_unauthenticated,
             token_lifetime,
             max_chain_depth,
-            key_rotation: duration(
-                "key_rotation",
-                file.key_rotation.as_deref(),
-                DEFAULT_KEY_ROTATION,
-            )?,
+            key_rotation: duration("key_rotation", file.key_rotation, DEFAULT_KEY_ROTATION)?,
             subject_token_cache: file.subject_token_cache.unwrap_or(true),
             client_assertions: file.client_assertions.unwrap_or(false),
             client_assertion_replay_protection: file
@@ -465,8 +453,8 @@ impl TxnConfig {
 
 fn connection_limits(file: &FileConnections) -> Result<ConnectionLimits, TxnConfigError> {
     let mut limits = ConnectionLimits::default();
-    let timeout = |field: &str, text: &Option<String>, default| {
-        duration(&format!("connections.{field}"), text.as_deref(), default)
+    let timeout = |field: &str, value: &Option<ConfigDuration>, default| {
+        duration(&format!("connections.{field}"), *value, default)
     };
     limits.handshake_timeout = timeout(
         "handshake_timeout",
@@ -517,10 +505,10 @@ fn issuer_config(file: FileIssuer, base: &Path) -> Result<IssuerConfig, TxnConfi
             })
             .collect::<Result<_, _>>()?;
     }
-    config.leeway = duration("leeway", file.leeway.as_deref(), config.leeway)?;
+    config.leeway = duration("leeway", file.leeway, config.leeway)?;
     config.max_token_lifetime = duration(
         "max_token_lifetime",
-        file.max_token_lifetime.as_deref(),
+        file.max_token_lifetime,
         config.max_token_lifetime,
     )?;
     if let Some(types) = file.access_token_typ {

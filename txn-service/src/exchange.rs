@@ -54,25 +54,22 @@ use serde_json::{Map, Value, json};
 use writ_identity::clock::{SharedClock, from_unix_seconds};
 use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
 use writ_identity::store::LeaseRecord;
-use writ_sdk::txn_token::{Actor, TOKEN_TYPE_URN, TxnToken, TxnVerifier};
+use writ_sdk::oauth::{
+    CLIENT_ASSERTION_TYPE_JWT_SPIFFE, GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_N_A, TokenType,
+};
+use writ_sdk::txn_token::{Actor, TxnToken, TxnVerifier};
 use writ_sdk::workload::WorkloadClient;
 
 use crate::audit::{AuditError, AuditLog, AuditRecord};
 use crate::client_assertion::ReplayCache;
 use crate::lease::{LeaseError, Leases, is_sub_agent_id, root_parent};
-use crate::oidc::{
-    OidcError, OidcValidator, SubjectTokenType, ValidatedSubject, token_fingerprint,
-};
-use crate::policy::{CallerRule, Policy, SubjectTokenKind, is_scope_token};
+use crate::oidc::{OidcError, OidcValidator, ValidatedSubject};
+use crate::policy::{CallerRule, Policy, is_scope_token};
 use crate::rate_limit::RateLimiter;
 use crate::txn_token::{MintError, SigningKeys};
 
 /// The `Retry-After` of a 503 refusal (the audit log or the lease store unavailable).
 pub const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
-/// The RFC 8693 token exchange grant type.
-pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
-/// The `token_type` of an issued Txn-Token (RFC 8693: not an access token).
-pub const TOKEN_TYPE_N_A: &str = "N_A";
 /// Largest request body accepted, in bytes (64 KiB).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Largest single form field accepted after decoding, in bytes (16 KiB).
@@ -86,8 +83,6 @@ pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 pub const MAX_ISSUED_TOKEN_BYTES: usize = 4 * 1024;
 /// Default deepest `act` chain a replacement may produce.
 pub const DEFAULT_MAX_CHAIN_DEPTH: usize = 8;
-/// The client assertion type of a JWT-SVID (draft-ietf-oauth-spiffe-client-auth).
-pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe";
 /// Most subject token validations remembered by the validation cache.
 pub const SUBJECT_CACHE_CAPACITY: u64 = 100_000;
 /// Longest time a subject token validation is remembered, by the service's clock (5
@@ -337,7 +332,7 @@ pub struct ExchangeRequest {
     audience: String,
     scope: Option<BTreeSet<String>>,
     subject_token: String,
-    subject_token_type: SubjectTokenKind,
+    subject_token_type: TokenType,
     request_context: Option<Map<String, Value>>,
     request_details: Option<Map<String, Value>>,
     client_assertion: Option<String>,
@@ -384,14 +379,15 @@ impl ExchangeRequest {
         let mut take = |name: &str| fields.remove(name).filter(|v| !v.is_empty());
         let grant_type = take("grant_type")
             .ok_or_else(|| ExchangeError::invalid_request("missing `grant_type`"))?;
-        if grant_type != GRANT_TYPE {
+        if grant_type != GRANT_TYPE_TOKEN_EXCHANGE {
             return Err(ExchangeError::UnsupportedGrantType);
         }
         match take("requested_token_type") {
-            Some(t) if t == TOKEN_TYPE_URN => {}
+            Some(t) if t == TokenType::TxnToken.as_urn() => {}
             Some(_) => {
                 return Err(ExchangeError::invalid_request(format!(
-                    "`requested_token_type` must be {TOKEN_TYPE_URN}"
+                    "`requested_token_type` must be {}",
+                    TokenType::TxnToken
                 )));
             }
             None => {
@@ -412,10 +408,10 @@ impl ExchangeRequest {
         }
         let client_assertion = match (take("client_assertion_type"), take("client_assertion")) {
             (None, None) => None,
-            (Some(t), Some(a)) if t == CLIENT_ASSERTION_TYPE => Some(a),
+            (Some(t), Some(a)) if t == CLIENT_ASSERTION_TYPE_JWT_SPIFFE => Some(a),
             (Some(_), Some(_)) => {
                 return Err(ExchangeError::invalid_client(format!(
-                    "`client_assertion_type` must be {CLIENT_ASSERTION_TYPE}"
+                    "`client_assertion_type` must be {CLIENT_ASSERTION_TYPE_JWT_SPIFFE}"
                 )));
             }
             _ => {
@@ -430,7 +426,7 @@ impl ExchangeRequest {
             .ok_or_else(|| ExchangeError::invalid_request("missing `subject_token`"))?;
         let type_urn = take("subject_token_type")
             .ok_or_else(|| ExchangeError::invalid_request("missing `subject_token_type`"))?;
-        let subject_token_type = SubjectTokenKind::from_urn(&type_urn)
+        let subject_token_type = TokenType::from_urn(&type_urn)
             .ok_or_else(|| ExchangeError::invalid_request("unsupported `subject_token_type`"))?;
         let scope = match scope_text {
             None => None,
@@ -464,13 +460,13 @@ impl ExchangeRequest {
     }
 
     /// The subject token type.
-    pub fn subject_token_type(&self) -> SubjectTokenKind {
+    pub fn subject_token_type(&self) -> TokenType {
         self.subject_token_type
     }
 
     /// The SHA-256 of the subject token (hex), for logs.
     pub fn subject_token_fingerprint(&self) -> String {
-        token_fingerprint(&self.subject_token)
+        writ_sdk::spiffe::fingerprint::token(&self.subject_token)
     }
 
     /// The `request_context` object.
@@ -525,7 +521,7 @@ fn parse_context(name: &str, text: &str) -> Result<Map<String, Value>, ExchangeE
 pub struct ExchangeResponse {
     /// The Txn-Token.
     pub access_token: String,
-    /// Always [`TOKEN_TYPE_URN`].
+    /// Always the URN of [`TokenType::TxnToken`].
     pub issued_token_type: &'static str,
     /// Always `N_A`.
     pub token_type: &'static str,
@@ -809,7 +805,7 @@ impl ExchangeService {
                 if let Some(replay) = &self.assertion_replay {
                     replay.check(&id, &claims).map_err(|e| {
                         tracing::info!(
-                            assertion_sha256 = %token_fingerprint(assertion),
+                            assertion_sha256 = %writ_sdk::spiffe::fingerprint::token(assertion),
                             caller = %id,
                             error = %e,
                             "client assertion refused"
@@ -872,7 +868,7 @@ impl ExchangeService {
             ));
         }
         let subject = match req.subject_token_type {
-            SubjectTokenKind::TxnToken => self.replaced(&req)?,
+            TokenType::TxnToken => self.replaced(&req)?,
             kind => self.oidc_subject(&req, kind).await?,
         };
         let now = self.clock.unix_seconds();
@@ -957,7 +953,7 @@ impl ExchangeService {
         }
         let response = ExchangeResponse {
             access_token,
-            issued_token_type: TOKEN_TYPE_URN,
+            issued_token_type: TokenType::TxnToken.as_urn(),
             token_type: TOKEN_TYPE_N_A,
             expires_in: claims.exp.saturating_sub(now),
         };
@@ -996,15 +992,13 @@ impl ExchangeService {
     async fn oidc_subject(
         &self,
         req: &ExchangeRequest,
-        kind: SubjectTokenKind,
+        token_type: TokenType,
     ) -> Result<Subject, ExchangeError> {
         let oidc = self.oidc.as_ref().ok_or_else(|| {
             ExchangeError::unauthorized(
                 "no OpenID Provider is configured for this subject token type",
             )
         })?;
-        let token_type = SubjectTokenType::from_urn(kind.as_urn())
-            .ok_or_else(|| ExchangeError::invalid_request("unsupported `subject_token_type`"))?;
         let validated = self
             .validate_subject(oidc, &req.subject_token, token_type)
             .await
@@ -1048,12 +1042,16 @@ impl ExchangeService {
         &self,
         oidc: &OidcValidator,
         token: &str,
-        token_type: SubjectTokenType,
+        token_type: TokenType,
     ) -> Result<Arc<ValidatedSubject>, OidcError> {
         let Some(cache) = &self.subject_cache else {
             return oidc.validate(token, token_type).await.map(Arc::new);
         };
-        let key = format!("{}:{}", token_type.as_urn(), token_fingerprint(token));
+        let key = format!(
+            "{}:{}",
+            token_type.as_urn(),
+            writ_sdk::spiffe::fingerprint::token(token)
+        );
         let now = self.clock.unix_seconds();
         let max_age = i64::try_from(SUBJECT_CACHE_MAX_AGE.as_secs()).unwrap_or(i64::MAX);
         if let Some((hit, validated_at)) = cache.get(&key).await
@@ -1188,7 +1186,7 @@ async fn metadata(State(service): State<Arc<ExchangeService>>) -> Response {
         "issuer": base,
         "token_endpoint": format!("{base}/token"),
         "jwks_uri": format!("{base}/.well-known/jwks.json"),
-        "grant_types_supported": [GRANT_TYPE],
+        "grant_types_supported": [GRANT_TYPE_TOKEN_EXCHANGE],
         "token_endpoint_auth_methods_supported": ["tls_client_auth"],
         "tls_client_certificate_bound_access_tokens": false,
     }))

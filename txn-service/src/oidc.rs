@@ -30,21 +30,32 @@
 //!   configured), and symmetric (`kty: oct`) keys in a JWKS are ignored;
 //! - discovery and JWKS documents are size-limited, fetched with a timeout, without
 //!   following redirects, and over HTTPS (plain HTTP only for loopback hosts);
-//! - a token whose `kid` is not in the cached JWKS triggers at most one refetch per
-//!   [`OidcOptions::refetch_interval`] per issuer, so a flood of random `kid`s cannot
-//!   hammer the provider;
-//! - a token is never logged: only its SHA-256 ([`token_fingerprint`]).
+//! - each issuer's keys are fetched, cached and fetched again by the SDK's one remote
+//!   key set policy ([`writ_sdk::jwks`]): used for [`OidcOptions::jwks_ttl`] by the
+//!   injected clock; a token whose `kid` is not in the cached JWKS triggers at most one
+//!   refetch per [`OidcOptions::refetch_interval`] per issuer, so a flood of random
+//!   `kid`s cannot hammer the provider; after a failed fetch the keys already fetched
+//!   stay in use and the provider is asked again only after the refetch interval;
+//!   concurrent validations share one fetch; a JWKS of more than
+//!   [`MAX_KEYS`] keys is refused;
+//! - a token is never logged: only its SHA-256
+//!   ([`writ_identity::fingerprint::token`]).
+//!
+//! The token types are the shared [`TokenType`]s of `access_token`, `id_token` and `jwt`;
+//! [`TokenType::TxnToken`] is refused ([`OidcError::UnsupportedTokenType`]): Txn-Tokens
+//! are the service's own, not an OpenID Provider's.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), writ_txn_service::oidc::OidcError> {
 //! use std::sync::Arc;
 //! use writ_identity::clock::SystemClock;
-//! use writ_txn_service::oidc::{IssuerConfig, OidcValidator, SubjectTokenType};
+//! use writ_sdk::oauth::TokenType;
+//! use writ_txn_service::oidc::{IssuerConfig, OidcValidator};
 //!
 //! let issuer = IssuerConfig::new("https://login.example.com", ["https://tts.example.com"]);
 //! let validator = OidcValidator::new(vec![issuer], Arc::new(SystemClock))?;
 //! let subject = validator
-//!     .validate("eyJ...", SubjectTokenType::AccessToken)
+//!     .validate("eyJ...", TokenType::AccessToken)
 //!     .await?;
 //! println!("{} from {}", subject.subject, subject.issuer);
 //! # Ok(()) }
@@ -52,7 +63,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -60,9 +71,11 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use writ_identity::clock::SharedClock;
+use writ_identity::fingerprint;
 use writ_identity::numeric_date::{TimeClaims, TimeError, TimeWindow};
+use writ_sdk::jwks::{FetchError, KeyCache, MAX_KEYS};
+use writ_sdk::oauth::TokenType;
 
 /// The default largest token accepted, in bytes (16 KiB).
 pub const DEFAULT_MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -107,6 +120,12 @@ pub enum OidcError {
     Malformed {
         /// What is wrong.
         reason: &'static str,
+    },
+    /// The presented token type is not one OIDC ingress validates (a Txn-Token).
+    #[error("OIDC ingress does not validate `{token_type}` tokens")]
+    UnsupportedTokenType {
+        /// The presented type.
+        token_type: TokenType,
     },
     /// The header `typ` does not fit the presented subject token type (for example an
     /// access token without `typ: at+jwt` from an issuer not configured to allow it).
@@ -182,36 +201,6 @@ pub enum OidcError {
 /// such tokens unless [`OidcOptions::accept_dev_tokens`] is set, which only `writ dev`
 /// does (no configuration file can).
 pub const DEV_TOKEN_CLAIM: &str = "writ_dev";
-
-/// The RFC 8693 subject token types that OIDC ingress validates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum SubjectTokenType {
-    /// `urn:ietf:params:oauth:token-type:access_token`.
-    AccessToken,
-    /// `urn:ietf:params:oauth:token-type:id_token`.
-    IdToken,
-    /// `urn:ietf:params:oauth:token-type:jwt`.
-    Jwt,
-}
-
-impl SubjectTokenType {
-    /// The RFC 8693 URN of this token type.
-    pub fn as_urn(self) -> &'static str {
-        match self {
-            Self::AccessToken => "urn:ietf:params:oauth:token-type:access_token",
-            Self::IdToken => "urn:ietf:params:oauth:token-type:id_token",
-            Self::Jwt => "urn:ietf:params:oauth:token-type:jwt",
-        }
-    }
-
-    /// The token type named by an RFC 8693 URN, if OIDC ingress handles it.
-    pub fn from_urn(urn: &str) -> Option<Self> {
-        [Self::AccessToken, Self::IdToken, Self::Jwt]
-            .into_iter()
-            .find(|t| t.as_urn() == urn)
-    }
-}
 
 /// One trusted OpenID Provider.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -328,11 +317,6 @@ pub struct ValidatedSubject {
     pub claims: Value,
 }
 
-/// The hex SHA-256 of a token: what logs and audit lines carry instead of the token.
-pub fn token_fingerprint(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
-}
-
 /// One usable key of a JWKS.
 struct IssuerKey {
     kid: Option<String>,
@@ -340,18 +324,17 @@ struct IssuerKey {
     key: DecodingKey,
 }
 
-/// An issuer's keys as fetched at `fetched_at` (clock seconds).
+/// An issuer's usable keys.
 struct KeySet {
     keys: Vec<IssuerKey>,
-    fetched_at: i64,
 }
 
-/// A configured issuer with its HTTP client and refetch state.
+/// A configured issuer with its HTTP client and its keys.
 struct Issuer {
     config: IssuerConfig,
     discovery_url: String,
     client: reqwest::Client,
-    last_forced_refetch: Mutex<Option<i64>>,
+    keys: KeyCache<KeySet, OidcError>,
 }
 
 /// Validates subject tokens from the configured OpenID Providers.
@@ -359,7 +342,6 @@ pub struct OidcValidator {
     issuers: HashMap<String, Arc<Issuer>>,
     clock: SharedClock,
     options: OidcOptions,
-    cache: moka::future::Cache<String, Arc<KeySet>>,
 }
 
 impl std::fmt::Debug for OidcValidator {
@@ -406,7 +388,11 @@ fn check_url(url: &str) -> Result<(), &'static str> {
 }
 
 impl Issuer {
-    fn new(config: IssuerConfig, options: &OidcOptions) -> Result<Self, OidcError> {
+    fn new(
+        config: IssuerConfig,
+        options: &OidcOptions,
+        clock: SharedClock,
+    ) -> Result<Self, OidcError> {
         let name = &config.issuer;
         check_url(name).map_err(|r| config_error(format!("issuer {name}: {r}")))?;
         if config.audiences.is_empty() || config.audiences.iter().any(String::is_empty) {
@@ -467,56 +453,38 @@ impl Issuer {
             "{}/.well-known/openid-configuration",
             name.trim_end_matches('/')
         );
+        let keys = KeyCache::new(
+            format!("JWKS of OIDC issuer {name}"),
+            clock,
+            options.jwks_ttl,
+            options.refetch_interval,
+        );
         Ok(Self {
             config,
             discovery_url,
             client,
-            last_forced_refetch: Mutex::new(None),
+            keys,
         })
     }
 
-    /// GETs `url` and parses a JSON object of at most `max` bytes.
-    async fn get_json(&self, url: &str, max: usize) -> Result<Value, String> {
-        let mut response = self
-            .client
-            .get(url)
-            .header(reqwest::header::ACCEPT, "application/json")
-            .send()
+    /// GETs `url` (the SDK's bounded fetch) and parses a JSON object of at most `max`
+    /// bytes. The reason returned is safe to show a client; details go to the log.
+    async fn get_json(&self, url: &str, max: usize, timeout: Duration) -> Result<Value, String> {
+        let body = writ_sdk::jwks::fetch(&self.client, url, max, timeout)
             .await
             .map_err(|e| {
-                tracing::warn!(issuer = %self.config.issuer, url, error = %e, "OIDC request failed");
-                if e.is_timeout() {
-                    "request timed out".to_owned()
-                } else {
-                    "request failed".to_owned()
+                match &e {
+                    FetchError::Transport(_) | FetchError::Body(_) | FetchError::Timeout => {
+                        tracing::warn!(issuer = %self.config.issuer, url, error = %e, "OIDC request failed");
+                    }
+                    _ => {}
+                }
+                match e {
+                    FetchError::Transport(_) => "request failed".to_owned(),
+                    FetchError::Body(_) => "reading the response failed".to_owned(),
+                    other => other.to_string(),
                 }
             })?;
-        let status = response.status();
-        if !status.is_success() {
-            return Err(format!("HTTP status {}", status.as_u16()));
-        }
-        if response
-            .content_length()
-            .is_some_and(|n| usize::try_from(n).map_or(true, |n| n > max))
-        {
-            return Err(format!("document larger than {max} bytes"));
-        }
-        let mut body = Vec::new();
-        loop {
-            match response.chunk().await {
-                Ok(Some(chunk)) => {
-                    if body.len().saturating_add(chunk.len()) > max {
-                        return Err(format!("document larger than {max} bytes"));
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(issuer = %self.config.issuer, url, error = %e, "OIDC body read failed");
-                    return Err("reading the response failed".to_owned());
-                }
-            }
-        }
         let value: Value =
             serde_json::from_slice(&body).map_err(|_| "response is not JSON".to_owned())?;
         if !value.is_object() {
@@ -526,7 +494,7 @@ impl Issuer {
     }
 
     /// Discovery then JWKS: the issuer's current keys.
-    async fn fetch_keys(&self, options: &OidcOptions, now: i64) -> Result<KeySet, OidcError> {
+    async fn fetch_keys(&self, options: &OidcOptions) -> Result<KeySet, OidcError> {
         let issuer = &self.config.issuer;
         let discovery_error = |reason: String| OidcError::Discovery {
             issuer: issuer.clone(),
@@ -537,7 +505,11 @@ impl Issuer {
             reason,
         };
         let metadata = self
-            .get_json(&self.discovery_url, options.max_document_bytes)
+            .get_json(
+                &self.discovery_url,
+                options.max_document_bytes,
+                options.http_timeout,
+            )
             .await
             .map_err(discovery_error)?;
         if metadata.get("issuer").and_then(Value::as_str) != Some(issuer.as_str()) {
@@ -551,13 +523,18 @@ impl Issuer {
             .ok_or_else(|| discovery_error("metadata has no `jwks_uri`".to_owned()))?;
         check_url(jwks_uri).map_err(|r| discovery_error(format!("`jwks_uri`: {r}")))?;
         let jwks = self
-            .get_json(jwks_uri, options.max_document_bytes)
+            .get_json(jwks_uri, options.max_document_bytes, options.http_timeout)
             .await
             .map_err(jwks_error)?;
         let raw_keys = jwks
             .get("keys")
             .and_then(Value::as_array)
             .ok_or_else(|| jwks_error("document has no `keys` array".to_owned()))?;
+        if raw_keys.len() > MAX_KEYS {
+            return Err(jwks_error(format!(
+                "document has more than {MAX_KEYS} keys"
+            )));
+        }
         let keys: Vec<IssuerKey> = raw_keys.iter().filter_map(parse_jwk).collect();
         tracing::debug!(
             issuer = %issuer,
@@ -565,26 +542,7 @@ impl Issuer {
             usable = keys.len(),
             "fetched JWKS"
         );
-        Ok(KeySet {
-            keys,
-            fetched_at: now,
-        })
-    }
-
-    /// Claims the issuer's refetch slot if the last forced refetch is old enough.
-    fn may_force_refetch(&self, now: i64, interval: Duration) -> bool {
-        let interval = i64::try_from(interval.as_secs()).unwrap_or(i64::MAX);
-        let mut last = self
-            .last_forced_refetch
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        match *last {
-            Some(at) if now.saturating_sub(at) < interval => false,
-            _ => {
-                *last = Some(now);
-                true
-            }
-        }
+        Ok(KeySet { keys })
     }
 }
 
@@ -714,7 +672,7 @@ fn normalize_typ(typ: &str) -> String {
 /// The `typ` rules of the module documentation, for a token of `config`'s issuer.
 fn check_typ(
     header: &Value,
-    token_type: SubjectTokenType,
+    token_type: TokenType,
     config: &IssuerConfig,
 ) -> Result<(), OidcError> {
     let typ = match header.get("typ") {
@@ -727,14 +685,14 @@ fn check_typ(
         }
     };
     let ok = match (token_type, typ.as_deref()) {
-        (SubjectTokenType::AccessToken, None) => config.allow_untyped_access_tokens,
-        (SubjectTokenType::AccessToken, Some(t)) => config
+        (TokenType::AccessToken, None) => config.allow_untyped_access_tokens,
+        (TokenType::AccessToken, Some(t)) => config
             .access_token_typ
             .iter()
             .any(|allowed| normalize_typ(allowed) == t),
         // An access token must not pass as an ID token (RFC 9068 section 4).
-        (SubjectTokenType::IdToken, None | Some("jwt")) => true,
-        (SubjectTokenType::Jwt, None | Some("jwt" | "at+jwt")) => true,
+        (TokenType::IdToken, None | Some("jwt")) => true,
+        (TokenType::Jwt, None | Some("jwt" | "at+jwt")) => true,
         _ => false,
     };
     if ok {
@@ -746,9 +704,9 @@ fn check_typ(
 
 /// The claim rules of the module documentation: an ID token never passes as an access
 /// token, nor an access token as an ID token.
-fn check_kind(claims: &Value, token_type: SubjectTokenType) -> Result<(), OidcError> {
+fn check_kind(claims: &Value, token_type: TokenType) -> Result<(), OidcError> {
     match token_type {
-        SubjectTokenType::AccessToken => {
+        TokenType::AccessToken => {
             if let Some(claim) = ID_TOKEN_ONLY_CLAIMS
                 .into_iter()
                 .find(|c| claims.get(*c).is_some())
@@ -759,15 +717,14 @@ fn check_kind(claims: &Value, token_type: SubjectTokenType) -> Result<(), OidcEr
                 });
             }
         }
-        SubjectTokenType::IdToken => {
-            if claims.get("client_id").is_some() {
-                return Err(OidcError::TokenKind {
-                    expected: "ID token",
-                    claim: "client_id",
-                });
-            }
+        TokenType::IdToken if claims.get("client_id").is_some() => {
+            return Err(OidcError::TokenKind {
+                expected: "ID token",
+                claim: "client_id",
+            });
         }
-        SubjectTokenType::Jwt => {}
+        // Plain JWTs: no kind checks; other types never get this far.
+        _ => {}
     }
     Ok(())
 }
@@ -803,26 +760,15 @@ impl OidcValidator {
         let mut map = HashMap::new();
         for config in issuers {
             let name = config.issuer.clone();
-            let issuer = Issuer::new(config, &options)?;
+            let issuer = Issuer::new(config, &options, clock.clone())?;
             if map.insert(name.clone(), Arc::new(issuer)).is_some() {
                 return Err(config_error(format!("issuer {name} is configured twice")));
             }
         }
-        // The clock decides staleness; moka's own TTL only bounds memory, with a margin.
-        let cache = moka::future::Cache::builder()
-            .max_capacity(u64::try_from(map.len()).unwrap_or(u64::MAX).max(1))
-            .time_to_live(
-                options
-                    .jwks_ttl
-                    .saturating_mul(2)
-                    .max(Duration::from_secs(1)),
-            )
-            .build();
         Ok(Self {
             issuers: map,
             clock,
             options,
-            cache,
         })
     }
 
@@ -840,18 +786,18 @@ impl OidcValidator {
     pub async fn validate(
         &self,
         token: &str,
-        token_type: SubjectTokenType,
+        token_type: TokenType,
     ) -> Result<ValidatedSubject, OidcError> {
         let result = self.validate_inner(token, token_type).await;
         match &result {
             Ok(s) => tracing::debug!(
-                token_sha256 = %token_fingerprint(token),
+                token_sha256 = %fingerprint::token(token),
                 issuer = %s.issuer,
                 subject = %s.subject,
                 "subject token accepted"
             ),
             Err(e) => tracing::info!(
-                token_sha256 = %token_fingerprint(token),
+                token_sha256 = %fingerprint::token(token),
                 error = %e,
                 "subject token refused"
             ),
@@ -862,8 +808,14 @@ impl OidcValidator {
     async fn validate_inner(
         &self,
         token: &str,
-        token_type: SubjectTokenType,
+        token_type: TokenType,
     ) -> Result<ValidatedSubject, OidcError> {
+        if !matches!(
+            token_type,
+            TokenType::AccessToken | TokenType::IdToken | TokenType::Jwt
+        ) {
+            return Err(OidcError::UnsupportedTokenType { token_type });
+        }
         if token.len() > self.options.max_token_bytes {
             return Err(OidcError::TooLarge {
                 max: self.options.max_token_bytes,
@@ -917,27 +869,6 @@ impl OidcValidator {
         self.check_claims(config, claims, token_type)
     }
 
-    async fn key_set(&self, issuer: &Arc<Issuer>) -> Result<Arc<KeySet>, OidcError> {
-        let name = &issuer.config.issuer;
-        let now = self.clock.unix_seconds();
-        let ttl = i64::try_from(self.options.jwks_ttl.as_secs()).unwrap_or(i64::MAX);
-        if let Some(set) = self.cache.get(name).await {
-            if now.saturating_sub(set.fetched_at) < ttl && now >= set.fetched_at {
-                return Ok(set);
-            }
-            self.cache.invalidate(name).await;
-        }
-        let loader = {
-            let issuer = Arc::clone(issuer);
-            let options = self.options.clone();
-            async move { issuer.fetch_keys(&options, now).await.map(Arc::new) }
-        };
-        self.cache
-            .try_get_with(name.clone(), loader)
-            .await
-            .map_err(|e| (*e).clone())
-    }
-
     async fn verify_signature(
         &self,
         issuer: &Arc<Issuer>,
@@ -946,21 +877,12 @@ impl OidcValidator {
         alg: Algorithm,
         alg_name: &str,
     ) -> Result<Value, OidcError> {
-        let mut set = self.key_set(issuer).await?;
-        let mut choice = choose_key(&set, kid, alg_name);
-        if matches!(choice, KeyChoice::NotFound) {
-            let now = self.clock.unix_seconds();
-            if issuer.may_force_refetch(now, self.options.refetch_interval) {
-                tracing::info!(issuer = %issuer.config.issuer, "unknown key id: refetching JWKS");
-                let fresh = Arc::new(issuer.fetch_keys(&self.options, now).await?);
-                self.cache
-                    .insert(issuer.config.issuer.clone(), Arc::clone(&fresh))
-                    .await;
-                set = fresh;
-                choice = choose_key(&set, kid, alg_name);
-            }
+        let load = || issuer.fetch_keys(&self.options);
+        let mut set = issuer.keys.keys(load).await?;
+        if matches!(choose_key(&set, kid, alg_name), KeyChoice::NotFound) {
+            set = issuer.keys.refetch(load).await?;
         }
-        let key = match choice {
+        let key = match choose_key(&set, kid, alg_name) {
             KeyChoice::Found(key) => key,
             KeyChoice::NotFound | KeyChoice::KidRequired => return Err(OidcError::UnknownKey),
         };
@@ -990,7 +912,7 @@ impl OidcValidator {
         &self,
         config: &IssuerConfig,
         claims: Value,
-        token_type: SubjectTokenType,
+        token_type: TokenType,
     ) -> Result<ValidatedSubject, OidcError> {
         if claims.get("iss").and_then(Value::as_str) != Some(config.issuer.as_str()) {
             return Err(OidcError::Issuer);
@@ -1061,23 +983,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn token_type_urns_round_trip() {
-        for t in [
-            SubjectTokenType::AccessToken,
-            SubjectTokenType::IdToken,
-            SubjectTokenType::Jwt,
-        ] {
-            assert_eq!(SubjectTokenType::from_urn(t.as_urn()), Some(t));
-        }
-        assert_eq!(
-            SubjectTokenType::from_urn("urn:ietf:params:oauth:token-type:txn_token"),
-            None
-        );
-    }
-
-    #[test]
     fn typ_rules() {
-        use SubjectTokenType::{AccessToken, IdToken, Jwt};
+        use TokenType::{AccessToken, IdToken, Jwt};
         let h = |t: &str| serde_json::json!({ "typ": t });
         let none = serde_json::json!({});
         let strict = IssuerConfig::new("https://idp.example", ["aud"]);
@@ -1124,7 +1031,7 @@ mod tests {
 
     #[test]
     fn kind_rules() {
-        use SubjectTokenType::{AccessToken, IdToken, Jwt};
+        use TokenType::{AccessToken, IdToken, Jwt};
         let id_token = serde_json::json!({ "sub": "a", "nonce": "n", "at_hash": "x" });
         let access = serde_json::json!({ "sub": "a", "client_id": "c", "jti": "j" });
         assert_eq!(
@@ -1144,6 +1051,22 @@ mod tests {
         );
         assert!(check_kind(&id_token, IdToken).is_ok());
         assert!(check_kind(&id_token, Jwt).is_ok());
+    }
+
+    #[tokio::test]
+    async fn refuses_txn_tokens() {
+        let clock: SharedClock = Arc::new(writ_identity::clock::SystemClock);
+        let v = OidcValidator::new(
+            vec![IssuerConfig::new("https://idp.example", ["aud"])],
+            clock,
+        )
+        .unwrap();
+        assert_eq!(
+            v.validate("a.b.c", TokenType::TxnToken).await,
+            Err(OidcError::UnsupportedTokenType {
+                token_type: TokenType::TxnToken
+            })
+        );
     }
 
     #[test]

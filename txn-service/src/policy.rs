@@ -40,7 +40,8 @@
 //!
 //! ```
 //! use writ_identity::spiffe_id::SpiffeId;
-//! use writ_txn_service::policy::{Policy, SubjectTokenKind};
+//! use writ_sdk::oauth::TokenType;
+//! use writ_txn_service::policy::Policy;
 //!
 //! let policy = Policy::from_toml(r#"
 //!     [[caller]]
@@ -50,16 +51,18 @@
 //! "#).unwrap();
 //! let caller = SpiffeId::new("spiffe://example.org/agents/planner").unwrap();
 //! let rule = policy.rule_for(&caller).unwrap();
-//! assert!(rule.allows(SubjectTokenKind::TxnToken));
-//! assert!(!rule.allows(SubjectTokenKind::AccessToken));
+//! assert!(rule.allows(TokenType::TxnToken));
+//! assert!(!rule.allows(TokenType::AccessToken));
 //! ```
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde::Deserialize;
+use writ_identity::duration::ConfigDuration;
+use writ_identity::server::config::toml_error_line;
 use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
-use writ_sdk::txn_token::TOKEN_TYPE_URN;
+use writ_sdk::oauth::TokenType;
 
 use crate::rate_limit::Rate;
 
@@ -130,71 +133,24 @@ pub enum PolicyError {
         /// Position of the rule in the file (from 0).
         index: usize,
     },
-    /// A lifetime is not a duration, is zero, or exceeds its ceiling.
+    /// A lifetime is zero or exceeds its ceiling. (A text that is not a duration at all
+    /// is a [`PolicyError::Syntax`] naming the key.)
     #[error("invalid lifetime `{value}`: {reason}")]
     Lifetime {
-        /// The value as written.
+        /// The value, in the canonical duration form.
         value: String,
         /// What is wrong.
         reason: String,
     },
 }
 
-/// A subject token type a caller may present, as policy files name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[non_exhaustive]
-pub enum SubjectTokenKind {
-    /// `access_token`: an OAuth access token from a configured OpenID Provider.
-    AccessToken,
-    /// `id_token`: an OpenID Connect ID token from a configured OpenID Provider.
-    IdToken,
-    /// `jwt`: another JWT from a configured OpenID Provider.
-    Jwt,
-    /// `txn_token`: a Txn-Token of this service, for a replacement.
-    TxnToken,
-}
-
-impl SubjectTokenKind {
-    const ALL: [Self; 4] = [Self::AccessToken, Self::IdToken, Self::Jwt, Self::TxnToken];
-
-    /// The short name used in policy files.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::AccessToken => "access_token",
-            Self::IdToken => "id_token",
-            Self::Jwt => "jwt",
-            Self::TxnToken => "txn_token",
-        }
-    }
-
-    /// The RFC 8693 token type URN.
-    pub fn as_urn(self) -> &'static str {
-        match self {
-            Self::AccessToken => "urn:ietf:params:oauth:token-type:access_token",
-            Self::IdToken => "urn:ietf:params:oauth:token-type:id_token",
-            Self::Jwt => "urn:ietf:params:oauth:token-type:jwt",
-            Self::TxnToken => TOKEN_TYPE_URN,
-        }
-    }
-
-    /// The kind named by a policy-file name.
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.name() == name)
-    }
-
-    /// The kind named by an RFC 8693 token type URN.
-    pub fn from_urn(urn: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_urn() == urn)
-    }
-}
-
 /// The raw policy file, as serde reads it.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilePolicy {
-    /// Ceiling for every rule's lifetime (a humantime duration such as `15m`).
+    /// Ceiling for every rule's lifetime (a duration such as `15m`).
     #[serde(default)]
-    pub max_lifetime: Option<String>,
+    pub max_lifetime: Option<ConfigDuration>,
     /// The caller rules, in order.
     #[serde(default)]
     pub caller: Vec<FileCallerRule>,
@@ -219,9 +175,9 @@ pub struct FileCallerRule {
     /// Scope ceiling.
     #[serde(default)]
     pub max_scope: Vec<String>,
-    /// Longest token lifetime (a humantime duration, default `5m`).
+    /// Longest token lifetime (a duration, default `5m`).
     #[serde(default)]
-    pub max_lifetime: Option<String>,
+    pub max_lifetime: Option<ConfigDuration>,
     /// Whether the caller may authenticate with a JWT-SVID client assertion instead of
     /// its X509-SVID (for callers behind a TLS-terminating proxy). Default: no.
     #[serde(default)]
@@ -269,7 +225,7 @@ impl CallerMatcher {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallerRule {
     matcher: CallerMatcher,
-    token_types: BTreeSet<SubjectTokenKind>,
+    token_types: BTreeSet<TokenType>,
     max_scope: BTreeSet<String>,
     max_lifetime: Duration,
     client_assertion: bool,
@@ -293,7 +249,7 @@ impl CallerRule {
     }
 
     /// Whether the rule lets its callers present subject tokens of `kind`.
-    pub fn allows(&self, kind: SubjectTokenKind) -> bool {
+    pub fn allows(&self, kind: TokenType) -> bool {
         self.token_types.contains(&kind)
     }
 
@@ -321,8 +277,9 @@ impl Policy {
     /// # Errors
     /// [`PolicyError`] for the first problem found.
     pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
-        let file: FilePolicy =
-            toml::from_str(text).map_err(|e| PolicyError::Syntax(e.message().to_owned()))?;
+        let file: FilePolicy = toml::from_str(text).map_err(|e| {
+            PolicyError::Syntax(toml_error_line(&e).unwrap_or_else(|| e.message().to_owned()))
+        })?;
         Self::try_from(file)
     }
 
@@ -346,9 +303,9 @@ impl TryFrom<FilePolicy> for Policy {
     type Error = PolicyError;
 
     fn try_from(file: FilePolicy) -> Result<Self, PolicyError> {
-        let max_lifetime = match file.max_lifetime.as_deref() {
+        let max_lifetime = match file.max_lifetime {
             None => DEFAULT_MAX_LIFETIME,
-            Some(text) => parse_lifetime(text, HARD_MAX_LIFETIME)?,
+            Some(d) => check_lifetime(d, HARD_MAX_LIFETIME)?,
         };
         let rules = file
             .caller
@@ -390,7 +347,7 @@ fn validate_rule(
     };
     let mut token_types = BTreeSet::new();
     for name in rule.subject_token_types {
-        match SubjectTokenKind::from_name(&name) {
+        match TokenType::from_name(&name) {
             Some(kind) => {
                 token_types.insert(kind);
             }
@@ -419,9 +376,9 @@ fn validate_rule(
         }
         max_scope.insert(scope);
     }
-    let max_lifetime = match rule.max_lifetime.as_deref() {
+    let max_lifetime = match rule.max_lifetime {
         None => DEFAULT_RULE_LIFETIME.min(ceiling),
-        Some(text) => parse_lifetime(text, ceiling)?,
+        Some(d) => check_lifetime(d, ceiling)?,
     };
     let rate_limit = match rule.rate_limit {
         None => None,
@@ -448,19 +405,19 @@ fn validate_rule(
     })
 }
 
-fn parse_lifetime(text: &str, ceiling: Duration) -> Result<Duration, PolicyError> {
+fn check_lifetime(value: ConfigDuration, ceiling: Duration) -> Result<Duration, PolicyError> {
     let err = |reason: String| PolicyError::Lifetime {
-        value: text.to_owned(),
+        value: value.to_string(),
         reason,
     };
-    let d = humantime::parse_duration(text).map_err(|e| err(e.to_string()))?;
+    let d = value.get();
     if d.as_secs() == 0 {
         return Err(err("must be at least one second".into()));
     }
     if d > ceiling {
         return Err(err(format!(
             "exceeds the ceiling of {}",
-            humantime::format_duration(ceiling)
+            ConfigDuration::new(ceiling)
         )));
     }
     Ok(d)
@@ -504,18 +461,29 @@ mod tests {
         let p = Policy::from_toml(GOOD).unwrap();
         assert_eq!(p.max_lifetime(), Duration::from_secs(600));
         let gw = p.rule_for(&id("spiffe://example.org/gateway")).unwrap();
-        assert!(gw.allows(SubjectTokenKind::AccessToken));
-        assert!(!gw.allows(SubjectTokenKind::TxnToken));
+        assert!(gw.allows(TokenType::AccessToken));
+        assert!(!gw.allows(TokenType::TxnToken));
         assert_eq!(gw.max_lifetime(), Duration::from_secs(120));
         let agent = p.rule_for(&id("spiffe://example.org/agents/a/b")).unwrap();
-        assert!(agent.allows(SubjectTokenKind::TxnToken));
+        assert!(agent.allows(TokenType::TxnToken));
         assert_eq!(agent.max_lifetime(), DEFAULT_RULE_LIFETIME);
         assert!(p.rule_for(&id("spiffe://example.org/agents")).is_some());
         // Segment boundary: falls through to the trust-domain rule.
         let evil = p.rule_for(&id("spiffe://example.org/agents-evil")).unwrap();
-        assert!(evil.allows(SubjectTokenKind::Jwt));
-        assert!(!evil.allows(SubjectTokenKind::TxnToken));
+        assert!(evil.allows(TokenType::Jwt));
+        assert!(!evil.allows(TokenType::TxnToken));
         assert!(p.rule_for(&id("spiffe://other.org/gateway")).is_none());
+    }
+
+    #[test]
+    fn lifetimes_take_the_one_duration_syntax() {
+        let p = Policy::from_toml(
+            "max_lifetime = 900\n[[caller]]\nid = \"spiffe://example.org/a\"\n\
+             subject_token_types = [\"jwt\"]\nmax_scope = [\"a\"]\nmax_lifetime = \"90\"",
+        )
+        .unwrap();
+        assert_eq!(p.max_lifetime(), Duration::from_secs(900));
+        assert_eq!(p.rules()[0].max_lifetime(), Duration::from_secs(90));
     }
 
     #[test]
@@ -609,7 +577,7 @@ mod tests {
                 rule(
                     "id = \"spiffe://example.org/a\"\nsubject_token_types = [\"jwt\"]\nmax_scope = [\"a\"]\nmax_lifetime = \"soon\"",
                 ),
-                |e| matches!(e, PolicyError::Lifetime { .. }),
+                |e| matches!(e, PolicyError::Syntax(m) if m.contains("caller.max_lifetime")),
             ),
             (
                 rule(
@@ -628,14 +596,5 @@ mod tests {
             let err = Policy::from_toml(&text).unwrap_err();
             assert!(check(&err), "{text:?} gave {err:?}");
         }
-    }
-
-    #[test]
-    fn token_kinds_round_trip() {
-        for kind in SubjectTokenKind::ALL {
-            assert_eq!(SubjectTokenKind::from_urn(kind.as_urn()), Some(kind));
-            assert_eq!(SubjectTokenKind::from_name(kind.name()), Some(kind));
-        }
-        assert_eq!(SubjectTokenKind::from_name("unsigned_json"), None);
     }
 }

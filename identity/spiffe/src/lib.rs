@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | [`spiffe_id`] | SPIFFE IDs and trust domains | always |
 //! | [`clock`] | the injected clock every expiry reads | always |
+//! | [`duration`] | the one duration syntax of configuration files and flags | always |
 //! | [`fingerprint`] | SHA-256 names for tokens and certificates | always |
 //! | [`process`] | `/proc/<pid>/stat`: a process's start time and state | always |
 //! | `bundle` | SPIFFE bundles and JWKs | `svid` |
@@ -39,6 +40,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod clock;
+pub mod duration;
 pub mod fingerprint;
 pub mod process;
 pub mod spiffe_id;

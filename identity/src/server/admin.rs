@@ -350,7 +350,7 @@ impl pb::admin_server::Admin for AdminService {
         self.state
             .store
             .create_join_token(&JoinTokenRecord {
-                token_hash: hex::encode(crate::key_manager::sha256(token.as_bytes())),
+                token_hash: writ_spiffe::fingerprint::token(&token),
                 expires_at,
                 selectors: Vec::new(),
             })
@@ -412,7 +412,7 @@ impl pb::admin_server::Admin for AdminService {
             .ca
             .sign_jwt_svid(&id, &r.audience, ttl(r.ttl))
             .map_err(AdminError::from)?;
-        tracing::info!(spiffe_id = %id, token_sha256 = %hex::encode(crate::key_manager::sha256(token.as_bytes())), "minted JWT-SVID");
+        tracing::info!(spiffe_id = %id, token_sha256 = %writ_spiffe::fingerprint::token(&token), "minted JWT-SVID");
         Ok(Response::new(pb::MintJwtSvidResponse {
             token,
             expires_at: crate::clock::unix_seconds(expires_at),

@@ -21,6 +21,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::ca::{CaConfig, UpstreamAuthority};
+use crate::duration::ConfigDuration;
 use crate::rate_limit::Rate;
 use crate::spiffe_id::TrustDomain;
 use crate::store::postgres::PostgresStore;
@@ -46,8 +47,9 @@ pub enum ConfigError {
         /// Why.
         source: std::io::Error,
     },
-    /// The TOML is malformed or has unknown keys.
-    #[error("invalid configuration: {0}")]
+    /// The TOML is malformed, has unknown keys, or a value of the wrong form (a
+    /// duration that is not one): one line naming the key when serde found the fault.
+    #[error("invalid configuration: {}", toml_error_line(.0).unwrap_or_else(|| .0.to_string()))]
     Toml(#[from] toml::de::Error),
     /// A value is out of range or malformed.
     #[error("{key}: {reason}")]
@@ -120,13 +122,13 @@ pub const DEFAULT_SPAWN_RATE: Rate = Rate {
 #[serde(deny_unknown_fields)]
 pub struct FileCa {
     /// Lifetime of each X.509 CA (`24h`).
-    pub ttl: Option<String>,
+    pub ttl: Option<ConfigDuration>,
     /// Lifetime of each JWT signing key (`24h`).
-    pub jwt_key_ttl: Option<String>,
+    pub jwt_key_ttl: Option<ConfigDuration>,
     /// Key type; only `ec-p256` today.
     pub key_type: Option<String>,
     /// `spiffe_refresh_hint` (`5m`).
-    pub refresh_hint: Option<String>,
+    pub refresh_hint: Option<ConfigDuration>,
     /// Upstream CA certificate chain (PEM, signing certificate first).
     pub upstream_cert_file: Option<PathBuf>,
     /// Upstream CA private key (PEM).
@@ -138,9 +140,9 @@ pub struct FileCa {
 #[serde(deny_unknown_fields)]
 pub struct FileSvid {
     /// Default X509-SVID lifetime (`1h`).
-    pub default_x509_ttl: Option<String>,
+    pub default_x509_ttl: Option<ConfigDuration>,
     /// Default JWT-SVID lifetime (`5m`).
-    pub default_jwt_ttl: Option<String>,
+    pub default_jwt_ttl: Option<ConfigDuration>,
 }
 
 /// `[datastore]`.
@@ -166,7 +168,7 @@ pub struct FileKeyManager {
 #[serde(deny_unknown_fields)]
 pub struct FileJoinToken {
     /// Default lifetime of generated join tokens (`10m`).
-    pub default_ttl: Option<String>,
+    pub default_ttl: Option<ConfigDuration>,
 }
 
 /// Where the registration store lives.
@@ -293,28 +295,28 @@ impl ServerConfig {
     }
 }
 
-/// Parses `5m`, `1h30m`, `90s` or a bare number of seconds.
-///
-/// # Errors
-/// A message saying what was expected.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if let Ok(secs) = text.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    humantime::parse_duration(text)
-        .map_err(|e| format!("{text:?} is not a duration like 90s, 5m or 1h ({e})"))
+/// A TOML error found under a key (a value of the wrong form, such as a duration that is
+/// not one) as one line naming the key: `ca.ttl: "soon" is not a duration ...`; `None`
+/// for an error toml names no key for (malformed TOML).
+pub fn toml_error_line(e: &toml::de::Error) -> Option<String> {
+    // Without the input, toml names the key path instead of quoting the line.
+    let mut bare = e.clone();
+    bare.set_input(None);
+    let text = bare.to_string();
+    let (message, keys) = text.trim_end().rsplit_once("\nin `")?;
+    Some(format!(
+        "{}: {}",
+        keys.trim_end_matches('`'),
+        message.trim()
+    ))
 }
 
 fn duration(
     key: &'static str,
-    v: Option<&str>,
+    v: Option<ConfigDuration>,
     default: Duration,
 ) -> Result<Duration, ConfigError> {
-    let d = match v {
-        None => default,
-        Some(s) => parse_duration(s).map_err(|e| value(key, e))?,
-    };
+    let d = v.map_or(default, ConfigDuration::get);
     if d < Duration::from_secs(1) {
         return Err(value(key, "must be at least 1s"));
     }
@@ -346,15 +348,11 @@ impl TryFrom<FileConfig> for ServerConfig {
             ),
         };
         let mut ca = CaConfig::new(trust_domain.clone());
-        ca.ca_ttl = duration("ca.ttl", file.ca.ttl.as_deref(), ca.ca_ttl)?;
-        ca.jwt_key_ttl = duration(
-            "ca.jwt_key_ttl",
-            file.ca.jwt_key_ttl.as_deref(),
-            ca.jwt_key_ttl,
-        )?;
+        ca.ca_ttl = duration("ca.ttl", file.ca.ttl, ca.ca_ttl)?;
+        ca.jwt_key_ttl = duration("ca.jwt_key_ttl", file.ca.jwt_key_ttl, ca.jwt_key_ttl)?;
         ca.refresh_hint = Some(duration(
             "ca.refresh_hint",
-            file.ca.refresh_hint.as_deref(),
+            file.ca.refresh_hint,
             Duration::from_secs(300),
         )?);
         match file.ca.key_type.as_deref() {
@@ -368,12 +366,12 @@ impl TryFrom<FileConfig> for ServerConfig {
         }
         ca.default_x509_svid_ttl = duration(
             "svid.default_x509_ttl",
-            file.svid.default_x509_ttl.as_deref(),
+            file.svid.default_x509_ttl,
             ca.default_x509_svid_ttl,
         )?;
         ca.default_jwt_svid_ttl = duration(
             "svid.default_jwt_ttl",
-            file.svid.default_jwt_ttl.as_deref(),
+            file.svid.default_jwt_ttl,
             ca.default_jwt_svid_ttl,
         )?;
         ca.upstream = match (file.ca.upstream_cert_file, file.ca.upstream_key_file) {
@@ -412,7 +410,7 @@ impl TryFrom<FileConfig> for ServerConfig {
         };
         let join_token_ttl = duration(
             "join_token.default_ttl",
-            file.join_token.default_ttl.as_deref(),
+            file.join_token.default_ttl,
             Duration::from_secs(600),
         )?;
         let spawn_rate = match file.spawn_rate {
@@ -457,9 +455,15 @@ mod tests {
             toml::from_str::<FileConfig>("nonsense = 1").is_err(),
             "unknown keys are refused"
         );
-        let bad: FileConfig = toml::from_str("[ca]\nttl = \"soon\"").unwrap();
+        let bad = toml::from_str::<FileConfig>("[ca]\nttl = \"soon\"").unwrap_err();
         assert!(
-            ServerConfig::try_from(bad)
+            ConfigError::from(bad)
+                .to_string()
+                .starts_with("invalid configuration: ca.ttl")
+        );
+        let zero: FileConfig = toml::from_str("[ca]\nttl = \"0s\"").unwrap();
+        assert!(
+            ServerConfig::try_from(zero)
                 .unwrap_err()
                 .to_string()
                 .starts_with("ca.ttl")
@@ -498,9 +502,32 @@ mod tests {
     }
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert!(parse_duration("-1").is_err());
+    fn durations_take_the_one_syntax_and_errors_name_the_key() {
+        let load = |text: &str| {
+            toml::from_str::<FileConfig>(text)
+                .map_err(ConfigError::from)
+                .and_then(ServerConfig::try_from)
+        };
+        let c = load("[ca]\nttl = 90\nrefresh_hint = \"90\"\n[svid]\ndefault_x509_ttl = \"1h30m\"")
+            .unwrap();
+        assert_eq!(c.ca.ca_ttl, Duration::from_secs(90));
+        assert_eq!(c.ca.refresh_hint, Some(Duration::from_secs(90)));
+        assert_eq!(c.ca.default_x509_svid_ttl, Duration::from_secs(5400));
+        for (text, key) in [
+            ("[ca]\nttl = \"soon\"", "ca.ttl: \"soon\" is not a duration"),
+            ("[ca]\nttl = -1", "ca.ttl: -1 is not a duration"),
+            (
+                "[join_token]\ndefault_ttl = \"0s\"",
+                "join_token.default_ttl: must be at least 1s",
+            ),
+            (
+                "[svid]\ndefault_jwt_ttl = \"5min\"",
+                "svid.default_jwt_ttl: \"5min\": unknown unit",
+            ),
+        ] {
+            let err = load(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?}: {err}");
+            assert!(!err.contains('\n'), "one line: {err:?}");
+        }
     }
 }

@@ -222,12 +222,12 @@ impl pb::node_server::Node for NodeService {
         let now = state.clock.unix_seconds();
         match state
             .store
-            .consume_join_token(&hex::encode(sha256(token.as_bytes())), now)
+            .consume_join_token(&writ_spiffe::fingerprint::token(&token), now)
             .await
         {
             Ok(_) => {}
             Err(StoreError::NotFound { .. }) => {
-                tracing::warn!(token_sha256 = %hex::encode(sha256(token.as_bytes())), "unknown or reused join token");
+                tracing::warn!(token_sha256 = %writ_spiffe::fingerprint::token(&token), "unknown or reused join token");
                 return Err(NodeError::JoinTokenUnknown.into());
             }
             Err(StoreError::TokenExpired) => {

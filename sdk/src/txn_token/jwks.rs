@@ -8,10 +8,12 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use writ_spiffe::bundle::{Jwk, parse_strict_json};
 
+use crate::jwks::FetchError;
+
 /// Largest JWKS document accepted, in bytes.
 pub const MAX_JWKS_BYTES: usize = 64 * 1024;
 /// Most keys accepted in one JWKS.
-pub const MAX_JWKS_KEYS: usize = 64;
+pub const MAX_JWKS_KEYS: usize = crate::jwks::MAX_KEYS;
 /// Longest a JWKS fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -180,26 +182,15 @@ impl JwksSource {
                 Jwks::parse(&tokio::fs::read(path).await.map_err(read)?)
             }
             Self::Url { url, http } => {
-                let failed = |reason: String| JwksError::Fetch {
-                    url: url.clone(),
-                    reason,
-                };
-                let mut response = http
-                    .get(url)
-                    .timeout(FETCH_TIMEOUT)
-                    .send()
+                let body = crate::jwks::fetch(http, url, MAX_JWKS_BYTES, FETCH_TIMEOUT)
                     .await
-                    .map_err(|e| failed(e.to_string()))?;
-                if !response.status().is_success() {
-                    return Err(failed(format!("HTTP {}", response.status())));
-                }
-                let mut body = Vec::new();
-                while let Some(chunk) = response.chunk().await.map_err(|e| failed(e.to_string()))? {
-                    if body.len() + chunk.len() > MAX_JWKS_BYTES {
-                        return Err(JwksError::TooLarge);
-                    }
-                    body.extend_from_slice(&chunk);
-                }
+                    .map_err(|e| match e {
+                        FetchError::TooLarge { .. } => JwksError::TooLarge,
+                        e => JwksError::Fetch {
+                            url: url.clone(),
+                            reason: e.to_string(),
+                        },
+                    })?;
                 Jwks::parse(&body)
             }
         }

@@ -50,8 +50,6 @@ pub const TIME_WINDOW: writ_spiffe::numeric_date::TimeWindow =
 
 /// The JWT `typ` of a Txn-Token.
 pub const TXN_TOKEN_TYP: &str = "txntoken+jwt";
-/// The RFC 8693 token type URN of a Txn-Token.
-pub const TOKEN_TYPE_URN: &str = "urn:ietf:params:oauth:token-type:txn_token";
 /// The HTTP header that carries a Txn-Token.
 pub const HEADER: &str = "Txn-Token";
 /// Largest Txn-Token accepted, in bytes.

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
 use jsonwebtoken::Validation;
 use serde_json::Value;
 use writ_spiffe::clock::{SharedClock, SystemClock, unix_seconds};
@@ -18,6 +17,7 @@ use super::{
     ALGORITHMS, MAX_CHAIN_DEPTH, MAX_TOKEN_BYTES, TIME_WINDOW, TXN_TOKEN_TYP, TxnToken,
     TxnTokenError,
 };
+use crate::jwks::KeyCache;
 
 /// How long a fetched JWKS is used before it is fetched again.
 pub const DEFAULT_KEYS_MAX_AGE: Duration = Duration::from_secs(300);
@@ -25,14 +25,8 @@ pub const DEFAULT_KEYS_MAX_AGE: Duration = Duration::from_secs(300);
 pub const DEFAULT_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
 /// Default capacity of the verified-token cache.
 pub const DEFAULT_CACHE_CAPACITY: u64 = 10_000;
-
-/// The keys in use, when they were loaded, and when a load last failed.
-#[derive(Debug, Default)]
-struct KeyState {
-    jwks: Jwks,
-    loaded_at: Option<SystemTime>,
-    failed_at: Option<SystemTime>,
-}
+/// Whose keys the verifier's key cache holds, in logs.
+const KEYS_NAME: &str = "Txn-Token signing keys";
 
 /// Builds a [`TxnVerifier`].
 #[derive(Debug)]
@@ -82,13 +76,14 @@ impl TxnVerifierBuilder {
 
     /// The verifier. Keys from a file or URL are loaded at the first verification.
     pub fn build(self) -> TxnVerifier {
-        let initial = match &self.source {
-            JwksSource::Keys(jwks) => KeyState {
-                jwks: jwks.clone(),
-                loaded_at: Some(self.clock.now()),
-                failed_at: None,
-            },
-            _ => KeyState::default(),
+        let keys = match &self.source {
+            JwksSource::Keys(jwks) => KeyCache::fixed(KEYS_NAME, self.clock.clone(), jwks.clone()),
+            _ => KeyCache::new(
+                KEYS_NAME,
+                self.clock.clone(),
+                self.max_age,
+                self.refetch_interval,
+            ),
         };
         let verified = (self.cache_capacity > 0).then(|| {
             quick_cache::sync::Cache::new(
@@ -101,10 +96,7 @@ impl TxnVerifierBuilder {
                 issuer: self.issuer,
                 source: self.source,
                 clock: self.clock,
-                max_age: self.max_age,
-                refetch_interval: self.refetch_interval,
-                keys: ArcSwap::from_pointee(initial),
-                fetch: tokio::sync::Mutex::new(None),
+                keys,
                 verified,
             }),
         }
@@ -116,12 +108,9 @@ struct Inner {
     issuer: Option<String>,
     source: JwksSource,
     clock: SharedClock,
-    max_age: Duration,
-    refetch_interval: Duration,
-    keys: ArcSwap<KeyState>,
-    /// Held while fetching, so concurrent verifications share one fetch; holds the time
-    /// of the last fetch caused by an unknown `kid`.
-    fetch: tokio::sync::Mutex<Option<SystemTime>>,
+    /// The service's keys, fetched, cached and fetched again by the SDK's one policy
+    /// ([`crate::jwks`]); a load error is kept as its message.
+    keys: KeyCache<Jwks, String>,
     /// Verified tokens by SHA-256, bounded in count; an entry is used only while its
     /// token is within its time window by the clock, so an expired one is never served
     /// (it stays until evicted, which the bound makes harmless).
@@ -206,13 +195,17 @@ impl TxnVerifier {
         }
         let header = header(token)?;
         let kid = header.kid.as_deref().ok_or(TxnTokenError::UnknownKey)?;
-        if self.keys_stale() {
-            self.load_keys(false).await?;
+        let source = &inner.source;
+        let load = || async move { source.load().await.map_err(|e| e.to_string()) };
+        let mut jwks = inner.keys.keys(load).await.map_err(TxnTokenError::Keys)?;
+        if jwks.get(kid).is_none() {
+            jwks = inner
+                .keys
+                .refetch(load)
+                .await
+                .map_err(TxnTokenError::Keys)?;
         }
-        if inner.keys.load().jwks.get(kid).is_none() {
-            self.load_keys(true).await?;
-        }
-        let claims = self.verify_with_current_keys(token, &header, inner.clock.now())?;
+        let claims = self.verify_with_keys(&jwks, token, &header, inner.clock.now())?;
         if let (Some(cache), Some(digest)) = (&inner.verified, digest) {
             cache.insert(digest, Arc::new(claims.clone()));
         }
@@ -225,7 +218,9 @@ impl TxnVerifier {
     /// [`TxnTokenError`] for the first problem found.
     pub fn verify_at(&self, token: &str, now: SystemTime) -> Result<TxnToken, TxnTokenError> {
         check_size(token)?;
-        self.verify_with_current_keys(token, &header(token)?, now)
+        let header = header(token)?;
+        let jwks = self.inner.keys.current().unwrap_or_default();
+        self.verify_with_keys(&jwks, token, &header, now)
     }
 
     /// Loads the keys again now, whatever their age.
@@ -234,100 +229,26 @@ impl TxnVerifier {
     /// [`TxnTokenError::Keys`] if the source fails and no keys were ever loaded; when
     /// earlier keys exist they stay in use and this returns `Ok` (the failure is logged).
     pub async fn refresh(&self) -> Result<(), TxnTokenError> {
-        let _guard = self.inner.fetch.lock().await;
-        self.fetch_now().await
+        let source = &self.inner.source;
+        self.inner
+            .keys
+            .refresh(|| async move { source.load().await.map_err(|e| e.to_string()) })
+            .await
+            .map(|_| ())
+            .map_err(TxnTokenError::Keys)
     }
 
-    /// Whether the keys should be loaded before verifying: never loaded or older than
-    /// their max age, and no load failed within the refetch interval (an unreachable
-    /// service must not put a fetch, and its timeout, in front of every request).
-    fn keys_stale(&self) -> bool {
-        if matches!(self.inner.source, JwksSource::Keys(_)) {
-            return false;
-        }
-        let state = self.inner.keys.load();
-        let now = self.inner.clock.now();
-        let older_than = |at: Option<SystemTime>, limit: Duration| {
-            at.is_none_or(|at| now.duration_since(at).is_ok_and(|age| age >= limit))
-        };
-        older_than(state.loaded_at, self.inner.max_age)
-            && older_than(state.failed_at, self.inner.refetch_interval)
-    }
-
-    /// Loads the keys unless another task did while this one waited. For an unknown
-    /// `kid` (`unknown_kid`), at most once per refetch interval.
-    async fn load_keys(&self, unknown_kid: bool) -> Result<(), TxnTokenError> {
-        let attempt = |s: &KeyState| (s.loaded_at, s.failed_at);
-        let before = attempt(&self.inner.keys.load());
-        let mut last_refetch = self.inner.fetch.lock().await;
-        if attempt(&self.inner.keys.load()) != before {
-            // Another task loaded (or failed to) while this one waited.
-            return self.usable();
-        }
-        if unknown_kid {
-            let now = self.inner.clock.now();
-            let within = |at: Option<SystemTime>| {
-                at.is_some_and(|at| {
-                    now.duration_since(at)
-                        .map_or(true, |since| since < self.inner.refetch_interval)
-                })
-            };
-            if within(*last_refetch) || within(self.inner.keys.load().failed_at) {
-                return self.usable();
-            }
-            *last_refetch = Some(now);
-        }
-        self.fetch_now().await
-    }
-
-    async fn fetch_now(&self) -> Result<(), TxnTokenError> {
-        let now = || Some(self.inner.clock.now());
-        match self.inner.source.load().await {
-            Ok(jwks) => {
-                self.inner.keys.store(Arc::new(KeyState {
-                    jwks,
-                    loaded_at: now(),
-                    failed_at: None,
-                }));
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "Txn-Token signing keys could not be loaded");
-                let old = self.inner.keys.load_full();
-                self.inner.keys.store(Arc::new(KeyState {
-                    jwks: old.jwks.clone(),
-                    loaded_at: old.loaded_at,
-                    failed_at: now(),
-                }));
-                // Keep verifying with the keys we have, if any.
-                self.usable()
-                    .map_err(|_| TxnTokenError::Keys(e.to_string()))
-            }
-        }
-    }
-
-    /// `Ok` once keys have been loaded at least once.
-    fn usable(&self) -> Result<(), TxnTokenError> {
-        if self.inner.keys.load().loaded_at.is_some() {
-            Ok(())
-        } else {
-            Err(TxnTokenError::Keys(
-                "the signing keys could not be loaded yet".into(),
-            ))
-        }
-    }
-
-    fn verify_with_current_keys(
+    fn verify_with_keys(
         &self,
+        jwks: &Jwks,
         token: &str,
         header: &jsonwebtoken::Header,
         now: SystemTime,
     ) -> Result<TxnToken, TxnTokenError> {
-        let state = self.inner.keys.load();
         let key = header
             .kid
             .as_deref()
-            .and_then(|kid| state.jwks.get(kid))
+            .and_then(|kid| jwks.get(kid))
             .ok_or(TxnTokenError::UnknownKey)?;
         if key.alg != header.alg {
             return Err(TxnTokenError::Algorithm(format!("{:?}", header.alg)));

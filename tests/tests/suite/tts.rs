@@ -327,7 +327,7 @@ print(json.dumps({"typ": header["typ"], "claims": claims}))
     assert_eq!(line["requested_scope"], "read");
     assert_eq!(
         line["subject_token_sha256"],
-        json!(writ_txn_service::oidc::token_fingerprint(&access_token))
+        json!(writ_sdk::spiffe::fingerprint::token(&access_token))
     );
     let audit_text = std::fs::read_to_string(&tts.audit_path).unwrap();
     assert!(!audit_text.contains(&access_token));
@@ -441,11 +441,17 @@ async fn callers_are_authenticated_and_authorized() {
     let server_verifier = SpiffeServerVerifier::new(bundles, Arc::new(move |p| *p == tts_id));
     let form = |extra: &[(&str, &str)]| {
         let mut pairs = vec![
-            ("grant_type", writ_sdk::exchange::GRANT_TYPE),
-            ("requested_token_type", writ_sdk::txn_token::TOKEN_TYPE_URN),
+            ("grant_type", writ_sdk::oauth::GRANT_TYPE_TOKEN_EXCHANGE),
+            (
+                "requested_token_type",
+                writ_sdk::oauth::TokenType::TxnToken.as_urn(),
+            ),
             ("audience", TD),
             ("subject_token", token.as_str()),
-            ("subject_token_type", writ_sdk::txn_token::TOKEN_TYPE_URN),
+            (
+                "subject_token_type",
+                writ_sdk::oauth::TokenType::TxnToken.as_urn(),
+            ),
         ];
         pairs.extend_from_slice(extra);
         url::form_urlencoded::Serializer::new(String::new())
@@ -618,7 +624,7 @@ async fn callers_are_authenticated_and_authorized() {
 /// The form field naming a JWT-SVID client assertion.
 const ASSERTION_TYPE: (&str, &str) = (
     "client_assertion_type",
-    writ_txn_service::exchange::CLIENT_ASSERTION_TYPE,
+    writ_sdk::oauth::CLIENT_ASSERTION_TYPE_JWT_SPIFFE,
 );
 
 /// A JWT-SVID of `path` for `audience`, from the Workload API.

@@ -16,10 +16,11 @@ use writ_identity::bundle::Jwk;
 use writ_identity::clock::{Clock, ManualClock};
 use writ_identity::key_manager::PrivateKey;
 use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
-use writ_sdk::txn_token::{TOKEN_TYPE_URN, TXN_TOKEN_TYP, TxnToken, TxnVerifier};
+use writ_sdk::oauth::{GRANT_TYPE_TOKEN_EXCHANGE, TokenType};
+use writ_sdk::txn_token::{TXN_TOKEN_TYP, TxnToken, TxnVerifier};
 use writ_txn_service::audit::AuditLog;
 use writ_txn_service::exchange::{
-    CallerId, ExchangeService, GRANT_TYPE, MAX_BODY_BYTES, MAX_CONTEXT_BYTES, router,
+    CallerId, ExchangeService, MAX_BODY_BYTES, MAX_CONTEXT_BYTES, router,
 };
 use writ_txn_service::oidc::OidcValidator;
 use writ_txn_service::policy::Policy;
@@ -151,11 +152,11 @@ fn form(pairs: &[(&str, &str)]) -> String {
 
 fn replacement_form(token: &str, scope: Option<&str>) -> String {
     let mut pairs = vec![
-        ("grant_type", GRANT_TYPE),
-        ("requested_token_type", TOKEN_TYPE_URN),
+        ("grant_type", GRANT_TYPE_TOKEN_EXCHANGE),
+        ("requested_token_type", TokenType::TxnToken.as_urn()),
         ("audience", TD),
         ("subject_token", token),
-        ("subject_token_type", TOKEN_TYPE_URN),
+        ("subject_token_type", TokenType::TxnToken.as_urn()),
     ];
     if let Some(scope) = scope {
         pairs.push(("scope", scope));
@@ -223,7 +224,10 @@ fn assert_error(reply: &Reply, status: StatusCode, code: &str) {
 fn issued(h: &Harness, reply: &Reply) -> TxnToken {
     assert_eq!(reply.status, StatusCode::OK, "body: {}", reply.body);
     assert_eq!(reply.cache_control.as_deref(), Some("no-store"));
-    assert_eq!(reply.body["issued_token_type"], TOKEN_TYPE_URN);
+    assert_eq!(
+        reply.body["issued_token_type"],
+        TokenType::TxnToken.as_urn()
+    );
     assert_eq!(reply.body["token_type"], "N_A");
     assert!(reply.body.get("refresh_token").is_none());
     let token = reply.body["access_token"].as_str().unwrap();
@@ -417,8 +421,8 @@ async fn policy_refusals_are_unauthorized_client() {
     assert_error(&reply, StatusCode::FORBIDDEN, "unauthorized_client");
     // Agents may not present access tokens.
     let body = form(&[
-        ("grant_type", GRANT_TYPE),
-        ("requested_token_type", TOKEN_TYPE_URN),
+        ("grant_type", GRANT_TYPE_TOKEN_EXCHANGE),
+        ("requested_token_type", TokenType::TxnToken.as_urn()),
         ("audience", TD),
         ("subject_token", "eyJ.eyJ.sig"),
         (
@@ -448,11 +452,11 @@ async fn every_request_error_has_its_code_and_status() {
     let t = token.as_str();
     let base = |skip: &str, extra: &[(&'static str, &'static str)]| {
         let mut pairs: Vec<(&str, &str)> = vec![
-            ("grant_type", GRANT_TYPE),
-            ("requested_token_type", TOKEN_TYPE_URN),
+            ("grant_type", GRANT_TYPE_TOKEN_EXCHANGE),
+            ("requested_token_type", TokenType::TxnToken.as_urn()),
             ("audience", TD),
             ("subject_token", t),
-            ("subject_token_type", TOKEN_TYPE_URN),
+            ("subject_token_type", TokenType::TxnToken.as_urn()),
         ];
         pairs.retain(|(k, _)| *k != skip);
         pairs.extend_from_slice(extra);
@@ -597,7 +601,11 @@ async fn every_request_error_has_its_code_and_status() {
             "invalid_request",
         ),
         (
-            format!("{}&grant_type={}", base("", &[]), enc(GRANT_TYPE)),
+            format!(
+                "{}&grant_type={}",
+                base("", &[]),
+                enc(GRANT_TYPE_TOKEN_EXCHANGE)
+            ),
             StatusCode::BAD_REQUEST,
             "invalid_request",
         ),
@@ -717,7 +725,10 @@ async fn authorization_server_metadata() {
     assert_eq!(m["issuer"], ISSUER);
     assert_eq!(m["token_endpoint"], format!("{ISSUER}/token"));
     assert_eq!(m["jwks_uri"], format!("{ISSUER}/.well-known/jwks.json"));
-    assert_eq!(m["grant_types_supported"], json!([GRANT_TYPE]));
+    assert_eq!(
+        m["grant_types_supported"],
+        json!([GRANT_TYPE_TOKEN_EXCHANGE])
+    );
     assert_eq!(
         m["token_endpoint_auth_methods_supported"],
         json!(["tls_client_auth"])
@@ -741,8 +752,8 @@ fn body_strategy() -> impl Strategy<Value = Vec<u8>> {
         "x",
     ]);
     let values = prop_oneof![
-        Just(GRANT_TYPE.to_owned()),
-        Just(TOKEN_TYPE_URN.to_owned()),
+        Just(GRANT_TYPE_TOKEN_EXCHANGE.to_owned()),
+        Just(TokenType::TxnToken.as_urn().to_owned()),
         Just(TD.to_owned()),
         Just("orders.read".to_owned()),
         Just("{\"a\":1}".to_owned()),
@@ -825,8 +836,8 @@ async fn exchanges_a_real_oidc_access_token() {
     let subject = provider.access_token("read write").await;
     let exchange = |scope: Option<&'static str>, context: &'static str| {
         let mut pairs = vec![
-            ("grant_type", GRANT_TYPE),
-            ("requested_token_type", TOKEN_TYPE_URN),
+            ("grant_type", GRANT_TYPE_TOKEN_EXCHANGE),
+            ("requested_token_type", TokenType::TxnToken.as_urn()),
             ("audience", TD),
             ("subject_token", subject.as_str()),
             (
@@ -879,8 +890,8 @@ async fn exchanges_a_real_oidc_access_token() {
     let mut tampered = subject.clone();
     tampered.insert(tampered.len() / 2, 'x');
     let body = form(&[
-        ("grant_type", GRANT_TYPE),
-        ("requested_token_type", TOKEN_TYPE_URN),
+        ("grant_type", GRANT_TYPE_TOKEN_EXCHANGE),
+        ("requested_token_type", TokenType::TxnToken.as_urn()),
         ("audience", TD),
         ("subject_token", &tampered),
         (
@@ -952,8 +963,8 @@ async fn bad_oidc_subject_tokens_are_invalid_request() {
     };
     let body = |token: &str| {
         form(&[
-            ("grant_type", GRANT_TYPE),
-            ("requested_token_type", TOKEN_TYPE_URN),
+            ("grant_type", GRANT_TYPE_TOKEN_EXCHANGE),
+            ("requested_token_type", TokenType::TxnToken.as_urn()),
             ("audience", TD),
             ("subject_token", token),
             (

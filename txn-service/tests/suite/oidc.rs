@@ -11,9 +11,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use writ_identity::clock::{ManualClock, SharedClock};
-use writ_txn_service::oidc::{
-    DEFAULT_MAX_TOKEN_BYTES, IssuerConfig, OidcError, OidcValidator, SubjectTokenType,
-};
+use writ_sdk::oauth::TokenType;
+use writ_txn_service::oidc::{DEFAULT_MAX_TOKEN_BYTES, IssuerConfig, OidcError, OidcValidator};
 
 use writ_tests::oidc_provider;
 
@@ -45,7 +44,7 @@ async fn accepts_a_real_access_token() {
     assert_eq!(header["typ"], "at+jwt");
 
     let subject = validator
-        .validate(&token, SubjectTokenType::AccessToken)
+        .validate(&token, TokenType::AccessToken)
         .await
         .unwrap();
     assert_eq!(subject.issuer, op.issuer);
@@ -64,14 +63,9 @@ async fn accepts_a_real_access_token() {
     );
 
     // The generic JWT type accepts it too; an access token never passes as an ID token.
-    assert!(
-        validator
-            .validate(&token, SubjectTokenType::Jwt)
-            .await
-            .is_ok()
-    );
+    assert!(validator.validate(&token, TokenType::Jwt).await.is_ok());
     assert_eq!(
-        validator.validate(&token, SubjectTokenType::IdToken).await,
+        validator.validate(&token, TokenType::IdToken).await,
         Err(OidcError::TokenType)
     );
 
@@ -82,7 +76,7 @@ async fn accepts_a_real_access_token() {
     let (_, clock) = clock_now();
     let other = OidcValidator::new(vec![config], clock).unwrap();
     let subject = other
-        .validate(&token, SubjectTokenType::AccessToken)
+        .validate(&token, TokenType::AccessToken)
         .await
         .unwrap();
     assert_eq!(subject.scope, vec![op.client_id.clone()]);
@@ -98,9 +92,7 @@ async fn refuses_wrong_audience() {
     let validator = OidcValidator::new(vec![config], clock).unwrap();
     let token = op.access_token("read").await;
     assert_eq!(
-        validator
-            .validate(&token, SubjectTokenType::AccessToken)
-            .await,
+        validator.validate(&token, TokenType::AccessToken).await,
         Err(OidcError::Audience)
     );
 }
@@ -112,7 +104,7 @@ async fn refuses_expired_and_future_tokens_by_the_injected_clock() {
     let validator = OidcValidator::new(vec![op.config()], clock).unwrap();
     let token = op.access_token("read").await;
     let subject = validator
-        .validate(&token, SubjectTokenType::AccessToken)
+        .validate(&token, TokenType::AccessToken)
         .await
         .unwrap();
 
@@ -120,24 +112,20 @@ async fn refuses_expired_and_future_tokens_by_the_injected_clock() {
     manual.set(UNIX_EPOCH + Duration::from_secs(subject.expires_at as u64 + 10));
     assert!(
         validator
-            .validate(&token, SubjectTokenType::AccessToken)
+            .validate(&token, TokenType::AccessToken)
             .await
             .is_ok()
     );
     // Past exp + leeway (30 s): refused.
     manual.set(UNIX_EPOCH + Duration::from_secs(subject.expires_at as u64 + 31));
     assert_eq!(
-        validator
-            .validate(&token, SubjectTokenType::AccessToken)
-            .await,
+        validator.validate(&token, TokenType::AccessToken).await,
         Err(OidcError::Expired)
     );
     // An hour before it was issued: iat in the future.
     manual.set(SystemTime::now() - Duration::from_secs(3600));
     assert_eq!(
-        validator
-            .validate(&token, SubjectTokenType::AccessToken)
-            .await,
+        validator.validate(&token, TokenType::AccessToken).await,
         Err(OidcError::NotYetValid)
     );
 }
@@ -155,9 +143,7 @@ async fn refuses_tampered_tokens() {
     sig[5] ^= 0x01;
     let tampered = format!("{}.{}.{}", parts[0], parts[1], URL_SAFE_NO_PAD.encode(&sig));
     assert_eq!(
-        validator
-            .validate(&tampered, SubjectTokenType::AccessToken)
-            .await,
+        validator.validate(&tampered, TokenType::AccessToken).await,
         Err(OidcError::Signature)
     );
 
@@ -167,9 +153,7 @@ async fn refuses_tampered_tokens() {
     claims["scope"] = json!("read write admin");
     let tampered = format!("{}.{}.{}", parts[0], b64(&claims), parts[2]);
     assert_eq!(
-        validator
-            .validate(&tampered, SubjectTokenType::AccessToken)
-            .await,
+        validator.validate(&tampered, TokenType::AccessToken).await,
         Err(OidcError::Signature)
     );
 }
@@ -190,9 +174,7 @@ async fn refuses_alg_none_and_hmac() {
         for sig in ["", "AAAA", parts[2].as_str()] {
             let forged = format!("{}.{}.{sig}", b64(&header), parts[1]);
             assert_eq!(
-                validator
-                    .validate(&forged, SubjectTokenType::AccessToken)
-                    .await,
+                validator.validate(&forged, TokenType::AccessToken).await,
                 Err(OidcError::Algorithm),
                 "{header} / {sig:?}"
             );
@@ -213,9 +195,7 @@ async fn refuses_alg_none_and_hmac() {
         let forged =
             jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(secret)).unwrap();
         assert_eq!(
-            validator
-                .validate(&forged, SubjectTokenType::AccessToken)
-                .await,
+            validator.validate(&forged, TokenType::AccessToken).await,
             Err(OidcError::Algorithm)
         );
     }
@@ -225,7 +205,7 @@ async fn refuses_alg_none_and_hmac() {
     config.algorithms = vec![Algorithm::RS256];
     let strict = OidcValidator::new(vec![config], clock.clone()).unwrap();
     assert_eq!(
-        strict.validate(&token, SubjectTokenType::AccessToken).await,
+        strict.validate(&token, TokenType::AccessToken).await,
         Err(OidcError::Algorithm)
     );
 
@@ -252,9 +232,7 @@ async fn refuses_unknown_issuer() {
     .unwrap();
     let token = op.access_token("read").await;
     assert_eq!(
-        validator
-            .validate(&token, SubjectTokenType::AccessToken)
-            .await,
+        validator.validate(&token, TokenType::AccessToken).await,
         Err(OidcError::UnknownIssuer)
     );
     // A trailing slash is another issuer: comparison is exact.
@@ -268,7 +246,7 @@ async fn refuses_unknown_issuer() {
     )
     .unwrap();
     assert_eq!(
-        slash.validate(&token, SubjectTokenType::AccessToken).await,
+        slash.validate(&token, TokenType::AccessToken).await,
         Err(OidcError::UnknownIssuer)
     );
 }
@@ -292,7 +270,7 @@ async fn discovery_issuer_must_match_exactly() {
     let key = EncodingKey::from_ec_pem(op.rogue_key_pem.as_bytes()).unwrap();
     let forged = jsonwebtoken::encode(&header, &claims, &key).unwrap();
     let err = validator
-        .validate(&forged, SubjectTokenType::AccessToken)
+        .validate(&forged, TokenType::AccessToken)
         .await
         .unwrap_err();
     assert!(
@@ -309,9 +287,7 @@ async fn garbage_and_oversized_tokens_are_refused_without_panic() {
 
     let too_big = "a".repeat(DEFAULT_MAX_TOKEN_BYTES + 1);
     assert_eq!(
-        validator
-            .validate(&too_big, SubjectTokenType::AccessToken)
-            .await,
+        validator.validate(&too_big, TokenType::AccessToken).await,
         Err(OidcError::TooLarge {
             max: DEFAULT_MAX_TOKEN_BYTES
         })
@@ -319,9 +295,7 @@ async fn garbage_and_oversized_tokens_are_refused_without_panic() {
     let real = op.access_token("read").await;
     let padded = format!("{real}{}", "A".repeat(DEFAULT_MAX_TOKEN_BYTES));
     assert!(matches!(
-        validator
-            .validate(&padded, SubjectTokenType::AccessToken)
-            .await,
+        validator.validate(&padded, TokenType::AccessToken).await,
         Err(OidcError::TooLarge { .. })
     ));
 
@@ -372,11 +346,7 @@ async fn garbage_and_oversized_tokens_are_refused_without_panic() {
         garbage.push(s);
     }
     for g in &garbage {
-        for t in [
-            SubjectTokenType::AccessToken,
-            SubjectTokenType::IdToken,
-            SubjectTokenType::Jwt,
-        ] {
+        for t in [TokenType::AccessToken, TokenType::IdToken, TokenType::Jwt] {
             assert!(
                 validator.validate(g, t).await.is_err(),
                 "garbage accepted: {g:?}"
@@ -394,12 +364,12 @@ async fn unknown_kid_refetches_at_a_bounded_rate() {
     assert_eq!(op.jwks_hits().await, 0);
 
     validator
-        .validate(&token, SubjectTokenType::AccessToken)
+        .validate(&token, TokenType::AccessToken)
         .await
         .unwrap();
     assert_eq!(op.jwks_hits().await, 1, "first validation fetches the JWKS");
     validator
-        .validate(&token, SubjectTokenType::AccessToken)
+        .validate(&token, TokenType::AccessToken)
         .await
         .unwrap();
     assert_eq!(op.jwks_hits().await, 1, "the JWKS is cached");
@@ -407,9 +377,7 @@ async fn unknown_kid_refetches_at_a_bounded_rate() {
     // An unknown kid: one refetch, then refused.
     let rogue = op.rogue_token(Some("rogue-1"), clock.unix_seconds());
     assert_eq!(
-        validator
-            .validate(&rogue, SubjectTokenType::AccessToken)
-            .await,
+        validator.validate(&rogue, TokenType::AccessToken).await,
         Err(OidcError::UnknownKey)
     );
     assert_eq!(op.jwks_hits().await, 2, "unknown kid refetches once");
@@ -418,9 +386,7 @@ async fn unknown_kid_refetches_at_a_bounded_rate() {
     for i in 0..20 {
         let rogue = op.rogue_token(Some(&format!("rogue-flood-{i}")), clock.unix_seconds());
         assert_eq!(
-            validator
-                .validate(&rogue, SubjectTokenType::AccessToken)
-                .await,
+            validator.validate(&rogue, TokenType::AccessToken).await,
             Err(OidcError::UnknownKey)
         );
     }
@@ -429,9 +395,7 @@ async fn unknown_kid_refetches_at_a_bounded_rate() {
     // No kid while the JWKS holds two keys: refused without a refetch.
     let no_kid = op.rogue_token(None, clock.unix_seconds());
     assert_eq!(
-        validator
-            .validate(&no_kid, SubjectTokenType::AccessToken)
-            .await,
+        validator.validate(&no_kid, TokenType::AccessToken).await,
         Err(OidcError::UnknownKey)
     );
     assert_eq!(op.jwks_hits().await, 2);
@@ -439,9 +403,7 @@ async fn unknown_kid_refetches_at_a_bounded_rate() {
     // A known kid with a foreign key: the signature fails, no refetch.
     let impostor = op.rogue_token(Some("ec-1"), clock.unix_seconds());
     assert_eq!(
-        validator
-            .validate(&impostor, SubjectTokenType::AccessToken)
-            .await,
+        validator.validate(&impostor, TokenType::AccessToken).await,
         Err(OidcError::Signature)
     );
     assert_eq!(op.jwks_hits().await, 2);
@@ -450,9 +412,7 @@ async fn unknown_kid_refetches_at_a_bounded_rate() {
     manual.advance(Duration::from_secs(31));
     let rogue = op.rogue_token(Some("rogue-2"), clock.unix_seconds());
     assert_eq!(
-        validator
-            .validate(&rogue, SubjectTokenType::AccessToken)
-            .await,
+        validator.validate(&rogue, TokenType::AccessToken).await,
         Err(OidcError::UnknownKey)
     );
     assert_eq!(op.jwks_hits().await, 3);
@@ -461,9 +421,7 @@ async fn unknown_kid_refetches_at_a_bounded_rate() {
     // refetches (the token itself has expired by then).
     manual.advance(Duration::from_secs(301));
     assert_eq!(
-        validator
-            .validate(&token, SubjectTokenType::AccessToken)
-            .await,
+        validator.validate(&token, TokenType::AccessToken).await,
         Err(OidcError::Expired)
     );
     assert_eq!(op.jwks_hits().await, 4, "stale JWKS is refetched");

@@ -21,21 +21,17 @@ use writ_identity::clock::ManualClock;
 use writ_identity::key_manager::PrivateKey;
 use writ_identity::numeric_date::TimeError;
 use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
-use writ_sdk::txn_token::TOKEN_TYPE_URN;
-use writ_txn_service::exchange::{
-    CallerId, ExchangeService, GRANT_TYPE, SUBJECT_CACHE_MAX_AGE, router,
-};
-use writ_txn_service::oidc::{
-    IssuerConfig, OidcError, OidcValidator, SubjectTokenType, ValidatedSubject,
-};
+use writ_sdk::oauth::{GRANT_TYPE_TOKEN_EXCHANGE, TokenType};
+use writ_txn_service::exchange::{CallerId, ExchangeService, SUBJECT_CACHE_MAX_AGE, router};
+use writ_txn_service::oidc::{IssuerConfig, OidcError, OidcValidator, ValidatedSubject};
 use writ_txn_service::policy::Policy;
 use writ_txn_service::txn_token::{Minter, SigningKeys, jwk_with_kid};
 
 const NOW: i64 = 1_800_000_000;
 const AUDIENCE: &str = "https://tts.example.org";
 const GATEWAY: &str = "spiffe://example.org/gateway";
-const ACCESS: &str = "urn:ietf:params:oauth:token-type:access_token";
-const ID: &str = "urn:ietf:params:oauth:token-type:id_token";
+const ACCESS: &str = TokenType::AccessToken.as_urn();
+const ID: &str = TokenType::IdToken.as_urn();
 
 /// An OpenID Provider on 127.0.0.1 (plain HTTP is allowed for loopback issuers).
 struct Idp {
@@ -163,7 +159,7 @@ fn validator(config: IssuerConfig) -> OidcValidator {
 async fn validate(
     v: &OidcValidator,
     token: &str,
-    kind: SubjectTokenType,
+    kind: TokenType,
 ) -> Result<ValidatedSubject, OidcError> {
     v.validate(token, kind).await
 }
@@ -181,7 +177,7 @@ async fn access_tokens_must_be_at_jwt_unless_the_issuer_allows_more() {
 
     for typ in ["at+jwt", "application/at+jwt", "AT+JWT"] {
         let token = idp.sign(Some(typ), &claims);
-        let ok = validate(&strict, &token, SubjectTokenType::AccessToken).await;
+        let ok = validate(&strict, &token, TokenType::AccessToken).await;
         assert_eq!(ok.unwrap().subject, "alice", "{typ}");
     }
 
@@ -189,25 +185,25 @@ async fn access_tokens_must_be_at_jwt_unless_the_issuer_allows_more() {
     let untyped = idp.sign(None, &claims);
     for token in [&typed_jwt, &untyped] {
         assert_eq!(
-            validate(&strict, token, SubjectTokenType::AccessToken)
+            validate(&strict, token, TokenType::AccessToken)
                 .await
                 .unwrap_err(),
             OidcError::TokenType
         );
     }
     assert!(
-        validate(&with_jwt, &typed_jwt, SubjectTokenType::AccessToken)
+        validate(&with_jwt, &typed_jwt, TokenType::AccessToken)
             .await
             .is_ok()
     );
     assert_eq!(
-        validate(&with_jwt, &untyped, SubjectTokenType::AccessToken)
+        validate(&with_jwt, &untyped, TokenType::AccessToken)
             .await
             .unwrap_err(),
         OidcError::TokenType
     );
     assert!(
-        validate(&with_untyped, &untyped, SubjectTokenType::AccessToken)
+        validate(&with_untyped, &untyped, TokenType::AccessToken)
             .await
             .is_ok()
     );
@@ -225,13 +221,9 @@ async fn an_id_token_never_passes_as_an_access_token_nor_the_reverse() {
     let v = validator(config);
 
     let id_token = idp.id_token();
-    assert!(
-        validate(&v, &id_token, SubjectTokenType::IdToken)
-            .await
-            .is_ok()
-    );
+    assert!(validate(&v, &id_token, TokenType::IdToken).await.is_ok());
     assert_eq!(
-        validate(&v, &id_token, SubjectTokenType::AccessToken)
+        validate(&v, &id_token, TokenType::AccessToken)
             .await
             .unwrap_err(),
         OidcError::TokenKind {
@@ -245,7 +237,7 @@ async fn an_id_token_never_passes_as_an_access_token_nor_the_reverse() {
         &idp.claims(&json!({"client_id": null, "at_hash": "x"})),
     );
     assert_eq!(
-        validate(&v, &no_nonce, SubjectTokenType::AccessToken)
+        validate(&v, &no_nonce, TokenType::AccessToken)
             .await
             .unwrap_err(),
         OidcError::TokenKind {
@@ -257,14 +249,12 @@ async fn an_id_token_never_passes_as_an_access_token_nor_the_reverse() {
     // An access token is not an ID token: by typ, and, untyped, by `client_id`.
     let access = idp.sign(Some("at+jwt"), &idp.claims(&json!({})));
     assert_eq!(
-        validate(&v, &access, SubjectTokenType::IdToken)
-            .await
-            .unwrap_err(),
+        validate(&v, &access, TokenType::IdToken).await.unwrap_err(),
         OidcError::TokenType
     );
     let untyped_access = idp.sign(None, &idp.claims(&json!({})));
     assert_eq!(
-        validate(&v, &untyped_access, SubjectTokenType::IdToken)
+        validate(&v, &untyped_access, TokenType::IdToken)
             .await
             .unwrap_err(),
         OidcError::TokenKind {
@@ -282,7 +272,7 @@ async fn time_claims_out_of_range_are_refused() {
     let refused = |token: String| {
         let v = &v;
         async move {
-            validate(v, &token, SubjectTokenType::AccessToken)
+            validate(v, &token, TokenType::AccessToken)
                 .await
                 .unwrap_err()
         }
@@ -316,7 +306,7 @@ async fn time_claims_out_of_range_are_refused() {
         validate(
             &v,
             &at(json!({"exp": NOW + 86_400})),
-            SubjectTokenType::AccessToken
+            TokenType::AccessToken
         )
         .await
         .is_ok()
@@ -328,7 +318,7 @@ async fn time_claims_out_of_range_are_refused() {
         validate(
             &short,
             &at(json!({"exp": NOW + 3600})),
-            SubjectTokenType::AccessToken
+            TokenType::AccessToken
         )
         .await
         .unwrap_err(),
@@ -368,8 +358,8 @@ async fn the_exchange_refuses_them_as_invalid_request_and_bounds_its_cache() {
         let app = app.clone();
         async move {
             let body = url::form_urlencoded::Serializer::new(String::new())
-                .append_pair("grant_type", GRANT_TYPE)
-                .append_pair("requested_token_type", TOKEN_TYPE_URN)
+                .append_pair("grant_type", GRANT_TYPE_TOKEN_EXCHANGE)
+                .append_pair("requested_token_type", TokenType::TxnToken.as_urn())
                 .append_pair("audience", "example.org")
                 .append_pair("subject_token", &token)
                 .append_pair("subject_token_type", kind)

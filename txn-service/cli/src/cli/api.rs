@@ -340,8 +340,9 @@ async fn spawn(
     let mut spawn = Spawn::new(name, cmd).endpoint(socket.endpoint);
     if let Some(ttl) = ttl {
         spawn = spawn.ttl(
-            writ_identity::server::config::parse_duration(&ttl)
-                .map_err(|e| anyhow::anyhow!("--ttl: {e}"))?,
+            ttl.parse::<writ_identity::duration::ConfigDuration>()
+                .map_err(|e| anyhow::anyhow!("--ttl: {e}"))?
+                .get(),
         );
     }
     if let Some(parent) = parent {

@@ -116,7 +116,10 @@ impl ServerSocket {
 
 /// Parses a TTL flag (`90`, `90s`, `5m`, `1h`) into seconds.
 fn parse_ttl(text: &str) -> Result<u64, String> {
-    let d = writ_identity::server::config::parse_duration(text)?;
+    let d = text
+        .parse::<writ_identity::duration::ConfigDuration>()
+        .map_err(|e| e.to_string())?
+        .get();
     if d.as_secs() == 0 {
         return Err("must be at least 1s".into());
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use writ_identity::clock::SystemClock;
-use writ_identity::server::config::{FileConfig, ServerConfig};
+use writ_identity::server::config::{ConfigError, FileConfig, ServerConfig};
 use writ_identity::server::{self, ServerState};
 
 #[derive(Debug, clap::Subcommand)]
@@ -55,7 +55,9 @@ pub(crate) async fn run(cmd: ServerCommand) -> anyhow::Result<ExitCode> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
-            toml::from_str::<FileConfig>(&text).with_context(|| format!("{}", path.display()))?
+            toml::from_str::<FileConfig>(&text)
+                .map_err(ConfigError::from)
+                .with_context(|| format!("{}", path.display()))?
         }
         None => FileConfig::default(),
     };

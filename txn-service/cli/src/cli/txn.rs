@@ -9,9 +9,11 @@ use base64::Engine;
 use serde_json::Value;
 use writ_identity::spiffe_id::SpiffeId;
 use writ_sdk::exchange::{ExchangeError, TxnClient, TxnRequest};
+use writ_sdk::oauth::TokenType;
 use writ_sdk::tls::Authorizer;
 use writ_sdk::workload::X509Source;
 
+use writ_identity::server::config::toml_error_line;
 use writ_txn_service::config::{TxnConfig, TxnFileConfig, TxnServer};
 
 use super::api::{AgentSocket, explain_no_identity};
@@ -58,7 +60,7 @@ pub(crate) struct ExchangeArgs {
     subject_token: String,
     /// Subject token type: access_token, id_token, jwt or txn_token (or a full URN).
     #[arg(long, default_value = "access_token")]
-    subject_token_type: String,
+    subject_token_type: TokenType,
     /// Space-separated scopes to ask for (default: the subject token's).
     #[arg(long)]
     scope: Option<String>,
@@ -93,8 +95,10 @@ pub(crate) async fn run(cmd: TxnCommand) -> anyhow::Result<ExitCode> {
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("cannot read {}", config.display()))?;
             let base = config.parent().unwrap_or(Path::new("."));
-            let file: TxnFileConfig = toml::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {}", config.display(), e.message()))?;
+            let file: TxnFileConfig = toml::from_str(&text).map_err(|e| {
+                let reason = toml_error_line(&e).unwrap_or_else(|| e.message().to_owned());
+                anyhow::anyhow!("{}: {reason}", config.display())
+            })?;
             let config = TxnConfig::from_file(file, base)?;
             let audit_to_stdout = config.audit_log.is_none();
             let server = TxnServer::start(config).await?;
@@ -132,10 +136,6 @@ pub(crate) async fn run(cmd: TxnCommand) -> anyhow::Result<ExitCode> {
 pub(crate) async fn exchange(args: ExchangeArgs) -> anyhow::Result<ExitCode> {
     let json = args.json || args.output.output == Output::Json;
     let token = read_token("--subject-token", &args.subject_token)?;
-    let token_type = match args.subject_token_type.as_str() {
-        t if t.starts_with("urn:") => t.to_owned(),
-        name => format!("urn:ietf:params:oauth:token-type:{name}"),
-    };
     let mut builder = X509Source::builder().endpoint(args.socket.endpoint.clone());
     if let Some(id) = &args.spiffe_id {
         builder = builder.spiffe_id(SpiffeId::new(id).context("--spiffe-id")?);
@@ -152,7 +152,7 @@ pub(crate) async fn exchange(args: ExchangeArgs) -> anyhow::Result<ExitCode> {
         )?,
         None => TxnClient::new(&source, &args.url)?,
     };
-    let mut request = TxnRequest::new(token, token_type);
+    let mut request = TxnRequest::new(token, args.subject_token_type);
     if let Some(scope) = args.scope {
         request = request.scope(scope);
     }
