@@ -26,15 +26,20 @@ use axum::{Json, Router};
 use writ_sdk::listener::{self, Peer, ServeError};
 use writ_sdk::middleware::{TxnLayer, Verified};
 use writ_sdk::tls::Authorizer;
-use writ_sdk::workload::{DEFAULT_ENDPOINT, ENDPOINT_ENV, WorkloadError, X509Source};
+use writ_sdk::workload::{ENDPOINT_ENV, WorkloadError, X509Source};
 use writ_sdk::{SpiffeId, TrustDomain};
+
+/// The Workload API socket the example programs use when neither `--socket` nor
+/// `SPIFFE_ENDPOINT_SOCKET` names one: the default socket of `writ agent run` and of
+/// the README's one-machine setup. (The SDK itself has no default socket.)
+pub const DEFAULT_AGENT_SOCKET: &str = "unix:///tmp/writ/agent.sock";
 
 /// Where a program gets its identity: the Workload API socket and, when the agent
 /// issues several SVIDs to this process, which one to present.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkloadArgs {
     /// Workload API socket (`unix:///path`).
-    #[arg(long = "socket", env = ENDPOINT_ENV, default_value = DEFAULT_ENDPOINT)]
+    #[arg(long = "socket", env = ENDPOINT_ENV, default_value = DEFAULT_AGENT_SOCKET)]
     pub endpoint: String,
     /// Present the SVID with this SPIFFE ID (default: the first the agent issues).
     #[arg(long)]
@@ -56,12 +61,12 @@ impl WorkloadArgs {
 }
 
 /// An authorizer accepting any of `ids` and any member of `trust_domains`; `None` if
-/// both are empty (there is no "accept anyone").
+/// both are empty (the examples never fall back to accepting anyone).
 pub fn any_of(ids: Vec<SpiffeId>, trust_domains: Vec<TrustDomain>) -> Option<Authorizer> {
     match (ids.is_empty(), trust_domains.is_empty()) {
         (true, true) => None,
         (false, true) => Some(Authorizer::one_of(ids)),
-        _ => Some(Authorizer::any(
+        _ => Some(Authorizer::union(
             std::iter::once(Authorizer::one_of(ids))
                 .chain(trust_domains.into_iter().map(Authorizer::member_of)),
         )),

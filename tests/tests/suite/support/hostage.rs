@@ -15,13 +15,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use writ_cli::dev::issuer::{DEV_AUDIENCE, DevIssuer};
 use writ_identity::spiffe_id::SpiffeId;
 use writ_sdk::exchange::{TxnClient, TxnRequest};
 use writ_sdk::tls::Authorizer;
 use writ_sdk::workload::X509Source;
 use writ_tests::{Stack, uid_selector};
 use writ_txn_service::config::{TxnConfig, TxnServer};
-use writ_cli::dev::issuer::{DEV_AUDIENCE, DevIssuer};
 use writ_txn_service::oidc::IssuerConfig;
 
 pub const TD: &str = "example.org";
@@ -100,7 +100,12 @@ max_scope = ["read"]
             .issuer
             .access_token(user, "read", Duration::from_secs(300), now as i64)
             .unwrap();
-        let client = TxnClient::new(&self.source, &self.url).map_err(|e| e.to_string())?;
+        let client = TxnClient::new(
+            &self.source,
+            &self.url,
+            SpiffeId::new(&format!("spiffe://{TD}/tts")).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
         client
             .exchange(TxnRequest::access_token(token).scope("read"))
             .await
