@@ -2,7 +2,10 @@
 //! installed by the tests into `<workspace>/.interop/node` (git-ignored) and run by
 //! `oidc_provider.js` beside this file. Without node/npm the tests skip with a message,
 //! unless `WRIT_REQUIRE_ALL=1`, which makes them fail instead.
-#![expect(clippy::indexing_slicing, reason = "test harness: JSON fields it wrote itself")]
+#![expect(
+    clippy::indexing_slicing,
+    reason = "test harness: JSON fields it wrote itself"
+)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -42,7 +45,10 @@ pub fn install() -> Result<PathBuf, String> {
             }
             crate::env::install_once(
                 "node",
-                |dir| dir.join("node_modules/oidc-provider/package.json").is_file(),
+                |dir| {
+                    dir.join("node_modules/oidc-provider/package.json")
+                        .is_file()
+                },
                 |staging| {
                     eprintln!("installing npm oidc-provider@9 into {}", staging.display());
                     let mut npm = Command::new("npm");

@@ -15,6 +15,8 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use crate::WorkloadArgs;
+use crate::demo::TtsArgs;
 use anyhow::Context;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -22,8 +24,6 @@ use axum::routing::post;
 use axum::{Json, Router};
 use clap::Parser;
 use serde_json::{Value, json};
-use crate::WorkloadArgs;
-use crate::demo::TtsArgs;
 use writ_sdk::SpiffeId;
 use writ_sdk::exchange::{TxnClient, TxnRequest};
 use writ_sdk::tls::{self, Authorizer};

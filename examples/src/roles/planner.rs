@@ -17,6 +17,8 @@ use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::demo::TtsArgs;
+use crate::{WorkloadArgs, serve_until_signal};
 use anyhow::Context;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
@@ -25,8 +27,6 @@ use axum::{Json, Router};
 use clap::Parser;
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
-use crate::demo::TtsArgs;
-use crate::{WorkloadArgs, serve_until_signal};
 use writ_sdk::exchange::TxnClient;
 use writ_sdk::middleware::{TxnLayer, TxnPolicy, Verified};
 use writ_sdk::spawn::Spawn;

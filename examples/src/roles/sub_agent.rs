@@ -6,11 +6,11 @@
 
 use std::process::ExitCode;
 
+use crate::WorkloadArgs;
+use crate::demo::TtsArgs;
 use anyhow::Context;
 use clap::Parser;
 use serde_json::{Value, json};
-use crate::WorkloadArgs;
-use crate::demo::TtsArgs;
 use writ_sdk::SpiffeId;
 use writ_sdk::spawn::TXN_TOKEN_ENV;
 use writ_sdk::tls::{self, Authorizer};

@@ -15,14 +15,14 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
+use crate::demo::TtsArgs;
+use crate::{WorkloadArgs, serve_until_signal};
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::post;
 use axum::{Json, Router};
 use clap::Parser;
 use serde_json::{Value, json};
-use crate::demo::TtsArgs;
-use crate::{WorkloadArgs, serve_until_signal};
 use writ_sdk::TrustDomain;
 use writ_sdk::middleware::{TxnLayer, TxnPolicy, Verified};
 use writ_sdk::tls::Authorizer;

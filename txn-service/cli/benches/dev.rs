@@ -75,8 +75,7 @@ fn main() {
     let mut demos = Vec::new();
     for _ in 0..DEMOS {
         let started = Instant::now();
-        let out = Command::new(WRIT).arg("demo").output()
-            .unwrap();
+        let out = Command::new(WRIT).arg("demo").output().unwrap();
         assert!(
             out.status.success(),
             "{}",

@@ -32,7 +32,9 @@ macro_rules! say {
 pub const PROGRAMS: [&str; 4] = ["gateway", "planner", "sub_agent", "tool_server"];
 
 /// The role a program started as `argv0` runs, if its file name is a role's.
-pub fn role_of_program(argv0: Option<std::ffi::OsString>) -> Option<fn() -> std::process::ExitCode> {
+pub fn role_of_program(
+    argv0: Option<std::ffi::OsString>,
+) -> Option<fn() -> std::process::ExitCode> {
     let argv0 = argv0?;
     let name = Path::new(&argv0).file_name()?.to_str()?;
     writ_examples::roles::ALL

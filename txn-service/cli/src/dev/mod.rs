@@ -46,10 +46,10 @@ use writ_identity::server::{self, ServerState};
 use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
 use writ_identity::store::EntryFilter;
 
+use issuer::{DEV_AUDIENCE, DevIssuer};
 use writ_txn_service::config::{TxnConfig, TxnServer};
 use writ_txn_service::oidc::IssuerConfig;
 use writ_txn_service::policy::Policy;
-use issuer::{DEV_AUDIENCE, DevIssuer};
 
 /// Default data dir.
 pub const DEFAULT_DATA_DIR: &str = "./writ-dev";

@@ -5,7 +5,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{Server, WRIT, agent_cmd, api, join_token_and_bundle, openssl, start_agent, uid};
+use crate::common::{
+    Server, WRIT, agent_cmd, api, join_token_and_bundle, openssl, start_agent, uid,
+};
 
 #[test]
 fn agent_attests_with_a_join_token_and_serves_the_workload_api() {

@@ -2,7 +2,6 @@
 //! a real SQLite store on disk, OpenSSL, the Rust `spiffe` crate and josekit as
 //! independent checkers.
 
-
 use std::process::Command;
 
 use crate::common::{Server, WRIT, openssl, start_agent};
