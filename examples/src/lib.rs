@@ -1,16 +1,20 @@
-//! Writ example programs live in `src/bin/`:
+//! Writ's example programs, built on `writ-sdk` as any user's service would be, with
+//! their configs and deployments (`config/`, `deploy/`). Nothing here is a library
+//! other packages should build on, except that `writ-cli` runs the [`roles`] for
+//! `writ demo`; the `writ` binary and its CLI are in `writ-cli`.
 //!
-//! - `mtls_hello`: a SPIFFE mTLS hello world, server and client, each naming whom it
-//!   accepts;
-//! - `verify_service`: an HTTPS service that requires a known caller *and* a valid
-//!   Txn-Token on every request;
-//! - `gateway`, `planner`, `sub_agent` and `tool_server`: the four programs of
-//!   `writ demo`, a user's request through a gateway, a planner agent and the sub-agent
-//!   it spawns to a tool, each with its own attested identity ([`demo`]).
+//! - `mtls_hello` (`src/bin/`): a SPIFFE mTLS hello world, server and client, each
+//!   naming whom it accepts;
+//! - `verify_service` (`src/bin/`): an HTTPS service that requires a known caller *and*
+//!   a valid Txn-Token on every request;
+//! - `gateway`, `planner`, `sub_agent` and `tool_server` ([`roles`], with thin binaries
+//!   in `src/bin/`): the four programs of `writ demo`, a user's request through a
+//!   gateway, a planner agent and the sub-agent it spawns to a tool, each with its own
+//!   attested identity ([`demo`]).
 //!
-//! This library holds what both share (the Workload API flags, serving until a signal)
-//! and their routers, so tests can call the routers
-//! directly. `docs/sdk.md` walks through them.
+//! This library holds what they share (the Workload API flags with the programs' own
+//! default socket, serving until a signal) and their routers, so tests can call the
+//! routers directly. `docs/sdk.md` walks through them.
 #![forbid(unsafe_code)]
 
 pub mod demo;
