@@ -56,8 +56,7 @@ async fn a_python_child_gets_the_child_id_with_py_spiffe_and_a_capped_ttl() {
     }
     let py = py.unwrap();
     let stack = stack().await;
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/interop/py/workload_client.py");
+    let script = writ_tests::env::workspace_root().join("tests/interop/py/workload_client.py");
     let before = SystemTime::now();
     let out = writ(
         &stack,
