@@ -9,8 +9,11 @@ pub mod planner;
 pub mod sub_agent;
 pub mod tool_server;
 
+/// A role's entry point.
+pub type RoleMain = fn() -> std::process::ExitCode;
+
 /// Each role's program name and entry point.
-pub const ALL: [(&str, fn() -> std::process::ExitCode); 4] = [
+pub const ALL: [(&str, RoleMain); 4] = [
     ("gateway", gateway::main),
     ("planner", planner::main),
     ("sub_agent", sub_agent::main),

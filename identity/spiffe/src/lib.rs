@@ -53,13 +53,21 @@ pub mod tls;
 #[cfg(feature = "workload-api")]
 pub mod proto {
     /// The SPIFFE Workload API (no proto package, as the standard defines it).
-    #[expect(missing_docs, clippy::all, clippy::pedantic, reason = "generated code")]
+    #[expect(missing_docs, clippy::pedantic, reason = "generated code")]
+    #[allow(
+        clippy::all,
+        reason = "generated code: which of these lints it trips depends on the stubs enabled"
+    )]
     pub mod workload {
         include!("proto/workload.rs");
     }
     /// `writ.delegation.v1`: sub-agent leases, served next to the Workload API on the
     /// agent socket.
-    #[expect(missing_docs, clippy::all, clippy::pedantic, reason = "generated code")]
+    #[expect(missing_docs, clippy::pedantic, reason = "generated code")]
+    #[allow(
+        clippy::all,
+        reason = "generated code: which of these lints it trips depends on the stubs enabled"
+    )]
     pub mod delegation {
         include!("proto/delegation.rs");
     }

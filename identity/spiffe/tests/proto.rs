@@ -18,6 +18,10 @@ fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+#[expect(
+    clippy::unwrap_used,
+    reason = "test helper: a failed generation fails the test"
+)]
 fn generate(out: &Path) {
     let specs = crate_dir().join("../../specs/proto");
     let protos: Vec<PathBuf> = GENERATED.iter().map(|(p, _, _)| specs.join(p)).collect();
