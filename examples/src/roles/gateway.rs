@@ -70,7 +70,7 @@ fn fail(status: StatusCode, error: &str, description: impl Into<String>) -> Fail
     )
 }
 
-/// Runs the gateway with the process's arguments (argv[0] is the program name).
+/// Runs the gateway with the process's arguments (`argv[0]` is the program name).
 pub fn main() -> ExitCode {
     crate::main_with(run(Cli::parse()))
 }

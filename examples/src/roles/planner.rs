@@ -70,7 +70,7 @@ struct Planner {
     cli: Cli,
 }
 
-/// Runs the planner with the process's arguments (argv[0] is the program name).
+/// Runs the planner with the process's arguments (`argv[0]` is the program name).
 pub fn main() -> ExitCode {
     crate::main_with(run(Cli::parse()))
 }

@@ -38,7 +38,7 @@ struct Cli {
     workload: WorkloadArgs,
 }
 
-/// Runs the sub_agent with the process's arguments (argv[0] is the program name).
+/// Runs the sub_agent with the process's arguments (`argv[0]` is the program name).
 pub fn main() -> ExitCode {
     crate::main_with(run(Cli::parse()))
 }

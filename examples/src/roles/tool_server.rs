@@ -49,7 +49,7 @@ struct Cli {
     workload: WorkloadArgs,
 }
 
-/// Runs the tool_server with the process's arguments (argv[0] is the program name).
+/// Runs the tool_server with the process's arguments (`argv[0]` is the program name).
 pub fn main() -> ExitCode {
     crate::main_with(run(Cli::parse()))
 }
