@@ -30,7 +30,7 @@ impl TtsArgs {
     /// # Errors
     /// [`ExchangeError::Tls`] if the TLS configuration cannot be built.
     pub fn client(&self, source: &X509Source) -> Result<TxnClient, ExchangeError> {
-        TxnClient::with_server(source, &self.tts_url, Authorizer::id(self.tts_id.clone()))
+        TxnClient::new(source, &self.tts_url, self.tts_id.clone())
     }
 
     /// A Txn-Token verifier for `trust_domain` whose keys come from the service's JWKS,
@@ -47,7 +47,7 @@ impl TtsArgs {
             url: format!("{}/.well-known/jwks.json", self.tts_url),
             http: tls::http_client(source, Authorizer::id(self.tts_id.clone()))?,
         };
-        Ok(TxnVerifier::builder(trust_domain.to_string(), keys)
+        Ok(TxnVerifier::builder(trust_domain.clone(), keys)
             .issuer(self.tts_url.clone())
             .build())
     }

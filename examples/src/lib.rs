@@ -1,16 +1,20 @@
-//! Writ example programs live in `src/bin/`:
+//! Writ's example programs, built on `writ-sdk` as any user's service would be, with
+//! their configs and deployments (`config/`, `deploy/`). Nothing here is a library
+//! other packages should build on, except that `writ-cli` runs the [`roles`] for
+//! `writ demo`; the `writ` binary and its CLI are in `writ-cli`.
 //!
-//! - `mtls_hello`: a SPIFFE mTLS hello world, server and client, each naming whom it
-//!   accepts;
-//! - `verify_service`: an HTTPS service that requires a known caller *and* a valid
-//!   Txn-Token on every request;
-//! - `gateway`, `planner`, `sub_agent` and `tool_server`: the four programs of
-//!   `writ demo`, a user's request through a gateway, a planner agent and the sub-agent
-//!   it spawns to a tool, each with its own attested identity ([`demo`]).
+//! - `mtls_hello` (`src/bin/`): a SPIFFE mTLS hello world, server and client, each
+//!   naming whom it accepts;
+//! - `verify_service` (`src/bin/`): an HTTPS service that requires a known caller *and*
+//!   a valid Txn-Token on every request;
+//! - `gateway`, `planner`, `sub_agent` and `tool_server` ([`roles`], with thin binaries
+//!   in `src/bin/`): the four programs of `writ demo`, a user's request through a
+//!   gateway, a planner agent and the sub-agent it spawns to a tool, each with its own
+//!   attested identity ([`demo`]).
 //!
-//! This library holds what both share (the Workload API flags, serving until a signal)
-//! and their routers, so tests can call the routers
-//! directly. `docs/sdk.md` walks through them.
+//! This library holds what they share (the Workload API flags with the programs' own
+//! default socket, serving until a signal) and their routers, so tests can call the
+//! routers directly. `docs/sdk.md` walks through them.
 #![cfg_attr(
     test,
     expect(
@@ -33,15 +37,20 @@ use axum::{Json, Router};
 use writ_sdk::listener::{self, Peer, ServeError};
 use writ_sdk::middleware::{TxnLayer, Verified};
 use writ_sdk::tls::Authorizer;
-use writ_sdk::workload::{DEFAULT_ENDPOINT, ENDPOINT_ENV, WorkloadError, X509Source};
+use writ_sdk::workload::{ENDPOINT_ENV, WorkloadError, X509Source};
 use writ_sdk::{SpiffeId, TrustDomain};
+
+/// The Workload API socket the example programs use when neither `--socket` nor
+/// `SPIFFE_ENDPOINT_SOCKET` names one: the default socket of `writ agent run` and of
+/// the README's one-machine setup. (The SDK itself has no default socket.)
+pub const DEFAULT_AGENT_SOCKET: &str = "unix:///tmp/writ/agent.sock";
 
 /// Where a program gets its identity: the Workload API socket and, when the agent
 /// issues several SVIDs to this process, which one to present.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkloadArgs {
     /// Workload API socket (`unix:///path`).
-    #[arg(long = "socket", env = ENDPOINT_ENV, default_value = DEFAULT_ENDPOINT)]
+    #[arg(long = "socket", env = ENDPOINT_ENV, default_value = DEFAULT_AGENT_SOCKET)]
     pub endpoint: String,
     /// Present the SVID with this SPIFFE ID (default: the first the agent issues).
     #[arg(long)]
@@ -63,12 +72,12 @@ impl WorkloadArgs {
 }
 
 /// An authorizer accepting any of `ids` and any member of `trust_domains`; `None` if
-/// both are empty (there is no "accept anyone").
+/// both are empty (the examples never fall back to accepting anyone).
 pub fn any_of(ids: Vec<SpiffeId>, trust_domains: Vec<TrustDomain>) -> Option<Authorizer> {
     match (ids.is_empty(), trust_domains.is_empty()) {
         (true, true) => None,
         (false, true) => Some(Authorizer::one_of(ids)),
-        _ => Some(Authorizer::any(
+        _ => Some(Authorizer::union(
             std::iter::once(Authorizer::one_of(ids))
                 .chain(trust_domains.into_iter().map(Authorizer::member_of)),
         )),

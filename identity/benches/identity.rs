@@ -5,10 +5,6 @@
     unused_crate_dependencies,
     reason = "a bench target sees every dependency and dev-dependency of its package"
 )]
-#![expect(
-    clippy::indexing_slicing,
-    reason = "test code: a failed setup step should abort the test loudly"
-)]
 
 use std::hint::black_box;
 use std::sync::Arc;

@@ -2,7 +2,9 @@
 //! registration store (SQLite, PostgreSQL), node and workload attestation, the
 //! server<->agent protocol, the Workload API server and child-SVID delegation. The SPIFFE
 //! types they share with workloads (IDs, bundles, SVIDs, TLS verifiers) live in
-//! `writ-spiffe` and are re-exported here under their usual paths.
+//! `writ-spiffe` and are re-exported here under their usual paths; the transaction
+//! token service (`writ-txn-service`), the workload SDK (`writ-sdk`) and the `writ`
+//! command (`writ-cli`) are other packages.
 //!
 //! ```no_run
 //! use std::sync::Arc;

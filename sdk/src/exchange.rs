@@ -1,12 +1,18 @@
 //! The RFC 8693 exchange client: asks the transaction token service for a Txn-Token over
 //! mTLS, authenticated by the workload's own X509-SVID.
 //!
+//! The client sends user tokens and Txn-Tokens to the service, so it must know whom it
+//! talks to: [`TxnClient::new`] takes the service's SPIFFE ID and accepts no other
+//! server. Accepting any member of a trust domain exists only under
+//! [`TxnClientBuilder::dangerous`].
+//!
 //! ```no_run
 //! # async fn demo(oidc_access_token: &str) -> Result<(), Box<dyn std::error::Error>> {
 //! use writ_sdk::exchange::{TxnClient, TxnRequest};
 //! use writ_sdk::workload::X509Source;
 //! let source = X509Source::new().await?;
-//! let client = TxnClient::new(&source, "https://127.0.0.1:8443")?;
+//! let tts_id = "spiffe://example.org/writ/tts".parse()?;
+//! let client = TxnClient::new(&source, "https://127.0.0.1:8443", tts_id)?;
 //! let issued = client
 //!     .exchange(TxnRequest::access_token(oidc_access_token).scope("orders.read"))
 //!     .await?;
@@ -18,6 +24,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::oauth::{GRANT_TYPE_TOKEN_EXCHANGE, TokenType};
+use writ_spiffe::spiffe_id::{SpiffeId, TrustDomain};
+
 use crate::tls::{self, Authorizer, TlsError};
 use crate::txn_token::JwksSource;
 use crate::workload::X509Source;
@@ -139,33 +147,107 @@ pub struct TxnClient {
     audience: String,
 }
 
-impl TxnClient {
-    /// A client of the service at `base_url` (e.g. `https://127.0.0.1:8443`) that accepts
-    /// any server SVID of the workload's own trust domain and asks for tokens for that
-    /// trust domain.
+/// Builds a [`TxnClient`]: name the service's SPIFFE ID with
+/// [`TxnClientBuilder::tts_id`], or, knowingly, accept more through
+/// [`TxnClientBuilder::dangerous`].
+#[derive(Debug)]
+pub struct TxnClientBuilder<'a> {
+    source: &'a X509Source,
+    base_url: String,
+}
+
+impl<'a> TxnClientBuilder<'a> {
+    /// A client that accepts only a server whose X509-SVID has `tts_id`.
     ///
     /// # Errors
     /// [`ExchangeError::Tls`] if the TLS configuration cannot be built.
-    pub fn new(source: &X509Source, base_url: &str) -> Result<Self, ExchangeError> {
-        let td = source.spiffe_id().trust_domain();
-        Self::with_server(source, base_url, Authorizer::member_of(td))
+    pub fn tts_id(self, tts_id: SpiffeId) -> Result<TxnClient, ExchangeError> {
+        self.build(Authorizer::id(tts_id))
     }
 
-    /// Like [`TxnClient::new`], accepting only a server `server` authorizes.
+    /// Options that weaken the check of the service's identity.
+    pub fn dangerous(self) -> DangerousTxnClientBuilder<'a> {
+        DangerousTxnClientBuilder { inner: self }
+    }
+
+    fn build(self, server: Authorizer) -> Result<TxnClient, ExchangeError> {
+        let http = tls::http_client(self.source, server)?;
+        Ok(TxnClient {
+            http,
+            base_url: self.base_url.trim_end_matches('/').to_owned(),
+            audience: self.source.spiffe_id().trust_domain().to_string(),
+        })
+    }
+}
+
+/// **Dangerous**: a [`TxnClient`] that does not pin the service's SPIFFE ID. The
+/// client sends user access tokens and Txn-Tokens to whichever server it accepts, so
+/// any workload it accepts that can take the service's address (DNS, a moved port, a
+/// compromised node) receives them and can replay them. Use
+/// [`TxnClientBuilder::tts_id`] unless the service's ID really is unknown.
+#[derive(Debug)]
+pub struct DangerousTxnClientBuilder<'a> {
+    inner: TxnClientBuilder<'a>,
+}
+
+impl DangerousTxnClientBuilder<'_> {
+    /// **Dangerous**: accepts as the service any workload of `trust_domain` (any SVID
+    /// that chains to its bundle), not only the token service.
     ///
     /// # Errors
     /// [`ExchangeError::Tls`] if the TLS configuration cannot be built.
-    pub fn with_server(
+    pub fn accept_any_member_of(
+        self,
+        trust_domain: TrustDomain,
+    ) -> Result<TxnClient, ExchangeError> {
+        self.inner.build(Authorizer::member_of(trust_domain))
+    }
+
+    /// **Dangerous**: accepts as the service any server `authorizer` accepts (e.g.
+    /// several IDs during a migration). Prefer [`TxnClientBuilder::tts_id`].
+    ///
+    /// # Errors
+    /// [`ExchangeError::Tls`] if the TLS configuration cannot be built.
+    pub fn with_authorizer(self, authorizer: Authorizer) -> Result<TxnClient, ExchangeError> {
+        self.inner.build(authorizer)
+    }
+}
+
+impl TxnClient {
+    /// A client of the service at `base_url` (e.g. `https://127.0.0.1:8443`) that
+    /// accepts only a server whose X509-SVID has `tts_id`, and asks for tokens for the
+    /// workload's own trust domain. Same as
+    /// `TxnClient::builder(source, base_url).tts_id(tts_id)`.
+    ///
+    /// # Errors
+    /// [`ExchangeError::Tls`] if the TLS configuration cannot be built.
+    pub fn new(
         source: &X509Source,
         base_url: &str,
-        server: Authorizer,
+        tts_id: SpiffeId,
     ) -> Result<Self, ExchangeError> {
-        let http = tls::http_client(source, server)?;
-        Ok(Self {
-            http,
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            audience: source.spiffe_id().trust_domain().to_string(),
-        })
+        Self::builder(source, base_url).tts_id(tts_id)
+    }
+
+    /// A builder for a client of the service at `base_url`; it is finished by naming the
+    /// service's SPIFFE ID ([`TxnClientBuilder::tts_id`]) or, dangerously, by accepting
+    /// more ([`TxnClientBuilder::dangerous`]).
+    ///
+    /// ```no_run
+    /// # async fn demo(source: &writ_sdk::workload::X509Source) -> Result<(), Box<dyn std::error::Error>> {
+    /// use writ_sdk::exchange::TxnClient;
+    /// // Only when the token service's SPIFFE ID is not known: see the risks on
+    /// // `DangerousTxnClientBuilder`.
+    /// let client = TxnClient::builder(source, "https://127.0.0.1:8443")
+    ///     .dangerous()
+    ///     .accept_any_member_of("example.org".parse()?)?;
+    /// # let _ = client; Ok(()) }
+    /// ```
+    pub fn builder<'a>(source: &'a X509Source, base_url: &str) -> TxnClientBuilder<'a> {
+        TxnClientBuilder {
+            source,
+            base_url: base_url.to_owned(),
+        }
     }
 
     /// The service's JWKS (`/.well-known/jwks.json`), fetched over this client's mTLS,

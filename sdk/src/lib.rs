@@ -1,24 +1,36 @@
-//! Writ SDK: what a workload links.
+//! Writ SDK: what a workload links. It owns the workload side of Writ (Workload API
+//! client, SVID sources, SPIFFE mTLS configs and authorizers, Txn-Token verification,
+//! axum serving and middleware, the token-exchange client, sub-agent spawning); it does
+//! not own the SPIFFE types themselves (`writ-spiffe`, re-exported as [`spiffe`]) nor
+//! anything of the identity server, agent or token service.
 //!
-//! - [`workload`]: the SPIFFE Workload API client; [`workload::X509Source`], the
-//!   workload's X509-SVID and bundles kept current across rotations, and
-//!   [`workload::JwtSource`], JWT-SVIDs per audience;
-//! - [`tls`]: rustls server and client configs with SPIFFE-ID [`tls::Authorizer`]s;
-//! - [`listener`]: serving axum over SPIFFE mTLS, with the caller's ID per connection;
-//! - [`txn_token`]: the Txn-Token claims type and [`txn_token::TxnVerifier`], which
-//!   gets its keys through [`jwks`], the one fetch/cache/refetch of remote key sets;
-//! - [`middleware`]: [`middleware::TxnLayer`] and the [`middleware::Verified`]
-//!   extractor, which check the caller and its Txn-Token together;
-//! - [`exchange`]: the RFC 8693 client of the transaction token service, and [`oauth`],
-//!   its vocabulary (token types, grant type), available without any feature;
-//! - [`spawn`]: sub-agents, child processes with a short-lived identity under this
-//!   workload's, released with it.
+//! Every capability is a feature, and `default = []` gives only [`SpiffeId`] and
+//! [`TrustDomain`]:
+//!
+//! | feature | modules |
+//! |---|---|
+//! | `workload-api` | [`workload`]: `WorkloadClient`, the SPIFFE Workload API client |
+//! | `x509-source` | `workload::X509Source`, the workload's X509-SVID and bundles kept current across rotations; [`tls`]: rustls configs with SPIFFE-ID `Authorizer`s |
+//! | `jwt-source` | `workload::JwtSource`: JWT-SVIDs per audience |
+//! | `txn-verify` | [`txn_token`]: the Txn-Token claims type and `TxnVerifier`; [`jwks`]: the one fetch/cache/refetch of remote key sets (the token service's OIDC ingress uses it too) |
+//! | `axum` | [`listener`]: axum over SPIFFE mTLS; [`middleware`]: `TxnLayer` and `Verified`, which check the caller and its Txn-Token together |
+//! | `exchange` | [`exchange`]: `TxnClient`, the RFC 8693 client of the token service |
+//! | `spawn` | [`spawn`]: sub-agents, child processes with a short-lived identity under this workload's |
+//!
+//! [`oauth`] (token types, the token-exchange grant type) needs no feature.
+//!
+//! The crate's `README.md` shows each feature's Cargo line and a quick start;
+//! `docs/sdk.md` is the guide.
 //!
 //! ```no_run
+//! # #[cfg(feature = "workload-api")]
 //! # async fn demo() -> Result<(), writ_sdk::workload::WorkloadError> {
+//! // The socket SPIFFE_ENDPOINT_SOCKET names (the SDK has no default socket).
 //! let mut client = writ_sdk::workload::WorkloadClient::connect_env().await?;
 //! let x509 = client.fetch_x509().await?;
-//! println!("I am {}", x509.svids[0].spiffe_id);
+//! for svid in &x509.svids {
+//!     println!("I am {}", svid.spiffe_id);
+//! }
 //! # Ok(()) }
 //! ```
 #![cfg_attr(
@@ -52,3 +64,18 @@ pub mod workload;
 /// the types its signatures name.
 pub use writ_spiffe as spiffe;
 pub use writ_spiffe::spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
+
+/// The Rust snippets of `README.md` compile as doctests (with every feature on, as in
+/// `cargo test -p writ-sdk --all-features` and the workspace's tests).
+#[cfg(all(
+    doctest,
+    feature = "workload-api",
+    feature = "x509-source",
+    feature = "jwt-source",
+    feature = "txn-verify",
+    feature = "axum",
+    feature = "exchange",
+    feature = "spawn"
+))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

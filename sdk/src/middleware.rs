@@ -26,8 +26,9 @@
 //!
 //! let source = X509Source::new().await?;
 //! let td = source.spiffe_id().trust_domain();
-//! let verifier = TxnVerifier::builder(td.as_str(),
-//!     TxnClient::new(&source, "https://127.0.0.1:8443")?.jwks_source()).build();
+//! let tts = TxnClient::new(&source, "https://127.0.0.1:8443",
+//!     "spiffe://example.org/writ/tts".parse()?)?;
+//! let verifier = TxnVerifier::builder(td.clone(), tts.jwks_source()).build();
 //! let policy = TxnPolicy::new(Authorizer::path_prefix(td.clone(), "/agents"))
 //!     .require_scope("orders.read")
 //!     .strict_chain();

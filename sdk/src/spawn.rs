@@ -153,12 +153,13 @@ pub struct Registration {
 }
 
 impl SubAgents {
-    /// Connects to the agent socket named by `SPIFFE_ENDPOINT_SOCKET`, or the default.
+    /// Connects to the agent socket named by `SPIFFE_ENDPOINT_SOCKET`.
     ///
     /// # Errors
-    /// [`SpawnError::Workload`] if it cannot be reached.
+    /// [`SpawnError::Workload`] if the variable is unset
+    /// ([`WorkloadError::EndpointUnset`]) or the socket cannot be reached.
     pub async fn connect_env() -> Result<Self, SpawnError> {
-        Self::connect(&endpoint_from_env()).await
+        Self::connect(&endpoint_from_env()?).await
     }
 
     /// Connects to `unix:///path`.
@@ -290,8 +291,8 @@ impl Spawn {
         self
     }
 
-    /// The agent socket (default: `SPIFFE_ENDPOINT_SOCKET`, or Writ's default). The
-    /// child gets the same in `SPIFFE_ENDPOINT_SOCKET`.
+    /// The agent socket (default: `SPIFFE_ENDPOINT_SOCKET`, which must then be set).
+    /// The child gets the same in `SPIFFE_ENDPOINT_SOCKET`.
     #[must_use]
     pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
         self.endpoint = Some(endpoint.into());
@@ -325,7 +326,10 @@ impl Spawn {
     /// # Errors
     /// [`SpawnError`]: the agent's refusal, or the process could not be started.
     pub async fn spawn(self) -> Result<SubAgent, SpawnError> {
-        let endpoint = self.endpoint.unwrap_or_else(endpoint_from_env);
+        let endpoint = match self.endpoint {
+            Some(endpoint) => endpoint,
+            None => endpoint_from_env()?,
+        };
         let mut agent = SubAgents::connect(&endpoint).await?;
         let mut command = tokio::process::Command::new("/bin/sh");
         command

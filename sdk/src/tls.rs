@@ -50,7 +50,11 @@ pub enum TlsError {
     Client(String),
 }
 
-/// Decides which verified SPIFFE IDs a config accepts as peers.
+/// Decides which verified SPIFFE IDs a config accepts as peers. The names follow
+/// go-spiffe's `tlsconfig` (`AuthorizeAny`, `AuthorizeID`, `AuthorizeOneOf`,
+/// `AuthorizeMemberOf`). An authorizer only ever sees a peer whose X509-SVID already
+/// chained to a trusted bundle: none of them, not even [`Authorizer::any`], accepts an
+/// unverified certificate.
 #[derive(Clone)]
 pub struct Authorizer(Arc<dyn Fn(&SpiffeId) -> bool + Send + Sync>);
 
@@ -61,6 +65,14 @@ impl fmt::Debug for Authorizer {
 }
 
 impl Authorizer {
+    /// Any SPIFFE ID: every peer whose X509-SVID is valid for a bundle the source
+    /// trusts (its own trust domain or a federated one), as go-spiffe's
+    /// `tlsconfig.AuthorizeAny()`. Use it only when the application authorizes the
+    /// caller itself (e.g. from [`peer_id`]).
+    pub fn any() -> Self {
+        Self(Arc::new(|_| true))
+    }
+
     /// Exactly this ID.
     pub fn id(id: SpiffeId) -> Self {
         Self(Arc::new(move |peer| *peer == id))
@@ -92,8 +104,9 @@ impl Authorizer {
         }))
     }
 
-    /// Any peer that at least one of `authorizers` accepts.
-    pub fn any(authorizers: impl IntoIterator<Item = Authorizer>) -> Self {
+    /// Any peer that at least one of `authorizers` accepts: the union of the IDs they
+    /// accept (the union of none accepts nobody).
+    pub fn union(authorizers: impl IntoIterator<Item = Authorizer>) -> Self {
         let all: Vec<Authorizer> = authorizers.into_iter().collect();
         Self(Arc::new(move |peer| all.iter().any(|a| a.allows(peer))))
     }
@@ -221,14 +234,18 @@ mod tests {
         assert!(prefix.allows(&id("spiffe://example.org/agents/a/b")));
         assert!(!prefix.allows(&id("spiffe://example.org/agents-old")));
         assert!(!prefix.allows(&id("spiffe://example.com/agents/a")));
-        let any = Authorizer::any([
+        let union = Authorizer::union([
             Authorizer::id(id("spiffe://example.org/a")),
             Authorizer::member_of(id("spiffe://other.org/x").trust_domain().clone()),
         ]);
+        assert!(union.allows(&id("spiffe://example.org/a")));
+        assert!(union.allows(&id("spiffe://other.org/anything")));
+        assert!(!union.allows(&id("spiffe://example.org/b")));
+        assert!(!Authorizer::union([]).allows(&id("spiffe://example.org/a")));
+        // go-spiffe's AuthorizeAny: every (verified) ID.
+        let any = Authorizer::any();
         assert!(any.allows(&id("spiffe://example.org/a")));
-        assert!(any.allows(&id("spiffe://other.org/anything")));
-        assert!(!any.allows(&id("spiffe://example.org/b")));
-        assert!(!Authorizer::any([]).allows(&id("spiffe://example.org/a")));
+        assert!(any.allows(&id("spiffe://other.org/b/c")));
         let custom = Authorizer::custom(|p| p.path().ends_with("/ok"));
         assert!(custom.allows(&id("spiffe://example.org/x/ok")));
         assert!(!custom.allows(&id("spiffe://example.org/x/no")));

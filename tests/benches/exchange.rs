@@ -526,7 +526,7 @@ async fn run_exchanges(
         .await
         .unwrap();
     let txn_clients: Vec<TxnClient> = (0..clients)
-        .map(|_| TxnClient::new(&source, &url).unwrap())
+        .map(|_| TxnClient::new(&source, &url, SpiffeId::new(TTS_ID).unwrap()).unwrap())
         .collect();
 
     // Subject tokens, minted before anything is timed.
@@ -561,7 +561,10 @@ async fn run_exchanges(
         firsts.push(task.await.expect("a warm-up client panicked"));
     }
     // The issued tokens are real Txn-Tokens for the gateway, with the narrowed scope.
-    let verifier = TxnVerifier::new(TRUST_DOMAIN, server.service.keys().public_keys());
+    let verifier = TxnVerifier::new(
+        TRUST_DOMAIN.parse().unwrap(),
+        server.service.keys().public_keys(),
+    );
     for token in &firsts {
         let claims = verifier.verify_at(token, SystemTime::now()).unwrap();
         assert_eq!(claims.iss, TTS_ISSUER);

@@ -106,7 +106,12 @@ async fn exchanges(tts: &Hostage, n: usize) -> (Vec<Duration>, usize) {
                 now as i64,
             )
             .unwrap();
-        let client = TxnClient::new(&tts.source, &tts.url).unwrap();
+        let client = TxnClient::new(
+            &tts.source,
+            &tts.url,
+            writ_sdk::SpiffeId::new(&format!("spiffe://{}/tts", hostage::TD)).unwrap(),
+        )
+        .unwrap();
         let started = Instant::now();
         let result = client
             .exchange(TxnRequest::access_token(token).scope("read"))

@@ -69,9 +69,12 @@ fn token(keys: &SigningKeys) -> String {
 }
 
 fn verifier(keys: &SigningKeys, cache: bool) -> TxnVerifier {
-    TxnVerifier::builder(TD, JwksSource::Keys(Jwks::from_keys(keys.public_keys())))
-        .cache_capacity(if cache { 10_000 } else { 0 })
-        .build()
+    TxnVerifier::builder(
+        TD.parse().unwrap(),
+        JwksSource::Keys(Jwks::from_keys(keys.public_keys())),
+    )
+    .cache_capacity(if cache { 10_000 } else { 0 })
+    .build()
 }
 
 /// Median over [`ROUNDS`] runs of `ops` calls of `f`, per operation.

@@ -1,7 +1,9 @@
 //! Test harness shared by the cross-crate suites: a whole Writ stack (server state on a
 //! SQLite file, an in-process agent serving the Workload API on a temp socket) and the
-//! helpers that make interop tests short. [`env`](mod@env) is the test environment every
-//! package's suites share: skipping, this process's ids, and installs into `.interop/`.
+//! helpers that make interop tests short. It owns the cross-crate suite
+//! (`tests/tests/suite`) and benches; a package's own tests live in that package.
+//! [`env`](mod@env) is the test environment every package's suites share: skipping,
+//! this process's ids, and installs into `.interop/`.
 #![cfg_attr(
     test,
     expect(

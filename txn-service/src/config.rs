@@ -423,7 +423,8 @@ impl TxnConfig {
             issuer,
             workload_api: file
                 .workload_api
-                .unwrap_or_else(writ_sdk::workload::endpoint_from_env),
+                .or_else(|| writ_sdk::workload::endpoint_from_env().ok())
+                .unwrap_or_else(|| format!("unix://{}", writ_identity::agent::DEFAULT_SOCKET)),
             spiffe_id,
             data_dir: file.data_dir.clone(),
             audit_log: match file.audit_log.as_deref() {

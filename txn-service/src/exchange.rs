@@ -967,7 +967,7 @@ impl ExchangeService {
                 "request_context and request_details cannot change a replaced Txn-Token",
             ));
         }
-        let verifier = TxnVerifier::new(self.trust_domain.as_str(), self.keys.public_keys());
+        let verifier = TxnVerifier::new(self.trust_domain.clone(), self.keys.public_keys());
         let old = verifier
             .verify_at(
                 &req.subject_token,

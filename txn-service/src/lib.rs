@@ -1,5 +1,6 @@
 //! The Writ transaction token service. The `writ` command that starts it is in the
-//! `writ-cli` package.
+//! `writ-cli` package; the Txn-Token claims type and verifier it shares with workloads,
+//! and the exchange client, are in `writ-sdk`.
 //!
 //! The service ([`config::TxnServer`], started by `writ txn run --config txn.toml`) is
 //! an RFC 8693 token exchange endpoint reached over mTLS with the caller's X509-SVID

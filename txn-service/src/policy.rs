@@ -387,7 +387,6 @@ fn validate_rule(
                 per_second: r.per_second,
                 burst: r.burst.unwrap_or_else(|| {
                     // Saturating float-to-int cast of a positive finite number.
-                    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
                     let b = r.per_second.ceil().min(f64::from(u32::MAX)) as u32;
                     b.max(1)
                 }),

@@ -80,7 +80,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let source = cli.workload.source().await.context("no identity")?;
     let keys = jwks_source(&cli.keys, cli.tts_id.as_ref(), &source)?;
-    let mut verifier = TxnVerifier::builder(cli.trust_domain.to_string(), keys);
+    let mut verifier = TxnVerifier::builder(cli.trust_domain.clone(), keys);
     if let Some(issuer) = cli.issuer {
         verifier = verifier.issuer(issuer);
     }

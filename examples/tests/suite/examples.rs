@@ -516,7 +516,12 @@ async fn verify_service_fetches_the_keys_from_the_tts() {
     original.act = None;
     let token = tts.service.keys().mint(&original).unwrap();
     let (gateway_source, gateway) = client_as(&stack, GATEWAY).await;
-    let exchange = TxnClient::new(&gateway_source, &format!("https://{}", tts.addr)).unwrap();
+    let exchange = TxnClient::new(
+        &gateway_source,
+        &format!("https://{}", tts.addr),
+        id(TTS).parse().unwrap(),
+    )
+    .unwrap();
     let replaced = exchange.replace(&token, Some("orders.read")).await.unwrap();
 
     let (status, body, _) = get_orders(&gateway, &server, Some(&replaced.access_token)).await;

@@ -1,7 +1,6 @@
 //! The committed generated code under `src/proto/` is what the protos in `specs/proto`
 //! produce: this test regenerates it with the vendored protoc and fails on any
 //! difference. Run it with `WRIT_BLESS_PROTOS=1` to rewrite the files after a proto change.
-#![expect(clippy::unwrap_used, reason = "a test: a failed step aborts it loudly")]
 #![expect(
     unused_crate_dependencies,
     reason = "an integration-test target sees every dependency and dev-dependency of its package"
@@ -23,6 +22,10 @@ fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+#[expect(
+    clippy::unwrap_used,
+    reason = "test helper: a failed generation fails the test"
+)]
 fn generate(out: &Path) {
     let specs = crate_dir().join("../../specs/proto");
     let protos: Vec<PathBuf> = GENERATED.iter().map(|(p, _, _)| specs.join(p)).collect();

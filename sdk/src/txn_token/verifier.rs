@@ -10,7 +10,7 @@ use serde_json::Value;
 use writ_spiffe::clock::{SharedClock, SystemClock, unix_seconds};
 use writ_spiffe::fingerprint::sha256;
 use writ_spiffe::numeric_date::{TimeClaims, TimeError};
-use writ_spiffe::spiffe_id::SpiffeId;
+use writ_spiffe::spiffe_id::{SpiffeId, TrustDomain};
 
 use super::jwks::{Jwks, JwksSource};
 use super::{
@@ -130,8 +130,10 @@ struct Inner {
 /// use writ_sdk::txn_token::TxnVerifier;
 /// use writ_sdk::workload::X509Source;
 /// let source = X509Source::new().await?;
-/// let tts = TxnClient::new(&source, "https://127.0.0.1:8443")?;
-/// let verifier = TxnVerifier::builder("example.org", tts.jwks_source()).build();
+/// let tts_id = "spiffe://example.org/writ/tts".parse()?;
+/// let tts = TxnClient::new(&source, "https://127.0.0.1:8443", tts_id)?;
+/// let td = source.spiffe_id().trust_domain();
+/// let verifier = TxnVerifier::builder(td, tts.jwks_source()).build();
 /// let txn = verifier.verify(token).await?;
 /// println!("{} for {} via {:?}", txn.txn, txn.sub, txn.chain());
 /// # Ok(()) }
@@ -154,7 +156,7 @@ impl TxnVerifier {
     /// A verifier for tokens of `trust_domain` signed by one of `keys` (key id -> JWK),
     /// on the system clock, without a verified-token cache.
     pub fn new(
-        trust_domain: impl Into<String>,
+        trust_domain: TrustDomain,
         keys: std::collections::BTreeMap<String, writ_spiffe::bundle::Jwk>,
     ) -> Self {
         Self::builder(trust_domain, JwksSource::Keys(Jwks::from_keys(keys)))
@@ -163,9 +165,9 @@ impl TxnVerifier {
     }
 
     /// A builder for tokens of `trust_domain` with keys from `source`.
-    pub fn builder(trust_domain: impl Into<String>, source: JwksSource) -> TxnVerifierBuilder {
+    pub fn builder(trust_domain: TrustDomain, source: JwksSource) -> TxnVerifierBuilder {
         TxnVerifierBuilder {
-            trust_domain: trust_domain.into(),
+            trust_domain: trust_domain.as_str().to_owned(),
             issuer: None,
             source,
             clock: Arc::new(SystemClock),

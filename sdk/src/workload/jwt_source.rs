@@ -52,9 +52,14 @@ impl JwtSourceBuilder {
     /// Connects to the Workload API.
     ///
     /// # Errors
-    /// [`WorkloadError`] if the endpoint is malformed or unreachable.
+    /// [`WorkloadError::EndpointUnset`] if no endpoint was given and
+    /// `SPIFFE_ENDPOINT_SOCKET` is unset; [`WorkloadError`] if the endpoint is malformed
+    /// or unreachable.
     pub async fn build(self) -> Result<JwtSource, WorkloadError> {
-        let endpoint = self.endpoint.unwrap_or_else(super::endpoint_from_env);
+        let endpoint = match self.endpoint {
+            Some(endpoint) => endpoint,
+            None => super::endpoint_from_env()?,
+        };
         Ok(JwtSource {
             client: WorkloadClient::connect(&endpoint).await?,
             spiffe_id: self.spiffe_id,
@@ -84,7 +89,7 @@ pub struct JwtSource {
 }
 
 impl JwtSource {
-    /// A source on `SPIFFE_ENDPOINT_SOCKET` (or Writ's default socket).
+    /// A source on `SPIFFE_ENDPOINT_SOCKET` (which must be set).
     ///
     /// # Errors
     /// [`WorkloadError`] if the endpoint is malformed or unreachable.

@@ -1,7 +1,9 @@
 //! A SPIFFE Workload API client over the agent's Unix socket.
 //!
-//! The socket comes from `SPIFFE_ENDPOINT_SOCKET` (`unix:///path`), or is given
-//! explicitly; every call carries the `workload.spiffe.io: true` header.
+//! The socket is given explicitly or comes from `SPIFFE_ENDPOINT_SOCKET`
+//! (`unix:///path`); with neither, connecting fails with
+//! [`WorkloadError::EndpointUnset`] (as in go-spiffe: the library has no default
+//! socket). Every call carries the `workload.spiffe.io: true` header.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,8 +17,6 @@ use writ_spiffe::spiffe_id::{SpiffeId, SpiffeIdError};
 
 /// The environment variable that names the Workload API socket.
 pub const ENDPOINT_ENV: &str = "SPIFFE_ENDPOINT_SOCKET";
-/// Writ's default agent socket.
-pub const DEFAULT_ENDPOINT: &str = "unix:///tmp/writ/agent.sock";
 
 #[cfg(feature = "jwt-source")]
 mod jwt_source;
@@ -28,15 +28,51 @@ pub use jwt_source::{JwtSource, JwtSourceBuilder};
 #[cfg(feature = "x509-source")]
 pub use x509_source::{DEFAULT_WAIT, X509Snapshot, X509Source, X509SourceBuilder};
 
-/// The endpoint named by `SPIFFE_ENDPOINT_SOCKET`, or Writ's default.
-pub fn endpoint_from_env() -> String {
-    std::env::var(ENDPOINT_ENV).unwrap_or_else(|_| DEFAULT_ENDPOINT.to_owned())
+/// The endpoint named by `SPIFFE_ENDPOINT_SOCKET`.
+///
+/// # Errors
+/// [`WorkloadError::EndpointUnset`] if the variable is unset or empty;
+/// [`WorkloadError::Endpoint`] if it is not valid UTF-8.
+pub fn endpoint_from_env() -> Result<String, WorkloadError> {
+    endpoint_from(std::env::var_os(ENDPOINT_ENV).as_deref())
+}
+
+/// The endpoint given the value of `SPIFFE_ENDPOINT_SOCKET` (`None`: unset), for a
+/// caller that reads its environment another way. There is no default socket: an
+/// unset or empty value is an error, never a guess.
+///
+/// # Errors
+/// [`WorkloadError::EndpointUnset`] if `value` is `None` or empty;
+/// [`WorkloadError::Endpoint`] if it is not valid UTF-8.
+pub fn endpoint_from(value: Option<&std::ffi::OsStr>) -> Result<String, WorkloadError> {
+    match value {
+        None => Err(WorkloadError::EndpointUnset {
+            variable: ENDPOINT_ENV,
+        }),
+        Some(v) if v.is_empty() => Err(WorkloadError::EndpointUnset {
+            variable: ENDPOINT_ENV,
+        }),
+        Some(v) => v
+            .to_str()
+            .map(str::to_owned)
+            .ok_or_else(|| WorkloadError::Endpoint(v.to_string_lossy().into_owned())),
+    }
 }
 
 /// Why a Workload API call failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum WorkloadError {
+    /// No endpoint was given and the environment variable `variable`
+    /// (`SPIFFE_ENDPOINT_SOCKET`) is unset or empty.
+    #[error(
+        "no Workload API endpoint: {variable} is not set (set it to unix:///path/to/agent.sock, \
+         or give the endpoint explicitly)"
+    )]
+    EndpointUnset {
+        /// The environment variable that was read.
+        variable: &'static str,
+    },
     /// The endpoint is not `unix:///path` (or a plain path).
     #[error("invalid Workload API endpoint {0:?}: expected unix:///path")]
     Endpoint(String),
@@ -78,8 +114,9 @@ impl From<SpiffeIdError> for WorkloadError {
     }
 }
 
-/// One X509-SVID as the agent sent it.
-#[derive(Debug, Clone)]
+/// One X509-SVID as the agent sent it. Its `Debug` shows the SPIFFE ID, the chain's
+/// length and the leaf's SHA-256, never the private key.
+#[derive(Clone)]
 pub struct X509SvidEntry {
     /// The identity.
     pub spiffe_id: SpiffeId,
@@ -91,6 +128,25 @@ pub struct X509SvidEntry {
     pub bundle: Vec<Vec<u8>>,
     /// The entry's hint.
     pub hint: String,
+}
+
+impl std::fmt::Debug for X509SvidEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("X509SvidEntry")
+            .field("spiffe_id", &self.spiffe_id.as_str())
+            .field("cert_chain_len", &self.cert_chain.len())
+            .field(
+                "leaf_sha256",
+                &self
+                    .cert_chain
+                    .first()
+                    .map(|leaf| writ_spiffe::fingerprint::sha256_hex(leaf)),
+            )
+            .field("private_key", &"<redacted>")
+            .field("bundle_len", &self.bundle.len())
+            .field("hint", &self.hint)
+            .finish()
+    }
 }
 
 /// The X.509 state the agent gives this workload.
@@ -195,12 +251,13 @@ pub(crate) async fn channel(endpoint: &str) -> Result<Channel, WorkloadError> {
 }
 
 impl WorkloadClient {
-    /// Connects to the socket named by `SPIFFE_ENDPOINT_SOCKET`, or Writ's default.
+    /// Connects to the socket named by `SPIFFE_ENDPOINT_SOCKET`.
     ///
     /// # Errors
-    /// [`WorkloadError`] if the endpoint is malformed or unreachable.
+    /// [`WorkloadError::EndpointUnset`] if the variable is unset; [`WorkloadError`] if
+    /// the endpoint is malformed or unreachable.
     pub async fn connect_env() -> Result<Self, WorkloadError> {
-        Self::connect(&endpoint_from_env()).await
+        Self::connect(&endpoint_from_env()?).await
     }
 
     /// Connects to `unix:///path` (or a plain absolute path).
@@ -386,6 +443,61 @@ mod tests {
         );
         assert!(socket_path("tcp://127.0.0.1:1").is_err());
         assert!(socket_path("unix://relative").is_err());
+    }
+
+    #[test]
+    fn an_unset_endpoint_is_an_error_naming_the_variable() {
+        use std::ffi::OsStr;
+        for unset in [None, Some(OsStr::new(""))] {
+            let err = endpoint_from(unset).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    WorkloadError::EndpointUnset {
+                        variable: "SPIFFE_ENDPOINT_SOCKET"
+                    }
+                ),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains("SPIFFE_ENDPOINT_SOCKET"), "{err}");
+            assert!(!err.to_string().contains("/tmp/writ"), "{err}");
+        }
+        assert_eq!(
+            endpoint_from(Some(OsStr::new("unix:///run/agent.sock"))).unwrap(),
+            "unix:///run/agent.sock"
+        );
+    }
+
+    #[test]
+    fn x509_svid_entry_debug_never_shows_the_private_key() {
+        let key = writ_spiffe::key::PrivateKey::generate().unwrap();
+        let der = key.pkcs8_der().to_vec();
+        let pem = key.to_pem();
+        let entry = X509SvidEntry {
+            spiffe_id: SpiffeId::new("spiffe://example.org/w").unwrap(),
+            cert_chain: vec![vec![0x30, 0x03, 1, 2, 3], vec![0x30, 0x01, 9]],
+            private_key: der.clone(),
+            bundle: vec![vec![0x30, 0x01, 7]],
+            hint: "internal".into(),
+        };
+        let hex: String = der.iter().map(|b| format!("{b:02x}")).collect();
+        // Any 8 consecutive key bytes, as `Vec<u8>`'s Debug would print them.
+        let windows: Vec<String> = der
+            .windows(8)
+            .map(|w| format!("{w:?}").trim_matches(['[', ']']).to_owned())
+            .collect();
+        for text in [format!("{entry:?}"), format!("{entry:#?}")] {
+            assert!(text.contains("spiffe://example.org/w"), "{text}");
+            assert!(text.contains("cert_chain_len: 2"), "{text}");
+            assert!(text.contains("<redacted>"), "{text}");
+            assert!(!text.contains(&hex), "{text}");
+            for window in &windows {
+                assert!(!text.contains(window.as_str()), "key bytes in {text}");
+            }
+            for line in pem.lines().filter(|l| !l.starts_with("-----")) {
+                assert!(!text.contains(line), "PEM in {text}");
+            }
+        }
     }
 
     #[test]

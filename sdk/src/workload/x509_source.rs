@@ -81,11 +81,12 @@ impl X509SourceBuilder {
     /// # Errors
     /// [`WorkloadError`] if, for the whole wait, the agent is unreachable or issues no
     /// identity (or not the one asked for); at once if it sends an expired or malformed
-    /// SVID.
+    /// SVID, or if no endpoint was given and `SPIFFE_ENDPOINT_SOCKET` is unset
+    /// ([`WorkloadError::EndpointUnset`]).
     pub async fn build(self) -> Result<X509Source, WorkloadError> {
         let endpoint = match self.endpoint {
             Some(e) => e,
-            None => super::endpoint_from_env(),
+            None => super::endpoint_from_env()?,
         };
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
         let deadline = tokio::time::Instant::now() + self.wait.unwrap_or(DEFAULT_WAIT);
@@ -153,7 +154,7 @@ pub struct X509Source {
 }
 
 impl X509Source {
-    /// A source on `SPIFFE_ENDPOINT_SOCKET` (or Writ's default socket) presenting the
+    /// A source on `SPIFFE_ENDPOINT_SOCKET` (which must be set) presenting the
     /// default SVID.
     ///
     /// # Errors

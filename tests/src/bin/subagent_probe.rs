@@ -2,14 +2,14 @@
 //! the test process). Prints one JSON line per observation on stdout.
 //!
 //! - `x509`: fetch the X509-SVID once: `{"x509": "<id>" | "no identity issued" | ...}`.
-//! - `watch`: fetch every 100 ms (and, with `WRIT_TTS_URL` and `WRIT_TXN_TOKEN`,
-//!   replace the token at the TTS) for at most 60 s; print a line whenever the outcome
-//!   changes: `{"x509": ..., "exchange": "granted" | "<error code>"}`.
+//! - `watch`: fetch every 100 ms (and, with `WRIT_TTS_URL`, `WRIT_TTS_ID` and
+//!   `WRIT_TXN_TOKEN`, replace the token at the TTS) for at most 60 s; print a line
+//!   whenever the outcome changes: `{"x509": ..., "exchange": "granted" | "<error code>"}`.
 //! - `parent <task> <parent-id>`: spawn `watch` as a sub-agent (stdio inherited), print
 //!   `{"lease": ..., "child": ..., "pid": ...}`, then obey stdin lines: `release`, or
 //!   `exit` (exits at once, without releasing: the agent must notice).
-//! - `exchange <scope>`: replace `WRIT_TXN_TOKEN` at `WRIT_TTS_URL`: `{"token": ...}` or
-//!   `{"error": "<code>"}`.
+//! - `exchange <scope>`: replace `WRIT_TXN_TOKEN` at `WRIT_TTS_URL` (a service with the
+//!   SPIFFE ID `WRIT_TTS_ID`): `{"token": ...}` or `{"error": "<code>"}`.
 //! - `fork-x509`: run `x509` as an ordinary (unregistered) child and relay its line.
 #![expect(
     unused_crate_dependencies,
@@ -17,6 +17,7 @@
 )]
 #![expect(
     clippy::unwrap_used,
+    clippy::expect_used,
     clippy::panic,
     clippy::indexing_slicing,
     reason = "a test helper process: failing loudly is the point"
@@ -29,6 +30,11 @@ use serde_json::json;
 use writ_sdk::exchange::TxnClient;
 use writ_sdk::spawn::{Spawn, TXN_TOKEN_ENV};
 use writ_sdk::workload::{WorkloadClient, WorkloadError, X509Source};
+
+/// The TTS's SPIFFE ID, from `WRIT_TTS_ID`.
+fn tts_id() -> writ_sdk::SpiffeId {
+    writ_sdk::SpiffeId::new(&std::env::var("WRIT_TTS_ID").expect("WRIT_TTS_ID")).unwrap()
+}
 
 async fn x509_state() -> String {
     let result = async {
@@ -77,7 +83,7 @@ async fn main() {
             let client = match (&tts, &token) {
                 (Some(url), Some(_)) => {
                     let source = X509Source::builder().build().await.unwrap();
-                    Some(TxnClient::new(&source, url).unwrap())
+                    Some(TxnClient::new(&source, url, tts_id()).unwrap())
                 }
                 _ => None,
             };
@@ -127,7 +133,7 @@ async fn main() {
         }
         Some("exchange") => {
             let source = X509Source::builder().build().await.unwrap();
-            let client = TxnClient::new(&source, tts.as_deref().unwrap()).unwrap();
+            let client = TxnClient::new(&source, tts.as_deref().unwrap(), tts_id()).unwrap();
             let scope = args.get(1).map(String::as_str);
             match exchange(&client, token.as_deref().unwrap(), scope).await {
                 Ok(t) => say(&json!({ "token": t, "id": source.spiffe_id().to_string() })),

@@ -463,7 +463,7 @@ async fn a_replacement_and_refusals_match_the_spec() {
 
     // The replacement is a Txn-Token the JWKS verifies, with the caller as the actor.
     let verifier = TxnVerifier::builder(
-        TD,
+        TD.parse().unwrap(),
         JwksSource::Keys(Jwks::parse(jwks.to_string().as_bytes()).unwrap()),
     )
     .build();

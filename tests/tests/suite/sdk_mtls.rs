@@ -432,6 +432,39 @@ async fn server_refuses_a_certificate_that_is_not_an_svid() {
         .await;
 }
 
+/// `Authorizer::any()` is go-spiffe's `AuthorizeAny`: every workload whose X509-SVID
+/// verifies gets in, whatever its SPIFFE ID, and a certificate that does not chain to a
+/// trusted bundle, or is not an SVID, still does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorizer_any_admits_every_verified_svid_and_nothing_else() {
+    let stack = stack_with(HOUR, &[SERVER, CLIENT, INTRUDER]).await;
+    let server = source(&stack, SERVER).await;
+    let mut echo = Echo::start(&server, Authorizer::any()).await;
+    for path in [CLIENT, INTRUDER] {
+        let client = source(&stack, path).await;
+        let response = echo
+            .get(&sdk_client(&client, id(SERVER), Pool::Fresh))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["id"], id(path).to_string(), "{body}");
+    }
+    let trusting = source(&stack, CLIENT).await;
+    let (chain, key) = foreign_svid();
+    echo.assert_refused(
+        &client_presenting(&trusting, chain, key),
+        "no bundle for trust domain other.org",
+    )
+    .await;
+    let (chain, key) = dns_only_cert();
+    echo.assert_refused(
+        &client_presenting(&trusting, chain, key),
+        "leaf must have exactly one URI SAN, found 0",
+    )
+    .await;
+}
+
 /// What one request through the echo server showed: the client leaf the server saw,
 /// the client port, and the server leaf the client saw.
 struct RoundTrip {
@@ -601,7 +634,7 @@ async fn txn_layer_behind_the_listener_checks_caller_and_token() {
                 Json(json!({ "caller": v.caller.to_string(), "sub": v.txn.sub, "chain": v.txn.chain() }))
             }),
         )
-        .layer(TxnLayer::new(TxnVerifier::new(TD, keys.public_keys()), policy));
+        .layer(TxnLayer::new(TxnVerifier::new(TD.parse().unwrap(), keys.public_keys()), policy));
     let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}/orders", tcp.local_addr().unwrap());
     // The listener lets the whole trust domain in; the policy narrows it.

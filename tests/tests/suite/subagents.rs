@@ -110,7 +110,7 @@ max_scope = ["read", "write"]
             .build()
             .await
             .unwrap();
-        TxnClient::new(&source, &self.url).unwrap()
+        TxnClient::new(&source, &self.url, id(TTS)).unwrap()
     }
 
     /// alice's Txn-Token as the gateway got it (scope `read write admin`), replaced by
@@ -156,6 +156,7 @@ max_scope = ["read", "write"]
         cmd.args(args)
             .env("SPIFFE_ENDPOINT_SOCKET", self.stack.endpoint())
             .env("WRIT_TTS_URL", &self.url)
+            .env("WRIT_TTS_ID", id(TTS).to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true);
@@ -272,7 +273,8 @@ async fn the_chain_user_gateway_planner_sub_agent_is_in_act_and_in_the_audit() {
     command
         .arg("exchange")
         .arg("read")
-        .env("WRIT_TTS_URL", &world.url);
+        .env("WRIT_TTS_URL", &world.url)
+        .env("WRIT_TTS_ID", id(TTS).to_string());
     let mut child = writ_sdk::spawn::Spawn::new("summarize", command)
         .endpoint(world.stack.endpoint())
         .parent(id(PLANNER))
@@ -294,10 +296,12 @@ async fn the_chain_user_gateway_planner_sub_agent_is_in_act_and_in_the_audit() {
     let token = printed["token"]
         .as_str()
         .unwrap_or_else(|| panic!("{printed}"));
-    let verified =
-        writ_sdk::txn_token::TxnVerifier::new(TD, world.tts.service.keys().public_keys())
-            .verify_at(token, std::time::SystemTime::now())
-            .unwrap();
+    let verified = writ_sdk::txn_token::TxnVerifier::new(
+        TD.parse().unwrap(),
+        world.tts.service.keys().public_keys(),
+    )
+    .verify_at(token, std::time::SystemTime::now())
+    .unwrap();
     assert_eq!(verified.sub, "alice");
     assert_eq!(verified.scope, "read", "scope narrows at each hop");
     assert_eq!(verified.req_wl, lease.child_id.to_string());

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use writ_identity::clock::{Clock, ManualClock, SharedClock, SystemClock};
 use writ_identity::spiffe_id::SpiffeId;
 use writ_identity::tls::SpiffeServerVerifier;
-use writ_sdk::exchange::{TxnClient, TxnRequest};
+use writ_sdk::exchange::{ExchangeError, TxnClient, TxnRequest};
 use writ_sdk::txn_token::{Jwks, JwksSource, TxnToken, TxnVerifier};
 use writ_sdk::workload::{WorkloadClient, X509Source};
 use writ_tests::python::python;
@@ -120,7 +120,7 @@ client_assertions = true
     }
 
     async fn client(&self, path: &str) -> TxnClient {
-        TxnClient::new(&self.source(path).await, &self.url).unwrap()
+        TxnClient::new(&self.source(path).await, &self.url, id(TTS)).unwrap()
     }
 
     fn audit(&self) -> Vec<Value> {
@@ -185,7 +185,7 @@ fn now() -> i64 {
 
 fn verifier_from(jwks: &Value) -> TxnVerifier {
     let jwks = Jwks::parse(jwks.to_string().as_bytes()).unwrap();
-    TxnVerifier::builder(TD, JwksSource::Keys(jwks)).build()
+    TxnVerifier::builder(TD.parse().unwrap(), JwksSource::Keys(jwks)).build()
 }
 
 fn decode_claims(token: &str) -> Value {
@@ -219,6 +219,53 @@ fn assert_refused(tts: &Tts, error: &str) {
     assert!(line["granted_scope"].is_null(), "{line}");
 }
 
+/// A `TxnClient` is built for one TTS SPIFFE ID: a server of the same trust domain that
+/// presents another ID (here the real TTS, `/tts`, to a client built for `/planner`'s
+/// ID) is refused at the handshake, before the subject token is sent. Accepting any
+/// member of the trust domain takes the explicit `dangerous()` path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exchange_client_accepts_only_the_token_service_it_names() {
+    let tts = Tts::start(None, Arc::new(SystemClock)).await;
+    let gateway = tts.source(GATEWAY).await;
+    let (_, token) = tts.initial_token(now());
+
+    let elsewhere = TxnClient::new(&gateway, &tts.url, id(PLANNER)).unwrap();
+    let err = elsewhere
+        .exchange(TxnRequest::txn_token(token.clone()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ExchangeError::Transport(_)),
+        "not a transport error: {err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("peer spiffe://example.org/tts is not authorized"),
+        "{err}"
+    );
+    assert!(
+        tts.audit()
+            .iter()
+            .all(|l| l["caller"] != id(GATEWAY).to_string()),
+        "the service saw the request"
+    );
+
+    let named = TxnClient::new(&gateway, &tts.url, id(TTS)).unwrap();
+    named
+        .exchange(TxnRequest::txn_token(token.clone()))
+        .await
+        .unwrap();
+
+    let any_member = TxnClient::builder(&gateway, &tts.url)
+        .dangerous()
+        .accept_any_member_of(TD.parse().unwrap())
+        .unwrap();
+    any_member
+        .exchange(TxnRequest::txn_token(token))
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oidc_access_token_becomes_a_txn_token_that_josekit_and_pyjwt_verify() {
     let Some(provider) = writ_tests::oidc_provider::Provider::start() else {
@@ -232,7 +279,7 @@ async fn oidc_access_token_becomes_a_txn_token_that_josekit_and_pyjwt_verify() {
     let tts = Tts::start(Some(&provider), Arc::new(SystemClock)).await;
     let access_token = provider.access_token("read write").await;
     let gateway = tts.source(GATEWAY).await;
-    let client = TxnClient::new(&gateway, &tts.url).unwrap();
+    let client = TxnClient::new(&gateway, &tts.url, id(TTS)).unwrap();
     let issued = client
         .exchange(
             TxnRequest::access_token(access_token.clone())
@@ -385,9 +432,12 @@ async fn three_hop_replacement_chain_nests_actors_in_order() {
         .unwrap();
 
     // The SDK verifier fetching the JWKS itself, over the sub-agent's mTLS.
-    let verifier = TxnVerifier::builder(TD, tts.client(SUB_AGENT).await.jwks_source())
-        .issuer(ISSUER)
-        .build();
+    let verifier = TxnVerifier::builder(
+        TD.parse().unwrap(),
+        tts.client(SUB_AGENT).await.jwks_source(),
+    )
+    .issuer(ISSUER)
+    .build();
     let last = verifier.verify(&hop3.access_token).await.unwrap();
     assert_eq!(last.txn, first.txn);
     assert_eq!(last.sub, "alice");

@@ -106,7 +106,7 @@ impl Service {
     }
 
     fn verifier(&self) -> TxnVerifier {
-        TxnVerifier::builder(TD, self.source())
+        TxnVerifier::builder(TD.parse().unwrap(), self.source())
             .clock(Arc::new(self.clock.clone()))
             .build()
     }
@@ -289,6 +289,26 @@ async fn verifier_accepts_and_refuses_the_set() {
     }
 }
 
+/// The verifier takes a `TrustDomain`, not a string: the trust domain's SPIFFE ID form
+/// (`spiffe://example.org`, what a bundle map key or a config often holds) names the
+/// same trust domain as the bare name. As a string it made every token fail `aud`.
+#[tokio::test]
+async fn the_verifier_trust_domain_is_a_parsed_trust_domain() {
+    let service = Service::start().await;
+    let token = service.mint(&claims(service.now()));
+    for name in ["example.org", "spiffe://example.org"] {
+        let verifier = TxnVerifier::builder(TrustDomain::new(name).unwrap(), service.source())
+            .clock(Arc::new(service.clock.clone()))
+            .build();
+        let txn = verifier.verify(&token).await.unwrap();
+        assert_eq!(txn.aud, TD, "{name}");
+    }
+    let other = TxnVerifier::builder(TrustDomain::new("other.org").unwrap(), service.source())
+        .clock(Arc::new(service.clock.clone()))
+        .build();
+    assert_eq!(other.verify(&token).await, Err(TxnTokenError::Audience));
+}
+
 #[tokio::test]
 async fn unknown_kid_refetches_at_a_bounded_rate() {
     let service = Service::start().await;
@@ -338,7 +358,7 @@ async fn unknown_kid_refetches_at_a_bounded_rate() {
 #[tokio::test]
 async fn keys_are_fetched_again_after_their_max_age() {
     let service = Service::start().await;
-    let verifier = TxnVerifier::builder(TD, service.source())
+    let verifier = TxnVerifier::builder(TD.parse().unwrap(), service.source())
         .clock(Arc::new(service.clock.clone()))
         .keys_max_age(Duration::from_secs(60))
         .cache_capacity(0)
@@ -355,7 +375,7 @@ async fn keys_are_fetched_again_after_their_max_age() {
 #[tokio::test]
 async fn an_unreachable_jwks_is_retried_at_a_bounded_rate() {
     let service = Service::start().await;
-    let verifier = TxnVerifier::builder(TD, service.source())
+    let verifier = TxnVerifier::builder(TD.parse().unwrap(), service.source())
         .clock(Arc::new(service.clock.clone()))
         .keys_max_age(Duration::from_secs(60))
         .cache_capacity(0)
@@ -395,7 +415,7 @@ async fn jwks_from_a_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("jwks.json");
     std::fs::write(&path, service.keys.jwks().to_string()).unwrap();
-    let verifier = TxnVerifier::builder(TD, JwksSource::File(path.clone()))
+    let verifier = TxnVerifier::builder(TD.parse().unwrap(), JwksSource::File(path.clone()))
         .clock(Arc::new(service.clock.clone()))
         .build();
     verifier
@@ -424,7 +444,11 @@ async fn jwks_from_a_file() {
         .unwrap();
 
     // No file and no keys yet: the keys are unavailable, not the token invalid.
-    let missing = TxnVerifier::builder(TD, JwksSource::File(dir.path().join("absent"))).build();
+    let missing = TxnVerifier::builder(
+        TD.parse().unwrap(),
+        JwksSource::File(dir.path().join("absent")),
+    )
+    .build();
     assert!(matches!(
         missing.verify(&service.mint(&claims(service.now()))).await,
         Err(TxnTokenError::Keys(_))
@@ -435,7 +459,7 @@ async fn jwks_from_a_file() {
 async fn verified_tokens_are_cached_until_they_expire() {
     let service = Service::start().await;
     let cached = service.verifier();
-    let uncached = TxnVerifier::builder(TD, service.source())
+    let uncached = TxnVerifier::builder(TD.parse().unwrap(), service.source())
         .clock(Arc::new(service.clock.clone()))
         .cache_capacity(0)
         .build();
@@ -453,7 +477,7 @@ async fn verified_tokens_are_cached_until_they_expire() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("jwks.json");
     std::fs::write(&path, replaced.jwks().to_string()).unwrap();
-    let file_cached = TxnVerifier::builder(TD, JwksSource::File(path.clone()))
+    let file_cached = TxnVerifier::builder(TD.parse().unwrap(), JwksSource::File(path.clone()))
         .clock(Arc::new(service.clock.clone()))
         .build();
     assert_eq!(
@@ -554,7 +578,7 @@ async fn middleware_refusals_without_tls() {
 
     // Keys that cannot be loaded are the service's problem, not the caller's.
     let unreachable = TxnVerifier::builder(
-        TD,
+        TD.parse().unwrap(),
         JwksSource::Url {
             url: "http://127.0.0.1:9/jwks.json".into(),
             http: reqwest::Client::new(),

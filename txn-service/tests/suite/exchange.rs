@@ -77,7 +77,7 @@ fn harness_with(depth: Option<usize>) -> Harness {
     let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(NOW as u64));
     let minter = Minter::new(PrivateKey::generate().unwrap()).unwrap();
     let verifier = TxnVerifier::new(
-        TD,
+        TrustDomain::new(TD).unwrap(),
         BTreeMap::from([(minter.kid().to_owned(), minter.jwk().clone())]),
     );
     let mut service = ExchangeService::new(
@@ -704,7 +704,10 @@ async fn jwks_publishes_the_signing_key() {
     // A verifier built from the published document alone accepts the service's tokens.
     let jwk: Jwk = serde_json::from_value(key.clone()).unwrap();
     assert_eq!(jwk.thumbprint().unwrap(), h.minter.kid());
-    let verifier = TxnVerifier::new(TD, BTreeMap::from([(jwk.thumbprint().unwrap(), jwk)]));
+    let verifier = TxnVerifier::new(
+        TrustDomain::new(TD).unwrap(),
+        BTreeMap::from([(jwk.thumbprint().unwrap(), jwk)]),
+    );
     let reply = post(&h.app, PLANNER, replacement_form(&token, None)).await;
     let issued_token = reply.body["access_token"].as_str().unwrap();
     verifier.verify_at(issued_token, h.clock.now()).unwrap();
@@ -802,7 +805,7 @@ async fn exchanges_a_real_oidc_access_token() {
     let clock = ManualClock::new(std::time::SystemTime::now());
     let minter = Minter::new(PrivateKey::generate().unwrap()).unwrap();
     let verifier = TxnVerifier::new(
-        TD,
+        TrustDomain::new(TD).unwrap(),
         BTreeMap::from([(minter.kid().to_owned(), minter.jwk().clone())]),
     );
     let oidc = OidcValidator::new(vec![provider.config()], Arc::new(clock.clone())).unwrap();
@@ -1071,7 +1074,7 @@ fn service_with(
     let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(NOW as u64));
     let minter = Minter::new(PrivateKey::generate().unwrap()).unwrap();
     let verifier = TxnVerifier::new(
-        TD,
+        TrustDomain::new(TD).unwrap(),
         BTreeMap::from([(minter.kid().to_owned(), minter.jwk().clone())]),
     );
     let mut service = ExchangeService::new(

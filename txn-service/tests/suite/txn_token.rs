@@ -36,7 +36,10 @@ fn at(secs: i64) -> SystemTime {
 fn setup() -> (Minter, TxnVerifier) {
     let minter = Minter::new(PrivateKey::generate().unwrap()).unwrap();
     let keys = BTreeMap::from([(minter.kid().to_owned(), minter.jwk().clone())]);
-    (minter, TxnVerifier::new("example.org", keys))
+    (
+        minter,
+        TxnVerifier::new("example.org".parse().unwrap(), keys),
+    )
 }
 
 const NOW: i64 = 1_800_000_000;
@@ -89,7 +92,7 @@ fn verifier_refuses_what_it_must() {
     );
 
     let other_td = TxnVerifier::new(
-        "other.org",
+        "other.org".parse().unwrap(),
         BTreeMap::from([(minter.kid().to_owned(), minter.jwk().clone())]),
     );
     assert_eq!(

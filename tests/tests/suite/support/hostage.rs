@@ -100,7 +100,12 @@ max_scope = ["read"]
             .issuer
             .access_token(user, "read", Duration::from_secs(300), now as i64)
             .unwrap();
-        let client = TxnClient::new(&self.source, &self.url).map_err(|e| e.to_string())?;
+        let client = TxnClient::new(
+            &self.source,
+            &self.url,
+            SpiffeId::new(&format!("spiffe://{TD}/tts")).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
         client
             .exchange(TxnRequest::access_token(token).scope("read"))
             .await

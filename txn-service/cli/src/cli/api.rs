@@ -9,17 +9,20 @@ use anyhow::Context;
 use writ_identity::key_manager::{set_mode, write_secret_file};
 use writ_identity::spiffe_id::SpiffeId;
 use writ_sdk::spawn::{SUBAGENT_PID_ENV, Spawn, TXN_TOKEN_ENV};
-use writ_sdk::workload::{
-    DEFAULT_ENDPOINT, ENDPOINT_ENV, WorkloadClient, WorkloadError, X509Context,
-};
+use writ_sdk::workload::{ENDPOINT_ENV, WorkloadClient, WorkloadError, X509Context};
 
 use super::out::{self, OutputArg, errln, outln};
+
+/// The socket the CLI talks to when neither `--socket` nor `SPIFFE_ENDPOINT_SOCKET` names
+/// one: the agent's default socket (`writ_identity::agent::DEFAULT_SOCKET`). The SDK has
+/// no such default; the command line keeps one for convenience.
+pub(crate) const DEFAULT_AGENT_SOCKET: &str = "unix:///tmp/writ/agent.sock";
 
 /// The Workload API socket flag every `writ api` command takes.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct AgentSocket {
     /// Workload API socket (`unix:///path` or a path).
-    #[arg(long = "socket", env = ENDPOINT_ENV, default_value = DEFAULT_ENDPOINT)]
+    #[arg(long = "socket", env = ENDPOINT_ENV, default_value = DEFAULT_AGENT_SOCKET)]
     pub(crate) endpoint: String,
 }
 
@@ -366,4 +369,15 @@ async fn spawn(
         Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         None => ExitCode::from(128),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_default_socket_is_the_agents() {
+        assert_eq!(
+            super::DEFAULT_AGENT_SOCKET,
+            format!("unix://{}", writ_identity::agent::DEFAULT_SOCKET)
+        );
+    }
 }

@@ -10,7 +10,6 @@ use serde_json::Value;
 use writ_identity::spiffe_id::SpiffeId;
 use writ_sdk::exchange::{ExchangeError, TxnClient, TxnRequest};
 use writ_sdk::oauth::TokenType;
-use writ_sdk::tls::Authorizer;
 use writ_sdk::workload::X509Source;
 
 use writ_identity::server::config::toml_error_line;
@@ -145,12 +144,16 @@ pub(crate) async fn exchange(args: ExchangeArgs) -> anyhow::Result<ExitCode> {
         .await
         .map_err(|e| explain_no_identity(e.into()))?;
     let client = match &args.server_id {
-        Some(id) => TxnClient::with_server(
+        Some(id) => TxnClient::new(
             &source,
             &args.url,
-            Authorizer::id(SpiffeId::new(id).context("--server-id")?),
+            SpiffeId::new(id).context("--server-id")?,
         )?,
-        None => TxnClient::new(&source, &args.url)?,
+        // The command's documented default: without `--server-id`, any server SVID of
+        // the own trust domain (the SDK offers this only as a dangerous option).
+        None => TxnClient::builder(&source, &args.url)
+            .dangerous()
+            .accept_any_member_of(source.spiffe_id().trust_domain())?,
     };
     let mut request = TxnRequest::new(token, args.subject_token_type);
     if let Some(scope) = args.scope {

@@ -9,10 +9,12 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use writ_tests::env::workspace_root;
+
 use crate::common::{Server, WRIT, start_agent, uid};
 
 fn workspace_file(name: &str) -> String {
-    let path = writ_tests::env::workspace_root().join(name);
+    let path = workspace_root().join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -131,7 +133,7 @@ fn every_writ_command_in_the_readme_and_guides_exists() {
 
 /// README.md and every docs/*.md.
 fn docs() -> Vec<String> {
-    let dir = writ_tests::env::workspace_root().join("docs");
+    let dir = workspace_root().join("docs");
     let mut out: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
