@@ -23,6 +23,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::jwks::error_chain;
 use crate::oauth::{GRANT_TYPE_TOKEN_EXCHANGE, TokenType};
 use writ_spiffe::spiffe_id::{SpiffeId, TrustDomain};
 
@@ -336,14 +337,4 @@ impl TxnClient {
     }
 }
 
-/// An error and its sources on one line (TLS alerts hide in the sources).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+

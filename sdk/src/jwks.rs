@@ -124,8 +124,8 @@ pub async fn fetch(
     }
 }
 
-/// An error and its sources on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and its sources on one line (TLS alerts hide in the sources).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -12,8 +12,8 @@
 //! Every change through the mutating methods bumps the sequence number.
 //!
 //! ```
-//! use writ_identity::bundle::Bundle;
-//! use writ_identity::spiffe_id::TrustDomain;
+//! use writ_spiffe::bundle::Bundle;
+//! use writ_spiffe::spiffe_id::TrustDomain;
 //! let td = TrustDomain::new("example.org")?;
 //! let bundle = Bundle::new(td.clone());
 //! let json = bundle.to_json();

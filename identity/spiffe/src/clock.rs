@@ -3,7 +3,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use writ_identity::clock::{Clock, ManualClock};
+//! use writ_spiffe::clock::{Clock, ManualClock};
 //! let clock = ManualClock::new(std::time::UNIX_EPOCH + Duration::from_secs(1_000));
 //! clock.advance(Duration::from_secs(60));
 //! assert_eq!(clock.unix_seconds(), 1_060);

@@ -25,7 +25,7 @@
 //! use writ_spiffe::spiffe_id::{SpiffeId, TrustDomain};
 //!
 //! let id = SpiffeId::new("spiffe://example.org/agents/planner")?;
-//! assert_eq!(id.trust_domain(), &TrustDomain::new("example.org")?);
+//! assert_eq!(id.trust_domain(), TrustDomain::new("example.org")?);
 //! assert_eq!(id.path(), "/agents/planner");
 //! # Ok::<(), writ_spiffe::spiffe_id::SpiffeIdError>(())
 //! ```

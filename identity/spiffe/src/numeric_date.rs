@@ -11,7 +11,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use writ_identity::numeric_date::{TimeClaims, TimeError, TimeWindow};
+//! use writ_spiffe::numeric_date::{TimeClaims, TimeError, TimeWindow};
 //! let window = TimeWindow::new(Duration::from_secs(30), Duration::from_secs(3600));
 //! let now = 1_800_000_000;
 //! let ok = TimeClaims { exp: now + 300, iat: Some(now), nbf: None };

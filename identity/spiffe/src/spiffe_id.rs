@@ -9,11 +9,11 @@
 //! - no query, fragment or percent-encoding; at most 2048 bytes in all.
 //!
 //! ```
-//! use writ_identity::spiffe_id::SpiffeId;
+//! use writ_spiffe::spiffe_id::SpiffeId;
 //! let id = SpiffeId::new("spiffe://example.org/agents/planner")?;
 //! assert_eq!(id.trust_domain().as_str(), "example.org");
 //! assert_eq!(id.path(), "/agents/planner");
-//! # Ok::<(), writ_identity::spiffe_id::SpiffeIdError>(())
+//! # Ok::<(), writ_spiffe::spiffe_id::SpiffeIdError>(())
 //! ```
 
 use std::fmt;

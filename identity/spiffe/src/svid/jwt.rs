@@ -11,8 +11,8 @@
 //! injected [`crate::clock::Clock`].
 //!
 //! ```no_run
-//! use writ_identity::bundle::BundleSet;
-//! use writ_identity::svid::jwt;
+//! use writ_spiffe::bundle::BundleSet;
+//! use writ_spiffe::svid::jwt;
 //! # fn demo(token: &str, bundles: BundleSet) -> Result<(), jwt::JwtSvidError> {
 //! let svid = jwt::validate(token, &["tool-server"], &bundles, std::time::SystemTime::now())?;
 //! println!("caller is {}", svid.spiffe_id);

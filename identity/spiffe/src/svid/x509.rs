@@ -6,8 +6,8 @@
 //! leaf rules and the chain up to the trust domain's bundle.
 //!
 //! ```no_run
-//! use writ_identity::bundle::BundleSet;
-//! use writ_identity::svid::x509;
+//! use writ_spiffe::bundle::BundleSet;
+//! use writ_spiffe::svid::x509;
 //! # fn demo(chain: Vec<Vec<u8>>, bundles: BundleSet) -> Result<(), x509::X509SvidError> {
 //! let svid = x509::validate(&chain, &bundles, std::time::SystemTime::now())?;
 //! println!("peer is {}", svid.spiffe_id);
