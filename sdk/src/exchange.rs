@@ -336,5 +336,3 @@ impl TxnClient {
         self.exchange(request).await
     }
 }
-
-

@@ -398,9 +398,7 @@ async fn client_refuses_a_server_its_authorizer_does_not_accept() {
 async fn server_refuses_an_svid_of_another_trust_domain() {
     let mut mesh = Mesh::start().await;
     let client = mesh.presenting(foreign_svid());
-    mesh.echo
-        .assert_refused(&client, "UnknownIssuer")
-        .await;
+    mesh.echo.assert_refused(&client, "UnknownIssuer").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,7 +418,9 @@ async fn server_refuses_an_expired_svid_from_the_trust_domain_ca() {
     // which the stack's CA (on `SystemClock`) minted it by.
     tokio::time::sleep(wait).await;
     let client = mesh.presenting(rustls_parts(&expired));
-    mesh.echo.assert_refused(&client, "certificate expired").await;
+    mesh.echo
+        .assert_refused(&client, "certificate expired")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -452,11 +452,8 @@ async fn authorizer_any_admits_every_verified_svid_and_nothing_else() {
     }
     let trusting = source(&stack, CLIENT).await;
     let (chain, key) = foreign_svid();
-    echo.assert_refused(
-        &client_presenting(&trusting, chain, key),
-        "UnknownIssuer",
-    )
-    .await;
+    echo.assert_refused(&client_presenting(&trusting, chain, key), "UnknownIssuer")
+        .await;
     let (chain, key) = dns_only_cert();
     echo.assert_refused(
         &client_presenting(&trusting, chain, key),
