@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use crate::selector::Selector;
 
+pub mod cgroup;
 pub mod unix;
 
 pub use unix::{
