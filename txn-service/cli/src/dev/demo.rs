@@ -28,8 +28,10 @@ macro_rules! say {
     }};
 }
 
-/// The example programs (`writ_examples::roles`).
-pub const PROGRAMS: [&str; 4] = ["gateway", "planner", "sub_agent", "tool_server"];
+/// The example programs' names (`writ_examples::roles`).
+fn programs() -> impl Iterator<Item = &'static str> {
+    writ_examples::roles::ALL.iter().map(|(name, _)| *name)
+}
 
 /// The role a program started as `argv0` runs, if its file name is a role's.
 pub fn role_of_program(
@@ -60,7 +62,7 @@ pub enum DemoError {
     /// The example programs are missing from `--bin-dir`.
     #[error(
         "the example programs ({}) are not in {dir}: build them with `cargo build --release -p writ-examples`, or leave out --bin-dir",
-        PROGRAMS.join(", ")
+        programs().collect::<Vec<_>>().join(", ")
     )]
     Programs {
         /// Where they were looked for.
@@ -124,7 +126,7 @@ impl Outcome {
 /// # Errors
 /// [`DemoError::Programs`] if one is missing.
 pub fn locate_programs(bin_dir: &Path) -> Result<PathBuf, DemoError> {
-    if PROGRAMS.iter().all(|p| bin_dir.join(p).is_file()) {
+    if programs().all(|p| bin_dir.join(p).is_file()) {
         Ok(bin_dir.to_path_buf())
     } else {
         Err(DemoError::Programs {
@@ -146,7 +148,7 @@ pub fn stage_programs(dir: &Path) -> Result<PathBuf, DemoError> {
     };
     let exe = std::env::current_exe().map_err(|e| fail(format!("this binary: {e}")))?;
     writ_identity::key_manager::create_private_dir(dir).map_err(|e| fail(e.to_string()))?;
-    for program in PROGRAMS {
+    for program in programs() {
         let target = dir.join(program);
         if std::fs::hard_link(&exe, &target).is_err() {
             std::fs::copy(&exe, &target).map_err(|e| fail(format!("{program}: {e}")))?;
