@@ -1,9 +1,13 @@
 //! The deployment examples and every configuration snippet in the docs, checked against
 //! the real code, so that none of them can drift from it:
 //!
-//! - every YAML file under `examples/deploy/` parses (all its documents) and together
-//!   they hold the Kubernetes objects `docs/deployment.md` describes; the workloads'
-//!   volumes, mounts, ConfigMaps and claims refer to each other consistently;
+//! - every YAML file under `examples/deploy/kubernetes/` parses (all its documents) and
+//!   together they hold the Kubernetes objects `docs/deployment.md` describes; the
+//!   workloads' volumes, mounts, ConfigMaps and claims refer to each other consistently;
+//! - the Compose file `examples/deploy/compose/compose.yaml` runs real `writ` command
+//!   lines, mounts configuration files that exist, and its `entries.json` is what
+//!   `writ entry create --data` reads (the Compose example itself runs in
+//!   `txn-service/cli/tests/suite/compose.rs`, with Docker);
 //! - every TOML file under `examples/deploy/` and `examples/config/`, and every TOML a
 //!   ConfigMap embeds (data keys ending `.toml`), loads through the loader that
 //!   `writ server|agent|txn run` uses;
@@ -11,7 +15,8 @@
 //!   it is (`# server.toml`, `# agent.toml`, `# txn.toml`, `# policy`) and loads through
 //!   that loader;
 //! - every command line the deployment runs (systemd `ExecStart=`, the Dockerfile's
-//!   `ENTRYPOINT` + `CMD`, the Kubernetes containers and their exec probes) parses with
+//!   `ENTRYPOINT` + `CMD`, the Compose services and their health checks, the Kubernetes
+//!   containers and their exec probes) parses with
 //!   the `writ` binary's own clap definition, `writ_cli::cli::Cli`;
 //! - the paths in each configuration are the directories the systemd unit or the pod
 //!   provides.
@@ -45,6 +50,8 @@ use writ_txn_service::policy::Policy;
 /// ConfigMaps the manifests mount but do not define: the operator creates them from the
 /// running server (`docs/deployment.md`).
 const OPERATOR_CONFIGMAPS: &[&str] = &["writ-bundle"];
+/// Kinds of object that live in no namespace.
+const CLUSTER_SCOPED: &[&str] = &["Namespace", "ClusterRole", "ClusterRoleBinding"];
 /// The namespace every namespaced object lives in.
 const NAMESPACE: &str = "writ";
 
@@ -239,10 +246,10 @@ fn socket_path(endpoint: &str) -> PathBuf {
 // YAML manifests.
 // ---------------------------------------------------------------------------------------
 
-/// Every document of every YAML file under `examples/deploy/`, with its file.
+/// Every document of every YAML file under `examples/deploy/kubernetes/`, with its file.
 fn manifests() -> Vec<(PathBuf, Value)> {
-    let files = files_under(&deploy_dir(), &[".yaml", ".yml"]);
-    assert!(!files.is_empty(), "no YAML under examples/deploy/");
+    let files = files_under(&deploy_dir().join("kubernetes"), &[".yaml", ".yml"]);
+    assert!(!files.is_empty(), "no YAML under examples/deploy/kubernetes/");
     let mut out = Vec::new();
     for path in files {
         let text = read(&path);
@@ -350,7 +357,7 @@ fn manifests_parse_and_hold_every_kind() {
             names.insert((kind.to_owned(), name.to_owned())),
             "{file}: {kind} {name} is defined twice"
         );
-        if kind != "Namespace" {
+        if !CLUSTER_SCOPED.contains(&kind) {
             assert_eq!(
                 str_at(doc, &["metadata", "namespace"]),
                 Some(NAMESPACE),
@@ -968,8 +975,10 @@ fn systemd_units_run_real_commands_with_their_directories() {
 // ---------------------------------------------------------------------------------------
 
 struct Dockerfile {
-    /// `RUN` lines of every stage, continuations joined.
-    runs: Vec<String>,
+    /// `FROM` of every stage.
+    froms: Vec<String>,
+    /// `COPY` lines of the final stage.
+    copies: Vec<String>,
     entrypoint: Vec<String>,
     cmd: Vec<String>,
 }
@@ -977,7 +986,8 @@ struct Dockerfile {
 fn dockerfile() -> Dockerfile {
     let path = deploy_dir().join("docker/Dockerfile");
     let mut out = Dockerfile {
-        runs: Vec::new(),
+        froms: Vec::new(),
+        copies: Vec::new(),
         entrypoint: Vec::new(),
         cmd: Vec::new(),
     };
@@ -1002,10 +1012,12 @@ fn dockerfile() -> Dockerfile {
         match word.to_ascii_uppercase().as_str() {
             // A new stage starts over.
             "FROM" => {
+                out.froms.push(rest.trim().to_owned());
+                out.copies.clear();
                 out.entrypoint.clear();
                 out.cmd.clear();
             }
-            "RUN" => out.runs.push(rest.to_owned()),
+            "COPY" => out.copies.push(rest.trim().to_owned()),
             "ENTRYPOINT" => out.entrypoint = exec_form(rest),
             "CMD" => out.cmd = exec_form(rest),
             _ => {}
@@ -1015,14 +1027,23 @@ fn dockerfile() -> Dockerfile {
 }
 
 #[test]
-fn dockerfile_builds_writ_and_runs_a_real_command() {
+fn dockerfile_builds_offline_from_the_context_script_and_runs_a_real_command() {
     let docker = dockerfile();
-    assert!(
-        docker.runs.iter().any(|r| r.contains("cargo build")
-            && r.contains("-p writ-cli")
-            && r.contains("--bin writ")),
-        "the build stage builds the writ binary"
-    );
+    // No registry is needed: one stage FROM scratch, whose files context.sh prepares.
+    assert_eq!(docker.froms, ["scratch"], "one stage, FROM scratch");
+    let script = read(&deploy_dir().join("docker/context.sh"));
+    for copy in &docker.copies {
+        let source = copy
+            .split_whitespace()
+            .find(|w| !w.starts_with("--"))
+            .expect("COPY has a source");
+        let dir = source.trim_end_matches('/');
+        assert!(
+            script.contains(&format!("$out/{dir}")),
+            "COPY {source}: context.sh does not make {dir}/"
+        );
+    }
+    assert!(script.contains("ldd"), "context.sh copies the libraries");
     let mut argv = docker.entrypoint.clone();
     argv.extend(docker.cmd.clone());
     let words = parse_writ(&argv, "Dockerfile ENTRYPOINT + CMD");
@@ -1034,4 +1055,72 @@ fn dockerfile_builds_writ_and_runs_a_real_command() {
             .join(Path::new(&config).file_name().unwrap())
             .is_file()
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// The Compose example.
+// ---------------------------------------------------------------------------------------
+
+/// `${NAME:-default}` in a Compose string, replaced by the default (as Compose does
+/// when the variable is unset).
+fn compose_defaults(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let inner = &rest[start + 2..];
+        let end = inner.find('}').expect("closing brace");
+        let default = inner[..end].split_once(":-").map_or("", |(_, d)| d);
+        out.push_str(default);
+        rest = &inner[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn compose_services_run_real_commands_and_mount_files_that_exist() {
+    let dir = deploy_dir().join("compose");
+    let text = compose_defaults(&read(&dir.join("compose.yaml")));
+    let compose: Value = serde_norway::from_str(&text).expect("compose.yaml is YAML");
+    let services = at(&compose, &["services"])
+        .and_then(Value::as_mapping)
+        .expect("services");
+    let mut words_seen = BTreeSet::new();
+    for (name, service) in services {
+        let name = name.as_str().unwrap();
+        let strings = |v: &[Value]| -> Vec<String> {
+            v.iter().map(|s| s.as_str().unwrap().to_owned()).collect()
+        };
+        let mut argv = image_entrypoint();
+        argv.extend(strings(seq(service, &["command"])));
+        let words = parse_writ(&argv, &format!("compose service {name}"));
+        words_seen.insert(words.join(" "));
+        let check = strings(seq(service, &["healthcheck", "test"]));
+        if let Some(("CMD", probe)) = check.split_first().map(|(a, b)| (a.as_str(), b)) {
+            parse_writ(probe, &format!("compose service {name}: healthcheck"));
+        }
+        for volume in seq(service, &["volumes"]) {
+            let source = volume.as_str().unwrap().split(':').next().unwrap();
+            if source.starts_with("./") && !source.ends_with("/demo") {
+                assert!(
+                    dir.join(source).exists(),
+                    "compose service {name} mounts {source}, which does not exist"
+                );
+            }
+        }
+    }
+    for expected in [
+        "server run",
+        "token generate",
+        "entry create",
+        "agent run",
+        "txn run",
+        "exchange",
+    ] {
+        assert!(
+            words_seen.contains(expected),
+            "no compose service runs `writ {expected}`: {words_seen:?}"
+        );
+    }
 }

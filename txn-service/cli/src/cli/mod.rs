@@ -14,7 +14,7 @@ mod server;
 mod svid;
 mod txn;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -93,6 +93,12 @@ enum TokenCommand {
         /// Lifetime, e.g. 10m (default: the server's, 10m).
         #[arg(long, value_parser = parse_ttl)]
         ttl: Option<u64>,
+        /// Also write what an agent needs to join into this directory: `join-token`
+        /// (0600) and the trust bundle `bundle.pem` (for `writ agent run
+        /// --join-token-file DIR/join-token --trust-bundle DIR/bundle.pem`). The token is
+        /// then not printed.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
         #[command(flatten)]
         output: OutputArg,
     },
@@ -112,6 +118,29 @@ impl ServerSocket {
             .await
             .with_context(|| format!("cannot reach the server at {}", self.path.display()))
     }
+}
+
+/// The join token's file in `writ token generate --out-dir`.
+const JOIN_TOKEN_FILE: &str = "join-token";
+/// The trust bundle's file in `writ token generate --out-dir`.
+const BUNDLE_FILE: &str = "bundle.pem";
+
+/// Writes `join-token` (0600) and `bundle.pem` into `dir` (made if missing), each
+/// atomically, so an agent waiting for them never reads half a file.
+fn write_join_files(dir: &Path, token: &str, bundle_pem: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let write = |name: &str, data: &[u8]| {
+        let path = dir.join(name);
+        writ_identity::key_manager::write_secret_file(&path, data)
+            .with_context(|| format!("cannot write {}", path.display()))
+    };
+    write(JOIN_TOKEN_FILE, format!("{token}\n").as_bytes())?;
+    write(BUNDLE_FILE, bundle_pem.as_bytes())?;
+    // The bundle is public; the agent may run as another user than this command.
+    let bundle = dir.join(BUNDLE_FILE);
+    std::fs::set_permissions(&bundle, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .with_context(|| format!("cannot make {} readable", bundle.display()))?;
+    Ok(())
 }
 
 /// Parses a TTL flag (`90`, `90s`, `5m`, `1h`) into seconds.
@@ -152,6 +181,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Token(TokenCommand::Generate {
                 server,
                 ttl,
+                out_dir,
                 output,
             }) => {
                 let mut client = server.connect().await?;
@@ -162,7 +192,27 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .await
                     .map_err(status)?
                     .into_inner();
-                if output.json() {
+                if let Some(dir) = out_dir {
+                    let bundle = client
+                        .get_bundle(writ_identity::proto::admin::GetBundleRequest {})
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    write_join_files(&dir, &token.token, &bundle.pem)?;
+                    let token_sha256 = writ_identity::fingerprint::token(&token.token);
+                    if output.json() {
+                        out::json(&serde_json::json!({
+                            "dir": dir.display().to_string(),
+                            "token_sha256": token_sha256,
+                        }))?;
+                    } else {
+                        outln!(
+                            "Wrote {} and {} (token sha256 {token_sha256})",
+                            dir.join(JOIN_TOKEN_FILE).display(),
+                            dir.join(BUNDLE_FILE).display()
+                        )?;
+                    }
+                } else if output.json() {
                     out::json(&serde_json::json!({ "token": token.token }))?;
                 } else {
                     outln!("Token: {}", token.token)?;
