@@ -18,7 +18,7 @@ use writ_identity::attest::workload::{
 };
 use writ_tests::docker::Daemon;
 
-use crate::common::WRIT;
+use crate::common::{Agent, Server, WRIT, agent_cmd, join_token_and_bundle};
 
 /// The image holding the `writ` binary, built once per test process.
 fn writ_image(docker: &Daemon) -> &'static str {
@@ -130,10 +130,10 @@ impl Drop for Dev {
     }
 }
 
-/// `writ api fetch x509` in a new container labelled `app=<app>`: (success, stdout,
-/// stderr).
-fn fetch_in_container(docker: &Daemon, dev: &Dev, app: &str) -> (bool, String, String) {
-    let mount = format!("{}:/run/writ", dev.dir.display());
+/// `writ api fetch x509` in a new container labelled `app=<app>`, with `socket_dir` (which
+/// holds `agent.sock`) mounted at `/run/writ`: (success, stdout, stderr).
+fn fetch_in_container(docker: &Daemon, socket_dir: &Path, app: &str) -> (bool, String, String) {
+    let mount = format!("{}:/run/writ", socket_dir.display());
     let label = format!("app={app}");
     let args = [
         "run",
@@ -158,6 +158,29 @@ fn fetch_in_container(docker: &Daemon, dev: &Dev, app: &str) -> (bool, String, S
     .unwrap()
 }
 
+/// As [`fetch_in_container`], retried until it succeeds (the agent learns new entries
+/// from the server within a few seconds), failing after a minute.
+fn fetch_until_issued(
+    docker: &Daemon,
+    socket_dir: &Path,
+    app: &str,
+    log: impl Fn() -> String,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, out, err) = fetch_in_container(docker, socket_dir, app);
+        if ok {
+            return out;
+        }
+        assert!(
+            Instant::now() < deadline && err.contains("no identity issued"),
+            "container {app}: {out}\n{err}\nagent log:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 #[test]
 fn containers_get_the_identity_of_their_labels() {
     let Some(docker) = writ_tests::docker::daemon() else {
@@ -174,22 +197,92 @@ fn containers_get_the_identity_of_their_labels() {
     dev.entry("spiffe://example.org/app-b", "docker:label:app:b");
     writ_image(docker);
 
-    let (ok, out, err) = fetch_in_container(docker, &dev, "a");
-    assert!(ok, "container a: {out}\n{err}\nagent log:\n{}", dev.log());
+    let out = fetch_until_issued(docker, &dev.dir, "a", || dev.log());
     assert!(out.contains("spiffe://example.org/app-a"), "{out}");
     assert!(!out.contains("app-b"), "{out}");
 
-    let (ok, out, err) = fetch_in_container(docker, &dev, "b");
-    assert!(ok, "container b: {out}\n{err}");
+    let out = fetch_until_issued(docker, &dev.dir, "b", || dev.log());
     assert!(out.contains("spiffe://example.org/app-b"), "{out}");
     assert!(!out.contains("app-a"), "{out}");
 
     // Labels no entry names: nothing issued.
-    let (ok, out, err) = fetch_in_container(docker, &dev, "c");
+    let (ok, out, err) = fetch_in_container(docker, &dev.dir, "c");
     assert!(!ok, "container c got an identity: {out}");
     assert!(err.contains("no identity issued"), "{err}");
     // The agent logged the docker selectors it saw for c.
     assert!(dev.log().contains("docker:label:app:c"), "{}", dev.log());
+}
+
+/// The production path: `writ server run`, and `writ agent run` whose `agent.toml` turns
+/// the docker attestor on (with the test daemon's socket).
+#[test]
+fn writ_agent_run_turns_docker_on_by_config() {
+    let Some(docker) = writ_tests::docker::daemon() else {
+        return;
+    };
+    let server = Server::start();
+    let dir = server.dir.path();
+    let token = join_token_and_bundle(&server);
+    let socket_dir = dir.join("run");
+    let socket = socket_dir.join("agent.sock");
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[workload_attestors.docker]\nsocket_path = \"{}\"\ntimeout = \"2s\"\n",
+            docker.host()
+        ),
+    )
+    .unwrap();
+    let log = dir.join("agent.log");
+    let _agent = Agent(
+        agent_cmd(
+            &server,
+            &token,
+            &dir.join("agent"),
+            &socket,
+            &dir.join("bundle.pem"),
+        )
+        .arg("--config")
+        .arg(&config)
+        .env("WRIT_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap(),
+    );
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !read_log().contains("Workload API on") {
+        assert!(
+            Instant::now() < deadline,
+            "agent did not come up:\n{}",
+            read_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        read_log().contains("docker workload attestor on"),
+        "{}",
+        read_log()
+    );
+    let agent_id = format!("spiffe://example.org/writ/agent/join_token/{token}");
+    server.ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/agent-app-a",
+        "--parent-id",
+        &agent_id,
+        "--selector",
+        "docker:label:app:a",
+    ]);
+    writ_image(docker);
+    let out = fetch_until_issued(docker, &socket_dir, "a", read_log);
+    assert!(out.contains("spiffe://example.org/agent-app-a"), "{out}");
+    let (ok, out, err) = fetch_in_container(docker, &socket_dir, "b");
+    assert!(!ok, "container b got an identity: {out}");
+    assert!(err.contains("no identity issued"), "{err}");
 }
 
 fn attestor(docker: &Daemon) -> DockerAttestor {
