@@ -248,6 +248,23 @@ mod tests {
         assert_eq!(container_info(&format!("0::/docker/{ID}")).pod_uid, None);
     }
 
+    proptest::proptest! {
+        /// Any text: no panic, and an ID found is 64 lowercase hex digits that the text
+        /// holds.
+        #[test]
+        fn any_text_gives_a_real_id_or_none(text in "(([0-9]{1,2}:[a-z,=]{0,12}:)?(/((docker-|crio-|libpod-|cri-containerd-|crio-conmon-)?[0-9a-fA-F]{62,66}(\\.scope)?|[a-z0-9_.@-]{0,20})){0,5}\n?){0,6}") {
+            if let Some(id) = container_info(&text).container_id {
+                proptest::prop_assert!(is_container_id(&id));
+                proptest::prop_assert!(text.contains(&id));
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_do_not_panic(text in ".{0,400}") {
+            let _ = container_info(&text);
+        }
+    }
+
     #[test]
     fn garbage_names_no_container() {
         for lines in [

@@ -835,6 +835,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn in_a_chain_a_down_daemon_leaves_the_other_selectors() {
+        let proc = fake_proc(CALLER.pid);
+        let dir = tempfile::tempdir().unwrap();
+        let unix = Selector::new("unix", "uid:0").unwrap();
+        let chain = super::super::Attestors::new()
+            .with(
+                "unix",
+                Arc::new(super::super::StaticAttestor::new(vec![unix.clone()])),
+            )
+            .with(
+                "docker",
+                Arc::new(attestor(&dir.path().join("absent.sock"), proc.path())),
+            );
+        let got = chain
+            .attest_for(&CALLER, Arc::new(super::super::AllSelectors))
+            .await
+            .unwrap();
+        assert_eq!(got.selectors, [unix]);
+    }
+
+    #[tokio::test]
     async fn a_daemon_that_never_answers_costs_one_timeout() {
         let proc = fake_proc(CALLER.pid);
         let dir = tempfile::tempdir().unwrap();
