@@ -52,7 +52,9 @@
 //! logged), at most [`MAX_ENV_ALLOW`] allowed variable names, and a label or variable
 //! whose selector would be longer than [`crate::selector::MAX_VALUE_LEN`] or hold a
 //! control character is left out and logged. At most [`MAX_CACHED_CONTAINERS`]
-//! containers are cached.
+//! containers are cached, and at most [`MAX_ENV_ALLOW`] variable selectors are given
+//! per container (a name repeated in `Config.Env` counts each time). The daemon's answer
+//! itself is read whole: the daemon is trusted as root is.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -562,9 +564,11 @@ fn selectors_from_inspect(
     }
     if !env_allow.is_empty() {
         let allowed: HashSet<&str> = env_allow.iter().map(String::as_str).collect();
+        let mut given = 0;
         for var in config.env.iter().flatten() {
             let name = var.split_once('=').map_or(var.as_str(), |(n, _)| n);
-            if allowed.contains(name) {
+            if allowed.contains(name) && given < MAX_ENV_ALLOW {
+                given += 1;
                 push(format!("env:{var}"), &mut out);
             }
         }
