@@ -31,6 +31,13 @@ pub const UNIX_KEYS: &[&str] = &[
     "path",
     "sha256",
 ];
+/// The selector type of the `docker` workload attestor.
+pub const DOCKER_TYPE: &str = "docker";
+/// The keys of `docker` selectors (`docker:label:<key>:<value>`,
+/// `docker:image_id:<image>`, `docker:env:<NAME>=<value>`), as SPIRE writes them.
+pub const DOCKER_KEYS: &[&str] = &["label", "image_id", "env"];
+/// The selector types Writ's attestors produce (for messages that name them).
+pub const KNOWN_TYPES: &[&str] = &[UNIX_TYPE, DOCKER_TYPE, INTERNAL_TYPE];
 /// The selector type of Writ's internal selectors (`writ:dev:self`, which `writ dev`
 /// gives its own process). Only entries Writ makes itself may carry one.
 pub const INTERNAL_TYPE: &str = "writ";
@@ -185,6 +192,11 @@ impl Selector {
                 check_unix_value(key, value).map_err(bad)?;
                 Ok(SelectorType::Known)
             }
+            DOCKER_TYPE => {
+                let (key, value) = self.value.split_once(':').unwrap_or((&self.value, ""));
+                check_docker_value(key, value).map_err(bad)?;
+                Ok(SelectorType::Known)
+            }
             INTERNAL_TYPE => {
                 if !INTERNAL_VALUES.contains(&self.value.as_str()) {
                     return Err(bad(format!(
@@ -239,6 +251,31 @@ fn check_unix_value(key: &str, value: &str) -> Result<(), String> {
         _ => Err(format!(
             "unix selectors are unix:<key>:<value> with key one of {}",
             UNIX_KEYS.join(", ")
+        )),
+    }
+}
+
+/// The shape of `docker:<key>:<value>` as the `docker` attestor writes it, or why not.
+fn check_docker_value(key: &str, value: &str) -> Result<(), String> {
+    match key {
+        "label" => match value.split_once(':') {
+            Some((name, _)) if !name.is_empty() => Ok(()),
+            _ => Err(
+                "docker labels are docker:label:<key>:<value> (the value may be empty)".to_owned(),
+            ),
+        },
+        "image_id" if value.is_empty() => Err("the image is empty".to_owned()),
+        "image_id" => Ok(()),
+        "env" => match value.split_once('=') {
+            Some((name, _)) if !name.is_empty() && !name.contains(':') => Ok(()),
+            _ => Err(
+                "docker environment variables are docker:env:<NAME>=<value>, as SPIRE writes them"
+                    .to_owned(),
+            ),
+        },
+        _ => Err(format!(
+            "docker selectors are docker:<key>:<value> with key one of {}",
+            DOCKER_KEYS.join(", ")
         )),
     }
 }
@@ -323,10 +360,17 @@ mod tests {
             "unix:path:/usr/bin/python3",
             &format!("unix:sha256:{}", "ab01".repeat(16)),
             "writ:dev:self",
+            "docker:label:app:a",
+            "docker:label:com.example.tier:web:1",
+            "docker:label:empty:",
+            "docker:image_id:writ-demo:1",
+            "docker:image_id:sha256:77af4d6b9913",
+            "docker:env:TENANT=acme",
+            "docker:env:EMPTY=",
         ] {
             assert_eq!(check(good), Ok(SelectorType::Known), "{good}");
         }
-        for unknown in ["k8s:ns:default", "docker:label:a:b", "join_token:x"] {
+        for unknown in ["k8s:ns:default", "join_token:x"] {
             assert_eq!(check(unknown), Ok(SelectorType::Unknown), "{unknown}");
         }
         for (bad, why) in [
@@ -342,6 +386,12 @@ mod tests {
             ("unix:1000", "key one of uid, gid"),
             ("unix:pid:1", "key one of"),
             ("writ:dev:other", "writ:dev:self"),
+            ("docker:label:app", "docker:label:<key>:<value>"),
+            ("docker:label::a", "docker:label:<key>:<value>"),
+            ("docker:image_id:", "image is empty"),
+            ("docker:env:TENANT:acme", "<NAME>=<value>"),
+            ("docker:env:=x", "<NAME>=<value>"),
+            ("docker:name:x", "key one of label, image_id, env"),
         ] {
             let err = check(bad).unwrap_err();
             assert!(

@@ -20,6 +20,7 @@
 // The `subagent_probe` binary (a sub-agent the suites spawn) links the SDK.
 use writ_sdk as _;
 
+pub mod docker;
 pub mod env;
 pub mod oidc_provider;
 pub mod python;

@@ -15,6 +15,9 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use crate::attest::workload::docker::{self, DockerAttestorConfig};
+use crate::duration::ConfigDuration;
+
 use super::node_client::{Bootstrap, NodeClientConfig};
 use crate::bundle::Bundle;
 use crate::server::config::ConfigError;
@@ -42,6 +45,33 @@ pub struct FileConfig {
     /// DANGEROUS: trust any server on first contact.
     #[serde(default)]
     pub insecure_bootstrap: bool,
+    /// Workload attestors beside `unix` (which is always on).
+    #[serde(default)]
+    pub workload_attestors: FileWorkloadAttestors,
+}
+
+/// `[workload_attestors]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileWorkloadAttestors {
+    /// `[workload_attestors.docker]`.
+    pub docker: Option<FileDockerAttestor>,
+}
+
+/// `[workload_attestors.docker]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDockerAttestor {
+    /// On unless `false` (the table's presence turns it on).
+    pub enabled: Option<bool>,
+    /// The daemon's Unix socket (default `/var/run/docker.sock`; `unix://` accepted).
+    pub socket_path: Option<PathBuf>,
+    /// Longest time one Docker API call may take (default `2s`).
+    pub timeout: Option<ConfigDuration>,
+    /// Environment variable names given as `docker:env:<NAME>=<value>` selectors
+    /// (default none).
+    #[serde(default)]
+    pub env_allow: Vec<String>,
 }
 
 /// The validated agent configuration.
@@ -51,6 +81,8 @@ pub struct AgentConfig {
     pub node: NodeClientConfig,
     /// Workload API socket.
     pub socket_path: PathBuf,
+    /// The `docker` workload attestor's settings, if it is on.
+    pub docker: Option<DockerAttestorConfig>,
 }
 
 fn value(key: &'static str, reason: impl ToString) -> ConfigError {
@@ -112,8 +144,31 @@ impl TryFrom<FileConfig> for AgentConfig {
             socket_path: file
                 .socket_path
                 .unwrap_or_else(|| PathBuf::from(super::DEFAULT_SOCKET)),
+            docker: docker_config(file.workload_attestors.docker)?,
         })
     }
+}
+
+/// The validated `[workload_attestors.docker]`, or `None` when it is absent or off.
+fn docker_config(
+    file: Option<FileDockerAttestor>,
+) -> Result<Option<DockerAttestorConfig>, ConfigError> {
+    let Some(file) = file.filter(|f| f.enabled != Some(false)) else {
+        return Ok(None);
+    };
+    DockerAttestorConfig {
+        socket_path: file
+            .socket_path
+            .unwrap_or_else(|| PathBuf::from(docker::DEFAULT_SOCKET)),
+        timeout: file
+            .timeout
+            .map_or(docker::DEFAULT_TIMEOUT, ConfigDuration::get),
+        env_allow: file.env_allow,
+        ..DockerAttestorConfig::default()
+    }
+    .validate()
+    .map(Some)
+    .map_err(|e| value("workload_attestors.docker", e))
 }
 
 #[cfg(test)]
@@ -138,6 +193,42 @@ mod tests {
         assert_eq!(config.node.server_address, "127.0.0.1:8081");
         assert_eq!(config.socket_path, PathBuf::from("/tmp/writ/agent.sock"));
         assert!(matches!(config.node.bootstrap, Bootstrap::Bundle(_)));
+        assert_eq!(config.docker, None, "the example leaves docker off");
+    }
+
+    #[test]
+    fn docker_attestor_table() {
+        let load = |extra: &str| {
+            let file: FileConfig =
+                toml::from_str(&format!("insecure_bootstrap = true\n{extra}")).unwrap();
+            AgentConfig::try_from(file)
+        };
+        assert_eq!(load("").unwrap().docker, None);
+        let on = load("[workload_attestors.docker]").unwrap().docker.unwrap();
+        assert_eq!(on, DockerAttestorConfig::default());
+        let set = load(
+            "[workload_attestors.docker]\nsocket_path = \"unix:///run/d.sock\"\ntimeout = \"500ms\"\nenv_allow = [\"TENANT\"]",
+        )
+        .unwrap()
+        .docker
+        .unwrap();
+        assert_eq!(set.socket_path, PathBuf::from("/run/d.sock"));
+        assert_eq!(set.timeout, std::time::Duration::from_millis(500));
+        assert_eq!(set.env_allow, ["TENANT"]);
+        assert_eq!(
+            load("[workload_attestors.docker]\nenabled = false")
+                .unwrap()
+                .docker,
+            None
+        );
+        let err = load("[workload_attestors.docker]\nenv_allow = [\"A=B\"]").unwrap_err();
+        assert!(
+            err.to_string().contains("workload_attestors.docker"),
+            "{err}"
+        );
+        assert!(
+            toml::from_str::<FileConfig>("[workload_attestors.docker]\nsocket = \"/x\"").is_err()
+        );
     }
 
     #[test]

@@ -16,8 +16,41 @@
 //! A nested container (Docker in Docker) is named by its innermost ID. Kubernetes paths
 //! also carry the pod UID (`pod<uid>`, with `_` for `-` in systemd slice names).
 
+use std::path::Path;
+
+use super::AttestError;
+
 /// Length of a container ID in hex digits.
 const ID_LEN: usize = 64;
+
+/// Most bytes read from `/proc/<pid>/cgroup`: a few hundred bytes per hierarchy, a
+/// dozen hierarchies on cgroup v1. A larger file is refused.
+pub const MAX_CGROUP_BYTES: u64 = 64 * 1024;
+
+/// The container of process `pid`, from `<proc_root>/<pid>/cgroup` (read up to
+/// [`MAX_CGROUP_BYTES`]). A process that is not in a container has an empty
+/// [`ContainerInfo`]: that is not an error.
+///
+/// # Errors
+/// [`AttestError::InvalidPid`] for a pid that is not positive, [`AttestError::ProcessGone`]
+/// when the process has exited, [`AttestError::FileTooLarge`] past the limit, and
+/// [`AttestError::Io`] when the file cannot be read.
+pub fn container_of_pid(proc_root: &Path, pid: i32) -> Result<ContainerInfo, AttestError> {
+    if pid <= 0 {
+        return Err(AttestError::InvalidPid { pid });
+    }
+    let path = proc_root.join(pid.to_string()).join("cgroup");
+    let bytes =
+        writ_spiffe::process::read_bounded(&path, MAX_CGROUP_BYTES).map_err(|e| match e {
+            writ_spiffe::process::ProcError::Io { source, .. }
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                AttestError::ProcessGone { pid }
+            }
+            other => AttestError::from(other),
+        })?;
+    Ok(container_info(&String::from_utf8_lossy(&bytes)))
+}
 
 /// What a process's cgroup lines say about its container.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -150,6 +183,59 @@ mod tests {
         }
     }
 
+    /// Lines copied from real processes: a container of Docker 20.10 on a cgroup v1
+    /// host with the cgroupfs driver (this project's CI machine: every hierarchy and the
+    /// `0::` line name the container), and a host process on the same machine.
+    #[test]
+    fn real_lines() {
+        let docker_v1 = "9:name=systemd:/docker/475fb92707b652f3b5095de773bc9d2e86dd2afec1f52f767413bd3294460d98
+8:pids:/docker/475fb92707b652f3b5095de773bc9d2e86dd2afec1f52f767413bd3294460d98
+7:blkio:/docker/475fb92707b652f3b5095de773bc9d2e86dd2afec1f52f767413bd3294460d98
+4:memory:/docker/475fb92707b652f3b5095de773bc9d2e86dd2afec1f52f767413bd3294460d98
+1:cpu:/docker/475fb92707b652f3b5095de773bc9d2e86dd2afec1f52f767413bd3294460d98
+0::/docker/475fb92707b652f3b5095de773bc9d2e86dd2afec1f52f767413bd3294460d98
+";
+        assert_eq!(
+            id(docker_v1).as_deref(),
+            Some("475fb92707b652f3b5095de773bc9d2e86dd2afec1f52f767413bd3294460d98")
+        );
+        let host = "9:name=systemd:/\n8:pids:/\n7:blkio:/\n0::/\n";
+        assert_eq!(id(host), None);
+        // Docker on a systemd cgroup v2 host (Debian 12, docker.io 20.10).
+        let systemd_v2 = format!("0::/system.slice/docker-{ID}.scope\n");
+        assert_eq!(id(&systemd_v2).as_deref(), Some(ID));
+        // Docker's slice form with the systemd driver on cgroup v1.
+        let systemd_v1 = format!("1:name=systemd:/system.slice/docker-{ID}.scope\n");
+        assert_eq!(id(&systemd_v1).as_deref(), Some(ID));
+    }
+
+    #[test]
+    fn container_of_pid_reads_a_bounded_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let proc_dir = dir.path().join("42");
+        std::fs::create_dir(&proc_dir).unwrap();
+        std::fs::write(proc_dir.join("cgroup"), format!("0::/docker/{ID}\n")).unwrap();
+        let info = container_of_pid(dir.path(), 42).unwrap();
+        assert_eq!(info.container_id.as_deref(), Some(ID));
+        assert!(matches!(
+            container_of_pid(dir.path(), 43),
+            Err(AttestError::ProcessGone { pid: 43 })
+        ));
+        assert!(matches!(
+            container_of_pid(dir.path(), 0),
+            Err(AttestError::InvalidPid { pid: 0 })
+        ));
+        let huge = "0::/x\n".repeat(20_000);
+        std::fs::write(proc_dir.join("cgroup"), huge).unwrap();
+        assert!(matches!(
+            container_of_pid(dir.path(), 42),
+            Err(AttestError::FileTooLarge { .. })
+        ));
+        // This test process: read through the real /proc, whatever it holds.
+        let me = i32::try_from(std::process::id()).unwrap();
+        container_of_pid(Path::new("/proc"), me).unwrap();
+    }
+
     #[test]
     fn pod_uids_in_both_driver_shapes() {
         let cgroupfs = container_info(&format!("3:cpu:/kubepods/besteffort/pod{POD}/{ID}"));
@@ -160,6 +246,23 @@ mod tests {
         ));
         assert_eq!(systemd.pod_uid.as_deref(), Some(POD));
         assert_eq!(container_info(&format!("0::/docker/{ID}")).pod_uid, None);
+    }
+
+    proptest::proptest! {
+        /// Any text: no panic, and an ID found is 64 lowercase hex digits that the text
+        /// holds.
+        #[test]
+        fn any_text_gives_a_real_id_or_none(text in "(([0-9]{1,2}:[a-z,=]{0,12}:)?(/((docker-|crio-|libpod-|cri-containerd-|crio-conmon-)?[0-9a-fA-F]{62,66}(\\.scope)?|[a-z0-9_.@-]{0,20})){0,5}\n?){0,6}") {
+            if let Some(id) = container_info(&text).container_id {
+                proptest::prop_assert!(is_container_id(&id));
+                proptest::prop_assert!(text.contains(&id));
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_do_not_panic(text in ".{0,400}") {
+            let _ = container_info(&text);
+        }
     }
 
     #[test]

@@ -24,8 +24,10 @@ use std::sync::Arc;
 use crate::selector::Selector;
 
 pub mod cgroup;
+pub mod docker;
 pub mod unix;
 
+pub use docker::{DockerAttestor, DockerAttestorConfig};
 pub use unix::{
     ProcStat, UnixAttestor, UnixAttestorBuilder, parent_pid, parse_stat, process_start_time,
     read_stat, verify_start_time,
@@ -182,6 +184,15 @@ impl SelectorTypes {
         }
     }
 
+    /// Adds every type of `other`.
+    pub fn extend(&mut self, other: &Self) {
+        if other.all {
+            *self = Self::all();
+        } else if !self.all {
+            self.types.extend(other.types.iter().cloned());
+        }
+    }
+
     /// Whether the set is empty.
     pub fn is_empty(&self) -> bool {
         !self.all && self.types.is_empty()
@@ -193,6 +204,95 @@ impl SelectorTypes {
             return vec!["*".to_owned()];
         }
         self.types.iter().map(|(k, n)| format!("{k}:{n}")).collect()
+    }
+}
+
+/// The attestor chain: named [`WorkloadAttestor`]s run one after another for each
+/// caller, their selectors concatenated. Each one is asked through
+/// [`WorkloadAttestor::attest_for`] with a [`SelectorDemand`] that already knows the
+/// selectors found before it, so a costly attestor (Docker, Kubernetes) is skipped when
+/// no entry that could still match the caller uses its types. The first error fails the
+/// attestation (an attestor that cannot reach its source should give no selectors
+/// rather than fail, as [`docker::DockerAttestor`] does).
+///
+/// ```
+/// use std::sync::Arc;
+/// use writ_identity::attest::workload::{Attestors, UnixAttestor};
+/// let chain = Attestors::new().with("unix", Arc::new(UnixAttestor::default()));
+/// assert_eq!(chain.names(), ["unix"]);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Attestors {
+    list: Vec<(String, Arc<dyn WorkloadAttestor>)>,
+}
+
+impl Attestors {
+    /// An empty chain (it attests every caller with no selectors).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `attestor` under `name` (for logs) at the end of the chain.
+    #[must_use]
+    pub fn with(mut self, name: &str, attestor: Arc<dyn WorkloadAttestor>) -> Self {
+        self.list.push((name.to_owned(), attestor));
+        self
+    }
+
+    /// The names of the attestors, in order.
+    pub fn names(&self) -> Vec<&str> {
+        self.list.iter().map(|(name, _)| name.as_str()).collect()
+    }
+}
+
+/// The demand seen by an attestor in a chain: the caller's demand, with the selectors
+/// the attestors before it found counted as found (and their types as computed).
+#[derive(Debug)]
+struct ChainDemand {
+    inner: Arc<dyn SelectorDemand>,
+    found: Vec<Selector>,
+    computed: SelectorTypes,
+}
+
+impl SelectorDemand for ChainDemand {
+    fn wanted(&self, found: &[Selector], computed: &SelectorTypes) -> SelectorTypes {
+        let mut all = self.found.clone();
+        all.extend_from_slice(found);
+        let mut types = self.computed.clone();
+        types.extend(computed);
+        self.inner.wanted(&all, &types)
+    }
+}
+
+#[async_trait::async_trait]
+impl WorkloadAttestor for Attestors {
+    async fn attest(&self, caller: &Caller) -> Result<Vec<Selector>, AttestError> {
+        let mut selectors = Vec::new();
+        for (_, attestor) in &self.list {
+            selectors.extend(attestor.attest(caller).await?);
+        }
+        Ok(selectors)
+    }
+
+    async fn attest_for(
+        &self,
+        caller: &Caller,
+        demand: Arc<dyn SelectorDemand>,
+    ) -> Result<Attestation, AttestError> {
+        let mut out = Attestation::default();
+        for (_, attestor) in &self.list {
+            // Only the types of selectors found count as computed: an entry that needs a
+            // selector the caller lacks stays a candidate, which can only ask for more.
+            let step = Arc::new(ChainDemand {
+                inner: demand.clone(),
+                computed: SelectorTypes::of(&out.selectors),
+                found: out.selectors.clone(),
+            });
+            let found = attestor.attest_for(caller, step).await?;
+            out.selectors.extend(found.selectors);
+            out.skipped.extend(&found.skipped);
+        }
+        Ok(out)
     }
 }
 
@@ -300,5 +400,117 @@ impl WorkloadAttestor for StaticAttestor {
             .get(&caller.pid)
             .unwrap_or(&self.default)
             .clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sel(s: &str) -> Selector {
+        s.parse().unwrap()
+    }
+
+    /// Wants `docker:*` only from callers with `unix:uid:0` (as an entry
+    /// `unix:uid:0 + docker:label:app:a` would).
+    #[derive(Debug)]
+    struct DockerForRoot;
+    impl SelectorDemand for DockerForRoot {
+        fn wanted(&self, found: &[Selector], computed: &SelectorTypes) -> SelectorTypes {
+            let mut t = SelectorTypes::default();
+            if !computed.contains("unix", "uid") || found.contains(&sel("unix:uid:0")) {
+                t.insert("docker", "label");
+            }
+            t
+        }
+    }
+
+    /// Counts its calls; gives `docker:label:app:a` when asked.
+    #[derive(Debug, Default)]
+    struct Counting(std::sync::atomic::AtomicUsize);
+    #[async_trait::async_trait]
+    impl WorkloadAttestor for Counting {
+        async fn attest(&self, _: &Caller) -> Result<Vec<Selector>, AttestError> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(vec![sel("docker:label:app:a")])
+        }
+        async fn attest_for(
+            &self,
+            caller: &Caller,
+            demand: Arc<dyn SelectorDemand>,
+        ) -> Result<Attestation, AttestError> {
+            if !demand
+                .wanted(&[], &SelectorTypes::default())
+                .contains("docker", "label")
+            {
+                let mut skipped = SelectorTypes::default();
+                skipped.insert("docker", "label");
+                return Ok(Attestation {
+                    selectors: vec![],
+                    skipped,
+                });
+            }
+            Ok(Attestation {
+                selectors: self.attest(caller).await?,
+                skipped: SelectorTypes::default(),
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn chain_concatenates_and_passes_what_it_found() {
+        let caller = Caller {
+            pid: 1,
+            uid: 0,
+            gid: 0,
+        };
+        let docker = Arc::new(Counting::default());
+        let root = Attestors::new()
+            .with(
+                "unix",
+                Arc::new(StaticAttestor::new(vec![sel("unix:uid:0")])),
+            )
+            .with("docker", docker.clone());
+        assert_eq!(root.names(), ["unix", "docker"]);
+        let got = root
+            .attest_for(&caller, Arc::new(DockerForRoot))
+            .await
+            .unwrap();
+        assert_eq!(
+            got.selectors,
+            [sel("unix:uid:0"), sel("docker:label:app:a")]
+        );
+        assert!(got.skipped.is_empty());
+        assert_eq!(docker.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+        // uid 1000 matches no entry that uses docker selectors: docker is not asked.
+        let user = Attestors::new()
+            .with(
+                "unix",
+                Arc::new(StaticAttestor::new(vec![sel("unix:uid:1000")])),
+            )
+            .with("docker", docker.clone());
+        let got = user
+            .attest_for(&caller, Arc::new(DockerForRoot))
+            .await
+            .unwrap();
+        assert_eq!(got.selectors, [sel("unix:uid:1000")]);
+        assert!(got.skipped.contains("docker", "label"));
+        assert_eq!(docker.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+        // attest() asks everyone.
+        assert_eq!(user.attest(&caller).await.unwrap().len(), 2);
+    }
+
+    #[test]
+    fn selector_types_extend() {
+        let mut a = SelectorTypes::default();
+        a.insert("unix", "uid");
+        let mut b = SelectorTypes::default();
+        b.insert("docker", "label");
+        a.extend(&b);
+        assert!(a.contains("docker", "label") && a.contains("unix", "uid"));
+        a.extend(&SelectorTypes::all());
+        assert!(a.contains("k8s", "ns"));
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use writ_identity::agent::config::{AgentConfig, FileConfig};
 use writ_identity::agent::node_client::GrpcNode;
-use writ_identity::attest::workload::UnixAttestor;
+use writ_identity::attest::workload::{Attestors, DockerAttestor, UnixAttestor};
 use writ_identity::proto::admin as pb;
 
 use super::api::AgentSocket;
@@ -187,12 +187,15 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
             let config = AgentConfig::try_from(file)?;
             let node = GrpcNode::connect(config.node.clone()).await?;
             let agent_id = writ_identity::agent::node_api::NodeApi::agent_id(node.as_ref()).clone();
-            let running = writ_identity::agent::start(
-                node,
-                &config.socket_path,
-                Arc::new(UnixAttestor::default()),
-            )
-            .await?;
+            let mut attestors = Attestors::new().with("unix", Arc::new(UnixAttestor::default()));
+            if let Some(docker) = config.docker.clone() {
+                tracing::info!(socket = %docker.socket_path.display(), timeout = ?docker.timeout,
+                    env_allow = ?docker.env_allow, "docker workload attestor on");
+                attestors = attestors.with("docker", Arc::new(DockerAttestor::new(docker)));
+            }
+            tracing::info!(attestors = ?attestors.names(), "workload attestors");
+            let running =
+                writ_identity::agent::start(node, &config.socket_path, Arc::new(attestors)).await?;
             let stop = shutdown_signal();
             out::errln!(
                 "writ agent: {} joined {}; Workload API on unix://{}",

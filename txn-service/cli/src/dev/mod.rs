@@ -36,7 +36,8 @@ use serde::{Deserialize, Serialize};
 use writ_identity::agent::node_api::LocalNode;
 use writ_identity::agent::{self, RunningAgent};
 use writ_identity::attest::workload::{
-    AttestError, Attestation, Caller, SelectorDemand, UnixAttestor, WorkloadAttestor,
+    AttestError, Attestation, Attestors, Caller, DockerAttestor, DockerAttestorConfig,
+    SelectorDemand, UnixAttestor, WorkloadAttestor,
 };
 use writ_identity::clock::{Clock, SystemClock};
 use writ_identity::entry::RegistrationEntry;
@@ -260,7 +261,8 @@ impl Dev {
         ensure_tts_entry(&state, &agent_id, &tts_id).await?;
         let node = Arc::new(LocalNode::new(state.clone(), agent_id.clone()));
         let agent_socket = dir.join("agent.sock");
-        let agent = agent::start(node, &agent_socket, Arc::new(DevAttestor::default()))
+        let attestor = DevAttestor::detect().await;
+        let agent = agent::start(node, &agent_socket, Arc::new(attestor))
             .await
             .map_err(DevError::Agent)?;
         let workload_api = format!("unix://{}", agent_socket.display());
@@ -412,19 +414,59 @@ fn spiffe_id(td: &TrustDomain, path: &str) -> Result<SpiffeId, DevError> {
 /// The selector [`DevAttestor`] adds for the `writ dev` process itself.
 pub const SELF_SELECTOR: &str = "writ:dev:self";
 
-/// The embedded agent's attestor: the `unix` attestor's selectors, plus
-/// [`SELF_SELECTOR`] when the caller is this very process (the kernel's peer credentials
-/// say so, and a live process's pid cannot be reused), so the embedded token service's
-/// entry matches it and nothing else.
-#[derive(Debug, Default)]
+/// The embedded agent's attestor: the attestor chain's selectors (`unix`, and `docker`
+/// when a Docker daemon answers, see [`DevAttestor::detect`]), plus [`SELF_SELECTOR`]
+/// when the caller is this very process (the kernel's peer credentials say so, and a
+/// live process's pid cannot be reused), so the embedded token service's entry matches
+/// it and nothing else.
+#[derive(Debug)]
 pub struct DevAttestor {
-    unix: UnixAttestor,
+    chain: Attestors,
+}
+
+impl Default for DevAttestor {
+    /// The `unix` attestor alone.
+    fn default() -> Self {
+        Self {
+            chain: Attestors::new().with("unix", Arc::new(UnixAttestor::default())),
+        }
+    }
+}
+
+/// How long `writ dev` waits for a Docker daemon to answer a ping at start.
+const DOCKER_PING_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl DevAttestor {
+    /// `unix`, plus `docker` when a Docker socket is reachable (`DOCKER_HOST` if it is
+    /// `unix://...`, else `/var/run/docker.sock`, answering a ping within a second).
+    /// Logs which attestors are on.
+    pub async fn detect() -> Self {
+        let mut dev = Self::default();
+        if let Some(socket) =
+            writ_identity::attest::workload::docker::reachable_socket(DOCKER_PING_TIMEOUT).await
+        {
+            dev.chain = dev.chain.with(
+                "docker",
+                Arc::new(DockerAttestor::new(DockerAttestorConfig {
+                    socket_path: socket,
+                    ..DockerAttestorConfig::default()
+                })),
+            );
+        }
+        tracing::info!(attestors = ?dev.chain.names(), "writ dev: workload attestors");
+        dev
+    }
+
+    /// The names of the attestors on, in order.
+    pub fn names(&self) -> Vec<&str> {
+        self.chain.names()
+    }
 }
 
 #[async_trait::async_trait]
 impl WorkloadAttestor for DevAttestor {
     async fn attest(&self, caller: &Caller) -> Result<Vec<Selector>, AttestError> {
-        let mut selectors = self.unix.attest(caller).await?;
+        let mut selectors = self.chain.attest(caller).await?;
         selectors.extend(self_selector(caller));
         Ok(selectors)
     }
@@ -434,7 +476,7 @@ impl WorkloadAttestor for DevAttestor {
         caller: &Caller,
         demand: Arc<dyn SelectorDemand>,
     ) -> Result<Attestation, AttestError> {
-        let mut found = self.unix.attest_for(caller, demand).await?;
+        let mut found = self.chain.attest_for(caller, demand).await?;
         found.selectors.extend(self_selector(caller));
         Ok(found)
     }

@@ -21,5 +21,6 @@ mod cli_unix;
 mod common;
 mod demo;
 mod dev;
+mod docker;
 mod readme;
 mod trust_domain;
