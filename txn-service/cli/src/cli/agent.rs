@@ -26,6 +26,11 @@ pub(crate) enum AgentCommand {
         /// A join token from `writ token generate` (first start only).
         #[arg(long, env = "WRIT_JOIN_TOKEN")]
         join_token: Option<String>,
+        /// Read the join token from this file (first start only; what `writ token
+        /// generate --out-dir` writes). A missing file is an error only when the agent
+        /// has no SVID yet.
+        #[arg(long, value_name = "FILE", conflicts_with = "join_token")]
+        join_token_file: Option<PathBuf>,
         /// Overrides `server_address`.
         #[arg(long)]
         server_address: Option<String>,
@@ -159,6 +164,7 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
         AgentCommand::Run {
             config,
             join_token,
+            join_token_file,
             server_address,
             trust_domain,
             data_dir,
@@ -176,6 +182,10 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
                         .with_context(|| format!("{}", path.display()))?
                 }
                 None => FileConfig::default(),
+            };
+            let join_token = match join_token_file {
+                Some(path) => read_join_token(&path)?,
+                None => join_token,
             };
             file.join_token = join_token.or(file.join_token);
             file.server_address = server_address.or(file.server_address);
@@ -331,4 +341,30 @@ pub(crate) async fn check_health(endpoint: &str) -> anyhow::Result<()> {
             reason.unwrap_or_else(|| format!("status {}", other.as_str_name()))
         ),
     }
+}
+
+/// Longest join-token file read (a token is a few dozen bytes).
+const MAX_JOIN_TOKEN_FILE_BYTES: u64 = 4096;
+
+/// The join token in `path`, trimmed; `None` when the file does not exist (an agent
+/// that already holds its SVID needs none, and one that does not says so itself).
+fn read_join_token(path: &std::path::Path) -> anyhow::Result<Option<String>> {
+    use std::io::Read as _;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut text = String::new();
+    file.take(MAX_JOIN_TOKEN_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if text.len() as u64 > MAX_JOIN_TOKEN_FILE_BYTES {
+        anyhow::bail!(
+            "{}: longer than {MAX_JOIN_TOKEN_FILE_BYTES} bytes, not a join token",
+            path.display()
+        );
+    }
+    let token = text.trim();
+    Ok((!token.is_empty()).then(|| token.to_owned()))
 }

@@ -12,14 +12,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use writ_tests::docker::Docker;
+use writ_tests::docker::{Daemon, daemon};
 use writ_tests::env::{run_bounded, skip, workspace_root};
 use writ_tests::oidc_provider::Provider;
 
 use crate::common::WRIT;
 
 /// Builds the example's image from the test binary, tagged `tag`.
-fn build_image(docker: &Docker, tag: &str, scratch: &Path) {
+fn build_image(docker: &Daemon, tag: &str, scratch: &Path) {
     let context = scratch.join("image");
     let script = workspace_root().join("examples/deploy/docker/context.sh");
     let (ok, stdout, stderr) = run_bounded(
@@ -28,7 +28,10 @@ fn build_image(docker: &Docker, tag: &str, scratch: &Path) {
     )
     .expect("context.sh ran");
     assert!(ok, "context.sh failed: {stdout}{stderr}");
-    docker.build_image(&context, tag);
+    let context = context.display().to_string();
+    docker
+        .docker(&["build", "-q", "-t", tag, &context])
+        .expect("the example's Dockerfile builds");
 }
 
 /// A free loopback port (bound and released).
@@ -79,7 +82,7 @@ impl Drop for Compose {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_example_comes_up_issues_by_label_and_exchanges_a_token() {
-    let Some(docker) = Docker::start() else {
+    let Some(docker) = daemon() else {
         return;
     };
     let compose_ok = Command::new("docker-compose")
@@ -145,7 +148,7 @@ max_scope = ["read"]
 
     let compose = Compose {
         project: format!("writ-test-{}", std::process::id()),
-        docker_host: docker.host().to_owned(),
+        docker_host: docker.host(),
         env: vec![
             ("WRIT_IMAGE".into(), tag.clone()),
             ("WRIT_NODE_PORT".into(), node_port.to_string()),
@@ -153,7 +156,7 @@ max_scope = ["read"]
             ("WRIT_TXN_CONFIG".into(), txn_toml.display().to_string()),
             ("WRIT_DEMO_DIR".into(), demo_dir.display().to_string()),
             ("WRIT_DEMO_SCOPE".into(), "read".into()),
-            ("DOCKER_SOCKET".into(), docker.socket_path().display().to_string()),
+            ("DOCKER_SOCKET".into(), docker.socket.display().to_string()),
         ],
     };
     let (ok, stdout, stderr) = compose.run(
@@ -197,10 +200,15 @@ max_scope = ["read"]
 
     // Down, volumes included: nothing of the project is left.
     drop(compose);
-    let left = docker.containers_with_label(&format!(
-        "com.docker.compose.project=writ-test-{}",
+    let filter = format!(
+        "label=com.docker.compose.project=writ-test-{}",
         std::process::id()
-    ));
-    assert!(left.is_empty(), "containers left behind: {left:?}");
-    docker.remove_image(&tag);
+    );
+    let left = docker.docker(&["ps", "-aq", "--filter", &filter]).unwrap();
+    assert!(left.is_empty(), "containers left behind: {left}");
+    let volumes = docker
+        .docker(&["volume", "ls", "-q", "--filter", &filter])
+        .unwrap();
+    assert!(volumes.is_empty(), "volumes left behind: {volumes}");
+    docker.docker(&["rmi", &tag]).unwrap();
 }

@@ -19,6 +19,7 @@ mod cli_spawn;
 mod cli_txn;
 mod cli_unix;
 mod common;
+mod compose;
 mod demo;
 mod dev;
 mod docker;
