@@ -21,6 +21,7 @@
 use writ_sdk as _;
 
 pub mod env;
+pub mod k8s;
 pub mod oidc_provider;
 pub mod python;
 

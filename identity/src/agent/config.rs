@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::node_client::{Bootstrap, NodeClientConfig};
+use super::node_client::{Bootstrap, K8sPsatAgentConfig, NodeClientConfig};
 use crate::bundle::Bundle;
 use crate::server::config::ConfigError;
 use crate::spiffe_id::TrustDomain;
@@ -42,6 +42,41 @@ pub struct FileConfig {
     /// DANGEROUS: trust any server on first contact.
     #[serde(default)]
     pub insecure_bootstrap: bool,
+    /// How the agent attests instead of a join token (`[node_attestor.k8s_psat]`).
+    #[serde(default)]
+    pub node_attestor: FileNodeAttestor,
+}
+
+/// `[node_attestor]`: node attestation other than a join token.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileNodeAttestor {
+    /// `[node_attestor.k8s_psat]`: attest with the pod's projected service-account token.
+    pub k8s_psat: Option<FileAgentK8sPsat>,
+}
+
+/// `[node_attestor.k8s_psat]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAgentK8sPsat {
+    /// The cluster name, as the server's `[node_attestors.k8s_psat.clusters.<name>]`.
+    pub cluster: String,
+    /// The token file (default `/var/run/secrets/tokens/writ-agent`).
+    pub token_path: Option<PathBuf>,
+}
+
+impl FileAgentK8sPsat {
+    fn validate(self) -> Result<K8sPsatAgentConfig, ConfigError> {
+        if self.cluster.is_empty() {
+            return Err(value("node_attestor.k8s_psat.cluster", "is empty"));
+        }
+        Ok(K8sPsatAgentConfig {
+            cluster: self.cluster,
+            token_path: self.token_path.unwrap_or_else(|| {
+                PathBuf::from(crate::attest::node::k8s_psat::DEFAULT_TOKEN_PATH)
+            }),
+        })
+    }
 }
 
 /// The validated agent configuration.
@@ -98,8 +133,20 @@ impl TryFrom<FileConfig> for AgentConfig {
         if server_address.is_empty() || server_address.contains('/') {
             return Err(value("server_address", "expected host:port"));
         }
+        let k8s_psat = file
+            .node_attestor
+            .k8s_psat
+            .map(FileAgentK8sPsat::validate)
+            .transpose()?;
+        if k8s_psat.is_some() && file.join_token.is_some() {
+            return Err(value(
+                "node_attestor.k8s_psat",
+                "give a join token or [node_attestor.k8s_psat], not both",
+            ));
+        }
         Ok(Self {
             node: NodeClientConfig {
+                k8s_psat,
                 server_address,
                 trust_domain,
                 data_dir: file
@@ -138,6 +185,30 @@ mod tests {
         assert_eq!(config.node.server_address, "127.0.0.1:8081");
         assert_eq!(config.socket_path, PathBuf::from("/tmp/writ/agent.sock"));
         assert!(matches!(config.node.bootstrap, Bootstrap::Bundle(_)));
+    }
+
+    #[test]
+    fn k8s_psat_node_attestor() {
+        let file: FileConfig = toml::from_str(
+            "insecure_bootstrap = true\n[node_attestor.k8s_psat]\ncluster = \"prod\"",
+        )
+        .unwrap();
+        let c = AgentConfig::try_from(file).unwrap();
+        let psat = c.node.k8s_psat.unwrap();
+        assert_eq!(psat.cluster, "prod");
+        assert_eq!(
+            psat.token_path,
+            PathBuf::from("/var/run/secrets/tokens/writ-agent")
+        );
+        let both: FileConfig = toml::from_str(
+            "insecure_bootstrap = true\njoin_token = \"x\"\n[node_attestor.k8s_psat]\ncluster = \"prod\"",
+        )
+        .unwrap();
+        assert!(AgentConfig::try_from(both).is_err());
+        let empty: FileConfig =
+            toml::from_str("insecure_bootstrap = true\n[node_attestor.k8s_psat]\ncluster = \"\"")
+                .unwrap();
+        assert!(AgentConfig::try_from(empty).is_err());
     }
 
     #[test]

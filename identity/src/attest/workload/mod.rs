@@ -24,6 +24,7 @@ use std::sync::Arc;
 use crate::selector::Selector;
 
 pub mod cgroup;
+pub mod k8s;
 pub mod unix;
 
 pub use unix::{
