@@ -414,7 +414,10 @@ mod tests {
             ("k8s:namespace:default", "key one of ns, sa"),
             ("k8s:ns", "ns value is empty"),
             ("k8s:pod-label:app", "pod-label:<name>:<value>"),
-            ("k8s_psat:agent_node_label::x", "agent_node_label:<name>:<value>"),
+            (
+                "k8s_psat:agent_node_label::x",
+                "agent_node_label:<name>:<value>",
+            ),
             ("k8s_psat:node:x", "key one of cluster"),
         ] {
             let err = check(bad).unwrap_err();

@@ -173,9 +173,12 @@ async fn slow_huge_and_malformed_kubelet_answers_are_refused() {
 
     // Without the right bearer token the kubelet answers 401.
     fixture.set_pods_answer(PodsAnswer::Recorded);
-    let (_, token, _) = fixture.write_files(dir.path());
-    std::fs::write(&token, "wrong").unwrap();
-    let e = attestor
+    let mut config = attestor_config(&fixture, dir.path());
+    config.token_path = dir.path().join("wrong-token");
+    config.max_poll_attempts = 1;
+    std::fs::write(&config.token_path, "wrong").unwrap();
+    let e = K8sAttestor::new(config)
+        .unwrap()
         .attest_cgroup(&checkout_cgroup())
         .await
         .unwrap_err();
@@ -447,4 +450,42 @@ async fn psat_refusals_name_the_reason() {
             .is_none(),
         "nothing issued"
     );
+}
+
+/// Pod-appears-to-identity latency with the kubelet fixture: the pod is hidden from
+/// `/pods` for a varying time after the caller asks; the figure is the time from the
+/// pod's appearance to the selectors, with SPIRE's 500 ms poll interval and with 100 ms.
+/// A figure, not a check:
+/// `cargo test -p writ-identity --test suite k8s::pod_appears_to_identity_latency -- --ignored --nocapture`
+#[tokio::test]
+#[ignore = "a benchmark: prints figures, takes about a minute"]
+async fn pod_appears_to_identity_latency() {
+    let fixture = K8sFixture::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    for interval_ms in [500u64, 100] {
+        let runs = 40u64;
+        let mut latencies = Vec::new();
+        for i in 0..runs {
+            let mut config = attestor_config(&fixture, dir.path());
+            config.poll_retry_interval = Duration::from_millis(interval_ms).into();
+            config.max_poll_attempts = 60;
+            let attestor = K8sAttestor::new(config).unwrap();
+            // Spread the appearance over the poll phase: 50..=550 ms after the ask.
+            let hidden = Duration::from_millis(50 + (i * 97) % 500);
+            let asked = std::time::Instant::now();
+            fixture.hide_pod_for(CHECKOUT_POD_UID, hidden);
+            attestor.attest_cgroup(&checkout_cgroup()).await.unwrap();
+            let latency = asked.elapsed().saturating_sub(hidden);
+            latencies.push(latency);
+            assert!(attestor.stats().waited_attestations == 1);
+        }
+        latencies.sort();
+        let pct = |p: usize| latencies[(latencies.len() * p / 100).min(latencies.len() - 1)];
+        println!(
+            "k8s pod-appears-to-identity, poll every {interval_ms} ms, {runs} runs: p50 {:?}, p99 {:?}, max {:?}",
+            pct(50),
+            pct(99),
+            latencies.last().unwrap()
+        );
+    }
 }
