@@ -9,6 +9,10 @@
 //! [`K8sFixture::mint_psat`] (a token of another fixture is "signed by another cluster"),
 //! refuses expired ones and ones without the asked audience, and otherwise answers the
 //! recorded authenticated review with the token's user, pod and node.
+#![expect(
+    clippy::indexing_slicing,
+    reason = "a test fixture: JSON paths into recorded answers, byte ranges checked by the loop"
+)]
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

@@ -704,8 +704,10 @@ mod tests {
 
     #[tokio::test]
     async fn not_in_a_pod_means_no_selectors() {
-        let mut config = K8sAttestorConfig::default();
-        config.kubelet_read_only_port = Some(1);
+        let config = K8sAttestorConfig {
+            kubelet_read_only_port: Some(1),
+            ..K8sAttestorConfig::default()
+        };
         let a = K8sAttestor::new(config).unwrap();
         // A Docker container (no pod UID) and a host process: no kubelet request made.
         let docker = format!("0::/system.slice/docker-{CONTAINER}.scope\n");
