@@ -37,7 +37,45 @@ pub const DOCKER_TYPE: &str = "docker";
 /// `docker:image_id:<image>`, `docker:env:<NAME>=<value>`), as SPIRE writes them.
 pub const DOCKER_KEYS: &[&str] = &["label", "image_id", "env"];
 /// The selector types Writ's attestors produce (for messages that name them).
-pub const KNOWN_TYPES: &[&str] = &[UNIX_TYPE, DOCKER_TYPE, INTERNAL_TYPE];
+pub const KNOWN_TYPES: &[&str] = &[
+    UNIX_TYPE,
+    DOCKER_TYPE,
+    K8S_TYPE,
+    K8S_PSAT_TYPE,
+    INTERNAL_TYPE,
+];
+/// The selector type of the Kubernetes workload attestor (`k8s:ns:default`).
+pub const K8S_TYPE: &str = "k8s";
+/// The keys of `k8s` selectors (`k8s:<key>:<value>`), as SPIRE names them.
+pub const K8S_KEYS: &[&str] = &[
+    "ns",
+    "sa",
+    "pod-name",
+    "pod-uid",
+    "pod-label",
+    "pod-owner",
+    "pod-owner-uid",
+    "pod-image",
+    "pod-image-count",
+    "pod-init-image",
+    "pod-init-image-count",
+    "container-name",
+    "container-image",
+    "node-name",
+];
+/// The selector type of `k8s_psat` node attestation (`k8s_psat:cluster:prod`).
+pub const K8S_PSAT_TYPE: &str = "k8s_psat";
+/// The keys of `k8s_psat` node selectors, as SPIRE names them.
+pub const K8S_PSAT_KEYS: &[&str] = &[
+    "cluster",
+    "agent_ns",
+    "agent_sa",
+    "agent_pod_name",
+    "agent_pod_uid",
+    "agent_node_name",
+    "agent_node_uid",
+    "agent_node_label",
+];
 /// The selector type of Writ's internal selectors (`writ:dev:self`, which `writ dev`
 /// gives its own process). Only entries Writ makes itself may carry one.
 pub const INTERNAL_TYPE: &str = "writ";
@@ -197,6 +235,10 @@ impl Selector {
                 check_docker_value(key, value).map_err(bad)?;
                 Ok(SelectorType::Known)
             }
+            K8S_TYPE | K8S_PSAT_TYPE => {
+                check_keyed_value(&self.kind, &self.value).map_err(bad)?;
+                Ok(SelectorType::Known)
+            }
             INTERNAL_TYPE => {
                 if !INTERNAL_VALUES.contains(&self.value.as_str()) {
                     return Err(bad(format!(
@@ -278,6 +320,35 @@ fn check_docker_value(key: &str, value: &str) -> Result<(), String> {
             DOCKER_KEYS.join(", ")
         )),
     }
+}
+
+/// The shape of `k8s:<key>:<value>` and `k8s_psat:<key>:<value>`: a known key, a
+/// non-empty value, and for the label keys (`pod-label`, `agent_node_label`) and the
+/// owner keys a non-empty `<name>:` before the value.
+fn check_keyed_value(kind: &str, value: &str) -> Result<(), String> {
+    let keys = if kind == K8S_TYPE {
+        K8S_KEYS
+    } else {
+        K8S_PSAT_KEYS
+    };
+    let (key, rest) = value.split_once(':').unwrap_or((value, ""));
+    if !keys.contains(&key) {
+        return Err(format!(
+            "{kind} selectors are {kind}:<key>:<value> with key one of {}",
+            keys.join(", ")
+        ));
+    }
+    if rest.is_empty() {
+        return Err(format!("the {key} value is empty"));
+    }
+    let two_part = matches!(
+        key,
+        "pod-label" | "pod-owner" | "pod-owner-uid" | "agent_node_label"
+    );
+    if two_part && rest.split_once(':').is_none_or(|(name, _)| name.is_empty()) {
+        return Err(format!("{key} values are {key}:<name>:<value>"));
+    }
+    Ok(())
 }
 
 /// Sorts, removes duplicates and enforces [`MAX_SELECTORS`].
@@ -367,10 +438,14 @@ mod tests {
             "docker:image_id:sha256:77af4d6b9913",
             "docker:env:TENANT=acme",
             "docker:env:EMPTY=",
+            "k8s:ns:default",
+            "k8s:pod-label:app:web",
+            "k8s_psat:cluster:prod",
+            "k8s_psat:agent_node_label:topology.kubernetes.io/zone:a",
         ] {
             assert_eq!(check(good), Ok(SelectorType::Known), "{good}");
         }
-        for unknown in ["k8s:ns:default", "join_token:x"] {
+        for unknown in ["join_token:x", "spiffe_id:spiffe://example.org/x"] {
             assert_eq!(check(unknown), Ok(SelectorType::Unknown), "{unknown}");
         }
         for (bad, why) in [
@@ -392,6 +467,14 @@ mod tests {
             ("docker:env:TENANT:acme", "<NAME>=<value>"),
             ("docker:env:=x", "<NAME>=<value>"),
             ("docker:name:x", "key one of label, image_id, env"),
+            ("k8s:namespace:default", "key one of ns, sa"),
+            ("k8s:ns", "ns value is empty"),
+            ("k8s:pod-label:app", "pod-label:<name>:<value>"),
+            (
+                "k8s_psat:agent_node_label::x",
+                "agent_node_label:<name>:<value>",
+            ),
+            ("k8s_psat:node:x", "key one of cluster"),
         ] {
             let err = check(bad).unwrap_err();
             assert!(

@@ -249,7 +249,10 @@ fn socket_path(endpoint: &str) -> PathBuf {
 /// Every document of every YAML file under `examples/deploy/kubernetes/`, with its file.
 fn manifests() -> Vec<(PathBuf, Value)> {
     let files = files_under(&deploy_dir().join("kubernetes"), &[".yaml", ".yml"]);
-    assert!(!files.is_empty(), "no YAML under examples/deploy/kubernetes/");
+    assert!(
+        !files.is_empty(),
+        "no YAML under examples/deploy/kubernetes/"
+    );
     let mut out = Vec::new();
     for path in files {
         let text = read(&path);

@@ -16,9 +16,10 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use crate::attest::workload::docker::{self, DockerAttestorConfig};
+use crate::attest::workload::k8s::K8sAttestorConfig;
 use crate::duration::ConfigDuration;
 
-use super::node_client::{Bootstrap, NodeClientConfig};
+use super::node_client::{Bootstrap, K8sPsatAgentConfig, NodeClientConfig};
 use crate::bundle::Bundle;
 use crate::server::config::ConfigError;
 use crate::spiffe_id::TrustDomain;
@@ -48,6 +49,9 @@ pub struct FileConfig {
     /// Workload attestors beside `unix` (which is always on).
     #[serde(default)]
     pub workload_attestors: FileWorkloadAttestors,
+    /// How the agent attests instead of a join token (`[node_attestor.k8s_psat]`).
+    #[serde(default)]
+    pub node_attestor: FileNodeAttestor,
 }
 
 /// `[workload_attestors]` as written.
@@ -56,6 +60,8 @@ pub struct FileConfig {
 pub struct FileWorkloadAttestors {
     /// `[workload_attestors.docker]`.
     pub docker: Option<FileDockerAttestor>,
+    /// `[workload_attestors.k8s]`: the node's kubelet names the caller's pod.
+    pub k8s: Option<K8sAttestorConfig>,
 }
 
 /// `[workload_attestors.docker]` as written.
@@ -74,6 +80,38 @@ pub struct FileDockerAttestor {
     pub env_allow: Vec<String>,
 }
 
+/// `[node_attestor]`: node attestation other than a join token.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileNodeAttestor {
+    /// `[node_attestor.k8s_psat]`: attest with the pod's projected service-account token.
+    pub k8s_psat: Option<FileAgentK8sPsat>,
+}
+
+/// `[node_attestor.k8s_psat]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAgentK8sPsat {
+    /// The cluster name, as the server's `[node_attestors.k8s_psat.clusters.<name>]`.
+    pub cluster: String,
+    /// The token file (default `/var/run/secrets/tokens/writ-agent`).
+    pub token_path: Option<PathBuf>,
+}
+
+impl FileAgentK8sPsat {
+    fn validate(self) -> Result<K8sPsatAgentConfig, ConfigError> {
+        if self.cluster.is_empty() {
+            return Err(value("node_attestor.k8s_psat.cluster", "is empty"));
+        }
+        Ok(K8sPsatAgentConfig {
+            cluster: self.cluster,
+            token_path: self.token_path.unwrap_or_else(|| {
+                PathBuf::from(crate::attest::node::k8s_psat::DEFAULT_TOKEN_PATH)
+            }),
+        })
+    }
+}
+
 /// The validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -83,6 +121,8 @@ pub struct AgentConfig {
     pub socket_path: PathBuf,
     /// The `docker` workload attestor's settings, if it is on.
     pub docker: Option<DockerAttestorConfig>,
+    /// The `k8s` workload attestor's settings, if it is on.
+    pub k8s: Option<K8sAttestorConfig>,
 }
 
 fn value(key: &'static str, reason: impl ToString) -> ConfigError {
@@ -130,8 +170,20 @@ impl TryFrom<FileConfig> for AgentConfig {
         if server_address.is_empty() || server_address.contains('/') {
             return Err(value("server_address", "expected host:port"));
         }
+        let k8s_psat = file
+            .node_attestor
+            .k8s_psat
+            .map(FileAgentK8sPsat::validate)
+            .transpose()?;
+        if k8s_psat.is_some() && file.join_token.is_some() {
+            return Err(value(
+                "node_attestor.k8s_psat",
+                "give a join token or [node_attestor.k8s_psat], not both",
+            ));
+        }
         Ok(Self {
             node: NodeClientConfig {
+                k8s_psat,
                 server_address,
                 trust_domain,
                 data_dir: file
@@ -145,6 +197,7 @@ impl TryFrom<FileConfig> for AgentConfig {
                 .socket_path
                 .unwrap_or_else(|| PathBuf::from(super::DEFAULT_SOCKET)),
             docker: docker_config(file.workload_attestors.docker)?,
+            k8s: file.workload_attestors.k8s,
         })
     }
 }
@@ -229,6 +282,48 @@ mod tests {
         assert!(
             toml::from_str::<FileConfig>("[workload_attestors.docker]\nsocket = \"/x\"").is_err()
         );
+    }
+
+    #[test]
+    fn k8s_attestor_table() {
+        let load = |extra: &str| {
+            let file: FileConfig =
+                toml::from_str(&format!("insecure_bootstrap = true\n{extra}")).unwrap();
+            AgentConfig::try_from(file)
+        };
+        assert!(load("").unwrap().k8s.is_none());
+        let k8s =
+            load("[workload_attestors.k8s]\nkubelet_read_only_port = 10255\nnode_name = \"n1\"")
+                .unwrap()
+                .k8s
+                .unwrap();
+        assert_eq!(k8s.kubelet_read_only_port, Some(10255));
+        assert_eq!(k8s.node_name.as_deref(), Some("n1"));
+        assert!(toml::from_str::<FileConfig>("[workload_attestors.k8s]\nkubelet = 1").is_err());
+    }
+
+    #[test]
+    fn k8s_psat_node_attestor() {
+        let file: FileConfig = toml::from_str(
+            "insecure_bootstrap = true\n[node_attestor.k8s_psat]\ncluster = \"prod\"",
+        )
+        .unwrap();
+        let c = AgentConfig::try_from(file).unwrap();
+        let psat = c.node.k8s_psat.unwrap();
+        assert_eq!(psat.cluster, "prod");
+        assert_eq!(
+            psat.token_path,
+            PathBuf::from("/var/run/secrets/tokens/writ-agent")
+        );
+        let both: FileConfig = toml::from_str(
+            "insecure_bootstrap = true\njoin_token = \"x\"\n[node_attestor.k8s_psat]\ncluster = \"prod\"",
+        )
+        .unwrap();
+        assert!(AgentConfig::try_from(both).is_err());
+        let empty: FileConfig =
+            toml::from_str("insecure_bootstrap = true\n[node_attestor.k8s_psat]\ncluster = \"\"")
+                .unwrap();
+        assert!(AgentConfig::try_from(empty).is_err());
     }
 
     #[test]

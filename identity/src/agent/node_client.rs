@@ -78,10 +78,43 @@ pub struct NodeClientConfig {
     pub data_dir: PathBuf,
     /// A join token, needed on first start (or after eviction).
     pub join_token: Option<String>,
+    /// `k8s_psat` node attestation instead of a join token: the agent sends its
+    /// projected service-account token, read fresh from its file at each attestation.
+    pub k8s_psat: Option<K8sPsatAgentConfig>,
     /// How to trust the server on first contact.
     pub bootstrap: Bootstrap,
     /// The time the agent's SVID expiry and renewal schedule are read from.
     pub clock: SharedClock,
+}
+
+/// How a split-mode agent attests with `k8s_psat` (`[node_attestor.k8s_psat]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct K8sPsatAgentConfig {
+    /// The cluster name the server knows this cluster by.
+    pub cluster: String,
+    /// The projected service-account token file (default
+    /// `/var/run/secrets/tokens/writ-agent`); the kubelet rotates it.
+    pub token_path: PathBuf,
+}
+
+/// Largest token file read.
+const MAX_PSAT_FILE: u64 = 64 * 1024;
+
+/// The token in `path` (trimmed), read with a size limit.
+fn read_psat(path: &Path) -> Result<String, AgentError> {
+    let bytes = writ_spiffe::process::read_bounded(path, MAX_PSAT_FILE)
+        .map_err(|e| AgentError::Credentials(format!("k8s_psat token_path: {e}")))?;
+    let token = String::from_utf8(bytes)
+        .map_err(|_| AgentError::Credentials(format!("{}: not UTF-8", path.display())))?
+        .trim()
+        .to_owned();
+    if token.is_empty() {
+        return Err(AgentError::Credentials(format!(
+            "{}: the token file is empty",
+            path.display()
+        )));
+    }
+    Ok(token)
 }
 
 /// The node API over gRPC and mTLS.
@@ -110,6 +143,12 @@ impl Drop for GrpcNode {
 const SVID_FILE: &str = "agent_svid.pem";
 const KEY_FILE: &str = "agent_key.pem";
 const BUNDLE_FILE: &str = "bundle.json";
+
+/// What the agent attests with.
+enum Evidence {
+    JoinToken(String),
+    K8sPsat { cluster: String, token: String },
+}
 
 struct Stored {
     svid: X509Svid,
@@ -329,10 +368,19 @@ impl GrpcNode {
     }
 
     async fn attest(config: &NodeClientConfig, server_id: &SpiffeId) -> Result<Stored, AgentError> {
-        let token = config
-            .join_token
-            .clone()
-            .ok_or(AgentError::NeedsJoinToken)?;
+        // A PSAT is read fresh from its file at each attestation (the kubelet rotates it).
+        let evidence = match &config.k8s_psat {
+            Some(psat) => Evidence::K8sPsat {
+                cluster: psat.cluster.clone(),
+                token: read_psat(&psat.token_path)?,
+            },
+            None => Evidence::JoinToken(
+                config
+                    .join_token
+                    .clone()
+                    .ok_or(AgentError::NeedsJoinToken)?,
+            ),
+        };
         let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> = match &config.bootstrap
         {
             Bootstrap::Bundle(b) => server_verifier(
@@ -353,14 +401,30 @@ impl GrpcNode {
         )?);
         let key = PrivateKey::generate().map_err(|e| AgentError::Credentials(e.to_string()))?;
         let spki = spki(&key)?;
-        let response = client
-            .attest_join_token(pb::AttestJoinTokenRequest {
-                join_token: token,
-                public_key: spki,
-            })
-            .await
-            .map_err(|e| match e.code() {
-                tonic::Code::PermissionDenied | tonic::Code::InvalidArgument => {
+        let response = match evidence {
+            Evidence::JoinToken(token) => {
+                client
+                    .attest_join_token(pb::AttestJoinTokenRequest {
+                        join_token: token,
+                        public_key: spki,
+                    })
+                    .await
+            }
+            Evidence::K8sPsat { cluster, token } => {
+                tracing::info!(%cluster, token_sha256 = %writ_spiffe::fingerprint::token(&token), "attesting with k8s_psat");
+                client
+                    .attest_k8s_psat(pb::AttestK8sPsatRequest {
+                        cluster,
+                        token,
+                        public_key: spki,
+                    })
+                    .await
+            }
+        }
+        .map_err(|e| match e.code() {
+                tonic::Code::PermissionDenied
+                | tonic::Code::InvalidArgument
+                | tonic::Code::FailedPrecondition => {
                     AgentError::Refused(e.message().to_owned())
                 }
                 _ => unreachable(&config.server_address, &e),

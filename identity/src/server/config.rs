@@ -99,6 +99,18 @@ pub struct FileConfig {
     /// How fast one workload may spawn sub-agents (its own and its sub-agents' spawns
     /// together): `{ per_second, burst }`.
     pub spawn_rate: Option<FileSpawnRate>,
+    /// Node attestors beyond join tokens.
+    #[serde(default)]
+    pub node_attestors: FileNodeAttestors,
+}
+
+/// `[node_attestors]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileNodeAttestors {
+    /// `[node_attestors.k8s_psat]`: Kubernetes projected service-account tokens.
+    #[serde(default)]
+    pub k8s_psat: crate::attest::node::k8s_psat::FileK8sPsat,
 }
 
 /// `spawn_rate = { per_second = .., burst = .. }`.
@@ -267,6 +279,8 @@ pub struct ServerConfig {
     /// those keys are deleted and a new CA is made. Without it such a start is refused.
     /// Only the command line sets it (`--reset-ca`); no configuration file can.
     pub reset_ca: bool,
+    /// `k8s_psat` node attestation: the clusters whose agents may attest (none: off).
+    pub k8s_psat: crate::attest::node::k8s_psat::K8sPsatConfig,
 }
 
 impl ServerConfig {
@@ -423,7 +437,11 @@ impl TryFrom<FileConfig> for ServerConfig {
             }
             Some(_) => return Err(value("spawn_rate", "needs per_second > 0 and burst >= 1")),
         };
+        let k8s_psat =
+            crate::attest::node::k8s_psat::K8sPsatConfig::try_from(file.node_attestors.k8s_psat)
+                .map_err(|e| value("node_attestors.k8s_psat", e))?;
         Ok(Self {
+            k8s_psat,
             trust_domain,
             data_dir,
             admin_socket,
@@ -489,6 +507,30 @@ mod tests {
                 burst: 3
             }
         );
+    }
+
+    #[test]
+    fn k8s_psat_clusters_are_read_and_checked() {
+        let load = |text: &str| {
+            toml::from_str::<FileConfig>(text)
+                .map_err(ConfigError::from)
+                .and_then(ServerConfig::try_from)
+        };
+        let c = load(
+            "[node_attestors.k8s_psat.clusters.prod]\n\
+             service_account_allow_list = [\"writ:writ-agent\"]\n\
+             kube_config_file = \"/etc/writ/prod.kubeconfig\"",
+        )
+        .unwrap();
+        let prod = &c.k8s_psat.clusters["prod"];
+        assert_eq!(prod.audience, "writ-server");
+        assert!(prod.allowed.contains(&("writ".into(), "writ-agent".into())));
+        assert!(load("").unwrap().k8s_psat.clusters.is_empty());
+        let err =
+            load("[node_attestors.k8s_psat.clusters.prod]\nservice_account_allow_list = [\"x\"]")
+                .unwrap_err()
+                .to_string();
+        assert!(err.starts_with("node_attestors.k8s_psat: "), "{err}");
     }
 
     #[test]

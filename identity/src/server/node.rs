@@ -83,6 +83,30 @@ pub enum NodeError {
     /// The public key to certify is empty or too large.
     #[error("public_key must be a DER SubjectPublicKeyInfo")]
     InvalidPublicKey,
+    /// The server has no `[node_attestors.k8s_psat]` cluster configured.
+    #[error("k8s_psat node attestation is not enabled on this server")]
+    K8sPsatDisabled,
+    /// The k8s_psat token is not a JWT, or too long.
+    #[error("{0}")]
+    K8sPsatMalformed(crate::attest::node::k8s_psat::PsatError),
+    /// The k8s_psat attestation was refused: unknown cluster, wrong audience, expired or
+    /// unauthenticated token, service account not allowed, pod or node not the token's.
+    #[error("{0}")]
+    K8sPsatRefused(crate::attest::node::k8s_psat::PsatError),
+    /// The cluster's API server could not be asked.
+    #[error("{0}")]
+    K8sPsatUnavailable(crate::attest::node::k8s_psat::PsatError),
+}
+
+impl From<crate::attest::node::k8s_psat::PsatError> for NodeError {
+    fn from(e: crate::attest::node::k8s_psat::PsatError) -> Self {
+        use crate::attest::node::k8s_psat::PsatError;
+        match e {
+            PsatError::Malformed { .. } => Self::K8sPsatMalformed(e),
+            PsatError::Api { .. } => Self::K8sPsatUnavailable(e),
+            _ => Self::K8sPsatRefused(e),
+        }
+    }
 }
 
 /// What an agent learns from a sync.

@@ -17,6 +17,7 @@ use super::lease::{ChildRequest, lease_to_proto};
 use super::node::{NodeError, NodeHandler};
 use super::{ServerError, ServerState};
 use crate::accept::{AcceptBackoff, AdmittedStream, ConnectionLimits, Gate};
+use crate::attest::node::k8s_psat::PsatVerifier;
 use crate::bundle::BundleSet;
 use crate::key_manager::sha256;
 use crate::proto::node as pb;
@@ -52,9 +53,16 @@ impl From<NodeError> for Status {
             | NodeError::SvidNotCurrent
             | NodeError::NotAttested
             | NodeError::JoinTokenUnknown
-            | NodeError::JoinTokenExpired => Status::permission_denied(e.to_string()),
-            NodeError::Invalid(_) | NodeError::JoinTokenMalformed | NodeError::InvalidPublicKey => {
-                Status::invalid_argument(e.to_string())
+            | NodeError::JoinTokenExpired
+            | NodeError::K8sPsatRefused(_) => Status::permission_denied(e.to_string()),
+            NodeError::Invalid(_)
+            | NodeError::JoinTokenMalformed
+            | NodeError::InvalidPublicKey
+            | NodeError::K8sPsatMalformed(_) => Status::invalid_argument(e.to_string()),
+            NodeError::K8sPsatDisabled => Status::failed_precondition(e.to_string()),
+            NodeError::K8sPsatUnavailable(_) => {
+                tracing::warn!(error = %e, "k8s_psat attestation could not ask the cluster");
+                Status::unavailable(e.to_string())
             }
             NodeError::SpawnRefused(_) => Status::failed_precondition(e.to_string()),
             NodeError::SpawnLimit(_) => Status::resource_exhausted(e.to_string()),
@@ -74,13 +82,17 @@ impl From<NodeError> for Status {
 #[derive(Debug, Clone)]
 pub struct NodeService {
     handler: NodeHandler,
+    /// The k8s_psat verifier of the configured clusters (none: attestation refused).
+    psat: Arc<PsatVerifier>,
 }
 
 impl NodeService {
     /// The service over a server's state.
     pub fn new(state: Arc<ServerState>) -> Self {
+        let psat = Arc::new(PsatVerifier::new(state.config.k8s_psat.clone()));
         Self {
             handler: NodeHandler::new(state),
+            psat,
         }
     }
 
@@ -151,6 +163,40 @@ impl NodeService {
             .ca
             .sign_x509_svid(id, public_key, Some(AGENT_SVID_TTL), &[])
             .map_err(|e| Status::from(NodeError::from(e)))
+    }
+
+    /// Records an attested agent (a new one, or the same agent attesting again).
+    async fn store_agent(
+        &self,
+        id: &SpiffeId,
+        attestation_type: &str,
+        selectors: Vec<crate::selector::Selector>,
+        svid: &crate::svid::x509::X509Svid,
+    ) -> Result<(), Status> {
+        let state = self.state();
+        let (cert_serial, cert_expires_at) = serial_and_expiry(svid);
+        let record = AttestedAgent {
+            spiffe_id: id.clone(),
+            attestation_type: attestation_type.into(),
+            cert_serial,
+            cert_expires_at,
+            selectors,
+            banned: false,
+            created_at: state.clock.unix_seconds(),
+            cert_sha256: svid.leaf().map(fingerprint).unwrap_or_default(),
+            next_cert_sha256: String::new(),
+        };
+        match state.store.create_agent(&record).await {
+            Err(StoreError::AlreadyExists { .. }) => {
+                state
+                    .store
+                    .update_agent(&record)
+                    .await
+                    .map_err(NodeError::from)?;
+            }
+            other => other.map_err(NodeError::from)?,
+        }
+        Ok(())
     }
 
     fn agent_response(
@@ -259,6 +305,48 @@ impl pb::node_server::Node for NodeService {
             other => other.map_err(NodeError::from)?,
         }
         tracing::info!(agent = %id, "agent attested with a join token");
+        Ok(Response::new(self.agent_response(&id, svid)))
+    }
+
+    async fn attest_k8s_psat(
+        &self,
+        request: Request<pb::AttestK8sPsatRequest>,
+    ) -> Result<Response<pb::AgentSvidResponse>, Status> {
+        let r = request.into_inner();
+        if !self.psat.is_enabled() {
+            return Err(NodeError::K8sPsatDisabled.into());
+        }
+        let token_sha256 = writ_spiffe::fingerprint::token(&r.token);
+        let state = self.state();
+        let now = state.clock.unix_seconds();
+        let attested = match self.psat.verify(&r.cluster, &r.token, now).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(%token_sha256, error = %e, "k8s_psat attestation refused");
+                return Err(NodeError::from(e).into());
+            }
+        };
+        let id = state
+            .config
+            .trust_domain
+            .spiffe_id(&format!(
+                "{AGENT_PATH_PREFIX}k8s_psat/{}/{}",
+                attested.cluster, attested.node_uid
+            ))
+            .map_err(|e| Status::from(NodeError::Invalid(format!("agent ID: {e}"))))?;
+        if let Some(existing) = state
+            .store
+            .fetch_agent(&id)
+            .await
+            .map_err(NodeError::from)?
+            && existing.banned
+        {
+            return Err(NodeError::Banned.into());
+        }
+        let svid = self.sign_agent_svid(&id, &r.public_key)?;
+        self.store_agent(&id, "k8s_psat", attested.selectors, &svid)
+            .await?;
+        tracing::info!(agent = %id, %token_sha256, "agent attested with k8s_psat");
         Ok(Response::new(self.agent_response(&id, svid)))
     }
 

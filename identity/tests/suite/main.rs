@@ -17,6 +17,7 @@ mod admin;
 mod bundle;
 mod ca;
 mod jwt_svid;
+mod k8s;
 mod spawn_rate;
 mod spiffe_id;
 mod store;

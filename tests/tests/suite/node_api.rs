@@ -186,6 +186,7 @@ async fn grpc_node_passes_the_suite() {
         trust_domain: server.config.trust_domain.clone(),
         data_dir: dir.path().join("agent"),
         join_token: Some(token.into()),
+        k8s_psat: None,
         bootstrap: Bootstrap::Insecure,
         clock: std::sync::Arc::new(writ_identity::clock::SystemClock),
     })

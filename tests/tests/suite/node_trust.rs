@@ -328,6 +328,7 @@ async fn an_agent_refuses_a_server_whose_svid_only_carries_the_server_id() {
         trust_domain: td.clone(),
         data_dir: dir.path().to_path_buf(),
         join_token: Some(token.clone()),
+        k8s_psat: None,
         bootstrap: Bootstrap::Bundle((*server.state.ca.bundle()).clone()),
         clock: std::sync::Arc::new(writ_identity::clock::SystemClock),
     })
@@ -347,6 +348,7 @@ async fn an_agent_refuses_a_server_whose_svid_only_carries_the_server_id() {
         trust_domain: td,
         data_dir: dir.path().to_path_buf(),
         join_token: Some(token),
+        k8s_psat: None,
         bootstrap: Bootstrap::Bundle((*server.state.ca.bundle()).clone()),
         clock: std::sync::Arc::new(writ_identity::clock::SystemClock),
     })

@@ -134,6 +134,7 @@ impl Server {
             trust_domain: self.state.config.trust_domain.clone(),
             data_dir: dir.to_path_buf(),
             join_token: token,
+            k8s_psat: None,
             bootstrap: Bootstrap::Bundle((*self.state.ca.bundle()).clone()),
             clock: std::sync::Arc::new(writ_identity::clock::SystemClock),
         }

@@ -25,6 +25,7 @@ use crate::selector::Selector;
 
 pub mod cgroup;
 pub mod docker;
+pub mod k8s;
 pub mod unix;
 
 pub use docker::{DockerAttestor, DockerAttestorConfig};

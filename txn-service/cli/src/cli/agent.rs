@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use writ_identity::agent::config::{AgentConfig, FileConfig};
 use writ_identity::agent::node_client::GrpcNode;
+use writ_identity::attest::workload::k8s::K8sAttestor;
 use writ_identity::attest::workload::{Attestors, DockerAttestor, UnixAttestor};
 use writ_identity::proto::admin as pb;
 
@@ -202,6 +203,10 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
                 tracing::info!(socket = %docker.socket_path.display(), timeout = ?docker.timeout,
                     env_allow = ?docker.env_allow, "docker workload attestor on");
                 attestors = attestors.with("docker", Arc::new(DockerAttestor::new(docker)));
+            }
+            if let Some(k8s) = config.k8s.clone() {
+                let k8s = K8sAttestor::new(k8s).context("[workload_attestors.k8s]")?;
+                attestors = attestors.with("k8s", Arc::new(k8s));
             }
             tracing::info!(attestors = ?attestors.names(), "workload attestors");
             let running =
