@@ -750,6 +750,91 @@ mod tests {
     }
 
     #[test]
+    fn template_entries() {
+        let td = td();
+        let template = IdTemplate::parse("spiffe://example.org/ns/{k8s:ns}/sa/{k8s:sa}").unwrap();
+        let agent = td.spiffe_id("/writ/agent/join_token/x").unwrap();
+        let mut e = RegistrationEntry::from_template(template.clone(), agent.clone(), vec![])
+            .unwrap();
+        assert_eq!(e.spiffe_id.path(), template::STAND_IN_PATH);
+        e.validate(&td).unwrap();
+        assert!(e.is_template() && !e.is_node_alias());
+
+        // Its spiffe_id must be the stand-in.
+        let mut bad = e.clone();
+        bad.spiffe_id = td.spiffe_id("/other").unwrap();
+        assert_eq!(bad.validate(&td), Err(EntryError::TemplateAndId));
+        // No spawn policy.
+        let mut bad = e.clone();
+        bad.spawn_max_ttl = Some(60);
+        bad.spawn_max_depth = Some(1);
+        assert!(
+            bad.validate(&td)
+                .unwrap_err()
+                .to_string()
+                .starts_with("spawn_max_ttl: a template entry cannot spawn")
+        );
+        // Not a node alias.
+        let mut bad = e.clone();
+        bad.parent_id = td.spiffe_id("/writ/server").unwrap();
+        assert!(matches!(
+            bad.validate(&td),
+            Err(EntryError::NotForKind {
+                field: "spiffe_id_template",
+                ..
+            })
+        ));
+        // In the server's trust domain.
+        let other = TrustDomain::new("other.org").unwrap();
+        assert!(matches!(
+            e.clone().validate(&other),
+            Err(EntryError::ForeignTrustDomain {
+                field: "spiffe_id_template",
+                ..
+            })
+        ));
+        // A plain entry still needs a selector.
+        let mut plain = entry();
+        plain.selectors.clear();
+        assert_eq!(plain.validate(&td), Err(EntryError::NoSelectors));
+        // The error names the field.
+        let err = EntryError::from(
+            IdTemplate::parse("spiffe://example.org/writ/{k8s:ns}").unwrap_err(),
+        );
+        assert!(err.to_string().starts_with("spiffe_id_template: "), "{err}");
+        // Serde keeps the template.
+        let json = serde_json::to_string(&e).unwrap();
+        let back: RegistrationEntry = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn node_aliases() {
+        let td = td();
+        let server = td.spiffe_id("/writ/server").unwrap();
+        let mut alias = RegistrationEntry::new(
+            td.spiffe_id("/cluster/prod").unwrap(),
+            server.clone(),
+            vec!["k8s_psat:cluster:prod".parse().unwrap()],
+        );
+        alias.validate(&td).unwrap();
+        assert!(alias.is_node_alias());
+        // Its own ID is never in /writ/.
+        let mut bad = alias.clone();
+        bad.spiffe_id = td.spiffe_id("/writ/agent/x").unwrap();
+        assert!(matches!(bad.validate(&td), Err(EntryError::Reserved { .. })));
+        // Nodes spawn no sub-agents.
+        let mut bad = alias.clone();
+        bad.spawn_max_ttl = Some(60);
+        bad.spawn_max_depth = Some(1);
+        assert!(matches!(
+            bad.validate(&td),
+            Err(EntryError::NotForKind { .. })
+        ));
+        assert!(!entry().is_node_alias());
+    }
+
+    #[test]
     fn dns_names() {
         assert!(is_dns_name("api.example.org"));
         assert!(is_dns_name("*.example.org"));

@@ -633,7 +633,7 @@ mod tests {
             ("spiffe://example.org/{k8s:a b}", "space"),
             ("spiffe://example.org/{}", "type:key"),
             ("spiffe://example.org//{k8s:ns}", "empty segments"),
-            ("spiffe://example.org/{k8s:ns}/", "empty segments"),
+            ("spiffe://example.org/{k8s:ns}/", "trailing slash"),
             ("spiffe://example.org/../{k8s:ns}", "dot segments"),
             ("spiffe://example.org/a%2F/{k8s:ns}", "percent"),
             ("spiffe://example.org/a b/{k8s:ns}", "limited to"),
