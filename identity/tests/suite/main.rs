@@ -20,4 +20,5 @@ mod jwt_svid;
 mod spawn_rate;
 mod spiffe_id;
 mod store;
+mod templates;
 mod unix_attestor;
