@@ -245,12 +245,10 @@ impl RegistrationEntry {
         parent_id: SpiffeId,
         selectors: Vec<Selector>,
     ) -> Result<Self, EntryError> {
-        let stand_in = template
-            .stand_in()
-            .map_err(|source| EntryError::SpiffeId {
-                field: "spiffe_id_template",
-                source,
-            })?;
+        let stand_in = template.stand_in().map_err(|source| EntryError::SpiffeId {
+            field: "spiffe_id_template",
+            source,
+        })?;
         let mut entry = Self::new(stand_in, parent_id, selectors);
         entry.spiffe_id_template = Some(template);
         Ok(entry)
@@ -754,8 +752,8 @@ mod tests {
         let td = td();
         let template = IdTemplate::parse("spiffe://example.org/ns/{k8s:ns}/sa/{k8s:sa}").unwrap();
         let agent = td.spiffe_id("/writ/agent/join_token/x").unwrap();
-        let mut e = RegistrationEntry::from_template(template.clone(), agent.clone(), vec![])
-            .unwrap();
+        let mut e =
+            RegistrationEntry::from_template(template.clone(), agent.clone(), vec![]).unwrap();
         assert_eq!(e.spiffe_id.path(), template::STAND_IN_PATH);
         e.validate(&td).unwrap();
         assert!(e.is_template() && !e.is_node_alias());
@@ -798,9 +796,8 @@ mod tests {
         plain.selectors.clear();
         assert_eq!(plain.validate(&td), Err(EntryError::NoSelectors));
         // The error names the field.
-        let err = EntryError::from(
-            IdTemplate::parse("spiffe://example.org/writ/{k8s:ns}").unwrap_err(),
-        );
+        let err =
+            EntryError::from(IdTemplate::parse("spiffe://example.org/writ/{k8s:ns}").unwrap_err());
         assert!(err.to_string().starts_with("spiffe_id_template: "), "{err}");
         // Serde keeps the template.
         let json = serde_json::to_string(&e).unwrap();
@@ -822,7 +819,10 @@ mod tests {
         // Its own ID is never in /writ/.
         let mut bad = alias.clone();
         bad.spiffe_id = td.spiffe_id("/writ/agent/x").unwrap();
-        assert!(matches!(bad.validate(&td), Err(EntryError::Reserved { .. })));
+        assert!(matches!(
+            bad.validate(&td),
+            Err(EntryError::Reserved { .. })
+        ));
         // Nodes spawn no sub-agents.
         let mut bad = alias.clone();
         bad.spawn_max_ttl = Some(60);

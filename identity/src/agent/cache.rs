@@ -441,7 +441,10 @@ impl Cache {
             .collect();
         for c in due {
             let key = rendered_key(&c);
-            match self.sign_rendered(&c.entry, &c.entry.spiffe_id, c.template.as_ref(), now).await {
+            match self
+                .sign_rendered(&c.entry, &c.entry.spiffe_id, c.template.as_ref(), now)
+                .await
+            {
                 Ok(fresh) => {
                     rendered.insert(key, fresh);
                     changed = true;

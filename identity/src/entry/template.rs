@@ -28,8 +28,7 @@ use std::fmt;
 
 use crate::selector::{INTERNAL_TYPE, Selector};
 use crate::spiffe_id::{
-    MAX_SPIFFE_ID_LEN, ReservedIdError, SCHEME_PREFIX, SpiffeId, SpiffeIdError,
-    TrustDomain,
+    MAX_SPIFFE_ID_LEN, ReservedIdError, SCHEME_PREFIX, SpiffeId, SpiffeIdError, TrustDomain,
 };
 
 /// Longest value a placeholder may take, in bytes.
@@ -209,7 +208,9 @@ impl IdTemplate {
         // The fixed part, with every placeholder standing as `x`, must be an ID.
         let probe = template.assemble(|_| "x");
         let probe = SpiffeId::new(&probe).map_err(TemplateError::Id)?;
-        probe.check_not_reserved().map_err(TemplateError::Reserved)?;
+        probe
+            .check_not_reserved()
+            .map_err(TemplateError::Reserved)?;
         for parts in &template.segments {
             if let [Part::Literal(l)] = parts.as_slice()
                 && l == crate::server::lease::SUB_SEGMENT
@@ -516,7 +517,10 @@ mod tests {
         let t = IdTemplate::parse("spiffe://example.org/agent-{k8s:sa}/{k8s:sa}.v1").unwrap();
         let (_, id) = t.render_for(&[sel("k8s:sa:web")]).unwrap();
         assert_eq!(id.as_str(), "spiffe://example.org/agent-web/web.v1");
-        assert_eq!(t.to_string(), "spiffe://example.org/agent-{k8s:sa}/{k8s:sa}.v1");
+        assert_eq!(
+            t.to_string(),
+            "spiffe://example.org/agent-{k8s:sa}/{k8s:sa}.v1"
+        );
         assert_eq!(t.stand_in().unwrap().path(), STAND_IN_PATH);
     }
 
@@ -585,7 +589,9 @@ mod tests {
     fn a_value_never_makes_a_reserved_or_sub_id() {
         let t = IdTemplate::parse("spiffe://example.org/{k8s:ns}/x").unwrap();
         for reserved in ["writ", "WRIT", "Writ"] {
-            let e = t.render_for(&[sel(&format!("k8s:ns:{reserved}"))]).unwrap_err();
+            let e = t
+                .render_for(&[sel(&format!("k8s:ns:{reserved}"))])
+                .unwrap_err();
             assert!(matches!(e, RenderError::Reserved(_)), "{reserved}: {e:?}");
         }
         let t = IdTemplate::parse("spiffe://example.org/{k8s:ns}it/x").unwrap();
@@ -641,12 +647,18 @@ mod tests {
             let e = IdTemplate::parse(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
         }
-        let many = format!("spiffe://example.org/{}", "{k8s:a}".repeat(MAX_PLACEHOLDERS + 1));
+        let many = format!(
+            "spiffe://example.org/{}",
+            "{k8s:a}".repeat(MAX_PLACEHOLDERS + 1)
+        );
         assert!(matches!(
             IdTemplate::parse(&many),
             Err(TemplateError::TooManyPlaceholders { .. })
         ));
-        let long = format!("spiffe://example.org/{{k8s:ns}}/{}", "a".repeat(MAX_SPIFFE_ID_LEN));
+        let long = format!(
+            "spiffe://example.org/{{k8s:ns}}/{}",
+            "a".repeat(MAX_SPIFFE_ID_LEN)
+        );
         assert!(matches!(
             IdTemplate::parse(&long),
             Err(TemplateError::TooLong { .. })

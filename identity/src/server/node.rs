@@ -171,7 +171,11 @@ impl NodeHandler {
 
     /// The IDs of the unexpired node aliases whose selectors are all among the agent's
     /// stored node selectors (none for an agent with no record, such as `writ dev`'s).
-    async fn node_aliases(&self, agent_id: &SpiffeId, now: i64) -> Result<Vec<SpiffeId>, NodeError> {
+    async fn node_aliases(
+        &self,
+        agent_id: &SpiffeId,
+        now: i64,
+    ) -> Result<Vec<SpiffeId>, NodeError> {
         let Some(agent) = self.state.store.fetch_agent(agent_id).await? else {
             return Ok(Vec::new());
         };

@@ -365,8 +365,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         now: i64,
     ) -> Result<(), StoreError>;
     /// The IDs template entry `entry_id` produced, most recently issued first.
-    async fn list_template_issues(&self, entry_id: &str)
-    -> Result<Vec<TemplateIssue>, StoreError>;
+    async fn list_template_issues(&self, entry_id: &str) -> Result<Vec<TemplateIssue>, StoreError>;
 }
 
 /// A shared store handle.

@@ -1005,8 +1005,9 @@ impl EntryRow {
             .spiffe_id_template
             .as_deref()
             .map(|t| {
-                IdTemplate::parse(t)
-                    .map_err(|e| corrupt(ENTRY, format!("spiffe_id_template {:?}: {e}", truncated(t))))
+                IdTemplate::parse(t).map_err(|e| {
+                    corrupt(ENTRY, format!("spiffe_id_template {:?}: {e}", truncated(t)))
+                })
             })
             .transpose()?;
         if i64::try_from(selectors.len()).ok() != Some(self.selector_count)

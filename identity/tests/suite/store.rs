@@ -94,7 +94,11 @@ async fn postgres_servers_starting_together_migrate_once() {
             .fetch_all(&mut conn)
             .await
             .unwrap();
-    assert_eq!(versions, vec![1, 2, 3, 4, 5], "every migration recorded once");
+    assert_eq!(
+        versions,
+        vec![1, 2, 3, 4, 5],
+        "every migration recorded once"
+    );
     // All of them work on the same data.
     let (first, rest) = stores.split_first().unwrap();
     let created = first.create_entry(&entry(1)).await.unwrap();
@@ -411,13 +415,15 @@ async fn sqlite_upgrades_a_version_1_database_in_place() {
     for old in &entries {
         let fetched = store.fetch_entry(&old.id).await.unwrap().unwrap();
         assert_eq!(fetched.spawn_max_children, None, "old rows have no cap");
-        assert_eq!(fetched.spiffe_id_template, None, "old rows are no templates");
+        assert_eq!(
+            fetched.spiffe_id_template, None,
+            "old rows are no templates"
+        );
     }
     // Version 5: template entries and the IDs they produced.
-    let template = writ_identity::entry::template::IdTemplate::parse(
-        "spiffe://example.org/ns/{k8s:ns}",
-    )
-    .unwrap();
+    let template =
+        writ_identity::entry::template::IdTemplate::parse("spiffe://example.org/ns/{k8s:ns}")
+            .unwrap();
     let t = writ_identity::entry::RegistrationEntry::from_template(template, id("/agent"), vec![])
         .unwrap();
     let t = store.create_entry(&t).await.unwrap();

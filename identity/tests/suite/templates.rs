@@ -94,7 +94,13 @@ async fn each_caller_gets_the_id_its_label_renders() {
     let dir = tempfile::tempdir().unwrap();
     let server = server_state(dir.path(), Duration::from_secs(3600)).await;
     let entry = register_template(&server, TEMPLATE).await;
-    let web = agent_with(&server, dir.path(), "web", &["docker:label:app:web", "unix:uid:1"]).await;
+    let web = agent_with(
+        &server,
+        dir.path(),
+        "web",
+        &["docker:label:app:web", "unix:uid:1"],
+    )
+    .await;
     let db = agent_with(&server, dir.path(), "db", &["docker:label:app:db"]).await;
     let bad = agent_with(&server, dir.path(), "bad", &["docker:label:app:a/b"]).await;
     let dots = agent_with(&server, dir.path(), "dots", &["docker:label:app:.."]).await;
@@ -179,14 +185,24 @@ async fn the_server_renders_from_values_and_never_takes_an_id() {
     let key = spki(&PrivateKey::generate().unwrap());
 
     let svid = handler
-        .sign_template_x509_svid(&agent_id(), &entry.id, &values(&[("docker:label:app", "web")]), &key)
+        .sign_template_x509_svid(
+            &agent_id(),
+            &entry.id,
+            &values(&[("docker:label:app", "web")]),
+            &key,
+        )
         .await
         .unwrap();
     assert_eq!(svid.spiffe_id.as_str(), "spiffe://example.org/agents/web");
 
     for bad in ["a/b", "..", ".", "%2F", "", "é", "sub", &"a".repeat(129)] {
         let e = handler
-            .sign_template_x509_svid(&agent_id(), &entry.id, &values(&[("docker:label:app", bad)]), &key)
+            .sign_template_x509_svid(
+                &agent_id(),
+                &entry.id,
+                &values(&[("docker:label:app", bad)]),
+                &key,
+            )
             .await
             .unwrap_err();
         assert!(matches!(e, NodeError::Invalid(_)), "{bad:?}: {e:?}");
@@ -194,7 +210,12 @@ async fn the_server_renders_from_values_and_never_takes_an_id() {
     // `writ` is a fine value except as the first segment, where this template puts it.
     let under = register_template(&server, "spiffe://example.org/{docker:label:app}/x").await;
     let e = handler
-        .sign_template_x509_svid(&agent_id(), &under.id, &values(&[("docker:label:app", "writ")]), &key)
+        .sign_template_x509_svid(
+            &agent_id(),
+            &under.id,
+            &values(&[("docker:label:app", "writ")]),
+            &key,
+        )
         .await
         .unwrap_err();
     assert!(e.to_string().contains("reserved namespace"), "{e}");
@@ -227,7 +248,12 @@ async fn the_server_renders_from_values_and_never_takes_an_id() {
     let stranger = SpiffeId::new("spiffe://example.org/writ/agent/other").unwrap();
     assert!(matches!(
         handler
-            .sign_template_x509_svid(&stranger, &entry.id, &values(&[("docker:label:app", "web")]), &key)
+            .sign_template_x509_svid(
+                &stranger,
+                &entry.id,
+                &values(&[("docker:label:app", "web")]),
+                &key
+            )
             .await,
         Err(NodeError::NotAuthorized(_))
     ));
@@ -352,11 +378,21 @@ async fn a_node_alias_authorizes_its_entries_for_matching_nodes_only() {
     let prod_b = td.spiffe_id("/writ/agent/k8s_psat/prod/node-b").unwrap();
     let dev = td.spiffe_id("/writ/agent/k8s_psat/dev/node-c").unwrap();
     for (id, sels) in [
-        (&prod_a, &["k8s_psat:cluster:prod", "k8s_psat:agent_ns:writ"][..]),
+        (
+            &prod_a,
+            &["k8s_psat:cluster:prod", "k8s_psat:agent_ns:writ"][..],
+        ),
         (&prod_b, &["k8s_psat:cluster:prod"][..]),
-        (&dev, &["k8s_psat:cluster:dev", "k8s_psat:agent_ns:writ"][..]),
+        (
+            &dev,
+            &["k8s_psat:cluster:dev", "k8s_psat:agent_ns:writ"][..],
+        ),
     ] {
-        server.store.create_agent(&agent_record(id, sels)).await.unwrap();
+        server
+            .store
+            .create_agent(&agent_record(id, sels))
+            .await
+            .unwrap();
     }
 
     // Through the admin API, as `writ entry create --node` sends it.
@@ -365,7 +401,9 @@ async fn a_node_alias_authorizes_its_entries_for_matching_nodes_only() {
         let admin = admin.clone();
         async move {
             admin
-                .create_entry(Request::new(admin_pb::CreateEntryRequest { entry: Some(e) }))
+                .create_entry(Request::new(admin_pb::CreateEntryRequest {
+                    entry: Some(e),
+                }))
                 .await
                 .map(tonic::Response::into_inner)
         }
@@ -471,5 +509,11 @@ async fn a_node_alias_authorizes_its_entries_for_matching_nodes_only() {
     let mut record = server.store.fetch_agent(&prod_b).await.unwrap().unwrap();
     record.selectors = vec![sel("k8s_psat:cluster:staging")];
     server.store.update_agent(&record).await.unwrap();
-    assert!(handler.authorized_entries(&prod_b).await.unwrap().is_empty());
+    assert!(
+        handler
+            .authorized_entries(&prod_b)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
