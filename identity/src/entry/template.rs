@@ -208,9 +208,12 @@ impl IdTemplate {
         // The fixed part, with every placeholder standing as `x`, must be an ID.
         let probe = template.assemble(|_| "x");
         let probe = SpiffeId::new(&probe).map_err(TemplateError::Id)?;
-        probe
-            .check_not_reserved()
-            .map_err(TemplateError::Reserved)?;
+        probe.check_not_reserved().map_err(|e| {
+            TemplateError::Reserved(ReservedIdError {
+                id: text.to_owned(),
+                ..e
+            })
+        })?;
         for parts in &template.segments {
             if let [Part::Literal(l)] = parts.as_slice()
                 && l == crate::server::lease::SUB_SEGMENT
