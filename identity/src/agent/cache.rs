@@ -43,6 +43,9 @@ pub const RENEW_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 pub const FULL_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// Most cached JWT-SVIDs before the oldest are dropped.
 pub const MAX_CACHED_JWTS: usize = 10_000;
+/// Most SVIDs rendered from template entries one agent holds at once; past it, a new
+/// rendering is refused (with a warning) until idle ones are released.
+pub const MAX_RENDERED_SVIDS: usize = 10_000;
 
 /// One authorized entry with its current X509-SVID.
 #[derive(Debug, Clone)]
@@ -534,7 +537,15 @@ impl Cache {
                     tracing::debug!(entry = %t.id, reason = %e, "template entry does not apply to the caller");
                 }
                 Err(e) => {
-                    tracing::info!(entry = %t.id, reason = %e, "template value refused; nothing issued");
+                    // A workload chooses its labels: at most one line a second at info.
+                    static LAST_INFO: std::sync::atomic::AtomicI64 =
+                        std::sync::atomic::AtomicI64::new(0);
+                    let last = LAST_INFO.swap(now, std::sync::atomic::Ordering::Relaxed);
+                    if last < now {
+                        tracing::info!(entry = %t.id, reason = %e, "template value refused; nothing issued");
+                    } else {
+                        tracing::debug!(entry = %t.id, reason = %e, "template value refused; nothing issued");
+                    }
                 }
             }
         }
@@ -548,6 +559,14 @@ impl Cache {
         let mut first_error = None;
         for (entry, values, id, key) in wanted {
             if has_rendered(&svids, &key, now) {
+                continue;
+            }
+            if svids.iter().filter(|c| c.template.is_some()).count() >= MAX_RENDERED_SVIDS {
+                tracing::warn!(entry = %entry.id, spiffe_id = %id, max = MAX_RENDERED_SVIDS,
+                    "too many template identities on this agent; refusing a new one until idle ones are released");
+                first_error.get_or_insert(NodeError::Invalid(format!(
+                    "more than {MAX_RENDERED_SVIDS} template identities on this agent"
+                )));
                 continue;
             }
             let rendering = Rendered {

@@ -47,6 +47,18 @@ fn a_template_entry_names_the_caller_and_show_lists_what_it_produced() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // A JWT-SVID through the agent's gRPC connection to the server carries it too.
+    let out = api(
+        &["api", "fetch", "jwt", "--audience", "tool-server"],
+        &socket,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&expected));
+
     let shown = server.ok(&["entry", "show", "--entry-id", &entry_id]);
     assert!(
         shown.contains("SPIFFE ID        : spiffe://example.org/users/uid-{unix:uid} (template)"),
