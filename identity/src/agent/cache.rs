@@ -577,6 +577,9 @@ impl Cache {
                 Ok(fresh) => {
                     svids.retain(|c| !(c.template.is_some() && rendered_key(c) == key));
                     svids.push(fresh);
+                    // Again, under the lock: a refresh meanwhile forgets uses of keys it
+                    // did not hold yet.
+                    self.uses().insert(key, now);
                     added = true;
                 }
                 Err(e) => {
