@@ -1,6 +1,7 @@
 //! Crypto throughput of the identity core on one core (`cargo bench -p writ-identity
 //! --bench identity`): X509-SVID issuance (key generation + signing), X509-SVID signing
-//! of a given public key, JWT-SVID signing and validation, X509-SVID validation.
+//! of a given public key, JWT-SVID signing and validation, X509-SVID validation, and an
+//! identity template's parse and per-caller rendering.
 #![expect(
     unused_crate_dependencies,
     reason = "a bench target sees every dependency and dev-dependency of its package"
@@ -13,8 +14,10 @@ use std::time::{Duration, Instant};
 use writ_identity::bundle::BundleSet;
 use writ_identity::ca::{CaConfig, CertificateAuthority};
 use writ_identity::clock::SystemClock;
+use writ_identity::entry::template::IdTemplate;
 use writ_identity::key_manager::ToRcgen as _;
 use writ_identity::key_manager::{MemoryKeyManager, PrivateKey};
+use writ_identity::selector::Selector;
 use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
 use writ_identity::store::sqlite::SqliteStore;
 use writ_identity::svid::{jwt, x509};
@@ -91,6 +94,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             )
             .ok(),
         );
+    });
+    let text = "spiffe://example.org/ns/{k8s:ns}/sa/{k8s:sa}";
+    measure("template parse (2 placeholders)", || {
+        black_box(IdTemplate::parse(black_box(text)).ok());
+    });
+    let template = IdTemplate::parse(text)?;
+    let selectors: Vec<Selector> = [
+        "k8s:ns:shop",
+        "k8s:sa:cart",
+        "k8s:pod-name:cart-7d9f",
+        "k8s:pod-uid:0b6c",
+        "k8s:container-name:cart",
+        "k8s:node-name:n1",
+        "unix:uid:1000",
+        "unix:gid:1000",
+    ]
+    .iter()
+    .map(|s| s.parse())
+    .collect::<Result<_, _>>()?;
+    measure("template render for a caller (8 selectors)", || {
+        black_box(template.render_for(black_box(&selectors)).ok());
     });
     Ok(())
 }

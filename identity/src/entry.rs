@@ -6,6 +6,10 @@ use std::time::Duration;
 use crate::selector::{self, Selector, SelectorError};
 use crate::spiffe_id::{ReservedIdError, SpiffeId, SpiffeIdError, TrustDomain};
 
+pub mod template;
+
+use template::{IdTemplate, TemplateError};
+
 /// Longest DNS name accepted on an entry.
 pub const MAX_DNS_NAME_LEN: usize = 253;
 /// Most DNS names on one entry.
@@ -125,6 +129,23 @@ pub enum EntryError {
     /// A spawn TTL of zero would refuse every spawn.
     #[error("spawn_max_ttl: must be at least 1 second")]
     SpawnTtlZero,
+    /// The SPIFFE ID template is malformed or could yield a refused ID.
+    #[error("spiffe_id_template: {0}")]
+    Template(#[from] TemplateError),
+    /// A template entry's `spiffe_id` is not its stand-in (give one or the other).
+    #[error(
+        "spiffe_id: a template entry's SPIFFE ID comes from its template; give spiffe_id or spiffe_id_template, not both"
+    )]
+    TemplateAndId,
+    /// A kind of entry that cannot have this field (a template entry cannot spawn or be
+    /// a node alias; a node alias cannot spawn).
+    #[error("{field}: {reason}")]
+    NotForKind {
+        /// The field at fault.
+        field: &'static str,
+        /// Why.
+        reason: &'static str,
+    },
 }
 
 /// Deepest sub-agent nesting a spawn policy may allow.
@@ -182,6 +203,12 @@ pub struct RegistrationEntry {
     /// Most live sub-agents this workload may hold at once; `None` means the default cap
     /// [`DEFAULT_SPAWN_MAX_CHILDREN`] (16) when the entry can spawn.
     pub spawn_max_children: Option<u32>,
+    /// For a template entry, the template its IDs are rendered from, per workload, from
+    /// attested selector values ([`template`]); `spiffe_id` then holds the stand-in
+    /// `spiffe://<td>/writ/template` ([`template::STAND_IN_PATH`]), never issued. A
+    /// template entry is a leaf: never the parent of another entry.
+    #[serde(default)]
+    pub spiffe_id_template: Option<IdTemplate>,
 }
 
 impl RegistrationEntry {
@@ -205,7 +232,39 @@ impl RegistrationEntry {
             spawn_max_ttl: None,
             spawn_max_depth: None,
             spawn_max_children: None,
+            spiffe_id_template: None,
         }
+    }
+
+    /// A template entry: `spiffe_id` is the template's stand-in.
+    ///
+    /// # Errors
+    /// [`EntryError::SpiffeId`] never for a parsed template (the stand-in is a valid ID).
+    pub fn from_template(
+        template: IdTemplate,
+        parent_id: SpiffeId,
+        selectors: Vec<Selector>,
+    ) -> Result<Self, EntryError> {
+        let stand_in = template.stand_in().map_err(|source| EntryError::SpiffeId {
+            field: "spiffe_id_template",
+            source,
+        })?;
+        let mut entry = Self::new(stand_in, parent_id, selectors);
+        entry.spiffe_id_template = Some(template);
+        Ok(entry)
+    }
+
+    /// Whether the entry's ID is a template, rendered per workload.
+    pub fn is_template(&self) -> bool {
+        self.spiffe_id_template.is_some()
+    }
+
+    /// Whether the entry is a node alias: its parent is the server's own ID
+    /// (`spiffe://<td>/writ/server`) and its selectors are node selectors. Every agent
+    /// whose node selectors include them holds the alias's ID as a parent, so entries
+    /// under the alias apply to all those nodes (SPIRE's `entry create -node`).
+    pub fn is_node_alias(&self) -> bool {
+        is_server_id(&self.parent_id)
     }
 
     /// Checks every field of an entry an operator registers (through the admin API),
@@ -234,6 +293,37 @@ impl RegistrationEntry {
     }
 
     fn check(&mut self, trust_domain: &TrustDomain, by: Registrant) -> Result<(), EntryError> {
+        if let Some(template) = &self.spiffe_id_template {
+            if template.trust_domain() != trust_domain {
+                return Err(EntryError::ForeignTrustDomain {
+                    field: "spiffe_id_template",
+                    id: template.to_string(),
+                    trust_domain: trust_domain.to_string(),
+                });
+            }
+            if template.stand_in().ok().as_ref() != Some(&self.spiffe_id) {
+                return Err(EntryError::TemplateAndId);
+            }
+            if self.is_node_alias() {
+                return Err(EntryError::NotForKind {
+                    field: "spiffe_id_template",
+                    reason: "a node alias has a fixed SPIFFE ID",
+                });
+            }
+            if self.spawn_max_ttl.is_some() || self.spawn_max_depth.is_some() {
+                return Err(EntryError::NotForKind {
+                    field: "spawn_max_ttl",
+                    reason: "a template entry cannot spawn sub-agents",
+                });
+            }
+        }
+        if self.is_node_alias() && (self.spawn_max_ttl.is_some() || self.spawn_max_depth.is_some())
+        {
+            return Err(EntryError::NotForKind {
+                field: "spawn_max_ttl",
+                reason: "a node alias names nodes, which spawn no sub-agents",
+            });
+        }
         for (field, id) in [
             ("spiffe_id", &self.spiffe_id),
             ("parent_id", &self.parent_id),
@@ -252,7 +342,7 @@ impl RegistrationEntry {
                 });
             }
         }
-        if by == Registrant::Operator {
+        if by == Registrant::Operator && !self.is_template() {
             self.spiffe_id
                 .check_not_reserved()
                 .map_err(|source| EntryError::Reserved {
@@ -268,7 +358,8 @@ impl RegistrationEntry {
                 id: self.spiffe_id.to_string(),
             });
         }
-        if self.selectors.is_empty() {
+        // A template entry may have none: its placeholders are then its requirement.
+        if self.selectors.is_empty() && !self.is_template() {
             return Err(EntryError::NoSelectors);
         }
         if self.selectors.len() > selector::MAX_SELECTORS {
@@ -393,6 +484,12 @@ impl RegistrationEntry {
     pub fn is_expired(&self, now: i64) -> bool {
         self.expires_at.is_some_and(|t| t <= now)
     }
+}
+
+/// Whether `id` is the identity server's own SPIFFE ID, `spiffe://<td>/writ/server`: as
+/// an entry's parent, it makes the entry a node alias.
+pub fn is_server_id(id: &SpiffeId) -> bool {
+    id.path() == crate::server::node_service::SERVER_PATH
 }
 
 /// Whether `name` is a DNS name (optionally with a leading `*.` wildcard).
@@ -648,6 +745,93 @@ mod tests {
         assert_eq!(e.spawn_max_children, None);
         assert_eq!(e.spawn_children_cap(), DEFAULT_SPAWN_MAX_CHILDREN);
         assert_eq!(e.spawn_max_ttl, None, "a default entry still cannot spawn");
+    }
+
+    #[test]
+    fn template_entries() {
+        let td = td();
+        let template = IdTemplate::parse("spiffe://example.org/ns/{k8s:ns}/sa/{k8s:sa}").unwrap();
+        let agent = td.spiffe_id("/writ/agent/join_token/x").unwrap();
+        let mut e =
+            RegistrationEntry::from_template(template.clone(), agent.clone(), vec![]).unwrap();
+        assert_eq!(e.spiffe_id.path(), template::STAND_IN_PATH);
+        e.validate(&td).unwrap();
+        assert!(e.is_template() && !e.is_node_alias());
+
+        // Its spiffe_id must be the stand-in.
+        let mut bad = e.clone();
+        bad.spiffe_id = td.spiffe_id("/other").unwrap();
+        assert_eq!(bad.validate(&td), Err(EntryError::TemplateAndId));
+        // No spawn policy.
+        let mut bad = e.clone();
+        bad.spawn_max_ttl = Some(60);
+        bad.spawn_max_depth = Some(1);
+        assert!(
+            bad.validate(&td)
+                .unwrap_err()
+                .to_string()
+                .starts_with("spawn_max_ttl: a template entry cannot spawn")
+        );
+        // Not a node alias.
+        let mut bad = e.clone();
+        bad.parent_id = td.spiffe_id("/writ/server").unwrap();
+        assert!(matches!(
+            bad.validate(&td),
+            Err(EntryError::NotForKind {
+                field: "spiffe_id_template",
+                ..
+            })
+        ));
+        // In the server's trust domain.
+        let other = TrustDomain::new("other.org").unwrap();
+        assert!(matches!(
+            e.clone().validate(&other),
+            Err(EntryError::ForeignTrustDomain {
+                field: "spiffe_id_template",
+                ..
+            })
+        ));
+        // A plain entry still needs a selector.
+        let mut plain = entry();
+        plain.selectors.clear();
+        assert_eq!(plain.validate(&td), Err(EntryError::NoSelectors));
+        // The error names the field.
+        let err =
+            EntryError::from(IdTemplate::parse("spiffe://example.org/writ/{k8s:ns}").unwrap_err());
+        assert!(err.to_string().starts_with("spiffe_id_template: "), "{err}");
+        // Serde keeps the template.
+        let json = serde_json::to_string(&e).unwrap();
+        let back: RegistrationEntry = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn node_aliases() {
+        let td = td();
+        let server = td.spiffe_id("/writ/server").unwrap();
+        let mut alias = RegistrationEntry::new(
+            td.spiffe_id("/cluster/prod").unwrap(),
+            server.clone(),
+            vec!["k8s_psat:cluster:prod".parse().unwrap()],
+        );
+        alias.validate(&td).unwrap();
+        assert!(alias.is_node_alias());
+        // Its own ID is never in /writ/.
+        let mut bad = alias.clone();
+        bad.spiffe_id = td.spiffe_id("/writ/agent/x").unwrap();
+        assert!(matches!(
+            bad.validate(&td),
+            Err(EntryError::Reserved { .. })
+        ));
+        // Nodes spawn no sub-agents.
+        let mut bad = alias.clone();
+        bad.spawn_max_ttl = Some(60);
+        bad.spawn_max_depth = Some(1);
+        assert!(matches!(
+            bad.validate(&td),
+            Err(EntryError::NotForKind { .. })
+        ));
+        assert!(!entry().is_node_alias());
     }
 
     #[test]

@@ -9,6 +9,12 @@
 //! - JWT-SVIDs are reused until half their lifetime.
 //! - When the server cannot be reached, the cache keeps what it has; expired SVIDs are
 //!   never served (the Workload API filters them) and the next tick retries.
+//! - Template entries ([`crate::entry::template`]) cannot be signed ahead: their ID
+//!   depends on the caller. [`Cache::ensure_templates`] renders each template that
+//!   applies to a caller from its attested selectors and has the server sign that ID
+//!   (sending the placeholder values, never the ID). Rendered SVIDs are cached per
+//!   (entry, rendered ID), renewed like the others, and dropped once no workload has
+//!   fetched them for one SVID lifetime, so a removed container's identity is released.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -23,6 +29,7 @@ use crate::attest::workload::{SelectorDemand, SelectorTypes};
 use crate::bundle::BundleSet;
 use crate::clock::{SharedClock, unix_seconds};
 use crate::entry::RegistrationEntry;
+use crate::entry::template::TemplateValues;
 use crate::key_manager::PrivateKey;
 use crate::key_manager::ToRcgen as _;
 use crate::selector::Selector;
@@ -36,6 +43,9 @@ pub const RENEW_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 pub const FULL_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// Most cached JWT-SVIDs before the oldest are dropped.
 pub const MAX_CACHED_JWTS: usize = 10_000;
+/// Most SVIDs rendered from template entries one agent holds at once; past it, a new
+/// rendering is refused (with a warning) until idle ones are released.
+pub const MAX_RENDERED_SVIDS: usize = 10_000;
 
 /// One authorized entry with its current X509-SVID.
 #[derive(Debug, Clone)]
@@ -49,6 +59,19 @@ pub struct CachedSvid {
     pub renew_at: i64,
     /// The sub-agent lease this SVID belongs to, if any.
     pub lease_id: Option<String>,
+    /// For an SVID rendered from a template entry: the values it was rendered from
+    /// (`entry.spiffe_id` is then the rendered ID).
+    pub template: Option<Rendered>,
+}
+
+/// How a template entry's SVID was rendered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// Placeholder -> value, as sent to the server.
+    pub values: TemplateValues,
+    /// The SVID's lifetime in seconds when signed: it is dropped once no workload has
+    /// fetched it for that long.
+    pub lifetime: i64,
 }
 
 /// A sub-agent registered through this agent: its lease, the processes it is bound to,
@@ -84,9 +107,13 @@ pub struct Snapshot {
     /// Sub-agents registered through this agent, ended ones included while their
     /// process lives.
     pub children: Vec<Arc<CachedChild>>,
-    /// The selector types the entries in `svids` use, recomputed with them: attestation
-    /// skips every other type without looking at the entries.
+    /// The selector types the entries in `svids` and `templates` use (placeholders
+    /// included), recomputed with them: attestation skips every other type without
+    /// looking at the entries.
     pub selector_types: SelectorTypes,
+    /// The template entries authorized for this agent, rendered per caller
+    /// ([`Cache::ensure_templates`]); their SVIDs are in `svids` once signed.
+    pub templates: Vec<RegistrationEntry>,
 }
 
 impl Snapshot {
@@ -102,6 +129,15 @@ impl Snapshot {
         self.svids
             .iter()
             .filter(|c| c.entry.selectors.iter().all(|s| have.contains(s)))
+            .filter(|c| match &c.entry.spiffe_id_template {
+                None => true,
+                // A rendered SVID is the caller's only if its selectors render that ID.
+                Some(t) => {
+                    c.template.is_some()
+                        && t.render_for(selectors)
+                            .is_ok_and(|(_, id)| id == c.entry.spiffe_id)
+                }
+            })
             .filter(|c| unix_seconds(c.svid.expires_at) > now)
             .cloned()
             .collect()
@@ -114,13 +150,26 @@ impl Snapshot {
             return false;
         }
         let have: HashSet<&Selector> = found.iter().collect();
-        self.svids.iter().any(|c| {
+        let plain = self.svids.iter().any(|c| {
             let sels = &c.entry.selectors;
             sels.iter().any(|s| skipped.contains_type_of(s))
                 && sels
                     .iter()
                     .all(|s| skipped.contains_type_of(s) || have.contains(s))
-        })
+        });
+        plain
+            || self.templates.iter().any(|t| {
+                let sels = &t.selectors;
+                let placeholder_skipped = t.spiffe_id_template.as_ref().is_some_and(|tp| {
+                    tp.selector_types()
+                        .into_iter()
+                        .any(|(k, n)| skipped.contains(k, n))
+                });
+                (placeholder_skipped || sels.iter().any(|s| skipped.contains_type_of(s)))
+                    && sels
+                        .iter()
+                        .all(|s| skipped.contains_type_of(s) || have.contains(s))
+            })
     }
 }
 
@@ -141,6 +190,26 @@ impl SelectorDemand for Snapshot {
             {
                 for s in sels.iter().filter(uncomputed) {
                     out.insert_type_of(s);
+                }
+            }
+        }
+        for t in &self.templates {
+            let sels = &t.selectors;
+            if sels
+                .iter()
+                .all(|s| !computed.contains_type_of(s) || have.contains(s))
+            {
+                for s in sels.iter().filter(uncomputed) {
+                    out.insert_type_of(s);
+                }
+                for (kind, name) in t
+                    .spiffe_id_template
+                    .iter()
+                    .flat_map(|tp| tp.selector_types())
+                {
+                    if !computed.contains(kind, name) {
+                        out.insert(kind, name);
+                    }
                 }
             }
         }
@@ -167,6 +236,9 @@ pub struct Cache {
     /// The server's reason, while it refuses this agent's entry sync (PermissionDenied:
     /// the agent was evicted or banned); cleared by the next accepted sync.
     refused: Mutex<Option<String>>,
+    /// When a workload last fetched each rendered template SVID, by (entry id,
+    /// rendered ID).
+    template_use: Mutex<HashMap<(String, String), i64>>,
 }
 
 impl Cache {
@@ -181,6 +253,7 @@ impl Cache {
             jwts: Mutex::new(HashMap::new()),
             refresh_lock: tokio::sync::Mutex::new(()),
             refused: Mutex::new(None),
+            template_use: Mutex::new(HashMap::new()),
         })
     }
 
@@ -226,7 +299,19 @@ impl Cache {
         let mut by_id: BTreeMap<String, Arc<CachedSvid>> = current
             .svids
             .iter()
+            .filter(|c| c.template.is_none())
             .map(|c| (c.entry.id.clone(), c.clone()))
+            .collect();
+        let mut rendered: BTreeMap<(String, String), Arc<CachedSvid>> = current
+            .svids
+            .iter()
+            .filter(|c| c.template.is_some())
+            .map(|c| (rendered_key(c), c.clone()))
+            .collect();
+        let mut templates: BTreeMap<String, RegistrationEntry> = current
+            .templates
+            .iter()
+            .map(|e| (e.id.clone(), e.clone()))
             .collect();
         let mut changed = false;
         let mut bundles = current.bundles.clone();
@@ -236,6 +321,7 @@ impl Cache {
             let known: BTreeMap<String, i64> = by_id
                 .values()
                 .map(|c| (c.entry.id.clone(), c.entry.revision))
+                .chain(templates.values().map(|e| (e.id.clone(), e.revision)))
                 .collect();
             let sync = self.node.sync_entries(&known).await;
             // Only the sync says whether the server still knows this agent: a refused
@@ -250,10 +336,24 @@ impl Cache {
             }
             let sync = sync?;
             let ids: HashSet<&String> = sync.ids.iter().collect();
-            let before = by_id.len();
+            let before = (by_id.len(), templates.len(), rendered.len());
             by_id.retain(|id, _| ids.contains(id));
-            changed |= by_id.len() != before;
-            pending.extend(sync.changed);
+            templates.retain(|id, _| ids.contains(id));
+            for entry in sync.changed {
+                // A changed entry drops what was rendered from its older revision; the
+                // next fetch renders it again.
+                rendered.retain(|(id, _), _| id != &entry.id);
+                if entry.is_template() {
+                    by_id.remove(&entry.id);
+                    templates.insert(entry.id.clone(), entry);
+                    changed = true;
+                } else {
+                    templates.remove(&entry.id);
+                    pending.push(entry);
+                }
+            }
+            rendered.retain(|(id, _), _| templates.contains_key(id));
+            changed |= before != (by_id.len(), templates.len(), rendered.len());
             let fresh = self.node.bundles().await?;
             if fresh != bundles {
                 bundles = fresh;
@@ -270,11 +370,7 @@ impl Cache {
             let mut keys = HashMap::new();
             let mut requests = Vec::with_capacity(pending.len());
             for entry in &pending {
-                let key = PrivateKey::generate().map_err(|e| NodeError::Invalid(e.to_string()))?;
-                let spki = rcgen::PublicKeyData::subject_public_key_info(
-                    &key.to_rcgen()
-                        .map_err(|e| NodeError::Invalid(e.to_string()))?,
-                );
+                let (key, spki) = new_key()?;
                 requests.push((entry.id.clone(), spki));
                 keys.insert(entry.id.clone(), key);
             }
@@ -295,29 +391,250 @@ impl Cache {
                             svid,
                             renew_at,
                             lease_id: None,
+                            template: None,
                         }),
                     );
                     changed = true;
                 }
             }
         }
+        changed |= self.refresh_rendered(&mut rendered, now).await;
         if changed {
-            let mut svids: Vec<Arc<CachedSvid>> = by_id.into_values().collect();
-            svids.sort_by(|a, b| {
-                (a.entry.created_at, &a.entry.id).cmp(&(b.entry.created_at, &b.entry.id))
-            });
-            let generation = current.generation + 1;
-            let selector_types = SelectorTypes::of(svids.iter().flat_map(|c| &c.entry.selectors));
-            self.snapshot.store(Arc::new(Snapshot {
+            let svids = by_id.into_values().chain(rendered.into_values()).collect();
+            self.publish(
+                &current,
                 svids,
                 bundles,
-                generation,
-                children: current.children.clone(),
-                selector_types,
-            }));
-            self.updates.send_replace(generation);
+                current.children.clone(),
+                templates.into_values().collect(),
+            );
         }
         Ok(changed)
+    }
+
+    /// Drops the rendered SVIDs no workload fetched for one SVID lifetime and renews
+    /// those due. A server that refuses a renewal (the entry changed or went away)
+    /// drops the SVID; one that cannot be reached keeps it for the next tick. Returns
+    /// whether anything changed.
+    async fn refresh_rendered(
+        &self,
+        rendered: &mut BTreeMap<(String, String), Arc<CachedSvid>>,
+        now: i64,
+    ) -> bool {
+        let mut changed = false;
+        {
+            let mut uses = self.uses();
+            rendered.retain(|key, c| {
+                let last = uses.get(key).copied().unwrap_or(i64::MIN);
+                let lifetime = c.template.as_ref().map_or(0, |r| r.lifetime).max(1);
+                let keep = now.saturating_sub(last) < lifetime;
+                if !keep {
+                    tracing::info!(entry = %c.entry.id, spiffe_id = %c.entry.spiffe_id,
+                        "released a template identity no workload fetched for one SVID lifetime");
+                    changed = true;
+                }
+                keep
+            });
+            uses.retain(|key, _| rendered.contains_key(key));
+        }
+        let due: Vec<Arc<CachedSvid>> = rendered
+            .values()
+            .filter(|c| c.renew_at <= now)
+            .cloned()
+            .collect();
+        for c in due {
+            let key = rendered_key(&c);
+            match self
+                .sign_rendered(&c.entry, &c.entry.spiffe_id, c.template.as_ref(), now)
+                .await
+            {
+                Ok(fresh) => {
+                    rendered.insert(key, fresh);
+                    changed = true;
+                }
+                Err(NodeError::NotAuthorized(_) | NodeError::Invalid(_)) => {
+                    rendered.remove(&key);
+                    changed = true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, entry = %c.entry.id, "renewing a template SVID failed; will retry");
+                }
+            }
+        }
+        changed
+    }
+
+    /// Signs the SVID of `entry` (a template entry, `spiffe_id` its stand-in or an
+    /// earlier rendering) for `id`, rendered from `rendering`'s values.
+    async fn sign_rendered(
+        &self,
+        entry: &RegistrationEntry,
+        id: &crate::spiffe_id::SpiffeId,
+        rendering: Option<&Rendered>,
+        now: i64,
+    ) -> Result<Arc<CachedSvid>, NodeError> {
+        let values = rendering.map(|r| r.values.clone()).unwrap_or_default();
+        let (key, spki) = new_key()?;
+        let mut svid = self
+            .node
+            .sign_template_x509_svid(&entry.id, &values, &spki)
+            .await?;
+        if &svid.spiffe_id != id {
+            return Err(NodeError::Invalid(format!(
+                "the server signed {} for entry {}, not {id}",
+                svid.spiffe_id, entry.id
+            )));
+        }
+        svid.private_key = Some(key);
+        let expires_at = unix_seconds(svid.expires_at);
+        let mut shown = entry.clone();
+        shown.spiffe_id = id.clone();
+        Ok(Arc::new(CachedSvid {
+            entry: shown,
+            svid,
+            renew_at: renew_time(now, expires_at),
+            lease_id: None,
+            template: Some(Rendered {
+                values,
+                lifetime: (expires_at - now).max(1),
+            }),
+        }))
+    }
+
+    /// Renders each template entry that applies to a caller with `selectors` (its
+    /// explicit selectors all held, every placeholder filled by exactly one selector
+    /// with a valid value), marks the rendered SVIDs as fetched now, and has the server
+    /// sign those not cached yet. A template that does not apply is logged at debug;
+    /// a refused value at info (nothing is issued for it).
+    ///
+    /// # Errors
+    /// The first [`NodeError`] if nothing could be signed; SVIDs that were signed are
+    /// kept.
+    pub async fn ensure_templates(&self, selectors: &[Selector]) -> Result<(), NodeError> {
+        let snapshot = self.snapshot();
+        if snapshot.templates.is_empty() {
+            return Ok(());
+        }
+        let now = self.clock.unix_seconds();
+        let have: HashSet<&Selector> = selectors.iter().collect();
+        let mut wanted = Vec::new();
+        for t in &snapshot.templates {
+            let Some(template) = &t.spiffe_id_template else {
+                continue;
+            };
+            if t.is_expired(now) || !t.selectors.iter().all(|s| have.contains(s)) {
+                continue;
+            }
+            match template.render_for(selectors) {
+                Ok((values, id)) => {
+                    let key = (t.id.clone(), id.to_string());
+                    self.uses().insert(key.clone(), now);
+                    if !has_rendered(&snapshot.svids, &key, now) {
+                        wanted.push((t.clone(), values, id, key));
+                    }
+                }
+                Err(e) if e.is_not_applicable() => {
+                    tracing::debug!(entry = %t.id, reason = %e, "template entry does not apply to the caller");
+                }
+                Err(e) => {
+                    // A workload chooses its labels: at most one line a second at info.
+                    static LAST_INFO: std::sync::atomic::AtomicI64 =
+                        std::sync::atomic::AtomicI64::new(0);
+                    let last = LAST_INFO.swap(now, std::sync::atomic::Ordering::Relaxed);
+                    if last < now {
+                        tracing::info!(entry = %t.id, reason = %e, "template value refused; nothing issued");
+                    } else {
+                        tracing::debug!(entry = %t.id, reason = %e, "template value refused; nothing issued");
+                    }
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let _guard = self.refresh_lock.lock().await;
+        let current = self.snapshot.load_full();
+        let mut svids = current.svids.clone();
+        let mut added = false;
+        let mut first_error = None;
+        for (entry, values, id, key) in wanted {
+            if has_rendered(&svids, &key, now) {
+                continue;
+            }
+            if svids.iter().filter(|c| c.template.is_some()).count() >= MAX_RENDERED_SVIDS {
+                tracing::warn!(entry = %entry.id, spiffe_id = %id, max = MAX_RENDERED_SVIDS,
+                    "too many template identities on this agent; refusing a new one until idle ones are released");
+                first_error.get_or_insert(NodeError::Invalid(format!(
+                    "more than {MAX_RENDERED_SVIDS} template identities on this agent"
+                )));
+                continue;
+            }
+            let rendering = Rendered {
+                values,
+                lifetime: 0,
+            };
+            match self.sign_rendered(&entry, &id, Some(&rendering), now).await {
+                Ok(fresh) => {
+                    svids.retain(|c| !(c.template.is_some() && rendered_key(c) == key));
+                    svids.push(fresh);
+                    // Again, under the lock: a refresh meanwhile forgets uses of keys it
+                    // did not hold yet.
+                    self.uses().insert(key, now);
+                    added = true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, entry = %entry.id, spiffe_id = %id, "signing a template SVID failed");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if added {
+            self.publish(
+                &current,
+                svids,
+                current.bundles.clone(),
+                current.children.clone(),
+                current.templates.clone(),
+            );
+        }
+        match first_error {
+            Some(e) if !added => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stores and announces a new snapshot after `current`, sorting the SVIDs and
+    /// recomputing the selector types.
+    fn publish(
+        &self,
+        current: &Snapshot,
+        mut svids: Vec<Arc<CachedSvid>>,
+        bundles: BundleSet,
+        children: Vec<Arc<CachedChild>>,
+        templates: Vec<RegistrationEntry>,
+    ) {
+        svids.sort_by(|a, b| {
+            (a.entry.created_at, &a.entry.id, &a.entry.spiffe_id).cmp(&(
+                b.entry.created_at,
+                &b.entry.id,
+                &b.entry.spiffe_id,
+            ))
+        });
+        let generation = current.generation + 1;
+        let selector_types = selector_types(&svids, &templates);
+        self.snapshot.store(Arc::new(Snapshot {
+            svids,
+            bundles,
+            generation,
+            children,
+            selector_types,
+            templates,
+        }));
+        self.updates.send_replace(generation);
+    }
+
+    fn uses(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), i64>> {
+        self.template_use.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Replaces the sub-agent list with what `update` makes of it (under the same lock
@@ -340,6 +657,7 @@ impl Cache {
             generation,
             children,
             selector_types: current.selector_types.clone(),
+            templates: current.templates.clone(),
         }));
         self.updates.send_replace(generation);
     }
@@ -390,7 +708,10 @@ impl Cache {
         let mut aud = audience.to_vec();
         aud.sort();
         aud.dedup();
-        let key = (entry.id.clone(), aud.clone());
+        let key = match identity.template {
+            Some(_) => (format!("{} {}", entry.id, entry.spiffe_id), aud.clone()),
+            None => (entry.id.clone(), aud.clone()),
+        };
         let now = self.clock.unix_seconds();
         if let Some(hit) = self.jwts().get(&key)
             && hit.refresh_at > now
@@ -398,9 +719,14 @@ impl Cache {
         {
             return Ok(hit.token.clone());
         }
-        let (token, iat, exp) = match &identity.lease_id {
-            Some(lease) => self.node.sign_child_jwt_svid(lease, &aud).await?,
-            None => self.node.sign_jwt_svid(&entry.id, &aud).await?,
+        let (token, iat, exp) = match (&identity.lease_id, &identity.template) {
+            (Some(lease), _) => self.node.sign_child_jwt_svid(lease, &aud).await?,
+            (None, Some(rendered)) => {
+                self.node
+                    .sign_template_jwt_svid(&entry.id, &rendered.values, &aud)
+                    .await?
+            }
+            (None, None) => self.node.sign_jwt_svid(&entry.id, &aud).await?,
         };
         let mut jwts = self.jwts();
         if jwts.len() >= MAX_CACHED_JWTS {
@@ -423,6 +749,47 @@ impl Cache {
     fn jwts(&self) -> std::sync::MutexGuard<'_, HashMap<(String, Vec<String>), CachedJwt>> {
         self.jwts.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The key of a rendered SVID: (entry id, rendered ID).
+fn rendered_key(c: &CachedSvid) -> (String, String) {
+    (c.entry.id.clone(), c.entry.spiffe_id.to_string())
+}
+
+/// Whether `svids` holds an unexpired rendering with this key.
+fn has_rendered(svids: &[Arc<CachedSvid>], key: &(String, String), now: i64) -> bool {
+    svids.iter().any(|c| {
+        c.template.is_some() && &rendered_key(c) == key && unix_seconds(c.svid.expires_at) > now
+    })
+}
+
+/// A fresh private key and its DER SubjectPublicKeyInfo.
+fn new_key() -> Result<(PrivateKey, Vec<u8>), NodeError> {
+    let key = PrivateKey::generate().map_err(|e| NodeError::Invalid(e.to_string()))?;
+    let spki = rcgen::PublicKeyData::subject_public_key_info(
+        &key.to_rcgen()
+            .map_err(|e| NodeError::Invalid(e.to_string()))?,
+    );
+    Ok((key, spki))
+}
+
+/// The selector types the entries use: every selector of `svids` and `templates`, and
+/// the types the templates' placeholders read.
+fn selector_types(svids: &[Arc<CachedSvid>], templates: &[RegistrationEntry]) -> SelectorTypes {
+    let mut types = SelectorTypes::of(
+        svids
+            .iter()
+            .flat_map(|c| &c.entry.selectors)
+            .chain(templates.iter().flat_map(|t| &t.selectors)),
+    );
+    for (kind, name) in templates
+        .iter()
+        .filter_map(|t| t.spiffe_id_template.as_ref())
+        .flat_map(|t| t.selector_types())
+    {
+        types.insert(kind, name);
+    }
+    types
 }
 
 /// Half-life with +/-10 % jitter, never earlier than one second from now.

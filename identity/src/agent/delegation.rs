@@ -284,6 +284,7 @@ impl Delegation {
             entry,
             svid,
             lease_id: Some(lease.id.clone()),
+            template: None,
         }))
     }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::bundle::BundleSet;
+use crate::entry::template::TemplateValues;
 use crate::server::ServerState;
 use crate::server::lease::ChildRequest;
 use crate::server::node::{EntrySync, NodeError, NodeHandler};
@@ -32,6 +33,22 @@ pub trait NodeApi: Send + Sync + Debug {
     async fn sign_jwt_svid(
         &self,
         entry_id: &str,
+        audience: &[String],
+    ) -> Result<(String, i64, i64), NodeError>;
+    /// An X509-SVID for a template entry, for the ID its template yields with `values`
+    /// (placeholder -> value read from the workload's attested selectors; the server
+    /// renders and checks the ID itself), for a DER SubjectPublicKeyInfo.
+    async fn sign_template_x509_svid(
+        &self,
+        entry_id: &str,
+        values: &TemplateValues,
+        spki: &[u8],
+    ) -> Result<X509Svid, NodeError>;
+    /// A JWT-SVID for a template entry and `values`: `(token, issued_at, expires_at)`.
+    async fn sign_template_jwt_svid(
+        &self,
+        entry_id: &str,
+        values: &TemplateValues,
         audience: &[String],
     ) -> Result<(String, i64, i64), NodeError>;
     /// The trust domain's bundle and the federated ones.
@@ -104,6 +121,28 @@ impl NodeApi for LocalNode {
     ) -> Result<(String, i64, i64), NodeError> {
         self.handler
             .sign_jwt_svid(&self.agent_id, entry_id, audience)
+            .await
+    }
+
+    async fn sign_template_x509_svid(
+        &self,
+        entry_id: &str,
+        values: &TemplateValues,
+        spki: &[u8],
+    ) -> Result<X509Svid, NodeError> {
+        self.handler
+            .sign_template_x509_svid(&self.agent_id, entry_id, values, spki)
+            .await
+    }
+
+    async fn sign_template_jwt_svid(
+        &self,
+        entry_id: &str,
+        values: &TemplateValues,
+        audience: &[String],
+    ) -> Result<(String, i64, i64), NodeError> {
+        self.handler
+            .sign_template_jwt_svid(&self.agent_id, entry_id, values, audience)
             .await
     }
 

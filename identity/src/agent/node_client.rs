@@ -651,6 +651,7 @@ impl NodeApi for GrpcNode {
                     .map(|(entry_id, public_key)| pb::X509SvidRequest {
                         entry_id: entry_id.clone(),
                         public_key: public_key.clone(),
+                        template_values: Default::default(),
                     })
                     .collect(),
             })
@@ -674,6 +675,52 @@ impl NodeApi for GrpcNode {
             .sign_jwt_svid(pb::SignJwtSvidRequest {
                 entry_id: entry_id.to_owned(),
                 audience: audience.to_vec(),
+                template_values: Default::default(),
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        Ok((r.token, r.issued_at, r.expires_at))
+    }
+
+    async fn sign_template_x509_svid(
+        &self,
+        entry_id: &str,
+        values: &crate::entry::template::TemplateValues,
+        spki: &[u8],
+    ) -> Result<X509Svid, NodeError> {
+        let response = self
+            .client()
+            .sign_x509_svids(pb::SignX509SvidsRequest {
+                requests: vec![pb::X509SvidRequest {
+                    entry_id: entry_id.to_owned(),
+                    public_key: spki.to_vec(),
+                    template_values: values.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                }],
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        let signed = response
+            .svids
+            .into_iter()
+            .find(|s| s.entry_id == entry_id)
+            .ok_or_else(|| NodeError::Invalid("the server returned no SVID".into()))?;
+        svid_from_signed(signed)
+    }
+
+    async fn sign_template_jwt_svid(
+        &self,
+        entry_id: &str,
+        values: &crate::entry::template::TemplateValues,
+        audience: &[String],
+    ) -> Result<(String, i64, i64), NodeError> {
+        let r = self
+            .client()
+            .sign_jwt_svid(pb::SignJwtSvidRequest {
+                entry_id: entry_id.to_owned(),
+                audience: audience.to_vec(),
+                template_values: values.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             })
             .await
             .map_err(status)?

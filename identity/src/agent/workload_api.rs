@@ -181,14 +181,35 @@ impl WorkloadApi {
         .await
         .map_err(|e| WorkloadApiError::Attestation(e.to_string()))?
         .map_err(|e| WorkloadApiError::Attestation(e.to_string()))?;
-        Ok(Attested {
+        let attested = Attested {
             pid,
             start_time,
             selectors,
             skipped,
             caller,
             under_sub_agent,
-        })
+        };
+        self.ensure_templates(&attested).await;
+        Ok(attested)
+    }
+
+    /// Has the cache render and sign the template entries that apply to `caller` (and
+    /// marks those it holds as fetched), unless the caller is or runs under a
+    /// sub-agent, which gets no entry's identity. A failure is logged: the caller still
+    /// gets every other identity it has.
+    pub async fn ensure_templates(&self, caller: &Attested) {
+        if caller.under_sub_agent
+            || self
+                .cache
+                .snapshot()
+                .child_process(caller.pid, caller.start_time)
+                .is_some()
+        {
+            return;
+        }
+        if let Err(e) = self.cache.ensure_templates(&caller.selectors).await {
+            tracing::warn!(pid = caller.pid, error = %e, "no template identity for the caller");
+        }
     }
 
     /// The caller's selectors, computing only the types the cached entries that could
@@ -274,11 +295,13 @@ impl WorkloadApi {
                 "process {pid} was replaced by another process"
             )));
         }
-        Ok(Attested {
+        let attested = Attested {
             selectors,
             skipped,
             ..caller.clone()
-        })
+        };
+        self.ensure_templates(&attested).await;
+        Ok(attested)
     }
 
     /// The caller's identities: a registered sub-agent process gets its own SVID only
@@ -430,6 +453,9 @@ where
                     }
                 }
             }
+            // Keeps the caller's template identities fetched (and signed again if the
+            // entry changed) while the stream is open.
+            st.api.ensure_templates(&st.caller).await;
             let (snapshot, svids) = st.api.identities(&st.caller);
             if svids.is_empty() {
                 st.done = true;

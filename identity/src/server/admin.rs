@@ -10,11 +10,12 @@ use tonic::{Request, Response, Status};
 
 use super::ServerState;
 use crate::ca::CaError;
+use crate::entry::template::IdTemplate;
 use crate::entry::{EntryError, RegistrationEntry};
 use crate::proto::admin as pb;
 use crate::selector::{Selector, SelectorError};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
-use crate::store::{EntryFilter, JoinTokenRecord, StoreError};
+use crate::store::{EntryFilter, JoinTokenRecord, StoreError, TemplateIssue};
 
 pub use pb::admin_client::AdminClient;
 pub use pb::admin_server::AdminServer;
@@ -85,7 +86,21 @@ pub fn entry_from_proto(
     p: pb::Entry,
     trust_domain: &TrustDomain,
 ) -> Result<RegistrationEntry, AdminError> {
-    let spiffe_id = SpiffeId::new(&p.spiffe_id).map_err(|e| invalid("spiffe_id", e))?;
+    let template = if p.spiffe_id_template.is_empty() {
+        None
+    } else {
+        Some(IdTemplate::parse(&p.spiffe_id_template).map_err(EntryError::from)?)
+    };
+    let spiffe_id = match &template {
+        Some(t) => {
+            let stand_in = t.stand_in().map_err(|e| invalid("spiffe_id_template", e))?;
+            if !p.spiffe_id.is_empty() && p.spiffe_id != stand_in.as_str() {
+                return Err(EntryError::TemplateAndId.into());
+            }
+            stand_in
+        }
+        None => SpiffeId::new(&p.spiffe_id).map_err(|e| invalid("spiffe_id", e))?,
+    };
     let parent_id = SpiffeId::new(&p.parent_id).map_err(|e| invalid("parent_id", e))?;
     if p.selectors.len() > crate::selector::MAX_SELECTORS {
         return Err(EntryError::Selector(SelectorError::TooMany {
@@ -122,6 +137,7 @@ pub fn entry_from_proto(
     entry.spawn_max_ttl = p.spawn_max_ttl;
     entry.spawn_max_depth = p.spawn_max_depth;
     entry.spawn_max_children = p.spawn_max_children;
+    entry.spiffe_id_template = template;
     entry.validate(trust_domain)?;
     Ok(entry)
 }
@@ -146,6 +162,22 @@ pub fn entry_to_proto(e: &RegistrationEntry) -> pb::Entry {
         spawn_max_ttl: e.spawn_max_ttl,
         spawn_max_depth: e.spawn_max_depth,
         spawn_max_children: e.spawn_max_children,
+        spiffe_id_template: e
+            .spiffe_id_template
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        template_issues: Vec::new(),
+    }
+}
+
+/// A template issue in its wire form.
+pub fn template_issue_to_proto(i: &TemplateIssue) -> pb::TemplateIssue {
+    pb::TemplateIssue {
+        agent_id: i.agent_id.to_string(),
+        spiffe_id: i.spiffe_id.to_string(),
+        first_issued_at: i.first_issued_at,
+        last_issued_at: i.last_issued_at,
     }
 }
 
@@ -261,7 +293,19 @@ impl pb::admin_server::Admin for AdminService {
             .await
             .map_err(AdminError::from)?
             .ok_or(AdminError::Store(StoreError::NotFound { kind: "entry" }))?;
-        Ok(Response::new(entry_to_proto(&entry)))
+        let mut out = entry_to_proto(&entry);
+        if entry.is_template() {
+            out.template_issues = self
+                .state
+                .store
+                .list_template_issues(&entry.id)
+                .await
+                .map_err(AdminError::from)?
+                .iter()
+                .map(template_issue_to_proto)
+                .collect();
+        }
+        Ok(Response::new(out))
     }
 
     async fn list_entries(
@@ -504,10 +548,12 @@ fn agent_to_proto(a: &crate::store::AttestedAgent) -> pb::Agent {
 
 impl AdminService {
     /// `Ok` if something holds `parent`: the server's own agent (`writ dev`'s embedded
-    /// one), an attested agent, or the SPIFFE ID of another entry. An entry under a
-    /// parent nothing holds can never be served.
+    /// one), an attested agent, the SPIFFE ID of another entry (not a template entry's
+    /// stand-in: template entries are leaves), or the server itself (a node alias). An
+    /// entry under a parent nothing holds can never be served.
     async fn check_parent(&self, parent: &SpiffeId) -> Result<(), AdminError> {
         if self.state.config.default_parent_id.as_ref() == Some(parent)
+            || crate::entry::is_server_id(parent)
             || self.state.store.fetch_agent(parent).await?.is_some()
         {
             return Ok(());
@@ -520,7 +566,7 @@ impl AdminService {
                 parent_id: None,
             })
             .await?;
-        if holders.is_empty() {
+        if holders.iter().all(RegistrationEntry::is_template) {
             return Err(invalid(
                 "parent_id",
                 format!(

@@ -10,6 +10,7 @@ use super::ServerState;
 use crate::bundle::{Bundle, BundleSet};
 use crate::ca::CaError;
 use crate::entry::RegistrationEntry;
+use crate::entry::template::TemplateValues;
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 use crate::store::{EntryFilter, StoreError};
 use crate::svid::x509::X509Svid;
@@ -109,6 +110,14 @@ impl From<crate::attest::node::k8s_psat::PsatError> for NodeError {
     }
 }
 
+/// The refusal of a plain signature for a template entry (its ID needs values).
+fn template_needs_values(entry: &RegistrationEntry) -> NodeError {
+    NodeError::Invalid(format!(
+        "entry {} is a template entry: its ID is rendered from the workload's selector values, which the request must carry",
+        entry.id
+    ))
+}
+
 /// What an agent learns from a sync.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EntrySync {
@@ -135,8 +144,12 @@ impl NodeHandler {
         &self.state
     }
 
-    /// The unexpired entries whose parent is the agent, or (transitively) another entry
-    /// authorized for it.
+    /// The unexpired entries whose parent is the agent, one of the node aliases that
+    /// cover it, or (transitively) another entry authorized for it. A node alias (an
+    /// entry whose parent is the server's ID, [`RegistrationEntry::is_node_alias`])
+    /// covers the agent when all its selectors are among the agent's stored node
+    /// selectors; the alias itself is not returned (it names nodes, not workloads).
+    /// Template entries are leaves: their stand-in ID is never a parent.
     ///
     /// # Errors
     /// [`NodeError::Store`] if the store fails.
@@ -148,6 +161,7 @@ impl NodeHandler {
         let mut out = Vec::new();
         let mut seen_parents = HashSet::new();
         let mut queue = VecDeque::from([agent_id.clone()]);
+        queue.extend(self.node_aliases(agent_id, now).await?);
         while let Some(parent) = queue.pop_front() {
             if !seen_parents.insert(parent.clone()) {
                 continue;
@@ -161,10 +175,12 @@ impl NodeHandler {
                 })
                 .await?;
             for entry in children {
-                if entry.is_expired(now) {
+                if entry.is_expired(now) || entry.is_node_alias() {
                     continue;
                 }
-                queue.push_back(entry.spiffe_id.clone());
+                if !entry.is_template() {
+                    queue.push_back(entry.spiffe_id.clone());
+                }
                 out.push(entry);
                 if out.len() > MAX_ENTRIES_PER_AGENT {
                     return Err(NodeError::Invalid(format!(
@@ -175,6 +191,42 @@ impl NodeHandler {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+
+    /// The IDs of the unexpired node aliases whose selectors are all among the agent's
+    /// stored node selectors (none for an agent with no record, such as `writ dev`'s).
+    async fn node_aliases(
+        &self,
+        agent_id: &SpiffeId,
+        now: i64,
+    ) -> Result<Vec<SpiffeId>, NodeError> {
+        let Some(agent) = self.state.store.fetch_agent(agent_id).await? else {
+            return Ok(Vec::new());
+        };
+        if agent.selectors.is_empty() {
+            return Ok(Vec::new());
+        }
+        let server_id = self
+            .state
+            .config
+            .trust_domain
+            .spiffe_id(super::node_service::SERVER_PATH)
+            .map_err(|e| NodeError::Invalid(e.to_string()))?;
+        let have: HashSet<_> = agent.selectors.iter().collect();
+        let aliases = self
+            .state
+            .store
+            .list_entries(&EntryFilter {
+                parent_id: Some(server_id),
+                ..EntryFilter::default()
+            })
+            .await?;
+        Ok(aliases
+            .into_iter()
+            .filter(|a| !a.is_expired(now) && !a.is_template() && !a.selectors.is_empty())
+            .filter(|a| a.selectors.iter().all(|s| have.contains(s)))
+            .map(|a| a.spiffe_id)
+            .collect())
     }
 
     /// The entries the agent lacks (by id and revision) and all authorized ids.
@@ -232,10 +284,14 @@ impl NodeHandler {
             .collect();
         let mut out = Vec::with_capacity(requests.len());
         for (entry_id, _) in requests {
-            if !authorized.contains_key(entry_id) {
-                return Err(NodeError::NotAuthorized(
-                    entry_id.chars().take(64).collect(),
-                ));
+            match authorized.get(entry_id) {
+                None => {
+                    return Err(NodeError::NotAuthorized(
+                        entry_id.chars().take(64).collect(),
+                    ));
+                }
+                Some(entry) if entry.is_template() => return Err(template_needs_values(entry)),
+                Some(_) => {}
             }
         }
         for (entry_id, spki) in requests {
@@ -264,12 +320,89 @@ impl NodeHandler {
         audience: &[String],
     ) -> Result<(String, i64, i64), NodeError> {
         let entry = self.authorized_entry(agent_id, entry_id).await?;
+        if entry.is_template() {
+            return Err(template_needs_values(&entry));
+        }
         let ttl = (entry.jwt_svid_ttl > 0).then(|| Duration::from_secs(entry.jwt_svid_ttl));
         let issued_at = self.state.clock.unix_seconds();
         let (token, exp) = self
             .state
             .ca
             .sign_jwt_svid(&entry.spiffe_id, audience, ttl)?;
+        Ok((token, issued_at, crate::clock::unix_seconds(exp)))
+    }
+
+    /// The ID template entry `entry_id` yields for `values` (the placeholder values the
+    /// agent read from the workload's attested selectors), re-rendered and checked here:
+    /// the agent never sends an ID. Records the issue ([`crate::store::Store::record_template_issue`]).
+    async fn rendered(
+        &self,
+        agent_id: &SpiffeId,
+        entry_id: &str,
+        values: &TemplateValues,
+    ) -> Result<(RegistrationEntry, SpiffeId), NodeError> {
+        if values.len() > crate::entry::template::MAX_PLACEHOLDERS {
+            return Err(NodeError::Invalid(format!(
+                "at most {} template values",
+                crate::entry::template::MAX_PLACEHOLDERS
+            )));
+        }
+        let entry = self.authorized_entry(agent_id, entry_id).await?;
+        let Some(template) = &entry.spiffe_id_template else {
+            return Err(NodeError::Invalid(format!(
+                "entry {} is not a template entry; send no template values",
+                entry.id
+            )));
+        };
+        let id = template.render(values).map_err(|e| {
+            tracing::info!(entry = %entry.id, agent = %agent_id, reason = %e, "template value refused; nothing issued");
+            NodeError::Invalid(format!("entry {}: {e}", entry.id))
+        })?;
+        let now = self.state.clock.unix_seconds();
+        self.state
+            .store
+            .record_template_issue(&entry.id, agent_id, &id, now)
+            .await?;
+        Ok((entry, id))
+    }
+
+    /// Signs an X509-SVID for template entry `entry_id`, for the ID its template yields
+    /// with `values`, if the entry is authorized for the agent.
+    ///
+    /// # Errors
+    /// [`NodeError::NotAuthorized`], [`NodeError::Invalid`] for values that fill no
+    /// valid ID (or an entry that is not a template), a store or CA error.
+    pub async fn sign_template_x509_svid(
+        &self,
+        agent_id: &SpiffeId,
+        entry_id: &str,
+        values: &TemplateValues,
+        spki: &[u8],
+    ) -> Result<X509Svid, NodeError> {
+        let (entry, id) = self.rendered(agent_id, entry_id, values).await?;
+        let ttl = (entry.x509_svid_ttl > 0).then(|| Duration::from_secs(entry.x509_svid_ttl));
+        Ok(self
+            .state
+            .ca
+            .sign_x509_svid(&id, spki, ttl, &entry.dns_names)?)
+    }
+
+    /// Signs a JWT-SVID for template entry `entry_id` and `values`, as
+    /// [`Self::sign_template_x509_svid`]. Returns `(token, issued_at, expires_at)`.
+    ///
+    /// # Errors
+    /// As [`Self::sign_template_x509_svid`], or a bad audience.
+    pub async fn sign_template_jwt_svid(
+        &self,
+        agent_id: &SpiffeId,
+        entry_id: &str,
+        values: &TemplateValues,
+        audience: &[String],
+    ) -> Result<(String, i64, i64), NodeError> {
+        let (entry, id) = self.rendered(agent_id, entry_id, values).await?;
+        let ttl = (entry.jwt_svid_ttl > 0).then(|| Duration::from_secs(entry.jwt_svid_ttl));
+        let issued_at = self.state.clock.unix_seconds();
+        let (token, exp) = self.state.ca.sign_jwt_svid(&id, audience, ttl)?;
         Ok((token, issued_at, crate::clock::unix_seconds(exp)))
     }
 

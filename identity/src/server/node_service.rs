@@ -404,13 +404,30 @@ impl pb::node_server::Node for NodeService {
         request: Request<pb::SignX509SvidsRequest>,
     ) -> Result<Response<pb::SignX509SvidsResponse>, Status> {
         let id = self.agent(&request).await?;
-        let requests: Vec<(String, Vec<u8>)> = request
-            .into_inner()
-            .requests
+        let all = request.into_inner().requests;
+        if all.len() > super::node::MAX_SIGN_BATCH {
+            return Err(NodeError::Invalid(format!(
+                "at most {} SVIDs per request",
+                super::node::MAX_SIGN_BATCH
+            ))
+            .into());
+        }
+        // Template entries carry their placeholder values and are signed one by one.
+        let (templated, plain): (Vec<_>, Vec<_>) =
+            all.into_iter().partition(|r| !r.template_values.is_empty());
+        let requests: Vec<(String, Vec<u8>)> = plain
             .into_iter()
             .map(|r| (r.entry_id, r.public_key))
             .collect();
-        let signed = self.handler.sign_x509_svids(&id, &requests).await?;
+        let mut signed = self.handler.sign_x509_svids(&id, &requests).await?;
+        for r in templated {
+            let values = r.template_values.into_iter().collect();
+            let svid = self
+                .handler
+                .sign_template_x509_svid(&id, &r.entry_id, &values, &r.public_key)
+                .await?;
+            signed.push((r.entry_id, svid));
+        }
         Ok(Response::new(pb::SignX509SvidsResponse {
             svids: signed
                 .into_iter()
@@ -429,10 +446,16 @@ impl pb::node_server::Node for NodeService {
     ) -> Result<Response<pb::SignJwtSvidResponse>, Status> {
         let id = self.agent(&request).await?;
         let r = request.into_inner();
-        let (token, issued_at, expires_at) = self
-            .handler
-            .sign_jwt_svid(&id, &r.entry_id, &r.audience)
-            .await?;
+        let (token, issued_at, expires_at) = if r.template_values.is_empty() {
+            self.handler
+                .sign_jwt_svid(&id, &r.entry_id, &r.audience)
+                .await?
+        } else {
+            let values = r.template_values.into_iter().collect();
+            self.handler
+                .sign_template_jwt_svid(&id, &r.entry_id, &values, &r.audience)
+                .await?
+        };
         Ok(Response::new(pb::SignJwtSvidResponse {
             token,
             expires_at,

@@ -195,6 +195,25 @@ impl LeaseRecord {
     }
 }
 
+/// Most IDs remembered per template entry as produced ([`Store::record_template_issue`]
+/// keeps the most recently issued ones).
+pub const MAX_TEMPLATE_ISSUES_PER_ENTRY: u32 = 256;
+
+/// One ID a template entry produced on one agent: when it was first and last issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateIssue {
+    /// The template entry.
+    pub entry_id: String,
+    /// The agent the SVID was issued through.
+    pub agent_id: SpiffeId,
+    /// The rendered SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// Unix seconds of the first issue.
+    pub first_issued_at: i64,
+    /// Unix seconds of the latest issue (a renewal counts).
+    pub last_issued_at: i64,
+}
+
 /// Narrows [`Store::list_entries`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EntryFilter {
@@ -333,6 +352,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<LeaseRecord>, StoreError>;
     /// Deletes leases that ended (expired or released) before `before`; returns how many.
     async fn prune_leases(&self, before: i64) -> Result<u64, StoreError>;
+
+    /// Records that template entry `entry_id` produced `spiffe_id` on `agent_id` at
+    /// `now`: a new row, or a later `last_issued_at` on the existing one. Keeps at most
+    /// [`MAX_TEMPLATE_ISSUES_PER_ENTRY`] rows per entry (the most recently issued); the
+    /// rows go with the entry when it is deleted.
+    async fn record_template_issue(
+        &self,
+        entry_id: &str,
+        agent_id: &SpiffeId,
+        spiffe_id: &SpiffeId,
+        now: i64,
+    ) -> Result<(), StoreError>;
+    /// The IDs template entry `entry_id` produced, most recently issued first.
+    async fn list_template_issues(&self, entry_id: &str) -> Result<Vec<TemplateIssue>, StoreError>;
 }
 
 /// A shared store handle.

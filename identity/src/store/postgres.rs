@@ -12,11 +12,11 @@ use sqlx::{PgPool, Postgres, Transaction};
 
 use super::schema::{
     self, EntryParams, agent_from_row, bind_entry, bundle_from_row, entry_from_row,
-    join_token_from_row, journal_from_row, lease_from_row,
+    join_token_from_row, journal_from_row, lease_from_row, template_issue_from_row,
 };
 use super::{
     AttestedAgent, BundleRecord, EntryFilter, JoinTokenRecord, JournalRecord, LeaseRecord, Store,
-    StoreError,
+    StoreError, TemplateIssue,
 };
 use crate::entry::RegistrationEntry;
 use crate::selector::Selector;

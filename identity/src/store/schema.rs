@@ -14,8 +14,12 @@ use std::sync::LazyLock;
 use sha2::{Digest, Sha256};
 use sqlx::{ColumnIndex, Decode, PgPool, Row, SqlitePool, Type};
 
-use super::{AttestedAgent, BundleRecord, JoinTokenRecord, JournalRecord, LeaseRecord, StoreError};
+use super::{
+    AttestedAgent, BundleRecord, JoinTokenRecord, JournalRecord, LeaseRecord, StoreError,
+    TemplateIssue,
+};
 use crate::entry::RegistrationEntry;
+use crate::entry::template::IdTemplate;
 use crate::selector::{MAX_SELECTORS, Selector};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 
@@ -133,6 +137,20 @@ pub(super) const SQLITE_MIGRATIONS: &[Migration] = &[
         )",
         ],
     },
+    Migration {
+        version: 5,
+        statements: &[
+            "ALTER TABLE entries ADD COLUMN spiffe_id_template TEXT",
+            "CREATE TABLE template_issues (
+            entry_id TEXT NOT NULL REFERENCES entries (id) ON DELETE CASCADE,
+            agent_id TEXT NOT NULL,
+            spiffe_id TEXT NOT NULL,
+            first_issued_at INTEGER NOT NULL,
+            last_issued_at INTEGER NOT NULL,
+            PRIMARY KEY (entry_id, agent_id, spiffe_id)
+        ) WITHOUT ROWID",
+        ],
+    },
 ];
 
 /// PostgreSQL migrations, oldest first. Keys use the `C` collation so that `ORDER BY`
@@ -231,6 +249,20 @@ pub(super) const POSTGRES_MIGRATIONS: &[Migration] = &[
             r#"CREATE TABLE settings (
             name TEXT COLLATE "C" PRIMARY KEY NOT NULL,
             value TEXT NOT NULL
+        )"#,
+        ],
+    },
+    Migration {
+        version: 5,
+        statements: &[
+            "ALTER TABLE entries ADD COLUMN spiffe_id_template TEXT",
+            r#"CREATE TABLE template_issues (
+            entry_id TEXT COLLATE "C" NOT NULL REFERENCES entries (id) ON DELETE CASCADE,
+            agent_id TEXT COLLATE "C" NOT NULL,
+            spiffe_id TEXT COLLATE "C" NOT NULL,
+            first_issued_at BIGINT NOT NULL,
+            last_issued_at BIGINT NOT NULL,
+            PRIMARY KEY (entry_id, agent_id, spiffe_id)
         )"#,
         ],
     },
@@ -365,14 +397,14 @@ macro_rules! entry_select {
         "SELECT e.id, e.spiffe_id, e.parent_id, e.selector_count, e.x509_svid_ttl, \
          e.jwt_svid_ttl, e.dns_names, e.federates_with, e.admin, e.downstream, \
          e.expires_at, e.hint, e.revision, e.created_at, e.spawn_max_ttl, \
-         e.spawn_max_depth, e.spawn_max_children, \
+         e.spawn_max_depth, e.spawn_max_children, e.spiffe_id_template, \
          (SELECT string_agg(s.type || ':' || s.value, '\n') \
             FROM entry_selectors s WHERE s.entry_id = e.id) AS selectors \
          FROM entries e"
     };
 }
 
-/// Most entry rows one `INSERT` writes (17 parameters each).
+/// Most entry rows one `INSERT` writes (18 parameters each).
 pub(super) const ENTRY_ROWS_PER_INSERT: usize = 32;
 /// Most selector rows one `INSERT` writes (4 parameters each).
 pub(super) const SELECTOR_ROWS_PER_INSERT: usize = 128;
@@ -383,7 +415,7 @@ fn placeholders(first: usize, count: usize, tail: &str) -> String {
     format!("({}{tail})", params.join(", "))
 }
 
-/// Inserts 1..=ENTRY_ROWS_PER_INSERT entry rows, each bound as `$1..=$16` of
+/// Inserts 1..=ENTRY_ROWS_PER_INSERT entry rows, each bound as `$1..=$17` of
 /// [`bind_entry`] followed by the creation time; the revision starts at 1. Writing many
 /// rows per statement matters to SQLite, whose driver hands every statement to a worker
 /// thread and back.
@@ -391,13 +423,13 @@ static INSERT_ENTRIES: LazyLock<Vec<String>> = LazyLock::new(|| {
     (1..=ENTRY_ROWS_PER_INSERT)
         .map(|n| {
             let rows: Vec<String> = (0..n)
-                .map(|i| placeholders(17 * i + 1, 17, ", 1"))
+                .map(|i| placeholders(18 * i + 1, 18, ", 1"))
                 .collect();
             format!(
                 "INSERT INTO entries (id, spiffe_id, parent_id, identity_key, selector_count, \
                  x509_svid_ttl, jwt_svid_ttl, dns_names, federates_with, admin, downstream, \
                  expires_at, hint, spawn_max_ttl, spawn_max_depth, spawn_max_children, \
-                 created_at, revision) \
+                 spiffe_id_template, created_at, revision) \
                  VALUES {}",
                 rows.join(", ")
             )
@@ -448,13 +480,13 @@ pub(super) fn selector_rows<'p, 'a>(
     })
 }
 
-/// Replaces an entry row (`$1..=$16` as [`bind_entry`] binds them) if its revision is
-/// `$17`, and bumps the revision. `created_at` keeps the time of the first creation.
+/// Replaces an entry row (`$1..=$17` as [`bind_entry`] binds them) if its revision is
+/// `$18`, and bumps the revision. `created_at` keeps the time of the first creation.
 pub(super) const UPDATE_ENTRY: &str = "UPDATE entries SET spiffe_id = $2, parent_id = $3, \
      identity_key = $4, selector_count = $5, x509_svid_ttl = $6, jwt_svid_ttl = $7, \
      dns_names = $8, federates_with = $9, admin = $10, downstream = $11, expires_at = $12, \
      hint = $13, spawn_max_ttl = $14, spawn_max_depth = $15, spawn_max_children = $16, \
-     revision = revision + 1 WHERE id = $1 AND revision = $17";
+     spiffe_id_template = $17, revision = revision + 1 WHERE id = $1 AND revision = $18";
 
 /// The stored revision of an entry.
 pub(super) const ENTRY_REVISION: &str = "SELECT revision FROM entries WHERE id = $1";
@@ -636,6 +668,22 @@ pub(super) static LIST_LEASES: LazyLock<String> = LazyLock::new(|| {
 pub(super) const PRUNE_LEASES: &str = "DELETE FROM leases WHERE expires_at < $1 \
      OR (released_at IS NOT NULL AND released_at < $1)";
 
+/// Records one issue of a template's rendered ID to an agent: `$1` entry, `$2` agent,
+/// `$3` SPIFFE ID, `$4` now.
+pub(super) const RECORD_TEMPLATE_ISSUE: &str = "INSERT INTO template_issues (entry_id, \
+     agent_id, spiffe_id, first_issued_at, last_issued_at) VALUES ($1, $2, $3, $4, $4) \
+     ON CONFLICT (entry_id, agent_id, spiffe_id) \
+     DO UPDATE SET last_issued_at = excluded.last_issued_at";
+/// Keeps the `$2` most recently issued rows of entry `$1` and deletes the rest.
+pub(super) const PRUNE_TEMPLATE_ISSUES: &str = "DELETE FROM template_issues \
+     WHERE entry_id = $1 AND agent_id || ' ' || spiffe_id NOT IN \
+     (SELECT agent_id || ' ' || spiffe_id FROM template_issues WHERE entry_id = $1 \
+     ORDER BY last_issued_at DESC, agent_id, spiffe_id LIMIT $2)";
+/// The issues of entry `$1`, most recent first.
+pub(super) const LIST_TEMPLATE_ISSUES: &str = "SELECT entry_id, agent_id, spiffe_id, \
+     first_issued_at, last_issued_at FROM template_issues WHERE entry_id = $1 \
+     ORDER BY last_issued_at DESC, agent_id, spiffe_id";
+
 // ---------------------------------------------------------------------------------------
 // Outcomes shared by both backends.
 // ---------------------------------------------------------------------------------------
@@ -715,7 +763,9 @@ pub(super) struct EntryParams<'a> {
     pub spawn_max_depth: Option<i64>,
     /// `$16`.
     pub spawn_max_children: Option<i64>,
-    /// Bound by the insert only, as `$17`.
+    /// `$17`: the template text, for a template entry.
+    pub spiffe_id_template: Option<&'a str>,
+    /// Bound by the insert only, as `$18`.
     pub created_at: i64,
     /// Sorted, without duplicates; stored in `entry_selectors`.
     pub selectors: Vec<&'a Selector>,
@@ -725,13 +775,13 @@ impl<'a> EntryParams<'a> {
     /// The row values of `entry`.
     ///
     /// # Errors
-    /// [`StoreError::Invalid`] for an entry with no selectors, more than
+    /// [`StoreError::Invalid`] for an entry with no selectors (but a template entry), more than
     /// [`MAX_SELECTORS`], or a TTL beyond `i64::MAX`.
     pub(super) fn new(entry: &'a RegistrationEntry) -> Result<Self, StoreError> {
         let mut selectors: Vec<&Selector> = entry.selectors.iter().collect();
         selectors.sort();
         selectors.dedup();
-        if selectors.is_empty() {
+        if selectors.is_empty() && entry.spiffe_id_template.is_none() {
             return Err(StoreError::Invalid(
                 "an entry needs at least one selector".into(),
             ));
@@ -748,7 +798,12 @@ impl<'a> EntryParams<'a> {
             id: &entry.id,
             spiffe_id: entry.spiffe_id.as_str(),
             parent_id: entry.parent_id.as_str(),
-            identity_key: identity_key(&entry.spiffe_id, &entry.parent_id, &selectors),
+            identity_key: identity_key(
+                &entry.spiffe_id,
+                entry.spiffe_id_template.as_ref().map(IdTemplate::as_str),
+                &entry.parent_id,
+                &selectors,
+            ),
             selector_count: i64::try_from(selectors.len())
                 .map_err(|_| too_many_selectors(selectors.len()))?,
             x509_svid_ttl: to_i64(entry.x509_svid_ttl, "x509_svid_ttl")?,
@@ -766,6 +821,7 @@ impl<'a> EntryParams<'a> {
                 .transpose()?,
             spawn_max_depth: entry.spawn_max_depth.map(i64::from),
             spawn_max_children: entry.spawn_max_children.map(i64::from),
+            spiffe_id_template: entry.spiffe_id_template.as_ref().map(IdTemplate::as_str),
             selectors,
         })
     }
@@ -780,7 +836,7 @@ impl<'a> EntryParams<'a> {
     }
 }
 
-/// Binds [`EntryParams`] (all but `created_at`) as `$1..=$16` of `query`, whichever the
+/// Binds [`EntryParams`] (all but `created_at`) as `$1..=$17` of `query`, whichever the
 /// backend.
 pub(super) fn bind_entry<'q, DB>(
     query: sqlx::query::Query<'q, DB, DB::Arguments>,
@@ -791,6 +847,7 @@ where
     for<'t> &'t str: sqlx::Encode<'t, DB> + Type<DB>,
     for<'t> i64: sqlx::Encode<'t, DB> + Type<DB>,
     for<'t> Option<i64>: sqlx::Encode<'t, DB> + Type<DB>,
+    for<'t> Option<&'t str>: sqlx::Encode<'t, DB> + Type<DB>,
     for<'t> bool: sqlx::Encode<'t, DB> + Type<DB>,
 {
     query
@@ -810,18 +867,25 @@ where
         .bind(p.spawn_max_ttl)
         .bind(p.spawn_max_depth)
         .bind(p.spawn_max_children)
+        .bind(p.spiffe_id_template)
 }
 
 /// Hex SHA-256 of `spiffe_id \n parent_id \n selector \n selector ...` over the sorted
-/// selectors: two entries that would match the same workloads with the same identity
-/// share this key, which the `UNIQUE` constraint then refuses.
+/// selectors (for a template entry, `spiffe_id` is followed by `\t` and the template):
+/// two entries that would match the same workloads with the same identity share this
+/// key, which the `UNIQUE` constraint then refuses.
 pub(super) fn identity_key(
     spiffe_id: &SpiffeId,
+    template: Option<&str>,
     parent_id: &SpiffeId,
     sorted: &[&Selector],
 ) -> String {
     let mut hash = Sha256::new();
     hash.update(spiffe_id.as_str().as_bytes());
+    if let Some(template) = template {
+        hash.update(b"\t");
+        hash.update(template.as_bytes());
+    }
     hash.update(b"\n");
     hash.update(parent_id.as_str().as_bytes());
     for selector in sorted {
@@ -887,6 +951,7 @@ pub(super) struct EntryRow {
     spawn_max_ttl: Option<i64>,
     spawn_max_depth: Option<i64>,
     spawn_max_children: Option<i64>,
+    spiffe_id_template: Option<String>,
     selectors: Option<String>,
 }
 
@@ -920,6 +985,7 @@ impl EntryRow {
             spawn_max_ttl: get(row, "spawn_max_ttl", ENTRY)?,
             spawn_max_depth: get(row, "spawn_max_depth", ENTRY)?,
             spawn_max_children: get(row, "spawn_max_children", ENTRY)?,
+            spiffe_id_template: get(row, "spiffe_id_template", ENTRY)?,
             selectors: get(row, "selectors", ENTRY)?,
         })
     }
@@ -935,7 +1001,17 @@ impl EntryRow {
             .map(|s| parse_selector(s, ENTRY))
             .collect::<Result<Vec<_>, _>>()?;
         selectors.sort();
-        if i64::try_from(selectors.len()).ok() != Some(self.selector_count) || selectors.is_empty()
+        let spiffe_id_template = self
+            .spiffe_id_template
+            .as_deref()
+            .map(|t| {
+                IdTemplate::parse(t).map_err(|e| {
+                    corrupt(ENTRY, format!("spiffe_id_template {:?}: {e}", truncated(t)))
+                })
+            })
+            .transpose()?;
+        if i64::try_from(selectors.len()).ok() != Some(self.selector_count)
+            || (selectors.is_empty() && spiffe_id_template.is_none())
         {
             return Err(corrupt(
                 ENTRY,
@@ -988,6 +1064,7 @@ impl EntryRow {
                         .map_err(|_| corrupt(ENTRY, format!("spawn_max_children {c} out of range")))
                 })
                 .transpose()?,
+            spiffe_id_template,
             id: self.id,
         })
     }
@@ -1116,6 +1193,26 @@ where
     })
 }
 
+/// Reads a `template_issues` row.
+pub(super) fn template_issue_from_row<R>(row: &R) -> Result<TemplateIssue, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    const KIND: &str = "template issue";
+    let agent_id: String = get(row, "agent_id", KIND)?;
+    let spiffe_id: String = get(row, "spiffe_id", KIND)?;
+    Ok(TemplateIssue {
+        entry_id: get(row, "entry_id", KIND)?,
+        agent_id: parse_spiffe_id(&agent_id, KIND)?,
+        spiffe_id: parse_spiffe_id(&spiffe_id, KIND)?,
+        first_issued_at: get(row, "first_issued_at", KIND)?,
+        last_issued_at: get(row, "last_issued_at", KIND)?,
+    })
+}
+
 /// A stored count as `u64`.
 pub(super) fn count_from_i64(count: i64) -> Result<u64, StoreError> {
     from_i64(count, "entry", "count")
@@ -1167,11 +1264,16 @@ mod tests {
         let b = SpiffeId::new("spiffe://example.org/b").unwrap();
         let s1: Selector = "unix:uid:1".parse().unwrap();
         let s2: Selector = "unix:uid:2".parse().unwrap();
-        let base = identity_key(&a, &b, &[&s1, &s2]);
+        let base = identity_key(&a, None, &b, &[&s1, &s2]);
         assert_eq!(base.len(), 64);
-        assert_ne!(base, identity_key(&b, &a, &[&s1, &s2]));
-        assert_ne!(base, identity_key(&a, &b, &[&s1]));
-        assert_eq!(base, identity_key(&a, &b, &[&s1, &s2]));
+        assert_ne!(base, identity_key(&b, None, &a, &[&s1, &s2]));
+        assert_ne!(base, identity_key(&a, None, &b, &[&s1]));
+        assert_ne!(base, identity_key(&a, Some("t"), &b, &[&s1, &s2]));
+        assert_ne!(
+            identity_key(&a, Some("t"), &b, &[]),
+            identity_key(&a, Some("u"), &b, &[])
+        );
+        assert_eq!(base, identity_key(&a, None, &b, &[&s1, &s2]));
     }
 
     #[test]
@@ -1183,8 +1285,8 @@ mod tests {
         );
         assert!(insert_entries_sql(2).unwrap().ends_with(
             "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-             1), ($18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, \
-             $33, $34, 1)"
+             $18, 1), ($19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, \
+             $33, $34, $35, $36, 1)"
         ));
         assert!(insert_entries_sql(ENTRY_ROWS_PER_INSERT).is_ok());
         assert!(insert_entries_sql(ENTRY_ROWS_PER_INSERT + 1).is_err());
@@ -1202,39 +1304,39 @@ mod tests {
 
     #[test]
     fn newer_schema_is_refused() {
-        let applied = [1, 2, 3, 4, 99];
+        let applied = [1, 2, 3, 4, 5, 99];
         assert!(matches!(
             pending(SQLITE_MIGRATIONS, &applied).map(|p| p.count()),
             Err(StoreError::SchemaTooNew {
                 found: 99,
-                supported: 4
+                supported: 5
             })
         ));
         assert_eq!(
-            pending(SQLITE_MIGRATIONS, &[1, 2, 3, 4])
+            pending(SQLITE_MIGRATIONS, &[1, 2, 3, 4, 5])
                 .map(|p| p.count())
                 .unwrap(),
             0
         );
-        // A version-1 database gets versions 2 to 4, a version-3 one gets 4 only; a new
-        // one gets all four.
+        // A version-1 database gets versions 2 to 5, a version-3 one gets 4 and 5; a new
+        // one gets all five.
         assert_eq!(
             pending(SQLITE_MIGRATIONS, &[1])
                 .map(|p| p.map(|m| m.version).collect::<Vec<_>>())
                 .unwrap(),
-            vec![2, 3, 4]
+            vec![2, 3, 4, 5]
         );
         assert_eq!(
             pending(POSTGRES_MIGRATIONS, &[1, 2, 3])
                 .map(|p| p.map(|m| m.version).collect::<Vec<_>>())
                 .unwrap(),
-            vec![4]
+            vec![4, 5]
         );
         assert_eq!(
             pending(POSTGRES_MIGRATIONS, &[])
                 .map(|p| p.count())
                 .unwrap(),
-            4
+            5
         );
     }
 }

@@ -495,6 +495,49 @@ macro_rules! sql_store {
                     .await?;
                 Ok(done.rows_affected())
             }
+
+            async fn record_template_issue(
+                &self,
+                entry_id: &str,
+                agent_id: &SpiffeId,
+                spiffe_id: &SpiffeId,
+                now: i64,
+            ) -> Result<(), StoreError> {
+                let mut tx = self.begin_write().await?;
+                let done = sqlx::query(schema::RECORD_TEMPLATE_ISSUE)
+                    .bind(entry_id)
+                    .bind(agent_id.as_str())
+                    .bind(spiffe_id.as_str())
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await;
+                match done {
+                    Ok(_) => {}
+                    // The entry was deleted meanwhile: nothing to record against.
+                    Err(sqlx::Error::Database(db)) if db.is_foreign_key_violation() => {
+                        return Err(StoreError::NotFound { kind: "entry" });
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                sqlx::query(schema::PRUNE_TEMPLATE_ISSUES)
+                    .bind(entry_id)
+                    .bind(i64::from(super::MAX_TEMPLATE_ISSUES_PER_ENTRY))
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn list_template_issues(
+                &self,
+                entry_id: &str,
+            ) -> Result<Vec<TemplateIssue>, StoreError> {
+                let rows = sqlx::query(schema::LIST_TEMPLATE_ISSUES)
+                    .bind(entry_id)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(template_issue_from_row).collect()
+            }
         }
     };
 }

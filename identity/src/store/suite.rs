@@ -22,10 +22,11 @@
 use futures::future::join_all;
 
 use super::{
-    AttestedAgent, BundleRecord, EntryFilter, JoinTokenRecord, JournalRecord, LeaseRecord, Store,
-    StoreError,
+    AttestedAgent, BundleRecord, EntryFilter, JoinTokenRecord, JournalRecord, LeaseRecord,
+    MAX_TEMPLATE_ISSUES_PER_ENTRY, Store, StoreError,
 };
 use crate::entry::RegistrationEntry;
+use crate::entry::template::IdTemplate;
 use crate::selector::{MAX_SELECTORS, Selector};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 
@@ -62,6 +63,8 @@ pub async fn run_all(store: &dyn Store) {
     leases_lifecycle(store).await;
     concurrent_consume_join_token(store).await;
     concurrent_update_entry(store).await;
+    template_entries_round_trip(store).await;
+    template_issues_recorded_and_bounded(store).await;
 }
 
 /// Fresh names for one check.
@@ -1421,4 +1424,165 @@ pub async fn concurrent_update_entry(store: &dyn Store) {
     let winner = winners.first().copied().cloned().expect("one winner");
     assert_eq!(winner.revision, 2);
     assert_eq!(fetch(store, &created.id).await, Some(winner));
+}
+
+impl Scope {
+    /// A template entry `spiffe://example.org/suite/<tag>/<path>/{k8s:ns}` under this
+    /// scope's agent, with the named selectors (may be none).
+    fn template_entry(&self, path: &str, selectors: &[&str]) -> RegistrationEntry {
+        let template = IdTemplate::parse(&format!(
+            "spiffe://example.org/suite/{}/{path}/{{k8s:ns}}",
+            self.tag
+        ))
+        .expect("suite template");
+        let mut entry =
+            RegistrationEntry::from_template(template, self.id("agent"), self.sels(selectors))
+                .expect("template entry");
+        entry.created_at = 1_700_000_000;
+        entry
+    }
+}
+
+/// A template entry (with no selectors, or some) stores its template and reads back
+/// equal; two templates under one parent with the same selectors are two entries (the
+/// template is part of the entry's identity), the same one twice is refused; an update
+/// can change the template; the selector lookup finds a template entry like any other.
+pub async fn template_entries_round_trip(store: &dyn Store) {
+    let s = Scope::new("template");
+    let bare = s.template_entry("a", &[]);
+    let created = store
+        .create_entry(&bare)
+        .await
+        .expect("create template entry");
+    assert_eq!(created.spiffe_id_template, bare.spiffe_id_template);
+    let fetched = fetch(store, &bare.id).await.expect("template entry stored");
+    assert_eq!(fetched, created, "a template entry reads back as written");
+    assert!(fetched.selectors.is_empty());
+    assert!(fetched.is_template());
+
+    let other = s.template_entry("b", &[]);
+    assert_eq!(
+        other.spiffe_id, bare.spiffe_id,
+        "one stand-in for every template"
+    );
+    store
+        .create_entry(&other)
+        .await
+        .expect("another template under the same parent is another entry");
+    let mut again = s.template_entry("a", &[]);
+    again.id = uuid::Uuid::new_v4().to_string();
+    assert!(matches!(
+        store.create_entry(&again).await,
+        Err(StoreError::AlreadyExists { kind: "entry" })
+    ));
+
+    let with_selectors = s.template_entry("c", &["x"]);
+    store
+        .create_entry(&with_selectors)
+        .await
+        .expect("template entry with selectors");
+    let found = find(store, &s.sels(&["x", "y"])).await;
+    assert_eq!(ids(&found), vec![with_selectors.id.as_str()]);
+    assert_eq!(
+        found.first().and_then(|e| e.spiffe_id_template.as_ref()),
+        with_selectors.spiffe_id_template.as_ref()
+    );
+
+    let mut changed = fetched.clone();
+    changed.spiffe_id_template = s.template_entry("d", &[]).spiffe_id_template;
+    let updated = store.update_entry(&changed).await.expect("update template");
+    assert_eq!(updated.spiffe_id_template, changed.spiffe_id_template);
+    assert_eq!(updated.revision, 2);
+    // A plain entry has none.
+    let plain = s.entry("plain", &["p"]);
+    store.create_entry(&plain).await.expect("plain entry");
+    assert_eq!(
+        fetch(store, &plain.id)
+            .await
+            .expect("plain")
+            .spiffe_id_template,
+        None
+    );
+}
+
+/// Issues of a template's rendered IDs are recorded per (entry, agent, ID): a repeat
+/// moves `last_issued_at` and keeps `first_issued_at`; at most
+/// [`MAX_TEMPLATE_ISSUES_PER_ENTRY`] are kept per entry (the most recent); they go with
+/// the entry, and recording against a deleted entry is `NotFound`.
+pub async fn template_issues_recorded_and_bounded(store: &dyn Store) {
+    let s = Scope::new("issues");
+    let entry = s.template_entry("t", &[]);
+    store.create_entry(&entry).await.expect("template entry");
+    let agent = s.id("agent");
+    let other_agent = s.id("agent2");
+    let web = s.id("t/web");
+    store
+        .record_template_issue(&entry.id, &agent, &web, 100)
+        .await
+        .expect("record");
+    store
+        .record_template_issue(&entry.id, &agent, &web, 150)
+        .await
+        .expect("record again");
+    store
+        .record_template_issue(&entry.id, &other_agent, &web, 120)
+        .await
+        .expect("record on another agent");
+    let issues = store
+        .list_template_issues(&entry.id)
+        .await
+        .expect("list issues");
+    assert_eq!(issues.len(), 2, "{issues:?}");
+    let (latest, earlier) = (
+        issues.first().expect("an issue"),
+        issues.get(1).expect("a second issue"),
+    );
+    assert_eq!(latest.agent_id, agent, "most recent first");
+    assert_eq!(latest.spiffe_id, web);
+    assert_eq!((latest.first_issued_at, latest.last_issued_at), (100, 150));
+    assert_eq!(earlier.agent_id, other_agent);
+    assert!(
+        store
+            .list_template_issues("no-such-entry")
+            .await
+            .expect("list")
+            .is_empty()
+    );
+
+    let max = i64::from(MAX_TEMPLATE_ISSUES_PER_ENTRY);
+    for n in 0..max + 5 {
+        store
+            .record_template_issue(&entry.id, &agent, &s.id(&format!("t/n{n}")), 1_000 + n)
+            .await
+            .expect("record many");
+    }
+    let issues = store
+        .list_template_issues(&entry.id)
+        .await
+        .expect("list issues");
+    assert_eq!(issues.len(), MAX_TEMPLATE_ISSUES_PER_ENTRY as usize);
+    assert_eq!(
+        issues.first().map(|i| &i.spiffe_id),
+        Some(&s.id(&format!("t/n{}", max + 4)))
+    );
+    assert!(
+        issues.iter().all(|i| i.spiffe_id != web),
+        "the oldest issues were dropped"
+    );
+
+    store.delete_entry(&entry.id).await.expect("delete entry");
+    assert!(
+        store
+            .list_template_issues(&entry.id)
+            .await
+            .expect("list")
+            .is_empty(),
+        "issues go with their entry"
+    );
+    assert!(matches!(
+        store
+            .record_template_issue(&entry.id, &agent, &web, 2_000)
+            .await,
+        Err(StoreError::NotFound { kind: "entry" })
+    ));
 }

@@ -21,4 +21,5 @@ mod k8s;
 mod spawn_rate;
 mod spiffe_id;
 mod store;
+mod templates;
 mod unix_attestor;

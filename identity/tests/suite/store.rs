@@ -94,7 +94,11 @@ async fn postgres_servers_starting_together_migrate_once() {
             .fetch_all(&mut conn)
             .await
             .unwrap();
-    assert_eq!(versions, vec![1, 2, 3, 4], "every migration recorded once");
+    assert_eq!(
+        versions,
+        vec![1, 2, 3, 4, 5],
+        "every migration recorded once"
+    );
     // All of them work on the same data.
     let (first, rest) = stores.split_first().unwrap();
     let created = first.create_entry(&entry(1)).await.unwrap();
@@ -398,7 +402,9 @@ async fn sqlite_upgrades_a_version_1_database_in_place() {
         "ALTER TABLE agents DROP COLUMN cert_sha256",
         "ALTER TABLE agents DROP COLUMN next_cert_sha256",
         "DROP TABLE settings",
-        "DELETE FROM schema_migrations WHERE version IN (2, 3, 4)",
+        "DROP TABLE template_issues",
+        "ALTER TABLE entries DROP COLUMN spiffe_id_template",
+        "DELETE FROM schema_migrations WHERE version IN (2, 3, 4, 5)",
     ] {
         sqlx::query(statement).execute(&mut conn).await.unwrap();
     }
@@ -409,7 +415,24 @@ async fn sqlite_upgrades_a_version_1_database_in_place() {
     for old in &entries {
         let fetched = store.fetch_entry(&old.id).await.unwrap().unwrap();
         assert_eq!(fetched.spawn_max_children, None, "old rows have no cap");
+        assert_eq!(
+            fetched.spiffe_id_template, None,
+            "old rows are no templates"
+        );
     }
+    // Version 5: template entries and the IDs they produced.
+    let template =
+        writ_identity::entry::template::IdTemplate::parse("spiffe://example.org/ns/{k8s:ns}")
+            .unwrap();
+    let t = writ_identity::entry::RegistrationEntry::from_template(template, id("/agent"), vec![])
+        .unwrap();
+    let t = store.create_entry(&t).await.unwrap();
+    assert_eq!(store.fetch_entry(&t.id).await.unwrap(), Some(t.clone()));
+    store
+        .record_template_issue(&t.id, &id("/agent"), &id("/ns/prod"), 5)
+        .await
+        .unwrap();
+    assert_eq!(store.list_template_issues(&t.id).await.unwrap().len(), 1);
     let mut capped = store.fetch_entry(&entries[0].id).await.unwrap().unwrap();
     capped.spawn_max_children = Some(4);
     let capped = store.update_entry(&capped).await.unwrap();

@@ -168,6 +168,7 @@ async fn sign(addr: SocketAddr, svid: &X509Svid, entry_id: &str) -> Result<usize
             requests: vec![pb::X509SvidRequest {
                 entry_id: entry_id.to_owned(),
                 public_key: spki(&PrivateKey::generate().unwrap()),
+                ..Default::default()
             }],
         })
         .await?

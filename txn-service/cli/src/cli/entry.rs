@@ -10,6 +10,8 @@ use super::{ServerSocket, parse_ttl};
 /// The flag of each field the admin API names in its errors (`parent_id: ...`): the one
 /// place the CLI maps them, for `entry` and for `x509 mint` / `jwt mint`.
 const FIELD_FLAGS: &[(&str, &str)] = &[
+    // Before `spiffe_id`, which its name contains.
+    ("spiffe_id_template", "--template"),
     ("spiffe_id", "--spiffe-id"),
     ("parent_id", "--parent-id"),
     ("selectors", "--selector"),
@@ -68,12 +70,21 @@ fn warn_unknown_selector_types(selectors: &[String]) {
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct EntryFields {
     /// The SPIFFE ID issued to matching workloads.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "template")]
     spiffe_id: Option<String>,
+    /// A SPIFFE ID template filled per workload from its attested selectors, e.g.
+    /// 'spiffe://example.org/ns/{k8s:ns}/sa/{k8s:sa}' (see docs/templates.md).
+    #[arg(long)]
+    template: Option<String>,
     /// The agent (or entry) the workload runs under. Required, except under `writ dev`,
     /// where it defaults to the embedded agent.
     #[arg(long)]
     parent_id: Option<String>,
+    /// Make a node alias: the parent is the server (`spiffe://<td>/writ/server`) and
+    /// the selectors are node selectors; every agent whose node selectors include them
+    /// holds this entry's SPIFFE ID as a parent (SPIRE's `entry create -node`).
+    #[arg(long, conflicts_with_all = ["parent_id", "template"])]
+    node: bool,
     /// A `type:value` selector; repeat for several (all must match).
     #[arg(long = "selector")]
     selectors: Vec<String>,
@@ -121,9 +132,24 @@ impl EntryFields {
     fn apply(self, entry: &mut pb::Entry) {
         if let Some(v) = self.spiffe_id {
             entry.spiffe_id = v;
+            entry.spiffe_id_template.clear();
+        }
+        if let Some(v) = self.template {
+            entry.spiffe_id_template = v;
+            // The server fills in the stand-in ID.
+            entry.spiffe_id.clear();
         }
         if let Some(v) = self.parent_id {
             entry.parent_id = v;
+        }
+        if self.node {
+            // The server's ID in the entry's own trust domain.
+            let td = entry
+                .spiffe_id
+                .strip_prefix("spiffe://")
+                .map(|rest| rest.split('/').next().unwrap_or_default())
+                .unwrap_or_default();
+            entry.parent_id = format!("spiffe://{td}/writ/server");
         }
         if !self.selectors.is_empty() {
             entry.selectors = self.selectors;
@@ -240,10 +266,10 @@ pub(crate) async fn run(cmd: EntryCommand) -> anyhow::Result<ExitCode> {
                 id: entry_id.unwrap_or_default(),
                 ..pb::Entry::default()
             };
-            if fields.spiffe_id.is_none() {
-                anyhow::bail!("--spiffe-id is required");
+            if fields.spiffe_id.is_none() && fields.template.is_none() {
+                anyhow::bail!("--spiffe-id or --template is required");
             }
-            if fields.selectors.is_empty() {
+            if fields.selectors.is_empty() && fields.template.is_none() {
                 anyhow::bail!("at least one --selector is required");
             }
             let selectors = fields.selectors.clone();
@@ -372,8 +398,15 @@ fn ttl_text(secs: u64) -> String {
 
 fn print_entry(e: &pb::Entry) -> anyhow::Result<()> {
     outln!("Entry ID         : {}", e.id)?;
-    outln!("SPIFFE ID        : {}", e.spiffe_id)?;
+    if e.spiffe_id_template.is_empty() {
+        outln!("SPIFFE ID        : {}", e.spiffe_id)?;
+    } else {
+        outln!("SPIFFE ID        : {} (template)", e.spiffe_id_template)?;
+    }
     outln!("Parent ID        : {}", e.parent_id)?;
+    if e.parent_id.ends_with("/writ/server") {
+        outln!("Node alias       : true")?;
+    }
     outln!("Revision         : {}", e.revision)?;
     outln!("X509-SVID TTL    : {}", ttl_text(e.x509_svid_ttl))?;
     outln!("JWT-SVID TTL     : {}", ttl_text(e.jwt_svid_ttl))?;
@@ -407,6 +440,15 @@ fn print_entry(e: &pb::Entry) -> anyhow::Result<()> {
     if let Some(c) = e.spawn_max_children {
         outln!("Spawn children   : {c}")?;
     }
+    for i in &e.template_issues {
+        outln!(
+            "Produced         : {} on {} (first {}, last {})",
+            i.spiffe_id,
+            i.agent_id,
+            i.first_issued_at,
+            i.last_issued_at
+        )?;
+    }
     Ok(())
 }
 
@@ -429,5 +471,12 @@ fn entry_json(e: &pb::Entry) -> serde_json::Value {
         "spawn_max_ttl": e.spawn_max_ttl,
         "spawn_max_depth": e.spawn_max_depth,
         "spawn_max_children": e.spawn_max_children,
+        "spiffe_id_template": e.spiffe_id_template,
+        "template_issues": e.template_issues.iter().map(|i| serde_json::json!({
+            "agent_id": i.agent_id,
+            "spiffe_id": i.spiffe_id,
+            "first_issued_at": i.first_issued_at,
+            "last_issued_at": i.last_issued_at,
+        })).collect::<Vec<_>>(),
     })
 }

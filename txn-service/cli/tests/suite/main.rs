@@ -16,6 +16,7 @@
 mod cli_agent;
 mod cli_server;
 mod cli_spawn;
+mod cli_templates;
 mod cli_txn;
 mod cli_unix;
 mod common;
