@@ -36,6 +36,9 @@ pub const DOCKER_TYPE: &str = "docker";
 /// The keys of `docker` selectors (`docker:label:<key>:<value>`,
 /// `docker:image_id:<image>`, `docker:env:<NAME>=<value>`), as SPIRE writes them.
 pub const DOCKER_KEYS: &[&str] = &["label", "image_id", "env"];
+/// The node selector type of join-token attestation: `join_token:<SHA-256 of the
+/// token, hex>`, which a node alias made by `writ token generate --spiffe-id` selects.
+pub const JOIN_TOKEN_TYPE: &str = "join_token";
 /// The selector types Writ's attestors produce (for messages that name them).
 pub const KNOWN_TYPES: &[&str] = &[
     UNIX_TYPE,
@@ -237,6 +240,20 @@ impl Selector {
             }
             K8S_TYPE | K8S_PSAT_TYPE => {
                 check_keyed_value(&self.kind, &self.value).map_err(bad)?;
+                Ok(SelectorType::Known)
+            }
+            JOIN_TOKEN_TYPE => {
+                let hex = self.value.len() == 64
+                    && self
+                        .value
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+                if !hex {
+                    return Err(bad(
+                        "join_token selectors are join_token:<SHA-256 of the token, 64 lowercase hex digits>"
+                            .to_owned(),
+                    ));
+                }
                 Ok(SelectorType::Known)
             }
             INTERNAL_TYPE => {
@@ -445,7 +462,12 @@ mod tests {
         ] {
             assert_eq!(check(good), Ok(SelectorType::Known), "{good}");
         }
-        for unknown in ["join_token:x", "spiffe_id:spiffe://example.org/x"] {
+        assert_eq!(
+            check(&format!("join_token:{}", "0f".repeat(32))),
+            Ok(SelectorType::Known)
+        );
+        assert!(check("join_token:x").is_err());
+        for unknown in ["aws_iid:x", "spiffe_id:spiffe://example.org/x"] {
             assert_eq!(check(unknown), Ok(SelectorType::Unknown), "{unknown}");
         }
         for (bad, why) in [

@@ -295,6 +295,26 @@ fn image_entrypoint() -> Vec<String> {
     dockerfile().entrypoint
 }
 
+/// Checks an `entries.json` the way `writ entry create --data` reads it and the admin API
+/// validates each entry; returns the entries.
+fn check_entries_file(text: &str, what: &str) -> Vec<writ_identity::entry::RegistrationEntry> {
+    let td = TrustDomain::new("example.org").unwrap();
+    let entries = writ_cli::cli::entry_data::parse(text)
+        .unwrap_or_else(|e| panic!("{what}: `writ entry create --data` refuses it: {e:#}"));
+    assert!(!entries.is_empty(), "{what}: no entries");
+    entries
+        .into_iter()
+        .map(|p| {
+            let mut entry = writ_identity::server::admin::entry_from_proto(p, &td)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            entry
+                .validate(&td)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            entry
+        })
+        .collect()
+}
+
 /// The ConfigMaps of the manifests, by name: their `.toml` data keys and texts.
 fn configmaps(docs: &[(PathBuf, Value)]) -> BTreeMap<String, BTreeMap<String, String>> {
     docs.iter()
@@ -368,12 +388,17 @@ fn manifests_parse_and_hold_every_kind() {
             );
         }
     }
-    // Every ConfigMap holds configuration files by name.
+    // Every ConfigMap holds configuration files by name, or the entries file.
     for (name, data) in configmaps(&docs) {
-        for key in data.keys() {
+        for (key, text) in &data {
+            if key == "entries.json" {
+                check_entries_file(text, &format!("ConfigMap {name}, {key}"));
+                continue;
+            }
             assert!(
                 Kind::from_file_name(key).is_some(),
-                "ConfigMap {name}: data key {key} is not server.toml, agent.toml or txn.toml"
+                "ConfigMap {name}: data key {key} is not server.toml, agent.toml, txn.toml \
+                 or entries.json"
             );
         }
     }
@@ -1113,6 +1138,29 @@ fn compose_services_run_real_commands_and_mount_files_that_exist() {
             }
         }
     }
+    let entries = check_entries_file(
+        &read(&dir.join("config/entries.json")),
+        "compose/config/entries.json",
+    );
+    // The entries hang under the node alias the one-shot `join` makes with the token.
+    let join = services
+        .get("join")
+        .map(|s| seq(s, &["command"]))
+        .expect("a join service");
+    let alias = join
+        .iter()
+        .position(|w| w.as_str() == Some("--spiffe-id"))
+        .and_then(|i| join.get(i + 1))
+        .and_then(Value::as_str)
+        .expect("join names the node alias");
+    assert!(
+        entries.iter().all(|e| e.parent_id.as_str() == alias),
+        "every Compose entry's parent is {alias}"
+    );
+    assert!(
+        entries.iter().any(|e| e.is_template()),
+        "the Compose entries show a template"
+    );
     for expected in [
         "server run",
         "token generate",

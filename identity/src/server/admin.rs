@@ -200,6 +200,13 @@ impl AdminService {
     fn td(&self) -> &TrustDomain {
         &self.state.config.trust_domain
     }
+
+    /// The server's own ID, the parent of node aliases.
+    fn server_id(&self) -> Result<SpiffeId, Status> {
+        self.td()
+            .spiffe_id(crate::server::node_service::SERVER_PATH)
+            .map_err(|e| Status::internal(format!("server ID: {e}")))
+    }
 }
 
 fn entry_id(id: &str) -> Result<&str, AdminError> {
@@ -389,18 +396,49 @@ impl pb::admin_server::Admin for AdminService {
             );
         }
         let token = uuid::Uuid::new_v4().to_string();
+        let token_hash = writ_spiffe::fingerprint::token(&token);
         let expires_at =
             self.state.clock.unix_seconds() + i64::try_from(ttl.as_secs()).unwrap_or(0);
+        // The node selector the agent gets when it attests with this token.
+        let selector: Selector = format!("{}:{token_hash}", crate::selector::JOIN_TOKEN_TYPE)
+            .parse()
+            .map_err(|e| Status::internal(format!("join token selector: {e}")))?;
+        // The alias is checked before the token is stored, so a bad ID stores nothing.
+        let alias = if r.spiffe_id.is_empty() {
+            None
+        } else {
+            let id = SpiffeId::new(&r.spiffe_id).map_err(|e| invalid("spiffe_id", e))?;
+            let mut entry = RegistrationEntry::new(id, self.server_id()?, vec![selector.clone()]);
+            entry.validate(self.td()).map_err(AdminError::from)?;
+            entry.created_at = self.state.clock.unix_seconds();
+            Some(entry)
+        };
         self.state
             .store
             .create_join_token(&JoinTokenRecord {
-                token_hash: writ_spiffe::fingerprint::token(&token),
+                token_hash,
                 expires_at,
-                selectors: Vec::new(),
+                selectors: vec![selector],
             })
             .await
             .map_err(AdminError::from)?;
-        Ok(Response::new(pb::JoinToken { token, expires_at }))
+        let mut alias_entry_id = String::new();
+        if let Some(entry) = alias {
+            let stored = self
+                .state
+                .store
+                .create_entry(&entry)
+                .await
+                .map_err(AdminError::from)?;
+            tracing::info!(id = %stored.id, spiffe_id = %stored.spiffe_id, "node alias created for a join token");
+            self.state.notify_change();
+            alias_entry_id = stored.id;
+        }
+        Ok(Response::new(pb::JoinToken {
+            token,
+            expires_at,
+            alias_entry_id,
+        }))
     }
 
     async fn get_bundle(

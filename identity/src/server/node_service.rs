@@ -266,12 +266,12 @@ impl pb::node_server::Node for NodeService {
             return Err(NodeError::Banned.into());
         }
         let now = state.clock.unix_seconds();
-        match state
+        let token_record = match state
             .store
             .consume_join_token(&writ_spiffe::fingerprint::token(&token), now)
             .await
         {
-            Ok(_) => {}
+            Ok(record) => record,
             Err(StoreError::NotFound { .. }) => {
                 tracing::warn!(token_sha256 = %writ_spiffe::fingerprint::token(&token), "unknown or reused join token");
                 return Err(NodeError::JoinTokenUnknown.into());
@@ -280,7 +280,7 @@ impl pb::node_server::Node for NodeService {
                 return Err(NodeError::JoinTokenExpired.into());
             }
             Err(e) => return Err(NodeError::from(e).into()),
-        }
+        };
         let svid = self.sign_agent_svid(&id, &r.public_key)?;
         let (cert_serial, cert_expires_at) = serial_and_expiry(&svid);
         let record = AttestedAgent {
@@ -288,7 +288,9 @@ impl pb::node_server::Node for NodeService {
             attestation_type: "join_token".into(),
             cert_serial,
             cert_expires_at,
-            selectors: Vec::new(),
+            // The token's node selectors (`join_token:<sha256>`), which node aliases
+            // made with `writ token generate --spiffe-id` select.
+            selectors: token_record.selectors,
             banned: false,
             created_at: now,
             cert_sha256: svid.leaf().map(fingerprint).unwrap_or_default(),

@@ -60,8 +60,9 @@ fn warn_unknown_selector_types(selectors: &[String]) {
         {
             errln!(
                 "warning: --selector {text}: Writ's attestors produce no selector of type {} \
-                 (known: unix, writ); it matches only if another attestor reports it",
-                selector.kind()
+                 (known: {}); it matches only if another attestor reports it",
+                selector.kind(),
+                writ_identity::selector::KNOWN_TYPES.join(", ")
             );
         }
     }
@@ -199,6 +200,11 @@ pub(crate) enum EntryCommand {
         /// Use this entry id instead of a generated one.
         #[arg(long)]
         entry_id: Option<String>,
+        /// Create every entry in this JSON file instead (SPIRE's `entry create -data`
+        /// shape: `{"entries": [{"spiffe_id", "parent_id", "selectors": [{"type",
+        /// "value"}], ...}]}`). An entry that exists already counts as done.
+        #[arg(long, value_name = "FILE", conflicts_with = "entry_id")]
+        data: Option<std::path::PathBuf>,
         #[command(flatten)]
         fields: EntryFields,
         #[command(flatten)]
@@ -258,9 +264,28 @@ pub(crate) async fn run(cmd: EntryCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         EntryCommand::Create {
             server,
+            data: Some(path),
+            fields,
+            output,
+            ..
+        } => {
+            if fields.spiffe_id.is_some()
+                || fields.template.is_some()
+                || fields.parent_id.is_some()
+                || !fields.selectors.is_empty()
+            {
+                anyhow::bail!(
+                    "--data takes every entry from the file: give no entry flags with it"
+                );
+            }
+            return create_from_file(&server, &path, output).await;
+        }
+        EntryCommand::Create {
+            server,
             entry_id,
             fields,
             output,
+            ..
         } => {
             let mut entry = pb::Entry {
                 id: entry_id.unwrap_or_default(),
@@ -379,6 +404,61 @@ pub(crate) async fn run(cmd: EntryCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// One entry (what `create`, `show` and `update` print): a JSON object, or text.
+/// `entry create --data`: creates each entry of the file in turn and reports each. An
+/// entry that exists already counts as done; the exit code is 1 if any failed.
+async fn create_from_file(
+    server: &ServerSocket,
+    path: &std::path::Path,
+    output: OutputArg,
+) -> anyhow::Result<ExitCode> {
+    let entries = super::entry_data::read(path)?;
+    let mut client = server.connect().await?;
+    let mut report = Vec::with_capacity(entries.len());
+    let mut failed = 0usize;
+    for (index, entry) in entries.into_iter().enumerate() {
+        let name = if entry.spiffe_id_template.is_empty() {
+            entry.spiffe_id.clone()
+        } else {
+            entry.spiffe_id_template.clone()
+        };
+        let result = client
+            .create_entry(pb::CreateEntryRequest { entry: Some(entry) })
+            .await;
+        let (status, id, error) = match result {
+            Ok(created) => ("created", created.into_inner().id, String::new()),
+            Err(e) if e.code() == tonic::Code::AlreadyExists => {
+                ("exists", String::new(), e.message().to_owned())
+            }
+            Err(e) => {
+                failed += 1;
+                ("failed", String::new(), field_status(e).to_string())
+            }
+        };
+        if !output.json() {
+            match status {
+                "created" => outln!("Entry {}: created {id} ({name})", index + 1)?,
+                "exists" => outln!("Entry {}: exists ({name})", index + 1)?,
+                _ => errln!("Entry {}: {name}: {error}", index + 1),
+            }
+        }
+        report.push(serde_json::json!({
+            "index": index,
+            "spiffe_id": name,
+            "status": status,
+            "id": id,
+            "error": error,
+        }));
+    }
+    if output.json() {
+        out::json(&serde_json::Value::Array(report))?;
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 fn print_entry_doc(entry: &pb::Entry, output: OutputArg) -> anyhow::Result<()> {
     if output.json() {
         out::json(&entry_json(entry))

@@ -9,6 +9,7 @@ mod api;
 mod bundle;
 mod dev;
 mod entry;
+pub mod entry_data;
 pub mod out;
 mod server;
 mod svid;
@@ -93,6 +94,11 @@ enum TokenCommand {
         /// Lifetime, e.g. 10m (default: the server's, 10m).
         #[arg(long, value_parser = parse_ttl)]
         ttl: Option<u64>,
+        /// Make a node alias with this SPIFFE ID for the agent that uses the token
+        /// (SPIRE's `token generate -spiffeID`): entries whose parent is this ID apply to
+        /// that agent, so they can be written before the agent exists.
+        #[arg(long)]
+        spiffe_id: Option<String>,
         /// Also write what an agent needs to join into this directory: `join-token`
         /// (0600) and the trust bundle `bundle.pem` (for `writ agent run
         /// --join-token-file DIR/join-token --trust-bundle DIR/bundle.pem`). The token is
@@ -181,6 +187,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Token(TokenCommand::Generate {
                 server,
                 ttl,
+                spiffe_id,
                 out_dir,
                 output,
             }) => {
@@ -188,6 +195,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let token = client
                     .generate_join_token(writ_identity::proto::admin::GenerateJoinTokenRequest {
                         ttl: ttl.unwrap_or(0),
+                        spiffe_id: spiffe_id.clone().unwrap_or_default(),
                     })
                     .await
                     .map_err(status)?
@@ -204,6 +212,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         out::json(&serde_json::json!({
                             "dir": dir.display().to_string(),
                             "token_sha256": token_sha256,
+                            "alias_entry_id": token.alias_entry_id,
                         }))?;
                     } else {
                         outln!(
@@ -213,9 +222,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         )?;
                     }
                 } else if output.json() {
-                    out::json(&serde_json::json!({ "token": token.token }))?;
+                    out::json(&serde_json::json!({
+                        "token": token.token,
+                        "alias_entry_id": token.alias_entry_id,
+                    }))?;
                 } else {
                     outln!("Token: {}", token.token)?;
+                }
+                if let (Some(id), false) = (&spiffe_id, output.json()) {
+                    outln!("Alias: {id} (entry {})", token.alias_entry_id)?;
                 }
                 Ok(ExitCode::SUCCESS)
             }
