@@ -213,6 +213,68 @@ fn containers_get_the_identity_of_their_labels() {
     assert!(dev.log().contains("docker:label:app:c"), "{}", dev.log());
 }
 
+/// One template entry names every container by its `app` label; `writ entry show`
+/// lists the IDs it produced; a label value that is not a path segment gets nothing.
+#[test]
+fn a_template_entry_names_each_container_by_its_label() {
+    let Some(docker) = writ_tests::docker::daemon() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Dev::start(docker, tmp.path());
+    let out = Command::new(WRIT)
+        .args([
+            "entry",
+            "create",
+            "--template",
+            "spiffe://example.org/agents/{docker:label:app}",
+            "--output",
+            "json",
+        ])
+        .env("WRIT_SERVER_SOCKET", dev.server_socket())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "entry create --template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entry_id = created["id"].as_str().unwrap().to_owned();
+    writ_image(docker);
+
+    for app in ["planner", "tool-1"] {
+        let out = fetch_until_issued(docker, &dev.dir, app, || dev.log());
+        assert!(
+            out.contains(&format!("spiffe://example.org/agents/{app}")),
+            "{app}: {out}"
+        );
+    }
+    // A label value that is not one path segment names nothing.
+    let (ok, out, err) = fetch_in_container(docker, &dev.dir, "a/../writ");
+    assert!(!ok, "a label with a slash got an identity: {out}");
+    assert!(err.contains("no identity issued"), "{err}");
+
+    let show = Command::new(WRIT)
+        .args(["entry", "show", "--entry-id", &entry_id, "--output", "json"])
+        .env("WRIT_SERVER_SOCKET", dev.server_socket())
+        .output()
+        .unwrap();
+    assert!(show.status.success());
+    let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let produced: Vec<&str> = shown["template_issues"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no template_issues in {shown}"))
+        .iter()
+        .filter_map(|i| i["spiffe_id"].as_str())
+        .collect();
+    for app in ["planner", "tool-1"] {
+        let id = format!("spiffe://example.org/agents/{app}");
+        assert!(produced.contains(&id.as_str()), "{id} not in {produced:?}");
+    }
+    assert_eq!(produced.len(), 2, "{produced:?}");
+}
+
 /// The production path: `writ server run`, and `writ agent run` whose `agent.toml` turns
 /// the docker attestor on (with the test daemon's socket).
 #[test]
