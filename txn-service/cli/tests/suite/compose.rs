@@ -101,7 +101,7 @@ async fn compose_example_comes_up_issues_by_label_and_exchanges_a_token() {
     };
     let scratch = tempfile::tempdir().unwrap();
     let tag = format!("writ-compose-test:{}", std::process::id());
-    build_image(&docker, &tag, scratch.path());
+    build_image(docker, &tag, scratch.path());
 
     // The TTS of the example names a placeholder OpenID Provider: give it the real one.
     let txn_port = free_port();
