@@ -165,6 +165,15 @@ impl NodeService {
             .map_err(|e| Status::from(NodeError::from(e)))
     }
 
+    /// Refuses an agent ID that is banned (attesting again never lifts a ban).
+    async fn refuse_banned(&self, id: &SpiffeId) -> Result<(), Status> {
+        match self.state().store.fetch_agent(id).await {
+            Ok(Some(existing)) if existing.banned => Err(NodeError::Banned.into()),
+            Ok(_) => Ok(()),
+            Err(e) => Err(NodeError::from(e).into()),
+        }
+    }
+
     /// Records an attested agent (a new one, or the same agent attesting again).
     async fn store_agent(
         &self,
@@ -256,15 +265,7 @@ impl pb::node_server::Node for NodeService {
             .trust_domain
             .spiffe_id(&format!("{AGENT_PATH_PREFIX}join_token/{token}"))
             .map_err(|_| Status::from(NodeError::JoinTokenMalformed))?;
-        if let Some(existing) = state
-            .store
-            .fetch_agent(&id)
-            .await
-            .map_err(NodeError::from)?
-            && existing.banned
-        {
-            return Err(NodeError::Banned.into());
-        }
+        self.refuse_banned(&id).await?;
         let now = state.clock.unix_seconds();
         let token_record = match state
             .store
@@ -282,30 +283,10 @@ impl pb::node_server::Node for NodeService {
             Err(e) => return Err(NodeError::from(e).into()),
         };
         let svid = self.sign_agent_svid(&id, &r.public_key)?;
-        let (cert_serial, cert_expires_at) = serial_and_expiry(&svid);
-        let record = AttestedAgent {
-            spiffe_id: id.clone(),
-            attestation_type: "join_token".into(),
-            cert_serial,
-            cert_expires_at,
-            // The token's node selectors (`join_token:<sha256>`), which node aliases
-            // made with `writ token generate --spiffe-id` select.
-            selectors: token_record.selectors,
-            banned: false,
-            created_at: now,
-            cert_sha256: svid.leaf().map(fingerprint).unwrap_or_default(),
-            next_cert_sha256: String::new(),
-        };
-        match state.store.create_agent(&record).await {
-            Err(StoreError::AlreadyExists { .. }) => {
-                state
-                    .store
-                    .update_agent(&record)
-                    .await
-                    .map_err(NodeError::from)?;
-            }
-            other => other.map_err(NodeError::from)?,
-        }
+        // The token's node selectors (`join_token:<sha256>`), which node aliases made
+        // with `writ token generate --spiffe-id` select.
+        self.store_agent(&id, "join_token", token_record.selectors, &svid)
+            .await?;
         tracing::info!(agent = %id, "agent attested with a join token");
         Ok(Response::new(self.agent_response(&id, svid)))
     }
@@ -336,15 +317,7 @@ impl pb::node_server::Node for NodeService {
                 attested.cluster, attested.node_uid
             ))
             .map_err(|e| Status::from(NodeError::Invalid(format!("agent ID: {e}"))))?;
-        if let Some(existing) = state
-            .store
-            .fetch_agent(&id)
-            .await
-            .map_err(NodeError::from)?
-            && existing.banned
-        {
-            return Err(NodeError::Banned.into());
-        }
+        self.refuse_banned(&id).await?;
         let svid = self.sign_agent_svid(&id, &r.public_key)?;
         self.store_agent(&id, "k8s_psat", attested.selectors, &svid)
             .await?;

@@ -464,18 +464,19 @@ fn bad_input_gives_one_line_and_stores_nothing() {
         "entry",
         "create",
         "--spiffe-id",
-        "spiffe://example.org/k8s",
+        "spiffe://example.org/aws",
         "--parent-id",
         &agent_id,
         "--selector",
-        "k8s:ns:default",
+        "aws_iid:tag:team:a",
     ]);
     assert!(out.status.success());
     let warning = String::from_utf8_lossy(&out.stderr);
     assert!(
-        warning.starts_with("warning: --selector k8s:ns:default:"),
+        warning.starts_with("warning: --selector aws_iid:tag:team:a:"),
         "{warning}"
     );
+    assert!(warning.contains("known: unix, docker, k8s"), "{warning}");
     assert_eq!(warning.trim_end().lines().count(), 1, "{warning}");
     assert_eq!(server.entry_count(), 2);
 
