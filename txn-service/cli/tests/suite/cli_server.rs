@@ -642,3 +642,125 @@ fn bad_config_is_refused_with_the_key_named() {
         );
     }
 }
+
+/// `writ token generate --spiffe-id --out-dir`: the token and bundle on disk (the token
+/// 0600), and a node alias selecting the token's agent; a bad alias stores nothing.
+#[test]
+fn join_token_with_a_node_alias_and_files() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let server = Server::start();
+    let dir = server.dir.path().join("bootstrap");
+    let out: serde_json::Value = serde_json::from_str(&server.ok(&[
+        "token",
+        "generate",
+        "--spiffe-id",
+        "spiffe://example.org/node/a",
+        "--out-dir",
+        dir.to_str().unwrap(),
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    let token = std::fs::read_to_string(dir.join("join-token")).unwrap();
+    let token = token.trim();
+    assert!(!token.is_empty());
+    let mode = |p: &str| std::fs::metadata(dir.join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("join-token"), 0o600);
+    assert_eq!(mode("bundle.pem"), 0o644);
+    assert!(
+        std::fs::read_to_string(dir.join("bundle.pem"))
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
+    // The token is never printed with --out-dir, only its SHA-256.
+    let printed = out.to_string();
+    assert!(!printed.contains(token), "{printed}");
+    let alias_id = out["alias_entry_id"].as_str().unwrap();
+    let alias: serde_json::Value = serde_json::from_str(&server.ok(&[
+        "entry",
+        "show",
+        "--entry-id",
+        alias_id,
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(alias["parent_id"], "spiffe://example.org/writ/server");
+    assert_eq!(
+        alias["selectors"][0],
+        format!("join_token:{}", out["token_sha256"].as_str().unwrap())
+    );
+
+    // An alias in the reserved namespace or another trust domain: refused, nothing stored.
+    let before = server.entry_count();
+    for bad in [
+        "spiffe://example.org/writ/x",
+        "spiffe://other.org/x",
+        "not-an-id",
+    ] {
+        let err = server.fails(&["token", "generate", "--spiffe-id", bad]);
+        assert!(err.contains("spiffe_id"), "{bad}: {err}");
+    }
+    assert_eq!(server.entry_count(), before);
+}
+
+/// `writ entry create --data`: every entry of the file, a second run finds them there,
+/// a malformed file creates nothing.
+#[test]
+fn entries_from_a_data_file() {
+    let server = Server::start();
+    let (_agent, _, agent_id) = start_agent(&server);
+    let file = server.dir.path().join("entries.json");
+    std::fs::write(
+        &file,
+        format!(
+            r#"{{"entries": [
+                {{"spiffe_id": "spiffe://example.org/web", "parent_id": "{agent_id}",
+                  "selectors": [{{"type": "unix", "value": "uid:1000"}}], "x509_svid_ttl": 600}},
+                {{"spiffe_id_template": "spiffe://example.org/apps/{{docker:label:app}}",
+                  "parent_id": "{agent_id}", "selectors": []}}
+            ]}}"#
+        ),
+    )
+    .unwrap();
+    let data = file.to_str().unwrap();
+    let first = server.ok(&["entry", "create", "--data", data]);
+    assert_eq!(first.matches("created").count(), 2, "{first}");
+    assert_eq!(server.entry_count(), 2);
+    let again = server.ok(&["entry", "create", "--data", data]);
+    assert_eq!(again.matches("exists").count(), 2, "{again}");
+    assert_eq!(server.entry_count(), 2);
+
+    // One bad entry fails alone (exit 1) and names itself; the file's others are made.
+    std::fs::write(
+        &file,
+        format!(
+            r#"{{"entries": [
+                {{"spiffe_id": "spiffe://example.org/writ/no", "parent_id": "{agent_id}",
+                  "selectors": [{{"type": "unix", "value": "uid:1"}}]}},
+                {{"spiffe_id": "spiffe://example.org/ok", "parent_id": "{agent_id}",
+                  "selectors": [{{"type": "unix", "value": "uid:2"}}]}}
+            ]}}"#
+        ),
+    )
+    .unwrap();
+    let out = server.writ(&["entry", "create", "--data", data]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("spiffe://example.org/writ/no"));
+    assert_eq!(server.entry_count(), 3);
+
+    // Garbage: refused as a whole, nothing created.
+    std::fs::write(&file, "{\"entries\": [{\"spiffe_id\": 1}]}").unwrap();
+    let err = server.fails(&["entry", "create", "--data", data]);
+    assert!(err.contains("not an entries file"), "{err}");
+    assert_eq!(server.entry_count(), 3);
+    // --data with entry flags is refused.
+    server.fails(&[
+        "entry",
+        "create",
+        "--data",
+        data,
+        "--selector",
+        "unix:uid:1",
+    ]);
+}
