@@ -314,6 +314,27 @@ fn unreachable(address: &str, e: &tonic::Status) -> AgentError {
 }
 
 impl GrpcNode {
+    /// `SignJwtSvid` for an entry, with the placeholder values of a template entry
+    /// (empty for a fixed ID): `(token, issued_at, expires_at)`.
+    async fn jwt_svid(
+        &self,
+        entry_id: &str,
+        audience: &[String],
+        template_values: std::collections::HashMap<String, String>,
+    ) -> Result<(String, i64, i64), NodeError> {
+        let r = self
+            .client()
+            .sign_jwt_svid(pb::SignJwtSvidRequest {
+                entry_id: entry_id.to_owned(),
+                audience: audience.to_vec(),
+                template_values,
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        Ok((r.token, r.issued_at, r.expires_at))
+    }
+
     /// Joins the server: reuses the agent SVID in the data dir if it is still valid,
     /// otherwise attests with the join token. Then keeps the SVID renewed and listens for
     /// change signals in the background.
@@ -670,17 +691,7 @@ impl NodeApi for GrpcNode {
         entry_id: &str,
         audience: &[String],
     ) -> Result<(String, i64, i64), NodeError> {
-        let r = self
-            .client()
-            .sign_jwt_svid(pb::SignJwtSvidRequest {
-                entry_id: entry_id.to_owned(),
-                audience: audience.to_vec(),
-                template_values: Default::default(),
-            })
-            .await
-            .map_err(status)?
-            .into_inner();
-        Ok((r.token, r.issued_at, r.expires_at))
+        self.jwt_svid(entry_id, audience, Default::default()).await
     }
 
     async fn sign_template_x509_svid(
@@ -715,17 +726,8 @@ impl NodeApi for GrpcNode {
         values: &crate::entry::template::TemplateValues,
         audience: &[String],
     ) -> Result<(String, i64, i64), NodeError> {
-        let r = self
-            .client()
-            .sign_jwt_svid(pb::SignJwtSvidRequest {
-                entry_id: entry_id.to_owned(),
-                audience: audience.to_vec(),
-                template_values: values.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            })
-            .await
-            .map_err(status)?
-            .into_inner();
-        Ok((r.token, r.issued_at, r.expires_at))
+        let values = values.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        self.jwt_svid(entry_id, audience, values).await
     }
 
     async fn bundles(&self) -> Result<BundleSet, NodeError> {

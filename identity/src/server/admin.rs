@@ -201,6 +201,24 @@ impl AdminService {
         &self.state.config.trust_domain
     }
 
+    /// Stores a new, validated entry stamped with the current time, logs it and tells
+    /// agents that entries changed.
+    async fn store_new_entry(
+        &self,
+        mut entry: RegistrationEntry,
+    ) -> Result<RegistrationEntry, Status> {
+        entry.created_at = self.state.clock.unix_seconds();
+        let stored = self
+            .state
+            .store
+            .create_entry(&entry)
+            .await
+            .map_err(AdminError::from)?;
+        tracing::info!(id = %stored.id, spiffe_id = %stored.spiffe_id, node_alias = stored.is_node_alias(), "entry created");
+        self.state.notify_change();
+        Ok(stored)
+    }
+
     /// The server's own ID, the parent of node aliases.
     fn server_id(&self) -> Result<SpiffeId, Status> {
         self.td()
@@ -237,18 +255,10 @@ impl pb::admin_server::Admin for AdminService {
                 .ok_or_else(|| invalid("parent_id", "is required"))?
                 .to_string();
         }
-        let mut entry = entry_from_proto(p, self.td())?;
+        let entry = entry_from_proto(p, self.td())?;
         entry_id(&entry.id)?;
         self.check_parent(&entry.parent_id).await?;
-        entry.created_at = self.state.clock.unix_seconds();
-        let stored = self
-            .state
-            .store
-            .create_entry(&entry)
-            .await
-            .map_err(AdminError::from)?;
-        tracing::info!(id = %stored.id, spiffe_id = %stored.spiffe_id, "entry created");
-        self.state.notify_change();
+        let stored = self.store_new_entry(entry).await?;
         Ok(Response::new(entry_to_proto(&stored)))
     }
 
@@ -410,8 +420,13 @@ impl pb::admin_server::Admin for AdminService {
             let id = SpiffeId::new(&r.spiffe_id).map_err(|e| invalid("spiffe_id", e))?;
             let mut entry = RegistrationEntry::new(id, self.server_id()?, vec![selector.clone()]);
             entry.validate(self.td()).map_err(AdminError::from)?;
-            entry.created_at = self.state.clock.unix_seconds();
             Some(entry)
+        };
+        // The alias first: a token stored without the alias it was asked with would let
+        // an agent join outside it; an alias whose token never comes selects nothing.
+        let alias_entry_id = match alias {
+            Some(entry) => self.store_new_entry(entry).await?.id,
+            None => String::new(),
         };
         self.state
             .store
@@ -422,18 +437,6 @@ impl pb::admin_server::Admin for AdminService {
             })
             .await
             .map_err(AdminError::from)?;
-        let mut alias_entry_id = String::new();
-        if let Some(entry) = alias {
-            let stored = self
-                .state
-                .store
-                .create_entry(&entry)
-                .await
-                .map_err(AdminError::from)?;
-            tracing::info!(id = %stored.id, spiffe_id = %stored.spiffe_id, "node alias created for a join token");
-            self.state.notify_change();
-            alias_entry_id = stored.id;
-        }
         Ok(Response::new(pb::JoinToken {
             token,
             expires_at,

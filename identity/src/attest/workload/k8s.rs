@@ -71,8 +71,6 @@ pub const DEFAULT_KUBELET_CA_PATH: &str = "/var/run/secrets/kubernetes.io/servic
 pub const DEFAULT_NODE_NAME_ENV: &str = "MY_NODE_NAME";
 /// Largest kubelet `/pods` answer read (a node with 110 pods answers well under 4 MiB).
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
-/// Largest `/proc/<pid>/cgroup` read.
-const MAX_CGROUP_BYTES: u64 = 64 * 1024;
 
 /// `[workload_attestors.k8s]`: how the agent reaches the kubelet and how long it waits.
 #[derive(Debug, Clone, Deserialize)]
@@ -601,17 +599,11 @@ fn images(c: &ContainerStatus) -> impl Iterator<Item = &str> {
 #[async_trait::async_trait]
 impl WorkloadAttestor for K8sAttestor {
     async fn attest(&self, caller: &Caller) -> Result<Vec<Selector>, AttestError> {
-        if caller.pid <= 0 {
-            return Err(AttestError::InvalidPid { pid: caller.pid });
-        }
-        let path = self.proc_root.join(caller.pid.to_string()).join("cgroup");
-        let bytes = tokio::task::spawn_blocking(move || {
-            writ_spiffe::process::read_bounded(&path, MAX_CGROUP_BYTES)
-        })
-        .await
-        .map_err(AttestError::TaskFailed)??;
-        let text = String::from_utf8_lossy(&bytes);
-        Ok(self.attest_cgroup(&text).await?)
+        let (root, pid) = (self.proc_root.clone(), caller.pid);
+        let info = tokio::task::spawn_blocking(move || cgroup::container_of_pid(&root, pid))
+            .await
+            .map_err(AttestError::TaskFailed)??;
+        Ok(self.attest_container(&info).await?)
     }
 }
 
