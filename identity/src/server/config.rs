@@ -199,8 +199,7 @@ impl Datastore {
     /// [`StoreError`] if it cannot be opened.
     pub async fn open(&self) -> Result<SharedStore, StoreError> {
         Ok(match self {
-            // One server per SQLite file: a second is refused while the first runs.
-            Datastore::Sqlite(path) => Arc::new(SqliteStore::open_exclusive(path).await?),
+            Datastore::Sqlite(path) => Arc::new(SqliteStore::open(path).await?),
             Datastore::Postgres(url) => Arc::new(PostgresStore::connect(url).await?),
         })
     }

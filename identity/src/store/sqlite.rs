@@ -6,7 +6,6 @@
 //! never blocked (WAL).
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{
@@ -42,8 +41,6 @@ const PAGE_CACHE_KIB: i64 = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-    /// The lock file held by [`Self::open_exclusive`] while any clone lives.
-    owner: Option<Arc<std::fs::File>>,
 }
 
 impl SqliteStore {
@@ -113,7 +110,7 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         schema::check_sqlite(&pool).await?;
-        Ok(Self { pool, owner: None })
+        Ok(Self { pool })
     }
 
     /// A store in memory, gone when dropped: for tests and throw-away runs. The pool
@@ -141,56 +138,7 @@ impl SqliteStore {
 
     async fn start(pool: SqlitePool) -> Result<Self, StoreError> {
         schema::migrate_sqlite(&pool).await?;
-        Ok(Self { pool, owner: None })
-    }
-
-    /// As [`Self::open`], and holds an exclusive lock on `<path>.lock` for as long as the
-    /// store (or a clone) lives: a SQLite store serves one server. A second server on the
-    /// same file is refused with [`StoreError::Locked`], naming the pid that holds it,
-    /// instead of two CAs writing one journal.
-    ///
-    /// # Errors
-    /// [`StoreError::Locked`], a failure to create the lock file, or as [`Self::open`].
-    pub async fn open_exclusive(path: &Path) -> Result<Self, StoreError> {
-        let mut lock_path = path.as_os_str().to_owned();
-        lock_path.push(".lock");
-        let lock_path = std::path::PathBuf::from(lock_path);
-        create_private_file(path).await?;
-        let io = |e: std::io::Error| StoreError::Locked {
-            path: lock_path.clone(),
-            holder: format!("cannot lock: {e}"),
-        };
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(io)?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let holder = std::fs::read_to_string(&lock_path).unwrap_or_default();
-                let holder = holder.trim();
-                return Err(StoreError::Locked {
-                    path: lock_path.clone(),
-                    holder: if holder.is_empty() {
-                        "another process".to_owned()
-                    } else {
-                        format!("pid {}", holder.chars().take(20).collect::<String>())
-                    },
-                });
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
-        }
-        {
-            use std::io::Write as _;
-            file.set_len(0).map_err(io)?;
-            write!(file, "{}", std::process::id()).map_err(io)?;
-        }
-        let mut store = Self::open(path).await?;
-        store.owner = Some(Arc::new(file));
-        Ok(store)
+        Ok(Self { pool })
     }
 
     /// Closes every connection, waiting for queries in flight. Later calls fail.

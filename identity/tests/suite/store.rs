@@ -336,28 +336,6 @@ async fn sqlite_corrupt_rows_are_errors_not_panics() {
     );
 }
 
-/// A SQLite store serves one server: a second exclusive open is refused, naming the pid
-/// that holds it, until the first is gone.
-#[tokio::test]
-async fn sqlite_store_is_held_by_one_server() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("store.db");
-    let first = SqliteStore::open_exclusive(&path).await.unwrap();
-    let held = first.clone();
-    let err = SqliteStore::open_exclusive(&path).await.unwrap_err();
-    assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
-    let text = err.to_string();
-    assert!(
-        text.contains(&format!("pid {}", std::process::id())) && text.contains("PostgreSQL"),
-        "{text}"
-    );
-    // A clone keeps the lock; dropping the last one releases it.
-    drop(first);
-    assert!(SqliteStore::open_exclusive(&path).await.is_err());
-    drop(held);
-    SqliteStore::open_exclusive(&path).await.unwrap();
-}
-
 #[tokio::test]
 async fn sqlite_refuses_a_newer_schema() {
     let dir = tempfile::tempdir().unwrap();
