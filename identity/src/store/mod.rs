@@ -321,6 +321,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     -> Result<Option<BundleRecord>, StoreError>;
     /// All bundles, ordered by trust domain.
     async fn list_bundles(&self) -> Result<Vec<BundleRecord>, StoreError>;
+    /// Stores `bundle` only if the stored bundle's sequence is still `previous` (`None`:
+    /// only if there is none): how servers sharing a store publish one bundle without
+    /// overwriting each other. Returns whether it did.
+    async fn swap_bundle(
+        &self,
+        bundle: &BundleRecord,
+        previous: Option<u64>,
+    ) -> Result<bool, StoreError>;
     /// Removes a bundle.
     async fn delete_bundle(&self, trust_domain_id: &str) -> Result<(), StoreError>;
 
@@ -366,7 +374,52 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<(), StoreError>;
     /// The IDs template entry `entry_id` produced, most recently issued first.
     async fn list_template_issues(&self, entry_id: &str) -> Result<Vec<TemplateIssue>, StoreError>;
+
+    /// Every change written to the store from now on, by this process or (PostgreSQL)
+    /// any other server on the same database, after it committed. A receiver that falls
+    /// [`CHANGE_BACKLOG`] behind gets `Lagged`, which means the same as
+    /// [`StoreChange::Resync`].
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<StoreChange>;
 }
+
+/// A change some writer (this process or another server on the same database) made to
+/// the store: what a reader holding a copy should re-read. [`Store::changes`] delivers
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreChange {
+    /// The entry with this id was created, updated or deleted.
+    Entry(String),
+    /// The agent with this SPIFFE ID was created, updated or deleted.
+    Agent(String),
+    /// The CA key journal changed.
+    Journal,
+    /// The bundle of this trust domain (`spiffe://<td>`) was stored or deleted.
+    Bundle(String),
+    /// Changes may have been missed (the listener reconnected, or a receiver lagged
+    /// behind): re-read everything.
+    Resync,
+}
+
+impl StoreChange {
+    /// The change a notification payload (`entry:<id>`, `agent:<spiffe id>`,
+    /// `journal:<id>`, `bundle:<td>`) names; `None` for one this build does not know.
+    pub fn from_payload(payload: &str) -> Option<Self> {
+        let (kind, key) = payload.split_once(':')?;
+        Some(match kind {
+            "entry" => Self::Entry(key.to_owned()),
+            "agent" => Self::Agent(key.to_owned()),
+            "journal" => Self::Journal,
+            "bundle" => Self::Bundle(key.to_owned()),
+            _ => return None,
+        })
+    }
+}
+
+/// How many changes a subscriber may fall behind before it sees
+/// [`tokio::sync::broadcast::error::RecvError::Lagged`] (treat it as
+/// [`StoreChange::Resync`]).
+pub const CHANGE_BACKLOG: usize = 4096;
 
 /// A shared store handle.
 pub type SharedStore = Arc<dyn Store>;

@@ -5,9 +5,10 @@
 //! `UPDATE ... WHERE revision = $n`, a join token is consumed by `DELETE ... RETURNING`,
 //! so two servers can never both succeed where only one may.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 
 use super::schema::{
@@ -16,7 +17,7 @@ use super::schema::{
 };
 use super::{
     AttestedAgent, BundleRecord, EntryFilter, JoinTokenRecord, JournalRecord, LeaseRecord, Store,
-    StoreError, TemplateIssue,
+    StoreChange, StoreError, TemplateIssue,
 };
 use crate::entry::RegistrationEntry;
 use crate::selector::Selector;
@@ -31,6 +32,11 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    changes: tokio::sync::broadcast::Sender<StoreChange>,
+    /// Lives as long as some clone of the store: the change listener stops when it goes.
+    alive: Arc<()>,
+    /// Whether the change listener was started (at the first subscription).
+    listening: Arc<std::sync::Once>,
 }
 
 impl PostgresStore {
@@ -50,7 +56,7 @@ impl PostgresStore {
             .connect(url)
             .await?;
         schema::migrate_postgres(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self::with_pool(pool))
     }
 
     /// Connects to the database at `url` for reading only: nothing is migrated and every
@@ -71,7 +77,7 @@ impl PostgresStore {
             .connect_with(options)
             .await?;
         schema::check_postgres(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self::with_pool(pool))
     }
 
     /// Closes every connection, waiting for queries in flight. Later calls fail.
@@ -79,9 +85,95 @@ impl PostgresStore {
         self.pool.close().await;
     }
 
+    fn with_pool(pool: PgPool) -> Self {
+        Self {
+            pool,
+            changes: tokio::sync::broadcast::channel(super::CHANGE_BACKLOG).0,
+            alive: Arc::new(()),
+            listening: Arc::new(std::sync::Once::new()),
+        }
+    }
+
+    /// Changes reach subscribers through the database's notifications (the schema's
+    /// triggers announce every committed row change, whoever wrote it), this server's
+    /// own included, so nothing is announced in process.
+    fn changed(&self, _change: StoreChange) {}
+
+    /// Subscribes to the change listener, starting it at the first call.
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<StoreChange> {
+        let rx = self.changes.subscribe();
+        self.listening.call_once(|| {
+            tokio::spawn(listen(
+                self.pool.clone(),
+                self.changes.clone(),
+                Arc::downgrade(&self.alive),
+            ));
+        });
+        rx
+    }
+
     /// A transaction for a write of several statements.
     async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
         Ok(self.pool.begin().await?)
+    }
+}
+
+/// How often the listener looks whether its store is gone, and the longest it waits
+/// between reconnection attempts.
+const LISTEN_TICK: Duration = Duration::from_secs(1);
+
+/// Follows the database's change notifications until the store is dropped. After a
+/// lost connection it reconnects and, once listening again, announces
+/// [`StoreChange::Resync`] (notifications sent meanwhile are lost).
+async fn listen(
+    pool: PgPool,
+    tx: tokio::sync::broadcast::Sender<StoreChange>,
+    alive: std::sync::Weak<()>,
+) {
+    let mut first = true;
+    let mut backoff = Duration::from_millis(50);
+    while alive.strong_count() > 0 {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(mut l) => match l.listen(schema::CHANGES_CHANNEL).await {
+                Ok(()) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "store change listener: LISTEN failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(LISTEN_TICK);
+                    continue;
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "store change listener: cannot connect; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(LISTEN_TICK);
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        if !first {
+            tracing::info!("store change listener reconnected; re-reading everything");
+            let _ = tx.send(StoreChange::Resync);
+        }
+        first = false;
+        loop {
+            tokio::select! {
+                received = listener.try_recv() => match received {
+                    Ok(Some(n)) => {
+                        if let Some(change) = StoreChange::from_payload(n.payload()) {
+                            let _ = tx.send(change);
+                        }
+                    }
+                    // The connection was lost: listen again on a new one.
+                    Ok(None) | Err(_) => break,
+                },
+                () = tokio::time::sleep(LISTEN_TICK) => {
+                    if alive.strong_count() == 0 {
+                        return;
+                    }
+                }
+            }
+        }
     }
 }
 

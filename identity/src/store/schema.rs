@@ -151,6 +151,12 @@ pub(super) const SQLITE_MIGRATIONS: &[Migration] = &[
         ) WITHOUT ROWID",
         ],
     },
+    // PostgreSQL's version 6 adds change notifications; a SQLite store has one server,
+    // which announces its own changes in process. The version keeps the two in step.
+    Migration {
+        version: 6,
+        statements: &[],
+    },
 ];
 
 /// PostgreSQL migrations, oldest first. Keys use the `C` collation so that `ORDER BY`
@@ -266,7 +272,33 @@ pub(super) const POSTGRES_MIGRATIONS: &[Migration] = &[
         )"#,
         ],
     },
+    Migration {
+        version: 6,
+        statements: &[
+            // Every committed change to entries, agents, the CA journal and bundles is
+            // announced on `writ_changes` as `<kind>:<key>`, by whichever server (or
+            // tool) wrote it, so that servers sharing the database follow each other.
+            r#"CREATE FUNCTION writ_notify_change() RETURNS trigger LANGUAGE plpgsql AS $$
+            DECLARE row_data JSONB;
+            BEGIN
+                IF TG_OP = 'DELETE' THEN row_data := to_jsonb(OLD); ELSE row_data := to_jsonb(NEW); END IF;
+                PERFORM pg_notify('writ_changes', TG_ARGV[0] || ':' || COALESCE(row_data ->> TG_ARGV[1], ''));
+                RETURN NULL;
+            END $$"#,
+            "CREATE TRIGGER entries_changed AFTER INSERT OR UPDATE OR DELETE ON entries \
+             FOR EACH ROW EXECUTE FUNCTION writ_notify_change('entry', 'id')",
+            "CREATE TRIGGER agents_changed AFTER INSERT OR UPDATE OR DELETE ON agents \
+             FOR EACH ROW EXECUTE FUNCTION writ_notify_change('agent', 'spiffe_id')",
+            "CREATE TRIGGER ca_journal_changed AFTER INSERT OR UPDATE OR DELETE ON ca_journal \
+             FOR EACH ROW EXECUTE FUNCTION writ_notify_change('journal', 'id')",
+            "CREATE TRIGGER bundles_changed AFTER INSERT OR UPDATE OR DELETE ON bundles \
+             FOR EACH ROW EXECUTE FUNCTION writ_notify_change('bundle', 'trust_domain_id')",
+        ],
+    },
 ];
+
+/// The PostgreSQL channel [`POSTGRES_MIGRATIONS`]' triggers announce changes on.
+pub(super) const CHANGES_CHANNEL: &str = "writ_changes";
 
 /// Key of the PostgreSQL advisory lock held while migrating (`"writ_sch"` in ASCII), so
 /// that servers starting together on one database migrate one after another.
@@ -637,6 +669,12 @@ pub(super) const FETCH_BUNDLE: &str =
 pub(super) const LIST_BUNDLES: &str =
     "SELECT trust_domain_id, document, sequence FROM bundles ORDER BY trust_domain_id";
 pub(super) const DELETE_BUNDLE: &str = "DELETE FROM bundles WHERE trust_domain_id = $1";
+/// A new bundle row, only if there is none.
+pub(super) const CREATE_BUNDLE: &str = "INSERT INTO bundles (trust_domain_id, document, sequence) \
+     VALUES ($1, $2, $3) ON CONFLICT (trust_domain_id) DO NOTHING";
+/// A bundle replaced only if its stored sequence is still `$4`.
+pub(super) const SWAP_BUNDLE: &str =
+    "UPDATE bundles SET document = $2, sequence = $3 WHERE trust_domain_id = $1 AND sequence = $4";
 
 pub(super) const PUT_JOURNAL: &str = "INSERT INTO ca_journal (id, kind, payload, updated_at) \
      VALUES ($1, $2, $3, $4) ON CONFLICT (id) \

@@ -117,6 +117,7 @@ macro_rules! sql_store {
                 let mut tx = self.begin_write().await?;
                 insert_entries(&mut tx, std::slice::from_ref(&params)).await?;
                 tx.commit().await?;
+                self.changed(StoreChange::Entry(entry.id.clone()));
                 Ok(params.created(entry))
             }
 
@@ -131,6 +132,13 @@ macro_rules! sql_store {
                 let mut tx = self.begin_write().await?;
                 insert_entries(&mut tx, &params).await?;
                 tx.commit().await?;
+                if entries.len() > 64 {
+                    self.changed(StoreChange::Resync);
+                } else {
+                    for entry in entries {
+                        self.changed(StoreChange::Entry(entry.id.clone()));
+                    }
+                }
                 Ok(())
             }
 
@@ -166,6 +174,7 @@ macro_rules! sql_store {
                     .await?
                     .ok_or(StoreError::NotFound { kind: "entry" })?;
                 tx.commit().await?;
+                self.changed(StoreChange::Entry(updated.id.clone()));
                 Ok(updated)
             }
 
@@ -179,6 +188,7 @@ macro_rules! sql_store {
                     .execute(&mut *tx)
                     .await?;
                 tx.commit().await?;
+                self.changed(StoreChange::Entry(entry.id.clone()));
                 Ok(entry)
             }
 
@@ -238,6 +248,7 @@ macro_rules! sql_store {
                     .execute(&self.pool)
                     .await
                     .map_err(schema::unique_violation_is("agent"))?;
+                self.changed(StoreChange::Agent(agent.spiffe_id.to_string()));
                 Ok(())
             }
 
@@ -267,7 +278,9 @@ macro_rules! sql_store {
                     .bind(agent.next_cert_sha256.as_str())
                     .execute(&self.pool)
                     .await?;
-                schema::expect_one(done.rows_affected(), "agent")
+                schema::expect_one(done.rows_affected(), "agent")?;
+                self.changed(StoreChange::Agent(agent.spiffe_id.to_string()));
+                Ok(())
             }
 
             async fn delete_agent(&self, id: &SpiffeId) -> Result<(), StoreError> {
@@ -275,7 +288,9 @@ macro_rules! sql_store {
                     .bind(id.as_str())
                     .execute(&self.pool)
                     .await?;
-                schema::expect_one(done.rows_affected(), "agent")
+                schema::expect_one(done.rows_affected(), "agent")?;
+                self.changed(StoreChange::Agent(id.to_string()));
+                Ok(())
             }
 
             async fn list_agents(&self) -> Result<Vec<AttestedAgent>, StoreError> {
@@ -299,7 +314,11 @@ macro_rules! sql_store {
                     .bind(cert_expires_at)
                     .execute(&self.pool)
                     .await?;
-                Ok(done.rows_affected() == 1)
+                let switched = done.rows_affected() == 1;
+                if switched {
+                    self.changed(StoreChange::Agent(id.to_string()));
+                }
+                Ok(switched)
             }
 
             async fn set_next_agent_svid(
@@ -314,7 +333,11 @@ macro_rules! sql_store {
                     .bind(next_cert_sha256)
                     .execute(&self.pool)
                     .await?;
-                Ok(done.rows_affected() == 1)
+                let set = done.rows_affected() == 1;
+                if set {
+                    self.changed(StoreChange::Agent(id.to_string()));
+                }
+                Ok(set)
             }
 
             async fn record_trust_domain(&self, trust_domain: &str) -> Result<String, StoreError> {
@@ -374,7 +397,31 @@ macro_rules! sql_store {
                     .bind(schema::to_i64(bundle.sequence, "bundle sequence")?)
                     .execute(&self.pool)
                     .await?;
+                self.changed(StoreChange::Bundle(bundle.trust_domain_id.clone()));
                 Ok(())
+            }
+
+            async fn swap_bundle(
+                &self,
+                bundle: &BundleRecord,
+                previous: Option<u64>,
+            ) -> Result<bool, StoreError> {
+                let query = match previous {
+                    None => sqlx::query(schema::CREATE_BUNDLE),
+                    Some(_) => sqlx::query(schema::SWAP_BUNDLE),
+                }
+                .bind(bundle.trust_domain_id.as_str())
+                .bind(bundle.document.as_str())
+                .bind(schema::to_i64(bundle.sequence, "bundle sequence")?);
+                let query = match previous {
+                    None => query,
+                    Some(p) => query.bind(schema::to_i64(p, "bundle sequence")?),
+                };
+                let swapped = query.execute(&self.pool).await?.rows_affected() == 1;
+                if swapped {
+                    self.changed(StoreChange::Bundle(bundle.trust_domain_id.clone()));
+                }
+                Ok(swapped)
             }
 
             async fn fetch_bundle(
@@ -402,7 +449,9 @@ macro_rules! sql_store {
                     .bind(trust_domain_id)
                     .execute(&self.pool)
                     .await?;
-                schema::expect_one(done.rows_affected(), "bundle")
+                schema::expect_one(done.rows_affected(), "bundle")?;
+                self.changed(StoreChange::Bundle(trust_domain_id.to_owned()));
+                Ok(())
             }
 
             async fn put_journal(&self, record: &JournalRecord) -> Result<(), StoreError> {
@@ -413,6 +462,7 @@ macro_rules! sql_store {
                     .bind(record.updated_at)
                     .execute(&self.pool)
                     .await?;
+                self.changed(StoreChange::Journal);
                 Ok(())
             }
 
@@ -428,7 +478,9 @@ macro_rules! sql_store {
                     .bind(id)
                     .execute(&self.pool)
                     .await?;
-                schema::expect_one(done.rows_affected(), "journal record")
+                schema::expect_one(done.rows_affected(), "journal record")?;
+                self.changed(StoreChange::Journal);
+                Ok(())
             }
 
             async fn create_lease(&self, lease: &LeaseRecord) -> Result<(), StoreError> {
@@ -537,6 +589,10 @@ macro_rules! sql_store {
                     .fetch_all(&self.pool)
                     .await?;
                 rows.iter().map(template_issue_from_row).collect()
+            }
+
+            fn changes(&self) -> tokio::sync::broadcast::Receiver<StoreChange> {
+                self.subscribe()
             }
         }
     };

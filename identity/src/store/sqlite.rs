@@ -19,7 +19,7 @@ use super::schema::{
 };
 use super::{
     AttestedAgent, BundleRecord, EntryFilter, JoinTokenRecord, JournalRecord, LeaseRecord, Store,
-    StoreError, TemplateIssue,
+    StoreChange, StoreError, TemplateIssue,
 };
 use crate::entry::RegistrationEntry;
 use crate::selector::Selector;
@@ -41,6 +41,8 @@ const PAGE_CACHE_KIB: i64 = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// One server writes a SQLite store, so its changes are announced in process.
+    changes: tokio::sync::broadcast::Sender<StoreChange>,
 }
 
 impl SqliteStore {
@@ -110,7 +112,7 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         schema::check_sqlite(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self::with_pool(pool))
     }
 
     /// A store in memory, gone when dropped: for tests and throw-away runs. The pool
@@ -138,7 +140,24 @@ impl SqliteStore {
 
     async fn start(pool: SqlitePool) -> Result<Self, StoreError> {
         schema::migrate_sqlite(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self::with_pool(pool))
+    }
+
+    fn with_pool(pool: SqlitePool) -> Self {
+        Self {
+            pool,
+            changes: tokio::sync::broadcast::channel(super::CHANGE_BACKLOG).0,
+        }
+    }
+
+    /// Announces a committed change to this process's subscribers.
+    fn changed(&self, change: StoreChange) {
+        // No subscriber is not an error.
+        let _ = self.changes.send(change);
+    }
+
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<StoreChange> {
+        self.changes.subscribe()
     }
 
     /// Closes every connection, waiting for queries in flight. Later calls fail.
