@@ -226,6 +226,36 @@ struct SlotRecord {
     /// X.509 only: the CA certificate, then upstream intermediates (not the root), base64.
     #[serde(default)]
     chain: Vec<String>,
+    /// JWT only: the public key, so that the other servers sharing the store publish it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    jwk: Option<Jwk>,
+}
+
+/// Another server's authority, read from the shared journal: published in the bundle
+/// until it expires, never signed with, rotated or deleted by this server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PeerSlot {
+    record: SlotRecord,
+    /// X.509: the CA certificate (DER).
+    cert: Option<Vec<u8>>,
+}
+
+impl PeerSlot {
+    fn from_record(record: SlotRecord) -> Result<Self, CaError> {
+        let cert = match record.kind {
+            SlotKind::X509 => Some(
+                record
+                    .chain
+                    .first()
+                    .map(|c| STANDARD.decode(c))
+                    .transpose()
+                    .map_err(|e| CaError::Certificate(format!("journal certificate: {e}")))?
+                    .ok_or_else(|| CaError::Certificate("journal slot has no certificate".into()))?,
+            ),
+            SlotKind::Jwt => None,
+        };
+        Ok(Self { record, cert })
+    }
 }
 
 /// A loaded slot: its record and its key, plus the rcgen issuer for X.509 slots.
@@ -326,9 +356,26 @@ pub async fn journal_trust_domain(
     Ok(None)
 }
 
+/// The journal's slots, skipping (with a warning) records that cannot be read.
+async fn read_journal(store: &dyn crate::store::Store) -> Result<Vec<SlotRecord>, CaError> {
+    let mut out = Vec::new();
+    for rec in store.list_journal().await? {
+        match serde_json::from_str::<SlotRecord>(&rec.payload) {
+            Ok(r) => out.push(r),
+            Err(e) => {
+                tracing::warn!(slot = %rec.id, error = %e, "skipping unreadable CA journal record");
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[derive(Debug)]
 struct CaState {
+    /// This server's authorities (it holds their keys).
     slots: Vec<Arc<Slot>>,
+    /// The unexpired authorities of the other servers sharing the store.
+    peers: Vec<PeerSlot>,
     bundle: Arc<Bundle>,
 }
 
@@ -373,21 +420,14 @@ impl CertificateAuthority {
                 Err(e) => tracing::warn!(error = %e, "stored bundle is unreadable; rebuilding it"),
             }
         }
+        // This server's authorities are the journal's slots whose keys it holds; the
+        // others belong to the other servers sharing the store (or to a key directory
+        // that was lost) and are published until they expire, never deleted here.
         let mut slots = Vec::new();
-        for rec in store.list_journal().await? {
-            let record: SlotRecord = match serde_json::from_str(&rec.payload) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(slot = %rec.id, error = %e, "skipping unreadable CA journal record");
-                    continue;
-                }
-            };
+        for record in read_journal(store.as_ref()).await? {
             match keys.get(&key_id(&record.id)) {
                 Ok(key) => slots.push(Arc::new(Slot::load(record, key)?)),
-                Err(KeyError::NotFound(_)) => {
-                    tracing::warn!(slot = %record.id, "CA key missing from key manager; dropping slot");
-                    store.delete_journal(&rec.id).await?;
-                }
+                Err(KeyError::NotFound(_)) => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -398,7 +438,11 @@ impl CertificateAuthority {
             clock,
             keys,
             store,
-            state: ArcSwap::from_pointee(CaState { slots, bundle }),
+            state: ArcSwap::from_pointee(CaState {
+                slots,
+                peers: Vec::new(),
+                bundle,
+            }),
             rotation: Mutex::new(()),
             bundle_tx,
         };
@@ -426,9 +470,14 @@ impl CertificateAuthority {
         self.bundle_tx.subscribe()
     }
 
-    /// Advances the rotation state machine to the clock's current time: prepares,
-    /// activates and retires authorities, and publishes a new bundle when it changes.
-    /// Returns whether anything changed.
+    /// Advances the rotation state machine of this server's authorities to the clock's
+    /// current time (prepares, activates and retires them), reads the other servers'
+    /// authorities from the journal, and publishes the union as the trust domain's
+    /// bundle when it changes. Returns whether anything changed.
+    ///
+    /// Servers sharing a store publish one bundle: each writes it only over the
+    /// sequence it read ([`crate::store::Store::swap_bundle`]), and adopts the stored
+    /// one when it already holds the same authorities, so their sequences agree.
     ///
     /// # Errors
     /// [`CaError`] if a key or journal write fails; the previous state stays in force.
@@ -439,7 +488,8 @@ impl CertificateAuthority {
         let mut slots: Vec<Arc<Slot>> = Vec::new();
         let mut changed = false;
 
-        // Drop authorities whose lifetime is over: nothing they signed is still valid.
+        // Drop own authorities whose lifetime is over: nothing they signed is still
+        // valid. Another server's are its own business.
         for slot in &current.slots {
             if slot.record.not_after <= now {
                 self.store.delete_journal(&slot.record.id).await?;
@@ -452,25 +502,14 @@ impl CertificateAuthority {
         for kind in [SlotKind::X509, SlotKind::Jwt] {
             changed |= self.rotate_kind(kind, now, &mut slots).await?;
         }
-        let bundle = self.build_bundle(&slots, &current.bundle);
-        let bundle_changed = !bundle.same_content(&current.bundle);
-        let bundle = if bundle_changed {
-            let mut b = bundle;
-            b.set_sequence(current.bundle.sequence().saturating_add(1));
-            self.store
-                .put_bundle(&BundleRecord {
-                    trust_domain_id: self.config.trust_domain.id_string(),
-                    document: b.to_json(),
-                    sequence: b.sequence(),
-                })
-                .await?;
-            Arc::new(b)
-        } else {
-            current.bundle.clone()
-        };
+        let (peers, bundle) = self.publish(&slots, now, &current.bundle).await?;
+        changed |= peers != current.peers;
+        let bundle_changed = !bundle.same_content(&current.bundle)
+            || bundle.sequence() != current.bundle.sequence();
         if changed || bundle_changed {
             self.state.store(Arc::new(CaState {
                 slots,
+                peers,
                 bundle: bundle.clone(),
             }));
         }
@@ -479,6 +518,71 @@ impl CertificateAuthority {
             self.bundle_tx.send_replace(bundle);
         }
         Ok(changed || bundle_changed)
+    }
+
+    /// Reads the other servers' authorities and makes the stored bundle hold exactly
+    /// the union of theirs and `own`: adopts the stored bundle when it does, otherwise
+    /// replaces it over the sequence read (again after a lost race).
+    async fn publish(
+        &self,
+        own: &[Arc<Slot>],
+        now: i64,
+        previous: &Arc<Bundle>,
+    ) -> Result<(Vec<PeerSlot>, Arc<Bundle>), CaError> {
+        let td_id = self.config.trust_domain.id_string();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let peers = self.peers(own, now).await?;
+            let computed = self.build_bundle(own, &peers, previous);
+            let stored = self.store.fetch_bundle(&td_id).await?;
+            let stored_bundle = stored
+                .as_ref()
+                .and_then(|r| Bundle::from_json(self.config.trust_domain.clone(), &r.document).ok());
+            if let Some(b) = &stored_bundle
+                && b.same_content(&computed)
+            {
+                if b.same_content(previous) && b.sequence() == previous.sequence() {
+                    return Ok((peers, previous.clone()));
+                }
+                return Ok((peers, Arc::new(b.clone())));
+            }
+            let mut next = computed;
+            let base = stored.as_ref().map_or(0, |r| r.sequence);
+            next.set_sequence(base.max(previous.sequence()).saturating_add(1));
+            let record = BundleRecord {
+                trust_domain_id: td_id.clone(),
+                document: next.to_json(),
+                sequence: next.sequence(),
+            };
+            if self
+                .store
+                .swap_bundle(&record, stored.as_ref().map(|r| r.sequence))
+                .await?
+            {
+                return Ok((peers, Arc::new(next)));
+            }
+            if attempt >= 5 {
+                // Another server keeps publishing: keep ours in memory, agree next time.
+                tracing::warn!("trust bundle: lost the race to publish five times; will retry");
+                return Ok((peers, Arc::new(next)));
+            }
+        }
+    }
+
+    /// The unexpired journal slots that are not `own`.
+    async fn peers(&self, own: &[Arc<Slot>], now: i64) -> Result<Vec<PeerSlot>, CaError> {
+        let mut peers = Vec::new();
+        for record in read_journal(self.store.as_ref()).await? {
+            if record.not_after <= now || own.iter().any(|s| s.record.id == record.id) {
+                continue;
+            }
+            match PeerSlot::from_record(record) {
+                Ok(p) => peers.push(p),
+                Err(e) => tracing::warn!(error = %e, "skipping an unreadable CA journal slot"),
+            }
+        }
+        Ok(peers)
     }
 
     async fn rotate_kind(
@@ -540,6 +644,10 @@ impl CertificateAuthority {
         };
         let mut record = slot.record.clone();
         record.state = state;
+        if record.kind == SlotKind::Jwt && record.jwk.is_none() {
+            // A slot journaled before public keys were: let the other servers see it.
+            record.jwk = slot.jwk();
+        }
         self.persist(&record).await?;
         *slot = Arc::new(Slot::load(record, slot.key.clone())?);
         Ok(())
@@ -586,6 +694,10 @@ impl CertificateAuthority {
             SlotKind::X509 => self.ca_certificate(&id, &key, not_before, not_after)?,
             SlotKind::Jwt => Vec::new(),
         };
+        let jwk = match kind {
+            SlotKind::Jwt => key.ec_p256_xy().map(|(x, y)| Jwk::ec_p256(x, y)),
+            SlotKind::X509 => None,
+        };
         let record = SlotRecord {
             id,
             kind,
@@ -593,6 +705,7 @@ impl CertificateAuthority {
             not_before,
             not_after,
             chain: chain.iter().map(|c| STANDARD.encode(c)).collect(),
+            jwk,
         };
         self.persist(&record).await?;
         Ok(Arc::new(Slot::load(record, key)?))
@@ -660,10 +773,21 @@ impl CertificateAuthority {
         }
     }
 
-    fn build_bundle(&self, slots: &[Arc<Slot>], previous: &Bundle) -> Bundle {
+    /// The bundle of `own` and `peers` authorities, in the same order on every server
+    /// (by `not_before`, then id).
+    fn build_bundle(&self, own: &[Arc<Slot>], peers: &[PeerSlot], previous: &Bundle) -> Bundle {
         let mut bundle = Bundle::new(self.config.trust_domain.clone());
-        let mut ordered: Vec<&Arc<Slot>> = slots.iter().collect();
-        ordered.sort_by_key(|s| (s.record.not_before, s.record.id.clone()));
+        // (record, X.509 certificate, JWT key) of every authority.
+        let mut ordered: Vec<(&SlotRecord, Option<&Vec<u8>>, Option<Jwk>)> = own
+            .iter()
+            .map(|s| (&s.record, s.chain.first(), s.jwk()))
+            .chain(
+                peers
+                    .iter()
+                    .map(|p| (&p.record, p.cert.as_ref(), p.record.jwk.clone())),
+            )
+            .collect();
+        ordered.sort_by(|a, b| (a.0.not_before, &a.0.id).cmp(&(b.0.not_before, &b.0.id)));
         match &self.config.upstream {
             Some(up) => {
                 if let Some(root) = up.root() {
@@ -671,18 +795,18 @@ impl CertificateAuthority {
                 }
             }
             None => {
-                for slot in ordered.iter().filter(|s| s.record.kind == SlotKind::X509) {
-                    if let Some(cert) = slot.chain.first() {
-                        self.add_authority(&mut bundle, cert.clone());
+                for (_, cert, _) in ordered.iter().filter(|s| s.0.kind == SlotKind::X509) {
+                    if let Some(cert) = cert {
+                        self.add_authority(&mut bundle, (*cert).clone());
                     }
                 }
             }
         }
-        for slot in ordered.iter().filter(|s| s.record.kind == SlotKind::Jwt) {
-            if let Some(jwk) = slot.jwk()
-                && let Err(e) = bundle.put_jwt_authority(slot.record.id.clone(), jwk)
+        for (record, _, jwk) in ordered.iter().filter(|s| s.0.kind == SlotKind::Jwt) {
+            if let Some(jwk) = jwk
+                && let Err(e) = bundle.put_jwt_authority(record.id.clone(), jwk.clone())
             {
-                tracing::error!(slot = %slot.record.id, error = %e, "JWT key left out of the bundle");
+                tracing::error!(slot = %record.id, error = %e, "JWT key left out of the bundle");
             }
         }
         bundle.set_refresh_hint(self.config.refresh_hint.map(|d| d.as_secs()));
@@ -860,7 +984,8 @@ impl CertificateAuthority {
         Ok((token, from_unix_seconds(exp)))
     }
 
-    /// The states of all authorities, for operators: `(kind, id, state, not_after)`.
+    /// The states of this server's authorities, for operators: `(kind, id, state,
+    /// not_after)`.
     pub fn authorities(&self) -> Vec<(String, String, SlotState, SystemTime)> {
         self.state
             .load()
@@ -874,6 +999,16 @@ impl CertificateAuthority {
                     from_unix_seconds(s.record.not_after),
                 )
             })
+            .collect()
+    }
+
+    /// The ids of the other servers' unexpired authorities this server publishes.
+    pub fn peer_authorities(&self) -> Vec<String> {
+        self.state
+            .load()
+            .peers
+            .iter()
+            .map(|p| p.record.id.clone())
             .collect()
     }
 }

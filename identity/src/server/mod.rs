@@ -149,6 +149,11 @@ impl ServerState {
                 forward.send_modify(|g| *g += 1);
             }
         });
+        tokio::spawn(follow_store(
+            store.changes(),
+            Arc::downgrade(&ca),
+            changes.clone(),
+        ));
         Ok(Arc::new(Self {
             config,
             store,
@@ -340,6 +345,54 @@ pub async fn serve(
     let _ = std::fs::remove_file(&socket);
     result?;
     Ok(())
+}
+
+/// Follows the store's change events (other servers' writes as well as this one's):
+/// entry changes wake the agents' change streams; journal and bundle changes make the
+/// CA read the other servers' authorities and publish the new union at once (which
+/// wakes the agents too). Agent record changes wake nobody: each renewal is one, and
+/// the node API reads the record at every call. Events that arrive together are
+/// handled once. Ends with the CA or the store.
+async fn follow_store(
+    mut events: tokio::sync::broadcast::Receiver<crate::store::StoreChange>,
+    ca: std::sync::Weak<CertificateAuthority>,
+    agents: tokio::sync::watch::Sender<u64>,
+) {
+    use crate::store::StoreChange;
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+    loop {
+        let first = match events.recv().await {
+            Ok(change) => change,
+            Err(RecvError::Lagged(_)) => StoreChange::Resync,
+            Err(RecvError::Closed) => return,
+        };
+        let kind = |change: &StoreChange| match change {
+            StoreChange::Agent(_) => (false, false),
+            StoreChange::Entry(_) => (true, false),
+            _ => (true, true),
+        };
+        let (mut entries, mut authorities) = kind(&first);
+        loop {
+            let (e, a) = match events.try_recv() {
+                Ok(change) => kind(&change),
+                Err(TryRecvError::Lagged(_)) => (true, true),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Closed) => return,
+            };
+            entries |= e;
+            authorities |= a;
+        }
+        if authorities {
+            let Some(ca) = ca.upgrade() else { return };
+            // A changed bundle reaches the agents through the CA's own subscription.
+            if let Err(e) = ca.rotate().await {
+                tracing::warn!(error = %e, "could not follow the other servers' authorities; will retry");
+            }
+        }
+        if entries {
+            agents.send_modify(|g| *g += 1);
+        }
+    }
 }
 
 async fn rotation_loop(ca: Arc<CertificateAuthority>) {

@@ -23,7 +23,7 @@ use futures::future::join_all;
 
 use super::{
     AttestedAgent, BundleRecord, EntryFilter, JoinTokenRecord, JournalRecord, LeaseRecord,
-    MAX_TEMPLATE_ISSUES_PER_ENTRY, Store, StoreError,
+    MAX_TEMPLATE_ISSUES_PER_ENTRY, Store, StoreChange, StoreError,
 };
 use crate::entry::RegistrationEntry;
 use crate::entry::template::IdTemplate;
@@ -65,6 +65,8 @@ pub async fn run_all(store: &dyn Store) {
     concurrent_update_entry(store).await;
     template_entries_round_trip(store).await;
     template_issues_recorded_and_bounded(store).await;
+    bundle_swap_is_conditional(store).await;
+    changes_are_announced(store).await;
 }
 
 /// Fresh names for one check.
@@ -1585,4 +1587,105 @@ pub async fn template_issues_recorded_and_bounded(store: &dyn Store) {
             .await,
         Err(StoreError::NotFound { kind: "entry" })
     ));
+}
+
+/// `swap_bundle` writes only over the sequence it was given: of two writers that read
+/// the same bundle, one wins.
+pub async fn bundle_swap_is_conditional(store: &dyn Store) {
+    let s = Scope::new("swap");
+    let td = format!("spiffe://swap.{}.example", s.tag);
+    let record = |sequence: u64, name: &str| BundleRecord {
+        trust_domain_id: td.clone(),
+        document: format!(r#"{{"keys":[],"name":"{name}"}}"#),
+        sequence,
+    };
+    assert!(store.swap_bundle(&record(1, "a"), None).await.expect("create"));
+    assert!(
+        !store.swap_bundle(&record(1, "b"), None).await.expect("second create"),
+        "a bundle that exists is not created again"
+    );
+    assert!(store.swap_bundle(&record(2, "c"), Some(1)).await.expect("swap"));
+    assert!(
+        !store.swap_bundle(&record(2, "d"), Some(1)).await.expect("stale swap"),
+        "a swap over a sequence that moved on is refused"
+    );
+    let stored = store.fetch_bundle(&td).await.expect("fetch").expect("stored");
+    assert_eq!(stored, record(2, "c"));
+    store.delete_bundle(&td).await.expect("delete");
+}
+
+/// Each kind of write is announced to a subscriber after it committed (PostgreSQL: by
+/// the database, to every server on it). Other writers may share the store, so the
+/// check looks for its own changes among whatever arrives.
+pub async fn changes_are_announced(store: &dyn Store) {
+    let s = Scope::new("changes");
+    let mut rx = store.changes();
+    // PostgreSQL's listener starts at the first subscription: wait until it hears.
+    let probe = s.entry("probe", &["p"]);
+    let mut heard = false;
+    for _ in 0..200 {
+        store.create_entry(&probe).await.expect("create probe");
+        if wait_for(&mut rx, &StoreChange::Entry(probe.id.clone()), 50).await {
+            heard = true;
+            break;
+        }
+        store.delete_entry(&probe.id).await.expect("delete probe");
+    }
+    assert!(heard, "the store never announced an entry change");
+    let entry = s.entry("workload", &["a"]);
+    store.create_entry(&entry).await.expect("create");
+    assert!(wait_for(&mut rx, &StoreChange::Entry(entry.id.clone()), 5_000).await);
+    store.delete_entry(&entry.id).await.expect("delete");
+    assert!(wait_for(&mut rx, &StoreChange::Entry(entry.id.clone()), 5_000).await);
+    let agent = AttestedAgent {
+        spiffe_id: s.id("agent"),
+        attestation_type: "join_token".into(),
+        cert_serial: "01".into(),
+        cert_expires_at: FAR_FUTURE,
+        cert_sha256: String::new(),
+        next_cert_sha256: String::new(),
+        selectors: Vec::new(),
+        banned: false,
+        created_at: 1_700_000_000,
+    };
+    store.create_agent(&agent).await.expect("create agent");
+    let agent_change = StoreChange::Agent(agent.spiffe_id.to_string());
+    assert!(wait_for(&mut rx, &agent_change, 5_000).await);
+    store.delete_agent(&agent.spiffe_id).await.expect("delete agent");
+    assert!(wait_for(&mut rx, &agent_change, 5_000).await);
+    let journal = JournalRecord {
+        id: s.tag.clone(),
+        kind: "jwt".into(),
+        payload: "{}".into(),
+        updated_at: 1,
+    };
+    store.put_journal(&journal).await.expect("put journal");
+    assert!(wait_for(&mut rx, &StoreChange::Journal, 5_000).await);
+    store.delete_journal(&journal.id).await.expect("delete journal");
+    let td = format!("spiffe://changes.{}.example", s.tag);
+    let bundle = BundleRecord {
+        trust_domain_id: td.clone(),
+        document: "{}".into(),
+        sequence: 1,
+    };
+    store.put_bundle(&bundle).await.expect("put bundle");
+    assert!(wait_for(&mut rx, &StoreChange::Bundle(td.clone()), 5_000).await);
+    store.delete_bundle(&td).await.expect("delete bundle");
+    store.delete_entry(&probe.id).await.expect("delete probe");
+}
+
+/// Whether `want` arrives within `millis` (a lagged receiver counts as a miss).
+async fn wait_for(
+    rx: &mut tokio::sync::broadcast::Receiver<StoreChange>,
+    want: &StoreChange,
+    millis: u64,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(millis);
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(change)) if &change == want => return true,
+            Ok(Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) | Err(_) => return false,
+        }
+    }
 }

@@ -94,9 +94,11 @@ async fn postgres_servers_starting_together_migrate_once() {
             .fetch_all(&mut conn)
             .await
             .unwrap();
+    let newest = *versions.last().unwrap();
+    assert!(newest >= 6, "change notifications (6) are applied");
     assert_eq!(
         versions,
-        vec![1, 2, 3, 4, 5],
+        (1..=newest).collect::<Vec<_>>(),
         "every migration recorded once"
     );
     // All of them work on the same data.
