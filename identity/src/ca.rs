@@ -250,7 +250,9 @@ impl PeerSlot {
                     .map(|c| STANDARD.decode(c))
                     .transpose()
                     .map_err(|e| CaError::Certificate(format!("journal certificate: {e}")))?
-                    .ok_or_else(|| CaError::Certificate("journal slot has no certificate".into()))?,
+                    .ok_or_else(|| {
+                        CaError::Certificate("journal slot has no certificate".into())
+                    })?,
             ),
             SlotKind::Jwt => None,
         };
@@ -504,8 +506,8 @@ impl CertificateAuthority {
         }
         let (peers, bundle) = self.publish(&slots, now, &current.bundle).await?;
         changed |= peers != current.peers;
-        let bundle_changed = !bundle.same_content(&current.bundle)
-            || bundle.sequence() != current.bundle.sequence();
+        let bundle_changed =
+            !bundle.same_content(&current.bundle) || bundle.sequence() != current.bundle.sequence();
         if changed || bundle_changed {
             self.state.store(Arc::new(CaState {
                 slots,
@@ -536,9 +538,9 @@ impl CertificateAuthority {
             let peers = self.peers(own, now).await?;
             let computed = self.build_bundle(own, &peers, previous);
             let stored = self.store.fetch_bundle(&td_id).await?;
-            let stored_bundle = stored
-                .as_ref()
-                .and_then(|r| Bundle::from_json(self.config.trust_domain.clone(), &r.document).ok());
+            let stored_bundle = stored.as_ref().and_then(|r| {
+                Bundle::from_json(self.config.trust_domain.clone(), &r.document).ok()
+            });
             if let Some(b) = &stored_bundle
                 && b.same_content(&computed)
             {

@@ -1599,17 +1599,37 @@ pub async fn bundle_swap_is_conditional(store: &dyn Store) {
         document: format!(r#"{{"keys":[],"name":"{name}"}}"#),
         sequence,
     };
-    assert!(store.swap_bundle(&record(1, "a"), None).await.expect("create"));
     assert!(
-        !store.swap_bundle(&record(1, "b"), None).await.expect("second create"),
+        store
+            .swap_bundle(&record(1, "a"), None)
+            .await
+            .expect("create")
+    );
+    assert!(
+        !store
+            .swap_bundle(&record(1, "b"), None)
+            .await
+            .expect("second create"),
         "a bundle that exists is not created again"
     );
-    assert!(store.swap_bundle(&record(2, "c"), Some(1)).await.expect("swap"));
     assert!(
-        !store.swap_bundle(&record(2, "d"), Some(1)).await.expect("stale swap"),
+        store
+            .swap_bundle(&record(2, "c"), Some(1))
+            .await
+            .expect("swap")
+    );
+    assert!(
+        !store
+            .swap_bundle(&record(2, "d"), Some(1))
+            .await
+            .expect("stale swap"),
         "a swap over a sequence that moved on is refused"
     );
-    let stored = store.fetch_bundle(&td).await.expect("fetch").expect("stored");
+    let stored = store
+        .fetch_bundle(&td)
+        .await
+        .expect("fetch")
+        .expect("stored");
     assert_eq!(stored, record(2, "c"));
     store.delete_bundle(&td).await.expect("delete");
 }
@@ -1651,7 +1671,10 @@ pub async fn changes_are_announced(store: &dyn Store) {
     store.create_agent(&agent).await.expect("create agent");
     let agent_change = StoreChange::Agent(agent.spiffe_id.to_string());
     assert!(wait_for(&mut rx, &agent_change, 5_000).await);
-    store.delete_agent(&agent.spiffe_id).await.expect("delete agent");
+    store
+        .delete_agent(&agent.spiffe_id)
+        .await
+        .expect("delete agent");
     assert!(wait_for(&mut rx, &agent_change, 5_000).await);
     let journal = JournalRecord {
         id: s.tag.clone(),
@@ -1661,7 +1684,10 @@ pub async fn changes_are_announced(store: &dyn Store) {
     };
     store.put_journal(&journal).await.expect("put journal");
     assert!(wait_for(&mut rx, &StoreChange::Journal, 5_000).await);
-    store.delete_journal(&journal.id).await.expect("delete journal");
+    store
+        .delete_journal(&journal.id)
+        .await
+        .expect("delete journal");
     let td = format!("spiffe://changes.{}.example", s.tag);
     let bundle = BundleRecord {
         trust_domain_id: td.clone(),

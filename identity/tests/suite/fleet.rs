@@ -1,0 +1,180 @@
+//! Many identity servers on one PostgreSQL database (issue 16): each owns its CA slots,
+//! all publish the union, none deletes another's, and a change reaches the others
+//! through the store's change events.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use writ_identity::bundle::{Bundle, BundleSet};
+use writ_identity::ca::{CaConfig, CertificateAuthority};
+use writ_identity::clock::{Clock, ManualClock};
+use writ_identity::key_manager::{KeyManager, MemoryKeyManager};
+use writ_identity::server::ServerState;
+use writ_identity::server::config::ServerConfig;
+use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
+use writ_identity::store::Store;
+use writ_identity::store::pg_harness::TempPostgres;
+use writ_identity::store::postgres::PostgresStore;
+use writ_identity::svid::{jwt, x509};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn td() -> TrustDomain {
+    TrustDomain::new("example.org").unwrap()
+}
+
+fn id(path: &str) -> SpiffeId {
+    td().spiffe_id(path).unwrap()
+}
+
+fn start() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+}
+
+async fn ca(clock: &ManualClock, keys: &Arc<MemoryKeyManager>, url: &str) -> CertificateAuthority {
+    let store: Arc<dyn Store> = Arc::new(PostgresStore::connect(url).await.unwrap());
+    let keys: Arc<dyn KeyManager> = keys.clone();
+    CertificateAuthority::load(CaConfig::new(td()), Arc::new(clock.clone()), keys, store)
+        .await
+        .unwrap()
+}
+
+async fn journal_ids(url: &str) -> BTreeSet<String> {
+    let store = PostgresStore::connect(url).await.unwrap();
+    let ids = store
+        .list_journal()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    store.close().await;
+    ids
+}
+
+fn x509_roots(b: &Bundle) -> usize {
+    b.x509_authorities().len()
+}
+
+/// Both directions: an SVID (X.509 and JWT) signed by one CA verifies against the
+/// other's bundle.
+fn cross_verify(a: &CertificateAuthority, b: &CertificateAuthority, now: SystemTime) {
+    for (signer, verifier) in [(a, b), (b, a)] {
+        let set = BundleSet::of((*verifier.bundle()).clone());
+        let svid = signer.mint_x509_svid(&id("/w"), None, &[]).unwrap();
+        x509::validate(&svid.cert_chain, &set, now).unwrap();
+        let (token, _) = signer
+            .sign_jwt_svid(&id("/w"), &["aud".into()], None)
+            .unwrap();
+        jwt::validate(&token, &["aud"], &set, now).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_publish_the_union_and_delete_nothing_of_each_other() {
+    let Some(pg) = TempPostgres::start().unwrap() else {
+        return;
+    };
+    let url = pg.url();
+    let clock = ManualClock::new(start());
+    let (keys_a, keys_b) = (
+        Arc::new(MemoryKeyManager::new()),
+        Arc::new(MemoryKeyManager::new()),
+    );
+    let a = ca(&clock, &keys_a, &url).await;
+    let b = ca(&clock, &keys_b, &url).await;
+    a.rotate().await.unwrap();
+    assert_eq!(x509_roots(&a.bundle()), 2, "both servers' roots");
+    assert_eq!(
+        a.bundle().jwt_authorities().len(),
+        2,
+        "both servers' JWT keys"
+    );
+    assert!(a.bundle().same_content(&b.bundle()));
+    assert_eq!(
+        a.bundle().sequence(),
+        b.bundle().sequence(),
+        "one stored bundle, one sequence"
+    );
+    assert_eq!(a.peer_authorities().len(), 2);
+    cross_verify(&a, &b, clock.now());
+    let rows = journal_ids(&url).await;
+    assert_eq!(rows.len(), 4);
+
+    // Server A dies; B keeps publishing its authorities, and deletes none.
+    drop(a);
+    b.rotate().await.unwrap();
+    assert_eq!(
+        x509_roots(&b.bundle()),
+        2,
+        "a dead server's root stays published"
+    );
+    assert_eq!(journal_ids(&url).await, rows);
+    // A comes back with its keys: it rejoins and deletes nothing.
+    let a = ca(&clock, &keys_a, &url).await;
+    assert_eq!(journal_ids(&url).await, rows);
+    assert_eq!(x509_roots(&a.bundle()), 2);
+    cross_verify(&a, &b, clock.now());
+
+    // Each rotates on its own: prepared (published), activated, the old one retired;
+    // what either signs verifies against the other's bundle at every step.
+    for hours in [13, 21, 25, 30] {
+        clock.set(start() + HOUR * hours);
+        a.rotate().await.unwrap();
+        b.rotate().await.unwrap();
+        a.rotate().await.unwrap();
+        assert!(a.bundle().same_content(&b.bundle()), "at {hours} h");
+        cross_verify(&a, &b, clock.now());
+    }
+    // Past the first authorities' expiry (24 h), each deleted its own only.
+    let now_rows = journal_ids(&url).await;
+    assert!(
+        now_rows.is_disjoint(&rows),
+        "expired slots deleted by their owners"
+    );
+    assert_eq!(x509_roots(&a.bundle()), now_rows.len() / 2);
+}
+
+/// A server that a dead server's key directory was lost for (or a new server) never
+/// signs with another's authority, and its own start publishes at once to the other
+/// servers, through change events rather than their rotation tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_server_reaches_the_others_through_change_events() {
+    let Some(pg) = TempPostgres::start().unwrap() else {
+        return;
+    };
+    let url = pg.url();
+    let dir = tempfile::tempdir().unwrap();
+    let server = |n: u32| {
+        let url = url.clone();
+        let dir = dir.path().join(format!("s{n}"));
+        async move {
+            let config = ServerConfig::with_defaults(td(), &dir).unwrap();
+            let store = Arc::new(PostgresStore::connect(&url).await.unwrap());
+            ServerState::with_parts(
+                config,
+                Arc::new(writ_identity::clock::SystemClock),
+                store,
+                Arc::new(MemoryKeyManager::new()),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let first = server(1).await;
+    let mut bundles = first.ca.subscribe();
+    assert_eq!(x509_roots(&first.ca.bundle()), 1);
+    let second = server(2).await;
+    assert_eq!(x509_roots(&second.ca.bundle()), 2);
+    // The first server hears of the second's authorities without rotating.
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        bundles.wait_for(|b| x509_roots(b) == 2),
+    )
+    .await
+    .expect("the new server's root reached the first server")
+    .unwrap();
+    assert!(first.ca.bundle().same_content(&second.ca.bundle()));
+    assert_eq!(first.ca.bundle().sequence(), second.ca.bundle().sequence());
+}
