@@ -204,6 +204,19 @@ impl Datastore {
         })
     }
 
+    /// For a SQLite store, the process-wide lock that keeps a second server off its
+    /// file ([`crate::store::sqlite::StoreLock`]); `None` for PostgreSQL, which many
+    /// servers share. Hold it for as long as the server runs.
+    ///
+    /// # Errors
+    /// [`StoreError::Locked`] if another process serves the file.
+    pub fn lock(&self) -> Result<Option<crate::store::sqlite::StoreLock>, StoreError> {
+        match self {
+            Datastore::Sqlite(path) => crate::store::sqlite::StoreLock::acquire(path).map(Some),
+            Datastore::Postgres(_) => Ok(None),
+        }
+    }
+
     /// Opens the store for reading only, never creating or migrating it (see
     /// [`SqliteStore::open_read_only`], [`PostgresStore::connect_read_only`]).
     ///

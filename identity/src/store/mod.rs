@@ -53,6 +53,17 @@ pub enum StoreError {
         /// What was updated.
         kind: &'static str,
     },
+    /// Another process holds the SQLite store: a SQLite store serves one server.
+    #[error(
+        "{path} is held by {holder}: a SQLite store serves one identity server; to run \
+         several servers, share a PostgreSQL store (docs/operations.md, \"Many servers\")"
+    )]
+    Locked {
+        /// The lock file.
+        path: std::path::PathBuf,
+        /// Who holds it (`pid N`), or why it could not be locked.
+        holder: String,
+    },
     /// A stored row could not be decoded (corruption or a newer schema).
     #[error("stored {kind} is corrupt: {detail}")]
     Corrupt {

@@ -197,6 +197,64 @@ impl SqliteStore {
     }
 }
 
+/// An exclusive lock on `<database>.lock`, held by the process that serves a SQLite
+/// store (`writ server run`, `writ dev`) until it is dropped: a SQLite store serves one
+/// server, and a second one on the same file is refused instead of two CAs writing one
+/// journal. Taken by the process, not by [`SqliteStore`], so that a server dropped and
+/// opened again within one process (tests) never finds its own lock.
+#[derive(Debug)]
+pub struct StoreLock {
+    _file: std::fs::File,
+}
+
+impl StoreLock {
+    /// Takes the lock of the database at `path`, writing this process's id into it.
+    ///
+    /// # Errors
+    /// [`StoreError::Locked`] naming the holder's pid, or why the file cannot be locked.
+    pub fn acquire(path: &Path) -> Result<Self, StoreError> {
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock_path = std::path::PathBuf::from(lock_path);
+        let io = |e: std::io::Error| StoreError::Locked {
+            path: lock_path.clone(),
+            holder: format!("nobody, but it cannot be locked: {e}"),
+        };
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            crate::key_manager::create_private_dir(dir).map_err(io)?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = writ_spiffe::process::read_bounded(&lock_path, 64).unwrap_or_default();
+                let holder = String::from_utf8_lossy(&holder).trim().to_owned();
+                return Err(StoreError::Locked {
+                    path: lock_path.clone(),
+                    holder: if holder.is_empty() {
+                        "another process".to_owned()
+                    } else {
+                        format!("pid {holder}")
+                    },
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        use std::io::Write as _;
+        file.set_len(0).map_err(io)?;
+        write!(file, "{}", std::process::id()).map_err(io)?;
+        Ok(Self { _file: file })
+    }
+}
+
 /// Creates the database's directory (`0700`) and an empty database file (`0600`) when
 /// they do not exist yet, so that SQLite never creates them with the umask's looser
 /// modes. SQLite gives its `-wal` and `-shm` files the database file's mode.

@@ -749,3 +749,23 @@ async fn postgres_read_only_never_migrates_or_writes() {
     );
     assert!(reader.create_entry(&entry(2)).await.is_err());
 }
+
+/// A SQLite store serves one server: while one process holds the store's lock, taking
+/// it again is refused with the holder's pid; dropping it releases it.
+#[tokio::test]
+async fn sqlite_store_lock_keeps_a_second_server_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data").join("store.db");
+    let lock = writ_identity::store::sqlite::StoreLock::acquire(&path).unwrap();
+    let err = writ_identity::store::sqlite::StoreLock::acquire(&path).unwrap_err();
+    assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("pid {}", std::process::id())) && text.contains("PostgreSQL"),
+        "{text}"
+    );
+    // The lock is not the store: the file still opens (read by tools, the TTS).
+    SqliteStore::open(&path).await.unwrap();
+    drop(lock);
+    writ_identity::store::sqlite::StoreLock::acquire(&path).unwrap();
+}

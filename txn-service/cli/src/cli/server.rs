@@ -77,6 +77,8 @@ pub(crate) async fn run(cmd: ServerCommand) -> anyhow::Result<ExitCode> {
     config.reset_ca = reset_ca;
     writ_identity::key_manager::create_private_dir(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    // A SQLite store serves one server: a second one on the file stops here.
+    let _lock = config.datastore.lock()?;
     let state = ServerState::open(config, Arc::new(SystemClock)).await?;
     super::out::errln!(
         "writ server: trust domain {}, admin socket {}, data dir {}",

@@ -223,6 +223,8 @@ pub struct Dev {
     agent: RunningAgent,
     admin: tokio::task::JoinHandle<Result<(), server::ServerError>>,
     stop_admin: tokio::sync::oneshot::Sender<()>,
+    /// Keeps a second server off the SQLite store until `writ dev` stops.
+    _store_lock: Option<writ_identity::store::sqlite::StoreLock>,
 }
 
 impl Dev {
@@ -252,6 +254,7 @@ impl Dev {
         config.reset_ca = options.reset_ca;
         let datastore = config.datastore.clone();
         let server_socket = config.admin_socket.clone();
+        let store_lock = datastore.lock()?;
         let state = ServerState::open(config, Arc::new(SystemClock)).await?;
         let (stop_admin, stopped) = tokio::sync::oneshot::channel::<()>();
         let admin = tokio::spawn(server::serve(state.clone(), async move {
@@ -317,6 +320,7 @@ impl Dev {
             agent,
             admin,
             stop_admin,
+            _store_lock: store_lock,
         })
     }
 

@@ -764,3 +764,28 @@ fn entries_from_a_data_file() {
         "unix:uid:1",
     ]);
 }
+
+/// A second `writ server run` on the data dir of a running one is refused in one line
+/// (a SQLite store serves one server), and the first keeps serving.
+#[test]
+fn a_second_server_on_one_sqlite_store_is_refused() {
+    let server = Server::start();
+    let out = Command::new(WRIT)
+        .args(["server", "run", "--config"])
+        .arg(server.dir.path().join("server.toml"))
+        .arg("--data-dir")
+        .arg(server.dir.path().join("data"))
+        .arg("--server-socket")
+        .arg(server.dir.path().join("second.sock"))
+        .args(["--bind-address", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("serves one identity server") && err.contains("pid"),
+        "{err}"
+    );
+    // The first is untouched.
+    assert_eq!(server.entry_count(), 0);
+}
