@@ -133,6 +133,21 @@ impl TempPostgres {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
 
+    /// `pg_ctl restart` (fast shutdown, which ends every session, then start), waiting
+    /// until it accepts connections again.
+    ///
+    /// # Errors
+    /// What `pg_ctl` said, with the server log.
+    pub fn restart(&self) -> Result<(), String> {
+        let mut restart = self.pg_ctl_command();
+        restart
+            .args(["restart", "-w", "-t", "60", "-m", "fast", "-D"])
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("server.log"));
+        run(&mut restart, "pg_ctl restart").map_err(|e| format!("{e}\nserver log:\n{}", self.log()))
+    }
+
     fn pg_ctl_command(&self) -> Command {
         command(self.run_as.as_deref(), &self.pg_ctl)
     }

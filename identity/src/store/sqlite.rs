@@ -220,8 +220,11 @@ impl StoreLock {
             path: lock_path.clone(),
             holder: format!("nobody, but it cannot be locked: {e}"),
         };
+        // A new directory is made private; an existing one is left as it is (`writ dev`'s
+        // is 0711 on purpose).
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
+            && !dir.exists()
         {
             crate::key_manager::create_private_dir(dir).map_err(io)?;
         }

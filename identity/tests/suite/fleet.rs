@@ -188,3 +188,102 @@ async fn a_new_server_reaches_the_others_through_change_events() {
     }
     assert!(agreed(), "the servers settle on one stored bundle");
 }
+
+/// A server on a shared PostgreSQL store, serving its node API on 127.0.0.1.
+struct NodeServer {
+    state: Arc<ServerState>,
+    addr: std::net::SocketAddr,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+async fn node_server(url: &str, dir: &std::path::Path) -> NodeServer {
+    let config = ServerConfig::with_defaults(td(), dir).unwrap();
+    let store = Arc::new(PostgresStore::connect(url).await.unwrap());
+    let state = ServerState::with_parts(
+        config,
+        Arc::new(writ_identity::clock::SystemClock),
+        store,
+        Arc::new(MemoryKeyManager::new()),
+    )
+    .await
+    .unwrap();
+    let listener = writ_identity::server::node_service::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = state.clone();
+    let task = tokio::spawn(async move {
+        writ_identity::server::node_service::serve_node_api(
+            serving,
+            listener,
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
+    });
+    NodeServer {
+        state,
+        addr,
+        _task: task,
+    }
+}
+
+/// The same join token presented to two servers at the same moment: exactly one agent
+/// joins, the other is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_presented_to_two_servers_at_once_admits_one_agent() {
+    use writ_identity::agent::node_client::{Bootstrap, GrpcNode, NodeClientConfig};
+    let Some(pg) = TempPostgres::start().unwrap() else {
+        return;
+    };
+    let url = pg.url();
+    let dir = tempfile::tempdir().unwrap();
+    let a = node_server(&url, &dir.path().join("a")).await;
+    let b = node_server(&url, &dir.path().join("b")).await;
+    for round in 0..5 {
+        let token = format!("race-{round}-{}", std::process::id());
+        let hash: String = writ_identity::key_manager::sha256(token.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        a.state
+            .store
+            .create_join_token(&writ_identity::store::JoinTokenRecord {
+                token_hash: hash,
+                expires_at: writ_identity::clock::unix_seconds(SystemTime::now()) + 600,
+                selectors: Vec::new(),
+            })
+            .await
+            .unwrap();
+        // Trust both servers' CAs (the bundle both publish).
+        let mut bundle = b.state.ca.bundle();
+        for _ in 0..100 {
+            if x509_roots(&bundle) == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            bundle = b.state.ca.bundle();
+        }
+        let config = |server: &NodeServer, name: &str| NodeClientConfig {
+            server_address: server.addr.to_string(),
+            trust_domain: td(),
+            data_dir: dir.path().join(format!("agent-{round}-{name}")),
+            join_token: Some(token.clone()),
+            k8s_psat: None,
+            bootstrap: Bootstrap::Bundle((*bundle).clone()),
+            clock: Arc::new(writ_identity::clock::SystemClock),
+        };
+        let (first, second) = tokio::join!(
+            GrpcNode::connect(config(&a, "a")),
+            GrpcNode::connect(config(&b, "b"))
+        );
+        let joined = [first.is_ok(), second.is_ok()];
+        assert_eq!(
+            joined.iter().filter(|j| **j).count(),
+            1,
+            "round {round}: exactly one agent joins ({:?} / {:?})",
+            first.as_ref().err(),
+            second.as_ref().err()
+        );
+    }
+}

@@ -254,7 +254,7 @@ impl Dev {
         config.reset_ca = options.reset_ca;
         let datastore = config.datastore.clone();
         let server_socket = config.admin_socket.clone();
-        let store_lock = datastore.lock()?;
+        let store_lock = datastore.lock().map_err(server::ServerError::from)?;
         let state = ServerState::open(config, Arc::new(SystemClock)).await?;
         let (stop_admin, stopped) = tokio::sync::oneshot::channel::<()>();
         let admin = tokio::spawn(server::serve(state.clone(), async move {

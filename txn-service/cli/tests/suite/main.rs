@@ -24,5 +24,6 @@ mod compose;
 mod demo;
 mod dev;
 mod docker;
+mod fleet;
 mod readme;
 mod trust_domain;
