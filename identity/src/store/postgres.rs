@@ -13,10 +13,11 @@ use sqlx::{PgPool, Postgres, Transaction};
 use super::schema::{
     self, EntryParams, agent_from_row, bind_entry, bundle_from_row, entry_from_row,
     join_token_from_row, journal_from_row, lease_from_row, template_issue_from_row,
+    txn_key_from_row,
 };
 use super::{
     AttestedAgent, BundleRecord, EntryFilter, JoinTokenRecord, JournalRecord, LeaseRecord, Store,
-    StoreError, TemplateIssue,
+    StoreError, TemplateIssue, TxnKeyRecord,
 };
 use crate::entry::RegistrationEntry;
 use crate::selector::Selector;
@@ -24,6 +25,9 @@ use crate::spiffe_id::SpiffeId;
 
 /// Connections per server.
 const MAX_CONNECTIONS: u32 = 16;
+/// Connections of a process that shares the database without owning it
+/// ([`PostgresStore::connect_shared`]).
+const SHARED_MAX_CONNECTIONS: u32 = 4;
 /// How long a caller waits for a free connection.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -69,6 +73,26 @@ impl PostgresStore {
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
+            .await?;
+        schema::check_postgres(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Connects to the database at `url` as a process that shares the identity server's
+    /// database without owning its schema (a token service replica publishing its
+    /// public keys): nothing is migrated, the schema must be current, writes are
+    /// allowed. Fewer connections than a server's pool.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if the server cannot be reached;
+    /// [`StoreError::SchemaTooOld`] if the identity server has not migrated the database
+    /// to this build's schema; [`StoreError::SchemaTooNew`].
+    pub async fn connect_shared(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(SHARED_MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_release(super::sql::release_clean)
+            .connect(url)
             .await?;
         schema::check_postgres(&pool).await?;
         Ok(Self { pool })
