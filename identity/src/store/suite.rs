@@ -1657,11 +1657,17 @@ pub async fn txn_keys_published_listed_and_pruned(store: &dyn Store) {
         jwk: "x".repeat(MAX_TXN_KEY_JWK_BYTES),
         ..key("fits", "replica-1", FAR_FUTURE)
     };
-    store.put_txn_key(&fits).await.expect("a JWK of exactly the limit");
+    store
+        .put_txn_key(&fits)
+        .await
+        .expect("a JWK of exactly the limit");
 
     let pruned = store.prune_txn_keys(2_000).await.expect("prune_txn_keys");
     assert!(pruned >= 1, "the expired key is pruned (got {pruned})");
-    assert_eq!(mine(0).await, vec![a.clone(), retired.clone(), fits.clone()]);
+    assert_eq!(
+        mine(0).await,
+        vec![a.clone(), retired.clone(), fits.clone()]
+    );
     store.prune_txn_keys(3_000).await.expect("prune_txn_keys");
     assert_eq!(mine(0).await, vec![a, fits]);
 }
