@@ -25,9 +25,6 @@ use crate::spiffe_id::SpiffeId;
 
 /// Connections per server.
 const MAX_CONNECTIONS: u32 = 16;
-/// Connections of a process that shares the database without owning it
-/// ([`PostgresStore::connect_shared`]).
-const SHARED_MAX_CONNECTIONS: u32 = 4;
 /// How long a caller waits for a free connection.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -81,7 +78,7 @@ impl PostgresStore {
     /// Connects to the database at `url` as a process that shares the identity server's
     /// database without owning its schema (a token service replica publishing its
     /// public keys): nothing is migrated, the schema must be current, writes are
-    /// allowed. Fewer connections than a server's pool.
+    /// allowed.
     ///
     /// # Errors
     /// [`StoreError::Database`] if the server cannot be reached;
@@ -89,7 +86,7 @@ impl PostgresStore {
     /// to this build's schema; [`StoreError::SchemaTooNew`].
     pub async fn connect_shared(url: &str) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
-            .max_connections(SHARED_MAX_CONNECTIONS)
+            .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_release(super::sql::release_clean)
             .connect(url)

@@ -1378,39 +1378,39 @@ mod tests {
 
     #[test]
     fn newer_schema_is_refused() {
-        let applied = [1, 2, 3, 4, 5, 99];
+        let applied = [1, 2, 3, 4, 5, 7, 99];
         assert!(matches!(
             pending(SQLITE_MIGRATIONS, &applied).map(|p| p.count()),
             Err(StoreError::SchemaTooNew {
                 found: 99,
-                supported: 5
+                supported: 7
             })
         ));
         assert_eq!(
-            pending(SQLITE_MIGRATIONS, &[1, 2, 3, 4, 5])
+            pending(SQLITE_MIGRATIONS, &[1, 2, 3, 4, 5, 7])
                 .map(|p| p.count())
                 .unwrap(),
             0
         );
-        // A version-1 database gets versions 2 to 5, a version-3 one gets 4 and 5; a new
-        // one gets all five.
+        // A version-1 database gets versions 2 to 7, a version-3 one gets 4 to 7; a new
+        // one gets them all. (Version 6 is the lead's; version 7 is the TTS keys table.)
         assert_eq!(
             pending(SQLITE_MIGRATIONS, &[1])
                 .map(|p| p.map(|m| m.version).collect::<Vec<_>>())
                 .unwrap(),
-            vec![2, 3, 4, 5]
+            vec![2, 3, 4, 5, 7]
         );
         assert_eq!(
             pending(POSTGRES_MIGRATIONS, &[1, 2, 3])
                 .map(|p| p.map(|m| m.version).collect::<Vec<_>>())
                 .unwrap(),
-            vec![4, 5]
+            vec![4, 5, 7]
         );
         assert_eq!(
             pending(POSTGRES_MIGRATIONS, &[])
                 .map(|p| p.count())
                 .unwrap(),
-            5
+            6
         );
     }
 }
