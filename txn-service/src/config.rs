@@ -18,6 +18,11 @@
 //! subject_token_cache = true             # remember validated subject tokens until they expire
 //! client_assertions = false              # accept JWT-SVID client assertions (policy per caller)
 //! client_assertion_replay_protection = true  # each assertion once (needs `jti`); see docs
+//! replica = "tts-a"                      # this replica's name (default: the host name)
+//!
+//! [identity_store]                       # the identity server's [datastore]: sub-agent
+//! backend = "postgres"                   # leases, and the replicas' shared public keys
+//! connection = "postgres://writ@db/writ"
 //!
 //! [connections]                          # limits of each HTTPS connection (these are the defaults)
 //! handshake_timeout = "10s"
@@ -72,6 +77,7 @@ use crate::listener::{self, ConnectionLimits, ServeError};
 use crate::oidc::{IssuerConfig, OidcError, OidcOptions, OidcValidator};
 use crate::policy::{FilePolicy, FileRateLimit, Policy, PolicyError};
 use crate::rate_limit::Rate;
+use crate::replica::{Replica, ReplicaError, ReplicaName};
 use crate::txn_token::{KeyRingError, SigningKeys};
 
 /// Default HTTPS address.
@@ -158,9 +164,13 @@ pub struct TxnFileConfig {
     /// Trusted OpenID Providers.
     #[serde(default)]
     pub oidc: Vec<FileIssuer>,
-    /// The identity server's store, read for sub-agent leases (`[identity_store]`, the
-    /// same `backend`/`connection` as the server's `[datastore]`).
+    /// The identity server's store (`[identity_store]`, the same
+    /// `backend`/`connection` as the server's `[datastore]`), read for sub-agent leases
+    /// and shared with the other replicas for their public keys.
     pub identity_store: Option<FileDatastore>,
+    /// This replica's name, recorded beside the keys it publishes (default: the host
+    /// name).
+    pub replica: Option<String>,
     /// The issuance policy.
     #[serde(default)]
     pub policy: FilePolicy,
@@ -290,8 +300,11 @@ pub struct TxnConfig {
     pub client_assertion_replay_protection: bool,
     /// OpenID Providers.
     pub oidc: Vec<IssuerConfig>,
-    /// The identity server's store, for sub-agent leases; `None` refuses sub-agents.
+    /// The identity server's store, for sub-agent leases and the replicas' shared keys;
+    /// `None` refuses sub-agents and serves this replica's keys only.
     pub identity_store: Option<Datastore>,
+    /// This replica's name.
+    pub replica: ReplicaName,
     /// The policy.
     pub policy: Policy,
     /// Limits of each connection to the HTTPS listener.
@@ -375,6 +388,11 @@ impl TxnConfig {
                     })?,
             ),
         };
+        let replica = match file.replica.as_deref() {
+            Some(name) => ReplicaName::new(name)
+                .map_err(|e| TxnConfigError::Invalid(format!("`replica`: {e}")))?,
+            None => ReplicaName::from_host(),
+        };
         let token_lifetime = duration("token_lifetime", file.token_lifetime, DEFAULT_LIFETIME)?;
         if token_lifetime > policy.max_lifetime() {
             return Err(TxnConfigError::Invalid(
@@ -445,6 +463,7 @@ impl TxnConfig {
                 .unwrap_or(true),
             oidc,
             identity_store,
+            replica,
             accept_dev_tokens: false,
             policy,
             connections,
@@ -543,6 +562,8 @@ pub struct TxnServer {
     task: tokio::task::JoinHandle<Result<(), ServeError>>,
     /// Writes the audit log's counts of suppressed refusals every [`SUMMARY_INTERVAL`].
     summaries: tokio::task::JoinHandle<()>,
+    /// Publishes this replica's keys and reads the others' (with an identity store).
+    upkeep: Option<tokio::task::JoinHandle<()>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -615,11 +636,12 @@ impl TxnServer {
         }
         .with_on_failure(config.audit_on_failure)
         .with_unauthenticated_rate(Some(config.audit_unauthenticated), clock.clone());
+        let keys = Arc::new(keys);
         let mut service = ExchangeService::new(
             trust_domain,
             config.issuer.clone(),
             config.policy.clone(),
-            Arc::new(keys),
+            keys.clone(),
             clock.clone(),
         )
         .with_default_lifetime(config.token_lifetime)
@@ -632,20 +654,38 @@ impl TxnServer {
             };
             service = service.with_oidc(Arc::new(OidcValidator::with_options(
                 config.oidc.clone(),
-                clock,
+                clock.clone(),
                 options,
             )?));
         }
         if config.subject_token_cache {
             service = service.with_subject_cache();
         }
+        let mut upkeep = None;
         if let Some(store) = &config.identity_store {
-            // Read-only: the identity server owns (and migrates) its store.
+            // Shared, never migrated: the identity server owns (and migrates) its store;
+            // the token service writes only its public keys there.
             let store = store
-                .open_read_only()
+                .open_shared()
                 .await
                 .map_err(|e| TxnConfigError::Invalid(format!("`identity_store`: {e}")))?;
-            service = service.with_leases(Leases::new(store));
+            let replica = Arc::new(Replica::new(
+                config.replica.clone(),
+                store.clone(),
+                keys,
+                clock,
+            ));
+            let store_error =
+                |e: ReplicaError| TxnConfigError::Invalid(format!("`identity_store`: {e}"));
+            replica.publish().await.map_err(store_error)?;
+            let peers = replica.refresh().await.map_err(store_error)?;
+            tracing::info!(replica = %config.replica, keys_in_store = peers, "token service replica sharing its keys through the identity store");
+            upkeep = Some(replica.clone().spawn());
+            service = service
+                .with_leases(Leases::new(store))
+                .with_replica(replica);
+        } else {
+            tracing::info!(replica = %config.replica, "token service replica without an identity store: it serves its own keys only");
         }
         if config.client_assertions {
             service = service
@@ -686,6 +726,7 @@ impl TxnServer {
             source,
             task,
             summaries,
+            upkeep,
             stop: Some(stop),
         })
     }
@@ -700,6 +741,9 @@ impl TxnServer {
         }
         let result = (&mut self.task).await;
         self.summaries.abort();
+        if let Some(upkeep) = &self.upkeep {
+            upkeep.abort();
+        }
         self.service.audit().flush_suppressed();
         match result {
             Ok(result) => result,
@@ -712,6 +756,9 @@ impl Drop for TxnServer {
     fn drop(&mut self) {
         self.task.abort();
         self.summaries.abort();
+        if let Some(upkeep) = &self.upkeep {
+            upkeep.abort();
+        }
     }
 }
 

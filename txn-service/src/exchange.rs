@@ -51,6 +51,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
+use writ_identity::bundle::Jwk;
 use writ_identity::clock::{SharedClock, from_unix_seconds};
 use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
 use writ_identity::store::LeaseRecord;
@@ -66,6 +67,7 @@ use crate::lease::{LeaseError, Leases, is_sub_agent_id, root_parent};
 use crate::oidc::{OidcError, OidcValidator, ValidatedSubject};
 use crate::policy::{CallerRule, Policy, is_scope_token};
 use crate::rate_limit::RateLimiter;
+use crate::replica::Replica;
 use crate::txn_token::{MintError, SigningKeys};
 
 /// The `Retry-After` of a 503 refusal (the audit log or the lease store unavailable).
@@ -562,6 +564,8 @@ pub struct ExchangeService {
     assertions: Option<WorkloadClient>,
     assertion_replay: Option<ReplayCache>,
     leases: Option<Leases>,
+    /// Other replicas' keys and the publication of this one's (see [`crate::replica`]).
+    replica: Option<Arc<Replica>>,
 }
 
 impl ExchangeService {
@@ -593,7 +597,36 @@ impl ExchangeService {
             assertions: None,
             assertion_replay: None,
             leases: None,
+            replica: None,
         }
+    }
+
+    /// Runs as one replica of a logical token service: the key set (JWKS and the
+    /// verification of replaced Txn-Tokens) adds the other replicas' published keys,
+    /// and a key this replica starts signing with is published before the first token
+    /// it signed is returned. `replica` must publish this service's signing keys.
+    pub fn with_replica(mut self, replica: Arc<Replica>) -> Self {
+        self.replica = Some(replica);
+        self
+    }
+
+    /// The replica this service runs as, if any.
+    pub fn replica(&self) -> Option<&Arc<Replica>> {
+        self.replica.as_ref()
+    }
+
+    /// The key set: key id -> public key. This service's keys, and as a replica, every
+    /// other replica's unexpired key.
+    pub fn public_keys(&self) -> BTreeMap<String, Jwk> {
+        match &self.replica {
+            Some(replica) => replica.public_keys(),
+            None => self.keys.public_keys(),
+        }
+    }
+
+    /// The JWKS document (RFC 7517) of [`ExchangeService::public_keys`].
+    pub fn jwks(&self) -> Value {
+        crate::txn_token::jwks(&self.public_keys())
     }
 
     /// Serves sub-agent callers while their lease (looked up in `leases`) stands, with
@@ -868,7 +901,7 @@ impl ExchangeService {
             ));
         }
         let subject = match req.subject_token_type {
-            TokenType::TxnToken => self.replaced(&req)?,
+            TokenType::TxnToken => self.replaced(&req).await?,
             kind => self.oidc_subject(&req, kind).await?,
         };
         let now = self.clock.unix_seconds();
@@ -946,6 +979,13 @@ impl ExchangeService {
             }
         };
         let access_token = self.keys.mint(&claims)?;
+        if let Some(replica) = &self.replica
+            && replica.needs_publish()
+            && let Err(e) = replica.publish().await
+        {
+            // The token stands; other replicas accept it once a later round publishes.
+            tracing::warn!(error = %e, "publishing a new Txn-Token key failed");
+        }
         if access_token.len() > MAX_ISSUED_TOKEN_BYTES {
             return Err(ExchangeError::invalid_request(format!(
                 "the Txn-Token would be larger than {MAX_ISSUED_TOKEN_BYTES} bytes"
@@ -961,13 +1001,21 @@ impl ExchangeService {
     }
 
     /// Verifies a Txn-Token presented for replacement.
-    fn replaced(&self, req: &ExchangeRequest) -> Result<Subject, ExchangeError> {
+    async fn replaced(&self, req: &ExchangeRequest) -> Result<Subject, ExchangeError> {
         if req.request_context.is_some() || req.request_details.is_some() {
             return Err(ExchangeError::invalid_request(
                 "request_context and request_details cannot change a replaced Txn-Token",
             ));
         }
-        let verifier = TxnVerifier::new(self.trust_domain.clone(), self.keys.public_keys());
+        // A key id no replica was known to have a moment ago: another replica may have
+        // just started signing with it.
+        if let Some(replica) = &self.replica
+            && let Ok(header) = jsonwebtoken::decode_header(&req.subject_token)
+            && let Some(kid) = header.kid.as_deref()
+        {
+            replica.refresh_for(kid).await;
+        }
+        let verifier = TxnVerifier::new(self.trust_domain.clone(), self.public_keys());
         let old = verifier
             .verify_at(
                 &req.subject_token,
@@ -1172,7 +1220,7 @@ async fn read_form(
 }
 
 async fn jwks(State(service): State<Arc<ExchangeService>>) -> Response {
-    let mut response = Json(service.keys.jwks()).into_response();
+    let mut response = Json(service.jwks()).into_response();
     response.headers_mut().insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("public, max-age=60"),

@@ -7,7 +7,8 @@
 //! ([`listener`]). It validates ingress OIDC tokens ([`oidc`]), applies a deny-by-default
 //! issuance [`policy`], mints Txn-Tokens (draft-ietf-oauth-transaction-tokens-10) with
 //! rotating keys ([`txn_token`]), replaces them down a delegation chain ([`exchange`]),
-//! and writes one [`audit`] line per decision.
+//! and writes one [`audit`] line per decision. Replicas behind one issuer URL share
+//! their public keys through the identity server's store ([`replica`]).
 #![cfg_attr(
     test,
     expect(
@@ -26,4 +27,5 @@ pub mod listener;
 pub mod oidc;
 pub mod policy;
 pub mod rate_limit;
+pub mod replica;
 pub mod txn_token;

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -134,6 +135,23 @@ pub struct SigningKeys {
     retain: Duration,
     path: Option<PathBuf>,
     rotating: Mutex<()>,
+    /// Bumped each time the ring changes, so that a publisher of the public keys sees
+    /// cheaply when it must publish again.
+    generation: AtomicU64,
+}
+
+/// A public key of the ring and until when it must stay published: see
+/// [`SigningKeys::published_keys`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedKey {
+    /// The key id.
+    pub kid: String,
+    /// The public key.
+    pub jwk: Jwk,
+    /// Unix seconds after which no token it signed is still valid: for a retired key,
+    /// its retirement plus the longest token lifetime; for the current key, the same
+    /// counted from when it is due for rotation.
+    pub expires_at: i64,
 }
 
 #[derive(Debug)]
@@ -265,6 +283,7 @@ impl SigningKeys {
             retain,
             path,
             rotating: Mutex::new(()),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -355,6 +374,7 @@ impl SigningKeys {
             tracing::info!(kid = %next.current.kid(), "Txn-Token signing key rotated");
         }
         self.ring.store(Arc::new(next));
+        self.generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
@@ -391,13 +411,49 @@ impl SigningKeys {
 
     /// The JWKS document (RFC 7517) of the published keys.
     pub fn jwks(&self) -> serde_json::Value {
-        let keys: Vec<serde_json::Value> = self
-            .public_keys()
-            .into_iter()
-            .map(|(kid, jwk)| jwk_with_kid(&jwk, &kid))
-            .collect();
-        serde_json::json!({ "keys": keys })
+        jwks(&self.public_keys())
     }
+
+    /// A number that changes whenever the ring does (a rotation, a retired key
+    /// dropped): what [`SigningKeys::published_keys`] returns changes only with it.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Every published key with the time it may stop being published (what replicas
+    /// share through the identity store; the private keys never leave the ring). A
+    /// token the current key signs before its rotation is due expires before the
+    /// current key's `expires_at`, since minting rotates a key that is due first.
+    pub fn published_keys(&self) -> Vec<PublishedKey> {
+        let now = self.clock.unix_seconds();
+        let ring = self.ring.load();
+        let current_until = ring
+            .created_at
+            .saturating_add(secs(self.rotate_every))
+            .saturating_add(secs(self.retain));
+        std::iter::once((&ring.current, current_until))
+            .chain(
+                ring.previous
+                    .iter()
+                    .filter(|(_, retire)| *retire > now)
+                    .map(|(m, retire)| (m, *retire)),
+            )
+            .map(|(m, expires_at)| PublishedKey {
+                kid: m.kid().to_owned(),
+                jwk: m.jwk().clone(),
+                expires_at,
+            })
+            .collect()
+    }
+}
+
+/// The JWKS document (RFC 7517) of `keys` (key id -> public key).
+pub fn jwks(keys: &BTreeMap<String, Jwk>) -> serde_json::Value {
+    let keys: Vec<serde_json::Value> = keys
+        .iter()
+        .map(|(kid, jwk)| jwk_with_kid(jwk, kid))
+        .collect();
+    serde_json::json!({ "keys": keys })
 }
 
 /// A public ES256 signing key as a JWKS entry: the JWK plus `kid`, `use` and `alg`.

@@ -229,6 +229,19 @@ impl Datastore {
         })
     }
 
+    /// Opens the store to share it with the identity server that owns it: writes are
+    /// allowed, but nothing is created or migrated (see [`SqliteStore::open_shared`],
+    /// [`PostgresStore::connect_shared`]).
+    ///
+    /// # Errors
+    /// [`StoreError`] if it cannot be opened or is not at this build's schema.
+    pub async fn open_shared(&self) -> Result<SharedStore, StoreError> {
+        Ok(match self {
+            Datastore::Sqlite(path) => Arc::new(SqliteStore::open_shared(path).await?),
+            Datastore::Postgres(url) => Arc::new(PostgresStore::connect_shared(url).await?),
+        })
+    }
+
     /// The `[datastore]` table's meaning, with a relative SQLite path taken from `base`;
     /// `None` when SQLite has no `connection`.
     ///

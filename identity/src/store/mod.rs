@@ -225,6 +225,32 @@ pub struct TemplateIssue {
     pub last_issued_at: i64,
 }
 
+/// Largest public JWK [`Store::put_txn_key`] accepts, in bytes of JSON.
+pub const MAX_TXN_KEY_JWK_BYTES: usize = 4096;
+/// Longest key id or replica name [`Store::put_txn_key`] accepts, in bytes.
+pub const MAX_TXN_KEY_NAME_BYTES: usize = 256;
+/// Most rows [`Store::list_txn_keys`] returns (the first by key id): a bound on what a
+/// token service reads, far above what replicas publish (a few keys each).
+pub const MAX_TXN_KEYS: u32 = 1024;
+
+/// One public Txn-Token signing key a token service replica publishes, so that every
+/// replica serves it in its JWKS and accepts the tokens it signed. Only the public key
+/// is ever stored; each replica keeps its private key to itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnKeyRecord {
+    /// The key id (the RFC 7638 thumbprint of the key).
+    pub kid: String,
+    /// The public JWK, as JSON (at most [`MAX_TXN_KEY_JWK_BYTES`]).
+    pub jwk: String,
+    /// The replica that signs with it.
+    pub replica: String,
+    /// Unix seconds of the (last) publication.
+    pub published_at: i64,
+    /// Unix seconds when the key stops being published: its retirement plus the longest
+    /// lifetime of a token it signed.
+    pub expires_at: i64,
+}
+
 /// Narrows [`Store::list_entries`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EntryFilter {
@@ -391,6 +417,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// [`CHANGE_BACKLOG`] behind gets `Lagged`, which means the same as
     /// [`StoreChange::Resync`].
     fn changes(&self) -> tokio::sync::broadcast::Receiver<StoreChange>;
+    /// Stores or replaces (by `kid`) a token service replica's public key. Refuses with
+    /// [`StoreError::Invalid`] a JWK larger than [`MAX_TXN_KEY_JWK_BYTES`], an empty or
+    /// over-long kid or replica name.
+    async fn put_txn_key(&self, key: &TxnKeyRecord) -> Result<(), StoreError>;
+    /// The published keys not yet expired at `now` (`expires_at > now`), ordered by kid,
+    /// at most [`MAX_TXN_KEYS`].
+    async fn list_txn_keys(&self, now: i64) -> Result<Vec<TxnKeyRecord>, StoreError>;
+    /// Removes the keys expired at `now`; returns how many.
+    async fn prune_txn_keys(&self, now: i64) -> Result<u64, StoreError>;
 }
 
 /// A change some writer (this process or another server on the same database) made to

@@ -14,10 +14,11 @@ use sqlx::{PgPool, Postgres, Transaction};
 use super::schema::{
     self, EntryParams, agent_from_row, bind_entry, bundle_from_row, entry_from_row,
     join_token_from_row, journal_from_row, lease_from_row, template_issue_from_row,
+    txn_key_from_row,
 };
 use super::{
     AttestedAgent, BundleRecord, EntryFilter, JoinTokenRecord, JournalRecord, LeaseRecord, Store,
-    StoreChange, StoreError, TemplateIssue,
+    StoreChange, StoreError, TemplateIssue, TxnKeyRecord,
 };
 use crate::entry::RegistrationEntry;
 use crate::selector::Selector;
@@ -78,6 +79,26 @@ impl PostgresStore {
             .await?;
         schema::check_postgres(&pool).await?;
         Ok(Self::with_pool(pool))
+    }
+
+    /// Connects to the database at `url` as a process that shares the identity server's
+    /// database without owning its schema (a token service replica publishing its
+    /// public keys): nothing is migrated, the schema must be current, writes are
+    /// allowed.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if the server cannot be reached;
+    /// [`StoreError::SchemaTooOld`] if the identity server has not migrated the database
+    /// to this build's schema; [`StoreError::SchemaTooNew`].
+    pub async fn connect_shared(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_release(super::sql::release_clean)
+            .connect(url)
+            .await?;
+        schema::check_postgres(&pool).await?;
+        Ok(Self { pool })
     }
 
     /// Closes every connection, waiting for queries in flight. Later calls fail.

@@ -16,7 +16,7 @@ use sqlx::{ColumnIndex, Decode, PgPool, Row, SqlitePool, Type};
 
 use super::{
     AttestedAgent, BundleRecord, JoinTokenRecord, JournalRecord, LeaseRecord, StoreError,
-    TemplateIssue,
+    TemplateIssue, TxnKeyRecord,
 };
 use crate::entry::RegistrationEntry;
 use crate::entry::template::IdTemplate;
@@ -157,6 +157,19 @@ pub(super) const SQLITE_MIGRATIONS: &[Migration] = &[
         version: 6,
         statements: &[],
     },
+    Migration {
+        version: 7,
+        statements: &[
+            "CREATE TABLE txn_keys (
+            kid TEXT PRIMARY KEY NOT NULL,
+            jwk TEXT NOT NULL,
+            replica TEXT NOT NULL,
+            published_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL
+        )",
+            "CREATE INDEX txn_keys_expires_at ON txn_keys (expires_at)",
+        ],
+    },
 ];
 
 /// PostgreSQL migrations, oldest first. Keys use the `C` collation so that `ORDER BY`
@@ -293,6 +306,19 @@ pub(super) const POSTGRES_MIGRATIONS: &[Migration] = &[
              FOR EACH ROW EXECUTE FUNCTION writ_notify_change('journal', 'id')",
             "CREATE TRIGGER bundles_changed AFTER INSERT OR UPDATE OR DELETE ON bundles \
              FOR EACH ROW EXECUTE FUNCTION writ_notify_change('bundle', 'trust_domain_id')",
+        ],
+    },
+    Migration {
+        version: 7,
+        statements: &[
+            r#"CREATE TABLE txn_keys (
+            kid TEXT COLLATE "C" PRIMARY KEY NOT NULL,
+            jwk TEXT NOT NULL,
+            replica TEXT NOT NULL,
+            published_at BIGINT NOT NULL,
+            expires_at BIGINT NOT NULL
+        )"#,
+            "CREATE INDEX txn_keys_expires_at ON txn_keys (expires_at)",
         ],
     },
 ];
@@ -721,6 +747,36 @@ pub(super) const PRUNE_TEMPLATE_ISSUES: &str = "DELETE FROM template_issues \
 pub(super) const LIST_TEMPLATE_ISSUES: &str = "SELECT entry_id, agent_id, spiffe_id, \
      first_issued_at, last_issued_at FROM template_issues WHERE entry_id = $1 \
      ORDER BY last_issued_at DESC, agent_id, spiffe_id";
+
+/// Stores or replaces a token service replica's public key: `$1` kid, `$2` JWK, `$3`
+/// replica, `$4` published at, `$5` expires at.
+pub(super) const PUT_TXN_KEY: &str = "INSERT INTO txn_keys (kid, jwk, replica, published_at, \
+     expires_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (kid) DO UPDATE SET \
+     jwk = excluded.jwk, replica = excluded.replica, published_at = excluded.published_at, \
+     expires_at = excluded.expires_at";
+/// The keys unexpired at `$1`, by kid, at most `$2`.
+pub(super) const LIST_TXN_KEYS: &str = "SELECT kid, jwk, replica, published_at, expires_at \
+     FROM txn_keys WHERE expires_at > $1 ORDER BY kid LIMIT $2";
+pub(super) const PRUNE_TXN_KEYS: &str = "DELETE FROM txn_keys WHERE expires_at <= $1";
+
+/// Refuses a replica's key the `txn_keys` table is not meant to hold.
+pub(super) fn check_txn_key(key: &TxnKeyRecord) -> Result<(), StoreError> {
+    use super::{MAX_TXN_KEY_JWK_BYTES, MAX_TXN_KEY_NAME_BYTES};
+    if key.jwk.len() > MAX_TXN_KEY_JWK_BYTES {
+        return Err(StoreError::Invalid(format!(
+            "a Txn-Token key's JWK is {} bytes, more than {MAX_TXN_KEY_JWK_BYTES}",
+            key.jwk.len()
+        )));
+    }
+    for (name, value) in [("kid", &key.kid), ("replica", &key.replica)] {
+        if value.is_empty() || value.len() > MAX_TXN_KEY_NAME_BYTES {
+            return Err(StoreError::Invalid(format!(
+                "a Txn-Token key's {name} must be 1 to {MAX_TXN_KEY_NAME_BYTES} bytes"
+            )));
+        }
+    }
+    Ok(())
+}
 
 // ---------------------------------------------------------------------------------------
 // Outcomes shared by both backends.
@@ -1228,6 +1284,24 @@ where
         created_at: get(row, "created_at", KIND)?,
         expires_at: get(row, "expires_at", KIND)?,
         released_at: get(row, "released_at", KIND)?,
+    })
+}
+
+/// Reads a `txn_keys` row (the JWK stays text: its reader parses it).
+pub(super) fn txn_key_from_row<R>(row: &R) -> Result<TxnKeyRecord, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    const KIND: &str = "Txn-Token key";
+    Ok(TxnKeyRecord {
+        kid: get(row, "kid", KIND)?,
+        jwk: get(row, "jwk", KIND)?,
+        replica: get(row, "replica", KIND)?,
+        published_at: get(row, "published_at", KIND)?,
+        expires_at: get(row, "expires_at", KIND)?,
     })
 }
 

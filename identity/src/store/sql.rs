@@ -580,6 +580,36 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            async fn put_txn_key(&self, key: &TxnKeyRecord) -> Result<(), StoreError> {
+                schema::check_txn_key(key)?;
+                sqlx::query(schema::PUT_TXN_KEY)
+                    .bind(key.kid.as_str())
+                    .bind(key.jwk.as_str())
+                    .bind(key.replica.as_str())
+                    .bind(key.published_at)
+                    .bind(key.expires_at)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn list_txn_keys(&self, now: i64) -> Result<Vec<TxnKeyRecord>, StoreError> {
+                let rows = sqlx::query(schema::LIST_TXN_KEYS)
+                    .bind(now)
+                    .bind(i64::from(super::MAX_TXN_KEYS))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(txn_key_from_row).collect()
+            }
+
+            async fn prune_txn_keys(&self, now: i64) -> Result<u64, StoreError> {
+                let done = sqlx::query(schema::PRUNE_TXN_KEYS)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+
             async fn list_template_issues(
                 &self,
                 entry_id: &str,

@@ -16,10 +16,11 @@ use sqlx::{Sqlite, SqlitePool, Transaction};
 use super::schema::{
     self, EntryParams, agent_from_row, bind_entry, bundle_from_row, entry_from_row,
     join_token_from_row, journal_from_row, lease_from_row, template_issue_from_row,
+    txn_key_from_row,
 };
 use super::{
     AttestedAgent, BundleRecord, EntryFilter, JoinTokenRecord, JournalRecord, LeaseRecord, Store,
-    StoreChange, StoreError, TemplateIssue,
+    StoreChange, StoreError, TemplateIssue, TxnKeyRecord,
 };
 use crate::entry::RegistrationEntry;
 use crate::selector::Selector;
@@ -113,6 +114,33 @@ impl SqliteStore {
             .await?;
         schema::check_sqlite(&pool).await?;
         Ok(Self::with_pool(pool))
+    }
+
+    /// Opens an existing database at `path` as a process that shares it with the
+    /// identity server without owning its schema (a token service replica publishing
+    /// its public keys): no file or directory is created, nothing is migrated, the
+    /// schema must be current, writes are allowed (they wait for the server's, up to the
+    /// busy timeout).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if the file is missing or cannot be opened for writing;
+    /// [`StoreError::SchemaTooOld`] if its writer has not migrated it to this build's
+    /// schema; [`StoreError::SchemaTooNew`].
+    pub async fn open_shared(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(false)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT)
+            .statement_cache_capacity(STATEMENT_CACHE);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .test_before_acquire(false)
+            .after_release(super::sql::release_clean)
+            .connect_with(options)
+            .await?;
+        schema::check_sqlite(&pool).await?;
+        Ok(Self { pool })
     }
 
     /// A store in memory, gone when dropped: for tests and throw-away runs. The pool

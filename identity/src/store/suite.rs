@@ -23,7 +23,8 @@ use futures::future::join_all;
 
 use super::{
     AttestedAgent, BundleRecord, EntryFilter, JoinTokenRecord, JournalRecord, LeaseRecord,
-    MAX_TEMPLATE_ISSUES_PER_ENTRY, Store, StoreChange, StoreError,
+    MAX_TEMPLATE_ISSUES_PER_ENTRY, MAX_TXN_KEY_JWK_BYTES, Store, StoreChange, StoreError,
+    TxnKeyRecord,
 };
 use crate::entry::RegistrationEntry;
 use crate::entry::template::IdTemplate;
@@ -67,6 +68,7 @@ pub async fn run_all(store: &dyn Store) {
     template_issues_recorded_and_bounded(store).await;
     bundle_swap_is_conditional(store).await;
     changes_are_announced(store).await;
+    txn_keys_published_listed_and_pruned(store).await;
 }
 
 /// Fresh names for one check.
@@ -1714,4 +1716,86 @@ async fn wait_for(
             Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) | Err(_) => return false,
         }
     }
+/// Token service keys: upsert by kid, the unexpired ones listed by kid, an oversized or
+/// unnamed key refused, the expired ones pruned.
+pub async fn txn_keys_published_listed_and_pruned(store: &dyn Store) {
+    let s = Scope::new("txn-keys");
+    let key = |name: &str, replica: &str, expires_at: i64| TxnKeyRecord {
+        kid: format!("{}-{name}", s.tag),
+        jwk: format!(r#"{{"kty":"EC","crv":"P-256","x":"{name}","y":"{name}"}}"#),
+        replica: replica.into(),
+        published_at: 1_000,
+        expires_at,
+    };
+    let tag = s.tag.as_str();
+    let mine = |now: i64| async move {
+        store
+            .list_txn_keys(now)
+            .await
+            .expect("list_txn_keys")
+            .into_iter()
+            .filter(|k| k.kid.starts_with(tag))
+            .collect::<Vec<_>>()
+    };
+    let (b, a, old) = (
+        key("b", "replica-1", FAR_FUTURE),
+        key("a", "replica-2", FAR_FUTURE),
+        key("old", "replica-1", 2_000),
+    );
+    for k in [&b, &a, &old] {
+        store.put_txn_key(k).await.expect("put_txn_key");
+    }
+    assert_eq!(mine(1_500).await, vec![a.clone(), b.clone(), old.clone()]);
+    assert_eq!(
+        mine(2_000).await,
+        vec![a.clone(), b.clone()],
+        "a key is listed while expires_at > now"
+    );
+
+    // A rotation republishes the key that was current with its retirement time.
+    let retired = TxnKeyRecord {
+        published_at: 1_200,
+        expires_at: 3_000,
+        ..b.clone()
+    };
+    store.put_txn_key(&retired).await.expect("replace");
+    assert_eq!(mine(1_500).await, vec![a.clone(), retired.clone(), old]);
+
+    for (bad, why) in [
+        (
+            TxnKeyRecord {
+                jwk: "x".repeat(MAX_TXN_KEY_JWK_BYTES + 1),
+                ..key("big", "replica-1", FAR_FUTURE)
+            },
+            "oversized JWK",
+        ),
+        (
+            TxnKeyRecord {
+                kid: String::new(),
+                ..key("nokid", "replica-1", FAR_FUTURE)
+            },
+            "empty kid",
+        ),
+        (key("norep", "", FAR_FUTURE), "empty replica"),
+    ] {
+        let err = store.put_txn_key(&bad).await.expect_err(why);
+        assert!(matches!(err, StoreError::Invalid(_)), "{why}: {err:?}");
+    }
+    let fits = TxnKeyRecord {
+        jwk: "x".repeat(MAX_TXN_KEY_JWK_BYTES),
+        ..key("fits", "replica-1", FAR_FUTURE)
+    };
+    store
+        .put_txn_key(&fits)
+        .await
+        .expect("a JWK of exactly the limit");
+
+    let pruned = store.prune_txn_keys(2_000).await.expect("prune_txn_keys");
+    assert!(pruned >= 1, "the expired key is pruned (got {pruned})");
+    assert_eq!(
+        mine(0).await,
+        vec![a.clone(), retired.clone(), fits.clone()]
+    );
+    store.prune_txn_keys(3_000).await.expect("prune_txn_keys");
+    assert_eq!(mine(0).await, vec![a, fits]);
 }

@@ -15,7 +15,7 @@ use writ_identity::store::postgres::PostgresStore;
 use writ_identity::store::sqlite::SqliteStore;
 use writ_identity::store::{
     AttestedAgent, BundleRecord, EntryFilter, JoinTokenRecord, JournalRecord, Store, StoreError,
-    suite,
+    TxnKeyRecord, suite,
 };
 
 fn id(path: &str) -> SpiffeId {
@@ -768,4 +768,60 @@ async fn sqlite_store_lock_keeps_a_second_server_off() {
     SqliteStore::open(&path).await.unwrap();
     drop(lock);
     writ_identity::store::sqlite::StoreLock::acquire(&path).unwrap();
+fn txn_key(kid: &str) -> TxnKeyRecord {
+    TxnKeyRecord {
+        kid: kid.into(),
+        jwk: r#"{"kty":"EC","crv":"P-256","x":"AA","y":"AA"}"#.into(),
+        replica: "tts-1".into(),
+        published_at: 1_000,
+        expires_at: 4_000_000_000,
+    }
+}
+
+/// A token service replica shares the identity server's SQLite store: it never creates
+/// or migrates it, but may publish its keys (and a read-only reader may not).
+#[tokio::test]
+async fn sqlite_shared_never_creates_or_migrates_but_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    assert!(SqliteStore::open_shared(&path).await.is_err());
+    assert!(!path.exists(), "a shared open creates no file");
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true);
+    drop(
+        sqlx::SqliteConnection::connect_with(&options)
+            .await
+            .unwrap(),
+    );
+    let err = SqliteStore::open_shared(&path).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::SchemaTooOld { found: 0, .. }),
+        "{err:?}"
+    );
+    std::fs::remove_file(&path).unwrap();
+    let owner = SqliteStore::open(&path).await.unwrap();
+    let shared = SqliteStore::open_shared(&path).await.unwrap();
+    shared.put_txn_key(&txn_key("k1")).await.unwrap();
+    assert_eq!(owner.list_txn_keys(0).await.unwrap(), vec![txn_key("k1")]);
+    let reader = SqliteStore::open_read_only(&path).await.unwrap();
+    assert!(reader.put_txn_key(&txn_key("k2")).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_shared_never_migrates_but_writes() {
+    let Some(pg) = TempPostgres::start().unwrap() else {
+        return;
+    };
+    let err = PostgresStore::connect_shared(&pg.url()).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::SchemaTooOld { found: 0, .. }),
+        "{err:?}"
+    );
+    let owner = PostgresStore::connect(&pg.url()).await.unwrap();
+    let shared = PostgresStore::connect_shared(&pg.url()).await.unwrap();
+    shared.put_txn_key(&txn_key("k1")).await.unwrap();
+    assert_eq!(owner.list_txn_keys(0).await.unwrap(), vec![txn_key("k1")]);
+    let reader = PostgresStore::connect_read_only(&pg.url()).await.unwrap();
+    assert!(reader.put_txn_key(&txn_key("k2")).await.is_err());
 }

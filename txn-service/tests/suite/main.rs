@@ -14,4 +14,5 @@
 mod exchange;
 mod oidc;
 mod oidc_token_kinds;
+mod replicas;
 mod txn_token;
