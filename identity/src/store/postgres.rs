@@ -98,7 +98,7 @@ impl PostgresStore {
             .connect(url)
             .await?;
         schema::check_postgres(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self::with_pool(pool))
     }
 
     /// Closes every connection, waiting for queries in flight. Later calls fail.

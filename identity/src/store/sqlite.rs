@@ -140,7 +140,7 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         schema::check_sqlite(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self::with_pool(pool))
     }
 
     /// A store in memory, gone when dropped: for tests and throw-away runs. The pool

@@ -1716,6 +1716,8 @@ async fn wait_for(
             Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) | Err(_) => return false,
         }
     }
+}
+
 /// Token service keys: upsert by kid, the unexpired ones listed by kid, an oversized or
 /// unnamed key refused, the expired ones pruned.
 pub async fn txn_keys_published_listed_and_pruned(store: &dyn Store) {

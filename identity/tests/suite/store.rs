@@ -768,6 +768,8 @@ async fn sqlite_store_lock_keeps_a_second_server_off() {
     SqliteStore::open(&path).await.unwrap();
     drop(lock);
     writ_identity::store::sqlite::StoreLock::acquire(&path).unwrap();
+}
+
 fn txn_key(kid: &str) -> TxnKeyRecord {
     TxnKeyRecord {
         kid: kid.into(),
