@@ -16,6 +16,7 @@
 mod admin;
 mod bundle;
 mod ca;
+mod failover;
 mod jwt_svid;
 mod k8s;
 mod spawn_rate;
