@@ -393,7 +393,10 @@ mod tests {
             assert!(err.starts_with("server_address: "), "{bad}: {err}");
             assert!(err.contains(says), "{bad}: {err}");
         }
-        let many = (1..=17).map(|p| format!("\"h:{p}\"")).collect::<Vec<_>>().join(",");
+        let many = (1..=17)
+            .map(|p| format!("\"h:{p}\""))
+            .collect::<Vec<_>>()
+            .join(",");
         let err = load(&format!("server_address = [{many}]")).unwrap_err();
         assert!(err.to_string().contains("at most 16"), "{err}");
         // Neither a string nor an array of strings.

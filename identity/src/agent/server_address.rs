@@ -418,7 +418,9 @@ impl Failover {
                 tracing::info!(from = %p, to = %c.addr, server = %name, "switched to another identity server");
             }
             Some(_) => {}
-            None => tracing::debug!(to = %c.addr, server = %name, "connected to the identity server"),
+            None => {
+                tracing::debug!(to = %c.addr, server = %name, "connected to the identity server")
+            }
         }
     }
 }
@@ -471,7 +473,10 @@ mod tests {
         assert!(matches!(err("http://host:80"), E::BadHost { .. }));
         assert!(matches!(err("host/x:80"), E::BadHost { .. }));
         assert!(matches!(err("a b:80"), E::BadHost { .. }));
-        assert!(matches!(err("::1:80"), E::BadHost { .. }), "unbracketed IPv6");
+        assert!(
+            matches!(err("::1:80"), E::BadHost { .. }),
+            "unbracketed IPv6"
+        );
         assert!(matches!(err("[::1:80"), E::BadHost { .. }));
         assert!(matches!(err("[nope]:80"), E::BadHost { .. }));
         assert!(matches!(err("[::1]80"), E::MissingPort { .. }));
@@ -483,7 +488,11 @@ mod tests {
         let label = format!("{}.example:80", "a".repeat(64));
         assert!(matches!(err(&label), E::BadHost { .. }));
         let long = format!("{}:80", "a.".repeat(200));
-        assert!(matches!(err(&long), E::HostTooLong { .. }), "{}", err(&long));
+        assert!(
+            matches!(err(&long), E::HostTooLong { .. }),
+            "{}",
+            err(&long)
+        );
         let huge = "x".repeat(100_000);
         let e = err(&huge);
         assert!(matches!(e, E::HostTooLong { .. }));
@@ -540,7 +549,10 @@ mod tests {
         let list = vec![c(0, 1), c(1, 2), c(1, 3), c(2, 4)];
         assert_eq!(rotate(list.clone(), None), list);
         let last = Some(SocketAddr::from(([127, 0, 0, 1], 3)));
-        assert_eq!(rotate(list.clone(), last), [c(1, 3), c(2, 4), c(0, 1), c(1, 2)]);
+        assert_eq!(
+            rotate(list.clone(), last),
+            [c(1, 3), c(2, 4), c(0, 1), c(1, 2)]
+        );
         let gone = Some(SocketAddr::from(([127, 0, 0, 1], 9)));
         assert_eq!(rotate(list.clone(), gone), list);
         assert!(rotate(Vec::new(), last).is_empty());
@@ -595,7 +607,11 @@ mod tests {
             // No resolver for localhost here: nothing to check.
             return;
         }
-        assert!(candidates.iter().all(|c| c.configured == 0 && c.addr.port() == port));
+        assert!(
+            candidates
+                .iter()
+                .all(|c| c.configured == 0 && c.addr.port() == port)
+        );
         failover.first_answer(tcp_connect).await.unwrap();
         assert_eq!(
             failover.current(),
