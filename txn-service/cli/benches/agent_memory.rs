@@ -98,6 +98,10 @@ async fn until_served(socket: &Path, id: &str, within: Duration) -> Duration {
             started.elapsed() < within,
             "{id} not served within {within:?}"
         );
+        if !socket.exists() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
         let mut client = connect_raw(socket.to_path_buf()).await;
         let Ok(response) = client
             .fetch_x509svid(with_header(pb::X509svidRequest {}))
