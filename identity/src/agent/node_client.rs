@@ -214,14 +214,16 @@ fn save(dir: &Path, svid: &X509Svid, bundle: &Bundle) -> Result<(), AgentError> 
 }
 
 /// How long the TLS handshake with one server may take before the next is tried.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
 /// HTTP/2 keep-alive: a ping this often, also while idle...
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// ...and the connection is dropped when its answer takes longer than this.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A lazily connected channel whose every (re)connection tries the servers in turn
-/// through `failover`.
+/// through `failover`, starting with the server that answered last; a reconnection (the
+/// connection broke: its server died or went silent) tries that connection's server
+/// last, so a black hole is not waited on again.
 fn channel(
     failover: Arc<Failover>,
     verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
@@ -239,13 +241,17 @@ fn channel(
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
         .timeout(Duration::from_secs(30));
+    // The server of this channel's current connection.
+    let connected: Arc<std::sync::Mutex<Option<std::net::SocketAddr>>> = Arc::default();
     Ok(
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
             let connector = connector.clone();
             let failover = failover.clone();
+            let broken = *connected.lock().unwrap_or_else(|e| e.into_inner());
+            let connected = connected.clone();
             async move {
-                failover
-                    .first_answer(|addr| {
+                let (io, server) = failover
+                    .first_answer(broken, |addr| {
                         let connector = connector.clone();
                         async move {
                             let tcp = tcp_connect(addr).await?;
@@ -266,8 +272,9 @@ fn channel(
                             }
                         }
                     })
-                    .await
-                    .map(TokioIo::new)
+                    .await?;
+                *connected.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
+                Ok::<_, std::io::Error>(TokioIo::new(io))
             }
         })),
     )

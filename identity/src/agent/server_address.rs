@@ -310,10 +310,20 @@ pub(crate) struct Candidate {
 }
 
 /// `candidates` starting with `last` (the one that answered last) if it is among them,
-/// then the ones after it, wrapping around; as given otherwise.
-pub(crate) fn rotate(mut candidates: Vec<Candidate>, last: Option<SocketAddr>) -> Vec<Candidate> {
+/// then the ones after it, wrapping around (as given otherwise); `avoid` (the server of
+/// a connection that just broke: it died, or went silent and keep-alive gave up on it)
+/// moved to the end, so a black hole is not waited on first again.
+pub(crate) fn rotate(
+    mut candidates: Vec<Candidate>,
+    last: Option<SocketAddr>,
+    avoid: Option<SocketAddr>,
+) -> Vec<Candidate> {
     if let Some(i) = last.and_then(|l| candidates.iter().position(|c| c.addr == l)) {
         candidates.rotate_left(i);
+    }
+    if let Some(i) = avoid.and_then(|a| candidates.iter().position(|c| c.addr == a)) {
+        let broken = candidates.remove(i);
+        candidates.push(broken);
     }
     candidates
 }
@@ -346,8 +356,8 @@ impl Failover {
 
     /// Every configured address resolved (each lookup bounded by [`RESOLVE_TIMEOUT`]),
     /// in configured order, duplicates dropped; then rotated to start with the last
-    /// one that answered.
-    pub(crate) async fn candidates(&self) -> Vec<Candidate> {
+    /// one that answered, `avoid` last (see [`rotate`]).
+    pub(crate) async fn candidates(&self, avoid: Option<SocketAddr>) -> Vec<Candidate> {
         let mut out: Vec<Candidate> = Vec::new();
         for (configured, a) in self.addresses.iter().enumerate() {
             let host = a.host().trim_start_matches('[').trim_end_matches(']');
@@ -366,26 +376,31 @@ impl Failover {
                 Err(_) => tracing::debug!(server = %a, "name lookup timed out"),
             }
         }
-        rotate(out, self.current())
+        rotate(out, self.current(), avoid)
     }
 
-    /// Runs `attempt` on each candidate in turn until one succeeds; records it as the
-    /// current server (logging a switch once, at `info`).
+    /// Runs `attempt` on each candidate in turn (`avoid` last) until one succeeds;
+    /// records it as the current server (logging a switch once, at `info`) and returns
+    /// its answer and address.
     ///
     /// # Errors
     /// The last error when no candidate answered (or that no address resolved).
-    pub(crate) async fn first_answer<T, F, Fut>(&self, mut attempt: F) -> std::io::Result<T>
+    pub(crate) async fn first_answer<T, F, Fut>(
+        &self,
+        avoid: Option<SocketAddr>,
+        mut attempt: F,
+    ) -> std::io::Result<(T, SocketAddr)>
     where
         F: FnMut(SocketAddr) -> Fut,
         Fut: std::future::Future<Output = std::io::Result<T>>,
     {
-        let candidates = self.candidates().await;
+        let candidates = self.candidates(avoid).await;
         let mut last_error = None;
         for c in candidates {
             match attempt(c.addr).await {
                 Ok(answer) => {
                     self.answered(c);
-                    return Ok(answer);
+                    return Ok((answer, c.addr));
                 }
                 Err(e) => {
                     tracing::debug!(server = %c.addr, error = %e, "server did not answer");
@@ -547,15 +562,27 @@ mod tests {
     #[test]
     fn rotation_starts_with_the_last_that_answered() {
         let list = vec![c(0, 1), c(1, 2), c(1, 3), c(2, 4)];
-        assert_eq!(rotate(list.clone(), None), list);
-        let last = Some(SocketAddr::from(([127, 0, 0, 1], 3)));
+        let port = |p: u16| Some(SocketAddr::from(([127, 0, 0, 1], p)));
+        assert_eq!(rotate(list.clone(), None, None), list);
         assert_eq!(
-            rotate(list.clone(), last),
+            rotate(list.clone(), port(3), None),
             [c(1, 3), c(2, 4), c(0, 1), c(1, 2)]
         );
-        let gone = Some(SocketAddr::from(([127, 0, 0, 1], 9)));
-        assert_eq!(rotate(list.clone(), gone), list);
-        assert!(rotate(Vec::new(), last).is_empty());
+        // The server of a broken connection is tried last.
+        assert_eq!(
+            rotate(list.clone(), port(3), port(3)),
+            [c(2, 4), c(0, 1), c(1, 2), c(1, 3)]
+        );
+        assert_eq!(
+            rotate(list.clone(), port(3), port(1)),
+            [c(1, 3), c(2, 4), c(1, 2), c(0, 1)]
+        );
+        assert_eq!(
+            rotate(list.clone(), None, port(1)),
+            [c(1, 2), c(1, 3), c(2, 4), c(0, 1)]
+        );
+        assert_eq!(rotate(list.clone(), port(9), port(9)), list);
+        assert!(rotate(Vec::new(), port(3), port(3)).is_empty());
     }
 
     #[tokio::test]
@@ -567,14 +594,14 @@ mod tests {
         let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let live_addr = live.local_addr().unwrap();
         let failover = Failover::new([dead_addr, live_addr].into_iter().collect());
-        let candidates = failover.candidates().await;
+        let candidates = failover.candidates(None).await;
         assert_eq!(
             candidates.iter().map(|c| c.addr).collect::<Vec<_>>(),
             [dead_addr, live_addr]
         );
         let mut tried = Vec::new();
         failover
-            .first_answer(|a| {
+            .first_answer(None, |a| {
                 tried.push(a);
                 tcp_connect(a)
             })
@@ -585,7 +612,7 @@ mod tests {
         // The next connection starts with the one that answered.
         let mut tried = Vec::new();
         failover
-            .first_answer(|a| {
+            .first_answer(None, |a| {
                 tried.push(a);
                 tcp_connect(a)
             })
@@ -594,7 +621,7 @@ mod tests {
         assert_eq!(tried, [live_addr]);
         // None answers: the last error.
         drop(live);
-        assert!(failover.first_answer(tcp_connect).await.is_err());
+        assert!(failover.first_answer(None, tcp_connect).await.is_err());
     }
 
     #[tokio::test]
@@ -602,7 +629,7 @@ mod tests {
         let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = live.local_addr().unwrap().port();
         let failover = Failover::new(ServerAddresses::new([format!("localhost:{port}")]).unwrap());
-        let candidates = failover.candidates().await;
+        let candidates = failover.candidates(None).await;
         if candidates.is_empty() {
             // No resolver for localhost here: nothing to check.
             return;
@@ -612,13 +639,13 @@ mod tests {
                 .iter()
                 .all(|c| c.configured == 0 && c.addr.port() == port)
         );
-        failover.first_answer(tcp_connect).await.unwrap();
+        failover.first_answer(None, tcp_connect).await.unwrap();
         assert_eq!(
             failover.current(),
             Some(live.local_addr().unwrap()),
             "whatever localhost resolves to first, the IPv4 listener answers"
         );
         let unresolvable = Failover::new(ServerAddresses::new(["no-such-host.invalid:1"]).unwrap());
-        assert!(unresolvable.first_answer(tcp_connect).await.is_err());
+        assert!(unresolvable.first_answer(None, tcp_connect).await.is_err());
     }
 }
