@@ -226,8 +226,8 @@ impl Stream {
         }
     }
 
-    /// Waits until a response holds `id`.
-    async fn until_it_holds(&mut self, id: &SpiffeId) {
+    /// Waits until a response holds `id`; returns every SPIFFE ID of that response.
+    async fn until_it_holds(&mut self, id: &SpiffeId) -> Vec<String> {
         let want = id.to_string();
         tokio::time::timeout(PATIENCE, async {
             loop {
@@ -242,7 +242,9 @@ impl Stream {
                     },
                 };
                 match stream.message().await {
-                    Ok(Some(r)) if r.svids.iter().any(|s| s.spiffe_id == want) => return,
+                    Ok(Some(r)) if r.svids.iter().any(|s| s.spiffe_id == want) => {
+                        return r.svids.into_iter().map(|s| s.spiffe_id).collect::<Vec<_>>();
+                    }
                     Ok(Some(_)) => {}
                     _ => {
                         self.stream = None;
@@ -252,7 +254,7 @@ impl Stream {
             }
         })
         .await
-        .unwrap_or_else(|_| panic!("{want} never reached the workload"));
+        .unwrap_or_else(|_| panic!("{want} never reached the workload"))
     }
 }
 
@@ -322,7 +324,11 @@ async fn an_agent_fails_over_to_the_surviving_server_without_attesting_again() {
     first.kill();
     let killed = std::time::Instant::now();
     let new = register(&second, &agent_id, "/failover/new").await;
-    stream.until_it_holds(&new).await;
+    let served = stream.until_it_holds(&new).await;
+    assert!(
+        served.contains(&old.to_string()),
+        "the cached SVID is still served: {served:?}"
+    );
     eprintln!(
         "server killed -> new entry on the workload's stream: {:?}",
         killed.elapsed()
