@@ -9,7 +9,9 @@
 //! matches this process. The sentinel reaches this process's Workload API stream only in
 //! a snapshot taken after a sync that saw all N entries signed, so its arrival means the
 //! agent caches N + 2 SVIDs. The N entries match another uid: the measure is the cache,
-//! not the Workload API response that would carry them all.
+//! not the Workload API response that would carry them all. With
+//! `WRIT_BENCH_AGENT_SERVED=1` they match this process instead, whose stream then
+//! carries all N + 2 (the agent encodes each response whole).
 //!
 //! Printed per N: the agent's `VmRSS` (`/proc/<pid>/status`) and its private memory
 //! (`/proc/<pid>/smaps_rollup`, `Private_Clean + Private_Dirty`) before the N entries and
@@ -102,7 +104,9 @@ async fn until_served(socket: &Path, id: &str, within: Duration) -> Duration {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
-        let mut client = connect_raw(socket.to_path_buf()).await;
+        let mut client = connect_raw(socket.to_path_buf())
+            .await
+            .max_decoding_message_size(256 * 1024 * 1024);
         let Ok(response) = client
             .fetch_x509svid(with_header(pb::X509svidRequest {}))
             .await
@@ -123,7 +127,13 @@ async fn until_served(socket: &Path, id: &str, within: Duration) -> Duration {
     }
 }
 
-async fn run(n: usize, state: &Arc<ServerState>, addr: std::net::SocketAddr, root: &Path) {
+async fn run(
+    n: usize,
+    served: bool,
+    state: &Arc<ServerState>,
+    addr: std::net::SocketAddr,
+    root: &Path,
+) {
     let dir = root.join(format!("agent-{n}"));
     std::fs::create_dir_all(&dir).unwrap();
     let token = format!("agent-memory-{n}-{}", std::process::id());
@@ -176,7 +186,8 @@ async fn run(n: usize, state: &Arc<ServerState>, addr: std::net::SocketAddr, roo
 
     let started = Instant::now();
     for i in 0..n {
-        create(state, &agent_id, &format!("/mem{n}/{i}"), OTHER_UID).await;
+        let selector = if served { uid.as_str() } else { OTHER_UID };
+        create(state, &agent_id, &format!("/mem{n}/{i}"), selector).await;
         if i % 500 == 499 {
             state.notify_change();
         }
@@ -195,9 +206,14 @@ async fn run(n: usize, state: &Arc<ServerState>, addr: std::net::SocketAddr, roo
     let settled = memory(pid);
     let per = |a: u64, b: u64| (a.saturating_sub(b) as f64 * 1024.0) / n as f64;
     println!(
-        "agent alone, N={n}: VmRSS {} -> {} KiB (settled {} KiB) = {:.0} B/SVID (settled {:.0}); \
+        "agent alone, N={n}{}: VmRSS {} -> {} KiB (settled {} KiB) = {:.0} B/SVID (settled {:.0}); \
          private {} -> {} KiB (settled {} KiB) = {:.0} B/SVID (settled {:.0}); \
          registering took {registered:.2?}, the agent caught up {synced:.2?} after",
+        if served {
+            " (all served to this process)"
+        } else {
+            ""
+        },
         before.rss,
         after.rss,
         settled.rss,
@@ -239,8 +255,9 @@ fn main() {
                 .await
                 .unwrap();
         });
+        let served = std::env::var("WRIT_BENCH_AGENT_SERVED").is_ok_and(|v| v == "1");
         for n in counts {
-            run(n, &state, addr, tmp.path()).await;
+            run(n, served, &state, addr, tmp.path()).await;
         }
     });
 }
