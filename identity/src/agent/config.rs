@@ -20,9 +20,13 @@ use crate::attest::workload::k8s::K8sAttestorConfig;
 use crate::duration::ConfigDuration;
 
 use super::node_client::{Bootstrap, K8sPsatAgentConfig, NodeClientConfig};
+use super::server_address::ServerAddresses;
 use crate::bundle::Bundle;
 use crate::server::config::ConfigError;
 use crate::spiffe_id::TrustDomain;
+
+/// The server address when none is given.
+pub const DEFAULT_SERVER_ADDRESS: &str = "127.0.0.1:8081";
 
 /// Default agent data directory.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/writ/agent";
@@ -33,8 +37,9 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/writ/agent";
 pub struct FileConfig {
     /// Trust domain (default `example.org`).
     pub trust_domain: Option<String>,
-    /// `host:port` of the server's node API (default `127.0.0.1:8081`).
-    pub server_address: Option<String>,
+    /// `host:port` of the server's node API (default `127.0.0.1:8081`), or an array of
+    /// them (up to 16): every server of the trust domain, tried in turn.
+    pub server_address: Option<FileServerAddress>,
     /// Where the agent keeps its SVID and key.
     pub data_dir: Option<PathBuf>,
     /// Workload API socket path (default `/tmp/writ/agent.sock`).
@@ -52,6 +57,26 @@ pub struct FileConfig {
     /// How the agent attests instead of a join token (`[node_attestor.k8s_psat]`).
     #[serde(default)]
     pub node_attestor: FileNodeAttestor,
+}
+
+/// `server_address` as written: one `host:port` or an array of them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum FileServerAddress {
+    /// `server_address = "host:port"`.
+    One(String),
+    /// `server_address = ["host1:port", "host2:port"]`.
+    Many(Vec<String>),
+}
+
+impl FileServerAddress {
+    fn validate(self) -> Result<ServerAddresses, ConfigError> {
+        match self {
+            Self::One(a) => ServerAddresses::new([a]),
+            Self::Many(list) => ServerAddresses::new(list),
+        }
+        .map_err(|e| value("server_address", e))
+    }
 }
 
 /// `[workload_attestors]` as written.
@@ -164,12 +189,10 @@ impl TryFrom<FileConfig> for AgentConfig {
                 ));
             }
         };
-        let server_address = file
+        let server_addresses = file
             .server_address
-            .unwrap_or_else(|| "127.0.0.1:8081".to_owned());
-        if server_address.is_empty() || server_address.contains('/') {
-            return Err(value("server_address", "expected host:port"));
-        }
+            .unwrap_or_else(|| FileServerAddress::One(DEFAULT_SERVER_ADDRESS.to_owned()))
+            .validate()?;
         let k8s_psat = file
             .node_attestor
             .k8s_psat
@@ -184,7 +207,7 @@ impl TryFrom<FileConfig> for AgentConfig {
         Ok(Self {
             node: NodeClientConfig {
                 k8s_psat,
-                server_address,
+                server_addresses,
                 trust_domain,
                 data_dir: file
                     .data_dir
@@ -243,7 +266,7 @@ mod tests {
         std::fs::write(&path, bundle.to_json()).unwrap();
         file.trust_bundle_path = Some(path);
         let config = AgentConfig::try_from(file).unwrap();
-        assert_eq!(config.node.server_address, "127.0.0.1:8081");
+        assert_eq!(config.node.server_addresses.to_string(), "127.0.0.1:8081");
         assert_eq!(config.socket_path, PathBuf::from("/tmp/writ/agent.sock"));
         assert!(matches!(config.node.bootstrap, Bootstrap::Bundle(_)));
         assert_eq!(config.docker, None, "the example leaves docker off");
@@ -341,5 +364,43 @@ mod tests {
         let bad: FileConfig =
             toml::from_str("insecure_bootstrap = true\nserver_address = \"http://x/y\"").unwrap();
         assert!(AgentConfig::try_from(bad).is_err());
+    }
+
+    #[test]
+    fn server_address_is_a_string_or_an_array() {
+        let load = |extra: &str| {
+            let file: FileConfig =
+                toml::from_str(&format!("insecure_bootstrap = true\n{extra}")).unwrap();
+            AgentConfig::try_from(file).map(|c| c.node.server_addresses.to_string())
+        };
+        assert_eq!(load("").unwrap(), "127.0.0.1:8081");
+        assert_eq!(
+            load("server_address = \"writ.internal:8081\"").unwrap(),
+            "writ.internal:8081"
+        );
+        assert_eq!(
+            load("server_address = [\"a.internal:8081\", \"10.0.0.2:8081\", \"[::1]:8081\"]")
+                .unwrap(),
+            "a.internal:8081, 10.0.0.2:8081, [::1]:8081"
+        );
+        for (bad, says) in [
+            ("server_address = []", "no server address"),
+            ("server_address = \"writ.internal\"", "port is missing"),
+            ("server_address = [\"a:1\", \"a:1\"]", "twice"),
+            ("server_address = [\"a:1\", \"\"]", "host:port"),
+        ] {
+            let err = load(bad).unwrap_err().to_string();
+            assert!(err.starts_with("server_address: "), "{bad}: {err}");
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let many = (1..=17)
+            .map(|p| format!("\"h:{p}\""))
+            .collect::<Vec<_>>()
+            .join(",");
+        let err = load(&format!("server_address = [{many}]")).unwrap_err();
+        assert!(err.to_string().contains("at most 16"), "{err}");
+        // Neither a string nor an array of strings.
+        assert!(toml::from_str::<FileConfig>("server_address = 8081").is_err());
+        assert!(toml::from_str::<FileConfig>("server_address = [1, 2]").is_err());
     }
 }

@@ -20,6 +20,7 @@ pub mod delegation;
 pub mod health;
 pub mod node_api;
 pub mod node_client;
+pub mod server_address;
 pub mod uds_transport;
 pub mod workload_api;
 

@@ -5,6 +5,13 @@
 //! The agent trusts the server it first contacts through a bootstrap bundle, or — named as
 //! dangerous, as SPIRE does — `insecure_bootstrap`, which accepts any server for the first
 //! contact only.
+//!
+//! The agent may know several servers of its trust domain
+//! ([`NodeClientConfig::server_addresses`]): every connection tries them in turn, starting
+//! with the last one that answered ([`super::server_address`]), and HTTP/2 keep-alive
+//! pings notice a server that vanished without a word, so the change stream and the next
+//! call move to another server within about two seconds. The agent SVID is valid on every
+//! server of the trust domain: a switch never needs a new attestation.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +25,7 @@ use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::node_api::NodeApi;
+use super::server_address::{Failover, ServerAddresses, tcp_connect};
 use crate::bundle::{Bundle, BundleSet};
 use crate::clock::SharedClock;
 use crate::key_manager::ToRcgen as _;
@@ -70,8 +78,9 @@ pub enum Bootstrap {
 /// Settings of a split-mode agent.
 #[derive(Debug, Clone)]
 pub struct NodeClientConfig {
-    /// `host:port` of the server's node API.
-    pub server_address: String,
+    /// `host:port` of each server's node API, tried in turn (see
+    /// [`super::server_address`]).
+    pub server_addresses: ServerAddresses,
     /// The trust domain.
     pub trust_domain: TrustDomain,
     /// Where the agent keeps its SVID, key and bundle.
@@ -129,6 +138,8 @@ pub struct GrpcNode {
     changes: watch::Receiver<u64>,
     /// When the current agent SVID expires; moved by each renewal.
     expires_at: Arc<std::sync::Mutex<SystemTime>>,
+    /// The servers, and the one that answered last.
+    failover: Arc<Failover>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -202,8 +213,19 @@ fn save(dir: &Path, svid: &X509Svid, bundle: &Bundle) -> Result<(), AgentError> 
     Ok(())
 }
 
+/// How long the TLS handshake with one server may take before the next is tried.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
+/// HTTP/2 keep-alive: a ping this often, also while idle...
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// ...and the connection is dropped when its answer takes longer than this.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A lazily connected channel whose every (re)connection tries the servers in turn
+/// through `failover`, starting with the server that answered last; a reconnection (the
+/// connection broke: its server died or went silent) tries that connection's server
+/// last, so a black hole is not waited on again.
 fn channel(
-    address: &str,
+    failover: Arc<Failover>,
     verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
     resolver: Arc<SvidResolver>,
 ) -> Result<Channel, AgentError> {
@@ -213,24 +235,46 @@ fn channel(
         .with_client_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let addr = address.to_owned();
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| AgentError::Unreachable {
-            address: address.to_owned(),
-            detail: e.to_string(),
-        })?
-        .connect_timeout(Duration::from_secs(5))
+    // The URI only names the channel; the connector below picks the server.
+    let endpoint = Endpoint::from_static("http://writ-server")
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .timeout(Duration::from_secs(30));
+    // The server of this channel's current connection.
+    let connected: Arc<std::sync::Mutex<Option<std::net::SocketAddr>>> = Arc::default();
     Ok(
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
             let connector = connector.clone();
-            let addr = addr.clone();
+            let failover = failover.clone();
+            let broken = *connected.lock().unwrap_or_else(|e| e.into_inner());
+            let connected = connected.clone();
             async move {
-                let tcp = tokio::net::TcpStream::connect(&addr).await?;
-                // The verifier checks the SPIFFE ID; the name only fills SNI.
-                let name = ServerName::try_from("writ-server").map_err(std::io::Error::other)?;
-                let tls = connector.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(tls))
+                let (io, server) = failover
+                    .first_answer(broken, |addr| {
+                        let connector = connector.clone();
+                        async move {
+                            let tcp = tcp_connect(addr).await?;
+                            // The verifier checks the SPIFFE ID; the name only fills SNI.
+                            let name = ServerName::try_from("writ-server")
+                                .map_err(std::io::Error::other)?;
+                            match tokio::time::timeout(
+                                HANDSHAKE_TIMEOUT,
+                                connector.connect(name, tcp),
+                            )
+                            .await
+                            {
+                                Ok(tls) => tls,
+                                Err(_) => Err(std::io::Error::new(
+                                    std::io::ErrorKind::TimedOut,
+                                    "TLS handshake timed out",
+                                )),
+                            }
+                        }
+                    })
+                    .await?;
+                *connected.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
+                Ok::<_, std::io::Error>(TokioIo::new(io))
             }
         })),
     )
@@ -306,9 +350,9 @@ impl rustls::client::danger::ServerCertVerifier for ServerSvidVerifier {
     }
 }
 
-fn unreachable(address: &str, e: &tonic::Status) -> AgentError {
+fn unreachable(address: &ServerAddresses, e: &tonic::Status) -> AgentError {
     AgentError::Unreachable {
-        address: address.to_owned(),
+        address: address.to_string(),
         detail: e.message().to_owned(),
     }
 }
@@ -357,8 +401,9 @@ impl GrpcNode {
             .set(&stored.svid)
             .map_err(|e| AgentError::Credentials(e.to_string()))?;
         let trust = Arc::new(ArcSwap::from_pointee(stored.bundle));
+        let failover = Failover::new(config.server_addresses.clone());
         let connector = Connector {
-            address: config.server_address.clone(),
+            failover: failover.clone(),
             verifier: server_verifier(trust.clone(), server_id),
             resolver: resolver.clone(),
         };
@@ -376,7 +421,7 @@ impl GrpcNode {
             renewed_tx,
             config.clock.clone(),
         ));
-        tracing::info!(agent = %stored.svid.spiffe_id, server = %config.server_address, "agent joined the server");
+        tracing::info!(agent = %stored.svid.spiffe_id, servers = %config.server_addresses, "agent joined the server");
         Ok(Arc::new(Self {
             agent_id: stored.svid.spiffe_id,
             client,
@@ -384,6 +429,7 @@ impl GrpcNode {
             trust,
             changes,
             expires_at,
+            failover,
             tasks: vec![watch_task, renew_task],
         }))
     }
@@ -415,8 +461,9 @@ impl GrpcNode {
                 crate::tls::dangerous::AcceptAnyServer::new()
             }
         };
+        // Tried in the configured order; the first server that answers attests.
         let mut client = NodeClient::new(channel(
-            &config.server_address,
+            Failover::new(config.server_addresses.clone()),
             verifier,
             SvidResolver::new(),
         )?);
@@ -448,7 +495,7 @@ impl GrpcNode {
                 | tonic::Code::FailedPrecondition => {
                     AgentError::Refused(e.message().to_owned())
                 }
-                _ => unreachable(&config.server_address, &e),
+                _ => unreachable(&config.server_addresses, &e),
             })?
             .into_inner();
         let stored = svid_from_response(response, key, &config.trust_domain)?;
@@ -459,6 +506,16 @@ impl GrpcNode {
     /// The trust bundle the agent verifies the server with.
     pub fn trust_bundle(&self) -> Arc<Bundle> {
         self.trust.load_full()
+    }
+
+    /// The server address that answered the agent's last connection, if any did.
+    pub fn current_server(&self) -> Option<std::net::SocketAddr> {
+        self.failover.current()
+    }
+
+    /// The server addresses this agent tries.
+    pub fn server_addresses(&self) -> &ServerAddresses {
+        self.failover.addresses()
     }
 
     /// Whether the agent currently has an SVID to present.
@@ -474,7 +531,8 @@ impl GrpcNode {
 
 /// Makes node API connections: the server verifier and the agent's current SVID.
 struct Connector {
-    address: String,
+    /// The servers, and the one that answered last; shared by every channel.
+    failover: Arc<Failover>,
     verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
     resolver: Arc<SvidResolver>,
 }
@@ -483,7 +541,7 @@ impl Connector {
     /// A client on a new (lazily connected) channel.
     fn client(&self) -> Result<NodeClient<Channel>, AgentError> {
         Ok(NodeClient::new(channel(
-            &self.address,
+            self.failover.clone(),
             self.verifier.clone(),
             self.resolver.clone(),
         )?)

@@ -280,7 +280,7 @@ impl PsatServer {
         let token_path = data.join("psat-token");
         std::fs::write(&token_path, format!("{token}\n")).unwrap();
         GrpcNode::connect(NodeClientConfig {
-            server_address: self.addr.to_string(),
+            server_addresses: self.addr.into(),
             trust_domain: self.state.config.trust_domain.clone(),
             data_dir: data.join("agent"),
             join_token: None,

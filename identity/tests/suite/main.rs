@@ -17,6 +17,7 @@ mod admin;
 mod bundle;
 mod ca;
 mod fleet;
+mod failover;
 mod jwt_svid;
 mod k8s;
 mod spawn_rate;

@@ -182,7 +182,7 @@ async fn grpc_node_passes_the_suite() {
         .await
         .unwrap();
     let node = GrpcNode::connect(NodeClientConfig {
-        server_address: addr.to_string(),
+        server_addresses: addr.into(),
         trust_domain: server.config.trust_domain.clone(),
         data_dir: dir.path().join("agent"),
         join_token: Some(token.into()),

@@ -325,7 +325,7 @@ async fn an_agent_refuses_a_server_whose_svid_only_carries_the_server_id() {
     let dir = tempfile::tempdir().unwrap();
     let token = server.join_token().await;
     let err = GrpcNode::connect(NodeClientConfig {
-        server_address: addr.to_string(),
+        server_addresses: addr.into(),
         trust_domain: td.clone(),
         data_dir: dir.path().to_path_buf(),
         join_token: Some(token.clone()),
@@ -345,7 +345,7 @@ async fn an_agent_refuses_a_server_whose_svid_only_carries_the_server_id() {
 
     // The same agent, the same bundle and token, joins the real server.
     let node = GrpcNode::connect(NodeClientConfig {
-        server_address: server.addr.to_string(),
+        server_addresses: server.addr.into(),
         trust_domain: td,
         data_dir: dir.path().to_path_buf(),
         join_token: Some(token),

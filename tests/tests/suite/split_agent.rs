@@ -130,7 +130,7 @@ impl Server {
 
     fn config(&self, dir: &std::path::Path, token: Option<String>) -> NodeClientConfig {
         NodeClientConfig {
-            server_address: self.addr.to_string(),
+            server_addresses: self.addr.into(),
             trust_domain: self.state.config.trust_domain.clone(),
             data_dir: dir.to_path_buf(),
             join_token: token,

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use writ_identity::agent::config::{AgentConfig, FileConfig};
+use writ_identity::agent::config::{AgentConfig, FileConfig, FileServerAddress};
 use writ_identity::agent::node_client::GrpcNode;
 use writ_identity::attest::workload::k8s::K8sAttestor;
 use writ_identity::attest::workload::{Attestors, DockerAttestor, UnixAttestor};
@@ -32,9 +32,11 @@ pub(crate) enum AgentCommand {
         /// has no SVID yet.
         #[arg(long, value_name = "FILE", conflicts_with = "join_token")]
         join_token_file: Option<PathBuf>,
-        /// Overrides `server_address`.
-        #[arg(long)]
-        server_address: Option<String>,
+        /// Overrides `server_address`: `host:port` of a server's node API. Repeat it to
+        /// give every server of the trust domain (up to 16); the agent tries them in turn
+        /// and fails over when its server goes away.
+        #[arg(long, value_name = "HOST:PORT")]
+        server_address: Vec<String>,
         /// Overrides `trust_domain`.
         #[arg(long)]
         trust_domain: Option<String>,
@@ -189,7 +191,9 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
                 None => join_token,
             };
             file.join_token = join_token.or(file.join_token);
-            file.server_address = server_address.or(file.server_address);
+            if !server_address.is_empty() {
+                file.server_address = Some(FileServerAddress::Many(server_address));
+            }
             file.trust_domain = trust_domain.or(file.trust_domain);
             file.data_dir = data_dir.or(file.data_dir);
             file.socket_path = socket_path.or(file.socket_path);
@@ -215,7 +219,7 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
             out::errln!(
                 "writ agent: {} joined {}; Workload API on unix://{}",
                 agent_id,
-                config.node.server_address,
+                config.node.server_addresses,
                 running.socket.display()
             );
             stop.await;

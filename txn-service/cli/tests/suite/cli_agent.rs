@@ -312,3 +312,32 @@ fn agent_needs_a_bootstrap_and_a_token() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("join token"), "{err}");
 }
+
+#[test]
+fn server_address_is_repeatable_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |addresses: &[&str]| {
+        let mut cmd = Command::new(WRIT);
+        cmd.args(["agent", "run", "--insecure-bootstrap", "--data-dir"])
+            .arg(dir.path());
+        for a in addresses {
+            cmd.args(["--server-address", a]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8(out.stderr).unwrap()
+    };
+    // Two servers: the list is taken, and the agent stops only for want of a token.
+    let err = run(&["127.0.0.1:1", "localhost:2"]);
+    assert!(err.contains("join token"), "{err}");
+    let err = run(&["127.0.0.1:1", "127.0.0.1:1"]);
+    assert!(
+        err.contains("server_address") && err.contains("given twice"),
+        "{err}"
+    );
+    let err = run(&["writ-server"]);
+    assert!(
+        err.contains("server_address") && err.contains("port is missing"),
+        "{err}"
+    );
+}
