@@ -265,7 +265,7 @@ async fn a_join_token_presented_to_two_servers_at_once_admits_one_agent() {
             bundle = b.state.ca.bundle();
         }
         let config = |server: &NodeServer, name: &str| NodeClientConfig {
-            server_address: server.addr.to_string(),
+            server_addresses: server.addr.into(),
             trust_domain: td(),
             data_dir: dir.path().join(format!("agent-{round}-{name}")),
             join_token: Some(token.clone()),
