@@ -16,8 +16,8 @@
 mod admin;
 mod bundle;
 mod ca;
-mod fleet;
 mod failover;
+mod fleet;
 mod jwt_svid;
 mod k8s;
 mod spawn_rate;

@@ -1,7 +1,11 @@
 //! A fleet on one PostgreSQL database (issue 16), as processes: three `writ server run`,
-//! two `writ agent run` each given every server's address, and this test process as
-//! their workload. One server is killed with SIGKILL, PostgreSQL is restarted, the dead
-//! server comes back; the workloads keep valid SVIDs and new entries keep arriving.
+//! two `writ agent run` each given every server's address, two `writ txn run` replicas
+//! sharing their public keys through the store, and this test process as their
+//! workloads (`writ api`, `writ exchange`). One server is killed with SIGKILL, PostgreSQL
+//! is restarted, the dead server comes back; the workloads keep valid SVIDs, new entries
+//! keep arriving, and a Txn-Token minted by one replica is replaced by the other
+//! throughout. The subject token comes from the npm `oidc-provider`; without Node the
+//! token service part is left out (never under `WRIT_REQUIRE_ALL=1`).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -11,7 +15,149 @@ use std::time::{Duration, Instant};
 use writ_identity::store::Store as _;
 use writ_identity::store::pg_harness::TempPostgres;
 
-use crate::common::{Agent, Server, WRIT, api, uid};
+use crate::common::{Agent, Server, WRIT, api, bound_address, uid};
+
+/// A `writ txn run` replica, killed on drop, and its URL.
+struct Replica {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two token service replicas on `url`'s store, with their SVIDs from the agent on
+/// `socket`, trusting `provider`'s access tokens.
+fn replicas(
+    dir: &Path,
+    socket: &Path,
+    url: &str,
+    provider: &writ_tests::oidc_provider::Provider,
+) -> Vec<Replica> {
+    (0..2)
+        .map(|n| {
+            let config = format!(
+                r#"
+listen = "127.0.0.1:0"
+issuer = "https://tts.fleet.example"
+replica = "tts-{n}"
+workload_api = "unix://{socket}"
+spiffe_id = "spiffe://example.org/tts"
+data_dir = "{data}"
+
+[identity_store]
+backend = "postgres"
+connection = "{url}"
+
+[[oidc]]
+issuer = "{issuer}"
+audiences = ["{resource}"]
+
+[policy]
+[[policy.caller]]
+id = "spiffe://example.org/gateway"
+subject_token_types = ["access_token"]
+max_scope = ["read", "write"]
+[[policy.caller]]
+prefix = "spiffe://example.org/agents"
+subject_token_types = ["txn_token"]
+max_scope = ["read"]
+"#,
+                socket = socket.display(),
+                data = dir.join(format!("txn-{n}")).display(),
+                issuer = provider.issuer,
+                resource = provider.resource,
+            );
+            let path = dir.join(format!("txn-{n}.toml"));
+            std::fs::write(&path, config).unwrap();
+            let mut child = Command::new(WRIT)
+                .args(["txn", "run", "--config"])
+                .arg(&path)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let stdout = child.stdout.take().unwrap();
+            let url = format!(
+                "https://{}",
+                bound_address(stdout, "Transaction token service listening")
+            );
+            Replica { child, url }
+        })
+        .collect()
+}
+
+/// `writ exchange` as `spiffe_id` through the agent on `socket`, at `url`; the token.
+fn exchange(socket: &Path, url: &str, spiffe_id: &str, subject: &str, kind: &str) -> String {
+    let mut child = Command::new(WRIT)
+        .args([
+            "exchange",
+            "--subject-token",
+            "-",
+            "--subject-token-type",
+            kind,
+            "--scope",
+            "read",
+            "--spiffe-id",
+            spiffe_id,
+            "--server-id",
+            "spiffe://example.org/tts",
+            "--url",
+            url,
+        ])
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", socket.display()),
+        )
+        .env_remove("WRIT_TXN_URL")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(subject.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "exchange at {url} as {spiffe_id}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// The gateway exchanges an access token at replica `from`, the planner replaces the
+/// Txn-Token at replica `to`.
+fn exchange_across(
+    socket: &Path,
+    replicas: &[Replica],
+    from: usize,
+    to: usize,
+    access_token: &str,
+) {
+    let token = exchange(
+        socket,
+        &replicas[from].url,
+        "spiffe://example.org/gateway",
+        access_token,
+        "access_token",
+    );
+    let replaced = exchange(
+        socket,
+        &replicas[to].url,
+        "spiffe://example.org/agents/planner",
+        &token,
+        "txn_token",
+    );
+    assert_eq!(replaced.split('.').count(), 3, "{replaced}");
+}
 
 /// The SPIFFE IDs `writ api fetch x509` gets on `socket` (empty while it gets none).
 fn ids(socket: &Path) -> BTreeSet<String> {
@@ -143,6 +289,7 @@ fn three_servers_two_agents_survive_a_killed_server_and_a_database_restart() {
     let Some(pg) = TempPostgres::start().unwrap() else {
         return;
     };
+    let provider = writ_tests::oidc_provider::Provider::start();
     let url = pg.url();
     let config = format!("[datastore]\nbackend = \"postgres\"\nconnection = \"{url}\"\n");
     let mut servers: Vec<Server> = (0..3).map(|_| Server::start_with_config(&config)).collect();
@@ -201,8 +348,22 @@ fn three_servers_two_agents_survive_a_killed_server_and_a_database_restart() {
     register(&servers[2], "spiffe://example.org/fleet/b", &id_b);
     wait_for_id(&sock_a, "spiffe://example.org/fleet/a");
     wait_for_id(&sock_b, "spiffe://example.org/fleet/b");
+    // The token service and its callers are workloads of agent a.
+    let tts = provider.as_ref().map(|provider| {
+        for path in ["/tts", "/gateway", "/agents/planner"] {
+            register(&servers[2], &format!("spiffe://example.org{path}"), &id_a);
+        }
+        wait_for_id(&sock_a, "spiffe://example.org/tts");
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let access_token = runtime.block_on(provider.access_token("read write"));
+        let replicas = replicas(dir.path(), &sock_a, &url, provider);
+        exchange_across(&sock_a, &replicas, 0, 1, &access_token);
+        exchange_across(&sock_a, &replicas, 1, 0, &access_token);
+        (replicas, access_token)
+    });
     let rows = journal(&url);
     assert_eq!(rows.len(), 6, "two slots (X.509, JWT) per server");
+    let expected_entries = if tts.is_some() { 3 } else { 0 };
 
     // SIGKILL server 0, agent a's server.
     servers[0].child.kill().unwrap();
@@ -217,6 +378,9 @@ fn three_servers_two_agents_survive_a_killed_server_and_a_database_restart() {
     let agents: serde_json::Value =
         serde_json::from_str(&servers[1].ok(&["agent", "list", "--output", "json"])).unwrap();
     assert_eq!(agents.as_array().unwrap().len(), 2, "{agents}");
+    if let Some((replicas, access_token)) = &tts {
+        exchange_across(&sock_a, replicas, 0, 1, access_token);
+    }
 
     // PostgreSQL restarts under the servers: they reconnect, nothing acknowledged is lost.
     pg.restart().unwrap();
@@ -239,7 +403,10 @@ fn three_servers_two_agents_survive_a_killed_server_and_a_database_restart() {
         std::thread::sleep(Duration::from_millis(100));
     }
     wait_for_id(&sock_b, "spiffe://example.org/fleet/b2");
-    assert_eq!(servers[1].entry_count(), 4);
+    assert_eq!(servers[1].entry_count(), 4 + expected_entries);
+    if let Some((replicas, access_token)) = &tts {
+        exchange_across(&sock_a, replicas, 1, 0, access_token);
+    }
     assert_valid_svids(&sock_a, &dir.path().join("svids-a"));
     assert_valid_svids(&sock_b, &dir.path().join("svids-b"));
 
