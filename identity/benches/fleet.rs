@@ -8,8 +8,8 @@
 //!
 //! - **entry propagation**: an entry created through server 1's store until server 2's
 //!   and server 3's agent change signal fires (what wakes their agents' streams);
-//! - **bundle propagation**: server 1 prepares a new CA (a forced rotation step: a new
-//!   journal slot) until servers 2 and 3 publish a bundle holding it.
+//! - **bundle propagation**: a new JWT authority written to the journal (as another
+//!   server's rotation writes it) until all three servers publish a bundle holding it.
 #![expect(
     unused_crate_dependencies,
     reason = "a bench target sees every dependency and dev-dependency of its package"
@@ -79,7 +79,6 @@ fn report(what: &str, mut samples: Vec<Duration>) {
 
 async fn run(url: &str, rounds: usize) -> Result<(), BoxError> {
     let dir = tempfile::tempdir()?;
-    // A CA lifetime that makes every rotation step a change: see below.
     let servers = [
         server(url, &dir.path().join("1"), Duration::from_secs(3600)).await?,
         server(url, &dir.path().join("2"), Duration::from_secs(3600)).await?,
@@ -114,12 +113,26 @@ async fn run(url: &str, rounds: usize) -> Result<(), BoxError> {
     );
 
     let mut bundles = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
+    for i in 0..rounds {
         let before = first.ca.bundle().jwt_authorities().len();
-        let mut watches: Vec<_> = others.iter().map(|s| s.ca.subscribe()).collect();
+        let mut watches: Vec<_> = servers.iter().map(|s| s.ca.subscribe()).collect();
+        // A new JWT authority in the journal, as another server's rotation writes it.
+        let key = writ_identity::key_manager::PrivateKey::generate()?;
+        let (x, y) = key.ec_p256_xy().ok_or("not a P-256 key")?;
+        let now = writ_identity::clock::unix_seconds(std::time::SystemTime::now());
+        let slot = serde_json::json!({
+            "id": format!("bench-{i}"), "kind": "jwt", "state": "prepared",
+            "not_before": now - 10, "not_after": now + 3600,
+            "jwk": writ_identity::bundle::Jwk::ec_p256(x, y),
+        });
+        let record = writ_identity::store::JournalRecord {
+            id: format!("bench-{i}"),
+            kind: "jwt".into(),
+            payload: slot.to_string(),
+            updated_at: now,
+        };
         let started = Instant::now();
-        // A new JWT slot on server 1, as a rotation's "prepare" step writes it.
-        first.ca.add_prepared_jwt_authority_for_bench().await?;
+        first.store.put_journal(&record).await?;
         for w in &mut watches {
             tokio::time::timeout(
                 Duration::from_secs(10),
@@ -128,7 +141,7 @@ async fn run(url: &str, rounds: usize) -> Result<(), BoxError> {
             .await??;
         }
         bundles.push(started.elapsed());
-        first.ca.drop_prepared_jwt_authority_for_bench().await?;
+        first.store.delete_journal(&record.id).await?;
         for w in &mut watches {
             tokio::time::timeout(
                 Duration::from_secs(10),
@@ -138,7 +151,7 @@ async fn run(url: &str, rounds: usize) -> Result<(), BoxError> {
         }
     }
     report(
-        "new authority on server 1 → in the bundle of servers 2 and 3",
+        "new authority in the journal → in the bundle of all 3 servers",
         bundles,
     );
     Ok(())

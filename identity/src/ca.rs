@@ -358,6 +358,10 @@ pub async fn journal_trust_domain(
     Ok(None)
 }
 
+/// What the bundle takes of an authority: its record, its X.509 certificate (DER), its
+/// JWT key.
+type Published<'a> = (&'a SlotRecord, Option<&'a Vec<u8>>, Option<Jwk>);
+
 /// The journal's slots, skipping (with a warning) records that cannot be read.
 async fn read_journal(store: &dyn crate::store::Store) -> Result<Vec<SlotRecord>, CaError> {
     let mut out = Vec::new();
@@ -779,8 +783,7 @@ impl CertificateAuthority {
     /// (by `not_before`, then id).
     fn build_bundle(&self, own: &[Arc<Slot>], peers: &[PeerSlot], previous: &Bundle) -> Bundle {
         let mut bundle = Bundle::new(self.config.trust_domain.clone());
-        // (record, X.509 certificate, JWT key) of every authority.
-        let mut ordered: Vec<(&SlotRecord, Option<&Vec<u8>>, Option<Jwk>)> = own
+        let mut ordered: Vec<Published<'_>> = own
             .iter()
             .map(|s| (&s.record, s.chain.first(), s.jwk()))
             .chain(
