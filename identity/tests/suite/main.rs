@@ -16,6 +16,7 @@
 mod admin;
 mod bundle;
 mod ca;
+mod entry_cache;
 mod fleet;
 mod jwt_svid;
 mod k8s;
