@@ -223,8 +223,16 @@ fn in_memory(n: usize, rows: &mut Vec<Row>) -> Result<(), BoxError> {
             parents.push(took_parent);
         }
     }
-    rows.push(lookup_row(n, "find_entries_by_selectors (index)", &mut finds));
-    rows.push(lookup_row(n, "entries by parent, 10 per agent (index)", &mut parents));
+    rows.push(lookup_row(
+        n,
+        "find_entries_by_selectors (index)",
+        &mut finds,
+    ));
+    rows.push(lookup_row(
+        n,
+        "entries by parent, 10 per agent (index)",
+        &mut parents,
+    ));
     drop(index);
     Ok(())
 }
@@ -280,13 +288,7 @@ async fn through_sqlite(n: usize, m: usize, rows: &mut Vec<Row>) -> Result<(), B
     for (name, store) in stores {
         let config = ServerConfig::with_defaults(TrustDomain::new("example.org")?, dir.path())?;
         let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(1_800_000_000));
-        let server = ServerState::with_parts(
-            config,
-            Arc::new(clock),
-            store,
-            keys.clone(),
-        )
-        .await?;
+        let server = ServerState::with_parts(config, Arc::new(clock), store, keys.clone()).await?;
         let handler = NodeHandler::new(server);
         let agents = m.div_ceil(WORKLOADS_PER_AGENT);
         let mut rng = rand::rng();

@@ -578,7 +578,11 @@ impl Index {
                 filed
                     .as_slice()
                     .iter()
-                    .filter(|e| e.selectors.iter().all(|s| workload.binary_search(&s).is_ok()))
+                    .filter(|e| {
+                        e.selectors
+                            .iter()
+                            .all(|s| workload.binary_search(&s).is_ok())
+                    })
                     .cloned(),
             );
         }
@@ -612,7 +616,10 @@ fn entry_bytes(entry: &RegistrationEntry) -> usize {
 /// Sorts `entries` by id and clones them out of the index.
 fn ordered(mut entries: Vec<Arc<RegistrationEntry>>) -> Vec<RegistrationEntry> {
     entries.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-    entries.iter().map(|e| RegistrationEntry::clone(e)).collect()
+    entries
+        .iter()
+        .map(|e| RegistrationEntry::clone(e))
+        .collect()
 }
 
 #[async_trait::async_trait]
@@ -787,6 +794,14 @@ impl Store for CachedStore {
         self.shared.inner.list_bundles().await
     }
 
+    async fn swap_bundle(
+        &self,
+        bundle: &BundleRecord,
+        previous: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        self.shared.inner.swap_bundle(bundle, previous).await
+    }
+
     async fn delete_bundle(&self, trust_domain_id: &str) -> Result<(), StoreError> {
         self.shared.inner.delete_bundle(trust_domain_id).await
     }
@@ -947,10 +962,15 @@ mod tests {
         let mut want = vec![a.id.clone(), b.id.clone()];
         want.sort();
         assert_eq!(
-            ids(index.find(&sels(&["k8s:ns:a", "unix:uid:1", "unix:uid:9"])).unwrap()),
+            ids(index
+                .find(&sels(&["k8s:ns:a", "unix:uid:1", "unix:uid:9"]))
+                .unwrap()),
             want
         );
-        assert_eq!(ids(index.find(&sels(&["unix:uid:1"])).unwrap()), Vec::<String>::new());
+        assert_eq!(
+            ids(index.find(&sels(&["unix:uid:1"])).unwrap()),
+            Vec::<String>::new()
+        );
         let mut index = index.0;
         index.remove(&b.id);
         assert_eq!(index.find(&[&"k8s:ns:a".parse().unwrap()]).len(), 0);

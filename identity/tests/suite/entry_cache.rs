@@ -52,8 +52,7 @@ fn agent(path: &str) -> AttestedAgent {
 }
 
 /// A cache over an in-memory SQLite store whose change events the test sends by hand.
-async fn cache_with_manual_events() -> (CachedStore, SharedStore, broadcast::Sender<StoreChange>)
-{
+async fn cache_with_manual_events() -> (CachedStore, SharedStore, broadcast::Sender<StoreChange>) {
     let inner: SharedStore = Arc::new(SqliteStore::open_in_memory().await.unwrap());
     let (events, rx) = broadcast::channel(64);
     let cache = CachedStore::with_changes(inner.clone(), rx).await.unwrap();
@@ -142,7 +141,10 @@ async fn the_build_reads_what_the_store_holds() {
         .await
         .unwrap();
     assert_eq!(children.len(), 50);
-    assert!(children.windows(2).all(|w| w[0].id < w[1].id), "ordered by id");
+    assert!(
+        children.windows(2).all(|w| w[0].id < w[1].id),
+        "ordered by id"
+    );
 }
 
 #[tokio::test]
@@ -155,7 +157,10 @@ async fn writes_behind_its_back_arrive_through_change_events() {
     let change = StoreChange::Entry(created.id.clone());
     events.send(change.clone()).unwrap();
     until_emitted(&mut seen, &change).await;
-    assert_eq!(cache.fetch_entry(&created.id).await.unwrap(), Some(created.clone()));
+    assert_eq!(
+        cache.fetch_entry(&created.id).await.unwrap(),
+        Some(created.clone())
+    );
     assert_eq!(
         cache
             .find_entries_by_selectors(&created.selectors)
@@ -171,7 +176,10 @@ async fn writes_behind_its_back_arrive_through_change_events() {
     let updated = inner.update_entry(&changed).await.unwrap();
     events.send(change.clone()).unwrap();
     until_emitted(&mut seen, &change).await;
-    assert_eq!(cache.fetch_entry(&created.id).await.unwrap(), Some(updated.clone()));
+    assert_eq!(
+        cache.fetch_entry(&created.id).await.unwrap(),
+        Some(updated.clone())
+    );
     assert!(
         cache
             .find_entries_by_selectors(&created.selectors)
@@ -201,12 +209,22 @@ async fn writes_behind_its_back_arrive_through_change_events() {
     let change = StoreChange::Agent(node.spiffe_id.as_str().to_owned());
     events.send(change.clone()).unwrap();
     until_emitted(&mut seen, &change).await;
-    assert_eq!(cache.fetch_agent(&node.spiffe_id).await.unwrap(), Some(node.clone()));
+    assert_eq!(
+        cache.fetch_agent(&node.spiffe_id).await.unwrap(),
+        Some(node.clone())
+    );
     node.banned = true;
     inner.update_agent(&node).await.unwrap();
     events.send(change.clone()).unwrap();
     until_emitted(&mut seen, &change).await;
-    assert!(cache.fetch_agent(&node.spiffe_id).await.unwrap().unwrap().banned);
+    assert!(
+        cache
+            .fetch_agent(&node.spiffe_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .banned
+    );
     inner.delete_agent(&node.spiffe_id).await.unwrap();
     events.send(change.clone()).unwrap();
     until_emitted(&mut seen, &change).await;
@@ -227,11 +245,11 @@ async fn writes_behind_its_back_arrive_through_change_events() {
 async fn own_writes_are_visible_at_once() {
     let (cache, inner, _events) = cache_with_manual_events().await;
     let created = cache.create_entry(&entry(1)).await.unwrap();
-    assert_eq!(cache.fetch_entry(&created.id).await.unwrap(), Some(created.clone()));
-    cache
-        .create_entries(&[entry(2), entry(3)])
-        .await
-        .unwrap();
+    assert_eq!(
+        cache.fetch_entry(&created.id).await.unwrap(),
+        Some(created.clone())
+    );
+    cache.create_entries(&[entry(2), entry(3)]).await.unwrap();
     assert_eq!(cache.count_entries().await.unwrap(), 3);
     assert_eq!(
         cache.list_entries(&EntryFilter::default()).await.unwrap(),
@@ -328,8 +346,17 @@ async fn malformed_requests_are_refused_as_the_store_refuses_them() {
             .unwrap()
     );
     let twice = vec![sel("unix:uid:1"), sel("unix:uid:1"), sel("k8s:ns:cache")];
-    assert_eq!(cache.find_entries_by_selectors(&twice).await.unwrap().len(), 1);
-    assert!(cache.find_entries_by_selectors(&[]).await.unwrap().is_empty());
+    assert_eq!(
+        cache.find_entries_by_selectors(&twice).await.unwrap().len(),
+        1
+    );
+    assert!(
+        cache
+            .find_entries_by_selectors(&[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // Garbage and oversized keys find nothing, as in SQL.
     let huge = "x".repeat(1 << 20);
@@ -350,4 +377,58 @@ async fn malformed_requests_are_refused_as_the_store_refuses_them() {
     assert!(matches!(err, StoreError::Invalid(_)), "{err}");
     assert_eq!(cache.count_entries().await.unwrap(), 1);
     assert_eq!(inner.count_entries().await.unwrap(), 1);
+}
+
+/// Waits (at most [`PATIENCE`]) until `cache` holds entry `id` as `want`.
+async fn until_cached(cache: &CachedStore, id: &str, want: Option<&RegistrationEntry>) {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            if cache.fetch_entry(id).await.unwrap().as_ref() == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the change reaches the cache");
+}
+
+#[tokio::test]
+async fn a_write_on_the_inner_sqlite_store_reaches_the_cache() {
+    let inner: SharedStore = Arc::new(SqliteStore::open_in_memory().await.unwrap());
+    let cache = CachedStore::new(inner.clone()).await.unwrap();
+    let created = inner.create_entry(&entry(1)).await.unwrap();
+    until_cached(&cache, &created.id, Some(&created)).await;
+    inner.delete_entry(&created.id).await.unwrap();
+    until_cached(&cache, &created.id, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_by_another_postgres_server_reaches_the_cache() {
+    let Some(pg) = TempPostgres::start().unwrap() else {
+        return;
+    };
+    let ours = Arc::new(PostgresStore::connect(&pg.url()).await.unwrap());
+    let theirs = PostgresStore::connect(&pg.url()).await.unwrap();
+    let cache = CachedStore::new(ours.clone()).await.unwrap();
+    let created = theirs.create_entry(&entry(1)).await.unwrap();
+    until_cached(&cache, &created.id, Some(&created)).await;
+    let mut changed = created.clone();
+    changed.hint = "moved".into();
+    let updated = theirs.update_entry(&changed).await.unwrap();
+    until_cached(&cache, &created.id, Some(&updated)).await;
+    let node = agent("/cache/pg-node");
+    theirs.create_agent(&node).await.unwrap();
+    tokio::time::timeout(PATIENCE, async {
+        while cache.fetch_agent(&node.spiffe_id).await.unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the agent reaches the cache");
+    theirs.delete_entry(&created.id).await.unwrap();
+    until_cached(&cache, &created.id, None).await;
+    drop(cache);
+    theirs.close().await;
+    ours.close().await;
 }
