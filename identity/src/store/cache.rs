@@ -9,8 +9,8 @@
 //! the named entry or agent, or rebuilds the whole index on [`StoreChange::Resync`], when
 //! its receiver lagged, or when more than [`REBUILD_AFTER`] changes are pending at once.
 //! A rebuild builds a new index beside the old one and swaps it in, so reads never wait
-//! for it. [`CachedStore::changes`] re-emits the inner store's changes once the index
-//! reflects them.
+//! for it. The cache's own [`Store::changes`] re-emits the inner store's changes once
+//! the index reflects them.
 //!
 //! The index keeps each entry once (`Arc`) and finds it by id (ordered, for listings),
 //! by parent, by SPIFFE ID, and under one of its selectors: the one with the fewest
