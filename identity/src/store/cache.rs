@@ -42,7 +42,7 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use super::schema::{self, EntryParams};
 use super::{
     AttestedAgent, BundleRecord, CHANGE_BACKLOG, EntryFilter, JoinTokenRecord, JournalRecord,
-    LeaseRecord, SharedStore, Store, StoreChange, StoreError, TemplateIssue,
+    LeaseRecord, SharedStore, Store, StoreChange, StoreError, TemplateIssue, TxnKeyRecord,
 };
 use crate::entry::RegistrationEntry;
 use crate::selector::Selector;
@@ -864,6 +864,18 @@ impl Store for CachedStore {
 
     async fn list_template_issues(&self, entry_id: &str) -> Result<Vec<TemplateIssue>, StoreError> {
         self.shared.inner.list_template_issues(entry_id).await
+    }
+
+    async fn put_txn_key(&self, key: &TxnKeyRecord) -> Result<(), StoreError> {
+        self.shared.inner.put_txn_key(key).await
+    }
+
+    async fn list_txn_keys(&self, now: i64) -> Result<Vec<TxnKeyRecord>, StoreError> {
+        self.shared.inner.list_txn_keys(now).await
+    }
+
+    async fn prune_txn_keys(&self, now: i64) -> Result<u64, StoreError> {
+        self.shared.inner.prune_txn_keys(now).await
     }
 
     fn changes(&self) -> broadcast::Receiver<StoreChange> {
