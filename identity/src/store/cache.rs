@@ -447,7 +447,10 @@ impl Index {
     }
 
     /// An index of `entries` and `agents`.
-    fn from_parts(entries: Vec<RegistrationEntry>, agents: Vec<AttestedAgent>) -> Self {
+    fn from_parts(mut entries: Vec<RegistrationEntry>, agents: Vec<AttestedAgent>) -> Self {
+        // In id order (as the store lists them already, so this sort only checks), the
+        // id tree is filled along its hot right edge instead of at random places.
+        entries.sort_unstable_by(|a, b| a.id.cmp(&b.id));
         let mut index = Self::default();
         for entry in entries {
             index.insert(Arc::new(entry));
