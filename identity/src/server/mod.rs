@@ -31,6 +31,7 @@ use crate::key_manager::{
     DiskKeyManager, KeyError, KeyManager, MemoryKeyManager, SharedKeyManager, set_mode,
 };
 use crate::spiffe_id::TrustDomain;
+use crate::store::cache::CachedStore;
 use crate::store::{SharedStore, Store, StoreError};
 use config::{KeyManagerKind, ServerConfig};
 
@@ -113,7 +114,7 @@ impl ServerState {
     /// # Errors
     /// [`ServerError`] naming the part that failed.
     pub async fn open(config: ServerConfig, clock: SharedClock) -> Result<Arc<Self>, ServerError> {
-        let store = config.datastore.open().await?;
+        let store: SharedStore = Arc::new(CachedStore::new(config.datastore.open().await?).await?);
         let keys: SharedKeyManager = match config.key_manager {
             KeyManagerKind::Disk => {
                 let disk = DiskKeyManager::open(&config.data_dir.join("keys"))?;

@@ -22,6 +22,7 @@ use crate::entry::RegistrationEntry;
 use crate::selector::Selector;
 use crate::spiffe_id::SpiffeId;
 
+pub mod cache;
 #[cfg(any(test, feature = "test-util"))]
 pub mod pg_harness;
 pub mod postgres;

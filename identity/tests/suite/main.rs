@@ -17,6 +17,7 @@ mod admin;
 mod bundle;
 mod ca;
 mod failover;
+mod entry_cache;
 mod fleet;
 mod jwt_svid;
 mod k8s;
