@@ -16,8 +16,8 @@
 mod admin;
 mod bundle;
 mod ca;
-mod failover;
 mod entry_cache;
+mod failover;
 mod fleet;
 mod jwt_svid;
 mod k8s;

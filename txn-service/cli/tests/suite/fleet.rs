@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use writ_identity::store::Store as _;
 use writ_identity::store::pg_harness::TempPostgres;
 
-use crate::common::{Agent, Server, WRIT, api, bound_address, uid};
+use crate::common::{Agent, Server, WRIT, api, bound_address, join_token_and_bundle, uid};
 
 /// A `writ txn run` replica, killed on drop, and its URL.
 struct Replica {
@@ -256,14 +256,8 @@ fn journal(url: &str) -> BTreeSet<String> {
 
 /// An agent given `addresses` in that order, joined with a token from `server`.
 fn agent(server: &Server, addresses: &[&str], dir: &Path, name: &str) -> (Agent, PathBuf, String) {
-    let token = server
-        .ok(&["token", "generate"])
-        .trim()
-        .strip_prefix("Token: ")
-        .unwrap()
-        .to_owned();
-    let bundle = dir.join(format!("{name}-bundle.pem"));
-    std::fs::write(&bundle, server.ok(&["bundle", "show"])).unwrap();
+    let token = join_token_and_bundle(server);
+    let bundle = server.dir.path().join("bundle.pem");
     let socket = dir.join(format!("{name}.sock"));
     let mut cmd = Command::new(WRIT);
     cmd.args(["agent", "run", "--join-token", &token]);
