@@ -143,9 +143,9 @@ impl PostgresStore {
 /// between reconnection attempts.
 const LISTEN_TICK: Duration = Duration::from_secs(1);
 
-/// Follows the database's change notifications until the store is dropped. After a
-/// lost connection it reconnects and, once listening again, announces
-/// [`StoreChange::Resync`] (notifications sent meanwhile are lost).
+/// Follows the database's change notifications until the store is dropped. Once
+/// listening (first, and again after a lost connection) it announces
+/// [`StoreChange::Resync`]: notifications sent before that are lost.
 async fn listen(
     pool: PgPool,
     tx: tokio::sync::broadcast::Sender<StoreChange>,
@@ -172,10 +172,13 @@ async fn listen(
             }
         };
         backoff = Duration::from_millis(50);
+        // Whatever was committed before this LISTEN took effect went unannounced: at a
+        // reconnection, and also at the first connection, which a subscriber (the entry
+        // cache reading the store at start) may have raced.
         if !first {
             tracing::info!("store change listener reconnected; re-reading everything");
-            let _ = tx.send(StoreChange::Resync);
         }
+        let _ = tx.send(StoreChange::Resync);
         first = false;
         loop {
             tokio::select! {
