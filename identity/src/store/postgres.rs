@@ -49,13 +49,7 @@ impl PostgresStore {
     /// [`StoreError::Database`] if the server cannot be reached or a migration fails;
     /// [`StoreError::SchemaTooNew`] for a database migrated by a newer build.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            // A connection a failed write left inside a transaction is replaced.
-            .after_release(super::sql::release_clean)
-            .connect(url)
-            .await?;
+        let pool = writer_pool(url).await?;
         schema::migrate_postgres(&pool).await?;
         Ok(Self::with_pool(pool))
     }
@@ -91,12 +85,7 @@ impl PostgresStore {
     /// [`StoreError::SchemaTooOld`] if the identity server has not migrated the database
     /// to this build's schema; [`StoreError::SchemaTooNew`].
     pub async fn connect_shared(url: &str) -> Result<Self, StoreError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .after_release(super::sql::release_clean)
-            .connect(url)
-            .await?;
+        let pool = writer_pool(url).await?;
         schema::check_postgres(&pool).await?;
         Ok(Self::with_pool(pool))
     }
@@ -137,6 +126,17 @@ impl PostgresStore {
     async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
         Ok(self.pool.begin().await?)
     }
+}
+
+/// A pool of connections that may write: a connection a failed write left inside a
+/// transaction is replaced, not reused.
+async fn writer_pool(url: &str) -> Result<PgPool, StoreError> {
+    Ok(PgPoolOptions::new()
+        .max_connections(MAX_CONNECTIONS)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .after_release(super::sql::release_clean)
+        .connect(url)
+        .await?)
 }
 
 /// How often the listener looks whether its store is gone, and the longest it waits
