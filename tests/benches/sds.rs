@@ -18,7 +18,6 @@
 )]
 #![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
     clippy::indexing_slicing,
     reason = "benchmark code: a failed setup step should abort the run loudly"
 )]
