@@ -26,4 +26,5 @@ mod dev;
 mod docker;
 mod fleet;
 mod readme;
+mod tls_names;
 mod trust_domain;
