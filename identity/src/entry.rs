@@ -912,10 +912,7 @@ mod tests {
         for bad in ["10.0.0", "[::1]", "a b", "x_y.org", "1.2.3.4:80", "\u{0}"] {
             e.dns_names = vec![bad.into()];
             assert!(
-                matches!(
-                    e.validate(&td()),
-                    Err(EntryError::DnsName(_))
-                ),
+                matches!(e.validate(&td()), Err(EntryError::DnsName(_))),
                 "{bad:?}"
             );
         }

@@ -734,8 +734,8 @@ impl TxnServer {
                 .await
             })
         };
-        let names_watch = (!config.dns_names.is_empty())
-            .then(|| config.dns_names.clone().watch(source.clone()));
+        let names_watch =
+            (!config.dns_names.is_empty()).then(|| config.dns_names.clone().watch(source.clone()));
         tracing::info!(%addr, issuer = %config.issuer, spiffe_id = %source.svid().spiffe_id, "transaction token service listening");
         Ok(Self {
             addr,

@@ -144,7 +144,11 @@ async fn an_ip_literal_becomes_an_ip_san_and_names_dns_sans() {
         .iter_common_name()
         .map(|c| c.as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(cn, ["localhost"], "the CN is the first DNS name, never an IP");
+    assert_eq!(
+        cn,
+        ["localhost"],
+        "the CN is the first DNS name, never an IP"
+    );
     let ok = x509::validate(&svid.cert_chain, &bundles(&ca), clock.now()).unwrap();
     assert_eq!(ok.spiffe_id, id("/tts"));
 

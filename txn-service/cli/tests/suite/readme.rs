@@ -230,7 +230,10 @@ fn skips_tls_checks(text: &str) -> Option<String> {
     for line in text.lines() {
         let tokens: Vec<&str> = line.split_whitespace().collect();
         for (i, token) in tokens.iter().enumerate() {
-            if !token.trim_matches(|c| c == '`' || c == '"' || c == '(').ends_with("curl") {
+            if !token
+                .trim_matches(|c| c == '`' || c == '"' || c == '(')
+                .ends_with("curl")
+            {
                 continue;
             }
             for flag in tokens.iter().skip(i + 1) {
@@ -265,7 +268,12 @@ fn example_files() -> Vec<String> {
     walk(&root.join("examples"), &mut paths);
     let mut out: Vec<String> = paths
         .iter()
-        .map(|p| p.strip_prefix(&root).unwrap().to_string_lossy().into_owned())
+        .map(|p| {
+            p.strip_prefix(&root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     out.sort();
     out

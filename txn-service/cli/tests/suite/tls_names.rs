@@ -45,7 +45,10 @@ impl Dev {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("writ dev exited at start: {status}");
             }
-            assert!(waited < Duration::from_secs(120), "writ dev never got ready");
+            assert!(
+                waited < Duration::from_secs(120),
+                "writ dev never got ready"
+            );
             std::thread::sleep(Duration::from_millis(50));
             waited += Duration::from_millis(50);
         };
@@ -94,7 +97,14 @@ impl Dev {
     pub(crate) fn login(&self, user: &str, scope: &str) -> String {
         let dir = self.dir.to_str().unwrap();
         let out = self.ok(&[
-            "dev", "login", "--data-dir", dir, "--user", user, "--scope", scope,
+            "dev",
+            "login",
+            "--data-dir",
+            dir,
+            "--user",
+            user,
+            "--scope",
+            scope,
         ]);
         out.lines().last().unwrap().trim().to_owned()
     }
@@ -102,7 +112,13 @@ impl Dev {
     /// `writ api fetch x509 --write dir` as this test's process (uid workload).
     pub(crate) fn fetch_x509(&self, dir: &Path) {
         let out = Command::new(WRIT)
-            .args(["api", "fetch", "x509", "--socket", &self.field("workload_api")])
+            .args([
+                "api",
+                "fetch",
+                "x509",
+                "--socket",
+                &self.field("workload_api"),
+            ])
             .arg("--write")
             .arg(dir)
             .output()
@@ -153,7 +169,13 @@ pub(crate) fn have(program: &str) -> bool {
 /// curl with full server verification: the bundle as CA, the SVID as client certificate.
 fn curl(files: &Path, extra: &[&str], url: &str) -> Output {
     Command::new("curl")
-        .args(["--silent", "--show-error", "--fail-with-body", "--max-time", "30"])
+        .args([
+            "--silent",
+            "--show-error",
+            "--fail-with-body",
+            "--max-time",
+            "30",
+        ])
         .arg("--cacert")
         .arg(files.join("bundle.0.pem"))
         .arg("--cert")
@@ -250,7 +272,12 @@ fn an_older_tts_entry_gets_the_names_of_a_new_listen_address() {
     // ... the second, on another loopback address, updates it: the SVID names that
     // address too.
     let dev = Dev::start(&dir, "127.0.0.2:0");
-    let shown = dev.ok(&["entry", "list", "--spiffe-id", "spiffe://example.org/writ/tts"]);
+    let shown = dev.ok(&[
+        "entry",
+        "list",
+        "--spiffe-id",
+        "spiffe://example.org/writ/tts",
+    ]);
     for name in ["localhost", "127.0.0.1", "127.0.0.2"] {
         assert!(shown.contains(name), "{shown}");
     }
