@@ -26,4 +26,6 @@ mod dev;
 mod docker;
 mod fleet;
 mod readme;
+mod recipes;
+mod tls_names;
 mod trust_domain;
