@@ -41,8 +41,9 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use super::schema::{self, EntryParams};
 use super::{
-    AttestedAgent, BundleRecord, CHANGE_BACKLOG, EntryFilter, FederationRecord, JoinTokenRecord, JournalRecord,
-    LeaseRecord, SharedStore, Store, StoreChange, StoreError, TemplateIssue, TxnKeyRecord,
+    AttestedAgent, BundleRecord, CHANGE_BACKLOG, EntryFilter, FederationRecord, JoinTokenRecord,
+    JournalRecord, LeaseRecord, SharedStore, Store, StoreChange, StoreError, TemplateIssue,
+    TxnKeyRecord,
 };
 use crate::entry::RegistrationEntry;
 use crate::selector::Selector;

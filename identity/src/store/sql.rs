@@ -454,10 +454,7 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            async fn create_federation(
-                &self,
-                record: &FederationRecord,
-            ) -> Result<(), StoreError> {
+            async fn create_federation(&self, record: &FederationRecord) -> Result<(), StoreError> {
                 schema::check_federation(record)?;
                 sqlx::query(schema::CREATE_FEDERATION)
                     .bind(record.trust_domain_id.as_str())
@@ -472,10 +469,7 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            async fn update_federation(
-                &self,
-                record: &FederationRecord,
-            ) -> Result<(), StoreError> {
+            async fn update_federation(&self, record: &FederationRecord) -> Result<(), StoreError> {
                 schema::check_federation(record)?;
                 let done = sqlx::query(schema::UPDATE_FEDERATION)
                     .bind(record.trust_domain_id.as_str())

@@ -22,9 +22,9 @@
 use futures::future::join_all;
 
 use super::{
-    AttestedAgent, BundleRecord, EntryFilter, FederationRecord, JoinTokenRecord, JournalRecord, LeaseRecord,
-    MAX_TEMPLATE_ISSUES_PER_ENTRY, MAX_TXN_KEY_JWK_BYTES, Store, StoreChange, StoreError,
-    TxnKeyRecord,
+    AttestedAgent, BundleRecord, EntryFilter, FederationRecord, JoinTokenRecord, JournalRecord,
+    LeaseRecord, MAX_TEMPLATE_ISSUES_PER_ENTRY, MAX_TXN_KEY_JWK_BYTES, Store, StoreChange,
+    StoreError, TxnKeyRecord,
 };
 use crate::entry::RegistrationEntry;
 use crate::entry::template::IdTemplate;
@@ -1828,7 +1828,10 @@ pub async fn federations_crud_and_refresh_status(store: &dyn Store) {
         Err(StoreError::AlreadyExists { .. })
     ));
     assert_eq!(
-        store.fetch_federation(&a.trust_domain_id).await.expect("fetch"),
+        store
+            .fetch_federation(&a.trust_domain_id)
+            .await
+            .expect("fetch"),
         Some(a.clone())
     );
     let listed: Vec<String> = store
@@ -1839,7 +1842,10 @@ pub async fn federations_crud_and_refresh_status(store: &dyn Store) {
         .map(|r| r.trust_domain_id)
         .filter(|td| td.contains(&s.tag))
         .collect();
-    assert_eq!(listed, vec![a.trust_domain_id.clone(), b.trust_domain_id.clone()]);
+    assert_eq!(
+        listed,
+        vec![a.trust_domain_id.clone(), b.trust_domain_id.clone()]
+    );
 
     assert!(
         store
@@ -1870,8 +1876,15 @@ pub async fn federations_crud_and_refresh_status(store: &dyn Store) {
         .expect("present");
     assert_eq!(got.bundle_endpoint_url, "https://a2.example/");
     assert_eq!(got.profile, "https_web");
-    assert_eq!(got.created_at, 1_700_000_000, "update keeps the creation time");
-    assert_eq!(got.last_refresh_at, Some(1_700_000_100), "a failure keeps the last success");
+    assert_eq!(
+        got.created_at, 1_700_000_000,
+        "update keeps the creation time"
+    );
+    assert_eq!(
+        got.last_refresh_at,
+        Some(1_700_000_100),
+        "a failure keeps the last success"
+    );
     assert_eq!(
         got.last_error.as_deref().map(str::len),
         Some(super::MAX_FEDERATION_ERROR_BYTES)
@@ -1901,8 +1914,17 @@ pub async fn federations_crud_and_refresh_status(store: &dyn Store) {
         Err(StoreError::NotFound { .. })
     ));
 
-    store.delete_federation(&a.trust_domain_id).await.expect("delete");
-    assert_eq!(store.fetch_federation(&a.trust_domain_id).await.expect("fetch"), None);
+    store
+        .delete_federation(&a.trust_domain_id)
+        .await
+        .expect("delete");
+    assert_eq!(
+        store
+            .fetch_federation(&a.trust_domain_id)
+            .await
+            .expect("fetch"),
+        None
+    );
     assert!(matches!(
         store.delete_federation(&a.trust_domain_id).await,
         Err(StoreError::NotFound { .. })
@@ -1914,5 +1936,8 @@ pub async fn federations_crud_and_refresh_status(store: &dyn Store) {
             .expect("record on a deleted relationship"),
         "a refresh of a deleted relationship records nothing"
     );
-    store.delete_federation(&b.trust_domain_id).await.expect("delete b");
+    store
+        .delete_federation(&b.trust_domain_id)
+        .await
+        .expect("delete b");
 }

@@ -271,20 +271,31 @@ pub async fn serve(
 }
 
 /// The answer to one request.
-fn respond(req: &Request<Incoming>, document: &(dyn Fn() -> String + Send + Sync)) -> Response<Full<Bytes>> {
+fn respond(
+    req: &Request<Incoming>,
+    document: &(dyn Fn() -> String + Send + Sync),
+) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, body: Bytes| {
         let mut r = Response::new(Full::new(body));
         *r.status_mut() = status;
         r
     };
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, Bytes::from_static(b"GET only\n"));
-        r.headers_mut()
-            .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
+        let mut r = reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Bytes::from_static(b"GET only\n"),
+        );
+        r.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
         return r;
     }
     if req.uri().path() != "/" {
-        return reply(StatusCode::NOT_FOUND, Bytes::from_static(b"the bundle is at /\n"));
+        return reply(
+            StatusCode::NOT_FOUND,
+            Bytes::from_static(b"the bundle is at /\n"),
+        );
     }
     let mut r = reply(StatusCode::OK, Bytes::from(document()));
     r.headers_mut().insert(

@@ -114,7 +114,9 @@ pub enum FederationError {
     #[error("the bundle for {0} holds no authority")]
     Empty(String),
     /// The bundle's `spiffe_sequence` is lower than the held bundle's.
-    #[error("the bundle's spiffe_sequence {got} is lower than the held bundle's {held}: kept the held one")]
+    #[error(
+        "the bundle's spiffe_sequence {got} is lower than the held bundle's {held}: kept the held one"
+    )]
     SequenceBackwards {
         /// The held bundle's sequence.
         held: u64,
@@ -176,21 +178,31 @@ impl Relationship {
     /// # Errors
     /// [`FederationError::Invalid`] for a URL that is not `https`, too long, or carries
     /// credentials, or a PEM web CA without certificates.
-    pub fn new(trust_domain: TrustDomain, url: &str, profile: Profile) -> Result<Self, FederationError> {
+    pub fn new(
+        trust_domain: TrustDomain,
+        url: &str,
+        profile: Profile,
+    ) -> Result<Self, FederationError> {
         let invalid = |m: String| FederationError::Invalid(m);
         if url.len() > MAX_URL_BYTES {
-            return Err(invalid(format!("the bundle endpoint URL is longer than {MAX_URL_BYTES} bytes")));
+            return Err(invalid(format!(
+                "the bundle endpoint URL is longer than {MAX_URL_BYTES} bytes"
+            )));
         }
         let parsed = reqwest::Url::parse(url)
             .map_err(|e| invalid(format!("bundle endpoint URL {url:?}: {e}")))?;
         if parsed.scheme() != "https" {
-            return Err(invalid(format!("bundle endpoint URL {url:?} is not https://")));
+            return Err(invalid(format!(
+                "bundle endpoint URL {url:?} is not https://"
+            )));
         }
         if parsed.host_str().is_none_or(str::is_empty) {
             return Err(invalid(format!("bundle endpoint URL {url:?} has no host")));
         }
         if !parsed.username().is_empty() || parsed.password().is_some() {
-            return Err(invalid("a bundle endpoint URL carries no credentials".into()));
+            return Err(invalid(
+                "a bundle endpoint URL carries no credentials".into(),
+            ));
         }
         if let Profile::HttpsWeb { ca_pem: Some(pem) } = &profile {
             endpoint::pem_certificates(pem).map_err(invalid)?;
@@ -267,7 +279,9 @@ pub fn parse_profile(
     match name {
         "https_spiffe" => {
             if web_ca_pem.is_some() {
-                return Err(invalid("a web CA goes with https_web, not https_spiffe".into()));
+                return Err(invalid(
+                    "a web CA goes with https_web, not https_spiffe".into(),
+                ));
             }
             let id = endpoint_spiffe_id.ok_or_else(|| {
                 invalid("https_spiffe needs the endpoint's SPIFFE ID (--endpoint-spiffe-id)".into())
@@ -278,7 +292,9 @@ pub fn parse_profile(
         }
         "https_web" => {
             if endpoint_spiffe_id.is_some() {
-                return Err(invalid("an endpoint SPIFFE ID goes with https_spiffe, not https_web".into()));
+                return Err(invalid(
+                    "an endpoint SPIFFE ID goes with https_spiffe, not https_web".into(),
+                ));
             }
             Ok(Profile::HttpsWeb { ca_pem: web_ca_pem })
         }
@@ -412,8 +428,8 @@ mod tests {
     fn bundle_json(name: &str, sequence: u64) -> String {
         let mut b = Bundle::new(td(name));
         b.add_x509_authority(ca_der(name)).unwrap();
-        b.set_sequence(sequence);
         b.set_refresh_hint(Some(60));
+        b.set_sequence(sequence);
         b.to_json()
     }
 
@@ -430,9 +446,18 @@ mod tests {
     #[test]
     fn refuses_garbage_huge_wrong_domain_and_empty() {
         let t = td("partner.test");
-        for garbage in [&b"<html>hello</html>"[..], b"", b"\xff\xfe", b"{\"keys\":3}", b"[]"] {
+        for garbage in [
+            &b"<html>hello</html>"[..],
+            b"",
+            b"\xff\xfe",
+            b"{\"keys\":3}",
+            b"[]",
+        ] {
             assert!(
-                matches!(check_fetched(&t, "u", garbage, None), Err(FederationError::Bundle { .. })),
+                matches!(
+                    check_fetched(&t, "u", garbage, None),
+                    Err(FederationError::Bundle { .. })
+                ),
                 "{garbage:?}"
             );
         }
@@ -472,12 +497,25 @@ mod tests {
         let spiffe = Profile::HttpsSpiffe {
             endpoint_id: SpiffeId::new("spiffe://partner.test/writ/server").unwrap(),
         };
-        let rel = Relationship::new(td("partner.test"), "https://127.0.0.1:8443/", spiffe.clone())
-            .unwrap();
+        let rel = Relationship::new(
+            td("partner.test"),
+            "https://127.0.0.1:8443/",
+            spiffe.clone(),
+        )
+        .unwrap();
         let back = Relationship::from_record(&rel.to_record(5)).unwrap();
         assert_eq!(back, rel);
-        for bad in ["http://x/", "ftp://x/", "https://user:pw@x/", "not a url", ""] {
-            assert!(Relationship::new(td("partner.test"), bad, spiffe.clone()).is_err(), "{bad}");
+        for bad in [
+            "http://x/",
+            "ftp://x/",
+            "https://user:pw@x/",
+            "not a url",
+            "",
+        ] {
+            assert!(
+                Relationship::new(td("partner.test"), bad, spiffe.clone()).is_err(),
+                "{bad}"
+            );
         }
         assert!(parse_profile("https_spiffe", None, None).is_err());
         assert!(parse_profile("https_web", Some("spiffe://a/b"), None).is_err());
@@ -486,7 +524,9 @@ mod tests {
             Relationship::new(
                 td("partner.test"),
                 "https://x/",
-                Profile::HttpsWeb { ca_pem: Some("garbage".into()) }
+                Profile::HttpsWeb {
+                    ca_pem: Some("garbage".into())
+                }
             )
             .is_err()
         );
@@ -497,16 +537,29 @@ mod tests {
         assert_eq!(refresh_interval(None, MIN_REFRESH), DEFAULT_REFRESH);
         assert_eq!(refresh_interval(Some(0), MIN_REFRESH), MIN_REFRESH);
         assert_eq!(refresh_interval(Some(u64::MAX), MIN_REFRESH), MAX_REFRESH);
-        assert_eq!(refresh_interval(Some(60), MIN_REFRESH), Duration::from_secs(60));
+        assert_eq!(
+            refresh_interval(Some(60), MIN_REFRESH),
+            Duration::from_secs(60)
+        );
     }
 
     #[test]
     fn hand_given_bundles_are_parsed_by_format() {
         let json = bundle_json("partner.test", 3);
-        assert_eq!(parse_bundle_input(td("partner.test"), &json, "spiffe").unwrap().sequence(), 3);
-        let pem = Bundle::from_json(td("partner.test"), &json).unwrap().to_pem();
         assert_eq!(
-            parse_bundle_input(td("partner.test"), &pem, "pem").unwrap().x509_authorities().len(),
+            parse_bundle_input(td("partner.test"), &json, "spiffe")
+                .unwrap()
+                .sequence(),
+            3
+        );
+        let pem = Bundle::from_json(td("partner.test"), &json)
+            .unwrap()
+            .to_pem();
+        assert_eq!(
+            parse_bundle_input(td("partner.test"), &pem, "pem")
+                .unwrap()
+                .x509_authorities()
+                .len(),
             1
         );
         assert!(parse_bundle_input(td("partner.test"), &pem, "der").is_err());

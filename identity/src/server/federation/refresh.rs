@@ -71,7 +71,11 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// The HTTP client for one relationship: TLS per its profile, no redirects, no proxy.
-fn client(rel: &Relationship, held: &BundleSet, timeout: Duration) -> Result<reqwest::Client, FederationError> {
+fn client(
+    rel: &Relationship,
+    held: &BundleSet,
+    timeout: Duration,
+) -> Result<reqwest::Client, FederationError> {
     let url = rel.url().to_string();
     let fetch_err = |reason: String| FederationError::Fetch {
         url: url.clone(),
@@ -155,7 +159,11 @@ pub async fn fetch(
         max: MAX_BUNDLE_BYTES,
     };
     let work = async {
-        let mut response = client.get(rel.url().clone()).send().await.map_err(fetch_err)?;
+        let mut response = client
+            .get(rel.url().clone())
+            .send()
+            .await
+            .map_err(fetch_err)?;
         let status = response.status();
         if status != reqwest::StatusCode::OK {
             return Err(FederationError::Status {
@@ -297,11 +305,7 @@ pub async fn run(state: Arc<ServerState>, limits: RefreshLimits) {
         schedule.retain(|td, _| records.iter().any(|r| &r.trust_domain_id == td));
         let due: Vec<&FederationRecord> = records
             .iter()
-            .filter(|r| {
-                schedule
-                    .get(&r.trust_domain_id)
-                    .is_none_or(|d| d.at <= now)
-            })
+            .filter(|r| schedule.get(&r.trust_domain_id).is_none_or(|d| d.at <= now))
             .collect();
         let outcomes =
             futures::future::join_all(due.iter().map(|r| refresh_record(&state, r, limits))).await;
@@ -344,7 +348,8 @@ pub async fn run(state: Arc<ServerState>, limits: RefreshLimits) {
                     failures,
                 },
             );
-            let next_unix = unix_now.saturating_add(i64::try_from(wait.as_secs()).unwrap_or(i64::MAX));
+            let next_unix =
+                unix_now.saturating_add(i64::try_from(wait.as_secs()).unwrap_or(i64::MAX));
             if let Err(e) = state
                 .store
                 .record_federation_refresh(
