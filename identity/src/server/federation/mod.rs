@@ -31,6 +31,7 @@
 //! ```
 
 pub mod endpoint;
+pub mod manage;
 pub mod refresh;
 
 use std::time::Duration;
@@ -133,6 +134,14 @@ pub enum FederationError {
     /// The store failed.
     #[error("datastore: {0}")]
     Store(String),
+}
+
+impl FederationError {
+    /// Whether the caller's request is at fault (a malformed relationship or bundle, or
+    /// the own trust domain) rather than the endpoint or the store.
+    pub fn is_invalid_request(&self) -> bool {
+        matches!(self, Self::Invalid(_) | Self::OwnTrustDomain(_))
+    }
 }
 
 /// How the bundle endpoint server is authenticated.
