@@ -50,8 +50,8 @@ pub(crate) enum BundleCommand {
         #[arg(long)]
         id: String,
         /// The bundle file.
-        #[arg(long, value_name = "FILE")]
-        path: PathBuf,
+        #[arg(long = "path", value_name = "FILE")]
+        bundle_path: PathBuf,
         /// Its format.
         #[arg(long, value_enum, default_value = "pem")]
         format: BundleFormat,
@@ -107,11 +107,11 @@ pub(crate) async fn run(cmd: BundleCommand) -> anyhow::Result<ExitCode> {
         BundleCommand::Set {
             server,
             id,
-            path,
+            bundle_path,
             format,
         } => {
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
+            let text = std::fs::read_to_string(&bundle_path)
+                .with_context(|| format!("cannot read {}", bundle_path.display()))?;
             let b = server
                 .connect()
                 .await?

@@ -268,6 +268,9 @@ fn two_trust_domains_federate_both_ways_and_stop_when_deleted() {
             "{refreshed}"
         );
     }
+    let shown = a.show("partner.test");
+    assert_eq!(shown["bundle_endpoint_profile"], "https_spiffe", "{shown}");
+    assert_eq!(shown["has_bundle"], true, "{shown}");
     let listed: Value =
         serde_json::from_str(&a.ok(&["federation", "list", "--output", "json"])).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
