@@ -9,6 +9,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
 
 use super::ServerState;
+use super::federation::manage;
 use crate::ca::CaError;
 use crate::entry::template::IdTemplate;
 use crate::entry::{EntryError, RegistrationEntry};
@@ -44,6 +45,12 @@ pub enum AdminError {
     /// The CA refused or failed.
     #[error(transparent)]
     Ca(#[from] CaError),
+    /// A federation relationship or foreign bundle was refused.
+    #[error(transparent)]
+    Federation(#[from] super::federation::FederationError),
+    /// The request cannot be served in the current state.
+    #[error("{0}")]
+    Precondition(String),
 }
 
 fn invalid(field: &'static str, reason: impl ToString) -> AdminError {
@@ -69,6 +76,12 @@ impl From<AdminError> for Status {
             AdminError::Store(StoreError::Invalid(_)) => Status::invalid_argument(e.to_string()),
             AdminError::Ca(CaError::ForeignTrustDomain { .. } | CaError::InvalidRequest(_)) => {
                 Status::invalid_argument(e.to_string())
+            }
+            AdminError::Federation(f) if f.is_invalid_request() => {
+                Status::invalid_argument(e.to_string())
+            }
+            AdminError::Federation(_) | AdminError::Precondition(_) => {
+                Status::failed_precondition(e.to_string())
             }
             _ => {
                 tracing::error!(error = %e, "admin request failed");
@@ -573,6 +586,78 @@ impl pb::admin_server::Admin for AdminService {
             entries,
             bundle_sequence: self.state.ca.bundle().sequence(),
         }))
+    }
+
+    async fn create_federation(
+        &self,
+        request: Request<pb::FederationRelationship>,
+    ) -> Result<Response<pb::FederationRelationship>, Status> {
+        let r = manage::create(&self.state, request.into_inner()).await?;
+        Ok(Response::new(r))
+    }
+
+    async fn update_federation(
+        &self,
+        request: Request<pb::FederationRelationship>,
+    ) -> Result<Response<pb::FederationRelationship>, Status> {
+        let r = manage::update(&self.state, request.into_inner()).await?;
+        Ok(Response::new(r))
+    }
+
+    async fn get_federation(
+        &self,
+        request: Request<pb::FederationRequest>,
+    ) -> Result<Response<pb::FederationRelationship>, Status> {
+        let r = manage::get(&self.state, &request.into_inner().trust_domain).await?;
+        Ok(Response::new(r))
+    }
+
+    async fn list_federations(
+        &self,
+        _request: Request<pb::ListFederationsRequest>,
+    ) -> Result<Response<pb::ListFederationsResponse>, Status> {
+        let relationships = manage::list(&self.state).await?;
+        Ok(Response::new(pb::ListFederationsResponse { relationships }))
+    }
+
+    async fn delete_federation(
+        &self,
+        request: Request<pb::FederationRequest>,
+    ) -> Result<Response<pb::FederationRelationship>, Status> {
+        let r = manage::delete(&self.state, &request.into_inner().trust_domain).await?;
+        Ok(Response::new(r))
+    }
+
+    async fn refresh_federation(
+        &self,
+        request: Request<pb::FederationRequest>,
+    ) -> Result<Response<pb::FederationRelationship>, Status> {
+        let r = manage::refresh(&self.state, &request.into_inner().trust_domain).await?;
+        Ok(Response::new(r))
+    }
+
+    async fn set_bundle(
+        &self,
+        request: Request<pb::SetBundleRequest>,
+    ) -> Result<Response<pb::Bundle>, Status> {
+        let r = manage::set_bundle(&self.state, request.into_inner()).await?;
+        Ok(Response::new(r))
+    }
+
+    async fn list_bundles(
+        &self,
+        _request: Request<pb::ListBundlesRequest>,
+    ) -> Result<Response<pb::ListBundlesResponse>, Status> {
+        let bundles = manage::list_bundles(&self.state).await?;
+        Ok(Response::new(pb::ListBundlesResponse { bundles }))
+    }
+
+    async fn delete_bundle(
+        &self,
+        request: Request<pb::DeleteBundleRequest>,
+    ) -> Result<Response<pb::Bundle>, Status> {
+        let r = manage::delete_bundle(&self.state, &request.into_inner().trust_domain).await?;
+        Ok(Response::new(r))
     }
 }
 

@@ -102,6 +102,112 @@ pub struct FileConfig {
     /// Node attestors beyond join tokens.
     #[serde(default)]
     pub node_attestors: FileNodeAttestors,
+    /// SPIFFE federation: the bundle endpoint and the refresher's bounds.
+    #[serde(default)]
+    pub federation: FileFederation,
+}
+
+/// `[federation]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileFederation {
+    /// Serve this trust domain's bundle to other trust domains (absent: no endpoint).
+    pub bundle_endpoint: Option<FileBundleEndpoint>,
+    /// Shortest wait between two fetches of one foreign bundle (default 5s).
+    pub min_refresh: Option<ConfigDuration>,
+    /// How long one fetch of a foreign bundle may take (default 10s).
+    pub fetch_timeout: Option<ConfigDuration>,
+}
+
+/// `[federation.bundle_endpoint]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBundleEndpoint {
+    /// Listen address (default `0.0.0.0`).
+    pub address: Option<String>,
+    /// Listen port (default 8443).
+    pub port: Option<u16>,
+    /// `https_spiffe` (default: the server's own SVID) or `https_web`.
+    pub profile: Option<String>,
+    /// `https_web`: the certificate chain (PEM).
+    pub cert_file: Option<PathBuf>,
+    /// `https_web`: the private key (PEM).
+    pub key_file: Option<PathBuf>,
+}
+
+/// The validated `[federation]` settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FederationConfig {
+    /// The bundle endpoint, if served.
+    pub bundle_endpoint: Option<crate::server::federation::endpoint::EndpointConfig>,
+    /// The refresher's bounds.
+    pub limits: crate::server::federation::refresh::RefreshLimits,
+}
+
+impl TryFrom<FileFederation> for FederationConfig {
+    type Error = ConfigError;
+
+    fn try_from(file: FileFederation) -> Result<Self, ConfigError> {
+        use crate::server::federation::endpoint::{DEFAULT_PORT, EndpointConfig, EndpointProfile};
+        let bundle_endpoint = match file.bundle_endpoint {
+            None => None,
+            Some(e) => {
+                let ip: std::net::IpAddr = e
+                    .address
+                    .as_deref()
+                    .unwrap_or("0.0.0.0")
+                    .parse()
+                    .map_err(|err| value("federation.bundle_endpoint.address", err))?;
+                let profile = match (e.profile.as_deref(), e.cert_file, e.key_file) {
+                    (None | Some("https_spiffe"), None, None) => EndpointProfile::HttpsSpiffe,
+                    (Some("https_web"), Some(cert_file), Some(key_file)) => {
+                        EndpointProfile::HttpsWeb {
+                            cert_file,
+                            key_file,
+                        }
+                    }
+                    (Some("https_web"), _, _) => {
+                        return Err(value(
+                            "federation.bundle_endpoint.cert_file",
+                            "https_web needs cert_file and key_file",
+                        ));
+                    }
+                    (None | Some("https_spiffe"), _, _) => {
+                        return Err(value(
+                            "federation.bundle_endpoint.cert_file",
+                            "cert_file and key_file go with profile = \"https_web\"",
+                        ));
+                    }
+                    (Some(other), _, _) => {
+                        return Err(value(
+                            "federation.bundle_endpoint.profile",
+                            format!("{other:?} is not https_spiffe or https_web"),
+                        ));
+                    }
+                };
+                Some(EndpointConfig {
+                    address: std::net::SocketAddr::new(ip, e.port.unwrap_or(DEFAULT_PORT)),
+                    profile,
+                })
+            }
+        };
+        let defaults = crate::server::federation::refresh::RefreshLimits::default();
+        Ok(Self {
+            bundle_endpoint,
+            limits: crate::server::federation::refresh::RefreshLimits {
+                min_refresh: duration(
+                    "federation.min_refresh",
+                    file.min_refresh,
+                    defaults.min_refresh,
+                )?,
+                fetch_timeout: duration(
+                    "federation.fetch_timeout",
+                    file.fetch_timeout,
+                    defaults.fetch_timeout,
+                )?,
+            },
+        })
+    }
 }
 
 /// `[node_attestors]`.
@@ -307,6 +413,8 @@ pub struct ServerConfig {
     pub reset_ca: bool,
     /// `k8s_psat` node attestation: the clusters whose agents may attest (none: off).
     pub k8s_psat: crate::attest::node::k8s_psat::K8sPsatConfig,
+    /// SPIFFE federation (`[federation]`).
+    pub federation: FederationConfig,
 }
 
 impl ServerConfig {
@@ -466,8 +574,10 @@ impl TryFrom<FileConfig> for ServerConfig {
         let k8s_psat =
             crate::attest::node::k8s_psat::K8sPsatConfig::try_from(file.node_attestors.k8s_psat)
                 .map_err(|e| value("node_attestors.k8s_psat", e))?;
+        let federation = FederationConfig::try_from(file.federation)?;
         Ok(Self {
             k8s_psat,
+            federation,
             trust_domain,
             data_dir,
             admin_socket,
@@ -486,6 +596,31 @@ impl TryFrom<FileConfig> for ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn federation_section() {
+        use crate::server::federation::endpoint::EndpointProfile;
+        let c: FileConfig = toml::from_str(
+            "[federation]\nmin_refresh = \"30s\"\n[federation.bundle_endpoint]\nport = 9443\n",
+        )
+        .unwrap();
+        let c = ServerConfig::try_from(c).unwrap();
+        let e = c.federation.bundle_endpoint.unwrap();
+        assert_eq!(e.address.port(), 9443);
+        assert_eq!(e.profile, EndpointProfile::HttpsSpiffe);
+        assert_eq!(c.federation.limits.min_refresh, Duration::from_secs(30));
+        for bad in [
+            "[federation.bundle_endpoint]\nprofile = \"https_web\"\n",
+            "[federation.bundle_endpoint]\nprofile = \"tls\"\n",
+            "[federation.bundle_endpoint]\ncert_file = \"c.pem\"\n",
+            "[federation.bundle_endpoint]\naddress = \"nowhere\"\n",
+        ] {
+            let f: FileConfig = toml::from_str(bad).unwrap();
+            assert!(ServerConfig::try_from(f).is_err(), "{bad}");
+        }
+        let none = ServerConfig::try_from(FileConfig::default()).unwrap();
+        assert_eq!(none.federation.bundle_endpoint, None);
+    }
 
     #[test]
     fn defaults_and_errors() {

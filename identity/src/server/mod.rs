@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod federation;
 pub mod lease;
 pub mod node;
 pub mod node_service;
@@ -106,6 +107,8 @@ pub struct ServerState {
     changes: tokio::sync::watch::Sender<u64>,
     /// Spawn buckets per root parent workload (`config.spawn_rate`).
     spawns: crate::rate_limit::RateLimiter,
+    /// Wakes the federation refresher when a relationship changed.
+    federation_wake: Arc<tokio::sync::Notify>,
 }
 
 impl ServerState {
@@ -162,6 +165,7 @@ impl ServerState {
             spawns: crate::rate_limit::RateLimiter::new(clock.clone()),
             clock,
             changes,
+            federation_wake: Arc::new(tokio::sync::Notify::new()),
         }))
     }
 
@@ -177,6 +181,17 @@ impl ServerState {
     /// Tells agents that entries or bundles may have changed.
     pub fn notify_change(&self) {
         self.changes.send_modify(|g| *g += 1);
+    }
+
+    /// Tells the federation refresher that relationships changed (it fetches them all
+    /// again at once).
+    pub fn wake_federation(&self) {
+        self.federation_wake.notify_waiters();
+    }
+
+    /// What [`Self::wake_federation`] notifies.
+    pub fn federation_wake(&self) -> Arc<tokio::sync::Notify> {
+        self.federation_wake.clone()
     }
 
     /// A receiver of change notifications (the value is a generation counter).
@@ -314,6 +329,30 @@ pub async fn serve(
         None => None,
     };
     let rotation = tokio::spawn(rotation_loop(state.ca.clone()));
+    let refresher = tokio::spawn(federation::refresh::run(
+        state.clone(),
+        state.config.federation.limits,
+    ));
+    let bundle_endpoint = match &state.config.federation.bundle_endpoint {
+        Some(endpoint) => {
+            // Unusable https_web files stop the start, not only the endpoint.
+            if let federation::endpoint::EndpointProfile::HttpsWeb {
+                cert_file,
+                key_file,
+            } = &endpoint.profile
+            {
+                federation::endpoint::web_tls(cert_file, key_file)?;
+            }
+            let listener = node_service::bind(endpoint.address).await?;
+            Some(tokio::spawn(federation::endpoint::serve_for(
+                state.clone(),
+                listener,
+                endpoint.profile.clone(),
+                std::future::pending(),
+            )))
+        }
+        None => None,
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let node_task = node_listener.map(|l| {
         if let Ok(addr) = l.local_addr() {
@@ -343,6 +382,10 @@ pub async fn serve(
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
     rotation.abort();
+    refresher.abort();
+    if let Some(t) = bundle_endpoint {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&socket);
     result?;
     Ok(())

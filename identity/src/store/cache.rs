@@ -41,8 +41,9 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use super::schema::{self, EntryParams};
 use super::{
-    AttestedAgent, BundleRecord, CHANGE_BACKLOG, EntryFilter, JoinTokenRecord, JournalRecord,
-    LeaseRecord, SharedStore, Store, StoreChange, StoreError, TemplateIssue, TxnKeyRecord,
+    AttestedAgent, BundleRecord, CHANGE_BACKLOG, EntryFilter, FederationRecord, JoinTokenRecord,
+    JournalRecord, LeaseRecord, SharedStore, Store, StoreChange, StoreError, TemplateIssue,
+    TxnKeyRecord,
 };
 use crate::entry::RegistrationEntry;
 use crate::selector::Selector;
@@ -807,6 +808,42 @@ impl Store for CachedStore {
 
     async fn delete_bundle(&self, trust_domain_id: &str) -> Result<(), StoreError> {
         self.shared.inner.delete_bundle(trust_domain_id).await
+    }
+
+    async fn create_federation(&self, record: &FederationRecord) -> Result<(), StoreError> {
+        self.shared.inner.create_federation(record).await
+    }
+
+    async fn update_federation(&self, record: &FederationRecord) -> Result<(), StoreError> {
+        self.shared.inner.update_federation(record).await
+    }
+
+    async fn fetch_federation(
+        &self,
+        trust_domain_id: &str,
+    ) -> Result<Option<FederationRecord>, StoreError> {
+        self.shared.inner.fetch_federation(trust_domain_id).await
+    }
+
+    async fn list_federations(&self) -> Result<Vec<FederationRecord>, StoreError> {
+        self.shared.inner.list_federations().await
+    }
+
+    async fn delete_federation(&self, trust_domain_id: &str) -> Result<(), StoreError> {
+        self.shared.inner.delete_federation(trust_domain_id).await
+    }
+
+    async fn record_federation_refresh(
+        &self,
+        trust_domain_id: &str,
+        refreshed_at: Option<i64>,
+        error: Option<&str>,
+        next_refresh_at: i64,
+    ) -> Result<bool, StoreError> {
+        self.shared
+            .inner
+            .record_federation_refresh(trust_domain_id, refreshed_at, error, next_refresh_at)
+            .await
     }
 
     async fn put_journal(&self, record: &JournalRecord) -> Result<(), StoreError> {

@@ -155,6 +155,39 @@ pub struct BundleRecord {
     pub sequence: u64,
 }
 
+/// Longest field [`Store::create_federation`] and [`Store::update_federation`] accept,
+/// in bytes (a web CA PEM is the longest one).
+pub const MAX_FEDERATION_FIELD_BYTES: usize = 64 * 1024;
+/// Longest refresh error [`Store::record_federation_refresh`] keeps, in bytes (longer
+/// ones are cut).
+pub const MAX_FEDERATION_ERROR_BYTES: usize = 1024;
+
+/// A federation relationship as stored: where the bundle of a foreign trust domain is
+/// fetched from, and how the last refresh went. `crate::server::federation` turns it
+/// into a validated `Relationship`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederationRecord {
+    /// `spiffe://<foreign trust domain>`.
+    pub trust_domain_id: String,
+    /// The foreign bundle endpoint (`https://...`).
+    pub bundle_endpoint_url: String,
+    /// `https_spiffe` or `https_web`.
+    pub profile: String,
+    /// The endpoint server's SPIFFE ID (`https_spiffe`); empty for `https_web`.
+    pub endpoint_spiffe_id: String,
+    /// PEM CA certificates an `https_web` endpoint is verified with instead of the
+    /// system roots; empty: the system roots.
+    pub web_ca_pem: String,
+    /// Unix seconds at creation.
+    pub created_at: i64,
+    /// Unix seconds of the last successful refresh.
+    pub last_refresh_at: Option<i64>,
+    /// Why the last refresh failed (`None` after a success).
+    pub last_error: Option<String>,
+    /// Unix seconds of the next planned refresh.
+    pub next_refresh_at: Option<i64>,
+}
+
 /// One record of the CA key journal: a CA certificate or JWT key slot with its state,
 /// as JSON the CA manager owns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -369,6 +402,35 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<bool, StoreError>;
     /// Removes a bundle.
     async fn delete_bundle(&self, trust_domain_id: &str) -> Result<(), StoreError>;
+
+    /// Stores a new federation relationship ([`StoreError::AlreadyExists`] if its trust
+    /// domain has one); its refresh status starts empty. [`StoreError::Invalid`] for a
+    /// field longer than [`MAX_FEDERATION_FIELD_BYTES`] or an empty trust domain or URL.
+    async fn create_federation(&self, record: &FederationRecord) -> Result<(), StoreError>;
+    /// Replaces a relationship's settings (URL, profile, endpoint ID, web CA), keeping its
+    /// creation time and refresh status. [`StoreError::NotFound`] if there is none.
+    async fn update_federation(&self, record: &FederationRecord) -> Result<(), StoreError>;
+    /// The relationship with the trust domain `spiffe://<td>`.
+    async fn fetch_federation(
+        &self,
+        trust_domain_id: &str,
+    ) -> Result<Option<FederationRecord>, StoreError>;
+    /// All relationships, ordered by trust domain.
+    async fn list_federations(&self) -> Result<Vec<FederationRecord>, StoreError>;
+    /// Removes a relationship ([`StoreError::NotFound`] if there is none). The trust
+    /// domain's stored bundle stays (as SPIRE's): `delete_bundle` removes it.
+    async fn delete_federation(&self, trust_domain_id: &str) -> Result<(), StoreError>;
+    /// Records a refresh: `refreshed_at` (a success: clears the error) or `error` (a
+    /// failure: the last success stays), and when the next refresh is due. Returns
+    /// whether the relationship still exists. An error is cut to
+    /// [`MAX_FEDERATION_ERROR_BYTES`].
+    async fn record_federation_refresh(
+        &self,
+        trust_domain_id: &str,
+        refreshed_at: Option<i64>,
+        error: Option<&str>,
+        next_refresh_at: i64,
+    ) -> Result<bool, StoreError>;
 
     /// Stores or replaces a journal record.
     async fn put_journal(&self, record: &JournalRecord) -> Result<(), StoreError>;

@@ -15,8 +15,8 @@ use sha2::{Digest, Sha256};
 use sqlx::{ColumnIndex, Decode, PgPool, Row, SqlitePool, Type};
 
 use super::{
-    AttestedAgent, BundleRecord, JoinTokenRecord, JournalRecord, LeaseRecord, StoreError,
-    TemplateIssue, TxnKeyRecord,
+    AttestedAgent, BundleRecord, FederationRecord, JoinTokenRecord, JournalRecord, LeaseRecord,
+    StoreError, TemplateIssue, TxnKeyRecord,
 };
 use crate::entry::RegistrationEntry;
 use crate::entry::template::IdTemplate;
@@ -170,6 +170,20 @@ pub(super) const SQLITE_MIGRATIONS: &[Migration] = &[
             "CREATE INDEX txn_keys_expires_at ON txn_keys (expires_at)",
         ],
     },
+    Migration {
+        version: 8,
+        statements: &["CREATE TABLE federations (
+            trust_domain_id TEXT PRIMARY KEY NOT NULL,
+            bundle_endpoint_url TEXT NOT NULL,
+            profile TEXT NOT NULL,
+            endpoint_spiffe_id TEXT NOT NULL,
+            web_ca_pem TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            last_refresh_at INTEGER,
+            last_error TEXT,
+            next_refresh_at INTEGER
+        )"],
+    },
 ];
 
 /// PostgreSQL migrations, oldest first. Keys use the `C` collation so that `ORDER BY`
@@ -320,6 +334,20 @@ pub(super) const POSTGRES_MIGRATIONS: &[Migration] = &[
         )"#,
             "CREATE INDEX txn_keys_expires_at ON txn_keys (expires_at)",
         ],
+    },
+    Migration {
+        version: 8,
+        statements: &[r#"CREATE TABLE federations (
+            trust_domain_id TEXT COLLATE "C" PRIMARY KEY NOT NULL,
+            bundle_endpoint_url TEXT NOT NULL,
+            profile TEXT NOT NULL,
+            endpoint_spiffe_id TEXT NOT NULL,
+            web_ca_pem TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            last_refresh_at BIGINT,
+            last_error TEXT,
+            next_refresh_at BIGINT
+        )"#],
     },
 ];
 
@@ -701,6 +729,77 @@ pub(super) const CREATE_BUNDLE: &str = "INSERT INTO bundles (trust_domain_id, do
 /// A bundle replaced only if its stored sequence is still `$4`.
 pub(super) const SWAP_BUNDLE: &str =
     "UPDATE bundles SET document = $2, sequence = $3 WHERE trust_domain_id = $1 AND sequence = $4";
+
+const FEDERATION_COLUMNS: &str = "trust_domain_id, bundle_endpoint_url, profile, \
+     endpoint_spiffe_id, web_ca_pem, created_at, last_refresh_at, last_error, next_refresh_at";
+pub(super) const CREATE_FEDERATION: &str = "INSERT INTO federations (trust_domain_id, \
+     bundle_endpoint_url, profile, endpoint_spiffe_id, web_ca_pem, created_at) \
+     VALUES ($1, $2, $3, $4, $5, $6)";
+/// Replaces a relationship's settings; its refresh status stays.
+pub(super) const UPDATE_FEDERATION: &str = "UPDATE federations SET bundle_endpoint_url = $2, \
+     profile = $3, endpoint_spiffe_id = $4, web_ca_pem = $5 WHERE trust_domain_id = $1";
+pub(super) static FETCH_FEDERATION: LazyLock<String> = LazyLock::new(|| {
+    format!("SELECT {FEDERATION_COLUMNS} FROM federations WHERE trust_domain_id = $1")
+});
+pub(super) static LIST_FEDERATIONS: LazyLock<String> = LazyLock::new(|| {
+    format!("SELECT {FEDERATION_COLUMNS} FROM federations ORDER BY trust_domain_id")
+});
+pub(super) const DELETE_FEDERATION: &str = "DELETE FROM federations WHERE trust_domain_id = $1";
+/// A refresh's outcome: a success sets `last_refresh_at` and clears the error; a failure
+/// keeps the last success and records the error.
+pub(super) const RECORD_FEDERATION_REFRESH: &str = "UPDATE federations SET \
+     last_refresh_at = COALESCE($2, last_refresh_at), last_error = $3, next_refresh_at = $4 \
+     WHERE trust_domain_id = $1";
+
+/// Refuses a relationship the `federations` table is not meant to hold.
+pub(super) fn check_federation(record: &FederationRecord) -> Result<(), StoreError> {
+    use super::MAX_FEDERATION_FIELD_BYTES;
+    for (name, value) in [
+        ("trust domain", record.trust_domain_id.as_str()),
+        ("bundle endpoint URL", record.bundle_endpoint_url.as_str()),
+        ("profile", record.profile.as_str()),
+        ("endpoint SPIFFE ID", record.endpoint_spiffe_id.as_str()),
+        ("web CA", record.web_ca_pem.as_str()),
+    ] {
+        if value.len() > MAX_FEDERATION_FIELD_BYTES {
+            return Err(StoreError::Invalid(format!(
+                "a federation relationship's {name} is {} bytes, more than \
+                 {MAX_FEDERATION_FIELD_BYTES}",
+                value.len()
+            )));
+        }
+    }
+    if record.trust_domain_id.is_empty() || record.bundle_endpoint_url.is_empty() {
+        return Err(StoreError::Invalid(
+            "a federation relationship needs a trust domain and a bundle endpoint URL".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a `federations` row.
+pub(super) fn federation_from_row<R>(row: &R) -> Result<FederationRecord, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Option<i64>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    const KIND: &str = "federation relationship";
+    Ok(FederationRecord {
+        trust_domain_id: get(row, "trust_domain_id", KIND)?,
+        bundle_endpoint_url: get(row, "bundle_endpoint_url", KIND)?,
+        profile: get(row, "profile", KIND)?,
+        endpoint_spiffe_id: get(row, "endpoint_spiffe_id", KIND)?,
+        web_ca_pem: get(row, "web_ca_pem", KIND)?,
+        created_at: get(row, "created_at", KIND)?,
+        last_refresh_at: get(row, "last_refresh_at", KIND)?,
+        last_error: get(row, "last_error", KIND)?,
+        next_refresh_at: get(row, "next_refresh_at", KIND)?,
+    })
+}
 
 pub(super) const PUT_JOURNAL: &str = "INSERT INTO ca_journal (id, kind, payload, updated_at) \
      VALUES ($1, $2, $3, $4) ON CONFLICT (id) \

@@ -454,6 +454,86 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            async fn create_federation(&self, record: &FederationRecord) -> Result<(), StoreError> {
+                schema::check_federation(record)?;
+                sqlx::query(schema::CREATE_FEDERATION)
+                    .bind(record.trust_domain_id.as_str())
+                    .bind(record.bundle_endpoint_url.as_str())
+                    .bind(record.profile.as_str())
+                    .bind(record.endpoint_spiffe_id.as_str())
+                    .bind(record.web_ca_pem.as_str())
+                    .bind(record.created_at)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(schema::unique_violation_is("federation relationship"))?;
+                Ok(())
+            }
+
+            async fn update_federation(&self, record: &FederationRecord) -> Result<(), StoreError> {
+                schema::check_federation(record)?;
+                let done = sqlx::query(schema::UPDATE_FEDERATION)
+                    .bind(record.trust_domain_id.as_str())
+                    .bind(record.bundle_endpoint_url.as_str())
+                    .bind(record.profile.as_str())
+                    .bind(record.endpoint_spiffe_id.as_str())
+                    .bind(record.web_ca_pem.as_str())
+                    .execute(&self.pool)
+                    .await?;
+                schema::expect_one(done.rows_affected(), "federation relationship")
+            }
+
+            async fn fetch_federation(
+                &self,
+                trust_domain_id: &str,
+            ) -> Result<Option<FederationRecord>, StoreError> {
+                sqlx::query(schema::FETCH_FEDERATION.as_str())
+                    .bind(trust_domain_id)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .as_ref()
+                    .map(federation_from_row)
+                    .transpose()
+            }
+
+            async fn list_federations(&self) -> Result<Vec<FederationRecord>, StoreError> {
+                let rows = sqlx::query(schema::LIST_FEDERATIONS.as_str())
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(federation_from_row).collect()
+            }
+
+            async fn delete_federation(&self, trust_domain_id: &str) -> Result<(), StoreError> {
+                let done = sqlx::query(schema::DELETE_FEDERATION)
+                    .bind(trust_domain_id)
+                    .execute(&self.pool)
+                    .await?;
+                schema::expect_one(done.rows_affected(), "federation relationship")
+            }
+
+            async fn record_federation_refresh(
+                &self,
+                trust_domain_id: &str,
+                refreshed_at: Option<i64>,
+                error: Option<&str>,
+                next_refresh_at: i64,
+            ) -> Result<bool, StoreError> {
+                let error = error.map(|e| {
+                    let mut end = e.len().min(super::MAX_FEDERATION_ERROR_BYTES);
+                    while !e.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    e.get(..end).unwrap_or_default()
+                });
+                let done = sqlx::query(schema::RECORD_FEDERATION_REFRESH)
+                    .bind(trust_domain_id)
+                    .bind(refreshed_at)
+                    .bind(error)
+                    .bind(next_refresh_at)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
             async fn put_journal(&self, record: &JournalRecord) -> Result<(), StoreError> {
                 sqlx::query(schema::PUT_JOURNAL)
                     .bind(record.id.as_str())

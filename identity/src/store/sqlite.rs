@@ -15,12 +15,12 @@ use sqlx::{Sqlite, SqlitePool, Transaction};
 
 use super::schema::{
     self, EntryParams, agent_from_row, bind_entry, bundle_from_row, entry_from_row,
-    join_token_from_row, journal_from_row, lease_from_row, template_issue_from_row,
-    txn_key_from_row,
+    federation_from_row, join_token_from_row, journal_from_row, lease_from_row,
+    template_issue_from_row, txn_key_from_row,
 };
 use super::{
-    AttestedAgent, BundleRecord, EntryFilter, JoinTokenRecord, JournalRecord, LeaseRecord, Store,
-    StoreChange, StoreError, TemplateIssue, TxnKeyRecord,
+    AttestedAgent, BundleRecord, EntryFilter, FederationRecord, JoinTokenRecord, JournalRecord,
+    LeaseRecord, Store, StoreChange, StoreError, TemplateIssue, TxnKeyRecord,
 };
 use crate::entry::RegistrationEntry;
 use crate::selector::Selector;

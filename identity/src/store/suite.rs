@@ -22,9 +22,9 @@
 use futures::future::join_all;
 
 use super::{
-    AttestedAgent, BundleRecord, EntryFilter, JoinTokenRecord, JournalRecord, LeaseRecord,
-    MAX_TEMPLATE_ISSUES_PER_ENTRY, MAX_TXN_KEY_JWK_BYTES, Store, StoreChange, StoreError,
-    TxnKeyRecord,
+    AttestedAgent, BundleRecord, EntryFilter, FederationRecord, JoinTokenRecord, JournalRecord,
+    LeaseRecord, MAX_TEMPLATE_ISSUES_PER_ENTRY, MAX_TXN_KEY_JWK_BYTES, Store, StoreChange,
+    StoreError, TxnKeyRecord,
 };
 use crate::entry::RegistrationEntry;
 use crate::entry::template::IdTemplate;
@@ -69,6 +69,7 @@ pub async fn run_all(store: &dyn Store) {
     bundle_swap_is_conditional(store).await;
     changes_are_announced(store).await;
     txn_keys_published_listed_and_pruned(store).await;
+    federations_crud_and_refresh_status(store).await;
 }
 
 /// Fresh names for one check.
@@ -1800,4 +1801,143 @@ pub async fn txn_keys_published_listed_and_pruned(store: &dyn Store) {
     );
     store.prune_txn_keys(3_000).await.expect("prune_txn_keys");
     assert_eq!(mine(0).await, vec![a, fits]);
+}
+
+/// Federation relationships: create (once per trust domain), fetch, list in order,
+/// update keeps the creation time and status, refresh status (a failure keeps the last
+/// success), delete; limits on field sizes and the error length.
+pub async fn federations_crud_and_refresh_status(store: &dyn Store) {
+    let s = Scope::new("federations");
+    let record = |name: &str| FederationRecord {
+        trust_domain_id: format!("spiffe://{name}.{}.example", s.tag),
+        bundle_endpoint_url: format!("https://{name}.example:8443/"),
+        profile: "https_spiffe".into(),
+        endpoint_spiffe_id: format!("spiffe://{name}.{}.example/writ/server", s.tag),
+        web_ca_pem: String::new(),
+        created_at: 1_700_000_000,
+        last_refresh_at: None,
+        last_error: None,
+        next_refresh_at: None,
+    };
+    let a = record("a");
+    let b = record("b");
+    store.create_federation(&b).await.expect("create b");
+    store.create_federation(&a).await.expect("create a");
+    assert!(matches!(
+        store.create_federation(&a).await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    assert_eq!(
+        store
+            .fetch_federation(&a.trust_domain_id)
+            .await
+            .expect("fetch"),
+        Some(a.clone())
+    );
+    let listed: Vec<String> = store
+        .list_federations()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|r| r.trust_domain_id)
+        .filter(|td| td.contains(&s.tag))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![a.trust_domain_id.clone(), b.trust_domain_id.clone()]
+    );
+
+    assert!(
+        store
+            .record_federation_refresh(&a.trust_domain_id, Some(1_700_000_100), None, 1_700_000_400)
+            .await
+            .expect("record success")
+    );
+    let long = "x".repeat(super::MAX_FEDERATION_ERROR_BYTES * 2);
+    assert!(
+        store
+            .record_federation_refresh(&a.trust_domain_id, None, Some(&long), 1_700_000_500)
+            .await
+            .expect("record failure")
+    );
+    let updated = FederationRecord {
+        bundle_endpoint_url: "https://a2.example/".into(),
+        profile: "https_web".into(),
+        endpoint_spiffe_id: String::new(),
+        web_ca_pem: "-----BEGIN CERTIFICATE-----".into(),
+        created_at: 1,
+        ..a.clone()
+    };
+    store.update_federation(&updated).await.expect("update");
+    let got = store
+        .fetch_federation(&a.trust_domain_id)
+        .await
+        .expect("fetch")
+        .expect("present");
+    assert_eq!(got.bundle_endpoint_url, "https://a2.example/");
+    assert_eq!(got.profile, "https_web");
+    assert_eq!(
+        got.created_at, 1_700_000_000,
+        "update keeps the creation time"
+    );
+    assert_eq!(
+        got.last_refresh_at,
+        Some(1_700_000_100),
+        "a failure keeps the last success"
+    );
+    assert_eq!(
+        got.last_error.as_deref().map(str::len),
+        Some(super::MAX_FEDERATION_ERROR_BYTES)
+    );
+    assert_eq!(got.next_refresh_at, Some(1_700_000_500));
+    store
+        .record_federation_refresh(&a.trust_domain_id, Some(1_700_000_600), None, 1_700_000_900)
+        .await
+        .expect("record success");
+    let got = store
+        .fetch_federation(&a.trust_domain_id)
+        .await
+        .expect("fetch")
+        .expect("present");
+    assert_eq!(got.last_error, None, "a success clears the error");
+
+    let huge = FederationRecord {
+        web_ca_pem: "x".repeat(super::MAX_FEDERATION_FIELD_BYTES + 1),
+        ..record("c")
+    };
+    assert!(matches!(
+        store.create_federation(&huge).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        store.update_federation(&record("missing")).await,
+        Err(StoreError::NotFound { .. })
+    ));
+
+    store
+        .delete_federation(&a.trust_domain_id)
+        .await
+        .expect("delete");
+    assert_eq!(
+        store
+            .fetch_federation(&a.trust_domain_id)
+            .await
+            .expect("fetch"),
+        None
+    );
+    assert!(matches!(
+        store.delete_federation(&a.trust_domain_id).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(
+        !store
+            .record_federation_refresh(&a.trust_domain_id, Some(1), None, 2)
+            .await
+            .expect("record on a deleted relationship"),
+        "a refresh of a deleted relationship records nothing"
+    );
+    store
+        .delete_federation(&b.trust_domain_id)
+        .await
+        .expect("delete b");
 }

@@ -18,6 +18,7 @@ mod bundle;
 mod ca;
 mod entry_cache;
 mod failover;
+mod federation;
 mod fleet;
 mod jwt_svid;
 mod k8s;

@@ -46,6 +46,10 @@ struct DevRunArgs {
     /// Log filter (`info`, `debug`, `writ_identity=debug`, ...).
     #[arg(long, env = "WRIT_LOG", default_value = "warn")]
     log_level: String,
+    /// The SPIFFE bundle endpoint's HTTPS address (https_spiffe; port 0 picks a free
+    /// one; its URL is `bundle_endpoint_url` in dev.json).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    bundle_endpoint_listen: SocketAddr,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -120,6 +124,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             options.reset_ca = a.reset_ca;
             options.tts_listen = a.tts_listen;
             options.oidc_listen = a.oidc_listen;
+            options.bundle_endpoint_listen = a.bundle_endpoint_listen;
             let dev = Dev::start(options).await?;
             let stop = shutdown_signal();
             // Whoever started us may stop reading standard output; that must not kill us.

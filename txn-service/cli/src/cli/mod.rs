@@ -10,6 +10,7 @@ mod bundle;
 mod dev;
 mod entry;
 pub mod entry_data;
+mod federation;
 pub mod out;
 mod server;
 mod svid;
@@ -47,6 +48,9 @@ enum Command {
     /// The trust bundle.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
+    /// SPIFFE federation with other trust domains.
+    #[command(subcommand)]
+    Federation(federation::FederationCommand),
     /// Mint X509-SVIDs from the server.
     #[command(subcommand)]
     X509(svid::X509Command),
@@ -182,6 +186,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Server(cmd) => server::run(cmd).await,
             Command::Entry(cmd) => entry::run(cmd).await,
             Command::Bundle(cmd) => bundle::run(cmd).await,
+            Command::Federation(cmd) => federation::run(cmd).await,
             Command::X509(cmd) => svid::run_x509(cmd).await,
             Command::Jwt(cmd) => svid::run_jwt(cmd).await,
             Command::Token(TokenCommand::Generate {

@@ -131,6 +131,8 @@ pub struct DevOptions {
     /// Start over when the datastore has no CA while `keys/` holds CA keys (see
     /// [`ServerConfig::reset_ca`]).
     pub reset_ca: bool,
+    /// The SPIFFE bundle endpoint's HTTPS address (`https_spiffe`; port 0 picks one).
+    pub bundle_endpoint_listen: SocketAddr,
 }
 
 impl DevOptions {
@@ -142,6 +144,7 @@ impl DevOptions {
             reset_ca: false,
             tts_listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
             oidc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            bundle_endpoint_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
 }
@@ -172,6 +175,13 @@ pub struct DevState {
     pub policy_file: PathBuf,
     /// The `writ dev` process.
     pub pid: u32,
+    /// The SPIFFE bundle endpoint (`https_spiffe`) other trust domains federate with.
+    #[serde(default)]
+    pub bundle_endpoint_url: String,
+    /// The SPIFFE ID the bundle endpoint presents (`--endpoint-spiffe-id` of a
+    /// `writ federation create` on the other side).
+    #[serde(default)]
+    pub bundle_endpoint_spiffe_id: String,
 }
 
 impl DevState {
@@ -225,6 +235,8 @@ pub struct Dev {
     stop_admin: tokio::sync::oneshot::Sender<()>,
     /// Keeps a second server off the SQLite store until `writ dev` stops.
     _store_lock: Option<writ_identity::store::sqlite::StoreLock>,
+    /// The SPIFFE bundle endpoint.
+    bundle_endpoint: tokio::task::JoinHandle<Result<(), server::ServerError>>,
 }
 
 impl Dev {
@@ -260,6 +272,22 @@ impl Dev {
         let admin = tokio::spawn(server::serve(state.clone(), async move {
             let _ = stopped.await;
         }));
+
+        let bundle_tcp = tokio::net::TcpListener::bind(options.bundle_endpoint_listen)
+            .await
+            .map_err(|e| file_err(Path::new(&options.bundle_endpoint_listen.to_string()), e))?;
+        let bundle_addr = bundle_tcp
+            .local_addr()
+            .map_err(|e| file_err(Path::new(&options.bundle_endpoint_listen.to_string()), e))?;
+        let bundle_endpoint_spiffe_id =
+            writ_identity::server::federation::endpoint::endpoint_spiffe_id(&td)
+                .map_err(|e| file_err(&dir, e))?;
+        let bundle_endpoint = tokio::spawn(writ_identity::server::federation::endpoint::serve_for(
+            state.clone(),
+            bundle_tcp,
+            writ_identity::server::federation::endpoint::EndpointProfile::HttpsSpiffe,
+            std::future::pending(),
+        ));
 
         let tts_names = tts_dns_names(options.tts_listen.ip());
         ensure_tts_entry(&state, &agent_id, &tts_id, &tts_names).await?;
@@ -309,6 +337,8 @@ impl Dev {
             oidc_audience: DEV_AUDIENCE.to_owned(),
             policy_file,
             pid: std::process::id(),
+            bundle_endpoint_url: format!("https://{bundle_addr}/"),
+            bundle_endpoint_spiffe_id: bundle_endpoint_spiffe_id.to_string(),
         };
         wait_for_socket(&state_record.server_socket).await?;
         let state_path = dir.join(STATE_FILE);
@@ -324,6 +354,7 @@ impl Dev {
             admin,
             stop_admin,
             _store_lock: store_lock,
+            bundle_endpoint,
         })
     }
 
@@ -373,6 +404,7 @@ impl Dev {
         }
         drop(self.issuer);
         drop(self.agent);
+        self.bundle_endpoint.abort();
         let _ = self.stop_admin.send(());
         match tokio::time::timeout(Duration::from_secs(5), self.admin).await {
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "identity server stopped with an error"),
