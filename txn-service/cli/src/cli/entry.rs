@@ -95,7 +95,8 @@ pub(crate) struct EntryFields {
     /// JWT-SVID lifetime (e.g. 5m; default: the server's).
     #[arg(long, value_parser = parse_ttl)]
     jwt_svid_ttl: Option<u64>,
-    /// A DNS SAN for the X509-SVID; repeat for several.
+    /// A DNS SAN for the X509-SVID, or an IP SAN when it is an IP address
+    /// (`127.0.0.1`, `::1`); repeat for several.
     #[arg(long = "dns-name")]
     dns_names: Vec<String>,
     /// Remove every DNS name (with `entry update`).

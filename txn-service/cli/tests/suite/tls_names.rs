@@ -302,3 +302,50 @@ fn an_older_tts_entry_gets_the_names_of_a_new_listen_address() {
     assert!(!jwks["keys"].as_array().unwrap().is_empty());
     dev.stop();
 }
+
+#[test]
+fn a_token_service_whose_svid_lacks_a_configured_name_refuses_to_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Dev::start(&tmp.path().join("dev"), "127.0.0.1:0");
+    // A standalone `writ txn run` is a workload like any other: the `writ` binary of this uid.
+    let id = "spiffe://example.org/standalone-tts";
+    let writ = std::fs::canonicalize(WRIT).unwrap();
+    dev.ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        id,
+        "--dns-name",
+        "localhost",
+        "--selector",
+        &format!("unix:uid:{}", uid()),
+        "--selector",
+        &format!("unix:path:{}", writ.display()),
+    ]);
+    let config = tmp.path().join("txn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\nworkload_api = \"{}\"\nspiffe_id = \"{id}\"\n\
+             audit_log = \"-\"\ndns_names = [\"localhost\", \"127.0.0.1\", \"tts.example.org\"]\n",
+            dev.field("workload_api")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(WRIT)
+        .args(["txn", "run", "--config"])
+        .arg(&config)
+        .env_remove("WRIT_LOG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    for part in [
+        "[\"127.0.0.1\", \"tts.example.org\"]",
+        "writ entry update --entry-id <ID> --dns-name localhost --dns-name 127.0.0.1 \
+         --dns-name tts.example.org",
+        &format!("writ entry list --spiffe-id {id}"),
+    ] {
+        assert!(err.contains(part), "lacks {part:?}: {err}");
+    }
+}
