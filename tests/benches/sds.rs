@@ -6,8 +6,8 @@
 //! Each round changes the caller's secrets: an entry matching it is registered (the
 //! agent signs a new SVID), then deleted. Printed, p50/p99 over the rounds:
 //! - (a) push after change: from the agent cache's change notification (its watch
-//!   channel, what the SDS and Workload API streams wait on) to the response arriving on
-//!   the stream over the Unix socket;
+//!   channel, what the SDS and Workload API streams wait on; observed by a parked OS
+//!   thread) to the response arriving on the stream over the Unix socket;
 //! - (b) end to end: from the entry's registration (store write + change signal) to the
 //!   response arriving.
 //!
@@ -116,13 +116,22 @@ async fn main() {
             })
             .await
             .unwrap();
-            // Records the first cache change after the trigger.
+            // Lets the agent take in the ACK first: a render it does for the ACK could
+            // otherwise pick up the new snapshot before the change notification.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Records the first cache change after the trigger, on its own OS thread
+            // (woken by the notification itself, not by the runtime's scheduler).
             let mut updates = stack.agent.cache.subscribe();
             updates.borrow_and_update();
-            let watcher = tokio::spawn(async move {
-                updates.changed().await.unwrap();
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let watcher = std::thread::spawn(move || {
+                futures::executor::block_on(async {
+                    ready_tx.send(()).unwrap();
+                    updates.changed().await.unwrap();
+                });
                 Instant::now()
             });
+            ready_rx.recv().unwrap();
             let want = if adding { 2 } else { 1 };
             let started = Instant::now();
             let entry_id = if adding {
@@ -151,7 +160,9 @@ async fn main() {
                     break (resp, Instant::now());
                 }
             };
-            let changed_at = watcher.await.unwrap();
+            let changed_at = tokio::task::spawn_blocking(move || watcher.join().unwrap())
+                .await
+                .unwrap();
             push.push(received_at.saturating_duration_since(changed_at));
             if entry_id.is_some() {
                 end_to_end.push(received_at - started);
