@@ -13,6 +13,7 @@ pub mod entry_data;
 pub mod out;
 mod server;
 mod svid;
+mod svid_files;
 mod txn;
 
 use std::path::{Path, PathBuf};

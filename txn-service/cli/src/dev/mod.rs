@@ -43,7 +43,7 @@ use writ_identity::clock::{Clock, SystemClock};
 use writ_identity::entry::RegistrationEntry;
 use writ_identity::selector::Selector;
 use writ_identity::server::config::ServerConfig;
-use writ_identity::server::{self, ServerState};
+use writ_identity::server::{self, ServerState, oidc_discovery};
 use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
 use writ_identity::store::EntryFilter;
 
@@ -131,6 +131,9 @@ pub struct DevOptions {
     /// Start over when the datastore has no CA while `keys/` holds CA keys (see
     /// [`ServerConfig::reset_ca`]).
     pub reset_ca: bool,
+    /// OIDC discovery for JWT-SVIDs, plain HTTP (port 0 picks one); its URL is the
+    /// JWT-SVIDs' `iss`.
+    pub oidc_discovery_listen: SocketAddr,
 }
 
 impl DevOptions {
@@ -142,6 +145,7 @@ impl DevOptions {
             reset_ca: false,
             tts_listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
             oidc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            oidc_discovery_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
 }
@@ -172,6 +176,10 @@ pub struct DevState {
     pub policy_file: PathBuf,
     /// The `writ dev` process.
     pub pid: u32,
+    /// OIDC discovery for JWT-SVIDs (`<url>/.well-known/openid-configuration`); also
+    /// the `iss` of the JWT-SVIDs `writ dev` issues.
+    #[serde(default)]
+    pub oidc_discovery_url: String,
 }
 
 impl DevState {
@@ -223,6 +231,8 @@ pub struct Dev {
     agent: RunningAgent,
     admin: tokio::task::JoinHandle<Result<(), server::ServerError>>,
     stop_admin: tokio::sync::oneshot::Sender<()>,
+    /// Serves OIDC discovery; aborted when `writ dev` stops.
+    _oidc_discovery: tokio_util::task::AbortOnDropHandle<()>,
     /// Keeps a second server off the SQLite store until `writ dev` stops.
     _store_lock: Option<writ_identity::store::sqlite::StoreLock>,
 }
@@ -252,6 +262,13 @@ impl Dev {
         config.bind_address = None;
         config.default_parent_id = Some(agent_id.clone());
         config.reset_ca = options.reset_ca;
+        let listen_err = |e| file_err(Path::new(&options.oidc_discovery_listen.to_string()), e);
+        let discovery_tcp = tokio::net::TcpListener::bind(options.oidc_discovery_listen)
+            .await
+            .map_err(listen_err)?;
+        let discovery_addr = discovery_tcp.local_addr().map_err(listen_err)?;
+        let oidc_discovery_url = format!("http://{discovery_addr}");
+        config.ca.jwt_issuer = Some(oidc_discovery_url.clone());
         let datastore = config.datastore.clone();
         let server_socket = config.admin_socket.clone();
         let store_lock = datastore.lock().map_err(server::ServerError::from)?;
@@ -259,6 +276,23 @@ impl Dev {
         let (stop_admin, stopped) = tokio::sync::oneshot::channel::<()>();
         let admin = tokio::spawn(server::serve(state.clone(), async move {
             let _ = stopped.await;
+        }));
+
+        let discovery_config = oidc_discovery::OidcDiscoveryConfig {
+            listen: discovery_addr,
+            tls: None,
+        };
+        let discovery_router = oidc_discovery::router(&oidc_discovery_url, state.ca.subscribe());
+        let oidc_discovery = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            let serve = oidc_discovery::serve(
+                &discovery_config,
+                discovery_tcp,
+                discovery_router,
+                std::future::pending(),
+            );
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "OIDC discovery stopped");
+            }
         }));
 
         ensure_tts_entry(&state, &agent_id, &tts_id).await?;
@@ -306,6 +340,7 @@ impl Dev {
             oidc_audience: DEV_AUDIENCE.to_owned(),
             policy_file,
             pid: std::process::id(),
+            oidc_discovery_url,
         };
         wait_for_socket(&state_record.server_socket).await?;
         let state_path = dir.join(STATE_FILE);
@@ -320,6 +355,7 @@ impl Dev {
             agent,
             admin,
             stop_admin,
+            _oidc_discovery: oidc_discovery,
             _store_lock: store_lock,
         })
     }
