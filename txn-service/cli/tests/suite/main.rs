@@ -25,5 +25,7 @@ mod demo;
 mod dev;
 mod docker;
 mod fleet;
+mod helper;
+mod oidc_discovery;
 mod readme;
 mod trust_domain;
