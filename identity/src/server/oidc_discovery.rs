@@ -154,7 +154,7 @@ fn no_store(status: StatusCode) -> Response {
 
 /// The routes: discovery and JWKS for GET (and HEAD), 405 for other methods on them,
 /// 404 elsewhere. `bundle` is the CA's published bundle
-/// ([`Ca::subscribe`](crate::ca::Ca::subscribe)), read at every request.
+/// ([`CertificateAuthority::subscribe`](crate::ca::CertificateAuthority::subscribe)), read at every request.
 pub fn router(issuer: &str, bundle: watch::Receiver<Arc<Bundle>>) -> Router {
     let state = Discovery {
         document: Arc::new(discovery_document(issuer).to_string().into_bytes()),

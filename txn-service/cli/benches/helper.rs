@@ -22,7 +22,6 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 const WRIT: &str = env!("CARGO_BIN_EXE_writ");
 const ROTATIONS: usize = 40;
@@ -52,8 +51,8 @@ fn start_dev(dir: &Path) -> (Kill, serde_json::Value) {
         assert!(stdout.read_line(&mut line).unwrap() > 0, "writ dev exited");
     }
     std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    let state = serde_json::from_str(&std::fs::read_to_string(dir.join("dev.json")).unwrap())
-        .unwrap();
+    let state =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("dev.json")).unwrap()).unwrap();
     (Kill(child), state)
 }
 
@@ -62,7 +61,10 @@ fn measure(state: &serde_json::Value, files: &Path, extra: &[&str]) -> Vec<u64> 
         .args(["api", "watch", "--output", "json", "--write"])
         .arg(files)
         .args(extra)
-        .env("SPIFFE_ENDPOINT_SOCKET", state["workload_api"].as_str().unwrap())
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            state["workload_api"].as_str().unwrap(),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -95,14 +97,26 @@ fn main() {
     let (_dev, state) = start_dev(&tmp.path().join("dev"));
     let writ = std::fs::canonicalize(WRIT).unwrap();
     let out = Command::new(WRIT)
-        .args(["entry", "create", "--spiffe-id", "spiffe://example.org/helper"])
+        .args([
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/helper",
+        ])
         .arg("--selector")
         .arg(format!("unix:path:{}", writ.display()))
         .args(["--x509-svid-ttl", "2s"])
-        .env("WRIT_SERVER_SOCKET", state["server_socket"].as_str().unwrap())
+        .env(
+            "WRIT_SERVER_SOCKET",
+            state["server_socket"].as_str().unwrap(),
+        )
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     summary(
         "helper rewrite after rotation (X.509 files)",
         measure(&state, &tmp.path().join("a"), &[]),

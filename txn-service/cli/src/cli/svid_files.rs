@@ -465,9 +465,7 @@ pub(crate) async fn watch(endpoint: &str, opts: WriteOptions) -> anyhow::Result<
                 let count = failures.entry(format!("{e:#}")).or_default();
                 *count += 1;
                 if *count == 1 || count.is_power_of_two() {
-                    errln!(
-                        "writ: Workload API: {e:#}; keeping the last files, retrying in {backoff:?}"
-                    );
+                    errln!("writ: {e:#}; keeping the last files, retrying in {backoff:?}");
                 }
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}

@@ -44,8 +44,8 @@ impl DevRun {
         while !rx.recv_timeout(Duration::from_secs(60)).unwrap_or(false) {
             assert!(Instant::now() < deadline, "writ dev did not start");
         }
-        let state = serde_json::from_str(&std::fs::read_to_string(dir.join("dev.json")).unwrap())
-            .unwrap();
+        let state =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("dev.json")).unwrap()).unwrap();
         Self { child, state }
     }
 
@@ -276,7 +276,12 @@ fn nginx_serves_mtls_from_the_helpers_files_through_rotations() {
     let (_helper, writes) = start_helper(
         &dev,
         &files,
-        &["--reload-cmd", &reload, "--jwt-audience", "https://sts.example.com"],
+        &[
+            "--reload-cmd",
+            &reload,
+            "--jwt-audience",
+            "https://sts.example.com",
+        ],
     );
     let first = writes.recv_timeout(Duration::from_secs(30)).unwrap();
     // nginx does not run yet: the reload fails, is reported, and the helper goes on.
@@ -428,4 +433,35 @@ fn once_writes_and_exits_and_a_stranger_gets_no_files() {
     let combined = std::fs::read_to_string(files.join("svid.0.combined.pem")).unwrap();
     let chain = std::fs::read_to_string(files.join("svid.0.pem")).unwrap();
     assert_eq!(combined, format!("{key}{chain}"));
+}
+
+#[test]
+fn the_files_stay_while_the_agent_is_down_and_are_rewritten_when_it_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("dev");
+    let dev = DevRun::start(&data);
+    dev.ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/reader",
+        "--selector",
+        &format!("unix:path:{}", writ_exe()),
+    ]);
+    let files = tmp.path().join("files");
+    let (_helper, writes) = start_helper(&dev, &files, &[]);
+    let first = writes.recv_timeout(Duration::from_secs(30)).unwrap();
+    let chain = std::fs::read(files.join("svid.0.pem")).unwrap();
+
+    drop(dev);
+    // The agent is gone: nothing is written, nothing is removed.
+    assert!(writes.recv_timeout(Duration::from_secs(2)).is_err());
+    assert_eq!(std::fs::read(files.join("svid.0.pem")).unwrap(), chain);
+    assert!(files.join("svid.0.key").is_file());
+
+    // Back on the same data dir: the helper reconnects by itself and writes again.
+    let _dev = DevRun::start(&data);
+    let again = writes.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert_eq!(again["spiffe_ids"], first["spiffe_ids"]);
+    assert_ne!(again["serial"], first["serial"]);
 }

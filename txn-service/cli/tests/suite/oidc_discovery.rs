@@ -68,7 +68,10 @@ fn writ_dev_serves_discovery_and_keys_and_refuses_the_rest() {
     let doc: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(doc["issuer"], url.as_str());
     assert_eq!(doc["jwks_uri"], format!("{url}/keys").as_str());
-    assert_eq!(doc["response_types_supported"], serde_json::json!(["id_token"]));
+    assert_eq!(
+        doc["response_types_supported"],
+        serde_json::json!(["id_token"])
+    );
     assert!(
         doc["id_token_signing_alg_values_supported"]
             .as_array()
@@ -102,14 +105,18 @@ fn writ_dev_serves_discovery_and_keys_and_refuses_the_rest() {
 
     assert_eq!(get(&url, "/nope").0, 404);
     assert_eq!(get(&url, "/.well-known/openid-configuration/x").0, 404);
-    let post = b"POST /keys HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc";
+    let post =
+        b"POST /keys HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc";
     assert_eq!(http(&url, post).0, 405);
     let huge = format!(
         "GET /keys HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
         "a".repeat(256 * 1024)
     );
     let (code, _) = http(&url, huge.as_bytes());
-    assert!(code == 431 || code == 0, "a huge request is refused: {code}");
+    assert!(
+        code == 431 || code == 0,
+        "a huge request is refused: {code}"
+    );
     let garbage = b"\x16\x03\x01\x02\x00garbage\r\n\r\n";
     assert_ne!(http(&url, garbage).0, 200);
     // Still serving after all that.
@@ -246,4 +253,102 @@ fn node_jose_verifies_a_jwt_svid_through_discovery() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "spiffe://example.org/workload"
     );
+}
+
+/// `writ server run` with `[ca] jwt_issuer` and `[oidc_discovery]` over HTTPS: the JWKS
+/// holds the key of the JWT-SVID it mints, whose `iss` is the configured issuer.
+#[test]
+fn writ_server_serves_discovery_over_https_from_its_config() {
+    if !writ_tests::env::available(
+        "curl",
+        Command::new("curl").arg("--version").output().is_ok(),
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("oidc.crt"), dir.path().join("oidc.key"));
+    crate::common::openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=DNS:localhost",
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        cert.to_str().unwrap(),
+    ]);
+    let config = format!(
+        "[ca]\njwt_issuer = \"https://oidc.example.org/\"\n\
+         [oidc_discovery]\nlisten = \"127.0.0.1:0\"\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+        cert.to_str().unwrap(),
+        key.to_str().unwrap()
+    );
+    std::fs::write(dir.path().join("server.toml"), config).unwrap();
+    let socket = dir.path().join("server.sock");
+    let mut child = Command::new(crate::common::WRIT)
+        .args(["server", "run", "--config"])
+        .arg(dir.path().join("server.toml"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--server-socket")
+        .arg(&socket)
+        .args(["--bind-address", ""])
+        .env_remove("WRIT_SERVER_SOCKET")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let addr = crate::common::bound_address(stderr, "OIDC discovery ready");
+    let port = addr.rsplit(':').next().unwrap().to_owned();
+    let fetch = |path: &str| {
+        let out = Command::new("curl")
+            .args(["--silent", "--show-error", "--fail", "--max-time", "10"])
+            .arg("--resolve")
+            .arg(format!("localhost:{port}:127.0.0.1"))
+            .arg("--cacert")
+            .arg(&cert)
+            .arg(format!("https://localhost:{port}{path}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let doc = fetch("/.well-known/openid-configuration");
+    assert_eq!(doc["issuer"], "https://oidc.example.org");
+    assert_eq!(doc["jwks_uri"], "https://oidc.example.org/keys");
+
+    let mut token = String::new();
+    for _ in 0..100 {
+        let out = Command::new(crate::common::WRIT)
+            .args(["jwt", "mint", "--spiffe-id", "spiffe://example.org/w"])
+            .args(["--audience", AUDIENCE, "--server-socket"])
+            .arg(&socket)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!token.is_empty(), "writ jwt mint never succeeded");
+    assert_eq!(jwt_claims(&token)["iss"], "https://oidc.example.org");
+    let keys = fetch("/keys");
+    assert!(!keys["keys"].as_array().unwrap().is_empty(), "{keys}");
+    let _ = child.kill();
+    let _ = child.wait();
 }
