@@ -527,4 +527,51 @@ mod tests {
         assert_eq!(jwt_times("a.b.c"), None);
         assert_eq!(jwt_times("a.eyJleHAiOjEwLCJpYXQiOjR9.c"), Some((10, 4)));
     }
+
+    #[tokio::test]
+    async fn signals_reach_the_process_and_a_hung_command_is_killed() {
+        use rustix::process::Signal;
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        let sent = notify(&Notify::Signal {
+            target: PidSource::Pid(pid),
+            signal: Signal::TERM,
+        })
+        .await;
+        assert_eq!(sent, "ok");
+        assert!(!child.wait().unwrap().success());
+
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("nginx.pid");
+        std::fs::write(&pid_file, "not a pid\n").unwrap();
+        let bad = notify(&Notify::Signal {
+            target: PidSource::File(pid_file.clone()),
+            signal: Signal::HUP,
+        })
+        .await;
+        assert!(bad.contains("nginx.pid"), "{bad}");
+        std::fs::remove_file(&pid_file).unwrap();
+        let missing = notify(&Notify::Signal {
+            target: PidSource::File(pid_file),
+            signal: Signal::HUP,
+        })
+        .await;
+        assert!(missing.contains("nginx.pid"), "{missing}");
+
+        let hung = notify(&Notify::Command {
+            argv: vec!["sleep".into(), "30".into()],
+            timeout: Duration::from_millis(200),
+        })
+        .await;
+        assert!(hung.contains("killed"), "{hung}");
+        let failed = notify(&Notify::Command {
+            argv: vec!["false".into()],
+            timeout: Duration::from_secs(30),
+        })
+        .await;
+        assert!(failed.contains("exited with"), "{failed}");
+    }
 }
