@@ -109,11 +109,32 @@ pub(crate) struct WatchWrite {
     /// Write once and exit (spiffe-helper's `daemon_mode = false`).
     #[arg(long, requires = "write")]
     once: bool,
+    /// Read the settings from this file instead (spiffe-helper's `helper.conf` keys,
+    /// TOML syntax: `cert_dir`, `svid_file_name`, `cmd`, `cmd_args`, `jwt_svids`, ...).
+    #[arg(long, conflicts_with_all = ["write", "jwt_audience", "reload_cmd", "signal_pid", "pid_file", "once"])]
+    config: Option<PathBuf>,
 }
 
 impl WatchWrite {
-    fn options(self, json: bool) -> anyhow::Result<Option<super::svid_files::WriteOptions>> {
-        use super::svid_files::{Notify, PidSource, WriteOptions, parse_signal};
+    fn options(
+        self,
+        socket: &mut AgentSocket,
+        json: bool,
+    ) -> anyhow::Result<Option<super::svid_files::WriteOptions>> {
+        use super::svid_files::{
+            HelperConf, Notify, PidSource, WriteOptions, jwt_file_name, parse_signal,
+        };
+        if let Some(path) = &self.config {
+            let mut conf = HelperConf::read(path)?;
+            if let Some(address) = conf.agent_address.take() {
+                socket.endpoint = if address.contains("://") {
+                    address
+                } else {
+                    format!("unix://{address}")
+                };
+            }
+            return Ok(Some(conf.options(json)?));
+        }
         let Some(dir) = self.write else {
             return Ok(None);
         };
@@ -146,7 +167,15 @@ impl WatchWrite {
         }
         Ok(Some(WriteOptions {
             dir,
-            jwt_audiences: self.jwt_audience,
+            jwt_svids: self
+                .jwt_audience
+                .into_iter()
+                .map(|a| {
+                    let file = jwt_file_name(&a);
+                    (a, file)
+                })
+                .collect(),
+            names: None,
             notify,
             once: self.once,
             json,
@@ -394,11 +423,11 @@ pub(crate) async fn run(cmd: ApiCommand) -> anyhow::Result<ExitCode> {
             command,
         } => return spawn(socket, name, ttl, parent, command).await,
         ApiCommand::Watch {
-            socket,
+            mut socket,
             output,
             write,
         } => {
-            if let Some(opts) = write.options(output.json())? {
+            if let Some(opts) = write.options(&mut socket, output.json())? {
                 super::svid_files::watch(&socket.endpoint, opts).await?;
                 return Ok(ExitCode::SUCCESS);
             }

@@ -74,14 +74,167 @@ pub(crate) enum PidSource {
 pub(crate) struct WriteOptions {
     /// The directory.
     pub(crate) dir: PathBuf,
-    /// JWT-SVID audiences.
-    pub(crate) jwt_audiences: Vec<String>,
+    /// JWT-SVID audiences and their file names.
+    pub(crate) jwt_svids: Vec<(String, String)>,
+    /// File names of the default SVID (chain, key, bundle) instead of `svid.0.pem`,
+    /// `svid.0.key`, `bundle.0.pem` (a config file's `svid_file_name` ...).
+    pub(crate) names: Option<[String; 3]>,
     /// What to do after a change.
     pub(crate) notify: Option<Notify>,
     /// Write once and exit (spiffe-helper's `daemon_mode = false`).
     pub(crate) once: bool,
     /// Print one JSON object per write.
     pub(crate) json: bool,
+}
+
+/// The JWT-SVID file for an audience given on the command line.
+pub(crate) fn jwt_file_name(audience: &str) -> String {
+    format!("jwt_svid.{}.token", audience_file_part(audience))
+}
+
+/// Largest helper configuration file read.
+const MAX_CONFIG_BYTES: u64 = 64 * 1024;
+/// Most JWT-SVIDs one configuration asks for.
+const MAX_JWT_SVIDS: usize = 32;
+
+/// A helper configuration file with spiffe-helper's keys (`helper.conf`), in TOML: a
+/// `helper.conf` of `key = "value"` lines and `jwt_svids = [{ ... }]` reads the same.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HelperConf {
+    /// The Workload API socket (`unix:///path` or a path).
+    pub(crate) agent_address: Option<String>,
+    /// The reload program.
+    cmd: Option<String>,
+    /// Its arguments, split on spaces.
+    cmd_args: Option<String>,
+    /// The directory to write.
+    cert_dir: Option<PathBuf>,
+    /// The default SVID's chain file.
+    svid_file_name: Option<String>,
+    /// Its key file.
+    svid_key_file_name: Option<String>,
+    /// Its bundle file.
+    svid_bundle_file_name: Option<String>,
+    /// JWT-SVIDs to keep.
+    #[serde(default)]
+    jwt_svids: Vec<HelperJwt>,
+    /// The signal for `pid_file_name`.
+    renew_signal: Option<String>,
+    /// The pid file of the process to signal.
+    pid_file_name: Option<PathBuf>,
+    /// `false`: write once and exit.
+    daemon_mode: Option<bool>,
+}
+
+/// One `jwt_svids` item.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HelperJwt {
+    jwt_audience: String,
+    jwt_svid_file_name: String,
+}
+
+/// A plain file name in the directory: no separator, not `.` or `..`, at most 255 bytes.
+fn file_name(key: &str, name: &str) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        !name.is_empty()
+            && name.len() <= 255
+            && !name.contains(['/', '\0'])
+            && name != "."
+            && name != "..",
+        "{key}: {name:?} is not a plain file name"
+    );
+    Ok(name.to_owned())
+}
+
+impl HelperConf {
+    /// Reads and checks a configuration file.
+    ///
+    /// # Errors
+    /// The file is unreadable, too large, not TOML, has unknown keys or bad values.
+    pub(crate) fn read(path: &Path) -> anyhow::Result<Self> {
+        let size = std::fs::metadata(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .len();
+        anyhow::ensure!(
+            size <= MAX_CONFIG_BYTES,
+            "{}: larger than {MAX_CONFIG_BYTES} bytes",
+            path.display()
+        );
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("{}", path.display()))
+    }
+
+    fn parse(text: &str) -> anyhow::Result<Self> {
+        let conf: Self = toml::from_str(text)?;
+        anyhow::ensure!(
+            conf.jwt_svids.len() <= MAX_JWT_SVIDS,
+            "jwt_svids: at most {MAX_JWT_SVIDS}"
+        );
+        Ok(conf)
+    }
+
+    /// The write options it describes.
+    ///
+    /// # Errors
+    /// A missing `cert_dir`, a file name that is not plain, an unknown signal.
+    pub(crate) fn options(self, json: bool) -> anyhow::Result<WriteOptions> {
+        let dir = self.cert_dir.context("cert_dir is required")?;
+        let names = match (
+            self.svid_file_name,
+            self.svid_key_file_name,
+            self.svid_bundle_file_name,
+        ) {
+            (None, None, None) => None,
+            (Some(c), Some(k), Some(b)) => Some([
+                file_name("svid_file_name", &c)?,
+                file_name("svid_key_file_name", &k)?,
+                file_name("svid_bundle_file_name", &b)?,
+            ]),
+            _ => anyhow::bail!(
+                "svid_file_name, svid_key_file_name and svid_bundle_file_name go together"
+            ),
+        };
+        let mut jwt_svids = Vec::new();
+        for j in self.jwt_svids {
+            anyhow::ensure!(
+                !j.jwt_audience.is_empty() && j.jwt_audience.len() <= 256,
+                "jwt_audience must be 1 to 256 bytes"
+            );
+            let file = file_name("jwt_svid_file_name", &j.jwt_svid_file_name)?;
+            jwt_svids.push((j.jwt_audience, file));
+        }
+        let notify = match (self.cmd, self.pid_file_name) {
+            (Some(cmd), _) => {
+                let mut argv = vec![cmd];
+                argv.extend(
+                    self.cmd_args
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .map(str::to_owned),
+                );
+                Some(Notify::Command {
+                    argv,
+                    timeout: Duration::from_secs(30),
+                })
+            }
+            (None, Some(file)) => Some(Notify::Signal {
+                target: PidSource::File(file),
+                signal: parse_signal(self.renew_signal.as_deref().unwrap_or("HUP"))?,
+            }),
+            (None, None) => None,
+        };
+        Ok(WriteOptions {
+            dir,
+            jwt_svids,
+            names,
+            notify,
+            once: self.daemon_mode == Some(false),
+            json,
+        })
+    }
 }
 
 /// Parses a signal name (`HUP`, `SIGHUP`, `USR1`, ...).
@@ -162,12 +315,20 @@ fn sync_dir(dir: &Path) -> anyhow::Result<()> {
 ///
 /// # Errors
 /// The first file that cannot be written.
-pub(crate) fn write_x509_files(dir: &Path, ctx: &X509Context) -> anyhow::Result<Vec<PathBuf>> {
+pub(crate) fn write_x509_files(
+    dir: &Path,
+    ctx: &X509Context,
+    names: Option<&[String; 3]>,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let name = |i: usize, which: usize, default: String| match (i, names) {
+        (0, Some(n)) => n.get(which).cloned().unwrap_or(default),
+        _ => default,
+    };
     let mut written = Vec::new();
     for (i, s) in ctx.svids.iter().enumerate() {
         written.push(write_atomic(
             dir,
-            &format!("bundle.{i}.pem"),
+            &name(i, 2, format!("bundle.{i}.pem")),
             pem("CERTIFICATE", &s.bundle).as_bytes(),
             0o644,
         )?);
@@ -185,13 +346,13 @@ pub(crate) fn write_x509_files(dir: &Path, ctx: &X509Context) -> anyhow::Result<
         let chain = pem("CERTIFICATE", &s.cert_chain);
         written.push(write_atomic(
             dir,
-            &format!("svid.{i}.key"),
+            &name(i, 1, format!("svid.{i}.key")),
             key.as_bytes(),
             0o600,
         )?);
         written.push(write_atomic(
             dir,
-            &format!("svid.{i}.pem"),
+            &name(i, 0, format!("svid.{i}.pem")),
             chain.as_bytes(),
             0o644,
         )?);
@@ -244,7 +405,7 @@ fn jwt_times(token: &str) -> Option<(i64, i64)> {
 async fn write_jwts(client: &mut WorkloadClient, opts: &WriteOptions) -> anyhow::Result<Duration> {
     let now = SystemClock.unix_seconds();
     let mut next = None::<i64>;
-    for audience in &opts.jwt_audiences {
+    for (audience, file) in &opts.jwt_svids {
         let svids = client
             .fetch_jwt(std::slice::from_ref(audience), None)
             .await
@@ -252,12 +413,7 @@ async fn write_jwts(client: &mut WorkloadClient, opts: &WriteOptions) -> anyhow:
         let (_, token) = svids
             .first()
             .with_context(|| format!("no JWT-SVID for {audience:?}"))?;
-        write_atomic(
-            &opts.dir,
-            &format!("jwt_svid.{}.token", audience_file_part(audience)),
-            token.as_bytes(),
-            0o600,
-        )?;
+        write_atomic(&opts.dir, file, token.as_bytes(), 0o600)?;
         let half = match jwt_times(token) {
             Some((exp, iat)) => iat + (exp - iat) / 2 - now,
             None => 30,
@@ -356,10 +512,10 @@ async fn session(
                 if *last == Some(d) {
                     continue;
                 }
-                let files = write_x509_files(&opts.dir, &ctx).map_err(Stop::Files)?;
+                let files = write_x509_files(&opts.dir, &ctx, opts.names.as_ref()).map_err(Stop::Files)?;
                 let write_us = received.elapsed().as_micros();
                 *last = Some(d);
-                if !opts.jwt_audiences.is_empty() && jwt_due.is_none() {
+                if !opts.jwt_svids.is_empty() && jwt_due.is_none() {
                     jwt_due = Some(match write_jwts(&mut jwt_client, opts).await {
                         Ok(after) => tokio::time::Instant::now() + after,
                         Err(e) => {
@@ -494,6 +650,57 @@ mod tests {
             MAX_AUDIENCE_NAME
         );
         assert_eq!(trust_domain_file_part("spiffe://other.org"), "other.org");
+    }
+
+    #[test]
+    fn a_spiffe_helper_conf_reads_and_garbage_is_refused() {
+        let conf = HelperConf::parse(
+            r#"
+agent_address = "/tmp/writ/agent.sock"
+cmd = "nginx"
+cmd_args = "-s reload"
+cert_dir = "/run/writ/nginx"
+svid_file_name = "svid.pem"
+svid_key_file_name = "svid_key.pem"
+svid_bundle_file_name = "svid_bundle.pem"
+renew_signal = "SIGHUP"
+daemon_mode = false
+jwt_svids = [{ jwt_audience = "sts.amazonaws.com", jwt_svid_file_name = "aws.token" }]
+"#,
+        )
+        .unwrap();
+        assert_eq!(conf.agent_address.as_deref(), Some("/tmp/writ/agent.sock"));
+        let o = conf.options(false).unwrap();
+        assert!(o.once);
+        assert_eq!(
+            o.names.unwrap(),
+            ["svid.pem", "svid_key.pem", "svid_bundle.pem"].map(String::from)
+        );
+        assert_eq!(
+            o.jwt_svids,
+            [("sts.amazonaws.com".to_owned(), "aws.token".to_owned())]
+        );
+        match o.notify {
+            Some(Notify::Command { argv, .. }) => assert_eq!(argv, ["nginx", "-s", "reload"]),
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            "cert_dir = 3",
+            "nonsense = true",
+            "cert_dir = \"/x\"\nsvid_file_name = \"../etc/passwd\"\nsvid_key_file_name = \"k\"\nsvid_bundle_file_name = \"b\"",
+            "cert_dir = \"/x\"\nsvid_file_name = \"a\"",
+            "cert_dir = \"/x\"\npid_file_name = \"/p\"\nrenew_signal = \"SIGNOPE\"",
+            "\u{0}\u{1}garbage [[[",
+            "daemon_mode = false",
+        ] {
+            let refused = HelperConf::parse(bad).and_then(|c| c.options(false));
+            assert!(refused.is_err(), "{bad:?}");
+        }
+        let many = format!(
+            "cert_dir = \"/x\"\njwt_svids = [{}]",
+            vec!["{ jwt_audience = \"a\", jwt_svid_file_name = \"f\" }"; 40].join(",")
+        );
+        assert!(HelperConf::parse(&many).is_err());
     }
 
     #[test]

@@ -465,3 +465,55 @@ fn the_files_stay_while_the_agent_is_down_and_are_rewritten_when_it_returns() {
     assert_eq!(again["spiffe_ids"], first["spiffe_ids"]);
     assert_ne!(again["serial"], first["serial"]);
 }
+
+#[test]
+fn a_spiffe_helper_style_config_file_names_the_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = DevRun::start(&tmp.path().join("dev"));
+    dev.ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/conf",
+        "--selector",
+        &format!("unix:path:{}", writ_exe()),
+    ]);
+    let certs = tmp.path().join("certs");
+    let conf = tmp.path().join("helper.conf");
+    let socket = dev.get("workload_api");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"agent_address = "{}"
+cert_dir = "{}"
+svid_file_name = "svid.pem"
+svid_key_file_name = "svid_key.pem"
+svid_bundle_file_name = "svid_bundle.pem"
+daemon_mode = false
+jwt_svids = [{{ jwt_audience = "sts.amazonaws.com", jwt_svid_file_name = "aws.token" }}]
+"#,
+            socket.strip_prefix("unix://").unwrap(),
+            certs.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(WRIT)
+        .args(["api", "watch", "--config"])
+        .arg(&conf)
+        .env_remove("SPIFFE_ENDPOINT_SOCKET")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in ["svid.pem", "svid_key.pem", "svid_bundle.pem", "aws.token"] {
+        assert!(certs.join(name).is_file(), "{name}");
+    }
+    assert_eq!(mode(&certs.join("svid_key.pem")), 0o600);
+    assert_eq!(mode(&certs.join("aws.token")), 0o600);
+    let token = std::fs::read_to_string(certs.join("aws.token")).unwrap();
+    assert_eq!(jwt_claims(&token)["aud"], "sts.amazonaws.com");
+    assert_eq!(jwt_claims(&token)["sub"], "spiffe://example.org/conf");
+}
