@@ -2,8 +2,9 @@
 //! Python service), kept fresh across rotations, as spiffe-helper does for SPIRE.
 //!
 //! At the first response of the Workload API stream and at every response whose content
-//! changed, for each SVID `N` (the default first) it writes, each file atomically
-//! (a temporary file in DIR, fsync, rename, fsync of DIR), in this order:
+//! changed, for each SVID `N` (the default first) it writes every file to a temporary
+//! file in DIR and fsyncs it, then renames them into place one after the other (then
+//! fsyncs DIR), in this order:
 //!
 //! 1. `bundle.N.pem` (the SVID's trust domain's CA certificates) and
 //!    `federated_bundle.<trust domain>.pem` for every federated bundle (0644);
@@ -284,11 +285,16 @@ fn pem(tag: &str, ders: &[Vec<u8>]) -> String {
         .collect()
 }
 
-/// Writes `bytes` to `dir/name` atomically with `mode`: a reader sees the old file or
-/// the new one, never part of one.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> anyhow::Result<PathBuf> {
+/// A file written and fsynced under a temporary name in its directory, waiting to be
+/// renamed into place.
+struct Staged {
+    tmp: tempfile::NamedTempFile,
+    path: PathBuf,
+}
+
+/// Writes `bytes` with `mode` to a temporary file in `dir` and fsyncs it.
+fn stage(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> anyhow::Result<Staged> {
     use std::os::unix::fs::PermissionsExt as _;
-    let path = dir.join(name);
     let mut tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
@@ -300,8 +306,31 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> anyhow::Resu
     tmp.write_all(bytes)
         .and_then(|()| tmp.as_file().sync_all())
         .with_context(|| format!("cannot write {}", tmp.path().display()))?;
-    tmp.persist(&path)
-        .with_context(|| format!("cannot rename into {}", path.display()))?;
+    Ok(Staged {
+        tmp,
+        path: dir.join(name),
+    })
+}
+
+/// Renames staged files into place in their order; returns their paths.
+fn commit(staged: Vec<Staged>) -> anyhow::Result<Vec<PathBuf>> {
+    staged
+        .into_iter()
+        .map(|s| {
+            s.tmp
+                .persist(&s.path)
+                .with_context(|| format!("cannot rename into {}", s.path.display()))?;
+            Ok(s.path)
+        })
+        .collect()
+}
+
+/// Writes `bytes` to `dir/name` atomically with `mode`: a reader sees the old file or
+/// the new one, never part of one.
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> anyhow::Result<PathBuf> {
+    let staged = stage(dir, name, bytes, mode)?;
+    let path = staged.path.clone();
+    commit(vec![staged])?;
     Ok(path)
 }
 
@@ -324,9 +353,12 @@ pub(crate) fn write_x509_files(
         (0, Some(n)) => n.get(which).cloned().unwrap_or(default),
         _ => default,
     };
-    let mut written = Vec::new();
+    // Every file is written and fsynced first; the renames then follow one another in
+    // the documented order, so the window between the key's and the chain's rename is
+    // only that of a rename.
+    let mut staged = Vec::new();
     for (i, s) in ctx.svids.iter().enumerate() {
-        written.push(write_atomic(
+        staged.push(stage(
             dir,
             &name(i, 2, format!("bundle.{i}.pem")),
             pem("CERTIFICATE", &s.bundle).as_bytes(),
@@ -334,7 +366,7 @@ pub(crate) fn write_x509_files(
         )?);
     }
     for (td, certs) in &ctx.federated {
-        written.push(write_atomic(
+        staged.push(stage(
             dir,
             &format!("federated_bundle.{}.pem", trust_domain_file_part(td)),
             pem("CERTIFICATE", certs).as_bytes(),
@@ -344,26 +376,27 @@ pub(crate) fn write_x509_files(
     for (i, s) in ctx.svids.iter().enumerate() {
         let key = zeroize::Zeroizing::new(pem("PRIVATE KEY", std::slice::from_ref(&s.private_key)));
         let chain = pem("CERTIFICATE", &s.cert_chain);
-        written.push(write_atomic(
+        staged.push(stage(
             dir,
             &name(i, 1, format!("svid.{i}.key")),
             key.as_bytes(),
             0o600,
         )?);
-        written.push(write_atomic(
+        staged.push(stage(
             dir,
             &name(i, 0, format!("svid.{i}.pem")),
             chain.as_bytes(),
             0o644,
         )?);
         let combined = zeroize::Zeroizing::new(format!("{}{chain}", key.as_str()));
-        written.push(write_atomic(
+        staged.push(stage(
             dir,
             &format!("svid.{i}.combined.pem"),
             combined.as_bytes(),
             0o600,
         )?);
     }
+    let written = commit(staged)?;
     sync_dir(dir)?;
     Ok(written)
 }
