@@ -899,8 +899,10 @@ impl CertificateAuthority {
         kind: Leaf,
     ) -> Result<X509Svid, CaError> {
         self.check_trust_domain(spiffe_id)?;
-        if let Some(bad) = dns_names.iter().find(|n| !crate::entry::is_dns_name(n)) {
-            return Err(CaError::InvalidRequest(format!("invalid DNS name {bad:?}")));
+        if let Some(bad) = dns_names.iter().find(|n| !crate::entry::is_san_name(n)) {
+            return Err(CaError::InvalidRequest(format!(
+                "{bad:?} is neither a DNS name nor an IP address"
+            )));
         }
         let state = self.state.load();
         let slot = state
@@ -923,7 +925,12 @@ impl CertificateAuthority {
         if kind == Leaf::Server {
             dn.push(DnType::OrganizationalUnitName, SERVER_SVID_MARKER);
         }
-        if let Some(first) = dns_names.first() {
+        // The common name, when there is one, is the first DNS name: an IP address is
+        // an IP SAN only (RFC 6125 clients match names against SANs, never the CN).
+        if let Some(first) = dns_names
+            .iter()
+            .find(|n| crate::entry::ip_literal(n).is_none())
+        {
             dn.push(DnType::CommonName, first.clone());
         }
         params.distinguished_name = dn;
@@ -936,10 +943,13 @@ impl CertificateAuthority {
         let mut sans = vec![SanType::URI(
             spiffe_id.as_str().try_into().map_err(cert_err)?,
         )];
+        // One URI SAN, then the entry's names: an IP literal as an IP SAN, the rest as
+        // DNS SANs (the X509-SVID standard allows other SAN types beside the URI SAN).
         for name in dns_names {
-            sans.push(SanType::DnsName(
-                name.as_str().try_into().map_err(cert_err)?,
-            ));
+            sans.push(match crate::entry::ip_literal(name) {
+                Some(ip) => SanType::IpAddress(ip),
+                None => SanType::DnsName(name.as_str().try_into().map_err(cert_err)?),
+            });
         }
         params.subject_alt_names = sans;
         params.serial_number = Some(random_serial());

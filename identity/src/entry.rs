@@ -74,8 +74,8 @@ pub enum EntryError {
         /// The limit.
         max_secs: u64,
     },
-    /// A DNS name is malformed.
-    #[error("dns_names: invalid DNS name {0:?}")]
+    /// A name is neither a DNS name nor an IP address literal.
+    #[error("dns_names: {0:?} is neither a DNS name nor an IP address")]
     DnsName(String),
     /// Too many items in a list field.
     #[error("{field}: holds more than {max} items")]
@@ -449,7 +449,7 @@ impl RegistrationEntry {
                 max: MAX_DNS_NAMES,
             });
         }
-        if let Some(bad) = self.dns_names.iter().find(|n| !is_dns_name(n)) {
+        if let Some(bad) = self.dns_names.iter().find(|n| !is_san_name(n)) {
             return Err(EntryError::DnsName(bad.chars().take(80).collect()));
         }
         if self.federates_with.len() > MAX_FEDERATES_WITH {
@@ -493,6 +493,10 @@ pub fn is_server_id(id: &SpiffeId) -> bool {
 }
 
 /// Whether `name` is a DNS name (optionally with a leading `*.` wildcard).
+///
+/// The last label may not be all digits (RFC 3696 section 2), so a dotted string of
+/// numbers such as `10.0.0` or `300.1.1.1` is not taken for a host name: an IP address
+/// is an [`ip_literal`], never a DNS name.
 pub fn is_dns_name(name: &str) -> bool {
     let name = name.strip_prefix("*.").unwrap_or(name);
     !name.is_empty()
@@ -504,6 +508,28 @@ pub fn is_dns_name(name: &str) -> bool {
                 && !label.ends_with('-')
                 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         })
+        && !name
+            .rsplit('.')
+            .next()
+            .is_some_and(|tld| tld.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// The IP address `name` spells, if it is an IPv4 (`127.0.0.1`) or IPv6 (`::1`) literal
+/// in its canonical text form: such an entry of `dns_names` becomes an IP SAN of the
+/// X509-SVID (the X509-SVID standard allows SANs of any type besides the one URI SAN),
+/// never a DNS SAN nor the subject's common name. No brackets, zone (`%eth0`) or
+/// leading zeros.
+pub fn ip_literal(name: &str) -> Option<std::net::IpAddr> {
+    let ip = name.parse::<std::net::IpAddr>().ok()?;
+    // `Ipv4Addr` parsing already refuses leading zeros; IPv6 must be written as Rust
+    // (RFC 5952) writes it, so one address has one spelling in an entry.
+    (ip.to_string() == name).then_some(ip)
+}
+
+/// Whether `name` may be one of an entry's `dns_names`: a DNS name ([`is_dns_name`]) or
+/// an IP address literal ([`ip_literal`]).
+pub fn is_san_name(name: &str) -> bool {
+    ip_literal(name).is_some() || is_dns_name(name)
 }
 
 #[cfg(test)]
@@ -840,5 +866,55 @@ mod tests {
         assert!(is_dns_name("*.example.org"));
         assert!(!is_dns_name("-x.org"));
         assert!(!is_dns_name("a..b"));
+        assert!(is_dns_name("localhost"));
+        assert!(is_dns_name("tts.writ.svc.cluster.local"));
+        assert!(is_dns_name("1password.com"));
+        // Numbers are not host names: an address is an IP literal or nothing.
+        assert!(!is_dns_name("127.0.0.1"));
+        assert!(!is_dns_name("10.0.0"));
+        assert!(!is_dns_name("300.1.1.1"));
+        assert!(!is_dns_name("::1"));
+    }
+
+    #[test]
+    fn ip_literals() {
+        assert_eq!(ip_literal("127.0.0.1"), Some([127, 0, 0, 1].into()));
+        assert_eq!(
+            ip_literal("::1"),
+            Some(std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST))
+        );
+        assert!(ip_literal("2001:db8::7").is_some());
+        for bad in [
+            "[::1]",
+            "fe80::1%eth0",
+            "127.000.0.1",
+            "300.1.1.1",
+            "10.0.0",
+            "2001:DB8::7",
+            "2001:db8:0:0:0:0:0:7",
+            " 127.0.0.1",
+            "localhost",
+            "",
+        ] {
+            assert_eq!(ip_literal(bad), None, "{bad:?}");
+        }
+        assert!(is_san_name("127.0.0.1"));
+        assert!(is_san_name("localhost"));
+        assert!(!is_san_name("10.0.0"));
+        assert!(!is_san_name("[::1]"));
+    }
+
+    #[test]
+    fn an_entry_takes_ip_literals_and_refuses_garbage() {
+        let mut e = entry();
+        e.dns_names = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+        e.validate(&td()).unwrap();
+        for bad in ["10.0.0", "[::1]", "a b", "x_y.org", "1.2.3.4:80", "\u{0}"] {
+            e.dns_names = vec![bad.into()];
+            assert!(
+                matches!(e.validate(&td()), Err(EntryError::DnsName(_))),
+                "{bad:?}"
+            );
+        }
     }
 }

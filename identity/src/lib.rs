@@ -83,6 +83,58 @@ pub mod proto {
             }
         }
     }
+    /// `envoy.*`: the subset of Envoy's API the agent's SDS serves (see
+    /// [`crate::agent::sds`]), trimmed from the official protos (same packages, names
+    /// and field numbers).
+    pub mod envoy {
+        /// `envoy.config.*`.
+        pub mod config {
+            /// `envoy.config.core.*`.
+            pub mod core {
+                /// `envoy.config.core.v3`: `Node`, `DataSource`, `TypedExtensionConfig`.
+                pub mod v3 {
+                    tonic::include_proto!("envoy.config.core.v3");
+                }
+            }
+        }
+        /// `envoy.extensions.*`.
+        pub mod extensions {
+            /// `envoy.extensions.transport_sockets.*`.
+            pub mod transport_sockets {
+                /// `envoy.extensions.transport_sockets.tls.*`.
+                pub mod tls {
+                    /// `envoy.extensions.transport_sockets.tls.v3`: `Secret` and what it holds.
+                    pub mod v3 {
+                        tonic::include_proto!("envoy.extensions.transport_sockets.tls.v3");
+                    }
+                }
+            }
+        }
+        /// `envoy.service.*`.
+        pub mod service {
+            /// `envoy.service.discovery.*`.
+            pub mod discovery {
+                /// `envoy.service.discovery.v3`: the xDS discovery messages.
+                pub mod v3 {
+                    tonic::include_proto!("envoy.service.discovery.v3");
+                }
+            }
+            /// `envoy.service.secret.*`.
+            pub mod secret {
+                /// `envoy.service.secret.v3`: the Secret Discovery Service.
+                pub mod v3 {
+                    tonic::include_proto!("envoy.service.secret.v3");
+                }
+            }
+        }
+    }
+    /// `google.*` messages the Envoy API uses.
+    pub mod google {
+        /// `google.rpc`: `Status` (an xDS NACK's error).
+        pub mod rpc {
+            tonic::include_proto!("google.rpc");
+        }
+    }
     pub use writ::admin::v1 as admin;
     pub use writ::node::v1 as node;
     pub use writ_spiffe::proto::{delegation, workload};

@@ -111,3 +111,14 @@ fn pip_target(dir: &str, requirement: &str, module: &str) -> Option<Python> {
         }
     }
 }
+
+/// The xds-protos release (Envoy's API protos, generated for Python; brings grpcio and
+/// protobuf) the SDS suite pins.
+pub const XDS_PROTOS_VERSION: &str = "1.85.0";
+
+/// Finds Python 3 and makes sure xds-protos is installed into
+/// `<workspace>/.interop/xds` (its own directory and lock); `None` (after saying why)
+/// when that is not possible.
+pub fn xds() -> Option<Python> {
+    pip_target("xds", &format!("xds-protos=={XDS_PROTOS_VERSION}"), "envoy")
+}

@@ -19,6 +19,7 @@
 //! client_assertions = false              # accept JWT-SVID client assertions (policy per caller)
 //! client_assertion_replay_protection = true  # each assertion once (needs `jti`); see docs
 //! replica = "tts-a"                      # this replica's name (default: the host name)
+//! dns_names = ["tts.example.org", "10.0.0.7"]  # names clients dial; the SVID must carry them
 //!
 //! [identity_store]                       # the identity server's [datastore]: sub-agent
 //! backend = "postgres"                   # leases, and the replicas' shared public keys
@@ -78,6 +79,7 @@ use crate::oidc::{IssuerConfig, OidcError, OidcOptions, OidcValidator};
 use crate::policy::{FilePolicy, FileRateLimit, Policy, PolicyError};
 use crate::rate_limit::Rate;
 use crate::replica::{Replica, ReplicaError, ReplicaName};
+use crate::server_name::{ServerNameError, ServerNames};
 use crate::txn_token::{KeyRingError, SigningKeys};
 
 /// Default HTTPS address.
@@ -114,6 +116,9 @@ pub enum TxnConfigError {
     /// The listener could not start.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// `dns_names` is invalid, or the service's X509-SVID does not carry every name.
+    #[error("txn.toml: {0}")]
+    Names(#[from] ServerNameError),
     /// A file could not be read or written.
     #[error("{path}: {reason}")]
     File {
@@ -171,6 +176,9 @@ pub struct TxnFileConfig {
     /// This replica's name, recorded beside the keys it publishes (default: the host
     /// name).
     pub replica: Option<String>,
+    /// The DNS names and IP addresses clients reach this service by: its X509-SVID
+    /// must carry each (checked at start and at every rotation).
+    pub dns_names: Option<Vec<String>>,
     /// The issuance policy.
     #[serde(default)]
     pub policy: FilePolicy,
@@ -312,6 +320,8 @@ pub struct TxnConfig {
     /// Accept the `writ dev` development issuer's tokens. Only `writ dev` sets this; no
     /// `txn.toml` key can.
     pub accept_dev_tokens: bool,
+    /// The names clients reach this service by, which its X509-SVID must carry.
+    pub dns_names: ServerNames,
 }
 
 fn duration(
@@ -467,6 +477,7 @@ impl TxnConfig {
             accept_dev_tokens: false,
             policy,
             connections,
+            dns_names: ServerNames::new(file.dns_names.unwrap_or_default())?,
         })
     }
 }
@@ -564,6 +575,8 @@ pub struct TxnServer {
     summaries: tokio::task::JoinHandle<()>,
     /// Publishes this replica's keys and reads the others' (with an identity store).
     upkeep: Option<tokio::task::JoinHandle<()>>,
+    /// Checks the configured names at each rotation of the SVID.
+    names_watch: Option<tokio::task::JoinHandle<()>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -606,6 +619,8 @@ impl TxnServer {
             builder = builder.spiffe_id(id.clone());
         }
         let source = builder.build().await?;
+        // Refuse to start with a certificate HTTPS clients would refuse.
+        config.dns_names.check(&source.svid())?;
         let trust_domain = source.svid().spiffe_id.trust_domain();
         let retain = config.policy.max_lifetime() + Duration::from_secs(60);
         let keys = match &config.data_dir {
@@ -719,6 +734,8 @@ impl TxnServer {
                 .await
             })
         };
+        let names_watch =
+            (!config.dns_names.is_empty()).then(|| config.dns_names.clone().watch(source.clone()));
         tracing::info!(%addr, issuer = %config.issuer, spiffe_id = %source.svid().spiffe_id, "transaction token service listening");
         Ok(Self {
             addr,
@@ -727,6 +744,7 @@ impl TxnServer {
             task,
             summaries,
             upkeep,
+            names_watch,
             stop: Some(stop),
         })
     }
@@ -744,6 +762,9 @@ impl TxnServer {
         if let Some(upkeep) = &self.upkeep {
             upkeep.abort();
         }
+        if let Some(watch) = &self.names_watch {
+            watch.abort();
+        }
         self.service.audit().flush_suppressed();
         match result {
             Ok(result) => result,
@@ -758,6 +779,9 @@ impl Drop for TxnServer {
         self.summaries.abort();
         if let Some(upkeep) = &self.upkeep {
             upkeep.abort();
+        }
+        if let Some(watch) = &self.names_watch {
+            watch.abort();
         }
     }
 }
@@ -787,6 +811,27 @@ mod tests {
             "[connections]\nmax_connections_per_ip = 0",
             "[connections]\nidle_timeout = \"0s\"",
             "[connections]\nread_timeout = \"1s\"",
+        ] {
+            assert!(TxnConfig::from_toml(bad, Path::new(".")).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dns_names_parse_and_refuse_garbage() {
+        let config = TxnConfig::from_toml("", Path::new(".")).unwrap();
+        assert!(config.dns_names.is_empty(), "no names: nothing to check");
+        let text = "dns_names = [\"tts.example.org\", \"10.0.0.7\", \"::1\"]";
+        let config = TxnConfig::from_toml(text, Path::new(".")).unwrap();
+        assert_eq!(
+            config.dns_names.as_slice(),
+            ["tts.example.org", "10.0.0.7", "::1"]
+        );
+        for bad in [
+            "dns_names = [\"*.example.org\"]",
+            "dns_names = [\"10.0.0\"]",
+            "dns_names = [\"https://tts\"]",
+            "dns_names = \"tts\"",
+            "dns_names = [1]",
         ] {
             assert!(TxnConfig::from_toml(bad, Path::new(".")).is_err(), "{bad}");
         }

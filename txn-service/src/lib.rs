@@ -28,4 +28,5 @@ pub mod oidc;
 pub mod policy;
 pub mod rate_limit;
 pub mod replica;
+pub mod server_name;
 pub mod txn_token;

@@ -20,6 +20,7 @@ pub mod delegation;
 pub mod health;
 pub mod node_api;
 pub mod node_client;
+pub mod sds;
 pub mod server_address;
 pub mod uds_transport;
 pub mod workload_api;
@@ -58,7 +59,7 @@ impl Drop for RunningAgent {
     }
 }
 
-/// Fills the cache once, then serves the Workload API, Writ's sub-agent delegation
+/// Fills the cache once, then serves the Workload API, Envoy's SDS (see [`sds`]), Writ's sub-agent delegation
 /// service (`writ.delegation.v1.SubAgents`) and the agent's health
 /// (`grpc.health.v1.Health`, see [`health`]) on `socket` (mode 0777 in a 0755 directory,
 /// so workloads of any uid can reach it, as SPIRE's public socket), and keeps the cache
@@ -80,10 +81,12 @@ pub async fn start(
     let delegation = Delegation::new(api.clone());
     let subagents = SubAgentsServer::new(delegation.clone());
     let health = HealthServer::new(AgentHealth::new(cache.clone()));
+    let sds = sds::Sds::new(api.clone()).into_server();
     let service = SpiffeWorkloadApiServer::new(api);
     let serve = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .add_service(service)
+            .add_service(sds)
             .add_service(subagents)
             .add_service(health)
             .serve_with_incoming(futures::TryStreamExt::map_ok(

@@ -154,6 +154,15 @@ impl WorkloadApi {
         if header != Some("true") {
             return Err(WorkloadApiError::MissingHeader);
         }
+        self.attest_peer(request).await
+    }
+
+    /// Attests the caller from the socket's peer credentials, without the header check
+    /// (Envoy's SDS client does not send it; see [`super::sds`]).
+    ///
+    /// # Errors
+    /// [`WorkloadApiError::Attestation`] when the caller cannot be identified.
+    pub async fn attest_peer<T>(&self, request: &Request<T>) -> Result<Attested, WorkloadApiError> {
         let cred = request
             .extensions()
             .get::<tonic::transport::server::UdsConnectInfo>()
@@ -346,8 +355,11 @@ fn concat(ders: &[Vec<u8>]) -> Vec<u8> {
 }
 
 /// The bundles a workload gets: its own trust domain's and those its entries federate
-/// with.
-fn visible_bundles<'a>(snapshot: &'a Snapshot, svids: &[Arc<CachedSvid>]) -> Vec<&'a Bundle> {
+/// with, ordered by trust domain. Shared with [`super::sds`].
+pub(crate) fn visible_bundles<'a>(
+    snapshot: &'a Snapshot,
+    svids: &[Arc<CachedSvid>],
+) -> Vec<&'a Bundle> {
     let mut tds: Vec<TrustDomain> = Vec::new();
     for c in svids {
         tds.push(c.entry.spiffe_id.trust_domain());

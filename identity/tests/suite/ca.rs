@@ -113,6 +113,55 @@ async fn x509_svid_follows_the_standard_profile() {
 }
 
 #[tokio::test]
+async fn an_ip_literal_becomes_an_ip_san_and_names_dns_sans() {
+    let clock = ManualClock::new(start());
+    let ca = memory_ca(&clock).await;
+    let names = ["127.0.0.1", "localhost", "::1", "tts.example.org"].map(String::from);
+    let svid = ca.mint_x509_svid(&id("/tts"), None, &names).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&svid.cert_chain[0]).unwrap();
+    let sans = &cert
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names;
+    let (mut uris, mut dns, mut ips) = (vec![], vec![], vec![]);
+    for san in sans {
+        match san {
+            GeneralName::URI(u) => uris.push(u.to_string()),
+            GeneralName::DNSName(d) => dns.push(d.to_string()),
+            GeneralName::IPAddress(ip) => ips.push(ip.to_vec()),
+            other => panic!("unexpected SAN {other:?}"),
+        }
+    }
+    assert_eq!(uris, ["spiffe://example.org/tts"], "exactly one URI SAN");
+    assert_eq!(dns, ["localhost", "tts.example.org"]);
+    let mut v6 = vec![0u8; 15];
+    v6.push(1);
+    assert_eq!(ips, [vec![127, 0, 0, 1], v6]);
+    let cn: Vec<_> = cert
+        .subject()
+        .iter_common_name()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        cn,
+        ["localhost"],
+        "the CN is the first DNS name, never an IP"
+    );
+    let ok = x509::validate(&svid.cert_chain, &bundles(&ca), clock.now()).unwrap();
+    assert_eq!(ok.spiffe_id, id("/tts"));
+
+    for bad in ["10.0.0", "[::1]", "a_b.org", "1.2.3.4:80"] {
+        assert!(
+            ca.mint_x509_svid(&id("/tts"), None, &[bad.to_owned()])
+                .is_err(),
+            "{bad:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn validator_refuses_foreign_expired_and_non_svid_chains() {
     let clock = ManualClock::new(start());
     let ca = memory_ca(&clock).await;

@@ -20,6 +20,7 @@ mod openapi;
 mod py_spiffe;
 mod sdk_jwt_source;
 mod sdk_mtls;
+mod sds;
 mod split_agent;
 mod streams;
 mod subagents;

@@ -295,7 +295,8 @@ impl Dev {
             }
         }));
 
-        ensure_tts_entry(&state, &agent_id, &tts_id).await?;
+        let tts_names = tts_dns_names(options.tts_listen.ip());
+        ensure_tts_entry(&state, &agent_id, &tts_id, &tts_names).await?;
         let node = Arc::new(LocalNode::new(state.clone(), agent_id.clone()));
         let agent_socket = dir.join("agent.sock");
         let attestor = DevAttestor::detect().await;
@@ -326,6 +327,8 @@ impl Dev {
         txn.identity_store = Some(datastore);
         txn.policy = policy;
         txn.accept_dev_tokens = true;
+        txn.dns_names = writ_txn_service::server_name::ServerNames::new(tts_names)
+            .map_err(writ_txn_service::config::TxnConfigError::from)?;
         let tts = TxnServer::start_on(txn, Arc::new(SystemClock), tcp).await?;
 
         let state_record = DevState {
@@ -533,10 +536,25 @@ fn self_selector(caller: &Caller) -> Option<Selector> {
 
 /// The token service's entry: this uid and [`SELF_SELECTOR`], under the agent. Replaced
 /// if an older `writ dev` wrote it with other selectors.
+/// The names `writ dev`'s token service is reached by, which its X509-SVID carries so
+/// that any HTTPS client verifies it: `localhost`, `127.0.0.1`, and the address it
+/// listens on when that is another (not unspecified) IP.
+fn tts_dns_names(listen: std::net::IpAddr) -> Vec<String> {
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    let ip = listen.to_string();
+    if !listen.is_unspecified() && !names.contains(&ip) {
+        names.push(ip);
+    }
+    names
+}
+
+/// Makes (or brings up to date) the token service's entry: its selectors and the
+/// `names` its SVID carries. A data dir made before the names existed gets them here.
 async fn ensure_tts_entry(
     state: &ServerState,
     agent_id: &SpiffeId,
     tts_id: &SpiffeId,
+    names: &[String],
 ) -> Result<(), DevError> {
     let entry_err = |e: &dyn std::fmt::Display| DevError::Entry(e.to_string());
     let uid = current_uid().map_err(|e| entry_err(&e))?;
@@ -553,7 +571,21 @@ async fn ensure_tts_entry(
         })
         .await
         .map_err(|e| entry_err(&e))?;
-    if existing.iter().any(|e| e.selectors == selectors) {
+    if let Some(current) = existing.iter().find(|e| e.selectors == selectors) {
+        if current.dns_names == names {
+            return Ok(());
+        }
+        let mut entry = current.clone();
+        entry.dns_names = names.to_vec();
+        entry
+            .validate_own(&state.config.trust_domain)
+            .map_err(|e| entry_err(&e))?;
+        state
+            .store
+            .update_entry(&entry)
+            .await
+            .map_err(|e| entry_err(&e))?;
+        state.notify_change();
         return Ok(());
     }
     for stale in existing {
@@ -565,6 +597,7 @@ async fn ensure_tts_entry(
     }
     let mut entry = RegistrationEntry::new(tts_id.clone(), agent_id.clone(), selectors);
     entry.hint = "writ dev token service".to_owned();
+    entry.dns_names = names.to_vec();
     // Writ's own entry, in the reserved namespace: made here, never through the admin API.
     entry
         .validate_own(&state.config.trust_domain)

@@ -28,4 +28,6 @@ mod fleet;
 mod helper;
 mod oidc_discovery;
 mod readme;
+mod recipes;
+mod tls_names;
 mod trust_domain;

@@ -209,6 +209,109 @@ fn every_flag_the_docs_pass_to_writ_exists() {
     assert!(checked >= 40, "checked only {checked} flags");
 }
 
+/// What in `text` turns off server verification: curl's `-k`/`--insecure` (alone or
+/// in a cluster such as `-sSk`), Python's `verify=False`, `CERT_NONE` or
+/// `check_hostname = False`, Node's `rejectUnauthorized: false` or
+/// `NODE_TLS_REJECT_UNAUTHORIZED`.
+fn skips_tls_checks(text: &str) -> Option<String> {
+    let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    for bad in [
+        "verify=False",
+        "CERT_NONE",
+        "check_hostname=False",
+        "rejectUnauthorized:false",
+        "NODE_TLS_REJECT_UNAUTHORIZED",
+        "InsecureSkipVerify",
+    ] {
+        if compact.contains(bad) {
+            return Some(bad.to_owned());
+        }
+    }
+    for line in text.lines() {
+        let tokens: Vec<&str> = line.split_whitespace().collect();
+        for (i, token) in tokens.iter().enumerate() {
+            if !token
+                .trim_matches(|c| c == '`' || c == '"' || c == '(')
+                .ends_with("curl")
+            {
+                continue;
+            }
+            for flag in tokens.iter().skip(i + 1) {
+                let flag = flag.trim_matches(|c| c == '`' || c == '"');
+                let short = flag.starts_with('-') && !flag.starts_with("--");
+                if flag == "--insecure" || short && flag.contains('k') {
+                    return Some(format!("curl {flag}"));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Every text file under `examples/` (manifests, configs, recipes, their READMEs).
+fn example_files() -> Vec<String> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() {
+                if name != "node_modules" && name != "target" && name != "__pycache__" {
+                    walk(&path, out);
+                }
+            } else if std::fs::read_to_string(&path).is_ok() {
+                out.push(path);
+            }
+        }
+    }
+    let root = workspace_root();
+    let mut paths = Vec::new();
+    walk(&root.join("examples"), &mut paths);
+    let mut out: Vec<String> = paths
+        .iter()
+        .map(|p| {
+            p.strip_prefix(&root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn no_doc_example_or_manifest_turns_off_server_verification() {
+    let files: Vec<String> = docs().into_iter().chain(example_files()).collect();
+    assert!(
+        files.iter().any(|f| f.ends_with("kubernetes/txn.yaml")),
+        "the walk reaches the manifests: {files:?}"
+    );
+    for file in &files {
+        if let Some(bad) = skips_tls_checks(&workspace_file(file)) {
+            panic!("{file} turns off server verification: `{bad}`");
+        }
+    }
+    // The check can fail.
+    for bad in [
+        "curl -sSk https://x",
+        "curl --insecure https://x",
+        "`curl -k`",
+        "requests.post(url, verify=False)",
+        "ctx.verify_mode = ssl.CERT_NONE",
+        "ctx.check_hostname = False",
+        "https.request({ rejectUnauthorized: false })",
+        "NODE_TLS_REJECT_UNAUTHORIZED=0 node gw.js",
+    ] {
+        assert!(skips_tls_checks(bad).is_some(), "{bad}");
+    }
+    for fine in [
+        "curl -sS --cacert bundle.pem https://x",
+        "curl --fail-with-body -H 'k: v' https://x",
+    ] {
+        assert_eq!(skips_tls_checks(fine), None, "{fine}");
+    }
+}
+
 #[test]
 fn no_doc_skips_tls_checks_or_opens_the_node_api_in_a_one_machine_recipe() {
     for doc in docs() {
