@@ -170,6 +170,9 @@ pub struct CaConfig {
     pub refresh_hint: Option<Duration>,
     /// Sign intermediates with this CA instead of self-signing.
     pub upstream: Option<UpstreamAuthority>,
+    /// The `iss` claim of JWT-SVIDs (`[ca] jwt_issuer`, SPIRE's name): the URL the OIDC
+    /// discovery document is served under. `None`: JWT-SVIDs carry no `iss`.
+    pub jwt_issuer: Option<String>,
 }
 
 impl CaConfig {
@@ -183,6 +186,7 @@ impl CaConfig {
             default_jwt_svid_ttl: Duration::from_secs(300),
             refresh_hint: Some(Duration::from_secs(300)),
             upstream: None,
+            jwt_issuer: None,
         }
     }
 }
@@ -995,7 +999,15 @@ impl CertificateAuthority {
         let now = self.clock.unix_seconds();
         let ttl = ttl.unwrap_or(self.config.default_jwt_svid_ttl);
         let exp = (now + secs(ttl)).min(slot.record.not_after);
-        let token = jwt::sign(&slot.key, &slot.record.id, spiffe_id, audience, now, exp)?;
+        let token = jwt::sign_with_issuer(
+            &slot.key,
+            &slot.record.id,
+            spiffe_id,
+            audience,
+            now,
+            exp,
+            self.config.jwt_issuer.as_deref(),
+        )?;
         Ok((token, from_unix_seconds(exp)))
     }
 

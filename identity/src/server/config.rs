@@ -105,6 +105,20 @@ pub struct FileConfig {
     /// SPIFFE federation: the bundle endpoint and the refresher's bounds.
     #[serde(default)]
     pub federation: FileFederation,
+    /// `[oidc_discovery]`: serve OIDC discovery for JWT-SVIDs (needs `ca.jwt_issuer`).
+    pub oidc_discovery: Option<FileOidcDiscovery>,
+}
+
+/// `[oidc_discovery]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileOidcDiscovery {
+    /// Listen address, e.g. `127.0.0.1:8008`.
+    pub listen: String,
+    /// HTTPS certificate chain (PEM); without it the listener speaks plain HTTP.
+    pub tls_cert_file: Option<PathBuf>,
+    /// HTTPS private key (PEM).
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// `[federation]`.
@@ -251,6 +265,9 @@ pub struct FileCa {
     pub upstream_cert_file: Option<PathBuf>,
     /// Upstream CA private key (PEM).
     pub upstream_key_file: Option<PathBuf>,
+    /// The `iss` claim of JWT-SVIDs: the URL OIDC discovery is served under
+    /// (`https://oidc.example.org`). Absent: JWT-SVIDs carry no `iss`.
+    pub jwt_issuer: Option<String>,
 }
 
 /// `[svid]`.
@@ -415,6 +432,33 @@ pub struct ServerConfig {
     pub k8s_psat: crate::attest::node::k8s_psat::K8sPsatConfig,
     /// SPIFFE federation (`[federation]`).
     pub federation: FederationConfig,
+    /// OIDC discovery for JWT-SVIDs (`[oidc_discovery]`); its issuer is
+    /// `ca.jwt_issuer`.
+    pub oidc_discovery: Option<crate::server::oidc_discovery::OidcDiscoveryConfig>,
+}
+
+/// Checks a `jwt_issuer`: an `https` (or `http`, for development) URL with a host and
+/// no query or fragment, at most 512 bytes; returned without a trailing slash.
+///
+/// # Errors
+/// [`ConfigError::Value`] naming `ca.jwt_issuer`.
+pub fn jwt_issuer(text: &str) -> Result<String, ConfigError> {
+    let bad = |why: &str| value("ca.jwt_issuer", format!("{text:?}: {why}"));
+    if text.len() > 512 {
+        return Err(bad("longer than 512 bytes"));
+    }
+    let rest = text
+        .strip_prefix("https://")
+        .or_else(|| text.strip_prefix("http://"))
+        .ok_or_else(|| bad("must be an https:// URL"))?;
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty()
+        || rest.contains(['?', '#'])
+        || text.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(bad("needs a host and no query, fragment or spaces"));
+    }
+    Ok(text.trim_end_matches('/').to_owned())
 }
 
 impl ServerConfig {
@@ -536,6 +580,34 @@ impl TryFrom<FileConfig> for ServerConfig {
             }
         };
 
+        ca.jwt_issuer = file.ca.jwt_issuer.as_deref().map(jwt_issuer).transpose()?;
+        let oidc_discovery = match file.oidc_discovery {
+            None => None,
+            Some(_) if ca.jwt_issuer.is_none() => {
+                return Err(value(
+                    "oidc_discovery",
+                    "needs ca.jwt_issuer (the public URL discovery is served under)",
+                ));
+            }
+            Some(d) => {
+                let listen = d
+                    .listen
+                    .parse()
+                    .map_err(|e| value("oidc_discovery.listen", format!("{:?}: {e}", d.listen)))?;
+                let tls = match (d.tls_cert_file, d.tls_key_file) {
+                    (None, None) => None,
+                    (Some(c), Some(k)) => Some((c, k)),
+                    _ => {
+                        return Err(value(
+                            "oidc_discovery.tls_cert_file",
+                            "tls_cert_file and tls_key_file go together",
+                        ));
+                    }
+                };
+                Some(crate::server::oidc_discovery::OidcDiscoveryConfig { listen, tls })
+            }
+        };
+
         let datastore = Datastore::from_file(&file.datastore, Path::new(""))
             .map_err(|(field, e)| {
                 let key = if field == "backend" {
@@ -576,6 +648,7 @@ impl TryFrom<FileConfig> for ServerConfig {
                 .map_err(|e| value("node_attestors.k8s_psat", e))?;
         let federation = FederationConfig::try_from(file.federation)?;
         Ok(Self {
+            oidc_discovery,
             k8s_psat,
             federation,
             trust_domain,
@@ -732,5 +805,50 @@ mod tests {
             assert!(err.contains(key), "{text:?}: {err}");
             assert!(!err.contains('\n'), "one line: {err:?}");
         }
+    }
+
+    #[test]
+    fn jwt_issuer_and_oidc_discovery_are_checked() {
+        let load = |text: &str| {
+            toml::from_str::<FileConfig>(text)
+                .map_err(ConfigError::from)
+                .and_then(ServerConfig::try_from)
+        };
+        let c = load(
+            "[ca]\njwt_issuer = \"https://oidc.example.org/\"\n\
+             [oidc_discovery]\nlisten = \"127.0.0.1:8008\"",
+        )
+        .unwrap();
+        assert_eq!(c.ca.jwt_issuer.as_deref(), Some("https://oidc.example.org"));
+        let d = c.oidc_discovery.unwrap();
+        assert_eq!(d.listen.port(), 8008);
+        assert!(d.tls.is_none());
+        assert!(load("").unwrap().ca.jwt_issuer.is_none());
+        for (text, key) in [
+            (
+                "[oidc_discovery]\nlisten = \"127.0.0.1:8008\"",
+                "needs ca.jwt_issuer",
+            ),
+            ("[ca]\njwt_issuer = \"oidc.example.org\"", "ca.jwt_issuer"),
+            ("[ca]\njwt_issuer = \"https://\"", "ca.jwt_issuer"),
+            ("[ca]\njwt_issuer = \"https://x.org/?a=b\"", "ca.jwt_issuer"),
+            (
+                "[ca]\njwt_issuer = \"https://x.org\"\n[oidc_discovery]\nlisten = \"nowhere\"",
+                "oidc_discovery.listen",
+            ),
+            (
+                "[ca]\njwt_issuer = \"https://x.org\"\n[oidc_discovery]\nlisten = \"127.0.0.1:1\"\ntls_cert_file = \"/c\"",
+                "go together",
+            ),
+            (
+                "[oidc_discovery]\nlisten = \"127.0.0.1:1\"\nport = 3",
+                "port",
+            ),
+        ] {
+            let err = load(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?}: {err}");
+        }
+        let long = format!("[ca]\njwt_issuer = \"https://{}.org\"", "a".repeat(600));
+        assert!(load(&long).is_err());
     }
 }

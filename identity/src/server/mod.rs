@@ -20,6 +20,7 @@ pub mod federation;
 pub mod lease;
 pub mod node;
 pub mod node_service;
+pub mod oidc_discovery;
 
 use std::future::Future;
 use std::path::Path;
@@ -61,6 +62,9 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The OIDC discovery listener could not start.
+    #[error("OIDC discovery: {0}")]
+    OidcDiscovery(#[from] oidc_discovery::OidcDiscoveryError),
     /// The gRPC server failed.
     #[error("admin API: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -354,6 +358,21 @@ pub async fn serve(
         None => None,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let discovery_task = match (&state.config.oidc_discovery, &state.config.ca.jwt_issuer) {
+        (Some(d), Some(issuer)) => {
+            let listener = oidc_discovery::bind(d).await?;
+            let router = oidc_discovery::router(issuer, state.ca.subscribe());
+            let config = d.clone();
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(async move {
+                oidc_discovery::serve(&config, listener, router, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+            }))
+        }
+        _ => None,
+    };
     let node_task = node_listener.map(|l| {
         if let Ok(addr) = l.local_addr() {
             tracing::info!(address = %addr, "node API (mTLS) ready");
@@ -380,6 +399,11 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     if let Some(t) = node_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    if let Some(t) = discovery_task
+        && let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(5), t).await
+    {
+        tracing::error!(error = %e, "OIDC discovery failed");
     }
     rotation.abort();
     refresher.abort();

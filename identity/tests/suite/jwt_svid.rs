@@ -804,3 +804,30 @@ fn time_claims_out_of_range_are_refused() {
     // Within the leeway, nbf and iat pass.
     assert!(check(serde_json::json!({"nbf": now + 30, "iat": now + 30})).is_ok());
 }
+
+#[tokio::test]
+async fn a_configured_issuer_is_the_iss_claim_and_validation_accepts_both() {
+    let clock = ManualClock::new(start_time());
+    let store = SqliteStore::open_in_memory().await.unwrap();
+    let mut config = CaConfig::new(TrustDomain::new("example.org").unwrap());
+    config.jwt_issuer = Some("https://oidc.example.org".into());
+    let ca = CertificateAuthority::load(
+        config,
+        Arc::new(clock.clone()),
+        Arc::new(MemoryKeyManager::new()),
+        Arc::new(store),
+    )
+    .await
+    .unwrap();
+    let (token, _) = ca.sign_jwt_svid(&planner(), &aud(&["aud"]), None).unwrap();
+    let [_, payload, _] = parts(&token);
+    assert_eq!(unb64(&payload)["iss"], "https://oidc.example.org");
+    let svid = jwt::validate(&token, &["aud"], &bundles(&ca), clock.now()).unwrap();
+    assert_eq!(svid.spiffe_id, planner());
+
+    // Without an issuer there is no `iss` at all, and that validates too.
+    let plain = setup().await;
+    let [_, payload, _] = parts(&plain.token);
+    assert!(unb64(&payload).get("iss").is_none());
+    plain.validate(&plain.token, &["aud"]).unwrap();
+}

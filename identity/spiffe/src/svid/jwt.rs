@@ -146,6 +146,10 @@ pub struct JwtSvidClaims {
     /// A unique id of this token (random), for replay detection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jti: Option<String>,
+    /// The issuer, when the trust domain configures one (`[ca] jwt_issuer`): the URL an
+    /// OIDC discovery document is served under. Validation does not require it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
 }
 
 /// A validated JWT-SVID.
@@ -177,6 +181,23 @@ pub fn sign(
     issued_at: i64,
     expires_at: i64,
 ) -> Result<String, JwtSvidError> {
+    sign_with_issuer(key, kid, spiffe_id, audience, issued_at, expires_at, None)
+}
+
+/// As [`sign`], with an `iss` claim when `issuer` is given (the OIDC discovery issuer
+/// URL relying parties such as cloud providers match).
+///
+/// # Errors
+/// [`JwtSvidError::Sign`] if the key cannot sign.
+pub fn sign_with_issuer(
+    key: &PrivateKey,
+    kid: &str,
+    spiffe_id: &SpiffeId,
+    audience: &[String],
+    issued_at: i64,
+    expires_at: i64,
+    issuer: Option<&str>,
+) -> Result<String, JwtSvidError> {
     let mut header = Header::new(Algorithm::ES256);
     header.kid = Some(kid.to_owned());
     header.typ = Some("JWT".into());
@@ -190,6 +211,7 @@ pub fn sign(
         exp: expires_at,
         iat: issued_at,
         jti: Some(uuid::Uuid::new_v4().to_string()),
+        iss: issuer.map(str::to_owned),
     };
     jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ec_der(key.pkcs8_der()))
         .map_err(|e| JwtSvidError::Sign(e.to_string()))

@@ -40,13 +40,18 @@ pub(crate) enum ApiCommand {
     /// Validate with the agent.
     #[command(subcommand)]
     Validate(ValidateCommand),
-    /// Print every X509-SVID update (rotation) until Ctrl-C.
+    /// Print every X509-SVID update (rotation) until Ctrl-C; with `--write DIR`, keep
+    /// SVID, key, bundle (and JWT-SVID) files in DIR fresh for software that reads
+    /// files, and reload it after each change (docs/helper.md).
     Watch {
         #[command(flatten)]
         socket: AgentSocket,
-        /// `json` prints one compact JSON array per update, one per line.
+        /// `json` prints one compact JSON array per update, one per line (with
+        /// `--write`: one object per write, with `files`, `serial`, `write_us`, `reload`).
         #[command(flatten)]
         output: OutputArg,
+        #[command(flatten)]
+        write: WatchWrite,
     },
     /// Run a program as a sub-agent of this process: it gets its own short-lived
     /// identity `<this identity>/sub/<name>-<hex>` (and `WRIT_TXN_TOKEN` if set here),
@@ -69,6 +74,120 @@ pub(crate) enum ApiCommand {
         #[arg(last = true, required = true)]
         command: Vec<std::ffi::OsString>,
     },
+}
+
+/// `writ api watch --write` and what goes with it.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct WatchWrite {
+    /// Write svid.N.pem, svid.N.key (0600), svid.N.combined.pem (0600), bundle.N.pem and
+    /// federated_bundle.<td>.pem here, atomically, at first issue and at every rotation.
+    #[arg(long)]
+    write: Option<PathBuf>,
+    /// Also write `jwt_svid.<audience>.token` (0600) for this audience, refreshed at
+    /// half its lifetime; repeat for several.
+    #[arg(long = "jwt-audience", requires = "write")]
+    jwt_audience: Vec<String>,
+    /// Run this after every write: a program and its arguments split on spaces, no
+    /// shell (e.g. `"nginx -s reload"`). Its failure is logged, not fatal.
+    #[arg(long, requires = "write", conflicts_with_all = ["signal_pid", "pid_file"])]
+    reload_cmd: Option<String>,
+    /// Run `--reload-cmd` with `sh -c` instead (quotes, pipes).
+    #[arg(long, requires = "reload_cmd")]
+    reload_shell: bool,
+    /// Longest run of `--reload-cmd`; it is killed then.
+    #[arg(long, default_value = "30s", requires = "reload_cmd")]
+    reload_timeout: String,
+    /// Send `--signal` to this process after every write.
+    #[arg(long, requires = "write", conflicts_with = "pid_file")]
+    signal_pid: Option<i32>,
+    /// Send `--signal` to the process whose pid this file holds (read at every write).
+    #[arg(long, requires = "write")]
+    pid_file: Option<PathBuf>,
+    /// The signal for `--signal-pid`/`--pid-file`.
+    #[arg(long, default_value = "HUP")]
+    signal: String,
+    /// Write once and exit (spiffe-helper's `daemon_mode = false`).
+    #[arg(long, requires = "write")]
+    once: bool,
+    /// Read the settings from this file instead (spiffe-helper's `helper.conf` keys,
+    /// TOML syntax: `cert_dir`, `svid_file_name`, `cmd`, `cmd_args`, `jwt_svids`, ...).
+    #[arg(long, conflicts_with_all = ["write", "jwt_audience", "reload_cmd", "signal_pid", "pid_file", "once"])]
+    config: Option<PathBuf>,
+}
+
+impl WatchWrite {
+    fn options(
+        self,
+        socket: &mut AgentSocket,
+        json: bool,
+    ) -> anyhow::Result<Option<super::svid_files::WriteOptions>> {
+        use super::svid_files::{
+            HelperConf, Notify, PidSource, WriteOptions, jwt_file_name, parse_signal,
+        };
+        if let Some(path) = &self.config {
+            let mut conf = HelperConf::read(path)?;
+            if let Some(address) = conf.agent_address.take() {
+                socket.endpoint = if address.contains("://") {
+                    address
+                } else {
+                    format!("unix://{address}")
+                };
+            }
+            return Ok(Some(conf.options(json)?));
+        }
+        let Some(dir) = self.write else {
+            return Ok(None);
+        };
+        let notify = match (self.reload_cmd, self.signal_pid, self.pid_file) {
+            (Some(cmd), _, _) => {
+                let timeout = cmd_duration(&self.reload_timeout)?;
+                let argv: Vec<String> = if self.reload_shell {
+                    vec!["sh".into(), "-c".into(), cmd]
+                } else {
+                    cmd.split_whitespace().map(str::to_owned).collect()
+                };
+                anyhow::ensure!(!argv.is_empty(), "--reload-cmd is empty");
+                Some(Notify::Command { argv, timeout })
+            }
+            (None, Some(pid), _) => Some(Notify::Signal {
+                target: PidSource::Pid(pid),
+                signal: parse_signal(&self.signal)?,
+            }),
+            (None, None, Some(file)) => Some(Notify::Signal {
+                target: PidSource::File(file),
+                signal: parse_signal(&self.signal)?,
+            }),
+            (None, None, None) => None,
+        };
+        for a in &self.jwt_audience {
+            anyhow::ensure!(
+                !a.is_empty() && a.len() <= 256,
+                "--jwt-audience must be 1 to 256 bytes"
+            );
+        }
+        Ok(Some(WriteOptions {
+            dir,
+            jwt_svids: self
+                .jwt_audience
+                .into_iter()
+                .map(|a| {
+                    let file = jwt_file_name(&a);
+                    (a, file)
+                })
+                .collect(),
+            names: None,
+            notify,
+            once: self.once,
+            json,
+        }))
+    }
+}
+
+fn cmd_duration(text: &str) -> anyhow::Result<std::time::Duration> {
+    Ok(text
+        .parse::<writ_identity::duration::ConfigDuration>()
+        .map_err(|e| anyhow::anyhow!("--reload-timeout: {e}"))?
+        .get())
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -303,7 +422,15 @@ pub(crate) async fn run(cmd: ApiCommand) -> anyhow::Result<ExitCode> {
             parent,
             command,
         } => return spawn(socket, name, ttl, parent, command).await,
-        ApiCommand::Watch { socket, output } => {
+        ApiCommand::Watch {
+            mut socket,
+            output,
+            write,
+        } => {
+            if let Some(opts) = write.options(&mut socket, output.json())? {
+                super::svid_files::watch(&socket.endpoint, opts).await?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let mut watch = socket
                 .connect()
                 .await?

@@ -14,6 +14,7 @@ mod federation;
 pub mod out;
 mod server;
 mod svid;
+mod svid_files;
 mod txn;
 
 use std::path::{Path, PathBuf};

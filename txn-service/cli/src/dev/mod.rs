@@ -43,7 +43,7 @@ use writ_identity::clock::{Clock, SystemClock};
 use writ_identity::entry::RegistrationEntry;
 use writ_identity::selector::Selector;
 use writ_identity::server::config::ServerConfig;
-use writ_identity::server::{self, ServerState};
+use writ_identity::server::{self, ServerState, oidc_discovery};
 use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
 use writ_identity::store::EntryFilter;
 
@@ -133,6 +133,9 @@ pub struct DevOptions {
     pub reset_ca: bool,
     /// The SPIFFE bundle endpoint's HTTPS address (`https_spiffe`; port 0 picks one).
     pub bundle_endpoint_listen: SocketAddr,
+    /// OIDC discovery for JWT-SVIDs, plain HTTP (port 0 picks one); its URL is the
+    /// JWT-SVIDs' `iss`.
+    pub oidc_discovery_listen: SocketAddr,
 }
 
 impl DevOptions {
@@ -145,6 +148,7 @@ impl DevOptions {
             tts_listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
             oidc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             bundle_endpoint_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            oidc_discovery_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
 }
@@ -182,6 +186,10 @@ pub struct DevState {
     /// `writ federation create` on the other side).
     #[serde(default)]
     pub bundle_endpoint_spiffe_id: String,
+    /// OIDC discovery for JWT-SVIDs (`<url>/.well-known/openid-configuration`); also
+    /// the `iss` of the JWT-SVIDs `writ dev` issues.
+    #[serde(default)]
+    pub oidc_discovery_url: String,
 }
 
 impl DevState {
@@ -233,6 +241,8 @@ pub struct Dev {
     agent: RunningAgent,
     admin: tokio::task::JoinHandle<Result<(), server::ServerError>>,
     stop_admin: tokio::sync::oneshot::Sender<()>,
+    /// Serves OIDC discovery; aborted when `writ dev` stops.
+    _oidc_discovery: tokio_util::task::AbortOnDropHandle<()>,
     /// Keeps a second server off the SQLite store until `writ dev` stops.
     _store_lock: Option<writ_identity::store::sqlite::StoreLock>,
     /// The SPIFFE bundle endpoint.
@@ -264,6 +274,13 @@ impl Dev {
         config.bind_address = None;
         config.default_parent_id = Some(agent_id.clone());
         config.reset_ca = options.reset_ca;
+        let listen_err = |e| file_err(Path::new(&options.oidc_discovery_listen.to_string()), e);
+        let discovery_tcp = tokio::net::TcpListener::bind(options.oidc_discovery_listen)
+            .await
+            .map_err(listen_err)?;
+        let discovery_addr = discovery_tcp.local_addr().map_err(listen_err)?;
+        let oidc_discovery_url = format!("http://{discovery_addr}");
+        config.ca.jwt_issuer = Some(oidc_discovery_url.clone());
         let datastore = config.datastore.clone();
         let server_socket = config.admin_socket.clone();
         let store_lock = datastore.lock().map_err(server::ServerError::from)?;
@@ -288,6 +305,22 @@ impl Dev {
             writ_identity::server::federation::endpoint::EndpointProfile::HttpsSpiffe,
             std::future::pending(),
         ));
+        let discovery_config = oidc_discovery::OidcDiscoveryConfig {
+            listen: discovery_addr,
+            tls: None,
+        };
+        let discovery_router = oidc_discovery::router(&oidc_discovery_url, state.ca.subscribe());
+        let oidc_discovery = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            let serve = oidc_discovery::serve(
+                &discovery_config,
+                discovery_tcp,
+                discovery_router,
+                std::future::pending(),
+            );
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "OIDC discovery stopped");
+            }
+        }));
 
         let tts_names = tts_dns_names(options.tts_listen.ip());
         ensure_tts_entry(&state, &agent_id, &tts_id, &tts_names).await?;
@@ -339,6 +372,7 @@ impl Dev {
             pid: std::process::id(),
             bundle_endpoint_url: format!("https://{bundle_addr}/"),
             bundle_endpoint_spiffe_id: bundle_endpoint_spiffe_id.to_string(),
+            oidc_discovery_url,
         };
         wait_for_socket(&state_record.server_socket).await?;
         let state_path = dir.join(STATE_FILE);
@@ -353,6 +387,7 @@ impl Dev {
             agent,
             admin,
             stop_admin,
+            _oidc_discovery: oidc_discovery,
             _store_lock: store_lock,
             bundle_endpoint,
         })

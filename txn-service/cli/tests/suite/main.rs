@@ -26,6 +26,8 @@ mod dev;
 mod docker;
 mod federation;
 mod fleet;
+mod helper;
+mod oidc_discovery;
 mod readme;
 mod recipes;
 mod tls_names;
