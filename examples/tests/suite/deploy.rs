@@ -111,6 +111,8 @@ enum Kind {
     Agent,
     Txn,
     Policy,
+    /// `writ api watch --config` (spiffe-helper's `helper.conf` keys).
+    Helper,
 }
 
 impl Kind {
@@ -120,6 +122,7 @@ impl Kind {
             "server.toml" => Some(Self::Server),
             "agent.toml" => Some(Self::Agent),
             "txn.toml" => Some(Self::Txn),
+            "helper.conf" => Some(Self::Helper),
             _ => None,
         }
     }
@@ -146,6 +149,7 @@ enum Loaded {
     },
     Txn(Box<TxnConfig>),
     Policy,
+    Helper,
 }
 
 /// Loads `text` as `kind` through the loader `writ ... run` uses. `base` is the
@@ -188,6 +192,9 @@ fn load(kind: Kind, text: &str, base: &Path) -> Result<Loaded, String> {
         Kind::Policy => Policy::from_toml(text)
             .map(|_| Loaded::Policy)
             .map_err(|e| e.to_string()),
+        Kind::Helper => writ_cli::cli::check_helper_conf(text)
+            .map(|()| Loaded::Helper)
+            .map_err(|e| format!("{e:#}")),
     }
 }
 
@@ -789,7 +796,7 @@ fn docs_toml_blocks_name_their_file_and_load() {
             let Some(kind) = Kind::from_header(first) else {
                 failures.push(format!(
                     "{at}: a ```toml block must start with `# server.toml`, `# agent.toml`, \
-                     `# txn.toml` or `# policy`; it starts with {first:?}"
+                     `# txn.toml`, `# helper.conf` or `# policy`; it starts with {first:?}"
                 ));
                 continue;
             };

@@ -17,6 +17,17 @@ mod svid;
 mod svid_files;
 mod txn;
 
+/// Checks a `writ api watch --config` file (spiffe-helper's `helper.conf` keys, in TOML)
+/// as `writ api watch` reads it, without touching the files it names.
+///
+/// # Errors
+/// The text is not TOML, has unknown keys or bad values.
+pub fn check_helper_conf(text: &str) -> anyhow::Result<()> {
+    svid_files::HelperConf::parse(text)?
+        .options(false)
+        .map(drop)
+}
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

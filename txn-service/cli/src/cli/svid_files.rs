@@ -168,7 +168,7 @@ impl HelperConf {
         Self::parse(&text).with_context(|| format!("{}", path.display()))
     }
 
-    fn parse(text: &str) -> anyhow::Result<Self> {
+    pub(crate) fn parse(text: &str) -> anyhow::Result<Self> {
         let conf: Self = toml::from_str(text)?;
         anyhow::ensure!(
             conf.jwt_svids.len() <= MAX_JWT_SVIDS,

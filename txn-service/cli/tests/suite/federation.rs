@@ -236,6 +236,88 @@ fn mtls(
     server_result
 }
 
+/// The trust domains py-spiffe (the PyPI `spiffe` package) sees at `dev`'s agent:
+/// `FetchX509Bundles`, the X.509 context's bundle set and `FetchJWTBundles`. `None` when
+/// Python is absent (a skip, or a failure under `WRIT_REQUIRE_ALL=1`).
+fn py_spiffe_bundles(dev: &Dev) -> Option<Value> {
+    let py = writ_tests::python::python();
+    if !writ_tests::available("python3 with py-spiffe", py.is_some()) {
+        return None;
+    }
+    let py = py?;
+    const SCRIPT: &str = r#"
+import json, sys
+from spiffe import WorkloadApiClient
+
+def names(bundle_set):
+    bundles = bundle_set.bundles
+    bundles = bundles() if callable(bundles) else bundles
+    return sorted(b.trust_domain.name for b in bundles)
+
+with WorkloadApiClient(socket_path=sys.argv[1], default_timeout=10.0) as client:
+    print(json.dumps({
+        "x509": names(client.fetch_x509_bundles()),
+        "context": names(client.fetch_x509_context().x509_bundle_set),
+        "jwt": names(client.fetch_jwt_bundles()),
+    }))
+"#;
+    let out = Command::new(&py.exe)
+        .args(["-c", SCRIPT, &dev.workload_api()])
+        .env("PYTHONPATH", &py.site)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "py-spiffe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// The trust domains in the SPIFFE validator config of the `ALL` secret that `dev`'s
+/// agent serves over Envoy SDS (`FetchSecrets`, the official message shapes).
+async fn sds_all_trust_domains(dev: &Dev) -> Vec<String> {
+    use prost::Message;
+    use writ_identity::proto::envoy::extensions::transport_sockets::tls::v3 as tls;
+    use writ_identity::proto::envoy::service::discovery::v3 as discovery;
+    use writ_identity::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+
+    let socket = PathBuf::from(dev.workload_api().trim_start_matches("unix://"));
+    let channel = tonic::transport::Endpoint::from_static("http://sds.invalid")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let socket = socket.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await
+        .unwrap();
+    let response = SecretDiscoveryServiceClient::new(channel)
+        .fetch_secrets(discovery::DiscoveryRequest {
+            resource_names: vec!["ALL".to_owned()],
+            type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+                .to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.resources.len(), 1, "{response:?}");
+    let secret = tls::Secret::decode(response.resources[0].value.as_slice()).unwrap();
+    let Some(tls::secret::Type::ValidationContext(context)) = secret.r#type else {
+        panic!("ALL is not a validation context: {secret:?}");
+    };
+    let typed = context
+        .custom_validator_config
+        .and_then(|c| c.typed_config)
+        .expect("the SPIFFE validator config");
+    let config = tls::SpiffeCertValidatorConfig::decode(typed.value.as_slice()).unwrap();
+    let mut names: Vec<String> = config.trust_domains.into_iter().map(|t| t.name).collect();
+    names.sort();
+    names
+}
+
 #[test]
 fn two_trust_domains_federate_both_ways_and_stop_when_deleted() {
     let a = Dev::start("example.org");
@@ -337,6 +419,22 @@ fn two_trust_domains_federate_both_ways_and_stop_when_deleted() {
         server.bundle(&example).is_some()
     });
 
+    // py-spiffe at example.org's agent sees partner.test's bundle (X.509 and JWT), and an
+    // Envoy asking the agent's SDS for `ALL` gets it in its SPIFFE validator config.
+    if let Some(seen) = py_spiffe_bundles(&a) {
+        for kind in ["x509", "context", "jwt"] {
+            assert_eq!(
+                seen[kind],
+                serde_json::json!(["example.org", "partner.test"]),
+                "py-spiffe {kind} bundles: {seen}"
+            );
+        }
+    }
+    assert_eq!(
+        runtime.block_on(sds_all_trust_domains(&a)),
+        ["example.org", "partner.test"]
+    );
+
     // A workload in example.org calls one in partner.test over mTLS, each authorizing the
     // other's trust domain.
     let seen = mtls(
@@ -393,6 +491,11 @@ fn two_trust_domains_federate_both_ways_and_stop_when_deleted() {
     wait_until(
         "example.org's workload to drop the partner.test bundle",
         || client.bundle(&partner).is_none(),
+    );
+    assert_eq!(
+        runtime.block_on(sds_all_trust_domains(&a)),
+        ["example.org"],
+        "SDS `ALL` after the bundle is deleted"
     );
     let refused = mtls(
         &server,
