@@ -122,14 +122,10 @@ impl Stack {
     }
 }
 
-/// A raw tonic client for the standard Workload API service on one new connection, so
-/// tests control the metadata (see [`with_header`]).
-pub async fn connect_raw(
-    socket: PathBuf,
-) -> writ_identity::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
-    tonic::transport::Channel,
-> {
-    let channel = tonic::transport::Endpoint::from_static("http://workload.invalid")
+/// A gRPC channel to the agent's Unix socket at `socket` (the Workload API, SDS, the
+/// sub-agent service), for raw tonic clients in tests and benches.
+pub async fn uds_channel(socket: PathBuf) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_static("http://agent.invalid")
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let socket = socket.clone();
             async move {
@@ -138,7 +134,17 @@ pub async fn connect_raw(
             }
         }))
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// A raw tonic client for the standard Workload API service on one new connection, so
+/// tests control the metadata (see [`with_header`]).
+pub async fn connect_raw(
+    socket: PathBuf,
+) -> writ_identity::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
+    tonic::transport::Channel,
+> {
+    let channel = uds_channel(socket).await;
     writ_identity::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
         channel,
     )

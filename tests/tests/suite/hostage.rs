@@ -56,13 +56,30 @@ async fn silent_connections_cannot_fill_the_caps_against_an_exchange() {
         closed.is_ok(),
         "silent connections beyond the per-address cap stayed open"
     );
-    let mut silent = Vec::new();
-    // Four more addresses each hold 4: 20 pending handshakes against a cap of 8.
+    // Four more addresses each hold 4: 16 more pending handshakes against a cap of 8
+    // (the 4 of 127.0.0.2 are pending too).
+    let mut silent = tokio::task::JoinSet::new();
     for last in 3..=6 {
         for _ in 0..4 {
-            silent.push(tcp_from(loopback(last), tts.addr()).await.unwrap());
+            let mut conn = tcp_from(loopback(last), tts.addr()).await.unwrap();
+            silent.spawn(async move { read_to_close(&mut conn).await });
         }
     }
+    // The server registers each accepted connection in its own task, in no set order:
+    // wait until it has registered all 16, or the legitimate caller's handshake below
+    // could be older than a late silent one and give way to it. Each registration beyond
+    // the cap closes the oldest pending (127.0.0.2's 4 first), so 8 of these 16 are
+    // closed exactly when all 16 are registered.
+    let evicted = tokio::time::timeout(GENEROUS, async {
+        for _ in 0..8 {
+            silent.join_next().await.unwrap().unwrap();
+        }
+    })
+    .await;
+    assert!(
+        evicted.is_ok(),
+        "pending handshakes beyond the cap were not dropped"
+    );
     // A legitimate caller still gets through: the oldest pending handshake gives way.
     let token = tokio::time::timeout(GENEROUS, tts.exchange("alice"))
         .await

@@ -76,16 +76,7 @@ async fn wait_for_svids(stack: &Stack, n: usize) {
 }
 
 async fn sds_client(socket: PathBuf) -> SecretDiscoveryServiceClient<tonic::transport::Channel> {
-    let channel = tonic::transport::Endpoint::from_static("http://sds.invalid")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let socket = socket.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(socket).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        }))
-        .await
-        .unwrap();
+    let channel = writ_tests::uds_channel(socket).await;
     SecretDiscoveryServiceClient::new(channel)
 }
 

@@ -283,16 +283,7 @@ async fn sds_all_trust_domains(dev: &Dev) -> Vec<String> {
     use writ_identity::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 
     let socket = PathBuf::from(dev.workload_api().trim_start_matches("unix://"));
-    let channel = tonic::transport::Endpoint::from_static("http://sds.invalid")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let socket = socket.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(socket).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        }))
-        .await
-        .unwrap();
+    let channel = writ_tests::uds_channel(socket).await;
     let response = SecretDiscoveryServiceClient::new(channel)
         .fetch_secrets(discovery::DiscoveryRequest {
             resource_names: vec!["ALL".to_owned()],
