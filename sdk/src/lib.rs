@@ -12,7 +12,7 @@
 //! | `workload-api` | [`workload`]: `WorkloadClient`, the SPIFFE Workload API client |
 //! | `x509-source` | `workload::X509Source`, the workload's X509-SVID and bundles kept current across rotations; [`tls`]: rustls configs with SPIFFE-ID `Authorizer`s |
 //! | `jwt-source` | `workload::JwtSource`: JWT-SVIDs per audience |
-//! | `txn-verify` | [`txn_token`]: the Txn-Token claims type and `TxnVerifier`; [`jwks`]: the one fetch/cache/refetch of remote key sets (the token service's OIDC ingress uses it too) |
+//! | `txn-verify` | [`txn_token`]: the Txn-Token claims type and `TxnVerifier`; [`audit`]: the record a service keeps of each verification; [`jwks`]: the one fetch/cache/refetch of remote key sets (the token service's OIDC ingress uses it too) |
 //! | `axum` | [`listener`]: axum over SPIFFE mTLS; [`middleware`]: `TxnLayer` and `Verified`, which check the caller and its Txn-Token together |
 //! | `exchange` | [`exchange`]: `TxnClient`, the RFC 8693 client of the token service |
 //! | `spawn` | [`spawn`]: sub-agents, child processes with a short-lived identity under this workload's |
@@ -42,6 +42,8 @@
 )]
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "txn-verify")]
+pub mod audit;
 #[cfg(feature = "exchange")]
 pub mod exchange;
 #[cfg(feature = "txn-verify")]
