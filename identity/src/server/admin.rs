@@ -575,6 +575,10 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
+        // The one readiness `/readyz` answers from: both agree.
+        if let Some(reason) = self.state.readiness().await.reason() {
+            return Err(Status::unavailable(format!("server not ready: {reason}")));
+        }
         let entries = self
             .state
             .store

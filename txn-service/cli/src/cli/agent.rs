@@ -215,6 +215,18 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
             tracing::info!(attestors = ?attestors.names(), "workload attestors");
             let running =
                 writ_identity::agent::start(node, &config.socket_path, Arc::new(attestors)).await?;
+            let _ops = match &config.ops {
+                Some(ops) => Some(
+                    writ_identity::ops::start(
+                        ops,
+                        writ_identity::ops::router(writ_identity::agent::health::ops(
+                            &running.cache,
+                        )),
+                    )
+                    .await?,
+                ),
+                None => None,
+            };
             let stop = shutdown_signal();
             out::errln!(
                 "writ agent: {} joined {}; Workload API on unix://{}",
