@@ -214,4 +214,26 @@ mod tests {
         assert!(refused.ends_with(": agent is banned"), "{refused}");
         assert!(!refused.contains('\n'));
     }
+
+    #[test]
+    fn readyz_and_grpc_health_agree_on_an_evicted_agent() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        let ready = readiness_of(None, Some(now + Duration::from_secs(60)), now);
+        assert!(ready.ready);
+        assert_eq!(
+            unhealthy_reason(None, Some(now + Duration::from_secs(60)), now),
+            None
+        );
+        let evicted = readiness_of(Some("agent was evicted"), None, now);
+        assert!(!evicted.ready);
+        let failing = evicted.failing().unwrap();
+        assert_eq!(failing.name, "registration");
+        assert_eq!(
+            failing.error,
+            unhealthy_reason(Some("agent was evicted"), None, now),
+            "/readyz and the gRPC health answer give the same reason"
+        );
+        let both = readiness_of(Some("banned"), Some(now), now);
+        assert_eq!(both.checks.iter().filter(|c| !c.ok).count(), 2);
+    }
 }
