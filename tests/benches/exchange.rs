@@ -395,26 +395,38 @@ struct Mode {
     slug: &'static str,
     cache: bool,
     distinct: bool,
+    /// The token service records its metrics (`TxnConfig::metrics`).
+    metrics: bool,
 }
 
-const MODES: [Mode; 3] = [
+const MODES: [Mode; 4] = [
     Mode {
         label: "cache off, distinct tokens",
         slug: "off-distinct",
         cache: false,
         distinct: true,
+        metrics: true,
     },
     Mode {
         label: "cache on, distinct tokens (misses)",
         slug: "on-distinct",
         cache: true,
         distinct: true,
+        metrics: true,
     },
     Mode {
         label: "cache on, same token (hits)",
         slug: "on-same",
         cache: true,
         distinct: false,
+        metrics: true,
+    },
+    Mode {
+        label: "cache off, distinct tokens, metrics off",
+        slug: "off-distinct-nometrics",
+        cache: false,
+        distinct: true,
+        metrics: false,
     },
 ];
 
@@ -517,6 +529,8 @@ async fn run_exchanges(
     )
     .unwrap();
     assert_eq!(config.subject_token_cache, mode.cache);
+    let mut config = config;
+    config.metrics = mode.metrics;
     let server = TxnServer::start(config).await.unwrap();
     let url = format!("https://{}", server.addr);
     let source = X509Source::builder()
@@ -716,6 +730,12 @@ fn main() {
             "  cache effect: hits {:.2}× and misses {:.2}× the throughput with the cache off",
             outcomes[2].throughput / base,
             outcomes[1].throughput / base,
+        );
+        println!(
+            "  metrics effect: with metrics {:.0}/s, without {:.0}/s ({:+.1} % with metrics on)",
+            base,
+            outcomes[3].throughput,
+            (base / outcomes[3].throughput - 1.0) * 100.0,
         );
 
         println!();

@@ -326,6 +326,9 @@ pub struct TxnConfig {
     pub dns_names: ServerNames,
     /// The operations listener (`[ops]`; `None`: none), see [`crate::ops`].
     pub ops: Option<writ_identity::ops::OpsConfig>,
+    /// Record metrics ([`crate::metrics`]; on by default). Only benchmarks turn them
+    /// off, to measure their cost; no `txn.toml` key can.
+    pub metrics: bool,
 }
 
 fn duration(
@@ -454,6 +457,7 @@ impl TxnConfig {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             ops,
+            metrics: true,
             listen,
             issuer,
             workload_api: file
@@ -685,6 +689,9 @@ impl TxnServer {
         }
         if config.subject_token_cache {
             service = service.with_subject_cache();
+        }
+        if !config.metrics {
+            service = service.without_metrics();
         }
         let mut upkeep = None;
         if let Some(store) = &config.identity_store {

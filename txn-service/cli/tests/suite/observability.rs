@@ -296,9 +296,8 @@ fn prometheus_scrapes_every_part_and_sees_issuance_exchanges_and_attestation_fai
         ("count(up == 1)".into(), 2.0),
     ];
     let deadline = Instant::now() + Duration::from_secs(90);
-    let mut last = Vec::new();
     loop {
-        last = wanted
+        let last = wanted
             .iter()
             .map(|(q, before)| (q.clone(), *before, query(q)))
             .collect::<Vec<_>>();
@@ -315,7 +314,6 @@ fn prometheus_scrapes_every_part_and_sees_issuance_exchanges_and_attestation_fai
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    drop(last);
     drop(dev);
 
     // The log: one JSON object a line, and `spiffe_id` is a field of some event.
