@@ -442,6 +442,6 @@ mod tests {
         assert!(!near_expiry(0, 100, 89));
         assert!(near_expiry(0, 100, 90));
         assert!(near_expiry(0, 100, 200));
-        assert!(near_expiry(100, 100, 50));
+        assert!(near_expiry(100, 100, 100));
     }
 }
