@@ -4,8 +4,8 @@
 //! a Workload API caller no entry matches, Prometheus's HTTP API shows the issuance and
 //! exchange counters risen and the attestation failure counted. The log is one JSON
 //! object a line, with `spiffe_id` as a field. Also: the operations listener refuses bad
-//! requests, and `/readyz` agrees with `writ healthcheck` (the evicted agent's case is
-//! `writ_identity::agent::health`'s unit test: both answers come from one function).
+//! requests, and `/readyz` agrees with `writ healthcheck`, for the server and the agent,
+//! healthy and evicted.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -405,4 +405,85 @@ fn ops_listener_refuses_bad_requests_and_readyz_agrees_with_healthcheck() {
         );
     }
     drop(dev);
+}
+
+/// A split agent with `[ops] listen` in its agent.toml: `/readyz` is 200 while
+/// `writ healthcheck --socket` succeeds; evicted, both say so (503 naming the
+/// `registration` check, and a failing healthcheck).
+#[test]
+fn an_evicted_agent_is_not_ready_on_readyz_nor_healthcheck() {
+    let server = crate::common::Server::start();
+    let dir = server.dir.path();
+    let token = crate::common::join_token_and_bundle(&server);
+    let socket = dir.join("agent.sock");
+    let config = dir.join("agent.toml");
+    std::fs::write(&config, "[ops]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+    let mut child = crate::common::agent_cmd(
+        &server,
+        &token,
+        &dir.join("agent"),
+        &socket,
+        &dir.join("bundle.pem"),
+    )
+    .arg("--config")
+    .arg(&config)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _agent = Killed(child);
+    let ops = crate::common::bound_address(stderr, "operations listener");
+    let endpoint = format!("unix://{}", socket.display());
+    let healthy = || {
+        api(&["healthcheck", "--socket", &endpoint], &socket)
+            .status
+            .success()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !healthy() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not become healthy"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, body) = get(&format!("http://{ops}/readyz"));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = get(&format!("http://{ops}/metrics"));
+    assert_eq!(status, 200);
+    assert!(body.contains("# TYPE writ_agent_svids gauge"), "{body}");
+
+    let agent_id = format!("spiffe://example.org/writ/agent/join_token/{token}");
+    server.ok(&["agent", "evict", "--spiffe-id", &agent_id]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let (status, body) = get(&format!("http://{ops}/readyz"));
+        if status == 503 {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "an evicted agent stayed ready: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let ready: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["ready"], false, "{body}");
+    let failing: Vec<&Value> = ready["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .collect();
+    assert_eq!(failing.len(), 1, "{body}");
+    assert_eq!(failing[0]["name"], "registration", "{body}");
+    assert!(
+        failing[0]["error"].as_str().unwrap().contains("evicted"),
+        "{body}"
+    );
+    assert!(
+        !healthy(),
+        "writ healthcheck says healthy while /readyz answers 503"
+    );
 }
