@@ -71,7 +71,7 @@ impl TxnMetrics {
         }
         r.register(
             "writ_txn_exchanges",
-            "Token exchanges (POST /token), by outcome (granted, refused) and RFC 6749 error code (none when granted).",
+            "Token exchanges (POST /token), by outcome (granted, refused) and RFC 6749 error code (none when granted)",
             exchanges.clone(),
         );
         let duration =
@@ -81,7 +81,7 @@ impl TxnMetrics {
         }
         r.register(
             "writ_txn_exchange_duration_seconds",
-            "Time to decide a token exchange (validation, policy, minting, audit), by outcome.",
+            "Time to decide a token exchange (validation, policy, minting, audit), by outcome",
             duration.clone(),
         );
         let cache = CounterFamily::default();
@@ -90,13 +90,13 @@ impl TxnMetrics {
         }
         r.register(
             "writ_txn_subject_cache_lookups",
-            "Subject token validation cache lookups, by result (hit, miss); hit ratio = hit / (hit + miss).",
+            "Subject token validation cache lookups, by result (hit, miss); hit ratio = hit / (hit + miss)",
             cache.clone(),
         );
         let rate_limited = Counter::default();
         r.register(
             "writ_txn_rate_limited",
-            "Exchanges refused because the caller was over its policy rate limit.",
+            "Exchanges refused because the caller was over its policy rate limit",
             rate_limited.clone(),
         );
         Self {

@@ -142,31 +142,31 @@ impl ServerMetrics {
         let issued = counter_family(
             &mut r,
             "writ_server_svids_issued",
-            "SVIDs the server signed for agents, by kind (x509, jwt).",
+            "SVIDs the server signed for agents, by kind (x509, jwt)",
             &kinds,
         );
         let failed = counter_family(
             &mut r,
             "writ_server_svid_failures",
-            "SVID signing requests the server refused or failed, by kind (x509, jwt).",
+            "SVID signing requests the server refused or failed, by kind (x509, jwt)",
             &kinds,
         );
         let rate_limited = counter_family(
             &mut r,
             "writ_server_rate_limited",
-            "Requests refused by a rate limit, by limit (spawn: sub-agent spawns per root workload).",
+            "Requests refused by a rate limit, by limit (spawn: sub-agent spawns per root workload)",
             &[[("limit", "spawn")]],
         );
         let ca_slot_expiry = SecondsGauges::default();
         r.register(
             "writ_server_ca_slot_expiry_seconds",
-            "Seconds until the soonest-expiring CA slot of each kind (x509, jwt) and state (prepared, active, old) expires.",
+            "Seconds until the soonest-expiring CA slot of each kind (x509, jwt) and state (prepared, active, old) expires",
             ca_slot_expiry.clone(),
         );
         let entries = Gauge::default();
         r.register(
             "writ_server_entries",
-            "Registration entries in the store.",
+            "Registration entries in the store",
             entries.clone(),
         );
         Self {
@@ -254,61 +254,61 @@ impl AgentMetrics {
         let renewed = counter_family(
             &mut r,
             "writ_agent_svid_renewals",
-            "SVIDs the agent renewed before expiry, by kind (x509; jwt: a cached JWT-SVID signed again).",
+            "SVIDs the agent renewed before expiry, by kind (x509; jwt: a cached JWT-SVID signed again)",
             &kinds,
         );
         let failed = counter_family(
             &mut r,
             "writ_agent_svid_failures",
-            "SVID signing requests to the server that failed, by kind (x509, jwt).",
+            "SVID signing requests to the server that failed, by kind (x509, jwt)",
             &kinds,
         );
         let attestation_failures = counter_family(
             &mut r,
             "writ_agent_attestation_failures",
-            "Workload API callers that got no identity, by reason (no_matching_entry, attestor_error, missing_header).",
+            "Workload API callers that got no identity, by reason (no_matching_entry, attestor_error, missing_header)",
             &AttestationFailure::ALL.map(|r| [("reason", r.as_str())]),
         );
         let entry_sync = Histogram::new(latency_buckets());
         r.register(
             "writ_agent_entry_sync_duration_seconds",
-            "Duration of a full entry and bundle sync with the server.",
+            "Duration of a full entry and bundle sync with the server",
             entry_sync.clone(),
         );
         let entry_propagation = Histogram::new(delay_buckets());
         r.register(
             "writ_agent_entry_propagation_delay_seconds",
-            "From a new entry's creation on the server to the agent holding its SVID (whole seconds of the server clock).",
+            "From a new entry's creation on the server to the agent holding its SVID (whole seconds of the server clock)",
             entry_propagation.clone(),
         );
         let bundle_sync = Histogram::new(delay_buckets());
         r.register(
             "writ_agent_bundle_sync_delay_seconds",
-            "From the server's change signal to the agent holding the changed bundle set.",
+            "From the server's change signal to the agent holding the changed bundle set",
             bundle_sync.clone(),
         );
         let streams = Gauge::default();
         r.register(
             "writ_agent_workload_api_streams",
-            "Open Workload API streams (FetchX509SVID, FetchX509Bundles, FetchJWTBundles).",
+            "Open Workload API streams (FetchX509SVID, FetchX509Bundles, FetchJWTBundles)",
             streams.clone(),
         );
         let svids = Gauge::default();
         r.register(
             "writ_agent_svids",
-            "X509-SVIDs in the agent cache.",
+            "X509-SVIDs in the agent cache",
             svids.clone(),
         );
         let svids_near_expiry = Gauge::default();
         r.register(
             "writ_agent_svids_near_expiry",
-            "X509-SVIDs in the agent cache within 10 % of their lifetime of expiry.",
+            "X509-SVIDs in the agent cache within 10 % of their lifetime of expiry",
             svids_near_expiry.clone(),
         );
         let live_leases = Gauge::default();
         r.register(
             "writ_agent_live_leases",
-            "Live sub-agent leases (child SVIDs) the agent holds.",
+            "Live sub-agent leases (child SVIDs) the agent holds",
             live_leases.clone(),
         );
         Self {
@@ -429,6 +429,9 @@ mod tests {
         }
         drop(guard);
         assert_eq!(agent.streams.get(), 0);
+        for help in t.lines().filter(|l| l.starts_with("# HELP")) {
+            assert!(!help.ends_with(".."), "{help}");
+        }
         // Every metric name is writ_<part>_ and no label carries a SPIFFE ID.
         for line in t.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("writ_agent_"), "{line}");
