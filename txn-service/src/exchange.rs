@@ -738,7 +738,7 @@ impl ExchangeService {
         body: Result<&[u8], ExchangeError>,
     ) -> Result<ExchangeResponse, ExchangeError> {
         let req = body.and_then(ExchangeRequest::from_form);
-        self.decide(mtls_caller, caller_ip, req).await
+        self.decide_counted(mtls_caller, caller_ip, req).await
     }
 
     /// Exchanges the subject token of `req` for a Txn-Token on behalf of the
@@ -752,31 +752,11 @@ impl ExchangeService {
         caller_ip: Option<IpAddr>,
         req: ExchangeRequest,
     ) -> Result<ExchangeResponse, ExchangeError> {
-        self.decide(Some(caller.clone()), caller_ip, Ok(req)).await
+        self.decide_counted(Some(caller.clone()), caller_ip, Ok(req))
+            .await
     }
 
-    /// [`Self::decide_once`], counted in the metrics.
     async fn decide(
-        &self,
-        mtls_caller: Option<SpiffeId>,
-        caller_ip: Option<IpAddr>,
-        req: Result<ExchangeRequest, ExchangeError>,
-    ) -> Result<ExchangeResponse, ExchangeError> {
-        let started = std::time::Instant::now();
-        let result = self.decide_once(mtls_caller, caller_ip, req).await;
-        if let Some(m) = &self.metrics {
-            m.exchanged(
-                result.as_ref().err().map(ExchangeError::code),
-                started.elapsed(),
-            );
-            if let Err(ExchangeError::RateLimited { .. }) = &result {
-                m.rate_limited();
-            }
-        }
-        result
-    }
-
-    async fn decide_once(
         &self,
         mtls_caller: Option<SpiffeId>,
         caller_ip: Option<IpAddr>,
@@ -1119,6 +1099,28 @@ impl ExchangeService {
 }
 
 impl ExchangeService {
+    /// [`Self::decide`], counted in the metrics (outcome, error code, latency, rate
+    /// limit).
+    async fn decide_counted(
+        &self,
+        mtls_caller: Option<SpiffeId>,
+        caller_ip: Option<IpAddr>,
+        req: Result<ExchangeRequest, ExchangeError>,
+    ) -> Result<ExchangeResponse, ExchangeError> {
+        let started = std::time::Instant::now();
+        let result = self.decide(mtls_caller, caller_ip, req).await;
+        if let Some(m) = &self.metrics {
+            m.exchanged(
+                result.as_ref().err().map(ExchangeError::code),
+                started.elapsed(),
+            );
+            if let Err(ExchangeError::RateLimited { .. }) = &result {
+                m.rate_limited();
+            }
+        }
+        result
+    }
+
     /// Validates an OIDC subject token, through the validation cache when enabled. A
     /// cached validation is used only while the token is unexpired.
     async fn validate_subject(
