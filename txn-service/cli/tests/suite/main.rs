@@ -27,6 +27,7 @@ mod docker;
 mod federation;
 mod fleet;
 mod helper;
+mod observability;
 mod oidc_discovery;
 mod readme;
 mod recipes;
