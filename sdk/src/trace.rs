@@ -422,7 +422,7 @@ mod tests {
             "UPPER=x",
             "k=v,=x",
             "k=a,b",
-            "k=trailing ",
+            "k=a\tb",
             &"k=v,".repeat(MAX_TRACESTATE_MEMBERS + 1),
             &format!("k={}", "v".repeat(MAX_TRACESTATE)),
         ] {
