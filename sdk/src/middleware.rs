@@ -352,10 +352,13 @@ where
             if let (Some(audit), Some(route)) = (&guard.audit, route) {
                 let (decision, error, verified) = match &admitted {
                     Ok(v) => (Decision::Allow, None, Some(v)),
-                    Err(d) => (Decision::Deny, Some(d.rejection.code), d.verified.as_deref()),
+                    Err(d) => (
+                        Decision::Deny,
+                        Some(d.rejection.code),
+                        d.verified.as_deref(),
+                    ),
                 };
-                let latency_us =
-                    u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 audit.sink.record(VerificationRecord {
                     at_ms: unix_ms(guard.verifier.clock().now()),
                     service: audit.service.clone(),

@@ -122,7 +122,10 @@ impl TraceContext {
         if s.len() > MAX_TRACEPARENT {
             return Err(TraceError::TooLong);
         }
-        let version = s.get(..2).and_then(hex_bytes::<1>).ok_or(TraceError::Malformed)?;
+        let version = s
+            .get(..2)
+            .and_then(hex_bytes::<1>)
+            .ok_or(TraceError::Malformed)?;
         match version {
             [0xff] => return Err(TraceError::InvalidVersion),
             // Version 00 is exactly 55 bytes; a later version may append `-...` fields.
@@ -256,7 +259,10 @@ fn valid_tracestate(state: &str) -> bool {
             && key
                 .bytes()
                 .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'*' | b'/' | b'@'))
-            && key.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+            && key
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
         let value_ok = (1..=256).contains(&value.len())
             && value
                 .bytes()
@@ -355,7 +361,10 @@ mod tests {
             Err(TraceError::InvalidVersion)
         );
         // Version 00 has no extra fields; a future version's extra fields start with '-'.
-        assert_eq!(TraceContext::parse(&format!("{GOOD}-x")), Err(TraceError::Malformed));
+        assert_eq!(
+            TraceContext::parse(&format!("{GOOD}-x")),
+            Err(TraceError::Malformed)
+        );
         assert_eq!(
             TraceContext::parse(&format!("cc{}x", &GOOD[2..])),
             Err(TraceError::Malformed)
@@ -412,8 +421,13 @@ mod tests {
     #[test]
     fn tracestate_limits() {
         let tc = TraceContext::parse(GOOD).unwrap();
-        let kept = tc.clone().with_tracestate("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE");
-        assert_eq!(kept.tracestate(), Some("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"));
+        let kept = tc
+            .clone()
+            .with_tracestate("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE");
+        assert_eq!(
+            kept.tracestate(),
+            Some("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE")
+        );
         assert_eq!(kept.child().tracestate(), kept.tracestate());
         let headers: Vec<_> = kept.headers().collect();
         assert_eq!(headers.len(), 2);
@@ -426,7 +440,11 @@ mod tests {
             &"k=v,".repeat(MAX_TRACESTATE_MEMBERS + 1),
             &format!("k={}", "v".repeat(MAX_TRACESTATE)),
         ] {
-            assert_eq!(tc.clone().with_tracestate(bad).tracestate(), None, "{bad:?}");
+            assert_eq!(
+                tc.clone().with_tracestate(bad).tracestate(),
+                None,
+                "{bad:?}"
+            );
         }
         assert_eq!(tc.headers().count(), 1);
     }

@@ -349,7 +349,12 @@ mod tests {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         assert_eq!(lines.len(), 101);
-        assert!(lines.iter().enumerate().all(|(i, r)| r.latency_us == i as u64));
+        assert!(
+            lines
+                .iter()
+                .enumerate()
+                .all(|(i, r)| r.latency_us == i as u64)
+        );
     }
 
     /// A writer that blocks until released, to fill the queue.

@@ -217,7 +217,11 @@ async fn run(config: TtsSinkBuilder, mut rx: mpsc::Receiver<Msg>, counters: Arc<
 }
 
 /// Sends `pending` in batches of at most [`MAX_BATCH`] records and [`MAX_BODY`] bytes.
-async fn send_all(config: &TtsSinkBuilder, pending: &mut Vec<VerificationRecord>, counters: &Counters) {
+async fn send_all(
+    config: &TtsSinkBuilder,
+    pending: &mut Vec<VerificationRecord>,
+    counters: &Counters,
+) {
     // A record the service would refuse would sink its whole batch: drop it here.
     pending.retain(|r| {
         let ok = r.check_limits().is_ok();

@@ -91,6 +91,9 @@ async fn serve(app: Router, source: &X509Source) -> String {
     url
 }
 
+/// The `traceparent` and `tracestate` a request carried.
+type TraceHeaders = (Option<String>, Option<String>);
+
 /// A token service peer with the ingest endpoint's shape, and a `/token` that records
 /// the trace context it was sent and refuses.
 #[derive(Clone, Default)]
@@ -102,7 +105,7 @@ struct FakeTts {
     /// Answer 503 to this many ingest requests first.
     fail_next: Arc<AtomicUsize>,
     /// The `traceparent` and `tracestate` of each `/token` request.
-    token_traces: Arc<Mutex<Vec<(Option<String>, Option<String>)>>>,
+    token_traces: Arc<Mutex<Vec<TraceHeaders>>>,
 }
 
 fn error(status: StatusCode, code: &str) -> (StatusCode, Json<Value>) {
@@ -154,11 +157,7 @@ impl FakeTts {
         let token = {
             let fake = fake.clone();
             move |headers: HeaderMap| async move {
-                let header = |name: &str| {
-                    headers
-                        .get(name)
-                        .map(|v| v.to_str().unwrap().to_owned())
-                };
+                let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_owned());
                 fake.token_traces
                     .lock()
                     .unwrap()
@@ -233,7 +232,10 @@ async fn tts_sink_delivers_every_verification_and_never_the_token() {
     let layer = TxnLayer::new(TxnVerifier::new(td(), keys.public_keys()), policy)
         .with_audit(id(TOOL), (sink.clone(), memory.clone()));
     let app = Router::new()
-        .route("/orders", get(|v: Verified| async move { Json(json!({ "sub": v.txn.sub })) }))
+        .route(
+            "/orders",
+            get(|v: Verified| async move { Json(json!({ "sub": v.txn.sub })) }),
+        )
         .layer(layer);
     let url = format!("{}/orders", serve(app, &tool).await);
     let gateway = client(&source(&stack, GATEWAY).await, TOOL);
@@ -271,11 +273,15 @@ async fn tts_sink_delivers_every_verification_and_never_the_token() {
     );
     let received = tts.records();
     assert_eq!(received.len(), 4);
-    assert!(received.iter().all(|(caller, r)| caller == id(TOOL).as_str()
-        && r.service == id(TOOL).as_str()
-        && r.caller.as_deref() == Some(id(GATEWAY).as_str())
-        && r.route == "GET /orders"
-        && r.traceparent.as_deref() == Some(ROOT)));
+    assert!(
+        received
+            .iter()
+            .all(|(caller, r)| caller == id(TOOL).as_str()
+                && r.service == id(TOOL).as_str()
+                && r.caller.as_deref() == Some(id(GATEWAY).as_str())
+                && r.route == "GET /orders"
+                && r.traceparent.as_deref() == Some(ROOT))
+    );
     let records: Vec<VerificationRecord> = received.into_iter().map(|(_, r)| r).collect();
     assert_eq!(records, memory.records(), "both sinks saw the same records");
 
@@ -284,12 +290,22 @@ async fn tts_sink_delivers_every_verification_and_never_the_token() {
     };
     assert_eq!(allowed.decision, Decision::Allow);
     assert_eq!(allowed.error, None);
-    assert_eq!(allowed.txn.as_deref(), Some("00000000-0000-4000-8000-000000000018"));
+    assert_eq!(
+        allowed.txn.as_deref(),
+        Some("00000000-0000-4000-8000-000000000018")
+    );
     assert_eq!(allowed.sub.as_deref(), Some("alice"));
-    assert_eq!(allowed.act, [id(GATEWAY).to_string(), id(OTHER).to_string()]);
+    assert_eq!(
+        allowed.act,
+        [id(GATEWAY).to_string(), id(OTHER).to_string()]
+    );
     assert_eq!(allowed.token_sha256, Some(fingerprint::token(&good)));
     assert_eq!(
-        (missing.decision, missing.error.as_deref(), &missing.token_sha256),
+        (
+            missing.decision,
+            missing.error.as_deref(),
+            &missing.token_sha256
+        ),
         (Decision::Deny, Some("missing_txn_token"), &None)
     );
     assert_eq!(
@@ -455,7 +471,11 @@ async fn one_trace_id_from_gateway_through_planner_to_tool() {
         .await
         .unwrap();
     assert_eq!(tool_saw["trace_id"], root.trace_id(), "{tool_saw}");
-    assert_ne!(tool_saw["parent_id"], root.parent_id(), "a new parent id per hop");
+    assert_ne!(
+        tool_saw["parent_id"],
+        root.parent_id(),
+        "a new parent id per hop"
+    );
     assert_eq!(tool_saw["tracestate"], "writ=gw");
 
     let traces = tts.token_traces.lock().unwrap().clone();
