@@ -324,7 +324,12 @@ impl TxnClient {
             .http
             .post(format!("{}/token", self.base_url))
             .header("content-type", "application/x-www-form-urlencoded");
-        for (name, value) in request.trace.iter().flat_map(TraceContext::headers) {
+        // Without an explicit context, the current OpenTelemetry span's (feature `otel`).
+        #[cfg(feature = "otel")]
+        let trace = request.trace.or_else(TraceContext::current);
+        #[cfg(not(feature = "otel"))]
+        let trace = request.trace;
+        for (name, value) in trace.iter().flat_map(TraceContext::headers) {
             post = post.header(name, value);
         }
         let response = post

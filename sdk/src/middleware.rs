@@ -95,7 +95,7 @@ impl Verified {
     /// request carried a trace context, its child (same trace id, new parent id).
     pub fn forward(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         let mut request = request.header(HEADER, &self.token);
-        if let Some(next) = self.trace.as_ref().map(TraceContext::child) {
+        if let Some(next) = self.trace.as_ref().map(|_| self.next_trace()) {
             for (name, value) in next.headers() {
                 request = request.header(name, value);
             }
@@ -106,6 +106,11 @@ impl Verified {
     /// The trace context for this hop's next call: a child of the request's, or a new
     /// trace if the request carried none.
     pub fn next_trace(&self) -> TraceContext {
+        // With OpenTelemetry, the handler's span (a child of the caller's) is the parent.
+        #[cfg(feature = "otel")]
+        if let Some(current) = TraceContext::current() {
+            return current;
+        }
         self.trace
             .as_ref()
             .map_or_else(TraceContext::new_root, TraceContext::child)
@@ -385,6 +390,12 @@ where
                     );
                     if let Some(t) = &verified.trace {
                         span.record("trace_id", t.trace_id());
+                        #[cfg(feature = "otel")]
+                        {
+                            use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+                            // Fails only without an OpenTelemetry layer: nothing to join.
+                            let _ = span.set_parent(t.to_otel());
+                        }
                     }
                     request.extensions_mut().insert(verified);
                     inner.call(request).instrument(span).await

@@ -237,6 +237,59 @@ impl TraceContext {
     }
 }
 
+/// With the `otel` feature: the bridge to OpenTelemetry contexts.
+#[cfg(feature = "otel")]
+impl TraceContext {
+    /// An OpenTelemetry context whose remote parent is this trace position.
+    pub fn to_otel(&self) -> opentelemetry::Context {
+        use opentelemetry::trace::{
+            SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+        };
+        let state = self
+            .state
+            .as_deref()
+            .and_then(|s| s.parse::<TraceState>().ok())
+            .unwrap_or_default();
+        opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+            TraceId::from_bytes(self.trace_id),
+            SpanId::from_bytes(self.parent_id),
+            TraceFlags::new(self.flags),
+            true,
+            state,
+        ))
+    }
+
+    /// The position of an OpenTelemetry context's span, if it has a valid one.
+    pub fn from_otel(context: &opentelemetry::Context) -> Option<Self> {
+        use opentelemetry::trace::TraceContextExt as _;
+        let span = context.span();
+        let sc = span.span_context();
+        if !sc.is_valid() {
+            return None;
+        }
+        let state = sc.trace_state().header();
+        let context = Self {
+            trace_id: sc.trace_id().to_bytes(),
+            parent_id: sc.span_id().to_bytes(),
+            flags: sc.trace_flags().to_u8() & 0x01,
+            state: None,
+        };
+        Some(if state.is_empty() {
+            context
+        } else {
+            context.with_tracestate(&state)
+        })
+    }
+
+    /// The current `tracing` span's position in its OpenTelemetry trace, when a
+    /// `tracing-opentelemetry` layer is installed and the span has a valid context: what
+    /// an outgoing call should carry as its `traceparent`.
+    pub fn current() -> Option<Self> {
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        Self::from_otel(&tracing::Span::current().context())
+    }
+}
+
 /// `tracestate`: at most [`MAX_TRACESTATE`] bytes and [`MAX_TRACESTATE_MEMBERS`]
 /// members, each `key=value` with the specification's characters.
 fn valid_tracestate(state: &str) -> bool {
@@ -447,5 +500,46 @@ mod tests {
             );
         }
         assert_eq!(tc.headers().count(), 1);
+    }
+}
+
+#[cfg(all(test, feature = "otel"))]
+mod otel_tests {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    use super::*;
+
+    #[test]
+    fn spans_join_the_incoming_trace_and_calls_carry_the_current_span() {
+        let incoming =
+            TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+                .unwrap()
+                .with_tracestate("writ=gw");
+        assert_eq!(
+            TraceContext::from_otel(&incoming.to_otel()),
+            Some(incoming.clone())
+        );
+
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("writ-sdk-test")));
+        tracing::subscriber::with_default(subscriber, || {
+            assert_eq!(TraceContext::current(), None, "no span, no context");
+            let span = tracing::info_span!("txn_request");
+            span.set_parent(incoming.to_otel()).unwrap();
+            let _entered = span.enter();
+            let current = TraceContext::current().unwrap();
+            assert_eq!(current.trace_id(), incoming.trace_id());
+            assert_ne!(current.parent_id(), incoming.parent_id());
+            assert_eq!(current.tracestate(), Some("writ=gw"));
+            // A span inside it is another position in the same trace.
+            let inner = tracing::info_span!("call");
+            let _inner = inner.enter();
+            let deeper = TraceContext::current().unwrap();
+            assert_eq!(deeper.trace_id(), incoming.trace_id());
+            assert_ne!(deeper.parent_id(), current.parent_id());
+        });
     }
 }
