@@ -15,6 +15,7 @@
 //! | `txn-verify` | [`txn_token`]: the Txn-Token claims type and `TxnVerifier`; [`audit`]: the record a service keeps of each verification and the sinks it goes to (`LogSink`, `JsonLinesSink`; with `exchange` also `TtsSink`, sent to the token service); [`jwks`]: the one fetch/cache/refetch of remote key sets (the token service's OIDC ingress uses it too) |
 //! | `axum` | [`listener`]: axum over SPIFFE mTLS; [`middleware`]: `TxnLayer` and `Verified`, which check the caller and its Txn-Token together |
 //! | `exchange` | [`exchange`]: `TxnClient`, the RFC 8693 client of the token service |
+//! | `otel` | `trace::TraceContext`'s OpenTelemetry bridge: `TxnLayer`'s span joins the incoming `traceparent`, outgoing calls carry the current span's context |
 //! | `spawn` | [`spawn`]: sub-agents, child processes with a short-lived identity under this workload's |
 //!
 //! [`oauth`] (token types, the token-exchange grant type) and [`trace`] (W3C Trace
