@@ -3,9 +3,11 @@
 //! path.
 
 use serde_json::{Value, json};
+use writ_sdk::audit::{LogSink, TtsSink};
 use writ_sdk::exchange::{ExchangeError, TxnClient};
 use writ_sdk::middleware::Verified;
 use writ_sdk::tls::{self, Authorizer, TlsError};
+use writ_sdk::trace::TraceContext;
 use writ_sdk::txn_token::{JwksSource, TxnVerifier};
 use writ_sdk::workload::X509Source;
 use writ_sdk::{SpiffeId, TrustDomain};
@@ -31,6 +33,18 @@ impl TtsArgs {
     /// [`ExchangeError::Tls`] if the TLS configuration cannot be built.
     pub fn client(&self, source: &X509Source) -> Result<TxnClient, ExchangeError> {
         TxnClient::new(source, &self.tts_url, self.tts_id.clone())
+    }
+
+    /// The sink a demo service records its verifications to: the token service (over
+    /// `client`'s mTLS) and the log.
+    ///
+    /// # Errors
+    /// Outside a Tokio runtime.
+    pub fn audit_sink(
+        &self,
+        client: &TxnClient,
+    ) -> Result<(TtsSink, LogSink), writ_sdk::audit::SinkError> {
+        Ok((client.audit_sink()?, LogSink))
     }
 
     /// A Txn-Token verifier for `trust_domain` whose keys come from the service's JWKS,
@@ -63,6 +77,7 @@ pub fn verified_json(v: &Verified) -> Value {
         "req_wl": v.txn.req_wl,
         "chain": v.txn.chain(),
         "expires_at": v.txn.exp,
+        "trace_id": v.trace.as_ref().map(TraceContext::trace_id),
     })
 }
 

@@ -27,8 +27,20 @@
 //! let batch = VerificationBatch { records: vec![record] };
 //! assert!(batch.check().is_ok());
 //! ```
+//!
+//! A service chooses where its records go with an [`AuditSink`] given to
+//! `TxnLayer::with_audit`: [`LogSink`] (one `tracing` event each), [`JsonLinesSink`] (a
+//! file, written off the request path), [`MemorySink`], `TtsSink` (feature `exchange`:
+//! batches sent to the token service), or a pair of them.
 
 use serde::{Deserialize, Serialize};
+
+mod sink;
+pub use sink::{AuditSink, JsonLinesSink, LogSink, MemorySink, SinkStats};
+#[cfg(feature = "exchange")]
+mod tts;
+#[cfg(feature = "exchange")]
+pub use tts::{SinkError, TtsSink, TtsSinkBuilder};
 
 /// Where the token service ingests verification records (`POST`, JSON
 /// [`VerificationBatch`], mTLS with the service's X509-SVID).
@@ -137,6 +149,14 @@ impl VerificationBatch {
 }
 
 impl VerificationRecord {
+    /// Checks one record's limits, as [`VerificationBatch::check`] does for each.
+    ///
+    /// # Errors
+    /// [`RecordError::TooLong`] or [`RecordError::BadHash`] (with index 0).
+    pub fn check_limits(&self) -> Result<(), RecordError> {
+        self.check(0)
+    }
+
     fn check(&self, index: usize) -> Result<(), RecordError> {
         let long = |field| RecordError::TooLong { index, field };
         let fields: [(&'static str, Option<&str>); 7] = [

@@ -28,6 +28,7 @@ use crate::oauth::{GRANT_TYPE_TOKEN_EXCHANGE, TokenType};
 use writ_spiffe::spiffe_id::{SpiffeId, TrustDomain};
 
 use crate::tls::{self, Authorizer, TlsError};
+use crate::trace::TraceContext;
 use crate::txn_token::JwksSource;
 use crate::workload::X509Source;
 
@@ -77,6 +78,7 @@ pub struct TxnRequest {
     scope: Option<String>,
     request_details: Option<Value>,
     request_context: Option<Value>,
+    trace: Option<TraceContext>,
 }
 
 impl TxnRequest {
@@ -88,6 +90,7 @@ impl TxnRequest {
             scope: None,
             request_details: None,
             request_context: None,
+            trace: None,
         }
     }
 
@@ -116,6 +119,14 @@ impl TxnRequest {
     /// Request context, added to the token's `rctx`.
     pub fn request_context(mut self, context: Value) -> Self {
         self.request_context = Some(context);
+        self
+    }
+
+    /// Sends `trace` (`traceparent`, and `tracestate` if any) with the request, so the
+    /// token service's work joins the caller's trace. Pass the context of this hop's
+    /// outgoing call, usually `incoming.child()`.
+    pub fn trace(mut self, trace: TraceContext) -> Self {
+        self.trace = Some(trace);
         self
     }
 }
@@ -251,6 +262,25 @@ impl TxnClient {
         }
     }
 
+    /// The mTLS client, for the token service's other endpoints (the audit sink).
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// The URL of `path` at the service.
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    /// A sink that sends verification records to this token service over this client's
+    /// mTLS (see [`crate::audit::TtsSink`]).
+    ///
+    /// # Errors
+    /// [`crate::audit::SinkError::NoRuntime`] outside a Tokio runtime.
+    pub fn audit_sink(&self) -> Result<crate::audit::TtsSink, crate::audit::SinkError> {
+        crate::audit::TtsSink::new(self)
+    }
+
     /// The service's JWKS (`/.well-known/jwks.json`), fetched over this client's mTLS,
     /// for a [`crate::txn_token::TxnVerifier`].
     pub fn jwks_source(&self) -> JwksSource {
@@ -290,10 +320,19 @@ impl TxnClient {
         let body = url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs(form)
             .finish();
-        let response = self
+        let mut post = self
             .http
             .post(format!("{}/token", self.base_url))
-            .header("content-type", "application/x-www-form-urlencoded")
+            .header("content-type", "application/x-www-form-urlencoded");
+        // Without an explicit context, the current OpenTelemetry span's (feature `otel`).
+        #[cfg(feature = "otel")]
+        let trace = request.trace.or_else(TraceContext::current);
+        #[cfg(not(feature = "otel"))]
+        let trace = request.trace;
+        for (name, value) in trace.iter().flat_map(TraceContext::headers) {
+            post = post.header(name, value);
+        }
+        let response = post
             .body(body)
             .send()
             .await

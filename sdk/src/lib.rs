@@ -12,12 +12,14 @@
 //! | `workload-api` | [`workload`]: `WorkloadClient`, the SPIFFE Workload API client |
 //! | `x509-source` | `workload::X509Source`, the workload's X509-SVID and bundles kept current across rotations; [`tls`]: rustls configs with SPIFFE-ID `Authorizer`s |
 //! | `jwt-source` | `workload::JwtSource`: JWT-SVIDs per audience |
-//! | `txn-verify` | [`txn_token`]: the Txn-Token claims type and `TxnVerifier`; [`audit`]: the record a service keeps of each verification; [`jwks`]: the one fetch/cache/refetch of remote key sets (the token service's OIDC ingress uses it too) |
+//! | `txn-verify` | [`txn_token`]: the Txn-Token claims type and `TxnVerifier`; [`audit`]: the record a service keeps of each verification and the sinks it goes to (`LogSink`, `JsonLinesSink`; with `exchange` also `TtsSink`, sent to the token service); [`jwks`]: the one fetch/cache/refetch of remote key sets (the token service's OIDC ingress uses it too) |
 //! | `axum` | [`listener`]: axum over SPIFFE mTLS; [`middleware`]: `TxnLayer` and `Verified`, which check the caller and its Txn-Token together |
 //! | `exchange` | [`exchange`]: `TxnClient`, the RFC 8693 client of the token service |
+//! | `otel` | `trace::TraceContext`'s OpenTelemetry bridge: `TxnLayer`'s span joins the incoming `traceparent`, outgoing calls carry the current span's context |
 //! | `spawn` | [`spawn`]: sub-agents, child processes with a short-lived identity under this workload's |
 //!
-//! [`oauth`] (token types, the token-exchange grant type) needs no feature.
+//! [`oauth`] (token types, the token-exchange grant type) and [`trace`] (W3C Trace
+//! Context, `traceparent`) need no feature.
 //!
 //! The crate's `README.md` shows each feature's Cargo line and a quick start;
 //! `docs/sdk.md` is the guide.
@@ -57,6 +59,7 @@ pub mod oauth;
 pub mod spawn;
 #[cfg(feature = "x509-source")]
 pub mod tls;
+pub mod trace;
 #[cfg(feature = "txn-verify")]
 pub mod txn_token;
 #[cfg(feature = "workload-api")]

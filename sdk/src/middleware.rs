@@ -16,6 +16,17 @@
 //! | 403    | `forbidden`           | a custom check refused |
 //! | 503    | `keys_unavailable`    | the service's signing keys could not be loaded |
 //!
+//! With [`TxnLayer::with_audit`], every request, allowed or refused, also leaves one
+//! [`VerificationRecord`] in the service's [`AuditSink`]: the service's and the caller's
+//! SPIFFE IDs, the transaction, user and `act` chain of a verified token, the route
+//! (`METHOD /path`), the decision and error code, the verification's latency, the
+//! token's SHA-256 (never the token) and the request's `traceparent`. The record is
+//! handed to the sink before the handler runs; sinks queue it and never block.
+//!
+//! A valid W3C `traceparent` on the request lands in [`Verified::trace`], and the
+//! handler runs inside a `txn_request` span with the fields `trace_id` and `txn`, so
+//! any log or tracing backend can join a transaction's hops on them.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use axum::{Json, Router, routing::get};
@@ -48,6 +59,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use axum::extract::{ConnectInfo, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -55,8 +67,12 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use writ_spiffe::spiffe_id::SpiffeId;
 
+use tracing::Instrument as _;
+
+use crate::audit::{AuditSink, Decision, MAX_ACT, MAX_FIELD, VerificationRecord};
 use crate::listener::Peer;
 use crate::tls::Authorizer;
+use crate::trace::{TRACEPARENT, TRACESTATE, TraceContext};
 use crate::txn_token::{HEADER, TxnToken, TxnTokenError, TxnVerifier};
 
 /// A request whose caller and Txn-Token were verified, as [`TxnLayer`] hands it to the
@@ -69,12 +85,35 @@ pub struct Verified {
     pub txn: TxnToken,
     /// The Txn-Token as received, to forward unchanged (see [`Verified::forward`]).
     pub token: String,
+    /// The request's W3C trace context (`traceparent`, `tracestate`), when it carried a
+    /// valid one.
+    pub trace: Option<TraceContext>,
 }
 
 impl Verified {
-    /// Adds the `Txn-Token` header, unchanged, to an outbound request.
+    /// Adds the `Txn-Token` header, unchanged, to an outbound request, and, when the
+    /// request carried a trace context, its child (same trace id, new parent id).
     pub fn forward(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        request.header(HEADER, &self.token)
+        let mut request = request.header(HEADER, &self.token);
+        if let Some(next) = self.trace.as_ref().map(|_| self.next_trace()) {
+            for (name, value) in next.headers() {
+                request = request.header(name, value);
+            }
+        }
+        request
+    }
+
+    /// The trace context for this hop's next call: a child of the request's, or a new
+    /// trace if the request carried none.
+    pub fn next_trace(&self) -> TraceContext {
+        // With OpenTelemetry, the handler's span (a child of the caller's) is the parent.
+        #[cfg(feature = "otel")]
+        if let Some(current) = TraceContext::current() {
+            return current;
+        }
+        self.trace
+            .as_ref()
+            .map_or_else(TraceContext::new_root, TraceContext::child)
     }
 }
 
@@ -209,17 +248,52 @@ pub struct TxnLayer {
     guard: Arc<Guard>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Guard {
     verifier: TxnVerifier,
     policy: TxnPolicy,
+    audit: Option<Audit>,
+}
+
+/// Where the layer records verifications, and as whom.
+#[derive(Clone)]
+struct Audit {
+    service: String,
+    sink: Arc<dyn AuditSink>,
+}
+
+impl fmt::Debug for Audit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Audit")
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
 }
 
 impl TxnLayer {
     /// Verifies tokens with `verifier` and applies `policy`.
     pub fn new(verifier: TxnVerifier, policy: TxnPolicy) -> Self {
         Self {
-            guard: Arc::new(Guard { verifier, policy }),
+            guard: Arc::new(Guard {
+                verifier,
+                policy,
+                audit: None,
+            }),
+        }
+    }
+
+    /// Also records every request, allowed or refused, as a [`VerificationRecord`] of
+    /// `service` (this service's own SPIFFE ID, usually `source.spiffe_id()`) in `sink`
+    /// (see [`crate::audit`]).
+    #[must_use]
+    pub fn with_audit(self, service: SpiffeId, sink: impl AuditSink) -> Self {
+        let mut guard = Arc::unwrap_or_clone(self.guard);
+        guard.audit = Some(Audit {
+            service: service.to_string(),
+            sink: Arc::new(sink),
+        });
+        Self {
+            guard: Arc::new(guard),
         }
     }
 }
@@ -260,60 +334,174 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let guard = self.guard.clone();
+        let started = Instant::now();
+        let trace = read_trace(&request);
+        // Read before anything is awaited: the request body is not `Sync`.
+        let route = guard.audit.as_ref().map(|_| route(&request));
+        let caller = peer_id(&request);
+        let token = read_token(&request);
         Box::pin(async move {
-            let admitted = match guard.identify(&request) {
-                Ok((caller, token)) => guard.admit(caller, token).await,
-                Err(rejection) => Err(rejection),
+            let token_sha256 = token
+                .as_ref()
+                .ok()
+                .map(|t| writ_spiffe::fingerprint::token(t));
+            let admitted = match (caller.clone(), token) {
+                (None, _) => Err(Denied::early(reject(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthenticated",
+                    "the connection carries no verified X509-SVID",
+                ))),
+                (Some(_), Err(rejection)) => Err(Denied::early(rejection)),
+                (Some(caller), Ok(token)) => guard.admit(caller, token, trace.clone()).await,
             };
+            if let (Some(audit), Some(route)) = (&guard.audit, route) {
+                let (decision, error, verified) = match &admitted {
+                    Ok(v) => (Decision::Allow, None, Some(v)),
+                    Err(d) => (
+                        Decision::Deny,
+                        Some(d.rejection.code),
+                        d.verified.as_deref(),
+                    ),
+                };
+                let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                audit.sink.record(VerificationRecord {
+                    at_ms: unix_ms(guard.verifier.clock().now()),
+                    service: audit.service.clone(),
+                    caller: caller.map(|c| c.to_string()),
+                    txn: verified.map(|v| clamp(&v.txn.txn)),
+                    sub: verified.map(|v| clamp(&v.txn.sub)),
+                    act: verified
+                        .map(|v| v.txn.chain().into_iter().take(MAX_ACT).map(clamp).collect())
+                        .unwrap_or_default(),
+                    route,
+                    decision,
+                    error: error.map(str::to_owned),
+                    latency_us,
+                    token_sha256,
+                    traceparent: trace.as_ref().map(TraceContext::traceparent),
+                });
+            }
             match admitted {
                 Ok(verified) => {
+                    let span = tracing::info_span!(
+                        "txn_request",
+                        trace_id = tracing::field::Empty,
+                        txn = %verified.txn.txn,
+                    );
+                    if let Some(t) = &verified.trace {
+                        span.record("trace_id", t.trace_id());
+                        #[cfg(feature = "otel")]
+                        {
+                            use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+                            // Fails only without an OpenTelemetry layer: nothing to join.
+                            let _ = span.set_parent(t.to_otel());
+                        }
+                    }
                     request.extensions_mut().insert(verified);
-                    inner.call(request).await
+                    inner.call(request).instrument(span).await
                 }
-                Err(rejection) => Ok(rejection.into_response()),
+                Err(denied) => Ok(denied.rejection.into_response()),
             }
         })
     }
 }
 
-impl Guard {
-    /// The caller's SPIFFE ID and the Txn-Token, read before anything is awaited (the
-    /// request body is not `Sync`).
-    fn identify(&self, request: &Request) -> Result<(SpiffeId, String), Rejection> {
-        let caller = request
-            .extensions()
-            .get::<ConnectInfo<Peer>>()
-            .map(|c| &c.0)
-            .or_else(|| request.extensions().get::<Peer>())
-            .and_then(|p| p.id.clone())
-            .ok_or_else(|| {
-                reject(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthenticated",
-                    "the connection carries no verified X509-SVID",
-                )
-            })?;
-        let mut headers = request.headers().get_all(HEADER).iter();
-        let token = match (headers.next(), headers.next()) {
-            (Some(value), None) => value.to_str().map_err(|_| {
-                reject(
-                    StatusCode::UNAUTHORIZED,
-                    "invalid_txn_token",
-                    "the Txn-Token header is not ASCII",
-                )
-            })?,
-            _ => {
-                return Err(reject(
-                    StatusCode::UNAUTHORIZED,
-                    "missing_txn_token",
-                    "exactly one Txn-Token header is required",
-                ));
-            }
-        };
-        Ok((caller, token.to_owned()))
-    }
+/// A refused request, with what was verified before the policy refused it.
+struct Denied {
+    rejection: Rejection,
+    verified: Option<Box<Verified>>,
+}
 
-    async fn admit(&self, caller: SpiffeId, token: String) -> Result<Verified, Rejection> {
+impl Denied {
+    fn early(rejection: Rejection) -> Self {
+        Self {
+            rejection,
+            verified: None,
+        }
+    }
+}
+
+/// The caller's SPIFFE ID, from the connection.
+fn peer_id(request: &Request) -> Option<SpiffeId> {
+    request
+        .extensions()
+        .get::<ConnectInfo<Peer>>()
+        .map(|c| &c.0)
+        .or_else(|| request.extensions().get::<Peer>())
+        .and_then(|p| p.id.clone())
+}
+
+/// Exactly one ASCII `Txn-Token` header.
+fn read_token(request: &Request) -> Result<String, Rejection> {
+    let mut headers = request.headers().get_all(HEADER).iter();
+    match (headers.next(), headers.next()) {
+        (Some(value), None) => value.to_str().map(str::to_owned).map_err(|_| {
+            reject(
+                StatusCode::UNAUTHORIZED,
+                "invalid_txn_token",
+                "the Txn-Token header is not ASCII",
+            )
+        }),
+        _ => Err(reject(
+            StatusCode::UNAUTHORIZED,
+            "missing_txn_token",
+            "exactly one Txn-Token header is required",
+        )),
+    }
+}
+
+/// The request's trace context: exactly one valid `traceparent` (anything else is
+/// ignored, as the W3C specification asks), with its `tracestate` if valid.
+fn read_trace(request: &Request) -> Option<TraceContext> {
+    let mut parents = request.headers().get_all(TRACEPARENT).iter();
+    let (Some(parent), None) = (parents.next(), parents.next()) else {
+        return None;
+    };
+    let context = TraceContext::parse(parent.to_str().ok()?).ok()?;
+    // Several tracestate headers are one list, joined by commas.
+    let state: Vec<&str> = request
+        .headers()
+        .get_all(TRACESTATE)
+        .iter()
+        .map(|v| v.to_str().unwrap_or(""))
+        .collect();
+    Some(if state.is_empty() {
+        context
+    } else {
+        context.with_tracestate(&state.join(","))
+    })
+}
+
+/// `METHOD /path`, without the query string, at most [`MAX_FIELD`] bytes.
+fn route(request: &Request) -> String {
+    clamp(&format!("{} {}", request.method(), request.uri().path()))
+}
+
+/// `text`, cut to at most [`MAX_FIELD`] bytes on a character boundary.
+fn clamp(text: &str) -> String {
+    if text.len() <= MAX_FIELD {
+        return text.to_owned();
+    }
+    let mut end = MAX_FIELD;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.get(..end).unwrap_or_default().to_owned()
+}
+
+fn unix_ms(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Guard {
+    async fn admit(
+        &self,
+        caller: SpiffeId,
+        token: String,
+        trace: Option<TraceContext>,
+    ) -> Result<Verified, Denied> {
         let txn = self.verifier.verify(&token).await.map_err(|e| {
             tracing::info!(
                 %caller,
@@ -321,7 +509,7 @@ impl Guard {
                 error = %e,
                 "Txn-Token refused"
             );
-            match e {
+            Denied::early(match e {
                 TxnTokenError::Keys(_) => reject(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "keys_unavailable",
@@ -332,10 +520,15 @@ impl Guard {
                     "invalid_txn_token",
                     &e.to_string(),
                 ),
-            }
+            })
         })?;
-        let verified = Verified { caller, txn, token };
-        self.policy.evaluate(&verified).map_err(|e| {
+        let verified = Verified {
+            caller,
+            txn,
+            token,
+            trace,
+        };
+        if let Err(e) = self.policy.evaluate(&verified) {
             tracing::info!(caller = %verified.caller, txn = %verified.txn.txn, error = %e, "request refused");
             let code = match e {
                 PolicyError::CallerNotAllowed(_) => "caller_not_allowed",
@@ -343,8 +536,11 @@ impl Guard {
                 PolicyError::NotCurrentActor { .. } => "not_current_actor",
                 PolicyError::Custom(_) => "forbidden",
             };
-            reject(StatusCode::FORBIDDEN, code, &e.to_string())
-        })?;
+            return Err(Denied {
+                rejection: reject(StatusCode::FORBIDDEN, code, &e.to_string()),
+                verified: Some(Box::new(verified)),
+            });
+        }
         Ok(verified)
     }
 }

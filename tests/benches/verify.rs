@@ -6,7 +6,9 @@
 //! - (2) the middleware's added latency per request: one axum router called in process
 //!   (`tower::ServiceExt::oneshot`, no network, the mTLS peer set as `ConnectInfo<Peer>`)
 //!   with and without `TxnLayer`, with the cache off and on. The difference is what the
-//!   layer adds to each request; TLS and HTTP parsing are the same with or without it.
+//!   layer adds to each request; TLS and HTTP parsing are the same with or without it;
+//! - (3) the same layer recording every request (`TxnLayer::with_audit`) to a JSON-lines
+//!   sink and the log sink: what building and queueing one verification record adds.
 //!
 //! The keys are the service's own (`SigningKeys`, the ring the TTS mints with), given to
 //! the verifier as a fixed JWKS, so no fetch is measured. Every verification is checked
@@ -32,6 +34,7 @@ use axum::http::{Request, StatusCode};
 use axum::routing::get;
 use tower::ServiceExt as _;
 use writ_identity::clock::{Clock, SystemClock};
+use writ_sdk::audit::{JsonLinesSink, LogSink};
 use writ_sdk::listener::Peer;
 use writ_sdk::middleware::{TxnLayer, TxnPolicy, Verified};
 use writ_sdk::tls::Authorizer;
@@ -41,6 +44,8 @@ use writ_txn_service::txn_token::SigningKeys;
 
 const TD: &str = "example.org";
 const CALLER: &str = "spiffe://example.org/gateway";
+/// The verifying service, as its audit records name it.
+const SERVICE: &str = "spiffe://example.org/orders";
 const ROUNDS: usize = 3;
 
 fn count(var: &str, default: usize) -> usize {
@@ -173,6 +178,31 @@ fn main() {
             added.push((label, t.saturating_sub(base)));
         }
 
+        // (3) The same with every request recorded (`TxnLayer::with_audit`): to a
+        // JSON-lines sink (its queue and writer thread, writing to `io::sink()`) and to
+        // the log sink with no subscriber. The record is built and queued on the request
+        // path; the writing is not.
+        let mut audited = Vec::new();
+        for cache in [false, true] {
+            let policy = TxnPolicy::new(Authorizer::member_of(td.clone()))
+                .require_scope("read")
+                .strict_chain();
+            let sink = Arc::new(JsonLinesSink::new(std::io::sink()).unwrap());
+            let guarded = app(Some(
+                TxnLayer::new(verifier(&keys, cache), policy)
+                    .with_audit(SpiffeId::new(SERVICE).unwrap(), (sink.clone(), LogSink)),
+            ));
+            let t = per_op(ops, || request(&guarded, &token)).await;
+            let label = if cache { "on (hit)" } else { "off" };
+            rows.push((
+                format!("axum router with `TxnLayer` + audit sinks, cache {label}"),
+                t,
+            ));
+            sink.flush();
+            let stats = sink.stats();
+            audited.push((label, t, stats.delivered, stats.dropped));
+        }
+
         println!();
         println!("| measure (one core) | per second | per operation |");
         println!("|---|---:|---:|");
@@ -184,10 +214,17 @@ fn main() {
             );
         }
         println!();
+        let plain: Vec<Duration> = added.iter().map(|(_, t)| *t + base).collect();
         for (label, t) in added {
             println!(
                 "middleware added latency, cache {label}: {:.1} µs per request",
                 t.as_secs_f64() * 1e6
+            );
+        }
+        for ((label, t, delivered, dropped), without) in audited.into_iter().zip(plain) {
+            println!(
+                "audit recording added, cache {label}: {:.2} µs per request ({delivered} written, {dropped} dropped)",
+                (t.as_secs_f64() - without.as_secs_f64()) * 1e6
             );
         }
     });

@@ -1,7 +1,9 @@
 //! The demo's gateway (`writ demo`): the ingress a user's client calls, over plain HTTP
 //! on loopback with an OIDC access token (`Authorization: Bearer ...`). It exchanges the
 //! user's token at the transaction token service (RFC 8693, authenticated by its own
-//! X509-SVID) for a Txn-Token, and calls the planner over mTLS with it.
+//! X509-SVID) for a Txn-Token, and calls the planner over mTLS with it. The transaction's
+//! W3C trace starts here (or continues the client's `traceparent`) and every later hop
+//! carries it.
 //!
 //! ```sh
 //! gateway --listen 127.0.0.1:0 --tts-url https://127.0.0.1:8443 \
@@ -27,6 +29,7 @@ use serde_json::{Value, json};
 use writ_sdk::SpiffeId;
 use writ_sdk::exchange::{TxnClient, TxnRequest};
 use writ_sdk::tls::{self, Authorizer};
+use writ_sdk::trace::{TRACEPARENT, TraceContext};
 use writ_sdk::txn_token::HEADER;
 
 /// Longest bearer token accepted.
@@ -120,19 +123,30 @@ async fn ask(
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_owned();
+    // The transaction's trace starts here, or continues the user's client's.
+    let trace = headers
+        .get(TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| TraceContext::parse(v).ok())
+        .unwrap_or_else(TraceContext::new_root);
     let issued = gateway
         .tts
         .exchange(
             TxnRequest::access_token(token)
                 .scope(gateway.cli.scope.clone())
-                .request_details(json!({ "action": "ask", "question": question })),
+                .request_details(json!({ "action": "ask", "question": question }))
+                .trace(trace.child()),
         )
         .await
         .map_err(|e| fail(StatusCode::FORBIDDEN, "exchange_refused", e.to_string()))?;
-    let response = gateway
+    let mut request = gateway
         .planner
         .post(format!("{}/plan", gateway.cli.planner_url))
-        .header(HEADER, &issued.access_token)
+        .header(HEADER, &issued.access_token);
+    for (name, value) in trace.child().headers() {
+        request = request.header(name, value);
+    }
+    let response = request
         .json(&json!({ "question": question }))
         .send()
         .await
@@ -149,6 +163,7 @@ async fn ask(
     Ok(Json(json!({
         "hop": "gateway",
         "spiffe_id": gateway.me,
+        "trace_id": trace.trace_id(),
         "exchanged": {
             "subject_token_type": "access_token",
             "scope": gateway.cli.scope,

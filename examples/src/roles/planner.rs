@@ -2,7 +2,9 @@
 //! a Txn-Token. It verifies the caller (the gateway's SVID) and the token, replaces the
 //! token so that it names the planner as the current actor, spawns the sub-agent program
 //! through the SDK (a child SVID under the planner's, a lease that ends with it) with the
-//! replaced token, and answers with the sub-agent's report.
+//! replaced token, and answers with the sub-agent's report. Each verification is
+//! recorded to the token service (`writ audit txn` shows it), and the gateway's
+//! `traceparent` is continued in the exchange and handed to the sub-agent (`TRACEPARENT`).
 //!
 //! ```sh
 //! planner --listen 127.0.0.1:0 --trust-domain example.org \
@@ -27,7 +29,7 @@ use axum::{Json, Router};
 use clap::Parser;
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
-use writ_sdk::exchange::TxnClient;
+use writ_sdk::exchange::{TxnClient, TxnRequest};
 use writ_sdk::middleware::{TxnLayer, TxnPolicy, Verified};
 use writ_sdk::spawn::Spawn;
 use writ_sdk::tls::Authorizer;
@@ -79,6 +81,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let source = cli.workload.source().await.context("no identity")?;
     let tts = cli.tts.client(&source)?;
     let verifier = cli.tts.verifier(&source, &cli.trust_domain)?;
+    // Every verification goes to the token service, so `writ audit txn` shows this hop.
+    let audit = cli.tts.audit_sink(&tts)?;
     let policy = TxnPolicy::new(Authorizer::id(cli.gateway.clone()))
         .require_scope("docs.summarize")
         .strict_chain();
@@ -91,10 +95,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     });
     let app = Router::new()
         .route("/plan", post(plan))
-        .layer(TxnLayer::new(verifier, policy))
+        .layer(TxnLayer::new(verifier, policy).with_audit(source.spiffe_id(), audit.clone()))
         .layer(DefaultBodyLimit::max(crate::demo::MAX_BODY_BYTES))
         .with_state(planner);
-    serve_until_signal(app, &source, members, listen).await?;
+    let served = serve_until_signal(app, &source, members, listen).await;
+    audit.0.shutdown().await;
+    served?;
     Ok(())
 }
 
@@ -120,10 +126,10 @@ async fn plan(
 /// Replaces the token, runs the sub-agent with it, and returns the planner's report.
 async fn delegate(planner: &Planner, v: &Verified, question: &str) -> anyhow::Result<Value> {
     let cli = &planner.cli;
-    // Name the planner in the chain before handing the token on.
+    // Name the planner in the chain before handing the token on, in the caller's trace.
     let replaced = planner
         .tts
-        .replace(&v.token, None)
+        .exchange(TxnRequest::txn_token(v.token.clone()).trace(v.next_trace()))
         .await
         .context("replacing the Txn-Token")?;
     let mut command = std::process::Command::new(&cli.sub_agent);
@@ -139,7 +145,9 @@ async fn delegate(planner: &Planner, v: &Verified, question: &str) -> anyhow::Re
         .arg("--scope")
         .arg("docs.read")
         .arg("--query")
-        .arg(question);
+        .arg(question)
+        // The sub-agent continues the trace (`TRACEPARENT`, `TRACESTATE`).
+        .envs(v.next_trace().env());
     let mut child = Spawn::new("summarize", command)
         .ttl(Duration::from_secs(cli.sub_agent_ttl))
         .txn_token(replaced.access_token)

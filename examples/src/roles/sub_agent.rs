@@ -12,8 +12,10 @@ use anyhow::Context;
 use clap::Parser;
 use serde_json::{Value, json};
 use writ_sdk::SpiffeId;
+use writ_sdk::exchange::TxnRequest;
 use writ_sdk::spawn::TXN_TOKEN_ENV;
 use writ_sdk::tls::{self, Authorizer};
+use writ_sdk::trace::TraceContext;
 use writ_sdk::txn_token::HEADER;
 
 /// Replace the inherited Txn-Token and call the tool server with it.
@@ -48,14 +50,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .with_context(|| format!("no Txn-Token in {TXN_TOKEN_ENV}: run me through Spawn"))?;
     let source = cli.workload.source().await.context("no identity")?;
     let tts = cli.tts.client(&source)?;
+    // The planner's trace, handed down in the environment (a new one if it sent none).
+    let trace = TraceContext::from_env().unwrap_or_else(TraceContext::new_root);
     let replaced = tts
-        .replace(&token, Some(&cli.scope))
+        .exchange(
+            TxnRequest::txn_token(token)
+                .scope(cli.scope.clone())
+                .trace(trace.child()),
+        )
         .await
         .context("replacing the Txn-Token")?;
     let tool = tls::http_client(&source, Authorizer::id(cli.tool_id))?;
-    let response = tool
+    let mut request = tool
         .post(format!("{}/search", cli.tool_url))
-        .header(HEADER, &replaced.access_token)
+        .header(HEADER, &replaced.access_token);
+    for (name, value) in trace.child().headers() {
+        request = request.header(name, value);
+    }
+    let response = request
         .json(&json!({ "query": cli.query }))
         .send()
         .await

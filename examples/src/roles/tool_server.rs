@@ -10,7 +10,8 @@
 //!
 //! `POST /search` with `{"query": "..."}` answers what it verified (the caller's SPIFFE
 //! ID from its X509-SVID, the user, the scope, the transaction and the `act` chain) and a
-//! made-up search result.
+//! made-up search result. Each verification, allowed or refused, is recorded to the token
+//! service (`writ_sdk::audit::TtsSink`) and logged.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -57,6 +58,8 @@ pub fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let source = cli.workload.source().await.context("no identity")?;
     let verifier = cli.tts.verifier(&source, &cli.trust_domain)?;
+    // Every verification goes to the token service, so `writ audit txn` shows this hop.
+    let audit = cli.tts.audit_sink(&cli.tts.client(&source)?)?;
     let callers = Authorizer::path_prefix(cli.trust_domain.clone(), cli.caller_prefix);
     let mut policy = TxnPolicy::new(callers).strict_chain();
     for scope in cli.scope {
@@ -68,12 +71,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             "/search",
             post(move |v: Verified, Json(body): Json<Value>| search(me.clone(), v, body)),
         )
-        .layer(TxnLayer::new(verifier, policy))
+        .layer(TxnLayer::new(verifier, policy).with_audit(source.spiffe_id(), audit.clone()))
         .layer(DefaultBodyLimit::max(crate::demo::MAX_BODY_BYTES));
     // TLS admits the trust domain; the policy then names the callers, so a workload that
     // is not allowed gets a JSON 403 rather than a TLS alert.
     let members = Authorizer::member_of(cli.trust_domain);
-    serve_until_signal(app, &source, members, cli.listen).await?;
+    let served = serve_until_signal(app, &source, members, cli.listen).await;
+    audit.0.shutdown().await;
+    served?;
     Ok(())
 }
 

@@ -153,6 +153,12 @@ impl std::fmt::Debug for TxnVerifier {
 }
 
 impl TxnVerifier {
+    /// The clock the verifier reads (the middleware stamps its records with it).
+    #[cfg(feature = "axum")]
+    pub(crate) fn clock(&self) -> &SharedClock {
+        &self.inner.clock
+    }
+
     /// A verifier for tokens of `trust_domain` signed by one of `keys` (key id -> JWK),
     /// on the system clock, without a verified-token cache.
     pub fn new(

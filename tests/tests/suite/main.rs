@@ -18,6 +18,7 @@ mod node_api;
 mod node_trust;
 mod openapi;
 mod py_spiffe;
+mod sdk_audit;
 mod sdk_jwt_source;
 mod sdk_mtls;
 mod sds;
