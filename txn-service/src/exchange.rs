@@ -61,6 +61,7 @@ use writ_sdk::oauth::{
 use writ_sdk::txn_token::{Actor, TxnToken, TxnVerifier};
 use writ_sdk::workload::WorkloadClient;
 
+use crate::audit::durable::{DurableAudit, unix_ms};
 use crate::audit::{AuditError, AuditLog, AuditRecord};
 use crate::client_assertion::ReplayCache;
 use crate::lease::{LeaseError, Leases, is_sub_agent_id, root_parent};
@@ -566,6 +567,8 @@ pub struct ExchangeService {
     leases: Option<Leases>,
     /// Other replicas' keys and the publication of this one's (see [`crate::replica`]).
     replica: Option<Arc<Replica>>,
+    /// The durable audit trail in the identity store, if on.
+    durable: Option<DurableAudit>,
 }
 
 impl ExchangeService {
@@ -598,6 +601,7 @@ impl ExchangeService {
             assertion_replay: None,
             leases: None,
             replica: None,
+            durable: None,
         }
     }
 
@@ -640,6 +644,22 @@ impl ExchangeService {
     pub fn with_audit(mut self, audit: AuditLog) -> Self {
         self.audit = audit;
         self
+    }
+
+    /// Also writes decisions (and sub-agent spawns) to the durable audit trail.
+    pub fn with_durable_audit(mut self, durable: DurableAudit) -> Self {
+        self.durable = Some(durable);
+        self
+    }
+
+    /// The durable audit trail, if on.
+    pub fn durable_audit(&self) -> Option<&DurableAudit> {
+        self.durable.as_ref()
+    }
+
+    /// The clock the service reads.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
     }
 
     /// Remembers validated OIDC subject tokens (keyed by their SHA-256, until they
@@ -723,8 +743,23 @@ impl ExchangeService {
         caller_ip: Option<IpAddr>,
         body: Result<&[u8], ExchangeError>,
     ) -> Result<ExchangeResponse, ExchangeError> {
+        self.handle_traced(mtls_caller, caller_ip, body, None).await
+    }
+
+    /// As [`ExchangeService::handle`], recording the request's W3C `traceparent` (see
+    /// [`crate::audit::traceparent`]) with the decision.
+    ///
+    /// # Errors
+    /// The [`ExchangeError`] naming why nothing was minted.
+    pub async fn handle_traced(
+        &self,
+        mtls_caller: Option<SpiffeId>,
+        caller_ip: Option<IpAddr>,
+        body: Result<&[u8], ExchangeError>,
+        traceparent: Option<String>,
+    ) -> Result<ExchangeResponse, ExchangeError> {
         let req = body.and_then(ExchangeRequest::from_form);
-        self.decide(mtls_caller, caller_ip, req).await
+        self.decide(mtls_caller, caller_ip, req, traceparent).await
     }
 
     /// Exchanges the subject token of `req` for a Txn-Token on behalf of the
@@ -738,7 +773,8 @@ impl ExchangeService {
         caller_ip: Option<IpAddr>,
         req: ExchangeRequest,
     ) -> Result<ExchangeResponse, ExchangeError> {
-        self.decide(Some(caller.clone()), caller_ip, Ok(req)).await
+        self.decide(Some(caller.clone()), caller_ip, Ok(req), None)
+            .await
     }
 
     async fn decide(
@@ -746,8 +782,10 @@ impl ExchangeService {
         mtls_caller: Option<SpiffeId>,
         caller_ip: Option<IpAddr>,
         req: Result<ExchangeRequest, ExchangeError>,
+        traceparent: Option<String>,
     ) -> Result<ExchangeResponse, ExchangeError> {
         let mut record = AuditRecord::new(self.clock.now());
+        record.traceparent = traceparent;
         record.caller_ip = caller_ip.map(|ip| ip.to_string());
         record.caller = mtls_caller.as_ref().map(ToString::to_string);
         let result = async {
@@ -781,11 +819,21 @@ impl ExchangeService {
                 record.granted_scope = Some(token.scope.clone());
                 record.act = token.chain().into_iter().map(str::to_owned).collect();
                 record.expires_in = Some(response.expires_in);
+                if let Some(durable) = &self.durable
+                    && let Err(e) = durable.granted(&record, unix_ms(self.clock.now())).await
+                {
+                    let e = ExchangeError::from(e);
+                    self.audit.refused(record, e.code(), &e.description());
+                    return Err(e);
+                }
                 // Fails closed: a grant that cannot be recorded is not handed out.
                 self.audit.granted(record)?;
                 Ok(response)
             }
             Err(e) => {
+                if let Some(durable) = &self.durable {
+                    durable.refused(&record, e.code(), &e.description(), unix_ms(self.clock.now()));
+                }
                 self.audit.refused(record, e.code(), &e.description());
                 Err(e)
             }
@@ -1169,9 +1217,18 @@ async fn token(State(service): State<Arc<ExchangeService>>, request: Request) ->
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
+    let trace = parts
+        .headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::audit::traceparent);
     let result = match read_form(&parts.headers, body).await {
-        Ok(bytes) => service.handle(caller, caller_ip, Ok(&bytes)).await,
-        Err(e) => service.handle(caller, caller_ip, Err(e)).await,
+        Ok(bytes) => {
+            service
+                .handle_traced(caller, caller_ip, Ok(&bytes), trace)
+                .await
+        }
+        Err(e) => service.handle_traced(caller, caller_ip, Err(e), trace).await,
     };
     match result {
         Ok(resp) => resp.into_response(),
