@@ -438,10 +438,16 @@ impl AuditLog {
 /// (`00-<32 hex>-<16 hex>-<2 hex>`, lowercase); anything else is ignored.
 pub fn traceparent(value: &str) -> Option<String> {
     let parts: Vec<&str> = value.trim().split('-').collect();
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
     match parts.as_slice() {
         [version, trace, parent, flags]
-            if hex(version, 2) && *version != "ff" && hex(trace, 32) && hex(parent, 16) && hex(flags, 2) =>
+            if hex(version, 2)
+                && *version != "ff"
+                && hex(trace, 32)
+                && hex(parent, 16)
+                && hex(flags, 2) =>
         {
             Some(value.trim().to_owned())
         }

@@ -832,7 +832,12 @@ impl ExchangeService {
             }
             Err(e) => {
                 if let Some(durable) = &self.durable {
-                    durable.refused(&record, e.code(), &e.description(), unix_ms(self.clock.now()));
+                    durable.refused(
+                        &record,
+                        e.code(),
+                        &e.description(),
+                        unix_ms(self.clock.now()),
+                    );
                 }
                 self.audit.refused(record, e.code(), &e.description());
                 Err(e)
@@ -1228,7 +1233,11 @@ async fn token(State(service): State<Arc<ExchangeService>>, request: Request) ->
                 .handle_traced(caller, caller_ip, Ok(&bytes), trace)
                 .await
         }
-        Err(e) => service.handle_traced(caller, caller_ip, Err(e), trace).await,
+        Err(e) => {
+            service
+                .handle_traced(caller, caller_ip, Err(e), trace)
+                .await
+        }
     };
     match result {
         Ok(resp) => resp.into_response(),

@@ -240,9 +240,7 @@ impl ChainVerifier {
         }
         if row.seq != self.next_seq {
             self.error = Some(if row.seq > self.next_seq {
-                ChainError::Removed {
-                    seq: self.next_seq,
-                }
+                ChainError::Removed { seq: self.next_seq }
             } else {
                 // A row before the pruned prefix's end, or a duplicate: not appended so.
                 ChainError::Edited { seq: row.seq }
@@ -387,7 +385,9 @@ where
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
-    let text = |c: &str| -> Result<String, super::StoreError> { row.try_get(c).map_err(|e| corrupt(c, &e)) };
+    let text = |c: &str| -> Result<String, super::StoreError> {
+        row.try_get(c).map_err(|e| corrupt(c, &e))
+    };
     let seq: i64 = row.try_get("seq").map_err(|e| corrupt("seq", &e))?;
     Ok(AuditRow {
         seq: u64::try_from(seq).map_err(|_| corrupt("seq", &"negative"))?,
@@ -419,7 +419,9 @@ where
         let v: i64 = row.try_get(c).map_err(|e| corrupt(c, &e))?;
         u64::try_from(v).map_err(|_| corrupt(c, &"negative"))
     };
-    let text = |c: &str| -> Result<String, super::StoreError> { row.try_get(c).map_err(|e| corrupt(c, &e)) };
+    let text = |c: &str| -> Result<String, super::StoreError> {
+        row.try_get(c).map_err(|e| corrupt(c, &e))
+    };
     Ok(AuditAnchor {
         pruned_seq: num("pruned_seq")?,
         pruned_hash: text("pruned_hash")?,
@@ -436,8 +438,10 @@ where
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
-    let num = |c: &str| -> Result<i64, super::StoreError> { row.try_get(c).map_err(|e| corrupt(c, &e)) };
-    let count = |c: &str| -> Result<u64, super::StoreError> { Ok(u64::try_from(num(c)?).unwrap_or(0)) };
+    let num =
+        |c: &str| -> Result<i64, super::StoreError> { row.try_get(c).map_err(|e| corrupt(c, &e)) };
+    let count =
+        |c: &str| -> Result<u64, super::StoreError> { Ok(u64::try_from(num(c)?).unwrap_or(0)) };
     Ok(AuditTxnSummary {
         txn: row.try_get("txn").map_err(|e| corrupt("txn", &e))?,
         sub: row.try_get("sub").map_err(|e| corrupt("sub", &e))?,
@@ -478,7 +482,9 @@ mod tests {
     fn chain(n: u64) -> (Vec<AuditRow>, AuditAnchor) {
         let mut rows: Vec<AuditRow> = Vec::new();
         for seq in 1..=n {
-            let prev = rows.last().map_or(GENESIS_HASH.to_owned(), |r| r.hash.clone());
+            let prev = rows
+                .last()
+                .map_or(GENESIS_HASH.to_owned(), |r| r.hash.clone());
             rows.push(AuditRow::chain(seq, &prev, event(seq as i64)));
         }
         let anchor = AuditAnchor {
@@ -507,7 +513,10 @@ mod tests {
         let mut rehashed = rows.clone();
         rehashed[2].event.sub = "mallory".into();
         rehashed[2].hash = row_hash(3, &rehashed[2].prev_hash, &rehashed[2].event);
-        assert_eq!(verify(&rehashed, &anchor), Err(ChainError::Edited { seq: 3 }));
+        assert_eq!(
+            verify(&rehashed, &anchor),
+            Err(ChainError::Edited { seq: 3 })
+        );
         // Removed from the middle, the start and the head.
         for (i, seq) in [(2usize, 3u64), (0, 1), (4, 5)] {
             let mut removed = rows.clone();

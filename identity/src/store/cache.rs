@@ -918,10 +918,7 @@ impl Store for CachedStore {
         self.shared.inner.prune_txn_keys(now).await
     }
 
-    async fn append_audit(
-        &self,
-        events: &[super::audit::AuditEvent],
-    ) -> Result<u64, StoreError> {
+    async fn append_audit(&self, events: &[super::audit::AuditEvent]) -> Result<u64, StoreError> {
         self.shared.inner.append_audit(events).await
     }
 

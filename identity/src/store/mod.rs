@@ -500,8 +500,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn audit_anchor(&self) -> Result<audit::AuditAnchor, StoreError>;
     /// Rows with a sequence above `after`, ascending, at most `limit` (capped at
     /// [`audit::MAX_READ`]).
-    async fn list_audit(&self, after: u64, limit: u32)
-    -> Result<Vec<audit::AuditRow>, StoreError>;
+    async fn list_audit(&self, after: u64, limit: u32) -> Result<Vec<audit::AuditRow>, StoreError>;
     /// The rows of transaction `txn`, ascending, at most `limit` (capped at
     /// [`audit::MAX_READ`]).
     async fn audit_txn(&self, txn: &str, limit: u32) -> Result<Vec<audit::AuditRow>, StoreError>;

@@ -1974,6 +1974,10 @@ async fn audit_verify(store: &dyn Store) -> super::audit::ChainSummary {
 
 /// Audit events are chained, read back by transaction, summed, searched, and pruned
 /// with a checkpoint that keeps the chain verifiable.
+#[expect(
+    clippy::indexing_slicing,
+    reason = "a conformance check reports a broken store by panicking, like a test"
+)]
 pub async fn audit_chain_appended_read_and_pruned(store: &dyn Store) {
     use super::audit::{MAX_FIELD_BYTES, MAX_QUERY_BYTES};
     let scope = Scope::new("audit");
@@ -1997,7 +2001,10 @@ pub async fn audit_chain_appended_read_and_pruned(store: &dyn Store) {
     assert_eq!(rows[1].prev_hash, rows[0].hash, "chained");
     assert!(rows.iter().all(super::audit::AuditRow::hash_matches));
     assert_eq!(anchor.head_hash, rows[2].hash);
-    let after = store.list_audit(before.head_seq, 2).await.expect("list_audit");
+    let after = store
+        .list_audit(before.head_seq, 2)
+        .await
+        .expect("list_audit");
     assert_eq!(after, rows[..2].to_vec(), "ascending, limited");
 
     let found = store
@@ -2006,9 +2013,20 @@ pub async fn audit_chain_appended_read_and_pruned(store: &dyn Store) {
         .expect("list_audit_txns");
     assert_eq!(found.len(), 1, "found by txn, ignoring case");
     let summary = &found[0];
-    assert_eq!((summary.grants, summary.verifications, summary.refusals, summary.spawns), (1, 1, 1, 0));
+    assert_eq!(
+        (
+            summary.grants,
+            summary.verifications,
+            summary.refusals,
+            summary.spawns
+        ),
+        (1, 1, 1, 0)
+    );
     assert!(summary.denied);
-    assert_eq!((summary.started_ms, summary.last_ms, summary.last_seq), (1, 3, head));
+    assert_eq!(
+        (summary.started_ms, summary.last_ms, summary.last_seq),
+        (1, 3, head)
+    );
     assert_eq!(summary.sub, "Alice");
     assert_eq!(
         summary.workloads,
@@ -2022,10 +2040,17 @@ pub async fn audit_chain_appended_read_and_pruned(store: &dyn Store) {
         .await
         .expect("list_audit_txns");
     assert_eq!(by_workload.len(), 1, "found by workload");
-    let wildcard = store.list_audit_txns("%_", 200).await.expect("list_audit_txns");
+    let wildcard = store
+        .list_audit_txns("%_", 200)
+        .await
+        .expect("list_audit_txns");
     assert!(wildcard.is_empty(), "LIKE wildcards are taken literally");
     let latest = store.list_audit_txns("", 1).await.expect("list_audit_txns");
-    assert_eq!(latest.first().map(|s| s.txn.as_str()), Some(txn.as_str()), "latest first");
+    assert_eq!(
+        latest.first().map(|s| s.txn.as_str()),
+        Some(txn.as_str()),
+        "latest first"
+    );
     let changed = store
         .audit_txns_after(before.head_seq, 10)
         .await
@@ -2045,7 +2070,10 @@ pub async fn audit_chain_appended_read_and_pruned(store: &dyn Store) {
         .await
         .expect_err("an over-long query is refused");
     assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
-    assert_eq!(store.audit_anchor().await.expect("audit_anchor").head_seq, head);
+    assert_eq!(
+        store.audit_anchor().await.expect("audit_anchor").head_seq,
+        head
+    );
     assert_eq!(store.append_audit(&[]).await.expect("empty append"), head);
 
     // Retention: on a fresh chain, the two oldest rows go and the rest verifies.
@@ -2054,7 +2082,11 @@ pub async fn audit_chain_appended_read_and_pruned(store: &dyn Store) {
         let anchor = store.audit_anchor().await.expect("audit_anchor");
         assert_eq!(anchor.pruned_seq, 2);
         assert_eq!(anchor.pruned_hash, rows[1].hash);
-        assert_eq!(store.prune_audit(3).await.expect("prune_audit"), 0, "done once");
+        assert_eq!(
+            store.prune_audit(3).await.expect("prune_audit"),
+            0,
+            "done once"
+        );
     } else {
         assert_eq!(store.prune_audit(i64::MIN).await.expect("prune_audit"), 0);
     }

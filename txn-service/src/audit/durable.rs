@@ -163,7 +163,9 @@ impl DurableAudit {
         record.reason = Some(reason.to_owned());
         match exchange_event(&record, at_ms) {
             Ok(event) => self.queue_events(vec![event]),
-            Err(e) => tracing::error!(error = %e, "a refusal could not be encoded for the audit store"),
+            Err(e) => {
+                tracing::error!(error = %e, "a refusal could not be encoded for the audit store")
+            }
         }
     }
 
@@ -194,9 +196,8 @@ impl DurableAudit {
             let mut tick = tokio::time::interval(RETENTION_INTERVAL);
             loop {
                 tick.tick().await;
-                let cutoff = unix_ms(clock.now()).saturating_sub(
-                    i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
-                );
+                let cutoff = unix_ms(clock.now())
+                    .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
                 match store.prune_audit(cutoff).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(rows = n, "audit retention pruned old rows"),
@@ -290,8 +291,7 @@ pub fn spawn_event(
         caller: child.into(),
         service: String::new(),
         lease: lease.into(),
-        record: serde_json::json!({"lease": lease, "parent": parent, "child": child})
-            .to_string(),
+        record: serde_json::json!({"lease": lease, "parent": parent, "child": child}).to_string(),
     }
 }
 

@@ -140,9 +140,8 @@ async fn list_inner(state: &ExplorerState, raw: Option<&str>) -> Result<Response
                 ApiError::BadQuery(format!("`limit` must be 1 to {MAX_TXN_LIST}")).into_response()
             })?,
     };
-    let unavailable = |e: writ_identity::store::StoreError| {
-        ApiError::Unavailable(e.to_string()).into_response()
-    };
+    let unavailable =
+        |e: writ_identity::store::StoreError| ApiError::Unavailable(e.to_string()).into_response();
     let anchor = state.store.audit_anchor().await.map_err(unavailable)?;
     let txns = state
         .store
@@ -207,9 +206,8 @@ async fn changes_inner(state: &ExplorerState, raw: Option<&str>) -> Result<Respo
                 ApiError::BadQuery("`after` must be a non-negative integer".into()).into_response()
             })?,
     };
-    let unavailable = |e: writ_identity::store::StoreError| {
-        ApiError::Unavailable(e.to_string()).into_response()
-    };
+    let unavailable =
+        |e: writ_identity::store::StoreError| ApiError::Unavailable(e.to_string()).into_response();
     // The head first: rows appended meanwhile are reported again next time, never lost.
     let anchor = state.store.audit_anchor().await.map_err(unavailable)?;
     let changed = state

@@ -157,7 +157,10 @@ impl Node {
     }
 
     /// The child `id`, created (as `kind`) if missing.
-    #[expect(clippy::indexing_slicing, reason = "the index was just found or pushed")]
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "the index was just found or pushed"
+    )]
     fn child(&mut self, id: &str, kind: &'static str) -> &mut Node {
         let at = match self.children.iter().position(|c| c.id == id) {
             Some(at) => at,
@@ -183,7 +186,10 @@ impl Node {
         None
     }
 
-    #[expect(clippy::indexing_slicing, reason = "paths come from `find` on this tree")]
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "paths come from `find` on this tree"
+    )]
     fn at_path(&mut self, path: &[usize]) -> &mut Node {
         let mut node = self;
         for &i in path {
@@ -294,7 +300,13 @@ fn render(node: &Node, depth: usize, out: &mut String) {
     let pad = "  ".repeat(depth);
     let _ = writeln!(out, "{pad}{} {}", node.kind, node.id);
     for e in &node.events {
-        let mut line = format!("{pad}  - {} {} {} #{}", time(e.at_ms), e.kind, e.decision, e.seq);
+        let mut line = format!(
+            "{pad}  - {} {} {} #{}",
+            time(e.at_ms),
+            e.kind,
+            e.decision,
+            e.seq
+        );
         let extra = [
             ("scope", e.scope.clone()),
             ("route", e.route.clone()),
@@ -349,12 +361,48 @@ mod tests {
     #[test]
     fn the_demo_chain_is_user_gateway_planner_sub_agent_tool() {
         let rows = vec![
-            row(1, "grant", GW, "", serde_json::json!({"act": [], "granted_scope": "orders.read"})),
-            row(2, "replacement", PLANNER, "", serde_json::json!({"act": [PLANNER, GW]})),
-            row(3, "spawn", SUBAGENT, "", serde_json::json!({"lease": "L1", "parent": PLANNER, "child": SUBAGENT})),
-            row(4, "replacement", SUBAGENT, "", serde_json::json!({"act": [SUBAGENT, PLANNER, GW]})),
-            row(5, "verification", SUBAGENT, TOOL, serde_json::json!({"act": [SUBAGENT, PLANNER, GW], "route": "GET /orders", "latency_us": 180})),
-            row(6, "refusal", SUBAGENT, "", serde_json::json!({"error": "invalid_scope"})),
+            row(
+                1,
+                "grant",
+                GW,
+                "",
+                serde_json::json!({"act": [], "granted_scope": "orders.read"}),
+            ),
+            row(
+                2,
+                "replacement",
+                PLANNER,
+                "",
+                serde_json::json!({"act": [PLANNER, GW]}),
+            ),
+            row(
+                3,
+                "spawn",
+                SUBAGENT,
+                "",
+                serde_json::json!({"lease": "L1", "parent": PLANNER, "child": SUBAGENT}),
+            ),
+            row(
+                4,
+                "replacement",
+                SUBAGENT,
+                "",
+                serde_json::json!({"act": [SUBAGENT, PLANNER, GW]}),
+            ),
+            row(
+                5,
+                "verification",
+                SUBAGENT,
+                TOOL,
+                serde_json::json!({"act": [SUBAGENT, PLANNER, GW], "route": "GET /orders", "latency_us": 180}),
+            ),
+            row(
+                6,
+                "refusal",
+                SUBAGENT,
+                "",
+                serde_json::json!({"error": "invalid_scope"}),
+            ),
         ];
         let tree = TxnTree::build(&rows).unwrap();
         assert_eq!(tree.root.id, "user:alice");
@@ -371,9 +419,17 @@ mod tests {
         assert_eq!(tool.events[0].latency_us, Some(180));
         assert_eq!(tree.root.children.len(), 1, "no stray nodes");
         let text = tree.to_text();
-        assert!(text.contains("        service spiffe://example.org/demo/tool"), "{text}");
+        assert!(
+            text.contains("        service spiffe://example.org/demo/tool"),
+            "{text}"
+        );
         let json = serde_json::to_value(&tree).unwrap();
-        assert!(json["root"]["children"][0]["events"][0].get("error").is_none(), "absent fields omitted");
+        assert!(
+            json["root"]["children"][0]["events"][0]
+                .get("error")
+                .is_none(),
+            "absent fields omitted"
+        );
     }
 
     #[test]

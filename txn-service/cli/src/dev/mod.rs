@@ -352,6 +352,7 @@ impl Dev {
         txn.audit_log = Some(dir.join(TXN_DIR).join("audit.log"));
         txn.oidc = vec![IssuerConfig::new(issuer.url(), [DEV_AUDIENCE])];
         txn.identity_store = Some(datastore);
+        txn.audit_durable = true;
         txn.policy = policy;
         txn.accept_dev_tokens = true;
         txn.dns_names = writ_txn_service::server_name::ServerNames::new(tts_names)
