@@ -110,6 +110,7 @@ pub(crate) async fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
         AuditCommand::Verify { store, json } => {
             let store = open(&store).await?;
             let anchor = store.audit_anchor().await?;
+            let head_hash = anchor.head_hash.clone();
             let mut verifier = ChainVerifier::new(&anchor);
             let mut after = 0;
             loop {
@@ -121,7 +122,10 @@ pub(crate) async fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             match verifier.finish() {
                 Ok(summary) => {
                     if json {
-                        println!("{}", serde_json::json!({"ok": true, "summary": summary}));
+                        println!(
+                            "{}",
+                            serde_json::json!({"ok": true, "summary": summary, "head_hash": head_hash})
+                        );
                     } else if summary.rows == 0 {
                         println!("audit chain intact: no rows ({} pruned)", summary.pruned);
                     } else {
