@@ -33,7 +33,8 @@
 //! throughput is reported, latencies over all runs), `WRIT_BENCH_WARMUP` (200 per run,
 //! spread over the clients),
 //! `WRIT_BENCH_CRYPTO_OPS` (2000), `WRIT_BENCH_CORES` (default: the available
-//! parallelism).
+//! parallelism). `WRIT_BENCH_DURABLE_AUDIT=1` turns the durable audit trail on (a SQLite
+//! store per run): compare with a run without it.
 #![expect(
     unused_crate_dependencies,
     reason = "a bench target sees every dependency and dev-dependency of its package"
@@ -497,6 +498,12 @@ max_scope = ["orders.read", "orders.write"]
     )
 }
 
+/// `WRIT_BENCH_DURABLE_AUDIT=1`: every run also writes its decisions to the durable,
+/// hash-chained audit table (group commit; grants wait for their batch's commit).
+fn durable_audit() -> bool {
+    std::env::var("WRIT_BENCH_DURABLE_AUDIT").is_ok_and(|v| v == "1")
+}
+
 async fn exchange_or_panic(client: &TxnClient, token: String, what: &str) -> String {
     let issued = client
         .exchange(TxnRequest::access_token(token).scope(REQUESTED_SCOPE))
@@ -523,11 +530,21 @@ async fn run_exchanges(
 ) -> Round {
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join(format!("audit-{}.log", mode.slug));
-    let config = TxnConfig::from_toml(
-        &txn_toml(&stack.endpoint(), &audit, mode.cache, &provider.issuer),
-        dir.path(),
-    )
-    .unwrap();
+    let mut toml = txn_toml(&stack.endpoint(), &audit, mode.cache, &provider.issuer);
+    if durable_audit() {
+        // The durable audit trail on: a migrated SQLite store the service appends to.
+        let db = dir.path().join("datastore.sqlite3");
+        writ_identity::store::sqlite::SqliteStore::open(&db)
+            .await
+            .unwrap()
+            .close()
+            .await;
+        toml.push_str(&format!(
+            "\n[identity_store]\nbackend = \"sqlite\"\nconnection = {:?}\n\n[audit]\ndurable = true\n",
+            db.display().to_string()
+        ));
+    }
+    let config = TxnConfig::from_toml(&toml, dir.path()).unwrap();
     assert_eq!(config.subject_token_cache, mode.cache);
     let mut config = config;
     config.metrics = mode.metrics;
@@ -695,7 +712,9 @@ fn main() {
         .unwrap();
     println!(
         "exchange bench: {cores} cores, {clients} clients, {n} exchanges per run, \
-         {rounds} runs per mode, {warm} warm-up exchanges per run, {ops} crypto operations"
+         {rounds} runs per mode, {warm} warm-up exchanges per run, {ops} crypto operations, \
+         durable audit {}",
+        if durable_audit() { "on" } else { "off" }
     );
     rt.block_on(async {
         let stack = Stack::start(Duration::from_secs(3600)).await;

@@ -1,4 +1,8 @@
-//! The audit log: one JSON line per token exchange decision.
+//! The audit log: one JSON line per token exchange decision, and (with an identity
+//! store) the durable, hash-chained audit trail of every hop: [`durable`] writes the
+//! decisions and the sub-agent spawns to the store's audit table, [`ingest`] takes the
+//! verifications services report, [`tree`] shows a transaction as its delegation tree,
+//! and [`explorer_api`] serves it to the chain explorer. See `docs/audit.md`.
 //!
 //! Each line holds the time, the decision (`granted` or `refused`) and, for a refusal,
 //! the RFC 6749 error code and reason; the caller's SPIFFE ID, the transaction id, the
@@ -37,6 +41,13 @@ use writ_identity::clock::{SharedClock, SystemClock};
 
 use crate::rate_limit::{Rate, RateLimiter};
 
+pub mod durable;
+pub mod explorer;
+pub mod ingest;
+pub mod tree;
+
+pub use explorer::{ExplorerState, explorer_api};
+
 /// What the service does with an exchange whose grant cannot be written to the audit log
 /// (`audit_on_failure` in `txn.toml`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -62,6 +73,9 @@ pub enum AuditError {
     /// A writer panicked while holding the log's lock.
     #[error("the audit log lock is poisoned")]
     Poisoned,
+    /// The durable audit store did not commit the record.
+    #[error("cannot write the durable audit trail: {0}")]
+    Store(String),
 }
 
 /// Size-based rotation of an audit log file: when the next record would make the file
@@ -180,6 +194,9 @@ pub struct AuditRecord {
     /// were not recorded one by one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub suppressed: Option<u64>,
+    /// The request's W3C `traceparent` header, if it carried a well-formed one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl AuditRecord {
@@ -414,6 +431,27 @@ impl AuditLog {
                 write_stream(writer.as_mut(), line.as_bytes(), torn).map_err(AuditError::Write)
             }
         }
+    }
+}
+
+/// The W3C trace context of a `traceparent` header value when well formed
+/// (`00-<32 hex>-<16 hex>-<2 hex>`, lowercase); anything else is ignored.
+pub fn traceparent(value: &str) -> Option<String> {
+    let parts: Vec<&str> = value.trim().split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    match parts.as_slice() {
+        [version, trace, parent, flags]
+            if hex(version, 2)
+                && *version != "ff"
+                && hex(trace, 32)
+                && hex(parent, 16)
+                && hex(flags, 2) =>
+        {
+            Some(value.trim().to_owned())
+        }
+        _ => None,
     }
 }
 

@@ -21,6 +21,10 @@
 //! replica = "tts-a"                      # this replica's name (default: the host name)
 //! dns_names = ["tts.example.org", "10.0.0.7"]  # names clients dial; the SVID must carry them
 //!
+//! [audit]                               # the durable audit trail (needs [identity_store]; docs/audit.md)
+//! durable = true                         # also write every decision to the store's hash-chained table
+//! retention = "30d"                      # prune rows older than this (a checkpoint keeps `verify` working); default: keep all
+//!
 //! [identity_store]                       # the identity server's [datastore]: sub-agent
 //! backend = "postgres"                   # leases, and the replicas' shared public keys
 //! connection = "postgres://writ@db/writ"
@@ -68,6 +72,7 @@ use writ_identity::server::config::{Datastore, FileDatastore, toml_error_line};
 use writ_identity::spiffe_id::SpiffeId;
 use writ_sdk::workload::{WorkloadClient, WorkloadError, X509Source};
 
+use crate::audit::durable::DurableAudit;
 use crate::audit::{
     AuditLog, DEFAULT_KEEP, DEFAULT_MAX_SIZE, DEFAULT_UNAUTHENTICATED_RATE, OnFailure, Rotation,
     SUMMARY_INTERVAL,
@@ -187,6 +192,20 @@ pub struct TxnFileConfig {
     pub connections: FileConnections,
     /// `[ops]`: the operations listener (`/metrics`, `/healthz`, `/readyz`); absent, none.
     pub ops: Option<writ_identity::ops::FileOps>,
+    /// The durable audit trail.
+    #[serde(default)]
+    pub audit: FileAudit,
+}
+
+/// The `[audit]` table: the durable, hash-chained audit trail in the identity store.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAudit {
+    /// Write every decision to the store's audit table too (default: true when an
+    /// `[identity_store]` is configured).
+    pub durable: Option<bool>,
+    /// Rows older than this are pruned (default: kept).
+    pub retention: Option<ConfigDuration>,
 }
 
 /// The `[connections]` table: limits of each connection to the HTTPS listener.
@@ -329,6 +348,10 @@ pub struct TxnConfig {
     /// Record metrics ([`crate::metrics`]; on by default). Only benchmarks turn them
     /// off, to measure their cost; no `txn.toml` key can.
     pub metrics: bool,
+    /// Write decisions to the identity store's audit table too (needs `identity_store`).
+    pub audit_durable: bool,
+    /// Prune durable audit rows older than this; `None` keeps them.
+    pub audit_retention: Option<Duration>,
 }
 
 fn duration(
@@ -450,6 +473,21 @@ impl TxnConfig {
         let connections = connection_limits(&file.connections)?;
         let ops = writ_identity::ops::OpsConfig::from_file(file.ops.clone())
             .map_err(|e| TxnConfigError::Invalid(e.to_string()))?;
+        let audit_durable = file.audit.durable.unwrap_or(identity_store.is_some());
+        if audit_durable && identity_store.is_none() {
+            return Err(TxnConfigError::Invalid(
+                "`audit.durable` needs an `[identity_store]` to write to".into(),
+            ));
+        }
+        let audit_retention = match file.audit.retention {
+            None => None,
+            Some(d) if d.get() < Duration::from_secs(3600) => {
+                return Err(TxnConfigError::Invalid(
+                    "`audit.retention` must be at least 1h".into(),
+                ));
+            }
+            Some(d) => Some(d.get()),
+        };
         let oidc = file
             .oidc
             .into_iter()
@@ -489,6 +527,8 @@ impl TxnConfig {
             policy,
             connections,
             dns_names: ServerNames::new(file.dns_names.unwrap_or_default())?,
+            audit_durable,
+            audit_retention,
         })
     }
 }
@@ -586,6 +626,8 @@ pub struct TxnServer {
     summaries: tokio::task::JoinHandle<()>,
     /// Publishes this replica's keys and reads the others' (with an identity store).
     upkeep: Option<tokio::task::JoinHandle<()>>,
+    /// Prunes the durable audit trail.
+    _retention: Option<tokio_util::task::AbortOnDropHandle<()>>,
     /// Checks the configured names at each rotation of the SVID.
     names_watch: Option<tokio::task::JoinHandle<()>>,
     /// The operations listener, when configured (stops when dropped).
@@ -694,6 +736,7 @@ impl TxnServer {
             service = service.without_metrics();
         }
         let mut upkeep = None;
+        let mut retention = None;
         if let Some(store) = &config.identity_store {
             // Shared, never migrated: the identity server owns (and migrates) its store;
             // the token service writes only its public keys there.
@@ -705,7 +748,7 @@ impl TxnServer {
                 config.replica.clone(),
                 store.clone(),
                 keys,
-                clock,
+                clock.clone(),
             ));
             let store_error =
                 |e: ReplicaError| TxnConfigError::Invalid(format!("`identity_store`: {e}"));
@@ -713,6 +756,13 @@ impl TxnServer {
             let peers = replica.refresh().await.map_err(store_error)?;
             tracing::info!(replica = %config.replica, keys_in_store = peers, "token service replica sharing its keys through the identity store");
             upkeep = Some(replica.clone().spawn());
+            if config.audit_durable {
+                let durable = DurableAudit::spawn(store.clone(), config.audit_on_failure);
+                retention = config
+                    .audit_retention
+                    .map(|keep| durable.spawn_retention(keep, clock.clone()));
+                service = service.with_durable_audit(durable);
+            }
             service = service
                 .with_leases(Leases::new(store))
                 .with_replica(replica);
@@ -772,6 +822,7 @@ impl TxnServer {
             task,
             summaries,
             upkeep,
+            _retention: retention,
             names_watch,
             ops,
             stop: Some(stop),

@@ -61,6 +61,7 @@ use writ_sdk::oauth::{
 use writ_sdk::txn_token::{Actor, TxnToken, TxnVerifier};
 use writ_sdk::workload::WorkloadClient;
 
+use crate::audit::durable::{DurableAudit, unix_ms};
 use crate::audit::{AuditError, AuditLog, AuditRecord};
 use crate::client_assertion::ReplayCache;
 use crate::lease::{LeaseError, Leases, is_sub_agent_id, root_parent};
@@ -568,6 +569,8 @@ pub struct ExchangeService {
     replica: Option<Arc<Replica>>,
     /// Exchange, cache and rate-limit metrics (`None`: off).
     metrics: Option<Arc<crate::metrics::TxnMetrics>>,
+    /// The durable audit trail in the identity store, if on.
+    durable: Option<DurableAudit>,
 }
 
 impl ExchangeService {
@@ -601,6 +604,7 @@ impl ExchangeService {
             leases: None,
             replica: None,
             metrics: Some(Arc::new(crate::metrics::TxnMetrics::new())),
+            durable: None,
         }
     }
 
@@ -654,6 +658,22 @@ impl ExchangeService {
     pub fn with_audit(mut self, audit: AuditLog) -> Self {
         self.audit = audit;
         self
+    }
+
+    /// Also writes decisions (and sub-agent spawns) to the durable audit trail.
+    pub fn with_durable_audit(mut self, durable: DurableAudit) -> Self {
+        self.durable = Some(durable);
+        self
+    }
+
+    /// The durable audit trail, if on.
+    pub fn durable_audit(&self) -> Option<&DurableAudit> {
+        self.durable.as_ref()
+    }
+
+    /// The clock the service reads.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
     }
 
     /// Remembers validated OIDC subject tokens (keyed by their SHA-256, until they
@@ -737,8 +757,23 @@ impl ExchangeService {
         caller_ip: Option<IpAddr>,
         body: Result<&[u8], ExchangeError>,
     ) -> Result<ExchangeResponse, ExchangeError> {
+        self.handle_traced(mtls_caller, caller_ip, body, None).await
+    }
+
+    /// As [`ExchangeService::handle`], recording the request's W3C `traceparent` (see
+    /// [`crate::audit::traceparent`]) with the decision.
+    ///
+    /// # Errors
+    /// The [`ExchangeError`] naming why nothing was minted.
+    pub async fn handle_traced(
+        &self,
+        mtls_caller: Option<SpiffeId>,
+        caller_ip: Option<IpAddr>,
+        body: Result<&[u8], ExchangeError>,
+        traceparent: Option<String>,
+    ) -> Result<ExchangeResponse, ExchangeError> {
         let req = body.and_then(ExchangeRequest::from_form);
-        self.decide_counted(mtls_caller, caller_ip, req).await
+        self.decide_counted(mtls_caller, caller_ip, req, traceparent).await
     }
 
     /// Exchanges the subject token of `req` for a Txn-Token on behalf of the
@@ -752,7 +787,7 @@ impl ExchangeService {
         caller_ip: Option<IpAddr>,
         req: ExchangeRequest,
     ) -> Result<ExchangeResponse, ExchangeError> {
-        self.decide_counted(Some(caller.clone()), caller_ip, Ok(req))
+        self.decide_counted(Some(caller.clone()), caller_ip, Ok(req), None)
             .await
     }
 
@@ -761,8 +796,10 @@ impl ExchangeService {
         mtls_caller: Option<SpiffeId>,
         caller_ip: Option<IpAddr>,
         req: Result<ExchangeRequest, ExchangeError>,
+        traceparent: Option<String>,
     ) -> Result<ExchangeResponse, ExchangeError> {
         let mut record = AuditRecord::new(self.clock.now());
+        record.traceparent = traceparent;
         record.caller_ip = caller_ip.map(|ip| ip.to_string());
         record.caller = mtls_caller.as_ref().map(ToString::to_string);
         let result = async {
@@ -796,11 +833,26 @@ impl ExchangeService {
                 record.granted_scope = Some(token.scope.clone());
                 record.act = token.chain().into_iter().map(str::to_owned).collect();
                 record.expires_in = Some(response.expires_in);
+                if let Some(durable) = &self.durable
+                    && let Err(e) = durable.granted(&record, unix_ms(self.clock.now())).await
+                {
+                    let e = ExchangeError::from(e);
+                    self.audit.refused(record, e.code(), &e.description());
+                    return Err(e);
+                }
                 // Fails closed: a grant that cannot be recorded is not handed out.
                 self.audit.granted(record)?;
                 Ok(response)
             }
             Err(e) => {
+                if let Some(durable) = &self.durable {
+                    durable.refused(
+                        &record,
+                        e.code(),
+                        &e.description(),
+                        unix_ms(self.clock.now()),
+                    );
+                }
                 self.audit.refused(record, e.code(), &e.description());
                 Err(e)
             }
@@ -1106,9 +1158,10 @@ impl ExchangeService {
         mtls_caller: Option<SpiffeId>,
         caller_ip: Option<IpAddr>,
         req: Result<ExchangeRequest, ExchangeError>,
+        traceparent: Option<String>,
     ) -> Result<ExchangeResponse, ExchangeError> {
         let started = std::time::Instant::now();
-        let result = self.decide(mtls_caller, caller_ip, req).await;
+        let result = self.decide(mtls_caller, caller_ip, req, traceparent).await;
         if let Some(m) = &self.metrics {
             m.exchanged(
                 result.as_ref().err().map(ExchangeError::code),
@@ -1208,9 +1261,22 @@ async fn token(State(service): State<Arc<ExchangeService>>, request: Request) ->
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
+    let trace = parts
+        .headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::audit::traceparent);
     let result = match read_form(&parts.headers, body).await {
-        Ok(bytes) => service.handle(caller, caller_ip, Ok(&bytes)).await,
-        Err(e) => service.handle(caller, caller_ip, Err(e)).await,
+        Ok(bytes) => {
+            service
+                .handle_traced(caller, caller_ip, Ok(&bytes), trace)
+                .await
+        }
+        Err(e) => {
+            service
+                .handle_traced(caller, caller_ip, Err(e), trace)
+                .await
+        }
     };
     match result {
         Ok(resp) => resp.into_response(),

@@ -82,7 +82,14 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let listener = tls_listener(tcp, source, service.audit().clone(), limits)?;
-    let app = router(service).layer(axum::middleware::from_fn(peer_extensions));
+    let ingest = crate::audit::ingest::IngestState::new(
+        service.durable_audit().cloned(),
+        crate::audit::ingest::DEFAULT_INGEST_RATE,
+        service.clock().clone(),
+    );
+    let app = router(service)
+        .merge(crate::audit::ingest::router(ingest))
+        .layer(axum::middleware::from_fn(peer_extensions));
     writ_sdk::listener::serve_tls(listener, app, shutdown).await
 }
 

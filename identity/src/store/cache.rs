@@ -918,6 +918,50 @@ impl Store for CachedStore {
         self.shared.inner.prune_txn_keys(now).await
     }
 
+    async fn append_audit(&self, events: &[super::audit::AuditEvent]) -> Result<u64, StoreError> {
+        self.shared.inner.append_audit(events).await
+    }
+
+    async fn audit_anchor(&self) -> Result<super::audit::AuditAnchor, StoreError> {
+        self.shared.inner.audit_anchor().await
+    }
+
+    async fn list_audit(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<super::audit::AuditRow>, StoreError> {
+        self.shared.inner.list_audit(after, limit).await
+    }
+
+    async fn audit_txn(
+        &self,
+        txn: &str,
+        limit: u32,
+    ) -> Result<Vec<super::audit::AuditRow>, StoreError> {
+        self.shared.inner.audit_txn(txn, limit).await
+    }
+
+    async fn list_audit_txns(
+        &self,
+        query: &str,
+        limit: u32,
+    ) -> Result<Vec<super::audit::AuditTxnSummary>, StoreError> {
+        self.shared.inner.list_audit_txns(query, limit).await
+    }
+
+    async fn audit_txns_after(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        self.shared.inner.audit_txns_after(after, limit).await
+    }
+
+    async fn prune_audit(&self, before_ms: i64) -> Result<u64, StoreError> {
+        self.shared.inner.prune_audit(before_ms).await
+    }
+
     fn changes(&self) -> broadcast::Receiver<StoreChange> {
         self.shared.changes.subscribe()
     }

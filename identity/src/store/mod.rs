@@ -22,6 +22,7 @@ use crate::entry::RegistrationEntry;
 use crate::selector::Selector;
 use crate::spiffe_id::SpiffeId;
 
+pub mod audit;
 pub mod cache;
 #[cfg(any(test, feature = "test-util"))]
 pub mod pg_harness;
@@ -489,6 +490,40 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn list_txn_keys(&self, now: i64) -> Result<Vec<TxnKeyRecord>, StoreError>;
     /// Removes the keys expired at `now`; returns how many.
     async fn prune_txn_keys(&self, now: i64) -> Result<u64, StoreError>;
+
+    /// Appends `events` (at most [`audit::MAX_APPEND`], each within the limits of
+    /// [`audit::AuditEvent::check`]) to the audit chain in one transaction that holds
+    /// the chain head, so concurrent writers (other replicas on one PostgreSQL store)
+    /// never fork it. Returns the sequence of the last row (the head).
+    async fn append_audit(&self, events: &[audit::AuditEvent]) -> Result<u64, StoreError>;
+    /// The chain's anchor: its head and the end of the pruned prefix.
+    async fn audit_anchor(&self) -> Result<audit::AuditAnchor, StoreError>;
+    /// Rows with a sequence above `after`, ascending, at most `limit` (capped at
+    /// [`audit::MAX_READ`]).
+    async fn list_audit(&self, after: u64, limit: u32) -> Result<Vec<audit::AuditRow>, StoreError>;
+    /// The rows of transaction `txn`, ascending, at most `limit` (capped at
+    /// [`audit::MAX_READ`]).
+    async fn audit_txn(&self, txn: &str, limit: u32) -> Result<Vec<audit::AuditRow>, StoreError>;
+    /// Transactions, latest activity first, at most `limit` (capped at
+    /// [`audit::MAX_TXN_LIST`]); with a non-empty `query` (at most
+    /// [`audit::MAX_QUERY_BYTES`]), only those whose id, user or any workload contains
+    /// it, ignoring case.
+    async fn list_audit_txns(
+        &self,
+        query: &str,
+        limit: u32,
+    ) -> Result<Vec<audit::AuditTxnSummary>, StoreError>;
+    /// The transactions with rows above sequence `after`, each with its highest
+    /// sequence, in that order, at most `limit` (capped at [`audit::MAX_TXN_LIST`]).
+    async fn audit_txns_after(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<(String, u64)>, StoreError>;
+    /// Retention: removes the longest prefix of rows all older than `before_ms` (Unix
+    /// milliseconds) and records its last row in the anchor, so the chain still
+    /// verifies. Returns how many rows went.
+    async fn prune_audit(&self, before_ms: i64) -> Result<u64, StoreError>;
 }
 
 /// A change some writer (this process or another server on the same database) made to

@@ -26,6 +26,11 @@ use crate::spiffe_id::SpiffeId;
 
 /// Connections per server.
 const MAX_CONNECTIONS: u32 = 16;
+
+/// What an audit append runs first to hold the chain head: a transaction-scoped
+/// advisory lock (key `"writ_aud"` in ASCII), so that appends of every server and token
+/// service replica on the database take turns and the chain never forks.
+const AUDIT_LOCK: Option<&str> = Some("SELECT pg_advisory_xact_lock(8607057786395784548)");
 /// How long a caller waits for a free connection.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 

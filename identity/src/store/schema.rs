@@ -184,6 +184,36 @@ pub(super) const SQLITE_MIGRATIONS: &[Migration] = &[
             next_refresh_at INTEGER
         )"],
     },
+    Migration {
+        version: 9,
+        statements: &[
+            "CREATE TABLE audit_events (
+            seq INTEGER PRIMARY KEY NOT NULL,
+            at_ms INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            decision TEXT NOT NULL,
+            txn TEXT NOT NULL,
+            sub TEXT NOT NULL,
+            caller TEXT NOT NULL,
+            service TEXT NOT NULL,
+            lease TEXT NOT NULL,
+            record TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        )",
+            "CREATE INDEX audit_events_txn ON audit_events (txn, seq)",
+            "CREATE INDEX audit_events_at_ms ON audit_events (at_ms)",
+            "CREATE TABLE audit_anchor (
+            id INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
+            pruned_seq INTEGER NOT NULL,
+            pruned_hash TEXT NOT NULL,
+            head_seq INTEGER NOT NULL,
+            head_hash TEXT NOT NULL
+        )",
+            "INSERT INTO audit_anchor (id, pruned_seq, pruned_hash, head_seq, head_hash) \
+             VALUES (1, 0, '', 0, '')",
+        ],
+    },
 ];
 
 /// PostgreSQL migrations, oldest first. Keys use the `C` collation so that `ORDER BY`
@@ -348,6 +378,36 @@ pub(super) const POSTGRES_MIGRATIONS: &[Migration] = &[
             last_error TEXT,
             next_refresh_at BIGINT
         )"#],
+    },
+    Migration {
+        version: 9,
+        statements: &[
+            r#"CREATE TABLE audit_events (
+            seq BIGINT PRIMARY KEY NOT NULL,
+            at_ms BIGINT NOT NULL,
+            kind TEXT NOT NULL,
+            decision TEXT NOT NULL,
+            txn TEXT COLLATE "C" NOT NULL,
+            sub TEXT NOT NULL,
+            caller TEXT NOT NULL,
+            service TEXT NOT NULL,
+            lease TEXT NOT NULL,
+            record TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        )"#,
+            "CREATE INDEX audit_events_txn ON audit_events (txn, seq)",
+            "CREATE INDEX audit_events_at_ms ON audit_events (at_ms)",
+            "CREATE TABLE audit_anchor (
+            id INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
+            pruned_seq BIGINT NOT NULL,
+            pruned_hash TEXT NOT NULL,
+            head_seq BIGINT NOT NULL,
+            head_hash TEXT NOT NULL
+        )",
+            "INSERT INTO audit_anchor (id, pruned_seq, pruned_hash, head_seq, head_hash) \
+             VALUES (1, 0, '', 0, '')",
+        ],
     },
 ];
 

@@ -690,6 +690,178 @@ macro_rules! sql_store {
                 Ok(done.rows_affected())
             }
 
+            async fn append_audit(
+                &self,
+                events: &[super::audit::AuditEvent],
+            ) -> Result<u64, StoreError> {
+                use super::audit as a;
+                if events.len() > a::MAX_APPEND {
+                    return Err(StoreError::Invalid(format!(
+                        "at most {} audit events per append",
+                        a::MAX_APPEND
+                    )));
+                }
+                events.iter().try_for_each(a::AuditEvent::check)?;
+                let mut tx = self.begin_write().await?;
+                if let Some(lock) = AUDIT_LOCK {
+                    sqlx::query(lock).execute(&mut *tx).await?;
+                }
+                let anchor = sqlx::query(a::FETCH_ANCHOR)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)
+                    .and_then(|row| a::anchor_from_sql(&row))?;
+                let mut seq = anchor.head_seq;
+                let mut prev = if anchor.head_seq == 0 {
+                    a::GENESIS_HASH.to_owned()
+                } else {
+                    anchor.head_hash
+                };
+                for event in events {
+                    seq += 1;
+                    let row = a::AuditRow::chain(seq, &prev, event.clone());
+                    sqlx::query(a::INSERT_ROW)
+                        .bind(schema::to_i64(seq, "seq")?)
+                        .bind(row.event.at_ms)
+                        .bind(row.event.kind.as_str())
+                        .bind(row.event.decision.as_str())
+                        .bind(row.event.txn.as_str())
+                        .bind(row.event.sub.as_str())
+                        .bind(row.event.caller.as_str())
+                        .bind(row.event.service.as_str())
+                        .bind(row.event.lease.as_str())
+                        .bind(row.event.record.as_str())
+                        .bind(row.prev_hash.as_str())
+                        .bind(row.hash.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                    prev = row.hash;
+                }
+                if !events.is_empty() {
+                    sqlx::query(a::SET_HEAD)
+                        .bind(schema::to_i64(seq, "seq")?)
+                        .bind(prev.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(seq)
+            }
+
+            async fn audit_anchor(&self) -> Result<super::audit::AuditAnchor, StoreError> {
+                let row = sqlx::query(super::audit::FETCH_ANCHOR)
+                    .fetch_one(&self.pool)
+                    .await?;
+                super::audit::anchor_from_sql(&row)
+            }
+
+            async fn list_audit(
+                &self,
+                after: u64,
+                limit: u32,
+            ) -> Result<Vec<super::audit::AuditRow>, StoreError> {
+                let rows = sqlx::query(super::audit::LIST_AFTER)
+                    .bind(schema::to_i64(after, "after")?)
+                    .bind(i64::from(limit.min(super::audit::MAX_READ)))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(super::audit::row_from_sql).collect()
+            }
+
+            async fn audit_txn(
+                &self,
+                txn: &str,
+                limit: u32,
+            ) -> Result<Vec<super::audit::AuditRow>, StoreError> {
+                let rows = sqlx::query(super::audit::LIST_TXN)
+                    .bind(txn)
+                    .bind(i64::from(limit.min(super::audit::MAX_READ)))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(super::audit::row_from_sql).collect()
+            }
+
+            async fn list_audit_txns(
+                &self,
+                query: &str,
+                limit: u32,
+            ) -> Result<Vec<super::audit::AuditTxnSummary>, StoreError> {
+                use super::audit as a;
+                if query.len() > a::MAX_QUERY_BYTES {
+                    return Err(StoreError::Invalid(format!(
+                        "audit search text is longer than {} bytes",
+                        a::MAX_QUERY_BYTES
+                    )));
+                }
+                let pattern = if query.is_empty() {
+                    String::new()
+                } else {
+                    a::like_pattern(query)
+                };
+                let rows = sqlx::query(a::LIST_TXNS)
+                    .bind(pattern.as_str())
+                    .bind(i64::from(limit.min(a::MAX_TXN_LIST)))
+                    .fetch_all(&self.pool)
+                    .await?;
+                let mut out = rows
+                    .iter()
+                    .map(a::summary_from_sql)
+                    .collect::<Result<Vec<_>, _>>()?;
+                for summary in &mut out {
+                    summary.workloads = sqlx::query_scalar(a::TXN_WORKLOADS)
+                        .bind(summary.txn.as_str())
+                        .fetch_all(&self.pool)
+                        .await?;
+                }
+                Ok(out)
+            }
+
+            async fn audit_txns_after(
+                &self,
+                after: u64,
+                limit: u32,
+            ) -> Result<Vec<(String, u64)>, StoreError> {
+                let rows: Vec<(String, i64)> = sqlx::query_as(super::audit::TXNS_AFTER)
+                    .bind(schema::to_i64(after, "after")?)
+                    .bind(i64::from(limit.min(super::audit::MAX_TXN_LIST)))
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(txn, seq)| (txn, u64::try_from(seq).unwrap_or(0)))
+                    .collect())
+            }
+
+            async fn prune_audit(&self, before_ms: i64) -> Result<u64, StoreError> {
+                use super::audit as a;
+                let mut tx = self.begin_write().await?;
+                if let Some(lock) = AUDIT_LOCK {
+                    sqlx::query(lock).execute(&mut *tx).await?;
+                }
+                let anchor = sqlx::query(a::FETCH_ANCHOR)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)
+                    .and_then(|row| a::anchor_from_sql(&row))?;
+                let past_head = schema::to_i64(anchor.head_seq, "seq")?.saturating_add(1);
+                let cut: Option<(i64, String)> = sqlx::query_as(a::PRUNE_CUT)
+                    .bind(before_ms)
+                    .bind(past_head)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some((seq, hash)) = cut else {
+                    return Ok(0);
+                };
+                let done = sqlx::query(a::PRUNE).bind(seq).execute(&mut *tx).await?;
+                sqlx::query(a::SET_PRUNED)
+                    .bind(seq)
+                    .bind(hash.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(done.rows_affected())
+            }
+
             async fn list_template_issues(
                 &self,
                 entry_id: &str,

@@ -26,6 +26,10 @@ use crate::entry::RegistrationEntry;
 use crate::selector::Selector;
 use crate::spiffe_id::SpiffeId;
 
+/// What an audit append runs first to hold the chain head: nothing more, as every write
+/// begins with `BEGIN IMMEDIATE`, which already holds SQLite's one write lock.
+const AUDIT_LOCK: Option<&str> = None;
+
 /// How long a statement waits for another connection's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections of a file-backed store (writes still go one at a time).

@@ -70,6 +70,8 @@ pub async fn run_all(store: &dyn Store) {
     changes_are_announced(store).await;
     txn_keys_published_listed_and_pruned(store).await;
     federations_crud_and_refresh_status(store).await;
+    audit_chain_appended_read_and_pruned(store).await;
+    audit_appends_never_fork(store).await;
 }
 
 /// Fresh names for one check.
@@ -1940,4 +1942,172 @@ pub async fn federations_crud_and_refresh_status(store: &dyn Store) {
         .delete_federation(&b.trust_domain_id)
         .await
         .expect("delete b");
+}
+
+fn audit_event(txn: &str, kind: &str, decision: &str, at_ms: i64) -> super::audit::AuditEvent {
+    super::audit::AuditEvent {
+        at_ms,
+        kind: kind.into(),
+        decision: decision.into(),
+        txn: txn.into(),
+        sub: "Alice".into(),
+        caller: format!("spiffe://example.org/{txn}/gateway"),
+        service: String::new(),
+        lease: String::new(),
+        record: "{}".into(),
+    }
+}
+
+/// The whole chain verifies against its anchor.
+async fn audit_verify(store: &dyn Store) -> super::audit::ChainSummary {
+    let anchor = store.audit_anchor().await.expect("audit_anchor");
+    let mut verifier = super::audit::ChainVerifier::new(&anchor);
+    let mut after = 0;
+    loop {
+        let rows = store.list_audit(after, 1000).await.expect("list_audit");
+        let Some(last) = rows.last() else { break };
+        after = last.seq;
+        rows.iter().for_each(|r| verifier.push(r));
+    }
+    verifier.finish().expect("the audit chain verifies")
+}
+
+/// Audit events are chained, read back by transaction, summed, searched, and pruned
+/// with a checkpoint that keeps the chain verifiable.
+#[expect(
+    clippy::indexing_slicing,
+    reason = "a conformance check reports a broken store by panicking, like a test"
+)]
+pub async fn audit_chain_appended_read_and_pruned(store: &dyn Store) {
+    use super::audit::{MAX_FIELD_BYTES, MAX_QUERY_BYTES};
+    let scope = Scope::new("audit");
+    let txn = scope.tag.clone();
+    let before = store.audit_anchor().await.expect("audit_anchor");
+    let mut verification = audit_event(&txn, "verification", "allow", 2);
+    verification.service = format!("spiffe://example.org/{txn}/tool");
+    let events = vec![
+        audit_event(&txn, "grant", "allow", 1),
+        verification,
+        audit_event(&txn, "refusal", "deny", 3),
+    ];
+    let head = store.append_audit(&events).await.expect("append_audit");
+    assert_eq!(head, before.head_seq + 3);
+    let anchor = store.audit_anchor().await.expect("audit_anchor");
+    assert_eq!(anchor.head_seq, head);
+
+    let rows = store.audit_txn(&txn, 100).await.expect("audit_txn");
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0].event, events[0]);
+    assert_eq!(rows[1].prev_hash, rows[0].hash, "chained");
+    assert!(rows.iter().all(super::audit::AuditRow::hash_matches));
+    assert_eq!(anchor.head_hash, rows[2].hash);
+    let after = store
+        .list_audit(before.head_seq, 2)
+        .await
+        .expect("list_audit");
+    assert_eq!(after, rows[..2].to_vec(), "ascending, limited");
+
+    let found = store
+        .list_audit_txns(&txn.to_uppercase(), 10)
+        .await
+        .expect("list_audit_txns");
+    assert_eq!(found.len(), 1, "found by txn, ignoring case");
+    let summary = &found[0];
+    assert_eq!(
+        (
+            summary.grants,
+            summary.verifications,
+            summary.refusals,
+            summary.spawns
+        ),
+        (1, 1, 1, 0)
+    );
+    assert!(summary.denied);
+    assert_eq!(
+        (summary.started_ms, summary.last_ms, summary.last_seq),
+        (1, 3, head)
+    );
+    assert_eq!(summary.sub, "Alice");
+    assert_eq!(
+        summary.workloads,
+        vec![
+            format!("spiffe://example.org/{txn}/gateway"),
+            format!("spiffe://example.org/{txn}/tool")
+        ]
+    );
+    let by_workload = store
+        .list_audit_txns(&format!("{txn}/TOOL"), 10)
+        .await
+        .expect("list_audit_txns");
+    assert_eq!(by_workload.len(), 1, "found by workload");
+    let wildcard = store
+        .list_audit_txns("%_", 200)
+        .await
+        .expect("list_audit_txns");
+    assert!(wildcard.is_empty(), "LIKE wildcards are taken literally");
+    let latest = store.list_audit_txns("", 1).await.expect("list_audit_txns");
+    assert_eq!(
+        latest.first().map(|s| s.txn.as_str()),
+        Some(txn.as_str()),
+        "latest first"
+    );
+    let changed = store
+        .audit_txns_after(before.head_seq, 10)
+        .await
+        .expect("audit_txns_after");
+    assert_eq!(changed, vec![(txn.clone(), head)]);
+
+    // Limits: nothing of a refused append is stored.
+    let mut long = audit_event(&txn, "grant", "allow", 4);
+    long.sub = "x".repeat(MAX_FIELD_BYTES + 1);
+    let err = store
+        .append_audit(&[audit_event(&txn, "grant", "allow", 4), long])
+        .await
+        .expect_err("an over-long field is refused");
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    let err = store
+        .list_audit_txns(&"q".repeat(MAX_QUERY_BYTES + 1), 10)
+        .await
+        .expect_err("an over-long query is refused");
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    assert_eq!(
+        store.audit_anchor().await.expect("audit_anchor").head_seq,
+        head
+    );
+    assert_eq!(store.append_audit(&[]).await.expect("empty append"), head);
+
+    // Retention: on a fresh chain, the two oldest rows go and the rest verifies.
+    if before.head_seq == 0 {
+        assert_eq!(store.prune_audit(3).await.expect("prune_audit"), 2);
+        let anchor = store.audit_anchor().await.expect("audit_anchor");
+        assert_eq!(anchor.pruned_seq, 2);
+        assert_eq!(anchor.pruned_hash, rows[1].hash);
+        assert_eq!(
+            store.prune_audit(3).await.expect("prune_audit"),
+            0,
+            "done once"
+        );
+    } else {
+        assert_eq!(store.prune_audit(i64::MIN).await.expect("prune_audit"), 0);
+    }
+    audit_verify(store).await;
+}
+
+/// Concurrent appends take turns on the chain head: no sequence is used twice and the
+/// chain verifies.
+pub async fn audit_appends_never_fork(store: &dyn Store) {
+    let scope = Scope::new("audit-fork");
+    let before = store.audit_anchor().await.expect("audit_anchor");
+    let writers = (0..8).map(|w| {
+        let txn = format!("{}-{w}", scope.tag);
+        async move {
+            for i in 0..5 {
+                let events = vec![audit_event(&txn, "grant", "allow", 1_000 + i); 2];
+                store.append_audit(&events).await.expect("append_audit");
+            }
+        }
+    });
+    join_all(writers).await;
+    let summary = audit_verify(store).await;
+    assert_eq!(summary.head_seq, before.head_seq + 80);
 }

@@ -11,6 +11,7 @@
     reason = "test code: a failed setup step should abort the test loudly"
 )]
 
+mod audit;
 mod exchange;
 mod oidc;
 mod oidc_token_kinds;

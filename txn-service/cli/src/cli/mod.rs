@@ -6,6 +6,7 @@
 
 mod agent;
 mod api;
+mod audit;
 mod bundle;
 mod dev;
 mod entry;
@@ -78,6 +79,9 @@ enum Command {
     /// Run the transaction token service, or decode a Txn-Token.
     #[command(subcommand)]
     Txn(txn::TxnCommand),
+    /// The durable audit trail: verify its hash chain, show a transaction's tree.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Exchange a subject token for a Txn-Token, authenticated by this workload's SVID.
     Exchange(txn::ExchangeArgs),
     /// Run server, agent and token service in one process on embedded defaults, with a
@@ -254,6 +258,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Agent(cmd) => agent::run(cmd).await,
             Command::Api(cmd) => api::run(cmd).await,
             Command::Txn(cmd) => txn::run(cmd).await,
+            Command::Audit(cmd) => audit::run(cmd).await,
             Command::Exchange(args) => txn::exchange(args).await,
             Command::Dev(args) => dev::run(args).await,
             Command::Demo(args) => dev::demo(args).await,

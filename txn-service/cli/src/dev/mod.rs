@@ -390,6 +390,7 @@ impl Dev {
         txn.audit_log = Some(dir.join(TXN_DIR).join("audit.log"));
         txn.oidc = vec![IssuerConfig::new(issuer.url(), [DEV_AUDIENCE])];
         txn.identity_store = Some(datastore);
+        txn.audit_durable = true;
         txn.policy = policy;
         txn.accept_dev_tokens = true;
         txn.ops = Some(ops_config);

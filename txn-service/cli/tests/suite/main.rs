@@ -14,6 +14,7 @@
 )]
 
 mod cli_agent;
+mod cli_audit;
 mod cli_server;
 mod cli_spawn;
 mod cli_templates;
