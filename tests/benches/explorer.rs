@@ -55,6 +55,8 @@ fn main() {
         );
     };
     line("navigation -> list (100 rows)", &result["list_ms"]);
+    line("  of which the API answering", &result["list_api_ms"]);
     line("open -> tree rendered", &result["tree_ms"]);
     line("search (10 hits) -> list rendered", &result["search_ms"]);
+    line("  of which the API answering", &result["search_api_ms"]);
 }

@@ -234,6 +234,11 @@ async function benchMode(browser) {
   const list = [];
   const tree = [];
   const search = [];
+  const listApi = [];
+  const searchApi = [];
+  // How long the API took to answer (Resource Timing), to tell it from the page's share.
+  const apiMs = (page, nth) => page.evaluate((n) => performance.getEntriesByType('resource')
+    .filter((e) => e.name.includes('/explorer/api/txns?'))[n].duration, nth);
   for (let i = 0; i < cfg.runs; i++) {
     const context = await browser.createBrowserContext();
     const page = await context.newPage();
@@ -243,6 +248,7 @@ async function benchMode(browser) {
     const rendered = await page.$$eval('#txn-rows tr', (r) => r.length);
     if (rendered !== cfg.expect_rows) throw new Error(`rendered ${rendered} rows`);
     list.push(await page.evaluate(() => performance.getEntriesByName('writ-list-rendered')[0].startTime));
+    listApi.push(await apiMs(page, 0));
     tree.push(await page.evaluate(async (txn) => {
       const t0 = performance.now();
       location.hash = `#txn=${encodeURIComponent(txn)}`;
@@ -264,9 +270,11 @@ async function benchMode(browser) {
       }
       return performance.getEntriesByName('writ-list-rendered')[0].startTime - t0;
     }, cfg.query));
+    searchApi.push(await apiMs(page, 1));
     await context.close();
   }
-  return { list_ms: stats(list), tree_ms: stats(tree), search_ms: stats(search) };
+  return { list_ms: stats(list), list_api_ms: stats(listApi), tree_ms: stats(tree),
+    search_ms: stats(search), search_api_ms: stats(searchApi) };
 }
 
 (async () => {
