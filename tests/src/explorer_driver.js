@@ -91,6 +91,43 @@ async function openFirstByKeyboard(page) {
   throw new Error('check failed: Tab reaches a transaction link');
 }
 
+// WCAG contrast of every visible text element against its effective background, in the
+// page's current colour scheme: the lowest ratio and where it is.
+async function lowestContrast(page) {
+  return page.evaluate(() => {
+    const rgb = (c) => (c.match(/[\d.]+/g) || []).map(Number);
+    const lum = ([r, g, b]) => {
+      const f = (v) => { const x = v / 255; return x <= 0.03928 ? x / 12.92 : ((x + 0.055) / 1.055) ** 2.4; };
+      return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+    };
+    const background = (el) => {
+      for (let e = el; e; e = e.parentElement) {
+        const c = rgb(getComputedStyle(e).backgroundColor);
+        if (c.length === 3 || (c.length === 4 && c[3] > 0)) return c.slice(0, 3);
+      }
+      return rgb(getComputedStyle(document.documentElement).backgroundColor).slice(0, 3);
+    };
+    let lowest = { ratio: 99, where: '' };
+    for (const el of document.querySelectorAll('body *')) {
+      const own = [...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim() !== '');
+      if (!own || el.offsetParent === null) continue;
+      const a = lum(rgb(getComputedStyle(el).color).slice(0, 3));
+      const b = lum(background(el));
+      const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+      if (ratio < lowest.ratio) lowest = { ratio, where: `${el.tagName}.${el.className}: ${el.textContent.slice(0, 40)}` };
+    }
+    return lowest;
+  });
+}
+
+async function contrastBothSchemes(page, what) {
+  for (const scheme of ['light', 'dark']) {
+    await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: scheme }]);
+    const low = await lowestContrast(page);
+    check(low.ratio >= 4.5, `${what}, ${scheme}: every text is at least 4.5:1 (lowest ${low.ratio.toFixed(1)}:1 at ${low.where})`);
+  }
+}
+
 async function pageMode(browser) {
   const problems = [];
   const page = await browser.newPage();
@@ -155,6 +192,10 @@ async function pageMode(browser) {
   check(a.itemId === cfg.sub_agent, 'ArrowLeft on a leaf moves to its parent');
   const focusRing = await page.evaluate(() => getComputedStyle(document.activeElement.querySelector('.node-head')).outlineStyle);
   check(focusRing === 'solid', 'the focused tree item has a visible outline');
+  await contrastBothSchemes(page, 'the tree');
+  await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: 'dark' }]);
+  await page.screenshot({ path: path.join(cfg.screenshots, 'page-tree-dark.png'), fullPage: true });
+  await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: 'light' }]);
   const treeShot = path.join(cfg.screenshots, 'page-tree.png');
   await page.screenshot({ path: treeShot, fullPage: true });
 
@@ -186,6 +227,7 @@ async function pageMode(browser) {
   await search(deep, 'fail');
   const listError = await deep.$eval('#list-error', (e) => (e.hidden ? '' : e.textContent));
   check(listError.includes('store_unavailable') && listError.includes('HTTP 503'), `a failing list shows the API's error (${listError})`);
+  await contrastBothSchemes(deep, 'an error');
   await deep.close();
 
   // A live change appears after a poll.
@@ -196,11 +238,13 @@ async function pageMode(browser) {
   check(list[0].txn === added.txn, `the live transaction ${added.txn} appears first after a poll`);
   const live = await page.$eval('#live', (e) => e.textContent);
   check(live.includes('changed'), `the live status says so (${live})`);
+  await contrastBothSchemes(page, 'the list');
+  await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: 'light' }]);
   const listShot = path.join(cfg.screenshots, 'page-list.png');
   await page.screenshot({ path: listShot, fullPage: false });
 
   check(problems.length === 0, `no script or CSP errors (${problems.join('; ')})`);
-  return { screenshots: [listShot, treeShot, path.join(cfg.screenshots, 'page-refusal.png')] };
+  return { screenshots: [listShot, treeShot, path.join(cfg.screenshots, 'page-tree-dark.png'), path.join(cfg.screenshots, 'page-refusal.png')] };
 }
 
 async function e2eMode(browser) {

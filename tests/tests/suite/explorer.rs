@@ -50,7 +50,7 @@ fn the_page_lists_searches_opens_and_updates_in_chromium() {
         Duration::from_secs(240),
     );
     let shots = result["screenshots"].as_array().unwrap();
-    assert_eq!(shots.len(), 3, "{result}");
+    assert_eq!(shots.len(), 4, "{result}");
     for shot in shots {
         assert_png(std::path::Path::new(shot.as_str().unwrap()));
     }
