@@ -261,6 +261,10 @@ async function e2eMode(browser) {
   const found = await rows(page);
   check(found.length === 1 && found[0].txn === cfg.txn, `the demo's transaction is listed (${found.map((r) => r.txn)})`);
   const opened = await openFirstByKeyboard(page);
+  // Records that arrive after the page opened (a service's verification) come with the
+  // next poll: wait a little for the whole chain before reading it.
+  await page.waitForFunction((n) => document.querySelectorAll('#tree [role=treeitem]').length >= n,
+    { timeout: 10000 }, cfg.min_items || 1).catch(() => {});
   const items = await treeItems(page);
   const treeShot = path.join(cfg.screenshots, 'demo-tree.png');
   await page.screenshot({ path: treeShot, fullPage: true });

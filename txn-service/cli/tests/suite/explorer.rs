@@ -102,7 +102,7 @@ fn the_explorer_shows_the_demo_transaction_with_its_four_hops() {
 
     let result = driver.run(
         "e2e",
-        json!({"url": url, "txn": txn, "screenshots": screenshot_dir()}),
+        json!({"url": url, "txn": txn, "min_items": 5, "screenshots": screenshot_dir()}),
         Duration::from_secs(180),
     );
     let items = result["items"].as_array().unwrap();
