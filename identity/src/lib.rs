@@ -34,6 +34,7 @@ pub mod attest;
 pub mod ca;
 pub mod entry;
 pub mod key_manager;
+pub mod ops;
 pub mod rate_limit;
 pub mod selector;
 pub mod server;

@@ -185,6 +185,8 @@ pub struct TxnFileConfig {
     /// Limits of each connection to the HTTPS listener.
     #[serde(default)]
     pub connections: FileConnections,
+    /// `[ops]`: the operations listener (`/metrics`, `/healthz`, `/readyz`); absent, none.
+    pub ops: Option<writ_identity::ops::FileOps>,
 }
 
 /// The `[connections]` table: limits of each connection to the HTTPS listener.
@@ -322,6 +324,11 @@ pub struct TxnConfig {
     pub accept_dev_tokens: bool,
     /// The names clients reach this service by, which its X509-SVID must carry.
     pub dns_names: ServerNames,
+    /// The operations listener (`[ops]`; `None`: none), see [`crate::ops`].
+    pub ops: Option<writ_identity::ops::OpsConfig>,
+    /// Record metrics ([`crate::metrics`]; on by default). Only benchmarks turn them
+    /// off, to measure their cost; no `txn.toml` key can.
+    pub metrics: bool,
 }
 
 fn duration(
@@ -441,12 +448,16 @@ impl TxnConfig {
             }
         };
         let connections = connection_limits(&file.connections)?;
+        let ops = writ_identity::ops::OpsConfig::from_file(file.ops.clone())
+            .map_err(|e| TxnConfigError::Invalid(e.to_string()))?;
         let oidc = file
             .oidc
             .into_iter()
             .map(|i| issuer_config(i, base))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
+            ops,
+            metrics: true,
             listen,
             issuer,
             workload_api: file
@@ -577,6 +588,8 @@ pub struct TxnServer {
     upkeep: Option<tokio::task::JoinHandle<()>>,
     /// Checks the configured names at each rotation of the SVID.
     names_watch: Option<tokio::task::JoinHandle<()>>,
+    /// The operations listener, when configured (stops when dropped).
+    ops: Option<writ_identity::ops::RunningOps>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -652,6 +665,7 @@ impl TxnServer {
         .with_on_failure(config.audit_on_failure)
         .with_unauthenticated_rate(Some(config.audit_unauthenticated), clock.clone());
         let keys = Arc::new(keys);
+        let ops_clock = clock.clone();
         let mut service = ExchangeService::new(
             trust_domain,
             config.issuer.clone(),
@@ -675,6 +689,9 @@ impl TxnServer {
         }
         if config.subject_token_cache {
             service = service.with_subject_cache();
+        }
+        if !config.metrics {
+            service = service.without_metrics();
         }
         let mut upkeep = None;
         if let Some(store) = &config.identity_store {
@@ -736,6 +753,17 @@ impl TxnServer {
         };
         let names_watch =
             (!config.dns_names.is_empty()).then(|| config.dns_names.clone().watch(source.clone()));
+        let ops = match &config.ops {
+            Some(ops) => Some(
+                writ_identity::ops::start(
+                    ops,
+                    crate::ops::router(service.clone(), source.clone(), ops_clock),
+                )
+                .await
+                .map_err(|e| TxnConfigError::Invalid(e.to_string()))?,
+            ),
+            None => None,
+        };
         tracing::info!(%addr, issuer = %config.issuer, spiffe_id = %source.svid().spiffe_id, "transaction token service listening");
         Ok(Self {
             addr,
@@ -745,8 +773,14 @@ impl TxnServer {
             summaries,
             upkeep,
             names_watch,
+            ops,
             stop: Some(stop),
         })
+    }
+
+    /// The operations listener's address, when `[ops]` is configured.
+    pub fn ops_addr(&self) -> Option<SocketAddr> {
+        self.ops.as_ref().map(writ_identity::ops::RunningOps::addr)
     }
 
     /// Stops accepting, lets requests in flight finish, and waits.

@@ -566,6 +566,8 @@ pub struct ExchangeService {
     leases: Option<Leases>,
     /// Other replicas' keys and the publication of this one's (see [`crate::replica`]).
     replica: Option<Arc<Replica>>,
+    /// Exchange, cache and rate-limit metrics (`None`: off).
+    metrics: Option<Arc<crate::metrics::TxnMetrics>>,
 }
 
 impl ExchangeService {
@@ -598,7 +600,19 @@ impl ExchangeService {
             assertion_replay: None,
             leases: None,
             replica: None,
+            metrics: Some(Arc::new(crate::metrics::TxnMetrics::new())),
         }
+    }
+
+    /// Records no metrics (for the benchmark that compares metrics on and off).
+    pub fn without_metrics(mut self) -> Self {
+        self.metrics = None;
+        self
+    }
+
+    /// The service's metrics, unless turned off.
+    pub fn metrics(&self) -> Option<&Arc<crate::metrics::TxnMetrics>> {
+        self.metrics.as_ref()
     }
 
     /// Runs as one replica of a logical token service: the key set (JWKS and the
@@ -724,7 +738,7 @@ impl ExchangeService {
         body: Result<&[u8], ExchangeError>,
     ) -> Result<ExchangeResponse, ExchangeError> {
         let req = body.and_then(ExchangeRequest::from_form);
-        self.decide(mtls_caller, caller_ip, req).await
+        self.decide_counted(mtls_caller, caller_ip, req).await
     }
 
     /// Exchanges the subject token of `req` for a Txn-Token on behalf of the
@@ -738,7 +752,8 @@ impl ExchangeService {
         caller_ip: Option<IpAddr>,
         req: ExchangeRequest,
     ) -> Result<ExchangeResponse, ExchangeError> {
-        self.decide(Some(caller.clone()), caller_ip, Ok(req)).await
+        self.decide_counted(Some(caller.clone()), caller_ip, Ok(req))
+            .await
     }
 
     async fn decide(
@@ -1084,6 +1099,28 @@ impl ExchangeService {
 }
 
 impl ExchangeService {
+    /// [`Self::decide`], counted in the metrics (outcome, error code, latency, rate
+    /// limit).
+    async fn decide_counted(
+        &self,
+        mtls_caller: Option<SpiffeId>,
+        caller_ip: Option<IpAddr>,
+        req: Result<ExchangeRequest, ExchangeError>,
+    ) -> Result<ExchangeResponse, ExchangeError> {
+        let started = std::time::Instant::now();
+        let result = self.decide(mtls_caller, caller_ip, req).await;
+        if let Some(m) = &self.metrics {
+            m.exchanged(
+                result.as_ref().err().map(ExchangeError::code),
+                started.elapsed(),
+            );
+            if let Err(ExchangeError::RateLimited { .. }) = &result {
+                m.rate_limited();
+            }
+        }
+        result
+    }
+
     /// Validates an OIDC subject token, through the validation cache when enabled. A
     /// cached validation is used only while the token is unexpired.
     async fn validate_subject(
@@ -1106,8 +1143,10 @@ impl ExchangeService {
             && hit.expires_at > now
             && (validated_at..validated_at.saturating_add(max_age)).contains(&now)
         {
+            self.metrics.as_ref().inspect(|m| m.subject_cache(true));
             return Ok(hit);
         }
+        self.metrics.as_ref().inspect(|m| m.subject_cache(false));
         let validated = Arc::new(oidc.validate(token, token_type).await?);
         cache.insert(key, (validated.clone(), now)).await;
         Ok(validated)

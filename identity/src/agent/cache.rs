@@ -16,6 +16,7 @@
 //!   (entry, rendered ID), renewed like the others, and dropped once no workload has
 //!   fetched them for one SVID lifetime, so a removed container's identity is released.
 
+use crate::ops::metrics::{AgentMetrics, SvidKind};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -239,6 +240,10 @@ pub struct Cache {
     /// When a workload last fetched each rendered template SVID, by (entry id,
     /// rendered ID).
     template_use: Mutex<HashMap<(String, String), i64>>,
+    /// The agent's metrics.
+    metrics: Arc<AgentMetrics>,
+    /// When the server's last change signal arrived (for the bundle sync delay).
+    change_seen: Mutex<Option<std::time::Instant>>,
 }
 
 impl Cache {
@@ -254,7 +259,14 @@ impl Cache {
             refresh_lock: tokio::sync::Mutex::new(()),
             refused: Mutex::new(None),
             template_use: Mutex::new(HashMap::new()),
+            metrics: Arc::new(AgentMetrics::new()),
+            change_seen: Mutex::new(None),
         })
+    }
+
+    /// The agent's metrics (served on its operations listener, [`crate::ops`]).
+    pub fn metrics(&self) -> &Arc<AgentMetrics> {
+        &self.metrics
     }
 
     /// The node API this cache talks to.
@@ -323,6 +335,7 @@ impl Cache {
                 .map(|c| (c.entry.id.clone(), c.entry.revision))
                 .chain(templates.values().map(|e| (e.id.clone(), e.revision)))
                 .collect();
+            let sync_started = std::time::Instant::now();
             let sync = self.node.sync_entries(&known).await;
             // Only the sync says whether the server still knows this agent: a refused
             // signature may be an entry deleted meanwhile.
@@ -355,15 +368,28 @@ impl Cache {
             rendered.retain(|(id, _), _| templates.contains_key(id));
             changed |= before != (by_id.len(), templates.len(), rendered.len());
             let fresh = self.node.bundles().await?;
+            self.metrics
+                .entry_sync
+                .observe(sync_started.elapsed().as_secs_f64());
+            let signalled = self
+                .change_seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
             if fresh != bundles {
                 bundles = fresh;
                 changed = true;
+                if let Some(at) = signalled {
+                    self.metrics.bundle_sync.observe(at.elapsed().as_secs_f64());
+                }
             }
         }
         let pending_ids: HashSet<String> = pending.iter().map(|e| e.id.clone()).collect();
+        let mut renewing: HashSet<String> = HashSet::new();
         for c in by_id.values() {
             if c.renew_at <= now && !pending_ids.contains(&c.entry.id) {
                 pending.push(c.entry.clone());
+                renewing.insert(c.entry.id.clone());
             }
         }
         if !pending.is_empty() {
@@ -377,11 +403,21 @@ impl Cache {
             let entries: HashMap<String, RegistrationEntry> =
                 pending.into_iter().map(|e| (e.id.clone(), e)).collect();
             for chunk in requests.chunks(crate::server::node::MAX_SIGN_BATCH) {
-                for (entry_id, mut svid) in self.node.sign_x509_svids(chunk).await? {
+                let signed = self.node.sign_x509_svids(chunk).await;
+                if signed.is_err() {
+                    self.metrics.failed(SvidKind::X509);
+                }
+                for (entry_id, mut svid) in signed? {
                     let (Some(entry), Some(key)) = (entries.get(&entry_id), keys.remove(&entry_id))
                     else {
                         continue;
                     };
+                    if renewing.contains(&entry_id) {
+                        self.metrics.renewed(SvidKind::X509);
+                    } else if entry.revision == 1 {
+                        let delay = self.clock.unix_seconds().saturating_sub(entry.created_at);
+                        self.metrics.entry_propagation.observe(delay.max(0) as f64);
+                    }
                     svid.private_key = Some(key);
                     let renew_at = renew_time(now, unix_seconds(svid.expires_at));
                     by_id.insert(
@@ -683,6 +719,12 @@ impl Cache {
                 _ = full.tick() => true,
                 _ = renew.tick() => false,
             };
+            if do_full {
+                self.change_seen
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert_with(std::time::Instant::now);
+            }
             match self.refresh(do_full).await {
                 Ok(_) => backoff = Duration::from_millis(200),
                 Err(e) => {
@@ -713,21 +755,28 @@ impl Cache {
             None => (entry.id.clone(), aud.clone()),
         };
         let now = self.clock.unix_seconds();
-        if let Some(hit) = self.jwts().get(&key)
-            && hit.refresh_at > now
-            && hit.expires_at > now
-        {
-            return Ok(hit.token.clone());
-        }
-        let (token, iat, exp) = match (&identity.lease_id, &identity.template) {
-            (Some(lease), _) => self.node.sign_child_jwt_svid(lease, &aud).await?,
+        let renewal = match self.jwts().get(&key) {
+            Some(hit) if hit.refresh_at > now && hit.expires_at > now => {
+                return Ok(hit.token.clone());
+            }
+            Some(_) => true,
+            None => false,
+        };
+        let signed = match (&identity.lease_id, &identity.template) {
+            (Some(lease), _) => self.node.sign_child_jwt_svid(lease, &aud).await,
             (None, Some(rendered)) => {
                 self.node
                     .sign_template_jwt_svid(&entry.id, &rendered.values, &aud)
-                    .await?
+                    .await
             }
-            (None, None) => self.node.sign_jwt_svid(&entry.id, &aud).await?,
+            (None, None) => self.node.sign_jwt_svid(&entry.id, &aud).await,
         };
+        match &signed {
+            Ok(_) if renewal => self.metrics.renewed(SvidKind::Jwt),
+            Ok(_) => {}
+            Err(_) => self.metrics.failed(SvidKind::Jwt),
+        }
+        let (token, iat, exp) = signed?;
         let mut jwts = self.jwts();
         if jwts.len() >= MAX_CACHED_JWTS {
             jwts.retain(|_, j| j.expires_at > now);

@@ -57,6 +57,8 @@ pub struct FileConfig {
     /// How the agent attests instead of a join token (`[node_attestor.k8s_psat]`).
     #[serde(default)]
     pub node_attestor: FileNodeAttestor,
+    /// `[ops]`: the operations listener (`/metrics`, `/healthz`, `/readyz`); absent, none.
+    pub ops: Option<crate::ops::FileOps>,
 }
 
 /// `server_address` as written: one `host:port` or an array of them.
@@ -148,6 +150,8 @@ pub struct AgentConfig {
     pub docker: Option<DockerAttestorConfig>,
     /// The `k8s` workload attestor's settings, if it is on.
     pub k8s: Option<K8sAttestorConfig>,
+    /// The operations listener (`[ops]`; `None`: none), see [`crate::ops`].
+    pub ops: Option<crate::ops::OpsConfig>,
 }
 
 fn value(key: &'static str, reason: impl ToString) -> ConfigError {
@@ -204,7 +208,9 @@ impl TryFrom<FileConfig> for AgentConfig {
                 "give a join token or [node_attestor.k8s_psat], not both",
             ));
         }
+        let ops = crate::ops::OpsConfig::from_file(file.ops).map_err(|e| value("ops.listen", e))?;
         Ok(Self {
+            ops,
             node: NodeClientConfig {
                 k8s_psat,
                 server_addresses,

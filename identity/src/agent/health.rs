@@ -16,6 +16,8 @@ use std::time::SystemTime;
 use tonic::{Request, Response, Status};
 
 use super::cache::Cache;
+use crate::ops::metrics::near_expiry;
+use crate::ops::{Check, Ops, Readiness};
 use crate::proto::grpc::health::v1 as pb;
 
 pub use pb::health_server::HealthServer;
@@ -33,18 +35,100 @@ pub fn unhealthy_reason(
     agent_svid_expires_at: Option<SystemTime>,
     now: SystemTime,
 ) -> Option<String> {
-    if let Some(reason) = refused {
-        return Some(format!(
-            "the server refuses this agent (evicted or banned; attest again with a new join token): {reason}"
-        ));
-    }
-    match agent_svid_expires_at {
-        Some(expires) if expires <= now => Some(format!(
-            "the agent SVID expired at {} (renewal failed)",
-            humantime::format_rfc3339_seconds(expires)
-        )),
-        _ => None,
-    }
+    readiness_of(refused, agent_svid_expires_at, now)
+        .failing()
+        .and_then(|c| c.error.clone())
+}
+
+/// The agent's readiness from what it knows: `registration` (the server accepts its
+/// entry sync: not evicted or banned) and `identity` (its own SVID is unexpired). The
+/// gRPC health answer and `/readyz` both come from here.
+pub fn readiness_of(
+    refused: Option<&str>,
+    agent_svid_expires_at: Option<SystemTime>,
+    now: SystemTime,
+) -> Readiness {
+    let registration = match refused {
+        Some(reason) => Check::fail(
+            "registration",
+            format!(
+                "the server refuses this agent (evicted or banned; attest again with a new join token): {reason}"
+            ),
+        ),
+        None => Check::pass("registration"),
+    };
+    let identity = match agent_svid_expires_at {
+        Some(expires) if expires <= now => Check::fail(
+            "identity",
+            format!(
+                "the agent SVID expired at {} (renewal failed)",
+                humantime::format_rfc3339_seconds(expires)
+            ),
+        ),
+        _ => Check::pass("identity"),
+    };
+    Readiness::new(vec![registration, identity])
+}
+
+/// The readiness of the agent that owns `cache` now.
+pub fn readiness(cache: &Cache) -> Readiness {
+    readiness_of(
+        cache.refused_by_server().as_deref(),
+        cache.node().agent_svid_expires_at(),
+        cache.clock().now(),
+    )
+}
+
+/// The operations listener's content for the agent that owns `cache`: its metrics (the
+/// cache gauges refreshed at each scrape) and [`readiness`].
+pub fn ops(cache: &Arc<Cache>) -> Ops {
+    let ready = cache.clone();
+    let refresh = Arc::downgrade(cache);
+    Ops::new(
+        cache.metrics().registry(),
+        Arc::new(move || {
+            let readiness = readiness(&ready);
+            Box::pin(async move { readiness })
+        }),
+    )
+    .with_refresh(Arc::new(move || {
+        if let Some(cache) = refresh.upgrade() {
+            refresh_gauges(&cache);
+        }
+        Box::pin(async {})
+    }))
+}
+
+/// Sets the cache gauges: SVIDs held, those within 10 % of expiry, live leases.
+fn refresh_gauges(cache: &Cache) {
+    let snapshot = cache.snapshot();
+    let now = cache.clock().unix_seconds();
+    let near = snapshot
+        .svids
+        .iter()
+        .filter(|c| {
+            let not_after = crate::clock::unix_seconds(c.svid.expires_at);
+            let not_before = c
+                .svid
+                .leaf()
+                .and_then(|der| x509_parser::parse_x509_certificate(der).ok())
+                .map_or(not_after, |(_, cert)| {
+                    cert.validity().not_before.timestamp()
+                });
+            near_expiry(not_before, not_after, now)
+        })
+        .count();
+    let metrics = cache.metrics();
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    metrics.svids.set(count(snapshot.svids.len()));
+    metrics.svids_near_expiry.set(count(near));
+    metrics.live_leases.set(count(
+        snapshot
+            .children
+            .iter()
+            .filter(|c| c.lease.released_at.is_none() && c.svid.is_some())
+            .count(),
+    ));
 }
 
 /// The health service over the agent's cache.
@@ -59,13 +143,12 @@ impl AgentHealth {
         Self { cache }
     }
 
-    /// Why the agent is unhealthy now, or `None`.
+    /// Why the agent is unhealthy now, or `None` (the first failing check of
+    /// [`readiness`]).
     pub fn unhealthy(&self) -> Option<String> {
-        unhealthy_reason(
-            self.cache.refused_by_server().as_deref(),
-            self.cache.node().agent_svid_expires_at(),
-            self.cache.clock().now(),
-        )
+        readiness(&self.cache)
+            .failing()
+            .and_then(|c| c.error.clone())
     }
 }
 
@@ -130,5 +213,27 @@ mod tests {
         assert!(refused.contains("evicted or banned"), "{refused}");
         assert!(refused.ends_with(": agent is banned"), "{refused}");
         assert!(!refused.contains('\n'));
+    }
+
+    #[test]
+    fn readyz_and_grpc_health_agree_on_an_evicted_agent() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        let ready = readiness_of(None, Some(now + Duration::from_secs(60)), now);
+        assert!(ready.ready);
+        assert_eq!(
+            unhealthy_reason(None, Some(now + Duration::from_secs(60)), now),
+            None
+        );
+        let evicted = readiness_of(Some("agent was evicted"), None, now);
+        assert!(!evicted.ready);
+        let failing = evicted.failing().unwrap();
+        assert_eq!(failing.name, "registration");
+        assert_eq!(
+            failing.error,
+            unhealthy_reason(Some("agent was evicted"), None, now),
+            "/readyz and the gRPC health answer give the same reason"
+        );
+        let both = readiness_of(Some("banned"), Some(now), now);
+        assert_eq!(both.checks.iter().filter(|c| !c.ok).count(), 2);
     }
 }

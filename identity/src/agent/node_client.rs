@@ -421,7 +421,7 @@ impl GrpcNode {
             renewed_tx,
             config.clock.clone(),
         ));
-        tracing::info!(agent = %stored.svid.spiffe_id, servers = %config.server_addresses, "agent joined the server");
+        tracing::info!(spiffe_id = %stored.svid.spiffe_id, servers = %config.server_addresses, "agent joined the server");
         Ok(Arc::new(Self {
             agent_id: stored.svid.spiffe_id,
             client,

@@ -7,6 +7,7 @@
 //! gets PermissionDenied `no identity issued`. Streams send the full state first and again
 //! on every change.
 
+use crate::ops::metrics::{AttestationFailure, StreamGuard};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -152,9 +153,18 @@ impl WorkloadApi {
             .get(SECURITY_HEADER)
             .and_then(|v| v.to_str().ok());
         if header != Some("true") {
+            self.cache
+                .metrics()
+                .attestation_failed(AttestationFailure::MissingHeader);
             return Err(WorkloadApiError::MissingHeader);
         }
-        self.attest_peer(request).await
+        let attested = self.attest_peer(request).await;
+        if let Err(WorkloadApiError::Attestation(_)) = &attested {
+            self.cache
+                .metrics()
+                .attestation_failed(AttestationFailure::AttestorError);
+        }
+        attested
     }
 
     /// Attests the caller from the socket's peer credentials, without the header check
@@ -261,6 +271,9 @@ impl WorkloadApi {
     /// missing. One line a second at info; the rest at debug, so that a stranger's
     /// calls cannot flood the log.
     pub fn no_identity(&self, caller: &Attested) -> WorkloadApiError {
+        self.cache
+            .metrics()
+            .attestation_failed(AttestationFailure::NoMatchingEntry);
         static LAST_INFO: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
         let selectors: Vec<String> = caller.selectors.iter().map(ToString::to_string).collect();
         let skipped = caller.skipped.names();
@@ -436,8 +449,11 @@ where
         updates: tokio::sync::watch::Receiver<u64>,
         last: Option<T>,
         done: bool,
+        /// Counts the stream as open while it lives.
+        _open: StreamGuard,
     }
     let state = State {
+        _open: api.cache.metrics().stream_opened(),
         updates: api.cache.subscribe(),
         api,
         caller,

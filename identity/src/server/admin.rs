@@ -550,7 +550,7 @@ impl pb::admin_server::Admin for AdminService {
             .delete_agent(&agent.spiffe_id)
             .await
             .map_err(AdminError::from)?;
-        tracing::info!(agent = %agent.spiffe_id, "agent evicted");
+        tracing::info!(spiffe_id = %agent.spiffe_id, "agent evicted");
         self.state.notify_change();
         Ok(Response::new(agent_to_proto(&agent)))
     }
@@ -566,7 +566,7 @@ impl pb::admin_server::Admin for AdminService {
             .update_agent(&agent)
             .await
             .map_err(AdminError::from)?;
-        tracing::info!(agent = %agent.spiffe_id, "agent banned");
+        tracing::info!(spiffe_id = %agent.spiffe_id, "agent banned");
         self.state.notify_change();
         Ok(Response::new(agent_to_proto(&agent)))
     }
@@ -575,6 +575,10 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
+        // The one readiness `/readyz` answers from: both agree.
+        if let Some(reason) = self.state.readiness().await.reason() {
+            return Err(Status::unavailable(format!("server not ready: {reason}")));
+        }
         let entries = self
             .state
             .store

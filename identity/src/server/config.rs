@@ -107,6 +107,8 @@ pub struct FileConfig {
     pub federation: FileFederation,
     /// `[oidc_discovery]`: serve OIDC discovery for JWT-SVIDs (needs `ca.jwt_issuer`).
     pub oidc_discovery: Option<FileOidcDiscovery>,
+    /// `[ops]`: the operations listener (`/metrics`, `/healthz`, `/readyz`); absent, none.
+    pub ops: Option<crate::ops::FileOps>,
 }
 
 /// `[oidc_discovery]`.
@@ -435,6 +437,8 @@ pub struct ServerConfig {
     /// OIDC discovery for JWT-SVIDs (`[oidc_discovery]`); its issuer is
     /// `ca.jwt_issuer`.
     pub oidc_discovery: Option<crate::server::oidc_discovery::OidcDiscoveryConfig>,
+    /// The operations listener (`[ops]`; `None`: none), see [`crate::ops`].
+    pub ops: Option<crate::ops::OpsConfig>,
 }
 
 /// Checks a `jwt_issuer`: an `https` (or `http`, for development) URL with a host and
@@ -647,7 +651,9 @@ impl TryFrom<FileConfig> for ServerConfig {
             crate::attest::node::k8s_psat::K8sPsatConfig::try_from(file.node_attestors.k8s_psat)
                 .map_err(|e| value("node_attestors.k8s_psat", e))?;
         let federation = FederationConfig::try_from(file.federation)?;
+        let ops = crate::ops::OpsConfig::from_file(file.ops).map_err(|e| value("ops.listen", e))?;
         Ok(Self {
+            ops,
             oidc_discovery,
             k8s_psat,
             federation,

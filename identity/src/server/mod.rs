@@ -65,6 +65,9 @@ pub enum ServerError {
     /// The OIDC discovery listener could not start.
     #[error("OIDC discovery: {0}")]
     OidcDiscovery(#[from] oidc_discovery::OidcDiscoveryError),
+    /// The operations listener could not start.
+    #[error(transparent)]
+    Ops(#[from] crate::ops::OpsError),
     /// The gRPC server failed.
     #[error("admin API: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -113,6 +116,8 @@ pub struct ServerState {
     spawns: crate::rate_limit::RateLimiter,
     /// Wakes the federation refresher when a relationship changed.
     federation_wake: Arc<tokio::sync::Notify>,
+    /// This server's metrics (served on its operations listener, [`crate::ops`]).
+    pub metrics: Arc<crate::ops::metrics::ServerMetrics>,
 }
 
 impl ServerState {
@@ -170,6 +175,7 @@ impl ServerState {
             clock,
             changes,
             federation_wake: Arc::new(tokio::sync::Notify::new()),
+            metrics: Arc::new(crate::ops::metrics::ServerMetrics::new()),
         }))
     }
 
@@ -179,7 +185,88 @@ impl ServerState {
     /// # Errors
     /// The wait before a spawn may succeed.
     pub fn take_spawn(&self, root: &str) -> Result<(), std::time::Duration> {
-        self.spawns.check(root, self.config.spawn_rate)
+        let taken = self.spawns.check(root, self.config.spawn_rate);
+        if taken.is_err() {
+            self.metrics.spawn_rate_limited();
+        }
+        taken
+    }
+
+    /// Whether the server is ready: its CA holds an unexpired active X.509 and JWT
+    /// authority (`keys`), the bundle it serves has an X.509 authority (`identity`), and
+    /// the store answers (`store`). `/readyz` and the admin API's `Health` (what
+    /// `writ healthcheck` asks) both answer from this.
+    pub async fn readiness(&self) -> crate::ops::Readiness {
+        use crate::ops::Check;
+        let now = self.clock.now();
+        let active = |kind: &str| {
+            self.ca
+                .authorities()
+                .iter()
+                .any(|(k, _, state, not_after)| {
+                    k == kind && *state == crate::ca::SlotState::Active && *not_after > now
+                })
+        };
+        let keys = match (active("x509"), active("jwt")) {
+            (true, true) => Check::pass("keys"),
+            (x509, _) => Check::fail(
+                "keys",
+                format!(
+                    "no unexpired active {} authority is loaded",
+                    if x509 { "JWT" } else { "X.509" }
+                ),
+            ),
+        };
+        let identity = if self.ca.bundle().x509_authorities().is_empty() {
+            Check::fail("identity", "the trust bundle has no X.509 authority")
+        } else {
+            Check::pass("identity")
+        };
+        let store = Check::of("store", self.store.count_entries().await);
+        crate::ops::Readiness::new(vec![identity, store, keys])
+    }
+
+    /// The operations listener's content for this server: its metrics (the CA slot
+    /// expiry and entry gauges refreshed at each scrape) and [`Self::readiness`].
+    pub fn ops(self: &Arc<Self>) -> crate::ops::Ops {
+        let ready = self.clone();
+        let refresh = Arc::downgrade(self);
+        crate::ops::Ops::new(
+            self.metrics.registry(),
+            Arc::new(move || {
+                let state = ready.clone();
+                Box::pin(async move { state.readiness().await })
+            }),
+        )
+        .with_refresh(Arc::new(move || {
+            let state = refresh.clone();
+            Box::pin(async move {
+                let Some(state) = state.upgrade() else { return };
+                let now = state.clock.now();
+                state
+                    .metrics
+                    .set_ca_slots(state.ca.authorities().into_iter().map(
+                        |(kind, _, slot, not_after)| {
+                            let left = not_after
+                                .duration_since(now)
+                                .map_or_else(|e| -e.duration().as_secs_f64(), |d| d.as_secs_f64());
+                            let kind = if kind == "jwt" { "jwt" } else { "x509" };
+                            let slot = match slot {
+                                crate::ca::SlotState::Prepared => "prepared",
+                                crate::ca::SlotState::Active => "active",
+                                crate::ca::SlotState::Old => "old",
+                            };
+                            (kind, slot, left)
+                        },
+                    ));
+                if let Ok(n) = state.store.count_entries().await {
+                    state
+                        .metrics
+                        .entries
+                        .set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
+            })
+        }))
     }
 
     /// Tells agents that entries or bundles may have changed.
@@ -355,6 +442,10 @@ pub async fn serve(
                 std::future::pending(),
             )))
         }
+        None => None,
+    };
+    let _ops = match &state.config.ops {
+        Some(config) => Some(crate::ops::start(config, crate::ops::router(state.ops())).await?),
         None => None,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -2,6 +2,7 @@
 //! and signing SVIDs only for those. [`NodeHandler`] holds the logic; the in-process
 //! agent of `writ dev` calls it directly, the gRPC `writ.node.v1.Node` service wraps it.
 
+use crate::ops::metrics::SvidKind;
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -144,6 +145,14 @@ impl NodeHandler {
         &self.state
     }
 
+    /// Counts a signing result in the server's metrics.
+    fn count<T>(&self, kind: SvidKind, result: &Result<T, NodeError>, n: impl Fn(&T) -> u64) {
+        match result {
+            Ok(v) => self.state.metrics.issued(kind, n(v)),
+            Err(_) => self.state.metrics.failed(kind),
+        }
+    }
+
     /// The unexpired entries whose parent is the agent, one of the node aliases that
     /// cover it, or (transitively) another entry authorized for it. A node alias (an
     /// entry whose parent is the server's ID, [`RegistrationEntry::is_node_alias`])
@@ -271,6 +280,18 @@ impl NodeHandler {
         agent_id: &SpiffeId,
         requests: &[(String, Vec<u8>)],
     ) -> Result<Vec<(String, X509Svid)>, NodeError> {
+        let result = self.sign_x509_svids_uncounted(agent_id, requests).await;
+        self.count(SvidKind::X509, &result, |v: &Vec<(String, X509Svid)>| {
+            v.len() as u64
+        });
+        result
+    }
+
+    async fn sign_x509_svids_uncounted(
+        &self,
+        agent_id: &SpiffeId,
+        requests: &[(String, Vec<u8>)],
+    ) -> Result<Vec<(String, X509Svid)>, NodeError> {
         if requests.len() > MAX_SIGN_BATCH {
             return Err(NodeError::Invalid(format!(
                 "at most {MAX_SIGN_BATCH} SVIDs per request"
@@ -314,6 +335,19 @@ impl NodeHandler {
     /// # Errors
     /// [`NodeError::NotAuthorized`] or a CA error (bad audience).
     pub async fn sign_jwt_svid(
+        &self,
+        agent_id: &SpiffeId,
+        entry_id: &str,
+        audience: &[String],
+    ) -> Result<(String, i64, i64), NodeError> {
+        let result = self
+            .sign_jwt_svid_uncounted(agent_id, entry_id, audience)
+            .await;
+        self.count(SvidKind::Jwt, &result, |_: &(String, i64, i64)| 1);
+        result
+    }
+
+    async fn sign_jwt_svid_uncounted(
         &self,
         agent_id: &SpiffeId,
         entry_id: &str,
@@ -379,6 +413,20 @@ impl NodeHandler {
         values: &TemplateValues,
         spki: &[u8],
     ) -> Result<X509Svid, NodeError> {
+        let result = self
+            .sign_template_x509_svid_uncounted(agent_id, entry_id, values, spki)
+            .await;
+        self.count(SvidKind::X509, &result, |_: &X509Svid| 1);
+        result
+    }
+
+    async fn sign_template_x509_svid_uncounted(
+        &self,
+        agent_id: &SpiffeId,
+        entry_id: &str,
+        values: &TemplateValues,
+        spki: &[u8],
+    ) -> Result<X509Svid, NodeError> {
         let (entry, id) = self.rendered(agent_id, entry_id, values).await?;
         let ttl = (entry.x509_svid_ttl > 0).then(|| Duration::from_secs(entry.x509_svid_ttl));
         Ok(self
@@ -393,6 +441,20 @@ impl NodeHandler {
     /// # Errors
     /// As [`Self::sign_template_x509_svid`], or a bad audience.
     pub async fn sign_template_jwt_svid(
+        &self,
+        agent_id: &SpiffeId,
+        entry_id: &str,
+        values: &TemplateValues,
+        audience: &[String],
+    ) -> Result<(String, i64, i64), NodeError> {
+        let result = self
+            .sign_template_jwt_svid_uncounted(agent_id, entry_id, values, audience)
+            .await;
+        self.count(SvidKind::Jwt, &result, |_: &(String, i64, i64)| 1);
+        result
+    }
+
+    async fn sign_template_jwt_svid_uncounted(
         &self,
         agent_id: &SpiffeId,
         entry_id: &str,

@@ -140,10 +140,10 @@ impl NodeService {
                     .await
                     .map_err(NodeError::from)?
                 {
-                    tracing::info!(agent = %id, cert_sha256 = %presented, "agent switched to its renewed SVID; the previous one no longer works");
+                    tracing::info!(spiffe_id = %id, cert_sha256 = %presented, "agent switched to its renewed SVID; the previous one no longer works");
                     Ok((id, presented))
                 } else {
-                    tracing::warn!(agent = %id, cert_sha256 = %presented, "refused an agent SVID the server did not issue to this agent, or has replaced");
+                    tracing::warn!(spiffe_id = %id, cert_sha256 = %presented, "refused an agent SVID the server did not issue to this agent, or has replaced");
                     Err(NodeError::SvidNotIssued.into())
                 }
             }
@@ -287,7 +287,7 @@ impl pb::node_server::Node for NodeService {
         // with `writ token generate --spiffe-id` select.
         self.store_agent(&id, "join_token", token_record.selectors, &svid)
             .await?;
-        tracing::info!(agent = %id, "agent attested with a join token");
+        tracing::info!(spiffe_id = %id, "agent attested with a join token");
         Ok(Response::new(self.agent_response(&id, svid)))
     }
 
@@ -321,7 +321,7 @@ impl pb::node_server::Node for NodeService {
         let svid = self.sign_agent_svid(&id, &r.public_key)?;
         self.store_agent(&id, "k8s_psat", attested.selectors, &svid)
             .await?;
-        tracing::info!(agent = %id, %token_sha256, "agent attested with k8s_psat");
+        tracing::info!(spiffe_id = %id, %token_sha256, "agent attested with k8s_psat");
         Ok(Response::new(self.agent_response(&id, svid)))
     }
 

@@ -13,7 +13,7 @@ use writ_identity::proto::admin as pb;
 
 use super::api::AgentSocket;
 use super::out::{self, OutputArg, outln};
-use super::server::{init_logging, shutdown_signal};
+use super::server::{LogFormat, init_logging, shutdown_signal};
 use super::{ServerSocket, status};
 use writ_sdk::spawn::SubAgents;
 
@@ -55,6 +55,9 @@ pub(crate) enum AgentCommand {
         /// Log filter.
         #[arg(long, env = "WRIT_LOG", default_value = "info")]
         log_level: String,
+        /// Log format: `text` (colour only on a terminal) or `json` (one object a line).
+        #[arg(long, env = "WRIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// The sub-agent leases of this process's identities (held ones first), from the
     /// agent's Workload API socket.
@@ -175,8 +178,9 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
             trust_bundle,
             insecure_bootstrap,
             log_level,
+            log_format,
         } => {
-            init_logging(&log_level)?;
+            init_logging(&log_level, log_format)?;
             let mut file = match &config {
                 Some(path) => {
                     let text = std::fs::read_to_string(path)
@@ -215,6 +219,18 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
             tracing::info!(attestors = ?attestors.names(), "workload attestors");
             let running =
                 writ_identity::agent::start(node, &config.socket_path, Arc::new(attestors)).await?;
+            let _ops = match &config.ops {
+                Some(ops) => Some(
+                    writ_identity::ops::start(
+                        ops,
+                        writ_identity::ops::router(writ_identity::agent::health::ops(
+                            &running.cache,
+                        )),
+                    )
+                    .await?,
+                ),
+                None => None,
+            };
             let stop = shutdown_signal();
             out::errln!(
                 "writ agent: {} joined {}; Workload API on unix://{}",

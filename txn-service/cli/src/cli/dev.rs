@@ -10,7 +10,7 @@ use writ_identity::spiffe_id::TrustDomain;
 
 use super::out::{self, OutputArg, errln, outln};
 use super::parse_ttl;
-use super::server::{init_logging, shutdown_signal};
+use super::server::{LogFormat, init_logging, shutdown_signal};
 use crate::dev::demo::{self, DemoOptions};
 use crate::dev::{DEFAULT_DATA_DIR, DEFAULT_TTS_LISTEN, Dev, DevOptions};
 
@@ -46,6 +46,9 @@ struct DevRunArgs {
     /// Log filter (`info`, `debug`, `writ_identity=debug`, ...).
     #[arg(long, env = "WRIT_LOG", default_value = "warn")]
     log_level: String,
+    /// Log format: `text` (colour only on a terminal) or `json` (one object a line).
+    #[arg(long, env = "WRIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// The SPIFFE bundle endpoint's HTTPS address (https_spiffe; port 0 picks a free
     /// one; its URL is `bundle_endpoint_url` in dev.json).
     #[arg(long, default_value = "127.0.0.1:0")]
@@ -118,7 +121,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         }
         None => {
             let a = args.run;
-            init_logging(&a.log_level)?;
+            init_logging(&a.log_level, a.log_format)?;
             let mut options = DevOptions::new(a.data_dir);
             options.trust_domain = a.trust_domain;
             options.reset_ca = a.reset_ca;
@@ -142,7 +145,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(crate) async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    init_logging(&args.log_level)?;
+    init_logging(&args.log_level, LogFormat::Text)?;
     let outcome = demo::run(DemoOptions {
         bin_dir: args.bin_dir,
         keep: args.keep,

@@ -37,6 +37,9 @@ pub(crate) enum ServerCommand {
         /// Log filter (`info`, `debug`, `writ_identity=debug`, ...).
         #[arg(long, env = "WRIT_LOG", default_value = "info")]
         log_level: String,
+        /// Log format: `text` (colour only on a terminal) or `json` (one object a line).
+        #[arg(long, env = "WRIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
 }
 
@@ -49,8 +52,9 @@ pub(crate) async fn run(cmd: ServerCommand) -> anyhow::Result<ExitCode> {
         admin_socket,
         bind_address,
         log_level,
+        log_format,
     } = cmd;
-    init_logging(&log_level)?;
+    init_logging(&log_level, log_format)?;
     let mut file = match &config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -102,16 +106,44 @@ const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
 ///
 /// # Errors
 /// One line naming the flag and the valid levels.
-pub(crate) fn init_logging(filter: &str) -> anyhow::Result<()> {
+pub(crate) fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<()> {
     let filter = check_log_filter(filter)?;
-    let color = std::io::IsTerminal::is_terminal(&std::io::stderr())
-        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(color)
-        .try_init();
+    match format {
+        LogFormat::Text => {
+            let color = std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_ansi(color)
+                .try_init();
+        }
+        LogFormat::Json => {
+            // One JSON object a line; the event's fields (`spiffe_id`, `txn`, `decision`,
+            // `error`, `lease`, ...) at the top level beside `timestamp`, `level`,
+            // `target` and `message`.
+            let _ = tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .try_init();
+        }
+    }
     Ok(())
+}
+
+/// `--log-format` (`WRIT_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines; ANSI colour only on a terminal.
+    #[default]
+    Text,
+    /// One JSON object a line, with stable field names.
+    Json,
 }
 
 fn check_log_filter(filter: &str) -> anyhow::Result<tracing_subscriber::EnvFilter> {

@@ -17,7 +17,7 @@ use writ_txn_service::config::{TxnConfig, TxnFileConfig, TxnServer};
 
 use super::api::{AgentSocket, explain_no_identity};
 use super::out::{self, Output, OutputArg, errln, outln};
-use super::server::init_logging;
+use super::server::{LogFormat, init_logging};
 
 /// Largest token read from a file or standard input.
 const MAX_TOKEN_INPUT: u64 = 64 * 1024;
@@ -32,6 +32,9 @@ pub(crate) enum TxnCommand {
         /// Log filter (`info`, `debug`, ...).
         #[arg(long, env = "WRIT_LOG", default_value = "info")]
         log_level: String,
+        /// Log format: `text` (colour only on a terminal) or `json` (one object a line).
+        #[arg(long, env = "WRIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Print a Txn-Token's header and claims, and its delegation chain as a tree.
     /// Decoding does not verify the signature.
@@ -89,8 +92,12 @@ pub(crate) struct ExchangeArgs {
 
 pub(crate) async fn run(cmd: TxnCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        TxnCommand::Run { config, log_level } => {
-            init_logging(&log_level)?;
+        TxnCommand::Run {
+            config,
+            log_level,
+            log_format,
+        } => {
+            init_logging(&log_level, log_format)?;
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("cannot read {}", config.display()))?;
             let base = config.parent().unwrap_or(Path::new("."));

@@ -60,6 +60,8 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "example.org";
 pub const DEFAULT_TTS_LISTEN: &str = "127.0.0.1:8443";
 /// The state file in the data dir.
 pub const STATE_FILE: &str = "dev.json";
+/// Where each part's operations listener binds (a free port each; `dev.json` names them).
+pub const OPS_LISTEN: &str = "127.0.0.1:0";
 /// The policy file in the data dir.
 pub const POLICY_FILE: &str = "policy.toml";
 /// The token service's directory (signing keys, audit log) in the data dir.
@@ -190,6 +192,27 @@ pub struct DevState {
     /// the `iss` of the JWT-SVIDs `writ dev` issues.
     #[serde(default)]
     pub oidc_discovery_url: String,
+    /// The identity server's Prometheus metrics (`http://127.0.0.1:<port>/metrics`).
+    #[serde(default)]
+    pub server_metrics_url: String,
+    /// The agent's Prometheus metrics.
+    #[serde(default)]
+    pub agent_metrics_url: String,
+    /// The token service's Prometheus metrics.
+    #[serde(default)]
+    pub txn_metrics_url: String,
+    /// The identity server's readiness (`/readyz`; `/healthz` beside it).
+    #[serde(default)]
+    pub server_health_url: String,
+    /// The agent's readiness.
+    #[serde(default)]
+    pub agent_health_url: String,
+    /// The token service's readiness.
+    #[serde(default)]
+    pub txn_health_url: String,
+    /// The chain explorer, on the token service's operations listener.
+    #[serde(default)]
+    pub explorer_url: String,
 }
 
 impl DevState {
@@ -247,6 +270,9 @@ pub struct Dev {
     _store_lock: Option<writ_identity::store::sqlite::StoreLock>,
     /// The SPIFFE bundle endpoint.
     bundle_endpoint: tokio::task::JoinHandle<Result<(), server::ServerError>>,
+    /// The identity server's and the agent's operations listeners (the token service
+    /// runs its own).
+    _ops: [writ_identity::ops::RunningOps; 2],
 }
 
 impl Dev {
@@ -330,6 +356,18 @@ impl Dev {
         let agent = agent::start(node, &agent_socket, Arc::new(attestor))
             .await
             .map_err(DevError::Agent)?;
+        let ops_err = |e: writ_identity::ops::OpsError| file_err(Path::new(OPS_LISTEN), e);
+        let ops_config = writ_identity::ops::OpsConfig::parse(OPS_LISTEN).map_err(ops_err)?;
+        let server_ops =
+            writ_identity::ops::start(&ops_config, writ_identity::ops::router(state.ops()))
+                .await
+                .map_err(ops_err)?;
+        let agent_ops = writ_identity::ops::start(
+            &ops_config,
+            writ_identity::ops::router(agent::health::ops(&agent.cache)),
+        )
+        .await
+        .map_err(ops_err)?;
         let workload_api = format!("unix://{}", agent_socket.display());
 
         let issuer = start_issuer(&dir, options.oidc_listen).await?;
@@ -354,6 +392,7 @@ impl Dev {
         txn.identity_store = Some(datastore);
         txn.policy = policy;
         txn.accept_dev_tokens = true;
+        txn.ops = Some(ops_config);
         txn.dns_names = writ_txn_service::server_name::ServerNames::new(tts_names)
             .map_err(writ_txn_service::config::TxnConfigError::from)?;
         let tts = TxnServer::start_on(txn, Arc::new(SystemClock), tcp).await?;
@@ -373,6 +412,22 @@ impl Dev {
             bundle_endpoint_url: format!("https://{bundle_addr}/"),
             bundle_endpoint_spiffe_id: bundle_endpoint_spiffe_id.to_string(),
             oidc_discovery_url,
+            server_metrics_url: format!("{}/metrics", server_ops.base_url()),
+            agent_metrics_url: format!("{}/metrics", agent_ops.base_url()),
+            txn_metrics_url: tts
+                .ops_addr()
+                .map(|a| format!("http://{a}/metrics"))
+                .unwrap_or_default(),
+            server_health_url: format!("{}/readyz", server_ops.base_url()),
+            agent_health_url: format!("{}/readyz", agent_ops.base_url()),
+            txn_health_url: tts
+                .ops_addr()
+                .map(|a| format!("http://{a}/readyz"))
+                .unwrap_or_default(),
+            explorer_url: tts
+                .ops_addr()
+                .map(|a| format!("http://{a}/explorer"))
+                .unwrap_or_default(),
         };
         wait_for_socket(&state_record.server_socket).await?;
         let state_path = dir.join(STATE_FILE);
@@ -390,6 +445,7 @@ impl Dev {
             _oidc_discovery: oidc_discovery,
             _store_lock: store_lock,
             bundle_endpoint,
+            _ops: [server_ops, agent_ops],
         })
     }
 

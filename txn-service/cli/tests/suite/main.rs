@@ -28,6 +28,7 @@ mod explorer;
 mod federation;
 mod fleet;
 mod helper;
+mod observability;
 mod oidc_discovery;
 mod readme;
 mod recipes;
