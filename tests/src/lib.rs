@@ -22,6 +22,7 @@ use writ_sdk as _;
 
 pub mod docker;
 pub mod env;
+pub mod explorer;
 pub mod k8s;
 pub mod oidc_provider;
 pub mod python;

@@ -22,6 +22,7 @@ pub mod audit;
 pub mod client_assertion;
 pub mod config;
 pub mod exchange;
+pub mod explorer;
 pub mod lease;
 pub mod listener;
 pub mod metrics;

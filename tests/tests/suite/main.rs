@@ -13,6 +13,7 @@
     reason = "test code: a failed setup step should abort the test loudly"
 )]
 
+mod explorer;
 mod hostage;
 mod node_api;
 mod node_trust;

@@ -25,6 +25,7 @@ mod compose;
 mod demo;
 mod dev;
 mod docker;
+mod explorer;
 mod federation;
 mod fleet;
 mod helper;
