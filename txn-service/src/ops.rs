@@ -62,12 +62,17 @@ pub fn ops(service: Arc<ExchangeService>, source: X509Source, clock: SharedClock
 }
 
 /// The token service's operations router: `/metrics`, `/healthz`, `/readyz`, and
-/// whatever else the operations listener serves, merged here (one place), then the JSON
-/// `404` for every other path.
+/// the chain explorer (the page, and its JSON API over the durable audit trail when the
+/// service writes one), then the JSON `404` for every other path.
 pub fn router(service: Arc<ExchangeService>, source: X509Source, clock: SharedClock) -> Router {
-    let router = writ_identity::ops::routes(ops(service, source, clock));
-    // Merge point for the explorer (issue 18): the page and its JSON API, e.g.
-    // `.merge(crate::audit::explorer_api(..)).merge(crate::explorer::router())`.
-    // Routers merged here must not set a fallback (the one below answers).
+    let trail = service
+        .durable_audit()
+        .map(|durable| crate::audit::ExplorerState::new(durable.store().clone()));
+    let mut router =
+        writ_identity::ops::routes(ops(service, source, clock)).merge(crate::explorer::router());
+    if let Some(trail) = trail {
+        router = router.merge(crate::audit::explorer_api(trail));
+    }
+    // Routers merged here set no fallback: this one answers every other path.
     router.fallback(writ_identity::ops::not_found)
 }
