@@ -58,11 +58,6 @@ impl std::fmt::Debug for DurableAudit {
 }
 
 impl DurableAudit {
-    /// The store the trail is written to (the explorer's JSON API reads it).
-    pub fn store(&self) -> &SharedStore {
-        &self.store
-    }
-
     /// Starts the writer (on the current Tokio runtime) appending to `store`; a grant
     /// waits for its commit when `on_failure` is [`OnFailure::Refuse`].
     pub fn spawn(store: SharedStore, on_failure: OnFailure) -> Self {
