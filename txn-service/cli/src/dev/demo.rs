@@ -165,6 +165,30 @@ struct Program {
     spiffe_id: String,
 }
 
+/// How long a program may take to stop after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Program {
+    /// Stops the program as a supervisor would: SIGTERM, a bounded wait (in which the
+    /// services flush their verification records to the token service), then SIGKILL.
+    async fn stop(mut self) {
+        let pid = self
+            .child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .and_then(rustix::process::Pid::from_raw);
+        if let Some(pid) = pid
+            && rustix::process::kill_process(pid, rustix::process::Signal::TERM).is_ok()
+            && tokio::time::timeout(STOP_TIMEOUT, self.child.wait())
+                .await
+                .is_ok()
+        {
+            return;
+        }
+        let _ = self.child.kill().await;
+    }
+}
+
 /// Starts `bin_dir/name` with `args`, logs to `logs/name.log`, and waits for its
 /// `listening on <addr> as <SPIFFE ID>` line.
 async fn start_program(
@@ -453,6 +477,9 @@ async fn flow(
     }
     let report: Value =
         serde_json::from_str(&body).map_err(|e| failed("the gateway's answer", e))?;
+    for program in [gateway, planner, tool] {
+        program.stop().await;
+    }
     let audit = std::fs::read_to_string(dev.audit_log()).unwrap_or_default();
     let outcome = check(
         &report,
