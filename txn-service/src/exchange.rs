@@ -773,7 +773,8 @@ impl ExchangeService {
         traceparent: Option<String>,
     ) -> Result<ExchangeResponse, ExchangeError> {
         let req = body.and_then(ExchangeRequest::from_form);
-        self.decide_counted(mtls_caller, caller_ip, req, traceparent).await
+        self.decide_counted(mtls_caller, caller_ip, req, traceparent)
+            .await
     }
 
     /// Exchanges the subject token of `req` for a Txn-Token on behalf of the
