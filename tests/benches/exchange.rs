@@ -34,7 +34,8 @@
 //! spread over the clients),
 //! `WRIT_BENCH_CRYPTO_OPS` (2000), `WRIT_BENCH_CORES` (default: the available
 //! parallelism). `WRIT_BENCH_DURABLE_AUDIT=1` turns the durable audit trail on (a SQLite
-//! store per run): compare with a run without it.
+//! store per run): compare with a run without it. `WRIT_BENCH_AUDIT_ON_FAILURE=allow` sets
+//! `audit_on_failure` (grants then do not wait for the durable trail's commit).
 #![expect(
     unused_crate_dependencies,
     reason = "a bench target sees every dependency and dev-dependency of its package"
@@ -531,6 +532,10 @@ async fn run_exchanges(
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join(format!("audit-{}.log", mode.slug));
     let mut toml = txn_toml(&stack.endpoint(), &audit, mode.cache, &provider.issuer);
+    if let Ok(choice) = std::env::var("WRIT_BENCH_AUDIT_ON_FAILURE") {
+        // `allow`: grants do not wait for the durable trail's commit.
+        toml = format!("audit_on_failure = {choice:?}\n{toml}");
+    }
     if durable_audit() {
         // The durable audit trail on: a migrated SQLite store the service appends to.
         let db = dir.path().join("datastore.sqlite3");
