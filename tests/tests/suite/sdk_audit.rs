@@ -374,7 +374,10 @@ async fn refused_batches_are_counted_and_unavailable_ones_retried() {
         sink.record(record_as(OTHER));
     }
     sink.flush().await;
-    assert_eq!(tts.posts.load(Ordering::SeqCst), 4);
+    // Both 503s were answered (and retried); the three records may have left in one
+    // batch or, when the sender woke between two of them, in more.
+    assert_eq!(tts.fail_next.load(Ordering::SeqCst), 0);
+    assert!(tts.posts.load(Ordering::SeqCst) >= 4);
     assert_eq!((sink.stats().delivered, sink.stats().failed), (3, 1));
     assert_eq!(tts.records().len(), 3);
 
