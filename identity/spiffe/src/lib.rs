@@ -10,6 +10,7 @@
 //! | [`duration`] | the one duration syntax of configuration files and flags | always |
 //! | [`fingerprint`] | SHA-256 names for tokens and certificates | always |
 //! | [`process`] | `/proc/<pid>/stat`: a process's start time and state | always |
+//! | [`revocation`] | the kill switch's targets, entries, feed pages and the set verifiers keep | always |
 //! | `bundle` | SPIFFE bundles and JWKs | `svid` |
 //! | `svid` | X509-SVID and JWT-SVID types and validation | `svid` |
 //! | `key` | private keys, zeroized and redacted | `svid` |
@@ -43,6 +44,7 @@ pub mod clock;
 pub mod duration;
 pub mod fingerprint;
 pub mod process;
+pub mod revocation;
 pub mod spiffe_id;
 
 #[cfg(feature = "accept")]
