@@ -66,6 +66,7 @@ use crate::audit::{AuditError, AuditLog, AuditRecord};
 use crate::client_assertion::ReplayCache;
 use crate::lease::{LeaseError, Leases, is_sub_agent_id, root_parent};
 use crate::oidc::{OidcError, OidcValidator, ValidatedSubject};
+use crate::policy::condition::Input as ConditionInput;
 use crate::policy::{CallerRule, Policy, is_scope_token};
 use crate::rate_limit::RateLimiter;
 use crate::replica::Replica;
@@ -545,6 +546,8 @@ struct Subject {
     expires_at: i64,
     replaced: Option<TxnToken>,
     authn: Option<String>,
+    /// The validated OIDC subject token (`None` on a replacement).
+    oidc: Option<Arc<ValidatedSubject>>,
 }
 
 /// The token exchange service: policy, subject token validation and minting.
@@ -822,8 +825,7 @@ impl ExchangeService {
                     return Err(ExchangeError::unauthorized(LeaseError::Ended.to_string()));
                 }
             }
-            let lease_end = lease.map(|l| l.expires_at);
-            self.exchange_inner(&caller, caller_ip, req, lease_end)
+            self.exchange_inner(&caller, caller_ip, req, lease.as_ref())
                 .await
         }
         .await;
@@ -940,15 +942,16 @@ impl ExchangeService {
         }
     }
 
-    /// Mints for an authenticated caller. `lease_end`: a sub-agent's lease end, which
-    /// the token never outlives (no child SVID outlives it either).
+    /// Mints for an authenticated caller. `lease`: a sub-agent's lease, whose end the
+    /// token never outlives (no child SVID outlives it either).
     async fn exchange_inner(
         &self,
         caller: &Caller,
         caller_ip: Option<IpAddr>,
         req: ExchangeRequest,
-        lease_end: Option<i64>,
+        lease: Option<&LeaseRecord>,
     ) -> Result<(TxnToken, ExchangeResponse), ExchangeError> {
+        let lease_end = lease.map(|l| l.expires_at);
         if req.audience != self.trust_domain.as_str() {
             return Err(ExchangeError::InvalidTarget {
                 reason: "`audience` must be this service's trust domain".into(),
@@ -963,7 +966,11 @@ impl ExchangeService {
         {
             return Err(ExchangeError::RateLimited { retry_after });
         }
-        if !rule.allows(req.subject_token_type) {
+        if !self
+            .policy
+            .candidates(&caller.id)
+            .any(|(_, r)| r.allows(req.subject_token_type))
+        {
             return Err(ExchangeError::unauthorized(
                 "caller may not present this subject token type",
             ));
@@ -979,6 +986,7 @@ impl ExchangeService {
                 "subject token has expired",
             ));
         }
+        let rule = self.applicable_rule(caller, caller_ip, &req, &subject, lease)?;
         let scope = grant_scope(&req, &subject, rule)?;
         let lifetime = rule
             .max_lifetime()
@@ -1100,6 +1108,7 @@ impl ExchangeService {
             scope: old.scopes().map(str::to_owned).collect(),
             expires_at: old.exp,
             authn: None,
+            oidc: None,
             replaced: Some(old),
         })
     }
@@ -1147,6 +1156,7 @@ impl ExchangeService {
             expires_at: validated.expires_at,
             replaced: None,
             authn,
+            oidc: Some(validated),
         })
     }
 }
@@ -1204,6 +1214,105 @@ impl ExchangeService {
         let validated = Arc::new(oidc.validate(token, token_type).await?);
         cache.insert(key, (validated.clone(), now)).await;
         Ok(validated)
+    }
+}
+
+impl ExchangeService {
+    /// The rule that decides for `caller`: the first candidate whose CEL condition holds
+    /// (see [`crate::policy::condition`]). Without conditions, the first rule matching
+    /// the caller. A condition that cannot be evaluated refuses the exchange.
+    fn applicable_rule(
+        &self,
+        caller: &Caller,
+        caller_ip: Option<IpAddr>,
+        req: &ExchangeRequest,
+        subject: &Subject,
+        lease: Option<&LeaseRecord>,
+    ) -> Result<&CallerRule, ExchangeError> {
+        let mut input = None;
+        for (index, rule) in self.policy.candidates(&caller.id) {
+            let Some(condition) = rule.condition() else {
+                return self.rule_allowing(rule, req);
+            };
+            let input = input
+                .get_or_insert_with(|| self.condition_input(caller, caller_ip, req, subject, lease));
+            match condition.evaluate(input) {
+                Ok(true) => return self.rule_allowing(rule, req),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(caller = %caller.id, rule = index, error = %e, "policy condition refused the exchange");
+                    return Err(ExchangeError::unauthorized(format!(
+                        "the condition of policy rule {index} could not be evaluated for this request"
+                    )));
+                }
+            }
+        }
+        Err(ExchangeError::unauthorized(
+            "no policy rule's condition holds for this request",
+        ))
+    }
+
+    fn rule_allowing<'a>(
+        &self,
+        rule: &'a CallerRule,
+        req: &ExchangeRequest,
+    ) -> Result<&'a CallerRule, ExchangeError> {
+        if rule.allows(req.subject_token_type) {
+            Ok(rule)
+        } else {
+            Err(ExchangeError::unauthorized(
+                "caller may not present this subject token type",
+            ))
+        }
+    }
+
+    /// What a condition sees: the token's `tctx` and `rctx` as they will be issued.
+    fn condition_input(
+        &self,
+        caller: &Caller,
+        caller_ip: Option<IpAddr>,
+        req: &ExchangeRequest,
+        subject: &Subject,
+        lease: Option<&LeaseRecord>,
+    ) -> ConditionInput {
+        let mut input = ConditionInput::new(self.clock.unix_seconds());
+        input.caller(&caller.id).request(
+            req.scope(),
+            req.audience(),
+            req.subject_token_type(),
+        );
+        if let Some(lease) = lease {
+            input.lease(lease);
+        }
+        if let Some(old) = &subject.replaced {
+            if let Ok(Value::Object(claims)) = serde_json::to_value(old) {
+                input.subject(&claims);
+            }
+            input.tctx(old.tctx.iter().flatten());
+            input.rctx(old.rctx.iter().flatten());
+        } else {
+            if let Some(Value::Object(claims)) = subject.oidc.as_ref().map(|v| &v.claims) {
+                input.subject(claims);
+            }
+            input.tctx(req.request_details().into_iter().flatten());
+            // As `exchange_inner` builds it for a new token.
+            let mut rctx = BTreeMap::new();
+            if let Some(ip) = caller_ip {
+                rctx.insert("req_ip".to_owned(), Value::String(ip.to_string()));
+            }
+            if let Some(authn) = &subject.authn {
+                rctx.insert("authn".to_owned(), Value::String(authn.clone()));
+            }
+            rctx.insert(
+                "transport".to_owned(),
+                Value::String(caller.auth.name().into()),
+            );
+            for (k, v) in req.request_context().into_iter().flatten() {
+                rctx.insert(k.clone(), v.clone());
+            }
+            input.rctx(&rctx);
+        }
+        input
     }
 }
 

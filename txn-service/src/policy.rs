@@ -33,6 +33,11 @@
 //! - **first match wins**: rules are tried in file order and the first whose matcher
 //!   accepts the caller decides, even if a later rule would be more generous, so put
 //!   exact IDs before prefixes and prefixes before trust domains;
+//! - a rule with a `condition` (a CEL expression, see [`condition`]) applies only when
+//!   the condition holds for the exchange at hand; when it is false the next matching
+//!   rule is tried, when it cannot be evaluated (or is not a bool) the exchange is
+//!   refused. `rate_limit` and `client_assertion` are those of the first rule whose
+//!   matcher accepts the caller, conditions aside;
 //! - a `prefix` matches at a path-segment boundary: `spiffe://example.org/agents/` (the
 //!   trailing `/` is optional) matches `.../agents` and `.../agents/planner`, never
 //!   `.../agents-evil`;
@@ -65,6 +70,10 @@ use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
 use writ_sdk::oauth::TokenType;
 
 use crate::rate_limit::Rate;
+
+pub mod condition;
+
+use condition::{Condition, ConditionError};
 
 /// A rule's token lifetime when it names none (5 minutes).
 pub const DEFAULT_RULE_LIFETIME: Duration = Duration::from_secs(300);
@@ -133,6 +142,15 @@ pub enum PolicyError {
         /// Position of the rule in the file (from 0).
         index: usize,
     },
+    /// A rule's `condition` does not compile, names an unknown variable or function,
+    /// cannot be a bool, or is over a limit.
+    #[error("caller rule {index}: {error}")]
+    Condition {
+        /// Position of the rule in the file (from 0).
+        index: usize,
+        /// What is wrong.
+        error: ConditionError,
+    },
     /// A lifetime is zero or exceeds its ceiling. (A text that is not a duration at all
     /// is a [`PolicyError::Syntax`] naming the key.)
     #[error("invalid lifetime `{value}`: {reason}")]
@@ -185,6 +203,9 @@ pub struct FileCallerRule {
     /// Per-caller rate limit; none by default.
     #[serde(default)]
     pub rate_limit: Option<FileRateLimit>,
+    /// A CEL expression that must be true for the rule to apply (see [`condition`]).
+    #[serde(default)]
+    pub condition: Option<String>,
 }
 
 /// A raw `rate_limit = { per_second = .., burst = .. }` table.
@@ -230,9 +251,15 @@ pub struct CallerRule {
     max_lifetime: Duration,
     client_assertion: bool,
     rate_limit: Option<Rate>,
+    condition: Option<Condition>,
 }
 
 impl CallerRule {
+    /// The rule's CEL condition, if any: the rule applies only when it holds.
+    pub fn condition(&self) -> Option<&Condition> {
+        self.condition.as_ref()
+    }
+
     /// Whether the caller may authenticate with a JWT-SVID client assertion.
     pub fn client_assertion(&self) -> bool {
         self.client_assertion
@@ -286,6 +313,30 @@ impl Policy {
     /// The first rule that matches `caller`, or `None`: the caller may not exchange.
     pub fn rule_for(&self, caller: &SpiffeId) -> Option<&CallerRule> {
         self.rules.iter().find(|r| r.matcher.matches(caller))
+    }
+
+    /// The rules that may decide for `caller`, with their positions: those whose matcher
+    /// accepts it, in order, up to the first without a condition. The exchange takes
+    /// the first whose condition holds.
+    pub fn candidates<'a>(
+        &'a self,
+        caller: &SpiffeId,
+    ) -> impl Iterator<Item = (usize, &'a CallerRule)> {
+        let mut done = false;
+        self.rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.matcher.matches(caller))
+            .take_while(move |(_, r)| {
+                let take = !done;
+                done = r.condition.is_none();
+                take
+            })
+    }
+
+    /// Whether any rule has a condition.
+    pub fn has_conditions(&self) -> bool {
+        self.rules.iter().any(|r| r.condition.is_some())
     }
 
     /// The rules, in order.
@@ -394,6 +445,12 @@ fn validate_rule(
         }
         Some(_) => return Err(PolicyError::RateLimit { index }),
     };
+    let condition = rule
+        .condition
+        .as_deref()
+        .map(Condition::new)
+        .transpose()
+        .map_err(|error| PolicyError::Condition { index, error })?;
     Ok(CallerRule {
         matcher,
         token_types,
@@ -401,6 +458,7 @@ fn validate_rule(
         max_lifetime,
         client_assertion: rule.client_assertion,
         rate_limit,
+        condition,
     })
 }
 
