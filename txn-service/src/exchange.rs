@@ -1234,8 +1234,9 @@ impl ExchangeService {
             let Some(condition) = rule.condition() else {
                 return self.rule_allowing(rule, req);
             };
-            let input = input
-                .get_or_insert_with(|| self.condition_input(caller, caller_ip, req, subject, lease));
+            let input = input.get_or_insert_with(|| {
+                self.condition_input(caller, caller_ip, req, subject, lease)
+            });
             match condition.evaluate(input) {
                 Ok(true) => return self.rule_allowing(rule, req),
                 Ok(false) => {}
@@ -1276,11 +1277,9 @@ impl ExchangeService {
         lease: Option<&LeaseRecord>,
     ) -> ConditionInput {
         let mut input = ConditionInput::new(self.clock.unix_seconds());
-        input.caller(&caller.id).request(
-            req.scope(),
-            req.audience(),
-            req.subject_token_type(),
-        );
+        input
+            .caller(&caller.id)
+            .request(req.scope(), req.audience(), req.subject_token_type());
         if let Some(lease) = lease {
             input.lease(lease);
         }

@@ -128,7 +128,16 @@ const FUNCTIONS: &[&str] = &[
 
 /// Names of types a condition may use as values (`type(x) == string`).
 const TYPE_NAMES: &[&str] = &[
-    "int", "uint", "double", "string", "bytes", "bool", "list", "map", "null_type", "type",
+    "int",
+    "uint",
+    "double",
+    "string",
+    "bytes",
+    "bool",
+    "list",
+    "map",
+    "null_type",
+    "type",
 ];
 
 /// Functions that return a bool.
@@ -237,13 +246,12 @@ impl Condition {
         }
         let parser = ENV.parser().max_recursion_depth(MAX_NESTING);
         // The parser is third-party code fed operator text: a panic is a refusal.
-        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            parser.parse(source)
-        }))
-        .map_err(|_| ConditionError::Syntax("the parser failed on this text".into()))?;
+        let parsed =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parser.parse(source)))
+                .map_err(|_| ConditionError::Syntax("the parser failed on this text".into()))?;
         let expr = parsed.map_err(|e| {
             let text = e.to_string();
-            if text.contains("recursion") {
+            if text.to_ascii_lowercase().contains("recursion limit") {
                 ConditionError::TooLarge(format!("nested deeper than {MAX_NESTING} levels"))
             } else {
                 ConditionError::Syntax(one_line(&text))
@@ -307,10 +315,9 @@ impl Condition {
                 .add_variable(*name, value)
                 .map_err(|e| ConditionError::Evaluation(e.to_string()))?;
         }
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            context.resolve(&self.expr)
-        }))
-        .map_err(|_| ConditionError::Evaluation("the interpreter failed".into()))?;
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| context.resolve(&self.expr)))
+                .map_err(|_| ConditionError::Evaluation("the interpreter failed".into()))?;
         match result {
             Ok(CelValue::Bool(b)) => Ok(b),
             Ok(other) => Err(ConditionError::NotBool {
@@ -386,12 +393,18 @@ impl Input {
     }
 
     /// Sets `tctx`.
-    pub fn tctx<'a>(&mut self, tctx: impl IntoIterator<Item = (&'a String, &'a Value)>) -> &mut Self {
+    pub fn tctx<'a>(
+        &mut self,
+        tctx: impl IntoIterator<Item = (&'a String, &'a Value)>,
+    ) -> &mut Self {
         self.json_map("tctx", tctx)
     }
 
     /// Sets `rctx`.
-    pub fn rctx<'a>(&mut self, rctx: impl IntoIterator<Item = (&'a String, &'a Value)>) -> &mut Self {
+    pub fn rctx<'a>(
+        &mut self,
+        rctx: impl IntoIterator<Item = (&'a String, &'a Value)>,
+    ) -> &mut Self {
         self.json_map("rctx", rctx)
     }
 
@@ -424,7 +437,10 @@ impl Input {
     pub fn lease(&mut self, lease: &LeaseRecord) -> &mut Self {
         let map = HashMap::from([
             ("id".to_owned(), CelValue::from(lease.id.as_str())),
-            ("parent".to_owned(), CelValue::from(lease.parent_id.as_str())),
+            (
+                "parent".to_owned(),
+                CelValue::from(lease.parent_id.as_str()),
+            ),
             ("task".to_owned(), CelValue::from(lease.task.as_str())),
             ("depth".to_owned(), CelValue::Int(i64::from(lease.depth))),
             ("created_at".to_owned(), CelValue::Int(lease.created_at)),
@@ -474,7 +490,12 @@ impl Input {
         Ok(())
     }
 
-    fn json(&mut self, name: &str, value: &Value, depth: usize) -> Result<CelValue, ConditionError> {
+    fn json(
+        &mut self,
+        name: &str,
+        value: &Value,
+        depth: usize,
+    ) -> Result<CelValue, ConditionError> {
         if self.budget == 0 {
             return Err(ConditionError::Input(format!(
                 "more than {MAX_INPUT_VALUES} values in all"
@@ -628,9 +649,9 @@ impl Check {
                     self.walk(&me.key, d, loops)?;
                     self.walk(&me.value, d, loops)
                 }
-                EntryExpr::StructField(_) => {
-                    Err(ConditionError::Syntax("message literals are not supported".into()))
-                }
+                EntryExpr::StructField(_) => Err(ConditionError::Syntax(
+                    "message literals are not supported".into(),
+                )),
             }),
             Expr::Struct(_) => Err(ConditionError::Syntax(
                 "message literals are not supported".into(),
@@ -756,14 +777,14 @@ impl Cost {
                     _ => STEP,
                 };
                 let target = call.target.as_deref().map_or(0, |t| self.cost(t));
-                call.args
-                    .iter()
-                    .fold(own.saturating_add(target), |acc, a| {
-                        acc.saturating_add(self.cost(a))
-                    })
+                call.args.iter().fold(own.saturating_add(target), |acc, a| {
+                    acc.saturating_add(self.cost(a))
+                })
             }
             Expr::Comprehension(c) => {
-                let body = self.cost(&c.loop_cond).saturating_add(self.cost(&c.loop_step));
+                let body = self
+                    .cost(&c.loop_cond)
+                    .saturating_add(self.cost(&c.loop_step));
                 self.cost(&c.iter_range)
                     .saturating_add(self.cost(&c.accu_init))
                     .saturating_add(self.entries(&c.iter_range).saturating_mul(body))
@@ -782,7 +803,9 @@ impl Cost {
                 .args
                 .iter()
                 .fold(0u64, |acc, a| acc.saturating_add(self.entries(a))),
-            Expr::Call(call) if call.func_name == operators::CONDITIONAL && call.args.len() == 3 => {
+            Expr::Call(call)
+                if call.func_name == operators::CONDITIONAL && call.args.len() == 3 =>
+            {
                 self.entries(&call.args[1]).max(self.entries(&call.args[2]))
             }
             Expr::Ident(name) if VARIABLES.contains(&name.as_str()) => MAX_INPUT_ENTRIES as u64,
@@ -825,16 +848,31 @@ mod tests {
     #[test]
     fn evaluates_typical_expressions() {
         assert_eq!(eval(r#"tctx.tool == "search""#), Ok(true));
-        assert_eq!(eval(r#""admins" in subject.groups && subject.email_verified"#), Ok(true));
+        assert_eq!(
+            eval(r#""admins" in subject.groups && subject.email_verified"#),
+            Ok(true)
+        );
         assert_eq!(eval(r#"caller.trust_domain == "example.org""#), Ok(true));
-        assert_eq!(eval(r#"caller.path.startsWith("/agents/planner/sub/")"#), Ok(true));
-        assert_eq!(eval(r#"request.scope.all(s, s.startsWith("search."))"#), Ok(true));
-        assert_eq!(eval(r#"request.subject_token_type == "txn_token""#), Ok(true));
+        assert_eq!(
+            eval(r#"caller.path.startsWith("/agents/planner/sub/")"#),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(r#"request.scope.all(s, s.startsWith("search."))"#),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(r#"request.subject_token_type == "txn_token""#),
+            Ok(true)
+        );
         assert_eq!(eval("lease == null"), Ok(true));
         assert_eq!(eval("now > 1600000000"), Ok(true));
         assert_eq!(eval("has(tctx.user) && tctx.user.tier == 'gold'"), Ok(true));
         assert_eq!(eval("tctx.items.exists(x, x > 2)"), Ok(true));
-        assert_eq!(eval("tctx.items.map(x, x * 2).filter(x, x > 2).size() == 2"), Ok(true));
+        assert_eq!(
+            eval("tctx.items.map(x, x * 2).filter(x, x > 2).size() == 2"),
+            Ok(true)
+        );
         assert_eq!(eval(r#"tctx.tool.matches("^se.*h$")"#), Ok(true));
         assert_eq!(eval(r#"tctx.tool == "mail""#), Ok(false));
         assert_eq!(eval("size(rctx) == 0"), Ok(true));
@@ -855,7 +893,7 @@ mod tests {
             child_start_time: 1,
             created_at: 1_699_999_000,
             expires_at: 1_700_000_300,
-        released_at: None,
+            released_at: None,
         });
         let c = Condition::new(
             r#"lease.task == tctx.tool && lease.depth == 1 && lease.expires_at - now > 60 && lease.parent == "spiffe://example.org/a""#,
@@ -866,15 +904,27 @@ mod tests {
 
     #[test]
     fn evaluation_errors_and_non_bools_deny() {
-        assert!(matches!(eval("tctx.missing == 1"), Err(ConditionError::Evaluation(_))));
-        assert!(matches!(eval("lease.task == 'x'"), Err(ConditionError::Evaluation(_))));
+        assert!(matches!(
+            eval("tctx.missing == 1"),
+            Err(ConditionError::Evaluation(_))
+        ));
+        assert!(matches!(
+            eval("lease.task == 'x'"),
+            Err(ConditionError::Evaluation(_))
+        ));
         assert!(matches!(
             eval("9223372036854775807 + now > 0"),
             Err(ConditionError::Evaluation(_))
         ));
         // Dynamic: not known to be a bool at load, not a bool when evaluated.
-        assert!(matches!(eval("tctx.tool"), Err(ConditionError::NotBool { .. })));
-        assert!(matches!(eval("tctx.items[0] / 0 == 1"), Err(ConditionError::Evaluation(_))));
+        assert!(matches!(
+            eval("tctx.tool"),
+            Err(ConditionError::NotBool { .. })
+        ));
+        assert!(matches!(
+            eval("tctx.items[0] / 0 == 1"),
+            Err(ConditionError::Evaluation(_))
+        ));
     }
 
     #[test]
@@ -882,40 +932,50 @@ mod tests {
         type Check = fn(&ConditionError) -> bool;
         let cases: Vec<(String, Check)> = vec![
             ("".into(), |e| matches!(e, ConditionError::Syntax(_))),
-            ("tctx.tool ==".into(), |e| matches!(e, ConditionError::Syntax(_))),
+            ("tctx.tool ==".into(), |e| {
+                matches!(e, ConditionError::Syntax(_))
+            }),
             ("(((".into(), |e| matches!(e, ConditionError::Syntax(_))),
-            ("user.admin".into(), |e| {
-                matches!(e, ConditionError::UnknownVariable { name } if name == "user")
-            }),
-            ("tctx.items.all(x, y > 1)".into(), |e| {
-                matches!(e, ConditionError::UnknownVariable { name } if name == "y")
-            }),
-            ("exec('rm') == 1".into(), |e| {
-                matches!(e, ConditionError::UnknownFunction { name } if name == "exec")
-            }),
+            (
+                "user.admin".into(),
+                |e| matches!(e, ConditionError::UnknownVariable { name } if name == "user"),
+            ),
+            (
+                "tctx.items.all(x, y > 1)".into(),
+                |e| matches!(e, ConditionError::UnknownVariable { name } if name == "y"),
+            ),
+            (
+                "exec('rm') == 1".into(),
+                |e| matches!(e, ConditionError::UnknownFunction { name } if name == "exec"),
+            ),
             ("timestamp('2020-01-01T00:00:00Z') < now".into(), |e| {
                 matches!(e, ConditionError::UnknownFunction { .. })
             }),
-            ("1 + 2".into(), |e| matches!(e, ConditionError::NotBool { .. })),
-            ("'a'".into(), |e| matches!(e, ConditionError::NotBool { .. })),
-            ("size(tctx)".into(), |e| matches!(e, ConditionError::NotBool { .. })),
+            ("1 + 2".into(), |e| {
+                matches!(e, ConditionError::NotBool { .. })
+            }),
+            ("'a'".into(), |e| {
+                matches!(e, ConditionError::NotBool { .. })
+            }),
+            ("size(tctx)".into(), |e| {
+                matches!(e, ConditionError::NotBool { .. })
+            }),
             ("tctx.items.map(x, x)".into(), |e| {
                 matches!(e, ConditionError::NotBool { .. })
             }),
-            ("now".into(), |e| matches!(e, ConditionError::NotBool { .. })),
-            (format!("tctx.tool == '{}'", "a".repeat(MAX_CONDITION_BYTES)), |e| {
-                matches!(e, ConditionError::TooLarge(_))
+            ("now".into(), |e| {
+                matches!(e, ConditionError::NotBool { .. })
             }),
+            (
+                format!("tctx.tool == '{}'", "a".repeat(MAX_CONDITION_BYTES)),
+                |e| matches!(e, ConditionError::TooLarge(_)),
+            ),
             (format!("{}true{}", "(".repeat(100), ")".repeat(100)), |e| {
                 matches!(e, ConditionError::TooLarge(_))
             }),
-            (format!("{}true", "!".repeat(200)), |e| {
-                matches!(e, ConditionError::TooLarge(_) | ConditionError::Syntax(_))
+            (format!("[{}].size() == 1", vec!["1"; 300].join(",")), |e| {
+                matches!(e, ConditionError::TooLarge(_))
             }),
-            (
-                format!("[{}].size() == 1", vec!["1"; 300].join(",")),
-                |e| matches!(e, ConditionError::TooLarge(_)),
-            ),
             (
                 "tctx.a.all(x, tctx.b.all(y, tctx.c.all(z, x == y)))".into(),
                 |e| matches!(e, ConditionError::TooLarge(_)),
@@ -926,17 +986,19 @@ mod tests {
                 |e| matches!(e, ConditionError::TooCostly { .. }),
             ),
             // A regular expression compiled in a loop over an input.
-            (
-                "subject.groups.exists(g, g.matches('^adm'))".into(),
-                |e| matches!(e, ConditionError::TooCostly { .. }),
-            ),
+            ("subject.groups.exists(g, g.matches('^adm'))".into(), |e| {
+                matches!(e, ConditionError::TooCostly { .. })
+            }),
             // Growing lists then looping over them.
             (
                 "(tctx.a + tctx.a + tctx.a).all(x, (tctx.a + tctx.a).exists(y, x == y))".into(),
                 |e| matches!(e, ConditionError::TooCostly { .. }),
             ),
             ("google.protobuf.Value{} == null".into(), |e| {
-                matches!(e, ConditionError::Syntax(_) | ConditionError::UnknownVariable { .. })
+                matches!(
+                    e,
+                    ConditionError::Syntax(_) | ConditionError::UnknownVariable { .. }
+                )
             }),
         ];
         for (text, check) in cases {
@@ -944,6 +1006,13 @@ mod tests {
             assert!(check(&err), "{text:?} gave {err:?}");
             assert!(!err.to_string().is_empty());
         }
+    }
+
+    #[test]
+    fn repeated_unary_operators_fold() {
+        // The parser folds `!!`: no deep tree, whatever the count.
+        let c = Condition::new(&format!("{}true", "!".repeat(201))).unwrap();
+        assert_eq!(c.evaluate(&input()), Ok(false));
     }
 
     #[test]
