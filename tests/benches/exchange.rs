@@ -36,6 +36,10 @@
 //! parallelism). `WRIT_BENCH_DURABLE_AUDIT=1` turns the durable audit trail on (a SQLite
 //! store per run): compare with a run without it. `WRIT_BENCH_AUDIT_ON_FAILURE=allow` sets
 //! `audit_on_failure` (grants then do not wait for the durable trail's commit).
+//! `WRIT_BENCH_CONDITION='<CEL>'` gives the gateway's policy rule that `condition` (it
+//! must hold for every exchange, e.g. `subject.client_id == "bench-frontend" &&
+//! request.scope.all(s, s.startsWith("orders.")) && rctx.transport == "mtls"`): compare
+//! with a run without it.
 #![expect(
     unused_crate_dependencies,
     reason = "a bench target sees every dependency and dev-dependency of its package"
@@ -494,8 +498,12 @@ algorithms = ["ES256"]
 id = "{GATEWAY_ID}"
 subject_token_types = ["access_token"]
 max_scope = ["orders.read", "orders.write"]
+{condition}
 "#,
         audit = audit.display().to_string(),
+        condition = std::env::var("WRIT_BENCH_CONDITION")
+            .map(|c| format!("condition = '''{c}'''"))
+            .unwrap_or_default(),
     )
 }
 
