@@ -727,11 +727,14 @@ impl Check {
                     "string" => Kind::String,
                     "bytes" => Kind::Bytes,
                     "type" => Kind::Type,
-                    operators::CONDITIONAL if call.args.len() == 3 => {
-                        let a = self.infer(&call.args[1]);
-                        let b = self.infer(&call.args[2]);
-                        a.join(b)
-                    }
+                    operators::CONDITIONAL => match call.args.as_slice() {
+                        [_, a, b] => {
+                            let a = self.infer(a);
+                            let b = self.infer(b);
+                            a.join(b)
+                        }
+                        _ => Kind::Dyn,
+                    },
                     operators::ADD
                     | operators::SUBSTRACT
                     | operators::MULTIPLY
@@ -803,10 +806,11 @@ impl Cost {
                 .args
                 .iter()
                 .fold(0u64, |acc, a| acc.saturating_add(self.entries(a))),
-            Expr::Call(call)
-                if call.func_name == operators::CONDITIONAL && call.args.len() == 3 =>
-            {
-                self.entries(&call.args[1]).max(self.entries(&call.args[2]))
+            Expr::Call(call) if call.func_name == operators::CONDITIONAL => {
+                match call.args.as_slice() {
+                    [_, a, b] => self.entries(a).max(self.entries(b)),
+                    _ => self.longest,
+                }
             }
             Expr::Ident(name) if VARIABLES.contains(&name.as_str()) => MAX_INPUT_ENTRIES as u64,
             Expr::Select(_) if rooted_in_input(e) => MAX_INPUT_ENTRIES as u64,

@@ -239,7 +239,8 @@ fn bad_conditions_are_refused_when_the_policy_loads() {
              condition = '''{condition}'''\n"
         )
     };
-    let cases: [(&str, fn(&ConditionError) -> bool, &str); 6] = [
+    type Check = fn(&ConditionError) -> bool;
+    let cases: [(&str, Check, &str); 6] = [
         (
             "tctx.tool ==",
             |e| matches!(e, ConditionError::Syntax(_)),
