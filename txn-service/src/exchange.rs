@@ -1278,6 +1278,12 @@ impl ExchangeService {
     ) -> ConditionInput {
         let mut input = ConditionInput::new(self.clock.unix_seconds());
         input
+            .only(
+                self.policy
+                    .candidates(&caller.id)
+                    .filter_map(|(_, r)| r.condition())
+                    .flat_map(|c| c.reads().iter().copied()),
+            )
             .caller(&caller.id)
             .request(req.scope(), req.audience(), req.subject_token_type());
         if let Some(lease) = lease {

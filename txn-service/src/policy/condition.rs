@@ -49,6 +49,8 @@ use std::fmt;
 use std::sync::{Arc, LazyLock};
 
 use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue, operators};
+use cel::common::value::{CowVal, Val};
+use cel::context::VariableResolver;
 use cel::{Context, Env, Value as CelValue};
 use serde_json::Value;
 use writ_identity::spiffe_id::SpiffeId;
@@ -212,6 +214,7 @@ pub struct Condition {
     source: Arc<str>,
     expr: Arc<IdedExpr>,
     cost: u64,
+    reads: Arc<[&'static str]>,
 }
 
 impl fmt::Debug for Condition {
@@ -282,12 +285,19 @@ impl Condition {
             source: source.into(),
             expr: Arc::new(expr),
             cost,
+            reads: check.reads.into_iter().collect(),
         })
     }
 
     /// The expression as written.
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// The input variables (of [`VARIABLES`]) the expression reads: an [`Input`] needs
+    /// only these (see [`Input::only`]).
+    pub fn reads(&self) -> &[&'static str] {
+        &self.reads
     }
 
     /// The worst-case cost estimate (at most [`MAX_COST`]).
@@ -305,23 +315,14 @@ impl Condition {
             return Err(e.clone());
         }
         let mut context = Context::with_env(ENV.clone());
-        for name in VARIABLES {
-            let value = input
-                .values
-                .get(*name)
-                .cloned()
-                .unwrap_or_else(|| default_value(name));
-            context
-                .add_variable(*name, value)
-                .map_err(|e| ConditionError::Evaluation(e.to_string()))?;
-        }
+        context.set_variable_resolver(input);
         let result =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| context.resolve(&self.expr)))
                 .map_err(|_| ConditionError::Evaluation("the interpreter failed".into()))?;
         match result {
             Ok(CelValue::Bool(b)) => Ok(b),
             Ok(other) => Err(ConditionError::NotBool {
-                found: format!("{:?}", other.type_of()),
+                found: other.type_of().to_string(),
             }),
             Err(e) => Err(ConditionError::Evaluation(one_line(&e.to_string()))),
         }
@@ -341,37 +342,63 @@ fn one_line(text: &str) -> String {
     s
 }
 
-fn default_value(name: &str) -> CelValue {
-    match name {
-        "lease" => CelValue::Null,
-        "now" => CelValue::Int(0),
-        _ => CelValue::Map(HashMap::<String, CelValue>::new().into()),
-    }
-}
-
 /// The inputs of one evaluation, converted (and bounded) as they are set. A variable
 /// left unset is `{}` (`lease`: `null`).
 #[derive(Debug, Clone)]
 pub struct Input {
-    values: HashMap<&'static str, CelValue>,
+    /// Converted once, read by reference at each evaluation.
+    values: HashMap<&'static str, Box<dyn Val>>,
     budget: usize,
     error: Option<ConditionError>,
+    /// `Some`: the variables worth converting; the others stay at their defaults.
+    wanted: Option<BTreeSet<&'static str>>,
 }
 
 impl Input {
     /// Inputs at `now` (Unix seconds).
     pub fn new(now: i64) -> Self {
-        let mut values = HashMap::new();
-        values.insert("now", CelValue::Int(now));
-        Self {
-            values,
+        let mut input = Self {
+            values: HashMap::new(),
             budget: MAX_INPUT_VALUES,
             error: None,
+            wanted: None,
+        };
+        for name in VARIABLES {
+            let value = match *name {
+                "lease" => CelValue::Null,
+                "now" => CelValue::Int(now),
+                _ => CelValue::Map(HashMap::<String, CelValue>::new().into()),
+            };
+            input.set(name, value);
+        }
+        input
+    }
+
+    /// Converts only the variables named in `names` (those the conditions to evaluate
+    /// read, see [`Condition::reads`]); the setters of the others do nothing.
+    pub fn only(&mut self, names: impl IntoIterator<Item = &'static str>) -> &mut Self {
+        self.wanted = Some(names.into_iter().collect());
+        self
+    }
+
+    fn wants(&self, name: &str) -> bool {
+        self.wanted.as_ref().is_none_or(|w| w.contains(name))
+    }
+
+    fn set(&mut self, name: &'static str, value: CelValue) {
+        match Box::<dyn Val>::try_from(value) {
+            Ok(v) => {
+                self.values.insert(name, v);
+            }
+            Err(e) => self.error = Some(ConditionError::Input(format!("`{name}`: {e}"))),
         }
     }
 
     /// Sets `caller`.
     pub fn caller(&mut self, id: &SpiffeId) -> &mut Self {
+        if !self.wants("caller") {
+            return self;
+        }
         let map = HashMap::from([
             ("id".to_owned(), CelValue::from(id.as_str())),
             (
@@ -380,7 +407,7 @@ impl Input {
             ),
             ("path".to_owned(), CelValue::from(id.path())),
         ]);
-        self.values.insert("caller", CelValue::Map(map.into()));
+        self.set("caller", CelValue::Map(map.into()));
         self
     }
 
@@ -416,6 +443,9 @@ impl Input {
         audience: &str,
         subject_token_type: TokenType,
     ) -> &mut Self {
+        if !self.wants("request") {
+            return self;
+        }
         let scope: Vec<CelValue> = scope
             .into_iter()
             .flatten()
@@ -429,12 +459,15 @@ impl Input {
                 CelValue::from(subject_token_type.name()),
             ),
         ]);
-        self.values.insert("request", CelValue::Map(map.into()));
+        self.set("request", CelValue::Map(map.into()));
         self
     }
 
     /// Sets `lease` (a sub-agent caller's lease).
     pub fn lease(&mut self, lease: &LeaseRecord) -> &mut Self {
+        if !self.wants("lease") {
+            return self;
+        }
         let map = HashMap::from([
             ("id".to_owned(), CelValue::from(lease.id.as_str())),
             (
@@ -446,7 +479,7 @@ impl Input {
             ("created_at".to_owned(), CelValue::Int(lease.created_at)),
             ("expires_at".to_owned(), CelValue::Int(lease.expires_at)),
         ]);
-        self.values.insert("lease", CelValue::Map(map.into()));
+        self.set("lease", CelValue::Map(map.into()));
         self
     }
 
@@ -455,7 +488,7 @@ impl Input {
         name: &'static str,
         entries: impl IntoIterator<Item = (&'a String, &'a Value)>,
     ) -> &mut Self {
-        if self.error.is_some() {
+        if self.error.is_some() || !self.wants(name) {
             return self;
         }
         let mut map = HashMap::new();
@@ -476,7 +509,7 @@ impl Input {
                 }
             }
         }
-        self.values.insert(name, CelValue::Map(map.into()));
+        self.set(name, CelValue::Map(map.into()));
         self
     }
 
@@ -554,6 +587,14 @@ impl Input {
     }
 }
 
+impl VariableResolver for Input {
+    fn resolve<'b>(&'b self, variable: &str) -> Option<CowVal<'b, 'b>> {
+        self.values
+            .get(variable)
+            .map(|v| CowVal::Borrowed(v.as_ref()))
+    }
+}
+
 /// A static type, as far as the checker can tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -599,6 +640,8 @@ struct Check {
     scope: Vec<(String, Kind)>,
     nodes: usize,
     concats: u64,
+    /// The input variables the expression reads.
+    reads: BTreeSet<&'static str>,
 }
 
 impl Check {
@@ -619,10 +662,12 @@ impl Check {
             Expr::Unspecified => Err(ConditionError::Syntax("an empty expression".into())),
             Expr::Literal(_) => Ok(()),
             Expr::Ident(name) => {
-                if self.scope.iter().any(|(n, _)| n == name)
-                    || VARIABLES.contains(&name.as_str())
-                    || TYPE_NAMES.contains(&name.as_str())
-                {
+                if self.scope.iter().any(|(n, _)| n == name) {
+                    Ok(())
+                } else if let Some(var) = VARIABLES.iter().find(|v| **v == name.as_str()) {
+                    self.reads.insert(var);
+                    Ok(())
+                } else if TYPE_NAMES.contains(&name.as_str()) {
                     Ok(())
                 } else {
                     Err(ConditionError::UnknownVariable { name: name.clone() })
@@ -1010,6 +1055,21 @@ mod tests {
             assert!(check(&err), "{text:?} gave {err:?}");
             assert!(!err.to_string().is_empty());
         }
+    }
+
+    #[test]
+    fn only_the_variables_read_are_converted() {
+        let c = Condition::new("tctx.items.all(x, x > 0) && now > 0").unwrap();
+        assert_eq!(c.reads(), &["now", "tctx"]);
+        let c2 = Condition::new("[1].all(tctx, tctx > 0)").unwrap();
+        assert!(c2.reads().is_empty());
+        // A subject over the limits is not even looked at when no condition reads it.
+        let big = json!({"list": vec![1; MAX_INPUT_ENTRIES + 1]});
+        let mut i = Input::new(5);
+        i.only(c.reads().iter().copied());
+        i.subject(big.as_object().unwrap());
+        i.tctx(json!({"items": [1, 2]}).as_object().unwrap());
+        assert_eq!(c.evaluate(&i), Ok(true));
     }
 
     #[test]
