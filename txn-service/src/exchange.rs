@@ -1290,7 +1290,9 @@ impl ExchangeService {
             input.lease(lease);
         }
         if let Some(old) = &subject.replaced {
-            if let Ok(Value::Object(claims)) = serde_json::to_value(old) {
+            if input.wants("subject")
+                && let Ok(Value::Object(claims)) = serde_json::to_value(old)
+            {
                 input.subject(&claims);
             }
             input.tctx(old.tctx.iter().flatten());
@@ -1300,6 +1302,9 @@ impl ExchangeService {
                 input.subject(claims);
             }
             input.tctx(req.request_details().into_iter().flatten());
+            if !input.wants("rctx") {
+                return input;
+            }
             // As `exchange_inner` builds it for a new token.
             let mut rctx = BTreeMap::new();
             if let Some(ip) = caller_ip {

@@ -381,7 +381,9 @@ impl Input {
         self
     }
 
-    fn wants(&self, name: &str) -> bool {
+    /// Whether the variable `name` is converted (see [`Self::only`]): a caller can skip
+    /// preparing what no condition reads.
+    pub fn wants(&self, name: &str) -> bool {
         self.wanted.as_ref().is_none_or(|w| w.contains(name))
     }
 

@@ -424,3 +424,107 @@ max_scope = ["tools.call"]
     let reply = post(&h.app, SEARCH_CHILD, replacement_form(&t, None)).await;
     refused(&h, &reply, StatusCode::FORBIDDEN, "unauthorized_client");
 }
+
+/// A new token from a real OIDC access token: the condition reads the verified claims,
+/// the request's `request_details` (`tctx`) and the `rctx` the token will carry.
+#[tokio::test]
+async fn conditions_read_oidc_claims_and_the_new_tokens_contexts() {
+    use writ_tests::oidc_provider;
+    let Some(provider) = oidc_provider::Provider::start() else {
+        return;
+    };
+    let clock = ManualClock::new(std::time::SystemTime::now());
+    let minter = Minter::new(PrivateKey::generate().unwrap()).unwrap();
+    let oidc = writ_txn_service::oidc::OidcValidator::new(
+        vec![provider.config()],
+        Arc::new(clock.clone()),
+    )
+    .unwrap();
+    let policy = format!(
+        r#"
+[[caller]]
+id = "spiffe://example.org/gateway"
+condition = '''subject.sub == "{client}" && request.subject_token_type == "access_token" && tctx.action == "refund" && rctx.transport == "mtls" && rctx.req_ip == "127.0.0.1" && rctx.device == "kiosk-7" && caller.id == "{GATEWAY}" && lease == null'''
+subject_token_types = ["access_token"]
+max_scope = ["read"]
+"#,
+        client = provider.client_id
+    );
+    let audit = AuditLog::memory();
+    let service = ExchangeService::new(
+        TrustDomain::new(TD).unwrap(),
+        ISSUER,
+        Policy::from_toml(&policy).unwrap(),
+        Arc::new(SigningKeys::single(minter.clone(), Arc::new(clock.clone()))),
+        Arc::new(clock.clone()),
+    )
+    .with_oidc(Arc::new(oidc))
+    .with_audit(audit.clone());
+    let h = Harness {
+        app: router(Arc::new(service)),
+        verifier: TxnVerifier::new(
+            TrustDomain::new(TD).unwrap(),
+            BTreeMap::from([(minter.kid().to_owned(), minter.jwk().clone())]),
+        ),
+        minter,
+        audit,
+    };
+    let subject = provider.access_token("read write").await;
+    let exchange = |details: &str| {
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs([
+                ("grant_type", GRANT_TYPE_TOKEN_EXCHANGE),
+                ("requested_token_type", TokenType::TxnToken.as_urn()),
+                ("audience", TD),
+                ("subject_token", subject.as_str()),
+                (
+                    "subject_token_type",
+                    "urn:ietf:params:oauth:token-type:access_token",
+                ),
+                ("request_context", "{\"device\":\"kiosk-7\"}"),
+                ("request_details", details),
+                ("scope", "read"),
+            ])
+            .finish();
+        let mut request = Request::post("/token")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Body::from(body))
+            .unwrap();
+        request
+            .extensions_mut()
+            .insert(CallerId(SpiffeId::new(GATEWAY).unwrap()));
+        request.extensions_mut().insert(axum::extract::ConnectInfo(
+            "127.0.0.1:40000".parse::<std::net::SocketAddr>().unwrap(),
+        ));
+        request
+    };
+    let send = |request: Request<Body>| {
+        let app = h.app.clone();
+        async move {
+            let response = app.oneshot(request).await.unwrap();
+            let status = response.status();
+            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            Reply {
+                status,
+                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            }
+        }
+    };
+    let reply = send(exchange("{\"order\":42,\"action\":\"refund\"}")).await;
+    assert_eq!(reply.status, StatusCode::OK, "body: {}", reply.body);
+    let token = reply.body["access_token"].as_str().unwrap();
+    let claims = h.verifier.verify_at(token, clock_now(&clock)).unwrap();
+    assert_eq!(claims.scope, "read");
+    let reply = send(exchange("{\"order\":42,\"action\":\"delete\"}")).await;
+    refused(&h, &reply, StatusCode::FORBIDDEN, "unauthorized_client");
+    // No `action` at all: the condition cannot be evaluated; refused all the same.
+    let reply = send(exchange("{\"order\":42}")).await;
+    refused(&h, &reply, StatusCode::FORBIDDEN, "unauthorized_client");
+}
+
+fn clock_now(clock: &ManualClock) -> std::time::SystemTime {
+    use writ_identity::clock::Clock as _;
+    clock.now()
+}
