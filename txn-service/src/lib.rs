@@ -32,4 +32,5 @@ pub mod policy;
 pub mod rate_limit;
 pub mod replica;
 pub mod server_name;
+pub mod subject;
 pub mod txn_token;
