@@ -1188,11 +1188,7 @@ impl ExchangeService {
         let now = self.clock.unix_seconds();
         let validated = match req.subject_token_type {
             TokenType::UnsignedJson => {
-                if caller.auth != ClientAuth::Mtls {
-                    return Err(ExchangeError::unauthorized(
-                        "an unsigned_json subject token is accepted only from a caller authenticated with its X509-SVID",
-                    ));
-                }
+                check_unsigned_json_caller(caller.auth)?;
                 crate::subject::unsigned_json(&req.subject_token, now)
             }
             _ => {
@@ -1311,6 +1307,17 @@ fn check_replacements(old: &TxnToken, max: usize) -> Result<(), ExchangeError> {
         return Err(ExchangeError::invalid_request(format!(
             "subject Txn-Token was already replaced {done} times, the most allowed is {max}"
         )));
+    }
+    Ok(())
+}
+
+/// An `unsigned_json` subject token proves nothing by itself: it is taken only from a
+/// caller that authenticated with its X509-SVID (not a bearer client assertion).
+fn check_unsigned_json_caller(auth: ClientAuth) -> Result<(), ExchangeError> {
+    if auth != ClientAuth::Mtls {
+        return Err(ExchangeError::unauthorized(
+            "an unsigned_json subject token is accepted only from a caller authenticated with its X509-SVID",
+        ));
     }
     Ok(())
 }
@@ -1459,6 +1466,24 @@ async fn metadata(State(service): State<Arc<ExchangeService>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unsigned_json_only_from_mtls_callers() {
+        assert!(check_unsigned_json_caller(ClientAuth::Mtls).is_ok());
+        let e = check_unsigned_json_caller(ClientAuth::JwtSvid).unwrap_err();
+        assert_eq!(e.code(), "unauthorized_client");
+    }
+
+    #[test]
+    fn new_actors_have_the_actor_profile_shape() {
+        let planner = profiled_actor("spiffe://example.org/planner");
+        assert_eq!(planner.iss.as_deref(), Some("spiffe://example.org"));
+        assert_eq!(planner.sub_profile.as_deref(), Some("service"));
+        let child = profiled_actor("spiffe://example.org/planner/sub/summarize-0a1b");
+        assert_eq!(child.sub_profile.as_deref(), Some("ai_agent"));
+        let odd = profiled_actor("not a spiffe id");
+        assert_eq!((odd.iss, odd.sub_profile), (None, None));
+    }
 
     #[test]
     fn error_descriptions_are_rfc_6749_safe() {

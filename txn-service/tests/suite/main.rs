@@ -12,6 +12,7 @@
 )]
 
 mod audit;
+mod conformance;
 mod exchange;
 mod oidc;
 mod oidc_token_kinds;
