@@ -1016,7 +1016,10 @@ impl ExchangeService {
 
         let claims = match subject.replaced {
             Some(old) => {
-                let previous = old.act.clone().unwrap_or_else(|| profiled_actor(&old.req_wl));
+                let previous = old
+                    .act
+                    .clone()
+                    .unwrap_or_else(|| profiled_actor(&old.req_wl));
                 let act = profiled_actor(caller.id.as_str()).acting_for(previous);
                 let depth = act.depth();
                 if depth > self.max_chain_depth {
@@ -1193,7 +1196,9 @@ impl ExchangeService {
             }
             _ => {
                 let keys = rule.self_signed_keys().ok_or_else(|| {
-                    ExchangeError::unauthorized("no keys are configured for self-signed subject tokens")
+                    ExchangeError::unauthorized(
+                        "no keys are configured for self-signed subject tokens",
+                    )
                 })?;
                 crate::subject::self_signed(
                     &req.subject_token,

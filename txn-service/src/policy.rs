@@ -387,7 +387,8 @@ fn validate_rule(
     if token_types.is_empty() {
         return Err(PolicyError::NoTokenTypes { index });
     }
-    let self_signed_keys = check_workload_subjects(index, &matcher, &token_types, rule.self_signed_jwks)?;
+    let self_signed_keys =
+        check_workload_subjects(index, &matcher, &token_types, rule.self_signed_jwks)?;
     if rule.max_scope.is_empty() {
         return Err(PolicyError::Scope {
             index,

@@ -189,7 +189,10 @@ pub fn unsigned_json(token: &str, now: i64) -> Result<WorkloadSubject, SubjectEr
     let claims = Value::Object(claims);
     let expires_at = match claims.get("exp") {
         None => None,
-        Some(exp) => Some(exp.as_i64().ok_or(SubjectError::Time("`exp` is malformed"))?),
+        Some(exp) => Some(
+            exp.as_i64()
+                .ok_or(SubjectError::Time("`exp` is malformed"))?,
+        ),
     };
     if expires_at.is_some_and(|exp| exp <= now) {
         return Err(SubjectError::Expired);
@@ -323,8 +326,8 @@ mod tests {
 
     #[test]
     fn unsigned_json_needs_sub_and_scope() {
-        let ok = unsigned_json(r#"{"sub":"alice","scope":["a","b"],"exp":1800000060}"#, NOW)
-            .unwrap();
+        let ok =
+            unsigned_json(r#"{"sub":"alice","scope":["a","b"],"exp":1800000060}"#, NOW).unwrap();
         assert_eq!(ok.scope.len(), 2);
         assert_eq!(ok.expires_at, Some(NOW + 60));
         let cases: [(&str, SubjectError); 9] = [
@@ -344,7 +347,10 @@ mod tests {
         for (text, want) in cases {
             assert_eq!(unsigned_json(text, NOW).unwrap_err(), want, "{text}");
         }
-        let long = format!(r#"{{"sub":"{}","scope":"a"}}"#, "x".repeat(MAX_SUB_BYTES + 1));
+        let long = format!(
+            r#"{{"sub":"{}","scope":"a"}}"#,
+            "x".repeat(MAX_SUB_BYTES + 1)
+        );
         assert_eq!(unsigned_json(&long, NOW).unwrap_err(), SubjectError::Sub);
         let huge = format!(r#"{{"sub":"a","scope":"a","pad":"{}"}}"#, "x".repeat(5000));
         assert!(matches!(
@@ -353,7 +359,10 @@ mod tests {
         ));
         let many = format!(
             r#"{{"sub":"a","scope":"{}"}}"#,
-            (0..=MAX_SCOPES).map(|i| format!("s{i}")).collect::<Vec<_>>().join(" ")
+            (0..=MAX_SCOPES)
+                .map(|i| format!("s{i}"))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         assert_eq!(unsigned_json(&many, NOW).unwrap_err(), SubjectError::Scope);
         assert!(matches!(

@@ -153,7 +153,12 @@ async fn response_and_issued_token_have_every_required_member() {
     members.sort_unstable();
     assert_eq!(
         members,
-        ["access_token", "expires_in", "issued_token_type", "token_type"]
+        [
+            "access_token",
+            "expires_in",
+            "issued_token_type",
+            "token_type"
+        ]
     );
     assert_eq!(reply.body["token_type"], "N_A");
     assert_eq!(
@@ -211,7 +216,10 @@ async fn replacements_are_limited_to_max_replacements_on_every_replica() {
         TrustDomain::new(TD).unwrap(),
         ISSUER,
         Policy::from_toml(&policy(&h.minter)).unwrap(),
-        Arc::new(SigningKeys::single(h.minter.clone(), Arc::new(clock.clone()))),
+        Arc::new(SigningKeys::single(
+            h.minter.clone(),
+            Arc::new(clock.clone()),
+        )),
         Arc::new(clock),
     )
     .with_max_replacements(2);
@@ -314,7 +322,10 @@ async fn unsigned_json_subject_tokens_for_named_callers() {
     // Unknown scope, garbage and limits: invalid_request.
     for (token, what) in [
         (r#"{"sub":"alice"}"#.to_owned(), "scope is unknown"),
-        (r#"{"sub":"alice","scope":[]}"#.to_owned(), "scope is unknown"),
+        (
+            r#"{"sub":"alice","scope":[]}"#.to_owned(),
+            "scope is unknown",
+        ),
         (r#"{"scope":"reports.run"}"#.to_owned(), "`sub`"),
         (
             r#"{"sub":"alice","scope":"reports.run","exp":1800000000}"#.to_owned(),
@@ -323,7 +334,10 @@ async fn unsigned_json_subject_tokens_for_named_callers() {
         ("not json".to_owned(), "malformed"),
         ("[\"sub\"]".to_owned(), "malformed"),
         (
-            format!(r#"{{"sub":"alice","scope":"reports.run","x":"{}"}}"#, "y".repeat(5000)),
+            format!(
+                r#"{{"sub":"alice","scope":"reports.run","x":"{}"}}"#,
+                "y".repeat(5000)
+            ),
             "larger than",
         ),
     ] {
@@ -386,14 +400,26 @@ async fn self_signed_subject_tokens_verify_against_the_rules_keys() {
         (signed(&job_key, json!({"iss": null})), "`iss`"),
         (signed(&job_key, json!({"aud": TD})), "`aud`"),
         (signed(&job_key, json!({"exp": NOW})), "expired"),
-        (signed(&job_key, json!({"exp": NOW + 86_400})), "too far ahead"),
-        (signed(&job_key, json!({"iat": NOW - 3600})), "too far in the past"),
-        (signed(&job_key, json!({"iat": NOW + 3600})), "in the future"),
+        (
+            signed(&job_key, json!({"exp": NOW + 86_400})),
+            "too far ahead",
+        ),
+        (
+            signed(&job_key, json!({"iat": NOW - 3600})),
+            "too far in the past",
+        ),
+        (
+            signed(&job_key, json!({"iat": NOW + 3600})),
+            "in the future",
+        ),
         (signed(&job_key, json!({"iat": null})), "`iat`"),
         (signed(&job_key, json!({"scope": null})), "scope is unknown"),
         (signed(&job_key, json!({"sub": ""})), "`sub`"),
         ("a.b.c".to_owned(), "malformed"),
-        (r#"{"sub":"alice","scope":"reports.read"}"#.to_owned(), "malformed"),
+        (
+            r#"{"sub":"alice","scope":"reports.read"}"#.to_owned(),
+            "malformed",
+        ),
     ] {
         let reply = exchange(token).await;
         assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_request");

@@ -188,7 +188,10 @@ fn verifier_requires_every_draft_11_claim_and_a_single_string_req_wl() {
         );
     }
     for (claim, value) in [
-        ("req_wl", serde_json::json!(["spiffe://example.org/a", "spiffe://example.org/b"])),
+        (
+            "req_wl",
+            serde_json::json!(["spiffe://example.org/a", "spiffe://example.org/b"]),
+        ),
         ("scope", serde_json::json!("")),
         ("scope", serde_json::json!(["orders.read"])),
     ] {
