@@ -18,7 +18,7 @@ use writ_txn_service::txn_token::{Minter, SigningKeys, jwk_with_kid};
 
 use crate::exchange::{
     GATEWAY, Harness, ISSUER, NOW, PLANNER, SUB_AGENT, TD, assert_error, audited, form,
-    initial_token, issued, post, replacement_form,
+    initial_token, issued, last_audit, post, replacement_form,
 };
 
 const BATCH: &str = "spiffe://example.org/jobs/batch";
@@ -268,6 +268,19 @@ async fn replacement_keeps_txn_sub_aud_and_profiles_each_new_actor() {
     for t in [&first, &second] {
         assert_eq!((&t.txn, &t.sub, &t.aud), (&old.txn, &old.sub, &old.aud));
     }
+    // draft-11 "Access Tokens" and "Logging": the issued token never contains the token
+    // presented, and the audit line records its SHA-256, never the token itself.
+    let issued_token = r2.body["access_token"].as_str().unwrap();
+    assert!(!issued_token.contains(&t1) && !raw_claims(issued_token).to_string().contains(&t1));
+    let line = last_audit().to_string();
+    assert!(
+        !line.contains(&t1) && !line.contains(issued_token),
+        "{line}"
+    );
+    assert_eq!(
+        last_audit()["subject_token_sha256"],
+        writ_sdk::spiffe::fingerprint::token(&t1)
+    );
     let act = &raw_claims(r2.body["access_token"].as_str().unwrap())["act"];
     assert_eq!(
         act,
