@@ -400,6 +400,13 @@ async fn the_exchange_refuses_them_as_invalid_request_and_bounds_its_cache() {
         // draft-11: a subject token whose scope is unknown is refused, never taken as
         // unconstrained.
         (at(json!({"scope": null})), ACCESS, "scope is unknown"),
+        // draft-11 "Txn-Token Lifetime": never issued once the subject token expired,
+        // even inside the validator's clock-skew leeway.
+        (
+            at(json!({"iat": NOW - 100, "exp": NOW - 1})),
+            ACCESS,
+            "expired",
+        ),
     ] {
         let (status, body) = exchange(token, kind).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {body}");
