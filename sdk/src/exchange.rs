@@ -104,7 +104,9 @@ impl TxnRequest {
         Self::new(token, TokenType::TxnToken)
     }
 
-    /// Asks for these space-separated scopes (default: the subject token's).
+    /// Asks for these space-separated scopes (default: the subject token's `scope`,
+    /// read from it without verification and sent, since draft-ietf-oauth-transaction-tokens-11
+    /// requires `scope` in every request).
     pub fn scope(mut self, scope: impl Into<String>) -> Self {
         self.scope = Some(scope.into());
         self
@@ -295,6 +297,9 @@ impl TxnClient {
     /// # Errors
     /// [`ExchangeError::Refused`] with the service's error code, or a transport error.
     pub async fn exchange(&self, request: TxnRequest) -> Result<Issued, ExchangeError> {
+        let scope = request
+            .scope
+            .or_else(|| subject_scope(&request.subject_token, request.subject_token_type));
         let mut form: Vec<(&str, String)> = vec![
             ("grant_type", GRANT_TYPE_TOKEN_EXCHANGE.to_owned()),
             (
@@ -308,7 +313,7 @@ impl TxnClient {
                 request.subject_token_type.as_urn().to_owned(),
             ),
         ];
-        if let Some(scope) = request.scope {
+        if let Some(scope) = scope {
             form.push(("scope", scope));
         }
         if let Some(details) = request.request_details {
@@ -373,5 +378,64 @@ impl TxnClient {
             request = request.scope(scope);
         }
         self.exchange(request).await
+    }
+}
+
+/// The `scope` a subject token carries (a space-separated string or an array of
+/// strings), read without verification: what a request asks for when the caller names no
+/// scope. `None` when the token has none (the service then refuses the request).
+fn subject_scope(token: &str, kind: TokenType) -> Option<String> {
+    if token.len() > 16 * 1024 {
+        return None;
+    }
+    let claims: Value = match kind {
+        TokenType::UnsignedJson => serde_json::from_str(token).ok()?,
+        _ => jsonwebtoken::dangerous::insecure_decode_claims(token).ok()?,
+    };
+    let scope = match claims.get("scope")? {
+        Value::String(s) => s.clone(),
+        Value::Array(items) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => return None,
+    };
+    (!scope.trim().is_empty()).then_some(scope)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_without_scope_asks_for_the_subject_tokens() {
+        // header.payload.signature (base64url of {"alg":"ES256"} and the claims); the
+        // signature is not checked here.
+        let jwt = |payload: &str| {
+            let p = match payload {
+                r#"{"scope":"a b"}"# => "eyJzY29wZSI6ImEgYiJ9",
+                r#"{"scope":["a","b"]}"# => "eyJzY29wZSI6WyJhIiwiYiJdfQ",
+                _ => "eyJzdWIiOiJ4In0",
+            };
+            format!("eyJhbGciOiJFUzI1NiJ9.{p}.c2ln")
+        };
+        assert_eq!(
+            subject_scope(&jwt(r#"{"scope":"a b"}"#), TokenType::TxnToken).as_deref(),
+            Some("a b")
+        );
+        assert_eq!(
+            subject_scope(&jwt(r#"{"scope":["a","b"]}"#), TokenType::AccessToken).as_deref(),
+            Some("a b")
+        );
+        assert_eq!(subject_scope(&jwt(r#"{"sub":"x"}"#), TokenType::Jwt), None);
+        assert_eq!(
+            subject_scope(r#"{"sub":"alice","scope":"r"}"#, TokenType::UnsignedJson).as_deref(),
+            Some("r")
+        );
+        for garbage in ["", "..", "not a token", "{", "a.b.c", &"x".repeat(20_000)] {
+            assert_eq!(subject_scope(garbage, TokenType::AccessToken), None);
+            assert_eq!(subject_scope(garbage, TokenType::UnsignedJson), None);
+        }
     }
 }

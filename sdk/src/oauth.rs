@@ -40,11 +40,26 @@ pub enum TokenType {
     Jwt,
     /// `urn:ietf:params:oauth:token-type:txn_token`: a Txn-Token.
     TxnToken,
+    /// `urn:ietf:params:oauth:token-type:self_signed`: a JWT the requesting workload
+    /// signed itself (draft-ietf-oauth-transaction-tokens, "Self-Signed Subject Token
+    /// Type").
+    SelfSigned,
+    /// `urn:ietf:params:oauth:token-type:unsigned_json`: an unsigned JSON object naming
+    /// the subject (draft-ietf-oauth-transaction-tokens, "Unsigned JSON Object Subject
+    /// Token Type").
+    UnsignedJson,
 }
 
 impl TokenType {
     /// Every token type, in declaration order.
-    pub const ALL: [Self; 4] = [Self::AccessToken, Self::IdToken, Self::Jwt, Self::TxnToken];
+    pub const ALL: [Self; 6] = [
+        Self::AccessToken,
+        Self::IdToken,
+        Self::Jwt,
+        Self::TxnToken,
+        Self::SelfSigned,
+        Self::UnsignedJson,
+    ];
 
     /// The RFC 8693 URN of this token type, as it travels in `subject_token_type` and
     /// `issued_token_type`.
@@ -54,6 +69,8 @@ impl TokenType {
             Self::IdToken => "urn:ietf:params:oauth:token-type:id_token",
             Self::Jwt => "urn:ietf:params:oauth:token-type:jwt",
             Self::TxnToken => "urn:ietf:params:oauth:token-type:txn_token",
+            Self::SelfSigned => "urn:ietf:params:oauth:token-type:self_signed",
+            Self::UnsignedJson => "urn:ietf:params:oauth:token-type:unsigned_json",
         }
     }
 
@@ -70,7 +87,8 @@ impl TokenType {
         Self::ALL.into_iter().find(|t| t.as_urn() == urn)
     }
 
-    /// The token type of a short name (`access_token`, `id_token`, `jwt`, `txn_token`).
+    /// The token type of a short name (`access_token`, `id_token`, `jwt`, `txn_token`,
+    /// `self_signed`, `unsigned_json`).
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|t| t.name() == name)
     }
@@ -112,7 +130,16 @@ mod tests {
             assert_eq!(t.name().parse::<TokenType>(), Ok(t));
             assert_eq!(format!("{TOKEN_TYPE_PREFIX}{}", t.name()), t.as_urn());
         }
-        assert_eq!(TokenType::from_name("unsigned_json"), None);
+        assert_eq!(
+            TokenType::from_name("unsigned_json"),
+            Some(TokenType::UnsignedJson)
+        );
+        assert_eq!(
+            TokenType::SelfSigned.as_urn(),
+            "urn:ietf:params:oauth:token-type:self_signed"
+        );
+        // Refresh tokens are never a subject token (draft-ietf-oauth-transaction-tokens).
+        assert_eq!(TokenType::from_name("refresh_token"), None);
         assert_eq!(
             TokenType::from_urn("urn:ietf:params:oauth:token-type:saml2"),
             None

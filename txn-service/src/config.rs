@@ -14,6 +14,7 @@
 //! audit_unauthenticated = { per_second = 1, burst = 20 }  # per source IP; the rest are counted
 //! token_lifetime = "5m"                  # default lifetime (policy caps it)
 //! max_chain_depth = 8
+//! max_replacements = 7                  # times one transaction's Txn-Token may be replaced (0-16)
 //! key_rotation = "24h"                   # old keys stay published until their tokens expire
 //! subject_token_cache = true             # remember validated subject tokens until they expire
 //! client_assertions = false              # accept JWT-SVID client assertions (policy per caller)
@@ -163,6 +164,8 @@ pub struct TxnFileConfig {
     pub token_lifetime: Option<ConfigDuration>,
     /// Deepest `act` chain.
     pub max_chain_depth: Option<usize>,
+    /// Most replacements of one transaction's Txn-Token.
+    pub max_replacements: Option<usize>,
     /// Signing key rotation period.
     pub key_rotation: Option<ConfigDuration>,
     /// Cache subject token validations.
@@ -319,6 +322,8 @@ pub struct TxnConfig {
     pub token_lifetime: Duration,
     /// Deepest `act` chain.
     pub max_chain_depth: usize,
+    /// Most replacements of one transaction's Txn-Token (draft-ietf-oauth-transaction-tokens-11).
+    pub max_replacements: usize,
     /// Key rotation period.
     pub key_rotation: Duration,
     /// Cache subject token validations.
@@ -411,6 +416,14 @@ impl TxnConfig {
         if !(1..=MAX_CHAIN_DEPTH_LIMIT).contains(&max_chain_depth) {
             return Err(TxnConfigError::Invalid(format!(
                 "`max_chain_depth` must be 1 to {MAX_CHAIN_DEPTH_LIMIT}"
+            )));
+        }
+        let max_replacements = file
+            .max_replacements
+            .unwrap_or(crate::exchange::DEFAULT_MAX_REPLACEMENTS);
+        if max_replacements > MAX_CHAIN_DEPTH_LIMIT {
+            return Err(TxnConfigError::Invalid(format!(
+                "`max_replacements` must be 0 to {MAX_CHAIN_DEPTH_LIMIT}"
             )));
         }
         let policy = Policy::try_from(file.policy)?;
@@ -514,6 +527,7 @@ impl TxnConfig {
             audit_unauthenticated,
             token_lifetime,
             max_chain_depth,
+            max_replacements,
             key_rotation: duration("key_rotation", file.key_rotation, DEFAULT_KEY_ROTATION)?,
             subject_token_cache: file.subject_token_cache.unwrap_or(true),
             client_assertions: file.client_assertions.unwrap_or(false),
@@ -717,6 +731,7 @@ impl TxnServer {
         )
         .with_default_lifetime(config.token_lifetime)
         .with_max_chain_depth(config.max_chain_depth)
+        .with_max_replacements(config.max_replacements)
         .with_audit(audit);
         if !config.oidc.is_empty() {
             let options = OidcOptions {
@@ -930,6 +945,7 @@ mod tests {
         assert_eq!(config.policy.rules().len(), 3);
         assert_eq!(config.oidc.len(), 1);
         assert_eq!(config.max_chain_depth, 8);
+        assert_eq!(config.max_replacements, 7);
         assert_eq!(
             config.audit_log.as_deref(),
             Some(Path::new("./writ-txn/audit.log"))
@@ -1018,6 +1034,8 @@ mod tests {
             ("issuer = \"https://tts.example?x=1\"", "issuer"),
             ("max_chain_depth = 0", "max_chain_depth"),
             ("max_chain_depth = 99", "max_chain_depth"),
+            ("max_replacements = 17", "max_replacements"),
+            ("max_replacements = -1", "max_replacements"),
             ("token_lifetime = \"0s\"", "token_lifetime"),
             ("token_lifetime = \"2h\"", "token_lifetime"),
             ("key_rotation = \"soon\"", "key_rotation"),

@@ -1,5 +1,5 @@
 //! The RFC 8693 token exchange endpoint of the transaction token service
-//! (draft-ietf-oauth-transaction-tokens-10).
+//! (draft-ietf-oauth-transaction-tokens-11; the conformance table is in docs/txn.md).
 //!
 //! A workload authenticated by mTLS (its SPIFFE ID arrives as the request extension
 //! [`CallerId`], inserted by the listener) posts a form to `POST /token`:
@@ -10,9 +10,12 @@
 //!   draft; missing or other -> `invalid_request`);
 //! - `audience`: the trust domain (required by the draft; missing -> `invalid_request`,
 //!   another value -> `invalid_target`); `resource` is refused with `invalid_target`;
-//! - `scope` (optional, space-separated; when absent the subject token's scope is asked);
+//! - `scope` (required by draft-11, space-separated; missing -> `invalid_request`);
 //! - `subject_token` and `subject_token_type` (required): an OIDC `access_token`,
-//!   `id_token` or `jwt`, or a `txn_token` of this service for a replacement;
+//!   `id_token` or `jwt`, a `txn_token` of this service for a replacement, or a
+//!   `self_signed` / `unsigned_json` token the caller asserts ([`crate::subject`]) for
+//!   callers whose policy rule names them. A subject token whose scope is unknown (no
+//!   `scope`) is refused, never treated as unconstrained;
 //! - `request_context` (JSON object, added to `rctx`) and `request_details` (JSON
 //!   object, becomes `tctx`), each at most [`MAX_CONTEXT_BYTES`];
 //! - `actor_token` / `actor_token_type` are not supported: their presence is refused
@@ -34,7 +37,11 @@
 //! service's own key and be unexpired; `txn`, `sub`, `aud`, `tctx` and `rctx` are kept,
 //! the scope only narrows, the caller becomes `req_wl` and the outermost `act` with the
 //! previous chain nested inside it (when the old token has no `act`, its `req_wl` is the
-//! previous actor), and the new expiry is never later than the old one.
+//! previous actor), and the new expiry is never later than the old one. A Txn-Token may be
+//! replaced at most [`ExchangeService::with_max_replacements`] times, counted from its
+//! signed `act` chain ([`TxnToken::replacements`]) so every replica agrees. Each actor the
+//! service adds carries `iss` and `sub_profile` (draft-mcguinness-oauth-actor-profile-00);
+//! inherited actors are never rewritten.
 //! `request_context` and `request_details` are refused on a replacement, since they
 //! would change contexts that the draft keeps for the whole transaction.
 
@@ -87,6 +94,10 @@ pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 pub const MAX_ISSUED_TOKEN_BYTES: usize = 4 * 1024;
 /// Default deepest `act` chain a replacement may produce.
 pub const DEFAULT_MAX_CHAIN_DEPTH: usize = 8;
+/// Default most times one transaction's Txn-Token may be replaced (draft-11 asks a
+/// service to limit it); with [`DEFAULT_MAX_CHAIN_DEPTH`] every replacement the chain
+/// depth allows.
+pub const DEFAULT_MAX_REPLACEMENTS: usize = 7;
 /// Most subject token validations remembered by the validation cache.
 pub const SUBJECT_CACHE_CAPACITY: u64 = 100_000;
 /// Longest time a subject token validation is remembered, by the service's clock (5
@@ -432,10 +443,11 @@ impl ExchangeRequest {
             .ok_or_else(|| ExchangeError::invalid_request("missing `subject_token_type`"))?;
         let subject_token_type = TokenType::from_urn(&type_urn)
             .ok_or_else(|| ExchangeError::invalid_request("unsupported `subject_token_type`"))?;
-        let scope = match scope_text {
-            None => None,
-            Some(text) => Some(parse_scope(&text)?),
-        };
+        let scope = Some(parse_scope(&scope_text.ok_or_else(|| {
+            ExchangeError::invalid_request(
+                "missing `scope`: the purpose of the transaction is required",
+            )
+        })?)?);
         let request_context = take("request_context")
             .map(|t| parse_context("request_context", &t))
             .transpose()?;
@@ -458,7 +470,7 @@ impl ExchangeRequest {
         &self.audience
     }
 
-    /// The requested scopes, if the request named any.
+    /// The requested scopes (always present in a parsed request).
     pub fn scope(&self) -> Option<&BTreeSet<String>> {
         self.scope.as_ref()
     }
@@ -561,6 +573,7 @@ pub struct ExchangeService {
     clock: SharedClock,
     default_lifetime: Duration,
     max_chain_depth: usize,
+    max_replacements: usize,
     audit: AuditLog,
     limiter: RateLimiter,
     /// Validated subjects and when (clock seconds) they were validated.
@@ -600,6 +613,7 @@ impl ExchangeService {
             clock,
             default_lifetime: DEFAULT_LIFETIME,
             max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
+            max_replacements: DEFAULT_MAX_REPLACEMENTS,
             audit: AuditLog::memory(),
             subject_cache: None,
             assertions: None,
@@ -735,6 +749,12 @@ impl ExchangeService {
     /// Sets the deepest `act` chain a replacement may produce.
     pub fn with_max_chain_depth(mut self, depth: usize) -> Self {
         self.max_chain_depth = depth;
+        self
+    }
+
+    /// Sets the most times one transaction's Txn-Token may be replaced (0: never).
+    pub fn with_max_replacements(mut self, replacements: usize) -> Self {
+        self.max_replacements = replacements;
         self
     }
 
@@ -977,6 +997,16 @@ impl ExchangeService {
         }
         let subject = match req.subject_token_type {
             TokenType::TxnToken => self.replaced(&req).await?,
+            TokenType::SelfSigned | TokenType::UnsignedJson => {
+                // With conditional rules: the keys of the first candidate taking the type.
+                let keys_rule = self
+                    .policy
+                    .candidates(&caller.id)
+                    .map(|(_, r)| r)
+                    .find(|r| r.allows(req.subject_token_type))
+                    .unwrap_or(rule);
+                self.workload_subject(&req, caller, keys_rule)?
+            }
             kind => self.oidc_subject(&req, kind).await?,
         };
         let now = self.clock.unix_seconds();
@@ -1001,9 +1031,12 @@ impl ExchangeService {
 
         let claims = match subject.replaced {
             Some(old) => {
-                let previous = old.act.clone().unwrap_or_else(|| Actor::new(&old.req_wl));
-                let act = Actor::new(caller.id.as_str()).acting_for(previous);
-                let depth = chain_depth(&act);
+                let previous = old
+                    .act
+                    .clone()
+                    .unwrap_or_else(|| profiled_actor(&old.req_wl));
+                let act = profiled_actor(caller.id.as_str()).acting_for(previous);
+                let depth = act.depth();
                 if depth > self.max_chain_depth {
                     return Err(ExchangeError::invalid_request(format!(
                         "delegation chain would be deeper than {}",
@@ -1103,6 +1136,7 @@ impl ExchangeService {
                 "subject Txn-Token was issued by another service",
             ));
         }
+        check_replacements(&old, self.max_replacements)?;
         Ok(Subject {
             sub: old.sub.clone(),
             scope: old.scopes().map(str::to_owned).collect(),
@@ -1150,13 +1184,63 @@ impl ExchangeService {
                 "`request_context` may not set `{key}`"
             )));
         }
+        let scope = validated.scope.iter().cloned().collect();
+        check_scope_known(&scope)?;
         Ok(Subject {
             sub,
-            scope: validated.scope.iter().cloned().collect(),
+            scope,
             expires_at: validated.expires_at,
             replaced: None,
             authn,
             oidc: Some(validated),
+        })
+    }
+
+    /// A `self_signed` or `unsigned_json` subject token ([`crate::subject`]): the rule
+    /// has already named this type for the caller; `unsigned_json` is only taken from a
+    /// caller that authenticated with its X509-SVID.
+    fn workload_subject(
+        &self,
+        req: &ExchangeRequest,
+        caller: &Caller,
+        rule: &CallerRule,
+    ) -> Result<Subject, ExchangeError> {
+        let now = self.clock.unix_seconds();
+        let validated = match req.subject_token_type {
+            TokenType::UnsignedJson => {
+                check_unsigned_json_caller(caller.auth)?;
+                crate::subject::unsigned_json(&req.subject_token, now)
+            }
+            _ => {
+                let keys = rule.self_signed_keys().ok_or_else(|| {
+                    ExchangeError::unauthorized(
+                        "no keys are configured for self-signed subject tokens",
+                    )
+                })?;
+                crate::subject::self_signed(
+                    &req.subject_token,
+                    keys,
+                    &caller.id,
+                    &self.issuer_url,
+                    now,
+                )
+            }
+        }
+        .map_err(|e| ExchangeError::invalid_subject_token(e.to_string()))?;
+        if let Some(ctx) = &req.request_context
+            && let Some(key) = RESERVED_RCTX.iter().find(|k| ctx.contains_key(**k))
+        {
+            return Err(ExchangeError::invalid_request(format!(
+                "`request_context` may not set `{key}`"
+            )));
+        }
+        Ok(Subject {
+            sub: validated.sub,
+            scope: validated.scope,
+            expires_at: validated.expires_at.unwrap_or(i64::MAX),
+            replaced: None,
+            authn: None,
+            oidc: None,
         })
     }
 }
@@ -1300,6 +1384,14 @@ impl ExchangeService {
         } else {
             if let Some(Value::Object(claims)) = subject.oidc.as_ref().map(|v| &v.claims) {
                 input.subject(claims);
+            } else if input.wants("subject") {
+                // A token the workload asserted (`self_signed`, `unsigned_json`).
+                let scope = subject.scope.iter().cloned().collect::<Vec<_>>().join(" ");
+                let claims = BTreeMap::from([
+                    ("sub".to_owned(), Value::String(subject.sub.clone())),
+                    ("scope".to_owned(), Value::String(scope)),
+                ]);
+                input.subject(&claims);
             }
             input.tctx(req.request_details().into_iter().flatten());
             if !input.wants("rctx") {
@@ -1326,14 +1418,59 @@ impl ExchangeService {
     }
 }
 
-fn chain_depth(act: &Actor) -> usize {
-    let mut depth = 1;
-    let mut next = act.act.as_deref();
-    while let Some(a) = next {
-        depth += 1;
-        next = a.act.as_deref();
+/// An actor the service adds to a chain, in the shape of
+/// draft-mcguinness-oauth-actor-profile-00: `iss` = the namespace authority of the SPIFFE
+/// ID (`spiffe://<trust domain>`), `sub_profile` = `ai_agent` for a sub-agent (a child
+/// SVID under a lease), `service` for any other workload.
+fn profiled_actor(id: &str) -> Actor {
+    let actor = Actor::new(id);
+    match SpiffeId::new(id) {
+        Ok(spiffe) => {
+            let profile = if is_sub_agent_id(&spiffe) {
+                "ai_agent"
+            } else {
+                "service"
+            };
+            actor
+                .with_iss(format!("spiffe://{}", spiffe.trust_domain_str()))
+                .with_sub_profile(profile)
+        }
+        Err(_) => actor,
     }
-    depth
+}
+
+/// draft-11, "Txn-Token as a `subject_token`": a replacement is refused once the
+/// transaction's token has been replaced `max` times.
+fn check_replacements(old: &TxnToken, max: usize) -> Result<(), ExchangeError> {
+    let done = old.replacements();
+    if done >= max {
+        return Err(ExchangeError::invalid_request(format!(
+            "subject Txn-Token was already replaced {done} times, the most allowed is {max}"
+        )));
+    }
+    Ok(())
+}
+
+/// An `unsigned_json` subject token proves nothing by itself: it is taken only from a
+/// caller that authenticated with its X509-SVID (not a bearer client assertion).
+fn check_unsigned_json_caller(auth: ClientAuth) -> Result<(), ExchangeError> {
+    if auth != ClientAuth::Mtls {
+        return Err(ExchangeError::unauthorized(
+            "an unsigned_json subject token is accepted only from a caller authenticated with its X509-SVID",
+        ));
+    }
+    Ok(())
+}
+
+/// draft-11, "Unknown `subject_token` scope": a subject token that carries no scope is
+/// refused, never treated as unconstrained.
+fn check_scope_known(scope: &BTreeSet<String>) -> Result<(), ExchangeError> {
+    if scope.is_empty() {
+        return Err(ExchangeError::invalid_subject_token(
+            "its scope is unknown (no `scope` claim), and it is never treated as unconstrained",
+        ));
+    }
+    Ok(())
 }
 
 /// granted = requested ∩ ceiling ∩ subject scope. On a replacement the request must not
@@ -1469,6 +1606,24 @@ async fn metadata(State(service): State<Arc<ExchangeService>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unsigned_json_only_from_mtls_callers() {
+        assert!(check_unsigned_json_caller(ClientAuth::Mtls).is_ok());
+        let e = check_unsigned_json_caller(ClientAuth::JwtSvid).unwrap_err();
+        assert_eq!(e.code(), "unauthorized_client");
+    }
+
+    #[test]
+    fn new_actors_have_the_actor_profile_shape() {
+        let planner = profiled_actor("spiffe://example.org/planner");
+        assert_eq!(planner.iss.as_deref(), Some("spiffe://example.org"));
+        assert_eq!(planner.sub_profile.as_deref(), Some("service"));
+        let child = profiled_actor("spiffe://example.org/planner/sub/summarize-0a1b");
+        assert_eq!(child.sub_profile.as_deref(), Some("ai_agent"));
+        let odd = profiled_actor("not a spiffe id");
+        assert_eq!((odd.iss, odd.sub_profile), (None, None));
+    }
 
     #[test]
     fn error_descriptions_are_rfc_6749_safe() {

@@ -5,7 +5,7 @@
 //! The service ([`config::TxnServer`], started by `writ txn run --config txn.toml`) is
 //! an RFC 8693 token exchange endpoint reached over mTLS with the caller's X509-SVID
 //! ([`listener`]). It validates ingress OIDC tokens ([`oidc`]), applies a deny-by-default
-//! issuance [`policy`], mints Txn-Tokens (draft-ietf-oauth-transaction-tokens-10) with
+//! issuance [`policy`], mints Txn-Tokens (draft-ietf-oauth-transaction-tokens-11) with
 //! rotating keys ([`txn_token`]), replaces them down a delegation chain ([`exchange`]),
 //! and writes one [`audit`] line per decision. Replicas behind one issuer URL share
 //! their public keys through the identity server's store ([`replica`]).
@@ -32,4 +32,5 @@ pub mod policy;
 pub mod rate_limit;
 pub mod replica;
 pub mod server_name;
+pub mod subject;
 pub mod txn_token;

@@ -26,6 +26,13 @@
 //! trust_domain = "example.org"                 # any workload of the trust domain
 //! subject_token_types = ["txn_token"]
 //! max_scope = ["orders.read"]
+//!
+//! [[caller]]
+//! id = "spiffe://example.org/batch"            # named by `id` or `prefix` only
+//! subject_token_types = ["unsigned_json", "self_signed"]
+//! max_scope = ["reports.run"]
+//! # the keys its self-signed JWTs verify with (a JWKS, EC P-256 or Ed25519, each with `kid`)
+//! self_signed_jwks = '{"keys":[{"kty":"EC","crv":"P-256","kid":"k1","x":"...","y":"..."}]}'
 //! ```
 //!
 //! Semantics:
@@ -41,7 +48,11 @@
 //! - a `prefix` matches at a path-segment boundary: `spiffe://example.org/agents/` (the
 //!   trailing `/` is optional) matches `.../agents` and `.../agents/planner`, never
 //!   `.../agents-evil`;
-//! - the granted scope is the requested scope ∩ `max_scope` ∩ the subject token's scope.
+//! - the granted scope is the requested scope ∩ `max_scope` ∩ the subject token's scope;
+//! - `unsigned_json` and `self_signed` subject tokens (draft-ietf-oauth-transaction-tokens-11)
+//!   are accepted only from callers a rule names by `id` or `prefix`; a rule naming
+//!   `self_signed` must give `self_signed_jwks`, and one naming `unsigned_json` refuses
+//!   callers that authenticated with a client assertion (only mTLS callers).
 //!
 //! ```
 //! use writ_identity::spiffe_id::SpiffeId;
@@ -113,14 +124,22 @@ pub enum PolicyError {
         /// The name as written.
         name: String,
     },
-    /// A subject token type is known but not supported yet (`unsigned_json`,
-    /// `self_signed`).
+    /// A subject token type is not allowed for this rule: `unsigned_json` or
+    /// `self_signed` for a `trust_domain` rule.
     #[error("caller rule {index}: subject token type `{name}` is not supported")]
     UnsupportedTokenType {
         /// Position of the rule in the file (from 0).
         index: usize,
         /// The name as written.
         name: String,
+    },
+    /// `self_signed_jwks` is missing, malformed, or given without `self_signed`.
+    #[error("caller rule {index}: {reason}")]
+    SelfSignedKeys {
+        /// Position of the rule in the file (from 0).
+        index: usize,
+        /// What is wrong.
+        reason: String,
     },
     /// A rule allows no subject token type.
     #[error("caller rule {index}: `subject_token_types` must not be empty")]
@@ -187,9 +206,14 @@ pub struct FileCallerRule {
     /// Trust domain name.
     #[serde(default)]
     pub trust_domain: Option<String>,
-    /// Allowed subject token types (`access_token`, `id_token`, `jwt`, `txn_token`).
+    /// Allowed subject token types (`access_token`, `id_token`, `jwt`, `txn_token`,
+    /// `self_signed`, `unsigned_json`).
     #[serde(default)]
     pub subject_token_types: Vec<String>,
+    /// The JWKS (JSON text) that `self_signed` subject tokens of this rule's callers
+    /// verify with.
+    #[serde(default)]
+    pub self_signed_jwks: Option<String>,
     /// Scope ceiling.
     #[serde(default)]
     pub max_scope: Vec<String>,
@@ -251,6 +275,7 @@ pub struct CallerRule {
     max_lifetime: Duration,
     client_assertion: bool,
     rate_limit: Option<Rate>,
+    self_signed_keys: Option<crate::subject::SelfSignedKeys>,
     condition: Option<Condition>,
 }
 
@@ -258,6 +283,11 @@ impl CallerRule {
     /// The rule's CEL condition, if any: the rule applies only when it holds.
     pub fn condition(&self) -> Option<&Condition> {
         self.condition.as_ref()
+    }
+
+    /// The keys `self_signed` subject tokens verify with, if the rule accepts them.
+    pub fn self_signed_keys(&self) -> Option<&crate::subject::SelfSignedKeys> {
+        self.self_signed_keys.as_ref()
     }
 
     /// Whether the caller may authenticate with a JWT-SVID client assertion.
@@ -402,15 +432,14 @@ fn validate_rule(
             Some(kind) => {
                 token_types.insert(kind);
             }
-            None if name == "unsigned_json" || name == "self_signed" => {
-                return Err(PolicyError::UnsupportedTokenType { index, name });
-            }
             None => return Err(PolicyError::UnknownTokenType { index, name }),
         }
     }
     if token_types.is_empty() {
         return Err(PolicyError::NoTokenTypes { index });
     }
+    let self_signed_keys =
+        check_workload_subjects(index, &matcher, &token_types, rule.self_signed_jwks)?;
     if rule.max_scope.is_empty() {
         return Err(PolicyError::Scope {
             index,
@@ -458,8 +487,46 @@ fn validate_rule(
         max_lifetime,
         client_assertion: rule.client_assertion,
         rate_limit,
+        self_signed_keys,
         condition,
     })
+}
+
+/// `self_signed` and `unsigned_json` subject tokens carry a subject the caller itself
+/// asserts: only for callers a rule names (`id` or `prefix`), and `self_signed` only
+/// with the keys its tokens verify with.
+fn check_workload_subjects(
+    index: usize,
+    matcher: &CallerMatcher,
+    token_types: &BTreeSet<TokenType>,
+    jwks: Option<String>,
+) -> Result<Option<crate::subject::SelfSignedKeys>, PolicyError> {
+    let workload_asserted = [TokenType::SelfSigned, TokenType::UnsignedJson]
+        .into_iter()
+        .find(|t| token_types.contains(t));
+    if let (Some(kind), CallerMatcher::TrustDomain(_)) = (workload_asserted, matcher) {
+        return Err(PolicyError::UnsupportedTokenType {
+            index,
+            name: format!(
+                "{} (only for callers named by `id` or `prefix`, not a whole trust domain)",
+                kind.name()
+            ),
+        });
+    }
+    match (token_types.contains(&TokenType::SelfSigned), jwks) {
+        (true, Some(text)) => crate::subject::SelfSignedKeys::parse(&text)
+            .map(Some)
+            .map_err(|reason| PolicyError::SelfSignedKeys { index, reason }),
+        (true, None) => Err(PolicyError::SelfSignedKeys {
+            index,
+            reason: "a rule accepting `self_signed` needs `self_signed_jwks`".into(),
+        }),
+        (false, Some(_)) => Err(PolicyError::SelfSignedKeys {
+            index,
+            reason: "`self_signed_jwks` is only for a rule accepting `self_signed`".into(),
+        }),
+        (false, None) => Ok(None),
+    }
 }
 
 fn check_lifetime(value: ConfigDuration, ceiling: Duration) -> Result<Duration, PolicyError> {
@@ -596,7 +663,7 @@ mod tests {
             ),
             (
                 rule(
-                    "id = \"spiffe://example.org/a\"\nsubject_token_types = [\"unsigned_json\"]\nmax_scope = [\"a\"]",
+                    "trust_domain = \"example.org\"\nsubject_token_types = [\"unsigned_json\"]\nmax_scope = [\"a\"]",
                 ),
                 |e| matches!(e, PolicyError::UnsupportedTokenType { .. }),
             ),
@@ -604,7 +671,19 @@ mod tests {
                 rule(
                     "id = \"spiffe://example.org/a\"\nsubject_token_types = [\"self_signed\"]\nmax_scope = [\"a\"]",
                 ),
-                |e| matches!(e, PolicyError::UnsupportedTokenType { .. }),
+                |e| matches!(e, PolicyError::SelfSignedKeys { .. }),
+            ),
+            (
+                rule(
+                    "id = \"spiffe://example.org/a\"\nsubject_token_types = [\"self_signed\"]\nmax_scope = [\"a\"]\nself_signed_jwks = \"{]\"",
+                ),
+                |e| matches!(e, PolicyError::SelfSignedKeys { .. }),
+            ),
+            (
+                rule(
+                    "id = \"spiffe://example.org/a\"\nsubject_token_types = [\"jwt\"]\nmax_scope = [\"a\"]\nself_signed_jwks = \"{}\"",
+                ),
+                |e| matches!(e, PolicyError::SelfSignedKeys { .. }),
             ),
             (
                 rule(

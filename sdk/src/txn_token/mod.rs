@@ -1,12 +1,15 @@
-//! Transaction tokens (draft-ietf-oauth-transaction-tokens-10): the claims type that the
+//! Transaction tokens (draft-ietf-oauth-transaction-tokens-11): the claims type that the
 //! transaction token service mints and that services verify, so both share one
 //! definition, and an offline verifier over a JWKS.
 //!
 //! A Txn-Token is a JWT with header `typ: txntoken+jwt` and `kid`, carried in the HTTP
 //! header `Txn-Token`. Claims: `iss`, `iat`, `exp`, `aud` (the trust domain), `txn`
 //! (unique per transaction), `sub` (the user), `scope`, `req_wl` (the requesting
-//! workload's SPIFFE ID), `tctx`, `rctx`, and `act`, the RFC 8693 delegation chain with
-//! the current actor outermost.
+//! workload's SPIFFE ID, a single string), `tctx`, `rctx`, and `act`, the RFC 8693
+//! delegation chain with the current actor outermost. Each actor the service adds also
+//! carries `iss` (the namespace authority of its `sub`: `spiffe://<trust domain>`) and
+//! `sub_profile` (`service`, or `ai_agent` for a sub-agent), the shape of
+//! draft-mcguinness-oauth-actor-profile-00.
 //!
 //! ```
 //! use writ_sdk::txn_token::{Actor, TxnToken};
@@ -65,10 +68,20 @@ pub const MAX_LIFETIME: std::time::Duration = std::time::Duration::from_secs(360
 pub const ALGORITHMS: &[Algorithm] = &[Algorithm::ES256, Algorithm::EdDSA];
 
 /// One actor of the RFC 8693 `act` chain: who acts, and for whom (`act` inside).
+///
+/// `iss` and `sub_profile` follow draft-mcguinness-oauth-actor-profile-00 (section 4.3:
+/// the namespace authority of `sub`, and the entity profile of the actor); both are
+/// optional here so tokens minted before they were added still verify.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Actor {
     /// The actor (a SPIFFE ID for Writ workloads).
     pub sub: String,
+    /// The namespace authority of `sub` (`spiffe://<trust domain>` for a SPIFFE ID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// The actor's entity profile (`service`, `ai_agent`), space-separated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_profile: Option<String>,
     /// The actor this one acts for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub act: Option<Box<Actor>>,
@@ -79,8 +92,33 @@ impl Actor {
     pub fn new(sub: impl Into<String>) -> Self {
         Self {
             sub: sub.into(),
+            iss: None,
+            sub_profile: None,
             act: None,
         }
+    }
+
+    /// Names the namespace authority of `sub` (the actor profile's `act.iss`).
+    pub fn with_iss(mut self, iss: impl Into<String>) -> Self {
+        self.iss = Some(iss.into());
+        self
+    }
+
+    /// Names the actor's entity profile (the actor profile's `act.sub_profile`).
+    pub fn with_sub_profile(mut self, profile: impl Into<String>) -> Self {
+        self.sub_profile = Some(profile.into());
+        self
+    }
+
+    /// How many actors the chain holds, this one included.
+    pub fn depth(&self) -> usize {
+        let mut depth = 1;
+        let mut next = self.act.as_deref();
+        while let Some(a) = next {
+            depth += 1;
+            next = a.act.as_deref();
+        }
+        depth
     }
 
     /// This actor, acting for `previous` (the chain so far).
@@ -135,6 +173,14 @@ impl TxnToken {
             next = actor.act.as_deref();
         }
         out
+    }
+
+    /// How many times this token's transaction was replaced: Writ records the first
+    /// requester as the innermost actor at the first replacement and adds one actor at
+    /// each, so it is the `act` depth minus one (0 without `act`). Derived from the signed
+    /// chain, every replica of the service counts the same.
+    pub fn replacements(&self) -> usize {
+        self.act.as_ref().map_or(0, |a| a.depth().saturating_sub(1))
     }
 
     /// The scopes.

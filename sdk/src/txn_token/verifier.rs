@@ -294,9 +294,13 @@ impl TxnVerifier {
         }
         let times = TimeClaims::from_claims(raw).map_err(TxnTokenError::Time)?;
         TIME_WINDOW.check(&times, now).map_err(time_error)?;
-        if claims.txn.is_empty() || claims.sub.is_empty() || claims.req_wl.is_empty() {
+        if claims.txn.is_empty()
+            || claims.sub.is_empty()
+            || claims.req_wl.is_empty()
+            || claims.scopes().next().is_none()
+        {
             return Err(TxnTokenError::Claims(
-                "txn, sub and req_wl are required".into(),
+                "txn, sub, scope and req_wl are required".into(),
             ));
         }
         Ok(())

@@ -502,7 +502,9 @@ async fn callers_are_authenticated_and_authorized() {
                 "subject_token_type",
                 writ_sdk::oauth::TokenType::TxnToken.as_urn(),
             ),
+            ("scope", "read"),
         ];
+        pairs.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
         pairs.extend_from_slice(extra);
         url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs(pairs)

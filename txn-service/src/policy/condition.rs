@@ -13,7 +13,7 @@
 //! |---|---|---|
 //! | `caller` | map | `id` (the caller's SPIFFE ID), `trust_domain`, `path` |
 //! | `subject` | map | the subject token's verified claims (OIDC token, or the replaced Txn-Token) |
-//! | `request` | map | `scope` (list of strings: the requested scope, empty when absent), `audience`, `subject_token_type` (`access_token`, `id_token`, `jwt`, `txn_token`) |
+//! | `request` | map | `scope` (list of strings: the requested scope), `audience`, `subject_token_type` (`access_token`, `id_token`, `jwt`, `txn_token`, `self_signed`, `unsigned_json`) |
 //! | `tctx` | map | the transaction context the token will carry (`{}` when none) |
 //! | `rctx` | map | the requester context the token will carry |
 //! | `lease` | map or `null` | a sub-agent's lease: `id`, `parent`, `task`, `depth`, `created_at`, `expires_at` (Unix seconds); `null` for other callers |

@@ -178,7 +178,12 @@ max_scope = ["orders.read"]
     refused(&h, &reply, StatusCode::BAD_REQUEST, "invalid_scope");
     let read = granted(
         &h,
-        &post(&h.app, OTHER_AGENT, replacement_form(&t, None)).await,
+        &post(
+            &h.app,
+            OTHER_AGENT,
+            replacement_form(&t, Some("orders.read")),
+        )
+        .await,
     );
     assert_eq!(read.scope, "orders.read");
     // The planner on another order: the condition reads the token's tctx.
@@ -349,13 +354,23 @@ async fn a_sub_agent_gets_tokens_for_its_own_tool_only() {
     let h = harness(TOOL_POLICY, Some(leases));
     let t = token(&h, "search.query mail.send", json!({}));
     // The planner holds both; it passes its token on to each child.
-    let planner = post(&h.app, PLANNER, replacement_form(&t, None)).await;
+    let planner = post(
+        &h.app,
+        PLANNER,
+        replacement_form(&t, Some("search.query mail.send")),
+    )
+    .await;
     let planner_token = planner.body["access_token"].as_str().unwrap().to_owned();
     assert_eq!(granted(&h, &planner).scope, "mail.send search.query");
 
     let search = granted(
         &h,
-        &post(&h.app, SEARCH_CHILD, replacement_form(&planner_token, None)).await,
+        &post(
+            &h.app,
+            SEARCH_CHILD,
+            replacement_form(&planner_token, Some("search.query")),
+        )
+        .await,
     );
     assert_eq!(search.scope, "search.query");
     assert_eq!(search.req_wl, SEARCH_CHILD);
@@ -387,7 +402,12 @@ async fn a_sub_agent_gets_tokens_for_its_own_tool_only() {
     refused(&h, &reply, StatusCode::FORBIDDEN, "unauthorized_client");
 
     // A child whose task no rule names gets nothing.
-    let reply = post(&h.app, SHELL_CHILD, replacement_form(&planner_token, None)).await;
+    let reply = post(
+        &h.app,
+        SHELL_CHILD,
+        replacement_form(&planner_token, Some("search.query")),
+    )
+    .await;
     refused(&h, &reply, StatusCode::FORBIDDEN, "unauthorized_client");
 }
 
@@ -410,18 +430,33 @@ max_scope = ["tools.call"]
     let (_dir, leases) = lease_store(&[(SEARCH_CHILD, "search"), (MAIL_CHILD, "mail")]).await;
     let h = harness(policy, Some(leases));
     let t = token(&h, "tools.call", json!({"tool": "search"}));
-    let planner = post(&h.app, PLANNER, replacement_form(&t, None)).await;
+    let planner = post(&h.app, PLANNER, replacement_form(&t, Some("tools.call"))).await;
     let planner_token = planner.body["access_token"].as_str().unwrap().to_owned();
     granted(&h, &planner);
     granted(
         &h,
-        &post(&h.app, SEARCH_CHILD, replacement_form(&planner_token, None)).await,
+        &post(
+            &h.app,
+            SEARCH_CHILD,
+            replacement_form(&planner_token, Some("tools.call")),
+        )
+        .await,
     );
-    let reply = post(&h.app, MAIL_CHILD, replacement_form(&planner_token, None)).await;
+    let reply = post(
+        &h.app,
+        MAIL_CHILD,
+        replacement_form(&planner_token, Some("tools.call")),
+    )
+    .await;
     refused(&h, &reply, StatusCode::FORBIDDEN, "unauthorized_client");
     // A token without a tool: `has` is false, nothing applies.
     let t = token(&h, "tools.call", json!({}));
-    let reply = post(&h.app, SEARCH_CHILD, replacement_form(&t, None)).await;
+    let reply = post(
+        &h.app,
+        SEARCH_CHILD,
+        replacement_form(&t, Some("tools.call")),
+    )
+    .await;
     refused(&h, &reply, StatusCode::FORBIDDEN, "unauthorized_client");
 }
 

@@ -36,12 +36,12 @@ mod http_body_util_shim {
     }
 }
 
-const NOW: i64 = 1_800_000_000;
-const ISSUER: &str = "https://tts.example.org";
-const TD: &str = "example.org";
-const GATEWAY: &str = "spiffe://example.org/gateway";
-const PLANNER: &str = "spiffe://example.org/agents/planner";
-const SUB_AGENT: &str = "spiffe://example.org/agents/planner/worker";
+pub(crate) const NOW: i64 = 1_800_000_000;
+pub(crate) const ISSUER: &str = "https://tts.example.org";
+pub(crate) const TD: &str = "example.org";
+pub(crate) const GATEWAY: &str = "spiffe://example.org/gateway";
+pub(crate) const PLANNER: &str = "spiffe://example.org/agents/planner";
+pub(crate) const SUB_AGENT: &str = "spiffe://example.org/agents/planner/worker";
 const STRANGER: &str = "spiffe://example.org/stranger";
 
 const POLICY: &str = r#"
@@ -66,14 +66,14 @@ const RFC_ERRORS: [&str; 7] = [
     "unsupported_grant_type",
 ];
 
-struct Harness {
-    app: Router,
-    clock: ManualClock,
-    minter: Minter,
-    verifier: TxnVerifier,
+pub(crate) struct Harness {
+    pub(crate) app: Router,
+    pub(crate) clock: ManualClock,
+    pub(crate) minter: Minter,
+    pub(crate) verifier: TxnVerifier,
 }
 
-fn harness_with(depth: Option<usize>) -> Harness {
+pub(crate) fn harness_with(depth: Option<usize>) -> Harness {
     let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(NOW as u64));
     let minter = Minter::new(PrivateKey::generate().unwrap()).unwrap();
     let verifier = TxnVerifier::new(
@@ -104,23 +104,23 @@ thread_local! {
 }
 
 /// Shares `service` and remembers its audit log for [`assert_error`].
-fn audited(service: ExchangeService) -> Arc<ExchangeService> {
+pub(crate) fn audited(service: ExchangeService) -> Arc<ExchangeService> {
     AUDIT.with(|a| *a.borrow_mut() = Some(service.audit().clone()));
     Arc::new(service)
 }
 
 /// The last audit line of the current test's service.
-fn last_audit() -> Value {
+pub(crate) fn last_audit() -> Value {
     let lines = AUDIT.with(|a| a.borrow().as_ref().map(AuditLog::lines).unwrap_or_default());
     serde_json::from_str(lines.last().expect("an audit line")).unwrap()
 }
 
-fn harness() -> Harness {
+pub(crate) fn harness() -> Harness {
     harness_with(None)
 }
 
 /// A Txn-Token as the service would have issued it to the gateway for alice.
-fn initial_token(h: &Harness) -> (TxnToken, String) {
+pub(crate) fn initial_token(h: &Harness) -> (TxnToken, String) {
     let claims = TxnToken {
         iss: ISSUER.into(),
         iat: NOW,
@@ -138,11 +138,11 @@ fn initial_token(h: &Harness) -> (TxnToken, String) {
     (claims, token)
 }
 
-fn enc(s: &str) -> String {
+pub(crate) fn enc(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-fn form(pairs: &[(&str, &str)]) -> String {
+pub(crate) fn form(pairs: &[(&str, &str)]) -> String {
     pairs
         .iter()
         .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
@@ -150,7 +150,15 @@ fn form(pairs: &[(&str, &str)]) -> String {
         .join("&")
 }
 
-fn replacement_form(token: &str, scope: Option<&str>) -> String {
+/// A replacement request. `scope: None` asks for the subject token's own scope, read
+/// from it unverified (as `writ_sdk::exchange::TxnClient` does: draft-11 makes `scope`
+/// required in every request).
+pub(crate) fn replacement_form(token: &str, scope: Option<&str>) -> String {
+    let own = jsonwebtoken::dangerous::insecure_decode_claims::<Value>(token)
+        .ok()
+        .and_then(|c| c["scope"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "orders.read".to_owned());
+    let scope = Some(scope.unwrap_or(&own));
     let mut pairs = vec![
         ("grant_type", GRANT_TYPE_TOKEN_EXCHANGE),
         ("requested_token_type", TokenType::TxnToken.as_urn()),
@@ -164,13 +172,13 @@ fn replacement_form(token: &str, scope: Option<&str>) -> String {
     form(&pairs)
 }
 
-struct Reply {
-    status: StatusCode,
-    cache_control: Option<String>,
-    body: Value,
+pub(crate) struct Reply {
+    pub(crate) status: StatusCode,
+    pub(crate) cache_control: Option<String>,
+    pub(crate) body: Value,
 }
 
-async fn send(app: &Router, request: Request<Body>) -> Reply {
+pub(crate) async fn send(app: &Router, request: Request<Body>) -> Reply {
     let response = app.clone().oneshot(request).await.unwrap();
     let status = response.status();
     let cache_control = response
@@ -186,7 +194,7 @@ async fn send(app: &Router, request: Request<Body>) -> Reply {
     }
 }
 
-fn token_request(caller: Option<&str>, body: impl Into<Body>) -> Request<Body> {
+pub(crate) fn token_request(caller: Option<&str>, body: impl Into<Body>) -> Request<Body> {
     let mut request = Request::post("/token")
         .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
         .body(body.into())
@@ -199,12 +207,12 @@ fn token_request(caller: Option<&str>, body: impl Into<Body>) -> Request<Body> {
     request
 }
 
-async fn post(app: &Router, caller: &str, body: impl Into<Body>) -> Reply {
+pub(crate) async fn post(app: &Router, caller: &str, body: impl Into<Body>) -> Reply {
     send(app, token_request(Some(caller), body)).await
 }
 
 #[track_caller]
-fn assert_error(reply: &Reply, status: StatusCode, code: &str) {
+pub(crate) fn assert_error(reply: &Reply, status: StatusCode, code: &str) {
     assert_eq!(reply.status, status, "body: {}", reply.body);
     assert_eq!(reply.body["error"], code, "body: {}", reply.body);
     assert!(reply.body["error_description"].is_string());
@@ -221,7 +229,7 @@ fn assert_error(reply: &Reply, status: StatusCode, code: &str) {
 }
 
 /// Checks the success response shape and returns the verified claims.
-fn issued(h: &Harness, reply: &Reply) -> TxnToken {
+pub(crate) fn issued(h: &Harness, reply: &Reply) -> TxnToken {
     assert_eq!(reply.status, StatusCode::OK, "body: {}", reply.body);
     assert_eq!(reply.cache_control.as_deref(), Some("no-store"));
     assert_eq!(
@@ -429,6 +437,7 @@ async fn policy_refusals_are_unauthorized_client() {
             "subject_token_type",
             "urn:ietf:params:oauth:token-type:access_token",
         ),
+        ("scope", "orders.read"),
     ]);
     let reply = post(&h.app, PLANNER, body.clone()).await;
     assert_error(&reply, StatusCode::FORBIDDEN, "unauthorized_client");
@@ -457,8 +466,9 @@ async fn every_request_error_has_its_code_and_status() {
             ("audience", TD),
             ("subject_token", t),
             ("subject_token_type", TokenType::TxnToken.as_urn()),
+            ("scope", "orders.read"),
         ];
-        pairs.retain(|(k, _)| *k != skip);
+        pairs.retain(|(k, _)| *k != skip && !extra.iter().any(|(e, _)| e == k));
         pairs.extend_from_slice(extra);
         form(&pairs)
     };
@@ -534,6 +544,23 @@ async fn every_request_error_has_its_code_and_status() {
                     "urn:ietf:params:oauth:token-type:unsigned_json",
                 )],
             ),
+            StatusCode::FORBIDDEN,
+            "unauthorized_client",
+        ),
+        (
+            base(
+                "subject_token_type",
+                &[(
+                    "subject_token_type",
+                    "urn:ietf:params:oauth:token-type:refresh_token",
+                )],
+            ),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        // draft-11: `scope` is required.
+        (
+            base("scope", &[]),
             StatusCode::BAD_REQUEST,
             "invalid_request",
         ),
@@ -860,8 +887,15 @@ async fn exchanges_a_real_oidc_access_token() {
         request
     };
 
-    // No scope asked: token scope (read write) ∩ ceiling (read).
-    let reply = send(&h.app, exchange(None, "{\"device\":\"kiosk-7\"}")).await;
+    // No scope asked: refused (draft-11 requires it).
+    let reply = send(&h.app, exchange(None, "{}")).await;
+    assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_request");
+    // Token scope (read write) ∩ asked (read write) ∩ ceiling (read).
+    let reply = send(
+        &h.app,
+        exchange(Some("read write"), "{\"device\":\"kiosk-7\"}"),
+    )
+    .await;
     let claims = issued(&h, &reply);
     assert_eq!(claims.sub, provider.client_id);
     assert_eq!(claims.scope, "read");
@@ -886,7 +920,11 @@ async fn exchanges_a_real_oidc_access_token() {
     // A scope outside the ceiling, and a caller-set reserved rctx member.
     let reply = send(&h.app, exchange(Some("write"), "{}")).await;
     assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_scope");
-    let reply = send(&h.app, exchange(None, "{\"transport\":\"carrier-pigeon\"}")).await;
+    let reply = send(
+        &h.app,
+        exchange(Some("read"), "{\"transport\":\"carrier-pigeon\"}"),
+    )
+    .await;
     assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_request");
 
     // A tampered access token.
@@ -901,6 +939,7 @@ async fn exchanges_a_real_oidc_access_token() {
             "subject_token_type",
             "urn:ietf:params:oauth:token-type:access_token",
         ),
+        ("scope", "read"),
     ]);
     assert_error(
         &post(&h.app, GATEWAY, body).await,
@@ -909,7 +948,7 @@ async fn exchanges_a_real_oidc_access_token() {
     );
 
     // The agent replaces the gateway's token: chain grows, scope cannot widen to write.
-    let token = reply_token(&send(&h.app, exchange(None, "{}")).await);
+    let token = reply_token(&send(&h.app, exchange(Some("read"), "{}")).await);
     let reply = post(
         &h.app,
         PLANNER,
@@ -974,6 +1013,7 @@ async fn bad_oidc_subject_tokens_are_invalid_request() {
                 "subject_token_type",
                 "urn:ietf:params:oauth:token-type:access_token",
             ),
+            ("scope", "read"),
         ])
     };
     let b64 = |v: &Value| {

@@ -13,6 +13,7 @@
 
 mod audit;
 mod conditions;
+mod conformance;
 mod exchange;
 mod oidc;
 mod oidc_token_kinds;

@@ -363,6 +363,7 @@ async fn the_exchange_refuses_them_as_invalid_request_and_bounds_its_cache() {
                 .append_pair("audience", "example.org")
                 .append_pair("subject_token", &token)
                 .append_pair("subject_token_type", kind)
+                .append_pair("scope", "read")
                 .finish();
             let mut request = Request::post("/token")
                 .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
@@ -396,6 +397,16 @@ async fn the_exchange_refuses_them_as_invalid_request_and_bounds_its_cache() {
         ),
         (at(json!({"iat": NOW + 3600})), ACCESS, "not valid yet"),
         (at(json!({"nbf": NOW + 3600})), ACCESS, "not valid yet"),
+        // draft-11: a subject token whose scope is unknown is refused, never taken as
+        // unconstrained.
+        (at(json!({"scope": null})), ACCESS, "scope is unknown"),
+        // draft-11 "Txn-Token Lifetime": never issued once the subject token expired,
+        // even inside the validator's clock-skew leeway.
+        (
+            at(json!({"iat": NOW - 100, "exp": NOW - 1})),
+            ACCESS,
+            "expired",
+        ),
     ] {
         let (status, body) = exchange(token, kind).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {body}");

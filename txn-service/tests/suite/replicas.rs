@@ -123,6 +123,7 @@ impl Tts {
             ("audience", TD),
             ("subject_token", token),
             ("subject_token_type", TokenType::TxnToken.as_urn()),
+            ("scope", "orders.read"),
         ]
         .iter()
         .map(|(k, v)| {

@@ -160,6 +160,51 @@ fn verifier_refuses_what_it_must() {
     ));
 }
 
+/// draft-11 "JWT Body Claims" and "Txn-Token Validation", at the recipient: a token
+/// missing any REQUIRED claim (`iat`, `aud`, `exp`, `txn`, `sub`, `scope`, `req_wl`),
+/// with an empty `scope`, or with `req_wl` other than a single string is refused; `iss`
+/// (OPTIONAL in the draft) is one Writ always sets and checks.
+#[test]
+fn verifier_requires_every_draft_11_claim_and_a_single_string_req_wl() {
+    let (minter, verifier) = setup();
+    let raw = serde_json::to_value(claims(NOW)).unwrap();
+    let signed = |change: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let mut c = raw.as_object().unwrap().clone();
+        change(&mut c);
+        minter.sign(writ_sdk::txn_token::TXN_TOKEN_TYP, &c).unwrap()
+    };
+    assert!(verifier.verify_at(&signed(&|_| {}), at(NOW)).is_ok());
+    for claim in ["iat", "aud", "exp", "txn", "sub", "scope", "req_wl"] {
+        let token = signed(&|c| {
+            c.remove(claim);
+        });
+        assert!(
+            matches!(
+                verifier.verify_at(&token, at(NOW)),
+                Err(TxnTokenError::Claims(_) | TxnTokenError::Time(_))
+            ),
+            "without {claim}: {:?}",
+            verifier.verify_at(&token, at(NOW))
+        );
+    }
+    for (claim, value) in [
+        (
+            "req_wl",
+            serde_json::json!(["spiffe://example.org/a", "spiffe://example.org/b"]),
+        ),
+        ("scope", serde_json::json!("")),
+        ("scope", serde_json::json!(["orders.read"])),
+    ] {
+        let token = signed(&|c| {
+            c.insert(claim.to_owned(), value.clone());
+        });
+        assert!(
+            verifier.verify_at(&token, at(NOW)).is_err(),
+            "{claim} = {value}"
+        );
+    }
+}
+
 fn base64url(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
