@@ -942,7 +942,11 @@ mod tests {
         let text = include_str!("../../examples/config/txn.toml");
         let config = TxnConfig::from_toml(text, Path::new(".")).unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:8443");
-        assert_eq!(config.policy.rules().len(), 3);
+        assert_eq!(config.policy.rules().len(), 4);
+        assert_eq!(
+            config.policy.rules()[1].condition().map(|c| c.source()),
+            Some(r#"lease.task == "search""#)
+        );
         assert_eq!(config.oidc.len(), 1);
         assert_eq!(config.max_chain_depth, 8);
         assert_eq!(config.max_replacements, 7);
