@@ -451,19 +451,17 @@ async fn poll(
     shared: &Shared,
     after: u64,
 ) -> Result<bool, RevocationFeedError> {
-    let url = format!(
-        "{}?after={after}&wait={}",
-        config.url,
-        config.wait.as_secs()
-    );
-    let body = fetch(
-        &config.http,
-        &url,
-        MAX_FEED_BYTES,
-        config.wait + REQUEST_SLACK,
-    )
-    .await
-    .map_err(|e: FetchError| RevocationFeedError::Fetch(e.to_string()))?;
+    // Until the first page is applied, ask for what is in force without waiting, so a
+    // new verifier knows the set at once.
+    let wait = if shared.progress.borrow().pages == 0 {
+        Duration::ZERO
+    } else {
+        config.wait
+    };
+    let url = format!("{}?after={after}&wait={}", config.url, wait.as_secs());
+    let body = fetch(&config.http, &url, MAX_FEED_BYTES, wait + REQUEST_SLACK)
+        .await
+        .map_err(|e: FetchError| RevocationFeedError::Fetch(e.to_string()))?;
     let page: FeedPage =
         serde_json::from_slice(&body).map_err(|e| RevocationFeedError::Malformed(e.to_string()))?;
     let more = page.more;
