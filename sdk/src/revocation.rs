@@ -232,7 +232,7 @@ impl Shared {
             next.apply(page);
             next.prune(now);
             self.set.store(Arc::new(next));
-        } else if current.len() > 0 {
+        } else if !current.is_empty() {
             // Nothing new: drop what lapsed meanwhile.
             let mut next = RevocationSet::clone(&current);
             next.prune(now);
