@@ -528,6 +528,7 @@ async fn follow_store(
         let kind = |change: &StoreChange| match change {
             StoreChange::Agent(_) => (false, false),
             StoreChange::Entry(_) => (true, false),
+            StoreChange::Revocation => (false, false),
             _ => (true, true),
         };
         let (mut entries, mut authorities) = kind(&first);
