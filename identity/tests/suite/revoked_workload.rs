@@ -12,7 +12,7 @@ use tonic::Code;
 use writ_identity::agent::node_api::LocalNode;
 use writ_identity::agent::{self, RunningAgent};
 use writ_identity::attest::workload::StaticAttestor;
-use writ_identity::clock::{Clock as _, ManualClock};
+use writ_identity::clock::ManualClock;
 use writ_identity::entry::RegistrationEntry;
 use writ_identity::key_manager::ToRcgen as _;
 use writ_identity::key_manager::{MemoryKeyManager, PrivateKey};
