@@ -36,6 +36,7 @@
 //! # let _ = verifier; Ok(()) }
 //! ```
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -190,7 +191,7 @@ impl RevocationFeedBuilder {
 /// The state readers and the polling task share.
 #[derive(Debug)]
 struct Shared {
-    set: ArcSwap<RevocationSet>,
+    set: ArcSwap<Indexed>,
     clock: SharedClock,
     max_staleness: Option<Duration>,
     /// When the feed started, and when it last applied a page (for staleness).
@@ -205,7 +206,7 @@ impl Shared {
     fn new(clock: SharedClock, max_staleness: Option<Duration>) -> Arc<Self> {
         let started = clock.now();
         Arc::new(Self {
-            set: ArcSwap::from_pointee(RevocationSet::default()),
+            set: ArcSwap::from_pointee(Indexed::default()),
             clock,
             max_staleness,
             started,
@@ -219,6 +220,7 @@ impl Shared {
     fn apply(&self, page: FeedPage) -> Result<(), RevocationFeedError> {
         page.check()?;
         let current = self.set.load_full();
+        let current = &current.set;
         if page.seq < current.seq() {
             return Err(RevocationFeedError::Backwards {
                 page: page.seq,
@@ -228,20 +230,20 @@ impl Shared {
         let now = unix_seconds(self.clock.now());
         let changed = !page.revocations.is_empty() || page.seq != current.seq();
         if changed {
-            let mut next = RevocationSet::clone(&current);
+            let mut next = RevocationSet::clone(current);
             next.apply(page);
             next.prune(now);
-            self.set.store(Arc::new(next));
+            self.set.store(Arc::new(Indexed::new(next)));
         } else if !current.is_empty() {
             // Nothing new: drop what lapsed meanwhile.
-            let mut next = RevocationSet::clone(&current);
+            let mut next = RevocationSet::clone(current);
             next.prune(now);
             if next.len() != current.len() {
-                self.set.store(Arc::new(next));
+                self.set.store(Arc::new(Indexed::new(next)));
             }
         }
         self.last_ok.store(Arc::new(Some(self.clock.now())));
-        let seq = self.set.load().seq();
+        let seq = self.set.load().set.seq();
         self.progress.send_modify(|p| {
             p.seq = seq;
             p.pages += 1;
@@ -260,10 +262,7 @@ impl Shared {
             .is_ok_and(|age| age > limit)
     }
 
-    fn check(
-        &self,
-        find: impl FnOnce(&RevocationSet, i64) -> Option<Revocation>,
-    ) -> RevocationCheck {
+    fn check(&self, find: impl FnOnce(&Indexed, i64) -> Option<Revocation>) -> RevocationCheck {
         if self.stale() {
             return RevocationCheck::Stale;
         }
@@ -272,6 +271,84 @@ impl Shared {
             Some(r) => RevocationCheck::Revoked(Box::new(r)),
             None => RevocationCheck::Clear,
         }
+    }
+}
+
+/// The set and an index of it by what each entry names, so a check costs a few hash
+/// lookups whatever the number of entries in force.
+#[derive(Debug, Default)]
+struct Indexed {
+    set: RevocationSet,
+    /// (kind, value) -> the entries naming it: kind 0 a `txn`, 1 a `sub`, 2 a workload
+    /// exactly (a workload or a lease's child), 3 a workload subtree's root.
+    by_key: HashMap<(u8, String), Vec<Revocation>>,
+}
+
+impl Indexed {
+    fn new(set: RevocationSet) -> Self {
+        let mut by_key: HashMap<(u8, String), Vec<Revocation>> = HashMap::new();
+        for r in set.in_force(i64::MIN) {
+            let key = match &r.target {
+                Target::Txn { txn } => (0, txn.clone()),
+                Target::Sub { sub } => (1, sub.clone()),
+                Target::Workload {
+                    spiffe_id,
+                    subtree: false,
+                }
+                | Target::Lease { spiffe_id, .. } => (2, spiffe_id.clone()),
+                Target::Workload {
+                    spiffe_id,
+                    subtree: true,
+                } => (3, spiffe_id.clone()),
+            };
+            by_key.entry(key).or_default().push(r.clone());
+        }
+        Self { set, by_key }
+    }
+
+    fn find(&self, kind: u8, value: &str, now: i64) -> Option<Revocation> {
+        // Looking up by a borrowed pair needs an owned key; values are short.
+        self.by_key
+            .get(&(kind, value.to_owned()))?
+            .iter()
+            .find(|r| r.in_force(now))
+            .cloned()
+    }
+
+    /// As [`RevocationSet::workload`]: the exact ID, or a subtree rooted at the ID or at
+    /// any of its ancestors (cut at `/`).
+    fn workload(&self, id: &str, now: i64) -> Option<Revocation> {
+        if self.by_key.is_empty() {
+            return None;
+        }
+        if let Some(r) = self.find(2, id, now).or_else(|| self.find(3, id, now)) {
+            return Some(r);
+        }
+        // Ancestors: every prefix ending before a `/` of the path.
+        let path_start = id.find("://").map_or(0, |i| i + 3);
+        let path_start = id
+            .get(path_start..)
+            .and_then(|rest| rest.find('/'))
+            .map_or(id.len(), |i| path_start + i);
+        id.char_indices()
+            .filter(|(i, c)| *c == '/' && *i > path_start)
+            .find_map(|(i, _)| id.get(..i).and_then(|prefix| self.find(3, prefix, now)))
+    }
+
+    /// As [`RevocationSet::token`].
+    fn token<'a>(
+        &self,
+        txn: &str,
+        sub: &str,
+        mut workloads: impl Iterator<Item = &'a str>,
+        now: i64,
+    ) -> Option<Revocation> {
+        if self.by_key.is_empty() {
+            return None;
+        }
+        self.find(0, txn, now)
+            .or_else(|| self.find(1, sub, now))
+            .or_else(|| workloads.find_map(|w| self.workload(w, now)))
     }
 }
 
@@ -344,7 +421,7 @@ impl RevocationFeed {
 
     /// The set in use now.
     pub fn snapshot(&self) -> Arc<RevocationSet> {
-        self.handle.shared.set.load_full()
+        Arc::new(self.handle.shared.set.load().set.clone())
     }
 
     /// The highest `seq` applied.
@@ -372,8 +449,8 @@ impl RevocationFeed {
         let set = shared.set.load();
         let pages = shared.progress.borrow().pages;
         FeedStats {
-            seq: set.seq(),
-            entries: set.len(),
+            seq: set.set.seq(),
+            entries: set.set.len(),
             pages,
             errors: shared.errors.load(std::sync::atomic::Ordering::Relaxed),
             synced: pages > 0,
@@ -386,7 +463,7 @@ impl RevocationFeed {
         self.handle.shared.check(|set, now| {
             let chain = token.chain();
             let workloads = std::iter::once(token.req_wl.as_str()).chain(chain.iter().copied());
-            set.token(&token.txn, &token.sub, workloads, now).cloned()
+            Indexed::token(set, &token.txn, &token.sub, workloads, now)
         })
     }
 
@@ -394,7 +471,7 @@ impl RevocationFeed {
     pub fn check_workload(&self, spiffe_id: &str) -> RevocationCheck {
         self.handle
             .shared
-            .check(|set, now| set.workload(spiffe_id, now).cloned())
+            .check(|set, now| Indexed::workload(set, spiffe_id, now))
     }
 }
 
@@ -422,11 +499,11 @@ async fn follow(config: RevocationFeedBuilder, shared: Arc<Shared>) {
     let mut backoff = config.backoff;
     loop {
         let started = tokio::time::Instant::now();
-        let after = shared.set.load().seq();
+        let after = shared.set.load().set.seq();
         match poll(&config, &shared, after).await {
             Ok(more) => {
                 backoff = config.backoff;
-                let brought_news = shared.set.load().seq() > after;
+                let brought_news = shared.set.load().set.seq() > after;
                 if !more && !brought_news {
                     // A service that answers at once with nothing new is not asked again
                     // in a tight loop.
@@ -470,7 +547,7 @@ async fn poll(
     if count > 0 {
         tracing::info!(
             entries = count,
-            seq = shared.set.load().seq(),
+            seq = shared.set.load().set.seq(),
             "revocation feed: applied"
         );
     }
@@ -590,19 +667,74 @@ mod tests {
     }
 
     #[test]
+    fn the_index_agrees_with_the_set() {
+        let mut set = RevocationSet::default();
+        let targets = [
+            Target::Txn { txn: "t".into() },
+            Target::Sub { sub: "u".into() },
+            Target::Workload {
+                spiffe_id: "spiffe://td/a".into(),
+                subtree: true,
+            },
+            Target::Workload {
+                spiffe_id: "spiffe://td/b/c".into(),
+                subtree: false,
+            },
+            Target::Lease {
+                lease: "L".into(),
+                spiffe_id: "spiffe://td/p/sub/L".into(),
+            },
+        ];
+        for (i, t) in targets.into_iter().enumerate() {
+            set.insert(entry(i as u64 + 1, t, 200 + i as i64 * 10));
+        }
+        let indexed = Indexed::new(set.clone());
+        let ids = [
+            "spiffe://td/a",
+            "spiffe://td/a/x",
+            "spiffe://td/a/x/y",
+            "spiffe://td/ab",
+            "spiffe://td/b",
+            "spiffe://td/b/c",
+            "spiffe://td/b/c/d",
+            "spiffe://td/p/sub/L",
+            "spiffe://td/p",
+            "spiffe://td",
+            "spiffe://a/td",
+        ];
+        for now in [150, 205, 215, 235, 245] {
+            for id in ids {
+                assert_eq!(
+                    indexed.workload(id, now),
+                    set.workload(id, now).cloned(),
+                    "{id} at {now}"
+                );
+            }
+            for (txn, sub) in [("t", "x"), ("x", "u"), ("x", "x")] {
+                assert_eq!(
+                    indexed.token(txn, sub, ids.iter().copied().skip(3), now),
+                    set.token(txn, sub, ids.iter().copied().skip(3), now)
+                        .cloned(),
+                    "{txn} {sub} at {now}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn staleness_fails_closed_only_when_asked() {
         let clock = at(1000);
         let shared = Shared::new(clock.clone(), Some(Duration::from_secs(60)));
-        assert_eq!(shared.check(|_, _| None), RevocationCheck::Clear);
+        assert_eq!(shared.check(|_: &Indexed, _| None), RevocationCheck::Clear);
         *clock
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) =
             SystemTime::UNIX_EPOCH + Duration::from_secs(1061);
-        assert_eq!(shared.check(|_, _| None), RevocationCheck::Stale);
+        assert_eq!(shared.check(|_: &Indexed, _| None), RevocationCheck::Stale);
         assert_eq!(shared.apply(FeedPage::default()), Ok(()));
-        assert_eq!(shared.check(|_, _| None), RevocationCheck::Clear);
+        assert_eq!(shared.check(|_: &Indexed, _| None), RevocationCheck::Clear);
         let open = Shared::new(clock, None);
-        assert_eq!(open.check(|_, _| None), RevocationCheck::Clear);
+        assert_eq!(open.check(|_: &Indexed, _| None), RevocationCheck::Clear);
     }
 }
