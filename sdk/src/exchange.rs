@@ -283,6 +283,23 @@ impl TxnClient {
         crate::audit::TtsSink::new(self)
     }
 
+    /// The service's revocation feed, followed over this client's mTLS with the default
+    /// options (see [`crate::revocation`]); give it to
+    /// [`TxnVerifierBuilder::revocations`](crate::txn_token::TxnVerifierBuilder::revocations).
+    ///
+    /// # Errors
+    /// [`crate::revocation::RevocationFeedError::NoRuntime`] outside a Tokio runtime.
+    pub fn revocation_feed(
+        &self,
+    ) -> Result<crate::revocation::RevocationFeed, crate::revocation::RevocationFeedError> {
+        self.revocation_feed_builder().build()
+    }
+
+    /// Options for the service's revocation feed, over this client's mTLS.
+    pub fn revocation_feed_builder(&self) -> crate::revocation::RevocationFeedBuilder {
+        crate::revocation::RevocationFeed::builder(self.http.clone(), &self.base_url)
+    }
+
     /// The service's JWKS (`/.well-known/jwks.json`), fetched over this client's mTLS,
     /// for a [`crate::txn_token::TxnVerifier`].
     pub fn jwks_source(&self) -> JwksSource {

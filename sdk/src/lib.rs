@@ -13,6 +13,7 @@
 //! | `x509-source` | `workload::X509Source`, the workload's X509-SVID and bundles kept current across rotations; [`tls`]: rustls configs with SPIFFE-ID `Authorizer`s |
 //! | `jwt-source` | `workload::JwtSource`: JWT-SVIDs per audience |
 //! | `txn-verify` | [`txn_token`]: the Txn-Token claims type and `TxnVerifier`; [`audit`]: the record a service keeps of each verification and the sinks it goes to (`LogSink`, `JsonLinesSink`; with `exchange` also `TtsSink`, sent to the token service); [`jwks`]: the one fetch/cache/refetch of remote key sets (the token service's OIDC ingress uses it too) |
+//! | `txn-verify` | [`revocation`]: `RevocationFeed`, the kill switch's revocations followed from the token service, for `TxnVerifier`, `TxnLayer` and `tls::Authorizer::not_revoked` |
 //! | `axum` | [`listener`]: axum over SPIFFE mTLS; [`middleware`]: `TxnLayer` and `Verified`, which check the caller and its Txn-Token together |
 //! | `exchange` | [`exchange`]: `TxnClient`, the RFC 8693 client of the token service |
 //! | `otel` | `trace::TraceContext`'s OpenTelemetry bridge: `TxnLayer`'s span joins the incoming `traceparent`, outgoing calls carry the current span's context |
@@ -55,6 +56,8 @@ pub mod listener;
 #[cfg(feature = "axum")]
 pub mod middleware;
 pub mod oauth;
+#[cfg(feature = "txn-verify")]
+pub mod revocation;
 #[cfg(feature = "spawn")]
 pub mod spawn;
 #[cfg(feature = "x509-source")]

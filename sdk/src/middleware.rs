@@ -10,11 +10,13 @@
 //! | 401    | `unauthenticated`     | the connection carries no verified X509-SVID |
 //! | 401    | `missing_txn_token`   | no `Txn-Token` header, or more than one |
 //! | 401    | `invalid_txn_token`   | the token does not verify |
+//! | 401    | `revoked`             | a revocation covers the token or the caller (the verifier follows a [`RevocationFeed`](crate::revocation::RevocationFeed)) |
 //! | 403    | `caller_not_allowed`  | the policy does not accept the caller |
 //! | 403    | `insufficient_scope`  | the token lacks a scope the policy requires |
 //! | 403    | `not_current_actor`   | strict chaining: the caller is not the token's current actor |
 //! | 403    | `forbidden`           | a custom check refused |
 //! | 503    | `keys_unavailable`    | the service's signing keys could not be loaded |
+//! | 503    | `revocations_unavailable` | the revocation feed fails closed and is stale |
 //!
 //! With [`TxnLayer::with_audit`], every request, allowed or refused, also leaves one
 //! [`VerificationRecord`] in the service's [`AuditSink`]: the service's and the caller's
@@ -502,7 +504,7 @@ impl Guard {
         token: String,
         trace: Option<TraceContext>,
     ) -> Result<Verified, Denied> {
-        let txn = self.verifier.verify(&token).await.map_err(|e| {
+        let txn = self.verifier.verify_unrevoked(&token).await.map_err(|e| {
             tracing::info!(
                 %caller,
                 token_sha256 = %writ_spiffe::fingerprint::token(&token),
@@ -528,6 +530,12 @@ impl Guard {
             token,
             trace,
         };
+        if let Some(rejection) = revocation_rejection(&self.verifier, &verified) {
+            return Err(Denied {
+                rejection,
+                verified: Some(Box::new(verified)),
+            });
+        }
         if let Err(e) = self.policy.evaluate(&verified) {
             tracing::info!(caller = %verified.caller, txn = %verified.txn.txn, error = %e, "request refused");
             let code = match e {
@@ -543,6 +551,23 @@ impl Guard {
         }
         Ok(verified)
     }
+}
+
+/// The refusal when a revocation covers the verified token or its caller (`revoked`,
+/// 401), or when the revocation feed fails closed (`revocations_unavailable`, 503).
+fn revocation_rejection(verifier: &TxnVerifier, verified: &Verified) -> Option<Rejection> {
+    let e = verifier
+        .check_revoked(&verified.txn, Some(&verified.caller))
+        .err()?;
+    tracing::info!(caller = %verified.caller, txn = %verified.txn.txn, error = %e, "request refused");
+    Some(match e {
+        TxnTokenError::RevocationsStale => reject(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "revocations_unavailable",
+            &e.to_string(),
+        ),
+        e => reject(StatusCode::UNAUTHORIZED, "revoked", &e.to_string()),
+    })
 }
 
 /// A refused request: answered as JSON `{"error": code, "error_description": ...}`

@@ -111,6 +111,19 @@ impl Authorizer {
         Self(Arc::new(move |peer| all.iter().any(|a| a.allows(peer))))
     }
 
+    /// The peers `inner` accepts, except one a revocation in `feed` covers (a revoked
+    /// workload, a workload under a revoked subtree, a revoked sub-agent lease's child),
+    /// and every peer while the feed fails closed and is stale. The decision is made at
+    /// the handshake: a connection opened before the revocation stays open (a
+    /// `TxnLayer` checks the caller on every request).
+    #[cfg(feature = "txn-verify")]
+    pub fn not_revoked(feed: crate::revocation::RevocationFeed, inner: Authorizer) -> Self {
+        Self(Arc::new(move |peer| {
+            inner.allows(peer)
+                && feed.check_workload(peer.as_str()) == crate::revocation::RevocationCheck::Clear
+        }))
+    }
+
     /// A custom decision.
     pub fn custom(f: impl Fn(&SpiffeId) -> bool + Send + Sync + 'static) -> Self {
         Self(Arc::new(f))

@@ -26,6 +26,7 @@ pub mod explorer;
 pub mod k8s;
 pub mod oidc_provider;
 pub mod python;
+pub mod revocation_feed;
 
 pub use env::{available, gid, require_all, skip, uid};
 

@@ -253,7 +253,8 @@ impl NodeHandler {
         let store = &self.state().store;
         let ended = || NodeError::LeaseEnded(lease_id.chars().take(64).collect());
         let lease = store.fetch_lease(lease_id).await?.ok_or_else(ended)?;
-        if lease.agent_id != *agent_id || !lease.is_live(now) {
+        if lease.agent_id != *agent_id || !lease.is_live(now) || self.revoked(&lease.child_id, now)
+        {
             return Err(ended());
         }
         let mut parent = lease.parent_id.clone();

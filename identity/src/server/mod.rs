@@ -21,6 +21,7 @@ pub mod lease;
 pub mod node;
 pub mod node_service;
 pub mod oidc_discovery;
+pub mod revoked;
 
 use std::future::Future;
 use std::path::Path;
@@ -118,6 +119,8 @@ pub struct ServerState {
     federation_wake: Arc<tokio::sync::Notify>,
     /// This server's metrics (served on its operations listener, [`crate::ops`]).
     pub metrics: Arc<crate::ops::metrics::ServerMetrics>,
+    /// The revocations in force: no SVID is signed for a workload they cover.
+    pub revocations: Arc<revoked::Revocations>,
 }
 
 impl ServerState {
@@ -167,6 +170,17 @@ impl ServerState {
             Arc::downgrade(&ca),
             changes.clone(),
         ));
+        let revocations = Arc::new(revoked::Revocations::default());
+        revocations
+            .refresh(store.as_ref(), clock.unix_seconds(), true)
+            .await?;
+        tokio::spawn(revoked::follow(
+            store.changes(),
+            Arc::downgrade(&store),
+            Arc::downgrade(&revocations),
+            clock.clone(),
+            changes.clone(),
+        ));
         Ok(Arc::new(Self {
             config,
             store,
@@ -176,6 +190,7 @@ impl ServerState {
             changes,
             federation_wake: Arc::new(tokio::sync::Notify::new()),
             metrics: Arc::new(crate::ops::metrics::ServerMetrics::new()),
+            revocations,
         }))
     }
 
@@ -528,6 +543,7 @@ async fn follow_store(
         let kind = |change: &StoreChange| match change {
             StoreChange::Agent(_) => (false, false),
             StoreChange::Entry(_) => (true, false),
+            StoreChange::Revocation => (false, false),
             _ => (true, true),
         };
         let (mut entries, mut authorities) = kind(&first);

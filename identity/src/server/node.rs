@@ -190,6 +190,10 @@ impl NodeHandler {
                 if !entry.is_template() {
                     queue.push_back(entry.spiffe_id.clone());
                 }
+                // A revoked identity is not the agent's while the revocation is in force.
+                if self.revoked(&entry.spiffe_id, now) {
+                    continue;
+                }
                 out.push(entry);
                 if out.len() > MAX_ENTRIES_PER_AGENT {
                     return Err(NodeError::Invalid(format!(
@@ -393,11 +397,25 @@ impl NodeHandler {
             NodeError::Invalid(format!("entry {}: {e}", entry.id))
         })?;
         let now = self.state.clock.unix_seconds();
+        if self.revoked(&id, now) {
+            return Err(NodeError::NotAuthorized(
+                entry.id.chars().take(64).collect(),
+            ));
+        }
         self.state
             .store
             .record_template_issue(&entry.id, agent_id, &id, now)
             .await?;
         Ok((entry, id))
+    }
+
+    /// Whether a revocation in force at `now` covers `id` (logged: nothing is issued).
+    pub(crate) fn revoked(&self, id: &SpiffeId, now: i64) -> bool {
+        let Some(r) = self.state.revocations.workload(id.as_str(), now) else {
+            return false;
+        };
+        tracing::debug!(spiffe_id = %id, revocation = r.seq, "revoked; nothing issued");
+        true
     }
 
     /// Signs an X509-SVID for template entry `entry_id`, for the ID its template yields

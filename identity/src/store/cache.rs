@@ -256,7 +256,10 @@ impl Shared {
                 };
                 self.refresh_agent(&spiffe_id).await?;
             }
-            StoreChange::Journal | StoreChange::Bundle(_) | StoreChange::Resync => {}
+            StoreChange::Journal
+            | StoreChange::Bundle(_)
+            | StoreChange::Revocation
+            | StoreChange::Resync => {}
         }
         Ok(())
     }
@@ -960,6 +963,26 @@ impl Store for CachedStore {
 
     async fn prune_audit(&self, before_ms: i64) -> Result<u64, StoreError> {
         self.shared.inner.prune_audit(before_ms).await
+    }
+
+    async fn insert_revocation(
+        &self,
+        revocation: &super::revocation::NewRevocation,
+    ) -> Result<writ_spiffe::revocation::Revocation, StoreError> {
+        self.shared.inner.insert_revocation(revocation).await
+    }
+
+    async fn list_revocations(
+        &self,
+        after: u64,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<super::revocation::RevocationRecord>, StoreError> {
+        self.shared.inner.list_revocations(after, now, limit).await
+    }
+
+    async fn prune_revocations(&self, now: i64) -> Result<u64, StoreError> {
+        self.shared.inner.prune_revocations(now).await
     }
 
     fn changes(&self) -> broadcast::Receiver<StoreChange> {

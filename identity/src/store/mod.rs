@@ -27,6 +27,7 @@ pub mod cache;
 #[cfg(any(test, feature = "test-util"))]
 pub mod pg_harness;
 pub mod postgres;
+pub mod revocation;
 mod schema;
 mod sql;
 pub mod sqlite;
@@ -73,6 +74,14 @@ pub enum StoreError {
         kind: &'static str,
         /// Why.
         detail: String,
+    },
+    /// A bounded table is full (`writ txn revoke` beyond the revocations in force).
+    #[error("at most {max} {kind}")]
+    TooMany {
+        /// What is counted.
+        kind: &'static str,
+        /// The bound.
+        max: usize,
     },
     /// A join token exists but is past its expiry.
     #[error("join token has expired")]
@@ -524,6 +533,26 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// milliseconds) and records its last row in the anchor, so the chain still
     /// verifies. Returns how many rows went.
     async fn prune_audit(&self, before_ms: i64) -> Result<u64, StoreError>;
+
+    /// Records a revocation (checked with [`revocation::NewRevocation::check`]) and its
+    /// audit event (kind `revocation`) in one transaction, and returns it with its `seq`,
+    /// greater than every `seq` before it and never reused. Refuses with
+    /// [`StoreError::TooMany`] when [`revocation::MAX_IN_FORCE`] are in force at its
+    /// `revoked_at`, with [`StoreError::Invalid`] what fails the check.
+    async fn insert_revocation(
+        &self,
+        revocation: &revocation::NewRevocation,
+    ) -> Result<writ_spiffe::revocation::Revocation, StoreError>;
+    /// The revocations in force at `now` (`lapses_at > now`) with a `seq` above `after`,
+    /// ascending, at most `limit` (capped at [`revocation::MAX_LIST`]).
+    async fn list_revocations(
+        &self,
+        after: u64,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<revocation::RevocationRecord>, StoreError>;
+    /// Removes the revocations lapsed at `now`; returns how many.
+    async fn prune_revocations(&self, now: i64) -> Result<u64, StoreError>;
 }
 
 /// A change some writer (this process or another server on the same database) made to
@@ -540,6 +569,8 @@ pub enum StoreChange {
     Journal,
     /// The bundle of this trust domain (`spiffe://<td>`) was stored or deleted.
     Bundle(String),
+    /// A revocation was recorded: read `list_revocations` past the last `seq` seen.
+    Revocation,
     /// Changes may have been missed (the listener reconnected, or a receiver lagged
     /// behind): re-read everything.
     Resync,
@@ -547,7 +578,7 @@ pub enum StoreChange {
 
 impl StoreChange {
     /// The change a notification payload (`entry:<id>`, `agent:<spiffe id>`,
-    /// `journal:<id>`, `bundle:<td>`) names; `None` for one this build does not know.
+    /// `journal:<id>`, `bundle:<td>`, `revocation:<seq>`) names; `None` for one this build does not know.
     pub fn from_payload(payload: &str) -> Option<Self> {
         let (kind, key) = payload.split_once(':')?;
         Some(match kind {
@@ -555,6 +586,7 @@ impl StoreChange {
             "agent" => Self::Agent(key.to_owned()),
             "journal" => Self::Journal,
             "bundle" => Self::Bundle(key.to_owned()),
+            "revocation" => Self::Revocation,
             _ => return None,
         })
     }

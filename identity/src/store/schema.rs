@@ -214,6 +214,25 @@ pub(super) const SQLITE_MIGRATIONS: &[Migration] = &[
              VALUES (1, 0, '', 0, '')",
         ],
     },
+    // The kill switch (`store::revocation`). AUTOINCREMENT: a seq is never reused, even
+    // after the highest row is pruned.
+    Migration {
+        version: 10,
+        statements: &[
+            "CREATE TABLE revocations (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            value TEXT NOT NULL,
+            spiffe_id TEXT NOT NULL,
+            subtree BOOLEAN NOT NULL,
+            revoked_at INTEGER NOT NULL,
+            lapses_at INTEGER NOT NULL,
+            reason TEXT,
+            revoked_by TEXT NOT NULL
+        )",
+            "CREATE INDEX revocations_lapses_at ON revocations (lapses_at)",
+        ],
+    },
 ];
 
 /// PostgreSQL migrations, oldest first. Keys use the `C` collation so that `ORDER BY`
@@ -407,6 +426,28 @@ pub(super) const POSTGRES_MIGRATIONS: &[Migration] = &[
         )",
             "INSERT INTO audit_anchor (id, pruned_seq, pruned_hash, head_seq, head_hash) \
              VALUES (1, 0, '', 0, '')",
+        ],
+    },
+    // The kill switch (`store::revocation`). An identity column is never reused; inserts
+    // take the audit lock first, so seqs commit in order and a reader polling
+    // `seq > after` never skips one. Each insert is announced as `revocation:<seq>`.
+    Migration {
+        version: 10,
+        statements: &[
+            r#"CREATE TABLE revocations (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            kind TEXT NOT NULL,
+            value TEXT COLLATE "C" NOT NULL,
+            spiffe_id TEXT COLLATE "C" NOT NULL,
+            subtree BOOLEAN NOT NULL,
+            revoked_at BIGINT NOT NULL,
+            lapses_at BIGINT NOT NULL,
+            reason TEXT,
+            revoked_by TEXT NOT NULL
+        )"#,
+            "CREATE INDEX revocations_lapses_at ON revocations (lapses_at)",
+            "CREATE TRIGGER revocations_changed AFTER INSERT ON revocations \
+             FOR EACH ROW EXECUTE FUNCTION writ_notify_change('revocation', 'seq')",
         ],
     },
 ];

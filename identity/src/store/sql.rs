@@ -107,6 +107,55 @@ macro_rules! sql_store {
                 .transpose()
         }
 
+        /// Appends checked `events` to the audit chain on `conn`, inside a transaction
+        /// that already holds the chain head (`AUDIT_LOCK`, or SQLite's write lock).
+        /// Returns the new head's sequence.
+        async fn append_audit_on(
+            conn: &mut $conn,
+            events: &[super::audit::AuditEvent],
+        ) -> Result<u64, StoreError> {
+            use super::audit as a;
+            let anchor = sqlx::query(a::FETCH_ANCHOR)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(StoreError::from)
+                .and_then(|row| a::anchor_from_sql(&row))?;
+            let mut seq = anchor.head_seq;
+            let mut prev = if anchor.head_seq == 0 {
+                a::GENESIS_HASH.to_owned()
+            } else {
+                anchor.head_hash
+            };
+            for event in events {
+                seq += 1;
+                let row = a::AuditRow::chain(seq, &prev, event.clone());
+                sqlx::query(a::INSERT_ROW)
+                    .bind(schema::to_i64(seq, "seq")?)
+                    .bind(row.event.at_ms)
+                    .bind(row.event.kind.as_str())
+                    .bind(row.event.decision.as_str())
+                    .bind(row.event.txn.as_str())
+                    .bind(row.event.sub.as_str())
+                    .bind(row.event.caller.as_str())
+                    .bind(row.event.service.as_str())
+                    .bind(row.event.lease.as_str())
+                    .bind(row.event.record.as_str())
+                    .bind(row.prev_hash.as_str())
+                    .bind(row.hash.as_str())
+                    .execute(&mut *conn)
+                    .await?;
+                prev = row.hash;
+            }
+            if !events.is_empty() {
+                sqlx::query(a::SET_HEAD)
+                    .bind(schema::to_i64(seq, "seq")?)
+                    .bind(prev.as_str())
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            Ok(seq)
+        }
+
         #[async_trait::async_trait]
         impl Store for $store {
             async fn create_entry(
@@ -706,44 +755,7 @@ macro_rules! sql_store {
                 if let Some(lock) = AUDIT_LOCK {
                     sqlx::query(lock).execute(&mut *tx).await?;
                 }
-                let anchor = sqlx::query(a::FETCH_ANCHOR)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(StoreError::from)
-                    .and_then(|row| a::anchor_from_sql(&row))?;
-                let mut seq = anchor.head_seq;
-                let mut prev = if anchor.head_seq == 0 {
-                    a::GENESIS_HASH.to_owned()
-                } else {
-                    anchor.head_hash
-                };
-                for event in events {
-                    seq += 1;
-                    let row = a::AuditRow::chain(seq, &prev, event.clone());
-                    sqlx::query(a::INSERT_ROW)
-                        .bind(schema::to_i64(seq, "seq")?)
-                        .bind(row.event.at_ms)
-                        .bind(row.event.kind.as_str())
-                        .bind(row.event.decision.as_str())
-                        .bind(row.event.txn.as_str())
-                        .bind(row.event.sub.as_str())
-                        .bind(row.event.caller.as_str())
-                        .bind(row.event.service.as_str())
-                        .bind(row.event.lease.as_str())
-                        .bind(row.event.record.as_str())
-                        .bind(row.prev_hash.as_str())
-                        .bind(row.hash.as_str())
-                        .execute(&mut *tx)
-                        .await?;
-                    prev = row.hash;
-                }
-                if !events.is_empty() {
-                    sqlx::query(a::SET_HEAD)
-                        .bind(schema::to_i64(seq, "seq")?)
-                        .bind(prev.as_str())
-                        .execute(&mut *tx)
-                        .await?;
-                }
+                let seq = append_audit_on(&mut tx, events).await?;
                 tx.commit().await?;
                 Ok(seq)
             }
@@ -871,6 +883,77 @@ macro_rules! sql_store {
                     .fetch_all(&self.pool)
                     .await?;
                 rows.iter().map(template_issue_from_row).collect()
+            }
+
+            async fn insert_revocation(
+                &self,
+                new: &super::revocation::NewRevocation,
+            ) -> Result<writ_spiffe::revocation::Revocation, StoreError> {
+                use super::revocation as r;
+                new.check()?;
+                let mut tx = self.begin_write().await?;
+                // The audit lock also serializes revocations, so their seqs commit in order.
+                if let Some(lock) = AUDIT_LOCK {
+                    sqlx::query(lock).execute(&mut *tx).await?;
+                }
+                let in_force: i64 = sqlx::query_scalar(r::COUNT_IN_FORCE)
+                    .bind(new.revoked_at)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if usize::try_from(in_force).unwrap_or(usize::MAX) >= r::MAX_IN_FORCE {
+                    return Err(StoreError::TooMany {
+                        kind: "revocations in force",
+                        max: r::MAX_IN_FORCE,
+                    });
+                }
+                let (kind, value, spiffe_id, subtree) = r::target_columns(&new.target);
+                // Run to completion (not `fetch_one`), as every write statement.
+                let seqs: Vec<i64> = sqlx::query_scalar(r::INSERT)
+                    .bind(kind)
+                    .bind(value)
+                    .bind(spiffe_id)
+                    .bind(subtree)
+                    .bind(new.revoked_at)
+                    .bind(new.lapses_at)
+                    .bind(new.reason.as_deref())
+                    .bind(new.revoked_by.as_str())
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let seq = seqs
+                    .first()
+                    .and_then(|s| u64::try_from(*s).ok())
+                    .ok_or_else(|| StoreError::Corrupt {
+                        kind: "revocation",
+                        detail: "the insert returned no seq".into(),
+                    })?;
+                append_audit_on(&mut tx, &[new.audit_event(seq)]).await?;
+                tx.commit().await?;
+                self.changed(StoreChange::Revocation);
+                Ok(new.with_seq(seq))
+            }
+
+            async fn list_revocations(
+                &self,
+                after: u64,
+                now: i64,
+                limit: u32,
+            ) -> Result<Vec<super::revocation::RevocationRecord>, StoreError> {
+                use super::revocation as r;
+                let rows = sqlx::query(r::LIST)
+                    .bind(schema::to_i64(after, "after")?)
+                    .bind(now)
+                    .bind(i64::from(limit.min(r::MAX_LIST)))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(r::from_sql).collect()
+            }
+
+            async fn prune_revocations(&self, now: i64) -> Result<u64, StoreError> {
+                let done = sqlx::query(super::revocation::PRUNE)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected())
             }
 
             fn changes(&self) -> tokio::sync::broadcast::Receiver<StoreChange> {

@@ -393,4 +393,43 @@ mod tests {
             "entry 3 rolled back"
         );
     }
+
+    /// Beyond `MAX_IN_FORCE` revocations in force, another is refused; once some lapse
+    /// and are pruned, revoking works again.
+    #[tokio::test]
+    async fn revocations_in_force_are_bounded() {
+        use crate::store::revocation::{MAX_IN_FORCE, NewRevocation};
+        use writ_spiffe::revocation::Target;
+        let store = SqliteStore::open_in_memory().await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO revocations (kind, value, spiffe_id, subtree, revoked_at, lapses_at, \
+             reason, revoked_by) WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 \
+             FROM n WHERE i < {MAX_IN_FORCE}) SELECT 'txn', 'bulk-' || i, '', 0, 10, \
+             CASE WHEN i = 1 THEN 15 ELSE 20 END, NULL, 'bulk' FROM n"
+        )))
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        let new = |revoked_at: i64| NewRevocation {
+            target: Target::Txn {
+                txn: "one more".into(),
+            },
+            revoked_at,
+            lapses_at: 100,
+            reason: None,
+            revoked_by: "test".into(),
+        };
+        let err = store.insert_revocation(&new(11)).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::TooMany { max, .. } if max == MAX_IN_FORCE),
+            "{err}"
+        );
+        // At 15 the first has lapsed: room for one.
+        let made = store.insert_revocation(&new(15)).await.unwrap();
+        assert!(made.seq > MAX_IN_FORCE as u64);
+        assert_eq!(
+            store.prune_revocations(20).await.unwrap(),
+            MAX_IN_FORCE as u64
+        );
+    }
 }

@@ -72,6 +72,8 @@ pub async fn run_all(store: &dyn Store) {
     federations_crud_and_refresh_status(store).await;
     audit_chain_appended_read_and_pruned(store).await;
     audit_appends_never_fork(store).await;
+    revocations_recorded_listed_and_pruned(store).await;
+    revocations_concurrent_inserts_keep_order(store).await;
 }
 
 /// Fresh names for one check.
@@ -2110,4 +2112,213 @@ pub async fn audit_appends_never_fork(store: &dyn Store) {
     join_all(writers).await;
     let summary = audit_verify(store).await;
     assert_eq!(summary.head_seq, before.head_seq + 80);
+}
+
+/// When the revocation checks make their entries (2033): later than any other check's.
+const REVOKED_AT: i64 = 2_000_000_000;
+
+fn new_revocation(
+    target: writ_spiffe::revocation::Target,
+    lapses_in: i64,
+) -> super::revocation::NewRevocation {
+    super::revocation::NewRevocation {
+        target,
+        revoked_at: REVOKED_AT,
+        lapses_at: REVOKED_AT + lapses_in,
+        reason: Some("suite".into()),
+        revoked_by: "suite admin".into(),
+    }
+}
+
+/// The highest seq among the revocations in force at [`REVOKED_AT`] (0: none).
+async fn revocation_head(store: &dyn Store) -> u64 {
+    let mut after = 0;
+    loop {
+        let page = store
+            .list_revocations(after, REVOKED_AT, super::revocation::MAX_LIST)
+            .await
+            .expect("list_revocations");
+        match page.last() {
+            Some(last) => after = last.revocation.seq,
+            None => return after,
+        }
+    }
+}
+
+/// Revocations: numbered in increasing order, audited in the same transaction, listed
+/// while in force from a cursor, refused when malformed, pruned once lapsed, and a seq
+/// is never reused even after the highest row is pruned.
+pub async fn revocations_recorded_listed_and_pruned(store: &dyn Store) {
+    use writ_spiffe::revocation::Target;
+    let s = Scope::new("revocations");
+    let mut rx = store.changes();
+    let head = revocation_head(store).await;
+    let txn = Target::Txn { txn: s.tag.clone() };
+    let workload = Target::Workload {
+        spiffe_id: s.id("planner").to_string(),
+        subtree: true,
+    };
+    let lease = Target::Lease {
+        lease: format!("{}-lease", s.tag),
+        spiffe_id: s.id("planner/sub/1").to_string(),
+    };
+    let mut made = Vec::new();
+    for (target, lapses_in) in [(txn, 100), (workload, 5), (lease, 100)] {
+        let new = new_revocation(target, lapses_in);
+        let r = store
+            .insert_revocation(&new)
+            .await
+            .expect("insert_revocation");
+        assert_eq!(r, new.with_seq(r.seq), "returned as given, with its seq");
+        made.push(r);
+    }
+    let seqs: Vec<u64> = made.iter().map(|r| r.seq).collect();
+    assert!(
+        seqs.first().is_some_and(|first| *first > head)
+            && seqs.windows(2).all(|w| matches!(w, [a, b] if a < b)),
+        "seqs increase: {seqs:?} after {head}"
+    );
+    assert!(
+        wait_for(&mut rx, &StoreChange::Revocation, 5_000).await,
+        "a revocation is announced"
+    );
+
+    // Audited in the same transaction.
+    let rows = store.audit_txn(&s.tag, 10).await.expect("audit_txn");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let audited = rows.first().expect("the audit row");
+    assert_eq!(
+        (audited.event.kind.as_str(), audited.event.decision.as_str()),
+        ("revocation", "deny")
+    );
+    assert!(audited.event.record.contains("suite admin"));
+
+    // Listed from a cursor, in order, limited; lapsed ones are left out.
+    let listed = store
+        .list_revocations(head, REVOKED_AT + 1, 100)
+        .await
+        .expect("list_revocations");
+    let listed_entries: Vec<_> = listed.iter().map(|r| r.revocation.clone()).collect();
+    assert_eq!(listed_entries, made);
+    assert!(listed.iter().all(|r| r.revoked_by == "suite admin"));
+    let first = seqs.first().copied().unwrap_or_default();
+    let two = store
+        .list_revocations(head, REVOKED_AT + 1, 2)
+        .await
+        .expect("list_revocations");
+    assert_eq!(two.len(), 2);
+    let later = store
+        .list_revocations(first, REVOKED_AT + 5, 100)
+        .await
+        .expect("list_revocations");
+    assert_eq!(
+        later.iter().map(|r| r.revocation.seq).collect::<Vec<_>>(),
+        seqs.get(2..).unwrap_or_default().to_vec(),
+        "after the cursor, without the lapsed workload entry"
+    );
+
+    // Malformed ones are refused, and nothing of them is stored.
+    let mut bad = Vec::new();
+    bad.push(new_revocation(Target::Sub { sub: String::new() }, 10));
+    bad.push(new_revocation(
+        Target::Txn {
+            txn: "x".repeat(writ_spiffe::revocation::MAX_VALUE + 1),
+        },
+        10,
+    ));
+    bad.push(new_revocation(Target::Sub { sub: "u".into() }, 0));
+    let mut control = new_revocation(Target::Sub { sub: "u".into() }, 10);
+    control.reason = Some("line\nbreak".into());
+    bad.push(control);
+    for new in bad {
+        let err = store
+            .insert_revocation(&new)
+            .await
+            .expect_err("a malformed revocation is refused");
+        assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    }
+    let last = seqs.last().copied().unwrap_or_default();
+    assert!(
+        store
+            .list_revocations(last, REVOKED_AT, 100)
+            .await
+            .expect("list_revocations")
+            .is_empty()
+    );
+
+    // Pruned once lapsed; a seq is never reused.
+    assert!(
+        store
+            .prune_revocations(REVOKED_AT + 5)
+            .await
+            .expect("prune")
+            >= 1
+    );
+    let kept = store
+        .list_revocations(head, REVOKED_AT, 100)
+        .await
+        .expect("list_revocations");
+    assert_eq!(kept.len(), 2, "the lapsed one is gone");
+    store
+        .prune_revocations(REVOKED_AT + 100)
+        .await
+        .expect("prune");
+    assert!(
+        store
+            .list_revocations(0, REVOKED_AT, 100)
+            .await
+            .expect("list_revocations")
+            .is_empty()
+    );
+    let again = store
+        .insert_revocation(&new_revocation(Target::Sub { sub: s.tag.clone() }, 1))
+        .await
+        .expect("insert_revocation");
+    assert!(again.seq > last, "seq {} reused (last {last})", again.seq);
+    store
+        .prune_revocations(REVOKED_AT + 1)
+        .await
+        .expect("prune");
+}
+
+/// Concurrent revocations each get their own seq, are all listed in seq order, and the
+/// audit chain they extend still verifies.
+pub async fn revocations_concurrent_inserts_keep_order(store: &dyn Store) {
+    use writ_spiffe::revocation::Target;
+    let s = Scope::new("revocations-race");
+    let head = revocation_head(store).await;
+    let writers = (0..8).map(|w| {
+        let tag = s.tag.clone();
+        async move {
+            let mut seqs = Vec::new();
+            for i in 0..3 {
+                let target = Target::Txn {
+                    txn: format!("{tag}-{w}-{i}"),
+                };
+                let r = store
+                    .insert_revocation(&new_revocation(target, 10))
+                    .await
+                    .expect("insert_revocation");
+                seqs.push(r.seq);
+            }
+            seqs
+        }
+    });
+    let mut made: Vec<u64> = join_all(writers).await.into_iter().flatten().collect();
+    made.sort_unstable();
+    made.dedup();
+    assert_eq!(made.len(), 24, "every insert has its own seq");
+    let listed: Vec<u64> = store
+        .list_revocations(head, REVOKED_AT, 100)
+        .await
+        .expect("list_revocations")
+        .iter()
+        .map(|r| r.revocation.seq)
+        .collect();
+    assert_eq!(listed, made, "listed ascending, none missing");
+    audit_verify(store).await;
+    store
+        .prune_revocations(REVOKED_AT + 10)
+        .await
+        .expect("prune");
 }

@@ -196,8 +196,9 @@ impl TxnToken {
 
 /// Why a Txn-Token was refused.
 ///
-/// Every variant but [`TxnTokenError::Keys`] is the token's fault; `Keys` means the
-/// verifier could not get the service's keys, and the caller may retry.
+/// Every variant but [`TxnTokenError::Keys`] and [`TxnTokenError::RevocationsStale`] is
+/// the token's fault; those two mean the verifier could not get the service's keys or
+/// revocations, and the caller may retry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TxnTokenError {
@@ -254,4 +255,12 @@ pub enum TxnTokenError {
         /// The limit.
         max: usize,
     },
+    /// A revocation in force covers the token (its transaction, its user, or a workload
+    /// of its chain) or the caller presenting it (see [`crate::revocation`]).
+    #[error("Txn-Token is revoked: {0}")]
+    Revoked(String),
+    /// The verifier's revocation feed has not heard from the token service for longer
+    /// than its `max_staleness`, so revocations cannot be checked (the caller may retry).
+    #[error("revocations cannot be checked: the revocation feed is stale")]
+    RevocationsStale,
 }

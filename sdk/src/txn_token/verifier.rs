@@ -18,6 +18,7 @@ use super::{
     TxnTokenError,
 };
 use crate::jwks::KeyCache;
+use crate::revocation::{RevocationCheck, RevocationFeed, describe};
 
 /// How long a fetched JWKS is used before it is fetched again.
 pub const DEFAULT_KEYS_MAX_AGE: Duration = Duration::from_secs(300);
@@ -38,9 +39,17 @@ pub struct TxnVerifierBuilder {
     max_age: Duration,
     refetch_interval: Duration,
     cache_capacity: u64,
+    revocations: Option<RevocationFeed>,
 }
 
 impl TxnVerifierBuilder {
+    /// Also refuses every token a revocation in `feed` covers, with
+    /// [`TxnTokenError::Revoked`] (see [`crate::revocation`]).
+    pub fn revocations(mut self, feed: RevocationFeed) -> Self {
+        self.revocations = Some(feed);
+        self
+    }
+
     /// Also requires `iss` to be `issuer` (by default any issuer whose keys verify).
     pub fn issuer(mut self, issuer: impl Into<String>) -> Self {
         self.issuer = Some(issuer.into());
@@ -98,6 +107,7 @@ impl TxnVerifierBuilder {
                 clock: self.clock,
                 keys,
                 verified,
+                revocations: self.revocations,
             }),
         }
     }
@@ -115,6 +125,8 @@ struct Inner {
     /// token is within its time window by the clock, so an expired one is never served
     /// (it stays until evicted, which the bound makes harmless).
     verified: Option<quick_cache::sync::Cache<[u8; 32], Arc<TxnToken>>>,
+    /// What the operator revoked, when the service follows the feed.
+    revocations: Option<RevocationFeed>,
 }
 
 /// Verifies Txn-Tokens: `typ: txntoken+jwt`, an allowed algorithm with a key from the
@@ -180,17 +192,54 @@ impl TxnVerifier {
             max_age: DEFAULT_KEYS_MAX_AGE,
             refetch_interval: DEFAULT_REFETCH_INTERVAL,
             cache_capacity: DEFAULT_CACHE_CAPACITY,
+            revocations: None,
         }
     }
 
     /// Verifies `token` now: from the verified-token cache if it was verified before,
     /// otherwise against the keys, loading them first if they are missing or older
     /// than their max age, and fetching them again (rate-bounded) if the `kid` is not
-    /// among them.
+    /// among them; then, with a revocation feed ([`TxnVerifierBuilder::revocations`]),
+    /// refuses a token a revocation in force covers.
     ///
     /// # Errors
     /// [`TxnTokenError`] for the first problem found.
     pub async fn verify(&self, token: &str) -> Result<TxnToken, TxnTokenError> {
+        let claims = self.verify_unrevoked(token).await?;
+        self.check_revoked(&claims, None)?;
+        Ok(claims)
+    }
+
+    /// Whether a revocation in force covers `claims`, or `caller` (the mTLS peer that
+    /// presented them) when given. Always `Ok` without a revocation feed.
+    ///
+    /// # Errors
+    /// [`TxnTokenError::Revoked`] naming the revocation, or
+    /// [`TxnTokenError::RevocationsStale`] when the feed fails closed.
+    pub fn check_revoked(
+        &self,
+        claims: &TxnToken,
+        caller: Option<&SpiffeId>,
+    ) -> Result<(), TxnTokenError> {
+        let Some(feed) = &self.inner.revocations else {
+            return Ok(());
+        };
+        let found = match feed.check_token(claims) {
+            RevocationCheck::Clear => {
+                caller.map_or(RevocationCheck::Clear, |c| feed.check_workload(c.as_str()))
+            }
+            other => other,
+        };
+        match found {
+            RevocationCheck::Clear => Ok(()),
+            RevocationCheck::Revoked(r) => Err(TxnTokenError::Revoked(describe(&r))),
+            RevocationCheck::Stale => Err(TxnTokenError::RevocationsStale),
+        }
+    }
+
+    /// [`TxnVerifier::verify`] without the revocation check (the middleware checks the
+    /// token and the caller together afterwards, so its record names the transaction).
+    pub(crate) async fn verify_unrevoked(&self, token: &str) -> Result<TxnToken, TxnTokenError> {
         let inner = &self.inner;
         check_size(token)?;
         let digest = inner.verified.as_ref().map(|_| sha256(token.as_bytes()));
@@ -220,7 +269,8 @@ impl TxnVerifier {
         Ok(claims)
     }
 
-    /// Verifies `token` at `now` with the keys already loaded: no fetch, no cache.
+    /// Verifies `token` at `now` with the keys already loaded: no fetch, no cache (a
+    /// revocation feed is consulted at its own clock's time).
     ///
     /// # Errors
     /// [`TxnTokenError`] for the first problem found.
@@ -228,7 +278,9 @@ impl TxnVerifier {
         check_size(token)?;
         let header = header(token)?;
         let jwks = self.inner.keys.current().unwrap_or_default();
-        self.verify_with_keys(&jwks, token, &header, now)
+        let claims = self.verify_with_keys(&jwks, token, &header, now)?;
+        self.check_revoked(&claims, None)?;
+        Ok(claims)
     }
 
     /// Loads the keys again now, whatever their age.

@@ -22,6 +22,7 @@ mod py_spiffe;
 mod sdk_audit;
 mod sdk_jwt_source;
 mod sdk_mtls;
+mod sdk_revocation;
 mod sds;
 mod split_agent;
 mod streams;
