@@ -49,7 +49,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
-use writ_spiffe::clock::{Clock as _, SharedClock, SystemClock, unix_seconds};
+use writ_spiffe::clock::{SharedClock, SystemClock, unix_seconds};
 use writ_spiffe::fingerprint::sha256;
 use writ_spiffe::spiffe_id::SpiffeId;
 use writ_spiffe::svid::wit::{self, Wit, WitBundles, WitError, WitKey};
@@ -642,7 +642,7 @@ impl crate::middleware::Verified {
 mod tests {
     use super::*;
     use writ_spiffe::bundle::{Bundle, BundleSet, Jwk};
-    use writ_spiffe::clock::{ManualClock, from_unix_seconds};
+    use writ_spiffe::clock::{Clock as _, ManualClock, from_unix_seconds};
     use writ_spiffe::key::PrivateKey;
 
     const NOW: i64 = 1_800_000_000;
