@@ -167,6 +167,9 @@ async fn call(
     }
 }
 
+/// (what, headers, expected status, expected error code).
+type Refusal<'a> = (&'a str, Vec<(&'a str, String)>, StatusCode, &'a str);
+
 fn uri() -> String {
     format!("{BASE}/orders?page=2")
 }
@@ -196,7 +199,7 @@ async fn a_stolen_txn_token_is_useless_without_mtls() {
     .await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, AGENT));
 
-    let refused: Vec<(&str, Vec<(&str, String)>, StatusCode, &str)> = vec![
+    let refused: Vec<Refusal<'_>> = vec![
         (
             "the token alone",
             vec![("Txn-Token", token.clone())],
@@ -480,7 +483,7 @@ async fn pyjwt_verifies_the_wit_and_the_wpt() {
     let mut tampered = wpt.clone();
     tampered.pop();
     tampered.push(if wpt.ends_with('A') { 'B' } else { 'A' });
-    let cases = vec![
+    let cases = [
         ("good", case(agent.token(), &wpt, &token, &aud), true),
         (
             "another token",
