@@ -11,7 +11,8 @@
 //! in [`crate::middleware`]) checks:
 //!
 //! * the WIT against the trust domain's WIT-SVID keys ([`WitBundles`]: `typ`, `alg`,
-//!   `kid`, signature, `exp`, `sub` a SPIFFE ID, `cnf.jwk`);
+//!   `kid`, signature, `exp`, `sub` a SPIFFE ID, `cnf.jwk`), remembered by its SHA-256
+//!   until it expires or the bundles are replaced;
 //! * the WPT: `typ: wpt+jwt`, `alg` equal to `cnf.jwk.alg`, the signature with
 //!   `cnf.jwk`, `aud` equal to one of the service's configured base URIs followed by the
 //!   request path (never taken from `Host`), `exp` not passed and at most
@@ -75,6 +76,9 @@ pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(30);
 pub const SKEW: Duration = Duration::from_secs(5);
 /// Default capacity of the replay cache (`jti`s remembered until they expire).
 pub const DEFAULT_REPLAY_CAPACITY: usize = 100_000;
+/// Most validated WITs remembered (by SHA-256, until they expire or the bundles change):
+/// a caller sends the same WIT with every request.
+pub const WIT_CACHE_CAPACITY: usize = 1024;
 
 /// Why a WIT/WPT pair was refused, or a WPT could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -399,6 +403,7 @@ pub struct WptVerifier {
     max_lifetime: Duration,
     clock: SharedClock,
     replay: Arc<ReplayCache>,
+    wits: Arc<Mutex<HashMap<[u8; 32], Wit>>>,
 }
 
 impl WptVerifier {
@@ -415,6 +420,7 @@ impl WptVerifier {
                 capacity: DEFAULT_REPLAY_CAPACITY,
                 seen: Mutex::new(HashMap::new()),
             }),
+            wits: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -454,6 +460,34 @@ impl WptVerifier {
     /// Replaces the trusted WIT keys (after a bundle rotation).
     pub fn set_bundles(&self, bundles: WitBundles) {
         self.bundles.store(Arc::new(bundles));
+        self.wit_cache().clear();
+    }
+
+    fn wit_cache(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Wit>> {
+        self.wits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The WIT validated, from the cache while it has not expired.
+    fn wit(&self, token: &str, now: SystemTime) -> Result<Wit, WitError> {
+        let digest = sha256(token.as_bytes());
+        let now_secs = unix_seconds(now);
+        if let Some(hit) = self.wit_cache().get(&digest)
+            && hit.expires_at > now_secs
+        {
+            return Ok(hit.clone());
+        }
+        let wit = wit::validate(token, &self.bundles.load(), now)?;
+        let mut cache = self.wit_cache();
+        if cache.len() >= WIT_CACHE_CAPACITY {
+            cache.retain(|_, w| w.expires_at > now_secs);
+            if cache.len() >= WIT_CACHE_CAPACITY {
+                cache.clear();
+            }
+        }
+        cache.insert(digest, wit.clone());
+        Ok(wit)
     }
 
     /// The clock this verifier reads.
@@ -474,7 +508,7 @@ impl WptVerifier {
         txn_token: Option<&str>,
     ) -> Result<Proof, WptError> {
         let now_time = self.clock.now();
-        let wit = wit::validate(wit_token, &self.bundles.load(), now_time)?;
+        let wit = self.wit(wit_token, now_time)?;
         let now = unix_seconds(now_time);
         if wpt.len() > MAX_WPT_BYTES {
             return Err(WptError::TooLarge { max: MAX_WPT_BYTES });
@@ -788,6 +822,29 @@ mod tests {
             let e = v.verify(&wit_token, &wpt, "/x", Some("t")).unwrap_err();
             assert!(!e.to_string().is_empty(), "{e:?}");
         }
+    }
+
+    #[test]
+    fn a_remembered_wit_is_forgotten_with_its_bundles_and_at_expiry() {
+        let w = world();
+        let svid = w.svid("spiffe://example.org/agent");
+        let v = w.verifier();
+        let uri = format!("{BASE}/orders");
+        let prove = || svid.proof(&uri, Some("t"), w.now()).unwrap();
+        v.verify(svid.token(), &prove(), "/orders", Some("t")).unwrap();
+        v.verify(svid.token(), &prove(), "/orders", Some("t")).unwrap();
+        v.set_bundles(WitBundles::new());
+        assert!(matches!(
+            v.verify(svid.token(), &prove(), "/orders", Some("t")),
+            Err(WptError::Wit(WitError::NoBundle(_)))
+        ));
+        v.set_bundles(w.bundles.clone());
+        v.verify(svid.token(), &prove(), "/orders", Some("t")).unwrap();
+        w.clock.advance(Duration::from_secs(3600));
+        assert_eq!(
+            v.verify(svid.token(), &prove(), "/orders", Some("t")),
+            Err(WptError::Wit(WitError::Expired))
+        );
     }
 
     #[test]
