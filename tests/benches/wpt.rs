@@ -3,8 +3,9 @@
 //! adds to a request that carries a Txn-Token.
 //!
 //! - `WitSvid::proof`: making one WPT (the caller's cost per request);
-//! - `WptVerifier::verify`: the WIT's signature and claims, the WPT's signature with
-//!   `cnf.jwk`, `aud`, `exp`, `wth`, `tth` and the replay cache;
+//! - `WptVerifier::verify`: the WIT (validated once, then remembered by its SHA-256 until
+//!   it expires), the WPT's signature with `cnf.jwk`, `aud`, `exp`, `wth`, `tth` and the
+//!   replay cache;
 //! - one axum router called in process (`tower::ServiceExt::oneshot`, no network) with
 //!   `TxnLayer`: over mTLS (the peer set as `ConnectInfo<Peer>`, strict chaining), and
 //!   without mTLS with a WIT and a fresh WPT per request (`TxnLayer::with_proof`), with
