@@ -831,15 +831,18 @@ mod tests {
         let v = w.verifier();
         let uri = format!("{BASE}/orders");
         let prove = || svid.proof(&uri, Some("t"), w.now()).unwrap();
-        v.verify(svid.token(), &prove(), "/orders", Some("t")).unwrap();
-        v.verify(svid.token(), &prove(), "/orders", Some("t")).unwrap();
+        v.verify(svid.token(), &prove(), "/orders", Some("t"))
+            .unwrap();
+        v.verify(svid.token(), &prove(), "/orders", Some("t"))
+            .unwrap();
         v.set_bundles(WitBundles::new());
         assert!(matches!(
             v.verify(svid.token(), &prove(), "/orders", Some("t")),
             Err(WptError::Wit(WitError::NoBundle(_)))
         ));
         v.set_bundles(w.bundles.clone());
-        v.verify(svid.token(), &prove(), "/orders", Some("t")).unwrap();
+        v.verify(svid.token(), &prove(), "/orders", Some("t"))
+            .unwrap();
         w.clock.advance(Duration::from_secs(3600));
         assert_eq!(
             v.verify(svid.token(), &prove(), "/orders", Some("t")),

@@ -535,3 +535,46 @@ async fn pyjwt_verifies_the_wit_and_the_wpt() {
     }
     assert_eq!(output[0], format!("ok {AGENT}"));
 }
+
+/// The SDK's Workload API client gets a WIT-SVID and the WIT bundles from a real agent,
+/// and a proof made with them verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_fetches_wit_svids_from_the_agent() {
+    use writ_identity::agent::{self, node_api::LocalNode};
+    use writ_identity::attest::workload::StaticAttestor;
+    use writ_identity::entry::RegistrationEntry;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = writ_tests::server_state(dir.path(), Duration::from_secs(3600)).await;
+    let agent_id = SpiffeId::new("spiffe://example.org/writ/agent/test").unwrap();
+    let mut entry = RegistrationEntry::new(
+        SpiffeId::new(AGENT).unwrap(),
+        agent_id.clone(),
+        vec!["unix:uid:7".parse().unwrap()],
+    );
+    entry.created_at = server.clock.unix_seconds();
+    server.store.create_entry(&entry).await.unwrap();
+    server.notify_change();
+    let node = Arc::new(LocalNode::new(server.clone(), agent_id));
+    let attestor = StaticAttestor::new(vec!["unix:uid:7".parse().unwrap()]);
+    let running = agent::start(node, &dir.path().join("agent.sock"), Arc::new(attestor))
+        .await
+        .unwrap();
+    running.cache.refresh(true).await.unwrap();
+
+    let endpoint = format!("unix://{}", running.socket.display());
+    let mut client = writ_sdk::workload::WorkloadClient::connect(&endpoint)
+        .await
+        .unwrap();
+    let svids = client.fetch_wit().await.unwrap();
+    assert_eq!(svids.len(), 1);
+    assert_eq!(svids[0].spiffe_id().as_str(), AGENT);
+    let bundles = client.fetch_wit_bundles().await.unwrap();
+    let wpt = svids[0]
+        .proof(&uri(), Some("txn"), server.clock.now())
+        .unwrap();
+    let proof = WptVerifier::new(bundles, BASE)
+        .verify(svids[0].token(), &wpt, "/orders", Some("txn"))
+        .unwrap();
+    assert_eq!(proof.caller.as_str(), AGENT);
+}
