@@ -1011,6 +1011,32 @@ impl CertificateAuthority {
         Ok((token, from_unix_seconds(exp)))
     }
 
+    /// Signs a WIT-SVID for `spiffe_id` binding the workload key `cnf`, with the active
+    /// JWT authority (its key id prefixed, see [`crate::svid::wit`]), valid for `ttl` (or
+    /// the default JWT-SVID TTL), capped to the signing key's lifetime. Returns the token
+    /// and its expiry.
+    ///
+    /// # Errors
+    /// [`CaError`] if the ID is foreign, the key unusable, or signing fails.
+    pub fn sign_wit_svid(
+        &self,
+        spiffe_id: &SpiffeId,
+        cnf: &crate::svid::wit::ConfirmationJwk,
+        ttl: Option<Duration>,
+    ) -> Result<(String, SystemTime), CaError> {
+        self.check_trust_domain(spiffe_id)?;
+        let state = self.state.load();
+        let slot = state
+            .active(SlotKind::Jwt)
+            .ok_or(CaError::NoActiveAuthority("JWT"))?;
+        let now = self.clock.unix_seconds();
+        let ttl = ttl.unwrap_or(self.config.default_jwt_svid_ttl);
+        let exp = (now + secs(ttl)).min(slot.record.not_after);
+        let token = crate::svid::wit::sign(&slot.key, &slot.record.id, spiffe_id, cnf, now, exp)
+            .map_err(|e| CaError::InvalidRequest(e.to_string()))?;
+        Ok((token, from_unix_seconds(exp)))
+    }
+
     /// The states of this server's authorities, for operators: `(kind, id, state,
     /// not_after)`.
     pub fn authorities(&self) -> Vec<(String, String, SlotState, SystemTime)> {

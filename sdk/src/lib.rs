@@ -15,6 +15,7 @@
 //! | `txn-verify` | [`txn_token`]: the Txn-Token claims type and `TxnVerifier`; [`audit`]: the record a service keeps of each verification and the sinks it goes to (`LogSink`, `JsonLinesSink`; with `exchange` also `TtsSink`, sent to the token service); [`jwks`]: the one fetch/cache/refetch of remote key sets (the token service's OIDC ingress uses it too) |
 //! | `txn-verify` | [`revocation`]: `RevocationFeed`, the kill switch's revocations followed from the token service, for `TxnVerifier`, `TxnLayer` and `tls::Authorizer::not_revoked` |
 //! | `axum` | [`listener`]: axum over SPIFFE mTLS; [`middleware`]: `TxnLayer` and `Verified`, which check the caller and its Txn-Token together |
+//! | `wpt` | [`wpt`]: WIT-SVIDs and WIMSE Workload Proof Tokens, made and verified, for hops without mTLS end to end (`TxnLayer::with_proof`) |
 //! | `exchange` | [`exchange`]: `TxnClient`, the RFC 8693 client of the token service |
 //! | `otel` | `trace::TraceContext`'s OpenTelemetry bridge: `TxnLayer`'s span joins the incoming `traceparent`, outgoing calls carry the current span's context |
 //! | `spawn` | [`spawn`]: sub-agents, child processes with a short-lived identity under this workload's |
@@ -67,6 +68,8 @@ pub mod trace;
 pub mod txn_token;
 #[cfg(feature = "workload-api")]
 pub mod workload;
+#[cfg(feature = "wpt")]
+pub mod wpt;
 
 /// The SPIFFE core the SDK is built on (bundles, SVIDs, the clock, fingerprints), for
 /// the types its signatures name.

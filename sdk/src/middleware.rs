@@ -7,7 +7,7 @@
 //!
 //! | status | `error`               | when |
 //! |--------|-----------------------|------|
-//! | 401    | `unauthenticated`     | the connection carries no verified X509-SVID |
+//! | 401    | `unauthenticated`     | the connection carries no verified X509-SVID (nor, with [`TxnLayer::with_proof`], a WIT and WPT) |
 //! | 401    | `missing_txn_token`   | no `Txn-Token` header, or more than one |
 //! | 401    | `invalid_txn_token`   | the token does not verify |
 //! | 401    | `revoked`             | a revocation covers the token or the caller (the verifier follows a [`RevocationFeed`](crate::revocation::RevocationFeed)) |
@@ -15,6 +15,7 @@
 //! | 403    | `insufficient_scope`  | the token lacks a scope the policy requires |
 //! | 403    | `not_current_actor`   | strict chaining: the caller is not the token's current actor |
 //! | 403    | `forbidden`           | a custom check refused |
+//! | 400    | `invalid_proof`       | with [`TxnLayer::with_proof`]: the WIT/WPT headers are incomplete, or the pair does not verify (see [`crate::wpt`]) |
 //! | 503    | `keys_unavailable`    | the service's signing keys could not be loaded |
 //! | 503    | `revocations_unavailable` | the revocation feed fails closed and is stale |
 //!
@@ -24,6 +25,11 @@
 //! (`METHOD /path`), the decision and error code, the verification's latency, the
 //! token's SHA-256 (never the token) and the request's `traceparent`. The record is
 //! handed to the sink before the handler runs; sinks queue it and never block.
+//!
+//! On hops where mTLS does not reach end to end, [`TxnLayer::with_proof`] also accepts a
+//! caller that proves itself with a WIT-SVID and a Workload Proof Token bound to the
+//! request's URI and Txn-Token ([`crate::wpt`]); such a caller must be the token's
+//! current actor (as with [`TxnPolicy::strict_chain`]), so a copied Txn-Token is useless.
 //!
 //! A valid W3C `traceparent` on the request lands in [`Verified::trace`], and the
 //! handler runs inside a `txn_request` span with the fields `trace_id` and `txn`, so
@@ -225,22 +231,28 @@ impl TxnPolicy {
             return Err(PolicyError::InsufficientScope(missing.clone()));
         }
         if self.strict_chain {
-            let actor = verified
-                .txn
-                .current_actor()
-                .unwrap_or(verified.txn.req_wl.as_str());
-            if actor != verified.caller.as_str() {
-                return Err(PolicyError::NotCurrentActor {
-                    caller: verified.caller.to_string(),
-                    actor: actor.to_owned(),
-                });
-            }
+            current_actor(verified)?;
         }
         for check in &self.checks {
             check(verified).map_err(PolicyError::Custom)?;
         }
         Ok(())
     }
+}
+
+/// The caller must be the token's current actor: the outermost `act`, or `req_wl`.
+fn current_actor(verified: &Verified) -> Result<(), PolicyError> {
+    let actor = verified
+        .txn
+        .current_actor()
+        .unwrap_or(verified.txn.req_wl.as_str());
+    if actor != verified.caller.as_str() {
+        return Err(PolicyError::NotCurrentActor {
+            caller: verified.caller.to_string(),
+            actor: actor.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// A tower layer that verifies the caller and the Txn-Token of every request (see the
@@ -255,6 +267,7 @@ struct Guard {
     verifier: TxnVerifier,
     policy: TxnPolicy,
     audit: Option<Audit>,
+    proof: Option<crate::wpt::WptVerifier>,
 }
 
 /// Where the layer records verifications, and as whom.
@@ -280,6 +293,7 @@ impl TxnLayer {
                 verifier,
                 policy,
                 audit: None,
+                proof: None,
             }),
         }
     }
@@ -294,6 +308,21 @@ impl TxnLayer {
             service: service.to_string(),
             sink: Arc::new(sink),
         });
+        Self {
+            guard: Arc::new(guard),
+        }
+    }
+}
+
+impl TxnLayer {
+    /// Also accepts callers without an X509-SVID on the connection that send a WIT-SVID
+    /// and a Workload Proof Token `verifier` accepts (see [`crate::wpt`]); such a caller
+    /// must be the Txn-Token's current actor. A WIT/WPT pair on an mTLS connection is
+    /// verified too, and must name the connection's peer.
+    #[must_use]
+    pub fn with_proof(self, verifier: crate::wpt::WptVerifier) -> Self {
+        let mut guard = Arc::unwrap_or_clone(self.guard);
+        guard.proof = Some(verifier);
         Self {
             guard: Arc::new(guard),
         }
@@ -340,21 +369,46 @@ where
         let trace = read_trace(&request);
         // Read before anything is awaited: the request body is not `Sync`.
         let route = guard.audit.as_ref().map(|_| route(&request));
-        let caller = peer_id(&request);
+        let mut caller = peer_id(&request);
         let token = read_token(&request);
+        let proof = guard.proof.as_ref().map(|_| {
+            (
+                crate::wpt::read_headers(request.headers()),
+                request.uri().path().to_owned(),
+            )
+        });
         Box::pin(async move {
             let token_sha256 = token
                 .as_ref()
                 .ok()
                 .map(|t| writ_spiffe::fingerprint::token(t));
-            let admitted = match (caller.clone(), token) {
-                (None, _) => Err(Denied::early(reject(
+            let mut proved = false;
+            let proof_error = match (guard.proof.as_ref(), proof) {
+                (Some(verifier), Some((headers, path))) => {
+                    let txn = token.as_ref().ok().map(String::as_str);
+                    match crate::wpt::authenticate(verifier, caller.as_ref(), headers, &path, txn) {
+                        Ok(Some(id)) => {
+                            caller = Some(id);
+                            proved = true;
+                            None
+                        }
+                        Ok(None) => None,
+                        Err(e) => Some(proof_rejection(&e)),
+                    }
+                }
+                _ => None,
+            };
+            let admitted = match (proof_error, caller.clone(), token) {
+                (Some(rejection), _, _) => Err(Denied::early(rejection)),
+                (None, None, _) => Err(Denied::early(reject(
                     StatusCode::UNAUTHORIZED,
                     "unauthenticated",
                     "the connection carries no verified X509-SVID",
                 ))),
-                (Some(_), Err(rejection)) => Err(Denied::early(rejection)),
-                (Some(caller), Ok(token)) => guard.admit(caller, token, trace.clone()).await,
+                (None, Some(_), Err(rejection)) => Err(Denied::early(rejection)),
+                (None, Some(caller), Ok(token)) => {
+                    guard.admit(caller, token, trace.clone(), proved).await
+                }
             };
             if let (Some(audit), Some(route)) = (&guard.audit, route) {
                 let (decision, error, verified) = match &admitted {
@@ -503,6 +557,7 @@ impl Guard {
         caller: SpiffeId,
         token: String,
         trace: Option<TraceContext>,
+        proved: bool,
     ) -> Result<Verified, Denied> {
         let txn = self.verifier.verify_unrevoked(&token).await.map_err(|e| {
             tracing::info!(
@@ -536,7 +591,15 @@ impl Guard {
                 verified: Some(Box::new(verified)),
             });
         }
-        if let Err(e) = self.policy.evaluate(&verified) {
+        let decision = self.policy.evaluate(&verified).and_then(|()| {
+            // A caller proved by WIT/WPT must be the token's current actor.
+            if proved {
+                current_actor(&verified)
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = decision {
             tracing::info!(caller = %verified.caller, txn = %verified.txn.txn, error = %e, "request refused");
             let code = match e {
                 PolicyError::CallerNotAllowed(_) => "caller_not_allowed",
@@ -599,6 +662,12 @@ impl IntoResponse for Rejection {
         }
         response
     }
+}
+
+/// A refused WIT/WPT pair (400, as draft-ietf-wimse-wpt asks, not 401).
+fn proof_rejection(e: &crate::wpt::WptError) -> Rejection {
+    tracing::info!(error = %e, "WIT/WPT refused");
+    reject(StatusCode::BAD_REQUEST, "invalid_proof", &e.to_string())
 }
 
 fn reject(status: StatusCode, code: &'static str, description: &str) -> Rejection {

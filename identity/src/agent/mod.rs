@@ -23,6 +23,7 @@ pub mod node_client;
 pub mod sds;
 pub mod server_address;
 pub mod uds_transport;
+pub mod wit;
 pub mod workload_api;
 
 use std::path::{Path, PathBuf};

@@ -78,6 +78,20 @@ pub trait NodeApi: Send + Sync + Debug {
         lease_id: &str,
         audience: &[String],
     ) -> Result<(String, i64, i64), NodeError>;
+    /// A WIT-SVID for an entry (a template entry with `values`) binding the public JWK
+    /// `cnf_jwk`: `(token, issued_at, expires_at)`. The default refuses (a server
+    /// without WIT-SVIDs).
+    async fn sign_wit_svid(
+        &self,
+        entry_id: &str,
+        values: Option<&TemplateValues>,
+        cnf_jwk: &str,
+    ) -> Result<(String, i64, i64), NodeError> {
+        let _ = (entry_id, values, cnf_jwk);
+        Err(NodeError::Invalid(
+            "this server does not issue WIT-SVIDs".into(),
+        ))
+    }
 }
 
 /// The in-process node API: direct calls into a server in the same process.
@@ -183,6 +197,17 @@ impl NodeApi for LocalNode {
     ) -> Result<(String, i64, i64), NodeError> {
         self.handler
             .sign_child_jwt_svid(&self.agent_id, lease_id, audience)
+            .await
+    }
+
+    async fn sign_wit_svid(
+        &self,
+        entry_id: &str,
+        values: Option<&TemplateValues>,
+        cnf_jwk: &str,
+    ) -> Result<(String, i64, i64), NodeError> {
+        self.handler
+            .sign_wit_svid(&self.agent_id, entry_id, values, cnf_jwk)
             .await
     }
 }

@@ -752,6 +752,27 @@ impl NodeApi for GrpcNode {
         self.jwt_svid(entry_id, audience, Default::default()).await
     }
 
+    async fn sign_wit_svid(
+        &self,
+        entry_id: &str,
+        values: Option<&crate::entry::template::TemplateValues>,
+        cnf_jwk: &str,
+    ) -> Result<(String, i64, i64), NodeError> {
+        let r = self
+            .client()
+            .sign_wit_svid(pb::SignWitSvidRequest {
+                entry_id: entry_id.to_owned(),
+                cnf_jwk: cnf_jwk.to_owned(),
+                template_values: values
+                    .map(|v| v.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                    .unwrap_or_default(),
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        Ok((r.token, r.issued_at, r.expires_at))
+    }
+
     async fn sign_template_x509_svid(
         &self,
         entry_id: &str,

@@ -112,6 +112,8 @@ pub struct WorkloadApi {
     cache: Arc<Cache>,
     attestor: Arc<dyn WorkloadAttestor>,
     proc_root: PathBuf,
+    /// WIT-SVIDs and their keys (the WIT-SVID profile, [`super::wit`]).
+    wits: Arc<super::wit::WitCache>,
 }
 
 impl WorkloadApi {
@@ -122,6 +124,7 @@ impl WorkloadApi {
             cache,
             attestor,
             proc_root: PathBuf::from("/proc"),
+            wits: Arc::new(super::wit::WitCache::new()),
         }
     }
 
@@ -520,6 +523,43 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     type FetchX509SVIDStream = ResponseStream<pb::X509svidResponse>;
     type FetchX509BundlesStream = ResponseStream<pb::X509BundlesResponse>;
     type FetchJWTBundlesStream = ResponseStream<pb::JwtBundlesResponse>;
+    type FetchWITSVIDStream = ResponseStream<pb::WitsvidResponse>;
+    type FetchWITBundlesStream = ResponseStream<pb::WitBundlesResponse>;
+
+    async fn fetch_witsvid(
+        &self,
+        request: Request<pb::WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        let caller = self.caller(&request).await?;
+        let stream =
+            super::wit::fetch_wit_svid(self.clone(), self.wits.clone(), caller, request.get_ref())?;
+        Ok(Response::new(stream))
+    }
+
+    async fn fetch_wit_bundles(
+        &self,
+        request: Request<pb::WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        let caller = self.caller(&request).await?;
+        if self.identities(&caller).1.is_empty() {
+            return Err(self.no_identity(&caller).into());
+        }
+        Ok(Response::new(watch_stream(
+            self.clone(),
+            caller,
+            |snapshot: &Snapshot, svids: &[Arc<CachedSvid>]| pb::WitBundlesResponse {
+                bundles: visible_bundles(snapshot, svids)
+                    .into_iter()
+                    .map(|b| {
+                        (
+                            b.trust_domain().id_string(),
+                            crate::svid::wit::bundle_jwks(b),
+                        )
+                    })
+                    .collect(),
+            },
+        )))
+    }
 
     async fn fetch_x509svid(
         &self,

@@ -486,6 +486,58 @@ impl NodeHandler {
         Ok((token, issued_at, crate::clock::unix_seconds(exp)))
     }
 
+    /// Signs a WIT-SVID for an authorized entry (a template entry with `values`),
+    /// binding `cnf_jwk`, the workload key the agent generated (a public JWK). Returns
+    /// `(token, issued_at, expires_at)` in Unix seconds.
+    ///
+    /// # Errors
+    /// [`NodeError::NotAuthorized`], [`NodeError::Invalid`] for an unusable key, or a CA
+    /// error.
+    pub async fn sign_wit_svid(
+        &self,
+        agent_id: &SpiffeId,
+        entry_id: &str,
+        values: Option<&TemplateValues>,
+        cnf_jwk: &str,
+    ) -> Result<(String, i64, i64), NodeError> {
+        let result = self
+            .sign_wit_svid_uncounted(agent_id, entry_id, values, cnf_jwk)
+            .await;
+        self.count(SvidKind::Jwt, &result, |_: &(String, i64, i64)| 1);
+        result
+    }
+
+    async fn sign_wit_svid_uncounted(
+        &self,
+        agent_id: &SpiffeId,
+        entry_id: &str,
+        values: Option<&TemplateValues>,
+        cnf_jwk: &str,
+    ) -> Result<(String, i64, i64), NodeError> {
+        if cnf_jwk.len() > crate::svid::wit::MAX_KEY_BYTES {
+            return Err(NodeError::Invalid("cnf_jwk is too large".into()));
+        }
+        let cnf: crate::svid::wit::ConfirmationJwk = serde_json::from_str(cnf_jwk)
+            .map_err(|e| NodeError::Invalid(format!("cnf_jwk: {e}")))?;
+        cnf.algorithm()
+            .map_err(|e| NodeError::Invalid(e.to_string()))?;
+        let (entry, id) = match values {
+            Some(values) => self.rendered(agent_id, entry_id, values).await?,
+            None => {
+                let entry = self.authorized_entry(agent_id, entry_id).await?;
+                if entry.is_template() {
+                    return Err(template_needs_values(&entry));
+                }
+                let id = entry.spiffe_id.clone();
+                (entry, id)
+            }
+        };
+        let ttl = (entry.jwt_svid_ttl > 0).then(|| Duration::from_secs(entry.jwt_svid_ttl));
+        let issued_at = self.state.clock.unix_seconds();
+        let (token, exp) = self.state.ca.sign_wit_svid(&id, &cnf, ttl)?;
+        Ok((token, issued_at, crate::clock::unix_seconds(exp)))
+    }
+
     /// All bundles the server holds: its own (from the CA) and the federated ones stored.
     ///
     /// # Errors

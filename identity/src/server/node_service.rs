@@ -438,6 +438,25 @@ impl pb::node_server::Node for NodeService {
         }))
     }
 
+    async fn sign_wit_svid(
+        &self,
+        request: Request<pb::SignWitSvidRequest>,
+    ) -> Result<Response<pb::SignJwtSvidResponse>, Status> {
+        let id = self.agent(&request).await?;
+        let r = request.into_inner();
+        let values: Option<crate::entry::template::TemplateValues> =
+            (!r.template_values.is_empty()).then(|| r.template_values.into_iter().collect());
+        let (token, issued_at, expires_at) = self
+            .handler
+            .sign_wit_svid(&id, &r.entry_id, values.as_ref(), &r.cnf_jwk)
+            .await?;
+        Ok(Response::new(pb::SignJwtSvidResponse {
+            token,
+            expires_at,
+            issued_at,
+        }))
+    }
+
     async fn register_child(
         &self,
         request: Request<pb::RegisterChildRequest>,

@@ -28,3 +28,4 @@ mod spiffe_id;
 mod store;
 mod templates;
 mod unix_attestor;
+mod wit_svid;

@@ -20,11 +20,15 @@ pub const ENDPOINT_ENV: &str = "SPIFFE_ENDPOINT_SOCKET";
 
 #[cfg(feature = "jwt-source")]
 mod jwt_source;
+#[cfg(feature = "wpt")]
+mod wit;
 #[cfg(feature = "x509-source")]
 mod x509_source;
 
 #[cfg(feature = "jwt-source")]
 pub use jwt_source::{JwtSource, JwtSourceBuilder};
+#[cfg(feature = "wpt")]
+pub use wit::WitWatch;
 #[cfg(feature = "x509-source")]
 pub use x509_source::{DEFAULT_WAIT, X509Snapshot, X509Source, X509SourceBuilder};
 

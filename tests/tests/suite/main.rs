@@ -31,3 +31,4 @@ mod support;
 mod tts;
 mod txn_verifier;
 mod workload_api;
+mod wpt;

@@ -104,6 +104,47 @@ pub struct ValidateJwtsvidResponse {
     #[prost(message, optional, tag = "2")]
     pub claims: ::core::option::Option<::prost_types::Struct>,
 }
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WitsvidRequest {
+    /// Optional: only the SVID with this ID.
+    #[prost(string, tag = "1")]
+    pub spiffe_id: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct WitsvidResponse {
+    /// The first one is the default identity.
+    #[prost(message, repeated, tag = "1")]
+    pub svids: ::prost::alloc::vec::Vec<Witsvid>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Witsvid {
+    #[prost(string, tag = "1")]
+    pub spiffe_id: ::prost::alloc::string::String,
+    /// The WIT-SVID, compact JWS.
+    #[prost(string, tag = "2")]
+    pub wit_svid: ::prost::alloc::string::String,
+    /// The private key, a JWK (RFC 7517).
+    #[prost(string, tag = "3")]
+    pub wit_svid_key: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub hint: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WitBundlesRequest {}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct WitBundlesResponse {
+    /// Trust domain ID (`spiffe://<td>`) -> JWKS JSON document (`use: wit-svid` keys).
+    #[prost(map = "string, string", tag = "1")]
+    pub bundles: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+}
 /// Generated client implementations.
 pub mod spiffe_workload_api_client {
     #![allow(
@@ -309,6 +350,59 @@ pub mod spiffe_workload_api_client {
                 .insert(GrpcMethod::new("SpiffeWorkloadAPI", "ValidateJWTSVID"));
             self.inner.unary(req, path, codec).await
         }
+        /// WIT-SVID profile (incubating in the SPIFFE Workload API standard, section 7): the
+        /// caller's WIT-SVIDs, each with the private key (a JWK) the agent generated for it,
+        /// streamed again on every change or renewal.
+        pub async fn fetch_witsvid(
+            &mut self,
+            request: impl tonic::IntoRequest<super::WitsvidRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::WitsvidResponse>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/SpiffeWorkloadAPI/FetchWITSVID",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("SpiffeWorkloadAPI", "FetchWITSVID"));
+            self.inner.server_streaming(req, path, codec).await
+        }
+        /// The WIT-SVID signing keys (JWKS) of the trust domain and federated ones, streamed on
+        /// change.
+        pub async fn fetch_wit_bundles(
+            &mut self,
+            request: impl tonic::IntoRequest<super::WitBundlesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::WitBundlesResponse>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/SpiffeWorkloadAPI/FetchWITBundles",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("SpiffeWorkloadAPI", "FetchWITBundles"));
+            self.inner.server_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -377,6 +471,37 @@ pub mod spiffe_workload_api_server {
             request: tonic::Request<super::ValidateJwtsvidRequest>,
         ) -> std::result::Result<
             tonic::Response<super::ValidateJwtsvidResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the FetchWITSVID method.
+        type FetchWITSVIDStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::WitsvidResponse, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// WIT-SVID profile (incubating in the SPIFFE Workload API standard, section 7): the
+        /// caller's WIT-SVIDs, each with the private key (a JWK) the agent generated for it,
+        /// streamed again on every change or renewal.
+        async fn fetch_witsvid(
+            &self,
+            request: tonic::Request<super::WitsvidRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::FetchWITSVIDStream>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the FetchWITBundles method.
+        type FetchWITBundlesStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::WitBundlesResponse, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// The WIT-SVID signing keys (JWKS) of the trust domain and federated ones, streamed on
+        /// change.
+        async fn fetch_wit_bundles(
+            &self,
+            request: tonic::Request<super::WitBundlesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::FetchWITBundlesStream>,
             tonic::Status,
         >;
     }
@@ -688,6 +813,100 @@ pub mod spiffe_workload_api_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/SpiffeWorkloadAPI/FetchWITSVID" => {
+                    #[allow(non_camel_case_types)]
+                    struct FetchWITSVIDSvc<T: SpiffeWorkloadApi>(pub Arc<T>);
+                    impl<
+                        T: SpiffeWorkloadApi,
+                    > tonic::server::ServerStreamingService<super::WitsvidRequest>
+                    for FetchWITSVIDSvc<T> {
+                        type Response = super::WitsvidResponse;
+                        type ResponseStream = T::FetchWITSVIDStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::WitsvidRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as SpiffeWorkloadApi>::fetch_witsvid(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = FetchWITSVIDSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/SpiffeWorkloadAPI/FetchWITBundles" => {
+                    #[allow(non_camel_case_types)]
+                    struct FetchWITBundlesSvc<T: SpiffeWorkloadApi>(pub Arc<T>);
+                    impl<
+                        T: SpiffeWorkloadApi,
+                    > tonic::server::ServerStreamingService<super::WitBundlesRequest>
+                    for FetchWITBundlesSvc<T> {
+                        type Response = super::WitBundlesResponse;
+                        type ResponseStream = T::FetchWITBundlesStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::WitBundlesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as SpiffeWorkloadApi>::fetch_wit_bundles(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = FetchWITBundlesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
