@@ -31,5 +31,6 @@ pub mod ops;
 pub mod policy;
 pub mod rate_limit;
 pub mod replica;
+pub mod revocation;
 pub mod server_name;
 pub mod txn_token;
