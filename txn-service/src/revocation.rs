@@ -314,6 +314,175 @@ async fn feed(State(state): State<FeedState>, request: Request) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::body::Body;
+    use tower::ServiceExt as _;
+    use writ_identity::store::revocation::NewRevocation;
+    use writ_identity::store::sqlite::SqliteStore;
+    use writ_sdk::spiffe::revocation::Target;
+    use writ_sdk::txn_token::Actor;
+
+    async fn revoke(store: &SharedStore, target: Target) -> u64 {
+        let now = writ_identity::clock::Clock::unix_seconds(&writ_identity::clock::SystemClock);
+        store
+            .insert_revocation(&NewRevocation {
+                target,
+                revoked_at: now,
+                lapses_at: now + 3600,
+                reason: None,
+                revoked_by: "test".into(),
+            })
+            .await
+            .unwrap()
+            .seq
+    }
+
+    async fn setup() -> (SharedStore, Arc<Revocations>) {
+        let store: SharedStore = Arc::new(SqliteStore::open_in_memory().await.unwrap());
+        revoke(
+            &store,
+            Target::Txn {
+                txn: "t-revoked".into(),
+            },
+        )
+        .await;
+        revoke(
+            &store,
+            Target::Workload {
+                spiffe_id: "spiffe://example.org/agents/rogue".into(),
+                subtree: true,
+            },
+        )
+        .await;
+        let revocations =
+            Revocations::load(store.clone(), Arc::new(writ_identity::clock::SystemClock))
+                .await
+                .unwrap();
+        (store, revocations)
+    }
+
+    fn token(txn: &str, req_wl: &str, act: Option<&str>) -> TxnToken {
+        TxnToken {
+            iss: "https://tts".into(),
+            iat: 0,
+            exp: i64::MAX,
+            aud: "example.org".into(),
+            txn: txn.into(),
+            sub: "alice".into(),
+            scope: "read".into(),
+            req_wl: req_wl.into(),
+            tctx: None,
+            rctx: None,
+            act: act.map(Actor::new),
+        }
+    }
+
+    #[tokio::test]
+    async fn exchanges_a_revocation_covers_are_refused() {
+        let (_store, revocations) = setup().await;
+        let gw = SpiffeId::new("spiffe://example.org/gateway").unwrap();
+        let rogue = SpiffeId::new("spiffe://example.org/agents/rogue/sub/1").unwrap();
+        let gw_id = gw.as_str();
+        assert!(revocations.check(&token("t-ok", gw_id, None), &gw).is_ok());
+        let err = revocations
+            .check(&token("t-revoked", gw_id, None), &gw)
+            .unwrap_err();
+        assert_eq!(err.code(), "invalid_request");
+        assert!(
+            err.description().contains("transaction is revoked"),
+            "{err}"
+        );
+        let err = revocations
+            .check(&token("t-ok", rogue.as_str(), None), &rogue)
+            .unwrap_err();
+        assert_eq!(err.code(), "invalid_client");
+        // A revoked workload earlier in the chain.
+        let err = revocations
+            .check(
+                &token("t-ok", gw_id, Some("spiffe://example.org/agents/rogue")),
+                &gw,
+            )
+            .unwrap_err();
+        assert!(err.description().contains("delegation chain"), "{err}");
+    }
+
+    async fn get(app: Router, path: &str, caller: Option<&str>) -> (StatusCode, Value) {
+        let mut request = axum::http::Request::get(path).body(Body::empty()).unwrap();
+        if let Some(id) = caller {
+            request
+                .extensions_mut()
+                .insert(CallerId(SpiffeId::new(id).unwrap()));
+        }
+        let response = app.oneshot(request).await.unwrap();
+        let status = response.status();
+        assert_eq!(
+            response.headers().get(header::CACHE_CONTROL).unwrap(),
+            "no-store"
+        );
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    use serde_json::Value;
+
+    #[tokio::test]
+    async fn the_feed_serves_pages_waits_and_refuses_what_it_must() {
+        let (store, revocations) = setup().await;
+        let td = TrustDomain::new("example.org").unwrap();
+        let app = router(revocations.clone(), td);
+        let me = Some("spiffe://example.org/tool");
+        let (status, body) = get(app.clone(), FEED_PATH, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body["error"], "invalid_client");
+        let (status, _) = get(app.clone(), FEED_PATH, Some("spiffe://other.org/x")).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        for bad in ["?after=x", "?wait=31", "?since=1", "?after=1&after=2"] {
+            let (status, body) = get(app.clone(), &format!("{FEED_PATH}{bad}"), me).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+            assert_eq!(body["error"], "invalid_request", "{bad}");
+        }
+        let (status, body) = get(app.clone(), FEED_PATH, me).await;
+        assert_eq!(status, StatusCode::OK);
+        let page: FeedPage = serde_json::from_value(body).unwrap();
+        page.check().unwrap();
+        assert_eq!(page.revocations.len(), 2);
+        assert!(!page.more);
+        let (_, body) = get(app.clone(), &format!("{FEED_PATH}?after=1"), me).await;
+        let after_one: FeedPage = serde_json::from_value(body).unwrap();
+        assert_eq!(after_one.revocations.len(), 1);
+
+        // A long poll returns as soon as a newer entry is read.
+        let path = format!("{FEED_PATH}?after={}&wait=30", page.seq);
+        let waiting = {
+            let app = app.clone();
+            tokio::spawn(async move { get(app, &path, me).await })
+        };
+        let seq = revoke(
+            &store,
+            Target::Sub {
+                sub: "mallory".into(),
+            },
+        )
+        .await;
+        revocations.poll().await.unwrap();
+        let (status, body) = waiting.await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        let next: FeedPage = serde_json::from_value(body).unwrap();
+        assert_eq!(
+            next.revocations.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![seq]
+        );
+        assert_eq!(next.seq, seq);
+    }
+
+    #[test]
+    fn the_lapse_rule_knows_the_txn_token_ceiling() {
+        assert_eq!(
+            writ_identity::server::revocation::TXN_TOKEN_CEILING,
+            crate::policy::HARD_MAX_LIFETIME
+        );
+    }
 
     #[test]
     fn queries_are_parsed_strictly() {
