@@ -21,6 +21,7 @@
 //! client_assertion_replay_protection = true  # each assertion once (needs `jti`); see docs
 //! replica = "tts-a"                      # this replica's name (default: the host name)
 //! dns_names = ["tts.example.org", "10.0.0.7"]  # names clients dial; the SVID must carry them
+//! revocation_poll = "200ms"              # how often revocations are read from the identity store
 //!
 //! [audit]                               # the durable audit trail (needs [identity_store]; docs/audit.md)
 //! durable = true                         # also write every decision to the store's hash-chained table
@@ -198,6 +199,9 @@ pub struct TxnFileConfig {
     /// The durable audit trail.
     #[serde(default)]
     pub audit: FileAudit,
+    /// How often revocations are read from the identity store (default 200ms; the
+    /// store's own announcements wake it sooner).
+    pub revocation_poll: Option<ConfigDuration>,
 }
 
 /// The `[audit]` table: the durable, hash-chained audit trail in the identity store.
@@ -357,6 +361,9 @@ pub struct TxnConfig {
     pub audit_durable: bool,
     /// Prune durable audit rows older than this; `None` keeps them.
     pub audit_retention: Option<Duration>,
+    /// How often revocations are read from the identity store
+    /// ([`crate::revocation::DEFAULT_POLL_INTERVAL`] by default).
+    pub revocation_poll: Duration,
 }
 
 fn duration(
@@ -543,6 +550,11 @@ impl TxnConfig {
             dns_names: ServerNames::new(file.dns_names.unwrap_or_default())?,
             audit_durable,
             audit_retention,
+            revocation_poll: duration(
+                "revocation_poll",
+                file.revocation_poll,
+                crate::revocation::DEFAULT_POLL_INTERVAL,
+            )?,
         })
     }
 }
@@ -642,6 +654,8 @@ pub struct TxnServer {
     upkeep: Option<tokio::task::JoinHandle<()>>,
     /// Prunes the durable audit trail.
     _retention: Option<tokio_util::task::AbortOnDropHandle<()>>,
+    /// Keeps the revocations in force current (with an identity store).
+    _revocation_poll: Option<tokio_util::task::AbortOnDropHandle<()>>,
     /// Checks the configured names at each rotation of the SVID.
     names_watch: Option<tokio::task::JoinHandle<()>>,
     /// The operations listener, when configured (stops when dropped).
@@ -752,6 +766,7 @@ impl TxnServer {
         }
         let mut upkeep = None;
         let mut retention = None;
+        let mut revocation_poll = None;
         if let Some(store) = &config.identity_store {
             // Shared, never migrated: the identity server owns (and migrates) its store;
             // the token service writes only its public keys there.
@@ -778,7 +793,14 @@ impl TxnServer {
                     .map(|keep| durable.spawn_retention(keep, clock.clone()));
                 service = service.with_durable_audit(durable);
             }
+            let revocations = crate::revocation::Revocations::load(store.clone(), clock.clone())
+                .await
+                .map_err(|e| {
+                    TxnConfigError::Invalid(format!("`identity_store`: revocations: {e}"))
+                })?;
+            revocation_poll = Some(revocations.clone().spawn(config.revocation_poll));
             service = service
+                .with_revocations(revocations)
                 .with_leases(Leases::new(store))
                 .with_replica(replica);
         } else {
@@ -838,6 +860,7 @@ impl TxnServer {
             summaries,
             upkeep,
             _retention: retention,
+            _revocation_poll: revocation_poll,
             names_watch,
             ops,
             stop: Some(stop),

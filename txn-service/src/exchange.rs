@@ -587,6 +587,8 @@ pub struct ExchangeService {
     metrics: Option<Arc<crate::metrics::TxnMetrics>>,
     /// The durable audit trail in the identity store, if on.
     durable: Option<DurableAudit>,
+    /// The kill switch (see [`crate::revocation`]), with an identity store.
+    revocations: Option<Arc<crate::revocation::Revocations>>,
 }
 
 impl ExchangeService {
@@ -622,7 +624,20 @@ impl ExchangeService {
             replica: None,
             metrics: Some(Arc::new(crate::metrics::TxnMetrics::new())),
             durable: None,
+            revocations: None,
         }
+    }
+
+    /// Refuses what a revocation in force covers (see [`crate::revocation`]), and serves
+    /// the revocation feed on the listener.
+    pub fn with_revocations(mut self, revocations: Arc<crate::revocation::Revocations>) -> Self {
+        self.revocations = Some(revocations);
+        self
+    }
+
+    /// The revocations this service enforces, if any.
+    pub fn revocations(&self) -> Option<&Arc<crate::revocation::Revocations>> {
+        self.revocations.as_ref()
     }
 
     /// Records no metrics (for the benchmark that compares metrics on and off).
@@ -845,8 +860,13 @@ impl ExchangeService {
                     return Err(ExchangeError::unauthorized(LeaseError::Ended.to_string()));
                 }
             }
-            self.exchange_inner(&caller, caller_ip, req, lease.as_ref())
-                .await
+            let (token, response) = self
+                .exchange_inner(&caller, caller_ip, req, lease.as_ref())
+                .await?;
+            if let Some(revocations) = &self.revocations {
+                revocations.check(&token, &caller.id)?;
+            }
+            Ok((token, response))
         }
         .await;
         match result {

@@ -31,6 +31,7 @@ pub mod ops;
 pub mod policy;
 pub mod rate_limit;
 pub mod replica;
+pub mod revocation;
 pub mod server_name;
 pub mod subject;
 pub mod txn_token;

@@ -87,8 +87,12 @@ pub async fn serve(
         crate::audit::ingest::DEFAULT_INGEST_RATE,
         service.clock().clone(),
     );
+    let feed = service
+        .revocations()
+        .map(|r| crate::revocation::router(r.clone(), source.svid().spiffe_id.trust_domain()));
     let app = router(service)
         .merge(crate::audit::ingest::router(ingest))
+        .merge(feed.unwrap_or_default())
         .layer(axum::middleware::from_fn(peer_extensions));
     writ_sdk::listener::serve_tls(listener, app, shutdown).await
 }

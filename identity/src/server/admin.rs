@@ -74,6 +74,9 @@ impl From<AdminError> for Status {
             }
             AdminError::Store(StoreError::Conflict { .. }) => Status::aborted(e.to_string()),
             AdminError::Store(StoreError::Invalid(_)) => Status::invalid_argument(e.to_string()),
+            AdminError::Store(StoreError::TooMany { .. }) => {
+                Status::resource_exhausted(e.to_string())
+            }
             AdminError::Ca(CaError::ForeignTrustDomain { .. } | CaError::InvalidRequest(_)) => {
                 Status::invalid_argument(e.to_string())
             }
@@ -663,6 +666,35 @@ impl pb::admin_server::Admin for AdminService {
         let r = manage::delete_bundle(&self.state, &request.into_inner().trust_domain).await?;
         Ok(Response::new(r))
     }
+
+    async fn revoke(
+        &self,
+        request: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::Revocation>, Status> {
+        let by = admin_caller(&request);
+        let r = super::revocation::revoke(&self.state, request.into_inner(), by).await?;
+        Ok(Response::new(r))
+    }
+
+    async fn list_revocations(
+        &self,
+        request: Request<pb::ListRevocationsRequest>,
+    ) -> Result<Response<pb::ListRevocationsResponse>, Status> {
+        let r = super::revocation::list(&self.state, request.into_inner()).await?;
+        Ok(Response::new(r))
+    }
+}
+
+/// Who called on the admin socket: `admin socket (uid N)` from the peer's credentials.
+fn admin_caller<T>(request: &Request<T>) -> String {
+    request
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .map_or_else(
+            || "admin socket".to_owned(),
+            |cred| format!("admin socket (uid {})", cred.uid()),
+        )
 }
 
 fn agent_to_proto(a: &crate::store::AttestedAgent) -> pb::Agent {

@@ -21,6 +21,7 @@ pub mod lease;
 pub mod node;
 pub mod node_service;
 pub mod oidc_discovery;
+pub mod revocation;
 pub mod revoked;
 
 use std::future::Future;

@@ -22,6 +22,7 @@ mod federation;
 mod fleet;
 mod jwt_svid;
 mod k8s;
+mod revocation;
 mod revoked_workload;
 mod spawn_rate;
 mod spiffe_id;

@@ -13,6 +13,7 @@ mod entry;
 pub mod entry_data;
 mod federation;
 pub mod out;
+mod revoke;
 mod server;
 mod svid;
 mod svid_files;

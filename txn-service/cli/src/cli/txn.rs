@@ -49,6 +49,11 @@ pub(crate) enum TxnCommand {
         #[arg(long, hide = true)]
         json: bool,
     },
+    /// Revoke a transaction, a user, a workload or a sub-agent lease (the kill switch):
+    /// every token service replica refuses it at once, verifiers and agents follow.
+    Revoke(super::revoke::RevokeArgs),
+    /// List the revocations in force and when each lapses.
+    Revocations(super::revoke::RevocationsArgs),
 }
 
 /// `writ exchange`.
@@ -136,6 +141,8 @@ pub(crate) async fn run(cmd: TxnCommand) -> anyhow::Result<ExitCode> {
             };
             decode(&token, json || output.output == Output::Json)
         }
+        TxnCommand::Revoke(args) => super::revoke::revoke(args).await,
+        TxnCommand::Revocations(args) => super::revoke::revocations(args).await,
     }
 }
 

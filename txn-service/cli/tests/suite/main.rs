@@ -33,5 +33,6 @@ mod observability;
 mod oidc_discovery;
 mod readme;
 mod recipes;
+mod revocation;
 mod tls_names;
 mod trust_domain;
