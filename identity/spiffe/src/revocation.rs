@@ -26,7 +26,7 @@
 //! assert!(set.workload("spiffe://example.org/agents/planner", 5_000).is_none());
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -211,11 +211,18 @@ pub enum RevocationError {
 }
 
 /// The revocations in force, as a verifier, an agent or a token service replica keeps
-/// them: looked up by transaction, user and workload.
+/// them: indexed by transaction, user, workload and subtree root, so a lookup costs a
+/// few hash lookups (one per path segment of a workload) whatever the number in force.
 #[derive(Debug, Clone, Default)]
 pub struct RevocationSet {
     seq: u64,
     by_seq: BTreeMap<u64, Revocation>,
+    txn: HashMap<String, Vec<u64>>,
+    sub: HashMap<String, Vec<u64>>,
+    /// Workloads named exactly (a workload without `subtree`, a lease's child).
+    exact: HashMap<String, Vec<u64>>,
+    /// Roots of subtree entries.
+    subtree: HashMap<String, Vec<u64>>,
 }
 
 impl RevocationSet {
@@ -234,9 +241,44 @@ impl RevocationSet {
         self.by_seq.is_empty()
     }
 
+    fn index(&mut self, target: &Target) -> &mut HashMap<String, Vec<u64>> {
+        match target {
+            Target::Txn { .. } => &mut self.txn,
+            Target::Sub { .. } => &mut self.sub,
+            Target::Workload { subtree: true, .. } => &mut self.subtree,
+            Target::Workload { .. } | Target::Lease { .. } => &mut self.exact,
+        }
+    }
+
+    fn key(target: &Target) -> &str {
+        match target {
+            Target::Lease { spiffe_id, .. } => spiffe_id,
+            other => other.value(),
+        }
+    }
+
+    fn unindex(&mut self, revocation: &Revocation) {
+        let key = Self::key(&revocation.target).to_owned();
+        let index = self.index(&revocation.target);
+        if let Some(seqs) = index.get_mut(&key) {
+            seqs.retain(|s| *s != revocation.seq);
+            if seqs.is_empty() {
+                index.remove(&key);
+            }
+        }
+    }
+
     /// Add one entry (an entry already held is replaced).
     pub fn insert(&mut self, revocation: Revocation) {
         self.seq = self.seq.max(revocation.seq);
+        if let Some(old) = self.by_seq.remove(&revocation.seq) {
+            self.unindex(&old);
+        }
+        let key = Self::key(&revocation.target).to_owned();
+        self.index(&revocation.target)
+            .entry(key)
+            .or_default()
+            .push(revocation.seq);
         self.by_seq.insert(revocation.seq, revocation);
     }
 
@@ -250,7 +292,17 @@ impl RevocationSet {
 
     /// Drop the entries lapsed at `now` (Unix seconds).
     pub fn prune(&mut self, now: i64) {
-        self.by_seq.retain(|_, r| r.in_force(now));
+        let lapsed: Vec<u64> = self
+            .by_seq
+            .values()
+            .filter(|r| !r.in_force(now))
+            .map(|r| r.seq)
+            .collect();
+        for seq in lapsed {
+            if let Some(old) = self.by_seq.remove(&seq) {
+                self.unindex(&old);
+            }
+        }
     }
 
     /// The entries in force at `now`, oldest first.
@@ -258,9 +310,41 @@ impl RevocationSet {
         self.by_seq.values().filter(move |r| r.in_force(now))
     }
 
-    /// The first entry in force at `now` that covers the workload `id`.
+    fn find<'a>(
+        &'a self,
+        index: &'a HashMap<String, Vec<u64>>,
+        key: &str,
+        now: i64,
+    ) -> Option<&'a Revocation> {
+        index
+            .get(key)?
+            .iter()
+            .filter_map(|seq| self.by_seq.get(seq))
+            .find(|r| r.in_force(now))
+    }
+
+    /// The first entry in force at `now` that covers the workload `id`: one naming it, or
+    /// a subtree rooted at it or at one of its ancestors.
     pub fn workload(&self, id: &str, now: i64) -> Option<&Revocation> {
-        self.in_force(now).find(|r| r.target.covers_workload(id))
+        if let Some(r) = self.find(&self.exact, id, now) {
+            return Some(r);
+        }
+        if self.subtree.is_empty() {
+            return None;
+        }
+        // The ID itself, then every prefix that ends before a `/` of its path.
+        let path_start = id.find("://").map_or(0, |i| i + 3);
+        let path_start = id
+            .get(path_start..)
+            .and_then(|rest| rest.find('/'))
+            .map_or(id.len(), |i| path_start + i);
+        std::iter::once(id)
+            .chain(
+                id.char_indices()
+                    .filter(|(i, c)| *c == '/' && *i > path_start)
+                    .filter_map(|(i, _)| id.get(..i)),
+            )
+            .find_map(|prefix| self.find(&self.subtree, prefix, now))
     }
 
     /// The first entry in force at `now` that covers a Txn-Token with this `txn`, `sub`
@@ -269,11 +353,15 @@ impl RevocationSet {
         &self,
         txn: &str,
         sub: &str,
-        workloads: impl Iterator<Item = &'a str> + Clone,
+        mut workloads: impl Iterator<Item = &'a str>,
         now: i64,
     ) -> Option<&Revocation> {
-        self.in_force(now)
-            .find(|r| r.target.covers_token(txn, sub, workloads.clone()))
+        if self.by_seq.is_empty() {
+            return None;
+        }
+        self.find(&self.txn, txn, now)
+            .or_else(|| self.find(&self.sub, sub, now))
+            .or_else(|| workloads.find_map(|w| self.workload(w, now)))
     }
 }
 
@@ -341,6 +429,40 @@ mod tests {
         set.prune(200);
         assert!(set.is_empty());
         assert_eq!(set.seq(), 4);
+    }
+
+    #[test]
+    fn the_index_follows_replacements_and_pruning() {
+        let mut set = RevocationSet::default();
+        let subtree = |seq, lapses_at| Revocation {
+            lapses_at,
+            ..entry(
+                seq,
+                Target::Workload {
+                    spiffe_id: "spiffe://td/p".into(),
+                    subtree: true,
+                },
+            )
+        };
+        set.insert(subtree(1, 150));
+        set.insert(subtree(2, 300));
+        let deep = "spiffe://td/p/sub/a/b";
+        assert_eq!(set.workload(deep, 120).map(|r| r.seq), Some(1));
+        assert_eq!(set.workload(deep, 160).map(|r| r.seq), Some(2));
+        set.prune(160);
+        assert_eq!(set.len(), 1);
+        assert_eq!(set.subtree.get("spiffe://td/p").map(Vec::len), Some(1));
+        // Replacing an entry by its seq re-indexes it.
+        set.insert(entry(2, Target::Sub { sub: "bob".into() }));
+        assert!(set.workload(deep, 160).is_none());
+        assert!(set.subtree.is_empty());
+        assert_eq!(
+            set.token("t", "bob", std::iter::empty(), 160)
+                .map(|r| r.seq),
+            Some(2)
+        );
+        set.prune(300);
+        assert!(set.sub.is_empty() && set.is_empty());
     }
 
     #[test]

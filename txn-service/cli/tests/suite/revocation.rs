@@ -343,3 +343,109 @@ max_scope = ["docs.read"]
     drop(restarted);
     drop(dev);
 }
+
+/// The kill switch reaches a service's SDK verifier: a tool server's `TxnVerifier`,
+/// following the real token service's revocation feed over mTLS, accepts a transaction's
+/// Txn-Token, and refuses it once `writ txn revoke --txn` returns (the time it took is
+/// printed; its p50/p99 are a benchmark figure, `--bench revocation_e2e`, not asserted here).
+#[test]
+fn a_tool_servers_verifier_refuses_a_revoked_transaction() {
+    use writ_sdk::txn_token::{TxnTokenError, TxnVerifier};
+    use writ_sdk::workload::X509Source;
+    use writ_sdk::{SpiffeId, TrustDomain};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let dev = Dev::start(&dir);
+    let s = state(&dir);
+    let sock = s["server_socket"].as_str().unwrap().to_owned();
+    let workload_api = s["workload_api"].as_str().unwrap().to_owned();
+    let tts_url = s["tts_url"].as_str().unwrap().to_owned();
+    let tts_id = SpiffeId::new(s["tts_id"].as_str().unwrap()).unwrap();
+    ok(
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            ME,
+            "--selector",
+            &format!("unix:uid:{}", uid()),
+        ],
+        &sock,
+    );
+    let login = ok(
+        &[
+            "dev",
+            "login",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--user",
+            "alice",
+            "--scope",
+            "docs.read",
+        ],
+        &sock,
+    );
+    let user_file = tmp.path().join("user.jwt");
+    std::fs::write(&user_file, login.lines().last().unwrap()).unwrap();
+    let txn_token = token(&exchange(
+        &tts_url,
+        &user_file,
+        "access_token",
+        &workload_api,
+        &sock,
+    ));
+    let claims: Value = serde_json::from_str(&ok(
+        &["txn", "decode", &txn_token, "--output", "json"],
+        &sock,
+    ))
+    .unwrap();
+    let txn = claims["claims"]["txn"].as_str().unwrap().to_owned();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // The tool server's side: its SVID, the token service's keys and its feed.
+        let source = X509Source::builder()
+            .endpoint(&workload_api)
+            .spiffe_id(SpiffeId::new(ME).unwrap())
+            .build()
+            .await
+            .unwrap();
+        let client = writ_sdk::exchange::TxnClient::new(&source, &tts_url, tts_id).unwrap();
+        let feed = client.revocation_feed().unwrap();
+        let verifier = TxnVerifier::builder(
+            TrustDomain::new("example.org").unwrap(),
+            client.jwks_source(),
+        )
+        .revocations(feed.clone())
+        .build();
+        tokio::time::timeout(Duration::from_secs(20), feed.ready())
+            .await
+            .expect("the feed answered its first request");
+        let verified = verifier.verify(&txn_token).await.unwrap();
+        assert_eq!(verified.txn, txn);
+
+        let revoke = {
+            let sock = sock.clone();
+            let txn = txn.clone();
+            tokio::task::spawn_blocking(move || {
+                ok(&["txn", "revoke", "--txn", &txn, "--json"], &sock)
+            })
+        };
+        let revoked: Value = serde_json::from_str(&revoke.await.unwrap()).unwrap();
+        let returned = Instant::now();
+        let seq = revoked["seq"].as_u64().unwrap();
+        tokio::time::timeout(Duration::from_secs(20), feed.wait_for(seq))
+            .await
+            .expect("the feed delivered the revocation");
+        match verifier.verify(&txn_token).await {
+            Err(TxnTokenError::Revoked(why)) => assert!(why.contains(&txn), "{why}"),
+            other => panic!("a revoked transaction's token was not refused: {other:?}"),
+        }
+        eprintln!(
+            "revocation reached the verifier {:?} after `writ txn revoke` returned",
+            returned.elapsed()
+        );
+    });
+    drop(dev);
+}
