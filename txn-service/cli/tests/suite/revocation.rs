@@ -155,15 +155,21 @@ fn refused(url: &str, file: &Path, workload_api: &str, sock: &str) -> String {
     }
 }
 
-#[test]
-fn a_revoked_transaction_is_refused_by_every_replica_and_after_a_restart() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("dev");
-    let dev = Dev::start(&dir);
-    let s = state(&dir);
+/// `writ dev` on `dir`, this test's workload registered as [`ME`], and alice's access
+/// token (scope `docs.read`) written to `user.jwt` beside `dir`.
+struct Setup {
+    dev: Dev,
+    sock: String,
+    workload_api: String,
+    tts_url: String,
+    tts_id: String,
+    user_file: std::path::PathBuf,
+}
+
+fn setup(dir: &Path) -> Setup {
+    let dev = Dev::start(dir);
+    let s = state(dir);
     let sock = s["server_socket"].as_str().unwrap().to_owned();
-    let workload_api = s["workload_api"].as_str().unwrap().to_owned();
-    let tts_url = s["tts_url"].as_str().unwrap().to_owned();
     ok(
         &[
             "entry",
@@ -188,8 +194,30 @@ fn a_revoked_transaction_is_refused_by_every_replica_and_after_a_restart() {
         ],
         &sock,
     );
-    let user_file = tmp.path().join("user.jwt");
+    let user_file = dir.with_file_name("user.jwt");
     std::fs::write(&user_file, login.lines().last().unwrap()).unwrap();
+    Setup {
+        dev,
+        workload_api: s["workload_api"].as_str().unwrap().to_owned(),
+        tts_url: s["tts_url"].as_str().unwrap().to_owned(),
+        tts_id: s["tts_id"].as_str().unwrap().to_owned(),
+        sock,
+        user_file,
+    }
+}
+
+#[test]
+fn a_revoked_transaction_is_refused_by_every_replica_and_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let Setup {
+        dev,
+        sock,
+        workload_api,
+        tts_url,
+        user_file,
+        ..
+    } = setup(&dir);
     // Two transactions of alice: the first will be revoked, the second not.
     let mut files = Vec::new();
     for n in 0..2 {
@@ -356,38 +384,15 @@ fn a_tool_servers_verifier_refuses_a_revoked_transaction() {
 
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("dev");
-    let dev = Dev::start(&dir);
-    let s = state(&dir);
-    let sock = s["server_socket"].as_str().unwrap().to_owned();
-    let workload_api = s["workload_api"].as_str().unwrap().to_owned();
-    let tts_url = s["tts_url"].as_str().unwrap().to_owned();
-    let tts_id = SpiffeId::new(s["tts_id"].as_str().unwrap()).unwrap();
-    ok(
-        &[
-            "entry",
-            "create",
-            "--spiffe-id",
-            ME,
-            "--selector",
-            &format!("unix:uid:{}", uid()),
-        ],
-        &sock,
-    );
-    let login = ok(
-        &[
-            "dev",
-            "login",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--user",
-            "alice",
-            "--scope",
-            "docs.read",
-        ],
-        &sock,
-    );
-    let user_file = tmp.path().join("user.jwt");
-    std::fs::write(&user_file, login.lines().last().unwrap()).unwrap();
+    let Setup {
+        dev,
+        sock,
+        workload_api,
+        tts_url,
+        tts_id,
+        user_file,
+    } = setup(&dir);
+    let tts_id = SpiffeId::new(&tts_id).unwrap();
     let txn_token = token(&exchange(
         &tts_url,
         &user_file,
