@@ -5,70 +5,16 @@
 //! store, and still enforced after `writ dev` restarts. Malformed and unknown targets are
 //! refused clearly.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::common::dev::{DevProcess as Dev, ok, state, writ};
 use crate::common::{WRIT, bound_address, uid};
 
 const ME: &str = "spiffe://example.org/revoker-test";
-
-/// A running `writ dev`, killed on drop.
-struct Dev {
-    child: Child,
-    _lines: mpsc::Receiver<String>,
-}
-
-impl Dev {
-    fn start(dir: &Path) -> Self {
-        let mut child = Command::new(WRIT)
-            .args(["dev", "--data-dir"])
-            .arg(dir)
-            .args(["--tts-listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        loop {
-            let line = lines
-                .recv_timeout(Duration::from_secs(60))
-                .expect("writ dev printed nothing for 60 s");
-            if line.starts_with("Ctrl-C stops") {
-                break;
-            }
-        }
-        Self {
-            child,
-            _lines: lines,
-        }
-    }
-
-    fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-INT", &pid]).status();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A `writ txn run` replica, killed on drop.
 struct Replica(Child);
@@ -78,29 +24,6 @@ impl Drop for Replica {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn writ(args: &[&str], server_socket: &str) -> Output {
-    Command::new(WRIT)
-        .args(args)
-        .env("WRIT_SERVER_SOCKET", server_socket)
-        .env_remove("WRIT_TXN_URL")
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str], server_socket: &str) -> String {
-    let out = writ(args, server_socket);
-    assert!(
-        out.status.success(),
-        "writ {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn state(dir: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("dev.json")).unwrap()).unwrap()
 }
 
 /// `writ exchange` of the subject token in `file` (of type `kind`) at `url`.
@@ -358,7 +281,7 @@ max_scope = ["docs.read"]
 
     // It survives a restart of everything: `writ dev` lists it again, and a replica
     // refuses it from its first request (it reads what is in force before it listens).
-    dev.stop();
+    dev.stop("-INT");
     let dev = Dev::start(&dir);
     let sock = state(&dir)["server_socket"].as_str().unwrap().to_owned();
     let listed: Value =

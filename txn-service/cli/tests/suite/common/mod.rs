@@ -3,6 +3,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub(crate) mod dev;
+
 pub(crate) const WRIT: &str = env!("CARGO_BIN_EXE_writ");
 
 /// A `writ server run` child process on a temp data dir, killed on drop.
