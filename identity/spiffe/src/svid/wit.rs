@@ -67,18 +67,9 @@ pub const LEEWAY: Duration = Duration::from_secs(30);
 pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// The time rule of [`validate`].
 pub const TIME_WINDOW: TimeWindow = TimeWindow::new(LEEWAY, MAX_LIFETIME);
-/// Algorithms a WIT-SVID may be signed with (the WIT-SVID text's RS, ES and PS
-/// families). `none` and HS* can never appear here.
-pub const ALLOWED_ALGORITHMS: &[Algorithm] = &[
-    Algorithm::ES256,
-    Algorithm::ES384,
-    Algorithm::RS256,
-    Algorithm::RS384,
-    Algorithm::RS512,
-    Algorithm::PS256,
-    Algorithm::PS384,
-    Algorithm::PS512,
-];
+/// Algorithms a WIT-SVID may be signed with: the WIT-SVID text allows the same RS, ES
+/// and PS families as the JWT-SVID standard. `none` and HS* can never appear here.
+pub const ALLOWED_ALGORITHMS: &[Algorithm] = super::jwt::ALLOWED_ALGORITHMS;
 
 /// Why a WIT-SVID (or a workload key) was refused, or could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
