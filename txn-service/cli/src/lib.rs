@@ -21,5 +21,6 @@
     )
 )]
 
+pub mod bench;
 pub mod cli;
 pub mod dev;

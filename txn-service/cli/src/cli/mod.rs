@@ -7,6 +7,7 @@
 mod agent;
 mod api;
 mod audit;
+mod bench;
 mod bundle;
 mod dev;
 mod entry;
@@ -91,6 +92,9 @@ enum Command {
     /// Run the end-to-end example: a user's request through a gateway, a planner and
     /// the sub-agent it spawns to a tool server, on a temporary `writ dev`.
     Demo(dev::DemoArgs),
+    /// Measure throughput and latency on loopback against bounds measured in the same
+    /// run (bounded in requests and time; `--json` for scripts).
+    Bench(bench::BenchArgs),
     /// Check that the server (or, with --socket, the agent) answers.
     Healthcheck {
         #[command(flatten)]
@@ -263,6 +267,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Exchange(args) => txn::exchange(args).await,
             Command::Dev(args) => dev::run(args).await,
             Command::Demo(args) => dev::demo(args).await,
+            Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Healthcheck {
                 agent_socket: Some(endpoint),
                 shallow,

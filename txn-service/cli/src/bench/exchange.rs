@@ -1,0 +1,15 @@
+//! `writ bench exchange`: not built yet (issue 20).
+
+use super::{Budget, Report};
+
+/// Options of `writ bench exchange`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {}
+
+/// Runs the Exchange bench.
+///
+/// # Errors
+/// Always, until it is built.
+pub async fn run(_args: &Args, _budget: Budget) -> anyhow::Result<Vec<Report>> {
+    anyhow::bail!("writ bench exchange is not built yet")
+}
