@@ -30,6 +30,8 @@ pub mod exchange;
 pub mod handshake;
 pub mod issue;
 pub mod overload;
+pub mod provider;
+pub mod stack;
 pub mod verify;
 pub mod workload_api;
 
