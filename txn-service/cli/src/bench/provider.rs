@@ -93,7 +93,7 @@ impl SigningKey {
     /// The public JWK (with `kid`, `alg` and `use`).
     fn jwk(&self, alg: SubjectAlg) -> anyhow::Result<Value> {
         let b64 = |bytes: &[u8]| URL_SAFE_NO_PAD.encode(bytes);
-        let mut jwk = match self {
+        let mut jwk: Value = match self {
             Self::Rsa(key) => {
                 let public = key.public_key();
                 json!({
@@ -115,9 +115,11 @@ impl SigningKey {
                 json!({ "kty": "OKP", "crv": "Ed25519", "x": b64(key.public_key().as_ref()) })
             }
         };
-        jwk["kid"] = json!(alg.kid());
-        jwk["alg"] = json!(alg.jose());
-        jwk["use"] = json!("sig");
+        if let Some(fields) = jwk.as_object_mut() {
+            fields.insert("kid".into(), json!(alg.kid()));
+            fields.insert("alg".into(), json!(alg.jose()));
+            fields.insert("use".into(), json!("sig"));
+        }
         Ok(jwk)
     }
 
