@@ -13,6 +13,7 @@
     reason = "test code: a failed setup step should abort the test loudly"
 )]
 
+mod bench;
 mod cli_agent;
 mod cli_audit;
 mod cli_server;
