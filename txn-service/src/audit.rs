@@ -395,6 +395,12 @@ impl AuditLog {
         }
     }
 
+    /// Writes an aggregated record as it is (e.g. the count of requests shed under
+    /// overload, [`crate::shed`]); a failed write is logged.
+    pub fn summary(&self, record: &AuditRecord) {
+        self.write_logged(record);
+    }
+
     /// Writes pending summaries when the last ones are [`SUMMARY_INTERVAL`] old.
     fn flush_due(&self) {
         if self.sampler.due() {

@@ -40,6 +40,11 @@
 //! max_connections_per_ip = 64            # handshaking or open, per client address (IPv6: /64)
 //! # max_connections = 10000              # default: RLIMIT_NOFILE minus a reserve
 //!
+//! [overload]                             # admission of POST /token (`writ_txn_service::shed`)
+//! # max_in_flight = 8                    # exchanges at once; default 4 x cores
+//! # max_queue = 8                        # waiting for a slot; default max_in_flight
+//! queue_timeout = "5ms"                  # then 503 + Retry-After: 1
+//!
 //! [[oidc]]
 //! issuer = "https://idp.example.com"
 //! audiences = ["writ"]
@@ -194,6 +199,9 @@ pub struct TxnFileConfig {
     /// Limits of each connection to the HTTPS listener.
     #[serde(default)]
     pub connections: FileConnections,
+    /// `[overload]`: admission limits of `POST /token` (see [`crate::shed`]).
+    #[serde(default)]
+    pub overload: crate::shed::FileOverload,
     /// `[ops]`: the operations listener (`/metrics`, `/healthz`, `/readyz`); absent, none.
     pub ops: Option<writ_identity::ops::FileOps>,
     /// The durable audit trail.
@@ -347,6 +355,8 @@ pub struct TxnConfig {
     pub policy: Policy,
     /// Limits of each connection to the HTTPS listener.
     pub connections: ConnectionLimits,
+    /// Admission limits of `POST /token`: beyond them exchanges are shed with 503.
+    pub overload: crate::shed::OverloadLimits,
     /// Accept the `writ dev` development issuer's tokens. Only `writ dev` sets this; no
     /// `txn.toml` key can.
     pub accept_dev_tokens: bool,
@@ -491,6 +501,8 @@ impl TxnConfig {
             }
         };
         let connections = connection_limits(&file.connections)?;
+        let overload = crate::shed::OverloadLimits::from_file(&file.overload)
+            .map_err(TxnConfigError::Invalid)?;
         let ops = writ_identity::ops::OpsConfig::from_file(file.ops.clone())
             .map_err(|e| TxnConfigError::Invalid(e.to_string()))?;
         let audit_durable = file.audit.durable.unwrap_or(identity_store.is_some());
@@ -547,6 +559,7 @@ impl TxnConfig {
             accept_dev_tokens: false,
             policy,
             connections,
+            overload,
             dns_names: ServerNames::new(file.dns_names.unwrap_or_default())?,
             audit_durable,
             audit_retention,
@@ -828,11 +841,12 @@ impl TxnServer {
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let limits = config.connections;
+        let overload = config.overload;
         let task = {
             let service = service.clone();
             let source = source.clone();
             tokio::spawn(async move {
-                listener::serve(service, &source, tcp, limits, async move {
+                listener::serve_with_overload(service, &source, tcp, limits, overload, async move {
                     let _ = stopped.await;
                 })
                 .await

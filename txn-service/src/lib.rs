@@ -33,5 +33,6 @@ pub mod rate_limit;
 pub mod replica;
 pub mod revocation;
 pub mod server_name;
+pub mod shed;
 pub mod subject;
 pub mod txn_token;

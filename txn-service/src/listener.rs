@@ -23,6 +23,7 @@ pub use writ_sdk::listener::{ConnectionLimits, Peer, ServeError};
 
 use crate::audit::{AuditLog, AuditRecord};
 use crate::exchange::{CallerId, ExchangeService, router};
+use crate::shed::{OverloadLimits, Shedder};
 
 /// Builds the service's listener: every caller whose X509-SVID verifies against a
 /// trusted bundle gets through the handshake (the policy decides what it may do), and a
@@ -81,6 +82,32 @@ pub async fn serve(
     limits: ConnectionLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    serve_with_overload(
+        service,
+        source,
+        tcp,
+        limits,
+        OverloadLimits::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// As [`serve`], with `POST /token` held to `overload` (see [`crate::shed`]): beyond it
+/// exchanges are shed with 503 before their body is read.
+///
+/// # Errors
+/// [`ServeError`] if the TLS configuration cannot be built or the socket fails.
+pub async fn serve_with_overload(
+    service: Arc<ExchangeService>,
+    source: &X509Source,
+    tcp: TcpListener,
+    limits: ConnectionLimits,
+    overload: OverloadLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let shed = Shedder::for_service(overload, &service);
+    let _summaries = shed.spawn_summaries();
     let listener = tls_listener(tcp, source, service.audit().clone(), limits)?;
     let ingest = crate::audit::ingest::IngestState::new(
         service.durable_audit().cloned(),
@@ -94,7 +121,10 @@ pub async fn serve(
         .merge(crate::audit::ingest::router(ingest))
         .merge(feed.unwrap_or_default())
         .layer(axum::middleware::from_fn(peer_extensions));
-    writ_sdk::listener::serve_tls(listener, app, shutdown).await
+    let app = shed.apply(app);
+    let served = writ_sdk::listener::serve_tls(listener, app, shutdown).await;
+    shed.flush();
+    served
 }
 
 /// Hands the connection's peer to the handlers as [`CallerId`] and

@@ -44,6 +44,7 @@ pub struct TxnMetrics {
     duration: Family<Label, Histogram, fn() -> Histogram>,
     cache: CounterFamily,
     rate_limited: Counter,
+    shed: Counter,
 }
 
 impl Default for TxnMetrics {
@@ -99,12 +100,19 @@ impl TxnMetrics {
             "Exchanges refused because the caller was over its policy rate limit",
             rate_limited.clone(),
         );
+        let shed = Counter::default();
+        r.register(
+            "writ_txn_shed",
+            "Exchanges refused with 503 before being read because the service was at its admission limit ([overload])",
+            shed.clone(),
+        );
         Self {
             registry: Arc::new(r),
             exchanges,
             duration,
             cache,
             rate_limited,
+            shed,
         }
     }
 
@@ -131,6 +139,11 @@ impl TxnMetrics {
     /// An exchange refused by its rate limit.
     pub fn rate_limited(&self) {
         self.rate_limited.inc();
+    }
+
+    /// An exchange shed at the admission limit ([`crate::shed`]).
+    pub fn shed(&self) {
+        self.shed.inc();
     }
 
     /// A subject token validation cache lookup: `hit` or not.

@@ -17,5 +17,6 @@ mod conformance;
 mod exchange;
 mod oidc;
 mod oidc_token_kinds;
+mod overload;
 mod replicas;
 mod txn_token;
