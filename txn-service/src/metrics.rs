@@ -107,9 +107,7 @@ impl TxnMetrics {
         let granted = exchanges
             .get_or_create(&[("outcome", "granted"), ("error", "none")])
             .clone();
-        let granted_duration = duration
-            .get_or_create(&[("outcome", "granted")])
-            .clone();
+        let granted_duration = duration.get_or_create(&[("outcome", "granted")]).clone();
         let cache_hit = cache.get_or_create(&[("result", "hit")]).clone();
         let cache_miss = cache.get_or_create(&[("result", "miss")]).clone();
         Self {

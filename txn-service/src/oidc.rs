@@ -626,7 +626,10 @@ fn parse_jwk(raw: &Value, algorithms: &[Algorithm]) -> Option<IssuerKey> {
             if !algorithms.contains(&Algorithm::EdDSA) {
                 return None;
             }
-            parsed.push((Algorithm::EdDSA, ParsedPublicKey::new(&sig::ED25519, &x).ok()?));
+            parsed.push((
+                Algorithm::EdDSA,
+                ParsedPublicKey::new(&sig::ED25519, &x).ok()?,
+            ));
         }
         _ => return None,
     }
@@ -711,11 +714,11 @@ fn split_token(token: &str) -> Result<Parts<'_>, OidcError> {
     Ok(Parts {
         header: decode_segment(header)?,
         payload: decode_segment(payload)?,
-        signing_input: token
-            .get(..header.len() + 1 + payload.len())
-            .ok_or(OidcError::Malformed {
+        signing_input: token.get(..header.len() + 1 + payload.len()).ok_or(
+            OidcError::Malformed {
                 reason: "not a three-part compact JWS",
-            })?,
+            },
+        )?,
         signature,
     })
 }

@@ -448,8 +448,8 @@ mod tests {
             assert!(parse_key(&row(kid, jwk.clone())).is_err(), "{jwk}");
         }
         // An EdDSA replica's key is shared the same way.
-        let ed = crate::txn_token::Minter::generate(crate::txn_token::SigningAlgorithm::EdDsa)
-            .unwrap();
+        let ed =
+            crate::txn_token::Minter::generate(crate::txn_token::SigningAlgorithm::EdDsa).unwrap();
         let good = serde_json::to_string(ed.jwk()).unwrap();
         assert_eq!(parse_key(&row(ed.kid(), good)).unwrap(), *ed.jwk());
         let bad = format!(
