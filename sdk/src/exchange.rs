@@ -158,6 +158,8 @@ struct ErrorBody {
 pub struct TxnClient {
     http: reqwest::Client,
     base_url: String,
+    /// `<base_url>/token`, built once.
+    token_url: String,
     audience: String,
 }
 
@@ -186,9 +188,11 @@ impl<'a> TxnClientBuilder<'a> {
 
     fn build(self, server: Authorizer) -> Result<TxnClient, ExchangeError> {
         let http = tls::http_client(self.source, server)?;
+        let base_url = self.base_url.trim_end_matches('/').to_owned();
         Ok(TxnClient {
             http,
-            base_url: self.base_url.trim_end_matches('/').to_owned(),
+            token_url: format!("{base_url}/token"),
+            base_url,
             audience: self.source.spiffe_id().trust_domain().to_string(),
         })
     }
@@ -317,34 +321,28 @@ impl TxnClient {
         let scope = request
             .scope
             .or_else(|| subject_scope(&request.subject_token, request.subject_token_type));
-        let mut form: Vec<(&str, String)> = vec![
-            ("grant_type", GRANT_TYPE_TOKEN_EXCHANGE.to_owned()),
-            (
-                "requested_token_type",
-                TokenType::TxnToken.as_urn().to_owned(),
-            ),
-            ("audience", self.audience.clone()),
-            ("subject_token", request.subject_token),
-            (
-                "subject_token_type",
-                request.subject_token_type.as_urn().to_owned(),
-            ),
-        ];
-        if let Some(scope) = scope {
-            form.push(("scope", scope));
+        // One buffer, sized for the subject token (the bulk of the body).
+        let mut form = url::form_urlencoded::Serializer::new(String::with_capacity(
+            request.subject_token.len() + 256,
+        ));
+        form.append_pair("grant_type", GRANT_TYPE_TOKEN_EXCHANGE)
+            .append_pair("requested_token_type", TokenType::TxnToken.as_urn())
+            .append_pair("audience", &self.audience)
+            .append_pair("subject_token", &request.subject_token)
+            .append_pair("subject_token_type", request.subject_token_type.as_urn());
+        if let Some(scope) = &scope {
+            form.append_pair("scope", scope);
         }
-        if let Some(details) = request.request_details {
-            form.push(("request_details", details.to_string()));
+        if let Some(details) = &request.request_details {
+            form.append_pair("request_details", &details.to_string());
         }
-        if let Some(context) = request.request_context {
-            form.push(("request_context", context.to_string()));
+        if let Some(context) = &request.request_context {
+            form.append_pair("request_context", &context.to_string());
         }
-        let body = url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(form)
-            .finish();
+        let body = form.finish();
         let mut post = self
             .http
-            .post(format!("{}/token", self.base_url))
+            .post(self.token_url.as_str())
             .header("content-type", "application/x-www-form-urlencoded");
         // Without an explicit context, the current OpenTelemetry span's (feature `otel`).
         #[cfg(feature = "otel")]

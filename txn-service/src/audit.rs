@@ -416,25 +416,25 @@ impl AuditLog {
     }
 
     fn write(&self, record: &AuditRecord) -> Result<(), AuditError> {
-        let mut line =
-            serde_json::to_string(record).map_err(|e| AuditError::Encode(e.to_string()))?;
+        // Encoded before the lock, into one buffer with room for the newline.
+        let mut line = Vec::with_capacity(768);
+        serde_json::to_writer(&mut line, record).map_err(|e| AuditError::Encode(e.to_string()))?;
         let mut sink = self.sink.lock().map_err(|_| AuditError::Poisoned)?;
         match &mut *sink {
             Sink::Memory(lines) => {
-                lines.push(line);
+                lines.push(String::from_utf8_lossy(&line).into_owned());
                 Ok(())
             }
             Sink::File(file) => {
-                line.push('\n');
-                file.append_whole(line.as_bytes())
-                    .map_err(AuditError::Write)
+                line.push(b'\n');
+                file.append_whole(&line).map_err(AuditError::Write)
             }
             Sink::Stream { writer, torn } => {
-                line.push('\n');
+                line.push(b'\n');
                 if *torn {
-                    line.insert(0, '\n');
+                    line.insert(0, b'\n');
                 }
-                write_stream(writer.as_mut(), line.as_bytes(), torn).map_err(AuditError::Write)
+                write_stream(writer.as_mut(), &line, torn).map_err(AuditError::Write)
             }
         }
     }
@@ -499,8 +499,9 @@ impl FileSink {
             self.file.truncate(len)?;
             self.repair = None;
         }
-        self.rotate_if_full(line.len());
-        let before = self.file.size()?;
+        // One `fstat` per record: the size decides rotation and is what a short write
+        // is cut back to.
+        let before = self.rotate_if_full(line.len())?;
         let written = self.file.append(line)?;
         if written == line.len() {
             return Ok(());
@@ -518,24 +519,28 @@ impl FileSink {
         ))
     }
 
-    /// Rotates when `incoming` more bytes would pass the size limit. A failure is
-    /// logged and the current file kept.
-    fn rotate_if_full(&mut self, incoming: usize) {
+    /// Rotates when `incoming` more bytes would pass the size limit (a failure is
+    /// logged and the current file kept); returns the size of the file written next.
+    fn rotate_if_full(&mut self, incoming: usize) -> std::io::Result<u64> {
+        let len = self.file.size()?;
         let (Some(rotation), Some(path)) = (self.rotation, self.path.as_ref()) else {
-            return;
+            return Ok(len);
         };
-        let len = self.file.size().unwrap_or(0);
         let incoming = u64::try_from(incoming).unwrap_or(u64::MAX);
         if len == 0
             || len.saturating_add(incoming) <= rotation.max_size
             || !self.file.is_regular_file()
         {
-            return;
+            return Ok(len);
         }
         match rotate(path, rotation.keep) {
-            Ok(file) => self.file = Box::new(file),
+            Ok(file) => {
+                self.file = Box::new(file);
+                self.file.size()
+            }
             Err(e) => {
-                tracing::error!(error = %e, path = %path.display(), "cannot rotate the audit log")
+                tracing::error!(error = %e, path = %path.display(), "cannot rotate the audit log");
+                Ok(len)
             }
         }
     }

@@ -92,7 +92,7 @@ use crate::policy::{FilePolicy, FileRateLimit, Policy, PolicyError};
 use crate::rate_limit::Rate;
 use crate::replica::{Replica, ReplicaError, ReplicaName};
 use crate::server_name::{ServerNameError, ServerNames};
-use crate::txn_token::{KeyRingError, SigningKeys};
+use crate::txn_token::{KeyRingError, SigningAlgorithm, SigningKeys};
 
 /// Default HTTPS address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
@@ -174,6 +174,8 @@ pub struct TxnFileConfig {
     pub max_replacements: Option<usize>,
     /// Signing key rotation period.
     pub key_rotation: Option<ConfigDuration>,
+    /// The Txn-Token signing algorithm: `"ES256"` or `"EdDSA"`.
+    pub signing_algorithm: Option<String>,
     /// Cache subject token validations.
     pub subject_token_cache: Option<bool>,
     /// Accept JWT-SVID client assertions.
@@ -338,6 +340,9 @@ pub struct TxnConfig {
     pub max_replacements: usize,
     /// Key rotation period.
     pub key_rotation: Duration,
+    /// The algorithm new signing keys are made for (a key ring of another algorithm
+    /// rotates at start).
+    pub signing_algorithm: SigningAlgorithm,
     /// Cache subject token validations.
     pub subject_token_cache: bool,
     /// Accept JWT-SVID client assertions.
@@ -503,6 +508,14 @@ impl TxnConfig {
         let connections = connection_limits(&file.connections)?;
         let overload = crate::shed::OverloadLimits::from_file(&file.overload)
             .map_err(TxnConfigError::Invalid)?;
+        let signing_algorithm = match file.signing_algorithm.as_deref() {
+            None => SigningAlgorithm::default(),
+            Some(name) => SigningAlgorithm::from_name(name).ok_or_else(|| {
+                TxnConfigError::Invalid(format!(
+                    "`signing_algorithm`: {name:?} is not \"ES256\" or \"EdDSA\""
+                ))
+            })?,
+        };
         let ops = writ_identity::ops::OpsConfig::from_file(file.ops.clone())
             .map_err(|e| TxnConfigError::Invalid(e.to_string()))?;
         let audit_durable = file.audit.durable.unwrap_or(identity_store.is_some());
@@ -548,6 +561,7 @@ impl TxnConfig {
             max_chain_depth,
             max_replacements,
             key_rotation: duration("key_rotation", file.key_rotation, DEFAULT_KEY_ROTATION)?,
+            signing_algorithm,
             subject_token_cache: file.subject_token_cache.unwrap_or(true),
             client_assertions: file.client_assertions.unwrap_or(false),
             client_assertion_replay_protection: file
@@ -727,14 +741,20 @@ impl TxnServer {
                         reason: e.to_string(),
                     }
                 })?;
-                SigningKeys::load_or_create(
+                SigningKeys::load_or_create_with(
                     dir.join(KEYS_FILE),
+                    config.signing_algorithm,
                     clock.clone(),
                     config.key_rotation,
                     retain,
                 )?
             }
-            None => SigningKeys::ephemeral(clock.clone(), config.key_rotation, retain)?,
+            None => SigningKeys::ephemeral_with(
+                config.signing_algorithm,
+                clock.clone(),
+                config.key_rotation,
+                retain,
+            )?,
         };
         let audit = match &config.audit_log {
             Some(path) => AuditLog::open_rotated(path, config.audit_rotation).map_err(|e| {
@@ -1011,6 +1031,14 @@ mod tests {
             })
         );
         assert_eq!(config.audit_unauthenticated, DEFAULT_UNAUTHENTICATED_RATE);
+        assert_eq!(config.signing_algorithm, SigningAlgorithm::default());
+        for (text, algorithm) in [
+            ("signing_algorithm = \"ES256\"", SigningAlgorithm::Es256),
+            ("signing_algorithm = \"EdDSA\"", SigningAlgorithm::EdDsa),
+        ] {
+            let config = TxnConfig::from_toml(text, Path::new(".")).unwrap();
+            assert_eq!(config.signing_algorithm, algorithm);
+        }
     }
 
     #[test]
@@ -1082,6 +1110,8 @@ mod tests {
             ("key_rotation = \"soon\"", "key_rotation"),
             ("spiffe_id = \"http://x\"", "spiffe_id"),
             ("audit_on_failure = \"maybe\"", "audit_on_failure"),
+            ("signing_algorithm = \"RS256\"", "signing_algorithm"),
+            ("signing_algorithm = \"eddsa\"", "signing_algorithm"),
             ("audit_max_size = \"10 parsecs\"", "audit_max_size"),
             (
                 "audit_unauthenticated = { per_second = 0 }",

@@ -45,6 +45,7 @@
 //! `request_context` and `request_details` are refused on a replacement, since they
 //! would change contexts that the draft keeps for the whole transaction.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -347,6 +348,9 @@ pub struct ExchangeRequest {
     audience: String,
     scope: Option<BTreeSet<String>>,
     subject_token: String,
+    /// The SHA-256 (hex) of `subject_token`, computed once: the audit record and the
+    /// subject cache both key on it.
+    subject_token_sha256: String,
     subject_token_type: TokenType,
     request_context: Option<Map<String, Value>>,
     request_details: Option<Map<String, Value>>,
@@ -369,7 +373,8 @@ impl ExchangeRequest {
         if std::str::from_utf8(body).is_err() {
             return Err(ExchangeError::invalid_request("request body is not UTF-8"));
         }
-        let mut fields: BTreeMap<String, String> = BTreeMap::new();
+        // Borrowed from the body unless percent-decoding changed them.
+        let mut fields: BTreeMap<Cow<'_, str>, Cow<'_, str>> = BTreeMap::new();
         for (name, value) in url::form_urlencoded::parse(body) {
             if name.contains('\u{FFFD}') || value.contains('\u{FFFD}') {
                 return Err(ExchangeError::invalid_request(
@@ -381,14 +386,13 @@ impl ExchangeRequest {
                     "a parameter is larger than {MAX_FIELD_BYTES} bytes"
                 )));
             }
-            let name = name.into_owned();
             if fields.contains_key(&name) {
                 return Err(ExchangeError::invalid_request(format!(
                     "parameter `{}` appears more than once",
                     short(&name)
                 )));
             }
-            fields.insert(name, value.into_owned());
+            fields.insert(name, value);
         }
         let scope_text = fields.remove("scope");
         let mut take = |name: &str| fields.remove(name).filter(|v| !v.is_empty());
@@ -423,7 +427,7 @@ impl ExchangeRequest {
         }
         let client_assertion = match (take("client_assertion_type"), take("client_assertion")) {
             (None, None) => None,
-            (Some(t), Some(a)) if t == CLIENT_ASSERTION_TYPE_JWT_SPIFFE => Some(a),
+            (Some(t), Some(a)) if t == CLIENT_ASSERTION_TYPE_JWT_SPIFFE => Some(a.into_owned()),
             (Some(_), Some(_)) => {
                 return Err(ExchangeError::invalid_client(format!(
                     "`client_assertion_type` must be {CLIENT_ASSERTION_TYPE_JWT_SPIFFE}"
@@ -435,10 +439,12 @@ impl ExchangeRequest {
                 ));
             }
         };
-        let audience =
-            take("audience").ok_or_else(|| ExchangeError::invalid_request("missing `audience`"))?;
+        let audience = take("audience")
+            .ok_or_else(|| ExchangeError::invalid_request("missing `audience`"))?
+            .into_owned();
         let subject_token = take("subject_token")
-            .ok_or_else(|| ExchangeError::invalid_request("missing `subject_token`"))?;
+            .ok_or_else(|| ExchangeError::invalid_request("missing `subject_token`"))?
+            .into_owned();
         let type_urn = take("subject_token_type")
             .ok_or_else(|| ExchangeError::invalid_request("missing `subject_token_type`"))?;
         let subject_token_type = TokenType::from_urn(&type_urn)
@@ -457,6 +463,7 @@ impl ExchangeRequest {
         Ok(Self {
             audience,
             scope,
+            subject_token_sha256: writ_sdk::spiffe::fingerprint::token(&subject_token),
             subject_token,
             subject_token_type,
             request_context,
@@ -482,7 +489,7 @@ impl ExchangeRequest {
 
     /// The SHA-256 of the subject token (hex), for logs.
     pub fn subject_token_fingerprint(&self) -> String {
-        writ_sdk::spiffe::fingerprint::token(&self.subject_token)
+        self.subject_token_sha256.clone()
     }
 
     /// The `request_context` object.
@@ -562,6 +569,10 @@ struct Subject {
     oidc: Option<Arc<ValidatedSubject>>,
 }
 
+/// Validated subjects by (token type, SHA-256 of the token), with when (clock seconds)
+/// they were validated.
+type SubjectCache = moka::future::Cache<(TokenType, String), (Arc<ValidatedSubject>, i64)>;
+
 /// The token exchange service: policy, subject token validation and minting.
 #[derive(Debug)]
 pub struct ExchangeService {
@@ -577,7 +588,7 @@ pub struct ExchangeService {
     audit: AuditLog,
     limiter: RateLimiter,
     /// Validated subjects and when (clock seconds) they were validated.
-    subject_cache: Option<moka::future::Cache<String, (Arc<ValidatedSubject>, i64)>>,
+    subject_cache: Option<SubjectCache>,
     assertions: Option<WorkloadClient>,
     assertion_replay: Option<ReplayCache>,
     leases: Option<Leases>,
@@ -840,7 +851,7 @@ impl ExchangeService {
         let mut record = AuditRecord::new(self.clock.now());
         record.traceparent = traceparent;
         record.caller_ip = caller_ip.map(|ip| ip.to_string());
-        record.caller = mtls_caller.as_ref().map(ToString::to_string);
+        record.caller = mtls_caller.as_ref().map(|id| id.as_str().to_owned());
         let result = async {
             let req = req?;
             record.subject_token_sha256 = Some(req.subject_token_fingerprint());
@@ -850,7 +861,9 @@ impl ExchangeService {
                 .as_ref()
                 .map(|s| s.iter().map(String::as_str).collect::<Vec<_>>().join(" "));
             let caller = self.authenticate(mtls_caller, &req).await?;
-            record.caller = Some(caller.id.to_string());
+            if record.caller.as_deref() != Some(caller.id.as_str()) {
+                record.caller = Some(caller.id.as_str().to_owned());
+            }
             record.client_auth = Some(caller.auth.name());
             let lease = self.sub_agent_lease(&caller.id).await?;
             if let Some(lease) = &lease {
@@ -1179,7 +1192,12 @@ impl ExchangeService {
             )
         })?;
         let validated = self
-            .validate_subject(oidc, &req.subject_token, token_type)
+            .validate_subject(
+                oidc,
+                &req.subject_token,
+                &req.subject_token_sha256,
+                token_type,
+            )
             .await
             .map_err(|e| match e {
                 OidcError::Discovery { .. } | OidcError::Jwks { .. } | OidcError::Config { .. } => {
@@ -1295,16 +1313,13 @@ impl ExchangeService {
         &self,
         oidc: &OidcValidator,
         token: &str,
+        token_sha256: &str,
         token_type: TokenType,
     ) -> Result<Arc<ValidatedSubject>, OidcError> {
         let Some(cache) = &self.subject_cache else {
             return oidc.validate(token, token_type).await.map(Arc::new);
         };
-        let key = format!(
-            "{}:{}",
-            token_type.as_urn(),
-            writ_sdk::spiffe::fingerprint::token(token)
-        );
+        let key = (token_type, token_sha256.to_owned());
         let now = self.clock.unix_seconds();
         let max_age = i64::try_from(SUBJECT_CACHE_MAX_AGE.as_secs()).unwrap_or(i64::MAX);
         if let Some((hit, validated_at)) = cache.get(&key).await
@@ -1565,7 +1580,7 @@ async fn token(State(service): State<Arc<ExchangeService>>, request: Request) ->
 async fn read_form(
     headers: &axum::http::HeaderMap,
     body: axum::body::Body,
-) -> Result<Vec<u8>, ExchangeError> {
+) -> Result<axum::body::Bytes, ExchangeError> {
     let form = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -1593,7 +1608,6 @@ async fn read_form(
     }
     axum::body::to_bytes(body, MAX_BODY_BYTES)
         .await
-        .map(|b| b.to_vec())
         .map_err(|_| {
             ExchangeError::invalid_request(format!(
                 "request body is larger than {MAX_BODY_BYTES} bytes or unreadable"

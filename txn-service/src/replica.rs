@@ -365,8 +365,8 @@ impl Replica {
     }
 }
 
-/// The public key of a stored row: JSON of an EC P-256 JWK, at most
-/// [`MAX_TXN_KEY_JWK_BYTES`], whose thumbprint is the row's key id.
+/// The public key of a stored row: JSON of an EC P-256 (ES256) or Ed25519 (EdDSA) JWK,
+/// at most [`MAX_TXN_KEY_JWK_BYTES`], whose thumbprint is the row's key id.
 fn parse_key(row: &TxnKeyRecord) -> Result<Jwk, String> {
     if row.jwk.len() > MAX_TXN_KEY_JWK_BYTES {
         return Err(format!("JWK larger than {MAX_TXN_KEY_JWK_BYTES} bytes"));
@@ -379,12 +379,16 @@ fn parse_key(row: &TxnKeyRecord) -> Result<Jwk, String> {
             })
             .is_some_and(|c| c.len() == 32)
     };
-    if jwk.kty != "EC"
-        || jwk.crv.as_deref() != Some("P-256")
-        || !coordinate(&jwk.x)
-        || !coordinate(&jwk.y)
-    {
-        return Err("not an EC P-256 public key".into());
+    let ec_p256 = jwk.kty == "EC"
+        && jwk.crv.as_deref() == Some("P-256")
+        && coordinate(&jwk.x)
+        && coordinate(&jwk.y);
+    let ed25519 = jwk.kty == "OKP"
+        && jwk.crv.as_deref() == Some("Ed25519")
+        && coordinate(&jwk.x)
+        && jwk.y.is_none();
+    if !ec_p256 && !ed25519 {
+        return Err("not an EC P-256 or Ed25519 public key".into());
     }
     if jwk.thumbprint().map_err(|e| e.to_string())? != row.kid {
         return Err("the key id is not the key's thumbprint".into());
@@ -443,6 +447,16 @@ mod tests {
         ] {
             assert!(parse_key(&row(kid, jwk.clone())).is_err(), "{jwk}");
         }
+        // An EdDSA replica's key is shared the same way.
+        let ed =
+            crate::txn_token::Minter::generate(crate::txn_token::SigningAlgorithm::EdDsa).unwrap();
+        let good = serde_json::to_string(ed.jwk()).unwrap();
+        assert_eq!(parse_key(&row(ed.kid(), good)).unwrap(), *ed.jwk());
+        let bad = format!(
+            r#"{{"kty":"OKP","crv":"Ed25519","x":{:?},"y":"AA"}}"#,
+            ed.jwk().x.as_deref().unwrap()
+        );
+        assert!(parse_key(&row(ed.kid(), bad)).is_err());
     }
 
     proptest::proptest! {

@@ -1,6 +1,20 @@
 //! Minting Txn-Tokens: header `typ: txntoken+jwt` and `kid` (the RFC 7638 JWK thumbprint
-//! of the signing key), ES256, claims as [`writ_sdk::txn_token::TxnToken`] defines them;
-//! and [`SigningKeys`], the rotating ring of signing keys.
+//! of the signing key), ES256 (EC P-256) or EdDSA (Ed25519) by the key's type
+//! ([`SigningAlgorithm`], `signing_algorithm` in `txn.toml`), claims as
+//! [`writ_sdk::txn_token::TxnToken`] defines them; and [`SigningKeys`], the rotating ring
+//! of signing keys.
+//!
+//! Signing is on every exchange, so a [`Minter`] parses its key once and encodes the
+//! JWS header once; a token costs one claims serialization, one base64 pass and one
+//! signature.
+//!
+//! ```
+//! use writ_txn_service::txn_token::{Minter, SigningAlgorithm};
+//! let minter = Minter::generate(SigningAlgorithm::EdDsa).unwrap();
+//! assert_eq!(minter.jwk().kty, "OKP");
+//! let token = minter.sign("JWT", &serde_json::json!({"sub": "alice"})).unwrap();
+//! assert_eq!(token.split('.').count(), 3);
+//! ```
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,7 +23,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+use aws_lc_rs::signature::{
+    ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair,
+    KeyPair as _,
+};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
@@ -22,47 +39,142 @@ use writ_sdk::txn_token::{TXN_TOKEN_TYP, TxnToken};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MintError {
-    /// The key is not an EC P-256 key.
-    #[error("the Txn-Token signing key must be EC P-256")]
+    /// The key is neither an EC P-256 nor an Ed25519 key.
+    #[error("the Txn-Token signing key must be EC P-256 (ES256) or Ed25519 (EdDSA)")]
     KeyType,
     /// Signing failed.
     #[error("signing failed: {0}")]
     Sign(String),
 }
 
+/// The JWS algorithm Txn-Tokens are signed with (`signing_algorithm` in `txn.toml`). The
+/// SDK verifier accepts both; the JWKS publishes each key with its `alg`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum SigningAlgorithm {
+    /// ECDSA P-256 with SHA-256 (RFC 7518), keys `kty: EC, crv: P-256`. The default.
+    #[default]
+    Es256,
+    /// Ed25519 (RFC 8037), keys `kty: OKP, crv: Ed25519`.
+    EdDsa,
+}
+
+impl SigningAlgorithm {
+    /// The JWS `alg` name: `ES256` or `EdDSA`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Es256 => "ES256",
+            Self::EdDsa => "EdDSA",
+        }
+    }
+
+    /// The algorithm of a JWS `alg` name (exact: `ES256` or `EdDSA`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "ES256" => Some(Self::Es256),
+            "EdDSA" => Some(Self::EdDsa),
+            _ => None,
+        }
+    }
+
+    /// A fresh private key for this algorithm (PKCS#8).
+    ///
+    /// # Errors
+    /// [`KeyRingError::Key`] if the system random source fails.
+    pub fn generate_key(self) -> Result<PrivateKey, KeyRingError> {
+        let rng = SystemRandom::new();
+        let pkcs8 = match self {
+            Self::Es256 => EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
+                .map_err(|_| KeyRingError::Key("P-256 key generation failed".into()))?,
+            Self::EdDsa => Ed25519KeyPair::generate_pkcs8(&rng)
+                .map_err(|_| KeyRingError::Key("Ed25519 key generation failed".into()))?,
+        };
+        PrivateKey::from_pkcs8_der(pkcs8.as_ref()).map_err(|e| KeyRingError::Key(e.to_string()))
+    }
+}
+
+impl std::fmt::Display for SigningAlgorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The parsed private key of a [`Minter`].
+enum Signer {
+    Es256(EcdsaKeyPair),
+    EdDsa(Ed25519KeyPair),
+}
+
 /// Signs Txn-Tokens with one key, parsed once (signing is on every exchange).
 #[derive(Clone)]
 pub struct Minter {
     key: PrivateKey,
-    signer: Arc<EcdsaKeyPair>,
+    signer: Arc<Signer>,
+    algorithm: SigningAlgorithm,
     kid: String,
     jwk: Jwk,
+    /// The base64url JWS header of a Txn-Token, encoded once.
+    txn_header: Arc<str>,
 }
 
 impl std::fmt::Debug for Minter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Minter")
             .field("kid", &self.kid)
+            .field("alg", &self.algorithm.name())
             .finish_non_exhaustive()
     }
 }
 
 impl Minter {
-    /// A minter over an EC P-256 key; its key id is the key's JWK thumbprint.
+    /// A minter over an EC P-256 key (ES256) or an Ed25519 key (EdDSA); its key id is the
+    /// key's JWK thumbprint.
     ///
     /// # Errors
     /// [`MintError::KeyType`] for other keys.
     pub fn new(key: PrivateKey) -> Result<Self, MintError> {
-        let (x, y) = key.ec_p256_xy().ok_or(MintError::KeyType)?;
-        let jwk = Jwk::ec_p256(x, y);
-        let signer = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, key.pkcs8_der())
-            .map_err(|_| MintError::KeyType)?;
+        let (signer, algorithm, jwk) = if let Some((x, y)) = key.ec_p256_xy() {
+            let signer =
+                EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, key.pkcs8_der())
+                    .map_err(|_| MintError::KeyType)?;
+            (
+                Signer::Es256(signer),
+                SigningAlgorithm::Es256,
+                Jwk::ec_p256(x, y),
+            )
+        } else {
+            let signer = Ed25519KeyPair::from_pkcs8_maybe_unchecked(key.pkcs8_der())
+                .map_err(|_| MintError::KeyType)?;
+            let jwk = Jwk {
+                kty: "OKP".into(),
+                crv: Some("Ed25519".into()),
+                x: Some(URL_SAFE_NO_PAD.encode(signer.public_key().as_ref())),
+                y: None,
+                n: None,
+                e: None,
+            };
+            (Signer::EdDsa(signer), SigningAlgorithm::EdDsa, jwk)
+        };
+        let kid = jwk.thumbprint().map_err(|_| MintError::KeyType)?;
+        let txn_header = header_segment(algorithm, TXN_TOKEN_TYP, &kid)?.into();
         Ok(Self {
-            kid: jwk.thumbprint().map_err(|_| MintError::KeyType)?,
+            kid,
             jwk,
             signer: Arc::new(signer),
+            algorithm,
             key,
+            txn_header,
         })
+    }
+
+    /// A minter over a fresh key for `algorithm`.
+    ///
+    /// # Errors
+    /// [`MintError::Sign`] if no key can be generated.
+    pub fn generate(algorithm: SigningAlgorithm) -> Result<Self, MintError> {
+        let key = algorithm
+            .generate_key()
+            .map_err(|e| MintError::Sign(e.to_string()))?;
+        Self::new(key)
     }
 
     /// The key id.
@@ -75,31 +187,66 @@ impl Minter {
         &self.jwk
     }
 
+    /// The algorithm this key signs with.
+    pub fn algorithm(&self) -> SigningAlgorithm {
+        self.algorithm
+    }
+
     /// Signs `claims`.
     ///
     /// # Errors
     /// [`MintError::Sign`] if the key cannot sign.
     pub fn mint(&self, claims: &TxnToken) -> Result<String, MintError> {
-        self.sign(TXN_TOKEN_TYP, claims)
+        self.sign_with_header(&self.txn_header, claims)
     }
 
-    /// Signs any claims as an ES256 JWT with header `typ` and this key's `kid`.
+    /// Signs any claims as a JWT (ES256 or EdDSA, by the key) with header `typ` and this
+    /// key's `kid`.
     ///
     /// # Errors
     /// [`MintError::Sign`] if the claims do not serialize or the key cannot sign.
     pub fn sign(&self, typ: &str, claims: &impl Serialize) -> Result<String, MintError> {
-        let header = serde_json::json!({"alg": "ES256", "typ": typ, "kid": self.kid});
-        let mut token = b64_json(&header)?;
+        if typ == TXN_TOKEN_TYP {
+            return self.sign_with_header(&self.txn_header, claims);
+        }
+        let header = header_segment(self.algorithm, typ, &self.kid)?;
+        self.sign_with_header(&header, claims)
+    }
+
+    /// `header.payload.signature`, with the header segment already encoded: one buffer
+    /// for the claims JSON and one for the token.
+    fn sign_with_header(&self, header: &str, claims: &impl Serialize) -> Result<String, MintError> {
+        let payload = serde_json::to_vec(claims).map_err(|e| MintError::Sign(e.to_string()))?;
+        // base64url: 4 characters per 3 bytes; the signature is 64 bytes (86 characters).
+        let mut token =
+            String::with_capacity(header.len() + 1 + payload.len().div_ceil(3) * 4 + 1 + 88);
+        token.push_str(header);
         token.push('.');
-        token.push_str(&b64_json(claims)?);
-        let signature = self
-            .signer
-            .sign(&SystemRandom::new(), token.as_bytes())
-            .map_err(|_| MintError::Sign("ECDSA signing failed".into()))?;
-        token.push('.');
-        token.push_str(&URL_SAFE_NO_PAD.encode(signature.as_ref()));
+        URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
+        drop(payload);
+        let input = token.as_bytes();
+        match &*self.signer {
+            Signer::Es256(key) => {
+                let signature = key
+                    .sign(&SystemRandom::new(), input)
+                    .map_err(|_| MintError::Sign("ECDSA signing failed".into()))?;
+                token.push('.');
+                URL_SAFE_NO_PAD.encode_string(signature.as_ref(), &mut token);
+            }
+            Signer::EdDsa(key) => {
+                let signature = key.sign(input);
+                token.push('.');
+                URL_SAFE_NO_PAD.encode_string(signature.as_ref(), &mut token);
+            }
+        }
         Ok(token)
     }
+}
+
+/// The base64url JWS header `{"alg", "typ", "kid"}`.
+fn header_segment(algorithm: SigningAlgorithm, typ: &str, kid: &str) -> Result<String, MintError> {
+    let header = serde_json::json!({"alg": algorithm.name(), "typ": typ, "kid": kid});
+    b64_json(&header)
 }
 
 /// The signing keys of a transaction token service: one current key that signs, and
@@ -138,6 +285,10 @@ pub struct SigningKeys {
     /// Bumped each time the ring changes, so that a publisher of the public keys sees
     /// cheaply when it must publish again.
     generation: AtomicU64,
+    /// The algorithm of the keys this ring creates.
+    algorithm: SigningAlgorithm,
+    /// Tokens signed (see [`SigningKeys::signatures`]).
+    signatures: AtomicU64,
 }
 
 /// A public key of the ring and until when it must stay published: see
@@ -197,7 +348,8 @@ pub enum KeyRingError {
 }
 
 impl SigningKeys {
-    /// A ring held in memory only (lost at exit).
+    /// A ring held in memory only (lost at exit), of keys for the default
+    /// [`SigningAlgorithm`].
     ///
     /// # Errors
     /// [`KeyRingError::Key`] if a key cannot be generated.
@@ -206,30 +358,75 @@ impl SigningKeys {
         rotate_every: Duration,
         retain: Duration,
     ) -> Result<Self, KeyRingError> {
+        Self::ephemeral_with(SigningAlgorithm::default(), clock, rotate_every, retain)
+    }
+
+    /// A ring held in memory only (lost at exit), of keys for `algorithm`.
+    ///
+    /// # Errors
+    /// [`KeyRingError::Key`] if a key cannot be generated.
+    pub fn ephemeral_with(
+        algorithm: SigningAlgorithm,
+        clock: SharedClock,
+        rotate_every: Duration,
+        retain: Duration,
+    ) -> Result<Self, KeyRingError> {
         let ring = Ring {
-            current: fresh_minter()?,
+            current: fresh_minter(algorithm)?,
             created_at: clock.unix_seconds(),
             previous: Vec::new(),
         };
-        Ok(Self::from_ring(ring, clock, rotate_every, retain, None))
+        Ok(Self::from_ring(
+            ring,
+            clock,
+            rotate_every,
+            retain,
+            None,
+            algorithm,
+        ))
     }
 
     /// A ring of one given key (tests, or a key managed elsewhere). It never rotates.
     pub fn single(minter: Minter, clock: SharedClock) -> Self {
+        let algorithm = minter.algorithm();
         let ring = Ring {
             current: minter,
             created_at: clock.unix_seconds(),
             previous: Vec::new(),
         };
-        Self::from_ring(ring, clock, Duration::MAX, Duration::ZERO, None)
+        Self::from_ring(ring, clock, Duration::MAX, Duration::ZERO, None, algorithm)
     }
 
-    /// The ring kept in `path` (created 0600 with a fresh key if absent).
+    /// The ring kept in `path` (created 0600 with a fresh key if absent), of keys for the
+    /// default [`SigningAlgorithm`].
     ///
     /// # Errors
     /// [`KeyRingError`] if the file is unreadable or malformed, or cannot be written.
     pub fn load_or_create(
         path: PathBuf,
+        clock: SharedClock,
+        rotate_every: Duration,
+        retain: Duration,
+    ) -> Result<Self, KeyRingError> {
+        Self::load_or_create_with(
+            path,
+            SigningAlgorithm::default(),
+            clock,
+            rotate_every,
+            retain,
+        )
+    }
+
+    /// The ring kept in `path` (created 0600 with a fresh key if absent), of keys for
+    /// `algorithm`. A ring whose current key is of another algorithm (the setting
+    /// changed) rotates at once: the old key stays published, and trusted for
+    /// replacements, for `retain` like any retired key.
+    ///
+    /// # Errors
+    /// [`KeyRingError`] if the file is unreadable or malformed, or cannot be written.
+    pub fn load_or_create_with(
+        path: PathBuf,
+        algorithm: SigningAlgorithm,
         clock: SharedClock,
         rotate_every: Duration,
         retain: Duration,
@@ -258,14 +455,20 @@ impl SigningKeys {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ring {
-                current: fresh_minter()?,
+                current: fresh_minter(algorithm)?,
                 created_at: clock.unix_seconds(),
                 previous: Vec::new(),
             },
             Err(e) => return Err(file_err(e.to_string())),
         };
-        let keys = Self::from_ring(ring, clock, rotate_every, retain, Some(path));
-        keys.save(&keys.ring.load())?;
+        let switch = ring.current.algorithm() != algorithm;
+        let keys = Self::from_ring(ring, clock, rotate_every, retain, Some(path), algorithm);
+        if switch {
+            tracing::info!(algorithm = %algorithm, "Txn-Token signing algorithm changed: rotating to a new key");
+            keys.rotate()?;
+        } else {
+            keys.save(&keys.ring.load())?;
+        }
         Ok(keys)
     }
 
@@ -275,6 +478,7 @@ impl SigningKeys {
         rotate_every: Duration,
         retain: Duration,
         path: Option<PathBuf>,
+        algorithm: SigningAlgorithm,
     ) -> Self {
         Self {
             ring: arc_swap::ArcSwap::from_pointee(ring),
@@ -284,7 +488,21 @@ impl SigningKeys {
             path,
             rotating: Mutex::new(()),
             generation: AtomicU64::new(0),
+            algorithm,
+            signatures: AtomicU64::new(0),
         }
+    }
+
+    /// The algorithm of the keys this ring creates (the current key's, unless it was
+    /// given to [`SigningKeys::single`]).
+    pub fn algorithm(&self) -> SigningAlgorithm {
+        self.algorithm
+    }
+
+    /// How many tokens [`SigningKeys::mint`] has signed: one signature each. A cheap
+    /// counter for tests and benchmarks that count the crypto work of a request.
+    pub fn signatures(&self) -> u64 {
+        self.signatures.load(Ordering::Relaxed)
     }
 
     fn save(&self, ring: &Ring) -> Result<(), KeyRingError> {
@@ -360,7 +578,7 @@ impl SigningKeys {
             .collect();
         let (current, created_at) = if force || self.is_due(&ring, now) {
             previous.push((ring.current.clone(), now.saturating_add(secs(self.retain))));
-            (fresh_minter()?, now)
+            (fresh_minter(self.algorithm)?, now)
         } else {
             (ring.current.clone(), ring.created_at)
         };
@@ -391,7 +609,9 @@ impl SigningKeys {
         if let Err(e) = self.rotate_if_due() {
             tracing::error!(error = %e, "Txn-Token key rotation failed; signing with the current key");
         }
-        self.ring.load().current.mint(claims)
+        let token = self.ring.load().current.mint(claims)?;
+        self.signatures.fetch_add(1, Ordering::Relaxed);
+        Ok(token)
     }
 
     /// Every published key: key id -> public JWK (current first is not implied).
@@ -456,13 +676,19 @@ pub fn jwks(keys: &BTreeMap<String, Jwk>) -> serde_json::Value {
     serde_json::json!({ "keys": keys })
 }
 
-/// A public ES256 signing key as a JWKS entry: the JWK plus `kid`, `use` and `alg`.
+/// A public signing key as a JWKS entry: the JWK plus `kid`, `use` and `alg` (`EdDSA`
+/// for an `OKP` key, `ES256` otherwise).
 pub fn jwk_with_kid(jwk: &Jwk, kid: &str) -> serde_json::Value {
+    let alg = if jwk.kty == "OKP" {
+        SigningAlgorithm::EdDsa
+    } else {
+        SigningAlgorithm::Es256
+    };
     let mut key = serde_json::to_value(jwk).unwrap_or(serde_json::Value::Null);
     if let serde_json::Value::Object(map) = &mut key {
         map.insert("kid".into(), kid.into());
         map.insert("use".into(), "sig".into());
-        map.insert("alg".into(), "ES256".into());
+        map.insert("alg".into(), alg.name().into());
     }
     key
 }
@@ -474,8 +700,8 @@ fn b64_json(value: &impl Serialize) -> Result<String, MintError> {
         .map_err(|e| MintError::Sign(e.to_string()))
 }
 
-fn fresh_minter() -> Result<Minter, KeyRingError> {
-    let key = PrivateKey::generate().map_err(|e| KeyRingError::Key(e.to_string()))?;
+fn fresh_minter(algorithm: SigningAlgorithm) -> Result<Minter, KeyRingError> {
+    let key = algorithm.generate_key()?;
     Minter::new(key).map_err(|e| KeyRingError::Key(e.to_string()))
 }
 

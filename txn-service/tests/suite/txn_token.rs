@@ -1,11 +1,14 @@
 //! Minting and verifying Txn-Tokens: the TTS's minter and the SDK's verifier agree, and
-//! josekit (OpenSSL) verifies minted tokens independently.
+//! josekit (OpenSSL) verifies minted tokens independently, ES256 and EdDSA alike; an
+//! EdDSA key ring rotates and keeps its old keys published.
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use writ_identity::clock::ManualClock;
 use writ_identity::key_manager::PrivateKey;
 use writ_sdk::txn_token::{Actor, TxnToken, TxnTokenError, TxnVerifier};
-use writ_txn_service::txn_token::Minter;
+use writ_txn_service::txn_token::{Minter, SigningAlgorithm, SigningKeys, jwk_with_kid};
 
 fn claims(now: i64) -> TxnToken {
     TxnToken {
@@ -208,4 +211,140 @@ fn verifier_requires_every_draft_11_claim_and_a_single_string_req_wl() {
 fn base64url(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[test]
+fn eddsa_tokens_verify_with_the_sdk_and_josekit() {
+    let minter = Minter::generate(SigningAlgorithm::EdDsa).unwrap();
+    assert_eq!(minter.algorithm(), SigningAlgorithm::EdDsa);
+    let token = minter.mint(&claims(NOW)).unwrap();
+    let header: serde_json::Value = serde_json::from_slice(
+        &base64::Engine::decode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            token.split('.').next().unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(header["alg"], "EdDSA");
+    assert_eq!(header["typ"], "txntoken+jwt");
+    assert_eq!(header["kid"], minter.kid());
+
+    // The SDK verifier takes the OKP key of the JWKS.
+    let entry = jwk_with_kid(minter.jwk(), minter.kid());
+    assert_eq!(entry["kty"], "OKP");
+    assert_eq!(entry["crv"], "Ed25519");
+    assert_eq!(entry["alg"], "EdDSA");
+    assert_eq!(entry["use"], "sig");
+    assert!(entry.get("y").is_none());
+    let jwks = writ_sdk::txn_token::Jwks::parse(
+        serde_json::to_string(&serde_json::json!({ "keys": [entry.clone()] }))
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
+    let verifier = TxnVerifier::new("example.org".parse().unwrap(), jwks.keys().clone());
+    assert_eq!(
+        verifier.verify_at(&token, at(NOW + 10)).unwrap(),
+        claims(NOW)
+    );
+
+    // josekit, on OpenSSL, agrees.
+    let jwk = josekit::jwk::Jwk::from_map(entry.as_object().unwrap().clone()).unwrap();
+    let josekit_verifier = josekit::jws::EdDSA.verifier_from_jwk(&jwk).unwrap();
+    let (payload, header) = josekit::jwt::decode_with_verifier(&token, &josekit_verifier).unwrap();
+    assert_eq!(header.token_type(), Some("txntoken+jwt"));
+    assert_eq!(header.key_id(), Some(minter.kid()));
+    assert_eq!(payload.subject(), Some("alice"));
+
+    // A flipped signature bit is refused by both.
+    let mut tampered = token.clone();
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    assert!(verifier.verify_at(&tampered, at(NOW + 10)).is_err());
+    assert!(josekit::jwt::decode_with_verifier(&tampered, &josekit_verifier).is_err());
+}
+
+#[test]
+fn an_eddsa_ring_rotates_and_keeps_its_old_keys_published() {
+    let clock = ManualClock::new(at(NOW));
+    let keys = SigningKeys::ephemeral_with(
+        SigningAlgorithm::EdDsa,
+        Arc::new(clock.clone()),
+        Duration::from_secs(3600),
+        Duration::from_secs(900),
+    )
+    .unwrap();
+    assert_eq!(keys.algorithm(), SigningAlgorithm::EdDsa);
+    let old = keys.mint(&claims(NOW)).unwrap();
+    let first = keys.current_kid();
+    clock.advance(Duration::from_secs(3601));
+    keys.rotate_if_due().unwrap();
+    assert_ne!(keys.current_kid(), first);
+    let new = keys.mint(&claims(NOW + 3601)).unwrap();
+    assert_eq!(keys.signatures(), 2);
+
+    // Both keys are published as OKP keys, and both tokens verify against them.
+    let published = keys.public_keys();
+    assert_eq!(published.len(), 2);
+    assert!(published.values().all(|k| k.kty == "OKP"));
+    let jwks = keys.jwks();
+    assert!(
+        jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k["alg"] == "EdDSA")
+    );
+    let verifier = TxnVerifier::new("example.org".parse().unwrap(), published);
+    verifier.verify_at(&old, at(NOW + 10)).unwrap();
+    verifier.verify_at(&new, at(NOW + 3611)).unwrap();
+
+    // Once the old key's tokens have all expired it is dropped.
+    clock.advance(Duration::from_secs(901));
+    keys.rotate_if_due().unwrap();
+    assert_eq!(keys.public_keys().len(), 1);
+}
+
+#[test]
+fn a_ring_file_changes_algorithm_by_rotating() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("signing-keys.json");
+    let clock = ManualClock::new(at(NOW));
+    let ring = |algorithm| {
+        SigningKeys::load_or_create_with(
+            path.clone(),
+            algorithm,
+            Arc::new(clock.clone()),
+            Duration::from_secs(3600),
+            Duration::from_secs(900),
+        )
+        .unwrap()
+    };
+    let es256 = ring(SigningAlgorithm::Es256);
+    let es_kid = es256.current_kid();
+    let es_token = es256.mint(&claims(NOW)).unwrap();
+    drop(es256);
+
+    // Restarted with EdDSA: a new Ed25519 key signs, the ES256 key stays published.
+    let eddsa = ring(SigningAlgorithm::EdDsa);
+    assert_ne!(eddsa.current_kid(), es_kid);
+    let published = eddsa.public_keys();
+    assert_eq!(published.len(), 2);
+    assert_eq!(published[&es_kid].kty, "EC");
+    assert_eq!(published[&eddsa.current_kid()].kty, "OKP");
+    let ed_token = eddsa.mint(&claims(NOW)).unwrap();
+    let verifier = TxnVerifier::new("example.org".parse().unwrap(), published);
+    verifier.verify_at(&es_token, at(NOW + 10)).unwrap();
+    verifier.verify_at(&ed_token, at(NOW + 10)).unwrap();
+    let ed_kid = eddsa.current_kid();
+    drop(eddsa);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // Restarted again with EdDSA: the same keys, no rotation.
+    let again = ring(SigningAlgorithm::EdDsa);
+    assert_eq!(again.current_kid(), ed_kid);
+    assert_eq!(again.public_keys().len(), 2);
 }
