@@ -321,25 +321,28 @@ impl TxnClient {
         let scope = request
             .scope
             .or_else(|| subject_scope(&request.subject_token, request.subject_token_type));
-        // One buffer, sized for the subject token (the bulk of the body).
-        let mut form = url::form_urlencoded::Serializer::new(String::with_capacity(
-            request.subject_token.len() + 256,
-        ));
-        form.append_pair("grant_type", GRANT_TYPE_TOKEN_EXCHANGE)
-            .append_pair("requested_token_type", TokenType::TxnToken.as_urn())
-            .append_pair("audience", &self.audience)
-            .append_pair("subject_token", &request.subject_token)
-            .append_pair("subject_token_type", request.subject_token_type.as_urn());
-        if let Some(scope) = &scope {
-            form.append_pair("scope", scope);
-        }
-        if let Some(details) = &request.request_details {
-            form.append_pair("request_details", &details.to_string());
-        }
-        if let Some(context) = &request.request_context {
-            form.append_pair("request_context", &context.to_string());
-        }
-        let body = form.finish();
+        // One buffer, sized for the subject token (the bulk of the body). The serializer
+        // is dropped before any await: it is not `Send`.
+        let body = {
+            let mut form = url::form_urlencoded::Serializer::new(String::with_capacity(
+                request.subject_token.len() + 256,
+            ));
+            form.append_pair("grant_type", GRANT_TYPE_TOKEN_EXCHANGE)
+                .append_pair("requested_token_type", TokenType::TxnToken.as_urn())
+                .append_pair("audience", &self.audience)
+                .append_pair("subject_token", &request.subject_token)
+                .append_pair("subject_token_type", request.subject_token_type.as_urn());
+            if let Some(scope) = &scope {
+                form.append_pair("scope", scope);
+            }
+            if let Some(details) = &request.request_details {
+                form.append_pair("request_details", &details.to_string());
+            }
+            if let Some(context) = &request.request_context {
+                form.append_pair("request_context", &context.to_string());
+            }
+            form.finish()
+        };
         let mut post = self
             .http
             .post(self.token_url.as_str())
