@@ -194,7 +194,13 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
         .tempdir()
         .context("temporary directory")?;
     let audit = dir.path().join("audit.log");
-    let toml = txn_toml(&stack.endpoint(), &tts_id, &audit, provider.issuer(), clients);
+    let toml = txn_toml(
+        &stack.endpoint(),
+        &tts_id,
+        &audit,
+        provider.issuer(),
+        clients,
+    );
     let config = TxnConfig::from_toml(&toml, dir.path()).context("the bench's txn.toml")?;
     let server = TxnServer::start(config)
         .await
@@ -205,10 +211,7 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
         gateway_id,
         workload_api: stack.endpoint(),
     };
-    let verifier = TxnVerifier::new(
-        TRUST_DOMAIN.parse()?,
-        server.service.keys().public_keys(),
-    );
+    let verifier = TxnVerifier::new(TRUST_DOMAIN.parse()?, server.service.keys().public_keys());
 
     let mut reports = Vec::new();
     let mut exchanges = 0usize;
@@ -534,7 +537,9 @@ impl Case<'_> {
     async fn half_peak(&self, peak: f64, bound: &Bound) -> anyhow::Result<(Report, usize, f64)> {
         let rate = (peak / 2.0).max(1.0);
         let by_time = (rate * self.budget.time.as_secs_f64()).floor();
-        let n = usize::try_from(self.budget.ops)?.min(by_time as usize).max(1);
+        let n = usize::try_from(self.budget.ops)?
+            .min(by_time as usize)
+            .max(1);
         let per_client_warm = (n / 10 / self.clients).clamp(1, WARM_PER_CLIENT);
         let warm = self
             .provider
@@ -742,10 +747,7 @@ where
                     Some(rate) => {
                         let i = c + k * count;
                         k += 1;
-                        (
-                            i,
-                            Some(started + Duration::from_secs_f64(i as f64 / rate)),
-                        )
+                        (i, Some(started + Duration::from_secs_f64(i as f64 / rate)))
                     }
                 };
                 if i >= n || started.elapsed() >= max {
@@ -819,8 +821,7 @@ async fn spawn_generator(spec: &Spec) -> anyhow::Result<(Outcome, Duration)> {
     .context("the load generator did not finish in time")??;
     let cpu = process_cpu().saturating_sub(cpu_before);
     let result = result.context("the load generator failed (see its error above)")?;
-    let outcome: Outcome =
-        serde_json::from_str(&result).context("the load generator's result")?;
+    let outcome: Outcome = serde_json::from_str(&result).context("the load generator's result")?;
     let status = child.wait().await?;
     anyhow::ensure!(status.success(), "the load generator exited with {status}");
     Ok((outcome, cpu))

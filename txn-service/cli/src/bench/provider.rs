@@ -83,9 +83,9 @@ impl SigningKey {
         let failed = |_| anyhow::anyhow!("cannot generate a {} key", alg.jose());
         Ok(match alg {
             SubjectAlg::Rs256 => Self::Rsa(RsaKeyPair::generate(KeySize::Rsa2048).map_err(failed)?),
-            SubjectAlg::Es256 => Self::Ec(
-                EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).map_err(failed)?,
-            ),
+            SubjectAlg::Es256 => {
+                Self::Ec(EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).map_err(failed)?)
+            }
             SubjectAlg::Eddsa => Self::Ed(Ed25519KeyPair::generate().map_err(failed)?),
         })
     }

@@ -116,7 +116,8 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
     let caller = Arc::new(caller);
     // The token `jwt-cached` is served and `validate` verifies.
     let token = {
-        let mut client = SpiffeWorkloadApiClient::new(channels.first().context("a client")?.clone());
+        let mut client =
+            SpiffeWorkloadApiClient::new(channels.first().context("a client")?.clone());
         let svid = fetch_jwt(&mut client, AUDIENCE, &caller).await?;
         Arc::new(svid)
     };
@@ -131,8 +132,7 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
                         .await?
                         .into_inner();
                     anyhow::ensure!(
-                        response.status()
-                            == health::health_check_response::ServingStatus::Serving,
+                        response.status() == health::health_check_response::ServingStatus::Serving,
                         "the agent is not serving"
                     );
                     Ok(())

@@ -89,7 +89,11 @@ fn exchange_reports_every_algorithm_and_mode() {
     // The targets travel with the fresh cases.
     for l in &lines {
         if l["mode"] == "fresh" {
-            let target = if l["subject_alg"] == "RS256" { 0.5 } else { 0.7 };
+            let target = if l["subject_alg"] == "RS256" {
+                0.5
+            } else {
+                0.7
+            };
             assert_eq!(l["target_ratio"].as_f64(), Some(target), "{l}");
         }
     }
@@ -125,7 +129,15 @@ fn workload_api_reports_every_mode() {
     let output = writ(&["bench", "workload-api", "--json", "--requests", "50"]);
     let lines = json_lines(
         &output,
-        &["bench", "mode", "ops_per_s", "p50_ms", "p99_ms", "bound_ops_per_s", "ratio"],
+        &[
+            "bench",
+            "mode",
+            "ops_per_s",
+            "p50_ms",
+            "p99_ms",
+            "bound_ops_per_s",
+            "ratio",
+        ],
     );
     let modes: Vec<&str> = lines.iter().map(|l| l["mode"].as_str().unwrap()).collect();
     assert_eq!(
