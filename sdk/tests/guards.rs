@@ -20,13 +20,13 @@ use std::alloc::System;
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use cap::Cap;
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{
     ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _,
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use cap::Cap;
 use writ_sdk::txn_token::{Actor, Jwks, JwksSource, TxnToken, TxnVerifier};
 use writ_spiffe::bundle::Jwk;
 
@@ -129,12 +129,9 @@ fn claims(txn: u64) -> TxnToken {
 
 fn verifier(signer: &Signer, cache: u64) -> TxnVerifier {
     let keys = BTreeMap::from([("k1".to_owned(), signer.jwk())]);
-    TxnVerifier::builder(
-        TD.parse().unwrap(),
-        JwksSource::Keys(Jwks::from_keys(keys)),
-    )
-    .cache_capacity(cache)
-    .build()
+    TxnVerifier::builder(TD.parse().unwrap(), JwksSource::Keys(Jwks::from_keys(keys)))
+        .cache_capacity(cache)
+        .build()
 }
 
 fn runtime() -> tokio::runtime::Runtime {

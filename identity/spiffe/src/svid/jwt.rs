@@ -235,7 +235,9 @@ pub fn compact_es256(
     URL_SAFE_NO_PAD.encode_string(header, &mut token);
     token.push('.');
     URL_SAFE_NO_PAD.encode_string(claims, &mut token);
-    let signature = key.sign_es256(token.as_bytes()).map_err(|e| e.to_string())?;
+    let signature = key
+        .sign_es256(token.as_bytes())
+        .map_err(|e| e.to_string())?;
     token.push('.');
     URL_SAFE_NO_PAD.encode_string(signature, &mut token);
     Ok(token)
