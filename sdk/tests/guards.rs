@@ -13,6 +13,7 @@
 )]
 #![expect(
     clippy::unwrap_used,
+    clippy::indexing_slicing,
     reason = "test code: a failed setup step should abort the test loudly"
 )]
 

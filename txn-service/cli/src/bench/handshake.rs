@@ -326,10 +326,10 @@ fn serve(
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        if let Err(e) = echo_one(tcp, config) {
-            if let Ok(mut f) = failure.lock() {
-                f.get_or_insert(e.to_string());
-            }
+        if let Err(e) = echo_one(tcp, config)
+            && let Ok(mut f) = failure.lock()
+        {
+            f.get_or_insert(e.to_string());
         }
     }
 }
