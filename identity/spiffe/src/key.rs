@@ -6,12 +6,15 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{
-    ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P384_SHA384_ASN1_SIGNING, EcdsaKeyPair,
-    EcdsaSigningAlgorithm, Ed25519KeyPair, KeyPair, RsaKeyPair,
+    ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P256_SHA256_FIXED_SIGNING,
+    ECDSA_P384_SHA384_ASN1_SIGNING, EcdsaKeyPair, EcdsaSigningAlgorithm, Ed25519KeyPair, KeyPair,
+    RsaKeyPair,
 };
 use zeroize::Zeroizing;
 
@@ -46,6 +49,21 @@ pub enum KeyError {
 pub struct PrivateKey {
     pkcs8: Zeroizing<Vec<u8>>,
     public_key_raw: Vec<u8>,
+    /// The key parsed for JWS ES256 signing (`r || s`), at its first use and then kept
+    /// (shared by clones), so signing a token parses nothing; `None` for a key that is
+    /// not P-256.
+    es256: Arc<OnceLock<Option<EcdsaKeyPair>>>,
+}
+
+/// Parses of a private key for JWS signing since the process started (each key is
+/// parsed once, at its first signature): the hot-path guards hold token signing to no
+/// parse per token.
+static JWS_KEY_PARSES: AtomicU64 = AtomicU64::new(0);
+
+/// How many times this process has parsed a private key for JWS (ES256) signing: once
+/// per key, never per token (the guards of issue 20 count it around a signature).
+pub fn jws_key_parses() -> u64 {
+    JWS_KEY_PARSES.load(Ordering::Relaxed)
 }
 
 impl fmt::Debug for PrivateKey {
@@ -103,6 +121,7 @@ impl PrivateKey {
         Ok(Self {
             pkcs8: Zeroizing::new(der.to_vec()),
             public_key_raw,
+            es256: Arc::default(),
         })
     }
 
@@ -135,6 +154,26 @@ impl PrivateKey {
                 "expected a PRIVATE KEY, EC PRIVATE KEY or RSA PRIVATE KEY block, found {other}"
             ))),
         }
+    }
+
+    /// An ES256 JWS signature (`r || s`, 64 bytes) of `message` with this P-256 key,
+    /// parsed at the first signature and kept.
+    ///
+    /// # Errors
+    /// [`KeyError::Crypto`] if the key is not P-256 or signing fails.
+    pub fn sign_es256(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let pair = self
+            .es256
+            .get_or_init(|| {
+                JWS_KEY_PARSES.fetch_add(1, Ordering::Relaxed);
+                EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &self.pkcs8).ok()
+            })
+            .as_ref()
+            .ok_or_else(|| crypto("not a P-256 key: cannot sign ES256"))?;
+        let signature = pair
+            .sign(&SystemRandom::new(), message)
+            .map_err(|_| crypto("ES256 signing failed"))?;
+        Ok(signature.as_ref().to_vec())
     }
 
     /// The PKCS#8 DER bytes. Handle with care.

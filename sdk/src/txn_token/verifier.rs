@@ -2,13 +2,15 @@
 //! claims against this service's trust domain, with the keys and the already-verified
 //! tokens cached.
 
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use jsonwebtoken::Validation;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::Deserialize as _;
 use serde_json::Value;
 use writ_spiffe::clock::{SharedClock, SystemClock, unix_seconds};
-use writ_spiffe::fingerprint::sha256;
 use writ_spiffe::numeric_date::{TimeClaims, TimeError};
 use writ_spiffe::spiffe_id::{SpiffeId, TrustDomain};
 
@@ -76,7 +78,7 @@ impl TxnVerifierBuilder {
         self
     }
 
-    /// Remembers up to `capacity` verified tokens (by SHA-256) until they expire; 0
+    /// Remembers up to `capacity` verified tokens until they expire; 0
     /// turns the cache off. Default [`DEFAULT_CACHE_CAPACITY`].
     pub fn cache_capacity(mut self, capacity: u64) -> Self {
         self.cache_capacity = capacity;
@@ -121,10 +123,11 @@ struct Inner {
     /// The service's keys, fetched, cached and fetched again by the SDK's one policy
     /// ([`crate::jwks`]); a load error is kept as its message.
     keys: KeyCache<Jwks, String>,
-    /// Verified tokens by SHA-256, bounded in count; an entry is used only while its
-    /// token is within its time window by the clock, so an expired one is never served
-    /// (it stays until evicted, which the bound makes harmless).
-    verified: Option<quick_cache::sync::Cache<[u8; 32], Arc<TxnToken>>>,
+    /// Verified tokens, keyed by the whole token (compared in full on a hit, hashed by
+    /// its signature segment only: see [`CachedToken`]), bounded in count; an entry is
+    /// used only while its token is within its time window by the clock, so an expired
+    /// one is never served (it stays until evicted, which the bound makes harmless).
+    verified: Option<quick_cache::sync::Cache<CachedToken, Arc<TxnToken>>>,
     /// What the operator revoked, when the service follows the feed.
     revocations: Option<RevocationFeed>,
 }
@@ -205,7 +208,26 @@ impl TxnVerifier {
     /// # Errors
     /// [`TxnTokenError`] for the first problem found.
     pub async fn verify(&self, token: &str) -> Result<TxnToken, TxnTokenError> {
-        let claims = self.verify_unrevoked(token).await?;
+        self.verify_shared(token).await.map(Arc::unwrap_or_clone)
+    }
+
+    /// [`TxnVerifier::verify`], returning the claims shared with the verified-token
+    /// cache: a cache hit allocates nothing and copies no claim (a hit costs a hash of
+    /// the token's signature segment, a comparison of the whole token and the time
+    /// checks; see "What verification costs" in `docs/sdk.md`).
+    ///
+    /// ```no_run
+    /// # async fn demo(verifier: writ_sdk::txn_token::TxnVerifier, token: &str)
+    /// # -> Result<(), writ_sdk::txn_token::TxnTokenError> {
+    /// let txn = verifier.verify_shared(token).await?;
+    /// println!("{} for {}", txn.txn, txn.sub);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`TxnVerifier::verify`].
+    pub async fn verify_shared(&self, token: &str) -> Result<Arc<TxnToken>, TxnTokenError> {
+        let claims = self.verify_unrevoked_shared(token).await?;
         self.check_revoked(&claims, None)?;
         Ok(claims)
     }
@@ -239,16 +261,26 @@ impl TxnVerifier {
 
     /// [`TxnVerifier::verify`] without the revocation check (the middleware checks the
     /// token and the caller together afterwards, so its record names the transaction).
+    #[cfg(feature = "axum")]
     pub(crate) async fn verify_unrevoked(&self, token: &str) -> Result<TxnToken, TxnTokenError> {
+        self.verify_unrevoked_shared(token)
+            .await
+            .map(Arc::unwrap_or_clone)
+    }
+
+    /// `verify_unrevoked`, with the claims shared with the cache.
+    pub(crate) async fn verify_unrevoked_shared(
+        &self,
+        token: &str,
+    ) -> Result<Arc<TxnToken>, TxnTokenError> {
         let inner = &self.inner;
         check_size(token)?;
-        let digest = inner.verified.as_ref().map(|_| sha256(token.as_bytes()));
-        if let (Some(cache), Some(digest)) = (&inner.verified, &digest)
-            && let Some(hit) = cache.get(digest)
+        if let Some(cache) = &inner.verified
+            && let Some(hit) = cache.get(&TokenRef(token))
         {
             // Expired entries are not dropped eagerly: the clock decides.
             check_times(&hit, unix_seconds(inner.clock.now()))?;
-            return Ok(TxnToken::clone(&hit));
+            return Ok(hit);
         }
         let header = header(token)?;
         let kid = header.kid.as_deref().ok_or(TxnTokenError::UnknownKey)?;
@@ -262,9 +294,9 @@ impl TxnVerifier {
                 .await
                 .map_err(TxnTokenError::Keys)?;
         }
-        let claims = self.verify_with_keys(&jwks, token, &header, inner.clock.now())?;
-        if let (Some(cache), Some(digest)) = (&inner.verified, digest) {
-            cache.insert(digest, Arc::new(claims.clone()));
+        let claims = Arc::new(self.verify_with_keys(&jwks, token, &header, inner.clock.now())?);
+        if let Some(cache) = &inner.verified {
+            cache.insert(CachedToken(token.into()), claims.clone());
         }
         Ok(claims)
     }
@@ -313,21 +345,12 @@ impl TxnVerifier {
         if key.alg != header.alg {
             return Err(TxnTokenError::Algorithm(format!("{:?}", header.alg)));
         }
-        let mut validation = Validation::new(key.alg);
-        validation.validate_exp = false;
-        validation.validate_aud = false;
-        validation.required_spec_claims.clear();
-        let raw = jsonwebtoken::decode::<Value>(token, &key.key, &validation)
-            .map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::Json(j) => TxnTokenError::Claims(j.to_string()),
-                _ => TxnTokenError::Signature,
-            })?
-            .claims;
+        let raw = verified_payload(token, &key.key)?;
         // The chain's shape first, so a malformed `act` is named as such rather than as
         // a claims type error.
         check_actor_chain(raw.get("act"))?;
-        let claims: TxnToken = serde_json::from_value(raw.clone())
-            .map_err(|e| TxnTokenError::Claims(e.to_string()))?;
+        let claims =
+            TxnToken::deserialize(&raw).map_err(|e| TxnTokenError::Claims(e.to_string()))?;
         self.check_claims(&claims, &raw, unix_seconds(now))?;
         Ok(claims)
     }
@@ -367,6 +390,69 @@ fn check_size(token: &str) -> Result<(), TxnTokenError> {
         });
     }
     Ok(())
+}
+
+/// The JWS signature of a Txn-Token (ES256: r || s; EdDSA: Ed25519), at most this long.
+const MAX_SIGNATURE_BYTES: usize = 64;
+
+/// The claims of compact JWS `token` once its signature checks with `key` (parsed when
+/// the keys were loaded): the signing input is verified in place, the signature decoded
+/// onto the stack, and only then is the payload decoded and parsed.
+fn verified_payload(
+    token: &str,
+    key: &aws_lc_rs::signature::ParsedPublicKey,
+) -> Result<Value, TxnTokenError> {
+    let (signing_input, signature) = token.rsplit_once('.').ok_or(TxnTokenError::Signature)?;
+    let (_, payload) = signing_input
+        .split_once('.')
+        .ok_or(TxnTokenError::Signature)?;
+    let mut sig = [0u8; MAX_SIGNATURE_BYTES];
+    if signature.len() > MAX_SIGNATURE_BYTES.div_ceil(3) * 4 {
+        return Err(TxnTokenError::Signature);
+    }
+    let len = URL_SAFE_NO_PAD
+        .decode_slice(signature, &mut sig)
+        .map_err(|_| TxnTokenError::Signature)?;
+    let sig = sig.get(..len).ok_or(TxnTokenError::Signature)?;
+    key.verify_sig(signing_input.as_bytes(), sig)
+        .map_err(|_| TxnTokenError::Signature)?;
+    let payload = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| TxnTokenError::Signature)?;
+    serde_json::from_slice(&payload).map_err(|e| TxnTokenError::Claims(e.to_string()))
+}
+
+/// A verified token as the cache holds it: the whole token. Equality is the whole
+/// token; the hash covers only its signature segment (the text after the last `.`),
+/// which is short and, for tokens that verified, unique in practice, so a lookup hashes
+/// ~86 bytes instead of the whole token and then compares it in full. Only verified
+/// tokens are inserted, so no one can fill a bucket with colliding entries.
+#[derive(PartialEq, Eq)]
+struct CachedToken(Box<str>);
+
+/// A lookup of a presented token in the cache, without copying it.
+struct TokenRef<'a>(&'a str);
+
+fn signature_segment(token: &str) -> &str {
+    token.rsplit_once('.').map_or(token, |(_, sig)| sig)
+}
+
+impl Hash for CachedToken {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        signature_segment(&self.0).hash(state);
+    }
+}
+
+impl Hash for TokenRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        signature_segment(self.0).hash(state);
+    }
+}
+
+impl quick_cache::Equivalent<CachedToken> for TokenRef<'_> {
+    fn equivalent(&self, key: &CachedToken) -> bool {
+        *self.0 == *key.0
+    }
 }
 
 /// The JOSE header, with the checks that need no key: `typ` and an allowed algorithm.

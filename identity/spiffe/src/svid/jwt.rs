@@ -21,7 +21,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::{BundleSet, Jwk};
@@ -213,8 +215,32 @@ pub fn sign_with_issuer(
         jti: Some(uuid::Uuid::new_v4().to_string()),
         iss: issuer.map(str::to_owned),
     };
-    jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ec_der(key.pkcs8_der()))
-        .map_err(|e| JwtSvidError::Sign(e.to_string()))
+    compact_es256(key, &header, &claims).map_err(JwtSvidError::Sign)
+}
+
+/// The compact JWS (`header.payload.signature`, base64url) of `header` and `claims`
+/// signed ES256 with `key`, which is parsed once and kept ([`PrivateKey::sign_es256`]):
+/// what `jsonwebtoken::encode` produces, without its parse of the key per token.
+///
+/// # Errors
+/// Why serializing or signing failed, in words.
+pub fn compact_es256(
+    key: &PrivateKey,
+    header: &Header,
+    claims: &impl Serialize,
+) -> Result<String, String> {
+    let header = serde_json::to_vec(header).map_err(|e| e.to_string())?;
+    let claims = serde_json::to_vec(claims).map_err(|e| e.to_string())?;
+    let mut token = String::with_capacity((header.len() + claims.len() + 64) * 4 / 3 + 8);
+    URL_SAFE_NO_PAD.encode_string(header, &mut token);
+    token.push('.');
+    URL_SAFE_NO_PAD.encode_string(claims, &mut token);
+    let signature = key
+        .sign_es256(token.as_bytes())
+        .map_err(|e| e.to_string())?;
+    token.push('.');
+    URL_SAFE_NO_PAD.encode_string(signature, &mut token);
+    Ok(token)
 }
 
 /// The decoding key for a bundle JWK.

@@ -409,12 +409,7 @@ pub fn sign(
         jti: Some(URL_SAFE_NO_PAD.encode(jti)),
         cnf: Confirmation { jwk: cnf.clone() },
     };
-    jsonwebtoken::encode(
-        &header,
-        &claims,
-        &EncodingKey::from_ec_der(authority.pkcs8_der()),
-    )
-    .map_err(|e| WitError::Sign(e.to_string()))
+    super::jwt::compact_es256(authority, &header, &claims).map_err(WitError::Sign)
 }
 
 /// The WIT-SVID signing keys of the trust domains a validator trusts: per trust domain,
