@@ -321,25 +321,28 @@ impl TxnClient {
         let scope = request
             .scope
             .or_else(|| subject_scope(&request.subject_token, request.subject_token_type));
-        // One buffer, sized for the subject token (the bulk of the body).
-        let mut form = url::form_urlencoded::Serializer::new(String::with_capacity(
-            request.subject_token.len() + 256,
-        ));
-        form.append_pair("grant_type", GRANT_TYPE_TOKEN_EXCHANGE)
-            .append_pair("requested_token_type", TokenType::TxnToken.as_urn())
-            .append_pair("audience", &self.audience)
-            .append_pair("subject_token", &request.subject_token)
-            .append_pair("subject_token_type", request.subject_token_type.as_urn());
-        if let Some(scope) = &scope {
-            form.append_pair("scope", scope);
-        }
-        if let Some(details) = &request.request_details {
-            form.append_pair("request_details", &details.to_string());
-        }
-        if let Some(context) = &request.request_context {
-            form.append_pair("request_context", &context.to_string());
-        }
-        let body = form.finish();
+        // One buffer, sized for the subject token (the bulk of the body). The serializer
+        // is not `Send`: it ends before the first `await`.
+        let body = {
+            let mut form = url::form_urlencoded::Serializer::new(String::with_capacity(
+                request.subject_token.len() + 256,
+            ));
+            form.append_pair("grant_type", GRANT_TYPE_TOKEN_EXCHANGE)
+                .append_pair("requested_token_type", TokenType::TxnToken.as_urn())
+                .append_pair("audience", &self.audience)
+                .append_pair("subject_token", &request.subject_token)
+                .append_pair("subject_token_type", request.subject_token_type.as_urn());
+            if let Some(scope) = &scope {
+                form.append_pair("scope", scope);
+            }
+            if let Some(details) = &request.request_details {
+                form.append_pair("request_details", &details.to_string());
+            }
+            if let Some(context) = &request.request_context {
+                form.append_pair("request_context", &context.to_string());
+            }
+            form.finish()
+        };
         let mut post = self
             .http
             .post(self.token_url.as_str())
@@ -395,6 +398,13 @@ impl TxnClient {
         self.exchange(request).await
     }
 }
+
+// `TxnClient::exchange` futures can be spawned on a multi-threaded runtime: checked at
+// compile time (the closure is type-checked, never run).
+const _: fn(&TxnClient) = |client| {
+    fn send<T: Send>(_: T) {}
+    send(client.exchange(TxnRequest::access_token(String::new())));
+};
 
 /// The `scope` a subject token carries (a space-separated string or an array of
 /// strings), read without verification: what a request asks for when the caller names no
