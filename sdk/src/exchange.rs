@@ -322,7 +322,7 @@ impl TxnClient {
             .scope
             .or_else(|| subject_scope(&request.subject_token, request.subject_token_type));
         // One buffer, sized for the subject token (the bulk of the body). The serializer
-        // is dropped before any await: it is not `Send`.
+        // is not `Send`: it ends before the first `await`.
         let body = {
             let mut form = url::form_urlencoded::Serializer::new(String::with_capacity(
                 request.subject_token.len() + 256,
@@ -398,6 +398,13 @@ impl TxnClient {
         self.exchange(request).await
     }
 }
+
+// `TxnClient::exchange` futures can be spawned on a multi-threaded runtime: checked at
+// compile time (the closure is type-checked, never run).
+const _: fn(&TxnClient) = |client| {
+    fn send<T: Send>(_: T) {}
+    send(client.exchange(TxnRequest::access_token(String::new())));
+};
 
 /// The `scope` a subject token carries (a space-separated string or an array of
 /// strings), read without verification: what a request asks for when the caller names no
