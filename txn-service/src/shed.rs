@@ -262,14 +262,20 @@ impl Shedder {
             return None;
         }
         let _place = QueuePlace(&self.queued);
+        let queued_at = tokio::time::Instant::now();
         match tokio::time::timeout(
             self.limits.queue_timeout,
             self.slots.clone().acquire_owned(),
         )
         .await
         {
-            Ok(Ok(permit)) => Some(Admission { _permit: permit }),
-            Ok(Err(_)) | Err(_) => None,
+            // A slot granted while the runtime was late (the waiter polled after its
+            // deadline) is given back: admitting it would break the latency the queue
+            // budget protects.
+            Ok(Ok(permit)) if queued_at.elapsed() <= self.limits.queue_timeout => {
+                Some(Admission { _permit: permit })
+            }
+            Ok(_) | Err(_) => None,
         }
     }
 
@@ -430,6 +436,36 @@ mod tests {
         assert!(waiter.await.unwrap(), "the waiter got the freed slot");
         assert_eq!(shed.queued(), 0);
         assert_eq!(shed.in_flight(), 0);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slot_granted_after_the_queue_budget_is_given_back() {
+        let limits = OverloadLimits {
+            max_in_flight: 1,
+            max_queue: 1,
+            queue_timeout: Duration::from_millis(5),
+        };
+        let shed = Shedder::new(
+            limits,
+            None,
+            None,
+            Arc::new(writ_identity::clock::SystemClock),
+        );
+        let held = shed.try_admit().unwrap();
+        let waiter = {
+            let shed = shed.clone();
+            tokio::spawn(async move { shed.admit().await.is_some() })
+        };
+        while shed.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The slot frees, but the waiter runs only after its budget has passed: this
+        // thread is the runtime's only one, and blocking it makes the runtime late.
+        drop(held);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.await.unwrap(), "admitted after its queue budget");
+        assert_eq!(shed.in_flight(), 0, "the late slot was given back");
+        assert!(shed.try_admit().is_some());
     }
 
     #[test]

@@ -49,7 +49,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 use writ_identity::clock::SystemClock;
-use writ_identity::key_manager::PrivateKey;
 use writ_identity::spiffe_id::SpiffeId;
 use writ_sdk::exchange::{TxnClient, TxnRequest};
 use writ_sdk::oauth::TokenType;
@@ -57,7 +56,7 @@ use writ_sdk::txn_token::{TxnToken, TxnVerifier};
 use writ_sdk::workload::X509Source;
 use writ_txn_service::config::{TxnConfig, TxnServer};
 use writ_txn_service::oidc::{IssuerConfig, OidcValidator};
-use writ_txn_service::txn_token::Minter;
+use writ_txn_service::txn_token::{Minter, SigningAlgorithm};
 
 use super::provider::{AUDIENCE, Provider, SubjectAlg};
 use super::stack::{BenchStack, TRUST_DOMAIN};
@@ -132,6 +131,16 @@ pub enum TxnAlg {
     Eddsa,
 }
 
+impl TxnAlg {
+    /// The token service's name for it.
+    pub fn signing_algorithm(self) -> SigningAlgorithm {
+        match self {
+            Self::Es256 => SigningAlgorithm::Es256,
+            Self::Eddsa => SigningAlgorithm::EdDsa,
+        }
+    }
+}
+
 /// Options of `writ bench exchange`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -170,11 +179,6 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
         generator().await?;
         return Ok(Vec::new());
     }
-    if args.txn_alg == TxnAlg::Eddsa {
-        anyhow::bail!(
-            "--txn-alg eddsa: this build's token service signs Txn-Tokens with ES256 only"
-        );
-    }
     let clients = usize::from(args.clients.max(1));
     let mut modes = args.modes.clone();
     modes.dedup();
@@ -200,6 +204,7 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
         &audit,
         provider.issuer(),
         clients,
+        args.txn_alg.signing_algorithm(),
     );
     let config = TxnConfig::from_toml(&toml, dir.path()).context("the bench's txn.toml")?;
     let server = TxnServer::start(config)
@@ -216,7 +221,7 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
     let mut reports = Vec::new();
     let mut exchanges = 0usize;
     for alg in args.subject_alg.algs() {
-        let bound = Bound::measure(&provider, alg).await?;
+        let bound = Bound::measure(&provider, alg, args.txn_alg.signing_algorithm()).await?;
         let mut peak = None;
         for &mode in &modes {
             let case = Case {
@@ -286,6 +291,7 @@ fn txn_toml(
     audit: &std::path::Path,
     issuer: &str,
     clients: usize,
+    signing: SigningAlgorithm,
 ) -> String {
     let gateway = format!("spiffe://{TRUST_DOMAIN}{GATEWAY_PATH}");
     format!(
@@ -296,6 +302,7 @@ workload_api = {endpoint:?}
 spiffe_id = "{tts_id}"
 audit_log = {audit:?}
 audit_max_size = 0
+signing_algorithm = "{signing}"
 
 [connections]
 max_connections_per_ip = {per_ip}
@@ -313,6 +320,7 @@ max_scope = ["orders.read", "orders.write"]
 "#,
         audit = audit.display().to_string(),
         per_ip = clients * 2 + 16,
+        signing = signing.name(),
     )
 }
 
@@ -326,7 +334,11 @@ struct Bound {
 }
 
 impl Bound {
-    async fn measure(provider: &Arc<Provider>, alg: SubjectAlg) -> anyhow::Result<Self> {
+    async fn measure(
+        provider: &Arc<Provider>,
+        alg: SubjectAlg,
+        signing: SigningAlgorithm,
+    ) -> anyhow::Result<Self> {
         let validator = OidcValidator::new(
             vec![IssuerConfig::new(provider.issuer(), [AUDIENCE])],
             Arc::new(SystemClock),
@@ -359,7 +371,7 @@ impl Bound {
         }
         let verify = spent / done.max(1);
 
-        let minter = Minter::new(PrivateKey::generate()?)?;
+        let minter = Minter::generate(signing)?;
         let budget = Budget {
             ops: BOUND_OPS,
             time: BOUND_TIME,

@@ -255,7 +255,9 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    // Rounded before `ceil`: 0.99 x 1000 is 990.0000000000001 in floating point.
+    let rank = ((p / 100.0) * sorted.len() as f64 * 1e6).round() / 1e6;
+    let rank = rank.ceil() as usize;
     sorted
         .get(rank.clamp(1, sorted.len()) - 1)
         .copied()
@@ -287,18 +289,23 @@ impl Budget {
     }
 }
 
-/// Times `op` repeated on this thread: `ops` times after `ops / 10` warm-up runs, or
-/// until `budget.time` has passed. Returns the operations done, their wall time and
+/// Times `op` repeated on this thread: `ops` times after `ops / 10` warm-up runs (at most
+/// a tenth of `budget.time`), or until `budget.time` has passed. Returns the operations done, their wall time and
 /// their latencies. The rate of a single-threaded loop like this, times the cores, is
 /// the bound the concurrent figures are held against.
 pub fn time_loop<E>(
     budget: Budget,
     mut op: impl FnMut(u64) -> Result<(), E>,
 ) -> Result<(u64, Duration, Vec<Duration>), E> {
+    let warm_up = Instant::now();
     for i in 0..budget.ops / 10 {
+        if warm_up.elapsed() >= budget.time / 10 {
+            break;
+        }
         op(i)?;
     }
-    let mut samples = Vec::with_capacity(usize::try_from(budget.ops).unwrap_or(0));
+    // Room for the common case only: `ops` may be far more than `time` allows.
+    let mut samples = Vec::with_capacity(usize::try_from(budget.ops.min(1 << 16)).unwrap_or(0));
     let start = Instant::now();
     let mut done = 0;
     while !budget.exhausted(done, start) {
