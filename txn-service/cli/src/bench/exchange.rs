@@ -376,12 +376,12 @@ impl Bound {
             ops: BOUND_OPS,
             time: BOUND_TIME,
         };
-        let (done, elapsed, _) = super::time_loop(budget, |i| {
+        let signed = super::time_loop(budget, |i| {
             let token = minter.mint(&sample_claims(i))?;
             anyhow::ensure!(token.len() > 100, "a Txn-Token");
             Ok(())
         })?;
-        let sign = elapsed / u32::try_from(done.max(1))?;
+        let sign = signed.elapsed / u32::try_from(signed.ops.max(1))?;
         Ok(Self { verify, sign, alg })
     }
 

@@ -36,7 +36,7 @@ use writ_identity::spiffe_id::SpiffeId;
 use writ_sdk::tls::{self, Authorizer};
 use writ_sdk::workload::X509Source;
 
-use super::{Budget, Latency, Report, cores, process_cpu};
+use super::{Budget, Report, Totals, cores, process_cpu};
 use crate::dev::{Dev, DevOptions};
 
 /// Options of `writ bench handshake`.
@@ -121,10 +121,12 @@ async fn measure(dev: &Dev, args: &Args, budget: Budget) -> anyhow::Result<Vec<R
     let [writ_total, plain_total] = totals;
     let bound = plain_total.rate();
     let plain_report = plain_total
-        .report("rustls", clients)
+        .report("handshake", "rustls")
+        .clients(clients)
         .note("plain rustls + webpki verifiers, same certificates: the bound");
     let writ_report = writ_total
-        .report("writ", clients)
+        .report("handshake", "writ")
+        .clients(clients)
         .bound("plain rustls handshakes, same run", bound)
         .target(TARGET)
         .note("writ_sdk::tls configs from X509Sources, SPIFFE ID authorization");
@@ -197,41 +199,6 @@ fn plain_pair(server: &X509Source, client: &X509Source) -> anyhow::Result<Pair> 
         server: Arc::new(server_config),
         client: Arc::new(client_config),
     })
-}
-
-/// What the rounds of one case add up to.
-#[derive(Default)]
-struct Totals {
-    ops: u64,
-    elapsed: Duration,
-    cpu: Duration,
-    samples: Vec<Duration>,
-}
-
-impl Totals {
-    fn add(&mut self, other: Totals) {
-        self.ops += other.ops;
-        self.elapsed += other.elapsed;
-        self.cpu += other.cpu;
-        self.samples.extend(other.samples);
-    }
-
-    fn rate(&self) -> f64 {
-        let secs = self.elapsed.as_secs_f64();
-        if secs > 0.0 {
-            self.ops as f64 / secs
-        } else {
-            0.0
-        }
-    }
-
-    fn report(self, mode: &str, clients: usize) -> Report {
-        Report::new("handshake", mode)
-            .clients(clients)
-            .throughput(self.ops, self.elapsed)
-            .latency(Latency::of(self.samples))
-            .cpu(self.cpu)
-    }
 }
 
 /// `clients` threads opening connections to as many server threads until `budget`

@@ -18,7 +18,6 @@
 //! The bound and the issuance are alternated in rounds. Every result is checked.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use aws_lc_rs::encoding::AsDer as _;
@@ -33,7 +32,7 @@ use writ_identity::key_manager::MemoryKeyManager;
 use writ_identity::spiffe_id::{SpiffeId, TrustDomain};
 use writ_identity::store::sqlite::SqliteStore;
 
-use super::{Budget, Latency, Report, process_cpu};
+use super::{Budget, Report, Totals, time_loop};
 
 /// Options of `writ bench issue`.
 #[derive(Debug, Clone, clap::Args)]
@@ -105,7 +104,7 @@ fn x509(ca: &CertificateAuthority, id: &SpiffeId, budget: Budget) -> anyhow::Res
         },
     )?;
     Ok(issued
-        .report("x509")
+        .report("issue", "x509")
         .bound(
             "ECDSA P-256 signatures (aws-lc-rs, key parsed once), same run",
             bound.rate(),
@@ -133,7 +132,7 @@ fn jwt(ca: &CertificateAuthority, id: &SpiffeId, budget: Budget) -> anyhow::Resu
         },
     )?;
     Ok(issued
-        .report("jwt")
+        .report("issue", "jwt")
         .subject_alg("ES256")
         .bound(
             "ES256 signatures (aws-lc-rs, key parsed once), same run",
@@ -153,58 +152,6 @@ fn raw_signer(
     Ok((key, vec![0x42; len.max(1)]))
 }
 
-/// What the rounds of one loop add up to.
-#[derive(Default)]
-struct Totals {
-    ops: u64,
-    elapsed: Duration,
-    cpu: Duration,
-    samples: Vec<Duration>,
-}
-
-impl Totals {
-    fn rate(&self) -> f64 {
-        let secs = self.elapsed.as_secs_f64();
-        if secs > 0.0 {
-            self.ops as f64 / secs
-        } else {
-            0.0
-        }
-    }
-
-    fn report(self, mode: &str) -> Report {
-        Report::new("issue", mode)
-            .throughput(self.ops, self.elapsed)
-            .latency(Latency::of(self.samples))
-            .cpu(self.cpu)
-    }
-
-    /// Runs `op` on this thread until `budget` is spent, after a tenth as many warm-up
-    /// runs.
-    fn run(
-        &mut self,
-        budget: Budget,
-        op: &mut impl FnMut() -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
-        for _ in 0..budget.ops / 10 {
-            op()?;
-        }
-        let cpu = process_cpu();
-        let start = Instant::now();
-        let mut done = 0;
-        while !budget.exhausted(done, start) {
-            let t = Instant::now();
-            op()?;
-            self.samples.push(t.elapsed());
-            done += 1;
-        }
-        self.elapsed += start.elapsed();
-        self.cpu += process_cpu().saturating_sub(cpu);
-        self.ops += done;
-        Ok(())
-    }
-}
-
 /// `measured` and `bound` alternated in [`ROUNDS`] rounds of a share of `budget` each.
 fn alternate(
     budget: Budget,
@@ -217,8 +164,8 @@ fn alternate(
     };
     let (mut m, mut b) = (Totals::default(), Totals::default());
     for _ in 0..ROUNDS {
-        m.run(round, &mut measured)?;
-        b.run(round, &mut bound)?;
+        m.add(time_loop(round, |_| measured())?);
+        b.add(time_loop(round, |_| bound())?);
     }
     Ok((m, b))
 }

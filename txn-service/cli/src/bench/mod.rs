@@ -289,14 +289,52 @@ impl Budget {
     }
 }
 
+/// What the timed runs of one case (or of several rounds of it) add up to.
+#[derive(Debug, Default)]
+pub struct Totals {
+    /// Operations timed.
+    pub ops: u64,
+    /// Their wall time.
+    pub elapsed: Duration,
+    /// The process CPU time spent meanwhile.
+    pub cpu: Duration,
+    /// Latencies of the operations sampled (all of them unless the caller samples).
+    pub samples: Vec<Duration>,
+}
+
+impl Totals {
+    /// Adds another round's totals.
+    pub fn add(&mut self, other: Totals) {
+        self.ops += other.ops;
+        self.elapsed += other.elapsed;
+        self.cpu += other.cpu;
+        self.samples.extend(other.samples);
+    }
+
+    /// Operations per second.
+    pub fn rate(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.ops as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    /// A report of `bench`'s case `mode` with these operations, latencies and CPU.
+    pub fn report(self, bench: &'static str, mode: &str) -> Report {
+        Report::new(bench, mode)
+            .throughput(self.ops, self.elapsed)
+            .latency(Latency::of(self.samples))
+            .cpu(self.cpu)
+    }
+}
+
 /// Times `op` repeated on this thread: `ops` times after `ops / 10` warm-up runs (at most
-/// a tenth of `budget.time`), or until `budget.time` has passed. Returns the operations done, their wall time and
-/// their latencies. The rate of a single-threaded loop like this, times the cores, is
-/// the bound the concurrent figures are held against.
-pub fn time_loop<E>(
-    budget: Budget,
-    mut op: impl FnMut(u64) -> Result<(), E>,
-) -> Result<(u64, Duration, Vec<Duration>), E> {
+/// a tenth of `budget.time`), or until `budget.time` has passed. The rate of a
+/// single-threaded loop like this, times the cores, is the bound the concurrent figures
+/// are held against.
+pub fn time_loop<E>(budget: Budget, mut op: impl FnMut(u64) -> Result<(), E>) -> Result<Totals, E> {
     let warm_up = Instant::now();
     for i in 0..budget.ops / 10 {
         if warm_up.elapsed() >= budget.time / 10 {
@@ -306,6 +344,7 @@ pub fn time_loop<E>(
     }
     // Room for the common case only: `ops` may be far more than `time` allows.
     let mut samples = Vec::with_capacity(usize::try_from(budget.ops.min(1 << 16)).unwrap_or(0));
+    let cpu = process_cpu();
     let start = Instant::now();
     let mut done = 0;
     while !budget.exhausted(done, start) {
@@ -314,7 +353,12 @@ pub fn time_loop<E>(
         samples.push(t.elapsed());
         done += 1;
     }
-    Ok((done, start.elapsed(), samples))
+    Ok(Totals {
+        ops: done,
+        elapsed: start.elapsed(),
+        cpu: process_cpu().saturating_sub(cpu),
+        samples,
+    })
 }
 
 /// The cores this machine offers this process (at least 1).
@@ -367,14 +411,14 @@ mod tests {
             ops: 50,
             time: Duration::from_secs(10),
         };
-        let (done, _, samples) = time_loop::<()>(budget, |_| Ok(())).unwrap_or_default();
-        assert_eq!(done, 50);
-        assert_eq!(samples.len(), 50);
+        let totals = time_loop::<()>(budget, |_| Ok(())).unwrap_or_default();
+        assert_eq!(totals.ops, 50);
+        assert_eq!(totals.samples.len(), 50);
         let budget = Budget {
             ops: u64::MAX,
             time: Duration::ZERO,
         };
-        let (done, _, _) = time_loop::<()>(budget, |_| Ok(())).unwrap_or_default();
-        assert_eq!(done, 0);
+        let totals = time_loop::<()>(budget, |_| Ok(())).unwrap_or_default();
+        assert_eq!(totals.ops, 0);
     }
 }

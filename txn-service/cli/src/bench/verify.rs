@@ -16,7 +16,7 @@
 //!   each would cost as much as the hit).
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use aws_lc_rs::rand::SystemRandom;
@@ -29,7 +29,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use writ_identity::bundle::Jwk;
 use writ_sdk::txn_token::{Actor, Jwks, JwksSource, TxnToken, TxnVerifier};
 
-use super::{Budget, Latency, Report, process_cpu};
+use super::{Budget, Report, Totals, process_cpu};
 
 /// Options of `writ bench verify`.
 #[derive(Debug, Clone, clap::Args)]
@@ -103,19 +103,20 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
         };
         let (mut measured, mut bound) = (Totals::default(), Totals::default());
         for _ in 0..ROUNDS {
-            measured
-                .run(round, 1, async || check(&uncached, &token).await)
-                .await?;
-            bound
-                .run(round, 1, async || {
-                    raw.verify_sig(signing_input.as_bytes(), &signature)
-                        .map_err(|_| anyhow::anyhow!("raw signature check failed"))
-                })
-                .await?;
+            sampled_run(&mut measured, round, 1, async || {
+                check(&uncached, &token).await
+            })
+            .await?;
+            sampled_run(&mut bound, round, 1, async || {
+                raw.verify_sig(signing_input.as_bytes(), &signature)
+                    .map_err(|_| anyhow::anyhow!("raw signature check failed"))
+            })
+            .await?;
         }
         reports.push(
             measured
-                .report("uncached", alg)
+                .report("verify", "uncached")
+                .subject_alg(alg)
                 .bound(
                     format!("raw {alg} verify (aws-lc-rs, key parsed once), same run"),
                     bound.rate(),
@@ -127,10 +128,13 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
         let cached = verifier(1000)?;
         check(&cached, &token).await?;
         let mut hits = Totals::default();
-        hits.run(budget, SAMPLE_EVERY, async || check(&cached, &token).await)
-            .await?;
+        sampled_run(&mut hits, budget, SAMPLE_EVERY, async || {
+            check(&cached, &token).await
+        })
+        .await?;
         reports.push(
-            hits.report("cached", alg)
+            hits.report("verify", "cached")
+                .subject_alg(alg)
                 .bound("1 µs per verification (issue 20)", CACHED_BOUND)
                 .target(1.0)
                 .note("cache hit, latency sampled 1 in 16"),
@@ -242,61 +246,34 @@ impl Signer {
     }
 }
 
-/// What the rounds of one loop add up to.
-#[derive(Default)]
-struct Totals {
-    ops: u64,
-    elapsed: Duration,
-    cpu: Duration,
-    samples: Vec<Duration>,
-}
-
-impl Totals {
-    fn rate(&self) -> f64 {
-        let secs = self.elapsed.as_secs_f64();
-        if secs > 0.0 {
-            self.ops as f64 / secs
+/// Runs `op` on this thread until `budget` is spent, after a tenth as many warm-up runs,
+/// timing one run in `sample_every` on its own (a hit costs about as much as reading the
+/// clock).
+async fn sampled_run(
+    totals: &mut Totals,
+    budget: Budget,
+    sample_every: u64,
+    mut op: impl AsyncFnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    for _ in 0..budget.ops / 10 {
+        op().await?;
+    }
+    let cpu = process_cpu();
+    let start = Instant::now();
+    let mut done = 0;
+    // The clock is read every 64 runs only: reading it costs as much as a cache hit.
+    while done < budget.ops && (done % 64 != 0 || start.elapsed() < budget.time) {
+        if done % sample_every == 0 {
+            let t = Instant::now();
+            op().await?;
+            totals.samples.push(t.elapsed());
         } else {
-            0.0
-        }
-    }
-
-    fn report(self, mode: &str, alg: &str) -> Report {
-        Report::new("verify", mode)
-            .subject_alg(alg)
-            .throughput(self.ops, self.elapsed)
-            .latency(Latency::of(self.samples))
-            .cpu(self.cpu)
-    }
-
-    /// Runs `op` on this thread until `budget` is spent, after a tenth as many warm-up
-    /// runs, timing one run in `sample_every` on its own.
-    async fn run(
-        &mut self,
-        budget: Budget,
-        sample_every: u64,
-        mut op: impl AsyncFnMut() -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
-        for _ in 0..budget.ops / 10 {
             op().await?;
         }
-        let cpu = process_cpu();
-        let start = Instant::now();
-        let mut done = 0;
-        // The clock is read every 64 runs only: reading it costs as much as a cache hit.
-        while done < budget.ops && (done % 64 != 0 || start.elapsed() < budget.time) {
-            if done % sample_every == 0 {
-                let t = Instant::now();
-                op().await?;
-                self.samples.push(t.elapsed());
-            } else {
-                op().await?;
-            }
-            done += 1;
-        }
-        self.elapsed += start.elapsed();
-        self.cpu += process_cpu().saturating_sub(cpu);
-        self.ops += done;
-        Ok(())
+        done += 1;
     }
+    totals.elapsed += start.elapsed();
+    totals.cpu += process_cpu().saturating_sub(cpu);
+    totals.ops += done;
+    Ok(())
 }

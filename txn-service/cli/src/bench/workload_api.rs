@@ -405,12 +405,12 @@ fn raw_es256_sign(budget: Budget) -> anyhow::Result<f64> {
         .map_err(|_| anyhow::anyhow!("cannot generate a P-256 key"))?;
     let input = signing_input();
     let budget = bound_budget(budget);
-    let (done, elapsed, _) = super::time_loop(budget, |_| {
+    let timed = super::time_loop(budget, |_| {
         key.sign(&rng, &input)
             .map(|_| ())
             .map_err(|_| anyhow::anyhow!("ES256 signature failed"))
     })?;
-    Ok(done as f64 / elapsed.as_secs_f64())
+    Ok(timed.rate())
 }
 
 /// Raw ES256 verifications per second on this thread.
@@ -424,12 +424,12 @@ fn raw_es256_verify(budget: Budget) -> anyhow::Result<f64> {
         .map_err(|_| anyhow::anyhow!("ES256 signature failed"))?;
     let public = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, key.public_key().as_ref());
     let budget = bound_budget(budget);
-    let (done, elapsed, _) = super::time_loop(budget, |_| {
+    let timed = super::time_loop(budget, |_| {
         public
             .verify(&input, signature.as_ref())
             .map_err(|_| anyhow::anyhow!("ES256 verification failed"))
     })?;
-    Ok(done as f64 / elapsed.as_secs_f64())
+    Ok(timed.rate())
 }
 
 /// The bound's own budget: at most 2000 operations or 2 s.
