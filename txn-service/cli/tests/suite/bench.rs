@@ -1,4 +1,4 @@
-//! `writ bench exchange` and `writ bench workload-api` run end to end with tiny budgets:
+//! Every `writ bench` mode runs end to end with tiny budgets:
 //! every `--json` line parses and carries the fields a script holds a figure by. No
 //! assertion on the figures themselves (benches are judged by hand, in release builds).
 
@@ -174,4 +174,116 @@ fn garbage_arguments_are_refused_clearly() {
             assert!(stderr.contains(word), "{args:?}: {word} not in\n{stderr}");
         }
     }
+}
+
+/// The lines of a run, each with `bench`, `mode`, a throughput and its latencies;
+/// `bound_ops_per_s` and `ratio` where the mode holds the case to a bound.
+fn report_lines(output: &Output, bench: &str) -> Vec<Value> {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "status {}\nstdout:\n{stdout}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for line in &lines {
+        assert_eq!(line["bench"], bench, "{line}");
+        assert!(line["ops_per_s"].as_f64().unwrap() > 0.0, "{line}");
+        for key in ["mode", "p50_ms", "p99_ms", "p999_ms", "seconds", "ops"] {
+            assert!(line.get(key).is_some(), "{key} missing from {line}");
+        }
+        if let Some(bound) = line.get("bound_ops_per_s") {
+            assert!(bound.as_f64().unwrap() > 0.0, "{line}");
+            assert!(line["ratio"].as_f64().is_some(), "{line}");
+        }
+    }
+    lines
+}
+
+fn modes(lines: &[Value]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| {
+            let alg = l.get("subject_alg").and_then(Value::as_str);
+            match alg {
+                Some(alg) => format!("{} {alg}", l["mode"].as_str().unwrap()),
+                None => l["mode"].as_str().unwrap().to_owned(),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn verify_issue_and_handshake_report_their_cases_against_their_bounds() {
+    let small = ["--json", "--requests", "40", "--duration", "3s"];
+    let run = |mode: &[&str]| writ(&[&["bench"][..], mode, &small[..]].concat());
+
+    let lines = report_lines(&run(&["verify"]), "verify");
+    assert_eq!(modes(&lines), ["uncached ES256", "cached ES256"]);
+    assert!(lines.iter().all(|l| l["target_ratio"].as_f64().is_some()));
+    let lines = report_lines(&run(&["verify", "--alg", "eddsa"]), "verify");
+    assert_eq!(modes(&lines), ["uncached EdDSA", "cached EdDSA"]);
+
+    let lines = report_lines(&run(&["issue"]), "issue");
+    assert_eq!(modes(&lines), ["x509", "jwt ES256"]);
+    assert!(lines.iter().all(|l| l["ratio"].as_f64().is_some()));
+
+    let lines = report_lines(&run(&["handshake", "--clients", "2"]), "handshake");
+    let mut names = modes(&lines);
+    names.sort();
+    assert_eq!(names, ["rustls", "writ"]);
+    let writ_line = lines.iter().find(|l| l["mode"] == "writ").unwrap();
+    assert_eq!(writ_line["target_ratio"], 0.8);
+    assert!(writ_line["ratio"].as_f64().is_some(), "{writ_line}");
+}
+
+#[test]
+fn exchange_with_eddsa_txn_tokens() {
+    let output = writ(&[
+        "bench",
+        "exchange",
+        "--json",
+        "--requests",
+        "30",
+        "--duration",
+        "3s",
+        "--subject-alg",
+        "eddsa",
+        "--modes",
+        "fresh",
+        "--clients",
+        "2",
+        "--txn-alg",
+        "eddsa",
+    ]);
+    let lines = json_lines(&output, &EXCHANGE_FIELDS);
+    assert_eq!(modes(&lines), ["fresh EdDSA"]);
+}
+
+#[test]
+fn overload_sheds_beyond_a_tiny_limit_and_reports_admitted_latency() {
+    let output = writ(&[
+        "bench",
+        "overload",
+        "--json",
+        "--requests",
+        "60",
+        "--duration",
+        "2s",
+        "--max-in-flight",
+        "1",
+        "--max-queue",
+        "0",
+        "--connections",
+        "16",
+    ]);
+    let lines = report_lines(&output, "overload");
+    assert_eq!(modes(&lines), ["peak", "0.5x", "10x"]);
+    let ten = &lines[2];
+    assert!(ten.get("refused").is_some(), "{ten}");
+    assert!(ten["ratio"].as_f64().is_some(), "{ten}");
 }
