@@ -42,8 +42,8 @@
 //!
 //! [overload]                             # admission of POST /token (`writ_txn_service::shed`)
 //! # max_in_flight = 8                    # exchanges at once; default 4 x cores
-//! # max_queue = 8                        # waiting for a slot; default max_in_flight
-//! queue_timeout = "5ms"                  # then 503 + Retry-After: 1
+//! # max_queue = 256                      # waiting for a slot; default 32 x max_in_flight
+//! queue_timeout = "10ms"                 # then 503 + Retry-After: 1
 //!
 //! [[oidc]]
 //! issuer = "https://idp.example.com"

@@ -21,8 +21,8 @@
 //! ```toml
 //! [overload]
 //! max_in_flight = 8        # exchanges running at once (default 4 x cores)
-//! max_queue = 8            # requests waiting for a slot (default: max_in_flight; 0: none)
-//! queue_timeout = "5ms"    # longest wait for a slot before the 503
+//! max_queue = 256          # requests waiting for a slot (default: 32 x max_in_flight; 0: none)
+//! queue_timeout = "10ms"   # longest wait for a slot before the 503
 //! ```
 //!
 //! ```
@@ -64,10 +64,14 @@ pub const MAX_QUEUE_LIMIT: usize = 65_536;
 /// The longest queue wait a configuration may allow: beyond it a request had better be
 /// refused and retried than held.
 pub const MAX_QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Default queue wait.
-pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_millis(5);
+/// Default queue wait: with an exchange's own millisecond or so, an admitted request
+/// stays well under 20 ms.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_millis(10);
 /// Default exchanges in flight per core.
 pub const IN_FLIGHT_PER_CORE: usize = 4;
+/// Default requests waiting per slot: enough that a burst from a few dozen keep-alive
+/// clients waits (for at most the queue timeout) instead of being refused at once.
+pub const QUEUED_PER_SLOT: usize = 32;
 /// How often the count of shed requests is written to the audit log (when not zero).
 pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
 /// The `Retry-After` of a shed request, in seconds.
@@ -100,14 +104,14 @@ pub struct OverloadLimits {
 }
 
 impl Default for OverloadLimits {
-    /// [`IN_FLIGHT_PER_CORE`] × the cores in flight, as many waiting, for
-    /// [`DEFAULT_QUEUE_TIMEOUT`].
+    /// [`IN_FLIGHT_PER_CORE`] × the cores in flight, [`QUEUED_PER_SLOT`] times as many
+    /// waiting, for at most [`DEFAULT_QUEUE_TIMEOUT`].
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         let max_in_flight = (IN_FLIGHT_PER_CORE * cores).min(MAX_IN_FLIGHT_LIMIT);
         Self {
             max_in_flight,
-            max_queue: max_in_flight,
+            max_queue: (QUEUED_PER_SLOT * max_in_flight).min(MAX_QUEUE_LIMIT),
             queue_timeout: DEFAULT_QUEUE_TIMEOUT,
         }
     }
@@ -374,7 +378,7 @@ mod tests {
         let d = limits("").unwrap();
         assert_eq!(d, OverloadLimits::default());
         assert!(d.max_in_flight >= IN_FLIGHT_PER_CORE);
-        assert_eq!(d.max_queue, d.max_in_flight);
+        assert_eq!(d.max_queue, QUEUED_PER_SLOT * d.max_in_flight);
         assert_eq!(d.queue_timeout, DEFAULT_QUEUE_TIMEOUT);
         let l = limits("max_in_flight = 3\nmax_queue = 0\nqueue_timeout = \"20ms\"").unwrap();
         assert_eq!(
