@@ -134,7 +134,7 @@ impl OverloadLimits {
             }
         };
         let max_queue = match file.max_queue {
-            None => max_in_flight.min(MAX_QUEUE_LIMIT),
+            None => (QUEUED_PER_SLOT * max_in_flight).min(MAX_QUEUE_LIMIT),
             Some(n) if n <= MAX_QUEUE_LIMIT => n,
             Some(n) => {
                 return Err(format!(
@@ -389,7 +389,10 @@ mod tests {
                 queue_timeout: Duration::from_millis(20)
             }
         );
-        assert_eq!(limits("max_in_flight = 2").unwrap().max_queue, 2);
+        assert_eq!(
+            limits("max_in_flight = 2").unwrap().max_queue,
+            2 * QUEUED_PER_SLOT
+        );
     }
 
     #[test]
