@@ -21,8 +21,8 @@ use arc_swap::ArcSwap;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use rcgen::{
-    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+    CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyUsagePurpose, PublicKeyData,
+    SanType, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
@@ -36,6 +36,10 @@ use crate::spiffe_id::{SpiffeId, TrustDomain};
 use crate::store::{BundleRecord, JournalRecord, SharedStore, StoreError};
 use crate::svid::jwt::{self, MAX_AUDIENCES};
 use crate::svid::x509::X509Svid;
+
+mod leaf;
+
+use leaf::{LeafFields, LeafTemplate, SanName};
 
 /// How far back an SVID's notBefore is set, to absorb clock skew.
 pub const BACKDATE: Duration = Duration::from_secs(10);
@@ -264,12 +268,12 @@ impl PeerSlot {
     }
 }
 
-/// A loaded slot: its record and its key, plus the rcgen issuer for X.509 slots.
+/// A loaded slot: its record and its key, plus the leaf template of X.509 slots.
 struct Slot {
     record: SlotRecord,
     key: PrivateKey,
     chain: Vec<Vec<u8>>,
-    issuer: Option<Issuer<'static, rcgen::KeyPair>>,
+    leaf: Option<LeafTemplate>,
 }
 
 impl std::fmt::Debug for Slot {
@@ -288,11 +292,8 @@ impl Slot {
             .map(|c| STANDARD.decode(c))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| CaError::Certificate(format!("journal certificate: {e}")))?;
-        let issuer = match (record.kind, chain.first()) {
-            (SlotKind::X509, Some(cert)) => Some(
-                Issuer::from_ca_cert_der(&CertificateDer::from(cert.as_slice()), key.to_rcgen()?)
-                    .map_err(cert_err)?,
-            ),
+        let leaf = match (record.kind, chain.first()) {
+            (SlotKind::X509, Some(cert)) => Some(LeafTemplate::new(cert, &key)?),
             (SlotKind::X509, None) => {
                 return Err(CaError::Certificate(
                     "journal slot has no certificate".into(),
@@ -304,7 +305,7 @@ impl Slot {
             record,
             key,
             chain,
-            issuer,
+            leaf,
         })
     }
 
@@ -750,7 +751,7 @@ impl CertificateAuthority {
                 .try_into()
                 .map_err(cert_err)?,
         )];
-        params.serial_number = Some(random_serial());
+        params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
         params.not_before = from_unix_seconds(not_before).into();
         params.not_after = from_unix_seconds(not_after).into();
         params.use_authority_key_identifier_extension = true;
@@ -852,9 +853,8 @@ impl CertificateAuthority {
         ttl: Option<Duration>,
         dns_names: &[String],
     ) -> Result<X509Svid, CaError> {
-        let public_key = rcgen::SubjectPublicKeyInfo::from_der(spki_der)
-            .map_err(|e| CaError::InvalidRequest(format!("public key: {e}")))?;
-        self.sign_leaf(spiffe_id, &public_key, ttl, dns_names, Leaf::Workload)
+        let spki = leaf::subject_public_key(spki_der)?;
+        self.sign_leaf(spiffe_id, spki, ttl, dns_names, Leaf::Workload)
     }
 
     /// Generates a key pair and signs an X509-SVID for it (`writ x509 mint`).
@@ -868,8 +868,8 @@ impl CertificateAuthority {
         dns_names: &[String],
     ) -> Result<X509Svid, CaError> {
         let key = PrivateKey::generate()?;
-        let mut svid =
-            self.sign_leaf(spiffe_id, &key.to_rcgen()?, ttl, dns_names, Leaf::Workload)?;
+        let spki = key.to_rcgen()?.subject_public_key_info();
+        let mut svid = self.sign_leaf(spiffe_id, &spki, ttl, dns_names, Leaf::Workload)?;
         svid.private_key = Some(key);
         Ok(svid)
     }
@@ -885,7 +885,8 @@ impl CertificateAuthority {
         ttl: Option<Duration>,
     ) -> Result<X509Svid, CaError> {
         let key = PrivateKey::generate()?;
-        let mut svid = self.sign_leaf(server_id, &key.to_rcgen()?, ttl, &[], Leaf::Server)?;
+        let spki = key.to_rcgen()?.subject_public_key_info();
+        let mut svid = self.sign_leaf(server_id, &spki, ttl, &[], Leaf::Server)?;
         svid.private_key = Some(key);
         Ok(svid)
     }
@@ -893,7 +894,7 @@ impl CertificateAuthority {
     fn sign_leaf(
         &self,
         spiffe_id: &SpiffeId,
-        public_key: &impl PublicKeyData,
+        spki: &[u8],
         ttl: Option<Duration>,
         dns_names: &[String],
         kind: Leaf,
@@ -908,8 +909,8 @@ impl CertificateAuthority {
         let slot = state
             .active(SlotKind::X509)
             .ok_or(CaError::NoActiveAuthority("X.509"))?;
-        let issuer = slot
-            .issuer
+        let template = slot
+            .leaf
             .as_ref()
             .ok_or(CaError::NoActiveAuthority("X.509"))?;
         let now = self.clock.unix_seconds();
@@ -918,46 +919,31 @@ impl CertificateAuthority {
         if not_after <= now {
             return Err(CaError::NoActiveAuthority("X.509"));
         }
-
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "Writ");
-        if kind == Leaf::Server {
-            dn.push(DnType::OrganizationalUnitName, SERVER_SVID_MARKER);
-        }
-        // The common name, when there is one, is the first DNS name: an IP address is
-        // an IP SAN only (RFC 6125 clients match names against SANs, never the CN).
-        if let Some(first) = dns_names
-            .iter()
-            .find(|n| crate::entry::ip_literal(n).is_none())
-        {
-            dn.push(DnType::CommonName, first.clone());
-        }
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let mut sans = vec![SanType::URI(
-            spiffe_id.as_str().try_into().map_err(cert_err)?,
-        )];
         // One URI SAN, then the entry's names: an IP literal as an IP SAN, the rest as
         // DNS SANs (the X509-SVID standard allows other SAN types beside the URI SAN).
-        for name in dns_names {
-            sans.push(match crate::entry::ip_literal(name) {
-                Some(ip) => SanType::IpAddress(ip),
-                None => SanType::DnsName(name.as_str().try_into().map_err(cert_err)?),
-            });
-        }
-        params.subject_alt_names = sans;
-        params.serial_number = Some(random_serial());
-        params.not_before = from_unix_seconds(now - secs(BACKDATE)).into();
-        params.not_after = from_unix_seconds(not_after).into();
-        params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(public_key, issuer).map_err(cert_err)?;
-        let mut cert_chain = vec![cert.der().to_vec()];
+        let names: Vec<SanName<'_>> = dns_names
+            .iter()
+            .map(|n| match crate::entry::ip_literal(n) {
+                Some(ip) => SanName::Ip(ip),
+                None => SanName::Dns(n),
+            })
+            .collect();
+        let der = template.sign(&LeafFields {
+            serial: random_serial(),
+            not_before: now - secs(BACKDATE),
+            not_after,
+            organizational_unit: (kind == Leaf::Server).then_some(SERVER_SVID_MARKER),
+            // The common name, when there is one, is the first DNS name: an IP address is
+            // an IP SAN only (RFC 6125 clients match names against SANs, never the CN).
+            common_name: names.iter().find_map(|n| match n {
+                SanName::Dns(d) => Some(*d),
+                SanName::Ip(_) => None,
+            }),
+            spiffe_id: spiffe_id.as_str(),
+            names: &names,
+            spki,
+        })?;
+        let mut cert_chain = vec![der];
         if self.config.upstream.is_some() {
             cert_chain.extend(slot.chain.iter().cloned());
         }
@@ -1079,9 +1065,9 @@ fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 4)
 }
 
-fn random_serial() -> SerialNumber {
+fn random_serial() -> [u8; 16] {
     let mut bytes: [u8; 16] = rand::random();
     // Positive and without a leading zero byte.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
-    SerialNumber::from_slice(&bytes)
+    bytes
 }

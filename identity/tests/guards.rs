@@ -63,9 +63,11 @@ fn ca(rt: &tokio::runtime::Runtime) -> CertificateAuthority {
 /// Measured after tuning: 1,278 bytes per JWT-SVID (header and claims JSON, the base64
 /// text, the `jti`, the audience copy). The bound is set just above.
 const JWT_SVID_MAX_BYTES: u64 = 1_600;
-/// Measured after tuning: 6,146 bytes per X509-SVID (rcgen's certificate parameters,
-/// names, extensions and DER writer). The bound is set just above.
-const X509_SVID_MAX_BYTES: u64 = 7_500;
+/// Measured after tuning: 1,244 bytes per X509-SVID (the TBS and certificate DER, the
+/// signature, the chain and the SPIFFE ID copy) since the CA encodes leaves from a
+/// per-authority template (`ca/leaf.rs`); rcgen's parameters and DER writer took 6,146.
+/// The bound is set just above.
+const X509_SVID_MAX_BYTES: u64 = 1_600;
 
 /// The one test of this binary (the allocator's count is process-wide, so the guards
 /// run one after another).
