@@ -154,9 +154,12 @@ fn bytes_per_verify(rt: &tokio::runtime::Runtime, v: &TxnVerifier, token: &str) 
 }
 
 /// Measured after tuning: 2,151 bytes per uncached verification, ES256 and EdDSA alike
-/// (the decoded header and payload, the JSON claims tree, the claims' strings); the
-/// bound is set just above.
-const UNCACHED_MAX_BYTES: u64 = 2_600;
+/// (the decoded header and payload, the JSON claims tree, the claims' strings), when
+/// `writ-sdk` is built alone (`cargo test -p writ-sdk`); 4,047 bytes in the workspace
+/// build (`cargo test --workspace`), where another package turns on serde_json's
+/// `preserve_order` and every JSON object of the claims tree becomes an `IndexMap`. The
+/// bound is set just above the larger figure, so the guard holds in both builds.
+const UNCACHED_MAX_BYTES: u64 = 4_500;
 
 /// The one test of this binary (the allocator's count is process-wide, so the guards
 /// run one after another): a cache hit allocates nothing; an uncached verification

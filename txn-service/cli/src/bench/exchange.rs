@@ -39,7 +39,6 @@
 //! load generator's.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -47,7 +46,6 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 use writ_identity::clock::SystemClock;
 use writ_identity::spiffe_id::SpiffeId;
 use writ_sdk::exchange::{TxnClient, TxnRequest};
@@ -58,6 +56,7 @@ use writ_txn_service::config::{TxnConfig, TxnServer};
 use writ_txn_service::oidc::{IssuerConfig, OidcValidator};
 use writ_txn_service::txn_token::{Minter, SigningAlgorithm};
 
+use super::generator::{self, Generator};
 use super::provider::{AUDIENCE, Provider, SubjectAlg};
 use super::stack::{BenchStack, TRUST_DOMAIN};
 use super::{Budget, Latency, Report, cores, process_cpu};
@@ -800,49 +799,24 @@ where
     })
 }
 
-/// Longest a generator process may take to start and warm up.
-const GENERATOR_READY: Duration = Duration::from_secs(60);
-
 /// Starts `writ bench exchange --generator`, gives it `spec`, lets it warm up, then
 /// times this process's CPU over its timed run.
 async fn spawn_generator(spec: &Spec) -> anyhow::Result<(Outcome, Duration)> {
-    let exe = std::env::current_exe().context("this executable")?;
-    let mut child = tokio::process::Command::new(exe)
-        .args(["bench", "exchange", "--generator"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the load generator process")?;
-    let mut stdin = child.stdin.take().context("the generator's stdin")?;
-    let stdout = child.stdout.take().context("the generator's stdout")?;
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
-    let mut line = serde_json::to_string(spec)?;
-    line.push('\n');
-    stdin.write_all(line.as_bytes()).await?;
-    stdin.flush().await?;
-    let ready = tokio::time::timeout(GENERATOR_READY, lines.next_line())
-        .await
-        .context("the load generator did not warm up within 60 s")??;
+    let mut child = Generator::spawn("exchange")?;
+    child.send(&serde_json::to_string(spec)?).await?;
+    let ready = child.receive(generator::READY).await?;
     anyhow::ensure!(
-        ready.as_deref() == Some(GENERATOR_WARM),
+        ready == GENERATOR_WARM,
         "the load generator failed during warm-up (see its error above)"
     );
     let cpu_before = process_cpu();
-    stdin.write_all(b"go\n").await?;
-    stdin.flush().await?;
-    let result = tokio::time::timeout(
-        Duration::from_millis(spec.max_ms) + GENERATOR_READY,
-        lines.next_line(),
-    )
-    .await
-    .context("the load generator did not finish in time")??;
+    child.send("go").await?;
+    let result = child
+        .receive(Duration::from_millis(spec.max_ms) + generator::READY)
+        .await?;
     let cpu = process_cpu().saturating_sub(cpu_before);
-    let result = result.context("the load generator failed (see its error above)")?;
     let outcome: Outcome = serde_json::from_str(&result).context("the load generator's result")?;
-    let status = child.wait().await?;
-    anyhow::ensure!(status.success(), "the load generator exited with {status}");
+    child.finish().await?;
     Ok((outcome, cpu))
 }
 
@@ -854,40 +828,17 @@ const MAX_SPEC_BYTES: u64 = 256 * 1024 * 1024;
 /// `writ bench exchange --generator`: reads a [`Spec`] line, warms up, prints `warm`,
 /// waits for a `go` line, runs, prints the [`Outcome`] as one JSON line.
 async fn generator() -> anyhow::Result<()> {
-    let line = read_stdin_line(MAX_SPEC_BYTES).await?;
+    let line = generator::read_line(MAX_SPEC_BYTES)
+        .await?
+        .context("no spec on standard input")?;
     let spec: Spec = serde_json::from_str(&line).context("the generator's spec")?;
     let outcome = load_with(&spec, || async {
-        say(GENERATOR_WARM)?;
-        match read_stdin_line(16).await?.trim_end() {
-            "go" => Ok(()),
+        generator::say(GENERATOR_WARM)?;
+        match generator::read_line(16).await?.as_deref() {
+            Some("go") => Ok(()),
             other => anyhow::bail!("expected `go`, got {other:?}"),
         }
     })
     .await?;
-    say(&serde_json::to_string(&outcome)?)
-}
-
-/// One line of standard input (at most `max` bytes), read off the runtime's threads.
-async fn read_stdin_line(max: u64) -> anyhow::Result<String> {
-    tokio::task::spawn_blocking(move || {
-        use std::io::{BufRead as _, Read as _};
-        let mut line = String::new();
-        std::io::stdin()
-            .lock()
-            .take(max)
-            .read_line(&mut line)
-            .context("standard input")?;
-        anyhow::ensure!(line.ends_with('\n'), "no complete line on standard input");
-        Ok(line)
-    })
-    .await
-    .context("reading standard input")?
-}
-
-fn say(line: &str) -> anyhow::Result<()> {
-    let mut stdout = std::io::stdout().lock();
-    stdout.write_all(line.as_bytes())?;
-    stdout.write_all(b"\n")?;
-    stdout.flush()?;
-    Ok(())
+    generator::say(&serde_json::to_string(&outcome)?)
 }

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 pub mod exchange;
+pub mod generator;
 pub mod handshake;
 pub mod issue;
 pub mod overload;

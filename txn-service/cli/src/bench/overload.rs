@@ -24,6 +24,13 @@
 //!   arrival that finds every connection busy is not sent (counted as `client cap` in
 //!   the note): the client's own limit, not the service's.
 //!
+//! `--separate-process` runs the clients in a second `writ` process (this executable,
+//! `writ bench overload --generator`, told the service's address and the subject tokens
+//! on its standard input, one JSON line per run back): the service then has its own
+//! runtime, CPU accounting (`cpu_us_per_op` is the serving process's) and memory
+//! figures, as a token service under a real storm does; the clients' CPU per request is
+//! in the note.
+//!
 //! Latencies are from the moment a request's task starts sending to its response.
 //! `--requests` bounds the requests sent in the closed loop and the `0.5x` case, and
 //! ten times that in the `10x` case; `--duration` bounds the `10x` case (the other two
@@ -37,6 +44,7 @@ use anyhow::Context as _;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use writ_identity::clock::{Clock as _, SystemClock};
+use writ_identity::entry::RegistrationEntry;
 use writ_identity::spiffe_id::SpiffeId;
 use writ_sdk::exchange::{ExchangeError, TxnClient, TxnRequest};
 use writ_sdk::workload::X509Source;
@@ -44,6 +52,9 @@ use writ_txn_service::config::{TxnConfig, TxnServer};
 use writ_txn_service::oidc::IssuerConfig;
 use writ_txn_service::policy::Policy;
 
+use serde::{Deserialize, Serialize};
+
+use super::generator::{self, Generator};
 use super::{Budget, Latency, Report, process_cpu};
 use crate::dev::{Dev, DevOptions};
 
@@ -72,9 +83,17 @@ pub struct Args {
     /// The service's `[overload] max_in_flight` (default: its own, 4 x cores).
     #[arg(long)]
     max_in_flight: Option<usize>,
-    /// The service's `[overload] max_queue` (default: its own, `max_in_flight`).
+    /// The service's `[overload] max_queue` (default: its own, 32 x `max_in_flight`).
     #[arg(long)]
     max_queue: Option<usize>,
+    /// Run the clients in a second process: the service's CPU, memory and scheduling
+    /// are then its own, and the clients' runtime does not delay its tasks.
+    #[arg(long)]
+    separate_process: bool,
+    /// Internal: be the load generator of `--separate-process` (requests on standard
+    /// input).
+    #[arg(long, hide = true)]
+    generator: bool,
 }
 
 /// What one request came to.
@@ -102,7 +121,7 @@ async fn exchange_once(client: &TxnClient, token: &str) -> anyhow::Result<Outcom
 }
 
 /// Counts of one case.
-#[derive(Default)]
+#[derive(Default, Serialize, Deserialize)]
 struct Tally {
     admitted: Vec<Duration>,
     shed: Vec<Duration>,
@@ -110,6 +129,10 @@ struct Tally {
     /// Open loop: arrivals not sent because every connection was busy.
     client_cap: u64,
     sent: u64,
+    /// Wall time of the run.
+    elapsed: Duration,
+    /// CPU time of the process that ran the clients, over the run.
+    clients_cpu: Duration,
 }
 
 impl Tally {
@@ -124,6 +147,121 @@ impl Tally {
     fn refused(&self) -> u64 {
         self.shed.len() as u64 + self.rate_limited
     }
+
+    fn merge(&mut self, other: Self) {
+        self.admitted.extend(other.admitted);
+        self.shed.extend(other.shed);
+        self.rate_limited += other.rate_limited;
+        self.client_cap += other.client_cap;
+        self.sent += other.sent;
+    }
+}
+
+/// The clients' side: one [`TxnClient`] (its pool opens a connection per outstanding
+/// request and keeps it) and the subject tokens, used in turn.
+#[derive(Clone)]
+struct Load {
+    client: Arc<TxnClient>,
+    tokens: Arc<Vec<String>>,
+}
+
+/// One run of the clients.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+enum Run {
+    /// `clients` clients exchanging back to back until `ops` are done or `time` passed.
+    Closed {
+        clients: usize,
+        ops: u64,
+        time: Duration,
+    },
+    /// `rate` arrivals per second for `time` (at most `ops`), on at most `connections`
+    /// requests outstanding.
+    Open {
+        rate: f64,
+        connections: usize,
+        ops: u64,
+        time: Duration,
+    },
+}
+
+impl Load {
+    async fn run(&self, run: Run) -> anyhow::Result<Tally> {
+        let cpu = process_cpu();
+        let mut tally = match run {
+            Run::Closed { clients, ops, time } => self.closed_loop(clients, ops, time).await?,
+            Run::Open {
+                rate,
+                connections,
+                ops,
+                time,
+            } => self.open_loop(rate, connections, ops, time).await?,
+        };
+        tally.clients_cpu = process_cpu().saturating_sub(cpu);
+        Ok(tally)
+    }
+}
+
+/// Where the clients run: in this process, or in a generator process.
+enum Clients {
+    Here(Load),
+    Separate(Box<Generator>),
+}
+
+impl Clients {
+    /// Runs `run`; returns its tally and the CPU time this (serving) process spent.
+    async fn run(&mut self, run: Run) -> anyhow::Result<(Tally, Duration)> {
+        let cpu = process_cpu();
+        let tally = match self {
+            Self::Here(load) => load.run(run).await?,
+            Self::Separate(child) => {
+                child.send(&serde_json::to_string(&run)?).await?;
+                let longest = match run {
+                    Run::Closed { time, .. } | Run::Open { time, .. } => time,
+                };
+                let line = child.receive(longest + generator::READY).await?;
+                serde_json::from_str(&line).context("the load generator's tally")?
+            }
+        };
+        Ok((tally, process_cpu().saturating_sub(cpu)))
+    }
+}
+
+/// What the serving process tells a generator process: how to reach the service.
+#[derive(Serialize, Deserialize)]
+struct Spec {
+    workload_api: String,
+    caller_id: String,
+    tts_id: String,
+    url: String,
+    tokens: Vec<String>,
+}
+
+/// What a generator prints once its client is built.
+const GENERATOR_READY: &str = "ready";
+/// Largest line a generator reads (the spec with its tokens).
+const MAX_LINE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// `writ bench overload --generator`: reads a [`Spec`], builds the client, prints
+/// `ready`, then runs each [`Run`] line it reads and prints its [`Tally`], until its
+/// input ends.
+async fn generator_process() -> anyhow::Result<()> {
+    let line = generator::read_line(MAX_LINE_BYTES)
+        .await?
+        .context("no spec on standard input")?;
+    let spec: Spec = serde_json::from_str(&line).context("the generator's spec")?;
+    let source = caller_source(&spec.workload_api, &SpiffeId::new(&spec.caller_id)?).await?;
+    let client = TxnClient::new(&source, &spec.url, SpiffeId::new(&spec.tts_id)?)?;
+    let load = Load {
+        client: Arc::new(client),
+        tokens: Arc::new(spec.tokens),
+    };
+    generator::say(GENERATOR_READY)?;
+    while let Some(line) = generator::read_line(MAX_LINE_BYTES).await? {
+        let run: Run = serde_json::from_str(&line).context("a run")?;
+        let tally = load.run(run).await?;
+        generator::say(&serde_json::to_string(&tally)?)?;
+    }
+    Ok(())
 }
 
 /// Resident memory of this process now and at its high-water mark, in KiB.
@@ -143,11 +281,56 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+/// The clients' SPIFFE ID (the dev policy lets any workload of the trust domain
+/// exchange), registered for this uid so that a generator process this one starts
+/// holds it too.
+const CALLER_PATH: &str = "/bench/overload-client";
+
+async fn register_caller(dev: &Dev) -> anyhow::Result<SpiffeId> {
+    let td = dev.server.config.trust_domain.clone();
+    let uid = crate::dev::current_uid().context("this process's uid")?;
+    let id = td.spiffe_id(CALLER_PATH)?;
+    let mut entry = RegistrationEntry::new(
+        id.clone(),
+        SpiffeId::new(&dev.state.agent_id)?,
+        vec![format!("unix:uid:{uid}").parse()?],
+    );
+    entry.validate(&td)?;
+    entry.created_at = SystemClock.unix_seconds();
+    dev.server
+        .store
+        .create_entry(&entry)
+        .await
+        .context("the clients' registration entry")?;
+    dev.server.notify_change();
+    Ok(id)
+}
+
+/// The X509-SVID of `id` from the Workload API, once the agent holds it (at most
+/// [`generator::READY`]).
+async fn caller_source(workload_api: &str, id: &SpiffeId) -> anyhow::Result<X509Source> {
+    let deadline = Instant::now() + generator::READY;
+    loop {
+        match X509Source::builder()
+            .endpoint(workload_api.to_owned())
+            .spiffe_id(id.clone())
+            .build()
+            .await
+        {
+            Ok(source) => return Ok(source),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e).with_context(|| format!("the X509-SVID of {id}"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 struct Setup {
     dev: Dev,
     tts: TxnServer,
-    client: Arc<TxnClient>,
-    tokens: Arc<Vec<String>>,
+    load: Load,
+    spec: Spec,
     max_in_flight: usize,
     _source: X509Source,
 }
@@ -190,13 +373,13 @@ async fn setup(args: &Args, dir: &Path) -> anyhow::Result<Setup> {
         .await
         .context("the bench's token service")?;
 
-    let source = X509Source::builder()
-        .endpoint(dev.state.workload_api.clone())
-        .spiffe_id(tts_id.clone())
-        .build()
-        .await
-        .context("this process's X509-SVID")?;
-    let client = Arc::new(TxnClient::new(&source, &format!("https://{addr}"), tts_id)?);
+    let caller_id = register_caller(&dev).await?;
+    let source = caller_source(&dev.state.workload_api, &caller_id).await?;
+    let client = Arc::new(TxnClient::new(
+        &source,
+        &format!("https://{addr}"),
+        tts_id.clone(),
+    )?);
     let now = SystemClock.unix_seconds();
     let tokens = (0..TOKENS)
         .map(|i| {
@@ -210,109 +393,117 @@ async fn setup(args: &Args, dir: &Path) -> anyhow::Result<Setup> {
                 .context("a subject token")
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let spec = Spec {
+        workload_api: dev.state.workload_api.clone(),
+        caller_id: caller_id.to_string(),
+        tts_id: tts_id.to_string(),
+        url: format!("https://{addr}"),
+        tokens: tokens.clone(),
+    };
     Ok(Setup {
         dev,
         tts,
-        client,
-        tokens: Arc::new(tokens),
+        load: Load {
+            client,
+            tokens: Arc::new(tokens),
+        },
+        spec,
         max_in_flight,
         _source: source,
     })
 }
 
-/// `clients` clients each exchanging back to back until `ops` are done or `time` passed.
-async fn closed_loop(
-    s: &Setup,
-    clients: usize,
-    ops: u64,
-    time: Duration,
-) -> anyhow::Result<(Tally, Duration)> {
-    let started = Instant::now();
-    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut tasks = JoinSet::new();
-    for c in 0..clients {
-        let (client, tokens, done) = (s.client.clone(), s.tokens.clone(), done.clone());
-        tasks.spawn(async move {
-            let mut tally = Tally::default();
-            let mut i = c;
-            while started.elapsed() < time
-                && done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < ops
-            {
-                let token = tokens.get(i % tokens.len()).map_or("", String::as_str);
-                tally.add(exchange_once(&client, token).await?);
-                tally.sent += 1;
-                i += clients;
-            }
-            anyhow::Ok(tally)
-        });
-    }
-    let mut total = Tally::default();
-    while let Some(result) = tasks.join_next().await {
-        let tally = result??;
-        total.admitted.extend(tally.admitted);
-        total.shed.extend(tally.shed);
-        total.rate_limited += tally.rate_limited;
-        total.sent += tally.sent;
-    }
-    Ok((total, started.elapsed()))
-}
-
-/// Offers `rate` requests per second for `time` (at most `max_sends`) on at most
-/// `connections` requests outstanding.
-async fn open_loop(
-    s: &Setup,
-    rate: f64,
-    connections: usize,
-    max_sends: u64,
-    time: Duration,
-) -> anyhow::Result<(Tally, Duration)> {
-    let slots = Arc::new(Semaphore::new(connections));
-    let mut tasks = JoinSet::new();
-    let mut tally = Tally::default();
-    let mut arrivals: u64 = 0;
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let started = Instant::now();
-    loop {
-        tick.tick().await;
-        let elapsed = started.elapsed();
-        if elapsed >= time || arrivals >= max_sends {
-            break;
-        }
-        let due = ((elapsed.as_secs_f64() * rate) as u64).min(max_sends);
-        while arrivals < due {
-            arrivals += 1;
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tally.client_cap += 1;
-                continue;
-            };
-            let client = s.client.clone();
-            let tokens = s.tokens.clone();
-            let i = usize::try_from(arrivals).unwrap_or(0) % tokens.len();
-            tally.sent += 1;
+impl Load {
+    /// `clients` clients each exchanging back to back until `ops` are done or `time`
+    /// passed.
+    async fn closed_loop(&self, clients: usize, ops: u64, time: Duration) -> anyhow::Result<Tally> {
+        let started = Instant::now();
+        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut tasks = JoinSet::new();
+        for c in 0..clients {
+            let (load, done) = (self.clone(), done.clone());
             tasks.spawn(async move {
-                let token = tokens.get(i).map_or("", String::as_str);
-                let outcome = exchange_once(&client, token).await;
-                drop(slot);
-                outcome
+                let mut tally = Tally::default();
+                let mut i = c;
+                while started.elapsed() < time
+                    && done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < ops
+                {
+                    let token = load
+                        .tokens
+                        .get(i % load.tokens.len())
+                        .map_or("", String::as_str);
+                    tally.add(exchange_once(&load.client, token).await?);
+                    tally.sent += 1;
+                    i += clients;
+                }
+                anyhow::Ok(tally)
             });
         }
-        while let Some(result) = tasks.try_join_next() {
+        let mut total = Tally::default();
+        while let Some(result) = tasks.join_next().await {
+            total.merge(result??);
+        }
+        total.elapsed = started.elapsed();
+        Ok(total)
+    }
+
+    /// Offers `rate` requests per second for `time` (at most `max_sends`) on at most
+    /// `connections` requests outstanding.
+    async fn open_loop(
+        &self,
+        rate: f64,
+        connections: usize,
+        max_sends: u64,
+        time: Duration,
+    ) -> anyhow::Result<Tally> {
+        let slots = Arc::new(Semaphore::new(connections));
+        let mut tasks = JoinSet::new();
+        let mut tally = Tally::default();
+        let mut arrivals: u64 = 0;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let started = Instant::now();
+        loop {
+            tick.tick().await;
+            let elapsed = started.elapsed();
+            if elapsed >= time || arrivals >= max_sends {
+                break;
+            }
+            let due = ((elapsed.as_secs_f64() * rate) as u64).min(max_sends);
+            while arrivals < due {
+                arrivals += 1;
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tally.client_cap += 1;
+                    continue;
+                };
+                let load = self.clone();
+                let i = usize::try_from(arrivals).unwrap_or(0) % load.tokens.len().max(1);
+                tally.sent += 1;
+                tasks.spawn(async move {
+                    let token = load.tokens.get(i).map_or("", String::as_str);
+                    let outcome = exchange_once(&load.client, token).await;
+                    drop(slot);
+                    outcome
+                });
+            }
+            while let Some(result) = tasks.try_join_next() {
+                tally.add(result??);
+            }
+        }
+        while let Some(result) = tasks.join_next().await {
             tally.add(result??);
         }
+        tally.elapsed = started.elapsed();
+        Ok(tally)
     }
-    while let Some(result) = tasks.join_next().await {
-        tally.add(result??);
-    }
-    Ok((tally, started.elapsed()))
 }
 
-fn report(mode: &str, clients: usize, tally: &Tally, elapsed: Duration, cpu: Duration) -> Report {
+fn report(mode: &str, clients: usize, tally: &Tally, serving_cpu: Duration) -> Report {
     Report::new("overload", mode)
         .clients(clients)
-        .throughput(tally.admitted.len() as u64, elapsed)
+        .throughput(tally.admitted.len() as u64, tally.elapsed)
         .latency(Latency::of(tally.admitted.clone()))
-        .cpu(cpu)
+        .cpu(serving_cpu)
         .refused(tally.refused())
 }
 
@@ -322,6 +513,10 @@ fn report(mode: &str, clients: usize, tally: &Tally, elapsed: Duration, cpu: Dur
 /// A setup step that fails, or an exchange that fails with anything but a shed (503) or
 /// rate-limited (429) refusal.
 pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
+    if args.generator {
+        generator_process().await?;
+        return Ok(Vec::new());
+    }
     anyhow::ensure!(
         args.factor.is_finite() && args.factor >= 1.0 && args.factor <= 1000.0,
         "--factor must be 1 to 1000"
@@ -333,65 +528,80 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
     let dir = tempfile::tempdir()?;
     let s = setup(args, dir.path()).await?;
     let clients = args.clients.unwrap_or(s.max_in_flight).clamp(1, 10_000);
+    let mut load = if args.separate_process {
+        let mut child = Generator::spawn("overload")?;
+        child.send(&serde_json::to_string(&s.spec)?).await?;
+        let ready = child.receive(generator::READY).await?;
+        anyhow::ensure!(ready == GENERATOR_READY, "the load generator did not start");
+        Clients::Separate(Box::new(child))
+    } else {
+        Clients::Here(s.load.clone())
+    };
+    let where_ = if args.separate_process {
+        "clients in a separate process (cpu_us_per_op is the serving process's)"
+    } else {
+        "clients in this process"
+    };
 
     // Warm-up: every connection of the open loops opened, the JWKS and caches filled.
     let warm = args
         .connections
         .min(usize::try_from(budget.ops).unwrap_or(usize::MAX));
-    open_loop(
-        &s,
-        1e9,
-        args.connections,
-        warm as u64,
-        Duration::from_secs(5),
-    )
+    load.run(Run::Open {
+        rate: 1e9,
+        connections: args.connections,
+        ops: warm as u64,
+        time: SHORT_CASE,
+    })
     .await?;
-    closed_loop(&s, clients, (clients * 20) as u64, SHORT_CASE).await?;
+    load.run(Run::Closed {
+        clients,
+        ops: (clients * 20) as u64,
+        time: SHORT_CASE,
+    })
+    .await?;
 
-    let cpu = process_cpu();
-    let (peak, elapsed) = closed_loop(&s, clients, budget.ops, budget.time.min(SHORT_CASE)).await?;
-    let peak_report = report("peak", clients, &peak, elapsed, process_cpu() - cpu)
-        .note("closed loop, the bound of the open loops");
+    let (peak, cpu) = load
+        .run(Run::Closed {
+            clients,
+            ops: budget.ops,
+            time: budget.time.min(SHORT_CASE),
+        })
+        .await?;
+    let peak_report = report("peak", clients, &peak, cpu).note(format!(
+        "closed loop, the bound of the open loops; {where_}"
+    ));
     let peak_rate = peak_report.ops_per_s;
     anyhow::ensure!(peak_rate > 0.0, "no exchange completed in the closed loop");
     let bound = format!("peak closed loop, {clients} clients, same run");
 
     let rate = peak_rate * 0.5;
-    let cpu = process_cpu();
-    let (half, elapsed) = open_loop(
-        &s,
-        rate,
-        args.connections,
-        budget.ops,
-        budget.time.min(SHORT_CASE),
-    )
-    .await?;
-    let half_report = report(
-        "0.5x",
-        args.connections,
-        &half,
-        elapsed,
-        process_cpu() - cpu,
-    )
-    .bound(&bound, peak_rate)
-    .note(format!(
-        "open loop offering {rate:.0}/s (sent {:.0}/s), client cap {}",
-        half.sent as f64 / elapsed.as_secs_f64(),
-        half.client_cap
-    ));
+    let (half, cpu) = load
+        .run(Run::Open {
+            rate,
+            connections: args.connections,
+            ops: budget.ops,
+            time: budget.time.min(SHORT_CASE),
+        })
+        .await?;
+    let half_report = report("0.5x", args.connections, &half, cpu)
+        .bound(&bound, peak_rate)
+        .note(format!(
+            "open loop offering {rate:.0}/s (sent {:.0}/s), client cap {}",
+            half.sent as f64 / half.elapsed.as_secs_f64(),
+            half.client_cap
+        ));
 
     let rate = peak_rate * args.factor;
     let (rss_before, _) = memory();
-    let cpu = process_cpu();
-    let (over, elapsed) = open_loop(
-        &s,
-        rate,
-        args.connections,
-        budget.ops.saturating_mul(10),
-        budget.time,
-    )
-    .await?;
-    let cpu = process_cpu() - cpu;
+    let (over, cpu) = load
+        .run(Run::Open {
+            rate,
+            connections: args.connections,
+            ops: budget.ops.saturating_mul(10),
+            time: budget.time,
+        })
+        .await?;
     let (rss_after, hwm) = memory();
     let latency = Latency::of(over.admitted.clone());
     let verdict = if latency.p99 < P99_TARGET {
@@ -400,29 +610,31 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
         "MISSES"
     };
     let shed_latency = Latency::of(over.shed.clone());
-    let over_report = report(
-        &format!("{}x", args.factor),
-        args.connections,
-        &over,
-        elapsed,
-        cpu,
-    )
-    .bound(&bound, peak_rate)
-    .note(format!(
-        "open loop offering {rate:.0}/s (sent {:.0}/s); admitted p99 {verdict} the 20 ms target; \
-         shed 503 {} (p99 {:.2} ms), 429 {}, client cap {}; RSS {:.1} -> {:.1} MiB, high-water {:.1} MiB",
-        over.sent as f64 / elapsed.as_secs_f64(),
-        over.shed.len(),
-        shed_latency.p99.as_secs_f64() * 1e3,
-        over.rate_limited,
-        over.client_cap,
-        mib(rss_before),
-        mib(rss_after),
-        mib(hwm),
-    ));
+    let seconds = over.elapsed.as_secs_f64();
+    let over_report = report(&format!("{}x", args.factor), args.connections, &over, cpu)
+        .bound(&bound, peak_rate)
+        .note(format!(
+            "open loop offering {rate:.0}/s (sent {:.0}/s, refused {:.0}/s); admitted p99 {verdict} \
+             the 20 ms target; shed 503 {} (p99 {:.2} ms), 429 {}, client cap {}; serving \
+             process RSS {:.1} -> {:.1} MiB, high-water {:.1} MiB; clients' CPU {:.1} µs per \
+             request sent; {where_}",
+            over.sent as f64 / seconds,
+            over.refused() as f64 / seconds,
+            over.shed.len(),
+            shed_latency.p99.as_secs_f64() * 1e3,
+            over.rate_limited,
+            over.client_cap,
+            mib(rss_before),
+            mib(rss_after),
+            mib(hwm),
+            over.clients_cpu.as_secs_f64() * 1e6 / over.sent.max(1) as f64,
+        ));
+    if let Clients::Separate(child) = load {
+        child.finish().await?;
+    }
 
     // After the storm: the service still serves, and recorded each admitted exchange.
-    let (after, _) = closed_loop(&s, 1, 1, SHORT_CASE).await?;
+    let after = s.load.closed_loop(1, 1, SHORT_CASE).await?;
     anyhow::ensure!(
         after.admitted.len() == 1,
         "the service did not serve after the overload"

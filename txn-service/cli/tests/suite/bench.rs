@@ -287,3 +287,30 @@ fn overload_sheds_beyond_a_tiny_limit_and_reports_admitted_latency() {
     assert!(ten.get("refused").is_some(), "{ten}");
     assert!(ten["ratio"].as_f64().is_some(), "{ten}");
 }
+
+#[test]
+fn overload_from_a_separate_generator_process_is_shed() {
+    let output = writ(&[
+        "bench",
+        "overload",
+        "--json",
+        "--requests",
+        "60",
+        "--duration",
+        "2s",
+        "--max-in-flight",
+        "1",
+        "--max-queue",
+        "0",
+        "--connections",
+        "16",
+        "--separate-process",
+    ]);
+    let lines = report_lines(&output, "overload");
+    assert_eq!(modes(&lines), ["peak", "0.5x", "10x"]);
+    let ten = &lines[2];
+    // Sixteen requests outstanding against one slot and no queue: most are refused.
+    assert!(ten["refused"].as_u64().unwrap_or(0) > 0, "{ten}");
+    let note = ten["note"].as_str().unwrap_or_default();
+    assert!(note.contains("separate process"), "{note}");
+}
