@@ -3,8 +3,9 @@
 //!
 //! The tokens are signed here with a fresh key of the chosen algorithm (`--alg es256`
 //! or `eddsa`) and carry what the token service puts in them (`txn`, `sub`, `scope`,
-//! `req_wl`, a one-level `act`); the verifier gets the public key as a fixed JWKS, so no
-//! fetch is measured. One thread, every verification checked.
+//! `req_wl`, an `act` chain of `--chain-depth` actors, default one, and `--tctx-bytes`
+//! of transaction context, default none); the verifier gets the public key as a fixed
+//! JWKS, so no fetch is measured. One thread, every verification checked.
 //!
 //! - `uncached`: [`TxnVerifier::verify_shared`] with the verified-token cache off: the
 //!   header, the signature, the claims and their checks, every time. The bound: the raw
@@ -40,6 +41,12 @@ pub struct Args {
     /// Only this case (default: both).
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
+    /// Actors in the tokens' `act` chain (1 to the SDK's most, 16).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub chain_depth: u8,
+    /// Bytes of transaction context (`tctx`) in the tokens, to grow their size.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=24_576))]
+    pub tctx_bytes: u32,
 }
 
 /// The algorithm of the verified tokens.
@@ -78,7 +85,13 @@ const SAMPLE_EVERY: u64 = 16;
 /// Setup fails or a verification is refused.
 pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
     let signer = Signer::new(args.alg)?;
-    let token = signer.mint(&claims()?)?;
+    let token = signer.mint(&claims(args.chain_depth, args.tctx_bytes)?)?;
+    let shape = format!(
+        "token {} bytes, act chain depth {}, tctx {} bytes",
+        token.len(),
+        args.chain_depth,
+        args.tctx_bytes
+    );
     let keys = BTreeMap::from([("k1".to_owned(), signer.jwk())]);
     let verifier = |capacity| {
         Ok::<_, anyhow::Error>(
@@ -121,7 +134,8 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
                     format!("raw {alg} verify (aws-lc-rs, key parsed once), same run"),
                     bound.rate(),
                 )
-                .target(UNCACHED_TARGET),
+                .target(UNCACHED_TARGET)
+                .note(shape.clone()),
         );
     }
     if args.mode != Some(Mode::Uncached) {
@@ -137,7 +151,7 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
                 .subject_alg(alg)
                 .bound("1 µs per verification (issue 20)", CACHED_BOUND)
                 .target(1.0)
-                .note("cache hit, latency sampled 1 in 16"),
+                .note(format!("cache hit, latency sampled 1 in 16; {shape}")),
         );
     }
     Ok(reports)
@@ -150,8 +164,27 @@ async fn check(verifier: &TxnVerifier, token: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn claims() -> anyhow::Result<TxnToken> {
+/// The claims the token service puts in a token, with an `act` chain of `depth` actors
+/// (the caller, then agents it acts for) and `tctx_bytes` of transaction context.
+fn claims(depth: u8, tctx_bytes: u32) -> anyhow::Result<TxnToken> {
     let now = i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs())?;
+    let act = (0..depth)
+        .map(|i| match i {
+            0 => CALLER.to_owned(),
+            i => format!("{CALLER}/agent-{i}"),
+        })
+        .rev()
+        .fold(None, |inner: Option<Actor>, sub| {
+            let mut actor = Actor::new(sub);
+            actor.act = inner.map(Box::new);
+            Some(actor)
+        });
+    let tctx = (tctx_bytes > 0).then(|| {
+        BTreeMap::from([(
+            "pad".to_owned(),
+            serde_json::Value::String("x".repeat(tctx_bytes as usize)),
+        )])
+    });
     Ok(TxnToken {
         iss: "https://tts.bench.example.org".into(),
         iat: now,
@@ -161,9 +194,9 @@ fn claims() -> anyhow::Result<TxnToken> {
         sub: "alice".into(),
         scope: "read write".into(),
         req_wl: CALLER.into(),
-        tctx: None,
+        tctx,
         rctx: None,
-        act: Some(Actor::new(CALLER)),
+        act,
     })
 }
 

@@ -227,6 +227,21 @@ fn verify_issue_and_handshake_report_their_cases_against_their_bounds() {
     assert!(lines.iter().all(|l| l["target_ratio"].as_f64().is_some()));
     let lines = report_lines(&run(&["verify", "--alg", "eddsa"]), "verify");
     assert_eq!(modes(&lines), ["uncached EdDSA", "cached EdDSA"]);
+    // The deepest chain the SDK accepts, and a larger token: still verified (the bench
+    // checks every verification), and the note says the token's shape.
+    let args = ["verify", "--chain-depth", "16", "--tctx-bytes", "4096"];
+    let lines = report_lines(&run(&args), "verify");
+    let note = lines[0]["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("act chain depth 16, tctx 4096 bytes"),
+        "{note}"
+    );
+    let bytes: usize = note
+        .strip_prefix("token ")
+        .and_then(|n| n.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(bytes > 4096 * 4 / 3, "{note}");
 
     let lines = report_lines(&run(&["issue"]), "issue");
     assert_eq!(modes(&lines), ["x509", "jwt ES256"]);
