@@ -106,6 +106,8 @@ pub(super) struct LeafTemplate {
     issuer: Vec<u8>,
     /// The complete authorityKeyIdentifier extension.
     authority_key_id: Vec<u8>,
+    /// Encoded once, the parts every leaf has alike (see [`Fixed`]).
+    fixed: Fixed,
     /// The authority's key, parsed once.
     signer: EcdsaKeyPair,
 }
@@ -142,6 +144,7 @@ impl LeafTemplate {
         Ok(Self {
             issuer: ca.subject().as_raw().to_vec(),
             authority_key_id,
+            fixed: Fixed::new(),
             signer,
         })
     }
@@ -168,16 +171,16 @@ impl LeafTemplate {
         let not_after = Time::from_unix(leaf.not_after)?;
         let mut tbs = Vec::with_capacity(512);
         tlv(&mut tbs, tag::SEQUENCE, |t| {
-            tlv(t, tag::EXPLICIT_0, |t| bytes(t, tag::INTEGER, &[2]));
+            t.extend_from_slice(&self.fixed.version);
             bytes(t, tag::INTEGER, &leaf.serial);
-            signature_algorithm(t);
+            t.extend_from_slice(&self.fixed.signature_algorithm);
             t.extend_from_slice(&self.issuer);
             tlv(t, tag::SEQUENCE, |t| {
                 not_before.write(t);
                 not_after.write(t);
             });
             tlv(t, tag::SEQUENCE, |t| {
-                attribute(t, oid::ORGANIZATION, "Writ");
+                t.extend_from_slice(&self.fixed.organization);
                 if let Some(ou) = leaf.organizational_unit {
                     attribute(t, oid::ORGANIZATIONAL_UNIT, ou);
                 }
@@ -197,7 +200,7 @@ impl LeafTemplate {
         let mut cert = Vec::with_capacity(tbs.len() + 96);
         tlv(&mut cert, tag::SEQUENCE, |c| {
             c.extend_from_slice(&tbs);
-            signature_algorithm(c);
+            c.extend_from_slice(&self.fixed.signature_algorithm);
             tlv(c, tag::BIT_STRING, |c| {
                 c.push(0);
                 c.extend_from_slice(signature.as_ref());
@@ -221,25 +224,71 @@ impl LeafTemplate {
                 }
             });
         });
-        // digitalSignature only: bit 0, seven unused bits.
-        extension(out, oid::KEY_USAGE, true, |v| {
-            bytes(v, tag::BIT_STRING, &[0x07, 0x80]);
-        });
-        extension(out, oid::EXT_KEY_USAGE, false, |v| {
-            tlv(v, tag::SEQUENCE, |v| {
-                bytes(v, tag::OID, oid::SERVER_AUTH);
-                bytes(v, tag::OID, oid::CLIENT_AUTH);
-            });
-        });
+        out.extend_from_slice(&self.fixed.usages);
         extension(out, oid::SUBJECT_KEY_ID, false, |v| {
             bytes(v, tag::OCTET_STRING, &key_identifier(leaf.spki));
         });
-        // cA defaults to false, so the sequence is empty.
-        extension(out, oid::BASIC_CONSTRAINTS, true, |v| {
-            bytes(v, tag::SEQUENCE, &[]);
-        });
+        out.extend_from_slice(&self.fixed.basic_constraints);
     }
 }
+
+/// The DER of what every leaf has alike, encoded once per template.
+struct Fixed {
+    /// `[0] { INTEGER 2 }`: version 3.
+    version: Vec<u8>,
+    /// ecdsa-with-SHA256, as the TBS and the certificate name it.
+    signature_algorithm: Vec<u8>,
+    /// The subject's first RDN, `O=Writ`.
+    organization: Vec<u8>,
+    /// keyUsage (critical) and extKeyUsage.
+    usages: Vec<u8>,
+    /// basicConstraints (critical).
+    basic_constraints: Vec<u8>,
+}
+
+impl Fixed {
+    fn new() -> Self {
+        let encoded = |write: &dyn Fn(&mut Vec<u8>)| {
+            let mut out = Vec::new();
+            write(&mut out);
+            out
+        };
+        Self {
+            version: encoded(&|t| tlv(t, tag::EXPLICIT_0, |t| bytes(t, tag::INTEGER, &[2]))),
+            signature_algorithm: encoded(&|t| {
+                tlv(t, tag::SEQUENCE, |a| {
+                    bytes(a, tag::OID, oid::ECDSA_WITH_SHA256)
+                });
+            }),
+            organization: encoded(&|t| attribute(t, oid::ORGANIZATION, "Writ")),
+            usages: encoded(&|out| {
+                // digitalSignature only: bit 0, seven unused bits.
+                extension(out, oid::KEY_USAGE, true, |v| {
+                    bytes(v, tag::BIT_STRING, &[0x07, 0x80]);
+                });
+                extension(out, oid::EXT_KEY_USAGE, false, |v| {
+                    tlv(v, tag::SEQUENCE, |v| {
+                        bytes(v, tag::OID, oid::SERVER_AUTH);
+                        bytes(v, tag::OID, oid::CLIENT_AUTH);
+                    });
+                });
+            }),
+            // cA defaults to false, so the sequence is empty.
+            basic_constraints: encoded(&|out| {
+                extension(out, oid::BASIC_CONSTRAINTS, true, |v| {
+                    bytes(v, tag::SEQUENCE, &[]);
+                });
+            }),
+        }
+    }
+}
+
+/// The DER header of an EC P-256 SubjectPublicKeyInfo (RFC 5480: id-ecPublicKey,
+/// prime256v1, a BIT STRING of 66 bytes: no unused bits, then a 65-byte point).
+const P256_SPKI_HEADER: [u8; 26] = [
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
 
 /// The DER SubjectPublicKeyInfo `der`, checked: one whole structure (no trailing
 /// bytes) of a key type a workload may hold (EC P-256, P-384 or P-521, Ed25519, RSA).
@@ -252,6 +301,11 @@ pub(super) fn subject_public_key(der: &[u8]) -> Result<&[u8], CaError> {
         OID_PKCS1_RSAENCRYPTION, OID_SIG_ED25519,
     };
     use x509_parser::prelude::FromDer as _;
+    // What agents send nearly always: an uncompressed P-256 key, whose encoding is
+    // fixed but for the point, so its header and length say all a parse would.
+    if der.len() == P256_SPKI_HEADER.len() + 65 && der.starts_with(&P256_SPKI_HEADER) {
+        return Ok(der);
+    }
     let bad = |what: &str| CaError::InvalidRequest(format!("public key: {what}"));
     let (rest, spki) =
         x509_parser::x509::SubjectPublicKeyInfo::from_der(der).map_err(|e| bad(&e.to_string()))?;
@@ -281,12 +335,6 @@ fn key_identifier(spki: &[u8]) -> [u8; 20] {
     id
 }
 
-fn signature_algorithm(out: &mut Vec<u8>) {
-    tlv(out, tag::SEQUENCE, |a| {
-        bytes(a, tag::OID, oid::ECDSA_WITH_SHA256)
-    });
-}
-
 /// One relative distinguished name of one UTF8String attribute.
 fn attribute(out: &mut Vec<u8>, oid: &[u8], value: &str) {
     tlv(out, tag::SET, |s| {
@@ -314,22 +362,28 @@ fn bytes(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
 }
 
 /// A TLV whose content `body` writes; the tag and length go in front once the length
-/// is known (a few hundred bytes moved, once per TLV).
+/// is known (the content moved once, by a few bytes; nothing allocated).
 fn tlv(out: &mut Vec<u8>, tag: u8, body: impl FnOnce(&mut Vec<u8>)) {
     let start = out.len();
     body(out);
     let len = out.len() - start;
-    let long_form = len >= 0x80;
+    // Short form: [tag, len]; long form: [tag, 0x80 | n, n length octets].
     let octets = len.to_be_bytes();
-    let significant = octets.iter().copied().skip_while(|b| *b == 0);
-    // Short form: the length itself (< 0x80); long form: 0x80 | how many octets follow.
-    let first = if long_form {
-        0x80 | significant.clone().count() as u8
+    let n = octets.iter().take_while(|b| **b == 0).count();
+    let long = octets.len() - n;
+    let (first, rest) = if len < 0x80 {
+        (len as u8, 0)
     } else {
-        len as u8
+        (0x80 | long as u8, long)
     };
-    let long = significant.filter(|_| long_form);
-    out.splice(start..start, [tag, first].into_iter().chain(long));
+    let mut header = [0u8; 2 + size_of::<usize>()];
+    header
+        .iter_mut()
+        .zip([tag, first].into_iter().chain(octets.into_iter().skip(n)))
+        .for_each(|(h, b)| *h = b);
+    let used = 2 + rest;
+    // An exact-size iterator: the splice moves the content once and allocates nothing.
+    out.splice(start..start, header.into_iter().take(used));
 }
 
 /// A certificate time: UTCTime through 2049, GeneralizedTime from 2050 (RFC 5280
@@ -509,7 +563,35 @@ mod tests {
     #[test]
     fn garbage_public_keys_are_refused() {
         let spki = workload_spki();
+        assert!(
+            spki.starts_with(&P256_SPKI_HEADER),
+            "the fast path's header"
+        );
         assert!(subject_public_key(&spki).is_ok());
+        // Other key types take the parse.
+        let p384 = {
+            use aws_lc_rs::signature::{ECDSA_P384_SHA384_ASN1_SIGNING, KeyPair as _};
+            let doc =
+                EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_ASN1_SIGNING, &SystemRandom::new())
+                    .unwrap();
+            let pair =
+                EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_ASN1_SIGNING, doc.as_ref()).unwrap();
+            let point = pair.public_key().as_ref().to_vec();
+            // SEQUENCE { SEQUENCE { id-ecPublicKey, secp384r1 }, BIT STRING point }
+            let mut spki = Vec::new();
+            tlv(&mut spki, tag::SEQUENCE, |s| {
+                tlv(s, tag::SEQUENCE, |a| {
+                    bytes(a, tag::OID, &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01]);
+                    bytes(a, tag::OID, &[0x2b, 0x81, 0x04, 0x00, 0x22]);
+                });
+                tlv(s, tag::BIT_STRING, |b| {
+                    b.push(0);
+                    b.extend_from_slice(&point);
+                });
+            });
+            spki
+        };
+        assert!(subject_public_key(&p384).is_ok());
         let mut trailing = spki.clone();
         trailing.push(0);
         let unknown_curve = {
