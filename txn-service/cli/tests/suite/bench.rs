@@ -279,9 +279,10 @@ fn exchange_with_eddsa_txn_tokens() {
     assert_eq!(modes(&lines), ["fresh EdDSA"]);
 }
 
-#[test]
-fn overload_sheds_beyond_a_tiny_limit_and_reports_admitted_latency() {
-    let output = writ(&[
+/// `writ bench overload` against a tiny limit (one slot, no queue, 16 connections) with
+/// `extra` arguments; its `10x` report.
+fn overload_with_a_tiny_limit(extra: &[&str]) -> Value {
+    let mut args = vec![
         "bench",
         "overload",
         "--json",
@@ -295,35 +296,24 @@ fn overload_sheds_beyond_a_tiny_limit_and_reports_admitted_latency() {
         "0",
         "--connections",
         "16",
-    ]);
-    let lines = report_lines(&output, "overload");
+    ];
+    args.extend_from_slice(extra);
+    let lines = report_lines(&writ(&args), "overload");
     assert_eq!(modes(&lines), ["peak", "0.5x", "10x"]);
-    let ten = &lines[2];
-    assert!(ten.get("refused").is_some(), "{ten}");
+    let ten = lines[2].clone();
     assert!(ten["ratio"].as_f64().is_some(), "{ten}");
+    ten
+}
+
+#[test]
+fn overload_sheds_beyond_a_tiny_limit_and_reports_admitted_latency() {
+    let ten = overload_with_a_tiny_limit(&[]);
+    assert!(ten.get("refused").is_some(), "{ten}");
 }
 
 #[test]
 fn overload_from_a_separate_generator_process_is_shed() {
-    let output = writ(&[
-        "bench",
-        "overload",
-        "--json",
-        "--requests",
-        "60",
-        "--duration",
-        "2s",
-        "--max-in-flight",
-        "1",
-        "--max-queue",
-        "0",
-        "--connections",
-        "16",
-        "--separate-process",
-    ]);
-    let lines = report_lines(&output, "overload");
-    assert_eq!(modes(&lines), ["peak", "0.5x", "10x"]);
-    let ten = &lines[2];
+    let ten = overload_with_a_tiny_limit(&["--separate-process"]);
     // Sixteen requests outstanding against one slot and no queue: most are refused.
     assert!(ten["refused"].as_u64().unwrap_or(0) > 0, "{ten}");
     let note = ten["note"].as_str().unwrap_or_default();
