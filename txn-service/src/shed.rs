@@ -418,19 +418,23 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_full_queue_sheds_at_once_and_a_freed_slot_admits_the_waiter() {
-        let shed = Shedder::new(
+    /// A shedder of one slot and a queue of one, waiting at most `queue_timeout`.
+    fn one_slot_one_queued(queue_timeout: Duration) -> Arc<Shedder> {
+        Shedder::new(
             OverloadLimits {
                 max_in_flight: 1,
                 max_queue: 1,
-                queue_timeout: MAX_QUEUE_TIMEOUT,
+                queue_timeout,
             },
             None,
             None,
             Arc::new(writ_identity::clock::SystemClock),
-        );
-        let held = shed.try_admit().unwrap();
+        )
+    }
+
+    /// A task waiting in `shed`'s queue (returned once it is queued); it ends admitted
+    /// or not.
+    async fn queue_one(shed: &Arc<Shedder>) -> tokio::task::JoinHandle<bool> {
         let waiter = {
             let shed = shed.clone();
             tokio::spawn(async move { shed.admit().await.is_some() })
@@ -438,6 +442,14 @@ mod tests {
         while shed.queued() == 0 {
             tokio::task::yield_now().await;
         }
+        waiter
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_sheds_at_once_and_a_freed_slot_admits_the_waiter() {
+        let shed = one_slot_one_queued(MAX_QUEUE_TIMEOUT);
+        let held = shed.try_admit().unwrap();
+        let waiter = queue_one(&shed).await;
         assert!(shed.admit().await.is_none(), "the queue is full");
         drop(held);
         assert!(waiter.await.unwrap(), "the waiter got the freed slot");
@@ -447,25 +459,9 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_slot_granted_after_the_queue_budget_is_given_back() {
-        let limits = OverloadLimits {
-            max_in_flight: 1,
-            max_queue: 1,
-            queue_timeout: Duration::from_millis(5),
-        };
-        let shed = Shedder::new(
-            limits,
-            None,
-            None,
-            Arc::new(writ_identity::clock::SystemClock),
-        );
+        let shed = one_slot_one_queued(Duration::from_millis(5));
         let held = shed.try_admit().unwrap();
-        let waiter = {
-            let shed = shed.clone();
-            tokio::spawn(async move { shed.admit().await.is_some() })
-        };
-        while shed.queued() == 0 {
-            tokio::task::yield_now().await;
-        }
+        let waiter = queue_one(&shed).await;
         // The slot frees, but the waiter runs only after its budget has passed: this
         // thread is the runtime's only one, and blocking it makes the runtime late.
         drop(held);

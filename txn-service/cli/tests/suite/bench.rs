@@ -16,8 +16,8 @@ fn writ(args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// The JSON lines of a successful run, each checked for the required fields.
-fn json_lines(output: &Output, required: &[&str]) -> Vec<Value> {
+/// The stdout lines of a run that succeeded, each parsed as JSON.
+fn parsed_lines(output: &Output) -> Vec<Value> {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -25,10 +25,15 @@ fn json_lines(output: &Output, required: &[&str]) -> Vec<Value> {
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
-    let lines: Vec<Value> = stdout
+    stdout
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
+        .collect()
+}
+
+/// The JSON lines of a successful run, each checked for the required fields.
+fn json_lines(output: &Output, required: &[&str]) -> Vec<Value> {
+    let lines = parsed_lines(output);
     assert!(!lines.is_empty(), "no report line");
     for line in &lines {
         for key in required {
@@ -179,17 +184,7 @@ fn garbage_arguments_are_refused_clearly() {
 /// The lines of a run, each with `bench`, `mode`, a throughput and its latencies;
 /// `bound_ops_per_s` and `ratio` where the mode holds the case to a bound.
 fn report_lines(output: &Output, bench: &str) -> Vec<Value> {
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "status {}\nstdout:\n{stdout}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let lines: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
+    let lines = parsed_lines(output);
     for line in &lines {
         assert_eq!(line["bench"], bench, "{line}");
         assert!(line["ops_per_s"].as_f64().unwrap() > 0.0, "{line}");
