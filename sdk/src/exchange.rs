@@ -158,8 +158,9 @@ struct ErrorBody {
 pub struct TxnClient {
     http: reqwest::Client,
     base_url: String,
-    /// `<base_url>/token`, built once.
-    token_url: String,
+    /// `<base_url>/token`, parsed once (a URL that does not parse is kept as text: the
+    /// exchange then reports reqwest's error for it).
+    token_url: Result<reqwest::Url, String>,
     audience: String,
 }
 
@@ -170,9 +171,19 @@ pub struct TxnClient {
 pub struct TxnClientBuilder<'a> {
     source: &'a X509Source,
     base_url: String,
+    http2: bool,
 }
 
 impl<'a> TxnClientBuilder<'a> {
+    /// Offers HTTP/2 (ALPN `h2`): every exchange of this client and its clones shares
+    /// one connection as concurrent streams, instead of one keep-alive HTTP/1.1
+    /// connection per exchange in flight. `writ bench exchange --http2` measures both.
+    #[must_use]
+    pub fn http2(mut self) -> Self {
+        self.http2 = true;
+        self
+    }
+
     /// A client that accepts only a server whose X509-SVID has `tts_id`.
     ///
     /// # Errors
@@ -187,11 +198,18 @@ impl<'a> TxnClientBuilder<'a> {
     }
 
     fn build(self, server: Authorizer) -> Result<TxnClient, ExchangeError> {
-        let http = tls::http_client(self.source, server)?;
+        let http = if self.http2 {
+            tls::http2_client(self.source, server)?
+        } else {
+            tls::http_client(self.source, server)?
+        };
         let base_url = self.base_url.trim_end_matches('/').to_owned();
         Ok(TxnClient {
             http,
-            token_url: format!("{base_url}/token"),
+            token_url: {
+                let url = format!("{base_url}/token");
+                reqwest::Url::parse(&url).map_err(|_| url)
+            },
             base_url,
             audience: self.source.spiffe_id().trust_domain().to_string(),
         })
@@ -265,6 +283,7 @@ impl TxnClient {
         TxnClientBuilder {
             source,
             base_url: base_url.to_owned(),
+            http2: false,
         }
     }
 
@@ -343,10 +362,11 @@ impl TxnClient {
             }
             form.finish()
         };
-        let mut post = self
-            .http
-            .post(self.token_url.as_str())
-            .header("content-type", "application/x-www-form-urlencoded");
+        let post = match &self.token_url {
+            Ok(url) => self.http.post(url.clone()),
+            Err(text) => self.http.post(text.as_str()),
+        };
+        let mut post = post.header("content-type", "application/x-www-form-urlencoded");
         // Without an explicit context, the current OpenTelemetry span's (feature `otel`).
         #[cfg(feature = "otel")]
         let trace = request.trace.or_else(TraceContext::current);

@@ -130,23 +130,41 @@ impl AuditRow {
 }
 
 /// `SHA-256(prev_hash || canonical row)`, lowercase hex.
+///
+/// The canonical row is the compact JSON array `[seq, at_ms, kind, decision, txn, sub,
+/// caller, service, lease, record]`, written straight from the fields.
 pub fn row_hash(seq: u64, prev_hash: &str, event: &AuditEvent) -> String {
-    let canonical = serde_json::json!([
+    let canonical = (
         seq,
         event.at_ms,
-        event.kind,
-        event.decision,
-        event.txn,
-        event.sub,
-        event.caller,
-        event.service,
-        event.lease,
-        event.record,
-    ]);
+        &event.kind,
+        &event.decision,
+        &event.txn,
+        &event.sub,
+        &event.caller,
+        &event.service,
+        &event.lease,
+        &event.record,
+    );
     let mut hasher = Sha256::new();
     hasher.update(prev_hash.as_bytes());
-    hasher.update(canonical.to_string().as_bytes());
+    // Writing JSON into a hasher cannot fail: the fields are plain strings and numbers.
+    let _ = serde_json::to_writer(HashWriter(&mut hasher), &canonical);
     hex::encode(hasher.finalize())
+}
+
+/// Feeds what is written to a SHA-256.
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The chain's anchor: its head and the last row retention removed. Zero and empty
@@ -546,6 +564,43 @@ mod tests {
         anchor.pruned_seq = 6;
         anchor.pruned_hash = rows[5].hash.clone();
         assert!(verify(&[], &anchor).is_ok());
+    }
+
+    /// The canonical form is fixed: rows hashed by earlier builds (a `serde_json::Value`
+    /// array) still verify.
+    #[test]
+    fn row_hash_is_sha256_of_prev_and_the_json_array() {
+        let event = AuditEvent {
+            at_ms: 1_700_000_000_000,
+            kind: "grant".into(),
+            decision: "allow".into(),
+            txn: "t-1".into(),
+            sub: "alice \"quoted\" é".into(),
+            caller: "spiffe://example.org/gw".into(),
+            service: String::new(),
+            lease: String::new(),
+            record: r#"{"decision":"granted","n":1}"#.into(),
+        };
+        let canonical = serde_json::json!([
+            7,
+            event.at_ms,
+            event.kind,
+            event.decision,
+            event.txn,
+            event.sub,
+            event.caller,
+            event.service,
+            event.lease,
+            event.record,
+        ])
+        .to_string();
+        let mut hasher = Sha256::new();
+        hasher.update(GENESIS_HASH.as_bytes());
+        hasher.update(canonical.as_bytes());
+        assert_eq!(
+            row_hash(7, GENESIS_HASH, &event),
+            hex::encode(hasher.finalize())
+        );
     }
 
     #[test]

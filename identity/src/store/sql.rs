@@ -128,23 +128,23 @@ macro_rules! sql_store {
             };
             for event in events {
                 seq += 1;
-                let row = a::AuditRow::chain(seq, &prev, event.clone());
+                let hash = a::row_hash(seq, &prev, event);
                 sqlx::query(a::INSERT_ROW)
                     .bind(schema::to_i64(seq, "seq")?)
-                    .bind(row.event.at_ms)
-                    .bind(row.event.kind.as_str())
-                    .bind(row.event.decision.as_str())
-                    .bind(row.event.txn.as_str())
-                    .bind(row.event.sub.as_str())
-                    .bind(row.event.caller.as_str())
-                    .bind(row.event.service.as_str())
-                    .bind(row.event.lease.as_str())
-                    .bind(row.event.record.as_str())
-                    .bind(row.prev_hash.as_str())
-                    .bind(row.hash.as_str())
+                    .bind(event.at_ms)
+                    .bind(event.kind.as_str())
+                    .bind(event.decision.as_str())
+                    .bind(event.txn.as_str())
+                    .bind(event.sub.as_str())
+                    .bind(event.caller.as_str())
+                    .bind(event.service.as_str())
+                    .bind(event.lease.as_str())
+                    .bind(event.record.as_str())
+                    .bind(prev.as_str())
+                    .bind(hash.as_str())
                     .execute(&mut *conn)
                     .await?;
-                prev = row.hash;
+                prev = hash;
             }
             if !events.is_empty() {
                 sqlx::query(a::SET_HEAD)

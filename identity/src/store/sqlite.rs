@@ -131,9 +131,12 @@ impl SqliteStore {
     /// [`StoreError::SchemaTooOld`] if its writer has not migrated it to this build's
     /// schema; [`StoreError::SchemaTooNew`].
     pub async fn open_shared(path: &Path) -> Result<Self, StoreError> {
+        // Commits as the server's own connections do (WAL, `synchronous = NORMAL`), not
+        // SQLite's default `FULL`, which syncs the log on every commit.
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(false)
+            .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT)
             .statement_cache_capacity(STATEMENT_CACHE);
@@ -392,6 +395,32 @@ mod tests {
             5,
             "entry 3 rolled back"
         );
+    }
+
+    /// A token service sharing the server's file commits as the server does (WAL,
+    /// `synchronous = NORMAL`): SQLite's default `FULL` syncs the log on every commit,
+    /// which cost the durable audit trail a third of its throughput.
+    #[tokio::test]
+    async fn a_shared_store_commits_with_the_servers_durability() {
+        use sqlx::Row;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let owner = SqliteStore::open(&path).await.unwrap();
+        let shared = SqliteStore::open_shared(&path).await.unwrap();
+        for store in [&owner, &shared] {
+            let mut tx = store.begin_write().await.unwrap();
+            let synchronous = sqlx::query("PRAGMA synchronous")
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+            assert_eq!(synchronous.get::<i64, _>(0), 1, "synchronous = NORMAL");
+            let mode = sqlx::query("PRAGMA journal_mode")
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+            assert_eq!(mode.get::<String, _>(0), "wal");
+            tx.rollback().await.unwrap();
+        }
     }
 
     /// Beyond `MAX_IN_FORCE` revocations in force, another is refused; once some lapse

@@ -267,6 +267,53 @@ async fn the_exchange_client_accepts_only_the_token_service_it_names() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exchange_client_multiplexes_over_http2_when_asked() {
+    use writ_sdk::tls::{Authorizer, http_client, http2_client};
+    let tts = Tts::start(None, Arc::new(SystemClock)).await;
+    let gateway = tts.source(GATEWAY).await;
+    let jwks = format!("{}/.well-known/jwks.json", tts.url);
+
+    // The service takes both; each client gets what its ALPN offers.
+    for (client, version) in [
+        (
+            http_client(&gateway, Authorizer::id(id(TTS))),
+            reqwest::Version::HTTP_11,
+        ),
+        (
+            http2_client(&gateway, Authorizer::id(id(TTS))),
+            reqwest::Version::HTTP_2,
+        ),
+    ] {
+        let response = client.unwrap().get(&jwks).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.version(), version);
+    }
+
+    // Concurrent exchanges of one HTTP/2 client (streams of one connection) each get
+    // the answer to their own request: the replacement keeps its subject's `txn`.
+    let client = TxnClient::builder(&gateway, &tts.url)
+        .http2()
+        .tts_id(id(TTS))
+        .unwrap();
+    let exchanges = (0..8).map(|_| {
+        let (claims, token) = tts.initial_token(now());
+        let client = client.clone();
+        async move {
+            let issued = client.exchange(TxnRequest::txn_token(token)).await;
+            (claims.txn, issued)
+        }
+    });
+    let verifier = verifier_from(&tts.jwks(&gateway).await);
+    for (txn, issued) in futures::future::join_all(exchanges).await {
+        let token = issued.unwrap().access_token;
+        assert_eq!(
+            verifier.verify_at(&token, SystemTime::now()).unwrap().txn,
+            txn
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oidc_access_token_becomes_a_txn_token_that_josekit_and_pyjwt_verify() {
     let Some(provider) = writ_tests::oidc_provider::Provider::start() else {
         return;

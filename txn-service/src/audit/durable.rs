@@ -221,7 +221,10 @@ async fn write_batches(store: SharedStore, mut rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let events: Vec<AuditEvent> = jobs.iter().flat_map(|j| j.events.clone()).collect();
+        let events: Vec<AuditEvent> = jobs
+            .iter_mut()
+            .flat_map(|j| std::mem::take(&mut j.events))
+            .collect();
         let mut result = Ok(0);
         // The store takes at most `MAX_APPEND` events per transaction.
         for chunk in events.chunks(writ_identity::store::audit::MAX_APPEND) {

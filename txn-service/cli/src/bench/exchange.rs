@@ -20,7 +20,8 @@
 //! - `fresh`: every exchange presents a distinct subject token, minted before the timed
 //!   run (the provider's signing is never measured); every lookup of the subject token
 //!   cache misses. Closed loop: `--clients` clients (each one `TxnClient`, one keep-alive
-//!   mTLS connection) send back to back.
+//!   mTLS connection) send back to back. With `--http2` the clients share one HTTP/2
+//!   connection instead, each exchange a stream (the report's `protocol` says which).
 //! - `repeated`: the same subject token every time: every lookup hits the cache, so the
 //!   only crypto left is the Txn-Token signature (the bound is sign only).
 //! - `half-peak`: open loop at half the `fresh` throughput just measured, fresh tokens;
@@ -30,7 +31,10 @@
 //! Every response is checked (`issued_token_type`, `token_type`, `expires_in`); a failed
 //! exchange aborts the bench. The first token of each client in each case is verified
 //! against the service's keys (issuer, requesting workload, narrowed scope). At the end
-//! the audit log must hold one `granted` line per exchange made.
+//! the audit log must hold one `granted` line per exchange made. `--durable-audit` adds
+//! an identity store (SQLite, in the temporary directory) and `[audit] durable = true`:
+//! every decision is also a row of its hash-chained audit table, each grant waiting for
+//! its batch's commit, and at the end the chain must hold one row per exchange.
 //!
 //! `--separate-process` runs the clients in a second `writ` process (this executable,
 //! `writ bench exchange --generator`, fed a JSON spec on standard input) that gets the
@@ -160,6 +164,15 @@ pub struct Args {
     /// Run the clients in a second process, so the server's CPU is measured alone.
     #[arg(long)]
     pub separate_process: bool,
+    /// Send over HTTP/2: the clients share one connection as concurrent streams
+    /// (default: HTTP/1.1, one keep-alive connection per client).
+    #[arg(long)]
+    pub http2: bool,
+    /// Also write every decision to the durable, hash-chained audit table of an
+    /// identity store (SQLite in the temporary directory), each grant waiting for its
+    /// batch's commit, as a service with `[identity_store]` does by default.
+    #[arg(long)]
+    pub durable_audit: bool,
     /// Signature algorithm of the Txn-Tokens the service mints.
     #[arg(long, value_enum, default_value_t = TxnAlg::Es256)]
     pub txn_alg: TxnAlg,
@@ -197,6 +210,15 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
         .tempdir()
         .context("temporary directory")?;
     let audit = dir.path().join("audit.log");
+    let store = args
+        .durable_audit
+        .then(|| dir.path().join("identity.sqlite3"));
+    if let Some(path) = &store {
+        // The identity server creates the store; the token service only opens it.
+        writ_identity::store::sqlite::SqliteStore::open(path)
+            .await
+            .context("the identity store")?;
+    }
     let toml = txn_toml(
         &stack.endpoint(),
         &tts_id,
@@ -204,6 +226,7 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
         provider.issuer(),
         clients,
         args.txn_alg.signing_algorithm(),
+        store.as_deref(),
     );
     let config = TxnConfig::from_toml(&toml, dir.path()).context("the bench's txn.toml")?;
     let server = TxnServer::start(config)
@@ -231,6 +254,7 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
                 clients,
                 budget,
                 separate: args.separate_process,
+                http2: args.http2,
             };
             let (report, done, rate) = match mode {
                 Mode::Fresh => case.closed_loop(true, &bound).await?,
@@ -272,6 +296,22 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
             log.lines().count()
         );
     }
+    // And, with `--durable-audit`, one row of the hash-chained table.
+    if let Some(path) = &store {
+        use writ_identity::store::Store as _;
+        let store = writ_identity::store::sqlite::SqliteStore::open_read_only(path)
+            .await
+            .context("the identity store")?;
+        let head = store
+            .audit_anchor()
+            .await
+            .context("the audit chain")?
+            .head_seq;
+        anyhow::ensure!(
+            head == exchanges as u64,
+            "the durable audit table holds {head} rows for {exchanges} exchanges"
+        );
+    }
     drop(stack);
     Ok(reports)
 }
@@ -291,8 +331,15 @@ fn txn_toml(
     issuer: &str,
     clients: usize,
     signing: SigningAlgorithm,
+    durable_audit: Option<&std::path::Path>,
 ) -> String {
     let gateway = format!("spiffe://{TRUST_DOMAIN}{GATEWAY_PATH}");
+    let durable = durable_audit.map_or_else(String::new, |path| {
+        format!(
+            "\n[identity_store]\nbackend = \"sqlite\"\nconnection = {:?}\n\n[audit]\ndurable = true\n",
+            path.display().to_string()
+        )
+    });
     format!(
         r#"
 listen = "127.0.0.1:0"
@@ -322,7 +369,7 @@ algorithms = ["RS256", "ES256", "EdDSA"]
 id = "{gateway}"
 subject_token_types = ["access_token"]
 max_scope = ["orders.read", "orders.write"]
-"#,
+{durable}"#,
         audit = audit.display().to_string(),
         per_ip = clients * 2 + 16,
         queue = clients * 2,
@@ -469,6 +516,7 @@ struct Case<'a> {
     clients: usize,
     budget: Budget,
     separate: bool,
+    http2: bool,
 }
 
 /// What one load generator run did.
@@ -505,6 +553,9 @@ struct Spec {
     max_ms: u64,
     /// Open loop at this rate (exchanges per second); closed loop when absent.
     rate: Option<f64>,
+    /// One HTTP/2 connection shared by the clients, instead of one HTTP/1.1 connection
+    /// each.
+    http2: bool,
 }
 
 impl Case<'_> {
@@ -600,6 +651,7 @@ impl Case<'_> {
             n,
             max_ms: u64::try_from(self.budget.time.as_millis()).unwrap_or(u64::MAX),
             rate,
+            http2: self.http2,
         }
     }
 
@@ -643,6 +695,7 @@ impl Case<'_> {
         let ops = samples.len() as u64;
         let report = Report::new("exchange", mode.name())
             .subject_alg(self.alg.jose())
+            .protocol(if self.http2 { "h2" } else { "http/1.1" })
             .clients(self.clients)
             .throughput(ops, Duration::from_nanos(outcome.wall_ns))
             .latency(Latency::of(samples));
@@ -712,9 +765,17 @@ where
         .await
         .context("the gateway's X509-SVID from the Workload API")?;
     let tts_id = SpiffeId::new(&spec.tts_id)?;
-    let clients = (0..spec.clients)
-        .map(|_| TxnClient::new(&source, &spec.url, tts_id.clone()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let clients = if spec.http2 {
+        // Clones share the one client's connection.
+        let one = TxnClient::builder(&source, &spec.url)
+            .http2()
+            .tts_id(tts_id)?;
+        vec![one; spec.clients]
+    } else {
+        (0..spec.clients)
+            .map(|_| TxnClient::new(&source, &spec.url, tts_id.clone()))
+            .collect::<Result<Vec<_>, _>>()?
+    };
 
     // Warm-up: every client opens its connection (mTLS handshake) and exchanges a few.
     let warm = Arc::new(spec.warm.clone());

@@ -47,6 +47,9 @@ pub struct Report {
     /// Signature algorithm of the subject tokens (exchange) or of the verified tokens.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subject_alg: Option<String>,
+    /// HTTP version of the requests, where the bench speaks HTTP: `http/1.1` or `h2`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<&'static str>,
     /// Concurrent clients (1 for single-threaded measurements).
     pub clients: usize,
     /// Operations measured (warm-up excluded).
@@ -101,6 +104,13 @@ impl Report {
     #[must_use]
     pub fn subject_alg(mut self, alg: impl Into<String>) -> Self {
         self.subject_alg = Some(alg.into());
+        self
+    }
+
+    /// Sets the HTTP version the requests used.
+    #[must_use]
+    pub fn protocol(mut self, protocol: &'static str) -> Self {
+        self.protocol = Some(protocol);
         self
     }
 
@@ -204,6 +214,9 @@ impl Report {
         );
         if self.clients != 1 {
             line.push_str(&format!("  {} clients", self.clients));
+        }
+        if let Some(protocol) = self.protocol {
+            line.push_str(&format!("  {protocol}"));
         }
         if let Some(cpu) = self.cpu_us_per_op {
             line.push_str(&format!("  cpu {cpu:.1} µs/op"));

@@ -90,6 +90,11 @@ pub struct Args {
     /// are then its own, and the clients' runtime does not delay its tasks.
     #[arg(long)]
     separate_process: bool,
+    /// Send over HTTP/2: the open loops' requests share one connection as streams
+    /// (at most the service's 200 concurrent streams; `--connections` still caps the
+    /// requests outstanding).
+    #[arg(long)]
+    http2: bool,
     /// Internal: be the load generator of `--separate-process` (requests on standard
     /// input).
     #[arg(long, hide = true)]
@@ -234,6 +239,7 @@ struct Spec {
     tts_id: String,
     url: String,
     tokens: Vec<String>,
+    http2: bool,
 }
 
 /// What a generator prints once its client is built.
@@ -250,7 +256,7 @@ async fn generator_process() -> anyhow::Result<()> {
         .context("no spec on standard input")?;
     let spec: Spec = serde_json::from_str(&line).context("the generator's spec")?;
     let source = caller_source(&spec.workload_api, &SpiffeId::new(&spec.caller_id)?).await?;
-    let client = TxnClient::new(&source, &spec.url, SpiffeId::new(&spec.tts_id)?)?;
+    let client = txn_client(&source, &spec.url, SpiffeId::new(&spec.tts_id)?, spec.http2)?;
     let load = Load {
         client: Arc::new(client),
         tokens: Arc::new(spec.tokens),
@@ -326,6 +332,20 @@ async fn caller_source(workload_api: &str, id: &SpiffeId) -> anyhow::Result<X509
     }
 }
 
+fn txn_client(
+    source: &X509Source,
+    url: &str,
+    tts_id: SpiffeId,
+    http2: bool,
+) -> Result<TxnClient, ExchangeError> {
+    let builder = TxnClient::builder(source, url);
+    if http2 {
+        builder.http2().tts_id(tts_id)
+    } else {
+        builder.tts_id(tts_id)
+    }
+}
+
 struct Setup {
     dev: Dev,
     tts: TxnServer,
@@ -375,10 +395,11 @@ async fn setup(args: &Args, dir: &Path) -> anyhow::Result<Setup> {
 
     let caller_id = register_caller(&dev).await?;
     let source = caller_source(&dev.state.workload_api, &caller_id).await?;
-    let client = Arc::new(TxnClient::new(
+    let client = Arc::new(txn_client(
         &source,
         &format!("https://{addr}"),
         tts_id.clone(),
+        args.http2,
     )?);
     let now = SystemClock.unix_seconds();
     let tokens = (0..TOKENS)
@@ -399,6 +420,7 @@ async fn setup(args: &Args, dir: &Path) -> anyhow::Result<Setup> {
         tts_id: tts_id.to_string(),
         url: format!("https://{addr}"),
         tokens: tokens.clone(),
+        http2: args.http2,
     };
     Ok(Setup {
         dev,
@@ -498,8 +520,9 @@ impl Load {
     }
 }
 
-fn report(mode: &str, clients: usize, tally: &Tally, serving_cpu: Duration) -> Report {
+fn report(mode: &str, clients: usize, tally: &Tally, serving_cpu: Duration, http2: bool) -> Report {
     Report::new("overload", mode)
+        .protocol(if http2 { "h2" } else { "http/1.1" })
         .clients(clients)
         .throughput(tally.admitted.len() as u64, tally.elapsed)
         .latency(Latency::of(tally.admitted.clone()))
@@ -568,7 +591,7 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
             time: budget.time.min(SHORT_CASE),
         })
         .await?;
-    let peak_report = report("peak", clients, &peak, cpu).note(format!(
+    let peak_report = report("peak", clients, &peak, cpu, args.http2).note(format!(
         "closed loop, the bound of the open loops; {where_}"
     ));
     let peak_rate = peak_report.ops_per_s;
@@ -584,7 +607,7 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
             time: budget.time.min(SHORT_CASE),
         })
         .await?;
-    let half_report = report("0.5x", args.connections, &half, cpu)
+    let half_report = report("0.5x", args.connections, &half, cpu, args.http2)
         .bound(&bound, peak_rate)
         .note(format!(
             "open loop offering {rate:.0}/s (sent {:.0}/s), client cap {}",
@@ -611,24 +634,30 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
     };
     let shed_latency = Latency::of(over.shed.clone());
     let seconds = over.elapsed.as_secs_f64();
-    let over_report = report(&format!("{}x", args.factor), args.connections, &over, cpu)
-        .bound(&bound, peak_rate)
-        .note(format!(
-            "open loop offering {rate:.0}/s (sent {:.0}/s, refused {:.0}/s); admitted p99 {verdict} \
+    let over_report = report(
+        &format!("{}x", args.factor),
+        args.connections,
+        &over,
+        cpu,
+        args.http2,
+    )
+    .bound(&bound, peak_rate)
+    .note(format!(
+        "open loop offering {rate:.0}/s (sent {:.0}/s, refused {:.0}/s); admitted p99 {verdict} \
              the 20 ms target; shed 503 {} (p99 {:.2} ms), 429 {}, client cap {}; serving \
              process RSS {:.1} -> {:.1} MiB, high-water {:.1} MiB; clients' CPU {:.1} µs per \
              request sent; {where_}",
-            over.sent as f64 / seconds,
-            over.refused() as f64 / seconds,
-            over.shed.len(),
-            shed_latency.p99.as_secs_f64() * 1e3,
-            over.rate_limited,
-            over.client_cap,
-            mib(rss_before),
-            mib(rss_after),
-            mib(hwm),
-            over.clients_cpu.as_secs_f64() * 1e6 / over.sent.max(1) as f64,
-        ));
+        over.sent as f64 / seconds,
+        over.refused() as f64 / seconds,
+        over.shed.len(),
+        shed_latency.p99.as_secs_f64() * 1e3,
+        over.rate_limited,
+        over.client_cap,
+        mib(rss_before),
+        mib(rss_after),
+        mib(hwm),
+        over.clients_cpu.as_secs_f64() * 1e6 / over.sent.max(1) as f64,
+    ));
     if let Clients::Separate(child) = load {
         child.finish().await?;
     }

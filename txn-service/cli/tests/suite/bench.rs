@@ -272,6 +272,35 @@ fn exchange_with_eddsa_txn_tokens() {
     ]);
     let lines = json_lines(&output, &EXCHANGE_FIELDS);
     assert_eq!(modes(&lines), ["fresh EdDSA"]);
+    assert_eq!(lines[0]["protocol"], "http/1.1");
+}
+
+/// Over one HTTP/2 connection, with every grant also a row of the durable audit chain
+/// (the bench fails unless the chain holds one row per exchange).
+#[test]
+fn exchange_over_http2_with_the_durable_audit_trail() {
+    let output = writ(&[
+        "bench",
+        "exchange",
+        "--json",
+        "--requests",
+        "30",
+        "--duration",
+        "5s",
+        "--subject-alg",
+        "es256",
+        "--modes",
+        "fresh,repeated",
+        "--clients",
+        "4",
+        "--http2",
+        "--durable-audit",
+    ]);
+    let lines = json_lines(&output, &EXCHANGE_FIELDS);
+    assert_eq!(modes(&lines), ["fresh ES256", "repeated ES256"]);
+    for line in &lines {
+        assert_eq!(line["protocol"], "h2", "{line}");
+    }
 }
 
 /// `writ bench overload` against a tiny limit (one slot, no queue, 16 connections) with
@@ -304,6 +333,14 @@ fn overload_with_a_tiny_limit(extra: &[&str]) -> Value {
 fn overload_sheds_beyond_a_tiny_limit_and_reports_admitted_latency() {
     let ten = overload_with_a_tiny_limit(&[]);
     assert!(ten.get("refused").is_some(), "{ten}");
+}
+
+#[test]
+fn overload_over_http2_is_shed() {
+    let ten = overload_with_a_tiny_limit(&["--http2"]);
+    assert_eq!(ten["protocol"], "h2");
+    // Sixteen streams outstanding against one slot and no queue: most are refused.
+    assert!(ten["refused"].as_u64().unwrap_or(0) > 0, "{ten}");
 }
 
 #[test]
