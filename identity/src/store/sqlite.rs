@@ -399,7 +399,7 @@ mod tests {
 
     /// A token service sharing the server's file commits as the server does (WAL,
     /// `synchronous = NORMAL`): SQLite's default `FULL` syncs the log on every commit,
-    /// which cost the durable audit trail a third of its throughput.
+    /// which held the durable audit trail to about three quarters of its rate.
     #[tokio::test]
     async fn a_shared_store_commits_with_the_servers_durability() {
         use sqlx::Row;
