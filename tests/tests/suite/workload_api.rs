@@ -145,6 +145,9 @@ async fn rust_spiffe_fetches_svids_bundles_and_jwts() {
 async fn bad_requests_get_invalid_argument() {
     let stack = Stack::start(Duration::from_secs(3600)).await;
     stack.register("/w", &[&uid_selector()]).await;
+    // Until the agent holds the entry the caller has no identity, and a call that needs
+    // one (`ValidateJWTSVID`) is refused as PermissionDenied before its arguments are read.
+    wait_for_entries(&stack, 1).await;
     let mut raw = connect_raw(stack.socket()).await;
     for audience in [
         vec![],
