@@ -695,7 +695,7 @@ impl Case<'_> {
         let ops = samples.len() as u64;
         let report = Report::new("exchange", mode.name())
             .subject_alg(self.alg.jose())
-            .protocol(if self.http2 { "h2" } else { "http/1.1" })
+            .http_version(self.http2)
             .clients(self.clients)
             .throughput(ops, Duration::from_nanos(outcome.wall_ns))
             .latency(Latency::of(samples));

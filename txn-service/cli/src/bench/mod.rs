@@ -107,10 +107,10 @@ impl Report {
         self
     }
 
-    /// Sets the HTTP version the requests used.
+    /// Sets the HTTP version the requests used: `h2` when `http2`, else `http/1.1`.
     #[must_use]
-    pub fn protocol(mut self, protocol: &'static str) -> Self {
-        self.protocol = Some(protocol);
+    pub fn http_version(mut self, http2: bool) -> Self {
+        self.protocol = Some(if http2 { "h2" } else { "http/1.1" });
         self
     }
 

@@ -522,7 +522,7 @@ impl Load {
 
 fn report(mode: &str, clients: usize, tally: &Tally, serving_cpu: Duration, http2: bool) -> Report {
     Report::new("overload", mode)
-        .protocol(if http2 { "h2" } else { "http/1.1" })
+        .http_version(http2)
         .clients(clients)
         .throughput(tally.admitted.len() as u64, tally.elapsed)
         .latency(Latency::of(tally.admitted.clone()))
