@@ -332,36 +332,53 @@ impl TxnClient {
         }
     }
 
+    /// The `application/x-www-form-urlencoded` body [`TxnClient::exchange`] posts to
+    /// the service's `/token` for `request` (RFC 8693 section 2.1), for a caller that
+    /// sends it over an HTTP stack of its own (as `writ bench`'s load generator does).
+    /// Without a scope in `request`, the subject token's own is asked for.
+    ///
+    /// ```no_run
+    /// # fn demo(client: &writ_sdk::exchange::TxnClient) {
+    /// use writ_sdk::exchange::TxnRequest;
+    /// let body = client.form(&TxnRequest::access_token("eyJ...").scope("orders.read"));
+    /// assert!(body.starts_with("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange"));
+    /// # }
+    /// ```
+    pub fn form(&self, request: &TxnRequest) -> String {
+        let derived;
+        let scope = match &request.scope {
+            Some(scope) => Some(scope.as_str()),
+            None => {
+                derived = subject_scope(&request.subject_token, request.subject_token_type);
+                derived.as_deref()
+            }
+        };
+        let mut form = url::form_urlencoded::Serializer::new(String::with_capacity(
+            request.subject_token.len() + 256,
+        ));
+        form.append_pair("grant_type", GRANT_TYPE_TOKEN_EXCHANGE)
+            .append_pair("requested_token_type", TokenType::TxnToken.as_urn())
+            .append_pair("audience", &self.audience)
+            .append_pair("subject_token", &request.subject_token)
+            .append_pair("subject_token_type", request.subject_token_type.as_urn());
+        if let Some(scope) = scope {
+            form.append_pair("scope", scope);
+        }
+        if let Some(details) = &request.request_details {
+            form.append_pair("request_details", &details.to_string());
+        }
+        if let Some(context) = &request.request_context {
+            form.append_pair("request_context", &context.to_string());
+        }
+        form.finish()
+    }
+
     /// Exchanges `request.subject_token` for a Txn-Token.
     ///
     /// # Errors
     /// [`ExchangeError::Refused`] with the service's error code, or a transport error.
     pub async fn exchange(&self, request: TxnRequest) -> Result<Issued, ExchangeError> {
-        let scope = request
-            .scope
-            .or_else(|| subject_scope(&request.subject_token, request.subject_token_type));
-        // One buffer, sized for the subject token (the bulk of the body). The serializer
-        // is not `Send`: it ends before the first `await`.
-        let body = {
-            let mut form = url::form_urlencoded::Serializer::new(String::with_capacity(
-                request.subject_token.len() + 256,
-            ));
-            form.append_pair("grant_type", GRANT_TYPE_TOKEN_EXCHANGE)
-                .append_pair("requested_token_type", TokenType::TxnToken.as_urn())
-                .append_pair("audience", &self.audience)
-                .append_pair("subject_token", &request.subject_token)
-                .append_pair("subject_token_type", request.subject_token_type.as_urn());
-            if let Some(scope) = &scope {
-                form.append_pair("scope", scope);
-            }
-            if let Some(details) = &request.request_details {
-                form.append_pair("request_details", &details.to_string());
-            }
-            if let Some(context) = &request.request_context {
-                form.append_pair("request_context", &context.to_string());
-            }
-            form.finish()
-        };
+        let body = self.form(&request);
         let post = match &self.token_url {
             Ok(url) => self.http.post(url.clone()),
             Err(text) => self.http.post(text.as_str()),

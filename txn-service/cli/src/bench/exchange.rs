@@ -22,6 +22,10 @@
 //!   cache misses. Closed loop: `--clients` clients (each one `TxnClient`, one keep-alive
 //!   mTLS connection) send back to back. With `--http2` the clients share one HTTP/2
 //!   connection instead, each exchange a stream (the report's `protocol` says which).
+//!   With `--wire` the timed exchanges go through the bench's lean HTTP/1.1 client
+//!   ([`super::wire`], still one keep-alive mTLS connection per client; the warm-up and
+//!   the checked first tokens still use `TxnClient`): the ratios then count less of the
+//!   load generator's own CPU (the report's `client` says which).
 //! - `repeated`: the same subject token every time: every lookup hits the cache, so the
 //!   only crypto left is the Txn-Token signature (the bound is sign only).
 //! - `half-peak`: open loop at half the `fresh` throughput just measured, fresh tokens;
@@ -63,6 +67,7 @@ use writ_txn_service::txn_token::{Minter, SigningAlgorithm};
 use super::generator::{self, Generator};
 use super::provider::{AUDIENCE, Provider, SubjectAlg};
 use super::stack::{BenchStack, TRUST_DOMAIN};
+use super::wire::{Answer, Wire};
 use super::{Budget, Latency, Report, cores, process_cpu};
 
 /// `iss` of the Txn-Tokens.
@@ -166,8 +171,12 @@ pub struct Args {
     pub separate_process: bool,
     /// Send over HTTP/2: the clients share one connection as concurrent streams
     /// (default: HTTP/1.1, one keep-alive connection per client).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "wire")]
     pub http2: bool,
+    /// Time the exchanges with the bench's lean HTTP/1.1 client instead of the SDK's
+    /// `TxnClient` (see `writ bench overload --wire`).
+    #[arg(long)]
+    pub wire: bool,
     /// Also write every decision to the durable, hash-chained audit table of an
     /// identity store (SQLite in the temporary directory), each grant waiting for its
     /// batch's commit, as a service with `[identity_store]` does by default.
@@ -255,6 +264,7 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
                 budget,
                 separate: args.separate_process,
                 http2: args.http2,
+                wire: args.wire,
             };
             let (report, done, rate) = match mode {
                 Mode::Fresh => case.closed_loop(true, &bound).await?,
@@ -517,6 +527,7 @@ struct Case<'a> {
     budget: Budget,
     separate: bool,
     http2: bool,
+    wire: bool,
 }
 
 /// What one load generator run did.
@@ -556,6 +567,8 @@ struct Spec {
     /// One HTTP/2 connection shared by the clients, instead of one HTTP/1.1 connection
     /// each.
     http2: bool,
+    /// Time the exchanges with the lean client ([`super::wire`]).
+    wire: bool,
 }
 
 impl Case<'_> {
@@ -652,6 +665,7 @@ impl Case<'_> {
             max_ms: u64::try_from(self.budget.time.as_millis()).unwrap_or(u64::MAX),
             rate,
             http2: self.http2,
+            wire: self.wire,
         }
     }
 
@@ -696,6 +710,7 @@ impl Case<'_> {
         let report = Report::new("exchange", mode.name())
             .subject_alg(self.alg.jose())
             .http_version(self.http2)
+            .generator(self.wire)
             .clients(self.clients)
             .throughput(ops, Duration::from_nanos(outcome.wall_ns))
             .latency(Latency::of(samples));
@@ -746,6 +761,18 @@ async fn exchange(client: &TxnClient, token: &str, what: &str) -> anyhow::Result
     Ok(issued.access_token)
 }
 
+/// One exchange of the lean client's request `i`; anything but a grant fails.
+async fn wire_exchange(wire: &Wire, i: usize, what: &str) -> anyhow::Result<()> {
+    match wire
+        .exchange(i)
+        .await
+        .with_context(|| format!("{what} {i}"))?
+    {
+        Answer::Granted => Ok(()),
+        refused => anyhow::bail!("{what} {i}: refused ({refused:?})"),
+    }
+}
+
 /// The load generator: builds the clients, warms them up, then makes the timed
 /// exchanges (closed loop, or open loop at `spec.rate`).
 async fn load(spec: &Spec) -> anyhow::Result<Outcome> {
@@ -769,7 +796,7 @@ where
         // Clones share the one client's connection.
         let one = TxnClient::builder(&source, &spec.url)
             .http2()
-            .tts_id(tts_id)?;
+            .tts_id(tts_id.clone())?;
         vec![one; spec.clients]
     } else {
         (0..spec.clients)
@@ -799,6 +826,24 @@ where
     for task in tasks {
         firsts.push(task.await.context("a warm-up client")??);
     }
+    // The lean client's requests: the warm-up tokens, then the timed ones (index
+    // `warm.len() + i`). Its warm-up opens each client's connection.
+    let wire = match clients.first() {
+        Some(client) if spec.wire => {
+            let all: Vec<String> = spec.warm.iter().chain(&spec.tokens).cloned().collect();
+            let wire = Wire::new(&source, client, &spec.url, tts_id, &all, REQUESTED_SCOPE)?;
+            let warm_up = (0..clients.len()).map(|c| {
+                let wire = wire.clone();
+                tokio::spawn(async move { wire_exchange(&wire, c, "warm-up").await })
+            });
+            for task in warm_up.collect::<Vec<_>>() {
+                task.await.context("a warm-up client")??;
+            }
+            Some(wire)
+        }
+        _ => None,
+    };
+    let offset = spec.warm.len();
     go().await?;
 
     let tokens = Arc::new(spec.tokens.clone());
@@ -813,6 +858,7 @@ where
     for (c, client) in clients.into_iter().enumerate() {
         let tokens = tokens.clone();
         let next = next.clone();
+        let wire = wire.clone();
         let rate = spec.rate;
         tasks.push(tokio::spawn(async move {
             let mut samples = Vec::with_capacity(n / count + 1);
@@ -839,8 +885,12 @@ where
                     }
                     None => Instant::now(),
                 };
-                let token = tokens.get(i % tokens.len()).context("a subject token")?;
-                exchange(&client, token, &format!("exchange {i}")).await?;
+                if let Some(wire) = &wire {
+                    wire_exchange(wire, offset + i % tokens.len(), "exchange").await?;
+                } else {
+                    let token = tokens.get(i % tokens.len()).context("a subject token")?;
+                    exchange(&client, token, &format!("exchange {i}")).await?;
+                }
                 samples.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
             }
         }));
@@ -855,7 +905,8 @@ where
         samples_ns,
         wall_ns: u64::try_from(wall.as_nanos()).unwrap_or(u64::MAX),
         cpu_ns: u64::try_from(cpu.as_nanos()).unwrap_or(u64::MAX),
-        warm: spec.per_client_warm * spec.clients,
+        // The lean client's warm-up made one more exchange per client.
+        warm: spec.per_client_warm * spec.clients + if spec.wire { spec.clients } else { 0 },
         firsts,
     })
 }

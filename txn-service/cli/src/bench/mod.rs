@@ -34,6 +34,7 @@ pub mod overload;
 pub mod provider;
 pub mod stack;
 pub mod verify;
+pub mod wire;
 pub mod workload_api;
 
 /// One measured case of one bench: a line of `writ bench --json`.
@@ -50,6 +51,10 @@ pub struct Report {
     /// HTTP version of the requests, where the bench speaks HTTP: `http/1.1` or `h2`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub protocol: Option<&'static str>,
+    /// The load generator's HTTP client, where the bench has a choice: `sdk` (the SDK's
+    /// `TxnClient`) or `wire` (the bench's lean HTTP/1.1 client, `--wire`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<&'static str>,
     /// Concurrent clients (1 for single-threaded measurements).
     pub clients: usize,
     /// Operations measured (warm-up excluded).
@@ -111,6 +116,13 @@ impl Report {
     #[must_use]
     pub fn http_version(mut self, http2: bool) -> Self {
         self.protocol = Some(if http2 { "h2" } else { "http/1.1" });
+        self
+    }
+
+    /// Sets the load generator's client: `wire` when `wire`, else `sdk`.
+    #[must_use]
+    pub fn generator(mut self, wire: bool) -> Self {
+        self.client = Some(if wire { "wire" } else { "sdk" });
         self
     }
 
@@ -217,6 +229,9 @@ impl Report {
         }
         if let Some(protocol) = self.protocol {
             line.push_str(&format!("  {protocol}"));
+        }
+        if let Some(client) = self.client {
+            line.push_str(&format!(" ({client})"));
         }
         if let Some(cpu) = self.cpu_us_per_op {
             line.push_str(&format!("  cpu {cpu:.1} µs/op"));

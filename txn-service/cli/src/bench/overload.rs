@@ -24,6 +24,9 @@
 //!   arrival that finds every connection busy is not sent (counted as `client cap` in
 //!   the note): the client's own limit, not the service's.
 //!
+//! `--wire` sends with the bench's lean HTTP/1.1 client ([`super::wire`]) instead of the
+//! SDK's `TxnClient` (the report's `client` says which).
+//!
 //! `--separate-process` runs the clients in a second `writ` process (this executable,
 //! `writ bench overload --generator`, told the service's address and the subject tokens
 //! on its standard input, one JSON line per run back): the service then has its own
@@ -55,6 +58,7 @@ use writ_txn_service::policy::Policy;
 use serde::{Deserialize, Serialize};
 
 use super::generator::{self, Generator};
+use super::wire::{Answer, Wire};
 use super::{Budget, Latency, Report, process_cpu};
 use crate::dev::{Dev, DevOptions};
 
@@ -93,8 +97,13 @@ pub struct Args {
     /// Send over HTTP/2: the open loops' requests share one connection as streams
     /// (at most the service's 200 concurrent streams; `--connections` still caps the
     /// requests outstanding).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "wire")]
     http2: bool,
+    /// Send with the bench's lean HTTP/1.1 client instead of the SDK's `TxnClient`
+    /// (about a third of the CPU per request: more of the machine is left to the
+    /// service, and more load can be offered).
+    #[arg(long)]
+    wire: bool,
     /// Internal: be the load generator of `--separate-process` (requests on standard
     /// input).
     #[arg(long, hide = true)]
@@ -123,6 +132,17 @@ async fn exchange_once(client: &TxnClient, token: &str) -> anyhow::Result<Outcom
         Err(ExchangeError::Refused { status: 429, .. }) => Ok(Outcome::RateLimited),
         Err(e) => Err(e).context("exchange"),
     }
+}
+
+async fn wire_once(wire: &Wire, i: usize) -> anyhow::Result<Outcome> {
+    let started = Instant::now();
+    let answer = wire.exchange(i).await?;
+    let took = started.elapsed();
+    Ok(match answer {
+        Answer::Granted => Outcome::Admitted(took),
+        Answer::Shed => Outcome::Shed(took),
+        Answer::RateLimited => Outcome::RateLimited,
+    })
 }
 
 /// Counts of one case.
@@ -163,11 +183,13 @@ impl Tally {
 }
 
 /// The clients' side: one [`TxnClient`] (its pool opens a connection per outstanding
-/// request and keeps it) and the subject tokens, used in turn.
+/// request and keeps it) and the subject tokens, used in turn; with `--wire`, the lean
+/// client sends instead.
 #[derive(Clone)]
 struct Load {
     client: Arc<TxnClient>,
     tokens: Arc<Vec<String>>,
+    wire: Option<Arc<Wire>>,
 }
 
 /// One run of the clients.
@@ -190,6 +212,35 @@ enum Run {
 }
 
 impl Load {
+    fn new(source: &X509Source, spec: &Spec, tokens: Vec<String>) -> anyhow::Result<Self> {
+        let tts_id = SpiffeId::new(&spec.tts_id)?;
+        let client = txn_client(source, &spec.url, tts_id.clone(), spec.http2)?;
+        let wire = if spec.wire {
+            Some(Wire::new(
+                source, &client, &spec.url, tts_id, &tokens, SCOPE,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            client: Arc::new(client),
+            tokens: Arc::new(tokens),
+            wire,
+        })
+    }
+
+    /// One exchange of subject token `i` (modulo their number).
+    async fn once(&self, i: usize) -> anyhow::Result<Outcome> {
+        if let Some(wire) = &self.wire {
+            return wire_once(wire, i).await;
+        }
+        let token = self
+            .tokens
+            .get(i % self.tokens.len().max(1))
+            .map_or("", String::as_str);
+        exchange_once(&self.client, token).await
+    }
+
     async fn run(&self, run: Run) -> anyhow::Result<Tally> {
         let cpu = process_cpu();
         let mut tally = match run {
@@ -240,6 +291,7 @@ struct Spec {
     url: String,
     tokens: Vec<String>,
     http2: bool,
+    wire: bool,
 }
 
 /// What a generator prints once its client is built.
@@ -254,13 +306,10 @@ async fn generator_process() -> anyhow::Result<()> {
     let line = generator::read_line(MAX_LINE_BYTES)
         .await?
         .context("no spec on standard input")?;
-    let spec: Spec = serde_json::from_str(&line).context("the generator's spec")?;
+    let mut spec: Spec = serde_json::from_str(&line).context("the generator's spec")?;
     let source = caller_source(&spec.workload_api, &SpiffeId::new(&spec.caller_id)?).await?;
-    let client = txn_client(&source, &spec.url, SpiffeId::new(&spec.tts_id)?, spec.http2)?;
-    let load = Load {
-        client: Arc::new(client),
-        tokens: Arc::new(spec.tokens),
-    };
+    let tokens = std::mem::take(&mut spec.tokens);
+    let load = Load::new(&source, &spec, tokens)?;
     generator::say(GENERATOR_READY)?;
     while let Some(line) = generator::read_line(MAX_LINE_BYTES).await? {
         let run: Run = serde_json::from_str(&line).context("a run")?;
@@ -395,12 +444,6 @@ async fn setup(args: &Args, dir: &Path) -> anyhow::Result<Setup> {
 
     let caller_id = register_caller(&dev).await?;
     let source = caller_source(&dev.state.workload_api, &caller_id).await?;
-    let client = Arc::new(txn_client(
-        &source,
-        &format!("https://{addr}"),
-        tts_id.clone(),
-        args.http2,
-    )?);
     let now = SystemClock.unix_seconds();
     let tokens = (0..TOKENS)
         .map(|i| {
@@ -421,14 +464,12 @@ async fn setup(args: &Args, dir: &Path) -> anyhow::Result<Setup> {
         url: format!("https://{addr}"),
         tokens: tokens.clone(),
         http2: args.http2,
+        wire: args.wire,
     };
     Ok(Setup {
         dev,
         tts,
-        load: Load {
-            client,
-            tokens: Arc::new(tokens),
-        },
+        load: Load::new(&source, &spec, tokens)?,
         spec,
         max_in_flight,
         _source: source,
@@ -450,11 +491,7 @@ impl Load {
                 while started.elapsed() < time
                     && done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < ops
                 {
-                    let token = load
-                        .tokens
-                        .get(i % load.tokens.len())
-                        .map_or("", String::as_str);
-                    tally.add(exchange_once(&load.client, token).await?);
+                    tally.add(load.once(i).await?);
                     tally.sent += 1;
                     i += clients;
                 }
@@ -499,11 +536,10 @@ impl Load {
                     continue;
                 };
                 let load = self.clone();
-                let i = usize::try_from(arrivals).unwrap_or(0) % load.tokens.len().max(1);
+                let i = usize::try_from(arrivals).unwrap_or(0);
                 tally.sent += 1;
                 tasks.spawn(async move {
-                    let token = load.tokens.get(i).map_or("", String::as_str);
-                    let outcome = exchange_once(&load.client, token).await;
+                    let outcome = load.once(i).await;
                     drop(slot);
                     outcome
                 });
@@ -520,9 +556,10 @@ impl Load {
     }
 }
 
-fn report(mode: &str, clients: usize, tally: &Tally, serving_cpu: Duration, http2: bool) -> Report {
+fn report(mode: &str, clients: usize, tally: &Tally, serving_cpu: Duration, args: &Args) -> Report {
     Report::new("overload", mode)
-        .http_version(http2)
+        .http_version(args.http2)
+        .generator(args.wire)
         .clients(clients)
         .throughput(tally.admitted.len() as u64, tally.elapsed)
         .latency(Latency::of(tally.admitted.clone()))
@@ -591,7 +628,7 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
             time: budget.time.min(SHORT_CASE),
         })
         .await?;
-    let peak_report = report("peak", clients, &peak, cpu, args.http2).note(format!(
+    let peak_report = report("peak", clients, &peak, cpu, args).note(format!(
         "closed loop, the bound of the open loops; {where_}"
     ));
     let peak_rate = peak_report.ops_per_s;
@@ -607,7 +644,7 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
             time: budget.time.min(SHORT_CASE),
         })
         .await?;
-    let half_report = report("0.5x", args.connections, &half, cpu, args.http2)
+    let half_report = report("0.5x", args.connections, &half, cpu, args)
         .bound(&bound, peak_rate)
         .note(format!(
             "open loop offering {rate:.0}/s (sent {:.0}/s), client cap {}",
@@ -639,7 +676,7 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
         args.connections,
         &over,
         cpu,
-        args.http2,
+        args,
     )
     .bound(&bound, peak_rate)
     .note(format!(

@@ -121,10 +121,15 @@ fn exchange_from_a_separate_generator_process() {
         "--clients",
         "2",
         "--separate-process",
+        "--wire",
     ]);
     let lines = json_lines(&output, &EXCHANGE_FIELDS);
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["clients"], 2);
+    // The lean client timed the exchanges (the bench checks the audit log holds every
+    // one of them as granted).
+    assert_eq!(lines[0]["client"], "wire");
+    assert_eq!(lines[0]["protocol"], "http/1.1");
     let note = lines[0]["note"].as_str().unwrap();
     assert!(note.contains("separate load generator"), "{note}");
 }
@@ -170,6 +175,10 @@ fn garbage_arguments_are_refused_clearly() {
         (
             &["bench", "workload-api", "--clients", "100000"],
             &["--clients", "100000"],
+        ),
+        (
+            &["bench", "overload", "--wire", "--http2"],
+            &["--wire", "--http2", "cannot be used with"],
         ),
     ] {
         let output = writ(args);
@@ -333,6 +342,7 @@ fn overload_with_a_tiny_limit(extra: &[&str]) -> Value {
 fn overload_sheds_beyond_a_tiny_limit_and_reports_admitted_latency() {
     let ten = overload_with_a_tiny_limit(&[]);
     assert!(ten.get("refused").is_some(), "{ten}");
+    assert_eq!(ten["client"], "sdk");
 }
 
 #[test]
@@ -345,9 +355,12 @@ fn overload_over_http2_is_shed() {
 
 #[test]
 fn overload_from_a_separate_generator_process_is_shed() {
-    let ten = overload_with_a_tiny_limit(&["--separate-process"]);
-    // Sixteen requests outstanding against one slot and no queue: most are refused.
+    let ten = overload_with_a_tiny_limit(&["--separate-process", "--wire"]);
+    // Sixteen requests outstanding against one slot and no queue: most are refused, and
+    // the lean client tells a shed from a grant.
     assert!(ten["refused"].as_u64().unwrap_or(0) > 0, "{ten}");
+    assert!(ten["ops"].as_u64().unwrap_or(0) > 0, "{ten}");
+    assert_eq!(ten["client"], "wire");
     let note = ten["note"].as_str().unwrap_or_default();
     assert!(note.contains("separate process"), "{note}");
 }
