@@ -104,7 +104,10 @@ impl Wire {
 
     /// Sends the exchange of subject token `i` (modulo their number) on an idle
     /// connection, or on a new one when none is idle, and reads its answer; the
-    /// connection is idle again afterwards unless the service closed it.
+    /// connection is idle again afterwards unless the service closed it. Unlike a
+    /// pooled HTTP client it never resends: a kept connection the service closed while
+    /// idle (after its `idle_timeout`, 60 s by default; the benches' pauses between
+    /// cases are seconds) fails the run with that error.
     ///
     /// # Errors
     /// A connection or TLS failure, a malformed or oversized response, or any answer but
