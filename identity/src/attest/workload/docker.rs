@@ -213,21 +213,46 @@ struct Shared {
 }
 
 /// Selectors by container ID, and a generation bumped by every invalidation so an
-/// inspect that started before an event cannot put back what the event removed.
+/// inspect that started before an event cannot put back what the event removed. The
+/// last [`RECENT_REMOVALS`] removals are remembered with their generation, so that an
+/// event about another container does not void an inspect in flight (on a busy host
+/// there is nearly always one).
 #[derive(Debug, Default)]
 struct Cache {
     containers: HashMap<String, Arc<Vec<Selector>>>,
     generation: u64,
+    /// The generation at which `generation` was last bumped by a `clear`.
+    cleared_at: u64,
+    /// Recently removed container IDs, with the generation their removal made.
+    removed: std::collections::VecDeque<(String, u64)>,
 }
+
+/// How many removals the cache remembers to tell whose event an inspect missed.
+const RECENT_REMOVALS: usize = 256;
 
 impl Cache {
     fn get(&self, id: &str) -> Option<Arc<Vec<Selector>>> {
         self.containers.get(id).cloned()
     }
 
+    /// Caches `selectors` for `id`, read by an inspect that began at `generation`,
+    /// unless `id` was removed since (or the cache cleared, or more removals came than
+    /// are remembered).
     fn insert(&mut self, id: &str, generation: u64, selectors: Arc<Vec<Selector>>) {
         if generation != self.generation {
-            return;
+            let missed = self.generation.wrapping_sub(generation);
+            let oldest_known = self.removed.front().map_or(self.generation, |(_, g)| *g);
+            let remembered = generation.wrapping_add(1) >= oldest_known;
+            if self.cleared_at > generation
+                || missed > RECENT_REMOVALS as u64
+                || !remembered
+                || self
+                    .removed
+                    .iter()
+                    .any(|(removed, at)| *at > generation && removed == id)
+            {
+                return;
+            }
         }
         if self.containers.len() >= MAX_CACHED_CONTAINERS {
             self.containers.clear();
@@ -237,11 +262,16 @@ impl Cache {
 
     fn remove(&mut self, id: &str) -> bool {
         self.generation = self.generation.wrapping_add(1);
+        if self.removed.len() >= RECENT_REMOVALS {
+            self.removed.pop_front();
+        }
+        self.removed.push_back((id.to_owned(), self.generation));
         self.containers.remove(id).is_some()
     }
 
     fn clear(&mut self) {
         self.generation = self.generation.wrapping_add(1);
+        self.cleared_at = self.generation;
         self.containers.clear();
     }
 }
@@ -775,10 +805,44 @@ mod tests {
         // An inspect that began before the event must not put the container back.
         cache.insert(ID, g, sels.clone());
         assert!(cache.get(ID).is_none());
-        cache.insert(ID, cache.generation, sels);
+        cache.insert(ID, cache.generation, sels.clone());
         assert!(cache.get(ID).is_some());
         cache.clear();
         assert!(cache.get(ID).is_none());
+        // Nor may one that began before a clear (the event stream restarted).
+        let g = cache.generation;
+        cache.clear();
+        cache.insert(ID, g, sels);
+        assert!(cache.get(ID).is_none());
+    }
+
+    #[test]
+    fn an_event_about_another_container_does_not_void_an_inspect() {
+        let mut cache = Cache::default();
+        let sels = Arc::new(vec![Selector::new(KIND, "label:app:a").unwrap()]);
+        let g = cache.generation;
+        // Other containers come and go while ID's inspect is in flight.
+        assert!(!cache.remove("other-1"));
+        assert!(!cache.remove("other-2"));
+        cache.insert(ID, g, sels.clone());
+        assert!(
+            cache.get(ID).is_some(),
+            "an unrelated event voided the insert"
+        );
+        // ID's own event still wins, among others.
+        let g = cache.generation;
+        assert!(cache.remove(ID));
+        cache.remove("other-3");
+        cache.insert(ID, g, sels.clone());
+        assert!(cache.get(ID).is_none());
+        // More events than are remembered: the insert is refused (unknown whose).
+        let g = cache.generation;
+        for i in 0..=RECENT_REMOVALS {
+            cache.remove(&format!("c{i}"));
+        }
+        cache.insert(ID, g, sels);
+        assert!(cache.get(ID).is_none());
+        assert!(cache.removed.len() <= RECENT_REMOVALS);
     }
 
     #[test]
