@@ -240,12 +240,11 @@ impl Cache {
     /// are remembered).
     fn insert(&mut self, id: &str, generation: u64, selectors: Arc<Vec<Selector>>) {
         if generation != self.generation {
-            let missed = self.generation.wrapping_sub(generation);
-            let oldest_known = self.removed.front().map_or(self.generation, |(_, g)| *g);
-            let remembered = generation.wrapping_add(1) >= oldest_known;
+            // Every removal since `generation` is still in `removed` only if the oldest
+            // one kept is not newer than the first that could have followed it.
+            let oldest_kept = self.removed.front().map_or(self.generation, |(_, g)| *g);
             if self.cleared_at > generation
-                || missed > RECENT_REMOVALS as u64
-                || !remembered
+                || oldest_kept > generation.wrapping_add(1)
                 || self
                     .removed
                     .iter()

@@ -104,9 +104,10 @@ fn exchange_reports_every_algorithm_and_mode() {
     }
 }
 
-#[test]
-fn exchange_from_a_separate_generator_process() {
-    let output = writ(&[
+/// A short `writ bench exchange --json` (at most 30 exchanges or 5 s a case) with
+/// `args`; its report lines, each with every exchange field.
+fn short_exchange(args: &[&str]) -> Vec<Value> {
+    let mut all = vec![
         "bench",
         "exchange",
         "--json",
@@ -114,6 +115,14 @@ fn exchange_from_a_separate_generator_process() {
         "30",
         "--duration",
         "5s",
+    ];
+    all.extend_from_slice(args);
+    json_lines(&writ(&all), &EXCHANGE_FIELDS)
+}
+
+#[test]
+fn exchange_from_a_separate_generator_process() {
+    let lines = short_exchange(&[
         "--subject-alg",
         "es256",
         "--modes",
@@ -123,7 +132,6 @@ fn exchange_from_a_separate_generator_process() {
         "--separate-process",
         "--wire",
     ]);
-    let lines = json_lines(&output, &EXCHANGE_FIELDS);
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["clients"], 2);
     // The lean client timed the exchanges (the bench checks the audit log holds every
@@ -262,14 +270,7 @@ fn verify_issue_and_handshake_report_their_cases_against_their_bounds() {
 
 #[test]
 fn exchange_with_eddsa_txn_tokens() {
-    let output = writ(&[
-        "bench",
-        "exchange",
-        "--json",
-        "--requests",
-        "30",
-        "--duration",
-        "3s",
+    let lines = short_exchange(&[
         "--subject-alg",
         "eddsa",
         "--modes",
@@ -279,7 +280,6 @@ fn exchange_with_eddsa_txn_tokens() {
         "--txn-alg",
         "eddsa",
     ]);
-    let lines = json_lines(&output, &EXCHANGE_FIELDS);
     assert_eq!(modes(&lines), ["fresh EdDSA"]);
     assert_eq!(lines[0]["protocol"], "http/1.1");
 }
@@ -288,14 +288,7 @@ fn exchange_with_eddsa_txn_tokens() {
 /// (the bench fails unless the chain holds one row per exchange).
 #[test]
 fn exchange_over_http2_with_the_durable_audit_trail() {
-    let output = writ(&[
-        "bench",
-        "exchange",
-        "--json",
-        "--requests",
-        "30",
-        "--duration",
-        "5s",
+    let lines = short_exchange(&[
         "--subject-alg",
         "es256",
         "--modes",
@@ -305,7 +298,6 @@ fn exchange_over_http2_with_the_durable_audit_trail() {
         "--http2",
         "--durable-audit",
     ]);
-    let lines = json_lines(&output, &EXCHANGE_FIELDS);
     assert_eq!(modes(&lines), ["fresh ES256", "repeated ES256"]);
     for line in &lines {
         assert_eq!(line["protocol"], "h2", "{line}");
