@@ -118,6 +118,10 @@ pub enum Mode {
     Repeated,
     /// Open loop at half the fresh peak: latency at a sustainable load.
     HalfPeak,
+    /// The transport alone (needs `--wire`): the same connections and client, each
+    /// request a `GET` of the service's metadata; its `ceiling` is the highest ratio an
+    /// exchange can reach on this machine.
+    Transport,
 }
 
 impl Mode {
@@ -126,6 +130,7 @@ impl Mode {
             Self::Fresh => "fresh",
             Self::Repeated => "repeated",
             Self::HalfPeak => "half-peak",
+            Self::Transport => "transport",
         }
     }
 }
@@ -204,8 +209,12 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
     let mut modes = args.modes.clone();
     modes.dedup();
     if modes.is_empty() {
-        anyhow::bail!("--modes: name at least one of fresh, repeated, half-peak");
+        anyhow::bail!("--modes: name at least one of fresh, repeated, half-peak, transport");
     }
+    anyhow::ensure!(
+        args.wire || !modes.contains(&Mode::Transport),
+        "--modes transport needs --wire (the lean client sends its requests)"
+    );
 
     let stack = BenchStack::start().await?;
     let tts_id = stack
@@ -281,6 +290,7 @@ pub async fn run(args: &Args, budget: Budget) -> anyhow::Result<Vec<Report>> {
                     };
                     case.half_peak(peak, &bound).await?
                 }
+                Mode::Transport => case.transport(&bound).await?,
             };
             if mode == Mode::Fresh {
                 peak = Some(rate);
@@ -394,6 +404,8 @@ struct Bound {
     /// Mean time of `Minter::mint`.
     sign: Duration,
     alg: SubjectAlg,
+    /// The Txn-Tokens' signature algorithm.
+    signing: SigningAlgorithm,
 }
 
 impl Bound {
@@ -445,7 +457,12 @@ impl Bound {
             Ok(())
         })?;
         let sign = signed.elapsed / u32::try_from(signed.ops.max(1))?;
-        Ok(Self { verify, sign, alg })
+        Ok(Self {
+            verify,
+            sign,
+            alg,
+            signing,
+        })
     }
 
     /// Exchanges per second on every core when the subject token is verified (`fresh`).
@@ -457,9 +474,10 @@ impl Bound {
         let per_core = 1.0 / (self.verify + self.sign).as_secs_f64();
         (
             format!(
-                "{} verify {:.1} µs + ES256 sign {:.1} µs, x {cores} cores",
+                "{} verify {:.1} µs + {} sign {:.1} µs, x {cores} cores",
                 self.alg.jose(),
                 self.verify.as_secs_f64() * 1e6,
+                self.signing.name(),
                 self.sign.as_secs_f64() * 1e6
             ),
             per_core * cores as f64,
@@ -471,7 +489,8 @@ impl Bound {
         let cores = cores();
         (
             format!(
-                "ES256 sign {:.1} µs (sign only; {} verify {:.1} µs), x {cores} cores",
+                "{} sign {:.1} µs (sign only; {} verify {:.1} µs), x {cores} cores",
+                self.signing.name(),
                 self.sign.as_secs_f64() * 1e6,
                 self.alg.jose(),
                 self.verify.as_secs_f64() * 1e6
@@ -569,6 +588,9 @@ struct Spec {
     http2: bool,
     /// Time the exchanges with the lean client ([`super::wire`]).
     wire: bool,
+    /// Time the lean client's metadata requests instead of exchanges (`transport`).
+    #[serde(default)]
+    transport: bool,
 }
 
 impl Case<'_> {
@@ -644,6 +666,43 @@ impl Case<'_> {
         Ok((report, outcome.samples_ns.len() + outcome.warm, rate))
     }
 
+    /// `transport`: the lean client's metadata requests, closed loop, after the usual
+    /// warm-up exchanges. The ceiling: an exchange costs the machine the crypto of the
+    /// `fresh` bound plus at least what this request costs it, so its ratio is at most
+    /// crypto / (crypto + this request's CPU, load generator included).
+    async fn transport(&self, bound: &Bound) -> anyhow::Result<(Report, usize, f64)> {
+        let n = usize::try_from(self.budget.ops)?;
+        let per_client_warm = (n / 10 / self.clients).clamp(1, WARM_PER_CLIENT);
+        let warm = self
+            .provider
+            .access_tokens(self.alg, per_client_warm * self.clients)
+            .await?;
+        let mut spec = self.spec(warm.clone(), per_client_warm, warm, n, None);
+        spec.transport = true;
+        let (outcome, server_cpu) = self.drive(spec).await?;
+        let (bound_what, bound_rate) = bound.fresh();
+        let ops = outcome.samples_ns.len().max(1) as f64;
+        let machine_us =
+            (server_cpu.unwrap_or_default().as_nanos() as f64 + outcome.cpu_ns as f64) / 1e3 / ops;
+        let crypto_us = cores() as f64 * 1e6 / bound_rate;
+        let ceiling = crypto_us / (crypto_us + machine_us);
+        let report = self
+            .report(Mode::Transport, &outcome, server_cpu)
+            .bound(bound_what, bound_rate)
+            .ceiling(ceiling);
+        let report = append_note(
+            report,
+            &format!(
+                "GET of the service's metadata on the exchanges' connections: no crypto, \
+                 nothing audited; {machine_us:.1} µs of machine CPU per request (load generator \
+                 included) against the bound's {crypto_us:.1} µs of crypto per exchange, so an \
+                 exchange's ratio is at most {ceiling:.2} on this machine"
+            ),
+        );
+        let rate = report.ops_per_s;
+        Ok((report, outcome.warm, rate))
+    }
+
     fn spec(
         &self,
         warm: Vec<String>,
@@ -666,6 +725,7 @@ impl Case<'_> {
             rate,
             http2: self.http2,
             wire: self.wire,
+            transport: false,
         }
     }
 
@@ -848,6 +908,10 @@ where
 
     let tokens = Arc::new(spec.tokens.clone());
     anyhow::ensure!(!tokens.is_empty(), "no subject token");
+    anyhow::ensure!(
+        wire.is_some() || !spec.transport,
+        "the transport case needs the lean client"
+    );
     let n = spec.n;
     let max = Duration::from_millis(spec.max_ms);
     let next = Arc::new(AtomicUsize::new(0));
@@ -860,6 +924,7 @@ where
         let next = next.clone();
         let wire = wire.clone();
         let rate = spec.rate;
+        let transport = spec.transport;
         tasks.push(tokio::spawn(async move {
             let mut samples = Vec::with_capacity(n / count + 1);
             let mut k = 0usize;
@@ -885,7 +950,11 @@ where
                     }
                     None => Instant::now(),
                 };
-                if let Some(wire) = &wire {
+                if let Some(wire) = wire.as_ref().filter(|_| transport) {
+                    wire.metadata()
+                        .await
+                        .with_context(|| format!("metadata request {i}"))?;
+                } else if let Some(wire) = &wire {
                     wire_exchange(wire, offset + i % tokens.len(), "exchange").await?;
                 } else {
                     let token = tokens.get(i % tokens.len()).context("a subject token")?;

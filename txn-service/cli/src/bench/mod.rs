@@ -86,6 +86,10 @@ pub struct Report {
     /// The ratio this case is held to (issue 20's targets), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_ratio: Option<f64>,
+    /// The highest `ratio` this case's operation could reach on this machine, given
+    /// what the transport alone costs it (`writ bench exchange --modes transport`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ceiling: Option<f64>,
     /// Responses refused by the server (overload: 429/503), not counted in `ops`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused: Option<u64>,
@@ -181,6 +185,13 @@ impl Report {
         self
     }
 
+    /// Sets the ceiling of the ratio.
+    #[must_use]
+    pub fn ceiling(mut self, ceiling: f64) -> Self {
+        self.ceiling = Some(ceiling);
+        self
+    }
+
     /// Sets the number of refused requests.
     #[must_use]
     pub fn refused(mut self, refused: u64) -> Self {
@@ -245,6 +256,9 @@ impl Report {
                 let verdict = if ratio >= target { "meets" } else { "BELOW" };
                 line.push_str(&format!(" ({verdict} {target:.2})"));
             }
+        }
+        if let Some(ceiling) = self.ceiling {
+            line.push_str(&format!("  ceiling {ceiling:.2}"));
         }
         if let Some(refused) = self.refused {
             line.push_str(&format!("  refused {refused}"));

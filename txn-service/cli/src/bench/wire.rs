@@ -35,6 +35,8 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 const MAX_BODY_BYTES: usize = 256 * 1024;
 /// Most response headers parsed.
 const MAX_HEADERS: usize = 32;
+/// The token service's RFC 8414 metadata.
+const METADATA_PATH: &str = "/.well-known/oauth-authorization-server";
 
 /// What a response came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +54,8 @@ pub struct Wire {
     connector: TlsConnector,
     addr: SocketAddr,
     requests: Vec<Vec<u8>>,
+    /// `GET` of the service's metadata: the transport alone (`--modes transport`).
+    metadata: Vec<u8>,
     idle: Mutex<Vec<Conn<TlsStream<TcpStream>>>>,
 }
 
@@ -94,10 +98,12 @@ impl Wire {
                 request
             })
             .collect();
+        let metadata = format!("GET {METADATA_PATH} HTTP/1.1\r\nhost: {host}\r\n\r\n").into_bytes();
         Ok(Arc::new(Self {
             connector: TlsConnector::from(Arc::new(config)),
             addr,
             requests,
+            metadata,
             idle: Mutex::new(Vec::new()),
         }))
     }
@@ -117,13 +123,40 @@ impl Wire {
             .requests
             .get(i % self.requests.len().max(1))
             .context("no subject tokens")?;
+        self.send(request, classify).await
+    }
+
+    /// Gets the service's metadata (`/.well-known/oauth-authorization-server`) as
+    /// [`Wire::exchange`] sends an exchange: the same connections, TLS and HTTP/1.1,
+    /// and no token verified, signed or audited.
+    ///
+    /// # Errors
+    /// As [`Wire::exchange`]; any answer but a 200 that names the token endpoint.
+    pub async fn metadata(&self) -> anyhow::Result<()> {
+        self.send(&self.metadata, |status, body| {
+            anyhow::ensure!(
+                status == 200 && contains(body, b"\"token_endpoint\""),
+                "the metadata request failed with HTTP {status}"
+            );
+            Ok(())
+        })
+        .await
+    }
+
+    /// Sends `request` on an idle connection, or a new one, and reads its answer with
+    /// `read`.
+    async fn send<T>(
+        &self,
+        request: &[u8],
+        read: impl FnOnce(u16, &[u8]) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
         let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
         let mut conn = match idle {
             Some(conn) => conn,
             None => self.connect().await?,
         };
         let (status, body) = conn.round_trip(request).await?;
-        let answer = classify(status, body)?;
+        let answer = read(status, body)?;
         if conn.open
             && let Ok(mut idle) = self.idle.lock()
         {
@@ -235,13 +268,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 /// limit.
 fn classify(status: u16, body: &[u8]) -> anyhow::Result<Answer> {
     const TOKEN: &[u8] = b"\"access_token\":\"";
-    let has = |needle: &[u8]| body.windows(needle.len()).position(|w| w == needle);
     match status {
-        200 => match has(TOKEN).and_then(|at| body.get(at + TOKEN.len())) {
+        200 => match position(body, TOKEN).and_then(|at| body.get(at + TOKEN.len())) {
             Some(b) if *b != b'"' => Ok(Answer::Granted),
             _ => anyhow::bail!("a 200 without an access_token"),
         },
-        503 if has(b"temporarily_unavailable").is_some() => Ok(Answer::Shed),
+        503 if contains(body, b"temporarily_unavailable") => Ok(Answer::Shed),
         429 => Ok(Answer::RateLimited),
         _ => {
             let text = String::from_utf8_lossy(body);
@@ -251,6 +283,15 @@ fn classify(status: u16, body: &[u8]) -> anyhow::Result<Answer> {
             )
         }
     }
+}
+
+/// Where `needle` first starts in `body`.
+fn position(body: &[u8], needle: &[u8]) -> Option<usize> {
+    body.windows(needle.len()).position(|w| w == needle)
+}
+
+fn contains(body: &[u8], needle: &[u8]) -> bool {
+    position(body, needle).is_some()
 }
 
 #[cfg(test)]

@@ -126,20 +126,34 @@ fn exchange_from_a_separate_generator_process() {
         "--subject-alg",
         "es256",
         "--modes",
-        "fresh",
+        "fresh,transport",
         "--clients",
         "2",
         "--separate-process",
         "--wire",
     ]);
-    assert_eq!(lines.len(), 1);
-    assert_eq!(lines[0]["clients"], 2);
-    // The lean client timed the exchanges (the bench checks the audit log holds every
-    // one of them as granted).
-    assert_eq!(lines[0]["client"], "wire");
-    assert_eq!(lines[0]["protocol"], "http/1.1");
-    let note = lines[0]["note"].as_str().unwrap();
-    assert!(note.contains("separate load generator"), "{note}");
+    assert_eq!(lines.len(), 2);
+    for line in &lines {
+        assert_eq!(line["clients"], 2);
+        // The lean client timed the requests (the bench checks the audit log holds
+        // every exchange as granted, and nothing for the metadata requests).
+        assert_eq!(line["client"], "wire");
+        assert_eq!(line["protocol"], "http/1.1");
+        let note = line["note"].as_str().unwrap();
+        assert!(note.contains("separate load generator"), "{note}");
+    }
+    // The transport alone: the same bound, and the ceiling it leaves an exchange.
+    let (fresh, transport) = (&lines[0], &lines[1]);
+    assert_eq!(
+        (fresh["mode"].as_str(), transport["mode"].as_str()),
+        (Some("fresh"), Some("transport"))
+    );
+    assert!(fresh.get("ceiling").is_none(), "{fresh}");
+    assert_eq!(transport["bound_ops_per_s"], fresh["bound_ops_per_s"]);
+    let ceiling = transport["ceiling"].as_f64().unwrap();
+    assert!(ceiling > 0.0 && ceiling < 1.0, "{transport}");
+    let note = transport["note"].as_str().unwrap();
+    assert!(note.contains(&format!("at most {ceiling:.2}")), "{note}");
 }
 
 #[test]
@@ -187,6 +201,10 @@ fn garbage_arguments_are_refused_clearly() {
         (
             &["bench", "overload", "--wire", "--http2"],
             &["--wire", "--http2", "cannot be used with"],
+        ),
+        (
+            &["bench", "exchange", "--modes", "transport"],
+            &["transport", "needs --wire"],
         ),
     ] {
         let output = writ(args);
@@ -355,4 +373,7 @@ fn overload_from_a_separate_generator_process_is_shed() {
     assert_eq!(ten["client"], "wire");
     let note = ten["note"].as_str().unwrap_or_default();
     assert!(note.contains("separate process"), "{note}");
+    // Every answer, shed or granted, held against Little's law.
+    assert!(note.contains("every answer"), "{note}");
+    assert!(note.contains("connections / answer rate"), "{note}");
 }
