@@ -13,7 +13,8 @@
 //! authorized by its SPIFFE ID), offering only `http/1.1`.
 //!
 //! Like `wrk` against a web server: the figures are then the service's, with less of the
-//! machine spent on the load.
+//! machine spent on the load. [`Wire::metadata`] sends a `GET` of the service's metadata
+//! on the same connections instead: the transport alone (`exchange --modes transport`).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -133,14 +134,7 @@ impl Wire {
     /// # Errors
     /// As [`Wire::exchange`]; any answer but a 200 that names the token endpoint.
     pub async fn metadata(&self) -> anyhow::Result<()> {
-        self.send(&self.metadata, |status, body| {
-            anyhow::ensure!(
-                status == 200 && contains(body, b"\"token_endpoint\""),
-                "the metadata request failed with HTTP {status}"
-            );
-            Ok(())
-        })
-        .await
+        self.send(&self.metadata, check_metadata).await
     }
 
     /// Sends `request` on an idle connection, or a new one, and reads its answer with
@@ -285,6 +279,15 @@ fn classify(status: u16, body: &[u8]) -> anyhow::Result<Answer> {
     }
 }
 
+/// A metadata answer: a 200 that names the token endpoint, or an error.
+fn check_metadata(status: u16, body: &[u8]) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        status == 200 && contains(body, b"\"token_endpoint\""),
+        "the metadata request got HTTP {status} without a token_endpoint"
+    );
+    Ok(())
+}
+
 /// Where `needle` first starts in `body`.
 fn position(body: &[u8], needle: &[u8]) -> Option<usize> {
     body.windows(needle.len()).position(|w| w == needle)
@@ -381,6 +384,12 @@ mod tests {
         let refused = classify(400, br#"{"error":"invalid_request"}"#).unwrap_err();
         assert!(refused.to_string().contains("HTTP 400"), "{refused}");
         assert!(refused.to_string().contains("invalid_request"), "{refused}");
+        // The transport case's metadata answer.
+        assert!(check_metadata(200, br#"{"issuer":"x","token_endpoint":"x/token"}"#).is_ok());
+        for (status, body) in [(200, &b"{}"[..]), (200, b""), (404, b"\"token_endpoint\"")] {
+            let error = check_metadata(status, body).unwrap_err().to_string();
+            assert!(error.contains(&format!("HTTP {status}")), "{error}");
+        }
         // Garbage is reported, not a panic, however long.
         let long = vec![0xff_u8; 10_000];
         let message = classify(500, &long).unwrap_err().to_string();
