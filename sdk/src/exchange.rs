@@ -20,6 +20,8 @@
 //! # let _ = narrower; Ok(()) }
 //! ```
 
+use std::time::Duration;
+
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -48,6 +50,10 @@ pub enum ExchangeError {
         code: String,
         /// The `error_description`.
         description: String,
+        /// How long the service asked the caller to wait before trying again: its
+        /// `Retry-After` in seconds (on 429 and 503), at most [`MAX_RETRY_AFTER`]; `None`
+        /// when absent or not a number of seconds (an HTTP-date is not read).
+        retry_after: Option<Duration>,
     },
     /// The service could not be reached or the TLS handshake failed.
     #[error("cannot reach the token service: {0}")]
@@ -68,6 +74,30 @@ impl ExchangeError {
             _ => None,
         }
     }
+
+    /// How long to wait before retrying, when the service said (`Retry-After` on a 429
+    /// rate limit or a 503 shed): a caller that waits this long instead of retrying at
+    /// once is what lets a service under overload recover.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Refused { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The longest `Retry-After` the client reports; a longer one is cut to it.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// A `Retry-After` of delay-seconds (RFC 9110 section 10.2.3), at most
+/// [`MAX_RETRY_AFTER`]; `None` for anything else.
+fn retry_after(value: &[u8]) -> Option<Duration> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if text.is_empty() || text.len() > 10 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let seconds: u64 = text.parse().ok()?;
+    Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
 }
 
 /// What to exchange.
@@ -398,6 +428,10 @@ impl TxnClient {
             .await
             .map_err(|e| ExchangeError::Transport(error_chain(&e)))?;
         let status = response.status().as_u16();
+        let wait = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| retry_after(v.as_bytes()));
         let bytes = response
             .bytes()
             .await
@@ -415,6 +449,7 @@ impl TxnClient {
             status,
             code: body.error,
             description: body.error_description,
+            retry_after: wait,
         })
     }
 
@@ -469,6 +504,34 @@ fn subject_scope(token: &str, kind: TokenType) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_is_read_as_seconds_and_garbage_is_ignored() {
+        assert_eq!(retry_after(b"1"), Some(Duration::from_secs(1)));
+        assert_eq!(retry_after(b" 30 "), Some(Duration::from_secs(30)));
+        assert_eq!(retry_after(b"0"), Some(Duration::ZERO));
+        assert_eq!(retry_after(b"9999999999"), Some(MAX_RETRY_AFTER));
+        for garbage in [
+            &b""[..],
+            b"-1",
+            b"1.5",
+            b"+3",
+            b"soon",
+            b"Wed, 21 Oct 2015 07:28:00 GMT",
+            b"99999999999999999999",
+            b"\xff\xfe",
+        ] {
+            assert_eq!(retry_after(garbage), None, "{garbage:?}");
+        }
+        let shed = ExchangeError::Refused {
+            status: 503,
+            code: "temporarily_unavailable".into(),
+            description: String::new(),
+            retry_after: Some(Duration::from_secs(1)),
+        };
+        assert_eq!(shed.retry_after(), Some(Duration::from_secs(1)));
+        assert_eq!(ExchangeError::Transport("down".into()).retry_after(), None);
+    }
 
     #[test]
     fn a_request_without_scope_asks_for_the_subject_tokens() {

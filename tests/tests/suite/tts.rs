@@ -636,6 +636,9 @@ async fn callers_are_authenticated_and_authorized() {
         "{e}"
     );
     assert_eq!(e.code(), Some("temporarily_unavailable"));
+    // The SDK hands the caller the service's Retry-After.
+    let wait = e.retry_after().expect("a Retry-After on the 429");
+    assert!(wait >= Duration::from_secs(1), "{wait:?}");
     assert_refused(&tts, "temporarily_unavailable");
     let limited_source = tts.source(LIMITED).await;
     let raw = post(

@@ -198,6 +198,7 @@ pub(crate) async fn exchange(args: ExchangeArgs) -> anyhow::Result<ExitCode> {
             status,
             code,
             description,
+            ..
         }) if json => {
             out::json(
                 &serde_json::json!({"status": status, "error": code, "error_description": description}),
