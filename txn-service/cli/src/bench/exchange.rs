@@ -602,12 +602,10 @@ impl Case<'_> {
         bound: &Bound,
     ) -> anyhow::Result<(Report, usize, f64)> {
         let n = usize::try_from(self.budget.ops)?;
-        let per_client_warm = (n / 10 / self.clients).clamp(1, WARM_PER_CLIENT);
+        let per_client_warm = self.per_client_warm(n);
         let (warm, tokens) = if fresh {
             (
-                self.provider
-                    .access_tokens(self.alg, per_client_warm * self.clients)
-                    .await?,
+                self.warm_tokens(per_client_warm).await?,
                 self.provider.access_tokens(self.alg, n).await?,
             )
         } else {
@@ -644,11 +642,8 @@ impl Case<'_> {
         let n = usize::try_from(self.budget.ops)?
             .min(by_time as usize)
             .max(1);
-        let per_client_warm = (n / 10 / self.clients).clamp(1, WARM_PER_CLIENT);
-        let warm = self
-            .provider
-            .access_tokens(self.alg, per_client_warm * self.clients)
-            .await?;
+        let per_client_warm = self.per_client_warm(n);
+        let warm = self.warm_tokens(per_client_warm).await?;
         let tokens = self.provider.access_tokens(self.alg, n).await?;
         let spec = self.spec(warm, per_client_warm, tokens, n, Some(rate));
         let (outcome, server_cpu) = self.drive(spec).await?;
@@ -672,11 +667,8 @@ impl Case<'_> {
     /// crypto / (crypto + this request's CPU, load generator included).
     async fn transport(&self, bound: &Bound) -> anyhow::Result<(Report, usize, f64)> {
         let n = usize::try_from(self.budget.ops)?;
-        let per_client_warm = (n / 10 / self.clients).clamp(1, WARM_PER_CLIENT);
-        let warm = self
-            .provider
-            .access_tokens(self.alg, per_client_warm * self.clients)
-            .await?;
+        let per_client_warm = self.per_client_warm(n);
+        let warm = self.warm_tokens(per_client_warm).await?;
         let mut spec = self.spec(warm.clone(), per_client_warm, warm, n, None);
         spec.transport = true;
         let (outcome, server_cpu) = self.drive(spec).await?;
@@ -701,6 +693,18 @@ impl Case<'_> {
         );
         let rate = report.ops_per_s;
         Ok((report, outcome.warm, rate))
+    }
+
+    /// Warm-up exchanges per client before `n` timed ones.
+    fn per_client_warm(&self, n: usize) -> usize {
+        (n / 10 / self.clients).clamp(1, WARM_PER_CLIENT)
+    }
+
+    /// Fresh subject tokens for `per_client_warm` warm-up exchanges of every client.
+    async fn warm_tokens(&self, per_client_warm: usize) -> anyhow::Result<Vec<String>> {
+        self.provider
+            .access_tokens(self.alg, per_client_warm * self.clients)
+            .await
     }
 
     fn spec(
@@ -950,15 +954,18 @@ where
                     }
                     None => Instant::now(),
                 };
-                if let Some(wire) = wire.as_ref().filter(|_| transport) {
-                    wire.metadata()
+                match &wire {
+                    Some(wire) if transport => wire
+                        .metadata()
                         .await
-                        .with_context(|| format!("metadata request {i}"))?;
-                } else if let Some(wire) = &wire {
-                    wire_exchange(wire, offset + i % tokens.len(), "exchange").await?;
-                } else {
-                    let token = tokens.get(i % tokens.len()).context("a subject token")?;
-                    exchange(&client, token, &format!("exchange {i}")).await?;
+                        .with_context(|| format!("metadata request {i}"))?,
+                    Some(wire) => {
+                        wire_exchange(wire, offset + i % tokens.len(), "exchange").await?;
+                    }
+                    None => {
+                        let token = tokens.get(i % tokens.len()).context("a subject token")?;
+                        exchange(&client, token, &format!("exchange {i}")).await?;
+                    }
                 }
                 samples.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
             }
